@@ -1,0 +1,184 @@
+"""The in-memory adapter: modules with encoding records, tensors loaded lazily.
+
+Every reader (``.apack``, PEFT, kohya) produces an :class:`Adapter`; every writer takes one.
+Tensors are numpy arrays or :class:`StoredTensor` handles that decode on demand, so opening
+a file reads only the index, and asking for one module reads only its blobs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import dtypes
+from .errors import AdapterNotFoundError
+
+
+@dataclass
+class StoredTensor:
+    """A tensor that lives in a file: its description, and how to read it.
+
+    ``stored_length`` and ``codec`` describe the bytes on disk (for size audits);
+    ``load()`` returns the decoded numpy array (a zero-copy view where possible).
+    """
+
+    dtype: str
+    shape: tuple[int, ...]
+    stored_length: int
+    codec: str
+    loader: Callable[[], np.ndarray]
+
+    def load(self) -> np.ndarray:
+        """Decode and return the array."""
+        return self.loader()
+
+    @property
+    def nbytes(self) -> int:
+        """Decoded size in bytes."""
+        return int(np.prod(self.shape, dtype=np.int64)) * dtypes.by_name(self.dtype).itemsize
+
+
+TensorLike = np.ndarray | StoredTensor
+
+
+def tensor_info(t: TensorLike) -> tuple[str, tuple[int, ...]]:
+    """(spec dtype name, shape) of an array or stored tensor, without loading it."""
+    if isinstance(t, StoredTensor):
+        return t.dtype, t.shape
+    return dtypes.of_array(t).name, tuple(t.shape)
+
+
+def as_array(t: TensorLike) -> np.ndarray:
+    """The numpy array behind ``t`` (decoding it if stored)."""
+    return t.load() if isinstance(t, StoredTensor) else t
+
+
+def stored_bytes(t: TensorLike) -> int:
+    """Bytes ``t`` occupies where it is stored (decoded bytes for in-memory arrays)."""
+    return t.stored_length if isinstance(t, StoredTensor) else int(t.nbytes)
+
+
+def decoded_bytes(t: TensorLike) -> int:
+    """Bytes of ``t`` once decoded."""
+    return t.nbytes if isinstance(t, StoredTensor) else int(t.nbytes)
+
+
+@dataclass
+class Module:
+    """One adapted module: its encoding id, parameters and tensor slots."""
+
+    name: str
+    encoding: str
+    base_shape: tuple[int, ...]
+    params: dict[str, Any]
+    tensors: dict[str, TensorLike]
+    must_understand: bool = True
+
+    def array(self, slot: str) -> np.ndarray:
+        """The decoded tensor in ``slot`` (e.g. ``"A"``)."""
+        if slot not in self.tensors:
+            raise AdapterNotFoundError(f"module {self.name!r} has no tensor {slot!r}")
+        return as_array(self.tensors[slot])
+
+    @property
+    def implementation(self) -> Any:
+        """The registered :class:`~adapterpack.encodings.Encoding` for this record."""
+        from .encodings import get_encoding
+
+        return get_encoding(self.encoding)
+
+    def factors(self) -> Any:
+        """ΔW as low-rank :class:`~adapterpack.encodings.Factors` (the hub every converter uses)."""
+        return self.implementation.to_factors(self)
+
+    def delta(self) -> np.ndarray:
+        """ΔW in the base weight's shape and layout, float32 (float64 for float64 factors)."""
+        return self.implementation.delta(self)
+
+    def summary(self) -> dict[str, Any]:
+        """Encoding-specific facts for tables (rank, scale, ...)."""
+        return self.implementation.summary(self)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes this module's tensors occupy in their file."""
+        return sum(stored_bytes(t) for t in self.tensors.values())
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes of this module's tensors once decoded."""
+        return sum(decoded_bytes(t) for t in self.tensors.values())
+
+    @property
+    def num_params(self) -> int:
+        """Stored numbers (elements of all tensors)."""
+        return sum(int(np.prod(tensor_info(t)[1], dtype=np.int64)) for t in self.tensors.values())
+
+
+@dataclass
+class Adapter:
+    """An adapter of one base model: modules, pass-through tensors and provenance.
+
+    ``source`` keeps the original configuration of an imported adapter (PEFT's
+    adapter_config.json, kohya metadata) so that an export loses nothing.
+    ``skipped`` lists what a reader skipped (optional records it does not understand).
+    """
+
+    name: str = "default"
+    base_model: str | None = None
+    base_architecture: str | None = None
+    modules: dict[str, Module] = field(default_factory=dict)
+    tensors: dict[str, TensorLike] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    closer: Callable[[], None] | None = field(default=None, repr=False)
+
+    def module(self, name: str) -> Module:
+        """The module called ``name``; a clear error listing a few names when absent."""
+        try:
+            return self.modules[name]
+        except KeyError:
+            some = ", ".join(list(self.modules)[:3])
+            raise AdapterNotFoundError(f"no module {name!r} in adapter {self.name!r} (has: {some}, ...)") from None
+
+    def delta(self, name: str) -> np.ndarray:
+        """ΔW of module ``name`` as numpy, in the base weight's layout."""
+        return self.module(name).delta()
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self.modules.values())
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of all tensors where they are stored."""
+        return sum(m.stored_bytes for m in self) + sum(stored_bytes(t) for t in self.tensors.values())
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Bytes of all tensors once decoded."""
+        return sum(m.decoded_bytes for m in self) + sum(decoded_bytes(t) for t in self.tensors.values())
+
+    @property
+    def num_params(self) -> int:
+        """Stored numbers, modules and pass-through tensors."""
+        extra = sum(int(np.prod(tensor_info(t)[1], dtype=np.int64)) for t in self.tensors.values())
+        return sum(m.num_params for m in self) + extra
+
+    def close(self) -> None:
+        """Release the file behind lazily loaded tensors (arrays already loaded stay valid)."""
+        if self.closer is not None:
+            self.closer()
+            self.closer = None
+
+    def __enter__(self) -> Adapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

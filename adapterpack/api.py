@@ -1,0 +1,37 @@
+"""The top-level functions: ``open`` any adapter lazily, ``save`` one as .apack."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from .adapter import Adapter
+from .container.reader import ApackReader
+from .container.writer import WriteResult, write_apack
+
+
+def open(
+    path: str | os.PathLike[str], *, adapter: str | None = None, verify: bool = True
+) -> Adapter:
+    """Open an adapter lazily: ``.apack`` (mmap; reads only the modules asked for), a PEFT
+    folder or a kohya ``.safetensors`` file. ``adapter`` names one adapter of a multi-adapter
+    file; ``verify`` checks each blob's CRC-32C the first time it is read."""
+    from .interop.detect import detect_format
+
+    fmt = detect_format(path)
+    if fmt == "apack":
+        return ApackReader(path, verify=verify).adapter(adapter)
+    from .interop import read_any
+
+    return read_any(path, fmt)
+
+
+def save(
+    adapters: Adapter | Sequence[Adapter],
+    path: str | os.PathLike[str],
+    *,
+    codec: str = "byteplanes",
+    level: int = 3,
+) -> WriteResult:
+    """Write one or more adapters to an ``.apack`` file atomically (see :func:`write_apack`)."""
+    return write_apack(path, adapters, codec=codec, level=level)

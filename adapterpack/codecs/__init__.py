@@ -1,0 +1,13 @@
+"""Lossless codecs, one registry (numcodecs style): bytes ↔ stored bytes.
+
+Each codec is one module holding a :class:`Codec` subclass registered under its spec id.
+``get_codec(config)`` builds one from the JSON object stored in the index;
+``codec.get_config()`` gives that object back.
+"""
+
+from __future__ import annotations
+
+from . import byteplanes, raw, zstd  # noqa: F401  (importing registers them)
+from .base import Codec, codec_ids, get_codec, register_codec
+
+__all__ = ["Codec", "codec_ids", "get_codec", "register_codec"]

@@ -1,0 +1,9 @@
+"""The .apack container: preamble, JSON index, aligned blobs. Knows bytes and JSON, not LoRA."""
+
+from __future__ import annotations
+
+from .preamble import MAGIC, MAJOR, MINOR, PREAMBLE_SIZE
+from .reader import ApackReader
+from .writer import write_apack
+
+__all__ = ["MAGIC", "MAJOR", "MINOR", "PREAMBLE_SIZE", "ApackReader", "write_apack"]

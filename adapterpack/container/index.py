@@ -1,0 +1,258 @@
+"""The JSON index: parsing with duplicate-key detection, schema checks, limits, layout.
+
+Everything here works from the index alone (no blob bytes), so a hostile file is refused
+before anything is allocated or read (spec/format.md §1.2, §2, §7).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import codecs, dtypes
+from ..errors import (
+    AdapterpackError,
+    DuplicateNameError,
+    IndexFormatError,
+    LayoutError,
+    LengthMismatchError,
+    UnknownCodecError,
+    UnknownDTypeError,
+)
+from .preamble import align_up
+
+MAX_BLOBS = 1_000_000
+MAX_NDIM = 8
+MAX_NAME = 1024
+MAX_ADAPTER_NAME = 256
+MAX_INT = 2**53
+SMALL_BLOB = 4096
+SMALL_ALIGNMENT = 8
+LARGE_ALIGNMENT = 256
+
+
+def blob_alignment(stored_length: int) -> int:
+    """Required alignment of a blob: 256 bytes, or 8 for blobs under 4096 bytes (spec §1.2)."""
+    return LARGE_ALIGNMENT if stored_length >= SMALL_BLOB else SMALL_ALIGNMENT
+
+
+def plan_offsets(stored_lengths: list[int]) -> list[int]:
+    """Offsets (relative to the data section) of blobs of these stored lengths, in order."""
+    offsets, end = [], 0
+    for n in stored_lengths:
+        start = align_up(end, blob_alignment(n))
+        offsets.append(start)
+        end = start + n
+    return offsets
+
+
+@dataclass
+class BlobEntry:
+    """One blob as the index describes it."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    codec: dict[str, Any]
+    offset: int
+    stored_length: int
+    length: int
+    crc32c: int
+    known_codec: bool = True
+
+    @property
+    def codec_id(self) -> str:
+        """The codec's id."""
+        return self.codec["id"]
+
+    def describe(self) -> dict[str, Any]:
+        """The index object for this blob."""
+        return {
+            "dtype": self.dtype,
+            "shape": list(self.shape),
+            "codec": self.codec,
+            "offset": self.offset,
+            "stored_length": self.stored_length,
+            "length": self.length,
+            "crc32c": self.crc32c,
+        }
+
+
+@dataclass
+class Index:
+    """A validated index."""
+
+    raw: dict[str, Any]
+    blobs: list[BlobEntry]
+    adapters: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise DuplicateNameError(f"index has the key {k!r} twice in one object")
+        out[k] = v
+    return out
+
+
+def _reject_constant(name: str) -> None:
+    raise IndexFormatError(f"index contains {name}, which JSON does not allow")
+
+
+def loads(data: bytes) -> dict[str, Any]:
+    """Parse index bytes: strict UTF-8 JSON object, unique keys, no NaN/Infinity."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise IndexFormatError(f"index is not UTF-8 ({e.reason} at byte {e.start})") from None
+    try:
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except AdapterpackError:
+        raise
+    except RecursionError:
+        raise IndexFormatError("index JSON is nested too deeply") from None
+    except ValueError as e:
+        raise IndexFormatError(f"index is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise IndexFormatError(f"index must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def dumps(obj: dict[str, Any]) -> bytes:
+    """Serialize an index compactly and deterministically."""
+    try:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except ValueError as e:
+        raise IndexFormatError(f"cannot write index: {e}") from None
+
+
+def get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
+    """``obj[key]`` checked to be of ``kind`` (bool is never an int here)."""
+    if key not in obj:
+        if default is ...:
+            raise IndexFormatError(f"{where}: missing {key!r}")
+        return default
+    value = obj[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds:
+        ok = False
+    else:
+        ok = isinstance(value, kinds)
+    if not ok:
+        names = "/".join(k.__name__ for k in kinds)
+        raise IndexFormatError(f"{where}: {key!r} must be {names}, got {value!r:.80}")
+    return value
+
+
+def get_int(obj: dict[str, Any], key: str, where: str) -> int:
+    """A non-negative JSON integer below 2**53."""
+    value = get(obj, key, int, where)
+    if not 0 <= value < MAX_INT:
+        raise IndexFormatError(f"{where}: {key!r} = {value} is out of range")
+    return value
+
+
+def get_name(obj: dict[str, Any], key: str, where: str, limit: int = MAX_NAME) -> str:
+    """A non-empty string of at most ``limit`` characters."""
+    value = get(obj, key, str, where)
+    if not 0 < len(value) <= limit:
+        raise IndexFormatError(f"{where}: {key!r} must be 1–{limit} characters")
+    return value
+
+
+def get_shape(obj: dict[str, Any], key: str, where: str) -> tuple[int, ...]:
+    """A list of at most 8 non-negative integers."""
+    shape = get(obj, key, list, where)
+    if len(shape) > MAX_NDIM:
+        raise IndexFormatError(f"{where}: {len(shape)} dimensions exceed the limit of {MAX_NDIM}")
+    for d in shape:
+        if not isinstance(d, int) or isinstance(d, bool) or not 0 <= d < MAX_INT:
+            raise IndexFormatError(f"{where}: {key!r} must be non-negative integers, got {shape!r:.80}")
+    return tuple(shape)
+
+
+def parse_blob(i: int, obj: Any) -> BlobEntry:
+    """Validate one BLOB object (spec §2.1)."""
+    where = f"blob {i}"
+    if not isinstance(obj, dict):
+        raise IndexFormatError(f"{where}: must be an object")
+    dtype_name = get(obj, "dtype", str, where)
+    dtype = dtypes.by_name(dtype_name)
+    if dtype.name != dtype_name:
+        raise UnknownDTypeError(f"{where}: unknown dtype {dtype_name!r} (the spec name is {dtype.name!r})")
+    shape = get_shape(obj, "shape", where)
+    codec = get(obj, "codec", dict, where)
+    codec_id = get(codec, "id", str, f"{where} codec")
+    must = get(codec, "must_understand", bool, f"{where} codec", True)
+    known = codecs.base.is_known(codec_id)
+    if not known and must:
+        raise UnknownCodecError(f"{where}: unknown codec {codec_id!r} marked must_understand")
+    entry = BlobEntry(
+        dtype=dtype.name,
+        shape=shape,
+        codec=codec,
+        offset=get_int(obj, "offset", where),
+        stored_length=get_int(obj, "stored_length", where),
+        length=get_int(obj, "length", where),
+        crc32c=get_int(obj, "crc32c", where),
+        known_codec=known,
+    )
+    expected = math.prod(shape) * dtype.itemsize
+    if entry.length != expected:
+        raise LengthMismatchError(
+            f"{where}: length {entry.length} != {expected} (shape {list(shape)} × {dtype.itemsize}-byte {dtype.name})"
+        )
+    if entry.crc32c >= 2**32:
+        raise IndexFormatError(f"{where}: crc32c {entry.crc32c} is not a 32-bit value")
+    if known:
+        codec_obj = codecs.get_codec(codec)
+        bound = codec_obj.max_expansion()
+        if bound is None and entry.stored_length != entry.length:
+            raise LengthMismatchError(f"{where}: {codec_id} blob stores {entry.stored_length} bytes, decodes to {entry.length}")
+        if bound is not None and entry.length > bound * entry.stored_length + 64:
+            raise LengthMismatchError(
+                f"{where}: claims {entry.length} decoded bytes from {entry.stored_length} stored; "
+                f"{codec_id} cannot expand that much"
+            )
+        if codec_id == "byteplanes" and dtype.itemsize not in (2, 4, 8):
+            raise IndexFormatError(f"{where}: byteplanes cannot hold {dtype.name} elements")
+    return entry
+
+
+def check_layout(blobs: list[BlobEntry], data_start: int, file_size: int) -> None:
+    """Offsets exactly as the alignment rule places them, and the file ending at the last blob."""
+    expected = plan_offsets([b.stored_length for b in blobs])
+    for i, (b, off) in enumerate(zip(blobs, expected, strict=True)):
+        if b.offset != off:
+            what = "overlaps the previous blob" if b.offset < off else "leaves a gap beyond padding or is misaligned"
+            if b.offset % blob_alignment(b.stored_length):
+                what = f"is not aligned to {blob_alignment(b.stored_length)} bytes"
+            raise LayoutError(f"blob {i}: offset {b.offset} {what} (expected {off})")
+    end = data_start + (expected[-1] + blobs[-1].stored_length if blobs else 0)
+    if end > file_size:
+        raise LayoutError(f"blobs end at byte {end}, past the end of the {file_size}-byte file (truncated?)")
+    if end < file_size:
+        raise LayoutError(f"file has {file_size - end} bytes after the last blob")
+
+
+def parse_index(raw: dict[str, Any], data_start: int, file_size: int) -> Index:
+    """Validate the top level, blobs and layout; adapters are checked by the reader."""
+    blobs_raw = get(raw, "blobs", list, "index")
+    if len(blobs_raw) > MAX_BLOBS:
+        raise IndexFormatError(f"index lists {len(blobs_raw)} blobs, over the limit of {MAX_BLOBS}")
+    blobs = [parse_blob(i, b) for i, b in enumerate(blobs_raw)]
+    check_layout(blobs, data_start, file_size)
+    adapters = get(raw, "adapters", list, "index")
+    if not adapters:
+        raise IndexFormatError("index lists no adapters")
+    names: set[str] = set()
+    for j, a in enumerate(adapters):
+        if not isinstance(a, dict):
+            raise IndexFormatError(f"adapter {j}: must be an object")
+        name = get_name(a, "name", f"adapter {j}", MAX_ADAPTER_NAME)
+        if name in names:
+            raise DuplicateNameError(f"two adapters are named {name!r}")
+        names.add(name)
+    return Index(raw=raw, blobs=blobs, adapters=adapters)

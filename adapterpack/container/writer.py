@@ -1,0 +1,168 @@
+"""Writing .apack files: encode blobs, lay them out per the alignment rule, write atomically."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import codecs, dtypes
+from ..adapter import Adapter, StoredTensor, as_array
+from ..atomic import atomic_file
+from ..checksum import crc32c
+from ..encodings import get_encoding
+from ..errors import DuplicateNameError, IndexTooLargeError
+from .index import blob_alignment, dumps, plan_offsets
+from .preamble import MAJOR, MAX_INDEX_LENGTH, MINOR, PREAMBLE_SIZE, Preamble, align_up
+
+CODEC_CHOICES = ("raw", "zstd", "byteplanes")
+
+
+@dataclass
+class WriteResult:
+    """What was written: sizes for reports."""
+
+    path: Path
+    file_size: int
+    index_length: int
+    padding: int
+    blobs: int
+    decoded_bytes: int
+    stored_bytes: int
+
+
+def _writer_id() -> str:
+    from .. import __version__
+
+    return f"adapterpack {__version__}"
+
+
+def encode_blob(arr: np.ndarray, codec: str, level: int) -> tuple[bytes | memoryview, dict[str, Any], int]:
+    """(stored bytes, codec object, crc32c) for one tensor; raw when compression does not pay."""
+    dt = dtypes.of_array(arr)
+    arr = np.ascontiguousarray(arr, dtype=dt.numpy)
+    data = dtypes.as_bytes(arr)
+    crc = crc32c(data)
+    if codec == "byteplanes" and dt.itemsize not in (2, 4, 8):
+        codec = "zstd"
+    if codec != "raw" and len(data):
+        c = codecs.get_codec({"id": codec, "level": level})
+        stored = c.encode(data, dt.itemsize)
+        if len(stored) < len(data):
+            return stored, c.get_config(), crc
+    return data, {"id": "raw"}, crc
+
+
+def _module_entry(m: Any, slot_refs: dict[str, int]) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": m.name,
+        "encoding": m.encoding,
+        "base_shape": list(m.base_shape),
+        "params": m.params,
+        "tensors": slot_refs,
+    }
+    if not m.must_understand:
+        entry["must_understand"] = False
+    return entry
+
+
+def write_apack(
+    path: str | os.PathLike[str],
+    adapters: Adapter | Sequence[Adapter],
+    *,
+    codec: str = "byteplanes",
+    level: int = 3,
+    progress: Callable[[int], None] | None = None,
+) -> WriteResult:
+    """Write ``adapters`` to ``path`` atomically.
+
+    ``codec`` is applied to every blob where it makes the blob smaller (raw otherwise;
+    byteplanes falls back to zstd for 1-byte types). ``progress`` is called with the
+    decoded bytes of each blob as it is encoded.
+    """
+    if isinstance(adapters, Adapter):
+        adapters = [adapters]
+    if codec not in CODEC_CHOICES:
+        codecs.get_codec(codec)  # raises UnknownCodecError naming it
+    names = [a.name for a in adapters]
+    if len(set(names)) != len(names):
+        raise DuplicateNameError(f"adapter names must be unique, got {names}")
+
+    stored: list[bytes | memoryview] = []
+    blob_objs: list[dict[str, Any]] = []
+
+    def add(t: Any) -> int:
+        arr = as_array(t) if isinstance(t, StoredTensor) else np.asarray(t)
+        data, cfg, crc = encode_blob(arr, codec, level)
+        dt = dtypes.of_array(arr)
+        stored.append(data)
+        blob_objs.append(
+            {"dtype": dt.name, "shape": list(arr.shape), "codec": cfg}
+            | {"stored_length": len(data), "length": arr.nbytes, "crc32c": crc}
+        )
+        if progress is not None:
+            progress(arr.nbytes)
+        return len(stored) - 1
+
+    index_adapters = []
+    for a in adapters:
+        mods = []
+        for m in a.modules.values():
+            get_encoding(m.encoding).validate(m)
+            mods.append(_module_entry(m, {slot: add(t) for slot, t in m.tensors.items()}))
+        entry: dict[str, Any] = {
+            "name": a.name,
+            "base_model": a.base_model,
+            "base_architecture": a.base_architecture,
+            "modules": mods,
+            "tensors": [{"name": n, "blob": add(t)} for n, t in a.tensors.items()],
+        }
+        if a.source:
+            entry["source"] = a.source
+        if a.metadata:
+            entry["metadata"] = {str(k): str(v) for k, v in a.metadata.items()}
+        index_adapters.append(entry)
+
+    offsets = plan_offsets([len(s) for s in stored])
+    for obj, off in zip(blob_objs, offsets, strict=True):
+        obj["offset"] = off
+    index = {"writer": _writer_id(), "adapters": index_adapters, "blobs": [_ordered(b) for b in blob_objs]}
+    index_bytes = dumps(index)
+    if len(index_bytes) > MAX_INDEX_LENGTH:
+        raise IndexTooLargeError(f"index would be {len(index_bytes)} bytes, over the {MAX_INDEX_LENGTH}-byte limit")
+    pre = Preamble(MAJOR, MINOR, 0, len(index_bytes), crc32c(index_bytes))
+    data_start = pre.data_start
+    padding = data_start - PREAMBLE_SIZE - len(index_bytes)
+    with atomic_file(path) as f:
+        f.write(pre.pack())
+        f.write(index_bytes)
+        f.write(b"\0" * padding)
+        pos = 0
+        for s, off in zip(stored, offsets, strict=True):
+            gap = off - pos
+            f.write(b"\0" * gap)
+            f.write(s)
+            padding += gap
+            pos = off + len(s)
+        file_size = data_start + pos
+    return WriteResult(
+        path=Path(path),
+        file_size=file_size,
+        index_length=len(index_bytes),
+        padding=padding,
+        blobs=len(stored),
+        decoded_bytes=sum(b["length"] for b in blob_objs),
+        stored_bytes=sum(len(s) for s in stored),
+    )
+
+
+def _ordered(b: dict[str, Any]) -> dict[str, Any]:
+    keys = ("dtype", "shape", "codec", "offset", "stored_length", "length", "crc32c")
+    return {k: b[k] for k in keys}
+
+
+__all__ = ["CODEC_CHOICES", "WriteResult", "align_up", "blob_alignment", "encode_blob", "write_apack"]

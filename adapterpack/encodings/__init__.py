@@ -1,0 +1,13 @@
+"""Encodings of ΔW, one registry: each encoding is one module with an :class:`Encoding`.
+
+An encoding validates its records from the index alone (shapes, params) and turns a
+record into ΔW. Adding one = one new module here + its spec section + its vectors.
+"""
+
+from __future__ import annotations
+
+from . import lora  # noqa: F401  (importing registers it)
+from .base import Encoding, encoding_ids, get_encoding, is_known, register_encoding
+from .factors import Factors
+
+__all__ = ["Encoding", "Factors", "encoding_ids", "get_encoding", "is_known", "register_encoding"]

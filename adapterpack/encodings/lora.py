@@ -1,0 +1,120 @@
+"""``lora``: the factors A, B, alpha and scaling rule, stored bit-exact (spec §6.1)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from ..adapter import tensor_info
+from ..errors import RankError, RecordError
+from .base import Encoding, register_encoding
+from .factors import Factors
+
+if TYPE_CHECKING:
+    from ..adapter import Module
+
+LAYOUTS = ("linear", "embedding", "conv")
+FLOATS = ("float64", "float32", "float16", "bfloat16")
+
+
+def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
+    """PEFT's scaling: alpha/r, or alpha/sqrt(r) for rsLoRA (binary64)."""
+    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+
+
+def _bool(params: dict[str, Any], key: str, where: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise RecordError(f"{where}: param {key!r} must be true or false, got {value!r}")
+    return value
+
+
+@register_encoding
+class Lora(Encoding):
+    """ΔW = s·B·A with PEFT's conventions (rsLoRA, embeddings, fan_in_fan_out, conv, DoRA)."""
+
+    encoding_id = "lora"
+    slots: ClassVar[dict[str, bool]] = {"A": True, "B": True, "magnitude": False}
+
+    def validate(self, module: Module) -> None:
+        where = f"module {module.name!r}"
+        p = module.params
+        missing = [s for s, req in self.slots.items() if req and s not in module.tensors]
+        extra = [s for s in module.tensors if s not in self.slots]
+        if missing or extra:
+            raise RecordError(f"{where}: lora needs tensors A and B (optional magnitude); missing {missing}, unknown {extra}")
+        rank = p.get("rank")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise RankError(f"{where}: rank must be an integer >= 1, got {rank!r}")
+        alpha = p.get("alpha")
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+            raise RecordError(f"{where}: alpha must be a finite number, got {alpha!r}")
+        layout = p.get("layout", "linear")
+        if layout not in LAYOUTS:
+            raise RecordError(f"{where}: layout must be one of {LAYOUTS}, got {layout!r}")
+        fifo = _bool(p, "fan_in_fan_out", where)
+        _bool(p, "rslora", where)
+        dora = _bool(p, "dora", where)
+        (adt, ash), (bdt, bsh) = tensor_info(module.tensors["A"]), tensor_info(module.tensors["B"])
+        if adt not in FLOATS or adt != bdt:
+            raise RecordError(f"{where}: A and B must share one float dtype, got {adt} and {bdt}")
+        if len(ash) < 2 or len(bsh) < 2:
+            raise RecordError(f"{where}: A and B must have at least 2 dimensions, got {list(ash)} and {list(bsh)}")
+        if ash[0] != rank or bsh[1] != rank:
+            raise RankError(
+                f"{where}: rank {rank} does not fit A {list(ash)} and B {list(bsh)} "
+                "(A's rows and B's columns must equal the rank)"
+            )
+        out = bsh[0]
+        base = tuple(module.base_shape)
+        if layout == "linear":
+            if len(ash) != 2 or len(bsh) != 2:
+                raise RecordError(f"{where}: linear lora needs 2-D A and B")
+            expect = (ash[1], out) if fifo else (out, ash[1])
+        elif layout == "embedding":
+            if len(ash) != 2 or len(bsh) != 2 or fifo:
+                raise RecordError(f"{where}: embedding lora needs 2-D A and B and no fan_in_fan_out")
+            expect = (ash[1], out)
+        else:
+            if any(d != 1 for d in bsh[2:]) or len(bsh) != len(ash) or fifo:
+                raise RecordError(f"{where}: conv lora needs B [out, r, 1, ...] matching A's dimensions")
+            expect = (out, *ash[1:])
+        if base != expect:
+            raise RecordError(f"{where}: base_shape {list(base)} disagrees with A {list(ash)}, B {list(bsh)} ({layout})")
+        has_mag = "magnitude" in module.tensors
+        if dora != has_mag:
+            raise RecordError(f"{where}: dora is {dora} but the magnitude tensor is {'present' if has_mag else 'absent'}")
+        if has_mag:
+            mdt, msh = tensor_info(module.tensors["magnitude"])
+            if mdt not in FLOATS or len(msh) != 1:
+                raise RecordError(f"{where}: magnitude must be a 1-D float vector, got {mdt} {list(msh)}")
+
+    def scale(self, module: Module) -> float:
+        """The module's effective LoRA scale s."""
+        p = module.params
+        return lora_scale(p["alpha"], p["rank"], p.get("rslora", False))
+
+    def to_factors(self, module: Module) -> Factors:
+        """A and B as 2-D matrices with the scale and layout (reads the tensors)."""
+        a = module.array("A")
+        b = module.array("B")
+        p = module.params
+        layout = p.get("layout", "linear")
+        transpose = layout == "embedding" or bool(p.get("fan_in_fan_out", False))
+        return Factors(
+            A=a.reshape(a.shape[0], -1),
+            B=b.reshape(b.shape[0], -1),
+            scale=self.scale(module),
+            base_shape=tuple(module.base_shape),
+            transpose=transpose,
+        )
+
+    def summary(self, module: Module) -> dict[str, Any]:
+        p = module.params
+        return {
+            "rank": p["rank"],
+            "alpha": p["alpha"],
+            "scale": self.scale(module),
+            "layout": p.get("layout", "linear"),
+            "dora": bool(p.get("dora", False)),
+        }

@@ -1,0 +1,101 @@
+"""One error hierarchy: every refusal has its own class and a one-line message.
+
+Callers catch :class:`AdapterpackError`; tests assert the exact subclass. The CLI prints
+``adapterpack: <message>`` and exits non-zero, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class AdapterpackError(Exception):
+    """Base class of everything adapterpack refuses."""
+
+
+# --- the file itself -------------------------------------------------------------------------
+
+
+class FormatError(AdapterpackError):
+    """An .apack file breaks the spec."""
+
+
+class TruncatedFileError(FormatError):
+    """The file ends before the preamble, index or a blob does."""
+
+
+class BadMagicError(FormatError):
+    """The file does not start with the .apack magic."""
+
+
+class UnsupportedVersionError(FormatError):
+    """The file's major version (or a must-understand flag) is unknown to this reader."""
+
+
+class IndexTooLargeError(FormatError):
+    """The index length in the preamble exceeds the spec's limit."""
+
+
+class IndexFormatError(FormatError):
+    """The index is not valid JSON or does not follow the schema."""
+
+
+class DuplicateNameError(IndexFormatError):
+    """Two adapters, modules, tensors or JSON keys share one name."""
+
+
+class LayoutError(FormatError):
+    """Blob offsets are out of range, overlapping, misaligned, or leave gaps or trailing bytes."""
+
+
+class LengthMismatchError(FormatError):
+    """A blob's length disagrees with its shape × itemsize, or with what its codec produced."""
+
+
+class ChecksumError(FormatError):
+    """A CRC-32C does not match the bytes it covers."""
+
+
+class UnknownDTypeError(FormatError):
+    """A dtype name is not in the spec's table."""
+
+
+class UnknownCodecError(FormatError):
+    """A must-understand codec id is not implemented by this reader."""
+
+
+class UnknownEncodingError(FormatError):
+    """A must-understand encoding id is not implemented by this reader."""
+
+
+class CodecError(FormatError):
+    """Stored bytes cannot be decoded: corrupt, or a zstd frame header that lies."""
+
+
+class RecordError(FormatError):
+    """An encoding record's params or tensors are inconsistent."""
+
+
+class RankError(RecordError):
+    """A record's rank is larger than (or otherwise disagrees with) what its tensor shapes allow."""
+
+
+# --- other people's files and user requests ------------------------------------------------------
+
+
+class InputError(AdapterpackError):
+    """An input that is not an .apack (PEFT folder, kohya file, ...) cannot be read."""
+
+
+class UnrecognizedInputError(InputError):
+    """A path is neither an .apack, a PEFT adapter folder nor a kohya LoRA file."""
+
+
+class UnsafeInputError(InputError):
+    """Reading the input would need unpickling arbitrary objects."""
+
+
+class ConversionError(AdapterpackError):
+    """A requested conversion cannot be carried out faithfully."""
+
+
+class AdapterNotFoundError(AdapterpackError):
+    """A named adapter or module is not in the file."""
