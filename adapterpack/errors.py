@@ -99,3 +99,7 @@ class ConversionError(AdapterpackError):
 
 class AdapterNotFoundError(AdapterpackError):
     """A named adapter or module is not in the file."""
+
+
+class OutputExistsError(ConversionError):
+    """The output path already exists and overwriting was not asked for (``--force``)."""

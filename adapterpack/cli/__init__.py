@@ -1,0 +1,28 @@
+"""The ``adapterpack`` command line: each command wires library functions, this module groups them.
+
+Errors print ``adapterpack: <message>`` on stderr: exit status 1 for adapterpack and file-system
+errors, 2 for usage errors (click's own). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import click
+
+from .. import __version__
+from .convert_cmd import convert
+from .demo_cmd import demo
+from .inspect_cmd import inspect
+from .output import AdapterpackGroup
+from .verify_cmd import verify
+
+
+@click.group(cls=AdapterpackGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="adapterpack")
+def main() -> None:
+    """Store LoRA adapters compactly and safely (.apack), inspect, verify and convert them."""
+
+
+for _command in (inspect, convert, verify, demo):
+    main.add_command(_command)
+
+__all__ = ["main"]

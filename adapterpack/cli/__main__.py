@@ -1,0 +1,5 @@
+"""``python -m adapterpack.cli``."""
+
+from . import main
+
+main(prog_name="adapterpack")

@@ -1,0 +1,91 @@
+"""``adapterpack convert SRC DST``: any format to any format (convert.py does the work)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import output as out
+
+TARGETS = ("apack", "peft", "kohya")
+CODECS = ("raw", "zstd", "byteplanes")
+DTYPES = ("keep", "fp32", "fp16", "bf16")
+
+
+def cast_lines(c: dict[str, Any]) -> list[str]:
+    """What a dtype cast cost one adapter."""
+    worst = f" (worst module {c['worst_module']}: {out.sci(c['worst_module_rel_error'])})" if c["worst_module"] else ""
+    return [
+        f"cast     {c['adapter']!r} to {c['dtype']}: {c['tensors_cast']} tensors, max |value change| {out.sci(c['max_abs_error'])}",
+        f"         relative Frobenius error of ΔW {out.sci(c['delta_rel_error'])}{worst}",
+    ]
+
+
+def result_lines(r: dict[str, Any]) -> list[str]:
+    """Summary of a :class:`~adapterpack.convert.ConvertResult` (as_dict form)."""
+    how = f", {r['codec']} level {r['level']}" if r["codec"] else ""
+    lines = [
+        f"wrote    {r['dst']} ({r['dst_format']}{how}) from {r['src']} ({r['src_format']}) in {r['seconds']:.2f} s",
+        f"size     {out.size(r['src_bytes'])} -> {out.size(r['dst_bytes'])}, ratio {out.ratio(r['ratio'])}",
+    ]
+    for c in r["casts"]:
+        lines += cast_lines(c)
+    lines += [f"note     {n}" for n in r["notes"]]
+    lines += [f"skipped  {s}" for s in r["skipped"]]
+    return lines
+
+
+@click.command("convert", short_help="Convert between .apack, PEFT and kohya.")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(TARGETS),
+    help="Output format (default: from DST: .apack, .safetensors = kohya, else a PEFT folder).",
+)
+@click.option("--codec", type=click.Choice(CODECS), help="Blob codec for .apack output (default byteplanes).")
+@click.option("--level", type=click.IntRange(1, 22), help="Zstandard level for .apack output (default 3).")
+@click.option(
+    "--dtype", type=click.Choice(DTYPES), default="keep", show_default=True, help="Cast float tensors (lossy when narrowing)."
+)
+@click.option("--adapter", "adapter_name", metavar="NAME", help="Only this adapter of a multi-adapter .apack file.")
+@click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def convert(
+    src: Path,
+    dst: Path,
+    to: str | None,
+    codec: str | None,
+    level: int | None,
+    dtype: str,
+    adapter_name: str | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Convert SRC (.apack, PEFT folder or kohya file) to DST; lossless unless --dtype narrows."""
+    from ..convert import convert as run
+    from ..convert import infer_target, target_conflict
+
+    target = to or infer_target(dst)
+    if to is not None and (why := target_conflict(dst, to)):
+        raise click.BadParameter(why, param_hint="'--to'")
+    if target != "apack" and (codec is not None or level is not None):
+        raise click.UsageError(f"--codec and --level apply to .apack output only, not {target}")
+    result = run(
+        src,
+        dst,
+        to=target,
+        codec=codec or "byteplanes",
+        level=3 if level is None else level,
+        dtype=dtype,
+        force=force,
+        adapter=adapter_name,
+        progress=None if as_json else out.progress_factory("writing"),
+    )
+    if as_json:
+        out.echo_json(result.as_dict())
+    else:
+        out.echo_lines(result_lines(result.as_dict()))

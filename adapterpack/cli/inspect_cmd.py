@@ -1,0 +1,109 @@
+"""``adapterpack inspect PATH``: per-module table and totals of any adapter (report.py builds the data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import output as out
+
+HEADERS = ("module", "encoding", "rank", "shape (base)", "dtype", "stored bytes", "share")
+ALIGN = "<<><<>>"
+
+
+def _encoding(row: dict[str, Any]) -> str:
+    if row["kind"] == "tensor":
+        return "tensor"
+    s = row["summary"]
+    enc = row["encoding"]
+    if s.get("layout", "linear") != "linear":
+        enc += f"/{s['layout']}"
+    return enc + ("+dora" if s.get("dora") else "")
+
+
+def module_table(rows: list[dict[str, Any]], limit: int | None = None) -> list[str]:
+    """The per-module table; with ``limit``, the first rows and a line saying how many were left out."""
+    shown = rows if limit is None else rows[:limit]
+    cells = [
+        (
+            r["module"],
+            _encoding(r),
+            r["rank"],
+            out.shape(r["base_shape"]),
+            r["dtype"],
+            out.count(r["stored_bytes"]),
+            f"{r['share']:.2f}%",
+        )
+        for r in shown
+    ]
+    lines = out.table(HEADERS, cells, ALIGN)
+    if len(shown) < len(rows):
+        lines.append(f"... {len(rows) - len(shown)} more rows (adapterpack inspect PATH shows all)")
+    return lines
+
+
+def totals_lines(t: dict[str, Any]) -> list[str]:
+    """Totals of one adapter (or of the whole file)."""
+    nt = t["tensors"]
+    tensors = f", {nt} pass-through tensor{'s' if nt != 1 else ''}" if nt else ""
+    return [
+        f"totals   {t['modules']} modules{tensors}, {out.count(t['parameters'])} parameters",
+        f"         decoded {out.size(t['decoded_bytes'])}, stored {out.size(t['stored_bytes'])}, "
+        f"compression {out.ratio(t['compression_ratio'])}",
+    ]
+
+
+def file_lines(report: dict[str, Any]) -> list[str]:
+    """File-level facts: size, and for .apack the index, padding, version and codecs."""
+    f = report["file"]
+    if report["format"] != "apack":
+        return [f"file     {out.size(f['file_size'])} on disk ({report['format']})"]
+    codecs = ", ".join(f"{k} x{v}" for k, v in sorted(f["codecs"].items())) or "none"
+    return [
+        f"file     {out.size(f['file_size'])}: format {f['format_version']}, index {out.count(f['index_bytes'])} B, "
+        f"padding {out.count(f['padding_bytes'])} B, {f['blobs']} blobs",
+        f"codecs   {codecs}",
+    ]
+
+
+def adapter_lines(a: dict[str, Any], limit: int | None = None) -> list[str]:
+    """Header, table, totals, skipped records and notes of one adapter."""
+    base = a["base_model"] or "unknown base model"
+    if a["base_architecture"]:
+        base += f" ({a['base_architecture']})"
+    origin = f", imported from {a['source_format']}" if a["source_format"] else ""
+    lines = [f"adapter {a['name']!r}: {base}{origin}", ""]
+    lines += module_table(a["rows"], limit) if a["rows"] else ["(no modules)"]
+    lines += ["", *totals_lines(a["totals"])]
+    lines += [f"skipped  {s}" for s in a["skipped"]]
+    lines += [f"note     {n}" for n in a["notes"]]
+    return lines
+
+
+def inspect_lines(report: dict[str, Any], limit: int | None = None) -> list[str]:
+    """The whole ``inspect`` text for a report from :func:`adapterpack.report.inspect_path`."""
+    n = len(report["adapters"])
+    lines = [f"{report['path']}: {report['format']}, {n} adapter{'s' if n != 1 else ''}", ""]
+    for a in report["adapters"]:
+        lines += [*adapter_lines(a, limit), ""]
+    if n > 1:
+        lines += ["all adapters", *totals_lines(report["totals"])]
+    lines += file_lines(report)
+    return lines
+
+
+@click.command("inspect", short_help="Per-module table and totals of an adapter.")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--adapter", "adapter_name", metavar="NAME", help="Only this adapter of a multi-adapter .apack file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def inspect(path: Path, adapter_name: str | None, as_json: bool) -> None:
+    """Show what PATH holds (.apack file, PEFT folder or kohya file): one row per module, then totals."""
+    from ..report import inspect_path
+
+    report = inspect_path(path, adapter=adapter_name)
+    if as_json:
+        out.echo_json(report)
+    else:
+        out.echo_lines(inspect_lines(report))

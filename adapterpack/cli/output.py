@@ -1,0 +1,154 @@
+"""Presentation for the CLI: aligned tables, number formats, JSON, one-line errors, progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NoReturn
+
+import click
+
+from ..errors import AdapterpackError
+
+
+class Failure(click.ClickException):
+    """An error shown as ``adapterpack: <message>`` on stderr, exit status 1."""
+
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"adapterpack: {self.format_message()}", err=True)
+
+
+def one_line(text: str) -> str:
+    """Collapse a message onto one line."""
+    return " ".join(str(text).split())
+
+
+def os_message(e: OSError) -> str:
+    """``path: reason`` for an OSError (no errno noise)."""
+    if e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return str(e)
+
+
+class AdapterpackGroup(click.Group):
+    """A click group that turns AdapterpackError and OSError into one line and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            # stdout closed early (``| head``): stop quietly, as other Unix tools do
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(1)
+        except AdapterpackError as e:
+            raise Failure(one_line(str(e))) from None
+        except OSError as e:
+            raise Failure(one_line(os_message(e))) from None
+
+
+def fail(message: str) -> NoReturn:
+    """Stop the command with ``adapterpack: message`` and exit status 1."""
+    raise Failure(one_line(message))
+
+
+# --- numbers --------------------------------------------------------------------------------------
+
+
+def count(n: int) -> str:
+    """An integer with thousands separators."""
+    return f"{n:,}"
+
+
+def human_bytes(n: int | float) -> str:
+    """1,536 → '1.5 KiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} GiB"  # pragma: no cover
+
+
+def size(n: int) -> str:
+    """Exact bytes and a human size: '7,372,800 B (7.03 MiB)'."""
+    return f"{count(n)} B" if n < 1024 else f"{count(n)} B ({human_bytes(n)})"
+
+
+def ratio(r: float | None) -> str:
+    """'1.19x', or '-' when undefined."""
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def sci(x: float | None) -> str:
+    """A small error in scientific notation."""
+    if x is None:
+        return "-"
+    return "0" if x == 0 else f"{x:.3e}"
+
+
+def shape(dims: Sequence[int]) -> str:
+    """[576, 576] → '576x576'."""
+    return "x".join(str(d) for d in dims) if dims else "scalar"
+
+
+# --- tables and JSON -------------------------------------------------------------------------------
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str) -> list[str]:
+    """Lines of a plain-text table; ``align`` has one '<' or '>' per column."""
+    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(r: list[str]) -> str:
+        parts = [c.ljust(w) if a == "<" else c.rjust(w) for c, w, a in zip(r, widths, align)]
+        return "  ".join(parts).rstrip()
+
+    return [line(cells[0])] + [line(r) for r in cells[1:]]
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def echo_json(obj: Any) -> None:
+    """Print ``obj`` as indented JSON (paths as strings, infinities as strings)."""
+    click.echo(json.dumps(_jsonable(obj), indent=2, ensure_ascii=False))
+
+
+def echo_lines(lines: Sequence[str]) -> None:
+    """Print lines to stdout."""
+    for line in lines:
+        click.echo(line)
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, label: str = "writing") -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(nbytes)``; draws a bar on stderr only when stderr is a terminal."""
+    if total <= 0 or not sys.stderr.isatty():
+        yield lambda n: None
+        return
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=False, show_percent=True) as bar:
+        yield bar.update
+
+
+def progress_factory(label: str) -> Callable[[int], contextlib.AbstractContextManager[Callable[[int], None]]]:
+    """A ``progress(total)`` factory for library functions that report bytes done."""
+    return lambda total: progress_bar(total, label)

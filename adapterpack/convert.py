@@ -1,0 +1,422 @@
+"""Converting adapters: any format to any format, optionally casting the dtype, and checking results.
+
+- :func:`cast_adapter` casts the LoRA factors (A, B, DoRA magnitude) and float pass-through
+  tensors, and measures what the cast cost: the largest change of a stored value and the
+  relative Frobenius error of every ΔW, computed exactly from the factors (:func:`delta_error`)
+  without ever forming an out×in matrix.
+- :func:`convert` reads an .apack file, PEFT folder or kohya file and writes any of the three.
+- :func:`adapter_differences` / :func:`safetensors_differences` compare two adapters (files)
+  bit for bit, for round-trip checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import dtypes
+from .adapter import Adapter, Module, TensorLike, as_array, tensor_info
+from .encodings.factors import Factors
+from .errors import AdapterNotFoundError, ConversionError, OutputExistsError
+from .report import footprint
+
+TARGETS = ("apack", "peft", "kohya")
+DTYPE_CHOICES = ("keep", "fp32", "fp16", "bf16")
+
+#: ``progress(total_bytes)`` → context manager yielding ``advance(nbytes)`` (the CLI's progress bar).
+ProgressFactory = Callable[[int], AbstractContextManager[Callable[[int], None]]]
+
+
+# --- ΔW error of a cast, from the factors --------------------------------------------------------
+
+
+def _gram_sq_norm(q: np.ndarray, p: np.ndarray) -> float:
+    """‖Q·P‖_F² as trace((P·Pᵀ)(Qᵀ·Q)): only k×k Gram matrices (k = Q's columns), in float64."""
+    g_p = p @ p.T
+    g_q = q.T @ q
+    return max(float(np.sum(g_p * g_q)), 0.0)  # both symmetric: trace(X·Y) = Σ X⊙Y
+
+
+def delta_error(before: Factors, after: Factors) -> tuple[float, float]:
+    """(‖ΔW − ΔW'‖_F, ‖ΔW‖_F) for ΔW = s·B·A and ΔW' = s'·B'·A', exactly, without forming ΔW.
+
+    ΔW − ΔW' = Q·P with Q = [s·B, s·B − s'·B'] and P = [A − A'; A'] (same ranks; the difference
+    form avoids the cancellation of Q = [s·B, −s'·B'], P = [A; A']), or that plain form when the
+    ranks differ. Transposes and conv reshapes of the base layout do not change Frobenius norms.
+    """
+    if tuple(before.base_shape) != tuple(after.base_shape):
+        raise ConversionError(f"cannot compare ΔW of shapes {list(before.base_shape)} and {list(after.base_shape)}")
+    a, b = before.A.astype(np.float64), before.B.astype(np.float64) * before.scale
+    a2, b2 = after.A.astype(np.float64), after.B.astype(np.float64) * after.scale
+    if a.shape == a2.shape and b.shape == b2.shape:
+        q, p = np.concatenate([b, b - b2], axis=1), np.concatenate([a - a2, a2], axis=0)
+    else:
+        q, p = np.concatenate([b, -b2], axis=1), np.concatenate([a, a2], axis=0)
+    return math.sqrt(_gram_sq_norm(q, p)), math.sqrt(_gram_sq_norm(b, a))
+
+
+# --- casting ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ModuleCast:
+    """What casting one module cost."""
+
+    module: str
+    max_abs_error: float
+    delta_error: float
+    delta_norm: float
+
+    @property
+    def delta_rel_error(self) -> float:
+        """‖ΔW − ΔW'‖_F / ‖ΔW‖_F (0 when both are zero, inf when only ΔW is)."""
+        if self.delta_norm == 0:
+            return 0.0 if self.delta_error == 0 else math.inf
+        return self.delta_error / self.delta_norm
+
+
+@dataclass
+class CastReport:
+    """What casting one adapter cost: worst value change and ΔW errors (whole adapter and per module)."""
+
+    adapter: str
+    dtype: str
+    tensors_cast: int = 0
+    max_abs_error: float = 0.0
+    modules: list[ModuleCast] = field(default_factory=list)
+
+    @property
+    def delta_rel_error(self) -> float:
+        """‖ΔW − ΔW'‖_F / ‖ΔW‖_F over all modules together (their ΔW stacked as one vector)."""
+        err = math.sqrt(sum(m.delta_error**2 for m in self.modules))
+        norm = math.sqrt(sum(m.delta_norm**2 for m in self.modules))
+        if norm == 0:
+            return 0.0 if err == 0 else math.inf
+        return err / norm
+
+    @property
+    def worst_module(self) -> ModuleCast | None:
+        """The module whose ΔW changed most, relatively."""
+        return max(self.modules, key=lambda m: m.delta_rel_error, default=None)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        worst = self.worst_module
+        return {
+            "adapter": self.adapter,
+            "dtype": self.dtype,
+            "tensors_cast": self.tensors_cast,
+            "max_abs_error": self.max_abs_error,
+            "delta_rel_error": self.delta_rel_error,
+            "worst_module": worst.module if worst else None,
+            "worst_module_rel_error": worst.delta_rel_error if worst else None,
+            "modules": [asdict(m) | {"delta_rel_error": m.delta_rel_error} for m in self.modules],
+        }
+
+
+def cast_array(arr: np.ndarray, dtype: str, where: str = "tensor") -> tuple[np.ndarray, float]:
+    """(``arr`` cast to ``dtype``, max |x − x'| over finite values); non-float arrays come back untouched.
+
+    Refuses a cast that turns finite values into infinities (e.g. float32 above 65504 to float16).
+    """
+    src = dtypes.of_array(arr)
+    dst = dtypes.by_name(dtype)
+    if not src.is_float or not dst.is_float or src.name == dst.name:
+        return arr, 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = arr.astype(dst.numpy)
+        wide_in, wide_out = arr.astype(np.float64), out.astype(np.float64)
+        finite = np.isfinite(wide_in)
+        overflow = finite & ~np.isfinite(wide_out)
+        if overflow.any():
+            big = float(np.max(np.abs(wide_in[overflow])))
+            raise ConversionError(f"{where}: casting to {dst.name} overflows (|value| {big:.6g} is out of range)")
+        err = float(np.max(np.abs(wide_in[finite] - wide_out[finite]), initial=0.0))
+    return out, err
+
+
+def cast_adapter(adapter: Adapter, dtype: str) -> tuple[Adapter, CastReport]:
+    """A copy of ``adapter`` with every float tensor cast to ``dtype`` (loaded into memory), and what that cost."""
+    name = dtypes.by_name(dtype).name
+    report = CastReport(adapter=adapter.name, dtype=name)
+
+    def cast(t: TensorLike, where: str) -> tuple[np.ndarray, float]:
+        arr = as_array(t)
+        out, err = cast_array(arr, name, where)
+        report.tensors_cast += out.dtype != arr.dtype
+        report.max_abs_error = max(report.max_abs_error, err)
+        return out, err
+
+    modules: dict[str, Module] = {}
+    for m in adapter:
+        cast_slots = {slot: cast(t, f"module {m.name!r} tensor {slot!r}") for slot, t in m.tensors.items()}
+        new = Module(
+            name=m.name,
+            encoding=m.encoding,
+            base_shape=tuple(m.base_shape),
+            params=dict(m.params),
+            tensors={slot: arr for slot, (arr, _) in cast_slots.items()},
+            must_understand=m.must_understand,
+        )
+        new.implementation.validate(new)
+        err, norm = delta_error(m.factors(), new.factors())
+        worst = max((e for _, e in cast_slots.values()), default=0.0)
+        report.modules.append(ModuleCast(m.name, max_abs_error=worst, delta_error=err, delta_norm=norm))
+        modules[m.name] = new
+    tensors = {k: cast(t, f"tensor {k!r}")[0] for k, t in adapter.tensors.items()}
+    out = Adapter(
+        name=adapter.name,
+        base_model=adapter.base_model,
+        base_architecture=adapter.base_architecture,
+        modules=modules,
+        tensors=tensors,
+        source=adapter.source,
+        metadata=dict(adapter.metadata),
+        skipped=list(adapter.skipped),
+    )
+    return out, report
+
+
+# --- reading and writing any format ---------------------------------------------------------------
+
+
+def infer_target(dst: str | os.PathLike[str]) -> str:
+    """Output format from the destination's name: .apack → apack, .safetensors → kohya, else a PEFT folder."""
+    suffix = Path(dst).suffix.lower()
+    return {".apack": "apack", ".safetensors": "kohya"}.get(suffix, "peft")
+
+
+def target_conflict(dst: str | os.PathLike[str], to: str) -> str | None:
+    """Why ``to`` contradicts the destination's name (``out.apack`` with ``to="kohya"``), or None."""
+    inferred = infer_target(dst)
+    if inferred != "peft" and inferred != to:
+        kind = {"apack": "an .apack file", "kohya": "a kohya .safetensors file"}[inferred]
+        return f"{Path(dst).name!r} names {kind}, but the output format is {to}"
+    return None
+
+
+def check_destination(src: Path, dst: Path, target: str, force: bool) -> None:
+    """Refuse to overwrite without ``force``, to write onto the source, or to replace a non-adapter folder."""
+    if dst.exists() or dst.is_symlink():
+        if src.exists() and dst.exists() and src.resolve() == dst.resolve():
+            raise ConversionError(f"{dst}: output is the same path as the input")
+        if not force:
+            raise OutputExistsError(f"{dst} already exists (use --force to overwrite)")
+        if target == "peft":
+            if not dst.is_dir():
+                raise ConversionError(f"{dst} exists and is not a folder; a PEFT adapter is written as a folder")
+            if any(dst.iterdir()) and not (dst / "adapter_config.json").is_file():
+                raise ConversionError(f"{dst} is a folder that holds no PEFT adapter; not replacing it")
+        elif dst.is_dir():
+            raise ConversionError(f"{dst} is a folder; a {target} adapter is written as a single file")
+
+
+@dataclass
+class Source:
+    """Adapters read from one input, and how to release the file behind them."""
+
+    path: Path
+    format: str
+    adapters: list[Adapter]
+    close: Callable[[], None]
+
+
+def load_source(src: str | os.PathLike[str], adapter: str | None = None) -> Source:
+    """Open ``src`` (any format); all adapters of an .apack file, or the one named ``adapter``."""
+    from .interop.detect import detect_format
+
+    path = Path(src)
+    fmt = detect_format(path)
+    if fmt == "apack":
+        from .container.reader import ApackReader
+
+        reader = ApackReader(path)
+        try:
+            names = reader.adapter_names if adapter is None else [adapter]
+            adapters = [reader.adapter(n) for n in names]
+        except BaseException:
+            reader.close()
+            raise
+        return Source(path, fmt, adapters, reader.close)
+    from .interop import read_any
+
+    a = read_any(path, fmt)
+    if adapter is not None and adapter != a.name:
+        a.close()
+        raise AdapterNotFoundError(f"{path}: holds one adapter, {a.name!r}, not {adapter!r}")
+    return Source(path, fmt, [a], a.close)
+
+
+@contextlib.contextmanager
+def _no_progress(total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
+
+
+def write_adapters(
+    adapters: list[Adapter],
+    dst: Path,
+    target: str,
+    *,
+    codec: str = "byteplanes",
+    level: int = 3,
+    progress: ProgressFactory | None = None,
+) -> None:
+    """Write ``adapters`` to ``dst`` as ``target`` (PEFT and kohya hold exactly one adapter)."""
+    if target not in TARGETS:
+        raise ConversionError(f"unknown output format {target!r} (one of {', '.join(TARGETS)})")
+    if target != "apack" and len(adapters) != 1:
+        names = ", ".join(a.name for a in adapters)
+        raise ConversionError(f"{target} holds one adapter, the input has {len(adapters)} ({names}); pick one with --adapter")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if target == "apack":
+        from .container.writer import write_apack
+
+        total = sum(a.decoded_bytes for a in adapters)
+        with (progress or _no_progress)(total) as advance:
+            write_apack(dst, adapters, codec=codec, level=level, progress=advance)
+    elif target == "peft":
+        from .interop.peft import write_peft
+
+        write_peft(adapters[0], dst)
+    else:
+        from .interop.kohya import write_kohya
+
+        write_kohya(adapters[0], dst)
+
+
+@dataclass
+class ConvertResult:
+    """What :func:`convert` did: formats, sizes, notes from the importer, cast errors."""
+
+    src: Path
+    dst: Path
+    src_format: str
+    dst_format: str
+    adapters: list[str]
+    src_bytes: int
+    dst_bytes: int
+    codec: str | None
+    level: int | None
+    dtype: str
+    casts: list[CastReport]
+    notes: list[str]
+    skipped: list[str]
+    seconds: float
+
+    @property
+    def ratio(self) -> float | None:
+        """Input bytes / output bytes on disk."""
+        return self.src_bytes / self.dst_bytes if self.dst_bytes else None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        d = {k: v for k, v in self.__dict__.items() if k != "casts"}
+        return d | {"src": str(self.src), "dst": str(self.dst), "ratio": self.ratio, "casts": [c.as_dict() for c in self.casts]}
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    to: str | None = None,
+    codec: str = "byteplanes",
+    level: int = 3,
+    dtype: str = "keep",
+    force: bool = False,
+    adapter: str | None = None,
+    progress: ProgressFactory | None = None,
+) -> ConvertResult:
+    """Read ``src`` (.apack, PEFT folder, kohya file) and write it to ``dst`` as ``to`` (inferred from
+    ``dst`` when None), casting float tensors to ``dtype`` unless ``"keep"``. Lossless otherwise."""
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    target = to or infer_target(dst)
+    if target not in TARGETS:
+        raise ConversionError(f"unknown output format {target!r} (one of {', '.join(TARGETS)})")
+    if dtype not in DTYPE_CHOICES:
+        dtypes.by_name(dtype)  # raises UnknownDTypeError naming it
+    check_destination(src, dst, target, force)
+    source = load_source(src, adapter)
+    try:
+        adapters, casts = source.adapters, []
+        if dtype != "keep":
+            pairs = [cast_adapter(a, dtype) for a in adapters]
+            adapters, casts = [p[0] for p in pairs], [p[1] for p in pairs]
+        write_adapters(adapters, dst, target, codec=codec, level=level, progress=progress)
+        many = len(adapters) > 1
+        notes = [f"{a.name}: {n}" if many else str(n) for a in source.adapters for n in a.source.get("notes", [])]
+        skipped = [f"{a.name}: {s}" if many else s for a in source.adapters for s in a.skipped]
+    finally:
+        source.close()
+    return ConvertResult(
+        src=src,
+        dst=dst,
+        src_format=source.format,
+        dst_format=target,
+        adapters=[a.name for a in adapters],
+        src_bytes=footprint(src),
+        dst_bytes=footprint(dst),
+        codec=codec if target == "apack" else None,
+        level=level if target == "apack" else None,
+        dtype="keep" if dtype == "keep" else dtypes.by_name(dtype).name,
+        casts=casts,
+        notes=notes,
+        skipped=skipped,
+        seconds=time.perf_counter() - start,
+    )
+
+
+# --- bit-exact comparisons ----------------------------------------------------------------------
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and dtypes.as_bytes(a) == dtypes.as_bytes(b)
+
+
+def _tensor_differences(where: str, a: dict[str, TensorLike], b: dict[str, TensorLike]) -> list[str]:
+    out = []
+    if set(a) != set(b):
+        out.append(f"{where}: tensors {sorted(a)} vs {sorted(b)}")
+    for k in sorted(set(a) & set(b)):
+        (da, sa), (db, sb) = tensor_info(a[k]), tensor_info(b[k])
+        if (da, sa) != (db, sb):
+            out.append(f"{where} {k!r}: {da} {list(sa)} vs {db} {list(sb)}")
+        elif not _same_bits(as_array(a[k]), as_array(b[k])):
+            out.append(f"{where} {k!r}: values differ")
+    return out
+
+
+def adapter_differences(a: Adapter, b: Adapter) -> list[str]:
+    """How two adapters differ in modules, records and tensor bits (empty when identical)."""
+    out = []
+    if set(a.modules) != set(b.modules):
+        only_a, only_b = sorted(set(a.modules) - set(b.modules)), sorted(set(b.modules) - set(a.modules))
+        out.append(f"modules only in the first: {only_a[:3]}, only in the second: {only_b[:3]}")
+    for name in [n for n in a.modules if n in b.modules]:
+        ma, mb = a.modules[name], b.modules[name]
+        if (ma.encoding, tuple(ma.base_shape)) != (mb.encoding, tuple(mb.base_shape)):
+            out.append(f"module {name!r}: {ma.encoding} {list(ma.base_shape)} vs {mb.encoding} {list(mb.base_shape)}")
+        elif ma.summary() != mb.summary():
+            out.append(f"module {name!r}: params {ma.summary()} vs {mb.summary()}")
+        out.extend(_tensor_differences(f"module {name!r} tensor", ma.tensors, mb.tensors))
+    out.extend(_tensor_differences("tensor", a.tensors, b.tensors))
+    return out
+
+
+def safetensors_differences(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> list[str]:
+    """How the tensors of two safetensors files differ in names, dtypes, shapes or bits (metadata ignored)."""
+    from safetensors import safe_open
+
+    with safe_open(str(a), framework="numpy") as fa, safe_open(str(b), framework="numpy") as fb:
+        ta = {k: fa.get_tensor(k) for k in fa.keys()}
+        tb = {k: fb.get_tensor(k) for k in fb.keys()}
+    return _tensor_differences("tensor", ta, tb)

@@ -1,0 +1,506 @@
+"""PEFT LoRA folders (``adapter_config.json`` + ``adapter_model.safetensors``) ↔ :class:`Adapter`.
+
+PEFT saves one key per factor: ``<prefix><module>.lora_A.weight`` / ``.lora_B.weight`` for
+linear and conv layers, ``<prefix><module>.lora_embedding_A`` / ``_B`` for embeddings and, with
+DoRA, ``<prefix><module>.lora_magnitude_vector`` (PEFT 0.21; older releases wrote
+``lora_magnitude_vector.weight``, also accepted). ``<prefix>`` is ``base_model.model.``; the
+module name is the base model's (``model.layers.0.self_attn.q_proj``). Conv DoRA magnitudes are
+saved as ``[1, out, 1, ...]`` and held as ``[out]``.
+
+Reading keeps everything an export needs to rebuild the identical folder: the config verbatim,
+the key prefix, any key that deviates from the default names, the safetensors metadata.
+Everything that is not a LoRA factor (``modules_to_save`` weights, saved embedding layers,
+unknown keys) is carried untouched in ``adapter.tensors`` under its full original key.
+
+Per-module rank and alpha follow PEFT: ``rank_pattern`` / ``alpha_pattern`` (see
+:mod:`.patterns`), ``use_rslora``, ``fan_in_fan_out``. The rank is read from the tensor shapes
+and must agree with the config. Limitation: PEFT decides ``fan_in_fan_out`` per layer type
+(GPT-2 ``Conv1D`` yes, ``nn.Linear`` no); without the base model we apply the config's flag to
+every linear module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import dtypes
+from ..adapter import Adapter, Module, as_array
+from ..atomic import atomic_dir
+from ..encodings import get_encoding
+from ..errors import AdapterpackError, ConversionError, InputError, RecordError, UnsafeInputError
+from .patterns import build_patterns, most_common, resolve
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+DEFAULT_PREFIX = "base_model.model."
+#: PEFT's LoraConfig defaults for keys an old or hand-written config may lack.
+DEFAULT_R = 8
+DEFAULT_ALPHA = 8
+
+_KEY = re.compile(
+    r"^(?P<stem>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?P<tail>\.weight)?$"
+)
+_SLOT = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B", "lora_magnitude_vector": "magnitude"}
+
+
+def default_suffix(slot: str, layout: str) -> str:
+    """The key suffix PEFT 0.21 writes for ``slot`` of a module with ``layout``."""
+    if slot == "magnitude":
+        return "lora_magnitude_vector"
+    if layout == "embedding":
+        return f"lora_embedding_{slot}"
+    return f"lora_{slot}.weight"
+
+
+def magnitude_shape(layout: str, out: int, ndim_a: int) -> tuple[int, ...]:
+    """The shape PEFT gives a DoRA magnitude: ``[out]``, or ``[1, out, 1, ...]`` for convolutions."""
+    if layout == "conv":
+        return (1, out, *([1] * (ndim_a - 2)))
+    return (out,)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _folder(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        return p
+    if p.is_file() and (p.name == CONFIG_NAME or p.name in (SAFETENSORS_NAME, BIN_NAME)):
+        return p.parent
+    if not p.exists():
+        raise InputError(f"{p}: no such PEFT adapter folder")
+    raise InputError(f"{p}: not a PEFT adapter folder (expected a folder with {CONFIG_NAME})")
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """The adapter_config.json dict, checked to be a LoRA config with sane r/alpha/pattern types."""
+    path = folder / CONFIG_NAME
+    if not path.is_file():
+        raise InputError(f"{folder}: no {CONFIG_NAME} (not a PEFT adapter folder)")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{path}: must hold a JSON object, got {type(cfg).__name__}")
+    peft_type = cfg.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise InputError(f"{path}: peft_type is {peft_type!r}; only LoRA adapters (peft_type LORA) can be read")
+    r = cfg.get("r", DEFAULT_R)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise InputError(f"{path}: r must be a positive integer, got {r!r}")
+    _number(cfg.get("lora_alpha", DEFAULT_ALPHA), "lora_alpha", path)
+    for key in ("rank_pattern", "alpha_pattern"):
+        pat = cfg.get(key)
+        if pat is None:
+            continue
+        if not isinstance(pat, dict):
+            raise InputError(f"{path}: {key} must be an object, got {pat!r:.80}")
+        for k, v in pat.items():
+            if key == "rank_pattern" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise InputError(f"{path}: rank_pattern[{k!r}] must be a positive integer, got {v!r}")
+            if key == "alpha_pattern":
+                _number(v, f"alpha_pattern[{k!r}]", path)
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise InputError(f"{path}: {key} must be true or false, got {cfg[key]!r}")
+    return cfg
+
+
+def _number(value: Any, what: str, path: Path) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not abs(value) <= sys.float_info.max:
+        raise InputError(f"{path}: {what} must be a finite number, got {value!r}")
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str] | None]:
+    """All tensors of a safetensors file as numpy (bf16 as ml_dtypes.bfloat16) and its metadata."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="np") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises SafetensorError, OSError, TypeError for odd dtypes
+        raise InputError(f"{path}: cannot read safetensors file ({e})") from None
+    for k, arr in tensors.items():
+        try:
+            dtypes.of_array(arr)
+        except AdapterpackError:
+            raise InputError(f"{path}: tensor {k!r} has dtype {arr.dtype}, which adapterpack cannot store") from None
+    return tensors, (dict(meta) if meta else None)
+
+
+def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    """A ``.bin`` state dict through ``torch.load(weights_only=True)`` (never a full unpickle)."""
+    try:
+        import torch
+    except ImportError:
+        raise InputError(f"{path}: reading a .bin state dict needs torch (pip install adapterpack[torch])") from None
+    try:
+        sd = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UnsafeInputError(f"{path}: refused by torch.load(weights_only=True), it holds more than tensors ({first})") from None
+    except Exception as e:
+        raise InputError(f"{path}: cannot read torch state dict ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict):
+        raise InputError(f"{path}: expected a state dict (name → tensor), got {type(sd).__name__}")
+    out: dict[str, np.ndarray] = {}
+    for k, v in sd.items():
+        if not isinstance(k, str) or not isinstance(v, torch.Tensor):
+            raise InputError(f"{path}: entry {k!r} is not a named tensor")
+        t = v.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16:
+            arr = t.view(torch.int16).numpy().view(dtypes.by_name("bfloat16").numpy)
+        else:
+            try:
+                arr = t.numpy()
+            except TypeError:
+                raise InputError(f"{path}: tensor {k!r} has dtype {t.dtype}, which adapterpack cannot store") from None
+        try:
+            dtypes.of_array(arr)
+        except AdapterpackError:
+            raise InputError(f"{path}: tensor {k!r} has dtype {t.dtype}, which adapterpack cannot store") from None
+        out[k] = arr.copy()
+    return out
+
+
+def _group(tensors: dict[str, np.ndarray], where: Path) -> tuple[dict[str, dict[str, tuple[str, str]]], list[str]]:
+    """LoRA keys by stem: stem → slot → (key, kind); and the keys that are not LoRA factors."""
+    groups: dict[str, dict[str, tuple[str, str]]] = {}
+    other: list[str] = []
+    for key in tensors:
+        m = _KEY.match(key)
+        if m is None:
+            other.append(key)
+            continue
+        slot = _SLOT[m["kind"]]
+        g = groups.setdefault(m["stem"], {})
+        if slot in g:
+            raise InputError(f"{where}: module {m['stem']!r} has two {slot} tensors: {g[slot][0]!r} and {key!r}")
+        g[slot] = (key, m["kind"])
+    return groups, other
+
+
+def read_peft(path: str | os.PathLike[str]) -> Adapter:
+    """Read a PEFT LoRA adapter folder (or a file inside one) into an :class:`Adapter`."""
+    folder = _folder(path)
+    cfg = read_config(folder)
+    st_path, bin_path = folder / SAFETENSORS_NAME, folder / BIN_NAME
+    meta = None
+    if st_path.is_file():
+        tensors, meta = read_safetensors(st_path)
+        weights = SAFETENSORS_NAME
+    elif bin_path.is_file():
+        tensors = read_torch_bin(bin_path)
+        weights = BIN_NAME
+    else:
+        raise InputError(f"{folder}: no {SAFETENSORS_NAME} or {BIN_NAME} next to {CONFIG_NAME}")
+
+    groups, other = _group(tensors, folder / weights)
+    if not groups:
+        raise InputError(f"{folder / weights}: no LoRA tensors (lora_A/lora_B or lora_embedding_A/B)")
+    prefix = DEFAULT_PREFIX if all(s.startswith(DEFAULT_PREFIX) for s in groups) else ""
+    source: dict[str, Any] = {"format": "peft", "config": cfg, "key_prefix": prefix, "weights_file": weights}
+    if meta is not None:
+        source["safetensors_metadata"] = meta
+    overrides: dict[str, dict[str, str]] = {}
+    mag_shapes: dict[str, list[int]] = {}
+
+    adapter = Adapter(
+        name="default",
+        base_model=cfg.get("base_model_name_or_path") if isinstance(cfg.get("base_model_name_or_path"), str) else None,
+        base_architecture=_architecture(cfg),
+        source=source,
+    )
+    for stem, g in groups.items():
+        name = stem[len(prefix) :]
+        mod = _module(name, g, tensors, cfg, folder)
+        for slot, (key, _) in g.items():
+            if key != f"{prefix}{name}.{default_suffix(slot, mod.params['layout'])}":
+                overrides.setdefault(name, {})[slot] = key
+        if "magnitude" in g:
+            raw, a, b = tensors[g["magnitude"][0]], tensors[g["A"][0]], tensors[g["B"][0]]
+            if tuple(raw.shape) != magnitude_shape(mod.params["layout"], int(b.shape[0]), a.ndim):
+                mag_shapes[name] = list(raw.shape)
+        adapter.modules[name] = mod
+    for key in other:
+        adapter.tensors[key] = tensors[key]
+    if overrides:
+        source["key_overrides"] = overrides
+    if mag_shapes:
+        source["magnitude_shapes"] = mag_shapes
+    notes = _notes(cfg, adapter)
+    if notes:
+        source["notes"] = notes
+    return adapter
+
+
+def _architecture(cfg: dict[str, Any]) -> str | None:
+    auto = cfg.get("auto_mapping")
+    if isinstance(auto, dict) and isinstance(auto.get("base_model_class"), str):
+        return auto["base_model_class"]
+    return None
+
+
+def _module(name: str, g: dict[str, tuple[str, str]], tensors: dict[str, np.ndarray], cfg: dict[str, Any], folder: Path) -> Module:
+    where = f"{folder}: module {name!r}"
+    if not name:
+        raise InputError(f"{folder}: LoRA key {next(iter(g.values()))[0]!r} names no module")
+    if "A" not in g or "B" not in g:
+        have = ", ".join(k for k, _ in g.values())
+        raise InputError(f"{where} needs both LoRA factors (A and B); found only {have}")
+    kinds = {g["A"][1], g["B"][1]}
+    if kinds not in ({"lora_A", "lora_B"}, {"lora_embedding_A", "lora_embedding_B"}):
+        raise InputError(f"{where} mixes embedding and linear factor keys: {g['A'][0]!r}, {g['B'][0]!r}")
+    a, b = tensors[g["A"][0]], tensors[g["B"][0]]
+    if a.ndim < 2 or b.ndim < 2:
+        raise InputError(f"{where}: factors must have at least 2 dimensions, got A {list(a.shape)}, B {list(b.shape)}")
+    rank = int(a.shape[0])
+    if b.shape[1] != rank:
+        raise InputError(f"{where}: A {list(a.shape)} and B {list(b.shape)} disagree on the rank")
+    r_cfg = resolve(cfg.get("rank_pattern"), cfg.get("r", DEFAULT_R), name)
+    if r_cfg != rank:
+        raise InputError(f"{where}: tensors have rank {rank} but adapter_config.json gives r={r_cfg} (r / rank_pattern)")
+    alpha = resolve(cfg.get("alpha_pattern"), cfg.get("lora_alpha", DEFAULT_ALPHA), name)
+    if "lora_embedding_A" in kinds:
+        layout = "embedding"
+        base_shape: tuple[int, ...] = (int(a.shape[1]), int(b.shape[0]))
+    elif a.ndim >= 3:
+        layout = "conv"
+        base_shape = (int(b.shape[0]), *(int(d) for d in a.shape[1:]))
+    else:
+        layout = "linear"
+        base_shape = (int(b.shape[0]), int(a.shape[1]))
+    fifo = layout == "linear" and bool(cfg.get("fan_in_fan_out", False))
+    if fifo:
+        base_shape = base_shape[::-1]
+    use_dora = bool(cfg.get("use_dora", False))
+    slots = {"A": a, "B": b}
+    if "magnitude" in g:
+        if not use_dora:
+            raise InputError(f"{where} has a DoRA magnitude vector but adapter_config.json has use_dora false")
+        mag = tensors[g["magnitude"][0]]
+        if mag.size != b.shape[0]:
+            raise InputError(f"{where}: DoRA magnitude {list(mag.shape)} does not have one entry per output ({b.shape[0]})")
+        slots["magnitude"] = mag.reshape(-1)
+    elif use_dora:
+        raise InputError(f"{where} has no lora_magnitude_vector but adapter_config.json has use_dora true")
+    params = {
+        "rank": rank,
+        "alpha": alpha,
+        "rslora": bool(cfg.get("use_rslora", False)),
+        "layout": layout,
+        "fan_in_fan_out": fifo,
+        "dora": "magnitude" in slots,
+    }
+    mod = Module(name=name, encoding="lora", base_shape=base_shape, params=params, tensors=slots)
+    try:
+        get_encoding("lora").validate(mod)
+    except RecordError as e:
+        raise InputError(f"{folder}: {e}") from None
+    return mod
+
+
+def _notes(cfg: dict[str, Any], adapter: Adapter) -> list[str]:
+    notes = []
+    if adapter.tensors:
+        some = ", ".join(list(adapter.tensors)[:3])
+        more = ", ..." if len(adapter.tensors) > 3 else ""
+        notes.append(f"{len(adapter.tensors)} tensors carried untouched (modules_to_save or not LoRA factors): {some}{more}")
+    if cfg.get("fan_in_fan_out") and any(m.params["layout"] == "linear" for m in adapter):
+        notes.append("fan_in_fan_out applied to every linear module (PEFT turns it off for nn.Linear layers)")
+    return notes
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def _module_values(adapter: Adapter) -> dict[str, dict[str, Any]]:
+    out = {}
+    for m in adapter:
+        if m.encoding != "lora":
+            raise ConversionError(f"module {m.name!r} uses encoding {m.encoding!r}; PEFT LoRA export needs lora records")
+        get_encoding("lora").validate(m)
+        p = m.params
+        out[m.name] = {
+            "rank": p["rank"],
+            "alpha": p["alpha"],
+            "rslora": bool(p.get("rslora", False)),
+            "dora": bool(p.get("dora", False)),
+            "fifo": bool(p.get("fan_in_fan_out", False)),
+            "layout": p.get("layout", "linear"),
+        }
+    if not out:
+        raise ConversionError(f"adapter {adapter.name!r} has no modules to export")
+    return out
+
+
+def _consistent(cfg: dict[str, Any], values: dict[str, dict[str, Any]]) -> bool:
+    """Would PEFT (and :func:`read_peft`) give every module the rank, alpha and flags it has?"""
+    for name, v in values.items():
+        if resolve(cfg.get("rank_pattern"), cfg.get("r", DEFAULT_R), name) != v["rank"]:
+            return False
+        alpha = resolve(cfg.get("alpha_pattern"), cfg.get("lora_alpha", DEFAULT_ALPHA), name)
+        if alpha != v["alpha"]:
+            return False
+        if bool(cfg.get("use_rslora", False)) != v["rslora"] or bool(cfg.get("use_dora", False)) != v["dora"]:
+            return False
+        if v["layout"] == "linear" and bool(cfg.get("fan_in_fan_out", False)) != v["fifo"]:
+            return False
+    return True
+
+
+def _one(values: dict[str, dict[str, Any]], key: str, what: str) -> bool:
+    flags = {v[key] for v in values.values()}
+    if len(flags) > 1:
+        on = [n for n, v in values.items() if v[key]][:2]
+        raise ConversionError(f"PEFT has one {what} switch per adapter, but only some modules use it (e.g. {on})")
+    return flags.pop()
+
+
+def _targets(cfg: dict[str, Any], names: list[str]) -> Any:
+    """target_modules covering ``names`` as PEFT matches them: kept when it already does, else
+    extended (or replaced) by the last name components of the modules it misses."""
+    tm = cfg.get("target_modules")
+    if isinstance(tm, str):
+        try:
+            if all(re.fullmatch(tm, n) for n in names):
+                return tm
+        except re.error:
+            pass
+        tm = None
+    if not isinstance(tm, list):
+        return sorted({n.rsplit(".", 1)[-1] for n in names})
+    missed = [n for n in names if not any(n == x or n.endswith("." + x) for x in tm)]
+    return tm + sorted({n.rsplit(".", 1)[-1] for n in missed})
+
+
+def synthesize_config(adapter: Adapter, base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A LoraConfig dict under which PEFT builds every module with its rank, alpha and flags.
+
+    ``base`` (an original config) keeps its other fields. ``r`` / ``lora_alpha`` are the most
+    common values; modules that differ get ``rank_pattern`` / ``alpha_pattern`` entries.
+    """
+    values = _module_values(adapter)
+    cfg: dict[str, Any] = dict(base) if base else _skeleton(adapter)
+    names = list(values)
+    r = most_common([v["rank"] for v in values.values()])
+    alpha = most_common([v["alpha"] for v in values.values()])
+    cfg["r"] = r
+    cfg["lora_alpha"] = alpha
+    cfg["rank_pattern"] = build_patterns({n: v["rank"] for n, v in values.items()}, r)
+    cfg["alpha_pattern"] = build_patterns({n: v["alpha"] for n, v in values.items()}, alpha)
+    cfg["use_rslora"] = _one(values, "rslora", "use_rslora")
+    cfg["use_dora"] = _one(values, "dora", "use_dora")
+    cfg["fan_in_fan_out"] = any(v["fifo"] for v in values.values())
+    cfg["target_modules"] = _targets(cfg, names)
+    if adapter.base_model is not None:
+        cfg["base_model_name_or_path"] = adapter.base_model
+    return cfg
+
+
+def _skeleton(adapter: Adapter) -> dict[str, Any]:
+    arch = adapter.base_architecture or ""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM" if arch.endswith("ForCausalLM") else None,
+        "base_model_name_or_path": adapter.base_model,
+        "bias": "none",
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "lora_dropout": 0.0,
+        "modules_to_save": None,
+    }
+
+
+def peft_config(adapter: Adapter) -> dict[str, Any]:
+    """The adapter_config.json dict an export writes: the original one when it still describes
+    every module exactly, else one rebuilt (from the original's other fields, if any)."""
+    original = adapter.source.get("config") if adapter.source.get("format") == "peft" else None
+    if isinstance(original, dict) and _consistent(original, _module_values(adapter)):
+        return dict(original)
+    return synthesize_config(adapter, original if isinstance(original, dict) else None)
+
+
+def contiguous(arr: np.ndarray) -> np.ndarray:
+    """``arr`` in C order, keeping 0-d arrays 0-d (``np.ascontiguousarray`` makes them 1-d)."""
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
+def _cast(arr: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    if dtype is None or not dtypes.of_array(arr).is_float or arr.dtype == dtype:
+        return contiguous(arr)
+    return contiguous(arr.astype(dtype))
+
+
+def peft_tensors(adapter: Adapter, *, dtype: str | None = None, drop_tensors: bool = False) -> dict[str, np.ndarray]:
+    """The state dict an export writes: PEFT key → numpy array."""
+    target = None
+    if dtype is not None:
+        row = dtypes.by_name(dtype)
+        if not row.is_float:
+            raise ConversionError(f"cannot store LoRA factors as {row.name}; pick a float dtype")
+        target = row.numpy
+    src = adapter.source if adapter.source.get("format") == "peft" else {}
+    prefix = src.get("key_prefix", DEFAULT_PREFIX)
+    overrides = src.get("key_overrides", {})
+    mag_shapes = src.get("magnitude_shapes", {})
+    out: dict[str, np.ndarray] = {}
+
+    def put(key: str, arr: np.ndarray) -> None:
+        if key in out:
+            raise ConversionError(f"two tensors would be written under the key {key!r}")
+        out[key] = _cast(arr, target)
+
+    _module_values(adapter)  # validates every record
+    for m in adapter:
+        layout = m.params.get("layout", "linear")
+        for slot in m.tensors:
+            key = overrides.get(m.name, {}).get(slot, f"{prefix}{m.name}.{default_suffix(slot, layout)}")
+            arr = m.array(slot)
+            if slot == "magnitude":
+                ndim_a = len(m.base_shape) if layout == "conv" else 2
+                shape = mag_shapes.get(m.name) or magnitude_shape(layout, int(arr.shape[0]), ndim_a)
+                arr = arr.reshape(shape)
+            put(key, arr)
+    foreign = adapter.source.get("format") not in (None, "peft")
+    if adapter.tensors and foreign and not drop_tensors:
+        some = ", ".join(list(adapter.tensors)[:3])
+        raise ConversionError(
+            f"adapter holds {len(adapter.tensors)} non-LoRA tensors from a {adapter.source.get('format')} file ({some}); "
+            "PEFT would not understand them (pass drop_tensors=True to leave them out)"
+        )
+    if not (foreign and drop_tensors):
+        for key, t in adapter.tensors.items():
+            put(key, as_array(t))
+    return out
+
+
+def write_peft(adapter: Adapter, out_dir: str | os.PathLike[str], *, dtype: str | None = None, drop_tensors: bool = False) -> Path:
+    """Write ``adapter`` as a PEFT folder (adapter_config.json + adapter_model.safetensors), atomically.
+
+    ``dtype`` casts every float tensor (e.g. ``"bf16"``); ``drop_tensors`` leaves out pass-through
+    tensors of a non-PEFT origin (a kohya file's unknown keys), which are refused otherwise.
+    """
+    from safetensors.numpy import save_file
+
+    cfg = peft_config(adapter)
+    tensors = peft_tensors(adapter, dtype=dtype, drop_tensors=drop_tensors)
+    meta = adapter.source.get("safetensors_metadata") if adapter.source.get("format") == "peft" else None
+    meta = dict(meta) if isinstance(meta, dict) else {"format": "pt"}
+    out = Path(out_dir)
+    with atomic_dir(out) as tmp:
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        save_file(tensors, tmp / SAFETENSORS_NAME, metadata=meta)
+    return out

@@ -1,0 +1,178 @@
+"""What an adapter file holds, as plain dicts (no printing): the data behind ``adapterpack inspect``.
+
+Everything comes from the index / headers (shapes, dtypes, stored lengths); no tensor is
+decoded, so inspecting a large file is instant. The CLI renders these dicts as a table or
+JSON; tests compare them with sums computed from the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .adapter import Adapter, Module, StoredTensor, TensorLike, decoded_bytes, stored_bytes, tensor_info
+from .errors import AdapterNotFoundError
+
+#: Files of a PEFT folder that make up the adapter (what ``footprint`` counts).
+PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
+
+
+def footprint(path: str | os.PathLike[str]) -> int:
+    """Bytes an adapter occupies on disk: a file's size, or for a PEFT folder the sizes of
+    ``adapter_config.json`` and ``adapter_model.*`` (not READMEs or logs beside them)."""
+    p = Path(path)
+    if p.is_dir():
+        return sum((p / n).stat().st_size for n in PEFT_FILES if (p / n).is_file())
+    return p.stat().st_size
+
+
+def ratio(num: int | float, den: int | float) -> float | None:
+    """num/den, or None when den is 0 (JSON has no infinity)."""
+    return float(num) / float(den) if den else None
+
+
+def _codec(t: TensorLike) -> str:
+    return t.codec if isinstance(t, StoredTensor) else "memory"
+
+
+def _tensor_row(t: TensorLike) -> dict[str, Any]:
+    dtype, shape = tensor_info(t)
+    return {
+        "dtype": dtype,
+        "shape": list(shape),
+        "codec": _codec(t),
+        "stored_bytes": stored_bytes(t),
+        "decoded_bytes": decoded_bytes(t),
+    }
+
+
+def _join_unique(values: list[str]) -> str:
+    return "/".join(dict.fromkeys(values))
+
+
+def module_row(m: Module) -> dict[str, Any]:
+    """One table row for an encoding record."""
+    summary = m.summary()
+    tensors = {slot: _tensor_row(t) for slot, t in m.tensors.items()}
+    return {
+        "module": m.name,
+        "kind": "module",
+        "encoding": m.encoding,
+        "rank": summary.get("rank"),
+        "summary": summary,
+        "base_shape": list(m.base_shape),
+        "dtype": _join_unique([r["dtype"] for r in tensors.values()]),
+        "codecs": _join_unique([r["codec"] for r in tensors.values()]),
+        "tensors": tensors,
+        "parameters": m.num_params,
+        "decoded_bytes": m.decoded_bytes,
+        "stored_bytes": m.stored_bytes,
+    }
+
+
+def tensor_row(name: str, t: TensorLike) -> dict[str, Any]:
+    """One table row for a pass-through tensor (PEFT modules_to_save and the like)."""
+    info = _tensor_row(t)
+    return {
+        "module": name,
+        "kind": "tensor",
+        "encoding": None,
+        "rank": None,
+        "summary": {},
+        "base_shape": info["shape"],
+        "dtype": info["dtype"],
+        "codecs": info["codec"],
+        "tensors": {"tensor": info},
+        "parameters": _numel(info["shape"]),
+        "decoded_bytes": info["decoded_bytes"],
+        "stored_bytes": info["stored_bytes"],
+    }
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def adapter_report(adapter: Adapter) -> dict[str, Any]:
+    """Rows (modules, then pass-through tensors), totals, skipped records and importer notes."""
+    rows = [module_row(m) for m in adapter] + [tensor_row(n, t) for n, t in adapter.tensors.items()]
+    total_stored = sum(r["stored_bytes"] for r in rows)
+    for r in rows:
+        r["share"] = ratio(100 * r["stored_bytes"], total_stored) or 0.0
+    decoded = sum(r["decoded_bytes"] for r in rows)
+    return {
+        "name": adapter.name,
+        "base_model": adapter.base_model,
+        "base_architecture": adapter.base_architecture,
+        "source_format": adapter.source.get("format"),
+        "rows": rows,
+        "totals": {
+            "modules": len(adapter.modules),
+            "tensors": len(adapter.tensors),
+            "parameters": sum(r["parameters"] for r in rows),
+            "decoded_bytes": decoded,
+            "stored_bytes": total_stored,
+            "compression_ratio": ratio(decoded, total_stored),
+        },
+        "skipped": list(adapter.skipped),
+        "notes": [str(n) for n in adapter.source.get("notes", [])],
+        "metadata": dict(adapter.metadata),
+    }
+
+
+def apack_file_report(reader: Any) -> dict[str, Any]:
+    """File-level facts of an open :class:`~adapterpack.container.ApackReader`."""
+    blobs = reader.blobs
+    blob_bytes = sum(b.stored_length for b in blobs)
+    index_bytes = reader.preamble.index_length
+    return {
+        "file_size": reader.file_size,
+        "format_version": reader.version,
+        "writer": reader.index.raw.get("writer"),
+        "index_bytes": index_bytes,
+        "data_start": reader.data_start,
+        "blobs": len(blobs),
+        "blob_bytes": blob_bytes,
+        "padding_bytes": reader.file_size - 32 - index_bytes - blob_bytes,
+        "codecs": dict(Counter(b.codec_id for b in blobs)),
+    }
+
+
+def _sum_totals(adapters: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("modules", "tensors", "parameters", "decoded_bytes", "stored_bytes")
+    totals: dict[str, Any] = {k: sum(a["totals"][k] for a in adapters) for k in keys}
+    totals["compression_ratio"] = ratio(totals["decoded_bytes"], totals["stored_bytes"])
+    return totals
+
+
+def inspect_path(path: str | os.PathLike[str], adapter: str | None = None) -> dict[str, Any]:
+    """Report on an .apack file (every adapter in it, or the one named), a PEFT folder or a kohya file."""
+    from .interop.detect import detect_format
+
+    fmt = detect_format(path)
+    report: dict[str, Any] = {"path": str(path), "format": fmt}
+    if fmt == "apack":
+        from .container.reader import ApackReader
+
+        with ApackReader(path, verify=False) as reader:
+            names = reader.adapter_names if adapter is None else [adapter]
+            report["adapters"] = [adapter_report(reader.adapter(n)) for n in names]
+            report["file"] = apack_file_report(reader)
+    else:
+        from .interop import read_any
+
+        a = read_any(path, fmt)
+        try:
+            if adapter is not None and adapter != a.name:
+                raise AdapterNotFoundError(f"{path}: holds one adapter, {a.name!r}, not {adapter!r}")
+            report["adapters"] = [adapter_report(a)]
+        finally:
+            a.close()
+        report["file"] = {"file_size": footprint(path)}
+    report["totals"] = _sum_totals(report["adapters"])
+    return report

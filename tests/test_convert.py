@@ -1,0 +1,331 @@
+"""adapterpack.convert: exact ΔW errors of dtype casts, conversions between formats, overwrite rules."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import adapterpack
+from adapterpack import Adapter, Module
+from adapterpack.container.reader import ApackReader
+from adapterpack.convert import (
+    adapter_differences,
+    cast_adapter,
+    cast_array,
+    convert,
+    delta_error,
+    infer_target,
+    safetensors_differences,
+    target_conflict,
+)
+from adapterpack.encodings.factors import Factors
+from adapterpack.errors import ConversionError, OutputExistsError, UnknownDTypeError
+
+BF16 = ml_dtypes.bfloat16
+
+
+def toy_adapter(seed: int = 0, name: str = "default", dtype: type = np.float32) -> Adapter:
+    """Linear, fan_in_fan_out, embedding, conv and DoRA modules plus two pass-through tensors."""
+    rng = np.random.default_rng(seed)
+
+    def f(*shape: int, s: float = 1.0) -> np.ndarray:
+        return (rng.standard_normal(shape) * s).astype(dtype)
+
+    mods = [
+        Module("layers.0.q_proj", "lora", (40, 24), {"rank": 4, "alpha": 8.0}, {"A": f(4, 24), "B": f(40, 4, s=0.1)}),
+        Module("layers.0.v_proj", "lora", (16, 24), {"rank": 2, "alpha": 4.0, "rslora": True}, {"A": f(2, 24), "B": f(16, 2)}),
+        Module("h.0.c_attn", "lora", (24, 30), {"rank": 3, "alpha": 3.0, "fan_in_fan_out": True}, {"A": f(3, 24), "B": f(30, 3)}),
+        Module("embed_tokens", "lora", (50, 12), {"rank": 2, "alpha": 2.0, "layout": "embedding"}, {"A": f(2, 50), "B": f(12, 2)}),
+        Module("conv", "lora", (6, 5, 3, 3), {"rank": 2, "alpha": 2.0, "layout": "conv"}, {"A": f(2, 5, 3, 3), "B": f(6, 2, 1, 1)}),
+        Module(
+            "layers.1.o_proj",
+            "lora",
+            (24, 24),
+            {"rank": 4, "alpha": 4.0, "dora": True},
+            {"A": f(4, 24), "B": f(24, 4), "magnitude": (1 + f(24, s=0.1)).astype(dtype)},
+        ),
+    ]
+    return Adapter(
+        name=name,
+        base_model="toy/base",
+        base_architecture="ToyForCausalLM",
+        modules={m.name: m for m in mods},
+        tensors={"lm_head.weight": f(7, 24), "steps": np.arange(5, dtype=np.int64)},
+        source={"format": "test", "notes": ["a note"]},
+    )
+
+
+def dense_delta(a: np.ndarray, b: np.ndarray, scale: float) -> np.ndarray:
+    return scale * (b.reshape(b.shape[0], -1).astype(np.float64) @ a.reshape(a.shape[0], -1).astype(np.float64))
+
+
+# --- delta_error against a dense reference ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("cast_to", [BF16, np.float16])
+def test_delta_error_matches_dense_numpy(cast_to: type) -> None:
+    rng = np.random.default_rng(1)
+    a, b = rng.standard_normal((8, 300)).astype(np.float32), rng.standard_normal((200, 8)).astype(np.float32)
+    a2, b2 = a.astype(cast_to).astype(np.float32), b.astype(cast_to).astype(np.float32)
+    before, after = Factors(a, b, 2.0, (200, 300)), Factors(a2, b2, 2.0, (200, 300))
+    err, norm = delta_error(before, after)
+    d, d2 = dense_delta(a, b, 2.0), dense_delta(a2, b2, 2.0)
+    assert err == pytest.approx(np.linalg.norm(d - d2), rel=1e-9)
+    assert norm == pytest.approx(np.linalg.norm(d), rel=1e-12)
+    assert 1e-5 < err / norm < 1e-2  # a real, nonzero cast error
+
+
+def test_delta_error_different_ranks_and_scales() -> None:
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((6, 20)), rng.standard_normal((10, 6))
+    a2, b2 = rng.standard_normal((3, 20)), rng.standard_normal((10, 3))
+    err, norm = delta_error(Factors(a, b, 0.5, (20, 10), transpose=True), Factors(a2, b2, 3.0, (20, 10), transpose=True))
+    assert err == pytest.approx(np.linalg.norm(dense_delta(a, b, 0.5) - dense_delta(a2, b2, 3.0)), rel=1e-10)
+    assert norm == pytest.approx(np.linalg.norm(dense_delta(a, b, 0.5)), rel=1e-12)
+
+
+def test_delta_error_identical_factors_is_zero() -> None:
+    rng = np.random.default_rng(3)
+    f = Factors(rng.standard_normal((4, 9)).astype(np.float32), rng.standard_normal((7, 4)).astype(np.float32), 1.5, (7, 9))
+    assert delta_error(f, f)[0] == 0.0
+
+
+def test_delta_error_refuses_different_shapes() -> None:
+    f = Factors(np.ones((1, 3)), np.ones((2, 1)), 1.0, (2, 3))
+    g = Factors(np.ones((1, 2)), np.ones((3, 1)), 1.0, (3, 2))
+    with pytest.raises(ConversionError):
+        delta_error(f, g)
+
+
+# --- cast_adapter --------------------------------------------------------------------------------
+
+
+def test_cast_adapter_bf16_errors_match_dense_reference() -> None:
+    src = toy_adapter()
+    cast, rep = cast_adapter(src, "bf16")
+    assert rep.dtype == "bfloat16"
+    floats = [t for m in src for t in m.tensors.values()] + [src.tensors["lm_head.weight"]]
+    assert rep.tensors_cast == len(floats)
+    ref_max = max(float(np.max(np.abs(t.astype(np.float64) - t.astype(BF16).astype(np.float64)))) for t in floats)
+    assert rep.max_abs_error == ref_max > 0
+    total_err2 = total_norm2 = 0.0
+    for m in src:
+        new = cast.modules[m.name]
+        for slot, t in m.tensors.items():  # values are numpy's (round-to-nearest-even) bf16 casts
+            assert new.tensors[slot].dtype == BF16
+            assert np.array_equal(new.tensors[slot].view(np.uint16), t.astype(BF16).view(np.uint16))
+        d, d2 = m.delta().astype(np.float64), new.delta().astype(np.float64)
+        assert d.shape == d2.shape == tuple(m.base_shape)
+        mc = next(x for x in rep.modules if x.module == m.name)
+        assert mc.delta_rel_error == pytest.approx(np.linalg.norm(d - d2) / np.linalg.norm(d), rel=1e-4)
+        total_err2 += np.linalg.norm(d - d2) ** 2
+        total_norm2 += np.linalg.norm(d) ** 2
+    assert rep.delta_rel_error == pytest.approx(math.sqrt(total_err2 / total_norm2), rel=1e-4)
+    assert rep.worst_module.delta_rel_error == max(m.delta_rel_error for m in rep.modules)
+    assert cast.tensors["steps"] is src.tensors["steps"]  # integers untouched
+    assert cast.tensors["lm_head.weight"].dtype == BF16
+    assert cast.source == src.source and cast.name == src.name
+
+
+def test_cast_to_same_dtype_is_free() -> None:
+    src = toy_adapter()
+    cast, rep = cast_adapter(src, "fp32")
+    assert rep.tensors_cast == 0 and rep.max_abs_error == 0 and rep.delta_rel_error == 0
+    assert adapter_differences(src, cast) == []
+
+
+def test_widening_cast_is_exact() -> None:
+    src = toy_adapter(dtype=np.float16)
+    _, rep = cast_adapter(src, "fp32")
+    assert rep.tensors_cast > 0 and rep.max_abs_error == 0 and rep.delta_rel_error == 0
+
+
+def test_cast_overflow_refused() -> None:
+    with pytest.raises(ConversionError, match="overflows"):
+        cast_array(np.array([1.0, 1e6], dtype=np.float32), "fp16", "module 'x' tensor 'A'")
+
+
+def test_cast_array_keeps_integers_and_nan() -> None:
+    ints = np.arange(3, dtype=np.int32)
+    assert cast_array(ints, "bf16")[0] is ints
+    out, err = cast_array(np.array([np.nan, 1.0, np.inf], dtype=np.float32), "fp16")
+    assert out.dtype == np.float16 and np.isnan(out[0]) and np.isinf(out[2]) and err == 0.0
+
+
+# --- convert --------------------------------------------------------------------------------------
+
+
+def save_toy(path: Path, adapters: list[Adapter] | None = None, codec: str = "byteplanes") -> Path:
+    adapterpack.save(adapters or [toy_adapter()], path, codec=codec)
+    return path
+
+
+def test_infer_target_and_conflicts() -> None:
+    assert infer_target("x.apack") == "apack"
+    assert infer_target("x.safetensors") == "kohya"
+    assert infer_target("some/folder") == "peft"
+    assert target_conflict("x.apack", "apack") is None
+    assert target_conflict("x.apack", "kohya") is not None
+    assert target_conflict("folder", "apack") is None
+
+
+def test_convert_apack_to_apack_recodes_losslessly(tmp_path: Path) -> None:
+    src = save_toy(tmp_path / "a.apack")
+    res = convert(src, tmp_path / "b.apack", codec="raw")
+    assert (res.src_format, res.dst_format, res.codec) == ("apack", "apack", "raw")
+    assert res.dst_bytes == (tmp_path / "b.apack").stat().st_size and res.src_bytes == src.stat().st_size
+    assert res.notes == ["a note"]
+    with ApackReader(tmp_path / "b.apack") as r:
+        assert {b.codec_id for b in r.blobs} == {"raw"}
+    with adapterpack.open(src) as a, adapterpack.open(tmp_path / "b.apack") as b:
+        assert adapter_differences(a, b) == []
+
+
+def test_convert_with_dtype_writes_cast_values(tmp_path: Path) -> None:
+    src = save_toy(tmp_path / "a.apack")
+    res = convert(src, tmp_path / "b.apack", dtype="bf16")
+    assert res.dtype == "bfloat16" and len(res.casts) == 1
+    expected, rep = cast_adapter(toy_adapter(), "bf16")
+    assert res.casts[0].as_dict() == rep.as_dict()
+    with adapterpack.open(tmp_path / "b.apack") as b:
+        assert adapter_differences(expected, b) == []
+
+
+def test_convert_multi_adapter(tmp_path: Path) -> None:
+    src = save_toy(tmp_path / "two.apack", [toy_adapter(0, "one"), toy_adapter(1, "two")])
+    res = convert(src, tmp_path / "both.apack")
+    assert res.adapters == ["one", "two"]
+    assert ApackReader(tmp_path / "both.apack").adapter_names == ["one", "two"]
+    res = convert(src, tmp_path / "second.apack", adapter="two")
+    with adapterpack.open(tmp_path / "second.apack") as b:
+        assert b.name == "two" and adapter_differences(toy_adapter(1, "two"), b) == []
+    with pytest.raises(ConversionError, match="pick one"):
+        convert(src, tmp_path / "peft_out", to="peft")
+    assert not (tmp_path / "peft_out").exists()
+
+
+def test_refuses_to_overwrite_without_force(tmp_path: Path) -> None:
+    src = save_toy(tmp_path / "a.apack")
+    dst = tmp_path / "b.apack"
+    dst.write_bytes(b"precious")
+    with pytest.raises(OutputExistsError, match="already exists"):
+        convert(src, dst)
+    assert dst.read_bytes() == b"precious"
+    convert(src, dst, force=True)
+    assert dst.read_bytes()[:4] == b"\x89APK"
+
+
+def test_refuses_to_write_onto_the_source(tmp_path: Path) -> None:
+    src = save_toy(tmp_path / "a.apack")
+    with pytest.raises(ConversionError, match="same path"):
+        convert(src, src, force=True)
+
+
+def test_refuses_to_replace_a_folder_that_is_not_an_adapter(tmp_path: Path) -> None:
+    src = save_toy(tmp_path / "a.apack")
+    folder = tmp_path / "stuff"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("keep me")
+    with pytest.raises(ConversionError, match="holds no PEFT adapter"):
+        convert(src, folder, to="peft", force=True)
+    with pytest.raises(ConversionError, match="is a folder"):
+        convert(src, folder, to="apack", force=True)
+    assert (folder / "thesis.tex").read_text() == "keep me"
+
+
+def test_unknown_dtype_refused(tmp_path: Path) -> None:
+    src = save_toy(tmp_path / "a.apack")
+    with pytest.raises(UnknownDTypeError):
+        convert(src, tmp_path / "b.apack", dtype="fp8")
+
+
+def test_adapter_differences_sees_one_bit(tmp_path: Path) -> None:
+    a, b = toy_adapter(), toy_adapter()
+    b.modules["conv"].tensors["A"].view(np.uint32).reshape(-1)[5] ^= 1
+    assert adapter_differences(a, b) == ["module 'conv' tensor 'A': values differ"]
+    b.modules["conv"].params["alpha"] = 3.0
+    assert any("params" in d for d in adapter_differences(a, b))
+
+
+# --- PEFT and kohya (adapterpack.interop) -----------------------------------------------------------
+
+
+def peft_adapter(seed: int = 0) -> Adapter:
+    """A PEFT-exportable toy: q/v linear modules, one shared rank and alpha."""
+    rng = np.random.default_rng(seed)
+    mods = {}
+    for i in range(2):
+        for proj, out in (("q_proj", 32), ("v_proj", 16)):
+            name = f"model.layers.{i}.self_attn.{proj}"
+            a = rng.standard_normal((4, 24)).astype(np.float32)
+            b = (rng.standard_normal((out, 4)) * 0.1).astype(np.float32)
+            mods[name] = Module(name, "lora", (out, 24), {"rank": 4, "alpha": 8.0}, {"A": a, "B": b})
+    return Adapter(name="default", base_model="toy/base", modules=mods)
+
+
+def test_apack_peft_apack_round_trip_is_bit_exact(tmp_path: Path) -> None:
+    src = save_toy(tmp_path / "a.apack", [peft_adapter()])
+    res = convert(src, tmp_path / "peft")
+    assert res.dst_format == "peft" and (tmp_path / "peft" / "adapter_config.json").is_file()
+    assert res.dst_bytes == sum(p.stat().st_size for p in (tmp_path / "peft").iterdir())
+    convert(tmp_path / "peft", tmp_path / "b.apack")
+    with adapterpack.open(src) as a, adapterpack.open(tmp_path / "peft") as p, adapterpack.open(tmp_path / "b.apack") as b:
+        assert adapter_differences(a, p) == []
+        assert adapter_differences(a, b) == []
+    convert(tmp_path / "b.apack", tmp_path / "peft2")
+    assert (
+        safetensors_differences(tmp_path / "peft" / "adapter_model.safetensors", tmp_path / "peft2" / "adapter_model.safetensors")
+        == []
+    )
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8.0
+
+
+def test_peft_to_peft_with_bf16(tmp_path: Path) -> None:
+    src = save_toy(tmp_path / "a.apack", [peft_adapter()])
+    convert(src, tmp_path / "peft")
+    res = convert(tmp_path / "peft", tmp_path / "peft16", dtype="bf16")
+    expected, rep = cast_adapter(peft_adapter(), "bf16")
+    assert res.casts[0].max_abs_error == rep.max_abs_error
+    with adapterpack.open(tmp_path / "peft16") as p:
+        assert adapter_differences(expected, p) == []
+
+
+def test_safetensors_differences_sees_one_bit(tmp_path: Path) -> None:
+    src = save_toy(tmp_path / "a.apack", [peft_adapter()])
+    convert(src, tmp_path / "p1")
+    convert(src, tmp_path / "p2")
+    f1, f2 = tmp_path / "p1" / "adapter_model.safetensors", tmp_path / "p2" / "adapter_model.safetensors"
+    assert safetensors_differences(f1, f2) == []
+    data = bytearray(f2.read_bytes())
+    data[-3] ^= 0x10  # inside the last tensor's bytes
+    f2.write_bytes(bytes(data))
+    assert len(safetensors_differences(f1, f2)) == 1
+
+
+def test_apack_kohya_apack_round_trip_is_bit_exact(tmp_path: Path) -> None:
+    src = save_toy(tmp_path / "a.apack", [peft_adapter()])
+    res = convert(src, tmp_path / "k.safetensors")
+    assert res.dst_format == "kohya"
+    res2 = convert(tmp_path / "k.safetensors", tmp_path / "b.apack")
+    assert res2.src_format == "kohya"
+    with adapterpack.open(src) as a, adapterpack.open(tmp_path / "b.apack") as b:
+        assert adapter_differences(a, b) == []
+
+
+def test_kohya_without_alpha_passes_its_note_on(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(5)
+    down, up = rng.standard_normal((2, 6)).astype(np.float32), rng.standard_normal((5, 2)).astype(np.float32)
+    save_file({"lora_unet_blk_q.lora_down.weight": down, "lora_unet_blk_q.lora_up.weight": up}, str(tmp_path / "k.safetensors"))
+    res = convert(tmp_path / "k.safetensors", tmp_path / "k.apack")
+    assert len(res.notes) == 1 and "no alpha" in res.notes[0]
+    with adapterpack.open(tmp_path / "k.apack") as b:
+        (m,) = b.modules.values()
+        assert np.array_equal(m.delta(), up @ down)  # scale 1

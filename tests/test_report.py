@@ -1,0 +1,157 @@
+"""adapterpack.report: inspect data equals what the file actually holds."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import adapterpack
+from adapterpack import Adapter, Module
+from adapterpack.checksum import crc32c
+from adapterpack.container.reader import ApackReader
+from adapterpack.errors import AdapterNotFoundError, UnrecognizedInputError
+from adapterpack.report import footprint, inspect_path
+
+
+def toy(seed: int = 0, name: str = "default") -> Adapter:
+    rng = np.random.default_rng(seed)
+    mods = {}
+    for i in range(3):
+        for proj, out in (("q_proj", 64), ("v_proj", 32)):
+            n = f"model.layers.{i}.self_attn.{proj}"
+            a = rng.standard_normal((4, 48)).astype(np.float32)
+            b = (rng.standard_normal((out, 4)) * 0.01).astype(np.float16)
+            mods[n] = Module(n, "lora", (out, 48), {"rank": 4, "alpha": 8.0}, {"A": a, "B": b.astype(np.float32)})
+    mods["model.layers.3.mlp.down_proj"] = Module(
+        "model.layers.3.mlp.down_proj",
+        "lora",
+        (48, 96),
+        {"rank": 2, "alpha": 2.0, "dora": True},
+        {
+            "A": rng.standard_normal((2, 96)).astype(np.float16),
+            "B": np.zeros((48, 2), np.float16),
+            "magnitude": np.ones(48, np.float32),
+        },
+    )
+    tensors = {"lm_head.weight": rng.standard_normal((10, 48)).astype(np.float32), "counter": np.arange(3, dtype=np.int64)}
+    return Adapter(name=name, base_model="toy/base", modules=mods, tensors=tensors, source={"format": "test", "notes": ["hi"]})
+
+
+def numel(shape: Any) -> int:
+    return math.prod(shape)
+
+
+def test_apack_totals_equal_sums_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.apack"
+    adapterpack.save(toy(), path)
+    rep = inspect_path(path)
+    reader = ApackReader(path)
+    blobs = reader.blobs
+    raw = reader.index.raw["adapters"][0]
+    (a,) = rep["adapters"]
+    t = a["totals"]
+    assert t["stored_bytes"] == sum(b.stored_length for b in blobs)
+    assert t["decoded_bytes"] == sum(b.length for b in blobs)
+    assert t["parameters"] == sum(numel(b.shape) for b in blobs)
+    assert t["compression_ratio"] == t["decoded_bytes"] / t["stored_bytes"]
+    assert (t["modules"], t["tensors"]) == (7, 2)
+    assert rep["totals"] == t
+    f = rep["file"]
+    size = path.stat().st_size
+    assert f["file_size"] == size
+    assert f["index_bytes"] == struct.unpack_from("<Q", path.read_bytes(), 16)[0]
+    assert f["padding_bytes"] == size - 32 - f["index_bytes"] - t["stored_bytes"]
+    assert f["padding_bytes"] > 0
+    assert f["format_version"] == "1.0"
+    assert f["codecs"] == {c: sum(b.codec_id == c for b in blobs) for c in {b.codec_id for b in blobs}}
+    assert f["blobs"] == len(blobs)
+    # per row: the stored bytes of exactly the blobs that record references
+    rows = {r["module"]: r for r in a["rows"]}
+    for m in raw["modules"]:
+        assert rows[m["name"]]["stored_bytes"] == sum(blobs[i].stored_length for i in m["tensors"].values())
+        assert rows[m["name"]]["base_shape"] == m["base_shape"]
+    for tt in raw["tensors"]:
+        assert rows[tt["name"]]["stored_bytes"] == blobs[tt["blob"]].stored_length
+        assert rows[tt["name"]]["kind"] == "tensor"
+    assert sum(r["share"] for r in a["rows"]) == pytest.approx(100.0)
+    dora = rows["model.layers.3.mlp.down_proj"]
+    assert (dora["rank"], dora["dtype"], dora["summary"]["dora"]) == (2, "float16/float32", True)
+    assert a["notes"] == ["hi"] and a["skipped"] == []
+    json.dumps(rep)  # plain data
+
+
+def test_multi_adapter_report_and_selection(tmp_path: Path) -> None:
+    path = tmp_path / "two.apack"
+    adapterpack.save([toy(0, "one"), toy(1, "two")], path, codec="raw")
+    rep = inspect_path(path)
+    assert [a["name"] for a in rep["adapters"]] == ["one", "two"]
+    assert rep["totals"]["stored_bytes"] == sum(b.stored_length for b in ApackReader(path).blobs)
+    assert rep["totals"]["compression_ratio"] == 1.0
+    assert rep["file"]["codecs"] == {"raw": 2 * (6 * 2 + 3 + 2)}
+    only = inspect_path(path, adapter="two")
+    assert [a["name"] for a in only["adapters"]] == ["two"]
+    with pytest.raises(AdapterNotFoundError):
+        inspect_path(path, adapter="three")
+
+
+def rewrite_index(path: Path, edit: Any) -> None:
+    """Rewrite an .apack's index through ``edit(dict)`` and re-lay the file per the spec."""
+    data = path.read_bytes()
+    n = struct.unpack_from("<Q", data, 16)[0]
+    old_start = -(-(32 + n) // 256) * 256
+    index = json.loads(data[32 : 32 + n])
+    edit(index)
+    new = json.dumps(index, separators=(",", ":")).encode()
+    head = data[:16] + struct.pack("<QII", len(new), crc32c(new), 0)
+    start = -(-(32 + len(new)) // 256) * 256
+    path.write_bytes(head + new + b"\0" * (start - 32 - len(new)) + data[old_start:])
+
+
+def test_skipped_records_are_listed(tmp_path: Path) -> None:
+    path = tmp_path / "future.apack"
+    adapterpack.save(toy(), path)
+
+    def edit(index: dict[str, Any]) -> None:
+        m = index["adapters"][0]["modules"][0]
+        m["encoding"] = "from-the-future"
+        m["must_understand"] = False
+
+    rewrite_index(path, edit)
+    (a,) = inspect_path(path)["adapters"]
+    assert len(a["skipped"]) == 1 and "from-the-future" in a["skipped"][0]
+    assert a["totals"]["modules"] == 6
+
+
+def test_peft_folder_report(tmp_path: Path) -> None:
+    from adapterpack.convert import convert
+
+    src = tmp_path / "a.apack"
+    adapter = toy()
+    del adapter.modules["model.layers.3.mlp.down_proj"]
+    adapter.tensors.clear()
+    adapterpack.save(adapter, src)
+    convert(src, tmp_path / "peft")
+    (tmp_path / "peft" / "README.md").write_text("not counted")
+    rep = inspect_path(tmp_path / "peft")
+    assert rep["format"] == "peft"
+    (a,) = rep["adapters"]
+    assert a["source_format"] == "peft"
+    assert a["totals"]["modules"] == 6
+    assert a["totals"]["decoded_bytes"] == sum(r["decoded_bytes"] for r in inspect_path(src)["adapters"][0]["rows"])
+    st = tmp_path / "peft" / "adapter_model.safetensors"
+    cfg = tmp_path / "peft" / "adapter_config.json"
+    assert rep["file"]["file_size"] == footprint(tmp_path / "peft") == st.stat().st_size + cfg.stat().st_size
+
+
+def test_unrecognized_input(tmp_path: Path) -> None:
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(UnrecognizedInputError):
+        inspect_path(tmp_path / "x.txt")
+    with pytest.raises(UnrecognizedInputError):
+        inspect_path(tmp_path / "missing.apack")
