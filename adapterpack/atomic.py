@@ -23,6 +23,12 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(dest: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     """Yield a binary file; on success it replaces ``dest`` atomically, on error it vanishes."""
@@ -30,6 +36,7 @@ def atomic_file(dest: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent or ".")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0o600; give the mode open() would
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -49,6 +56,7 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0o700; give the mode mkdir() would
         yield tmp
         for p in tmp.iterdir():
             if p.is_file():

@@ -26,13 +26,38 @@ def compress(data: memoryview | bytes, level: int) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
 
 
+def frame_length(frame: memoryview, has_checksum: bool, what: str = "zstd frame") -> int:
+    """Bytes of the zstd frame at the start of ``frame``, walking its block headers (RFC 8878 §3.1.1).
+
+    The decoder skips skippable frames after the first, so trailing data is caught here.
+    """
+    pos = zstandard.frame_header_size(frame)
+    while True:
+        if pos + 3 > len(frame):
+            raise CodecError(f"{what}: truncated (block header past the end)")
+        header = int.from_bytes(frame[pos : pos + 3], "little")
+        kind, size = (header >> 1) & 3, header >> 3
+        if kind == 3:
+            raise CodecError(f"{what}: corrupt (reserved block type)")
+        pos += 3 + (1 if kind == 1 else size)
+        if header & 1:
+            return pos + 4 * has_checksum
+
+
 def decompress_into(frame: memoryview, out: memoryview, what: str = "zstd frame") -> None:
     """Decode exactly one frame into ``out``; refuse size lies and trailing data."""
+    if bytes(frame[:4]) != zstandard.FRAME_HEADER:
+        raise CodecError(f"{what}: not a zstd frame (no zstd magic number)")
     try:
         declared = zstandard.frame_content_size(frame)
-        window = zstandard.get_frame_parameters(frame).window_size
+        params = zstandard.get_frame_parameters(frame)
+        window = params.window_size
+        end = frame_length(frame, params.has_checksum, what)
     except zstandard.ZstdError as e:
         raise CodecError(f"{what}: not a zstd frame ({e})") from None
+    if end != len(frame):
+        more = f"followed by {len(frame) - end} more bytes" if end < len(frame) else f"{end - len(frame)} bytes short"
+        raise CodecError(f"{what}: one frame is {end} bytes, blob has {len(frame)} ({more})")
     if declared < 0:
         raise CodecError(f"{what}: frame does not declare its content size")
     if declared != len(out):

@@ -18,6 +18,7 @@ from ..errors import (
     IndexFormatError,
     LayoutError,
     LengthMismatchError,
+    TruncatedFileError,
     UnknownCodecError,
     UnknownDTypeError,
 )
@@ -101,14 +102,21 @@ def _reject_constant(name: str) -> None:
     raise IndexFormatError(f"index contains {name}, which JSON does not allow")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise IndexFormatError(f"index number {text:.40} overflows a binary64")
+    return value
+
+
 def loads(data: bytes) -> dict[str, Any]:
-    """Parse index bytes: strict UTF-8 JSON object, unique keys, no NaN/Infinity."""
+    """Parse index bytes: strict UTF-8 JSON object, unique keys, no NaN/Infinity (nor numbers that overflow to it)."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise IndexFormatError(f"index is not UTF-8 ({e.reason} at byte {e.start})") from None
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant, parse_float=_finite)
     except AdapterpackError:
         raise
     except RecursionError:
@@ -179,9 +187,11 @@ def parse_blob(i: int, obj: Any) -> BlobEntry:
     if not isinstance(obj, dict):
         raise IndexFormatError(f"{where}: must be an object")
     dtype_name = get(obj, "dtype", str, where)
-    dtype = dtypes.by_name(dtype_name)
-    if dtype.name != dtype_name:
-        raise UnknownDTypeError(f"{where}: unknown dtype {dtype_name!r} (the spec name is {dtype.name!r})")
+    dtype = dtypes.DTYPES.get(dtype_name)
+    if dtype is None:
+        alias = dtypes.ALIASES.get(dtype_name)
+        hint = f"the spec name is {alias!r}" if alias else f"known: {', '.join(dtypes.DTYPES)}"
+        raise UnknownDTypeError(f"{where}: unknown dtype {dtype_name!r} ({hint})")
     shape = get_shape(obj, "shape", where)
     codec = get(obj, "codec", dict, where)
     codec_id = get(codec, "id", str, f"{where} codec")
@@ -204,6 +214,8 @@ def parse_blob(i: int, obj: Any) -> BlobEntry:
         raise LengthMismatchError(
             f"{where}: length {entry.length} != {expected} (shape {list(shape)} × {dtype.itemsize}-byte {dtype.name})"
         )
+    if math.prod(d for d in shape if d) * dtype.itemsize >= MAX_INT:  # numpy refuses such shapes even when empty
+        raise IndexFormatError(f"{where}: shape {list(shape)} is too large")
     if entry.crc32c >= 2**32:
         raise IndexFormatError(f"{where}: crc32c {entry.crc32c} is not a 32-bit value")
     if known:
@@ -232,7 +244,7 @@ def check_layout(blobs: list[BlobEntry], data_start: int, file_size: int) -> Non
             raise LayoutError(f"blob {i}: offset {b.offset} {what} (expected {off})")
     end = data_start + (expected[-1] + blobs[-1].stored_length if blobs else 0)
     if end > file_size:
-        raise LayoutError(f"blobs end at byte {end}, past the end of the {file_size}-byte file (truncated?)")
+        raise TruncatedFileError(f"blobs end at byte {end}, past the end of the {file_size}-byte file (truncated)")
     if end < file_size:
         raise LayoutError(f"file has {file_size - end} bytes after the last blob")
 

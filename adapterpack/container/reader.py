@@ -142,10 +142,10 @@ class ApackReader:
                 arr = np.frombuffer(buf, dtype=dt.numpy)
             if self.verify_checksums and i not in self._verified:
                 if crc32c(data) != b.crc32c:
-                    raise ChecksumError(f"blob {i}: checksum mismatch (decoded bytes are corrupt)")
+                    raise ChecksumError("checksum mismatch (decoded bytes are corrupt)")
                 self._verified.add(i)
         except AdapterpackError as e:
-            raise type(e)(f"{self.path}: {e}") from None
+            raise type(e)(f"{self.path}: blob {i}: {e}") from None
         return arr.reshape(b.shape)
 
     def _stored_tensor(self, i: int) -> StoredTensor:
@@ -221,6 +221,8 @@ class ApackReader:
         """Decode every blob and check its CRC-32C, and check that all padding is zero."""
         report = VerifyReport(path=str(self.path), ok=True, blobs=len(self.blobs), version=self.version)
         mm = self._mm
+        if mm is None:
+            raise AdapterpackError(f"{self.path}: file is closed")
         pad_start = PREAMBLE_SIZE + self.preamble.index_length
         if any(mm[pad_start : self.data_start]):
             report.problems.append("padding after the index is not zero")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..adapter import tensor_info
@@ -47,7 +48,7 @@ class Lora(Encoding):
         if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
             raise RankError(f"{where}: rank must be an integer >= 1, got {rank!r}")
         alpha = p.get("alpha")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not abs(alpha) <= sys.float_info.max:
             raise RecordError(f"{where}: alpha must be a finite number, got {alpha!r}")
         layout = p.get("layout", "linear")
         if layout not in LAYOUTS:
@@ -103,7 +104,7 @@ class Lora(Encoding):
         transpose = layout == "embedding" or bool(p.get("fan_in_fan_out", False))
         return Factors(
             A=a.reshape(a.shape[0], -1),
-            B=b.reshape(b.shape[0], -1),
+            B=b.reshape(b.shape[0], b.shape[1]),  # [out, r, 1, ...]: -1 is ambiguous when out == 0
             scale=self.scale(module),
             base_shape=tuple(module.base_shape),
             transpose=transpose,

@@ -1,0 +1,231 @@
+"""Test helpers that craft .apack files byte by byte, valid or broken on purpose.
+
+A :class:`Parts` is a file taken apart: preamble fields, the index as a dict, and the data
+section (everything from ``D``). Tests edit one thing and call :meth:`Parts.build`, which
+recomputes the index CRC-32C and the padding unless told not to, so exactly one defect is
+present (test-gguf.cpp's approach: start valid, corrupt one thing).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from adapterpack.adapter import Adapter, Module, as_array
+from adapterpack.checksum import crc32c
+from adapterpack.container import ApackReader
+from adapterpack.container.index import plan_offsets
+from adapterpack.container.preamble import MAGIC, PREAMBLE_SIZE, align_up
+from adapterpack.container.writer import write_apack
+
+PREAMBLE = struct.Struct("<8sHHIQII")
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+def preamble(
+    index_length: int,
+    index_crc: int,
+    *,
+    magic: bytes = MAGIC,
+    major: int = 1,
+    minor: int = 0,
+    flags: int = 0,
+    reserved: int = 0,
+) -> bytes:
+    """32 preamble bytes with any field value (valid or not)."""
+    return PREAMBLE.pack(magic, major, minor, flags, index_length, index_crc, reserved)
+
+
+def index_bytes(index: dict[str, Any] | bytes | str) -> bytes:
+    """Index bytes: a dict as compact JSON, a str as UTF-8, bytes as they are."""
+    if isinstance(index, bytes):
+        return index
+    if isinstance(index, str):
+        return index.encode("utf-8")
+    return json.dumps(index, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def assemble(
+    index: dict[str, Any] | bytes | str,
+    data: bytes = b"",
+    *,
+    pad: bytes | None = None,
+    index_length: int | None = None,
+    index_crc: int | None = None,
+    **fields: Any,
+) -> bytes:
+    """preamble + index + padding to D + data section.
+
+    ``index_length``/``index_crc`` default to the true values (pass them to lie);
+    ``pad`` replaces the zero padding between index and D; ``fields`` go to :func:`preamble`.
+    """
+    ib = index_bytes(index)
+    length = len(ib) if index_length is None else index_length
+    crc = crc32c(ib) if index_crc is None else index_crc
+    if pad is None:
+        pad = b"\0" * (align_up(PREAMBLE_SIZE + len(ib), 256) - PREAMBLE_SIZE - len(ib))
+    return preamble(length, crc, **fields) + ib + pad + data
+
+
+@dataclass
+class Parts:
+    """A file taken apart: edit any piece, then :meth:`build`."""
+
+    index: dict[str, Any]
+    data: bytes
+    major: int = 1
+    minor: int = 0
+    flags: int = 0
+    reserved: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def copy(self) -> Parts:
+        """A deep copy to mutate."""
+        return replace(self, index=copy.deepcopy(self.index), extra=dict(self.extra))
+
+    def build(self, **overrides: Any) -> bytes:
+        """The file's bytes (CRC and padding recomputed unless ``overrides`` say otherwise)."""
+        kw = {"major": self.major, "minor": self.minor, "flags": self.flags, "reserved": self.reserved} | self.extra | overrides
+        return assemble(self.index, self.data, **kw)
+
+    def blob(self, i: int) -> bytes:
+        """Stored bytes of blob ``i``."""
+        b = self.index["blobs"][i]
+        return self.data[b["offset"] : b["offset"] + b["stored_length"]]
+
+    def set_blobs(self, stored: list[bytes]) -> None:
+        """Replace every blob's stored bytes, re-laying the data section by the alignment rule."""
+        offsets = plan_offsets([len(s) for s in stored])
+        out = bytearray()
+        for b, s, off in zip(self.index["blobs"], stored, offsets, strict=True):
+            out += b"\0" * (off - len(out))
+            out += s
+            b["offset"] = off
+            b["stored_length"] = len(s)
+        self.data = bytes(out)
+
+    def set_blob(self, i: int, stored: bytes, decoded: bytes | None = None) -> None:
+        """Replace blob ``i``'s stored bytes (and, given ``decoded``, its length and CRC)."""
+        blobs = [self.blob(k) for k in range(len(self.index["blobs"]))]
+        blobs[i] = stored
+        self.set_blobs(blobs)
+        if decoded is not None:
+            self.index["blobs"][i]["length"] = len(decoded)
+            self.index["blobs"][i]["crc32c"] = crc32c(decoded)
+
+
+def split(raw: bytes) -> Parts:
+    """Take a well-formed file apart."""
+    _, major, minor, flags, length, _, reserved = PREAMBLE.unpack_from(raw)
+    index = json.loads(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length])
+    start = align_up(PREAMBLE_SIZE + length, 256)
+    return Parts(index=index, data=raw[start:], major=major, minor=minor, flags=flags, reserved=reserved)
+
+
+def load_everything(path: Path, verify: bool = True, delta_limit: int = 0) -> list[Adapter]:
+    """Open, build every adapter and decode every tensor: what a user of the file would do.
+
+    With ``delta_limit``, also compute ΔW of every module whose base weight has at most that
+    many elements.
+    """
+    reader = ApackReader(path, verify=verify)
+    out = []
+    for name in reader.adapter_names:
+        ad = reader.adapter(name)
+        for m in ad:
+            for slot in m.tensors:
+                m.array(slot)
+            if int(np.prod(m.base_shape, dtype=np.float64)) <= delta_limit:
+                m.delta()
+        for t in ad.tensors.values():
+            as_array(t)
+        out.append(ad)
+    return out
+
+
+# --- zstd frames ---------------------------------------------------------------------------------
+
+
+def zstd_frame(data: bytes, *, content_size: bool = True, level: int = 3, checksum: bool = False) -> bytes:
+    """One real zstd frame of ``data``."""
+    return zstandard.ZstdCompressor(level=level, write_content_size=content_size, write_checksum=checksum).compress(data)
+
+
+def lying_frame(claimed: int, *, block: bytes = b"\x00", block_len: int = 1) -> bytes:
+    """A tiny frame whose header claims ``claimed`` content bytes, followed by one RLE block.
+
+    Frame header descriptor 0xE0: 8-byte Frame_Content_Size, single segment (window = content
+    size, so nothing else in the header bounds it), no checksum, no dictionary.
+    """
+    header = ZSTD_MAGIC + bytes([0xE0]) + struct.pack("<Q", claimed)
+    rle_last = (block_len << 3) | (1 << 1) | 1  # Block_Size, Block_Type=RLE, Last_Block
+    return header + rle_last.to_bytes(3, "little") + block
+
+
+def byteplanes(decoded: bytes, itemsize: int, *, frames: list[bytes] | None = None) -> bytes:
+    """byteplanes stored bytes built by hand from spec §5.2 (or from given ``frames``)."""
+    if frames is None:
+        planes = [decoded[j::itemsize] for j in range(itemsize)]
+        frames = [zstd_frame(p) for p in planes]
+    return struct.pack(f"<{len(frames)}Q", *(len(f) for f in frames)) + b"".join(frames)
+
+
+# --- adapters ------------------------------------------------------------------------------------
+
+
+def lora_module(
+    name: str,
+    rank: int = 2,
+    out_f: int = 4,
+    in_f: int = 6,
+    dtype: Any = np.float32,
+    seed: int = 0,
+    **params: Any,
+) -> Module:
+    """A linear lora module with random factors."""
+    rng = np.random.default_rng(seed)
+    a = rng.standard_normal((rank, in_f)).astype(dtype)
+    b = rng.standard_normal((out_f, rank)).astype(dtype)
+    return Module(name, "lora", (out_f, in_f), {"rank": rank, "alpha": 2.0 * rank, **params}, {"A": a, "B": b})
+
+
+def small_adapter(name: str = "default", dtype: Any = np.float32) -> Adapter:
+    """Two lora modules and one pass-through tensor: blobs 0–3 are A,B,A,B; blob 4 the tensor."""
+    mods = {
+        m.name: m
+        for m in (lora_module("layers.0.q_proj", dtype=dtype, seed=1), lora_module("layers.0.v_proj", dtype=dtype, seed=2))
+    }
+    head = np.arange(12, dtype=np.float32).reshape(3, 4)
+    return Adapter(name=name, base_model="tiny/base", modules=mods, tensors={"lm_head.weight": head})
+
+
+def compressible_adapter(name: str = "default", dtype: Any = np.float32) -> Adapter:
+    """Like :func:`small_adapter` with [8, 64]/[64, 8] factors of few distinct values, so zstd and byteplanes pay."""
+    rng = np.random.default_rng(7)
+    mods = {}
+    for k, mname in enumerate(("layers.0.q_proj", "layers.0.v_proj")):
+        a = (rng.integers(-2, 3, (8, 64)) * 0.5).astype(dtype)
+        b = (rng.integers(-2, 3, (64, 8)) * 0.25).astype(dtype)
+        mods[mname] = Module(mname, "lora", (64, 64), {"rank": 8, "alpha": 16.0 + k}, {"A": a, "B": b})
+    head = np.repeat(np.arange(16, dtype=np.float32), 64).reshape(16, 64)
+    return Adapter(name=name, base_model="tiny/base", modules=mods, tensors={"lm_head.weight": head})
+
+
+def write(path: Path, raw: bytes) -> Path:
+    """Write ``raw`` to ``path`` and return it."""
+    path.write_bytes(raw)
+    return path
+
+
+def valid_parts(tmp_path: Path, codec: str = "raw", adapter: Adapter | None = None) -> Parts:
+    """A valid file written by adapterpack, taken apart."""
+    path = tmp_path / f"valid-{codec}.apack"
+    write_apack(path, adapter or small_adapter(), codec=codec)
+    return split(path.read_bytes())

@@ -1,0 +1,268 @@
+"""The container: checksum, preamble, alignment and padding accounting, zero-copy reads, atomic writes."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import adapterpack
+from adapterpack import atomic
+from adapterpack.adapter import Adapter, Module
+from adapterpack.checksum import crc32c
+from adapterpack.container import ApackReader
+from adapterpack.container.index import blob_alignment, plan_offsets
+from adapterpack.container.preamble import DATA_ALIGNMENT, MAGIC, PREAMBLE_SIZE, Preamble, align_up, parse_preamble
+from adapterpack.container.writer import write_apack
+from adapterpack.errors import AdapterpackError, RankError
+from tests.apack_builders import compressible_adapter, lora_module, small_adapter, split
+
+
+def test_crc32c_known_answers() -> None:
+    assert crc32c(b"123456789") == 0xE3069283  # spec §8, the Castagnoli check value
+    assert crc32c(b"") == 0
+    assert crc32c(memoryview(b"123456789")) == 0xE3069283
+    assert crc32c(b"\0" * 32) == 0x8A9136AA  # RFC 3720 B.4: 32 bytes of zeros
+    assert crc32c(b"\xff" * 32) == 0x62A8AB43  # RFC 3720 B.4: 32 bytes of 0xFF
+
+
+def test_preamble_pack_parse() -> None:
+    pre = Preamble(1, 0, 0x00010000, 1234, 0xCAFEBABE)
+    raw = pre.pack()
+    assert len(raw) == PREAMBLE_SIZE == 32
+    assert raw[:8] == MAGIC == b"\x89APK\r\n\x1a\n"
+    assert struct.unpack("<HHIQII", raw[8:]) == (1, 0, 0x00010000, 1234, 0xCAFEBABE, 0)
+    assert parse_preamble(raw, 32 + 1234) == pre
+    assert pre.data_start == align_up(32 + 1234, 256) == 1280
+
+
+@pytest.mark.parametrize(
+    ("x", "a", "want"), [(0, 256, 0), (1, 256, 256), (256, 256, 256), (257, 8, 264), (4095, 8, 4096), (9, 1, 9)]
+)
+def test_align_up(x: int, a: int, want: int) -> None:
+    assert align_up(x, a) == want
+
+
+def test_alignment_rule() -> None:
+    assert [blob_alignment(n) for n in (0, 1, 4095, 4096, 1 << 30)] == [8, 8, 8, 256, 256]
+    # 3 bytes; 5000 (large: 256-aligned); 10 (small: 8-aligned); 0; 4096 (large)
+    assert plan_offsets([3, 5000, 10, 0, 4096]) == [0, 256, 5256, 5272, 5376]
+    assert plan_offsets([]) == []
+    assert plan_offsets([4096, 1]) == [0, 4096]
+
+
+def _mixed_adapter() -> Adapter:
+    """Blobs of 3 bytes, 8 KiB, 12 bytes, 0 bytes and 4 KiB: every alignment case."""
+    rng = np.random.default_rng(5)
+    m = Module(
+        "big",
+        "lora",
+        (32, 64),
+        {"rank": 32, "alpha": 8.0},
+        {"A": rng.standard_normal((32, 64)).astype(np.float32), "B": rng.standard_normal((32, 32)).astype(np.float32)},
+    )
+    tensors = {
+        "bytes3": np.array([1, 2, 3], np.uint8),
+        "big": rng.standard_normal((32, 64)).astype(np.float32),
+        "three": np.array([1.0, -0.0, np.nan], np.float32),
+        "empty": np.zeros((0, 7), np.float64),
+        "page": rng.standard_normal(1024).astype(np.float32),
+    }
+    return Adapter(modules={"big": m}, tensors=tensors)
+
+
+@pytest.mark.parametrize("codec", ["raw", "zstd", "byteplanes"])
+def test_layout_alignment_and_padding_accounting(tmp_path: Path, codec: str) -> None:
+    path = tmp_path / "mixed.apack"
+    result = write_apack(path, _mixed_adapter(), codec=codec)
+    raw = path.read_bytes()
+    parts = split(raw)
+    length = struct.unpack_from("<Q", raw, 16)[0]
+    data_start = align_up(32 + length, DATA_ALIGNMENT)
+    blobs = parts.index["blobs"]
+
+    assert result.file_size == len(raw) == data_start + blobs[-1]["offset"] + blobs[-1]["stored_length"]
+    assert result.index_length == length and result.blobs == len(blobs) == 7
+    assert result.stored_bytes == sum(b["stored_length"] for b in blobs)
+    assert result.decoded_bytes == sum(b["length"] for b in blobs)
+    assert result.padding == len(raw) - 32 - length - result.stored_bytes
+    assert raw[32 + length : data_start] == b"\0" * (data_start - 32 - length)
+
+    end = 0
+    for b in blobs:
+        a = 256 if b["stored_length"] >= 4096 else 8
+        assert b["offset"] == align_up(end, a)  # exactly the padding alignment requires
+        assert parts.data[end : b["offset"]] == b"\0" * (b["offset"] - end)
+        end = b["offset"] + b["stored_length"]
+    assert [b["offset"] for b in blobs] == plan_offsets([b["stored_length"] for b in blobs])
+
+    reader = ApackReader(path)
+    assert reader.data_start == data_start and reader.file_size == len(raw)
+    assert reader.verify().ok
+    for i, b in enumerate(reader.blobs):
+        arr = reader.read_blob(i)
+        if b.codec_id == "raw":  # raw views into the mmap are aligned to their blob's alignment
+            assert arr.ctypes.data % blob_alignment(b.stored_length) == 0 or arr.size == 0
+
+
+def test_raw_reads_are_zero_copy_and_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "raw.apack"
+    write_apack(path, _mixed_adapter(), codec="raw")
+    reader = ApackReader(path)
+    whole = np.frombuffer(reader._mm, dtype=np.uint8)
+    big = reader.read_blob(0)
+    assert np.shares_memory(big, whole)
+    assert not big.flags.writeable and not big.flags.owndata
+    with pytest.raises(ValueError, match="read-only"):
+        big[0, 0] = 1.0
+    again = reader.read_blob(0)
+    assert again.ctypes.data == big.ctypes.data  # the same bytes of the map, not a copy
+    ad = reader.adapter()
+    assert np.shares_memory(ad.module("big").array("A"), whole)
+    # compressed blobs decode into their own buffer
+    zpath = tmp_path / "z.apack"
+    write_apack(zpath, _mixed_adapter(), codec="zstd")
+    zr = ApackReader(zpath)
+    assert zr.blobs[0].codec_id == "zstd"
+    assert not np.shares_memory(zr.read_blob(0), np.frombuffer(zr._mm, dtype=np.uint8))
+
+
+def test_views_outlive_close(tmp_path: Path) -> None:
+    path = tmp_path / "raw.apack"
+    write_apack(path, small_adapter(), codec="raw")
+    reader = ApackReader(path)
+    a = reader.read_blob(0)
+    reader.close()
+    assert a.tobytes() == small_adapter().modules["layers.0.q_proj"].tensors["A"].tobytes()
+    with pytest.raises(AdapterpackError, match="file is closed"):
+        reader.read_blob(1)
+    with pytest.raises(AdapterpackError, match="file is closed"):
+        reader.verify()
+
+
+def test_writing_is_deterministic(tmp_path: Path) -> None:
+    for codec in ("raw", "zstd", "byteplanes"):
+        write_apack(tmp_path / "1.apack", compressible_adapter(), codec=codec)
+        write_apack(tmp_path / "2.apack", compressible_adapter(), codec=codec)
+        assert (tmp_path / "1.apack").read_bytes() == (tmp_path / "2.apack").read_bytes()
+
+
+def test_adapter_without_blobs_ends_at_the_data_section(tmp_path: Path) -> None:
+    path = tmp_path / "empty.apack"
+    result = write_apack(path, Adapter(name="empty", metadata={"note": "nothing yet"}))
+    assert result.blobs == 0 and result.file_size == path.stat().st_size
+    assert result.file_size % 256 == 0 and result.file_size == align_up(32 + result.index_length, 256)
+    got = adapterpack.open(path)
+    assert got.name == "empty" and len(got) == 0 and got.metadata == {"note": "nothing yet"}
+
+
+# --- atomic writes -----------------------------------------------------------------------------------
+
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_atomic_write_leaves_only_the_destination(tmp_path: Path) -> None:
+    write_apack(tmp_path / "out.apack", small_adapter())
+    assert _listing(tmp_path) == ["out.apack"]
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
+def test_crash_mid_write_leaves_nothing(tmp_path: Path, exc: BaseException) -> None:
+    """An exception after some blobs were encoded (from the progress callback): no file, no temp."""
+    calls = []
+
+    def progress(n: int) -> None:
+        calls.append(n)
+        if len(calls) == 3:
+            raise exc
+
+    with pytest.raises(type(exc)):
+        write_apack(tmp_path / "out.apack", compressible_adapter(), progress=progress)
+    assert _listing(tmp_path) == []
+
+
+def test_crash_at_rename_keeps_the_old_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dest = tmp_path / "out.apack"
+    write_apack(dest, small_adapter())
+    before = dest.read_bytes()
+    seen: list[tuple[str, str]] = []
+
+    def failing_replace(src: str, dst: str) -> None:
+        seen.append((str(src), str(dst)))
+        assert Path(src).stat().st_size > 0  # the new file was fully written before the rename
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space left"):
+        write_apack(dest, compressible_adapter(), codec="zstd")
+    monkeypatch.undo()
+    assert seen and seen[0][1] == str(dest) and Path(seen[0][0]).parent == tmp_path
+    assert dest.read_bytes() == before  # untouched
+    assert _listing(tmp_path) == ["out.apack"]  # temp removed
+    assert ApackReader(dest).verify().ok
+
+
+def test_crash_mid_write_keeps_an_existing_destination(tmp_path: Path) -> None:
+    dest = tmp_path / "out.apack"
+    write_apack(dest, small_adapter())
+    before = dest.read_bytes()
+
+    def progress(n: int) -> None:
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        write_apack(dest, compressible_adapter(), progress=progress)
+    assert dest.read_bytes() == before and _listing(tmp_path) == ["out.apack"]
+
+
+def test_invalid_record_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    bad = lora_module("m")
+    bad.params["rank"] = 5
+    with pytest.raises(RankError, match="rank 5 does not fit"):
+        write_apack(tmp_path / "bad.apack", Adapter(modules={"m": bad}))
+    assert _listing(tmp_path) == []
+
+
+def test_temp_file_lives_beside_the_destination(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The temp file is created in the destination's folder, so os.replace never crosses filesystems."""
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    made: list[str] = []
+    real_mkstemp = atomic.tempfile.mkstemp
+
+    def spy(*args: object, **kwargs: object) -> tuple[int, str]:
+        fd, name = real_mkstemp(*args, **kwargs)  # type: ignore[arg-type]
+        made.append(name)
+        return fd, name
+
+    monkeypatch.setattr(atomic.tempfile, "mkstemp", spy)
+    write_apack(sub / "x.apack", small_adapter())
+    assert len(made) == 1 and Path(made[0]).parent == sub and not os.path.exists(made[0])
+
+
+def test_written_file_gets_the_usual_mode(tmp_path: Path) -> None:
+    """Not mkstemp's 0o600: a saved adapter is as readable as any file the user creates."""
+    old = os.umask(0o027)
+    try:
+        write_apack(tmp_path / "m.apack", small_adapter())
+        (tmp_path / "plain").write_bytes(b"")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.apack").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 == 0o640
+
+
+def test_big_endian_and_strided_inputs_are_stored_little_endian_c_order(tmp_path: Path) -> None:
+    a = np.arange(6, dtype=">f4").reshape(2, 3)
+    b = np.arange(8, dtype=">i8")[::2]
+    c = np.arange(12, dtype=np.float16).reshape(3, 4).T
+    adapterpack.save(Adapter(tensors={"a": a, "b": b, "c": c}), tmp_path / "x.apack", codec="raw")
+    got = adapterpack.open(tmp_path / "x.apack")
+    for name, want in (("a", a), ("b", b), ("c", c)):
+        arr = got.tensors[name].load()
+        assert arr.dtype.byteorder in ("<", "=", "|") and arr.dtype == want.dtype.newbyteorder("<")
+        np.testing.assert_array_equal(arr, want)

@@ -1,0 +1,186 @@
+"""The tables marked *(checked)* in spec/format.md agree with the code, in both directions.
+
+If a row is added to the spec without code, or code without a spec row, one of these fails.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import struct
+from pathlib import Path
+
+import pytest
+
+from adapterpack import codecs, dtypes, encodings
+from adapterpack.codecs import zstd
+from adapterpack.container import index, preamble
+
+SPEC = Path(__file__).resolve().parents[1] / "spec" / "format.md"
+
+
+def _sections() -> dict[str, list[str]]:
+    """Heading text → the lines under it (up to the next heading)."""
+    out: dict[str, list[str]] = {}
+    current = ""
+    for line in SPEC.read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            current = line.lstrip("#").strip()
+            out[current] = []
+        else:
+            out.setdefault(current, []).append(line)
+    return out
+
+
+def _cell(text: str) -> str:
+    return text.strip().replace("`", "").strip()
+
+
+def table(heading_prefix: str) -> list[dict[str, str]]:
+    """The first table under the heading starting with ``heading_prefix``, as dicts by column name."""
+    matches = [h for h in _sections() if h.startswith(heading_prefix)]
+    assert len(matches) == 1, f"spec heading {heading_prefix!r} not found once: {matches}"
+    lines: list[str] = []
+    for ln in _sections()[matches[0]]:
+        if ln.startswith("|"):
+            lines.append(ln)
+        elif lines:
+            break  # the first table only
+    assert len(lines) >= 3, f"no table under {matches[0]!r}"
+    rows = [[_cell(c) for c in re.split(r"(?<!\\)\|", ln.strip())[1:-1]] for ln in lines]
+    header, sep, body = rows[0], rows[1], rows[2:]
+    assert all(set(c) <= set("-: ") for c in sep)
+    return [dict(zip(header, r, strict=True)) for r in body]
+
+
+def test_checked_tables_are_the_ones_tested() -> None:
+    """A new *(checked)* mark in the spec needs a test here."""
+    checked = sorted(h for h in _sections() if "*(checked)*" in h)
+    assert checked == [
+        "1.1 Preamble *(checked)*",
+        "3. Element types *(checked)*",
+        "5. Codecs *(checked)*",
+        "6. Encodings *(checked)*",
+    ]
+
+
+# --- §1.1 preamble ------------------------------------------------------------------------------------
+
+
+def test_preamble_table() -> None:
+    rows = table("1.1 Preamble")
+    fields = [r["field"].split()[0] for r in rows]
+    assert fields == ["magic", "major", "minor", "flags", "index_length", "index_crc32c", "reserved"]
+    offsets = [int(r["offset"]) for r in rows]
+    sizes = [int(r["size"]) for r in rows]
+    assert offsets == [sum(sizes[:i]) for i in range(len(sizes))]  # contiguous, in order
+    assert sum(sizes) == preamble.PREAMBLE_SIZE == 32
+
+    # the code's struct has exactly these field sizes, little-endian
+    fmt = preamble._STRUCT.format
+    assert fmt.startswith("<")
+    assert [struct.calcsize("<" + f) for f in re.findall(r"\d*[a-zA-Z]", fmt[1:])] == sizes
+
+    # Preamble's fields are the table's, less the constant magic and reserved (both directions)
+    assert [f.name for f in dataclasses.fields(preamble.Preamble)] == [f for f in fields if f not in ("magic", "reserved")]
+
+    by = {f: r for f, r in zip(fields, rows)}
+    assert bytes.fromhex(by["magic"]["value"].split("(")[0]) == preamble.MAGIC
+    assert by["magic"]["value"].split("(")[1].rstrip(")") == r"\x89APK\r\n\x1a\n"
+    assert int(by["major"]["value"]) == preamble.MAJOR
+    assert int(by["minor"]["value"]) == preamble.MINOR
+    assert int(by["reserved"]["value"]) == 0
+    low, high = re.fullmatch(r"(\d+) <= L <= (\d+) \(64 MiB\)", by["index_length"]["value"]).groups()  # type: ignore[union-attr]
+    assert (int(low), int(high)) == (preamble.MIN_INDEX_LENGTH, preamble.MAX_INDEX_LENGTH) == (2, 64 << 20)
+    assert "bits 0–15 must-understand" in by["flags"]["value"] and preamble.KNOWN_MUST_UNDERSTAND_FLAGS == 0  # "none defined"
+
+    # and the packed bytes put each field at its offset
+    pre = preamble.Preamble(0x0102, 0x0304, 0x05060708, 0x1112131415161718, 0x21222324)
+    raw = pre.pack()
+    layout = dict(zip(fields, zip(offsets, sizes)))
+    for name, value in (("major", 0x0102), ("minor", 0x0304), ("flags", 0x05060708), ("index_length", 0x1112131415161718)):
+        off, size = layout[name]
+        assert int.from_bytes(raw[off : off + size], "little") == value
+    off, size = layout["index_crc32c"]
+    assert int.from_bytes(raw[off : off + size], "little") == 0x21222324
+    off, size = layout["reserved"]
+    assert raw[off : off + size] == b"\0" * size
+    assert raw[: layout["magic"][1]] == preamble.MAGIC
+
+
+# --- §3 element types ----------------------------------------------------------------------------------
+
+
+def test_dtype_table() -> None:
+    rows = table("3. Element types")
+    spec = {r["dtype"]: (int(r["itemsize"]), r["safetensors"]) for r in rows}
+    code = {name: (d.itemsize, d.safetensors) for name, d in dtypes.DTYPES.items()}
+    assert spec == code
+    assert [r["dtype"] for r in rows] == list(dtypes.DTYPES)  # same order too
+    for name, (itemsize, st) in spec.items():
+        assert dtypes.by_safetensors(st).name == name
+        assert dtypes.DTYPES[name].numpy.itemsize == itemsize
+        assert dtypes.DTYPES[name].numpy.byteorder in ("<", "|")  # little-endian (or single byte)
+
+
+# --- §5 codecs -----------------------------------------------------------------------------------------
+
+
+def test_codec_table() -> None:
+    rows = table("5. Codecs")
+    spec = {r["id"]: r for r in rows}
+    assert set(spec) == set(codecs.codec_ids())
+    for codec_id, row in spec.items():
+        keys = set() if row["config keys"] == "—" else set(re.findall(r"(\w+) \(int\)", row["config keys"]))
+        assert keys or row["config keys"] == "—", row
+        config = codecs.get_codec(codec_id).get_config()
+        assert config["id"] == codec_id
+        assert set(config) - {"id"} == keys, codec_id
+        assert all(isinstance(config[k], int) for k in keys)
+
+
+def test_byteplanes_itemsizes_match_spec() -> None:
+    """§5.2: k in 2, 4, 8; the index refuses byteplanes for other itemsizes."""
+    text = "\n".join(_sections()["5.2 byteplanes"])
+    assert "`k` in 2, 4, 8" in text
+    allowed = {d.itemsize for d in dtypes.DTYPES.values()} & {2, 4, 8}
+    assert allowed == {2, 4, 8}
+    for d in dtypes.DTYPES.values():
+        obj = {"dtype": d.name, "shape": [1], "codec": {"id": "byteplanes"}, "offset": 0, "stored_length": 8 * d.itemsize + 40}
+        obj |= {"length": d.itemsize, "crc32c": 0}
+        if d.itemsize in (2, 4, 8):
+            index.parse_blob(0, obj)
+        else:
+            with pytest.raises(Exception, match="byteplanes cannot hold"):
+                index.parse_blob(0, obj)
+
+
+# --- §6 encodings --------------------------------------------------------------------------------------
+
+
+def test_encoding_table() -> None:
+    rows = table("6. Encodings")
+    assert {r["id"] for r in rows} == set(encodings.encoding_ids())
+    for r in rows:
+        major, minor = (int(x) for x in r["since"].split("."))
+        assert (major, minor) <= (preamble.MAJOR, preamble.MINOR)
+
+
+def test_lora_slots_table() -> None:
+    rows = table("6.1 `lora`")
+    spec = {r["slot"]: r["required"] == "yes" for r in rows}
+    assert spec == encodings.get_encoding("lora").slots
+
+
+# --- §7 limits (not marked checked, but they are constants in the code) -----------------------------------
+
+
+def test_limits_table() -> None:
+    rows = {r["limit"]: r["value"] for r in table("7. Limits")}
+    assert rows["index length"] == "64 MiB" and preamble.MAX_INDEX_LENGTH == 64 << 20
+    assert int(rows["blobs"].replace(",", "")) == index.MAX_BLOBS
+    assert int(rows["dimensions per tensor"]) == index.MAX_NDIM
+    names = re.fullmatch(r"([\d,]+) characters \(adapters: (\d+)\)", rows["name length"])
+    assert names is not None
+    assert (int(names[1].replace(",", "")), int(names[2])) == (index.MAX_NAME, index.MAX_ADAPTER_NAME)
+    assert rows["zstd window"] == "128 MiB" and zstd.MAX_WINDOW == 128 << 20

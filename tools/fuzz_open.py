@@ -1,0 +1,359 @@
+"""Fuzz the .apack reader: open, read every tensor and ΔW, verify — on damaged files.
+
+Any exception other than :class:`adapterpack.errors.AdapterpackError` is a crash (a numpy,
+json, struct or zstd traceback escaping the reader). Run from the repository root::
+
+    python -m tools.fuzz_open --seconds 60          # atheris (coverage-guided), when installed
+    python -m tools.fuzz_open --hypothesis 5000     # N random mutations with Hypothesis, no atheris
+
+Both start from small valid files covering every codec, layout, DoRA and a two-adapter index.
+Half of the mutated inputs get their index CRC-32C recomputed, so the JSON, schema and layout
+checks see the damage instead of stopping at the checksum. Crashing inputs are written to
+``--crash-dir`` (default ``fuzz-crashes/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import random
+import struct
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+import adapterpack
+from adapterpack.adapter import Adapter, Module, as_array
+from adapterpack.checksum import crc32c
+from adapterpack.container import ApackReader
+from adapterpack.errors import AdapterpackError
+
+CODECS = ("raw", "zstd", "byteplanes")
+#: ΔW is computed for modules whose base weight has at most this many elements.
+DELTA_LIMIT = 1 << 16
+
+
+def _lora(name: str, rank: int, out_f: int, in_f: int, dtype: Any, seed: int, **params: Any) -> Module:
+    rng = np.random.default_rng(seed)
+    a = (rng.integers(-3, 4, (rank, in_f)) * 0.25).astype(dtype)
+    b = (rng.integers(-3, 4, (out_f, rank)) * 0.125).astype(dtype)
+    return Module(name, "lora", (out_f, in_f), {"rank": rank, "alpha": 2 * rank, **params}, {"A": a, "B": b})
+
+
+def seed_adapters() -> list[Adapter]:
+    """Two adapters: plain linear modules (compressible), and conv + embedding + DoRA/rsLoRA + pass-through."""
+    plain = Adapter(
+        "plain",
+        base_model="tiny/base",
+        modules={m.name: m for m in (_lora("q", 8, 64, 64, np.float32, 1), _lora("v", 4, 32, 64, np.float16, 2))},
+        tensors={"head": np.repeat(np.arange(8, dtype=np.float32), 32).reshape(8, 32)},
+        metadata={"k": "v"},
+    )
+    rng = np.random.default_rng(3)
+    conv_ab = {"A": rng.standard_normal((2, 1, 2, 3)).astype(np.float16), "B": rng.standard_normal((3, 2, 1, 1)).astype(np.float16)}
+    conv = Module("conv", "lora", (3, 1, 2, 3), {"rank": 2, "alpha": 4, "layout": "conv"}, conv_ab)
+    emb = _lora("emb", 2, 4, 10, np.float32, 4, layout="embedding")
+    emb.base_shape = (10, 4)
+    dora = _lora("dora", 3, 5, 7, ml_dtypes.bfloat16, 5, dora=True, rslora=True, fan_in_fan_out=True)
+    dora.base_shape = (7, 5)
+    dora.tensors["magnitude"] = np.linspace(0.5, 1.5, 5).astype(np.float32)
+    extra = Adapter(
+        "extra",
+        modules={m.name: m for m in (conv, emb, dora)},
+        tensors={"ids": np.arange(5, dtype=np.int64), "mask": np.array([True, False, True])},
+        source={"format": "peft", "config": {"r": 2}},
+    )
+    return [plain, extra]
+
+
+@functools.lru_cache(maxsize=1)
+def seed_files() -> tuple[bytes, ...]:
+    """The valid starting files, one per codec."""
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        for codec in CODECS:
+            path = Path(d) / f"{codec}.apack"
+            adapterpack.save(seed_adapters(), path, codec=codec)
+            out.append(path.read_bytes())
+    return tuple(out)
+
+
+def fix_index_crc(raw: bytearray) -> None:
+    """Recompute the preamble's index CRC-32C where the claimed index fits in the file."""
+    if len(raw) < 32:
+        return
+    length = struct.unpack_from("<Q", raw, 16)[0]
+    if 32 + length <= len(raw):
+        struct.pack_into("<I", raw, 24, crc32c(bytes(raw[32 : 32 + length])))
+
+
+def exercise(path: Path) -> str:
+    """Open, build every adapter, decode every tensor and small ΔW, verify; returns "ok" or the error class.
+
+    Raises whatever the reader raises that is not an AdapterpackError.
+    """
+    try:
+        reader = ApackReader(path)
+        for name in reader.adapter_names:
+            ad = reader.adapter(name)
+            for m in ad:
+                for slot in m.tensors:
+                    m.array(slot)
+                if float(np.prod(m.base_shape, dtype=np.float64)) <= DELTA_LIMIT:
+                    with np.errstate(all="ignore"):  # a damaged alpha may make inf * 0: a value, not a crash
+                        m.delta()
+            for t in ad.tensors.values():
+                as_array(t)
+        report = ApackReader(path).verify()
+        reader.close()
+        return "ok" if report.ok else "verify-problem"
+    except AdapterpackError as e:
+        return type(e).__name__
+
+
+def _scratch_dir() -> Path:
+    shm = Path("/dev/shm")
+    return Path(tempfile.mkdtemp(prefix="apack-fuzz-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
+
+
+def _save_crash(crash_dir: Path, data: bytes, exc: BaseException) -> Path:
+    crash_dir.mkdir(parents=True, exist_ok=True)
+    path = crash_dir / f"crash-{crc32c(data):08x}.apack"
+    path.write_bytes(data)
+    path.with_suffix(".txt").write_text("".join(traceback.format_exception(exc)))
+    return path
+
+
+def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every path (keys and indices) to a value inside a JSON document."""
+    out = [prefix]
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def rebuild(raw: bytes, index: Any) -> bytes:
+    """``raw`` (a valid file) with its index replaced by ``index`` and the preamble made consistent."""
+    length = struct.unpack_from("<Q", raw, 16)[0]
+    data = raw[-(-(32 + length) // 256) * 256 :]
+    text = json.dumps(index, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
+    pad = -(32 + len(text)) % 256
+    return raw[:16] + struct.pack("<QI", len(text), crc32c(text)) + raw[28:32] + text + b"\0" * pad + data
+
+
+INTERESTING: list[Any] = [-1, 0, 1, 2, 3, 7, 8, 255, 256, 4096, 2**31, 2**32, 2**53 - 1, 2**53, 2**63, 2**64, 10**400]
+INTERESTING += [0.5, -0.0, 1e308, 1e-320, float("nan"), float("inf"), None, True, False, [], {}]
+INTERESTING += ["", "raw", "zstd", "byteplanes", "lora", "float16", "bool", "conv", "embedding", "x"]
+KEYS = ["id", "name", "blob", "x"]
+
+
+def json_edit(raw: bytes, pick: Callable[[Sequence[Any]], Any], value: Callable[[], Any]) -> bytes:
+    """One or two structure-aware edits of ``raw``'s index (replace, delete, duplicate or nudge a value), CRC fixed.
+
+    ``pick`` chooses from a sequence and ``value`` makes a replacement value (Hypothesis draws, or a seeded
+    ``random.Random``). Returns ``raw`` unchanged when its index cannot be parsed.
+    """
+    try:
+        length = struct.unpack_from("<Q", raw, 16)[0]
+        index = json.loads(raw[32 : 32 + length])
+    except (struct.error, ValueError, RecursionError):
+        return raw
+    for _ in range(pick([1, 2])):
+        paths = _paths(index)[1:]
+        if not paths:
+            break
+        path = pick(paths)
+        parent = index
+        for key in path[:-1]:
+            parent = parent[key]
+        how = pick(["replace", "delete", "duplicate", "nudge"])
+        if how == "delete":
+            del parent[path[-1]]
+        elif how == "duplicate" and isinstance(parent, list):
+            parent.insert(path[-1], json.loads(json.dumps(parent[path[-1]])))
+        elif how == "nudge" and type(parent[path[-1]]) is int:
+            parent[path[-1]] += pick([-8, -1, 1, 8, 256])
+        else:
+            parent[path[-1]] = value()
+    return rebuild(raw, index)
+
+
+def random_value(rnd: random.Random, depth: int = 0) -> Any:
+    """An interesting JSON value, sometimes a small list or object of them."""
+    kind = rnd.randrange(6) if depth < 2 else 0
+    if kind == 4:
+        return [random_value(rnd, depth + 1) for _ in range(rnd.randrange(4))]
+    if kind == 5:
+        return {rnd.choice(KEYS): random_value(rnd, depth + 1) for _ in range(rnd.randrange(3))}
+    return rnd.choice(INTERESTING)
+
+
+# --- Hypothesis mode -----------------------------------------------------------------------------
+
+
+def mutations() -> Any:
+    """Hypothesis strategy: a seed file with 1–3 random edits (flips, overwrites, truncation, insertion, deletion)."""
+    from hypothesis import strategies as st
+
+    json_bytes = b'{}[]",:0123456789-.eE \\tfnu' + bytes([0x80, 0xFF])
+    leaves = st.sampled_from(INTERESTING)
+    values = st.recursive(leaves, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.sampled_from(KEYS), c), max_leaves=4)
+
+    @st.composite
+    def strategy(draw: Any) -> bytes:
+        seeds = seed_files()
+        seed = seeds[draw(st.integers(0, len(seeds) - 1))]
+        if draw(st.integers(0, 2)) == 0:  # a third of inputs: structure-aware edits of the index
+            seed = json_edit(seed, lambda seq: draw(st.sampled_from(seq)), lambda: draw(values))
+            if draw(st.booleans()):
+                return seed
+        raw = bytearray(seed)
+        index_end = 32 + struct.unpack_from("<Q", raw, 16)[0]
+
+        def at(low: int, high: int) -> int:
+            """A position in [low, high), spread evenly (Hypothesis favours the ends of an integer range)."""
+            low = min(low, high - 1)
+            return low + draw(st.integers(0, 1 << 20)) % (high - low)
+
+        for _ in range(draw(st.integers(1, 3))):
+            if not raw:
+                break
+            kind = draw(
+                st.sampled_from(["flip", "byte", "index-byte", "data-byte", "truncate", "insert", "delete", "preamble-int"])
+            )
+            # positions start past the magic, which tests/test_malformed.py covers
+            if kind == "flip":
+                raw[at(8, len(raw))] ^= 1 << draw(st.integers(0, 7))
+            elif kind == "byte":
+                raw[at(8, len(raw))] = draw(st.integers(0, 255))
+            elif kind == "index-byte" and index_end <= len(raw):
+                raw[at(32, index_end)] = draw(st.sampled_from(json_bytes))
+            elif kind == "data-byte" and len(raw) > index_end:
+                raw[at(index_end, len(raw))] = draw(st.integers(0, 255))
+            elif kind == "truncate":
+                del raw[at(0, len(raw)) :]
+            elif kind == "insert":
+                pos = at(0, len(raw) + 1)
+                raw[pos:pos] = draw(st.binary(min_size=1, max_size=16))
+            elif kind == "delete":
+                pos = at(0, len(raw))
+                del raw[pos : pos + draw(st.integers(1, 16))]
+            elif kind == "preamble-int" and len(raw) >= 32:
+                off, fmt = draw(st.sampled_from([(8, "<H"), (10, "<H"), (12, "<I"), (16, "<Q"), (28, "<I")]))
+                struct.pack_into(fmt, raw, off, draw(st.integers(0, 2 ** (8 * struct.calcsize(fmt)) - 1)))
+        if draw(st.booleans()):
+            fix_index_crc(raw)
+        return bytes(raw)
+
+    return strategy()
+
+
+def run_hypothesis(n: int, crash_dir: Path) -> int:
+    """Run ``n`` mutated inputs; print a tally of outcomes. Returns the number of crashes (0 or 1: Hypothesis stops at one)."""
+    from hypothesis import HealthCheck, given, settings
+
+    work = _scratch_dir()
+    tally: dict[str, int] = {}
+    crashes: list[Path] = []
+
+    @settings(max_examples=n, deadline=None, database=None, suppress_health_check=list(HealthCheck), derandomize=False)
+    @given(raw=mutations())
+    def one(raw: bytes) -> None:
+        path = work / "input.apack"
+        path.write_bytes(raw)
+        try:
+            outcome = exercise(path)
+        except Exception as e:
+            crashes.append(_save_crash(crash_dir, raw, e))
+            raise
+        tally[outcome] = tally.get(outcome, 0) + 1
+
+    start = time.perf_counter()
+    try:
+        one()
+    except Exception as e:
+        print(f"CRASH: {type(e).__name__}: {e}\n  input saved to {crashes[-1] if crashes else '?'}", file=sys.stderr)
+    finally:
+        for p in work.iterdir():
+            p.unlink()
+        work.rmdir()
+    total = sum(tally.values())
+    print(f"hypothesis: {total} inputs in {time.perf_counter() - start:.1f} s, {len(crashes) and 1} crash(es)")
+    for outcome, count in sorted(tally.items(), key=lambda kv: -kv[1]):
+        print(f"  {count:7d}  {outcome}")
+    return 1 if crashes else 0
+
+
+# --- atheris mode --------------------------------------------------------------------------------
+
+
+def run_atheris(seconds: int, crash_dir: Path, extra_args: list[str]) -> int:
+    """Coverage-guided fuzzing with atheris (libFuzzer); the seeds form the starting corpus."""
+    import atheris
+
+    work = _scratch_dir()
+    corpus = work / "corpus"
+    corpus.mkdir()
+    for i, raw in enumerate(seed_files()):
+        (corpus / f"seed{i}.apack").write_bytes(raw)
+    path = work / "input.apack"
+
+    def test_one_input(data: bytes) -> None:
+        path.write_bytes(data)
+        try:
+            exercise(path)
+        except Exception as e:
+            saved = _save_crash(crash_dir, data, e)
+            print(f"CRASH saved to {saved}", file=sys.stderr)
+            raise
+
+    def mutator(data: bytes, max_size: int, seed: int) -> bytes:
+        rnd = random.Random(seed)
+        if rnd.random() < 0.25:  # structure-aware: edit a value of the index
+            out = json_edit(data, rnd.choice, lambda: random_value(rnd))
+            if out is not data:
+                return out[:max_size]
+        raw = bytearray(atheris.Mutate(data, max_size))
+        if seed % 2:
+            fix_index_crc(raw)
+        return bytes(raw)
+
+    argv = [sys.argv[0], f"-max_total_time={seconds}", "-max_len=65536", "-print_final_stats=1", *extra_args, str(corpus)]
+    atheris.instrument_all()
+    atheris.Setup(argv, test_one_input, custom_mutator=mutator)
+    atheris.Fuzz()  # exits the process
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: atheris when installed (or --atheris), else --hypothesis N."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hypothesis", type=int, metavar="N", help="run N random mutations with Hypothesis (no atheris)")
+    parser.add_argument("--seconds", type=int, default=60, help="atheris run time (default 60)")
+    parser.add_argument("--crash-dir", type=Path, default=Path("fuzz-crashes"), help="where crashing inputs are written")
+    args, rest = parser.parse_known_args(argv)
+    if args.hypothesis is not None:
+        return run_hypothesis(args.hypothesis, args.crash_dir)
+    try:
+        import atheris  # noqa: F401
+    except ImportError:
+        print("atheris is not installed (pip install atheris); running --hypothesis 2000 instead", file=sys.stderr)
+        return run_hypothesis(2000, args.crash_dir)
+    return run_atheris(args.seconds, args.crash_dir, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
