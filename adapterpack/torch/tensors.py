@@ -1,0 +1,136 @@
+"""numpy → torch conversion (bit-exact, bfloat16 included) and the per-module container."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .. import dtypes
+from ..adapter import Module, TensorLike, as_array
+from ..encodings.lora import lora_scale
+from ..errors import ConversionError
+
+#: spec dtype name → torch dtype.
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass
+class LoraTensors:
+    """One module's low-rank update on a device: ``ΔW = scale · B · A`` mapped onto ``base_shape``.
+
+    ``A`` and ``B`` keep their stored shapes (``A [r, in, *k]``, ``B [out, r, 1, ...]``; for
+    embeddings ``A [r, num_embeddings]``, ``B [dim, r]``). ``layout`` is ``linear``,
+    ``embedding`` or ``conv``; ``transpose`` is true when the base weight holds the product
+    transposed (embeddings, GPT-2 style ``fan_in_fan_out``). ``magnitude`` is DoRA's
+    magnitude vector, else None.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    base_shape: tuple[int, ...]
+    layout: str = "linear"
+    transpose: bool = False
+    magnitude: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        """Inner dimension r."""
+        return int(self.A.shape[0])
+
+
+def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating torch dtype from a torch dtype or a spec name/alias (``"bf16"``, ``"float32"``)."""
+    if isinstance(dtype, str):
+        try:
+            dtype = TORCH_DTYPES[dtypes.by_name(dtype).name]
+        except Exception:
+            raise ConversionError(f"unknown dtype {dtype!r} (use e.g. torch.bfloat16, 'bf16', 'float32')") from None
+    if dtype not in FLOATS:
+        raise ConversionError(f"LoRA factors can only be loaded as a floating dtype (float64/32/16, bfloat16), not {dtype}")
+    return dtype
+
+
+def torch_device(device: torch.device | str | int) -> torch.device:
+    """``torch.device(device)``, with a bad name reported as an adapterpack error."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConversionError(f"bad device {device!r}: {e}") from None
+
+
+def place(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """Move ``t`` to ``device`` (copying in its stored dtype), then cast there if asked."""
+    if device.type != "cpu":
+        t = t.to(device)
+    if dtype is not None and dtype != t.dtype:
+        t = t.to(dtype)
+    return t
+
+
+def tensor(arr: TensorLike, device: torch.device | str = "cpu", dtype: torch.dtype | str | None = None) -> torch.Tensor:
+    """A numpy array or stored tensor as a torch tensor on ``device``, optionally cast to ``dtype``.
+
+    Bit-exact for every spec dtype (bfloat16 passes through int16: torch.from_numpy does
+    not know ml_dtypes' bfloat16). Writable arrays are adopted without a copy on the CPU
+    (like ``torch.from_numpy``); read-only arrays are copied, never aliased.
+    """
+    dev = torch_device(device)
+    want = None if dtype is None else torch_dtype(dtype)
+    a = as_array(arr)
+    dt = dtypes.of_array(a)
+    a = np.ascontiguousarray(a, dtype=dt.numpy)
+    bits = a.view(np.int16) if dt.name == "bfloat16" else a
+    if a.flags.writeable:
+        t = torch.from_numpy(bits)
+    else:
+        t = torch.empty(a.shape, dtype=torch.int16 if dt.name == "bfloat16" else TORCH_DTYPES[dt.name])
+        np.copyto(t.numpy(), bits, casting="no")
+    if dt.name == "bfloat16":
+        t = t.view(torch.bfloat16)
+    return place(t, dev, want)
+
+
+def module_tensors(
+    m: Module, device: torch.device, dtype: torch.dtype | None, ready: dict[str, torch.Tensor] | None = None
+) -> LoraTensors:
+    """One module as :class:`LoraTensors`; ``ready`` holds its lora slots already as tensors (default: :func:`tensor`).
+
+    Records of other encodings go through their low-rank factors (the hub every converter uses).
+    """
+    if m.encoding != "lora":
+        f = m.factors()
+        return LoraTensors(
+            A=tensor(f.A, device, dtype),
+            B=tensor(f.B, device, dtype),
+            scale=float(f.scale),
+            base_shape=tuple(f.base_shape),
+            layout="linear" if len(f.base_shape) == 2 else "conv",
+            transpose=f.transpose,
+        )
+    ts = ready if ready is not None else {slot: tensor(t, device, dtype) for slot, t in m.tensors.items()}
+    p = m.params
+    layout = p.get("layout", "linear")
+    return LoraTensors(
+        A=ts["A"],
+        B=ts["B"],
+        scale=lora_scale(p["alpha"], p["rank"], p.get("rslora", False)),
+        base_shape=tuple(m.base_shape),
+        layout=layout,
+        transpose=layout == "embedding" or bool(p.get("fan_in_fan_out", False)),
+        magnitude=ts.get("magnitude"),
+    )

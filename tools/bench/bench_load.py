@@ -1,0 +1,194 @@
+"""Load time of a raw ``.apack`` vs the PEFT ``adapter_model.safetensors`` holding the same tensors.
+
+Four loaders per side, timed in the same run, round-robin, median of ``--repeats``:
+
+- numpy: ``adapterpack.open`` + decode every tensor, vs ``safetensors.numpy.load_file`` and
+  ``safe_open(framework="np")`` + ``get_tensor`` per key;
+- torch (CPU): ``adapterpack.torch.load``, vs ``safetensors.torch.load_file`` and
+  ``safe_open(framework="pt")`` + ``get_tensor``;
+
+each ``.apack`` loader with CRC-32C verification on (the default) and off. "Loaded" means the
+same for every loader: the call returned every tensor and then one byte of each 4 KiB page of
+every tensor was read (:func:`tools.bench.common.touch`), so lazy mmap loaders pay for their
+page faults like copying loaders pay for their copies. The page cache is warm (every file is
+read once first, and one untimed round runs before the timed ones).
+
+Run from the repository root::
+
+    python -m tools.bench.bench_load                 # the real run (BENCHMARKS.md)
+    python -m tools.bench.bench_load --quick         # a few seconds: 4-layer synthetic, 5 repeats
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file as st_numpy_load
+from safetensors.torch import load_file as st_torch_load
+
+import adapterpack
+import adapterpack.torch as apt
+from adapterpack.adapter import as_array
+
+from . import common, synthetic
+
+ASPIRATION = 1.05
+
+
+def apack_numpy(path: Path, verify: bool) -> list[np.ndarray]:
+    """``adapterpack.open`` + every tensor decoded, touched."""
+    ad = adapterpack.open(path, verify=verify)
+    arrs = [m.array(slot) for m in ad for slot in m.tensors]
+    arrs += [as_array(t) for t in ad.tensors.values()]
+    common.touch(arrs)
+    return arrs
+
+
+def apack_torch(path: Path, verify: bool) -> dict[str, apt.LoraTensors]:
+    """``adapterpack.torch.load`` on the CPU, touched."""
+    out = apt.load(path, verify=verify)
+    common.touch(t for lt in out.values() for t in (lt.A, lt.B, lt.magnitude) if t is not None)
+    return out
+
+
+def st_load_file(path: Path, framework: str) -> dict[str, Any]:
+    """``safetensors.<framework>.load_file``, touched."""
+    out = st_numpy_load(str(path)) if framework == "np" else st_torch_load(str(path))
+    common.touch(out.values())
+    return out
+
+
+def st_safe_open(path: Path, framework: str) -> dict[str, Any]:
+    """``safe_open`` + ``get_tensor`` for every key, touched."""
+    with safe_open(str(path), framework=framework) as f:
+        out = {k: f.get_tensor(k) for k in f.keys()}
+    common.touch(out.values())
+    return out
+
+
+def check_same_tensors(apack: Path, st: Path) -> int:
+    """Refuse to time files that do not hold the same bytes; returns the tensor count."""
+    ref = st_numpy_load(str(st))
+    prefix = synthetic.PEFT_PREFIX
+    got = {f"{prefix}{m.name}.lora_{slot}.weight": m.array(slot) for m in adapterpack.open(apack) for slot in m.tensors}
+    if set(got) != set(ref) or any(got[k].tobytes() != ref[k].tobytes() for k in ref):
+        raise SystemExit(f"{apack} and {st} do not hold the same tensors")
+    return len(ref)
+
+
+def prepare(work: Path, quick: bool) -> list[dict[str, Any]]:
+    """The cases: the bundled example as shipped, and the synthetic 7B-shaped adapter in bf16."""
+    cases = []
+    ex = common.example_dir()
+    ex_apack = work / "example-raw.apack"
+    adapterpack.save(adapterpack.open(ex), ex_apack, codec="raw")
+    cases.append({"name": "bundled example (SmolLM2-135M r=8, fp32)", "apack": ex_apack, "safetensors": ex / common.PEFT_WEIGHTS})
+    layers = 4 if quick else 32
+    ad = synthetic.build_adapter("bf16", layers=layers)
+    synthetic.write_peft(ad, work / "synthetic-peft")
+    adapterpack.save(ad, work / "synthetic-raw.apack", codec="raw")
+    cases.append(
+        {
+            "name": f"synthetic 7B-shaped ({layers} layers, r=16, bf16)",
+            "apack": work / "synthetic-raw.apack",
+            "safetensors": work / "synthetic-peft" / common.PEFT_WEIGHTS,
+            "note": synthetic.description("bf16", layers=layers),
+        }
+    )
+    return cases
+
+
+def run_case(case: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Time every loader on one case; medians in ms and the apack/safetensors ratios."""
+    ap, st = case["apack"], case["safetensors"]
+    n_tensors = check_same_tensors(ap, st)
+    common.warm_page_cache([ap, st])
+    fns: dict[str, Callable[[], object]] = {
+        "np apack verify": lambda: apack_numpy(ap, True),
+        "np apack noverify": lambda: apack_numpy(ap, False),
+        "np st load_file": lambda: st_load_file(st, "np"),
+        "np st safe_open": lambda: st_safe_open(st, "np"),
+        "pt apack verify": lambda: apack_torch(ap, True),
+        "pt apack noverify": lambda: apack_torch(ap, False),
+        "pt st load_file": lambda: st_load_file(st, "pt"),
+        "pt st safe_open": lambda: st_safe_open(st, "pt"),
+    }
+    times = common.interleaved(fns, repeats)
+    med = {k: common.median(v) * 1e3 for k, v in times.items()}
+    rows = []
+    for side, label in (("np", "numpy"), ("pt", "torch CPU")):
+        for v, vlabel in (("verify", "on"), ("noverify", "off")):
+            a = med[f"{side} apack {v}"]
+            lf, so = med[f"{side} st load_file"], med[f"{side} st safe_open"]
+            rows.append(
+                {"side": label, "crc": vlabel, "apack_ms": a, "load_file_ms": lf, "ratio_load_file": a / lf}
+                | {"safe_open_ms": so, "ratio_safe_open": a / so}
+            )
+    return {
+        "case": case["name"],
+        "note": case.get("note", ""),
+        "tensors": n_tensors,
+        "decoded_mb": adapterpack.open(ap).decoded_bytes / common.MB,
+        "apack_bytes": ap.stat().st_size,
+        "safetensors_bytes": st.stat().st_size,
+        "repeats": repeats,
+        "median_ms": med,
+        "all_ms": {k: [x * 1e3 for x in v] for k, v in times.items()},
+        "rows": rows,
+    }
+
+
+def render(results: list[dict[str, Any]]) -> str:
+    """The markdown report."""
+    out = []
+    for r in results:
+        out.append(f"**{r['case']}**: {r['tensors']} tensors, {r['decoded_mb']:.1f} MB; median of {r['repeats']}.")
+        if r["note"]:
+            out.append(f"_{r['note']}_")
+        out.append("")
+        rows = [
+            [
+                x["side"],
+                x["crc"],
+                f"{x['apack_ms']:.2f}",
+                f"{x['load_file_ms']:.2f}",
+                f"**{x['ratio_load_file']:.2f}**",
+                f"{x['safe_open_ms']:.2f}",
+                f"{x['ratio_safe_open']:.2f}",
+            ]
+            for x in r["rows"]
+        ]
+        headers = ["into", "apack CRC", "apack ms", "load_file ms", "apack / load_file", "safe_open ms", "apack / safe_open"]
+        out.append(common.markdown_table(headers, rows, "llrrrrr"))
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="4-layer synthetic adapter, 5 repeats")
+    ap.add_argument("--repeats", type=int, help="timed rounds (default 41, quick 5)")
+    ap.add_argument("--workdir", type=Path, help="where to write the test files (default: a temporary folder)")
+    ap.add_argument("--json", type=Path, help="also write the results as JSON here")
+    args = ap.parse_args(argv)
+    repeats = args.repeats or (5 if args.quick else 41)
+    with tempfile.TemporaryDirectory(prefix="apack-bench-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        results = [run_case(c, repeats) for c in prepare(work, args.quick)]
+    m = common.machine()
+    print(f"Machine: {common.machine_line(m)}. Page cache warm.\n")
+    print(render(results))
+    print(f"Aim: apack / safetensors <= {ASPIRATION}.")
+    if args.json:
+        common.write_json(args.json, {"machine": m, "quick": args.quick, "aim": ASPIRATION, "results": results})
+
+
+if __name__ == "__main__":
+    main()
