@@ -31,7 +31,7 @@ def save(
     path: str | os.PathLike[str],
     *,
     codec: str = "byteplanes",
-    level: int = 3,
+    level: int | None = None,
 ) -> WriteResult:
     """Write one or more adapters to an ``.apack`` file atomically (see :func:`write_apack`)."""
     return write_apack(path, adapters, codec=codec, level=level)

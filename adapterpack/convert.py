@@ -261,13 +261,21 @@ def _no_progress(total: int) -> Iterator[Callable[[int], None]]:
     yield lambda n: None
 
 
+def effective_level(codec: str, level: int | None) -> int | None:
+    """The compression level a codec uses for ``level`` (None: the codec's default; raw: None)."""
+    from .codecs import get_codec
+
+    cfg = get_codec({"id": codec} if level is None else {"id": codec, "level": level}).get_config()
+    return cfg.get("level")
+
+
 def write_adapters(
     adapters: list[Adapter],
     dst: Path,
     target: str,
     *,
     codec: str = "byteplanes",
-    level: int = 3,
+    level: int | None = None,
     progress: ProgressFactory | None = None,
 ) -> None:
     """Write ``adapters`` to ``dst`` as ``target`` (PEFT and kohya hold exactly one adapter)."""
@@ -329,7 +337,7 @@ def convert(
     *,
     to: str | None = None,
     codec: str = "byteplanes",
-    level: int = 3,
+    level: int | None = None,
     dtype: str = "keep",
     force: bool = False,
     adapter: str | None = None,
@@ -366,7 +374,7 @@ def convert(
         src_bytes=footprint(src),
         dst_bytes=footprint(dst),
         codec=codec if target == "apack" else None,
-        level=level if target == "apack" else None,
+        level=effective_level(codec, level) if target == "apack" else None,
         dtype="keep" if dtype == "keep" else dtypes.by_name(dtype).name,
         casts=casts,
         notes=notes,

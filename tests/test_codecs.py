@@ -43,8 +43,8 @@ def test_codec_ids() -> None:
         ({"id": "zstd"}, {"id": "zstd", "level": 3}),
         ({"id": "zstd", "level": 19}, {"id": "zstd", "level": 19}),
         ({"id": "zstd", "level": "high", "x-extra": 1}, {"id": "zstd", "level": 3}),
-        ({"id": "byteplanes", "level": 1}, {"id": "byteplanes", "level": 1}),
-        ({"id": "byteplanes", "must_understand": True}, {"id": "byteplanes", "level": 3}),
+        ({"id": "byteplanes", "level": 5}, {"id": "byteplanes", "level": 5}),
+        ({"id": "byteplanes", "must_understand": True}, {"id": "byteplanes", "level": 1}),
     ],
 )
 def test_get_config_from_config_round_trip(config: dict | str, expected: dict) -> None:
@@ -231,7 +231,7 @@ def test_writer_records_raw_fallback_in_the_index(tmp_path: Path) -> None:
     path = tmp_path / "f.apack"
     write_apack(path, ad, codec="byteplanes")
     blobs = split(path.read_bytes()).index["blobs"]
-    assert blobs[0]["codec"] == {"id": "byteplanes", "level": 3} and blobs[0]["stored_length"] < blobs[0]["length"]
+    assert blobs[0]["codec"] == {"id": "byteplanes", "level": 1} and blobs[0]["stored_length"] < blobs[0]["length"]
     assert blobs[2]["codec"] == {"id": "raw"} and blobs[2]["stored_length"] == blobs[2]["length"] == noise.nbytes
     assert ApackReader(path).adapter().tensors["noise"].load().tobytes() == noise.tobytes()
 

@@ -25,7 +25,7 @@ def cast_lines(c: dict[str, Any]) -> list[str]:
 
 def result_lines(r: dict[str, Any]) -> list[str]:
     """Summary of a :class:`~adapterpack.convert.ConvertResult` (as_dict form)."""
-    how = f", {r['codec']} level {r['level']}" if r["codec"] else ""
+    how = f", {r['codec']}" + (f" level {r['level']}" if r["level"] is not None else "") if r["codec"] else ""
     lines = [
         f"wrote    {r['dst']} ({r['dst_format']}{how}) from {r['src']} ({r['src_format']}) in {r['seconds']:.2f} s",
         f"size     {out.size(r['src_bytes'])} -> {out.size(r['dst_bytes'])}, ratio {out.ratio(r['ratio'])}",
@@ -47,7 +47,7 @@ def result_lines(r: dict[str, Any]) -> list[str]:
     help="Output format (default: from DST: .apack, .safetensors = kohya, else a PEFT folder).",
 )
 @click.option("--codec", type=click.Choice(CODECS), help="Blob codec for .apack output (default byteplanes).")
-@click.option("--level", type=click.IntRange(1, 22), help="Zstandard level for .apack output (default 3).")
+@click.option("--level", type=click.IntRange(1, 22), help="Zstandard level (default: 1 for byteplanes, 3 for zstd).")
 @click.option(
     "--dtype", type=click.Choice(DTYPES), default="keep", show_default=True, help="Cast float tensors (lossy when narrowing)."
 )
@@ -79,7 +79,7 @@ def convert(
         dst,
         to=target,
         codec=codec or "byteplanes",
-        level=3 if level is None else level,
+        level=level,
         dtype=dtype,
         force=force,
         adapter=adapter_name,

@@ -13,7 +13,11 @@ import numpy as np
 
 from ..errors import CodecError, LengthMismatchError
 from .base import Codec, register_codec
-from .zstd import DEFAULT_LEVEL, MAX_RATIO, compress, decompress_into
+from .zstd import MAX_RATIO, compress, decompress_into
+
+#: Level 1 beats 3 here in both size and speed (bundled example: fp32 1.174x vs 1.165x, bf16
+#: 1.430x vs 1.406x): the exponent planes are runs that fast matching finds as well.
+DEFAULT_LEVEL = 1
 
 
 @register_codec

@@ -41,8 +41,10 @@ def _writer_id() -> str:
     return f"adapterpack {__version__}"
 
 
-def encode_blob(arr: np.ndarray, codec: str, level: int) -> tuple[bytes | memoryview, dict[str, Any], int]:
-    """(stored bytes, codec object, crc32c) for one tensor; raw when compression does not pay."""
+def encode_blob(arr: np.ndarray, codec: str, level: int | None = None) -> tuple[bytes | memoryview, dict[str, Any], int]:
+    """(stored bytes, codec object, crc32c) for one tensor; raw when compression does not pay.
+
+    ``level`` None uses the codec's own default."""
     dt = dtypes.of_array(arr)
     arr = np.ascontiguousarray(arr, dtype=dt.numpy)
     data = dtypes.as_bytes(arr)
@@ -50,7 +52,7 @@ def encode_blob(arr: np.ndarray, codec: str, level: int) -> tuple[bytes | memory
     if codec == "byteplanes" and dt.itemsize not in (2, 4, 8):
         codec = "zstd"
     if codec != "raw" and len(data):
-        c = codecs.get_codec({"id": codec, "level": level})
+        c = codecs.get_codec({"id": codec} if level is None else {"id": codec, "level": level})
         stored = c.encode(data, dt.itemsize)
         if len(stored) < len(data):
             return stored, c.get_config(), crc
@@ -75,13 +77,13 @@ def write_apack(
     adapters: Adapter | Sequence[Adapter],
     *,
     codec: str = "byteplanes",
-    level: int = 3,
+    level: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> WriteResult:
     """Write ``adapters`` to ``path`` atomically.
 
     ``codec`` is applied to every blob where it makes the blob smaller (raw otherwise;
-    byteplanes falls back to zstd for 1-byte types). ``progress`` is called with the
+    byteplanes falls back to zstd for 1-byte types); ``level`` None means the codec's default. ``progress`` is called with the
     decoded bytes of each blob as it is encoded.
     """
     if isinstance(adapters, Adapter):
