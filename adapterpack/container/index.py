@@ -136,13 +136,22 @@ def dumps(obj: dict[str, Any]) -> bytes:
         raise IndexFormatError(f"cannot write index: {e}") from None
 
 
+_MISSING = object()
+
+
 def get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
-    """``obj[key]`` checked to be of ``kind`` (bool is never an int here)."""
-    if key not in obj:
+    """``obj[key]`` checked to be of ``kind`` (bool is never an int here).
+
+    JSON decoding yields exact builtin types, so ``type(value) is kind`` settles the usual
+    case in one step; this runs for every field of every record on every open.
+    """
+    value = obj.get(key, _MISSING)
+    if type(value) is kind:
+        return value
+    if value is _MISSING:
         if default is ...:
             raise IndexFormatError(f"{where}: missing {key!r}")
         return default
-    value = obj[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds:
         ok = False
@@ -173,6 +182,8 @@ def get_name(obj: dict[str, Any], key: str, where: str, limit: int = MAX_NAME) -
 def get_shape(obj: dict[str, Any], key: str, where: str) -> tuple[int, ...]:
     """A list of at most 8 non-negative integers."""
     shape = get(obj, key, list, where)
+    if len(shape) <= MAX_NDIM and all(type(d) is int and 0 <= d < MAX_INT for d in shape):
+        return tuple(shape)
     if len(shape) > MAX_NDIM:
         raise IndexFormatError(f"{where}: {len(shape)} dimensions exceed the limit of {MAX_NDIM}")
     for d in shape:
@@ -201,10 +212,7 @@ def parse_blob(i: int, obj: Any, bounds: dict[str, int | None] | None = None) ->
         alias = dtypes.ALIASES.get(dtype_name)
         hint = f"the spec name is {alias!r}" if alias else f"known: {', '.join(dtypes.DTYPES)}"
         raise UnknownDTypeError(f"{where}: unknown dtype {dtype_name!r} ({hint})")
-    shape = obj.get("shape")
-    if type(shape) is not list or len(shape) > MAX_NDIM or not all(type(d) is int and 0 <= d < MAX_INT for d in shape):
-        shape = get_shape(obj, "shape", where)  # raises with the precise complaint
-    shape = tuple(shape)
+    shape = get_shape(obj, "shape", where)
     codec = obj.get("codec")
     codec_id = codec.get("id") if type(codec) is dict else None
     if type(codec_id) is not str:
