@@ -33,6 +33,7 @@ import numpy as np
 import adapterpack
 from adapterpack import codecs, dtypes
 from adapterpack.adapter import Adapter, as_array
+from adapterpack.convert import effective_level
 
 from . import common, synthetic
 
@@ -49,9 +50,9 @@ def arrays(ad: Adapter) -> list[np.ndarray]:
     return [m.array(slot) for m in ad for slot in m.tensors] + [as_array(t) for t in ad.tensors.values()]
 
 
-def codec_speed(arrs: list[np.ndarray], codec: str, level: int, repeats: int) -> tuple[float, float]:
+def codec_speed(arrs: list[np.ndarray], codec: str, level: int | None, repeats: int) -> tuple[float, float]:
     """(encode MB/s, decode MB/s) of one codec over all arrays, in memory."""
-    c = codecs.get_codec({"id": codec, "level": level})
+    c = codecs.get_codec({"id": codec} if level is None else {"id": codec, "level": level})
     items = [(dtypes.as_bytes(a), dtypes.of_array(a).itemsize) for a in arrs]
     total = sum(len(d) for d, _ in items)
     stored = [c.encode(d, k) for d, k in items]
@@ -98,7 +99,7 @@ def sources(work: Path, quick: bool) -> list[tuple[str, str, Path]]:
     return out
 
 
-def run(work: Path, quick: bool, repeats: int, level: int) -> list[dict[str, Any]]:
+def run(work: Path, quick: bool, repeats: int, level: int | None) -> list[dict[str, Any]]:
     """Measure every (source, dtype, codec)."""
     rows = []
     for name, dt, folder in sources(work, quick):
@@ -118,7 +119,7 @@ def run(work: Path, quick: bool, repeats: int, level: int) -> list[dict[str, Any
                     "decoded_bytes": decoded,
                     "safetensors_bytes": st_bytes,
                     "codec": codec,
-                    "level": level if codec != "raw" else None,
+                    "level": effective_level(codec, level),
                     "apack_bytes": path.stat().st_size,
                     "ratio": st_bytes / path.stat().st_size,
                     "encode_mb_s": enc,
@@ -167,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4-layer synthetic adapter, 2 repeats")
     ap.add_argument("--repeats", type=int, help="timed repeats (default 7, quick 2)")
-    ap.add_argument("--level", type=int, default=3, help="zstd level for zstd and byteplanes (default 3)")
+    ap.add_argument("--level", type=int, default=None, help="zstd level (default: each codec's own, 3 and 1)")
     ap.add_argument("--workdir", type=Path, help="where to write the test files (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args(argv)
