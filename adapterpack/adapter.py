@@ -95,7 +95,12 @@ class Module:
         return self.implementation.to_factors(self)
 
     def delta(self) -> np.ndarray:
-        """ΔW in the base weight's shape and layout, float32 (float64 for float64 factors)."""
+        """ΔW in the base weight's shape and layout, float32 (float64 for float64 factors).
+
+        For a DoRA record (``params["dora"]``) this is only the direction update ``s·B·A``, as
+        PEFT's ``get_delta_weight`` returns it: the adapted weight is NOT ``W + delta()`` but
+        ``magnitude ⊙ (W + ΔW) / ‖W + ΔW‖`` (spec §6.1), which needs the base weight.
+        """
         return self.implementation.delta(self)
 
     def summary(self) -> dict[str, Any]:
@@ -146,7 +151,7 @@ class Adapter:
             raise AdapterNotFoundError(f"no module {name!r} in adapter {self.name!r} (has: {some}, ...)") from None
 
     def delta(self, name: str) -> np.ndarray:
-        """ΔW of module ``name`` as numpy, in the base weight's layout."""
+        """ΔW of module ``name`` as numpy, in the base weight's layout (for DoRA: see :meth:`Module.delta`)."""
         return self.module(name).delta()
 
     def __iter__(self) -> Iterator[Module]:
@@ -172,7 +177,11 @@ class Adapter:
         return sum(m.num_params for m in self) + extra
 
     def close(self) -> None:
-        """Release the file behind lazily loaded tensors (arrays already loaded stay valid)."""
+        """Release the file behind lazily loaded tensors (arrays already loaded stay valid).
+
+        Adapters built from one ``ApackReader`` share its file: it is closed when the last
+        of them is closed, so closing one never breaks a sibling. Closing twice is harmless.
+        """
         if self.closer is not None:
             self.closer()
             self.closer = None

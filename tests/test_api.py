@@ -11,7 +11,7 @@ import pytest
 import adapterpack
 from adapterpack.adapter import Adapter, Module
 from adapterpack.container import ApackReader
-from adapterpack.errors import AdapterNotFoundError, DuplicateNameError
+from adapterpack.errors import AdapterNotFoundError, AdapterpackError, DuplicateNameError
 
 
 def _adapter(name: str = "default", seed: int = 0, n: int = 4) -> Adapter:
@@ -78,3 +78,30 @@ def test_missing_module_is_a_clear_error(tmp_path: Path) -> None:
     adapterpack.save(_adapter(), path)
     with pytest.raises(AdapterNotFoundError, match="no module 'nope'"):
         adapterpack.open(path).delta("nope")
+
+
+def test_closing_one_adapter_keeps_its_siblings_readable(tmp_path: Path) -> None:
+    """Adapters from one reader share its mmap: it closes with the last of them, not the first."""
+    en, de = _adapter("en", 1, 1), _adapter("de", 2, 1)
+    adapterpack.save([en, de], tmp_path / "two.apack", codec="zstd")
+    reader = ApackReader(tmp_path / "two.apack")
+    got_en, got_de = reader.adapter("en"), reader.adapter("de")
+    got_en.close()
+    got_en.close()  # twice: still counts once
+    assert got_de.module("layers.0.proj").array("A").tobytes() == de.modules["layers.0.proj"].tensors["A"].tobytes()
+    got_de.close()
+    with pytest.raises(AdapterpackError, match="file is closed") as info:
+        reader.read_blob(0)
+    assert type(info.value) is AdapterpackError
+
+
+def test_dora_delta_is_the_direction_update(tmp_path: Path) -> None:
+    """Module.delta() of a DoRA record is s·B·A (PEFT's get_delta_weight), magnitude not applied."""
+    ad = _adapter(n=1)
+    m = ad.modules["layers.0.proj"]
+    m.params["dora"] = True
+    m.tensors["magnitude"] = np.full(32, 3.0, np.float32)
+    adapterpack.save(ad, tmp_path / "d.apack")
+    back = adapterpack.open(tmp_path / "d.apack")
+    a, b = (m.tensors[s].astype(np.float32) for s in ("A", "B"))
+    np.testing.assert_allclose(back.delta("layers.0.proj"), 2.0 * (b @ a), rtol=1e-5, atol=1e-5)

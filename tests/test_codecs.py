@@ -249,3 +249,57 @@ def test_level_is_informational(tmp_path: Path) -> None:
         r = ApackReader(path)
         assert r.verify().ok
         assert r.read_blob(0).tobytes() == compressible_adapter().modules["layers.0.q_proj"].tensors["A"].tobytes()
+
+
+# --- block count bound (spec §5.1) -------------------------------------------------------------------
+
+
+def _raw_block(data: bytes, last: bool) -> bytes:
+    return ((len(data) << 3) | int(last)).to_bytes(3, "little") + data  # Block_Type 0 (raw)
+
+
+def _frame(content_size: int, blocks: list[bytes]) -> bytes:
+    """Single-segment frame with a 1-byte content size, then the given blocks."""
+    return b"\x28\xb5\x2f\xfd" + bytes([0x20, content_size]) + b"".join(blocks)
+
+
+def test_frame_with_more_blocks_than_bytes_plus_one_is_refused() -> None:
+    """libzstd decodes empty non-last blocks, so a frame of many of them is valid zstd; the spec lets us refuse it."""
+    frame = _frame(2, [_raw_block(b"", False), _raw_block(b"", False), _raw_block(b"a", False), _raw_block(b"b", True)])
+    assert zstandard.ZstdDecompressor().decompress(frame) == b"ab"
+    out = bytearray(2)
+    with pytest.raises(CodecError, match=r"more than 3 blocks for 2 declared bytes") as info:
+        decompress_into(memoryview(frame), memoryview(out))
+    assert type(info.value) is CodecError
+    ok = _frame(2, [_raw_block(b"a", False), _raw_block(b"b", False), _raw_block(b"", True)])  # content + 1 blocks
+    decompress_into(memoryview(ok), memoryview(out))
+    assert bytes(out) == b"ab"
+
+
+def test_block_walk_is_bounded_by_the_declared_size() -> None:
+    """1.5 MB of empty blocks before a 1-byte one: valid zstd, refused after 2 block headers instead of walking 500,000."""
+    frame = _frame(1, [_raw_block(b"", False)] * 500_000 + [_raw_block(b"x", True)])
+    assert zstandard.ZstdDecompressor().decompress(frame) == b"x"
+    with pytest.raises(CodecError, match=r"more than 2 blocks for 1 declared bytes"):  # raised at the third header
+        codecs.get_codec("zstd").check(memoryview(frame), 1, 1)
+
+
+# --- check before allocating (spec §5.1) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("codec_id", ["zstd", "byteplanes"])
+def test_check_refuses_without_decoding(codec_id: str) -> None:
+    """``check`` compares headers with the decoded length alone; ``decode_new`` never allocates when it fails."""
+    data = np.arange(64, dtype=np.float32).tobytes()
+    c = codecs.get_codec(codec_id)
+    stored = memoryview(c.encode(memoryview(data), 4))
+    c.check(stored, len(data), 4)
+    assert bytes(c.decode_new(stored, len(data), 4)) == data
+    with pytest.raises(CodecError, match=r"declares (256|64) bytes, index says (1073741824|268435456)"):
+        c.check(stored, 1 << 30, 4)
+
+
+def test_byteplanes_fallback_for_one_byte_items_uses_zstds_default_level() -> None:
+    """Level None means each codec's own default: zstd's 3 for the fallback, not byteplanes' 1."""
+    assert encode_blob(np.zeros(4096, np.int8), "byteplanes")[1] == {"id": "zstd", "level": 3}
+    assert encode_blob(np.zeros(4096, np.float32), "byteplanes")[1] == {"id": "byteplanes", "level": 1}

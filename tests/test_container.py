@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,9 +19,11 @@ from adapterpack.adapter import Adapter, Module
 from adapterpack.checksum import crc32c
 from adapterpack.container import ApackReader
 from adapterpack.container.index import blob_alignment, plan_offsets
+from adapterpack.container.index import dumps as index_dumps
 from adapterpack.container.preamble import DATA_ALIGNMENT, MAGIC, PREAMBLE_SIZE, Preamble, align_up, parse_preamble
+from adapterpack.container.reader import VerifyReport
 from adapterpack.container.writer import write_apack
-from adapterpack.errors import AdapterpackError, RankError
+from adapterpack.errors import AdapterpackError, DuplicateNameError, IndexFormatError, RankError, RecordError
 from tests.apack_builders import compressible_adapter, lora_module, small_adapter, split
 
 
@@ -266,3 +272,106 @@ def test_big_endian_and_strided_inputs_are_stored_little_endian_c_order(tmp_path
         arr = got.tensors[name].load()
         assert arr.dtype.byteorder in ("<", "=", "|") and arr.dtype == want.dtype.newbyteorder("<")
         np.testing.assert_array_equal(arr, want)
+
+
+# --- the writer refuses what the reader would refuse (spec §2: a writer MUST NOT write such an index) ---
+
+
+def _one(mod: Module | None = None, **adapter: object) -> Adapter:
+    mod = mod or lora_module("m")
+    return Adapter(**({"modules": {mod.name: mod}} | adapter))  # type: ignore[arg-type]
+
+
+def _dora(length: int) -> Module:
+    m = lora_module("m", out_f=4)
+    m.params["dora"] = True
+    m.tensors["magnitude"] = np.ones(length, np.float32)
+    return m
+
+
+WRITE_REFUSALS = [
+    ("module-name-1025", lambda: _one(lora_module("x" * 1025)), IndexFormatError, r"'name' must be 1–1024 characters"),
+    ("module-name-empty", lambda: _one(lora_module("")), IndexFormatError, r"'name' must be 1–1024 characters"),
+    ("adapter-name-empty", lambda: _one(name=""), IndexFormatError, r"adapter 0: 'name' must be 1–256 characters"),
+    ("adapter-name-257", lambda: _one(name="é" * 257), IndexFormatError, r"adapter 0: 'name' must be 1–256 characters"),
+    ("tensor-name-empty", lambda: _one(tensors={"": np.zeros(2, np.float32)}), IndexFormatError, r"tensor 0: 'name' must be"),
+    (
+        "tensor-9-dims",
+        lambda: _one(tensors={"t": np.zeros((1,) * 9, np.float32)}),
+        IndexFormatError,
+        r"blob 2: 9 dimensions exceed the limit of 8",
+    ),
+    ("dora-magnitude-length", lambda: _one(_dora(5)), RecordError, r"magnitude must be a float vector of B's 4 rows"),
+    ("source-object", lambda: _one(source={"k": [1, object()]}), IndexFormatError, r"adapters\[0\]\.source\.k\[1\] is a object"),
+    ("source-nan", lambda: _one(source={"x": float("nan")}), IndexFormatError, r"index\.adapters\[0\]\.source\.x = nan"),
+    ("source-array", lambda: _one(source={"a": np.zeros(2)}), IndexFormatError, r"source\.a is a ndarray"),
+    (
+        "source-key-collision",
+        lambda: _one(source={1: "a", "1": "b"}),  # JSON turns the int key into "1": two "1" keys
+        DuplicateNameError,
+        r"key '1' twice",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "error", "match"), [c[1:] for c in WRITE_REFUSALS], ids=[c[0] for c in WRITE_REFUSALS])
+def test_writer_refuses_what_the_reader_refuses(tmp_path: Path, make: Any, error: type, match: str) -> None:
+    with pytest.raises(AdapterpackError) as info:
+        write_apack(tmp_path / "w.apack", make())
+    assert type(info.value) is error, f"{type(info.value).__name__}: {info.value}"
+    assert re.search(match, str(info.value)), str(info.value)
+    assert _listing(tmp_path) == []
+
+
+def test_writer_accepts_the_limits_in_code_points(tmp_path: Path) -> None:
+    """1024- and 256-code-point names of 2-byte characters (2048 and 512 UTF-8 bytes) are within the limits."""
+    ad = _one(lora_module("é" * 1024), name="ü" * 256, tensors={"ß" * 1024: np.zeros(1, np.float32)})
+    write_apack(tmp_path / "w.apack", ad)
+    back = adapterpack.open(tmp_path / "w.apack")
+    assert back.name == "ü" * 256 and list(back.modules) == ["é" * 1024] and list(back.tensors) == ["ß" * 1024]
+
+
+def test_numpy_scalars_are_written_as_json_numbers(tmp_path: Path) -> None:
+    """np.int64 shapes and numpy scalars in params/source become plain JSON ints, floats and bools."""
+    m = lora_module("m")
+    m.base_shape = tuple(np.int64(d) for d in m.base_shape)
+    m.params.update(rank=np.int64(2), alpha=np.float32(4.0), rslora=np.bool_(False))
+    ad = _one(m, source={"n": np.int32(7), "f": np.float64(0.5), "b": np.bool_(True), "l": [np.uint8(3)]})
+    write_apack(tmp_path / "w.apack", ad)
+    index = split((tmp_path / "w.apack").read_bytes()).index
+    entry = index["adapters"][0]
+    assert entry["modules"][0]["base_shape"] == [4, 6]
+    assert entry["modules"][0]["params"] == {"rank": 2, "alpha": 4.0, "rslora": False}
+    assert entry["source"] == {"n": 7, "f": 0.5, "b": True, "l": [3]}
+    assert type(entry["source"]["n"]) is int and type(entry["source"]["b"]) is bool
+    back = adapterpack.open(tmp_path / "w.apack")
+    assert np.array_equal(back.delta("m"), m.delta())
+
+
+def test_dumps_names_the_key_of_a_value_json_cannot_hold() -> None:
+    with pytest.raises(IndexFormatError, match=r"cannot write index: index\.a\.b\[0\] is a set") as info:
+        index_dumps({"a": {"b": [{1, 2}]}})
+    assert type(info.value) is IndexFormatError
+    assert index_dumps({"x": [np.int16(-3), np.float16(0.5), np.bool_(False)]}) == b'{"x":[-3,0.5,false]}'
+
+
+def test_verify_report_ok_follows_its_problems() -> None:
+    report = VerifyReport(path="p")
+    assert report.ok and report.as_dict()["ok"] is True
+    report.problems.append("padding before blob 1 is not zero")
+    assert not report.ok and report.as_dict() == {
+        "path": "p",
+        "ok": False,
+        "problems": ["padding before blob 1 is not zero"],
+        "blobs": 0,
+        "bytes_checked": 0,
+        "skipped": [],
+        "version": "",
+    }
+
+
+def test_import_does_not_load_crc32c() -> None:
+    """The crc32c package costs ~17 ms to import (importlib.metadata, its CLI); it loads on the first checksum."""
+    code = "import sys, adapterpack; assert 'crc32c' not in sys.modules; from adapterpack.checksum import crc32c; "
+    code += "assert crc32c(b'123456789') == 0xE3069283 and 'crc32c' in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -207,6 +207,14 @@ def _ratio(p: Parts) -> None:
     p.index["blobs"][0].update(shape=[2, 2**30], length=2**33, codec={"id": "zstd", "level": 3})
 
 
+def _magnitude_wrong_length(p: Parts) -> None:
+    """Module 0 (B is [4, 2]) gets a 1-D float32 magnitude of 12 elements: blob 4 (the [3, 4] head) seen as [12]."""
+    p.index["blobs"][4]["shape"] = [12]
+    m = p.index["adapters"][0]["modules"][0]
+    m["params"]["dora"] = True
+    m["tensors"]["magnitude"] = 4
+
+
 def _unknown_optional_codec_required(p: Parts) -> None:
     p.index["blobs"][0]["codec"] = {"id": "x-future-codec", "must_understand": True}
 
@@ -317,6 +325,18 @@ CASES = [
     Case("layout-unknown", params(0, layout="diagonal"), RecordError, r"layout must be one of"),
     Case("dora-without-magnitude", params(0, dora=True), RecordError, r"dora is True but the magnitude tensor is absent"),
     Case("missing-slot", module(0, tensors={"A": 0, "C": 1}), RecordError, r"missing \[.B.\], unknown \[.C.\]"),
+    Case(
+        "dora-magnitude-length",
+        edit(_magnitude_wrong_length),
+        RecordError,
+        r"magnitude must be a float vector of B's 4 rows, got float32 \[12\]",
+    ),
+    Case(
+        "fan-in-fan-out-embedding",
+        params(0, layout="embedding", fan_in_fan_out=True),
+        RecordError,
+        r"embedding lora needs 2-D A and B and no fan_in_fan_out",
+    ),
     Case("params-not-object", module(0, params=[2]), IndexFormatError, r"'params' must be dict"),
     # --- zstd ------------------------------------------------------------------------------------
     Case(
@@ -358,6 +378,22 @@ CASES = [
         r"blob 0: byteplanes plane 2: frame declares 11 bytes, index says 12",
     ),
     Case("planes-1-byte-dtype", edit(_byteplanes_uint8), IndexFormatError, r"byteplanes cannot hold uint8"),
+    Case(
+        "codec-must-understand-string-raw",
+        blob(0, codec={"id": "raw", "must_understand": "yes"}),
+        IndexFormatError,
+        r"blob 0 codec: 'must_understand' must be bool, got 'yes'",
+    ),
+    Case(
+        "codec-must-understand-int-zstd",
+        blob(0, codec={"id": "zstd", "level": 3, "must_understand": 1}),
+        IndexFormatError,
+        r"blob 0 codec: 'must_understand' must be bool, got 1",
+    ),
+    # --- integers are written without fraction or exponent (§2) -----------------------------------
+    Case("rank-as-float", params(0, rank=2.0), RankError, r"rank must be an integer >= 1, got 2.0"),
+    Case("shape-int-as-float", blob(0, shape=[2.0, 6]), IndexFormatError, r"'shape' must be non-negative integers"),
+    Case("offset-exponent", text_edit('"offset":48', '"offset":4.8e1'), IndexFormatError, r"'offset' must be int"),
 ]
 
 
@@ -614,6 +650,33 @@ def test_zstd_frame_yielding_more_than_declared_stays_bounded(tmp_path: Path) ->
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20
+
+
+@pytest.mark.parametrize("codec", ["zstd", "byteplanes"])
+def test_header_is_checked_before_the_output_is_allocated(tmp_path: Path, codec: str) -> None:
+    """A 16 KiB blob whose index claims 512 MiB (within the 32768x bound) but whose frame declares 48 bytes.
+
+    The index alone cannot refuse it; the codec must compare the frame header with the
+    claim before allocating the 512 MiB (spec §5.1), so tracemalloc's peak stays small.
+    """
+    p = valid_parts(tmp_path, "raw")
+    decoded = _a0(p)  # 12 float32
+    frames = [zstd_frame(decoded)] if codec == "zstd" else [zstd_frame(decoded[j::4]) for j in range(4)]
+    frames[-1] += b"\0" * ((1 << 14) - 8 * (len(frames) > 1) * len(frames) - sum(map(len, frames)))  # 16 KiB stored
+    stored = frames[0] if codec == "zstd" else byteplanes(decoded, 4, frames=frames)
+    assert len(stored) == 1 << 14
+    p.index["blobs"][0].update(shape=[2, 1 << 26], length=1 << 29, codec={"id": codec, "level": 3})
+    p.set_blob(0, stored)
+    reader = ApackReader(write(tmp_path / "claim.apack", p.build()))
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match=r"declares (48|12) bytes, index says (536870912|134217728)") as info:
+            reader.read_blob(0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert type(info.value) is CodecError
+    assert peak < 1 << 20, f"peak {peak} bytes"
 
 
 def test_zero_size_blobs(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -21,7 +21,7 @@ from adapterpack import errors
 from adapterpack.adapter import Adapter, Module, as_array
 from adapterpack.container import ApackReader
 from adapterpack.errors import AdapterpackError
-from tests.apack_builders import lora_module
+from tests.apack_builders import load_everything, lora_module
 from tools.fuzz_open import exercise, mutations, seed_files
 
 FLOATS = {"float32": np.uint32, "float16": np.uint16, "bfloat16": np.uint16, "float64": np.uint64}
@@ -178,6 +178,62 @@ def test_save_open_is_bit_exact(ads: list[Adapter], level: int, workdir: Path) -
         assert report.ok and report.bytes_checked == result.decoded_bytes, report.problems
         assert result.decoded_bytes == sum(a.decoded_bytes for a in ads)
         reader.close()
+
+
+# --- the writer never writes a file its reader refuses ------------------------------------------------
+
+edge_names = st.one_of(names, st.just(""), st.integers(250, 260).map(lambda n: "é" * n), st.integers(1020, 1030).map("x".__mul__))
+odd_values = st.one_of(
+    st.integers(-(2**70), 2**70),
+    st.floats(),  # NaN and infinities included
+    st.sampled_from([np.int64(3), np.float32(0.5), np.bool_(True), np.uint8(7), np.float64("nan"), np.zeros(2), object(), {1}]),
+    names,
+)
+
+
+@st.composite
+def hostile_adapters(draw: st.DrawFn) -> list[Adapter]:
+    """Adapters a caller might build, valid or not: edge-length names, too many dimensions, wrong
+    DoRA magnitudes, numpy scalars and non-JSON values in params and source, duplicate names."""
+    ads = []
+    for ad_name in draw(st.lists(edge_names, min_size=1, max_size=2)):
+        modules = {}
+        for mname in draw(st.lists(edge_names, max_size=2)):
+            m = draw(lora_modules(mname))
+            if draw(st.booleans()):
+                m.params[draw(st.sampled_from(["rank", "alpha", "rslora", "layout", "fan_in_fan_out", "x"]))] = draw(odd_values)
+            if draw(st.booleans()):
+                m.params["dora"] = True
+                m.tensors["magnitude"] = np.ones(draw(st.integers(0, 6)), np.float32)
+            if draw(st.booleans()):
+                m.base_shape = tuple(np.int64(d) for d in m.base_shape)
+            modules[draw(st.sampled_from([mname, "same"]))] = m
+        tensors = {n: np.zeros((1,) * draw(st.integers(0, 10)), np.float32) for n in draw(st.lists(edge_names, max_size=2))}
+        source = draw(st.dictionaries(st.one_of(names, st.integers(0, 3)), odd_values, max_size=3))
+        ads.append(Adapter(name=ad_name, modules=modules, tensors=tensors, source=source))
+    return ads
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(ads=hostile_adapters(), codec=st.sampled_from(CODECS))
+def test_writer_never_writes_a_file_the_reader_refuses(
+    ads: list[Adapter], codec: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Either save refuses with an AdapterpackError and writes nothing, or every adapter opens, reads and verifies."""
+    folder = tmp_path_factory.mktemp("w")
+    path = folder / "w.apack"
+    try:
+        adapterpack.save(ads, path, codec=codec)
+    except AdapterpackError as e:
+        event(f"refused: {type(e).__name__}")
+        assert list(folder.iterdir()) == []
+        return
+    event("written")
+    with np.errstate(all="ignore"):  # ΔW of arbitrary bit patterns overflows; computing it is what is tested
+        loaded = load_everything(path, delta_limit=1 << 12)
+    for ad in loaded:
+        ad.close()
+    assert ApackReader(path).verify().ok
 
 
 def test_special_float_bits_survive(tmp_path: Path) -> None:

@@ -180,7 +180,8 @@ def test_limits_table() -> None:
     assert rows["index length"] == "64 MiB" and preamble.MAX_INDEX_LENGTH == 64 << 20
     assert int(rows["blobs"].replace(",", "")) == index.MAX_BLOBS
     assert int(rows["dimensions per tensor"]) == index.MAX_NDIM
-    names = re.fullmatch(r"([\d,]+) characters \(adapters: (\d+)\)", rows["name length"])
+    names = re.fullmatch(r"([\d,]+) code points \(adapters: (\d+)\)", rows["name length"])
     assert names is not None
     assert (int(names[1].replace(",", "")), int(names[2])) == (index.MAX_NAME, index.MAX_ADAPTER_NAME)
     assert rows["zstd window"] == "128 MiB" and zstd.MAX_WINDOW == 128 << 20
+    assert rows["zstd blocks per frame"] == "content size + 1"

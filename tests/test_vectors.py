@@ -161,3 +161,17 @@ def test_generator_writes_byte_identical_output_twice(regenerated: Path, tmp_pat
     make_vectors.build(tmp_path)
     for p in regenerated.iterdir():
         assert (tmp_path / p.name).read_bytes() == p.read_bytes(), p.name
+
+
+def test_vectors_do_not_follow_the_library_default_levels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """make_vectors pins each codec's level, so changing a default cannot silently change the golden bytes."""
+    from adapterpack.codecs import byteplanes, zstd
+
+    monkeypatch.setattr(zstd, "DEFAULT_LEVEL", 19)
+    monkeypatch.setattr(byteplanes, "DEFAULT_LEVEL", 19)
+    make_vectors.build(tmp_path)
+    for name in ("lora_zstd", "lora_byteplanes", "features_byteplanes", "multi_adapter_zstd"):
+        levels = {b["codec"].get("level") for b in ApackReader(tmp_path / f"{name}.apack").index.raw["blobs"]} - {None}
+        assert levels and levels <= {make_vectors.LEVELS["zstd"], make_vectors.LEVELS["byteplanes"]}, (name, levels)
+        if _doc(name).get("zstd_version") == ZSTD_VERSION:
+            assert (tmp_path / f"{name}.apack").read_bytes() == (VECTORS / f"{name}.apack").read_bytes(), name

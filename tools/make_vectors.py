@@ -40,6 +40,8 @@ OUT = REPO / "spec" / "vectors"
 WRITER_ID = "adapterpack (spec vectors)"
 ZSTD_VERSION = ".".join(map(str, zstandard.ZSTD_VERSION))
 BF16 = np.dtype(ml_dtypes.bfloat16)
+#: Compression level per codec, pinned here so the vectors do not follow the library's defaults.
+LEVELS: dict[str, int | None] = {"raw": None, "zstd": 3, "byteplanes": 1}
 
 
 # --- adapters ------------------------------------------------------------------------------------
@@ -127,7 +129,7 @@ def _pinned_writer_id() -> Iterator[None]:
 
 def _write(path: Path, adapters: Adapter | list[Adapter], codec: str) -> None:
     with _pinned_writer_id():
-        writer.write_apack(path, adapters, codec=codec)
+        writer.write_apack(path, adapters, codec=codec, level=LEVELS[codec])
 
 
 def _craft(path: Path, edit: Callable[[dict[str, Any]], None], major: int = 1, minor: int = 0) -> None:

@@ -13,8 +13,10 @@ class Codec:
     """Turns a blob's decoded bytes into stored bytes and back, losslessly.
 
     ``itemsize`` is the element size of the tensor, for codecs that exploit it.
-    ``decode`` writes into a caller-owned buffer whose size comes from the validated
-    index, so a lying header can never make a codec allocate more than that.
+    Decoding is two steps so that a lying header costs nothing (spec §5.1): :meth:`check`
+    validates the stored bytes' headers against the decoded length the validated index
+    states, without allocating; only then is the output buffer allocated (exactly that
+    length) and filled by :meth:`decode_into`. :meth:`decode_new` does both in that order.
     """
 
     codec_id: ClassVar[str]
@@ -32,9 +34,25 @@ class Codec:
         """Stored bytes for ``data``."""
         raise NotImplementedError
 
-    def decode(self, stored: memoryview, out: memoryview, itemsize: int) -> None:
-        """Fill ``out`` (exactly the decoded length) from ``stored``; raise CodecError on a mismatch."""
+    def check(self, stored: memoryview, length: int, itemsize: int) -> None:
+        """Refuse (CodecError) stored bytes whose headers disagree with ``length`` decoded bytes; allocates nothing."""
         raise NotImplementedError
+
+    def decode_into(self, stored: memoryview, out: memoryview, itemsize: int) -> None:
+        """Fill ``out`` from stored bytes that passed :meth:`check`; raise CodecError if they decode otherwise."""
+        raise NotImplementedError
+
+    def decode(self, stored: memoryview, out: memoryview, itemsize: int) -> None:
+        """Check ``stored`` against ``len(out)``, then fill ``out`` (exactly the decoded length)."""
+        self.check(stored, len(out), itemsize)
+        self.decode_into(stored, out, itemsize)
+
+    def decode_new(self, stored: memoryview, length: int, itemsize: int) -> bytearray:
+        """Check ``stored`` against ``length`` first, then allocate exactly ``length`` bytes and decode into them."""
+        self.check(stored, length, itemsize)
+        buf = bytearray(length)
+        self.decode_into(stored, memoryview(buf), itemsize)
+        return buf
 
     def max_expansion(self) -> int | None:
         """Largest possible decoded/stored size ratio, or None when decoded == stored."""

@@ -15,7 +15,10 @@ class Raw(Codec):
     def encode(self, data: memoryview, itemsize: int) -> bytes:
         return bytes(data)
 
-    def decode(self, stored: memoryview, out: memoryview, itemsize: int) -> None:
-        if len(stored) != len(out):
-            raise LengthMismatchError(f"raw blob stores {len(stored)} bytes, index says {len(out)}")
+    def check(self, stored: memoryview, length: int, itemsize: int) -> None:
+        if len(stored) != length:
+            raise LengthMismatchError(f"raw blob stores {len(stored)} bytes, index says {length}")
+
+    def decode_into(self, stored: memoryview, out: memoryview, itemsize: int) -> None:
+        self.check(stored, len(out), itemsize)  # a memcpy's worth of checking: keep decode_into safe on its own
         out[:] = stored

@@ -1,8 +1,8 @@
 """``zstd``: one Zstandard frame, decoded safely into a buffer sized by the index.
 
 python-zstandard's one-shot ``decompress`` trusts the frame header's content size (a
-16-byte frame can claim 16 GiB), so decoding checks the header against the index first
-and streams into the preallocated output.
+16-byte frame can claim 16 GiB), so :func:`check_frame` compares the header with the
+index before any output buffer exists, and decoding streams into that buffer.
 """
 
 from __future__ import annotations
@@ -26,44 +26,62 @@ def compress(data: memoryview | bytes, level: int) -> bytes:
     return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
 
 
-def frame_length(frame: memoryview, has_checksum: bool, what: str = "zstd frame") -> int:
+def frame_length(frame: memoryview, has_checksum: bool, content_size: int, what: str = "zstd frame") -> int:
     """Bytes of the zstd frame at the start of ``frame``, walking its block headers (RFC 8878 §3.1.1).
 
     The decoder skips skippable frames after the first, so trailing data is caught here.
+    Every block but the last decodes to at least one byte (libzstd writes no empty block
+    before the last), so a frame declaring ``content_size`` bytes has at most
+    ``content_size + 1`` blocks; more is refused (spec §5.1), which bounds this loop by the
+    validated decoded size as well as by the stored size.
     """
     pos = zstandard.frame_header_size(frame)
+    blocks, max_blocks = 0, content_size + 1
     while True:
         if pos + 3 > len(frame):
             raise CodecError(f"{what}: truncated (block header past the end)")
+        if blocks == max_blocks:
+            raise CodecError(f"{what}: more than {max_blocks} blocks for {content_size} declared bytes")
         header = int.from_bytes(frame[pos : pos + 3], "little")
         kind, size = (header >> 1) & 3, header >> 3
         if kind == 3:
             raise CodecError(f"{what}: corrupt (reserved block type)")
         pos += 3 + (1 if kind == 1 else size)
+        blocks += 1
         if header & 1:
             return pos + 4 * has_checksum
 
 
-def decompress_into(frame: memoryview, out: memoryview, what: str = "zstd frame") -> None:
-    """Decode exactly one frame into ``out``; refuse size lies and trailing data."""
+def check_frame(frame: memoryview, size: int, what: str = "zstd frame") -> None:
+    """Refuse a frame unless it is exactly one frame declaring ``size`` content bytes (spec §5.1); allocates nothing.
+
+    The declared size is compared with the index before the blocks are walked, so the walk
+    is bounded by a size the index already vouches for.
+    """
     if bytes(frame[:4]) != zstandard.FRAME_HEADER:
         raise CodecError(f"{what}: not a zstd frame (no zstd magic number)")
     try:
         declared = zstandard.frame_content_size(frame)
         params = zstandard.get_frame_parameters(frame)
-        window = params.window_size
-        end = frame_length(frame, params.has_checksum, what)
+    except zstandard.ZstdError as e:
+        raise CodecError(f"{what}: not a zstd frame ({e})") from None
+    if declared < 0:
+        raise CodecError(f"{what}: frame does not declare its content size")
+    if declared != size:
+        raise CodecError(f"{what}: frame declares {declared} bytes, index says {size}")
+    if params.window_size > MAX_WINDOW:
+        raise CodecError(f"{what}: window of {params.window_size} bytes exceeds the {MAX_WINDOW}-byte limit")
+    try:
+        end = frame_length(frame, params.has_checksum, declared, what)
     except zstandard.ZstdError as e:
         raise CodecError(f"{what}: not a zstd frame ({e})") from None
     if end != len(frame):
         more = f"followed by {len(frame) - end} more bytes" if end < len(frame) else f"{end - len(frame)} bytes short"
         raise CodecError(f"{what}: one frame is {end} bytes, blob has {len(frame)} ({more})")
-    if declared < 0:
-        raise CodecError(f"{what}: frame does not declare its content size")
-    if declared != len(out):
-        raise CodecError(f"{what}: frame declares {declared} bytes, index says {len(out)}")
-    if window > MAX_WINDOW:
-        raise CodecError(f"{what}: window of {window} bytes exceeds the {MAX_WINDOW}-byte limit")
+
+
+def decode_checked(frame: memoryview, out: memoryview, what: str = "zstd frame") -> None:
+    """Decode a frame that passed :func:`check_frame` for ``len(out)`` into ``out``; refuse a size that differs."""
     dctx = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
     try:
         with dctx.stream_reader(frame, read_across_frames=True) as reader:
@@ -78,6 +96,12 @@ def decompress_into(frame: memoryview, out: memoryview, what: str = "zstd frame"
         raise CodecError(f"{what}: corrupt ({e})") from None
     if filled != len(out) or extra:
         raise CodecError(f"{what}: decoded size differs from the declared {len(out)} bytes")
+
+
+def decompress_into(frame: memoryview, out: memoryview, what: str = "zstd frame") -> None:
+    """Check, then decode exactly one frame into ``out``; refuse size lies and trailing data."""
+    check_frame(frame, len(out), what)
+    decode_checked(frame, out, what)
 
 
 @register_codec
@@ -100,8 +124,11 @@ class Zstd(Codec):
     def encode(self, data: memoryview, itemsize: int) -> bytes:
         return compress(data, self.level)
 
-    def decode(self, stored: memoryview, out: memoryview, itemsize: int) -> None:
-        decompress_into(stored, out)
+    def check(self, stored: memoryview, length: int, itemsize: int) -> None:
+        check_frame(stored, length)
+
+    def decode_into(self, stored: memoryview, out: memoryview, itemsize: int) -> None:
+        decode_checked(stored, out)
 
     def max_expansion(self) -> int:
         return MAX_RATIO

@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .. import codecs, dtypes
 from ..errors import (
     AdapterpackError,
@@ -128,12 +130,51 @@ def loads(data: bytes) -> dict[str, Any]:
     return obj
 
 
+def _json_default(value: Any) -> Any:
+    """numpy scalars as the JSON numbers and booleans they stand for; anything else is refused."""
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return float(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def _find_bad(obj: Any, path: str) -> str | None:
+    """Where in ``obj`` a value JSON cannot hold sits (a non-finite float, an unknown type), as a key path."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int, float, bool)) and k is not None:
+                return f"{path}: key {k!r:.40} ({type(k).__name__})"
+            found = _find_bad(v, f"{path}.{k}")
+            if found:
+                return found
+        return None
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            found = _find_bad(v, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if isinstance(obj, (float, np.floating)):
+        return None if math.isfinite(obj) else f"{path} = {obj!r} (JSON has no NaN or infinity)"
+    if obj is None or isinstance(obj, (str, int, np.integer, np.bool_)):
+        return None
+    return f"{path} is a {type(obj).__name__}"
+
+
 def dumps(obj: dict[str, Any]) -> bytes:
-    """Serialize an index compactly and deterministically."""
+    """Serialize an index compactly and deterministically.
+
+    numpy scalars are written as the numbers they hold (``np.int64(3)`` as ``3``); a value
+    JSON cannot hold is an IndexFormatError naming its key path, never a TypeError.
+    """
     try:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
-    except ValueError as e:
-        raise IndexFormatError(f"cannot write index: {e}") from None
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False, default=_json_default).encode("utf-8")
+    except (TypeError, ValueError) as e:
+        where = _find_bad(obj, "index")
+        raise IndexFormatError(f"cannot write index: {where or e}") from None
 
 
 _MISSING = object()
@@ -222,7 +263,10 @@ def parse_blob(i: int, obj: Any, bounds: dict[str, int | None] | None = None) ->
         ints = [get_int(obj, k, where) for k in _BLOB_INTS]
     offset, stored_length, length, crc = ints
     known = codecs.base.is_known(codec_id)
-    if not known and get(codec, "must_understand", bool, f"{where} codec", True):
+    must = codec.get("must_understand", True)
+    if type(must) is not bool:
+        raise IndexFormatError(f"{where} codec: 'must_understand' must be bool, got {must!r:.80}")
+    if not known and must:
         raise UnknownCodecError(f"{where}: unknown codec {codec_id!r} marked must_understand")
     itemsize = dtype.itemsize
     expected = math.prod(shape) * itemsize

@@ -16,19 +16,12 @@ from typing import Any
 import numpy as np
 
 from .. import codecs, dtypes
-from ..adapter import Adapter, Module, StoredTensor
+from ..adapter import Adapter, StoredTensor
 from ..checksum import crc32c
-from ..encodings import get_encoding, is_known
-from ..errors import (
-    AdapterNotFoundError,
-    AdapterpackError,
-    ChecksumError,
-    DuplicateNameError,
-    IndexFormatError,
-    UnknownEncodingError,
-)
-from .index import BlobEntry, Index, get, get_name, get_shape, loads, parse_index
+from ..errors import AdapterNotFoundError, AdapterpackError, ChecksumError
+from .index import BlobEntry, Index, loads, parse_index
 from .preamble import PREAMBLE_SIZE, Preamble, parse_preamble
+from .records import build_adapter, check_references
 
 
 @dataclass
@@ -36,16 +29,20 @@ class VerifyReport:
     """What ``verify`` found: problems (empty when the file is sound) and totals."""
 
     path: str
-    ok: bool
     problems: list[str] = field(default_factory=list)
     blobs: int = 0
     bytes_checked: int = 0
     skipped: list[str] = field(default_factory=list)
     version: str = ""
 
+    @property
+    def ok(self) -> bool:
+        """True when no problem was found."""
+        return not self.problems
+
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return dict(self.__dict__)
+        """JSON-ready form (with ``ok``)."""
+        return {"path": self.path, "ok": self.ok} | {k: v for k, v in self.__dict__.items() if k != "path"}
 
 
 class ApackReader:
@@ -56,6 +53,7 @@ class ApackReader:
         self.verify_checksums = verify
         self._verified: set[int] = set()
         self._mm: mmap.mmap | None = None
+        self._users = 0  # adapters handed out and not yet closed (see adapter())
         try:
             self._open()
         except AdapterpackError as e:
@@ -66,9 +64,8 @@ class ApackReader:
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(PREAMBLE_SIZE)
-            self.preamble: Preamble = parse_preamble(head, size)
-            if size:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self.preamble: Preamble = parse_preamble(head, size)  # refuses files under 32 bytes, so the mmap is never empty
+            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.file_size = size
         pre = self.preamble
         index_bytes = self._mm[PREAMBLE_SIZE : PREAMBLE_SIZE + pre.index_length]
@@ -81,38 +78,8 @@ class ApackReader:
 
     # --- index-level checks ----------------------------------------------------------------------
 
-    def _blob_ref(self, value: Any, where: str) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < len(self.index.blobs):
-            raise IndexFormatError(f"{where}: blob reference {value!r} is not a blob index")
-        return value
-
     def _check_references(self) -> None:
-        used: set[int] = set()
-        for a in self.index.adapters:
-            aw = f"adapter {a['name']!r}"
-            mods = get(a, "modules", list, aw)
-            seen: set[str] = set()
-            for k, m in enumerate(mods):
-                if not isinstance(m, dict):
-                    raise IndexFormatError(f"{aw} module {k}: must be an object")
-                name = get_name(m, "name", f"{aw} module {k}")
-                if name in seen:
-                    raise DuplicateNameError(f"{aw}: two modules are named {name!r}")
-                seen.add(name)
-                for slot, ref in get(m, "tensors", dict, f"{aw} module {name!r}").items():
-                    used.add(self._blob_ref(ref, f"{aw} module {name!r} tensor {slot!r}"))
-            tseen: set[str] = set()
-            for k, t in enumerate(get(a, "tensors", list, aw, [])):
-                if not isinstance(t, dict):
-                    raise IndexFormatError(f"{aw} tensor {k}: must be an object")
-                name = get_name(t, "name", f"{aw} tensor {k}")
-                if name in tseen:
-                    raise DuplicateNameError(f"{aw}: two tensors are named {name!r}")
-                tseen.add(name)
-                used.add(self._blob_ref(t.get("blob"), f"{aw} tensor {name!r}"))
-        unused = set(range(len(self.index.blobs))) - used
-        if unused:
-            raise IndexFormatError(f"blob {min(unused)} is not referenced by any record ({len(unused)} unreferenced)")
+        check_references(self.index)
 
     # --- blobs ----------------------------------------------------------------------------------
 
@@ -127,6 +94,9 @@ class ApackReader:
 
     def read_blob(self, i: int) -> np.ndarray:
         """Blob ``i`` decoded as a numpy array (read-only view for raw blobs)."""
+        return self._read(i, self.verify_checksums)
+
+    def _read(self, i: int, check_crc: bool) -> np.ndarray:
         if self._mm is None:
             raise AdapterpackError(f"{self.path}: file is closed")
         b = self.index.blobs[i]
@@ -135,12 +105,11 @@ class ApackReader:
             if b.codec_id == "raw":
                 arr = np.frombuffer(self._mm, dtype=dt.numpy, count=b.length // dt.itemsize, offset=self.data_start + b.offset)
                 data = dtypes.as_bytes(arr)
-            else:
-                buf = bytearray(b.length)
+            else:  # the codec checks the stored headers against b.length before allocating it (spec §5.1)
+                buf = codecs.get_codec(b.codec).decode_new(self._stored(b), b.length, dt.itemsize)
                 data = memoryview(buf)
-                codecs.get_codec(b.codec).decode(self._stored(b), data, dt.itemsize)
                 arr = np.frombuffer(buf, dtype=dt.numpy)
-            if self.verify_checksums and i not in self._verified:
+            if check_crc and i not in self._verified:
                 if crc32c(data) != b.crc32c:
                     raise ChecksumError("checksum mismatch (decoded bytes are corrupt)")
                 self._verified.add(i)
@@ -160,7 +129,11 @@ class ApackReader:
         return [a["name"] for a in self.index.adapters]
 
     def adapter(self, name: str | None = None) -> Adapter:
-        """Build the :class:`Adapter` called ``name`` (the only one when ``None``)."""
+        """Build the :class:`Adapter` called ``name`` (the only one when ``None``).
+
+        Closing the adapter releases this reader once every adapter it handed out has been
+        closed (sibling adapters of one file share the reader); :meth:`close` closes it at once.
+        """
         names = self.adapter_names
         if name is None:
             if len(names) != 1:
@@ -168,58 +141,27 @@ class ApackReader:
             name = names[0]
         if name not in names:
             raise AdapterNotFoundError(f"{self.path}: no adapter {name!r} (has {', '.join(names)})")
-        raw = self.index.adapters[names.index(name)]
+        ad = self._build(self.index.adapters[names.index(name)])
+        self._users += 1
+        ad.closer = self._release
+        return ad
+
+    def _build(self, raw: dict[str, Any]) -> Adapter:
         try:
-            return self._build(raw)
+            return build_adapter(raw, self.index.blobs, self._stored_tensor)
         except AdapterpackError as e:
             raise type(e)(f"{self.path}: {e}") from None
 
-    def _build(self, raw: dict[str, Any]) -> Adapter:
-        aw = f"adapter {raw['name']!r}"
-        base_model = get(raw, "base_model", (str, type(None)), aw, None)
-        arch = get(raw, "base_architecture", (str, type(None)), aw, None)
-        source = get(raw, "source", dict, aw, {})
-        metadata = get(raw, "metadata", dict, aw, {})
-        if not all(isinstance(v, str) for v in metadata.values()):
-            raise IndexFormatError(f"{aw}: metadata values must be strings")
-        adapter = Adapter(name=raw["name"], base_model=base_model, base_architecture=arch, source=source, metadata=metadata)
-        blobs = self.index.blobs
-        for m in raw["modules"]:
-            mw = f"{aw} module {m['name']!r}"
-            enc_id = get(m, "encoding", str, mw)
-            must = get(m, "must_understand", bool, mw, True)
-            refs = m["tensors"]
-            unreadable = [blobs[r].codec_id for r in refs.values() if not blobs[r].known_codec]
-            if not is_known(enc_id) or unreadable:
-                what = f"encoding {enc_id!r}" if not is_known(enc_id) else f"codec {unreadable[0]!r}"
-                if must and not is_known(enc_id):
-                    raise UnknownEncodingError(f"{mw}: unknown encoding {enc_id!r} marked must_understand")
-                adapter.skipped.append(f"module {m['name']!r}: {what} not understood, skipped")
-                continue
-            module = Module(
-                name=m["name"],
-                encoding=enc_id,
-                base_shape=get_shape(m, "base_shape", mw),
-                params=get(m, "params", dict, mw),
-                tensors={slot: self._stored_tensor(r) for slot, r in refs.items()},
-                must_understand=must,
-            )
-            get_encoding(enc_id).validate(module)
-            adapter.modules[module.name] = module
-        for t in raw.get("tensors", []):
-            b = blobs[t["blob"]]
-            if not b.known_codec:
-                adapter.skipped.append(f"tensor {t['name']!r}: codec {b.codec_id!r} not understood, skipped")
-                continue
-            adapter.tensors[t["name"]] = self._stored_tensor(t["blob"])
-        adapter.closer = self.close
-        return adapter
+    def _release(self) -> None:
+        self._users -= 1
+        if self._users <= 0:
+            self.close()
 
     # --- whole-file checks ----------------------------------------------------------------------
 
     def verify(self) -> VerifyReport:
         """Decode every blob and check its CRC-32C, and check that all padding is zero."""
-        report = VerifyReport(path=str(self.path), ok=True, blobs=len(self.blobs), version=self.version)
+        report = VerifyReport(path=str(self.path), blobs=len(self.blobs), version=self.version)
         mm = self._mm
         if mm is None:
             raise AdapterpackError(f"{self.path}: file is closed")
@@ -235,20 +177,16 @@ class ApackReader:
                 report.skipped.append(f"blob {i}: codec {b.codec_id!r} not understood, not checked")
                 continue
             self._verified.discard(i)
-            saved, self.verify_checksums = self.verify_checksums, True
             try:
-                self.read_blob(i)
+                self._read(i, check_crc=True)
                 report.bytes_checked += b.length
             except AdapterpackError as e:
                 report.problems.append(str(e).removeprefix(f"{self.path}: "))
-            finally:
-                self.verify_checksums = saved
-        for name in self.adapter_names:
+        for raw in self.index.adapters:
             try:
-                report.skipped.extend(self.adapter(name).skipped)
+                report.skipped.extend(self._build(raw).skipped)
             except AdapterpackError as e:
                 report.problems.append(str(e).removeprefix(f"{self.path}: "))
-        report.ok = not report.problems
         return report
 
     def close(self) -> None:

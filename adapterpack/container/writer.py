@@ -15,11 +15,10 @@ from ..adapter import Adapter, StoredTensor, as_array
 from ..atomic import atomic_file
 from ..checksum import crc32c
 from ..encodings import get_encoding
-from ..errors import DuplicateNameError, IndexTooLargeError
-from .index import blob_alignment, dumps, plan_offsets
+from ..errors import AdapterpackError, DuplicateNameError, IndexTooLargeError
+from .index import blob_alignment, dumps, loads, parse_index, plan_offsets
 from .preamble import MAJOR, MAX_INDEX_LENGTH, MINOR, PREAMBLE_SIZE, Preamble, align_up
-
-CODEC_CHOICES = ("raw", "zstd", "byteplanes")
+from .records import build_adapter, check_references
 
 
 @dataclass
@@ -44,7 +43,9 @@ def _writer_id() -> str:
 def encode_blob(arr: np.ndarray, codec: str, level: int | None = None) -> tuple[bytes | memoryview, dict[str, Any], int]:
     """(stored bytes, codec object, crc32c) for one tensor; raw when compression does not pay.
 
-    ``level`` None uses the codec's own default."""
+    ``level`` None uses the codec's own default. byteplanes cannot hold 1-byte elements
+    (§5.2): those get zstd, at ``level`` when one is given (zstd levels mean the same in
+    both codecs) and at zstd's own default otherwise."""
     dt = dtypes.of_array(arr)
     arr = np.ascontiguousarray(arr, dtype=dt.numpy)
     data = dtypes.as_bytes(arr)
@@ -88,8 +89,7 @@ def write_apack(
     """
     if isinstance(adapters, Adapter):
         adapters = [adapters]
-    if codec not in CODEC_CHOICES:
-        codecs.get_codec(codec)  # raises UnknownCodecError naming it
+    codecs.get_codec(codec)  # raises UnknownCodecError naming it
     names = [a.name for a in adapters]
     if len(set(names)) != len(names):
         raise DuplicateNameError(f"adapter names must be unique, got {names}")
@@ -138,6 +138,11 @@ def write_apack(
         raise IndexTooLargeError(f"index would be {len(index_bytes)} bytes, over the {MAX_INDEX_LENGTH}-byte limit")
     pre = Preamble(MAJOR, MINOR, 0, len(index_bytes), crc32c(index_bytes))
     data_start = pre.data_start
+    end = data_start + (offsets[-1] + len(stored[-1]) if stored else 0)
+    try:
+        check_index(index_bytes, data_start, end)
+    except AdapterpackError as e:
+        raise type(e)(f"cannot write {path}: {e}") from None
     padding = data_start - PREAMBLE_SIZE - len(index_bytes)
     with atomic_file(path) as f:
         f.write(pre.pack())
@@ -162,9 +167,32 @@ def write_apack(
     )
 
 
+def check_index(index_bytes: bytes, data_start: int, file_size: int) -> None:
+    """Refuse an index the reader would refuse, with the reader's own checks and error classes.
+
+    Runs on the bytes about to be written (so it sees exactly what JSON kept): the index
+    schema, blob table and layout, references and names, and every record of every
+    adapter (encodings validate from dtypes and shapes; no tensor is read).
+    """
+    index = parse_index(loads(index_bytes), data_start, file_size)
+    check_references(index)
+    blobs = index.blobs
+
+    def placeholder(i: int) -> StoredTensor:
+        b = blobs[i]
+        return StoredTensor(b.dtype, b.shape, b.stored_length, b.codec_id, _not_written_yet)
+
+    for raw in index.adapters:
+        build_adapter(raw, blobs, placeholder)
+
+
+def _not_written_yet() -> np.ndarray:
+    raise AdapterpackError("the file is not written yet")
+
+
 def _ordered(b: dict[str, Any]) -> dict[str, Any]:
     keys = ("dtype", "shape", "codec", "offset", "stored_length", "length", "crc32c")
     return {k: b[k] for k in keys}
 
 
-__all__ = ["CODEC_CHOICES", "WriteResult", "align_up", "blob_alignment", "encode_blob", "write_apack"]
+__all__ = ["WriteResult", "align_up", "blob_alignment", "check_index", "encode_blob", "write_apack"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
-import sys
+import numbers
 from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
 
 from ..adapter import tensor_info
 from ..errors import RankError, RecordError
@@ -25,9 +27,19 @@ def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
 
 def _bool(params: dict[str, Any], key: str, where: str) -> bool:
     value = params.get(key, False)
-    if not isinstance(value, bool):
+    if not isinstance(value, (bool, np.bool_)):
         raise RecordError(f"{where}: param {key!r} must be true or false, got {value!r}")
-    return value
+    return bool(value)
+
+
+def _finite_number(value: Any) -> bool:
+    """A real number (Python or numpy; not a bool) that a binary64 holds finitely."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond binary64's range
+        return False
 
 
 @register_encoding
@@ -44,11 +56,11 @@ class Lora(Encoding):
         extra = [s for s in module.tensors if s not in self.slots]
         if missing or extra:
             raise RecordError(f"{where}: lora needs tensors A and B (optional magnitude); missing {missing}, unknown {extra}")
-        rank = p.get("rank")
-        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        rank = p.get("rank")  # numpy integers too: an in-memory record may hold them, and the index writes them as ints
+        if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
             raise RankError(f"{where}: rank must be an integer >= 1, got {rank!r}")
         alpha = p.get("alpha")
-        if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not abs(alpha) <= sys.float_info.max:
+        if not _finite_number(alpha):
             raise RecordError(f"{where}: alpha must be a finite number, got {alpha!r}")
         layout = p.get("layout", "linear")
         if layout not in LAYOUTS:
@@ -87,8 +99,8 @@ class Lora(Encoding):
             raise RecordError(f"{where}: dora is {dora} but the magnitude tensor is {'present' if has_mag else 'absent'}")
         if has_mag:
             mdt, msh = tensor_info(module.tensors["magnitude"])
-            if mdt not in FLOATS or len(msh) != 1:
-                raise RecordError(f"{where}: magnitude must be a 1-D float vector, got {mdt} {list(msh)}")
+            if mdt not in FLOATS or msh != (out,):
+                raise RecordError(f"{where}: magnitude must be a float vector of B's {out} rows, got {mdt} {list(msh)}")
 
     def scale(self, module: Module) -> float:
         """The module's effective LoRA scale s."""

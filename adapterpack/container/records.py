@@ -1,0 +1,99 @@
+"""The adapter and module records of a parsed index: references, names, encodings (spec §2.2, §2.3, §4).
+
+The reader runs these on every file it opens and the writer on every index it is about
+to write, so the writer can never produce a file the reader refuses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..adapter import Adapter, Module, TensorLike
+from ..encodings import get_encoding, is_known
+from ..errors import DuplicateNameError, IndexFormatError, UnknownEncodingError
+from .index import BlobEntry, Index, get, get_name, get_shape
+
+
+def _blob_ref(value: Any, n_blobs: int, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n_blobs:
+        raise IndexFormatError(f"{where}: blob reference {value!r} is not a blob index")
+    return value
+
+
+def check_references(index: Index) -> None:
+    """Module and tensor entries well formed, uniquely named, referencing existing blobs; every blob referenced."""
+    n_blobs = len(index.blobs)
+    used: set[int] = set()
+    for a in index.adapters:
+        aw = f"adapter {a['name']!r}"
+        mods = get(a, "modules", list, aw)
+        seen: set[str] = set()
+        for k, m in enumerate(mods):
+            if not isinstance(m, dict):
+                raise IndexFormatError(f"{aw} module {k}: must be an object")
+            name = get_name(m, "name", f"{aw} module {k}")
+            if name in seen:
+                raise DuplicateNameError(f"{aw}: two modules are named {name!r}")
+            seen.add(name)
+            for slot, ref in get(m, "tensors", dict, f"{aw} module {name!r}").items():
+                used.add(_blob_ref(ref, n_blobs, f"{aw} module {name!r} tensor {slot!r}"))
+        tseen: set[str] = set()
+        for k, t in enumerate(get(a, "tensors", list, aw, [])):
+            if not isinstance(t, dict):
+                raise IndexFormatError(f"{aw} tensor {k}: must be an object")
+            name = get_name(t, "name", f"{aw} tensor {k}")
+            if name in tseen:
+                raise DuplicateNameError(f"{aw}: two tensors are named {name!r}")
+            tseen.add(name)
+            used.add(_blob_ref(t.get("blob"), n_blobs, f"{aw} tensor {name!r}"))
+    unused = set(range(n_blobs)) - used
+    if unused:
+        raise IndexFormatError(f"blob {min(unused)} is not referenced by any record ({len(unused)} unreferenced)")
+
+
+def build_adapter(raw: dict[str, Any], blobs: list[BlobEntry], tensor: Callable[[int], TensorLike]) -> Adapter:
+    """The :class:`Adapter` an ADAPTER object (already through :func:`check_references`) describes.
+
+    Validates its fields and every record it understands (the encoding's ``validate`` sees
+    only dtypes and shapes); ``tensor(i)`` gives the tensor object for blob ``i``. Records
+    and tensors it cannot read but may skip (``must_understand: false``) are listed in
+    ``skipped``.
+    """
+    aw = f"adapter {raw['name']!r}"
+    base_model = get(raw, "base_model", (str, type(None)), aw, None)
+    arch = get(raw, "base_architecture", (str, type(None)), aw, None)
+    source = get(raw, "source", dict, aw, {})
+    metadata = get(raw, "metadata", dict, aw, {})
+    if not all(isinstance(v, str) for v in metadata.values()):
+        raise IndexFormatError(f"{aw}: metadata values must be strings")
+    adapter = Adapter(name=raw["name"], base_model=base_model, base_architecture=arch, source=source, metadata=metadata)
+    for m in raw["modules"]:
+        mw = f"{aw} module {m['name']!r}"
+        enc_id = get(m, "encoding", str, mw)
+        must = get(m, "must_understand", bool, mw, True)
+        refs = m["tensors"]
+        unreadable = [blobs[r].codec_id for r in refs.values() if not blobs[r].known_codec]
+        if not is_known(enc_id) or unreadable:
+            what = f"encoding {enc_id!r}" if not is_known(enc_id) else f"codec {unreadable[0]!r}"
+            if must and not is_known(enc_id):
+                raise UnknownEncodingError(f"{mw}: unknown encoding {enc_id!r} marked must_understand")
+            adapter.skipped.append(f"module {m['name']!r}: {what} not understood, skipped")
+            continue
+        module = Module(
+            name=m["name"],
+            encoding=enc_id,
+            base_shape=get_shape(m, "base_shape", mw),
+            params=get(m, "params", dict, mw),
+            tensors={slot: tensor(r) for slot, r in refs.items()},
+            must_understand=must,
+        )
+        get_encoding(enc_id).validate(module)
+        adapter.modules[module.name] = module
+    for t in raw.get("tensors", []):
+        b = blobs[t["blob"]]
+        if not b.known_codec:
+            adapter.skipped.append(f"tensor {t['name']!r}: codec {b.codec_id!r} not understood, skipped")
+            continue
+        adapter.tensors[t["name"]] = tensor(t["blob"])
+    return adapter
