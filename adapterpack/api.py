@@ -6,7 +6,6 @@ import os
 from collections.abc import Sequence
 
 from .adapter import Adapter
-from .container.reader import ApackReader
 from .container.writer import WriteResult, write_apack
 
 
@@ -15,15 +14,11 @@ def open(
 ) -> Adapter:
     """Open an adapter lazily: ``.apack`` (mmap; reads only the modules asked for), a PEFT
     folder or a kohya ``.safetensors`` file. ``adapter`` names one adapter of a multi-adapter
-    file; ``verify`` checks each blob's CRC-32C the first time it is read."""
-    from .interop.detect import detect_format
-
-    fmt = detect_format(path)
-    if fmt == "apack":
-        return ApackReader(path, verify=verify).adapter(adapter)
+    file (a PEFT folder or kohya file holds one, ``"default"``; another name is refused);
+    ``verify`` checks each ``.apack`` blob's CRC-32C the first time it is read."""
     from .interop import read_any
 
-    return read_any(path, fmt)
+    return read_any(path, adapter=adapter, verify=verify)
 
 
 def save(

@@ -6,6 +6,7 @@ An interrupted write never leaves a partial file under the destination name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -48,11 +49,19 @@ def atomic_file(dest: str | os.PathLike[str]) -> Iterator[BinaryIO]:
     _fsync_dir(dest.parent)
 
 
+def _refuse_non_folder(dest: Path) -> None:
+    if (dest.exists() or dest.is_symlink()) and not dest.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder; not replacing it with one", str(dest))
+
+
 @contextlib.contextmanager
 def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty temp folder; on success it becomes ``dest`` (replacing an old one)."""
+    """Yield an empty temp folder; on success it becomes ``dest`` (replacing an old folder, with
+    everything in it). A ``dest`` that exists and is not a folder is refused (NotADirectoryError),
+    before and again after the work, instead of being moved aside and left behind."""
     dest = Path(dest)
     parent = dest.parent
+    _refuse_non_folder(dest)
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent))
     try:
@@ -63,6 +72,7 @@ def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
         old = None
+        _refuse_non_folder(dest)
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=parent))
             old.rmdir()

@@ -26,7 +26,9 @@ import numpy as np
 from . import dtypes
 from .adapter import Adapter, Module, TensorLike, as_array, tensor_info
 from .encodings.factors import Factors
-from .errors import AdapterNotFoundError, ConversionError, OutputExistsError
+from .errors import ConversionError, OutputExistsError
+from .interop import Opened, open_adapters
+from .interop.source import notes as source_notes
 from .report import footprint
 
 TARGETS = ("apack", "peft", "kohya")
@@ -220,40 +222,14 @@ def check_destination(src: Path, dst: Path, target: str, force: bool) -> None:
             raise ConversionError(f"{dst} is a folder; a {target} adapter is written as a single file")
 
 
-@dataclass
-class Source:
-    """Adapters read from one input, and how to release the file behind them."""
-
-    path: Path
-    format: str
-    adapters: list[Adapter]
-    close: Callable[[], None]
+#: What :func:`load_source` returns: the adapters of one input and how to release its file.
+Source = Opened
 
 
-def load_source(src: str | os.PathLike[str], adapter: str | None = None) -> Source:
-    """Open ``src`` (any format); all adapters of an .apack file, or the one named ``adapter``."""
-    from .interop.detect import detect_format
-
-    path = Path(src)
-    fmt = detect_format(path)
-    if fmt == "apack":
-        from .container.reader import ApackReader
-
-        reader = ApackReader(path)
-        try:
-            names = reader.adapter_names if adapter is None else [adapter]
-            adapters = [reader.adapter(n) for n in names]
-        except BaseException:
-            reader.close()
-            raise
-        return Source(path, fmt, adapters, reader.close)
-    from .interop import read_any
-
-    a = read_any(path, fmt)
-    if adapter is not None and adapter != a.name:
-        a.close()
-        raise AdapterNotFoundError(f"{path}: holds one adapter, {a.name!r}, not {adapter!r}")
-    return Source(path, fmt, [a], a.close)
+def load_source(src: str | os.PathLike[str], adapter: str | None = None, *, verify: bool = True) -> Opened:
+    """Open ``src`` (any format): all adapters of an .apack file, or the one named ``adapter``
+    (:func:`adapterpack.interop.open_adapters`, the one implementation every reader shares)."""
+    return open_adapters(src, adapter, verify=verify)
 
 
 @contextlib.contextmanager
@@ -277,8 +253,11 @@ def write_adapters(
     codec: str = "byteplanes",
     level: int | None = None,
     progress: ProgressFactory | None = None,
-) -> None:
-    """Write ``adapters`` to ``dst`` as ``target`` (PEFT and kohya hold exactly one adapter)."""
+    drop_tensors: bool = False,
+) -> list[str]:
+    """Write ``adapters`` to ``dst`` as ``target`` (PEFT and kohya hold exactly one adapter); the
+    exporter's notes. ``drop_tensors`` leaves out pass-through tensors that PEFT / kohya output
+    cannot carry (refused otherwise)."""
     if target not in TARGETS:
         raise ConversionError(f"unknown output format {target!r} (one of {', '.join(TARGETS)})")
     if target != "apack" and len(adapters) != 1:
@@ -291,14 +270,17 @@ def write_adapters(
         total = sum(a.decoded_bytes for a in adapters)
         with (progress or _no_progress)(total) as advance:
             write_apack(dst, adapters, codec=codec, level=level, progress=advance)
-    elif target == "peft":
-        from .interop.peft import write_peft
+        return []
+    if target == "peft":
+        from .interop.peft import export_notes, write_peft
 
-        write_peft(adapters[0], dst)
-    else:
-        from .interop.kohya import write_kohya
+        notes = export_notes(adapters[0])
+        write_peft(adapters[0], dst, drop_tensors=drop_tensors)
+        return notes
+    from .interop.kohya import write_kohya
 
-        write_kohya(adapters[0], dst)
+    write_kohya(adapters[0], dst, drop_tensors=drop_tensors)
+    return []
 
 
 @dataclass
@@ -342,9 +324,11 @@ def convert(
     force: bool = False,
     adapter: str | None = None,
     progress: ProgressFactory | None = None,
+    drop_tensors: bool = False,
 ) -> ConvertResult:
     """Read ``src`` (.apack, PEFT folder, kohya file) and write it to ``dst`` as ``to`` (inferred from
-    ``dst`` when None), casting float tensors to ``dtype`` unless ``"keep"``. Lossless otherwise."""
+    ``dst`` when None), casting float tensors to ``dtype`` unless ``"keep"``. Lossless otherwise;
+    ``drop_tensors`` leaves out pass-through tensors a PEFT / kohya output cannot carry."""
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     target = to or infer_target(dst)
@@ -359,9 +343,9 @@ def convert(
         if dtype != "keep":
             pairs = [cast_adapter(a, dtype) for a in adapters]
             adapters, casts = [p[0] for p in pairs], [p[1] for p in pairs]
-        write_adapters(adapters, dst, target, codec=codec, level=level, progress=progress)
+        export = write_adapters(adapters, dst, target, codec=codec, level=level, progress=progress, drop_tensors=drop_tensors)
         many = len(adapters) > 1
-        notes = [f"{a.name}: {n}" if many else str(n) for a in source.adapters for n in a.source.get("notes", [])]
+        notes = [f"{a.name}: {n}" if many else n for a in source.adapters for n in source_notes(a)] + export
         skipped = [f"{a.name}: {s}" if many else s for a in source.adapters for s in a.skipped]
     finally:
         source.close()
@@ -403,6 +387,24 @@ def _tensor_differences(where: str, a: dict[str, TensorLike], b: dict[str, Tenso
     return out
 
 
+#: lora params a record may leave out, and the value they then have (spec: encodings/lora).
+LORA_DEFAULTS = {"rslora": False, "layout": "linear", "fan_in_fan_out": False, "dora": False}
+
+
+def record_facts(m: Module) -> dict[str, Any]:
+    """Everything about a record except its tensors: encoding, base shape, must_understand and
+    params (lora params with their defaults filled in, so an omitted flag equals an explicit false)."""
+    params = dict(m.params)
+    if m.encoding == "lora":
+        params = LORA_DEFAULTS | params
+    return {
+        "encoding": m.encoding,
+        "base_shape": [int(d) for d in m.base_shape],
+        "must_understand": bool(m.must_understand),
+        "params": params,
+    }
+
+
 def adapter_differences(a: Adapter, b: Adapter) -> list[str]:
     """How two adapters differ in modules, records and tensor bits (empty when identical)."""
     out = []
@@ -411,10 +413,9 @@ def adapter_differences(a: Adapter, b: Adapter) -> list[str]:
         out.append(f"modules only in the first: {only_a[:3]}, only in the second: {only_b[:3]}")
     for name in [n for n in a.modules if n in b.modules]:
         ma, mb = a.modules[name], b.modules[name]
-        if (ma.encoding, tuple(ma.base_shape)) != (mb.encoding, tuple(mb.base_shape)):
-            out.append(f"module {name!r}: {ma.encoding} {list(ma.base_shape)} vs {mb.encoding} {list(mb.base_shape)}")
-        elif ma.summary() != mb.summary():
-            out.append(f"module {name!r}: params {ma.summary()} vs {mb.summary()}")
+        ra, rb = record_facts(ma), record_facts(mb)
+        if ra != rb:
+            out.append(f"module {name!r}: " + ", ".join(f"{k} {ra[k]!r} vs {rb[k]!r}" for k in ra if ra[k] != rb[k]))
         out.extend(_tensor_differences(f"module {name!r} tensor", ma.tensors, mb.tensors))
     out.extend(_tensor_differences("tensor", a.tensors, b.tensors))
     return out

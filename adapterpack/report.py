@@ -8,12 +8,13 @@ JSON; tests compare them with sums computed from the file.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from .adapter import Adapter, Module, StoredTensor, TensorLike, decoded_bytes, stored_bytes, tensor_info
-from .errors import AdapterNotFoundError
+from .interop.source import notes, source_format
 
 #: Files of a PEFT folder that make up the adapter (what ``footprint`` counts).
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -98,9 +99,16 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
+def natural_key(name: str) -> list[Any]:
+    """Sort key putting ``layers.2`` before ``layers.10``: digit runs compare as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
+
+
 def adapter_report(adapter: Adapter) -> dict[str, Any]:
-    """Rows (modules, then pass-through tensors), totals, skipped records and importer notes."""
-    rows = [module_row(m) for m in adapter] + [tensor_row(n, t) for n, t in adapter.tensors.items()]
+    """Rows (modules, then pass-through tensors, each in natural name order), totals, skipped records and importer notes."""
+    modules = sorted(adapter, key=lambda m: natural_key(m.name))
+    tensors = sorted(adapter.tensors.items(), key=lambda kv: natural_key(kv[0]))
+    rows = [module_row(m) for m in modules] + [tensor_row(n, t) for n, t in tensors]
     total_stored = sum(r["stored_bytes"] for r in rows)
     for r in rows:
         r["share"] = ratio(100 * r["stored_bytes"], total_stored) or 0.0
@@ -109,7 +117,7 @@ def adapter_report(adapter: Adapter) -> dict[str, Any]:
         "name": adapter.name,
         "base_model": adapter.base_model,
         "base_architecture": adapter.base_architecture,
-        "source_format": adapter.source.get("format"),
+        "source_format": source_format(adapter),
         "rows": rows,
         "totals": {
             "modules": len(adapter.modules),
@@ -120,7 +128,7 @@ def adapter_report(adapter: Adapter) -> dict[str, Any]:
             "compression_ratio": ratio(decoded, total_stored),
         },
         "skipped": list(adapter.skipped),
-        "notes": [str(n) for n in adapter.source.get("notes", [])],
+        "notes": notes(adapter),
         "metadata": dict(adapter.metadata),
     }
 
@@ -152,27 +160,11 @@ def _sum_totals(adapters: list[dict[str, Any]]) -> dict[str, Any]:
 
 def inspect_path(path: str | os.PathLike[str], adapter: str | None = None) -> dict[str, Any]:
     """Report on an .apack file (every adapter in it, or the one named), a PEFT folder or a kohya file."""
-    from .interop.detect import detect_format
+    from .interop import open_adapters
 
-    fmt = detect_format(path)
-    report: dict[str, Any] = {"path": str(path), "format": fmt}
-    if fmt == "apack":
-        from .container.reader import ApackReader
-
-        with ApackReader(path, verify=False) as reader:
-            names = reader.adapter_names if adapter is None else [adapter]
-            report["adapters"] = [adapter_report(reader.adapter(n)) for n in names]
-            report["file"] = apack_file_report(reader)
-    else:
-        from .interop import read_any
-
-        a = read_any(path, fmt)
-        try:
-            if adapter is not None and adapter != a.name:
-                raise AdapterNotFoundError(f"{path}: holds one adapter, {a.name!r}, not {adapter!r}")
-            report["adapters"] = [adapter_report(a)]
-        finally:
-            a.close()
-        report["file"] = {"file_size": footprint(path)}
+    with open_adapters(path, adapter, verify=False) as opened:
+        report: dict[str, Any] = {"path": str(path), "format": opened.format}
+        report["adapters"] = [adapter_report(a) for a in opened.adapters]
+        report["file"] = apack_file_report(opened.reader) if opened.reader is not None else {"file_size": footprint(path)}
     report["totals"] = _sum_totals(report["adapters"])
     return report

@@ -278,3 +278,70 @@ def test_cli_never_imports_torch(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "x.apack").is_file()
+
+
+# --- dead ends and polish ----------------------------------------------------------------------------
+
+
+def test_drop_tensors_flag(tmp_path: Path) -> None:
+    a = toy()
+    a.tensors["base_model.model.lm_head.weight"] = np.ones((3, 48), np.float32)
+    a.source = {"format": "peft"}
+    src = tmp_path / "a.apack"
+    adapterpack.save(a, src)
+    r = run("convert", src, tmp_path / "k.safetensors")
+    assert_one_line_error(r, "--drop-tensors")
+    assert not (tmp_path / "k.safetensors").exists()
+    r = run("convert", src, tmp_path / "k.safetensors", "--drop-tensors")
+    assert r.exit_code == 0, r.output
+    with adapterpack.open(tmp_path / "k.safetensors") as k:
+        assert k.tensors == {} and adapter_differences(toy(), k) == []
+    r = run("convert", src, tmp_path / "b.apack", "--drop-tensors")
+    assert r.exit_code == 2 and "--drop-tensors applies to PEFT and kohya output only" in r.stderr
+
+
+def test_kohya_names_to_peft_print_a_note(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    kohya = tmp_path / "k.safetensors"
+    save_file(
+        {
+            "lora_unet_x.lora_down.weight": np.ones((2, 4), np.float32),
+            "lora_unet_x.lora_up.weight": np.ones((3, 2), np.float32),
+            "lora_unet_x.alpha": np.array(2.0, np.float32),
+        },
+        kohya,
+    )
+    r = run("convert", kohya, tmp_path / "peft")
+    assert r.exit_code == 0, r.output
+    (note,) = [line for line in r.stdout.splitlines() if line.startswith("note")]
+    assert "'lora_unet_x'" in note and "cannot attach" in note and "adapterpack.module_names" in note
+
+
+def test_one_module_is_singular(tmp_path: Path) -> None:
+    a = toy()
+    for n in list(a.modules)[1:]:
+        del a.modules[n]
+    adapterpack.save(a, tmp_path / "one.apack")
+    r = run("inspect", tmp_path / "one.apack")
+    assert "totals   1 module, " in r.stdout
+
+
+def test_raw_codec_hint(apack: Path, tmp_path: Path) -> None:
+    r = run("convert", apack, tmp_path / "b.apack")
+    hints = [line for line in r.stdout.splitlines() if line.startswith("hint")]
+    assert len(hints) == 1 and "--codec raw" in hints[0] and "zero-copy" in hints[0]
+    r = run("convert", apack, tmp_path / "c.apack", "--codec", "raw")
+    assert r.exit_code == 0 and not [line for line in r.stdout.splitlines() if line.startswith("hint")]
+    r = run("convert", apack, tmp_path / "peft")
+    assert r.exit_code == 0 and "--codec raw" not in r.stdout
+
+
+def test_force_onto_peft_folder_keeps_readme(apack: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "peft"
+    assert run("convert", apack, dst).exit_code == 0
+    (dst / "README.md").write_text("card")
+    (dst / "tokenizer.json").write_text("{}")
+    r = run("convert", apack, dst, "--force")
+    assert r.exit_code == 0, r.output
+    assert (dst / "README.md").read_text() == "card" and (dst / "tokenizer.json").read_text() == "{}"

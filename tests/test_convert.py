@@ -329,3 +329,143 @@ def test_kohya_without_alpha_passes_its_note_on(tmp_path: Path) -> None:
     with adapterpack.open(tmp_path / "k.apack") as b:
         (m,) = b.modules.values()
         assert np.array_equal(m.delta(), up @ down)  # scale 1
+
+
+# --- provenance (adapter.source) from an untrusted .apack index ---------------------------------
+
+
+def crafted(tmp_path: Path, source: dict, adapter: Adapter | None = None) -> Path:
+    """A valid .apack whose adapter records ``source`` (as any writer of the format could)."""
+    a = adapter or peft_adapter()
+    a.source = source
+    return save_toy(tmp_path / "crafted.apack", [a])
+
+
+@pytest.mark.parametrize(
+    "fmt, extra, dst, key",
+    [
+        ("peft", {"key_overrides": ["model.layers.0.self_attn.q_proj"]}, "peft", "key_overrides"),
+        ("peft", {"key_overrides": {"model.layers.0.self_attn.q_proj": {"A": 5}}}, "peft", "key_overrides"),
+        ("peft", {"key_prefix": 5}, "peft", "key_prefix"),
+        ("peft", {"magnitude_shapes": 5}, "peft", "magnitude_shapes"),
+        ("peft", {"safetensors_metadata": {"format": 1}}, "peft", "safetensors_metadata"),
+        ("peft", {"config": {"peft_type": "LORA", "r": 4, "lora_alpha": 8.0, "target_modules": [1]}}, "peft", "target_modules"),
+        ("peft", {"config": {"peft_type": "LORA", "r": "4"}}, "peft", "r must be"),
+        ("peft", {"config": [1]}, "peft", "config"),
+        ("kohya", {"kohya_names": ["x"]}, "k.safetensors", "kohya_names"),
+        ("kohya", {"no_alpha": 5}, "k.safetensors", "no_alpha"),
+        ("kohya", {"alpha_tensors": [1]}, "k.safetensors", "alpha_tensors"),
+        ("kohya", {"safetensors_metadata": {"k": 1}}, "k.safetensors", "safetensors_metadata"),
+    ],
+)
+def test_malformed_source_is_a_conversion_error(tmp_path: Path, fmt: str, extra: dict, dst: str, key: str) -> None:
+    src = crafted(tmp_path, {"format": fmt, **extra})
+    with pytest.raises(ConversionError, match=key) as e:
+        convert(src, tmp_path / dst)
+    assert type(e.value) is ConversionError
+    assert not (tmp_path / dst).exists()
+
+
+def test_source_notes_that_are_not_a_list_are_ignored_with_a_note(tmp_path: Path) -> None:
+    src = crafted(tmp_path, {"format": "peft", "notes": 5})
+    res = convert(src, tmp_path / "b.apack")
+    assert res.notes == ["source['notes'] ignored: not a list of strings (5)"]
+
+
+def test_recorded_alpha_shape_is_bounded_by_the_real_tensor(tmp_path: Path) -> None:
+    """A recorded alpha shape of 2^40 elements is ignored (kohya alphas have one), not allocated."""
+    a = peft_adapter()
+    name = "model.layers.0.self_attn.q_proj"
+    info = {"dtype": "float32", "shape": [2**20, 2**20], "value": 8.0}
+    src = crafted(tmp_path, {"format": "kohya", "alpha_tensors": {name: info}}, a)
+    convert(src, tmp_path / "k.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "k.safetensors", framework="np") as f:
+        alpha = f.get_tensor("lora_unet_model_layers_0_self_attn_q_proj.alpha")
+    assert alpha.shape == () and alpha.dtype == np.float32 and float(alpha) == 8.0
+
+
+def test_recorded_magnitude_shape_that_does_not_fit_is_ignored(tmp_path: Path) -> None:
+    a = peft_adapter()
+    m = a.modules["model.layers.0.self_attn.v_proj"]  # out = 16
+    m.params["dora"] = True
+    m.tensors["magnitude"] = np.ones(16, np.float32)
+    for m2 in a:
+        if m2 is not m:
+            m2.params["dora"] = True
+            m2.tensors["magnitude"] = np.ones(m2.base_shape[0], np.float32)
+    src = crafted(tmp_path, {"format": "peft", "magnitude_shapes": {m.name: [3, 3]}}, a)
+    convert(src, tmp_path / "peft")
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "peft" / "adapter_model.safetensors", framework="np") as f:
+        mag = f.get_tensor(f"base_model.model.{m.name}.lora_magnitude_vector")
+    assert mag.shape == (16,)
+
+
+# --- overwriting a PEFT folder, atomic folders ----------------------------------------------------
+
+
+def test_force_onto_a_peft_folder_keeps_its_other_files(tmp_path: Path) -> None:
+    src = save_toy(tmp_path / "a.apack", [peft_adapter(0)])
+    dst = tmp_path / "peft"
+    convert(src, dst)
+    (dst / "README.md").write_text("model card")
+    (dst / "checkpoint-10").mkdir()
+    (dst / "checkpoint-10" / "state.json").write_text("{}")
+    other = save_toy(tmp_path / "b.apack", [peft_adapter(1)])
+    convert(other, dst, force=True)
+    assert (dst / "README.md").read_text() == "model card"
+    assert (dst / "checkpoint-10" / "state.json").read_text() == "{}"
+    kept = ["README.md", "adapter_config.json", "adapter_model.safetensors", "checkpoint-10"]
+    assert sorted(p.name for p in dst.iterdir()) == kept
+    with adapterpack.open(dst) as got:
+        assert adapter_differences(peft_adapter(1), got) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.apack", "b.apack", "peft"]  # no temp files left
+
+
+def test_atomic_dir_refuses_a_file_destination(tmp_path: Path) -> None:
+    from adapterpack.atomic import atomic_dir
+
+    dest = tmp_path / "out"
+    dest.write_text("a file")
+    with pytest.raises(NotADirectoryError, match="not a folder"), atomic_dir(dest) as tmp:
+        (tmp / "x").write_text("x")
+    assert dest.read_text() == "a file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# --- adapter_differences sees every record fact -----------------------------------------------------
+
+
+def square_lora(**params: object) -> Adapter:
+    rng = np.random.default_rng(3)
+    p = {"rank": 2, "alpha": 2.0, **params}
+    m = Module("w", "lora", (8, 8), p, {"A": rng.standard_normal((2, 8)).astype(np.float32), "B": np.ones((8, 2), np.float32)})
+    return Adapter(modules={"w": m})
+
+
+def test_adapter_differences_sees_fan_in_fan_out_and_must_understand() -> None:
+    plain, fifo = square_lora(), square_lora(fan_in_fan_out=True)
+    assert not np.array_equal(plain.modules["w"].delta(), fifo.modules["w"].delta())
+    (diff,) = adapter_differences(plain, fifo)
+    assert "fan_in_fan_out" in diff
+    optional = square_lora()
+    optional.modules["w"].must_understand = False
+    (diff,) = adapter_differences(plain, optional)
+    assert "must_understand" in diff
+    assert adapter_differences(plain, square_lora(fan_in_fan_out=False, rslora=False, layout="linear", dora=False)) == []
+
+
+def test_kohya_name_note_only_for_unmapped_kohya_names() -> None:
+    from adapterpack.interop.peft import export_notes
+
+    plain = square_lora()  # a top-level module "w" of a model is a fine PEFT name
+    assert export_notes(plain) == []
+    kohya = square_lora()
+    kohya.source = {"format": "kohya"}
+    (note,) = export_notes(kohya)
+    assert "'w'" in note and "cannot attach" in note
+    kohya.source = {"format": "kohya", "kohya_names": {"w": "lora_unet_w"}}
+    assert export_notes(kohya) == []

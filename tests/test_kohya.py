@@ -13,7 +13,6 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import adapterpack
@@ -22,6 +21,7 @@ from adapterpack.errors import ConversionError, InputError
 from adapterpack.interop.detect import detect_format
 from adapterpack.interop.kohya import META_NAMES, META_PARAMS, read_kohya, write_kohya
 from adapterpack.interop.peft import read_peft, write_peft
+from tests.helpers_safetensors import assert_same_file, bits, load_st
 
 BF16 = ml_dtypes.bfloat16
 CODECS = ("raw", "zstd", "byteplanes")
@@ -32,25 +32,6 @@ ZERO = "lora_te_text_model_encoder_layers_0_self_attn_k_proj"
 ODD = "lora_te_text_model_encoder_layers_0_mlp_fc1"
 DORA = "lora_unet_mid_block_attentions_0_proj_out"
 LOHA = "lora_unet_up_blocks_0_attentions_0_proj_in"
-
-
-def load_st(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str] | None]:
-    with safe_open(path, framework="np") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-
-
-def bits(arr: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
-    arr = np.asarray(arr)
-    return str(arr.dtype), tuple(arr.shape), np.ascontiguousarray(arr).view(np.uint8).tobytes()
-
-
-def assert_same_file(a: Path, b: Path) -> None:
-    ta, ma = load_st(a)
-    tb, mb = load_st(b)
-    assert sorted(ta) == sorted(tb)
-    for k in ta:
-        assert bits(ta[k]) == bits(tb[k]), k
-    assert ma == mb
 
 
 def rnd(rng: np.random.Generator, *shape: int, dtype: Any = np.float32, s: float = 1.0) -> np.ndarray:
@@ -283,6 +264,29 @@ def test_export_refusals(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="encoding 'svd'"):
         write_kohya(other, tmp_path / "d.safetensors")
 
+    with pytest.raises(ConversionError, match="no modules to export") as e:
+        write_kohya(Adapter(), tmp_path / "e.safetensors")
+    assert e.type is ConversionError and not (tmp_path / "e.safetensors").exists()
+
+    ad = peft_like()
+    ad.source = {"format": "kohya", "no_alpha": 5}
+    with pytest.raises(ConversionError, match="no_alpha") as e:
+        write_kohya(ad, tmp_path / "f.safetensors")
+    assert e.type is ConversionError
+
+
+def test_deeply_nested_safetensors_header_is_unrecognized(tmp_path: Path) -> None:
+    from adapterpack.errors import UnrecognizedInputError
+
+    header = b"[" * 200_000 + b"]" * 200_000
+    path = tmp_path / "deep.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(UnrecognizedInputError, match="header is not JSON") as e:
+        detect_format(path)
+    assert e.type is UnrecognizedInputError
+    with pytest.raises(UnrecognizedInputError):
+        adapterpack.open(path)
+
 
 # --- bad input ----------------------------------------------------------------------------------
 
@@ -304,6 +308,8 @@ def rewrite(path: Path, change: dict[str, Any], drop: tuple[str, ...] = (), meta
         ({f"{LIN}.lora_up.weight": np.zeros((48, 3), np.float16)}, (), None, "disagree on the rank"),
         ({f"{LIN}.lora_up.weight": np.zeros((48, 4), np.float32)}, (), None, "share one float dtype"),
         ({}, (), {META_NAMES: "{oops"}, "not valid JSON"),
+        ({}, (), {META_NAMES: "[" * 100_000}, "not valid JSON"),
+        ({}, (), {META_PARAMS: "[" * 100_000 + "]" * 100_000}, "not valid JSON"),
         ({}, (), {META_NAMES: json.dumps({LIN: "x", CONV: "x"})}, "two kohya modules map to the module name 'x'"),
     ],
 )

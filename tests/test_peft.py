@@ -17,7 +17,6 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.other import get_pattern_key as peft_get_pattern_key
-from safetensors import safe_open
 from safetensors.numpy import save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -27,34 +26,13 @@ from adapterpack.errors import ConversionError, InputError, UnrecognizedInputErr
 from adapterpack.interop.detect import detect_format
 from adapterpack.interop.patterns import build_patterns, get_pattern_key, resolve
 from adapterpack.interop.peft import peft_config, read_peft, write_peft
+from tests.helpers_safetensors import assert_same_folder, bits, load_st
 
 CODECS = ("raw", "zstd", "byteplanes")
 EXAMPLE = Path(__file__).resolve().parent.parent / "adapterpack" / "examples" / "smollm2-pydoc-lora"
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def load_st(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str] | None]:
-    with safe_open(path, framework="np") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-
-
-def bits(arr: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
-    """dtype, shape and raw bytes: equal exactly when two arrays are bit-identical."""
-    arr = np.asarray(arr)
-    return str(arr.dtype), tuple(arr.shape), np.ascontiguousarray(arr).view(np.uint8).tobytes()
-
-
-def assert_same_folder(a: Path, b: Path) -> None:
-    """Same key set, bit-identical tensors, same safetensors metadata, equal config dict."""
-    ta, ma = load_st(a / "adapter_model.safetensors")
-    tb, mb = load_st(b / "adapter_model.safetensors")
-    assert sorted(ta) == sorted(tb)
-    for k in ta:
-        assert bits(ta[k]) == bits(tb[k]), k
-    assert ma == mb
-    assert json.loads((a / "adapter_config.json").read_text()) == json.loads((b / "adapter_config.json").read_text())
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, Any]:
@@ -379,6 +357,83 @@ def test_bin_with_objects_is_unsafe(tmp_path: Path) -> None:
         read_peft(folder)
 
 
+def test_bin_needs_torch_2_6(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before torch 2.6, torch.load(weights_only=True) can be made to run code (CVE-2025-32434)."""
+    made = make_peft(CASES[0], tmp_path / "p")
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_bytes((made.folder / "adapter_config.json").read_bytes())
+    from safetensors.torch import load_file
+
+    torch.save(load_file(made.folder / "adapter_model.safetensors"), folder / "adapter_model.bin")
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(UnsafeInputError, match="CVE-2025-32434") as e:
+        read_peft(folder)
+    assert e.type is UnsafeInputError
+    monkeypatch.setattr(torch, "__version__", "2.6.0+cpu")
+    assert sorted(read_peft(folder).modules) == sorted(read_peft(made.folder).modules)
+
+
+@pytest.mark.parametrize(
+    ("version", "parsed"),
+    [("2.13.0+cpu", (2, 13, 0)), ("2.5.1", (2, 5, 1)), ("2.6.0a0+git1234", (2, 6, 0)), ("2.6", (2, 6)), ("x", (0,))],
+)
+def test_torch_version(version: str, parsed: tuple[int, ...]) -> None:
+    from adapterpack.interop.peft import torch_version
+
+    assert torch_version(version) == parsed
+
+
+# --- lora_bias, grouped convolutions, mixed key prefixes ---------------------------------------------
+
+
+def test_lora_bias_is_carried_with_a_note(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["lin"], lora_bias=True, init_lora_weights=False)
+        pm = get_peft_model(ConvNet(), cfg)
+        pm.save_pretrained(tmp_path / "peft")
+    ad = read_peft(tmp_path / "peft")
+    assert list(ad.tensors) == ["base_model.model.lin.lora_B.bias"]
+    (note,) = [n for n in ad.source["notes"] if "lora_bias" in n]
+    assert "delta() covers the weight only" in note
+    layer = lora_layers(pm)["lin"]
+    np.testing.assert_allclose(ad.delta("lin"), layer.get_delta_weight("default").detach().numpy(), rtol=1e-6, atol=1e-7)
+    adapterpack.save(ad, tmp_path / "b.apack")
+    with adapterpack.open(tmp_path / "b.apack") as back:
+        out = write_peft(back, tmp_path / "out")
+    assert_same_folder(tmp_path / "peft", out)
+
+
+class GroupedConv(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(8, 16, 3, groups=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_grouped_conv_is_refused_as_such(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(GroupedConv(), LoraConfig(r=4, lora_alpha=4, target_modules=["conv"], init_lora_weights=False))
+        pm.save_pretrained(tmp_path / "peft")
+    with pytest.raises(InputError, match=r"grouped convolution \(groups = 2\)") as e:
+        read_peft(tmp_path / "peft")
+    assert e.type is InputError
+
+
+def test_mixed_key_prefixes_are_refused(plain: Path) -> None:
+    st, meta = load_st(plain / "adapter_model.safetensors")
+    st = {(k[len("base_model.model.") :] if ".layers.0." in k else k): v for k, v in st.items()}
+    save_file(st, plain / "adapter_model.safetensors", metadata=meta)
+    with pytest.raises(InputError, match=r"some LoRA keys start with 'base_model\.model\.' and some do not") as e:
+        read_peft(plain)
+    assert e.type is InputError
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 
@@ -395,6 +450,10 @@ def edit_config(folder: Path, **changes: Any) -> None:
 
 def test_errors_config(plain: Path) -> None:
     (plain / "adapter_config.json").write_text("{not json")
+    with pytest.raises(InputError, match="not valid JSON") as e:
+        read_peft(plain)
+    assert e.type is InputError
+    (plain / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(InputError, match="not valid JSON") as e:
         read_peft(plain)
     assert e.type is InputError
@@ -419,6 +478,7 @@ def test_errors_config(plain: Path) -> None:
         ({"rank_pattern": {"q_proj": 0}}, "positive integer"),
         ({"alpha_pattern": {"(": 2}}, "not a valid regular expression"),
         ({"use_dora": "yes"}, "use_dora must be true or false"),
+        ({"target_modules": [1]}, "target_modules must be a string, a list of strings or null"),
         ({"r": 5}, r"module 'model\.layers\.0\.self_attn\.q_proj'.*rank 4.*r=5"),
         ({"rank_pattern": {"layers.1.self_attn.v_proj": 2}}, r"module 'model\.layers\.1\.self_attn\.v_proj'.*rank 4.*r=2"),
         ({"use_dora": True}, "no lora_magnitude_vector"),

@@ -155,3 +155,44 @@ def test_unrecognized_input(tmp_path: Path) -> None:
         inspect_path(tmp_path / "x.txt")
     with pytest.raises(UnrecognizedInputError):
         inspect_path(tmp_path / "missing.apack")
+
+
+def test_source_notes_of_the_wrong_type_are_reported_not_raised(tmp_path: Path) -> None:
+    adapter = toy()
+    adapter.source = {"format": ["not", "a", "string"], "notes": 5}
+    adapterpack.save(adapter, tmp_path / "a.apack")
+    (a,) = inspect_path(tmp_path / "a.apack")["adapters"]
+    assert a["notes"] == ["source['notes'] ignored: not a list of strings (5)"]
+    assert a["source_format"] is None
+
+
+def test_rows_are_in_natural_order(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    names = ["layers.10.q", "layers.2.q", "layers.1.q", "embed"]
+    mods = {
+        n: Module(n, "lora", (4, 4), {"rank": 1, "alpha": 1.0}, {"A": rng.standard_normal((1, 4)), "B": np.zeros((4, 1))})
+        for n in names
+    }
+    tensors = {"t.10": np.zeros(1), "t.9": np.zeros(1)}
+    adapterpack.save(Adapter(modules=mods, tensors=tensors), tmp_path / "a.apack")
+    (a,) = inspect_path(tmp_path / "a.apack")["adapters"]
+    assert [r["module"] for r in a["rows"]] == ["embed", "layers.1.q", "layers.2.q", "layers.10.q", "t.9", "t.10"]
+
+
+def test_peft_and_kohya_inputs_refuse_other_adapter_names(tmp_path: Path) -> None:
+    from adapterpack.convert import convert
+
+    adapter = toy()
+    del adapter.modules["model.layers.3.mlp.down_proj"]
+    adapter.tensors.clear()
+    adapterpack.save(adapter, tmp_path / "a.apack")
+    convert(tmp_path / "a.apack", tmp_path / "peft")
+    convert(tmp_path / "a.apack", tmp_path / "k.safetensors")
+    for path in (tmp_path / "peft", tmp_path / "k.safetensors"):
+        assert inspect_path(path, adapter="default")["adapters"][0]["name"] == "default"
+        with pytest.raises(AdapterNotFoundError, match="'nope'"):
+            inspect_path(path, adapter="nope")
+        with pytest.raises(AdapterNotFoundError, match="'nope'"):
+            adapterpack.open(path, adapter="nope")
+        with pytest.raises(AdapterNotFoundError, match="'nope'"):
+            convert(path, tmp_path / "x.apack", adapter="nope")

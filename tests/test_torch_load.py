@@ -248,3 +248,31 @@ def test_core_imports_without_torch(tmp_path: Path) -> None:
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code, str(path)], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.int64])
+def test_tensor_keeps_0d_arrays_0d(dtype: type) -> None:
+    arr = np.array(2.5 if dtype is not np.int64 else 7, dtype=dtype)
+    t = apt.tensor(arr)
+    assert t.shape == () and float(t) == float(arr)
+    ro = np.array(1.5, np.float32)
+    ro.flags.writeable = False
+    assert apt.tensor(ro).shape == ()
+
+
+@pytest.mark.parametrize(("out", "inp"), [(0, 6), (5, 0)])
+def test_materialize_with_an_empty_dimension(out: int, inp: int) -> None:
+    factors = {"A": np.ones((2, inp), np.float32), "B": np.ones((out, 2), np.float32)}
+    m = Module("w", "lora", (out, inp), {"rank": 2, "alpha": 2.0}, factors)
+    conv = Module(
+        "c",
+        "lora",
+        (out, inp, 3, 3),
+        {"rank": 2, "alpha": 2.0, "layout": "conv"},
+        {"A": np.ones((2, inp, 3, 3), np.float32), "B": np.ones((out, 2, 1, 1), np.float32)},
+    )
+    ad = Adapter(modules={"w": m, "c": conv})
+    got = apt.load(ad)
+    for name, mod in ad.modules.items():
+        delta = apt.materialize(got[name])
+        assert tuple(delta.shape) == mod.base_shape and np.array_equal(delta.numpy(), mod.delta())

@@ -7,11 +7,12 @@ from typing import Any
 
 import click
 
+from ..codecs import codec_ids
+from ..convert import DTYPE_CHOICES, TARGETS
 from . import output as out
 
-TARGETS = ("apack", "peft", "kohya")
-CODECS = ("raw", "zstd", "byteplanes")
-DTYPES = ("keep", "fp32", "fp16", "bf16")
+#: Printed after writing a compressed .apack: how to get the fastest loading instead.
+RAW_HINT = "hint     --codec raw gives zero-copy mmap loading (adapterpack.torch.load) for serving; compressed blobs decode on load"
 
 
 def cast_lines(c: dict[str, Any]) -> list[str]:
@@ -34,6 +35,8 @@ def result_lines(r: dict[str, Any]) -> list[str]:
         lines += cast_lines(c)
     lines += [f"note     {n}" for n in r["notes"]]
     lines += [f"skipped  {s}" for s in r["skipped"]]
+    if r["codec"] not in (None, "raw"):
+        lines.append(RAW_HINT)
     return lines
 
 
@@ -46,13 +49,22 @@ def result_lines(r: dict[str, Any]) -> list[str]:
     type=click.Choice(TARGETS),
     help="Output format (default: from DST: .apack, .safetensors = kohya, else a PEFT folder).",
 )
-@click.option("--codec", type=click.Choice(CODECS), help="Blob codec for .apack output (default byteplanes).")
+@click.option("--codec", type=click.Choice(codec_ids()), help="Blob codec for .apack output (default byteplanes).")
 @click.option("--level", type=click.IntRange(1, 22), help="Zstandard level (default: 1 for byteplanes, 3 for zstd).")
 @click.option(
-    "--dtype", type=click.Choice(DTYPES), default="keep", show_default=True, help="Cast float tensors (lossy when narrowing)."
+    "--dtype",
+    type=click.Choice(DTYPE_CHOICES),
+    default="keep",
+    show_default=True,
+    help="Cast float tensors (lossy when narrowing).",
 )
 @click.option("--adapter", "adapter_name", metavar="NAME", help="Only this adapter of a multi-adapter .apack file.")
-@click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
+@click.option(
+    "--drop-tensors",
+    is_flag=True,
+    help="PEFT/kohya output: leave out pass-through tensors (e.g. PEFT modules_to_save) the output format cannot carry.",
+)
+@click.option("--force", is_flag=True, help="Overwrite DST if it exists (a PEFT folder keeps its other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(
     src: Path,
@@ -62,6 +74,7 @@ def convert(
     level: int | None,
     dtype: str,
     adapter_name: str | None,
+    drop_tensors: bool,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -74,6 +87,8 @@ def convert(
         raise click.BadParameter(why, param_hint="'--to'")
     if target != "apack" and (codec is not None or level is not None):
         raise click.UsageError(f"--codec and --level apply to .apack output only, not {target}")
+    if target == "apack" and drop_tensors:
+        raise click.UsageError("--drop-tensors applies to PEFT and kohya output only; .apack keeps every tensor")
     result = run(
         src,
         dst,
@@ -83,6 +98,7 @@ def convert(
         dtype=dtype,
         force=force,
         adapter=adapter_name,
+        drop_tensors=drop_tensors,
         progress=None if as_json else out.progress_factory("writing"),
     )
     if as_json:

@@ -46,10 +46,10 @@ def module_table(rows: list[dict[str, Any]], limit: int | None = None) -> list[s
 
 def totals_lines(t: dict[str, Any]) -> list[str]:
     """Totals of one adapter (or of the whole file)."""
-    nt = t["tensors"]
+    nt, nm = t["tensors"], t["modules"]
     tensors = f", {nt} pass-through tensor{'s' if nt != 1 else ''}" if nt else ""
     return [
-        f"totals   {t['modules']} modules{tensors}, {out.count(t['parameters'])} parameters",
+        f"totals   {nm} module{'s' if nm != 1 else ''}{tensors}, {out.count(t['parameters'])} parameters",
         f"         decoded {out.size(t['decoded_bytes'])}, stored {out.size(t['stored_bytes'])}, "
         f"compression {out.ratio(t['compression_ratio'])}",
     ]

@@ -1,27 +1,88 @@
-"""Other people's files ↔ our :class:`~adapterpack.Adapter`: PEFT folders, kohya files."""
+"""Other people's files ↔ our :class:`~adapterpack.Adapter`: PEFT folders, kohya files.
+
+:func:`open_adapters` is the one way any input is opened: :func:`adapterpack.open`,
+:func:`read_any`, ``convert`` and ``inspect`` all go through it, so they accept the same
+inputs and refuse the same requests (an adapter name that is not there) the same way.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from ..adapter import Adapter
+from ..errors import AdapterNotFoundError
 from .detect import detect_format
 
 
-def read_any(path: str | os.PathLike[str], fmt: str | None = None) -> Adapter:
-    """Read a PEFT folder or kohya file (``fmt`` as :func:`detect_format` names it)."""
-    fmt = fmt or detect_format(path)
+@dataclass
+class Opened:
+    """Adapters read from one input, and the open reader behind them (``.apack`` only)."""
+
+    path: Path
+    format: str
+    adapters: list[Adapter]
+    reader: Any = None
+    _close: Callable[[], None] | None = field(default=None, repr=False)
+
+    def close(self) -> None:
+        """Release the file (the adapters' lazy tensors can no longer be read)."""
+        if self._close is not None:
+            self._close()
+            self._close = None
+
+    def __enter__(self) -> Opened:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_adapters(path: str | os.PathLike[str], adapter: str | None = None, *, verify: bool = True) -> Opened:
+    """Open any input: every adapter of an ``.apack`` file (or the one named ``adapter``), or the
+    single adapter (``"default"``) of a PEFT folder or kohya file, refusing any other name.
+
+    ``verify`` checks each ``.apack`` blob's CRC-32C when it is first read; PEFT and kohya
+    files carry no checksums, so it has nothing to check there.
+    """
+    p = Path(path)
+    fmt = detect_format(p)
+    if fmt == "apack":
+        from ..container.reader import ApackReader
+
+        reader = ApackReader(p, verify=verify)
+        try:
+            names = reader.adapter_names if adapter is None else [adapter]
+            adapters = [reader.adapter(n) for n in names]
+        except BaseException:
+            reader.close()
+            raise
+        return Opened(p, fmt, adapters, reader, reader.close)
     if fmt == "peft":
         from .peft import read_peft
 
-        return read_peft(path)
-    if fmt == "kohya":
+        a = read_peft(p)
+    else:
         from .kohya import read_kohya
 
-        return read_kohya(path)
-    from ..api import open as open_apack
+        a = read_kohya(p)
+    if adapter is not None and adapter != a.name:
+        a.close()
+        raise AdapterNotFoundError(f"{p}: a {fmt} input holds one adapter, {a.name!r}, not {adapter!r}")
+    return Opened(p, fmt, [a], None, a.close)
 
-    return open_apack(path)
+
+def read_any(path: str | os.PathLike[str], *, adapter: str | None = None, verify: bool = True) -> Adapter:
+    """One adapter from any input: the one named ``adapter``, else the only one (see :func:`open_adapters`)."""
+    opened = open_adapters(path, adapter, verify=verify)
+    if len(opened.adapters) != 1:
+        opened.close()
+        names = ", ".join(a.name for a in opened.adapters)
+        raise AdapterNotFoundError(f"{opened.path}: holds {len(opened.adapters)} adapters ({names}); name one")
+    return opened.adapters[0]
 
 
-__all__ = ["detect_format", "read_any"]
+__all__ = ["Opened", "detect_format", "open_adapters", "read_any"]

@@ -25,7 +25,7 @@ def safetensors_keys(path: Path) -> list[str]:
             raise UnrecognizedInputError(f"{path}: not a safetensors file (header length {n})")
         try:
             header = json.loads(f.read(n))
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
             raise UnrecognizedInputError(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
         raise UnrecognizedInputError(f"{path}: not a safetensors file")

@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +44,10 @@ from .. import dtypes
 from ..adapter import Adapter, Module, as_array
 from ..atomic import atomic_file
 from ..encodings import get_encoding
-from ..errors import ConversionError, InputError, RecordError
-from .peft import contiguous, read_safetensors
+from ..errors import AdapterpackError, ConversionError, InputError, RecordError
+from . import source as src_
+from .export import StateDict, lora_records, pass_through
+from .peft import read_safetensors
 
 DEFAULT_PREFIX = "lora_unet"
 META_NAMES = "adapterpack.module_names"
@@ -80,7 +81,7 @@ def _json_meta(meta: dict[str, str], key: str, path: Path) -> dict[str, Any]:
         return {}
     try:
         obj = json.loads(meta[key])
-    except ValueError:
+    except (ValueError, RecursionError):
         raise InputError(f"{path}: metadata {key!r} is not valid JSON") from None
     if not isinstance(obj, dict):
         raise InputError(f"{path}: metadata {key!r} must be a JSON object")
@@ -208,7 +209,7 @@ def _module(
             fifo = want == "fan_in_fan_out"
         if extra.get("rslora") is True and ALPHA in kinds:
             orig = extra.get("alpha")
-            ok = isinstance(orig, (int, float)) and not isinstance(orig, bool) and abs(orig) <= sys.float_info.max
+            ok = src_.is_number(orig)
             if ok:
                 expect = kohya_alpha(orig, rank, True)
                 dt = alpha_dtype(expect, down.dtype)
@@ -229,53 +230,60 @@ def _module(
 # --- writing ---------------------------------------------------------------------------------
 
 
-def _alpha_tensor(m: Module, src: dict[str, Any], a_dtype: np.dtype) -> np.ndarray | None:
-    """The alpha tensor to write for ``m``; None to leave it out (kohya: alpha = rank)."""
+def _alpha_tensor(m: Module, no_alpha: list[str], recorded: dict[str, Any], a_dtype: np.dtype) -> np.ndarray | None:
+    """The alpha tensor to write for ``m``; None to leave it out (kohya: alpha = rank).
+
+    ``no_alpha`` / ``recorded`` come from a kohya import (``source["no_alpha"]`` / ``["alpha_tensors"]``);
+    a recorded tensor is rebuilt only while it still holds the module's alpha and has one element.
+    """
     p = m.params
     rank, alpha, rslora = p["rank"], p["alpha"], bool(p.get("rslora", False))
     implied = not rslora and alpha == rank
-    if m.name in src.get("no_alpha", ()) and implied:
+    if m.name in no_alpha and implied:
         return None
-    info = src.get("alpha_tensors", {}).get(m.name)
-    if isinstance(info, dict) and not rslora and (info.get("value") == alpha or (info.get("value") == 0 and implied)):
-        try:
-            return np.full(tuple(info["shape"]), info["value"], dtype=dtypes.by_name(info["dtype"]).numpy)
-        except (KeyError, TypeError, ValueError):
-            pass
+    info = recorded.get(m.name)
+    if info is not None and not rslora:
+        arr = _recorded_alpha(info, alpha, implied)
+        if arr is not None:
+            return arr
     value = kohya_alpha(alpha, rank, rslora)
     return np.asarray(value, dtype=alpha_dtype(value, a_dtype))
+
+
+def _recorded_alpha(info: dict[str, Any], alpha: float, implied: bool) -> np.ndarray | None:
+    """The alpha tensor a kohya import recorded (dtype, shape, value), or None when it no longer fits."""
+    value = info.get("value")
+    if not src_.is_number(value) or not (value == alpha or (value == 0 and implied)):
+        return None
+    shape = src_.fitting_shape(info.get("shape"), 1)  # one element, as read_kohya requires
+    name = info.get("dtype")
+    if shape is None or not isinstance(name, str):
+        return None
+    try:
+        row = dtypes.by_name(name)
+    except AdapterpackError:
+        return None
+    if not (row.is_float or np.dtype(row.numpy).kind in "iu"):
+        return None
+    with np.errstate(all="ignore"):
+        arr = np.full(shape, value, dtype=row.numpy)
+    return arr if float(arr.reshape(-1)[0]) == value else None
 
 
 def kohya_state(
     adapter: Adapter, *, prefix: str | None = None, dtype: str | None = None, drop_tensors: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """The tensors and metadata a kohya export writes."""
-    target = None
-    if dtype is not None:
-        row = dtypes.by_name(dtype)
-        if not row.is_float:
-            raise ConversionError(f"cannot store LoRA factors as {row.name}; pick a float dtype")
-        target = row.numpy
-    is_kohya = adapter.source.get("format") == "kohya"
-    src = adapter.source if is_kohya else {}
-    recorded = src.get("kohya_names", {})
+    state = StateDict(dtype, "kohya")
+    src = src_.provenance(adapter, "kohya")
+    recorded = src_.str_map(adapter, src, "kohya_names")
+    no_alpha = src_.str_list(adapter, src, "no_alpha")
+    alphas = src_.object_map(adapter, src, "alpha_tensors")
+    meta = dict(src_.str_map(adapter, src, "safetensors_metadata"))
     prefix = prefix or DEFAULT_PREFIX
-    out: dict[str, np.ndarray] = {}
     names: dict[str, str] = {}
     mparams: dict[str, dict[str, Any]] = {}
-
-    def put(key: str, arr: np.ndarray) -> None:
-        if key in out:
-            raise ConversionError(f"two tensors would be written under the kohya key {key!r} (module names collide)")
-        out[key] = contiguous(arr)
-
-    def cast(arr: np.ndarray) -> np.ndarray:
-        return arr if target is None or not dtypes.of_array(arr).is_float else arr.astype(target)
-
-    for m in adapter:
-        if m.encoding != "lora":
-            raise ConversionError(f"module {m.name!r} uses encoding {m.encoding!r}; kohya export needs lora records")
-        get_encoding("lora").validate(m)
+    for m in lora_records(adapter, "kohya"):
         p = m.params
         if p.get("dora", False):
             raise ConversionError(
@@ -285,7 +293,7 @@ def kohya_state(
         k = recorded.get(m.name) or kohya_name(m.name, prefix)
         if k != m.name:
             names[k] = m.name
-        a, b = cast(m.array("A")), cast(m.array("B"))
+        a, b = state.cast(m.array("A"), f"module {m.name!r} tensor 'A'"), state.cast(m.array("B"), f"module {m.name!r} tensor 'B'")
         layout = p.get("layout", "linear")
         fifo = bool(p.get("fan_in_fan_out", False))
         if layout == "embedding" or fifo:
@@ -295,24 +303,16 @@ def kohya_state(
             down, up = a, b
         if p.get("rslora", False):
             mparams.setdefault(k, {}).update({"rslora": True, "alpha": p["alpha"]})
-        put(f"{k}.{DOWN}", down)
-        put(f"{k}.{UP}", up)
-        alpha = _alpha_tensor(m, src, down.dtype)
+        state.put(f"{k}.{DOWN}", down, cast=False)
+        state.put(f"{k}.{UP}", up, cast=False)
+        alpha = _alpha_tensor(m, no_alpha, alphas, down.dtype)
         if alpha is not None:
-            put(f"{k}.{ALPHA}", alpha)
-    if adapter.tensors and not is_kohya and not drop_tensors:
-        some = ", ".join(list(adapter.tensors)[:3])
-        raise ConversionError(
-            f"adapter holds {len(adapter.tensors)} tensors that are not LoRA factors ({some}); kohya files cannot "
-            "carry them (pass drop_tensors=True to leave them out)"
-        )
-    if is_kohya or not drop_tensors:
-        for key, t in adapter.tensors.items():
-            put(key, cast(as_array(t)))
-    meta = dict(src.get("safetensors_metadata") or {})
+            state.put(f"{k}.{ALPHA}", alpha, cast=False)
+    for key, t in pass_through(adapter, own=("kohya",), drop_tensors=drop_tensors, target="a kohya file").items():
+        state.put(key, as_array(t))
     _set_json(meta, META_NAMES, names)
     _set_json(meta, META_PARAMS, mparams)
-    return out, meta
+    return state.tensors, meta
 
 
 def _set_json(meta: dict[str, str], key: str, value: dict[str, Any]) -> None:
@@ -324,7 +324,7 @@ def _set_json(meta: dict[str, str], key: str, value: dict[str, Any]) -> None:
         try:
             if json.loads(meta[key]) == value:
                 return
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     meta[key] = json.dumps(value, sort_keys=True, separators=(",", ":"))
 

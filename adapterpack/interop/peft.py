@@ -25,7 +25,6 @@ import json
 import os
 import pickle
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,11 @@ import numpy as np
 
 from .. import dtypes
 from ..adapter import Adapter, Module, as_array
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, atomic_file
 from ..encodings import get_encoding
 from ..errors import AdapterpackError, ConversionError, InputError, RecordError, UnsafeInputError
+from . import source as src_
+from .export import StateDict, lora_records, pass_through
 from .patterns import build_patterns, most_common, resolve
 
 CONFIG_NAME = "adapter_config.json"
@@ -45,6 +46,8 @@ DEFAULT_PREFIX = "base_model.model."
 #: PEFT's LoraConfig defaults for keys an old or hand-written config may lack.
 DEFAULT_R = 8
 DEFAULT_ALPHA = 8
+#: Oldest torch whose ``torch.load(weights_only=True)`` cannot be made to run code (CVE-2025-32434).
+MIN_SAFE_TORCH = (2, 6)
 
 _KEY = re.compile(
     r"^(?P<stem>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?P<tail>\.weight)?$"
@@ -83,43 +86,53 @@ def _folder(path: str | os.PathLike[str]) -> Path:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    """The adapter_config.json dict, checked to be a LoRA config with sane r/alpha/pattern types."""
+    """The adapter_config.json dict, checked by :func:`check_config`."""
     path = folder / CONFIG_NAME
     if not path.is_file():
         raise InputError(f"{folder}: no {CONFIG_NAME} (not a PEFT adapter folder)")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise InputError(f"{path}: not valid JSON ({type(e).__name__})") from None
     if not isinstance(cfg, dict):
         raise InputError(f"{path}: must hold a JSON object, got {type(cfg).__name__}")
+    check_config(cfg, str(path))
+    return cfg
+
+
+def check_config(cfg: dict[str, Any], where: str, error: type[AdapterpackError] = InputError) -> None:
+    """Refuse (as ``error``) a config that is not LoRA or has r / alpha / patterns / flags /
+    target_modules of the wrong type: everything reading and writing looks at, so a config from
+    a file or from an .apack's recorded source can then be used without further checks."""
     peft_type = cfg.get("peft_type", "LORA")
     if peft_type != "LORA":
-        raise InputError(f"{path}: peft_type is {peft_type!r}; only LoRA adapters (peft_type LORA) can be read")
+        raise error(f"{where}: peft_type is {peft_type!r:.40}; only LoRA adapters (peft_type LORA) can be read")
     r = cfg.get("r", DEFAULT_R)
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise InputError(f"{path}: r must be a positive integer, got {r!r}")
-    _number(cfg.get("lora_alpha", DEFAULT_ALPHA), "lora_alpha", path)
+        raise error(f"{where}: r must be a positive integer, got {r!r:.40}")
+    _number(cfg.get("lora_alpha", DEFAULT_ALPHA), "lora_alpha", where, error)
     for key in ("rank_pattern", "alpha_pattern"):
         pat = cfg.get(key)
         if pat is None:
             continue
         if not isinstance(pat, dict):
-            raise InputError(f"{path}: {key} must be an object, got {pat!r:.80}")
+            raise error(f"{where}: {key} must be an object, got {pat!r:.80}")
         for k, v in pat.items():
             if key == "rank_pattern" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise InputError(f"{path}: rank_pattern[{k!r}] must be a positive integer, got {v!r}")
+                raise error(f"{where}: rank_pattern[{k!r}] must be a positive integer, got {v!r:.40}")
             if key == "alpha_pattern":
-                _number(v, f"alpha_pattern[{k!r}]", path)
+                _number(v, f"alpha_pattern[{k!r}]", where, error)
     for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
         if not isinstance(cfg.get(key, False), bool):
-            raise InputError(f"{path}: {key} must be true or false, got {cfg[key]!r}")
-    return cfg
+            raise error(f"{where}: {key} must be true or false, got {cfg[key]!r:.40}")
+    tm = cfg.get("target_modules")
+    if not (tm is None or isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(x, str) for x in tm))):
+        raise error(f"{where}: target_modules must be a string, a list of strings or null, got {tm!r:.80}")
 
 
-def _number(value: Any, what: str, path: Path) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not abs(value) <= sys.float_info.max:
-        raise InputError(f"{path}: {what} must be a finite number, got {value!r}")
+def _number(value: Any, what: str, where: str, error: type[AdapterpackError]) -> None:
+    if not src_.is_number(value):
+        raise error(f"{where}: {what} must be a finite number, got {value!r:.40}")
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str] | None]:
@@ -146,6 +159,12 @@ def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise InputError(f"{path}: reading a .bin state dict needs torch (pip install adapterpack[torch])") from None
+    if torch_version(torch.__version__) < MIN_SAFE_TORCH:
+        raise UnsafeInputError(
+            f"{path}: refusing to read a .bin file with torch {torch.__version__}: before 2.6, "
+            "torch.load(weights_only=True) can be made to run code (CVE-2025-32434); upgrade torch to 2.6 or later, "
+            "or convert the adapter to safetensors with a trusted tool"
+        )
     try:
         sd = torch.load(path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
@@ -173,6 +192,17 @@ def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
             raise InputError(f"{path}: tensor {k!r} has dtype {t.dtype}, which adapterpack cannot store") from None
         out[k] = arr.copy()
     return out
+
+
+def torch_version(version: str) -> tuple[int, ...]:
+    """``"2.6.0+cpu"`` → ``(2, 6, 0)``: the leading numbers of a version string (``(0,)`` if none)."""
+    out = []
+    for part in version.split("+")[0].split(".")[:3]:
+        m = re.match(r"\d+", part)
+        if m is None:
+            break
+        out.append(int(m.group()))
+    return tuple(out) or (0,)
 
 
 def _group(tensors: dict[str, np.ndarray], where: Path) -> tuple[dict[str, dict[str, tuple[str, str]]], list[str]]:
@@ -210,7 +240,7 @@ def read_peft(path: str | os.PathLike[str]) -> Adapter:
     groups, other = _group(tensors, folder / weights)
     if not groups:
         raise InputError(f"{folder / weights}: no LoRA tensors (lora_A/lora_B or lora_embedding_A/B)")
-    prefix = DEFAULT_PREFIX if all(s.startswith(DEFAULT_PREFIX) for s in groups) else ""
+    prefix = _prefix(groups, folder / weights)
     source: dict[str, Any] = {"format": "peft", "config": cfg, "key_prefix": prefix, "weights_file": weights}
     if meta is not None:
         source["safetensors_metadata"] = meta
@@ -246,6 +276,22 @@ def read_peft(path: str | os.PathLike[str]) -> Adapter:
     return adapter
 
 
+def _prefix(groups: dict[str, Any], where: Path) -> str:
+    """PEFT's key prefix when every LoRA key has it, ``""`` when none has; a mix is refused, since
+    folding ``base_model.model.`` into some module names would give names no base model has."""
+    have = [s.startswith(DEFAULT_PREFIX) for s in groups]
+    if all(have):
+        return DEFAULT_PREFIX
+    if any(have):
+        with_p = next(s for s in groups if s.startswith(DEFAULT_PREFIX))
+        without = next(s for s in groups if not s.startswith(DEFAULT_PREFIX))
+        raise InputError(
+            f"{where}: some LoRA keys start with {DEFAULT_PREFIX!r} and some do not (e.g. {with_p!r} and {without!r}); "
+            "the module names are ambiguous"
+        )
+    return ""
+
+
 def _architecture(cfg: dict[str, Any]) -> str | None:
     auto = cfg.get("auto_mapping")
     if isinstance(auto, dict) and isinstance(auto.get("base_model_class"), str):
@@ -268,6 +314,11 @@ def _module(name: str, g: dict[str, tuple[str, str]], tensors: dict[str, np.ndar
         raise InputError(f"{where}: factors must have at least 2 dimensions, got A {list(a.shape)}, B {list(b.shape)}")
     rank = int(a.shape[0])
     if b.shape[1] != rank:
+        if a.ndim >= 3 and b.shape[1] and rank % b.shape[1] == 0:
+            raise InputError(
+                f"{where}: conv factors A {list(a.shape)} and B {list(b.shape)} come from a grouped convolution "
+                f"(groups = {rank // b.shape[1]}), which adapterpack does not support"
+            )
         raise InputError(f"{where}: A {list(a.shape)} and B {list(b.shape)} disagree on the rank")
     r_cfg = resolve(cfg.get("rank_pattern"), cfg.get("r", DEFAULT_R), name)
     if r_cfg != rank:
@@ -318,6 +369,12 @@ def _notes(cfg: dict[str, Any], adapter: Adapter) -> list[str]:
         some = ", ".join(list(adapter.tensors)[:3])
         more = ", ..." if len(adapter.tensors) > 3 else ""
         notes.append(f"{len(adapter.tensors)} tensors carried untouched (modules_to_save or not LoRA factors): {some}{more}")
+    bias = [k for k in adapter.tensors if k.endswith(".lora_B.bias")]
+    if bias:
+        notes.append(
+            f"lora_bias: {len(bias)} lora_B.bias tensors are carried untouched (a PEFT export writes them back), but delta() "
+            "covers the weight only; PEFT adds scale · lora_B.bias to the base layer's bias"
+        )
     if cfg.get("fan_in_fan_out") and any(m.params["layout"] == "linear" for m in adapter):
         notes.append("fan_in_fan_out applied to every linear module (PEFT turns it off for nn.Linear layers)")
     return notes
@@ -328,10 +385,7 @@ def _notes(cfg: dict[str, Any], adapter: Adapter) -> list[str]:
 
 def _module_values(adapter: Adapter) -> dict[str, dict[str, Any]]:
     out = {}
-    for m in adapter:
-        if m.encoding != "lora":
-            raise ConversionError(f"module {m.name!r} uses encoding {m.encoding!r}; PEFT LoRA export needs lora records")
-        get_encoding("lora").validate(m)
+    for m in lora_records(adapter, "PEFT LoRA"):
         p = m.params
         out[m.name] = {
             "rank": p["rank"],
@@ -341,8 +395,6 @@ def _module_values(adapter: Adapter) -> dict[str, dict[str, Any]]:
             "fifo": bool(p.get("fan_in_fan_out", False)),
             "layout": p.get("layout", "linear"),
         }
-    if not out:
-        raise ConversionError(f"adapter {adapter.name!r} has no modules to export")
     return out
 
 
@@ -389,8 +441,9 @@ def _targets(cfg: dict[str, Any], names: list[str]) -> Any:
 def synthesize_config(adapter: Adapter, base: dict[str, Any] | None = None) -> dict[str, Any]:
     """A LoraConfig dict under which PEFT builds every module with its rank, alpha and flags.
 
-    ``base`` (an original config) keeps its other fields. ``r`` / ``lora_alpha`` are the most
-    common values; modules that differ get ``rank_pattern`` / ``alpha_pattern`` entries.
+    ``base`` (an original config, checked by :func:`check_config`) keeps its other fields.
+    ``r`` / ``lora_alpha`` are the most common values; modules that differ get
+    ``rank_pattern`` / ``alpha_pattern`` entries.
     """
     values = _module_values(adapter)
     cfg: dict[str, Any] = dict(base) if base else _skeleton(adapter)
@@ -427,80 +480,78 @@ def _skeleton(adapter: Adapter) -> dict[str, Any]:
 def peft_config(adapter: Adapter) -> dict[str, Any]:
     """The adapter_config.json dict an export writes: the original one when it still describes
     every module exactly, else one rebuilt (from the original's other fields, if any)."""
-    original = adapter.source.get("config") if adapter.source.get("format") == "peft" else None
-    if isinstance(original, dict) and _consistent(original, _module_values(adapter)):
+    original = src_.config(adapter, src_.provenance(adapter, "peft"))
+    if original is not None and _consistent(original, _module_values(adapter)):
         return dict(original)
-    return synthesize_config(adapter, original if isinstance(original, dict) else None)
-
-
-def contiguous(arr: np.ndarray) -> np.ndarray:
-    """``arr`` in C order, keeping 0-d arrays 0-d (``np.ascontiguousarray`` makes them 1-d)."""
-    return arr if arr.flags.c_contiguous else arr.copy(order="C")
-
-
-def _cast(arr: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
-    if dtype is None or not dtypes.of_array(arr).is_float or arr.dtype == dtype:
-        return contiguous(arr)
-    return contiguous(arr.astype(dtype))
+    return synthesize_config(adapter, original)
 
 
 def peft_tensors(adapter: Adapter, *, dtype: str | None = None, drop_tensors: bool = False) -> dict[str, np.ndarray]:
     """The state dict an export writes: PEFT key → numpy array."""
-    target = None
-    if dtype is not None:
-        row = dtypes.by_name(dtype)
-        if not row.is_float:
-            raise ConversionError(f"cannot store LoRA factors as {row.name}; pick a float dtype")
-        target = row.numpy
-    src = adapter.source if adapter.source.get("format") == "peft" else {}
+    state = StateDict(dtype, "PEFT")
+    src = src_.provenance(adapter, "peft")
     prefix = src.get("key_prefix", DEFAULT_PREFIX)
-    overrides = src.get("key_overrides", {})
-    mag_shapes = src.get("magnitude_shapes", {})
-    out: dict[str, np.ndarray] = {}
-
-    def put(key: str, arr: np.ndarray) -> None:
-        if key in out:
-            raise ConversionError(f"two tensors would be written under the key {key!r}")
-        out[key] = _cast(arr, target)
-
-    _module_values(adapter)  # validates every record
-    for m in adapter:
+    if not isinstance(prefix, str):
+        raise src_.malformed(adapter, "key_prefix", "a string", prefix)
+    overrides = src_.key_overrides(adapter, src)
+    mag_shapes = src_.typed_map(adapter, src, "magnitude_shapes", list, "an object of shapes (module name → list)")
+    for m in lora_records(adapter, "PEFT LoRA"):
         layout = m.params.get("layout", "linear")
         for slot in m.tensors:
             key = overrides.get(m.name, {}).get(slot, f"{prefix}{m.name}.{default_suffix(slot, layout)}")
             arr = m.array(slot)
             if slot == "magnitude":
                 ndim_a = len(m.base_shape) if layout == "conv" else 2
-                shape = mag_shapes.get(m.name) or magnitude_shape(layout, int(arr.shape[0]), ndim_a)
-                arr = arr.reshape(shape)
-            put(key, arr)
-    foreign = adapter.source.get("format") not in (None, "peft")
-    if adapter.tensors and foreign and not drop_tensors:
-        some = ", ".join(list(adapter.tensors)[:3])
-        raise ConversionError(
-            f"adapter holds {len(adapter.tensors)} non-LoRA tensors from a {adapter.source.get('format')} file ({some}); "
-            "PEFT would not understand them (pass drop_tensors=True to leave them out)"
-        )
-    if not (foreign and drop_tensors):
-        for key, t in adapter.tensors.items():
-            put(key, as_array(t))
-    return out
+                shape = src_.fitting_shape(mag_shapes.get(m.name), arr.size)
+                arr = arr.reshape(shape or magnitude_shape(layout, int(arr.shape[0]), ndim_a))
+            state.put(key, arr)
+    for key, t in pass_through(adapter, own=(None, "peft"), drop_tensors=drop_tensors, target="PEFT").items():
+        state.put(key, as_array(t))
+    return state.tensors
+
+
+def export_notes(adapter: Adapter) -> list[str]:
+    """What a PEFT export of ``adapter`` cannot do, for the user to read (empty when nothing).
+
+    A kohya import without ``adapterpack.module_names`` metadata keeps kohya's names
+    (``lora_unet_down_blocks_0_...``), which cannot be turned back into the base model's dotted
+    module names; PEFT matches keys to module names, so such a folder attaches to nothing.
+    """
+    src = src_.provenance(adapter, "kohya")
+    if not src:
+        return []
+    mapped = src_.str_map(adapter, src, "kohya_names")
+    bare = [m.name for m in adapter if "." not in m.name and m.name not in mapped]
+    if not bare:
+        return []
+    return [
+        f"{len(bare)} modules keep kohya names, e.g. {bare[0]!r} (the kohya file has no adapterpack.module_names metadata): "
+        "PEFT matches adapter keys to the base model's module names, so it cannot attach these modules to a model"
+    ]
 
 
 def write_peft(adapter: Adapter, out_dir: str | os.PathLike[str], *, dtype: str | None = None, drop_tensors: bool = False) -> Path:
-    """Write ``adapter`` as a PEFT folder (adapter_config.json + adapter_model.safetensors), atomically.
+    """Write ``adapter`` as a PEFT folder (adapter_config.json + adapter_model.safetensors).
 
     ``dtype`` casts every float tensor (e.g. ``"bf16"``); ``drop_tensors`` leaves out pass-through
     tensors of a non-PEFT origin (a kohya file's unknown keys), which are refused otherwise.
+    A new folder appears atomically; into an existing folder the two files are written each
+    atomically (weights first) and everything else in it (README, tokenizer, checkpoints) is left alone.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     cfg = peft_config(adapter)
     tensors = peft_tensors(adapter, dtype=dtype, drop_tensors=drop_tensors)
-    meta = adapter.source.get("safetensors_metadata") if adapter.source.get("format") == "peft" else None
-    meta = dict(meta) if isinstance(meta, dict) else {"format": "pt"}
+    meta = src_.str_map(adapter, src_.provenance(adapter, "peft"), "safetensors_metadata") or {"format": "pt"}
+    data = save(tensors, metadata=dict(meta))
+    text = (json.dumps(cfg, indent=2) + "\n").encode("utf-8")
     out = Path(out_dir)
+    if out.is_dir():
+        for name, payload in ((SAFETENSORS_NAME, data), (CONFIG_NAME, text)):
+            with atomic_file(out / name) as f:
+                f.write(payload)
+        return out
     with atomic_dir(out) as tmp:
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        save_file(tensors, tmp / SAFETENSORS_NAME, metadata=meta)
+        (tmp / SAFETENSORS_NAME).write_bytes(data)
+        (tmp / CONFIG_NAME).write_bytes(text)
     return out

@@ -18,6 +18,7 @@ Memory (what a returned tensor shares, and why that is safe):
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -65,8 +66,9 @@ def materialize(lora: LoraTensors) -> torch.Tensor:
     does; the result has that dtype.
     """
     work = torch.float64 if torch.float64 in (lora.A.dtype, lora.B.dtype) else torch.float32
-    a = lora.A.reshape(lora.A.shape[0], -1).to(work)
-    b = lora.B.reshape(lora.B.shape[0], -1).to(work)
+    # explicit sizes, as the numpy Factors: -1 is ambiguous when a dimension is 0 (out == 0, in == 0)
+    a = lora.A.reshape(lora.A.shape[0], math.prod(lora.A.shape[1:])).to(work)
+    b = lora.B.reshape(lora.B.shape[0], lora.B.shape[1]).to(work)  # [out, r, 1, ...] → [out, r]
     prod = (b @ a).mul_(lora.scale)
     if lora.transpose:
         prod = prod.T

@@ -93,7 +93,7 @@ def tensor(arr: TensorLike, device: torch.device | str = "cpu", dtype: torch.dty
     want = None if dtype is None else torch_dtype(dtype)
     a = as_array(arr)
     dt = dtypes.of_array(a)
-    a = np.ascontiguousarray(a, dtype=dt.numpy)
+    a = np.require(a, dtype=dt.numpy, requirements="C")  # keeps 0-d arrays 0-d (ascontiguousarray makes them [1])
     bits = a.view(np.int16) if dt.name == "bfloat16" else a
     if a.flags.writeable:
         t = torch.from_numpy(bits)

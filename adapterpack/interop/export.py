@@ -1,0 +1,78 @@
+"""What the PEFT and kohya writers share: which records they can export, the output dtype, one
+state dict that casts float tensors and refuses key collisions, and the rule for pass-through tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import dtypes
+from ..adapter import Adapter, Module, TensorLike
+from ..convert import cast_array
+from ..encodings import get_encoding
+from ..errors import ConversionError
+from .source import source_format
+
+#: How an error message tells the user to leave pass-through tensors out (CLI flag and API argument).
+DROP_HINT = "pass --drop-tensors (drop_tensors=True) to leave them out"
+
+
+def lora_records(adapter: Adapter, target: str) -> list[Module]:
+    """Every module, each checked to be a valid lora record; refuses an adapter with none."""
+    modules = list(adapter)
+    if not modules:
+        raise ConversionError(f"adapter {adapter.name!r} has no modules to export; a {target} adapter needs at least one")
+    for m in modules:
+        if m.encoding != "lora":
+            raise ConversionError(f"module {m.name!r} uses encoding {m.encoding!r}; {target} export needs lora records")
+        get_encoding("lora").validate(m)
+    return modules
+
+
+def target_dtype(dtype: str | None) -> str | None:
+    """The spec name of the dtype float tensors are cast to (None: keep), refusing non-float dtypes."""
+    if dtype is None:
+        return None
+    row = dtypes.by_name(dtype)
+    if not row.is_float:
+        raise ConversionError(f"cannot store LoRA factors as {row.name}; pick a float dtype")
+    return row.name
+
+
+def contiguous(arr: np.ndarray) -> np.ndarray:
+    """``arr`` in C order, keeping 0-d arrays 0-d (``np.ascontiguousarray`` makes them 1-d)."""
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
+class StateDict:
+    """Tensors to write by key: float tensors cast to one dtype, a second tensor under a key refused."""
+
+    def __init__(self, dtype: str | None, target: str) -> None:
+        self.dtype = target_dtype(dtype)
+        self.target = target
+        self.tensors: dict[str, np.ndarray] = {}
+
+    def cast(self, arr: np.ndarray, where: str) -> np.ndarray:
+        """``arr`` in the output dtype when it is a float tensor (refusing overflow), else unchanged."""
+        return arr if self.dtype is None else cast_array(arr, self.dtype, where)[0]
+
+    def put(self, key: str, arr: np.ndarray, *, cast: bool = True) -> None:
+        """Add ``arr`` under ``key`` (cast unless ``cast`` is false)."""
+        if key in self.tensors:
+            raise ConversionError(f"two tensors would be written under the {self.target} key {key!r} (module names collide)")
+        self.tensors[key] = contiguous(self.cast(arr, f"tensor {key!r}") if cast else arr)
+
+
+def pass_through(adapter: Adapter, *, own: tuple[str | None, ...], drop_tensors: bool, target: str) -> dict[str, TensorLike]:
+    """The pass-through tensors an export writes: all of them when the adapter came from one of the
+    ``own`` formats (its own keys), none with ``drop_tensors``, else a refusal naming the flag."""
+    fmt = source_format(adapter)
+    if not adapter.tensors or fmt in own:
+        return dict(adapter.tensors)
+    if drop_tensors:
+        return {}
+    some = ", ".join(list(adapter.tensors)[:3]) + (", ..." if len(adapter.tensors) > 3 else "")
+    origin = f" from a {fmt} file" if fmt else ""
+    raise ConversionError(
+        f"adapter holds {len(adapter.tensors)} tensors that are not LoRA factors{origin} ({some}); "
+        f"{target} would not understand them ({DROP_HINT})"
+    )

@@ -1,0 +1,115 @@
+"""Typed reads of ``adapter.source``: provenance that may come from an untrusted ``.apack`` index.
+
+An importer records how to rebuild its original file (``key_overrides``, ``kohya_names``,
+``safetensors_metadata``, ...) in ``adapter.source``; the writer stores that dict verbatim and
+the reader gives it back as any JSON object. Every consumer reads it through these accessors,
+so a crafted value gives one clear :class:`~adapterpack.errors.ConversionError` naming the key
+(a value of the wrong type: an export cannot be faithful to it) or is ignored (``notes``,
+which are only shown, and per-module entries that no longer fit the module's real tensors,
+which an edit of the adapter would also cause), never a Python ``TypeError`` or a huge
+allocation.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+from ..adapter import Adapter
+from ..errors import ConversionError
+
+#: Most dimensions a recorded shape may have (safetensors' own tensors have far fewer).
+MAX_NDIM = 8
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool (JSON numbers a config or record may hold)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
+
+
+def provenance(adapter: Adapter, fmt: str) -> dict[str, Any]:
+    """``adapter.source`` when it records an import from ``fmt`` (``"peft"``, ``"kohya"``), else ``{}``."""
+    src = adapter.source
+    return src if isinstance(src, dict) and src.get("format") == fmt else {}
+
+
+def source_format(adapter: Adapter) -> str | None:
+    """The format ``adapter`` was imported from, or None (also for a non-string value)."""
+    src = adapter.source
+    fmt = src.get("format") if isinstance(src, dict) else None
+    return fmt if isinstance(fmt, str) else None
+
+
+def notes(adapter: Adapter) -> list[str]:
+    """The importer's notes; a value that is not a list of strings is replaced by a note saying so."""
+    src = adapter.source
+    value = src.get("notes", []) if isinstance(src, dict) else []
+    if isinstance(value, list) and all(isinstance(n, str) for n in value):
+        return list(value)
+    return [f"source['notes'] ignored: not a list of strings ({value!r:.60})"]
+
+
+def malformed(adapter: Adapter, key: str, what: str, value: Any) -> ConversionError:
+    """The error for ``source[key]`` not being ``what``."""
+    return ConversionError(
+        f"adapter {adapter.name!r}: source[{key!r}] must be {what}, got {value!r:.80} "
+        "(the provenance recorded in the file is malformed; a faithful export is not possible)"
+    )
+
+
+def typed_map(adapter: Adapter, src: dict[str, Any], key: str, value_type: type, what: str) -> dict[str, Any]:
+    """``src[key]`` as an object whose values are all ``value_type`` (``{}`` when absent)."""
+    value = src.get(key, {})
+    if not isinstance(value, dict) or not all(isinstance(v, value_type) for v in value.values()):
+        raise malformed(adapter, key, what, value)
+    return value
+
+
+def str_map(adapter: Adapter, src: dict[str, Any], key: str) -> dict[str, str]:
+    """``src[key]`` as a string → string map (``{}`` when absent)."""
+    return typed_map(adapter, src, key, str, "an object of strings")
+
+
+def str_list(adapter: Adapter, src: dict[str, Any], key: str) -> list[str]:
+    """``src[key]`` as a list of strings (``[]`` when absent)."""
+    value = src.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise malformed(adapter, key, "a list of strings", value)
+    return value
+
+
+def object_map(adapter: Adapter, src: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
+    """``src[key]`` as module name → object (``{}`` when absent); the objects' fields are the caller's to check."""
+    return typed_map(adapter, src, key, dict, "an object of objects (module name → {...})")
+
+
+def key_overrides(adapter: Adapter, src: dict[str, Any]) -> dict[str, dict[str, str]]:
+    """``src["key_overrides"]``: module name → slot → full tensor key."""
+    value = object_map(adapter, src, "key_overrides")
+    if not all(isinstance(k, str) and isinstance(v, str) for slots in value.values() for k, v in slots.items()):
+        raise malformed(adapter, "key_overrides", "module name → {slot: key} with string keys", value)
+    return value
+
+
+def fitting_shape(value: Any, size: int) -> tuple[int, ...] | None:
+    """``value`` as a shape when it is a list of at most :data:`MAX_NDIM` non-negative ints with ``size``
+    elements, else None: a recorded shape is only used when it fits the real tensor."""
+    if not isinstance(value, list) or len(value) > MAX_NDIM:
+        return None
+    if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= max(size, 1) for d in value):
+        return None
+    return tuple(value) if math.prod(value) == size else None
+
+
+def config(adapter: Adapter, src: dict[str, Any]) -> dict[str, Any] | None:
+    """``src["config"]`` (a PEFT adapter_config.json dict) checked as :func:`~.peft.check_config` checks a file's."""
+    if "config" not in src:
+        return None
+    value = src["config"]
+    if not isinstance(value, dict):
+        raise malformed(adapter, "config", "an adapter_config.json object", value)
+    from .peft import check_config
+
+    check_config(value, f"adapter {adapter.name!r}: source['config']", ConversionError)
+    return value
