@@ -165,7 +165,7 @@ def open_breakdown(path: Path, calls: int = 60) -> dict[str, float]:
         "checking every blob is referenced": reader._check_references,
         "building the Adapter (records, lora validation)": lambda: reader._build(reader.index.adapters[0]),
         "adapterpack.open() in all": lambda: adapterpack.open(path),
-        "adapterpack.torch.load(verify=False) in all": lambda: apt.load(path, verify=False),
+        "adapterpack.torch.load with verify=False, in all": lambda: apt.load(path, verify=False),
     }
     out = {}
     for name, fn in steps.items():
