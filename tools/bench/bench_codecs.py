@@ -32,7 +32,6 @@ import numpy as np
 
 import adapterpack
 from adapterpack import codecs, dtypes
-from adapterpack.adapter import Adapter, as_array
 from adapterpack.convert import effective_level
 
 from . import common, synthetic
@@ -43,11 +42,6 @@ ZIPNN_NOTE = (
     "For context (not measured here): ZipNN (Hershcovitch et al., 2024), which also separates the bytes of "
     "each float before entropy coding, reports about 1.5× on bf16 model weights; byteplanes is the same idea with zstd."
 )
-
-
-def arrays(ad: Adapter) -> list[np.ndarray]:
-    """Every tensor of the adapter, decoded."""
-    return [m.array(slot) for m in ad for slot in m.tensors] + [as_array(t) for t in ad.tensors.values()]
 
 
 def codec_speed(arrs: list[np.ndarray], codec: str, level: int | None, repeats: int) -> tuple[float, float]:
@@ -79,7 +73,7 @@ def load_speed(path: Path, repeats: int) -> float:
     total = adapterpack.open(path).decoded_bytes
 
     def load() -> object:
-        arrs = arrays(adapterpack.open(path, verify=True))
+        arrs = common.decode_all(adapterpack.open(path, verify=True))
         common.touch(arrs)
         return arrs
 
@@ -105,7 +99,7 @@ def run(work: Path, quick: bool, repeats: int, level: int | None) -> list[dict[s
     for name, dt, folder in sources(work, quick):
         st_bytes = (folder / common.PEFT_WEIGHTS).stat().st_size
         ad = adapterpack.open(folder)
-        arrs = arrays(ad)
+        arrs = common.decode_all(ad)
         decoded = sum(a.nbytes for a in arrs)
         for codec in CODECS:
             path = work / f"{folder.name}-{codec}.apack"

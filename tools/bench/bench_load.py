@@ -37,7 +37,7 @@ from safetensors.torch import load_file as st_torch_load
 import adapterpack
 import adapterpack.container
 import adapterpack.torch as apt
-from adapterpack.adapter import as_array
+from adapterpack.interop.peft import DEFAULT_PREFIX
 
 from . import common, synthetic
 
@@ -47,8 +47,7 @@ ASPIRATION = 1.05
 def apack_numpy(path: Path, verify: bool) -> list[np.ndarray]:
     """``adapterpack.open`` + every tensor decoded, touched."""
     ad = adapterpack.open(path, verify=verify)
-    arrs = [m.array(slot) for m in ad for slot in m.tensors]
-    arrs += [as_array(t) for t in ad.tensors.values()]
+    arrs = common.decode_all(ad)
     common.touch(arrs)
     return arrs
 
@@ -78,7 +77,7 @@ def st_safe_open(path: Path, framework: str) -> dict[str, Any]:
 def check_same_tensors(apack: Path, st: Path) -> int:
     """Refuse to time files that do not hold the same bytes; returns the tensor count."""
     ref = st_numpy_load(str(st))
-    prefix = synthetic.PEFT_PREFIX
+    prefix = DEFAULT_PREFIX
     got = {f"{prefix}{m.name}.lora_{slot}.weight": m.array(slot) for m in adapterpack.open(apack) for slot in m.tensors}
     if set(got) != set(ref) or any(got[k].tobytes() != ref[k].tobytes() for k in ref):
         raise SystemExit(f"{apack} and {st} do not hold the same tensors")

@@ -13,9 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
-
-from adapterpack import dtypes
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_DIR = REPO / "adapterpack" / "examples" / "smollm2-pydoc-lora"
@@ -35,14 +32,18 @@ def example_dir() -> Path:
     return EXAMPLE_DIR
 
 
+def decode_all(ad: Any) -> list[np.ndarray]:
+    """Every tensor of an :class:`~adapterpack.Adapter`, decoded: module slots, then pass-through tensors."""
+    from adapterpack.adapter import as_array
+
+    return [m.array(slot) for m in ad for slot in m.tensors] + [as_array(t) for t in ad.tensors.values()]
+
+
 def cast_peft(src: Path, dst: Path, dtype: str) -> Path:
-    """Copy the PEFT folder ``src`` to ``dst`` with every float tensor cast to ``dtype`` (bf16: round to nearest even)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    np_dtype = dtypes.by_name(dtype).numpy
-    tensors = load_file(str(src / PEFT_WEIGHTS))
-    cast = {k: v.astype(np_dtype) if dtypes.of_array(v).is_float else v for k, v in tensors.items()}
-    save_file(cast, str(dst / PEFT_WEIGHTS), metadata={"format": "pt"})
-    (dst / PEFT_CONFIG).write_bytes((src / PEFT_CONFIG).read_bytes())
+    """The PEFT folder ``src`` written to ``dst`` with every float tensor cast to ``dtype`` (bf16: round to nearest even)."""
+    from adapterpack.convert import convert
+
+    convert(src, dst, to="peft", dtype=dtype, force=True)
     return dst
 
 

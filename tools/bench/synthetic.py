@@ -24,22 +24,19 @@ Run::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
 
 import adapterpack
 from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module
-from adapterpack.atomic import atomic_dir
+from adapterpack.interop import peft
 
 BASE_MODEL = "meta-llama/Llama-2-7b-hf"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-PEFT_PREFIX = "base_model.model."
 B_STD = 0.01
 DESCRIPTION = (
     "SYNTHETIC adapter (random factors, not trained): Llama-2-7B shapes, {layers} layers × q/k/v/o "
@@ -84,7 +81,12 @@ def build_adapter(
         name="default",
         base_model=BASE_MODEL,
         base_architecture="LlamaForCausalLM",
-        source={"format": "peft", "config": cfg, "key_prefix": PEFT_PREFIX},
+        source={
+            "format": "peft",
+            "config": cfg,
+            "key_prefix": peft.DEFAULT_PREFIX,
+            "safetensors_metadata": {"format": "pt", "synthetic": desc},
+        },
         metadata={"synthetic": "true", "description": desc},
     )
     for layer in range(layers):
@@ -110,26 +112,12 @@ def description(
     return DESCRIPTION.format(layers=layers, hidden=hidden, rank=rank, alpha=alpha, dtype=name, b_std=B_STD, seed=seed)
 
 
-def peft_tensors(ad: Adapter) -> dict[str, np.ndarray]:
-    """The adapter's factors under PEFT's key names (``...q_proj.lora_A.weight``)."""
-    out: dict[str, np.ndarray] = {}
-    for name, m in ad.modules.items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.array("A")
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.array("B")
-    return out
-
-
 def write_peft(ad: Adapter, folder: str | Path) -> Path:
-    """Write ``ad`` as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors).
+    """Write ``ad`` as a PEFT adapter folder with the project's PEFT writer.
 
     The safetensors metadata carries the 'synthetic' statement too (PEFT ignores extra keys).
     """
-    folder = Path(folder)
-    with atomic_dir(folder) as tmp:
-        (tmp / "adapter_config.json").write_text(json.dumps(ad.source["config"], indent=2, sort_keys=True) + "\n")
-        meta = {"format": "pt", "synthetic": ad.metadata.get("description", "synthetic")}
-        save_file(peft_tensors(ad), str(tmp / "adapter_model.safetensors"), metadata=meta)
-    return folder
+    return peft.write_peft(ad, folder)
 
 
 def write_all(out: str | Path, dtype: str = "bf16", codecs: Sequence[str] = ("raw",), seed: int = 0) -> dict[str, Path]:
