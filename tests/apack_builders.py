@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from adapterpack.adapter import Adapter, Module, as_array
+from adapterpack.adapter import Adapter, Module
 from adapterpack.checksum import crc32c
-from adapterpack.container import ApackReader
 from adapterpack.container.index import plan_offsets
 from adapterpack.container.preamble import MAGIC, PREAMBLE_SIZE, align_up
 from adapterpack.container.writer import write_apack
+from tools import fuzz_open
 
 PREAMBLE = struct.Struct("<8sHHIQII")
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -129,30 +129,6 @@ def split(raw: bytes) -> Parts:
     return Parts(index=index, data=raw[start:], major=major, minor=minor, flags=flags, reserved=reserved)
 
 
-def load_everything(path: Path, verify: bool = True, delta_limit: int = 0) -> list[Adapter]:
-    """Open, build every adapter and decode every tensor: what a user of the file would do.
-
-    With ``delta_limit``, also compute ΔW of every module whose base weight has at most that
-    many elements.
-    """
-    reader = ApackReader(path, verify=verify)
-    out = []
-    for name in reader.adapter_names:
-        ad = reader.adapter(name)
-        for m in ad:
-            for slot in m.tensors:
-                m.array(slot)
-            if int(np.prod(m.base_shape, dtype=np.float64)) <= delta_limit:
-                m.delta()
-        for t in ad.tensors.values():
-            as_array(t)
-        out.append(ad)
-    return out
-
-
-# --- zstd frames ---------------------------------------------------------------------------------
-
-
 def zstd_frame(data: bytes, *, content_size: bool = True, level: int = 3, checksum: bool = False) -> bytes:
     """One real zstd frame of ``data``."""
     return zstandard.ZstdCompressor(level=level, write_content_size=content_size, write_checksum=checksum).compress(data)
@@ -229,3 +205,7 @@ def valid_parts(tmp_path: Path, codec: str = "raw", adapter: Adapter | None = No
     path = tmp_path / f"valid-{codec}.apack"
     write_apack(path, adapter or small_adapter(), codec=codec)
     return split(path.read_bytes())
+
+
+# Open + build + decode everything, as a user of the file would: shared with the fuzz target.
+load_everything = fuzz_open.load_everything

@@ -96,26 +96,37 @@ def fix_index_crc(raw: bytearray) -> None:
         struct.pack_into("<I", raw, 24, crc32c(bytes(raw[32 : 32 + length])))
 
 
+def load_everything(path: Path, verify: bool = True, delta_limit: int = 0) -> list[Adapter]:
+    """Open, build every adapter and decode every tensor: what a user of the file would do.
+
+    With ``delta_limit``, also compute ΔW of every module whose base weight has at most that
+    many elements (a damaged alpha may make inf * 0 there: a value, not a crash).
+    """
+    reader = ApackReader(path, verify=verify)
+    out = []
+    for name in reader.adapter_names:
+        ad = reader.adapter(name)
+        for m in ad:
+            for slot in m.tensors:
+                m.array(slot)
+            if float(np.prod(m.base_shape, dtype=np.float64)) <= delta_limit:
+                with np.errstate(all="ignore"):
+                    m.delta()
+        for t in ad.tensors.values():
+            as_array(t)
+        out.append(ad)
+    return out
+
+
 def exercise(path: Path) -> str:
     """Open, build every adapter, decode every tensor and small ΔW, verify; returns "ok" or the error class.
 
     Raises whatever the reader raises that is not an AdapterpackError.
     """
     try:
-        reader = ApackReader(path)
-        for name in reader.adapter_names:
-            ad = reader.adapter(name)
-            for m in ad:
-                for slot in m.tensors:
-                    m.array(slot)
-                if float(np.prod(m.base_shape, dtype=np.float64)) <= DELTA_LIMIT:
-                    with np.errstate(all="ignore"):  # a damaged alpha may make inf * 0: a value, not a crash
-                        m.delta()
-            for t in ad.tensors.values():
-                as_array(t)
-        report = ApackReader(path).verify()
-        reader.close()
-        return "ok" if report.ok else "verify-problem"
+        load_everything(path, delta_limit=DELTA_LIMIT)
+        with ApackReader(path) as reader:
+            return "ok" if reader.verify().ok else "verify-problem"
     except AdapterpackError as e:
         return type(e).__name__
 
