@@ -21,31 +21,31 @@ def _blob_ref(value: Any, n_blobs: int, where: str) -> int:
     return value
 
 
+def _named_entries(entries: list[Any], kind: str, where: str) -> list[tuple[str, dict[str, Any]]]:
+    """(name, entry) of a list of objects that must each have a unique ``name``."""
+    seen: set[str] = set()
+    out = []
+    for k, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise IndexFormatError(f"{where} {kind} {k}: must be an object")
+        name = get_name(e, "name", f"{where} {kind} {k}")
+        if name in seen:
+            raise DuplicateNameError(f"{where}: two {kind}s are named {name!r}")
+        seen.add(name)
+        out.append((name, e))
+    return out
+
+
 def check_references(index: Index) -> None:
     """Module and tensor entries well formed, uniquely named, referencing existing blobs; every blob referenced."""
     n_blobs = len(index.blobs)
     used: set[int] = set()
     for a in index.adapters:
         aw = f"adapter {a['name']!r}"
-        mods = get(a, "modules", list, aw)
-        seen: set[str] = set()
-        for k, m in enumerate(mods):
-            if not isinstance(m, dict):
-                raise IndexFormatError(f"{aw} module {k}: must be an object")
-            name = get_name(m, "name", f"{aw} module {k}")
-            if name in seen:
-                raise DuplicateNameError(f"{aw}: two modules are named {name!r}")
-            seen.add(name)
+        for name, m in _named_entries(get(a, "modules", list, aw), "module", aw):
             for slot, ref in get(m, "tensors", dict, f"{aw} module {name!r}").items():
                 used.add(_blob_ref(ref, n_blobs, f"{aw} module {name!r} tensor {slot!r}"))
-        tseen: set[str] = set()
-        for k, t in enumerate(get(a, "tensors", list, aw, [])):
-            if not isinstance(t, dict):
-                raise IndexFormatError(f"{aw} tensor {k}: must be an object")
-            name = get_name(t, "name", f"{aw} tensor {k}")
-            if name in tseen:
-                raise DuplicateNameError(f"{aw}: two tensors are named {name!r}")
-            tseen.add(name)
+        for name, t in _named_entries(get(a, "tensors", list, aw, []), "tensor", aw):
             used.add(_blob_ref(t.get("blob"), n_blobs, f"{aw} tensor {name!r}"))
     unused = set(range(n_blobs)) - used
     if unused:
