@@ -14,26 +14,19 @@ import pytest
 from click.testing import CliRunner, Result
 
 import adapterpack
-from adapterpack import Adapter, Module
+from adapterpack import Adapter
 from adapterpack.cli import main
 from adapterpack.container.reader import ApackReader
 from adapterpack.convert import adapter_differences
 from adapterpack.examples import example_path
 from adapterpack.report import inspect_path
+from tests.factories import qv_adapter
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def toy(seed: int = 0) -> Adapter:
-    rng = np.random.default_rng(seed)
-    mods = {}
-    for i in range(2):
-        for proj, out in (("q_proj", 64), ("v_proj", 32)):
-            n = f"model.layers.{i}.self_attn.{proj}"
-            a = rng.standard_normal((8, 48)).astype(np.float32)
-            b = (rng.standard_normal((out, 8)) * 0.02).astype(np.float32)
-            mods[n] = Module(n, "lora", (out, 48), {"rank": 8, "alpha": 16.0}, {"A": a, "B": b})
-    return Adapter(name="default", base_model="toy/base", modules=mods)
+    return qv_adapter(seed, layers=2, rank=8, in_features=48, q_out=64, v_out=32, b_scale=0.02)
 
 
 @pytest.fixture

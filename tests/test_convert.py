@@ -25,6 +25,7 @@ from adapterpack.convert import (
 )
 from adapterpack.encodings.factors import Factors
 from adapterpack.errors import ConversionError, OutputExistsError, UnknownDTypeError
+from tests.factories import qv_adapter
 
 BF16 = ml_dtypes.bfloat16
 
@@ -257,15 +258,7 @@ def test_adapter_differences_sees_one_bit(tmp_path: Path) -> None:
 
 def peft_adapter(seed: int = 0) -> Adapter:
     """A PEFT-exportable toy: q/v linear modules, one shared rank and alpha."""
-    rng = np.random.default_rng(seed)
-    mods = {}
-    for i in range(2):
-        for proj, out in (("q_proj", 32), ("v_proj", 16)):
-            name = f"model.layers.{i}.self_attn.{proj}"
-            a = rng.standard_normal((4, 24)).astype(np.float32)
-            b = (rng.standard_normal((out, 4)) * 0.1).astype(np.float32)
-            mods[name] = Module(name, "lora", (out, 24), {"rank": 4, "alpha": 8.0}, {"A": a, "B": b})
-    return Adapter(name="default", base_model="toy/base", modules=mods)
+    return qv_adapter(seed, layers=2, rank=4, in_features=24, q_out=32, v_out=16, b_scale=0.1)
 
 
 def test_apack_peft_apack_round_trip_is_bit_exact(tmp_path: Path) -> None:

@@ -17,17 +17,12 @@ from adapterpack.checksum import crc32c
 from adapterpack.container.reader import ApackReader
 from adapterpack.errors import AdapterNotFoundError, UnrecognizedInputError
 from adapterpack.report import footprint, inspect_path
+from tests.factories import qv_modules
 
 
 def toy(seed: int = 0, name: str = "default") -> Adapter:
     rng = np.random.default_rng(seed)
-    mods = {}
-    for i in range(3):
-        for proj, out in (("q_proj", 64), ("v_proj", 32)):
-            n = f"model.layers.{i}.self_attn.{proj}"
-            a = rng.standard_normal((4, 48)).astype(np.float32)
-            b = (rng.standard_normal((out, 4)) * 0.01).astype(np.float16)
-            mods[n] = Module(n, "lora", (out, 48), {"rank": 4, "alpha": 8.0}, {"A": a, "B": b.astype(np.float32)})
+    mods = qv_modules(rng, layers=3, rank=4, in_features=48, q_out=64, v_out=32, b_scale=0.01, b_grid=np.float16)
     mods["model.layers.3.mlp.down_proj"] = Module(
         "model.layers.3.mlp.down_proj",
         "lora",
