@@ -8,7 +8,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
@@ -51,11 +51,6 @@ class AdapterpackGroup(click.Group):
             raise Failure(one_line(str(e))) from None
         except OSError as e:
             raise Failure(one_line(os_message(e))) from None
-
-
-def fail(message: str) -> NoReturn:
-    """Stop the command with ``adapterpack: message`` and exit status 1."""
-    raise Failure(one_line(message))
 
 
 # --- numbers --------------------------------------------------------------------------------------
