@@ -34,6 +34,7 @@ from adapterpack.checksum import crc32c
 from adapterpack.container import writer
 from adapterpack.container.index import dumps
 from adapterpack.container.preamble import PREAMBLE_SIZE, Preamble, align_up
+from tools.vectors import modules as vector_modules
 
 REPO = Path(__file__).resolve().parent.parent
 OUT = REPO / "spec" / "vectors"
@@ -333,6 +334,9 @@ def build(out: Path) -> list[str]:
         "UnknownCodecError",
         lambda p: _craft(p, _future_codec(required=True), minor=1),
     )
+
+    for extra in vector_modules():  # encodings added after 1.0: tools/vectors/<encoding>.py
+        extra.build(readable, refused)
 
     for name, (what, doc) in docs.items():
         doc = {"description": what} | doc
