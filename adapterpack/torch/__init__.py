@@ -18,18 +18,21 @@ Memory (what a returned tensor shares, and why that is safe):
 
 from __future__ import annotations
 
-import math
+import inspect
 import os
 
 import torch
 
 from ..adapter import Adapter
 from ..api import open as open_adapter
+from ..errors import ConversionError
 from ..interop.detect import detect_format
+from .decoders import TorchFactors, decode
+from .decoders.base import as_2d
 from .mapped import load_apack
-from .tensors import TORCH_DTYPES, LoraTensors, module_tensors, tensor, torch_device, torch_dtype
+from .tensors import TORCH_DTYPES, LoraTensors, lora_tensors, tensor, torch_device, torch_dtype
 
-__all__ = ["TORCH_DTYPES", "LoraTensors", "load", "materialize", "tensor", "torch_dtype"]
+__all__ = ["TORCH_DTYPES", "LoraTensors", "TorchFactors", "load", "materialize", "tensor", "torch_dtype"]
 
 
 def load(
@@ -38,38 +41,71 @@ def load(
     dtype: torch.dtype | str | None = None,
     adapter: str | None = None,
     *,
+    rank: int | None = None,
     verify: bool = True,
+    zero_copy: bool = True,
 ) -> dict[str, LoraTensors]:
     """Every module of an adapter as :class:`LoraTensors` on ``device``, keyed by base-model module name.
 
     ``path`` is anything :func:`adapterpack.open` accepts, or an :class:`Adapter`;
     ``adapter`` names one adapter of a multi-adapter ``.apack``; ``dtype`` casts the factors
-    (None keeps the stored dtype, bit-exact); ``verify`` checks each ``.apack`` blob's
-    CRC-32C as it is read. Pass-through tensors (PEFT ``modules_to_save``) are not LoRA
-    factors and are not returned: read them with ``adapterpack.open(path).tensors`` and
-    :func:`tensor`.
+    (None keeps the stored dtype, bit-exact); ``rank`` truncates progressive encodings
+    (passed to ``adapterpack.open(path, rank=...)``); ``verify`` checks each ``.apack`` blob's
+    CRC-32C as it is read; ``zero_copy=False`` copies raw blobs into memory the tensors own
+    instead of mapping the file (CPU only; other devices always copy). Every record goes
+    through its encoding's torch decoder (:mod:`adapterpack.torch.decoders`). Pass-through
+    tensors (PEFT ``modules_to_save``) are not LoRA factors and are not returned: read them with
+    ``adapterpack.open(path).tensors`` and :func:`tensor`.
     """
     dev = torch_device(device)
     want = None if dtype is None else torch_dtype(dtype)
     if isinstance(path, Adapter):
-        return {name: module_tensors(m, dev, want) for name, m in path.modules.items()}
-    if detect_format(path) == "apack":
-        return load_apack(path, dev, want, adapter, verify)
-    with open_adapter(path, adapter=adapter, verify=verify) as src:
-        return {name: module_tensors(m, dev, want) for name, m in src.modules.items()}
+        if rank is not None:
+            raise ConversionError("rank= applies when opening a file; truncate an in-memory Adapter before loading it")
+        return {name: lora_tensors(decode(m, dev, want)) for name, m in path.modules.items()}
+    if rank is None and detect_format(path) == "apack":
+        return load_apack(path, dev, want, adapter, verify, zero_copy=zero_copy)
+    with _open(path, adapter, verify, rank) as src:
+        return {name: lora_tensors(decode(m, dev, want)) for name, m in src.modules.items()}
 
 
-def materialize(lora: LoraTensors) -> torch.Tensor:
+def _open(path: str | os.PathLike[str], adapter: str | None, verify: bool, rank: int | None) -> Adapter:
+    """``adapterpack.open``, passing ``rank`` on only when asked (and refusing it when ``open`` cannot truncate)."""
+    if rank is None:
+        return open_adapter(path, adapter=adapter, verify=verify)
+    if "rank" not in inspect.signature(open_adapter).parameters:
+        raise ConversionError("rank= needs adapterpack.open(path, rank=...) (the svd encoding), which this version lacks")
+    return open_adapter(path, adapter=adapter, verify=verify, rank=rank)
+
+
+def materialize(
+    lora: LoraTensors | TorchFactors, *, dtype: torch.dtype | str | None = None, chunk: int | None = None
+) -> torch.Tensor:
     """Dense ΔW on the factors' device, in the base weight's shape and layout.
 
     Accumulates in float32 (float64 if a factor is float64), as the numpy ``Module.delta``
-    does; the result has that dtype.
+    does; the result has that dtype, or ``dtype`` (cast from the float32 product). ``chunk``
+    computes ``chunk`` output rows of the m×n product at a time, so the float32 temporary
+    stays at chunk×n elements when the result is narrower (e.g. a bf16 ΔW of a large layer).
+    For DoRA this is the direction update ``s·B·A`` only (see :meth:`adapterpack.adapter.Module.delta`).
     """
     work = torch.float64 if torch.float64 in (lora.A.dtype, lora.B.dtype) else torch.float32
-    # explicit sizes, as the numpy Factors: -1 is ambiguous when a dimension is 0 (out == 0, in == 0)
-    a = lora.A.reshape(lora.A.shape[0], math.prod(lora.A.shape[1:])).to(work)
-    b = lora.B.reshape(lora.B.shape[0], lora.B.shape[1]).to(work)  # [out, r, 1, ...] → [out, r]
-    prod = (b @ a).mul_(lora.scale)
-    if lora.transpose:
-        prod = prod.T
-    return prod.contiguous().reshape(lora.base_shape)
+    out_dtype = work if dtype is None else torch_dtype(dtype)
+    a, b = as_2d(lora.A, lora.B)
+    a, b = a.to(work), b.to(work)
+    m, n = int(b.shape[0]), int(a.shape[1])
+    if chunk is not None and chunk < 1:
+        raise ConversionError(f"chunk must be a positive number of rows, got {chunk}")
+    if chunk is None or chunk >= m:
+        prod = (b @ a).mul_(lora.scale).to(out_dtype)
+        if lora.transpose:
+            prod = prod.T
+        return prod.contiguous().reshape(lora.base_shape)
+    out = torch.empty((n, m) if lora.transpose else (m, n), dtype=out_dtype, device=a.device)
+    for i in range(0, m, chunk):
+        blk = (b[i : i + chunk] @ a).mul_(lora.scale)
+        if lora.transpose:
+            out[:, i : i + chunk] = blk.T
+        else:
+            out[i : i + chunk] = blk
+    return out.reshape(lora.base_shape)

@@ -1,16 +1,19 @@
-"""numpy → torch conversion (bit-exact, bfloat16 included) and the per-module container."""
+"""numpy → torch conversion (bit-exact, bfloat16 included) and the per-module container :class:`LoraTensors`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .. import dtypes
-from ..adapter import Module, TensorLike, as_array
-from ..encodings.lora import lora_scale
+from ..adapter import TensorLike, as_array
 from ..errors import ConversionError
+
+if TYPE_CHECKING:
+    from .decoders.base import TorchFactors
 
 #: spec dtype name → torch dtype.
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -105,32 +108,13 @@ def tensor(arr: TensorLike, device: torch.device | str = "cpu", dtype: torch.dty
     return place(t, dev, want)
 
 
-def module_tensors(
-    m: Module, device: torch.device, dtype: torch.dtype | None, ready: dict[str, torch.Tensor] | None = None
-) -> LoraTensors:
-    """One module as :class:`LoraTensors`; ``ready`` holds its lora slots already as tensors (default: :func:`tensor`).
-
-    Records of other encodings go through their low-rank factors (the hub every converter uses).
-    """
-    if m.encoding != "lora":
-        f = m.factors()
-        return LoraTensors(
-            A=tensor(f.A, device, dtype),
-            B=tensor(f.B, device, dtype),
-            scale=float(f.scale),
-            base_shape=tuple(f.base_shape),
-            layout="linear" if len(f.base_shape) == 2 else "conv",
-            transpose=f.transpose,
-        )
-    ts = ready if ready is not None else {slot: tensor(t, device, dtype) for slot, t in m.tensors.items()}
-    p = m.params
-    layout = p.get("layout", "linear")
+def lora_tensors(f: TorchFactors) -> LoraTensors:
+    """:class:`LoraTensors` from a decoder's :class:`TorchFactors`: conv factors back in their stored
+    shapes (``A [r, in, *k]``, ``B [out, r, 1, ...]``, views), everything else as decoded."""
+    a, b = f.A, f.B
+    if f.layout == "conv" and len(f.base_shape) > 2:
+        a = a.reshape(a.shape[0], *f.base_shape[1:])
+        b = b.reshape(b.shape[0], b.shape[1], *([1] * (len(f.base_shape) - 2)))
     return LoraTensors(
-        A=ts["A"],
-        B=ts["B"],
-        scale=lora_scale(p["alpha"], p["rank"], p.get("rslora", False)),
-        base_shape=tuple(m.base_shape),
-        layout=layout,
-        transpose=layout == "embedding" or bool(p.get("fan_in_fan_out", False)),
-        magnitude=ts.get("magnitude"),
+        A=a, B=b, scale=f.scale, base_shape=f.base_shape, layout=f.layout, transpose=f.transpose, magnitude=f.magnitude
     )

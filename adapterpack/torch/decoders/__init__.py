@@ -1,0 +1,31 @@
+"""Torch decoders, one module per encoding (see ``base.py``); importing this package registers them.
+
+Add a decoder: a new module here with ``@register_torch_decoder("<id>")`` and one import line below.
+"""
+
+from __future__ import annotations
+
+from . import lora  # noqa: F401  (registers the lora decoder)
+from .base import (
+    TorchDecoder,
+    TorchFactors,
+    decode,
+    get_torch_decoder,
+    is_staged,
+    numpy_fallback,
+    register_torch_decoder,
+    slot,
+    torch_decoder_ids,
+)
+
+__all__ = [
+    "TorchDecoder",
+    "TorchFactors",
+    "decode",
+    "get_torch_decoder",
+    "is_staged",
+    "numpy_fallback",
+    "register_torch_decoder",
+    "slot",
+    "torch_decoder_ids",
+]

@@ -1,0 +1,133 @@
+"""The torch decoder registry: one decoder per encoding, registered beside the numpy encodings.
+
+A decoder turns one record (:class:`~adapterpack.adapter.Module`) into :class:`TorchFactors`
+on a device: ``fn(module, device, dtype) -> TorchFactors``. Register one with
+``@register_torch_decoder("<encoding id>")`` in its own module under this folder (imported by
+``decoders/__init__.py``). An encoding without its own decoder still works:
+:func:`get_torch_decoder` falls back to the numpy ``to_factors`` (exact) and copies the factors
+to the device, so every encoding in the numpy registry can be loaded with torch.
+
+``staged=True`` tells the loader the decoder reads its tensor slots through :func:`slot`, so the
+loader may hand it a record whose slots are torch tensors already on the device (read from the
+file in a few large copies, see ``adapterpack.torch.staging``). Decoders registered without it
+get the record as opened, with numpy / lazily stored tensors, and do their own reading.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ...adapter import Module
+from ...encodings import get_encoding
+from ...errors import UnknownEncodingError
+from ..tensors import place, tensor
+
+#: ``fn(module, device, dtype) -> TorchFactors``.
+TorchDecoder = Callable[[Module, torch.device, "torch.dtype | None"], "TorchFactors"]
+
+
+@dataclass
+class TorchFactors:
+    """ΔW = scale · B · A on a device: A ``[r, n]``, B ``[m, r]`` (2-D), mapped onto ``base_shape``.
+
+    ``transpose`` is true when the base weight holds the m×n product transposed (embeddings,
+    ``fan_in_fan_out``); a conv base shape takes the product reshaped. ``layout`` (``linear``,
+    ``embedding``, ``conv``) and ``magnitude`` (DoRA's vector, else None) are kept for loaders
+    that need them; encodings other than ``lora`` leave the defaults.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    base_shape: tuple[int, ...]
+    transpose: bool = False
+    layout: str = "linear"
+    magnitude: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        """Inner dimension r."""
+        return int(self.A.shape[0])
+
+
+@dataclass(frozen=True)
+class _Entry:
+    fn: TorchDecoder
+    staged: bool
+
+
+_REGISTRY: dict[str, _Entry] = {}
+
+
+def register_torch_decoder(encoding_id: str, *, staged: bool = False) -> Callable[[TorchDecoder], TorchDecoder]:
+    """Decorator: make ``fn`` the torch decoder of ``encoding_id`` (see the module docstring for ``staged``)."""
+
+    def deco(fn: TorchDecoder) -> TorchDecoder:
+        _REGISTRY[encoding_id] = _Entry(fn, staged)
+        return fn
+
+    return deco
+
+
+def torch_decoder_ids() -> list[str]:
+    """Encodings with a torch decoder of their own (the others use the numpy fallback)."""
+    return list(_REGISTRY)
+
+
+def is_staged(encoding_id: str) -> bool:
+    """Whether the decoder of ``encoding_id`` accepts records whose slots are already device tensors."""
+    entry = _REGISTRY.get(encoding_id)
+    return entry is not None and entry.staged
+
+
+def numpy_fallback(module: Module, device: torch.device, dtype: torch.dtype | None) -> TorchFactors:
+    """The numpy ``to_factors`` (exact), copied to ``device``: works for every registered encoding."""
+    f = get_encoding(module.encoding).to_factors(module)
+    return TorchFactors(
+        A=tensor(f.A, device, dtype),
+        B=tensor(f.B, device, dtype),
+        scale=float(f.scale),
+        base_shape=tuple(int(d) for d in f.base_shape),
+        transpose=bool(f.transpose),
+        layout="linear" if len(f.base_shape) == 2 else "conv",
+    )
+
+
+def get_torch_decoder(encoding_id: str) -> TorchDecoder:
+    """The torch decoder of ``encoding_id``, or the numpy fallback; unknown ids raise UnknownEncodingError."""
+    entry = _REGISTRY.get(encoding_id)
+    if entry is not None:
+        return entry.fn
+    get_encoding(encoding_id)  # raises UnknownEncodingError for an id neither registry knows
+    return numpy_fallback
+
+
+def decode(module: Module, device: torch.device, dtype: torch.dtype | None) -> TorchFactors:
+    """``module`` as :class:`TorchFactors` on ``device`` through its registered decoder."""
+    try:
+        fn = get_torch_decoder(module.encoding)
+    except UnknownEncodingError as e:
+        raise UnknownEncodingError(f"module {module.name!r}: {e}") from None
+    return fn(module, device, dtype)
+
+
+def slot(module: Module, name: str, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
+    """Tensor slot ``name`` of ``module`` on ``device`` in ``dtype`` (None: as stored), bit-exact.
+
+    A slot that is already a torch tensor (staged by the loader) is moved/cast only if needed;
+    numpy arrays and stored tensors are decoded and converted by :func:`adapterpack.torch.tensor`.
+    """
+    t = module.tensors[name]
+    if isinstance(t, torch.Tensor):
+        return place(t, device, dtype) if t.device != device or (dtype is not None and t.dtype != dtype) else t
+    return tensor(t, device, dtype)
+
+
+def as_2d(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``[r, in, *k]`` → ``[r, in·k]`` and B ``[out, r, 1, ...]`` → ``[out, r]`` as views (explicit sizes:
+    -1 is ambiguous when a dimension is 0)."""
+    return a.reshape(a.shape[0], math.prod(a.shape[1:])), b.reshape(b.shape[0], b.shape[1])

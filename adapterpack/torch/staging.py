@@ -1,0 +1,249 @@
+"""``.apack`` blobs → torch tensors on a device in a few large copies.
+
+Raw blobs:
+
+- CPU target, ``zero_copy`` (the default): views of a private copy-on-write mapping of the file
+  (as ``safetensors.torch`` does): no copy at all, pages are read when first used, a write gives
+  the process its own page and never touches the file.
+- any other target (or ``zero_copy=False``): all raw blobs of the load go into ONE destination
+  buffer on the device, tensors are views of it. To a CPU buffer the bytes are copied straight
+  from the mapping; to a GPU they stream through two pinned staging buffers of :data:`CHUNK`
+  bytes, one large ``copy_(non_blocking=True)`` per chunk, double-buffered so the host fills one
+  buffer while the other is in flight (not one synchronous copy per tensor).
+
+Compressed blobs (zstd, byteplanes) decode in a thread pool (zstd releases the GIL) while the raw
+blobs are being copied; a decoded CPU tensor is adopted as is, on a GPU it joins the stream.
+
+With ``verify`` every blob's CRC-32C is checked over the bytes the tensor shows (raw) or the
+decoded bytes (compressed) before any tensor is returned.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..checksum import crc32c
+from ..container.index import BlobEntry
+from ..container.reader import ApackReader
+from ..errors import AdapterpackError, ChecksumError
+from .tensors import TORCH_DTYPES, tensor
+
+#: Bytes per pinned staging buffer (two are used, alternately).
+CHUNK = 32 << 20
+#: Alignment of each blob inside the destination buffer (bytes; any dtype's itemsize divides it).
+ALIGN = 256
+#: Threads decoding compressed blobs.
+WORKERS = max(1, min(4, os.cpu_count() or 1))
+
+_pinned_lock = threading.Lock()
+_pinned: dict[int, list[torch.Tensor]] = {}
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def pinned_buffers(size: int = CHUNK) -> list[torch.Tensor]:
+    """Two page-locked host buffers of ``size`` bytes, allocated once per process and reused
+    (``cudaHostAlloc`` costs milliseconds; paying it on every load would dominate small adapters)."""
+    with _pinned_lock:
+        bufs = _pinned.get(size)
+        if bufs is None:
+            bufs = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+            _pinned[size] = bufs
+        return bufs
+
+
+class _CowMapping:
+    """The file mapped copy-on-write (on first use); raw blobs as typed views of it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._storage: torch.UntypedStorage | None = None
+
+    def view(self, start: int, b: BlobEntry) -> torch.Tensor:
+        if self._storage is None:
+            mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
+            # torch.frombuffer keeps the mmap alive for as long as any tensor uses the storage
+            self._storage = torch.frombuffer(mm, dtype=torch.uint8).untyped_storage()
+        dt = TORCH_DTYPES[b.dtype]
+        # blob offsets are multiples of 8 (spec §1.2), so of every itemsize: the element offset is exact
+        return torch.empty(0, dtype=dt).set_(self._storage, start // dt.itemsize, b.shape)
+
+
+@dataclass
+class _Stream:
+    """Bytes appended in order into one destination buffer on ``device``, through pinned chunks for a GPU."""
+
+    device: torch.device
+    total: int
+    bounce: bool  # stage through host buffers (a GPU target; tests force it on the CPU)
+    dest: torch.Tensor = field(init=False)
+    pos: int = 0
+    _bufs: list[torch.Tensor] = field(default_factory=list)
+    _events: list[object | None] = field(default_factory=lambda: [None, None])
+    _cur: int = 0
+    _fill: int = 0
+    _base: int = 0  # destination offset of the current chunk's first byte
+
+    def __post_init__(self) -> None:
+        self.dest = torch.empty(self.total, dtype=torch.uint8, device=self.device)
+        if self.bounce:
+            if self.device.type == "cuda":
+                self._bufs = pinned_buffers()
+            else:  # CPU stand-in so the chunking logic runs in CI
+                self._bufs = [torch.empty(CHUNK, dtype=torch.uint8) for _ in range(2)]
+
+    def put(self, data: memoryview | np.ndarray) -> int:
+        """Append ``data`` (bytes) at the next aligned offset; returns that offset."""
+        src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+        start = _align(self.pos)
+        if not self.bounce:
+            self.dest[start : start + src.size].numpy()[:] = src
+            self.pos = start + src.size
+            return start
+        if start != self.pos:  # alignment gap: move the chunk's logical position
+            self._skip(start - self.pos)
+        done = 0
+        while done < src.size:
+            buf = self._bufs[self._cur]
+            if self._fill == buf.numel():
+                self._flush()
+                continue
+            n = min(src.size - done, buf.numel() - self._fill)
+            buf[self._fill : self._fill + n].numpy()[:] = src[done : done + n]
+            self._fill += n
+            done += n
+        self.pos = start + src.size
+        return start
+
+    def _skip(self, gap: int) -> None:
+        buf = self._bufs[self._cur]
+        if self._fill + gap <= buf.numel():
+            self._fill += gap
+        else:
+            self._flush()
+            self._base += gap
+        self.pos += gap
+
+    def _flush(self) -> None:
+        if self._fill == 0:
+            return
+        buf = self._bufs[self._cur]
+        self.dest[self._base : self._base + self._fill].copy_(buf[: self._fill], non_blocking=self.device.type == "cuda")
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event()
+            ev.record()
+            self._events[self._cur] = ev
+        self._base += self._fill
+        self._fill = 0
+        self._cur ^= 1
+        ev = self._events[self._cur]  # the other buffer: wait until its copy has left it
+        if ev is not None:
+            ev.synchronize()  # type: ignore[attr-defined]
+            self._events[self._cur] = None
+
+    def finish(self) -> torch.Tensor:
+        """Flush the last chunk and wait for every copy; the destination buffer."""
+        if self.bounce:
+            self._flush()
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+        return self.dest
+
+    def view(self, offset: int, b: BlobEntry) -> torch.Tensor:
+        """Blob ``b`` at ``offset`` of the destination, typed and shaped."""
+        n = b.length
+        return self.dest[offset : offset + n].view(TORCH_DTYPES[b.dtype]).view(b.shape)
+
+
+def _check(path: Path, i: int, data: memoryview | np.ndarray, b: BlobEntry) -> None:
+    if crc32c(data if isinstance(data, memoryview) else memoryview(data).cast("B")) != b.crc32c:
+        raise ChecksumError(f"{path}: blob {i}: checksum mismatch (decoded bytes are corrupt)")
+
+
+def stage(
+    reader: ApackReader,
+    fd: int,
+    indices: Iterable[int],
+    device: torch.device,
+    *,
+    verify: bool,
+    zero_copy: bool = True,
+    bounce: bool | None = None,
+    workers: int = WORKERS,
+) -> dict[int, torch.Tensor]:
+    """Blobs ``indices`` of ``reader``'s file as tensors on ``device`` in their stored dtype and shape.
+
+    ``fd`` is an open descriptor of the same file (the copy-on-write mapping is made from it).
+    ``bounce`` (default: a non-CPU target) stages through host chunks; tests set it on the CPU.
+    """
+    blobs = reader.blobs
+    want = list(dict.fromkeys(indices))
+    raw = [i for i in want if blobs[i].codec_id == "raw"]
+    packed = [i for i in want if blobs[i].codec_id != "raw"]
+    on_cpu = device.type == "cpu"
+    bounce = (not on_cpu) if bounce is None else bounce
+    out: dict[int, torch.Tensor] = {}
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="apack-decode") if len(packed) > 1 else None
+    try:
+        futures: dict[int, Future[np.ndarray]] = {}
+        if pool is not None:
+            futures = {i: pool.submit(reader.read_blob, i) for i in packed}  # decodes while raw blobs copy
+        if raw and on_cpu and zero_copy and not bounce:
+            cow = _CowMapping(fd)
+            mv = memoryview(reader._mm)  # read-only mapping of the same file: CRC over the same bytes
+            for i in raw:
+                b = blobs[i]
+                start = reader.data_start + b.offset
+                if verify:
+                    _check(reader.path, i, mv[start : start + b.length], b)
+                out[i] = cow.view(start, b)
+            del mv
+            raw_stream = None
+        else:
+            raw_stream = _Stream(device, sum(_align(blobs[i].length) for i in raw), bounce) if raw else None
+        offsets: dict[int, int] = {}
+        if raw_stream is not None:
+            mv = memoryview(reader._mm)
+            for i in raw:
+                b = blobs[i]
+                start = reader.data_start + b.offset
+                src = mv[start : start + b.length]
+                if verify:
+                    _check(reader.path, i, src, b)
+                offsets[i] = raw_stream.put(src)
+            del src, mv
+            raw_stream.finish()
+            for i in raw:
+                out[i] = raw_stream.view(offsets[i], blobs[i])
+        decoded = {i: (futures[i].result() if i in futures else reader.read_blob(i)) for i in packed}
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+    if decoded:
+        if on_cpu and not bounce:
+            out.update({i: tensor(arr) for i, arr in decoded.items()})  # adopts the fresh writable buffer
+        else:
+            s = _Stream(device, sum(_align(blobs[i].length) for i in decoded), bounce)
+            offs = {i: s.put(arr) for i, arr in decoded.items()}
+            s.finish()
+            out.update({i: s.view(offs[i], blobs[i]) for i in decoded})
+    return {i: out[i] for i in want}
+
+
+def check_same_file(path: Path, fd: int, reader: ApackReader) -> None:
+    """Refuse when the file at ``path`` was replaced between opening ``fd`` and the reader."""
+    st = os.fstat(fd)
+    now = os.stat(path)
+    if st.st_size != reader.file_size or (st.st_ino, st.st_dev) != (now.st_ino, now.st_dev):
+        raise AdapterpackError(f"{path}: file was replaced while being opened; try again")
