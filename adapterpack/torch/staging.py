@@ -64,17 +64,18 @@ def pinned_buffers(size: int = CHUNK) -> list[torch.Tensor]:
 
 
 class _CowMapping:
-    """The file mapped copy-on-write (on first use); raw blobs as typed views of it."""
+    """The file mapped copy-on-write; raw blobs as typed views of it."""
 
     def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._storage: torch.UntypedStorage | None = None
+        self.mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        # torch.frombuffer keeps the mmap alive for as long as any tensor uses the storage
+        self._storage = torch.frombuffer(self.mm, dtype=torch.uint8).untyped_storage()
+
+    def bytes(self, start: int, length: int) -> memoryview:
+        """The mapped bytes (for the CRC: computed over the very pages the tensor shows, faulted in once)."""
+        return memoryview(self.mm)[start : start + length]
 
     def view(self, start: int, b: BlobEntry) -> torch.Tensor:
-        if self._storage is None:
-            mm = mmap.mmap(self.fd, 0, access=mmap.ACCESS_COPY)
-            # torch.frombuffer keeps the mmap alive for as long as any tensor uses the storage
-            self._storage = torch.frombuffer(mm, dtype=torch.uint8).untyped_storage()
         dt = TORCH_DTYPES[b.dtype]
         # blob offsets are multiples of 8 (spec §1.2), so of every itemsize: the element offset is exact
         return torch.empty(0, dtype=dt).set_(self._storage, start // dt.itemsize, b.shape)
@@ -201,14 +202,12 @@ def stage(
             futures = {i: pool.submit(reader.read_blob, i) for i in packed}  # decodes while raw blobs copy
         if raw and on_cpu and zero_copy and not bounce:
             cow = _CowMapping(fd)
-            mv = memoryview(reader._mm)  # read-only mapping of the same file: CRC over the same bytes
             for i in raw:
                 b = blobs[i]
                 start = reader.data_start + b.offset
                 if verify:
-                    _check(reader.path, i, mv[start : start + b.length], b)
+                    _check(reader.path, i, cow.bytes(start, b.length), b)
                 out[i] = cow.view(start, b)
-            del mv
             raw_stream = None
         else:
             raw_stream = _Stream(device, sum(_align(blobs[i].length) for i in raw), bounce) if raw else None
