@@ -30,10 +30,28 @@ class StoredTensor:
     stored_length: int
     codec: str
     loader: Callable[[], np.ndarray]
+    #: Reads only the first n rows (axis 0); None: decode everything and slice.
+    row_loader: Callable[[int], np.ndarray] | None = field(default=None, repr=False)
 
     def load(self) -> np.ndarray:
         """Decode and return the array."""
         return self.loader()
+
+    def prefix(self, rows: int) -> StoredTensor:
+        """The first ``rows`` rows (axis 0) as a stored tensor of its own, read lazily.
+
+        Raw blobs read only those rows' bytes (progressive rank, spec svd §3); compressed
+        blobs are decoded whole and sliced.
+        """
+        rows = max(0, min(rows, self.shape[0]))
+        full, row_loader = self.loader, self.row_loader
+
+        def load() -> np.ndarray:
+            return row_loader(rows) if row_loader is not None else full()[:rows]
+
+        per_row = int(np.prod(self.shape[1:], dtype=np.int64)) * dtypes.by_name(self.dtype).itemsize
+        stored = rows * per_row if self.codec == "raw" else self.stored_length
+        return StoredTensor(self.dtype, (rows, *self.shape[1:]), stored, self.codec, load, row_loader=None)
 
     @property
     def nbytes(self) -> int:

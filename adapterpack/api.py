@@ -10,15 +10,29 @@ from .container.writer import WriteResult, write_apack
 
 
 def open(
-    path: str | os.PathLike[str], *, adapter: str | None = None, verify: bool = True
+    path: str | os.PathLike[str], *, adapter: str | None = None, verify: bool = True, rank: int | None = None
 ) -> Adapter:
     """Open an adapter lazily: ``.apack`` (mmap; reads only the modules asked for), a PEFT
     folder or a kohya ``.safetensors`` file. ``adapter`` names one adapter of a multi-adapter
     file (a PEFT folder or kohya file holds one, ``"default"``; another name is refused);
-    ``verify`` checks each ``.apack`` blob's CRC-32C the first time it is read."""
+    ``verify`` checks each ``.apack`` blob's CRC-32C the first time it is read.
+
+    ``rank`` caps every module's rank at the best approximation of that rank: ``svd`` records
+    are cut to a prefix of their tensors (a raw blob is read only that far, without its
+    whole-blob CRC; ``adapterpack verify`` checks those), other records by an exact SVD of
+    their factors (which reads them)."""
     from .interop import read_any
 
-    return read_any(path, adapter=adapter, verify=verify)
+    opened = read_any(path, adapter=adapter, verify=verify)
+    if rank is None:
+        return opened
+    from .encodings.lower import adapter_at_rank
+
+    try:
+        return adapter_at_rank(opened, rank)
+    except BaseException:
+        opened.close()
+        raise
 
 
 def save(

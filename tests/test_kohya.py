@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 
 import adapterpack
 from adapterpack import Adapter, Module
-from adapterpack.errors import ConversionError, InputError
+from adapterpack.errors import ConversionError, InputError, RecordError
 from adapterpack.interop.detect import detect_format
 from adapterpack.interop.kohya import META_NAMES, META_PARAMS, read_kohya, write_kohya
 from adapterpack.interop.peft import read_peft, write_peft
@@ -260,9 +260,10 @@ def test_export_refusals(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match="collide"):
         write_kohya(clash, tmp_path / "c.safetensors")
 
-    other = Adapter(modules={"x.y": Module("x.y", "svd", (8, 8), {}, {})})
-    with pytest.raises(ConversionError, match="encoding 'svd'"):
-        write_kohya(other, tmp_path / "d.safetensors")
+    broken = Adapter(modules={"x.y": Module("x.y", "svd", (8, 8), {}, {})})  # other encodings are lowered to lora: checked first
+    with pytest.raises(RecordError, match="svd needs tensors S, Ut and Vt"):
+        write_kohya(broken, tmp_path / "d.safetensors")
+    assert not (tmp_path / "d.safetensors").exists()
 
     with pytest.raises(ConversionError, match="no modules to export") as e:
         write_kohya(Adapter(), tmp_path / "e.safetensors")

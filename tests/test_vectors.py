@@ -113,7 +113,12 @@ def test_vector_decodes_to_its_json(name: str) -> None:
 def test_vectors_cover_the_spec() -> None:
     """Every codec, float dtype, layout and option, and the refusals, appear somewhere."""
     docs = [_doc(n) for n in NAMES]
-    assert {d["error"] for d in docs if "error" in d} == {"UnsupportedVersionError", "UnknownEncodingError", "UnknownCodecError"}
+    errors_ = {d["error"] for d in docs if "error" in d}
+    assert {"UnsupportedVersionError", "UnknownEncodingError", "UnknownCodecError"} <= errors_
+    assert {d["adapters"][0]["modules"][0]["encoding"] for d in docs if "adapters" in d and d["adapters"][0]["modules"]} >= {
+        "lora",
+        *REFERENCE,
+    }, "every encoding with vectors has a readable one"
     tensors, params = [], []
     for d in docs:
         for a in d.get("adapters", []):
@@ -124,7 +129,7 @@ def test_vectors_cover_the_spec() -> None:
     assert {p.get("layout", "linear") for p in params} == {"linear", "embedding", "conv"}
     for option in ("fan_in_fan_out", "dora", "rslora"):
         assert any(p.get(option) for p in params), option
-    assert any(d.get("version") == "1.1" and d["adapters"][0]["skipped_modules"] for d in docs if "adapters" in d)
+    assert any(d.get("version") == "1.2" and d["adapters"][0]["skipped_modules"] for d in docs if "adapters" in d)
     raw_256 = [t for t in tensors if t["codec"] == "raw" and math.prod(t["shape"]) * dtypes.by_name(t["dtype"]).itemsize >= 4096]
     assert raw_256, "no 256-aligned blob"
 

@@ -153,7 +153,7 @@ def _future_encoding(required: bool) -> Callable[[dict[str, Any]], None]:
         m["tensors"] = {"U": m["tensors"]["A"], "V": m["tensors"]["B"]}
         if not required:
             m["must_understand"] = False
-            index["x-future-key"] = {"added_in": "1.1"}
+            index["x-future-key"] = {"added_in": "1.2"}
 
     return edit
 
@@ -305,19 +305,19 @@ def build(out: Path) -> list[str]:
 
     future = "model.layers.0.self_attn.o_proj"
     readable(
-        "minor1_optional_encoding",
-        "version 1.1 with an unknown top-level key and a record of an unknown encoding marked must_understand: false",
+        "minor2_optional_encoding",
+        "version 1.2 (newer than this reader), an unknown top-level key, an unknown encoding record (must_understand: false)",
         [_with_future_module(small())],
         "raw",
-        craft=lambda p: _craft(p, _future_encoding(required=False), minor=1),
+        craft=lambda p: _craft(p, _future_encoding(required=False), minor=2),
         skipped={"default": [future]},
     )
     readable(
-        "minor1_optional_codec",
-        "version 1.1 with a blob of an unknown codec marked must_understand: false; its record is skipped",
+        "minor2_optional_codec",
+        "version 1.2 (newer than this reader) with a blob of an unknown codec marked must_understand: false; its record is skipped",
         [_with_future_module(small())],
         "raw",
-        craft=lambda p: _craft(p, _future_codec(required=False), minor=1),
+        craft=lambda p: _craft(p, _future_codec(required=False), minor=2),
         skipped={"default": [future]},
     )
     refused(
@@ -325,14 +325,14 @@ def build(out: Path) -> list[str]:
         "a record of an unknown encoding without must_understand: false",
         [_with_future_module(small())],
         "UnknownEncodingError",
-        lambda p: _craft(p, _future_encoding(required=True), minor=1),
+        lambda p: _craft(p, _future_encoding(required=True), minor=2),
     )
     refused(
         "required_unknown_codec",
         "a blob of an unknown codec without must_understand: false",
         [_with_future_module(small())],
         "UnknownCodecError",
-        lambda p: _craft(p, _future_codec(required=True), minor=1),
+        lambda p: _craft(p, _future_codec(required=True), minor=2),
     )
 
     for extra in vector_modules():  # encodings added after 1.0: tools/vectors/<encoding>.py

@@ -117,9 +117,28 @@ class ApackReader:
             raise type(e)(f"{self.path}: blob {i}: {e}") from None
         return arr.reshape(b.shape)
 
+    def read_rows(self, i: int, rows: int) -> np.ndarray:
+        """The first ``rows`` rows (axis 0) of blob ``i``.
+
+        A raw blob is viewed in place and only those bytes are touched; its CRC, which covers the
+        whole blob, is therefore not checked (``verify()`` checks it). Other codecs decode the
+        whole blob (CRC checked as usual) and return a slice.
+        """
+        b = self.index.blobs[i]
+        if b.codec_id != "raw" or not b.shape or rows >= b.shape[0]:
+            return self.read_blob(i)[:rows]
+        if self._mm is None:
+            raise AdapterpackError(f"{self.path}: file is closed")
+        dt = dtypes.by_name(b.dtype)
+        per_row = int(np.prod(b.shape[1:], dtype=np.int64))
+        arr = np.frombuffer(self._mm, dtype=dt.numpy, count=max(rows, 0) * per_row, offset=self.data_start + b.offset)
+        return arr.reshape((max(rows, 0), *b.shape[1:]))
+
     def _stored_tensor(self, i: int) -> StoredTensor:
         b = self.index.blobs[i]
-        return StoredTensor(b.dtype, b.shape, b.stored_length, b.codec_id, lambda: self.read_blob(i))
+        return StoredTensor(
+            b.dtype, b.shape, b.stored_length, b.codec_id, lambda: self.read_blob(i), row_loader=lambda n: self.read_rows(i, n)
+        )
 
     # --- adapters -------------------------------------------------------------------------------
 

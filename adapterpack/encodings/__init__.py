@@ -6,7 +6,7 @@ record into ΔW. Adding one = one new module here + its spec section + its vecto
 
 from __future__ import annotations
 
-from . import lora  # noqa: F401  (importing registers it)
+from . import lora, nola, shared, svd  # noqa: F401  (importing registers them)
 from .base import Encoding, encoding_ids, get_encoding, is_known, register_encoding
 from .factors import Factors
 

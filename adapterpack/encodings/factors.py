@@ -21,6 +21,14 @@ class Factors:
     scale: float
     base_shape: tuple[int, ...]
     transpose: bool = False
+    #: The base weight's kind (``linear``, ``embedding``, ``conv``), so an encoding built from these
+    #: factors keeps PEFT's layout; with ``transpose`` and ``linear`` it is ``fan_in_fan_out``.
+    layout: str = "linear"
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """The base weight is stored [in, out] (GPT-2 Conv1D)."""
+        return self.transpose and self.layout == "linear"
 
     @property
     def rank(self) -> int:

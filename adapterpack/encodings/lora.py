@@ -120,6 +120,7 @@ class Lora(Encoding):
             scale=self.scale(module),
             base_shape=tuple(module.base_shape),
             transpose=transpose,
+            layout=layout,
         )
 
     def summary(self, module: Module) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from .. import dtypes
 from ..adapter import Adapter, Module, TensorLike
 from ..convert import cast_array
 from ..encodings import get_encoding
+from ..encodings.lower import as_lora
 from ..errors import ConversionError
 from .source import source_format
 
@@ -17,13 +18,12 @@ DROP_HINT = "pass --drop-tensors (drop_tensors=True) to leave them out"
 
 
 def lora_records(adapter: Adapter, target: str) -> list[Module]:
-    """Every module, each checked to be a valid lora record; refuses an adapter with none."""
-    modules = list(adapter)
+    """Every module as a valid lora record (other encodings lowered exactly through their factors,
+    :func:`~adapterpack.encodings.lower.as_lora`); refuses an adapter with none."""
+    modules = [as_lora(m) for m in adapter]
     if not modules:
         raise ConversionError(f"adapter {adapter.name!r} has no modules to export; a {target} adapter needs at least one")
     for m in modules:
-        if m.encoding != "lora":
-            raise ConversionError(f"module {m.name!r} uses encoding {m.encoding!r}; {target} export needs lora records")
         get_encoding("lora").validate(m)
     return modules
 

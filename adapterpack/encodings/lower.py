@@ -1,0 +1,119 @@
+"""Records of one encoding as records of another, through the :class:`Factors` hub.
+
+``as_lora`` is what every exporter (PEFT, kohya, gguf, vLLM) calls, so any encoding reaches the
+stacks that only know LoRA; ``as_svd`` and ``at_rank`` are the exact SVD conversions re-ranking
+and progressive loading use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .. import dtypes
+from ..adapter import Adapter, Module, tensor_info
+from ..errors import ConversionError
+from ..linalg.lowrank import spectrum_of
+from .factors import Factors
+from .svd import from_spectrum
+
+
+def main_dtype(module: Module) -> str:
+    """The dtype of the module's largest float tensor (what an export keeps by default)."""
+    best, size = "float32", -1
+    for t in module.tensors.values():
+        dt, shape = tensor_info(t)
+        n = int(np.prod(shape, dtype=np.int64))
+        if dtypes.by_name(dt).is_float and n > size:
+            best, size = dt, n
+    return best
+
+
+def lora_from_factors(name: str, f: Factors, *, dtype: str) -> Module:
+    """A ``lora`` record with A, B of ``f`` cast to ``dtype`` and alpha = scale·rank (so alpha/r is the scale).
+
+    A rank-0 ΔW (all zeros) becomes rank 1 with zero factors: LoRA has no rank 0.
+    """
+    np_dt = dtypes.by_name(dtype).numpy
+    a, b = f.A, f.B
+    if f.rank == 0:
+        a, b = np.zeros((1, a.shape[1]), a.dtype), np.zeros((b.shape[0], 1), b.dtype)
+    r = int(a.shape[0])
+    params: dict[str, Any] = {"rank": r, "alpha": float(f.scale) * r}
+    if f.layout != "linear":
+        params["layout"] = f.layout
+    if f.fan_in_fan_out:
+        params["fan_in_fan_out"] = True
+    if f.layout == "conv":
+        a = a.reshape((r, *f.base_shape[1:]))
+        b = b.reshape((b.shape[0], r, *([1] * (len(f.base_shape) - 2))))
+    return Module(
+        name, "lora", tuple(f.base_shape), params, {"A": np.ascontiguousarray(a, np_dt), "B": np.ascontiguousarray(b, np_dt)}
+    )
+
+
+def as_lora(module: Module, *, dtype: str | None = None) -> Module:
+    """``module`` as an equivalent ``lora`` record (itself when it already is one).
+
+    For ``svd``: B = Utᵀ·√S, A = √S·Vt, alpha = rank (scale 1). Exact up to the rounding of the
+    output dtype (``dtype``, default the record's own float dtype).
+    """
+    if module.encoding == "lora":
+        return module
+    module.implementation.validate(module)
+    return lora_from_factors(module.name, module.factors(), dtype=dtype or main_dtype(module))
+
+
+def _no_dora(module: Module) -> None:
+    if module.encoding == "lora" and module.params.get("dora", False):
+        raise ConversionError(
+            f"module {module.name!r} is DoRA: its magnitude rescaling needs the base weight, so it has no SVD of its own; "
+            "keep it as lora"
+        )
+
+
+def as_svd(module: Module, *, rank: int | None = None, dtype: str | None = None) -> Module:
+    """``module`` as an ``svd`` record (exact SVD from its factors, cut to ``rank`` when given)."""
+    if module.encoding == "svd" and dtype is None:
+        return module if rank is None else module.implementation.truncate(module, rank)
+    _no_dora(module)
+    module.implementation.validate(module)
+    f = module.factors()
+    return from_spectrum(
+        module.name, spectrum_of(f, where=f"module {module.name!r}"), f, rank=rank, dtype=dtype or main_dtype(module)
+    )
+
+
+def at_rank(module: Module, rank: int) -> Module:
+    """The best rank-``rank`` version of ``module``: a prefix view for ``svd`` records (reads only
+    those bytes), an exact SVD truncation (reading the factors) for others; ranks at or below
+    ``rank`` are kept as they are."""
+    if module.encoding == "svd":
+        return module.implementation.truncate(module, rank)
+    current = int(module.summary().get("rank", 0))
+    if current <= rank:
+        return module
+    return as_svd(module, rank=rank)
+
+
+def adapter_at_rank(adapter: Adapter, rank: int) -> Adapter:
+    """``adapter`` with every module at most rank ``rank`` (see :func:`at_rank`).
+
+    The result takes over ``adapter``'s file handle: close the result, not ``adapter``.
+    """
+    if rank < 0:
+        raise ConversionError(f"rank must be >= 0, got {rank}")
+    modules = {n: at_rank(m, rank) for n, m in adapter.modules.items()}
+    closer, adapter.closer = adapter.closer, None
+    return Adapter(
+        name=adapter.name,
+        base_model=adapter.base_model,
+        base_architecture=adapter.base_architecture,
+        modules=modules,
+        tensors=adapter.tensors,
+        source=adapter.source,
+        metadata=adapter.metadata,
+        skipped=adapter.skipped,
+        closer=closer,
+    )

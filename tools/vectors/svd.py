@@ -1,0 +1,76 @@
+"""Golden vectors of the ``svd`` encoding (spec/svd.md): layouts, dtypes, rank 0, a refusal."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from adapterpack.adapter import Adapter, Module
+
+ENCODING = "svd"
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def _svd(name: str, rng: np.random.Generator, out: int, n: int, k: int, dtype: Any, base: tuple[int, ...], **params: Any) -> Module:
+    """Orthonormal Ut, Vt from a QR of random draws; S = 2, 1, 1/2, ... (exact in every dtype)."""
+    ut = np.linalg.qr(rng.standard_normal((out, k)))[0].T
+    vt = np.linalg.qr(rng.standard_normal((n, k)))[0].T
+    s = 2.0 ** -np.arange(-1, k - 1, dtype=np.float64)
+    tensors = {"S": s.astype(np.float32), "Ut": ut.astype(dtype), "Vt": vt.astype(dtype)}
+    return Module(name, "svd", base, {"rank": k, **params}, tensors)
+
+
+def adapter(seed: int = 11) -> Adapter:
+    """q (fp32), k (bf16), an embedding, a GPT-2 style fan_in_fan_out, a conv, and a rank-0 module."""
+    rng = np.random.default_rng(seed)
+    mods = [
+        _svd("model.layers.0.self_attn.q_proj", rng, 64, 96, 4, np.float32, (64, 96)),
+        _svd("model.layers.0.self_attn.k_proj", rng, 32, 96, 3, BF16, (32, 96)),
+        _svd("model.embed_tokens", rng, 16, 50, 2, np.float32, (50, 16), layout="embedding"),
+        _svd("transformer.h.0.attn.c_attn", rng, 24, 8, 2, np.float16, (8, 24), fan_in_fan_out=True),
+        _svd("unet.conv_in", rng, 8, 4 * 3 * 3, 2, np.float32, (8, 4, 3, 3), layout="conv"),
+        _svd("model.layers.0.self_attn.v_proj", rng, 32, 96, 0, np.float32, (32, 96)),
+    ]
+    return Adapter(
+        name="default", base_model="test/tiny-base", base_architecture="LlamaForCausalLM", modules={m.name: m for m in mods}
+    )
+
+
+def _rank_too_large(index: dict[str, Any]) -> None:
+    index["adapters"][0]["modules"][0]["params"]["rank"] = 5
+
+
+def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
+    """svd_raw / svd_byteplanes (every layout, fp32/bf16/fp16, rank 0) and svd_rank_mismatch (refused)."""
+    for codec in ("raw", "byteplanes"):
+        readable(
+            f"svd_{codec}",
+            f"svd records: linear, embedding, fan_in_fan_out, conv, rank 0; fp32/bf16/fp16; codec {codec}",
+            [adapter()],
+            codec,
+        )
+    from tools.make_vectors import _craft
+
+    refused(
+        "svd_rank_mismatch",
+        "an svd record whose rank (5) is not its tensors' first dimension (4)",
+        [adapter()],
+        "RankError",
+        lambda p: _craft(p, _rank_too_large, minor=1),
+    )
+
+
+def reference_delta(m: dict[str, Any], array: Callable[[dict[str, Any]], np.ndarray]) -> np.ndarray:
+    """ΔW from spec/svd.md §2, in float64, from the vector's JSON alone."""
+    p, t = m["params"], m["tensors"]
+    s, ut, vt = (array(t[k]).astype(np.float64) for k in ("S", "Ut", "Vt"))
+    d = ut.T @ np.diag(s) @ vt if p["rank"] else np.zeros((ut.shape[1], vt.shape[1]))
+    layout = p.get("layout", "linear")
+    if layout == "embedding" or p.get("fan_in_fan_out", False):
+        d = d.T
+    assert math.prod(m["base_shape"]) == d.size
+    return d.reshape(m["base_shape"])
