@@ -103,3 +103,7 @@ class AdapterNotFoundError(AdapterpackError):
 
 class OutputExistsError(ConversionError):
     """The output path already exists and overwriting was not asked for (``--force``)."""
+
+
+class ApplyError(AdapterpackError):
+    """An adapter cannot be applied to (or removed from) a model: a module missing, of the wrong kind or shape."""

@@ -1,0 +1,295 @@
+"""Patch an ``nn.Module`` with an adapter, by module name, and undo it exactly.
+
+- ``merge=True``: each target weight is replaced by ``W + scale·s·ΔW`` (computed in float32, or
+  float64 for float64 weights, then cast to the weight's dtype); the ORIGINAL weight tensor is
+  kept untouched, and :meth:`Applied.unapply` puts it back, so the weights afterwards are the
+  very tensors (bit-identical bytes) they were before. Nothing is ever subtracted. Memory: one
+  extra weight per patched module while applied.
+- ``merge=False``: a forward hook adds ``scale·s·(x·Aᵀ)·Bᵀ`` to the module's output (embeddings:
+  ``scale·s·Aᵀ[ids]·Bᵀ``; convolutions: a conv with A then a 1×1 conv with B) without forming ΔW.
+  The weights are not touched; ``unapply`` removes the hooks.
+
+Module names are matched as PEFT does: the file holds base-model names
+(``model.layers.0.self_attn.q_proj``); a model whose modules carry PEFT's ``base_model.model.``
+prefix (a ``PeftModel``) matches too, and a PEFT LoRA layer is patched through its ``base_layer``.
+Everything is checked before anything changes: a name with no module in the model, a module
+kind that cannot take the update, or a weight whose shape differs from the record's base shape
+is an :class:`~adapterpack.errors.ApplyError` and the model is left as it was.
+
+DoRA (``magnitude``) records are applied exactly, merged or not, for linear layers
+(``nn.Linear`` and GPT-2's ``Conv1D``): ``W' = m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖`` (norm per output
+feature, as PEFT); unmerged, the row norms are computed from W, A and B without forming ΔW.
+DoRA on embeddings or convolutions is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapter import Adapter
+from ..errors import ApplyError
+from .decoders.base import as_2d
+from .tensors import LoraTensors
+
+#: The prefix PEFT puts before base-model module names (``PeftModel.base_model.model``).
+PEFT_PREFIX = "base_model.model."
+_STACK = "_adapterpack_applied"
+
+
+def _kind(mod: nn.Module) -> str:
+    """``linear``, ``fifo`` (GPT-2 Conv1D: weight [in, out]), ``embedding`` or ``conv``; else ``""``."""
+    if isinstance(mod, nn.Linear):
+        return "linear"
+    if isinstance(mod, nn.Embedding):
+        return "embedding"
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    if type(mod).__name__ == "Conv1D" and hasattr(mod, "nf") and isinstance(getattr(mod, "weight", None), torch.Tensor):
+        return "fifo"
+    return ""
+
+
+def find_module(named: dict[str, nn.Module], name: str) -> nn.Module | None:
+    """The module ``name`` the way PEFT resolves adapter keys: as is, under ``base_model.model.``, or
+    with that prefix removed; a PEFT LoRA layer stands for its ``base_layer``."""
+    for cand in (name, PEFT_PREFIX + name, name.removeprefix(PEFT_PREFIX)):
+        mod = named.get(cand)
+        if mod is not None:
+            base = getattr(mod, "base_layer", None)
+            return base if isinstance(base, nn.Module) else mod
+    return None
+
+
+def _expected_kind(lt: LoraTensors) -> tuple[str, ...]:
+    if lt.layout == "embedding":
+        return ("embedding",)
+    if lt.layout == "conv" or len(lt.base_shape) > 2:
+        return ("conv",)
+    return ("fifo",) if lt.transpose else ("linear",)
+
+
+@dataclass
+class _Patch:
+    name: str
+    module: nn.Module
+    kind: str
+    lora: LoraTensors
+    original: torch.Tensor | None = None  # merged: the weight tensor as it was
+    hook: Any = None  # unmerged: the forward hook's handle
+
+
+@dataclass
+class Applied:
+    """An adapter applied to a model; :meth:`unapply` undoes it (restoring the exact original weights)."""
+
+    model: nn.Module
+    merged: bool
+    scale: float
+    patches: list[_Patch] = field(default_factory=list)
+    active: bool = True
+
+    @property
+    def modules(self) -> list[str]:
+        """Names of the patched modules (as the adapter names them)."""
+        return [p.name for p in self.patches]
+
+    def unapply(self) -> None:
+        """Put back every original weight tensor (merged) or remove the hooks (unmerged).
+
+        Adapters applied to one model are undone last-in first-out; undoing one that has
+        another applied on top of it is refused (its weights include the later one's).
+        """
+        if not self.active:
+            raise ApplyError("this adapter was already unapplied")
+        stack: list[Applied] = getattr(self.model, _STACK, [])
+        if stack and stack[-1] is not self:
+            raise ApplyError("another adapter was applied after this one; unapply that one first (last in, first out)")
+        _undo(self.patches)
+        if stack:
+            stack.pop()
+        self.active = False
+
+
+def _undo(patches: list[_Patch]) -> None:
+    for p in reversed(patches):
+        if p.hook is not None:
+            p.hook.remove()
+        if p.original is not None:
+            p.module.weight.data = p.original
+
+
+def unapply(applied: Applied) -> None:
+    """Undo :func:`apply` (see :meth:`Applied.unapply`)."""
+    applied.unapply()
+
+
+def _load(
+    source: str | os.PathLike[str] | Adapter | dict[str, LoraTensors], device: torch.device, **kw: Any
+) -> dict[str, LoraTensors]:
+    if isinstance(source, dict):
+        return source
+    from . import load
+
+    return load(source, device, **kw)
+
+
+def _plan(model: nn.Module, loras: dict[str, LoraTensors]) -> list[_Patch]:
+    """Resolve every module and check kinds and shapes; raises before anything is changed."""
+    named = dict(model.named_modules())
+    missing = [n for n in loras if find_module(named, n) is None]
+    if missing:
+        some = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ApplyError(f"{len(missing)} module(s) of the adapter are not in the model: {some}")
+    plan = []
+    for name, lt in loras.items():
+        mod = find_module(named, name)
+        assert mod is not None
+        kind = _kind(mod)
+        if kind not in _expected_kind(lt):
+            what = type(mod).__name__
+            raise ApplyError(f"module {name!r} is a {what}; a {lt.layout} record needs {' or '.join(_expected_kind(lt))}")
+        shape = tuple(mod.weight.shape)
+        if shape != tuple(lt.base_shape):
+            raise ApplyError(f"module {name!r}: weight shape {list(shape)} differs from the adapter's {list(lt.base_shape)}")
+        if lt.magnitude is not None and kind not in ("linear", "fifo"):
+            raise ApplyError(f"module {name!r}: DoRA is supported on linear layers only, not on a {kind} layer")
+        if kind == "conv" and getattr(mod, "groups", 1) != 1:
+            raise ApplyError(f"module {name!r}: grouped convolutions (groups={mod.groups}) are not supported")
+        plan.append(_Patch(name, mod, kind, lt))
+    return plan
+
+
+def _work(w: torch.Tensor) -> torch.dtype:
+    return torch.float64 if w.dtype == torch.float64 else torch.float32
+
+
+def _delta(lt: LoraTensors, w: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale·s·ΔW in the weight's layout, in the working dtype, on the weight's device."""
+    work = _work(w)
+    a, b = as_2d(lt.A.to(w.device, work), lt.B.to(w.device, work))
+    prod = (b @ a).mul_(lt.scale * scale)
+    return (prod.T if lt.transpose else prod).reshape(w.shape)
+
+
+def _dora_rows(w: torch.Tensor, fifo: bool) -> torch.Tensor:
+    """W as [out, in] (GPT-2 Conv1D stores [in, out])."""
+    return w.T if fifo else w
+
+
+def _merged_weight(p: _Patch, scale: float) -> torch.Tensor:
+    w = p.module.weight.data
+    work = _work(w)
+    new = w.to(work) + _delta(p.lora, w, scale)
+    if p.lora.magnitude is not None:
+        rows = _dora_rows(new, p.kind == "fifo")
+        factor = p.lora.magnitude.to(w.device, work) / torch.linalg.norm(rows, dim=1)
+        new = (rows * factor[:, None]).T if p.kind == "fifo" else rows * factor[:, None]
+    return new.to(w.dtype).contiguous()
+
+
+def _hook(p: _Patch, scale: float) -> Callable[..., torch.Tensor]:
+    """The forward hook adding the low-rank update to the module's output."""
+    mod, lt = p.module, p.lora
+    w = mod.weight
+    s = lt.scale * scale
+    a, b = as_2d(lt.A.to(w.device, w.dtype), lt.B.to(w.device, w.dtype))
+    if p.kind == "embedding":
+        at = a.T.contiguous()
+
+        def emb(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            e = F.embedding(args[0], at, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+            return out + (e @ b.T) * s
+
+        return emb
+    if p.kind == "conv":
+        conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
+        a_k = lt.A.to(w.device, w.dtype)
+        b_k = lt.B.to(w.device, w.dtype)
+
+        def cnv(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            x = args[0]
+            if m.padding_mode != "zeros":
+                raise ApplyError(f"module {p.name!r}: padding_mode {m.padding_mode!r} is not supported unmerged")
+            return out + conv(conv(x, a_k, None, m.stride, m.padding, m.dilation), b_k) * s
+
+        return cnv
+    if lt.magnitude is None:
+
+        def lin(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            return out + F.linear(F.linear(args[0], a), b) * s
+
+        return lin
+    # DoRA, unmerged: out' = m/‖W + sBA‖ ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias, the row norms from Gram terms (no ΔW)
+    work = _work(w)
+    w_rows = _dora_rows(w.detach().to(work), p.kind == "fifo")
+    a_w, b_w = a.to(work), b.to(work)
+    sq = (w_rows * w_rows).sum(1) + 2 * s * ((w_rows @ a_w.T) * b_w).sum(1) + s * s * ((b_w @ (a_w @ a_w.T)) * b_w).sum(1)
+    factor = (lt.magnitude.to(w.device, work) / sq.clamp_min(0).sqrt()).to(w.dtype)
+    bias = getattr(mod, "bias", None)
+
+    def dora(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        base = out if bias is None else out - bias
+        y = factor * (base + F.linear(F.linear(args[0], a), b) * s)
+        return y if bias is None else y + bias
+
+    return dora
+
+
+def apply(
+    model: nn.Module,
+    path_or_adapter: str | os.PathLike[str] | Adapter | dict[str, LoraTensors],
+    scale: float = 1.0,
+    merge: bool = True,
+    *,
+    adapter: str | None = None,
+    rank: int | None = None,
+    verify: bool = True,
+) -> Applied:
+    """Apply an adapter (any file :func:`adapterpack.open` reads, an :class:`Adapter`, or the output of
+    :func:`adapterpack.torch.load`) to ``model`` by module name; ``scale`` multiplies the adapter's own
+    scale. Returns an :class:`Applied`; ``.unapply()`` restores the model exactly. See the module
+    docstring for merged vs unmerged, name matching, DoRA and what is refused."""
+    if isinstance(path_or_adapter, Adapter) and path_or_adapter.tensors:
+        some = ", ".join(list(path_or_adapter.tensors)[:3])
+        raise ApplyError(
+            f"adapter holds {len(path_or_adapter.tensors)} full tensors besides LoRA factors (modules_to_save: {some}); "
+            "apply() patches LoRA modules only"
+        )
+    first = next((p for p in model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    kw: dict[str, Any] = {} if isinstance(path_or_adapter, (Adapter, dict)) else {"adapter": adapter, "verify": verify}
+    if rank is not None:
+        kw["rank"] = rank
+    loras = _load(path_or_adapter, device, **kw)
+    if not loras:
+        raise ApplyError("the adapter has no modules to apply")
+    plan = _plan(model, loras)
+    applied = Applied(model=model, merged=merge, scale=float(scale))
+    try:
+        if merge:
+            new = [_merged_weight(p, scale) for p in plan]  # all computed before any weight changes
+            for p, w in zip(plan, new, strict=True):
+                p.original = p.module.weight.data
+                p.module.weight.data = w
+                applied.patches.append(p)
+        else:
+            hooks = [_hook(p, scale) for p in plan]
+            for p, h in zip(plan, hooks, strict=True):
+                p.hook = p.module.register_forward_hook(h)
+                applied.patches.append(p)
+    except BaseException:
+        _undo(applied.patches)
+        raise
+    stack = getattr(model, _STACK, None)
+    if stack is None:
+        stack = []
+        object.__setattr__(model, _STACK, stack)
+    stack.append(applied)
+    return applied
