@@ -107,3 +107,7 @@ class OutputExistsError(ConversionError):
 
 class ApplyError(AdapterpackError):
     """An adapter cannot be applied to (or removed from) a model: a module missing, of the wrong kind or shape."""
+
+
+class GeneratorError(RecordError):
+    """A record names a random-basis generator id or version this reader does not implement (nola)."""

@@ -60,19 +60,24 @@ def _check(kind: int, stream: int, start: int, stop: int, n: int) -> None:
         raise RecordError(f"a basis matrix of {n} elements exceeds the generator's 2^34")
 
 
-def basis_bits(seed: int, stream: int, kind: int, start: int, stop: int, n: int) -> np.ndarray:
-    """Raw uint32 words of bases ``start..stop-1`` of one kind, ``[stop - start, n]`` (n elements each)."""
+def basis_bits(seed: int, stream: int, kind: int, start: int, stop: int, n: int, first: int = 0) -> np.ndarray:
+    """Raw uint32 words of elements ``first..n-1`` of bases ``start..stop-1`` of one kind,
+    ``[stop - start, n - first]``."""
     _check(kind, stream, start, stop, n)
+    if not 0 <= first <= n:
+        raise RecordError(f"element range [{first}, {n}) is empty or reversed")
     key = seed_key(seed)
-    blocks = -(-n // 4)
+    b0, b1 = first // 4, -(-n // 4)
+    blocks = b1 - b0
     k = stop - start
     ctr = np.empty((k * blocks, 4), np.uint32)
-    ctr[:, 0] = np.tile(np.arange(blocks, dtype=np.uint32), k)
+    ctr[:, 0] = np.tile(np.arange(b0, b1, dtype=np.uint32), k)
     ctr[:, 1] = np.repeat(np.arange(start, stop, dtype=np.uint64), blocks).astype(np.uint32)
     ctr[:, 2] = stream
     ctr[:, 3] = kind
     words = philox4x32_10(ctr, key).reshape(k, blocks * 4)
-    return words[:, :n]
+    lead = first - 4 * b0
+    return words[:, lead : lead + n - first]
 
 
 def basis(seed: int, stream: int, kind: int, start: int, stop: int, n: int) -> np.ndarray:
@@ -81,6 +86,12 @@ def basis(seed: int, stream: int, kind: int, start: int, stop: int, n: int) -> n
     Holds ``(stop - start) · n`` values at once; callers bound that with :func:`chunk_bases`.
     """
     return uniform(basis_bits(seed, stream, kind, start, stop, n))
+
+
+def basis_range(seed: int, stream: int, kind: int, start: int, stop: int, first: int, end: int) -> np.ndarray:
+    """Values of elements ``first..end-1`` of bases ``start..stop-1``, float32 ``[stop - start, end - first]``
+    (equal to the same columns of :func:`basis`; lets decoders tile huge matrices)."""
+    return uniform(basis_bits(seed, stream, kind, start, stop, end, first))
 
 
 def chunk_bases(n: int, budget: int = DEFAULT_BUDGET) -> int:

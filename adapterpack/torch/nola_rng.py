@@ -66,21 +66,33 @@ def _chunk(device: torch.device) -> int:
     return 1 << 16 if device.type == "cpu" else 1 << 24
 
 
-def basis(seed: int, stream: int, kind: int, start: int, stop: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Values of bases ``start..stop-1`` of one kind, float32 ``[stop - start, n]`` on ``device``
-    (bit-identical to :func:`adapterpack.rng.basis.basis`)."""
-    if kind not in KINDS.values() or not 0 <= stream < MAX_U32 or not 0 <= start <= stop <= MAX_U32 or not 0 <= n <= MAX_ELEMENTS:
-        raise RecordError(f"basis request out of range: kind {kind}, stream {stream}, bases [{start}, {stop}), {n} elements")
+def basis(
+    seed: int, stream: int, kind: int, start: int, stop: int, n: int, device: torch.device | str = "cpu", first: int = 0
+) -> torch.Tensor:
+    """Values of elements ``first..n-1`` of bases ``start..stop-1`` of one kind, float32
+    ``[stop - start, n - first]`` on ``device`` (bit-identical to :func:`adapterpack.rng.basis.basis_range`)."""
+    if (
+        kind not in KINDS.values()
+        or not 0 <= stream < MAX_U32
+        or not 0 <= start <= stop <= MAX_U32
+        or not 0 <= first <= n <= MAX_ELEMENTS
+    ):
+        raise RecordError(
+            f"basis request out of range: kind {kind}, stream {stream}, bases [{start}, {stop}), elements [{first}, {n})"
+        )
     dev = torch.device(device)
     verify_device(dev)
     key = seed_key(seed)
-    blocks = -(-n // 4)
+    b0, b1 = first // 4, -(-n // 4)
+    blocks = b1 - b0
     k = stop - start
     out = torch.empty((k * blocks, 4), dtype=torch.float32, device=dev)
     total, step = k * blocks, _chunk(dev)
     for s in range(0, total, step):
         flat = torch.arange(s, min(total, s + step), dtype=torch.int64, device=dev)
         index = flat // blocks
-        words = philox4x32_10(flat - index * blocks, index + start, torch.full_like(flat, stream), torch.full_like(flat, kind), key)
+        ctr0 = flat - index * blocks + b0
+        words = philox4x32_10(ctr0, index + start, torch.full_like(flat, stream), torch.full_like(flat, kind), key)
         out[s : s + flat.shape[0]] = uniform(words)
-    return out.reshape(k, blocks * 4)[:, :n]
+    lead = first - 4 * b0
+    return out.reshape(k, blocks * 4)[:, lead : lead + n - first]
