@@ -143,3 +143,55 @@ def test_materialize_refuses_bad_chunk() -> None:
 def test_rank_is_refused_for_in_memory_adapters() -> None:
     with pytest.raises(ConversionError, match="rank"):
         apt.load(_adapter(np.float32), rank=2)
+
+
+def _svd_adapter(dtype: str) -> adapterpack.Adapter:
+    from adapterpack.encodings.lower import as_svd
+
+    src = _adapter(np.float32, seed=6)
+    mods = {n: as_svd(m, dtype=dtype) for n, m in src.modules.items() if n != "dora"}  # DoRA has no SVD of its own
+    return adapterpack.Adapter(name="default", base_model="tiny/base", modules=mods)
+
+
+@pytest.mark.parametrize("codec", ["raw", "byteplanes"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_svd_decoder_bit_identical_to_numpy(tmp_path: Path, codec: str, dtype: str) -> None:
+    assert decoders.get_torch_decoder("svd") is decoders.svd.decode_svd
+    path = tmp_path / "s.apack"
+    adapterpack.save(_svd_adapter(dtype), path, codec=codec)
+    ref = adapterpack.open(path)
+    got = apt.load(path)
+    for name, m in ref.modules.items():
+        f = m.factors()
+        lt = got[name]
+        assert lt.layout == f.layout and lt.transpose == f.transpose and lt.scale == 1.0
+        a2 = lt.A.reshape(lt.A.shape[0], -1)
+        assert _bits(a2) == np.ascontiguousarray(f.A).tobytes()
+        assert _bits(lt.B.reshape(lt.B.shape[0], lt.B.shape[1])) == np.ascontiguousarray(f.B).tobytes()
+        np.testing.assert_allclose(apt.materialize(lt).numpy(), m.delta(), rtol=1e-5, atol=1e-6)
+
+
+def test_rank_passes_through_to_open(tmp_path: Path) -> None:
+    path = tmp_path / "s.apack"
+    adapterpack.save(_svd_adapter("float32"), path, codec="raw")
+    got = apt.load(path, rank=2)
+    with adapterpack.open(path, rank=2) as ref:
+        for name, m in ref.modules.items():
+            assert got[name].rank == 2
+            assert _bits(got[name].A.reshape(2, -1)) == np.ascontiguousarray(m.factors().A).tobytes()
+            np.testing.assert_allclose(apt.materialize(got[name]).numpy(), m.delta(), rtol=1e-5, atol=1e-6)
+
+
+def test_svd_decoder_refuses_unsorted_singular_values() -> None:
+    from adapterpack.adapter import Module
+    from adapterpack.errors import RecordError
+
+    m = Module(
+        "w",
+        "svd",
+        (3, 4),
+        {"rank": 2},
+        {"S": np.array([1.0, 2.0], np.float32), "Ut": np.ones((2, 3), np.float32), "Vt": np.ones((2, 4), np.float32)},
+    )
+    with pytest.raises(RecordError, match="descending"):
+        decoders.decode(m, torch.device("cpu"), None)

@@ -27,12 +27,24 @@ from ..adapter import Adapter
 from ..api import open as open_adapter
 from ..errors import ConversionError
 from ..interop.detect import detect_format
+from .apply import Applied, apply, unapply
 from .decoders import TorchFactors, decode
 from .decoders.base import as_2d
 from .mapped import load_apack
 from .tensors import TORCH_DTYPES, LoraTensors, lora_tensors, tensor, torch_device, torch_dtype
 
-__all__ = ["TORCH_DTYPES", "LoraTensors", "TorchFactors", "load", "materialize", "tensor", "torch_dtype"]
+__all__ = [
+    "TORCH_DTYPES",
+    "Applied",
+    "LoraTensors",
+    "TorchFactors",
+    "apply",
+    "load",
+    "materialize",
+    "tensor",
+    "torch_dtype",
+    "unapply",
+]
 
 
 def load(

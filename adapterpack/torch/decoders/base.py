@@ -93,7 +93,7 @@ def numpy_fallback(module: Module, device: torch.device, dtype: torch.dtype | No
         scale=float(f.scale),
         base_shape=tuple(int(d) for d in f.base_shape),
         transpose=bool(f.transpose),
-        layout="linear" if len(f.base_shape) == 2 else "conv",
+        layout=getattr(f, "layout", "linear" if len(f.base_shape) == 2 else "conv"),
     )
 
 
