@@ -105,6 +105,14 @@ class OutputExistsError(ConversionError):
     """The output path already exists and overwriting was not asked for (``--force``)."""
 
 
+class BankError(AdapterpackError):
+    """An adapter bank cannot be built, extended or read as asked."""
+
+
+class BankMismatchError(BankError):
+    """Adapters to bank together differ in base model, target modules, layouts or shapes."""
+
+
 class ApplyError(AdapterpackError):
     """An adapter cannot be applied to (or removed from) a model: a module missing, of the wrong kind or shape."""
 

@@ -1,0 +1,258 @@
+"""Bank operations: build from adapters, add adapters incrementally, refit, extract one member."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import dtypes
+from ..adapter import Adapter, Module
+from ..encodings.factors import Factors
+from ..errors import BankError
+from ..linalg.bank_fit import DaskExecutor, FitOptions, ModuleShape, SerialExecutor, fit_bank
+from ..linalg.bank_grow import pad, place
+from .sources import Member, ModuleKey, PathSource, content_hash, expand_inputs, plan_modules
+from .store import META_HASH, Bank, BankMember, BankModule, error_metadata, read_bank, validate_records, write_bank
+
+
+def make_executor(scheduler: str | None) -> Any:
+    """None or "serial": in-process; "threads": Dask local threads; anything else: a Dask scheduler address."""
+    if scheduler in (None, "serial"):
+        return SerialExecutor()
+    return DaskExecutor(None if scheduler == "threads" else scheduler)
+
+
+@dataclass
+class BankReport:
+    """What an operation did, for the CLI and for tests."""
+
+    path: Path
+    action: str
+    adapters: int
+    fit: dict[str, Any] = field(default_factory=dict)
+    added: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
+    file_size: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+def _hash_members(members: list[Member], modules: Sequence[str]) -> None:
+    for m in members:
+        src = PathSource(m.source.name, m.source.path, m.source.adapter, tuple(modules))
+        m.source = src
+        m.sha256 = content_hash(src.load())
+
+
+def build_bank(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]], *, names: list[str] | None = None,
+               rank: int = 16, target_error: float | None = None, budget: int | None = None, form: str = "full",
+               weights: str = "norm", dtype: str = "float32", partial: bool = False, max_iter: int = 50, tol: float = 1e-7,
+               scheduler: str | None = None, codec: str = "byteplanes",
+               progress: Callable[[int, float], None] | None = None) -> BankReport:
+    """Fit a bank on ``inputs`` and write it to ``out`` atomically."""
+    dtypes.by_name(dtype)
+    members = expand_inputs(inputs, names)
+    shapes, keys, left_out = plan_modules(members, partial)
+    _hash_members(members, [s.name for s in shapes])
+    seen: dict[str, str] = {}
+    for m in members:
+        if m.sha256 in seen:
+            raise BankError(f"adapters {seen[m.sha256]!r} and {m.source.name!r} are identical (same content hash)")
+        seen[m.sha256] = m.source.name
+    opts = FitOptions(form=form, weights=weights, max_iter=max_iter, tol=tol)
+    executor = make_executor(scheduler)
+    try:
+        res = fit_bank(shapes, [m.source for m in members], rank=rank, target_error=target_error, budget=budget, opts=opts,
+                       dtype=dtype, executor=executor, progress=progress)
+    finally:
+        executor.close()
+    bank = Bank(
+        {s.name: BankModule(s.name, *res.bases[s.name], form, keys[s.name].layout, keys[s.name].fan_in_fan_out) for s in shapes},
+        [_member_of(m, row, "original adapter") for m, row in zip(members, res.members)],
+    )
+    validate_records(bank)
+    size = write_bank(out, bank, codec=codec)
+    return BankReport(Path(out), "build", len(members), res.report(), left_out=left_out, file_size=size)
+
+
+def _member_of(m: Member, row: dict[str, Any], reference: str) -> BankMember:
+    rel = {k: (v["sq_error"] / v["norm2"] if v["norm2"] > 0 else 0.0) for k, v in row["modules"].items()}
+    meta = {META_HASH: m.sha256} | error_metadata(rel, reference)
+    return BankMember(m.source.name, {k: v["S"] for k, v in row["modules"].items()}, m.base_model, m.base_architecture,
+                      m.adapter_source, meta)
+
+
+def _bank_keys(bank: Bank) -> dict[str, ModuleKey]:
+    return {n: ModuleKey(m.U.shape[0], m.V.shape[0], m.layout, m.fan_in_fan_out) for n, m in bank.modules.items()}
+
+
+def add_to_bank(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str]], *, names: list[str] | None = None,
+                threshold: float | None = 0.05, partial: bool = False, codec: str = "byteplanes") -> BankReport:
+    """Project new adapters onto the bank's bases; grow the bases where an adapter's relative squared
+    error on a module exceeds ``threshold`` (None: never grow). Old members' S are zero-padded, so
+    their reconstructions do not change by one bit. Same content hash as a member: skipped, said so.
+    The bank is rewritten atomically: interrupted, the previous file stays as it was."""
+    bank = read_bank(path)
+    members = expand_inputs(inputs, names)
+    first = bank.members[0]
+    _, keys, left_out = plan_modules(members, partial, reference=_bank_keys(bank), base_model=first.base_model)
+    _hash_members(members, list(keys))
+    known = {m.sha256: m.name for m in bank.members}
+    names_in = {m.name for m in bank.members}
+    report = BankReport(Path(path), "add", 0, left_out=left_out)
+    itemsize_dt = dtypes.by_name(dtypes.of_array(next(iter(bank.modules.values())).U).name).numpy
+    for mem in members:
+        if mem.sha256 in known:
+            report.skipped.append(
+                f"{mem.source.name}: already in the bank as {known[mem.sha256]!r} (same content hash); nothing to do")
+            continue
+        if mem.source.name in names_in:
+            raise BankError(
+                f"the bank already has an adapter named {mem.source.name!r} with different content; name it differently")
+        facs = mem.source.load()
+        S_new: dict[str, np.ndarray] = {}
+        rel: dict[str, float] = {}
+        grown: dict[str, int] = {}
+        for name in keys:
+            mod = bank.modules[name]
+            U, V = mod.U.astype(np.float64), mod.V.astype(np.float64)
+            pl = place(facs[name], U, V, mod.form, threshold)
+            if pl.added:
+                old_r = mod.rank
+                mod.U = np.concatenate([mod.U, pl.U[:, old_r:].astype(itemsize_dt)], axis=1)
+                mod.V = np.concatenate([mod.V, pl.V[:, old_r:].astype(itemsize_dt)], axis=1)
+                for old in bank.members:
+                    if name in old.S:
+                        old.S[name] = pad(old.S[name], mod.rank)
+                grown[name] = pl.added
+                # re-place on the stored (rounded) bases so S and the reported error match the file
+                pl = place(facs[name], mod.U.astype(np.float64), mod.V.astype(np.float64), mod.form, None)
+            S_new[name] = pl.S.astype(itemsize_dt)
+            rel[name] = _stored_error(facs[name], mod, S_new[name])
+        bank.members.append(_member_of(mem, {"modules": {}}, "original adapter"))
+        bank.members[-1].S = S_new
+        bank.members[-1].metadata |= error_metadata(rel, "original adapter")
+        known[mem.sha256] = mem.source.name
+        names_in.add(mem.source.name)
+        report.added.append({"name": mem.source.name, "rel_error_mean": float(np.mean(list(rel.values()))),
+                             "rel_error_max": float(np.max(list(rel.values()))), "grown": grown})
+    report.adapters = len(bank.members)
+    if report.added:
+        validate_records(bank)
+        report.file_size = write_bank(path, bank, codec=codec)
+    return report
+
+
+def _stored_error(f: Factors, mod: BankModule, S: np.ndarray) -> float:
+    from ..linalg.bank_fit import sq_error, sq_norm
+
+    n2 = sq_norm(f)
+    return sq_error(f, mod.U.astype(np.float64), mod.V.astype(np.float64), S.astype(np.float64), n2) / n2 if n2 > 0 else 0.0
+
+
+def refit_bank(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None, rank: int | None = None,
+               target_error: float | None = None, budget: int | None = None, form: str | None = None, weights: str = "norm",
+               max_iter: int = 50, tol: float = 1e-7, scheduler: str | None = None, codec: str = "byteplanes") -> BankReport:
+    """Refit the bases from the bank's own members (their current reconstructions) and rewrite it
+    (to ``out``, default in place, atomically). Errors are then relative to those reconstructions."""
+    bank = read_bank(path)
+    first = next(iter(bank.modules.values()))
+    dtype = dtypes.of_array(first.U).name
+    form = form or bank.form
+    sources = [PathSource(m.name, str(path), m.name) for m in bank.members]
+    shapes = [ModuleShape(n, m.U.shape[0], m.V.shape[0]) for n, m in bank.modules.items()]
+    opts = FitOptions(form=form, weights=weights, max_iter=max_iter, tol=tol)
+    executor = make_executor(scheduler)
+    try:
+        res = fit_bank(shapes, sources, rank=rank if rank is not None else {n: m.rank for n, m in bank.modules.items()},
+                       target_error=target_error, budget=budget, opts=opts, dtype=dtype, executor=executor)
+    finally:
+        executor.close()
+    new = Bank({s.name: BankModule(s.name, *res.bases[s.name], form, bank.modules[s.name].layout,
+                                   bank.modules[s.name].fan_in_fan_out) for s in shapes}, [])
+    for old, row in zip(bank.members, res.members):
+        rel = {k: (v["sq_error"] / v["norm2"] if v["norm2"] > 0 else 0.0) for k, v in row["modules"].items()}
+        meta = dict(old.metadata) | error_metadata(rel, "bank reconstruction before refit")
+        new.members.append(BankMember(old.name, {k: v["S"] for k, v in row["modules"].items()}, old.base_model,
+                                      old.base_architecture, old.source, meta))
+    validate_records(new)
+    size = write_bank(out or path, new, codec=codec)
+    return BankReport(Path(out or path), "refit", len(new.members), res.report(), file_size=size)
+
+
+def lora_module(m: Module, rtol: float | None = None) -> tuple[Module, float]:
+    """A shared record as a standalone ``lora`` record of the adapter's own rank, and the relative
+    squared error that dropping S's negligible singular values (below ``rtol``·σ₁, default R·eps of
+    S's dtype) costs, computed exactly."""
+    from ..encodings.lower import lora_from_factors
+    from ..linalg.bank_fit import sq_error, sq_norm
+
+    f = m.factors()
+    U = m.array("U").astype(np.float64)
+    V = m.array("V").astype(np.float64)
+    S = m.array("S").astype(np.float64)
+    S2 = np.diag(S) if S.ndim == 1 else S
+    p, sv, qt = np.linalg.svd(S2)
+    dt = dtypes.of_array(m.array("S"))
+    rel = rtol if rtol is not None else S2.shape[0] * float(np.finfo(dt.numpy).eps)
+    tol = rel * (sv[0] if sv.size else 0.0)
+    k = max(int(np.count_nonzero(sv > tol)), 1)
+    root = np.sqrt(sv[:k])
+    B = U @ (p[:, :k] * root[None, :])
+    A = (root[:, None] * qt[:k]) @ V.T
+    g = Factors(A=A, B=B, scale=1.0, base_shape=f.base_shape, transpose=f.transpose, layout=getattr(f, "layout", "linear"))
+    n2 = sq_norm(f)
+    err = sq_error(g, U, V, S2, sq_norm(g)) / n2 if n2 > 0 else 0.0
+    return lora_from_factors(m.name, g, dtype=dt.name), err
+
+
+def extract_member(path: str | os.PathLike[str], name: str) -> tuple[Adapter, dict[str, float]]:
+    """One member as an ordinary adapter of ``lora`` records (reads only its S and the shared bases),
+    with the exact relative error of the extraction per module (~1e-14 from rounding)."""
+    from ..api import open as open_adapter
+
+    with open_adapter(path, adapter=name) as a:
+        out = Adapter(name=a.name, base_model=a.base_model, base_architecture=a.base_architecture, source=dict(a.source),
+                      metadata={k: v for k, v in a.metadata.items() if not k.startswith("bank.")})
+        errs = {}
+        for m in a:
+            if m.encoding != "shared":
+                raise BankError(f"{path}: adapter {name!r} module {m.name!r} is not a shared record")
+            out.modules[m.name], errs[m.name] = lora_module(m)
+    return out, errs
+
+
+def write_extracted(adapter: Adapter, out: str | os.PathLike[str], to: str = "apack") -> Path:
+    """Write an extracted member as ``.apack`` (``to="apack"``) or a PEFT folder (``to="peft"``)."""
+    if to == "peft":
+        from ..interop.peft import write_peft
+
+        return write_peft(adapter, out)
+    from ..container.writer import write_apack
+
+    write_apack(out, adapter)
+    return Path(out)
+
+
+def bank_listing(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Members (name, error metadata, hash) and modules (shape, rank, form) of a bank, bytes shared vs own."""
+    bank = read_bank(path)
+    import json
+
+    mods = [{"name": n, "m": m.U.shape[0], "n": m.V.shape[0], "rank": m.rank, "form": m.form} for n, m in bank.modules.items()]
+    shared_bytes = sum(m.U.nbytes + m.V.nbytes for m in bank.modules.values())
+    members = []
+    for mem in bank.members:
+        err = json.loads(mem.metadata.get("bank.rel_error", "{}") or "{}")
+        members.append({"name": mem.name, "sha256": mem.sha256[:12], "own_bytes": sum(s.nbytes for s in mem.S.values())}
+                       | {"rel_error_mean": err.get("mean"), "rel_error_max": err.get("max"),
+                          "error_reference": mem.metadata.get("bank.error_reference")})
+    return {"path": str(path), "form": bank.form, "adapters": len(bank.members), "modules": mods, "members": members,
+            "shared_bytes": shared_bytes, "file_size": Path(path).stat().st_size}

@@ -1,0 +1,180 @@
+"""The adapters a bank is built from: picklable sources, content hashes, and the compatibility check."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..adapter import Adapter, Module
+from ..encodings.factors import Factors
+from ..errors import BankError, BankMismatchError
+from ..linalg.bank_fit import ModuleShape
+
+
+@dataclass
+class PathSource:
+    """One adapter in a file (``.apack``, PEFT folder, kohya file), read each time it is loaded.
+
+    ``modules`` limits what :meth:`load` returns. Picklable, so Dask workers open the file themselves.
+    """
+
+    name: str
+    path: str
+    adapter: str | None = None
+    modules: tuple[str, ...] | None = None
+
+    def load(self) -> dict[str, Factors]:
+        """Module name → 2-D factors, copied out of the file (which is closed again)."""
+        from ..api import open as open_adapter
+
+        with open_adapter(self.path, adapter=self.adapter) as a:
+            names = self.modules if self.modules is not None else tuple(a.modules)
+            return {n: _copy(a.module(n).factors()) for n in names}
+
+
+def _copy(f: Factors) -> Factors:
+    a, b = np.array(f.A), np.array(f.B)
+    return Factors(A=a.reshape(a.shape[0], -1), B=b.reshape(b.shape[0], -1), scale=f.scale, base_shape=f.base_shape,
+                   transpose=f.transpose, layout=getattr(f, "layout", "linear"))
+
+
+def content_hash(factors: dict[str, Factors]) -> str:
+    """sha256 over every module's name, base shape, layout, scale and factor bytes (sorted by name).
+
+    Two adapters with the same hash have the same ΔW on every module: adding one already in a
+    bank is a no-op.
+    """
+    h = hashlib.sha256()
+    for name in sorted(factors):
+        f = factors[name]
+        h.update(name.encode() + b"\0" + repr((tuple(f.base_shape), bool(f.transpose), float(f.scale))).encode())
+        for arr in (f.A, f.B):
+            arr = np.ascontiguousarray(arr)
+            h.update(f"{arr.dtype.str}{arr.shape}".encode())
+            h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class ModuleKey:
+    """What must match for one module across a bank: m×n of B·A and the layout."""
+
+    m: int
+    n: int
+    layout: str
+    fan_in_fan_out: bool
+
+
+def module_key(m: Module) -> ModuleKey:
+    """The 2-D shape B·A has, and the layout, from the record alone (no tensor read)."""
+    p = m.params
+    layout = p.get("layout", "linear")
+    fifo = bool(p.get("fan_in_fan_out", False))
+    shape = tuple(m.base_shape)
+    if len(shape) != 2 or layout == "conv":
+        raise BankMismatchError(
+            f"module {m.name!r}: only 2-D (linear or embedding) modules can be banked, base_shape {list(shape)}")
+    if bool(p.get("dora", False)):
+        raise BankMismatchError(f"module {m.name!r}: DoRA records cannot be banked (the magnitude vector is not a ΔW)")
+    transpose = layout == "embedding" or fifo
+    return ModuleKey(shape[1], shape[0], layout, fifo) if transpose else ModuleKey(shape[0], shape[1], layout, fifo)
+
+
+@dataclass
+class Member:
+    """An input adapter: its source, what the bank keeps of its header, and per-module keys."""
+
+    source: PathSource
+    base_model: str | None
+    base_architecture: str | None
+    keys: dict[str, ModuleKey]
+    adapter_source: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""
+
+
+def expand_inputs(paths: list[str | os.PathLike[str]], names: list[str] | None = None) -> list[Member]:
+    """Open each input (index only for .apack) and list its adapters; every adapter of a multi-adapter
+    .apack becomes a member named after itself, any other input after its file or folder name."""
+    from ..interop import open_adapters
+
+    if not paths:
+        raise BankError("no adapters given: a bank needs at least one")
+    if names is not None and len(names) != len(paths):
+        raise BankError(f"{len(names)} names for {len(paths)} adapters")
+    out: list[Member] = []
+    for k, p in enumerate(paths):
+        with open_adapters(p) as opened:
+            many = len(opened.adapters) > 1
+            if many and names is not None:
+                raise BankError(f"{p}: holds {len(opened.adapters)} adapters; --name applies to single-adapter inputs")
+            for a in opened.adapters:
+                name = a.name if many else (names[k] if names is not None else _stem(Path(p)))
+                out.append(_member(a, PathSource(name, str(p), a.name if many else None)))
+    seen: set[str] = set()
+    for m in out:
+        if m.source.name in seen:
+            raise BankError(f"two adapters would be named {m.source.name!r}; name them explicitly")
+        seen.add(m.source.name)
+    return out
+
+
+def _stem(p: Path) -> str:
+    return p.name[: -len(".apack")] if p.name.endswith(".apack") else (p.stem if p.is_file() else p.name)
+
+
+def _member(a: Adapter, src: PathSource) -> Member:
+    keys = {}
+    for m in a:
+        keys[m.name] = module_key(m)
+    return Member(src, a.base_model, a.base_architecture, keys, dict(a.source))
+
+
+def plan_modules(members: list[Member], partial: bool = False, reference: dict[str, ModuleKey] | None = None,
+                 base_model: str | None = None) -> tuple[list[ModuleShape], dict[str, ModuleKey], list[str]]:
+    """The modules every member shares with the same shape and layout.
+
+    Refuses (naming the mismatch) members of another base model, and — unless ``partial`` — any
+    difference in target modules or shapes; with ``partial`` those modules are left out and listed.
+    ``reference`` (an existing bank's modules) fixes the set instead of the first member.
+    """
+    if not members:
+        raise BankError("no adapters given: a bank needs at least one")
+    first = members[0]
+    ref_model = base_model if reference is not None else first.base_model
+    for m in members:
+        if m.base_model != ref_model:
+            what = "the bank" if reference is not None else repr(first.source.name)
+            raise BankMismatchError(
+                f"adapter {m.source.name!r} is for base model {m.base_model!r}, {what} for {ref_model!r}")
+    ref = dict(reference) if reference is not None else dict(first.keys)
+    if not ref:
+        raise BankError(f"adapter {first.source.name!r} has no modules to bank")
+    hint = " (pass --partial to bank the matching modules only)"
+    dropped: dict[str, str] = {}
+    for m in members:
+        for name, key in list(ref.items()):
+            other = m.keys.get(name)
+            if other == key:
+                continue
+            why = "lacks it" if other is None else f"has {other.m}x{other.n} {other.layout}, expected {key.m}x{key.n} {key.layout}"
+            msg = f"module {name!r}: adapter {m.source.name!r} {why}"
+            if not partial or reference is not None:
+                raise BankMismatchError(msg + ("" if reference is not None else hint))
+            dropped[name] = msg
+            del ref[name]
+        for name in sorted(set(m.keys) - set(ref) - set(dropped)):
+            others = "the bank does not" if reference is not None else "others do not"
+            msg = f"module {name!r}: adapter {m.source.name!r} has it, {others}"
+            if not partial:
+                raise BankMismatchError(msg + hint)
+            dropped[name] = msg
+    left_out = [dropped[k] for k in sorted(dropped)]
+    if not ref:
+        raise BankMismatchError("the adapters share no module of the same shape")
+    shapes = [ModuleShape(n, k.m, k.n) for n, k in ref.items()]
+    return shapes, ref, sorted(set(left_out))
