@@ -13,6 +13,7 @@ from .convert_cmd import convert
 from .demo_cmd import demo
 from .inspect_cmd import inspect
 from .output import AdapterpackGroup
+from .rerank_cmd import rerank
 from .verify_cmd import verify
 
 
@@ -22,7 +23,7 @@ def main() -> None:
     """Store LoRA adapters compactly and safely (.apack), inspect, verify and convert them."""
 
 
-for _command in (inspect, convert, verify, demo):
+for _command in (inspect, convert, rerank, verify, demo):
     main.add_command(_command)
 
 __all__ = ["main"]

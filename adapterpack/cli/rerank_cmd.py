@@ -1,0 +1,213 @@
+"""``adapterpack rerank SRC DST``: re-rank an adapter from its exact spectra (rerank.py does the work)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..codecs import codec_ids
+from ..convert import TARGETS
+from . import output as out
+
+HEADERS = ("module", "old rank", "new rank", "retained", "rel. error", "bytes before", "bytes after", "note")
+ALIGN = "<>>>>>><"
+DTYPES = ("fp32", "fp16", "bf16")
+RULE_OPTIONS = ("--rank", "--energy", "--sv-ratio", "--budget", "--budget-ratio")
+
+
+def parse_ranks(_ctx: click.Context, _param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    """``1,8,16,32`` → (1, 8, 16, 32); click's error for anything else."""
+    if value is None:
+        return None
+    try:
+        ranks = tuple(int(x) for x in value.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of ranks") from None
+    if not ranks or min(ranks) < 1:
+        raise click.BadParameter(f"{value!r}: ranks must be integers >= 1")
+    return ranks
+
+
+def parse_bytes(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | None:
+    """``1500000``, ``1.5MB``, ``2MiB`` → bytes."""
+    if value is None:
+        return None
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    text = value.strip().upper()
+    number = text.rstrip("KMGIB")
+    try:
+        n = float(number) * units[text[len(number) :].strip()]
+    except (ValueError, KeyError):
+        raise click.BadParameter(f"{value!r} is not a size (e.g. 1500000, 1.5MB, 2MiB)") from None
+    if n < 0:
+        raise click.BadParameter("a budget cannot be negative")
+    return int(n)
+
+
+def report_lines(r: dict[str, Any], per_module: bool) -> list[str]:
+    """The per-module table (when asked) and the totals of a rerank result (as_dict form)."""
+    lines = []
+    if per_module:
+        rows = [
+            (
+                m["name"],
+                m["old_rank"],
+                m["stored_rank"] if m["stored_rank"] != m["new_rank"] else m["new_rank"],
+                f"{m['retained']:.2%}",
+                out.sci(m["rel_error"]),
+                out.count(m["bytes_before"]),
+                out.count(m["bytes_after"]),
+                "; ".join(m["notes"]) if m["selected"] else "not re-ranked",
+            )
+            for m in r["modules"]
+        ]
+        lines += [*out.table(HEADERS, rows, ALIGN), ""]
+    t = r["total"]
+    lines.append(
+        f"total    {t['reranked']} of {t['modules']} modules re-ranked ({r['rule']}): factors {out.size(t['bytes_before'])} -> "
+        f"{out.size(t['bytes_after'])}, ratio {out.ratio(t['ratio'])}"
+    )
+    lines.append(
+        f"kept     {t['retained']:.4%} of ‖ΔW‖² (least in a module {t['min_retained']:.2%}); relative Frobenius error of ΔW "
+        f"{out.sci(t['rel_error'])} overall, worst module {out.sci(t['max_rel_error'])}"
+    )
+    if r["dst"] is not None:
+        lines.append(
+            f"wrote    {r['dst']} ({r['dst_format']}): file {out.size(r['src_bytes'])} -> {out.size(r['dst_bytes'])}"
+            f" in {r['seconds']:.2f} s"
+        )
+    lines += [f"note     {n}" for n in r["notes"] + r["export_notes"]]
+    return lines
+
+
+@click.command("rerank", short_help="Re-rank an adapter without retraining (exact SVD).")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path), required=False)
+@click.option("--rank", type=click.IntRange(min=0), help="One rank for every module.")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Keep this fraction of ‖ΔW‖² in each module.")
+@click.option("--sv-ratio", type=click.FloatRange(min=1), help="Keep singular values σ_i >= σ_1 / R.")
+@click.option(
+    "--budget",
+    callback=parse_bytes,
+    metavar="BYTES",
+    help="Global budget for the factors (e.g. 2MB): ranks where they keep the most energy.",
+)
+@click.option(
+    "--budget-ratio", type=click.FloatRange(0, 1, min_open=True), help="Budget as a fraction of the factors' current bytes."
+)
+@click.option("--max-rank", type=click.IntRange(min=0), help="No module above this rank.")
+@click.option("--min-rank", type=click.IntRange(min=0), help="No module below this rank (default: 1 with a budget, else 0).")
+@click.option("--round-to", callback=parse_ranks, metavar="LIST", help="Allowed ranks, e.g. 1,8,16,32,64 (vLLM's).")
+@click.option(
+    "--round-mode",
+    type=click.Choice(("up", "down")),
+    default="up",
+    show_default=True,
+    help="Round ranks up (keep more; zero-pad lora output) or down.",
+)
+@click.option("--modules", metavar="REGEX", help="Only modules whose name matches (re.search); others are copied unchanged.")
+@click.option(
+    "--weighting",
+    type=click.Choice(("absolute", "relative")),
+    default="absolute",
+    show_default=True,
+    help="Budget maximises total ‖ΔW‖² kept, or each module's kept fraction.",
+)
+@click.option(
+    "--method",
+    type=click.Choice(("dp", "greedy")),
+    default="dp",
+    show_default=True,
+    help="Budget solver: exact knapsack DP or greedy.",
+)
+@click.option("--dtype", type=click.Choice(DTYPES), help="Output factor dtype (default: each module's own).")
+@click.option(
+    "--encoding",
+    type=click.Choice(("svd", "lora")),
+    default="svd",
+    show_default=True,
+    help="Record kind in .apack output (PEFT/kohya are always lora).",
+)
+@click.option("--to", "to", type=click.Choice(TARGETS), help="Output format (default: from DST's name).")
+@click.option(
+    "--codec", type=click.Choice(codec_ids()), help="Blob codec for .apack output (default byteplanes; raw for mmap loading)."
+)
+@click.option("--adapter", "adapter_name", metavar="NAME", help="Which adapter of a multi-adapter .apack file.")
+@click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
+@click.option("--dry-run", is_flag=True, help="Print the report only; write nothing (DST may be left out).")
+@click.option("--summary", is_flag=True, help="Totals only, no per-module table.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def rerank(
+    src: Path,
+    dst: Path | None,
+    rank: int | None,
+    energy: float | None,
+    sv_ratio: float | None,
+    budget: int | None,
+    budget_ratio: float | None,
+    max_rank: int | None,
+    min_rank: int | None,
+    round_to: tuple[int, ...] | None,
+    round_mode: str,
+    modules: str | None,
+    weighting: str,
+    method: str,
+    dtype: str | None,
+    encoding: str,
+    to: str | None,
+    codec: str | None,
+    adapter_name: str | None,
+    force: bool,
+    dry_run: bool,
+    summary: bool,
+    as_json: bool,
+) -> None:
+    """Re-rank SRC (.apack, PEFT folder or kohya file) into DST, choosing ranks by exactly one rule.
+
+    Every module's exact SVD comes from its factors (nothing out×in is formed), so the kept energy
+    and relative errors printed are exact. .apack output stores svd records by default: any lower
+    rank of them can be loaded later as a prefix (adapterpack.open(path, rank=j)).
+    """
+    from ..convert import infer_target, target_conflict
+    from ..rerank import RerankPolicy, rerank_file
+
+    given = [o for o, v in zip(RULE_OPTIONS, (rank, energy, sv_ratio, budget, budget_ratio)) if v is not None]
+    if len(given) != 1:
+        raise click.UsageError(f"give exactly one of {', '.join(RULE_OPTIONS)}" + (f" (got {', '.join(given)})" if given else ""))
+    if max_rank is not None and min_rank is not None and max_rank < min_rank:
+        raise click.BadParameter(f"--max-rank {max_rank} is below --min-rank {min_rank}", param_hint="'--max-rank'")
+    if dst is None and not dry_run:
+        raise click.UsageError("DST is required unless --dry-run")
+    target = None
+    if dst is not None and not dry_run:
+        target = to or infer_target(dst)
+        if to is not None and (why := target_conflict(dst, to)):
+            raise click.BadParameter(why, param_hint="'--to'")
+        if target != "apack" and codec is not None:
+            raise click.UsageError(f"--codec applies to .apack output only, not {target}")
+    policy = RerankPolicy(
+        rank=rank,
+        energy=energy,
+        sv_ratio=sv_ratio,
+        budget=budget,
+        budget_ratio=budget_ratio,
+        max_rank=max_rank,
+        min_rank=min_rank,
+        round_to=round_to,
+        round_mode=round_mode,
+        modules=modules,
+        weighting=weighting,
+        method=method,
+        dtype=dtype,
+        encoding="lora" if target in ("peft", "kohya") else encoding,
+    )
+    result = rerank_file(
+        src, None if dry_run else dst, policy, to=target, codec=codec or "byteplanes", force=force, adapter=adapter_name
+    )
+    data = result.as_dict()
+    if as_json:
+        out.echo_json(data)
+    else:
+        out.echo_lines(report_lines(data, per_module=not summary))

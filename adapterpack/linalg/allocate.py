@@ -1,0 +1,170 @@
+"""Choosing ranks: per-module rules and a global byte budget (pure numpy, no I/O).
+
+The budget problem: module i kept at rank j costs ``j·c_i`` bytes and keeps ``v_i(j)`` energy
+(``Σ_{l<j} σ_l²``, or that divided by ‖ΔW_i‖² with relative weighting). Pick one rank per module
+to maximise ``Σ v_i`` within the budget: a multiple-choice knapsack. Greedy on energy per byte is
+optimal only up to the last step when modules cost different bytes per rank, so :func:`budget_dp`
+solves it exactly by dynamic programming over bytes in units of the gcd of the per-rank costs
+(≤ 2¹⁸ states; coarser units, with costs rounded up so the budget still holds, beyond that).
+:func:`budget_greedy` is kept for comparison; tests check both against brute force.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConversionError
+
+#: DP states above which costs are rounded up to a coarser unit (memory: items × states bytes).
+MAX_STATES = 1 << 18
+WEIGHTINGS = ("absolute", "relative")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One module in a budget: its σ² (descending), bytes per kept rank, and the ranks it may take."""
+
+    name: str
+    energies: np.ndarray
+    cost_per_rank: int
+    choices: tuple[int, ...]
+
+    def value(self, rank: int, weighting: str = "absolute") -> float:
+        """Energy a rank-``rank`` truncation keeps (ranks beyond the spectrum are zero padding)."""
+        kept = float(np.sum(self.energies[:rank]))
+        if weighting == "relative":
+            total = float(np.sum(self.energies))
+            return kept / total if total > 0 else 0.0
+        return kept
+
+
+def choices_for(
+    k: int, *, min_rank: int = 0, max_rank: int | None = None, allowed: tuple[int, ...] | None = None
+) -> tuple[int, ...]:
+    """Ranks a module with ``k`` singular values may take: ``min_rank..min(k, max_rank)``, or the
+    ``allowed`` ranks in that window plus, when ``allowed`` asks for more than k, the smallest allowed
+    rank at or above k (zero padding)."""
+    hi = k if max_rank is None else min(k, max_rank)
+    lo = min(min_rank, hi)
+    if allowed is None:
+        return tuple(range(lo, hi + 1))
+    cap = max_rank if max_rank is not None else max(allowed)
+    picks = sorted({a for a in allowed if lo <= a <= hi})
+    above = [a for a in sorted(allowed) if a >= k and a <= cap and a >= min_rank]
+    if above and (not picks or picks[-1] < k):
+        picks.append(above[0])
+    if not picks:
+        fallback = [a for a in sorted(allowed) if a <= cap]
+        picks = [fallback[-1] if fallback else min(allowed)]
+    return tuple(sorted(set(picks)))
+
+
+def min_cost(items: list[Item]) -> int:
+    """Bytes of every module at its smallest allowed rank."""
+    return sum(it.choices[0] * it.cost_per_rank for it in items)
+
+
+def _check_budget(items: list[Item], budget: int, weighting: str) -> None:
+    if weighting not in WEIGHTINGS:
+        raise ConversionError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    least = min_cost(items)
+    if budget < least:
+        raise ConversionError(f"budget {budget:,} B is below {least:,} B, what the smallest allowed rank of every module costs")
+
+
+def budget_dp(items: list[Item], budget: int, weighting: str = "absolute") -> dict[str, int]:
+    """Exact multiple-choice knapsack: the ranks keeping the most energy within ``budget`` bytes."""
+    _check_budget(items, budget, weighting)
+    if not items:
+        return {}
+    unit = math.gcd(*(it.cost_per_rank for it in items if it.cost_per_rank > 0)) or 1
+    unit = max(unit, -(-budget // MAX_STATES))
+    states = budget // unit + 1
+    dp = np.zeros(states)  # best value with cost <= b units, over the items so far
+    width = np.uint8 if max(len(it.choices) for it in items) <= 255 else np.uint16
+    picks = np.zeros((len(items), states), dtype=width)
+    for i, it in enumerate(items):
+        new = np.full(states, -np.inf)
+        for c, rank in enumerate(it.choices):
+            w = -(-rank * it.cost_per_rank // unit)  # rounded up: the rounded total never exceeds the budget
+            if w >= states:
+                break
+            cand = dp[: states - w] + it.value(rank, weighting)
+            better = cand > new[w:]
+            new[w:][better] = cand[better]
+            picks[i, w:][better] = c
+        dp = new
+    b = states - 1
+    if not np.isfinite(dp[b]):  # cannot happen after _check_budget unless rounding bit; say so clearly
+        raise ConversionError(f"budget {budget:,} B cannot hold the smallest allowed ranks at {unit} B granularity")
+    out: dict[str, int] = {}
+    for i in range(len(items) - 1, -1, -1):
+        it = items[i]
+        rank = it.choices[picks[i, b]]
+        out[it.name] = rank
+        b -= -(-rank * it.cost_per_rank // unit)
+    return dict(reversed(list(out.items())))
+
+
+def budget_greedy(items: list[Item], budget: int, weighting: str = "absolute") -> dict[str, int]:
+    """Greedy on energy per byte: repeatedly take the step to a module's next allowed rank with the
+    highest gain per byte that still fits. Optimal up to the last step (fractional knapsack bound)."""
+    _check_budget(items, budget, weighting)
+    state = {it.name: 0 for it in items}  # index into choices
+    spent = min_cost(items)
+    heap: list[tuple[float, int]] = []
+
+    def push(i: int) -> None:
+        it = items[i]
+        c = state[it.name]
+        if c + 1 < len(it.choices):
+            a, b = it.choices[c], it.choices[c + 1]
+            gain = it.value(b, weighting) - it.value(a, weighting)
+            heapq.heappush(heap, (-gain / ((b - a) * it.cost_per_rank or 1), i))
+
+    for i in range(len(items)):
+        push(i)
+    while heap:
+        _, i = heapq.heappop(heap)
+        it = items[i]
+        c = state[it.name]
+        extra = (it.choices[c + 1] - it.choices[c]) * it.cost_per_rank
+        if spent + extra <= budget:
+            spent += extra
+            state[it.name] = c + 1
+            push(i)
+    return {it.name: it.choices[state[it.name]] for it in items}
+
+
+def total_value(items: list[Item], ranks: dict[str, int], weighting: str = "absolute") -> float:
+    """Σ v_i(rank_i) of a choice of ranks."""
+    return sum(it.value(ranks[it.name], weighting) for it in items)
+
+
+def total_cost(items: list[Item], ranks: dict[str, int]) -> int:
+    """Bytes of a choice of ranks."""
+    return sum(ranks[it.name] * it.cost_per_rank for it in items)
+
+
+def rank_for_sv_ratio(singular_values: np.ndarray, ratio: float) -> int:
+    """How many singular values are at least σ₁/ratio (0 for a zero matrix)."""
+    if singular_values.size == 0 or singular_values[0] <= 0:
+        return 0
+    return int(np.count_nonzero(singular_values >= singular_values[0] / ratio))
+
+
+def round_rank(rank: int, allowed: tuple[int, ...], mode: str) -> int:
+    """``rank`` moved into ``allowed``: ``up`` to the smallest allowed ≥ rank (the largest allowed if
+    none), ``down`` to the largest allowed ≤ rank (the smallest allowed if none). 0 stays 0."""
+    if rank == 0:
+        return 0
+    ordered = sorted(allowed)
+    if mode == "up":
+        above = [a for a in ordered if a >= rank]
+        return above[0] if above else ordered[-1]
+    below = [a for a in ordered if a <= rank]
+    return below[-1] if below else ordered[0]

@@ -1,0 +1,387 @@
+"""Re-ranking without retraining: choose a rank per module from its exact spectrum and cut ΔW there.
+
+Every module's SVD comes from its factors (:mod:`adapterpack.linalg.lowrank`), so nothing out×in
+is formed; the truncation at rank j is the best rank-j approximation (Eckart–Young), and the
+retained energy and relative error reported are exact. Ranks come from one rule
+(:class:`RerankPolicy`): a fixed rank, an energy fraction, a singular-value ratio, or a global
+byte budget solved as a multiple-choice knapsack (:mod:`adapterpack.linalg.allocate`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import dtypes
+from .adapter import Adapter, Module
+from .encodings.factors import Factors
+from .encodings.lower import lora_from_factors, main_dtype
+from .encodings.svd import from_spectrum
+from .errors import ConversionError
+from .linalg import allocate
+from .linalg.lowrank import Spectrum, spectrum_of
+
+RULES = ("rank", "energy", "sv_ratio", "budget", "budget_ratio")
+ENCODINGS = ("svd", "lora")
+ROUND_MODES = ("up", "down")
+
+
+@dataclass(frozen=True)
+class RerankPolicy:
+    """How to choose ranks: exactly one of ``rank``, ``energy``, ``sv_ratio``, ``budget`` (bytes of
+    factors after) or ``budget_ratio`` (of the factors' bytes before), plus optional limits.
+
+    ``round_to`` moves each rank into an allowed set (e.g. vLLM's 1, 8, 16, 32, ...): ``up`` keeps
+    more singular values (padding with zeros in lora output when the module has fewer), ``down``
+    cuts; with a budget the allowed ranks are the only choices. ``modules`` is a regular expression
+    (``re.search`` on the module name): other modules are copied unchanged and are outside the budget.
+    ``min_rank`` defaults to 1 for budgets (a budget below rank 1 everywhere is refused; pass 0 to
+    let it drop modules) and to 0 otherwise. ``weighting`` says whether a budget maximises
+    absolute energy Σ‖retained‖² or each module's
+    retained fraction; ``method`` is ``dp`` (exact) or ``greedy``.
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    sv_ratio: float | None = None
+    budget: int | None = None
+    budget_ratio: float | None = None
+    max_rank: int | None = None
+    min_rank: int | None = None
+    round_to: tuple[int, ...] | None = None
+    round_mode: str = "up"
+    modules: str | None = None
+    weighting: str = "absolute"
+    method: str = "dp"
+    dtype: str | None = None
+    encoding: str = "svd"
+
+    def rule(self) -> str:
+        """The one rule set, after checking every value (ConversionError naming what is wrong)."""
+        set_ = [r for r in RULES if getattr(self, r) is not None]
+        if len(set_) != 1:
+            raise ConversionError(f"give exactly one of {', '.join(RULES)} (got {', '.join(set_) or 'none'})")
+        rule = set_[0]
+        value = getattr(self, rule)
+        bad = {
+            "rank": lambda v: v < 0,
+            "energy": lambda v: not 0 < v <= 1,
+            "sv_ratio": lambda v: not v >= 1,
+            "budget": lambda v: v < 0,
+            "budget_ratio": lambda v: not 0 < v <= 1,
+        }[rule]
+        if bad(value):
+            why = {"rank": ">= 0", "energy": "in (0, 1]", "sv_ratio": ">= 1", "budget": ">= 0 bytes", "budget_ratio": "in (0, 1]"}
+            raise ConversionError(f"{rule} must be {why[rule]}, got {value}")
+        low = self.min_rank or 0
+        if low < 0 or (self.max_rank is not None and self.max_rank < low):
+            raise ConversionError(f"need 0 <= min_rank <= max_rank, got {self.min_rank} and {self.max_rank}")
+        if self.round_to is not None and (not self.round_to or min(self.round_to) < 1):
+            raise ConversionError(f"round_to needs ranks >= 1, got {list(self.round_to)}")
+        for name, value_, allowed in (
+            ("round_mode", self.round_mode, ROUND_MODES),
+            ("weighting", self.weighting, allocate.WEIGHTINGS),
+            ("method", self.method, ("dp", "greedy")),
+            ("encoding", self.encoding, ENCODINGS),
+        ):
+            if value_ not in allowed:
+                raise ConversionError(f"{name} must be one of {', '.join(allowed)}, got {value_!r}")
+        if self.dtype is not None and not dtypes.by_name(self.dtype).is_float:
+            raise ConversionError(f"dtype must be a float dtype, got {self.dtype!r}")
+        if self.modules is not None:
+            try:
+                re.compile(self.modules)
+            except re.error as e:
+                raise ConversionError(f"modules: {self.modules!r} is not a regular expression ({e})") from None
+        return rule
+
+
+@dataclass
+class ModulePlan:
+    """One module's re-ranking: ranks, exact retained energy fraction and relative Frobenius error of ΔW, bytes."""
+
+    name: str
+    old_rank: int
+    new_rank: int
+    stored_rank: int  # rank of the written record (new_rank plus zero padding in lora output)
+    energy: float  # ‖ΔW‖²_F
+    retained: float  # fraction of ‖ΔW‖²_F kept
+    rel_error: float  # ‖ΔW − ΔW'‖_F / ‖ΔW‖_F
+    bytes_before: int
+    bytes_after: int
+    selected: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RerankReport:
+    """Per-module plans and the totals."""
+
+    rule: str
+    policy: RerankPolicy
+    modules: list[ModulePlan]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> dict[str, Any]:
+        """Bytes before/after, energy-weighted retained fraction, relative error of all ΔW stacked."""
+        energy = sum(m.energy for m in self.modules)
+        kept = sum(m.energy * m.retained for m in self.modules)
+        before = sum(m.bytes_before for m in self.modules)
+        after = sum(m.bytes_after for m in self.modules)
+        return {
+            "modules": len(self.modules),
+            "reranked": sum(m.selected for m in self.modules),
+            "bytes_before": before,
+            "bytes_after": after,
+            "ratio": before / after if after else None,
+            "retained": kept / energy if energy else 1.0,
+            "rel_error": float(np.sqrt(max(energy - kept, 0.0) / energy)) if energy else 0.0,
+            "min_retained": min((m.retained for m in self.modules), default=1.0),
+            "max_rel_error": max((m.rel_error for m in self.modules), default=0.0),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        policy = {k: v for k, v in self.policy.__dict__.items() if v is not None}
+        return {
+            "rule": self.rule,
+            "policy": policy,
+            "total": self.total,
+            "modules": [m.__dict__ for m in self.modules],
+            "notes": self.notes,
+        }
+
+
+def module_spectrum(module: Module) -> tuple[Spectrum, Factors]:
+    """The exact SVD of a module's ΔW (read from an svd record, computed from factors otherwise)."""
+    f = module.factors()
+    if module.encoding == "svd":
+        s = np.asarray(module.array("S"), np.float64)
+        return Spectrum(U=np.asarray(module.array("Ut"), np.float64).T, S=s, Vt=np.asarray(module.array("Vt"), np.float64)), f
+    return spectrum_of(f, where=f"module {module.name!r}"), f
+
+
+def _cost_per_rank(f: Factors, dtype: str, encoding: str) -> int:
+    m, n = f.B.shape[0], f.A.shape[1]
+    return (m + n) * dtypes.by_name(dtype).itemsize + (4 if encoding == "svd" else 0)
+
+
+def _rule_rank(policy: RerankPolicy, rule: str, sp: Spectrum) -> int:
+    if rule == "rank":
+        return int(policy.rank)  # type: ignore[arg-type]
+    if rule == "energy":
+        return sp.rank_for_energy(float(policy.energy))  # type: ignore[arg-type]
+    return allocate.rank_for_sv_ratio(sp.S, float(policy.sv_ratio))  # type: ignore[arg-type]
+
+
+@dataclass
+class _Work:
+    module: Module
+    spectrum: Spectrum
+    factors: Factors
+    dtype: str
+    k: int  # nonzero singular values
+    cost: int
+
+
+def plan_rerank(adapter: Adapter, policy: RerankPolicy) -> tuple[RerankReport, dict[str, _Work]]:
+    """Choose every module's rank under ``policy`` (reads factors, computes exact spectra)."""
+    rule = policy.rule()
+    pattern = re.compile(policy.modules) if policy.modules else None
+    work: dict[str, _Work] = {}
+    plans: list[ModulePlan] = []
+    notes: list[str] = []
+    for m in adapter:
+        old = int(m.summary().get("rank", 0))
+        selected = pattern is None or pattern.search(m.name) is not None
+        if selected and m.params.get("dora", False):
+            notes.append(f"{m.name}: DoRA (its magnitude needs the base weight): kept as is")
+            selected = False
+        if not selected:
+            b = m.decoded_bytes
+            plans.append(ModulePlan(m.name, old, old, old, 0.0, 1.0, 0.0, b, b, selected=False))
+            continue
+        sp, f = module_spectrum(m)
+        dtype = dtypes.by_name(policy.dtype).name if policy.dtype else main_dtype(m)
+        k = int(np.count_nonzero(sp.S > 0))
+        work[m.name] = _Work(m, sp, f, dtype, k, _cost_per_rank(f, dtype, policy.encoding))
+        plans.append(ModulePlan(m.name, old, 0, 0, sp.energy, 1.0, 0.0, m.decoded_bytes, 0))
+    if not work:
+        raise ConversionError("no module to re-rank" + (f" matches {policy.modules!r}" if pattern else ""))
+
+    ranks = _choose(policy, rule, work, notes)
+    for p in plans:
+        if not p.selected:
+            continue
+        w = work[p.name]
+        r = ranks[p.name]
+        stored = r
+        if r > w.k and w.k > 0:
+            if policy.encoding == "lora" and policy.round_to is not None:
+                p.notes.append(f"rank {r} above its {w.k} nonzero singular values: padded with zeros")
+            else:
+                p.notes.append(f"rank {r} asked, the module has {w.k} nonzero singular values: kept {w.k}")
+                stored = w.k
+            r = min(r, w.k)
+        if w.k == 0:
+            r = 0
+            p.notes.append(
+                "ΔW is zero: rank 0"
+                + (" (written as rank 1 zero factors: LoRA has no rank 0)" if policy.encoding == "lora" else "")
+            )
+            stored = 1 if policy.encoding == "lora" else 0
+        p.new_rank, p.stored_rank = r, stored
+        p.retained = w.spectrum.retained(r) / w.spectrum.energy if w.spectrum.energy else 1.0
+        p.rel_error = w.spectrum.rel_error(r)
+        p.bytes_after = stored * w.cost
+    return RerankReport(rule, policy, plans, notes), work
+
+
+def _allowed(policy: RerankPolicy) -> tuple[int, ...] | None:
+    return tuple(sorted(set(policy.round_to))) if policy.round_to else None
+
+
+def _choose(policy: RerankPolicy, rule: str, work: dict[str, _Work], notes: list[str]) -> dict[str, int]:
+    allowed = _allowed(policy)
+    if rule in ("budget", "budget_ratio"):
+        items = [
+            allocate.Item(
+                name,
+                w.spectrum.S[: w.k] ** 2,
+                w.cost,
+                allocate.choices_for(
+                    w.k, min_rank=1 if policy.min_rank is None else policy.min_rank, max_rank=policy.max_rank, allowed=allowed
+                ),
+            )
+            for name, w in work.items()
+        ]
+        if rule == "budget":
+            budget = int(policy.budget)  # type: ignore[arg-type]
+        else:
+            before = sum(w.module.decoded_bytes for w in work.values())
+            budget = int(before * float(policy.budget_ratio))  # type: ignore[arg-type]
+            notes.append(f"budget {budget:,} B = {policy.budget_ratio} × {before:,} B of the re-ranked modules' tensors")
+        solve = allocate.budget_dp if policy.method == "dp" else allocate.budget_greedy
+        return solve(items, budget, policy.weighting)
+    out = {}
+    for name, w in work.items():
+        r = _rule_rank(policy, rule, w.spectrum)
+        r = max(r, policy.min_rank or 0)
+        if policy.max_rank is not None:
+            r = min(r, policy.max_rank)
+        if allowed:
+            r = allocate.round_rank(r, allowed, policy.round_mode)
+        out[name] = r
+    return out
+
+
+def _record(p: ModulePlan, w: _Work, encoding: str) -> Module:
+    if encoding == "svd":
+        return from_spectrum(p.name, w.spectrum, w.factors, rank=p.stored_rank, dtype=w.dtype)
+    r, sp = p.new_rank, w.spectrum
+    root = np.sqrt(sp.S[:r])
+    a = np.zeros((p.stored_rank, sp.Vt.shape[1]))
+    b = np.zeros((sp.U.shape[0], p.stored_rank))
+    a[:r] = root[:, None] * sp.Vt[:r]
+    b[:, :r] = sp.U[:, :r] * root[None, :]
+    f = Factors(A=a, B=b, scale=1.0, base_shape=w.factors.base_shape, transpose=w.factors.transpose, layout=w.factors.layout)
+    return lora_from_factors(p.name, f, dtype=w.dtype)
+
+
+def rerank(adapter: Adapter, policy: RerankPolicy) -> tuple[Adapter, RerankReport]:
+    """``adapter`` re-ranked under ``policy`` (svd or lora records) and the report."""
+    report, work = plan_rerank(adapter, policy)
+    modules = {}
+    for p in report.modules:
+        modules[p.name] = _record(p, work[p.name], policy.encoding) if p.selected else adapter.module(p.name)
+    out = Adapter(
+        name=adapter.name,
+        base_model=adapter.base_model,
+        base_architecture=adapter.base_architecture,
+        modules=modules,
+        tensors=dict(adapter.tensors),
+        source=dict(adapter.source),
+        metadata=dict(adapter.metadata),
+    )
+    return out, report
+
+
+@dataclass
+class RerankResult:
+    """What :func:`rerank_file` did."""
+
+    src: Path
+    dst: Path | None
+    dst_format: str | None
+    report: RerankReport
+    src_bytes: int
+    dst_bytes: int | None
+    notes: list[str]
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "src": str(self.src),
+            "dst": None if self.dst is None else str(self.dst),
+            "dst_format": self.dst_format,
+            "src_bytes": self.src_bytes,
+            "dst_bytes": self.dst_bytes,
+            "seconds": self.seconds,
+            "export_notes": self.notes,
+            **self.report.as_dict(),
+        }
+
+
+def rerank_file(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str] | None,
+    policy: RerankPolicy,
+    *,
+    to: str | None = None,
+    codec: str = "byteplanes",
+    level: int | None = None,
+    force: bool = False,
+    adapter: str | None = None,
+    drop_tensors: bool = False,
+) -> RerankResult:
+    """Re-rank ``src`` (any format) into ``dst`` (.apack, PEFT folder or kohya file; ``None``: plan only)."""
+    from .convert import check_destination, infer_target, load_source, write_adapters
+    from .report import footprint
+
+    start = time.perf_counter()
+    src = Path(src)
+    policy.rule()
+    target = None
+    if dst is not None:
+        dst = Path(dst)
+        target = to or infer_target(dst)
+        check_destination(src, dst, target, force)
+    source = load_source(src, adapter)
+    try:
+        if len(source.adapters) != 1:
+            names = ", ".join(a.name for a in source.adapters)
+            raise ConversionError(f"{src} holds {len(source.adapters)} adapters ({names}); pick one with --adapter")
+        out, report = rerank(source.adapters[0], policy)
+        notes: list[str] = []
+        if dst is not None and target is not None:
+            notes = write_adapters([out], dst, target, codec=codec, level=level, drop_tensors=drop_tensors)
+    finally:
+        source.close()
+    return RerankResult(
+        src=src,
+        dst=dst,
+        dst_format=target,
+        report=report,
+        src_bytes=footprint(src),
+        dst_bytes=footprint(dst) if dst is not None else None,
+        notes=notes,
+        seconds=time.perf_counter() - start,
+    )
