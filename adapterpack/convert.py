@@ -17,7 +17,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -325,10 +325,13 @@ def convert(
     adapter: str | None = None,
     progress: ProgressFactory | None = None,
     drop_tensors: bool = False,
+    rank: int | None = None,
 ) -> ConvertResult:
     """Read ``src`` (.apack, PEFT folder, kohya file) and write it to ``dst`` as ``to`` (inferred from
     ``dst`` when None), casting float tensors to ``dtype`` unless ``"keep"``. Lossless otherwise;
-    ``drop_tensors`` leaves out pass-through tensors a PEFT / kohya output cannot carry."""
+    ``drop_tensors`` leaves out pass-through tensors a PEFT / kohya output cannot carry; ``rank``
+    caps every module at its best approximation of that rank (svd records: a prefix; others: an
+    exact SVD, see :func:`adapterpack.encodings.lower.at_rank`)."""
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     target = to or infer_target(dst)
@@ -340,6 +343,10 @@ def convert(
     source = load_source(src, adapter)
     try:
         adapters, casts = source.adapters, []
+        if rank is not None:
+            from .encodings.lower import at_rank
+
+            adapters = [replace(a, modules={n: at_rank(m, rank) for n, m in a.modules.items()}, closer=None) for a in adapters]
         if dtype != "keep":
             pairs = [cast_adapter(a, dtype) for a in adapters]
             adapters, casts = [p[0] for p in pairs], [p[1] for p in pairs]

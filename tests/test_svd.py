@@ -218,3 +218,23 @@ def test_bad_svd_records() -> None:
     wrong_base = Module(good.name, "svd", (1, 2), dict(good.params), dict(good.tensors))
     with pytest.raises(RecordError, match="base_shape"):
         wrong_base.implementation.validate(wrong_base)
+
+
+def test_convert_rank_option(tmp_path: Path, real: Adapter) -> None:
+    from click.testing import CliRunner
+
+    from adapterpack.cli import main
+
+    run = CliRunner().invoke
+    r = run(main, ["convert", str(EXAMPLE), str(tmp_path / "r2.apack"), "--rank", "2"])
+    assert r.exit_code == 0, r.output
+    r2 = adapterpack.open(tmp_path / "r2.apack")
+    name = "model.layers.4.self_attn.k_proj"
+    d, s = dense_svd(real.module(name))
+    assert (r2.module(name).encoding, r2.module(name).params["rank"]) == ("svd", 2)
+    err = np.linalg.norm(r2.delta(name) - d) / np.linalg.norm(d)
+    assert err == pytest.approx(np.sqrt(np.sum(s[2:] ** 2) / np.sum(s**2)), rel=1e-4)
+    r = run(main, ["convert", str(tmp_path / "r2.apack"), str(tmp_path / "r1"), "--rank", "1", "--to", "peft"])
+    assert r.exit_code == 0, r.output
+    assert read_peft(tmp_path / "r1").module(name).params["rank"] == 1
+    assert run(main, ["convert", str(EXAMPLE), str(tmp_path / "x.apack"), "--rank", "-1"]).exit_code == 2

@@ -58,6 +58,11 @@ def result_lines(r: dict[str, Any]) -> list[str]:
     show_default=True,
     help="Cast float tensors (lossy when narrowing).",
 )
+@click.option(
+    "--rank",
+    type=click.IntRange(min=0),
+    help="Cap every module at this rank: a prefix of svd records, an exact SVD truncation of others (lossy).",
+)
 @click.option("--adapter", "adapter_name", metavar="NAME", help="Only this adapter of a multi-adapter .apack file.")
 @click.option(
     "--drop-tensors",
@@ -73,12 +78,13 @@ def convert(
     codec: str | None,
     level: int | None,
     dtype: str,
+    rank: int | None,
     adapter_name: str | None,
     drop_tensors: bool,
     force: bool,
     as_json: bool,
 ) -> None:
-    """Convert SRC (.apack, PEFT folder or kohya file) to DST; lossless unless --dtype narrows."""
+    """Convert SRC (.apack, PEFT folder or kohya file) to DST; lossless unless --dtype narrows or --rank cuts."""
     from ..convert import convert as run
     from ..convert import infer_target, target_conflict
 
@@ -99,6 +105,7 @@ def convert(
         force=force,
         adapter=adapter_name,
         drop_tensors=drop_tensors,
+        rank=rank,
         progress=None if as_json else out.progress_factory("writing"),
     )
     if as_json:
