@@ -1,0 +1,1 @@
+"""Shim package standing in for kohya sd-scripts' ``library`` (see ../README.md)."""
