@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .check_cmd import check
 from .convert_cmd import convert
 from .demo_cmd import demo
 from .inspect_cmd import inspect
@@ -23,7 +24,7 @@ def main() -> None:
     """Store LoRA adapters compactly and safely (.apack), inspect, verify and convert them."""
 
 
-for _command in (inspect, convert, rerank, verify, demo):
+for _command in (inspect, convert, rerank, verify, demo, check):
     main.add_command(_command)
 
 __all__ = ["main"]
