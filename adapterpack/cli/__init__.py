@@ -9,6 +9,8 @@ from __future__ import annotations
 import click
 
 from .. import __version__
+from .audit_cmd import audit
+from .bank_cmd import bank
 from .check_cmd import check
 from .convert_cmd import convert
 from .demo_cmd import demo
@@ -24,7 +26,7 @@ def main() -> None:
     """Store LoRA adapters compactly and safely (.apack), inspect, verify and convert them."""
 
 
-for _command in (inspect, convert, rerank, verify, demo, check):
+for _command in (inspect, convert, rerank, verify, demo, check, audit, bank):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -5,7 +5,7 @@ Add a decoder: a new module here with ``@register_torch_decoder("<id>")`` and on
 
 from __future__ import annotations
 
-from . import lora, nola, svd  # noqa: F401  (registers the lora, nola and svd decoders)
+from . import lora, nola, shared, svd  # noqa: F401  (registers the lora, nola, shared and svd decoders)
 from .base import (
     TorchDecoder,
     TorchFactors,

@@ -1,0 +1,27 @@
+"""Torch decoder of ``shared`` records (one member of an adapter bank): B = U·S, A = Vᵀ on the device."""
+
+from __future__ import annotations
+
+import torch
+
+from ...adapter import Module
+from .base import TorchFactors, register_torch_decoder, slot
+
+
+@register_torch_decoder("shared", staged=True)
+def decode_shared(module: Module, device: torch.device, dtype: torch.dtype | None) -> TorchFactors:
+    """ΔW = (U·S)·Vᵀ with scale 1; U·S is formed on the device in the output dtype (or float32 for half types)."""
+    p = module.params
+    u, v, s = (slot(module, k, device, None) for k in ("U", "V", "S"))
+    work = dtype or (u.dtype if u.dtype in (torch.float32, torch.float64) else torch.float32)
+    u, v, s = u.to(work), v.to(work), s.to(work)
+    b = u * s[None, :] if s.dim() == 1 else u @ s
+    layout = p.get("layout", "linear")
+    return TorchFactors(
+        A=v.T.contiguous(),
+        B=b,
+        scale=1.0,
+        base_shape=tuple(int(d) for d in module.base_shape),
+        transpose=layout == "embedding" or bool(p.get("fan_in_fan_out", False)),
+        layout=layout,
+    )
