@@ -119,3 +119,7 @@ class ApplyError(AdapterpackError):
 
 class GeneratorError(RecordError):
     """A record names a random-basis generator id or version this reader does not implement (nola)."""
+
+
+class MissingDependencyError(AdapterpackError):
+    """A request needs an optional extra that is not installed (the message names the pip command)."""

@@ -158,13 +158,22 @@ def _sum_totals(adapters: list[dict[str, Any]]) -> dict[str, Any]:
     return totals
 
 
-def inspect_path(path: str | os.PathLike[str], adapter: str | None = None) -> dict[str, Any]:
-    """Report on an .apack file (every adapter in it, or the one named), a PEFT folder or a kohya file."""
+def inspect_path(path: str | os.PathLike[str], adapter: str | None = None, *, spectrum: bool = False) -> dict[str, Any]:
+    """Report on an .apack file (every adapter in it, or the one named), a PEFT folder or a kohya file.
+
+    ``spectrum`` adds each adapter's per-module singular values (``"spectrum"``, see
+    :func:`adapterpack.spectrum.spectrum_report`); that reads the tensors (checksums verified).
+    """
     from .interop import open_adapters
 
-    with open_adapters(path, adapter, verify=False) as opened:
+    with open_adapters(path, adapter, verify=spectrum) as opened:
         report: dict[str, Any] = {"path": str(path), "format": opened.format}
         report["adapters"] = [adapter_report(a) for a in opened.adapters]
+        if spectrum:
+            from .spectrum import spectrum_report
+
+            for entry, a in zip(report["adapters"], opened.adapters):
+                entry["spectrum"] = spectrum_report(a)
         report["file"] = apack_file_report(opened.reader) if opened.reader is not None else {"file_size": footprint(path)}
     report["totals"] = _sum_totals(report["adapters"])
     return report

@@ -94,16 +94,100 @@ def inspect_lines(report: dict[str, Any], limit: int | None = None) -> list[str]
     return lines
 
 
+# --- spectra ----------------------------------------------------------------------------------------
+
+SPECTRUM_HEADERS = ("module", "rank", "num.rank", "r90", "r95", "r99", "‖ΔW‖F", "singular values", "energy kept by rank 1..k (%)")
+SPECTRUM_ALIGN = "<>>>>>><<"
+#: Singular values / energy points shown per module in the table (``--json`` has all of them).
+SHOWN_VALUES = 12
+
+
+def _values(xs: list[float], fmt: str) -> str:
+    cells = [fmt.format(x) for x in xs[:SHOWN_VALUES]]
+    return " ".join(cells) + (f" ... ({len(xs)})" if len(xs) > SHOWN_VALUES else "")
+
+
+def _dist(d: dict[str, int] | None) -> str:
+    return "-" if d is None else f"{d['min']}/{d['median']}/{d['max']}"
+
+
+def spectrum_lines(a: dict[str, Any]) -> list[str]:
+    """Per-module spectrum table and rank distributions of one adapter (``inspect --spectrum``)."""
+    sp = a["spectrum"]
+    cells = [
+        (
+            m["module"] + (" (dora: direction)" if m["dora"] else ""),
+            m["rank"],
+            m["numerical_rank"],
+            m["rank_90"],
+            m["rank_95"],
+            m["rank_99"],
+            f"{m['norm']:.4g}",
+            _values(m["singular_values"], "{:.3g}"),
+            _values([100 * e for e in m["energy_curve"]], "{:.1f}"),
+        )
+        for m in sp["modules"]
+    ]
+    base = a["base_model"] or "unknown base model"
+    lines = [f"adapter {a['name']!r}: {base}", ""]
+    lines += out.table(SPECTRUM_HEADERS, cells, SPECTRUM_ALIGN) if cells else ["(no modules)"]
+    s = sp["summary"]
+    lines += [
+        "",
+        f"ranks    (min/median/max over {s['modules']} modules) stored {_dist(s['rank'])}, "
+        f"numerical {_dist(s['numerical_rank'])}, 90% energy {_dist(s['rank_90'])}, "
+        f"95% {_dist(s['rank_95'])}, 99% {_dist(s['rank_99'])}",
+    ]
+    return lines
+
+
+def spectrum_report_lines(report: dict[str, Any]) -> list[str]:
+    """The whole ``inspect --spectrum`` text."""
+    n = len(report["adapters"])
+    lines = [f"{report['path']}: {report['format']}, {n} adapter{'s' if n != 1 else ''}", ""]
+    for a in report["adapters"]:
+        lines += [*spectrum_lines(a), ""]
+    lines.append(
+        "(rank rN: smallest rank keeping N% of the module's ‖ΔW‖²_F; num.rank: singular values above max(out,in)·eps·σ₁; "
+        "exact SVDs from the factors)"
+    )
+    return lines
+
+
 @click.command("inspect", short_help="Per-module table and totals of an adapter.")
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--adapter", "adapter_name", metavar="NAME", help="Only this adapter of a multi-adapter .apack file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def inspect(path: Path, adapter_name: str | None, as_json: bool) -> None:
+@click.option(
+    "--spectrum",
+    is_flag=True,
+    help="Per module: singular values, numerical rank, ranks keeping 90/95/99% of ‖ΔW‖²_F and the energy curve.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    metavar="FILE.png",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Draw singular values and energy curves of every module to FILE.png (needs the plot extra: matplotlib).",
+)
+def inspect(path: Path, adapter_name: str | None, as_json: bool, spectrum: bool, plot_path: Path | None) -> None:
     """Show what PATH holds (.apack file, PEFT folder or kohya file): one row per module, then totals."""
     from ..report import inspect_path
 
-    report = inspect_path(path, adapter=adapter_name)
+    if plot_path is not None:
+        from ..spectrum import require_matplotlib
+
+        require_matplotlib()  # refuse before any work when the extra is missing
+    report = inspect_path(path, adapter=adapter_name, spectrum=spectrum or plot_path is not None)
+    if plot_path is not None:
+        from ..spectrum import plot_spectra
+
+        plot_spectra([(a["name"], a["spectrum"]["modules"]) for a in report["adapters"]], plot_path, title=str(path))
     if as_json:
         out.echo_json(report)
+    elif spectrum:
+        out.echo_lines(spectrum_report_lines(report))
     else:
         out.echo_lines(inspect_lines(report))
+    if plot_path is not None and not as_json:
+        click.echo(f"plot     {plot_path}")

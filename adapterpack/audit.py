@@ -1,0 +1,431 @@
+"""Where adapter storage goes: ``adapterpack audit PATH...`` over folders, files and globs.
+
+For each input (a PEFT folder, a kohya ``.safetensors`` file or an ``.apack`` file) it reports
+bytes on disk, parameters, dtypes, encodings, stored ranks and the ranks keeping 95%/99% of each
+module's ‖ΔW‖²_F, and the exact size of five alternatives, each a whole ``.apack`` file:
+
+- ``zstd``, ``byteplanes``: the same tensors losslessly, with that codec at its default level
+  (``adapterpack convert SRC out.apack --codec C``);
+- ``bf16``: floats cast to bfloat16, byteplanes (``adapterpack convert SRC out.apack --dtype bf16``);
+- ``energy99``, ``energy95``: every module cut to the smallest rank keeping 99% / 95% of its
+  ‖ΔW‖²_F, as ``adapterpack rerank SRC out.apack --energy 0.99`` writes it (:func:`adapterpack.rerank.rerank`:
+  svd records in each module's float dtype, DoRA modules kept), byteplanes.
+
+Nothing is sampled or estimated: every tensor is encoded with the writer's own
+:func:`~adapterpack.container.writer.encode_blob` and the index is built as the writer builds it, so
+each figure is the byte count of the file the writer would produce — without writing it.
+Spectra are exact SVDs from the factors (:func:`adapterpack.linalg.lowrank.factors_svd`).
+Inputs are independent, so ``jobs`` > 1 audits them in worker processes.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import dtypes
+from .adapter import Adapter, Module, StoredTensor, as_array, tensor_info
+from .errors import AdapterpackError
+from .spectrum import distribution
+
+#: The alternatives measured, in table order.
+VARIANTS = ("zstd", "byteplanes", "bf16", "energy99", "energy95")
+#: Energy fraction of each rerank variant.
+ENERGY_VARIANTS = {"energy99": 0.99, "energy95": 0.95}
+GLOB_CHARS = frozenset("*?[")
+
+
+# --- the exact size of an .apack file, without writing it ------------------------------------------
+
+
+#: ``(id(array), codec, level)`` → (the array, (stored length, codec object, crc32c)); holding the
+#: array keeps its id from being reused by another array while the memo lives.
+BlobMemo = dict[tuple[int, str, "int | None"], tuple[np.ndarray, tuple[int, dict[str, Any], int]]]
+
+
+def apack_size(
+    adapters: list[Adapter],
+    codec: str = "byteplanes",
+    level: int | None = None,
+    *,
+    validate: bool = True,
+    memo: BlobMemo | None = None,
+) -> int:
+    """Bytes :func:`~adapterpack.container.writer.write_apack` would write for ``adapters``.
+
+    Encodes every tensor with the writer's ``encode_blob`` (raw wherever the codec does not pay)
+    and serializes the same index the writer does, then applies the layout rule (spec §1.2).
+    ``validate`` False skips the records' validation (for records already validated); ``memo``
+    reuses the encoding of an array seen before with the same codec and level.
+    """
+    from .container.index import dumps, plan_offsets
+    from .container.preamble import MAJOR, MINOR, Preamble
+    from .container.writer import _module_entry, _ordered, _writer_id, encode_blob
+    from .encodings import get_encoding
+
+    lengths: list[int] = []
+    blob_objs: list[dict[str, Any]] = []
+
+    def add(t: Any) -> int:
+        arr = as_array(t) if isinstance(t, StoredTensor) else np.asarray(t)
+        key = (id(arr), codec, level)
+        seen = memo.get(key) if memo is not None else None
+        if seen is not None and seen[0] is arr:
+            hit = seen[1]
+        else:
+            data, cfg, crc = encode_blob(arr, codec, level)
+            hit = (len(data), cfg, crc)
+            if memo is not None:
+                memo[key] = (arr, hit)
+        n, cfg, crc = hit
+        lengths.append(n)
+        blob_objs.append(
+            {"dtype": dtypes.of_array(arr).name, "shape": list(arr.shape), "codec": cfg}
+            | {"stored_length": n, "length": arr.nbytes, "crc32c": crc}
+        )
+        return len(lengths) - 1
+
+    index_adapters = []
+    for a in adapters:
+        mods = []
+        for m in a.modules.values():
+            if validate:
+                get_encoding(m.encoding).validate(m)
+            mods.append(_module_entry(m, {slot: add(t) for slot, t in m.tensors.items()}))
+        entry: dict[str, Any] = {
+            "name": a.name,
+            "base_model": a.base_model,
+            "base_architecture": a.base_architecture,
+            "modules": mods,
+            "tensors": [{"name": n, "blob": add(t)} for n, t in a.tensors.items()],
+        }
+        if a.source:
+            entry["source"] = a.source
+        if a.metadata:
+            entry["metadata"] = {str(k): str(v) for k, v in a.metadata.items()}
+        index_adapters.append(entry)
+    offsets = plan_offsets(lengths)
+    for obj, off in zip(blob_objs, offsets, strict=True):
+        obj["offset"] = off
+    index = {"writer": _writer_id(), "adapters": index_adapters, "blobs": [_ordered(b) for b in blob_objs]}
+    index_length = len(dumps(index))
+    data_start = Preamble(MAJOR, MINOR, 0, index_length, 0).data_start
+    return data_start + (offsets[-1] + lengths[-1] if lengths else 0)
+
+
+# --- variants of one adapter ----------------------------------------------------------------------
+
+
+def _with(adapter: Adapter, modules: dict[str, Module], tensors: dict[str, Any]) -> Adapter:
+    return Adapter(
+        name=adapter.name,
+        base_model=adapter.base_model,
+        base_architecture=adapter.base_architecture,
+        modules=modules,
+        tensors=tensors,
+        source=adapter.source,
+        metadata=dict(adapter.metadata),
+        skipped=list(adapter.skipped),
+    )
+
+
+def loaded(adapter: Adapter) -> Adapter:
+    """``adapter`` with every tensor decoded once into memory (the variants all read them)."""
+    modules = {
+        n: Module(
+            m.name,
+            m.encoding,
+            tuple(m.base_shape),
+            dict(m.params),
+            {s: as_array(t) for s, t in m.tensors.items()},
+            m.must_understand,
+        )
+        for n, m in adapter.modules.items()
+    }
+    return _with(adapter, modules, {k: as_array(t) for k, t in adapter.tensors.items()})
+
+
+def _current_rank(m: Module) -> int:
+    return int(m.summary().get("rank", 0) or 0)
+
+
+def reranked(adapter: Adapter, energy: float) -> tuple[Adapter, list[int]]:
+    """``adapter`` as ``adapterpack rerank --energy`` writes it (svd records, each module's own dtype),
+    and every module's new rank (DoRA modules keep theirs: their SVD needs the base weight)."""
+    from .rerank import RerankPolicy, rerank
+
+    if all(m.encoding == "lora" and m.params.get("dora", False) for m in adapter):
+        return adapter, [_current_rank(m) for m in adapter]  # nothing rerank may touch (it refuses)
+    out, report = rerank(adapter, RerankPolicy(energy=energy))
+    new = {p.name: p.new_rank for p in report.modules}
+    return out, [new[n] for n in adapter.modules]
+
+
+@dataclass
+class InputAudit:
+    """The audit of one input path (all adapters in it)."""
+
+    path: str
+    format: str | None = None
+    error: str | None = None
+    adapters: list[str] = field(default_factory=list)
+    bytes: int = 0
+    parameters: int = 0
+    modules: int = 0
+    dtypes: dict[str, int] = field(default_factory=dict)
+    encodings: dict[str, int] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    #: per-module stored ranks and energy ranks (for distributions over many inputs)
+    ranks: list[int] = field(default_factory=list)
+    energy_ranks: dict[str, list[int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Whether the input could be audited."""
+        return self.error is None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form: rank lists reduced to min/median/max, savings beside sizes."""
+        d: dict[str, Any] = {"path": self.path, "ok": self.ok, "format": self.format}
+        if not self.ok:
+            return d | {"error": self.error}
+        d |= {
+            "adapters": self.adapters,
+            "bytes": self.bytes,
+            "parameters": self.parameters,
+            "modules": self.modules,
+            "dtype": "/".join(self.dtypes),
+            "encoding": "/".join(self.encodings),
+            "rank": distribution(self.ranks),
+            "rank_99": distribution(self.energy_ranks.get("energy99", [])),
+            "rank_95": distribution(self.energy_ranks.get("energy95", [])),
+            "sizes": dict(self.sizes),
+            "saved": {k: self.bytes - v for k, v in self.sizes.items()},
+            "notes": self.notes,
+            "seconds": self.seconds,
+        }
+        return d
+
+
+def audit_input(path: str | os.PathLike[str]) -> InputAudit:
+    """Audit one input; a file that cannot be read comes back with ``error`` set (one line), not raised."""
+    import time
+
+    from .convert import cast_adapter
+    from .interop import open_adapters
+    from .report import footprint
+
+    start = time.perf_counter()
+    res = InputAudit(path=str(path))
+    try:
+        with open_adapters(path, verify=True) as opened:
+            res.format = opened.format
+            res.bytes = footprint(path)
+            adapters = [loaded(a) for a in opened.adapters]
+        _describe(res, adapters)
+        memo: BlobMemo = {}
+        res.sizes["zstd"] = apack_size(adapters, "zstd")  # validates every record once
+        res.sizes["byteplanes"] = apack_size(adapters, "byteplanes", validate=False, memo=memo)
+        res.sizes["bf16"] = apack_size([cast_adapter(a, "bf16")[0] for a in adapters], "byteplanes", validate=False)
+        for v, frac in ENERGY_VARIANTS.items():
+            pairs = [reranked(a, frac) for a in adapters]
+            res.energy_ranks[v] = [k for _, ks in pairs for k in ks]
+            res.sizes[v] = apack_size([p[0] for p in pairs], "byteplanes", validate=False, memo=memo)
+        dora = sum(m.encoding == "lora" and bool(m.params.get("dora", False)) for a in adapters for m in a)
+        if dora:
+            res.notes.append(f"{dora} DoRA module(s) kept at their rank by the energy variants (their SVD needs the base weight)")
+    except (AdapterpackError, OSError) as e:
+        from .cli.output import one_line, os_message
+
+        msg = one_line(os_message(e) if isinstance(e, OSError) else str(e))
+        res.error = msg.removeprefix(f"{path}: ")  # the row names the path already
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+def _describe(res: InputAudit, adapters: list[Adapter]) -> None:
+    dts: Counter[str] = Counter()
+    encs: Counter[str] = Counter()
+    for a in adapters:
+        res.adapters.append(a.name)
+        res.parameters += a.num_params
+        res.modules += len(a.modules)
+        for m in a:
+            encs[m.encoding + ("+dora" if m.encoding == "lora" and m.params.get("dora") else "")] += 1
+            res.ranks.append(_current_rank(m))
+            for t in m.tensors.values():
+                dts[tensor_info(t)[0]] += 1
+        for t in a.tensors.values():
+            dts[tensor_info(t)[0]] += 1
+    res.dtypes = dict(dts.most_common())
+    res.encodings = dict(encs.most_common())
+
+
+# --- finding inputs ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Found:
+    """Inputs found under the paths asked for, paths that matched nothing, and files passed over."""
+
+    inputs: list[Path] = field(default_factory=list)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _lora_kind(path: Path) -> str | None:
+    """For a ``.safetensors`` met while walking: ``"kohya"``, ``"peft-weights"``, ``"other"``, or None when unreadable."""
+    from .interop.detect import safetensors_keys
+
+    try:
+        keys = safetensors_keys(path)
+    except (AdapterpackError, OSError):
+        return None
+    if any(".lora_down" in k or ".lora_up" in k for k in keys):
+        return "kohya"
+    if any(".lora_A" in k or "lora_embedding_A" in k for k in keys):
+        return "peft-weights"
+    return "other"
+
+
+def _walk(root: Path, found: Found, seen: set[Path]) -> None:
+    def add(p: Path) -> None:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            found.inputs.append(p)
+
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        here = Path(dirpath)
+        peft = "adapter_config.json" in filenames
+        if peft:
+            add(here)
+        for name in sorted(filenames):
+            p = here / name
+            if name.endswith(".apack"):
+                add(p)
+            elif name.endswith(".safetensors") and not peft:
+                kind = _lora_kind(p)
+                if kind in ("kohya", None):  # unreadable ones are audited, so they are reported as failures
+                    add(p)
+                elif kind == "peft-weights":
+                    found.skipped.append((str(p), "PEFT weights without adapter_config.json beside them"))
+                else:
+                    found.skipped.append((str(p), "safetensors file with no LoRA tensors"))
+
+
+def find_inputs(paths: Iterable[str | os.PathLike[str]]) -> Found:
+    """Expand ``paths`` into adapter inputs, in order, each once.
+
+    A path with ``*``, ``?`` or ``[`` that does not exist as written is a glob (``**`` recurses).
+    A folder is walked: every folder holding ``adapter_config.json`` is a PEFT input (its own
+    safetensors are its weights, not kohya files), every ``*.apack`` an input, every other
+    ``*.safetensors`` with kohya keys an input (unreadable ones too, so they are reported);
+    safetensors without LoRA tensors are listed as skipped. A file named directly is always an input.
+    """
+    found, seen = Found(), set()
+    for raw in paths:
+        text = os.fspath(raw)
+        if not os.path.lexists(text) and GLOB_CHARS & set(text):
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                found.missing.append((text, "no file or folder matches this pattern"))
+            targets = [Path(m) for m in matches]
+        elif not os.path.lexists(text):
+            found.missing.append((text, "no such file or folder"))
+            targets = []
+        else:
+            targets = [Path(text)]
+        for p in targets:
+            if p.is_dir():
+                _walk(p, found, seen)
+            elif p.resolve() not in seen:
+                seen.add(p.resolve())
+                found.inputs.append(p)
+    return found
+
+
+# --- many inputs ------------------------------------------------------------------------------------
+
+
+def _results(inputs: list[Path], jobs: int) -> Iterator[InputAudit]:
+    if jobs <= 1 or len(inputs) <= 1:
+        yield from map(audit_input, inputs)
+        return
+    import multiprocessing
+
+    # forkserver: workers fork from a clean server process, not from a caller that may hold threads (torch, BLAS)
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(max_workers=min(jobs, len(inputs)), mp_context=multiprocessing.get_context(method)) as pool:
+        yield from pool.map(audit_input, inputs, chunksize=max(1, min(16, len(inputs) // (4 * jobs))))
+
+
+def default_jobs() -> int:
+    """Worker processes when none are asked for: the CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover  (macOS, Windows)
+        return max(1, os.cpu_count() or 1)
+
+
+def audit_paths(
+    paths: Iterable[str | os.PathLike[str]] | Found, *, jobs: int = 1, progress: Callable[[int], Any] | None = None
+) -> dict[str, Any]:
+    """Audit every input under ``paths`` (or already :func:`find_inputs`' result):
+    ``{"inputs": [...], "missing", "skipped", "totals"}``.
+
+    ``progress(n)`` is called with 1 after each input. Unreadable inputs are rows with ``ok``
+    false and an ``error``; paths matching nothing are listed in ``missing``.
+    """
+    found = paths if isinstance(paths, Found) else find_inputs(paths)
+    rows: list[InputAudit] = []
+    for res in _results(found.inputs, jobs):
+        rows.append(res)
+        if progress is not None:
+            progress(1)
+    return {
+        "inputs": [r.as_dict() for r in rows],
+        "missing": [{"path": p, "error": why} for p, why in found.missing],
+        "skipped": [{"path": p, "reason": why} for p, why in found.skipped],
+        "totals": totals(rows, len(found.missing)),
+    }
+
+
+def totals(rows: list[InputAudit], missing: int = 0) -> dict[str, Any]:
+    """Sums over the inputs that could be read, and rank distributions over all their modules."""
+    good = [r for r in rows if r.ok]
+    size = sum(r.bytes for r in good)
+    sizes = {v: sum(r.sizes[v] for r in good) for v in VARIANTS}
+    dts: Counter[str] = Counter()
+    encs: Counter[str] = Counter()
+    for r in good:
+        dts.update(r.dtypes)
+        encs.update(r.encodings)
+    return {
+        "inputs": len(rows),
+        "failed": len(rows) - len(good),
+        "missing": missing,
+        "adapters": sum(len(r.adapters) for r in good),
+        "modules": sum(r.modules for r in good),
+        "bytes": size,
+        "parameters": sum(r.parameters for r in good),
+        "dtypes": dict(dts.most_common()),
+        "encodings": dict(encs.most_common()),
+        "rank": distribution(x for r in good for x in r.ranks),
+        "rank_99": distribution(x for r in good for x in r.energy_ranks.get("energy99", [])),
+        "rank_95": distribution(x for r in good for x in r.energy_ranks.get("energy95", [])),
+        "sizes": sizes,
+        "saved": {v: size - s for v, s in sizes.items()},
+        "seconds": sum(r.seconds for r in rows),
+    }
