@@ -201,6 +201,11 @@ def test_build_open_extract(tmp_path: Path) -> None:
         for m in x:
             assert m.encoding == "lora" and m.params["rank"] <= 8  # a projected r=8 adapter stays rank 8
             np.testing.assert_allclose(m.delta(), b.delta(m.name), rtol=0, atol=1e-6 * np.abs(b.delta(m.name)).max())
+    svd = write_extracted(ad, tmp_path / "svd.apack", "svd")
+    with adapterpack.open(svd) as x, adapterpack.open(bank, adapter="lora02") as b:
+        for m in x:
+            assert m.encoding == "svd"
+            np.testing.assert_allclose(m.delta(), b.delta(m.name), rtol=0, atol=1e-6 * np.abs(b.delta(m.name)).max())
     peft = write_extracted(ad, tmp_path / "peft", "peft")
     with adapterpack.open(peft) as p:
         assert sorted(p.modules) == sorted([Q, V])

@@ -230,7 +230,14 @@ def extract_member(path: str | os.PathLike[str], name: str) -> tuple[Adapter, di
 
 
 def write_extracted(adapter: Adapter, out: str | os.PathLike[str], to: str = "apack") -> Path:
-    """Write an extracted member as ``.apack`` (``to="apack"``) or a PEFT folder (``to="peft"``)."""
+    """Write an extracted member as ``.apack`` of lora records (``to="apack"``), of svd records (``"svd"``,
+    exact SVD of each record, so it can be loaded at any lower rank), or a PEFT folder (``"peft"``)."""
+    if to == "svd":
+        from ..encodings.lower import as_svd
+
+        adapter = Adapter(adapter.name, adapter.base_model, adapter.base_architecture,
+                          {k: as_svd(m) for k, m in adapter.modules.items()}, source=adapter.source, metadata=adapter.metadata)
+        to = "apack"
     if to == "peft":
         from ..interop.peft import write_peft
 

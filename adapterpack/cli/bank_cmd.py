@@ -143,8 +143,8 @@ def refit(bank_path: Path, rank: int | None, target_error: float | None, budget:
 @click.argument("bank_path", metavar="BANK", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("name")
 @click.argument("out_path", metavar="OUT", type=click.Path(path_type=Path))
-@click.option("--to", "to", type=click.Choice(["apack", "peft"]), default=None,
-              help="Output format (default: peft for a folder name, apack for *.apack).")
+@click.option("--to", "to", type=click.Choice(["apack", "svd", "peft"]), default=None,
+              help="lora records in .apack, svd records in .apack, or a PEFT folder (default: apack for *.apack, else peft).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def extract(bank_path: Path, name: str, out_path: Path, to: str | None, as_json: bool) -> None:
     """Write member NAME of BANK as a standalone adapter (lora records) to OUT."""
