@@ -211,10 +211,11 @@ def test_build_open_extract(tmp_path: Path) -> None:
         assert sorted(p.modules) == sorted([Q, V])
 
 
-def test_add_projects_grows_and_keeps_old_members_bit_exact(tmp_path: Path) -> None:
+@pytest.mark.parametrize("form", ["full", "diagonal"])
+def test_add_projects_grows_and_keeps_old_members_bit_exact(tmp_path: Path, form: str) -> None:
     paths = _split(tmp_path)
     bank = tmp_path / "bank.apack"
-    build_bank(bank, paths[:4], rank=8)
+    build_bank(bank, paths[:4], rank=8, form=form, max_iter=10)
     before = {n: {m.name: m.delta().copy() for m in adapterpack.open(bank, adapter=n)} for n in NAMES[:4]}
     rep = add_to_bank(bank, [paths[4]], threshold=0.01)
     (added,) = rep.added
