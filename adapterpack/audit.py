@@ -157,14 +157,35 @@ def _current_rank(m: Module) -> int:
     return int(m.summary().get("rank", 0) or 0)
 
 
-def reranked(adapter: Adapter, energy: float) -> tuple[Adapter, list[int]]:
-    """``adapter`` as ``adapterpack rerank --energy`` writes it (svd records, each module's own dtype),
-    and every module's new rank (DoRA modules keep theirs: their SVD needs the base weight)."""
+def _is_dora(m: Module) -> bool:
+    return m.encoding == "lora" and bool(m.params.get("dora", False))
+
+
+def presolved(adapter: Adapter) -> tuple[Adapter, str | None]:
+    """``adapter`` with its lora records replaced by float64 ``svd`` records of their exact SVD, and the
+    float dtype rerank must write; ``(adapter, None)`` when the modules' dtypes differ.
+
+    rerank reads an svd record's spectrum instead of computing one, so each module's SVD is
+    computed once here and serves every energy level; with float64 vectors (and S) nothing is
+    rounded, so the re-ranked records are the bytes rerank writes from the original adapter.
+    """
+    from .encodings.lower import as_svd, main_dtype
+
+    kinds = {main_dtype(m) for m in adapter}
+    if len(kinds) != 1:
+        return adapter, None
+    modules = {n: as_svd(m, dtype="float64") if m.encoding == "lora" and not _is_dora(m) else m for n, m in adapter.modules.items()}
+    return _with(adapter, modules, adapter.tensors), kinds.pop()
+
+
+def reranked(adapter: Adapter, energy: float, dtype: str | None = None) -> tuple[Adapter, list[int]]:
+    """``adapter`` as ``adapterpack rerank --energy`` writes it (svd records in each module's dtype, or
+    ``dtype``), and every module's new rank (DoRA modules keep theirs: their SVD needs the base weight)."""
     from .rerank import RerankPolicy, rerank
 
-    if all(m.encoding == "lora" and m.params.get("dora", False) for m in adapter):
+    if all(_is_dora(m) for m in adapter):
         return adapter, [_current_rank(m) for m in adapter]  # nothing rerank may touch (it refuses)
-    out, report = rerank(adapter, RerankPolicy(energy=energy))
+    out, report = rerank(adapter, RerankPolicy(energy=energy, dtype=dtype))
     new = {p.name: p.new_rank for p in report.modules}
     return out, [new[n] for n in adapter.modules]
 
@@ -237,11 +258,12 @@ def audit_input(path: str | os.PathLike[str]) -> InputAudit:
         res.sizes["zstd"] = apack_size(adapters, "zstd")  # validates every record once
         res.sizes["byteplanes"] = apack_size(adapters, "byteplanes", validate=False, memo=memo)
         res.sizes["bf16"] = apack_size([cast_adapter(a, "bf16")[0] for a in adapters], "byteplanes", validate=False)
+        solved = [presolved(a) for a in adapters]
         for v, frac in ENERGY_VARIANTS.items():
-            pairs = [reranked(a, frac) for a in adapters]
+            pairs = [reranked(a, frac, dtype) for a, dtype in solved]
             res.energy_ranks[v] = [k for _, ks in pairs for k in ks]
             res.sizes[v] = apack_size([p[0] for p in pairs], "byteplanes", validate=False, memo=memo)
-        dora = sum(m.encoding == "lora" and bool(m.params.get("dora", False)) for a in adapters for m in a)
+        dora = sum(_is_dora(m) for a in adapters for m in a)
         if dora:
             res.notes.append(f"{dora} DoRA module(s) kept at their rank by the energy variants (their SVD needs the base weight)")
     except (AdapterpackError, OSError) as e:

@@ -129,6 +129,25 @@ def test_svd_input_reads_singular_values(tmp_path: Path) -> None:
     assert res.as_dict()["encoding"] == "svd"
 
 
+def test_mixed_dtype_adapter_energy_sizes(tmp_path: Path) -> None:
+    """Modules of different dtypes (q in bf16, v in fp32): each re-ranked record keeps its module's dtype."""
+    from adapterpack.convert import cast_array
+    from adapterpack.rerank import RerankPolicy, rerank
+
+    a = qv_adapter(3, layers=2, rank=6, in_features=40, q_out=48, v_out=24, b_scale=0.02)
+    for m in a:
+        if m.name.endswith("q_proj"):
+            m.tensors = {s: cast_array(t, "bfloat16")[0] for s, t in m.tensors.items()}
+    path = tmp_path / "mixed.apack"
+    adapterpack.save(a, path)
+    res = audit_input(path)
+    assert res.ok and res.as_dict()["dtype"] == "bfloat16/float32"  # by tensor count, ties in module order
+    for v, frac in (("energy99", 0.99), ("energy95", 0.95)):
+        out, _ = rerank(adapterpack.open(path), RerankPolicy(energy=frac))
+        assert {m.array("Ut").dtype.name for m in out} == {"bfloat16", "float32"}
+        assert res.sizes[v] == adapterpack.save(out, tmp_path / f"{v}.apack").file_size
+
+
 def test_multi_adapter_apack_is_one_row(tmp_path: Path) -> None:
     a, b = (
         qv_adapter(1, name="one", layers=2, rank=4, in_features=40, q_out=48, v_out=24, b_scale=0.02),
