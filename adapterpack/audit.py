@@ -20,10 +20,11 @@ Inputs are independent, so ``jobs`` > 1 audits them in worker processes.
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,8 +239,22 @@ class InputAudit:
         return d
 
 
-def audit_input(path: str | os.PathLike[str]) -> InputAudit:
-    """Audit one input; a file that cannot be read comes back with ``error`` set (one line), not raised."""
+def _energy_ranks(adapters: list[Adapter]) -> dict[str, list[int]]:
+    """Each module's rank for every energy level, from its spectrum alone (when no re-rank is measured)."""
+    from .spectrum import module_spectrum
+
+    out: dict[str, list[int]] = {v: [] for v in ENERGY_VARIANTS}
+    for a in adapters:
+        for m in a:
+            sp = None if _is_dora(m) else module_spectrum(m)
+            for v, frac in ENERGY_VARIANTS.items():
+                out[v].append(_current_rank(m) if sp is None else sp.rank_for_energy(frac))
+    return out
+
+
+def audit_input(path: str | os.PathLike[str], measure: Sequence[str] = VARIANTS) -> InputAudit:
+    """Audit one input, sizing the alternatives in ``measure`` (default all of :data:`VARIANTS`);
+    a file that cannot be read comes back with ``error`` set (one line), not raised."""
     import time
 
     from .convert import cast_adapter
@@ -254,15 +269,25 @@ def audit_input(path: str | os.PathLike[str]) -> InputAudit:
             res.bytes = footprint(path)
             adapters = [loaded(a) for a in opened.adapters]
         _describe(res, adapters)
+        for a in adapters:
+            for m in a:
+                m.implementation.validate(m)  # once; the sizes below skip it
         memo: BlobMemo = {}
-        res.sizes["zstd"] = apack_size(adapters, "zstd")  # validates every record once
-        res.sizes["byteplanes"] = apack_size(adapters, "byteplanes", validate=False, memo=memo)
-        res.sizes["bf16"] = apack_size([cast_adapter(a, "bf16")[0] for a in adapters], "byteplanes", validate=False)
-        solved = [presolved(a) for a in adapters]
-        for v, frac in ENERGY_VARIANTS.items():
-            pairs = [reranked(a, frac, dtype) for a, dtype in solved]
-            res.energy_ranks[v] = [k for _, ks in pairs for k in ks]
-            res.sizes[v] = apack_size([p[0] for p in pairs], "byteplanes", validate=False, memo=memo)
+        if "zstd" in measure:
+            res.sizes["zstd"] = apack_size(adapters, "zstd", validate=False)
+        if "byteplanes" in measure:
+            res.sizes["byteplanes"] = apack_size(adapters, "byteplanes", validate=False, memo=memo)
+        if "bf16" in measure:
+            res.sizes["bf16"] = apack_size([cast_adapter(a, "bf16")[0] for a in adapters], "byteplanes", validate=False)
+        if any(v in measure for v in ENERGY_VARIANTS):
+            solved = [presolved(a) for a in adapters]
+            for v, frac in ENERGY_VARIANTS.items():
+                pairs = [reranked(a, frac, dtype) for a, dtype in solved]
+                res.energy_ranks[v] = [k for _, ks in pairs for k in ks]
+                if v in measure:
+                    res.sizes[v] = apack_size([p[0] for p in pairs], "byteplanes", validate=False, memo=memo)
+        else:
+            res.energy_ranks = _energy_ranks(adapters)
         dora = sum(_is_dora(m) for a in adapters for m in a)
         if dora:
             res.notes.append(f"{dora} DoRA module(s) kept at their rank by the energy variants (their SVD needs the base weight)")
@@ -381,16 +406,17 @@ def find_inputs(paths: Iterable[str | os.PathLike[str]]) -> Found:
 # --- many inputs ------------------------------------------------------------------------------------
 
 
-def _results(inputs: list[Path], jobs: int) -> Iterator[InputAudit]:
+def _results(inputs: list[Path], jobs: int, measure: tuple[str, ...]) -> Iterator[InputAudit]:
+    one = functools.partial(audit_input, measure=measure)
     if jobs <= 1 or len(inputs) <= 1:
-        yield from map(audit_input, inputs)
+        yield from map(one, inputs)
         return
     import multiprocessing
 
     # forkserver: workers fork from a clean server process, not from a caller that may hold threads (torch, BLAS)
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(max_workers=min(jobs, len(inputs)), mp_context=multiprocessing.get_context(method)) as pool:
-        yield from pool.map(audit_input, inputs, chunksize=max(1, min(16, len(inputs) // (4 * jobs))))
+        yield from pool.map(one, inputs, chunksize=max(1, min(16, len(inputs) // (4 * jobs))))
 
 
 def default_jobs() -> int:
@@ -402,17 +428,27 @@ def default_jobs() -> int:
 
 
 def audit_paths(
-    paths: Iterable[str | os.PathLike[str]] | Found, *, jobs: int = 1, progress: Callable[[int], Any] | None = None
+    paths: Iterable[str | os.PathLike[str]] | Found,
+    *,
+    jobs: int = 1,
+    measure: Sequence[str] = VARIANTS,
+    progress: Callable[[int], Any] | None = None,
 ) -> dict[str, Any]:
     """Audit every input under ``paths`` (or already :func:`find_inputs`' result):
-    ``{"inputs": [...], "missing", "skipped", "totals"}``.
+    ``{"inputs": [...], "missing", "skipped", "totals", "measured"}``.
 
+    ``measure`` picks the alternatives to size (names from :data:`VARIANTS`; fewer is faster);
+    the energy ranks are reported whatever it holds.
     ``progress(n)`` is called with 1 after each input. Unreadable inputs are rows with ``ok``
     false and an ``error``; paths matching nothing are listed in ``missing``.
     """
     found = paths if isinstance(paths, Found) else find_inputs(paths)
+    unknown = [v for v in measure if v not in VARIANTS]
+    if unknown:
+        raise AdapterpackError(f"cannot measure {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
+    measured = tuple(v for v in VARIANTS if v in measure)
     rows: list[InputAudit] = []
-    for res in _results(found.inputs, jobs):
+    for res in _results(found.inputs, jobs, measured):
         rows.append(res)
         if progress is not None:
             progress(1)
@@ -420,15 +456,16 @@ def audit_paths(
         "inputs": [r.as_dict() for r in rows],
         "missing": [{"path": p, "error": why} for p, why in found.missing],
         "skipped": [{"path": p, "reason": why} for p, why in found.skipped],
-        "totals": totals(rows, len(found.missing)),
+        "totals": totals(rows, len(found.missing), measured),
+        "measured": list(measured),
     }
 
 
-def totals(rows: list[InputAudit], missing: int = 0) -> dict[str, Any]:
+def totals(rows: list[InputAudit], missing: int = 0, measured: Sequence[str] = VARIANTS) -> dict[str, Any]:
     """Sums over the inputs that could be read, and rank distributions over all their modules."""
     good = [r for r in rows if r.ok]
     size = sum(r.bytes for r in good)
-    sizes = {v: sum(r.sizes[v] for r in good) for v in VARIANTS}
+    sizes = {v: sum(r.sizes[v] for r in good) for v in measured}
     dts: Counter[str] = Counter()
     encs: Counter[str] = Counter()
     for r in good:

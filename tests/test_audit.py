@@ -285,3 +285,17 @@ def test_audit_and_spectrum_never_import_torch(tree: Path, tmp_path: Path) -> No
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
+
+
+def test_measure_picks_the_alternatives() -> None:
+    full = audit_input(EXAMPLE)
+    none = audit_input(EXAMPLE, measure=())
+    assert none.sizes == {} and none.energy_ranks == full.energy_ranks  # ranks from the spectra alone, the same
+    some = json.loads(run("audit", EXAMPLE, "--measure", "bf16,energy95", "--json", "-j", "1").stdout)
+    assert some["measured"] == ["bf16", "energy95"]
+    assert some["inputs"][0]["sizes"] == {"bf16": full.sizes["bf16"], "energy95": full.sizes["energy95"]}
+    assert set(some["totals"]["saved"]) == {"bf16", "energy95"}
+    r = run("audit", EXAMPLE, "--measure", "zstd", "--csv", "-j", "1")
+    assert next(csv.reader(io.StringIO(r.stdout)))[-2:] == ["zstd_bytes", "zstd_saved"]
+    bad = CliRunner().invoke(main, ["audit", str(EXAMPLE), "--measure", "zstd,gzip"])
+    assert bad.exit_code == 2 and "unknown gzip" in bad.stderr

@@ -33,9 +33,14 @@ def _pct(saved: int, size: int) -> str:
     return f"{100 * saved / size:.1f}%" if size else "-"
 
 
+def _titles(report: dict[str, Any]) -> dict[str, str]:
+    return {v: VARIANT_TITLES[v] for v in report["measured"]}
+
+
 def table_lines(report: dict[str, Any]) -> list[str]:
     """One row per input that could be read: size, ranks, and the share each alternative saves."""
-    headers = ("input", "format", "dtype", "encoding", "rank", "r99", "r95", "size", *VARIANT_TITLES.values())
+    titles = _titles(report)
+    headers = ("input", "format", "dtype", "encoding", "rank", "r99", "r95", "size", *titles.values())
     rows = []
     for r in report["inputs"]:
         if not r["ok"]:
@@ -50,11 +55,11 @@ def table_lines(report: dict[str, Any]) -> list[str]:
                 _dist(r["rank_99"]),
                 _dist(r["rank_95"]),
                 out.human_bytes(r["bytes"]),
-                *(_pct(r["saved"][v], r["bytes"]) for v in VARIANT_TITLES),
+                *(_pct(r["saved"][v], r["bytes"]) for v in titles),
             )
         )
     t = report["totals"]
-    lines = out.table(headers, rows, "<<<<>>>>" + ">" * len(VARIANT_TITLES)) if rows else ["(no adapter found)"]
+    lines = out.table(headers, rows, "<<<<>>>>" + ">" * len(titles)) if rows else ["(no adapter found)"]
     audited = t["inputs"] - t["failed"]
     lines += [
         "",
@@ -63,11 +68,10 @@ def table_lines(report: dict[str, Any]) -> list[str]:
         f"{out.size(t['bytes'])}, {out.count(t['parameters'])} parameters",
     ]
     if audited:
-        saved = ", ".join(
-            f"{title} {out.human_bytes(t['saved'][v])} ({_pct(t['saved'][v], t['bytes'])})" for v, title in VARIANT_TITLES.items()
-        )
+        sv = t["saved"]
+        saved = ", ".join(f"{name} {out.human_bytes(sv[v])} ({_pct(sv[v], t['bytes'])})" for v, name in titles.items())
         lines += [
-            f"saved    {saved}",
+            f"saved    {saved or '(nothing measured)'}",
             f"ranks    min/median/max over modules: stored {_dist(t['rank'])}, 99% energy {_dist(t['rank_99'])}, "
             f"95% energy {_dist(t['rank_95'])}",
         ]
@@ -86,7 +90,8 @@ def table_lines(report: dict[str, Any]) -> list[str]:
 
 def csv_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     """Header and rows of the CSV (one row per input; failed inputs carry their error, no figures)."""
-    header = [*CSV_FIELDS, *(f"{v}_bytes" for v in VARIANT_TITLES), *(f"{v}_saved" for v in VARIANT_TITLES)]
+    titles = _titles(report)
+    header = [*CSV_FIELDS, *(f"{v}_bytes" for v in titles), *(f"{v}_saved" for v in titles)]
     rows = []
     for r in report["inputs"]:
         d: dict[str, Any] = {"path": r["path"], "ok": int(r["ok"]), "error": r.get("error", ""), "format": r["format"] or ""}
@@ -96,10 +101,18 @@ def csv_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
             for key in ("rank", "rank_99", "rank_95"):
                 for stat in ("min", "median", "max"):
                     d[f"{key}_{stat}"] = "" if r[key] is None else r[key][stat]
-            for v in VARIANT_TITLES:
+            for v in titles:
                 d[f"{v}_bytes"], d[f"{v}_saved"] = r["sizes"][v], r["saved"][v]
         rows.append([d.get(h, "") for h in header])
     return header, rows
+
+
+def _parse_measure(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    unknown = [v for v in names if v not in VARIANT_TITLES]
+    if unknown:
+        raise click.BadParameter(f"unknown {', '.join(unknown)} (choose from {', '.join(VARIANT_TITLES)})")
+    return names
 
 
 @click.command("audit", short_help="Bytes, ranks and possible savings of many adapters.")
@@ -115,7 +128,15 @@ def csv_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
     metavar="N",
     help="Worker processes (0: one per CPU available).",
 )
-def audit(paths: tuple[str, ...], as_json: bool, as_csv: bool, jobs: int) -> None:
+@click.option(
+    "--measure",
+    callback=_parse_measure,
+    default=",".join(VARIANT_TITLES),
+    show_default=True,
+    metavar="LIST",
+    help="Alternatives to size, comma-separated (fewer is faster; ranks are reported anyway).",
+)
+def audit(paths: tuple[str, ...], as_json: bool, as_csv: bool, jobs: int, measure: tuple[str, ...]) -> None:
     """Audit adapters under PATH... (folders are walked for PEFT folders, kohya .safetensors and .apack
     files; globs such as 'runs/**/*.apack' are expanded): per input and in total, bytes, parameters,
     dtype, encoding, ranks, ranks keeping 99%/95% energy, and what zstd, byteplanes, bf16 and a re-rank
@@ -126,7 +147,7 @@ def audit(paths: tuple[str, ...], as_json: bool, as_csv: bool, jobs: int) -> Non
         raise click.UsageError("--json and --csv exclude each other")
     found = find_inputs(paths)
     with out.progress_bar(len(found.inputs), "auditing") as advance:
-        report = audit_paths(found, jobs=jobs or default_jobs(), progress=advance)
+        report = audit_paths(found, jobs=jobs or default_jobs(), measure=measure, progress=advance)
     if as_json:
         out.echo_json(report)
     elif as_csv:
