@@ -239,6 +239,13 @@ class InputAudit:
         return d
 
 
+def _one_line(e: Exception) -> str:
+    """An error as one line: ``path: reason`` for an OSError, the message otherwise."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.filename}: {e.strerror}"
+    return " ".join(str(e).split())
+
+
 def _energy_ranks(adapters: list[Adapter]) -> dict[str, list[int]]:
     """Each module's rank for every energy level, from its spectrum alone (when no re-rank is measured)."""
     from .spectrum import module_spectrum
@@ -292,10 +299,7 @@ def audit_input(path: str | os.PathLike[str], measure: Sequence[str] = VARIANTS)
         if dora:
             res.notes.append(f"{dora} DoRA module(s) kept at their rank by the energy variants (their SVD needs the base weight)")
     except (AdapterpackError, OSError) as e:
-        from .cli.output import one_line, os_message
-
-        msg = one_line(os_message(e) if isinstance(e, OSError) else str(e))
-        res.error = msg.removeprefix(f"{path}: ")  # the row names the path already
+        res.error = _one_line(e).removeprefix(f"{path}: ")  # the row names the path already
     res.seconds = time.perf_counter() - start
     return res
 

@@ -299,3 +299,13 @@ def test_measure_picks_the_alternatives() -> None:
     assert next(csv.reader(io.StringIO(r.stdout)))[-2:] == ["zstd_bytes", "zstd_saved"]
     bad = CliRunner().invoke(main, ["audit", str(EXAMPLE), "--measure", "zstd,gzip"])
     assert bad.exit_code == 2 and "unknown gzip" in bad.stderr
+
+
+def test_unreadable_safetensors_in_a_folder_is_reported(tmp_path: Path) -> None:
+    (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 64)  # header length far past the end
+    adapterpack.save(qv_adapter(4, layers=1, rank=2, in_features=16, q_out=8, v_out=8, b_scale=0.1), tmp_path / "ok.apack")
+    r = run("audit", tmp_path, "--json", "-j", "1")
+    assert r.exit_code == 1
+    rows = {Path(x["path"]).name: x for x in json.loads(r.stdout)["inputs"]}
+    assert rows["ok.apack"]["ok"] and not rows["bad.safetensors"]["ok"]
+    assert rows["bad.safetensors"]["error"] == "not a safetensors file (header length 18446744073709551615)"
