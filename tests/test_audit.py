@@ -309,3 +309,22 @@ def test_unreadable_safetensors_in_a_folder_is_reported(tmp_path: Path) -> None:
     rows = {Path(x["path"]).name: x for x in json.loads(r.stdout)["inputs"]}
     assert rows["ok.apack"]["ok"] and not rows["bad.safetensors"]["ok"]
     assert rows["bad.safetensors"]["error"] == "not a safetensors file (header length 18446744073709551615)"
+
+
+def test_dora_modules_are_kept_by_the_energy_variants(tmp_path: Path) -> None:
+    from adapterpack.rerank import RerankPolicy, rerank
+
+    a = qv_adapter(5, layers=2, rank=6, in_features=40, q_out=48, v_out=24, b_scale=0.02)
+    m = a.module("model.layers.1.self_attn.v_proj")
+    m.params["dora"] = True
+    m.tensors["magnitude"] = np.linspace(0.5, 1.5, 24, dtype=np.float32)
+    path = tmp_path / "dora.apack"
+    adapterpack.save(a, path)
+    res = audit_input(path)
+    assert res.ok, res.error
+    assert res.notes == ["1 DoRA module(s) kept at their rank by the energy variants (their SVD needs the base weight)"]
+    assert res.energy_ranks["energy95"][list(a.modules).index(m.name)] == 6
+    assert res.as_dict()["encoding"] == "lora/lora+dora"
+    out, _ = rerank(adapterpack.open(path), RerankPolicy(energy=0.95))
+    assert out.module(m.name).encoding == "lora"
+    assert res.sizes["energy95"] == adapterpack.save(out, tmp_path / "r.apack").file_size
