@@ -9,7 +9,8 @@ LoRA runs use ``tools/fixtures/train_lora.py`` (PEFT, AdamW lr 1e-3, alpha = 2r)
 ``adapterpack.torch.nola`` (rank 8, scale 2, A0 from the seed, shared basis, AdamW on α, β at
 ``--nola-lr``), drawing the same batches (``train_lora._batches`` with the same seed). Every
 adapter is evaluated the same way: applied to a fresh model with ``adapterpack.torch.apply``
-(merged) and scored on the 61 held-out pydoc blocks. Results go to ``OUT/results.json`` after
+(merged) and scored on the held-out pydoc blocks (all 61, or the first ``--heldout-blocks``).
+Results go to ``OUT/results.json`` after
 each run (so a long sweep can be read while it runs).
 """
 
@@ -107,10 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nola-lr", type=float, default=5e-3)
     ap.add_argument("--nola-rank", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--heldout-blocks", type=int, default=61, help="evaluate on the first N held-out blocks (61: all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    heldout = smollm2.pydoc_blocks("heldout")
+    heldout = smollm2.pydoc_blocks("heldout")[: args.heldout_blocks]
     results: dict[str, Any] = {
         "args": {k: str(v) for k, v in vars(args).items()},
         "heldout_blocks": int(heldout.shape[0]),
