@@ -167,6 +167,10 @@ def _family(name: str) -> str:
     return name.rsplit(".", 1)[-1]
 
 
+#: Adapters drawn by :func:`plot_spectra` (one row of two panels each); later ones are left out and the title says so.
+MAX_PLOT_ADAPTERS = 8
+
+
 def plot_spectra(adapters: list[tuple[str, list[dict[str, Any]]]], path: str | Any, *, title: str = "") -> None:
     """Draw singular values (log scale) and cumulative energy curves per module to a PNG at ``path``.
 
@@ -176,6 +180,9 @@ def plot_spectra(adapters: list[tuple[str, list[dict[str, Any]]]], path: str | A
     from .atomic import atomic_file
 
     figure_cls, canvas_cls = require_matplotlib()
+    if len(adapters) > MAX_PLOT_ADAPTERS:
+        title = f"{title} (first {MAX_PLOT_ADAPTERS} of {len(adapters)} adapters)".strip()
+        adapters = adapters[:MAX_PLOT_ADAPTERS]
     rows = max(len(adapters), 1)
     fig = figure_cls(figsize=(11, 3.6 * rows), layout="constrained")
     canvas_cls(fig)

@@ -192,3 +192,17 @@ def test_plot_without_matplotlib_names_the_extra(tmp_path: Path, monkeypatch: py
     assert r.exit_code == 1 and r.stdout == ""
     assert r.stderr.strip() == "adapterpack: --plot needs matplotlib: pip install 'adapterpack[plot]'"
     assert not any(tmp_path.iterdir())
+
+
+def test_plot_caps_the_adapters_drawn(real: Adapter, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from PIL import Image  # matplotlib depends on pillow
+
+    from adapterpack.spectrum import MAX_PLOT_ADAPTERS
+
+    mods = [s.as_dict() for s in adapter_spectra(real)][:4]
+    one, many = tmp_path / "one.png", tmp_path / "many.png"
+    plot_spectra([("a", mods)], one)
+    plot_spectra([(f"a{i}", mods) for i in range(MAX_PLOT_ADAPTERS + 5)], many)
+    h1, hn = Image.open(one).size[1], Image.open(many).size[1]
+    assert hn == pytest.approx(MAX_PLOT_ADAPTERS * h1, rel=0.05)  # one row per adapter, no more than the cap
