@@ -167,6 +167,13 @@ def test_refusals_leave_the_model_unchanged(tmp_path: Path) -> None:
             apply(wrong, folder, merge=merge)
     _assert_restored(wrong, snap_w)
     assert sum(len(m._forward_hooks) for m in wrong.modules()) == 0
+    full = adapterpack.open(folder)
+    full.tensors["base_model.model.conv.weight"] = full.modules["model.layers.0.q_proj"].array("A")
+    path = tmp_path / "full.apack"
+    adapterpack.save(full, path)
+    for src in (full, path):
+        with pytest.raises(ApplyError, match="modules_to_save"):
+            apply(base, src)
     kind = _Tiny()
     kind.model.layers[0].q_proj = nn.Conv1d(16, 24, 1)
     with pytest.raises(ApplyError, match="is a Conv1d; a linear record needs linear"):

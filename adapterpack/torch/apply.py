@@ -242,6 +242,25 @@ def _hook(p: _Patch, scale: float) -> Callable[..., torch.Tensor]:
     return dora
 
 
+def _refuse_full_tensors(source: object, adapter: str | None) -> None:
+    """apply() patches LoRA modules only: an adapter that also replaces whole tensors (PEFT
+    ``modules_to_save``) would be applied half, so it is refused (opening reads the index only)."""
+    if isinstance(source, dict):
+        return
+    if isinstance(source, Adapter):
+        tensors = list(source.tensors)
+    else:
+        from ..interop import read_any
+
+        with read_any(source, adapter=adapter) as ad:  # type: ignore[arg-type]
+            tensors = list(ad.tensors)
+    if tensors:
+        raise ApplyError(
+            f"adapter holds {len(tensors)} full tensors besides LoRA factors (modules_to_save: {', '.join(tensors[:3])}); "
+            "apply() patches LoRA modules only"
+        )
+
+
 def apply(
     model: nn.Module,
     path_or_adapter: str | os.PathLike[str] | Adapter | dict[str, LoraTensors],
@@ -256,12 +275,7 @@ def apply(
     :func:`adapterpack.torch.load`) to ``model`` by module name; ``scale`` multiplies the adapter's own
     scale. Returns an :class:`Applied`; ``.unapply()`` restores the model exactly. See the module
     docstring for merged vs unmerged, name matching, DoRA and what is refused."""
-    if isinstance(path_or_adapter, Adapter) and path_or_adapter.tensors:
-        some = ", ".join(list(path_or_adapter.tensors)[:3])
-        raise ApplyError(
-            f"adapter holds {len(path_or_adapter.tensors)} full tensors besides LoRA factors (modules_to_save: {some}); "
-            "apply() patches LoRA modules only"
-        )
+    _refuse_full_tensors(path_or_adapter, adapter)
     first = next((p for p in model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     kw: dict[str, Any] = {} if isinstance(path_or_adapter, (Adapter, dict)) else {"adapter": adapter, "verify": verify}
