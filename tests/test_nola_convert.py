@@ -129,3 +129,15 @@ def test_fit_arguments_are_checked() -> None:
         fit_adapter(ad, target_error=1.5)
     with pytest.raises(errors.ConversionError, match="a0"):
         fit_nola(_target(), k_A=2, k_B=2, a0="stored")
+
+
+def test_embeddings_and_dora_are_not_fitted() -> None:
+    t = _target(6)
+    emb = Factors(t.A, t.B, t.scale, (16, 12), transpose=True, layout="embedding")
+    with pytest.raises(errors.ConversionError, match="linear modules only"):
+        fit_nola(emb, k_A=4, k_B=4)
+    dora = lora_from_factors("d", t, dtype="float32")
+    dora.params["dora"] = True
+    dora.tensors["magnitude"] = np.ones(12, np.float32)
+    with pytest.raises(errors.ConversionError, match="DoRA"):
+        fit_adapter(Adapter(modules={"d": dora}), k=4)

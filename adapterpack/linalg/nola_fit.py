@@ -124,8 +124,9 @@ def fit_nola(
     iterations stop early when the error improves by less than ``tol`` (relative). The bases
     are held in memory as float64: ``8·(k_A·r·in + k_B·r·out)`` bytes.
     """
-    if target.A.ndim != 2 or target.B.ndim != 2 or len(target.base_shape) != 2:
-        raise ConversionError(f"{name}: nola fits 2-D (linear) modules only, got base_shape {list(target.base_shape)}")
+    layout = getattr(target, "layout", "linear")
+    if target.A.ndim != 2 or target.B.ndim != 2 or len(target.base_shape) != 2 or layout != "linear":
+        raise ConversionError(f"{name}: nola fits linear modules only, got layout {layout}, base_shape {list(target.base_shape)}")
     if a0 not in ("zero", "generated"):
         raise ConversionError(f"{name}: a0 must be 'zero' or 'generated' for a fit, got {a0!r}")
     out, inp = target.B.shape[0], target.A.shape[1]
@@ -202,6 +203,8 @@ def fit_adapter(
     fits: dict[str, NolaFit] = {}
     modules: dict[str, Module] = {}
     for index, (mname, m) in enumerate(adapter.modules.items()):
+        if m.params.get("dora", False):
+            raise ConversionError(f"module {mname!r} is DoRA: its magnitude rescaling has no nola form; keep it as lora")
         f = m.factors()
         stream = 0 if shared_basis else index
         r = int(rank or f.rank or 1)
