@@ -3,6 +3,8 @@ and no dependence on chunking."""
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -40,6 +42,16 @@ def test_numpy_chunking_does_not_change_output(monkeypatch: pytest.MonkeyPatch) 
     whole = philox4x32_10(ctr, (123, 0xFFFFFFFF))
     monkeypatch.setattr(philox_mod, "BLOCK_CHUNK", 7)
     assert np.array_equal(philox4x32_10(ctr, (123, 0xFFFFFFFF)), whole)
+
+
+def test_basis_chunking_does_not_change_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    basis_mod = importlib.import_module("adapterpack.rng.basis")  # the package re-exports a function of that name
+
+    whole = basis(4, 2, KIND_B, 3, 8, 101)
+    bits = basis_bits(4, 2, KIND_B, 3, 8, 101, 9)
+    monkeypatch.setattr(basis_mod, "BLOCK_CHUNK", 7)
+    assert np.array_equal(basis(4, 2, KIND_B, 3, 8, 101), whole)
+    assert np.array_equal(basis_bits(4, 2, KIND_B, 3, 8, 101, 9), bits)
 
 
 def test_counter_layout_is_the_specs() -> None:

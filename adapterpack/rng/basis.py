@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..errors import RecordError
-from .philox import philox4x32_10
+from .philox import BLOCK_CHUNK, philox_rounds, round_keys
 
 GENERATOR_ID = "philox4x32-10"
 GENERATOR_VERSION = 1
@@ -60,24 +60,41 @@ def _check(kind: int, stream: int, start: int, stop: int, n: int) -> None:
         raise RecordError(f"a basis matrix of {n} elements exceeds the generator's 2^34")
 
 
-def basis_bits(seed: int, stream: int, kind: int, start: int, stop: int, n: int, first: int = 0) -> np.ndarray:
-    """Raw uint32 words of elements ``first..n-1`` of bases ``start..stop-1`` of one kind,
-    ``[stop - start, n - first]``."""
+def _generate(seed: int, stream: int, kind: int, start: int, stop: int, n: int, first: int, values: bool) -> np.ndarray:
+    """Words (``values=False``) or float32 values of elements ``first..n-1`` of bases ``start..stop-1``.
+
+    Counters are made and run ``BLOCK_CHUNK`` at a time straight into the result, so no
+    counter or word array of the full size is ever held.
+    """
     _check(kind, stream, start, stop, n)
     if not 0 <= first <= n:
         raise RecordError(f"element range [{first}, {n}) is empty or reversed")
-    key = seed_key(seed)
+    keys = round_keys(seed_key(seed))
     b0, b1 = first // 4, -(-n // 4)
     blocks = b1 - b0
     k = stop - start
-    ctr = np.empty((k * blocks, 4), np.uint32)
-    ctr[:, 0] = np.tile(np.arange(b0, b1, dtype=np.uint32), k)
-    ctr[:, 1] = np.repeat(np.arange(start, stop, dtype=np.uint64), blocks).astype(np.uint32)
-    ctr[:, 2] = stream
-    ctr[:, 3] = kind
-    words = philox4x32_10(ctr, key).reshape(k, blocks * 4)
+    total = k * blocks
+    out = np.empty((total, 4), np.float32 if values else np.uint32)
+    words = np.empty((min(total, BLOCK_CHUNK), 4), np.uint32)
+    for s in range(0, total, BLOCK_CHUNK):
+        e = min(total, s + BLOCK_CHUNK)
+        flat = np.arange(s, e, dtype=np.uint64)
+        index = flat // np.uint64(blocks)
+        c0 = (flat - index * np.uint64(blocks) + np.uint64(b0)).astype(np.uint32)
+        c1 = (index + np.uint64(start)).astype(np.uint32)
+        c2 = np.full(e - s, stream, np.uint32)
+        c3 = np.full(e - s, kind, np.uint32)
+        w = words[: e - s]
+        philox_rounds(c0, c1, c2, c3, keys, w)
+        out[s:e] = uniform(w) if values else w
     lead = first - 4 * b0
-    return words[:, lead : lead + n - first]
+    return out.reshape(k, blocks * 4)[:, lead : lead + n - first]
+
+
+def basis_bits(seed: int, stream: int, kind: int, start: int, stop: int, n: int, first: int = 0) -> np.ndarray:
+    """Raw uint32 words of elements ``first..n-1`` of bases ``start..stop-1`` of one kind,
+    ``[stop - start, n - first]``."""
+    return _generate(seed, stream, kind, start, stop, n, first, values=False)
 
 
 def basis(seed: int, stream: int, kind: int, start: int, stop: int, n: int) -> np.ndarray:
@@ -85,13 +102,13 @@ def basis(seed: int, stream: int, kind: int, start: int, stop: int, n: int) -> n
 
     Holds ``(stop - start) · n`` values at once; callers bound that with :func:`chunk_bases`.
     """
-    return uniform(basis_bits(seed, stream, kind, start, stop, n))
+    return _generate(seed, stream, kind, start, stop, n, 0, values=True)
 
 
 def basis_range(seed: int, stream: int, kind: int, start: int, stop: int, first: int, end: int) -> np.ndarray:
     """Values of elements ``first..end-1`` of bases ``start..stop-1``, float32 ``[stop - start, end - first]``
     (equal to the same columns of :func:`basis`; lets decoders tile huge matrices)."""
-    return uniform(basis_bits(seed, stream, kind, start, stop, end, first))
+    return _generate(seed, stream, kind, start, stop, end, first, values=True)
 
 
 def chunk_bases(n: int, budget: int = DEFAULT_BUDGET) -> int:

@@ -42,8 +42,11 @@ def round_keys(key: tuple[int, int]) -> list[tuple[int, int]]:
     return out
 
 
-def _rounds(c0: np.ndarray, c1: np.ndarray, c2: np.ndarray, c3: np.ndarray, keys: list[tuple[int, int]], out: np.ndarray) -> None:
-    """Run the 10 rounds on one chunk of counters (uint32 arrays of equal length) into ``out`` [n, 4].
+def philox_rounds(
+    c0: np.ndarray, c1: np.ndarray, c2: np.ndarray, c3: np.ndarray, keys: list[tuple[int, int]], out: np.ndarray
+) -> None:
+    """Run the 10 rounds on counters given as four uint32 arrays of equal length into ``out`` [n, 4]
+    (``keys`` from :func:`round_keys`); callers keep n near :data:`BLOCK_CHUNK` for cache locality.
 
     Products go into two pairs of uint64 buffers used alternately (a round's low words are the
     next round's inputs); high and low words are read as strided uint32 views, so a round costs
@@ -84,5 +87,5 @@ def philox4x32_10(counter: np.ndarray, key: tuple[int, int]) -> np.ndarray:
     for s in range(0, n, BLOCK_CHUNK):
         e = min(n, s + BLOCK_CHUNK)
         part = ctr[s:e]
-        _rounds(*(np.ascontiguousarray(part[:, j]) for j in range(4)), keys, out[s:e])
+        philox_rounds(*(np.ascontiguousarray(part[:, j]) for j in range(4)), keys, out[s:e])
     return out
