@@ -45,6 +45,8 @@ ALIGN = 256
 WORKERS = max(1, min(4, os.cpu_count() or 1))
 
 _pinned_lock = threading.Lock()
+#: Held by the one load that streams through the shared pinned buffers (loads in other threads wait).
+_staging_lock = threading.Lock()
 _pinned: dict[int, list[torch.Tensor]] = {}
 
 
@@ -95,11 +97,14 @@ class _Stream:
     _cur: int = 0
     _fill: int = 0
     _base: int = 0  # destination offset of the current chunk's first byte
+    _locked: bool = False
 
     def __post_init__(self) -> None:
         self.dest = torch.empty(self.total, dtype=torch.uint8, device=self.device)
         if self.bounce:
             if self.device.type == "cuda":
+                _staging_lock.acquire()
+                self._locked = True
                 self._bufs = pinned_buffers()
             else:  # CPU stand-in so the chunking logic runs in CI
                 self._bufs = [torch.empty(CHUNK, dtype=torch.uint8) for _ in range(2)]
@@ -159,7 +164,16 @@ class _Stream:
             self._flush()
             if self.device.type == "cuda":
                 torch.cuda.current_stream(self.device).synchronize()
+        self.release()
         return self.dest
+
+    def release(self) -> None:
+        """Let other loads use the pinned buffers (after the copies out of them have finished)."""
+        if self._locked:
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+            self._locked = False
+            _staging_lock.release()
 
     def view(self, offset: int, b: BlobEntry) -> torch.Tensor:
         """Blob ``b`` at ``offset`` of the destination, typed and shaped."""
@@ -214,15 +228,19 @@ def stage(
         offsets: dict[int, int] = {}
         if raw_stream is not None:
             mv = memoryview(reader._mm)
-            for i in raw:
-                b = blobs[i]
-                start = reader.data_start + b.offset
-                src = mv[start : start + b.length]
-                if verify:
-                    _check(reader.path, i, src, b)
-                offsets[i] = raw_stream.put(src)
-            del src, mv
-            raw_stream.finish()
+            try:
+                for i in raw:
+                    b = blobs[i]
+                    start = reader.data_start + b.offset
+                    src = mv[start : start + b.length]
+                    if verify:
+                        _check(reader.path, i, src, b)
+                    offsets[i] = raw_stream.put(src)
+                    del src
+                raw_stream.finish()
+            finally:
+                raw_stream.release()
+                del mv
             for i in raw:
                 out[i] = raw_stream.view(offsets[i], blobs[i])
         decoded = {i: (futures[i].result() if i in futures else reader.read_blob(i)) for i in packed}
@@ -234,8 +252,11 @@ def stage(
             out.update({i: tensor(arr) for i, arr in decoded.items()})  # adopts the fresh writable buffer
         else:
             s = _Stream(device, sum(_align(blobs[i].length) for i in decoded), bounce)
-            offs = {i: s.put(arr) for i, arr in decoded.items()}
-            s.finish()
+            try:
+                offs = {i: s.put(arr) for i, arr in decoded.items()}
+                s.finish()
+            finally:
+                s.release()
             out.update({i: s.view(offs[i], blobs[i]) for i in decoded})
     return {i: out[i] for i in want}
 
