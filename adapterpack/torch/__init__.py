@@ -1,4 +1,4 @@
-"""Adapters as torch tensors: ``load`` LoRA factors onto a device, ``materialize`` ΔW.
+"""Adapters as torch tensors: ``load`` LoRA factors onto a device, ``materialize`` ΔW, ``apply`` / ``unapply`` to a model.
 
 This is the only place the library imports torch (install the ``torch`` extra). Any input
 :func:`adapterpack.open` accepts works: ``.apack`` files, PEFT folders, kohya files.
@@ -11,7 +11,9 @@ Memory (what a returned tensor shares, and why that is safe):
   any mmap, truncating the file while the tensors live crashes the process on access
   (SIGBUS); replacing it atomically (adapterpack's writers do) is safe.
 - compressed blobs (zstd, byteplanes): decoded into a fresh buffer that the tensor owns.
-- a device other than the CPU, or a dtype change: a new tensor on the device.
+- a device other than the CPU (or ``zero_copy=False``): all raw blobs of one load in ONE buffer on
+  the device, filled through two reused pinned host buffers (a few large copies, not one per
+  tensor; :mod:`adapterpack.torch.staging`); tensors are views of it. A dtype change: cast there.
 - an :class:`~adapterpack.Adapter` passed in: writable numpy arrays are adopted like
   ``torch.from_numpy`` (shared on the CPU), read-only ones are copied.
 """
