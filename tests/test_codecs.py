@@ -303,3 +303,17 @@ def test_byteplanes_fallback_for_one_byte_items_uses_zstds_default_level() -> No
     """Level None means each codec's own default: zstd's 3 for the fallback, not byteplanes' 1."""
     assert encode_blob(np.zeros(4096, np.int8), "byteplanes")[1] == {"id": "zstd", "level": 3}
     assert encode_blob(np.zeros(4096, np.float32), "byteplanes")[1] == {"id": "byteplanes", "level": 1}
+
+
+def test_reused_compressor_writes_the_bytes_a_fresh_one_writes() -> None:
+    """zstd.compress keeps one ZstdCompressor per level and thread; reuse must not change a byte."""
+    import zstandard
+
+    from adapterpack.codecs import zstd as zstd_codec
+
+    rng = np.random.default_rng(5)
+    for n in (7, 5000, 300_000, 5000):
+        data = rng.integers(0, 50, n).astype(np.float32).tobytes()
+        for level in (1, 3):
+            fresh = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+            assert zstd_codec.compress(data, level) == fresh

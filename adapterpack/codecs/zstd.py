@@ -7,6 +7,7 @@ index before any output buffer exists, and decoding streams into that buffer.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import zstandard
@@ -21,9 +22,20 @@ MAX_RATIO = 32768
 DEFAULT_LEVEL = 3
 
 
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """One compressor per level and thread: creating one costs about as much as compressing a small blob."""
+    cache = _local.__dict__.setdefault("by_level", {})
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cache[level]
+
+
 def compress(data: memoryview | bytes, level: int) -> bytes:
-    """One frame that declares its content size."""
-    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(data)
+    """One frame that declares its content size (the same bytes as a fresh compressor writes)."""
+    return _compressor(level).compress(data)
 
 
 def frame_length(frame: memoryview, has_checksum: bool, content_size: int, what: str = "zstd frame") -> int:
