@@ -201,3 +201,18 @@ def test_torch_generator_matches_on_a_record_basis() -> None:
     want = basis(3, 1, 0, 0, 5, 20)
     assert torch.equal(nola_rng.basis(3, 1, 0, 0, 5, 20), torch.from_numpy(want))
     assert m.params["k_A"] == want.shape[0]
+
+
+def test_decoding_memory_stays_within_the_budget() -> None:
+    """k = 256 bases of 16×1024 would be 16 MiB of float32 at once; with a 1 MiB budget the peak
+    of numpy allocations stays a few MiB (the budget, the generator's chunk, the factors)."""
+    import tracemalloc
+
+    m = nola_module(out=64, inp=1024, r=16, k_a=256, k_b=8)
+    tracemalloc.start()
+    try:
+        decode_many([m], budget=1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak
