@@ -172,8 +172,10 @@ def chunk_pass(sources: Sequence[Source], kind: str, state: dict[str, Any], weig
     return acc
 
 
-def chunk_members(sources: Sequence[Source], state: dict[str, Any], form: str, dtype: str) -> list[dict[str, Any]]:
-    """Per adapter: Σᵢ (rounded to ``dtype``) and exact errors against the stored bases, per module."""
+def chunk_members(sources: Sequence[Source], state: dict[str, Any], form: str, dtype: str,
+                  keep_raw: bool = False) -> list[dict[str, Any]]:
+    """Per adapter: Σᵢ (rounded to ``dtype``) and exact errors against the stored bases, per module
+    (and the unrounded float64 Σᵢ as ``raw`` when ``keep_raw``: rank choice needs it, the bank does not)."""
     from .. import dtypes
 
     np_dt = dtypes.by_name(dtype).numpy
@@ -190,7 +192,7 @@ def chunk_members(sources: Sequence[Source], state: dict[str, Any], form: str, d
                 raw = diag_sigma(f, U, V, (U.T @ U) * (V.T @ V))[0]
             stored = raw.astype(np_dt)
             err = sq_error(f, U, V, stored.astype(np.float64), norm2)
-            mods[mod] = {"S": stored, "raw": raw, "norm2": norm2, "sq_error": err}
+            mods[mod] = {"S": stored, "norm2": norm2, "sq_error": err} | ({"raw": raw} if keep_raw else {})
         out.append({"name": src.name, "modules": mods})
     return out
 
@@ -365,7 +367,7 @@ def _solve_right(num: np.ndarray, gram: np.ndarray) -> np.ndarray:
 
 
 def members(fits: dict[str, ModuleFit], sources: Sequence[Source], executor: Any, opts: FitOptions,
-            dtype: str) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[dict[str, Any]]]:
+            dtype: str, keep_raw: bool = False) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[dict[str, Any]]]:
     """Final pass: bases rounded to ``dtype``, then every adapter's Σᵢ and exact errors against them."""
     from .. import dtypes
 
@@ -373,7 +375,8 @@ def members(fits: dict[str, ModuleFit], sources: Sequence[Source], executor: Any
     stored = {k: (f.U.astype(np_dt), f.V.astype(np_dt)) for k, f in fits.items()}
     state = {k: (u.astype(np.float64), v.astype(np.float64)) for k, (u, v) in stored.items()}
     out: list[dict[str, Any]] = []
-    for part in executor.map_ordered(chunk_members, _chunks(sources, opts.chunk), state=state, form=opts.form, dtype=dtype):
+    for part in executor.map_ordered(chunk_members, _chunks(sources, opts.chunk), state=state, form=opts.form, dtype=dtype,
+                                     keep_raw=keep_raw):
         out.extend(part)
     return stored, out
 
@@ -535,7 +538,7 @@ def fit_bank(shapes: Sequence[ModuleShape], sources: Sequence[Source], *, rank: 
     fits = initial_bases(shapes, ranks, sources, executor, opts)
     iterate(fits, sources, executor, opts, progress=progress)
     if target_error is not None or budget is not None:
-        _, rows = members(fits, sources, executor, opts, "float64")
+        _, rows = members(fits, sources, executor, opts, "float64", keep_raw=True)
         curves = {sh.name: error_curves(fits[sh.name], rows, opts.form, opts.weights) for sh in shapes}
         chosen = choose_ranks(curves, shapes, len(sources), opts.form, dtypes.by_name(dtype).itemsize, target_error, budget)
         for sh in shapes:
