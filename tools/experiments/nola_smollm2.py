@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nola-lr", type=float, default=5e-3)
     ap.add_argument("--nola-rank", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-base", action="store_true", help="skip the base model's evaluation (another run has it)")
     ap.add_argument("--heldout-blocks", type=int, default=61, help="evaluate on the first N held-out blocks (61: all)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -128,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
         dump.write_text(json.dumps(results, indent=2) + "\n")
         print(json.dumps(entry), flush=True)
 
-    results["base_heldout_ppl"] = heldout_ppl(None, heldout)
-    dump.write_text(json.dumps(results, indent=2) + "\n")
-    print("base", results["base_heldout_ppl"], flush=True)
+    if not args.no_base:
+        results["base_heldout_ppl"] = heldout_ppl(None, heldout)
+        dump.write_text(json.dumps(results, indent=2) + "\n")
+        print("base", results["base_heldout_ppl"], flush=True)
     ks = [int(x) for x in args.ks.split(",") if x]
     ranks = [int(x) for x in args.ranks.split(",") if x]
     plan = [("nola", ks[0])] + [("lora", r) for r in ranks[:1]] + [("nola", k) for k in ks[1:]] + [("lora", r) for r in ranks[1:]]
