@@ -21,23 +21,33 @@ _SPLIT = [(m & 0xFFFF, m >> 16) for m in (M0, M1)]
 _VERIFIED: set[str] = set()
 
 
-def _mulhilo(x: torch.Tensor, which: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _mulhilo(x: torch.Tensor, which: int, t1: torch.Tensor, t2: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor) -> None:
+    """High and low words of ``M_which · x`` into ``hi`` and ``lo`` (t1, t2: scratch), no overflow."""
     lo_m, hi_m = _SPLIT[which]
-    t1 = x * lo_m
-    t2 = x * hi_m
-    hi = (t2 + (t1 >> 16)) >> 16
-    lo = (t1 + ((t2 & 0xFFFF) << 16)) & MASK
-    return hi, lo
+    torch.mul(x, lo_m, out=t1)  # < 2^48
+    torch.mul(x, hi_m, out=t2)  # < 2^48
+    torch.bitwise_and(t2, 0xFFFF, out=lo)
+    lo.bitwise_left_shift_(16).add_(t1).bitwise_and_(MASK)
+    t1.bitwise_right_shift_(16)
+    torch.add(t2, t1, out=hi).bitwise_right_shift_(16)
 
 
 def philox4x32_10(c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
     """Philox4x32-10 of counters given as four int64 tensors of words in [0, 2^32) (broadcastable);
-    returns int64 ``[n, 4]`` on their device."""
-    a0, a1, a2, a3 = torch.broadcast_tensors(c0, c1, c2, c3)
-    for k0, k1 in round_keys(key):
-        hi0, lo0 = _mulhilo(a0, 0)
-        hi1, lo1 = _mulhilo(a2, 1)
-        a0, a1, a2, a3 = hi1 ^ a1 ^ k0, lo1, hi0 ^ a3 ^ k1, lo0
+    returns int64 ``[n, 4]`` on their device. In-place ops on preallocated buffers (a round's low
+    words feed the next round, so two sets alternate)."""
+    a0, a1, a2, a3 = (t.reshape(-1) for t in torch.broadcast_tensors(c0, c1, c2, c3))
+    n, dev = a0.shape[0], a0.device
+    buf = [torch.empty(n, dtype=torch.int64, device=dev) for _ in range(10)]
+    t1, t2, hi0, hi1, x0, x2 = buf[:6]
+    lows = ((buf[6], buf[7]), (buf[8], buf[9]))
+    for r, (k0, k1) in enumerate(round_keys(key)):
+        lo0, lo1 = lows[r & 1]
+        _mulhilo(a0, 0, t1, t2, hi0, lo0)
+        _mulhilo(a2, 1, t1, t2, hi1, lo1)
+        torch.bitwise_xor(hi1, a1, out=x0).bitwise_xor_(k0)  # a0 and a2 were read by the multiplies above
+        torch.bitwise_xor(hi0, a3, out=x2).bitwise_xor_(k1)
+        a0, a1, a2, a3 = x0, lo1, x2, lo0
     return torch.stack((a0, a1, a2, a3), dim=-1)
 
 
