@@ -195,3 +195,11 @@ def test_svd_decoder_refuses_unsorted_singular_values() -> None:
     )
     with pytest.raises(RecordError, match="descending"):
         decoders.decode(m, torch.device("cpu"), None)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA (CI); GPU runs load there")
+def test_cuda_without_cuda_is_an_adapterpack_error(tmp_path: Path) -> None:
+    path = tmp_path / "a.apack"
+    adapterpack.save(_adapter(np.float32), path)
+    with pytest.raises(ConversionError, match="not available"):
+        apt.load(path, "cuda")

@@ -69,11 +69,16 @@ def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def torch_device(device: torch.device | str | int) -> torch.device:
-    """``torch.device(device)``, with a bad name reported as an adapterpack error."""
+    """``torch.device(device)``, with a bad name, or a CUDA device this process cannot use, reported as an adapterpack error."""
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ConversionError(f"bad device {device!r}: {e}") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index is not None and dev.index >= n):
+            raise ConversionError(f"device {str(dev)!r} is not available here ({n} CUDA device(s))")
+    return dev
 
 
 def place(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
