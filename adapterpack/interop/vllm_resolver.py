@@ -123,8 +123,9 @@ class ApackResolver:
             return dest
 
     def lora_int_id(self, lora_name: str, path: Path) -> int:
-        """A positive id vLLM can use, stable for one file content (from its hash)."""
-        return 1 + int(path.name.rsplit("-", 1)[-1][:7], 16)
+        """A positive id vLLM can use, stable for one file content: 60 bits of its hash (vLLM keys loaded
+        adapters by this id, so two contents must not share one; vLLM's own resolver uses 63-bit ids)."""
+        return 1 + int(path.name.rsplit("-", 1)[-1][:15], 16)
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
         """vLLM's resolver hook: a request for the cached folder, or None (not found, other base model, unreadable)."""
