@@ -63,7 +63,7 @@ class Lora(Encoding):
         if not _finite_number(alpha):
             raise RecordError(f"{where}: alpha must be a finite number, got {alpha!r}")
         layout = p.get("layout", "linear")
-        if layout not in LAYOUTS:
+        if not isinstance(layout, str) or layout not in LAYOUTS:
             raise RecordError(f"{where}: layout must be one of {LAYOUTS}, got {layout!r}")
         fifo = _bool(p, "fan_in_fan_out", where)
         _bool(p, "rslora", where)

@@ -75,9 +75,9 @@ def nola_shape(module: Module) -> NolaShape:
     where = f"module {module.name!r}"
     p = module.params
     gen, ver = p.get("generator"), p.get("generator_version")
-    if gen != GENERATOR_ID:
+    if not isinstance(gen, str) or gen != GENERATOR_ID:
         raise GeneratorError(f"{where}: unknown basis generator {gen!r} (this reader implements {GENERATOR_ID!r})")
-    if ver != GENERATOR_VERSION or isinstance(ver, bool):
+    if not isinstance(ver, int) or isinstance(ver, bool) or ver != GENERATOR_VERSION:
         raise GeneratorError(f"{where}: unknown version {ver!r} of generator {gen!r} (this reader implements {GENERATOR_VERSION})")
     seed = _int(p, "seed", 0, MAX_SEED, where)
     stream = _int(p, "stream", 0, MAX_U32, where)
@@ -89,7 +89,7 @@ def nola_shape(module: Module) -> NolaShape:
     fixed = {}
     for slot in ("A0", "B0"):
         fixed[slot] = p.get(slot, DEFAULTS[slot])
-        if fixed[slot] not in FIXED:
+        if not isinstance(fixed[slot], str) or fixed[slot] not in FIXED:
             raise RecordError(f"{where}: param {slot!r} must be one of {FIXED}, got {fixed[slot]!r}")
     fifo = _bool(p, "fan_in_fan_out", where)
     allowed = {"alpha", "beta"} | {s for s in ("A0", "B0") if fixed[s] == "stored"}

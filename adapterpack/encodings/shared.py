@@ -48,10 +48,10 @@ class Shared(Encoding):
         if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
             raise RankError(f"{where}: rank must be an integer >= 1, got {rank!r}")
         form = p.get("form")
-        if form not in FORMS:
+        if not isinstance(form, str) or form not in FORMS:
             raise RecordError(f"{where}: form must be one of {FORMS}, got {form!r}")
         layout = p.get("layout", "linear")
-        if layout not in LAYOUTS:
+        if not isinstance(layout, str) or layout not in LAYOUTS:
             raise RecordError(f"{where}: layout must be one of {LAYOUTS}, got {layout!r}")
         fifo = p.get("fan_in_fan_out", False)
         if not isinstance(fifo, (bool, np.bool_)) or (fifo and layout != "linear"):

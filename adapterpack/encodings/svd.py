@@ -54,7 +54,7 @@ class Svd(Encoding):
         if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 0:
             raise RankError(f"{where}: rank must be an integer >= 0, got {rank!r}")
         layout = p.get("layout", "linear")
-        if layout not in LAYOUTS:
+        if not isinstance(layout, str) or layout not in LAYOUTS:
             raise RecordError(f"{where}: layout must be one of {LAYOUTS}, got {layout!r}")
         fifo = _bool(p, "fan_in_fan_out", where)
         if fifo and layout != "linear":
