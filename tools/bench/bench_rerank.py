@@ -248,7 +248,17 @@ def inprocess_io(src: Path, work: Path, rank: int, repeats: int) -> dict[str, An
         "convert (read+write)": lambda: convert(src, work / "ip_copy.safetensors", to="kohya", force=True),
     }
     t = interleaved(fns, repeats=repeats)
-    return {n: sorted(v) for n, v in t.items()}
+    return {**{n: sorted(v) for n, v in t.items()}, "input_bytes": src.stat().st_size}
+
+
+def inprocess_child(src: Path, rank: int, repeats: int) -> dict[str, Any]:
+    """:func:`inprocess_io` in a fresh one-thread process (BLAS threads fighting a loaded machine distort it)."""
+    cmd = [sys.executable, "-m", "tools.bench.bench_rerank", "--inprocess", str(src)]
+    cmd += ["--rank", str(rank), "--repeats", str(repeats)]
+    proc = subprocess.run(cmd, env=_env([REPO]), cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"in-process timing failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def report(results: list[dict[str, Any]], io: dict[str, dict[str, Any]], m: dict[str, Any], cmdline: str) -> str:
@@ -268,15 +278,18 @@ def report(results: list[dict[str, Any]], io: dict[str, dict[str, Any]], m: dict
                 f"{ratio_w:.1f}×" if ratio_w else "—", f"{ratio_c:.1f}×" if ratio_c else "—",
                 f"{e['max_abs_err']:.1e}" if e else "—",
             ])
-    lines.append(markdown_table(
-        ["input", "process", "wall s (median)", "CPU s (median)", "kohya wall ÷ this", "kohya CPU ÷ this",
-         "max |retained − optimal|"],
-        rows, "llrrrrr"))
+    if rows:
+        lines.append(markdown_table(
+            ["input", "process", "wall s (median)", "CPU s (median)", "kohya wall ÷ this", "kohya CPU ÷ this",
+             "max |retained − optimal|"],
+            rows, "llrrrrr"))
     lines.append("")
     for label, t in io.items():
         r, c = median(t["rerank_file --rank"]), median(t["convert (read+write)"])
-        lines.append(f"In-process, {label}: rerank_file {r * 1e3:.0f} ms vs convert (read+write of the same file) "
-                     f"{c * 1e3:.0f} ms: re-ranking runs at {c / r:.0%} of plain read+write speed.")
+        mb = t["input_bytes"] / 1e6
+        lines.append(f"In-process, one thread, {label} ({mb:.1f} MB): rerank_file {r * 1e3:.0f} ms ({mb / r:.0f} MB/s) vs "
+                     f"convert, a plain read+write of the same file, {c * 1e3:.0f} ms ({mb / c:.0f} MB/s): "
+                     f"re-ranking runs at {c / r:.0%} of read+write speed.")
     return "\n".join(lines)
 
 
@@ -292,7 +305,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="a kohya-ss/sd-scripts git dir to copy resize_lora.py from (to $ADAPTERPACK_KOHYA_DIR or /tmp/kohya)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--markdown", help="write the markdown table here")
+    ap.add_argument("--inprocess", type=Path, help=argparse.SUPPRESS)  # child mode of inprocess_child
+    ap.add_argument("--only-inprocess", action="store_true",
+                    help="only rerank vs convert in-process (no kohya, no processes timed)")
     args = ap.parse_args(argv)
+    if args.inprocess:
+        with tempfile.TemporaryDirectory(prefix="bench_rerank_ip.") as tmp:
+            print(json.dumps(inprocess_io(args.inprocess, Path(tmp), args.rank, args.repeats)))
+        return 0
     if args.kohya_git:
         extract_kohya(args.kohya_git)
     kohya = (kohya_dir() / KOHYA_SCRIPT).is_file()
@@ -303,12 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_rerank.") as tmp:
         work = Path(tmp)
         real = real_input(work)
-        results.append(bench_pair("real SmolLM2 r=64", real, work, args.rank, args.repeats, kohya))
-        io["real SmolLM2 r=64"] = inprocess_io(real, work, args.rank, max(args.repeats, 3))
+        if not args.only_inprocess:
+            results.append(bench_pair("real SmolLM2 r=64", real, work, args.rank, args.repeats, kohya))
+        io["real SmolLM2 r=64"] = inprocess_child(real, args.rank, max(args.repeats, 5))
         if args.synthetic_modules:
             syn = synthetic_input(work, args.synthetic_modules)
-            results.append(bench_pair("SYNTHETIC 4096² r=64", syn, work, args.rank, args.synthetic_repeats, kohya))
-            io["SYNTHETIC 4096² r=64"] = inprocess_io(syn, work, args.rank, 3)
+            if not args.only_inprocess:
+                results.append(bench_pair("SYNTHETIC 4096² r=64", syn, work, args.rank, args.synthetic_repeats, kohya))
+            io["SYNTHETIC 4096² r=64"] = inprocess_child(syn, args.rank, max(args.repeats, 5))
     m = machine()
     cmdline = "python -m tools.bench.bench_rerank " + " ".join(argv if argv is not None else sys.argv[1:])
     md = report(results, io, m, cmdline)

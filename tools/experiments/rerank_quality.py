@@ -70,6 +70,32 @@ def reranked(adapter: Adapter, label: str, kind: str, policy: RerankPolicy) -> V
     return Variant(label, kind, out, b, ranks)
 
 
+def activation_weighted(adapter: Adapter, moments: dict[str, np.ndarray], budget: int, min_rank: int, label: str) -> Variant:
+    """EXPERIMENT ONLY (not a library option): the budget DP on output-space energy instead of ‖ΔW‖².
+
+    Cutting ΔW's SVD after rank j changes a layer's output by (ΔW − ΔW_j)·x; over inputs with second
+    moment C = E[x xᵀ] that costs Σ_{l>j} σ_l² · v_lᵀ C v_l (the u_l are orthonormal, so no cross
+    terms). Those per-component values replace σ_l² in the same exact knapsack; the truncation itself
+    is unchanged. C comes from calibration blocks of the train split, not the held-out ones.
+    """
+    from adapterpack.encodings.lower import at_rank
+    from adapterpack.linalg import allocate
+    from adapterpack.rerank import module_spectrum
+
+    items = []
+    for m in adapter:
+        sp, f = module_spectrum(m)
+        k = int(np.count_nonzero(sp.S > 0))
+        c = moments[m.name]
+        vt = sp.Vt[:k]
+        gain = sp.S[:k] ** 2 * np.einsum("ij,jk,ik->i", vt, c, vt)
+        items.append(allocate.Item(m.name, gain, (f.A.shape[1] + f.B.shape[0]) * 4, allocate.choices_for(k, min_rank=min_rank)))
+    ranks = allocate.budget_dp(items, budget, "absolute")
+    out = Adapter(name=adapter.name, modules={m.name: at_rank(m, ranks[m.name]) for m in adapter})
+    b, got = factor_bytes(out)
+    return Variant(label, "activation", out, b, got, note="experiment only: calibration inputs")
+
+
 # --- kohya sv_fro ------------------------------------------------------------------------------------
 
 
@@ -201,6 +227,38 @@ class Evaluator:
             count += ids[:, 1:].numel()
         return {"ppl": math.exp(nll / count), "kl": kl / count, "top1": agree / count}
 
+    def input_moments(self, adapter: Adapter, n_blocks: int = 8, skip_first: bool = False) -> dict[str, np.ndarray]:
+        """E[x xᵀ] of each adapted module's input (float64) over ``n_blocks`` train blocks, full adapter applied
+        (``skip_first``: leave out each block's first position, where LLMs put their massive activations)."""
+        torch = self.torch
+        from tools.fixtures import smollm2
+
+        blocks = smollm2.pydoc_blocks("train", tokenizer=smollm2.load_tokenizer())[:: 97][:n_blocks]
+        sums: dict[str, Any] = {}
+        counts: dict[str, int] = {}
+        hooks = []
+
+        def hook(name: str) -> Any:
+            def fn(_mod: Any, args: tuple[Any, ...]) -> None:
+                x = args[0].detach()
+                x = (x[:, 1:] if skip_first else x).reshape(-1, x.shape[-1]).double()
+                sums[name] = sums.get(name, 0) + x.T @ x
+                counts[name] = counts.get(name, 0) + x.shape[0]
+
+            return fn
+
+        self.apply(adapter)
+        for m in adapter:
+            hooks.append(self.model.get_submodule(m.name).register_forward_pre_hook(hook(m.name)))
+        try:
+            with torch.no_grad():
+                for i in range(0, blocks.shape[0], self.batch):
+                    self.model(input_ids=blocks[i : i + self.batch])
+        finally:
+            for h in hooks:
+                h.remove()
+        return {n: (sums[n] / counts[n]).numpy() for n in sums}
+
     def check_against_peft(self, peft_dir: Path, adapter: Adapter) -> float:
         """Max |logit difference| between W+ΔW and PEFT's own forward on one block (scale check)."""
         torch = self.torch
@@ -231,6 +289,7 @@ def run_adapter(
     work: Path,
     kohya: bool,
     min_rank: int = 0,
+    kinds: tuple[str, ...] = ("base", "uniform", "budget", "kohya"),
 ) -> dict[str, Any]:
     """Every variant of one adapter, measured."""
     from adapterpack.convert import convert
@@ -246,16 +305,25 @@ def run_adapter(
 
     variants: list[Variant] = []
     uniform_bytes: dict[int, int] = {}
+    moments = ev.input_moments(full) if "activation" in kinds else {}
+    moments1 = ev.input_moments(full, skip_first=True) if "activation1" in kinds else {}
     for r in ranks:
         if r >= max_rank:
             continue
         v = reranked(full, f"uniform r={r}", "uniform", RerankPolicy(rank=r, encoding="lora"))
         uniform_bytes[r] = v.factor_bytes
-        variants.append(v)
-        for w in ("absolute", "relative"):
+        if "uniform" in kinds:
+            variants.append(v)
+        if "activation" in kinds:
+            label_ = f"budget = r={r} bytes, activation-weighted"
+            variants.append(activation_weighted(full, moments, v.factor_bytes, min_rank, label_))
+        if "activation1" in kinds:
+            label_ = f"budget = r={r} bytes, activation-weighted, position 0 left out"
+            variants.append(activation_weighted(full, moments1, v.factor_bytes, min_rank, label_))
+        for w in ("absolute", "relative") if "budget" in kinds else ():
             policy = RerankPolicy(budget=v.factor_bytes, weighting=w, encoding="lora", min_rank=min_rank)
             variants.append(reranked(full, f"budget = r={r} bytes, {w}", "budget", policy))
-    if kohya:
+    if kohya and "kohya" in kinds:
         kfile = work / f"{label}.safetensors"
         convert(peft_dir, kfile, to="kohya", force=True)
         for r in kohya_targets:
@@ -283,8 +351,9 @@ def run_adapter(
     ref = ev.set_reference(full)
     rows.append({"label": "full", "kind": "full", "bytes": full_bytes, **ref})
     print(f"   full: ppl {ref['ppl']:.4f} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
-    base = ev.measure(None)
-    rows.append({"label": "base model (no adapter)", "kind": "base", "bytes": 0, **base})
+    if "base" in kinds:
+        base = ev.measure(None)
+        rows.append({"label": "base model (no adapter)", "kind": "base", "bytes": 0, **base})
     for v in variants:
         t0 = time.perf_counter()
         res = ev.measure(v.adapter)
@@ -334,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="uniform ranks whose bytes kohya sv_fro is matched to (default: %(default)s)")
     ap.add_argument("--min-rank", type=int, default=0, help="min_rank of the budget allocations (default: %(default)s)")
     ap.add_argument("--no-kohya", action="store_true", help="skip kohya's sv_fro")
+    ap.add_argument("--kinds", default="base,uniform,budget,kohya",
+                    help="variants to measure: base, uniform, budget, kohya, activation / activation1 (experiment-only weighting "
+                         "by calibration input moments; activation1 leaves out position 0) (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s; the machine is shared)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--markdown", help="write markdown tables here")
@@ -357,7 +429,8 @@ def main(argv: list[str] | None = None) -> int:
                 path, label = example_path(), "bundled-r8-qkvo"
             else:
                 raise SystemExit(f"unknown adapter {name!r} (r64 or example)")
-            results.append(run_adapter(ev, label, path, ranks, kranks, Path(tmp), not args.no_kohya, args.min_rank))
+            kinds = tuple(k for k in args.kinds.split(",") if k)
+            results.append(run_adapter(ev, label, path, ranks, kranks, Path(tmp), not args.no_kohya, args.min_rank, kinds))
     doc = {"blocks": int(ev.blocks.shape[0]), "heldout_blocks": ev.total_blocks, "threads": args.threads,
            "command": "python -m tools.experiments.rerank_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
            "results": results}
