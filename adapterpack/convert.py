@@ -31,7 +31,9 @@ from .interop import Opened, open_adapters
 from .interop.source import notes as source_notes
 from .report import footprint
 
-TARGETS = ("apack", "peft", "kohya")
+TARGETS = ("apack", "peft", "kohya", "gguf")
+#: Serving stacks ``serve_for`` shapes a PEFT export for.
+SERVE_TARGETS = ("vllm",)
 DTYPE_CHOICES = ("keep", "fp32", "fp16", "bf16")
 
 #: ``progress(total_bytes)`` → context manager yielding ``advance(nbytes)`` (the CLI's progress bar).
@@ -194,14 +196,14 @@ def cast_adapter(adapter: Adapter, dtype: str) -> tuple[Adapter, CastReport]:
 def infer_target(dst: str | os.PathLike[str]) -> str:
     """Output format from the destination's name: .apack → apack, .safetensors → kohya, else a PEFT folder."""
     suffix = Path(dst).suffix.lower()
-    return {".apack": "apack", ".safetensors": "kohya"}.get(suffix, "peft")
+    return {".apack": "apack", ".safetensors": "kohya", ".gguf": "gguf"}.get(suffix, "peft")
 
 
 def target_conflict(dst: str | os.PathLike[str], to: str) -> str | None:
     """Why ``to`` contradicts the destination's name (``out.apack`` with ``to="kohya"``), or None."""
     inferred = infer_target(dst)
     if inferred != "peft" and inferred != to:
-        kind = {"apack": "an .apack file", "kohya": "a kohya .safetensors file"}[inferred]
+        kind = {"apack": "an .apack file", "kohya": "a kohya .safetensors file", "gguf": "a llama.cpp .gguf file"}[inferred]
         return f"{Path(dst).name!r} names {kind}, but the output format is {to}"
     return None
 
@@ -254,10 +256,15 @@ def write_adapters(
     level: int | None = None,
     progress: ProgressFactory | None = None,
     drop_tensors: bool = False,
+    serve_for: str | None = None,
+    max_lora_rank: int | None = None,
+    base: str | os.PathLike[str] | None = None,
 ) -> list[str]:
-    """Write ``adapters`` to ``dst`` as ``target`` (PEFT and kohya hold exactly one adapter); the
-    exporter's notes. ``drop_tensors`` leaves out pass-through tensors that PEFT / kohya output
-    cannot carry (refused otherwise)."""
+    """Write ``adapters`` to ``dst`` as ``target`` (PEFT, kohya and gguf hold exactly one adapter); the
+    exporter's notes. ``drop_tensors`` leaves out pass-through tensors that PEFT / kohya / gguf output
+    cannot carry (refused otherwise). ``serve_for="vllm"`` (PEFT output) writes one allowed rank with
+    every module's scale baked into B (:func:`adapterpack.interop.targets.write_vllm`, ``max_lora_rank``);
+    ``base`` (gguf output) is the base model's GGUF file or config.json, for llama.cpp's q/k layout."""
     if target not in TARGETS:
         raise ConversionError(f"unknown output format {target!r} (one of {', '.join(TARGETS)})")
     if target != "apack" and len(adapters) != 1:
@@ -271,6 +278,16 @@ def write_adapters(
         with (progress or _no_progress)(total) as advance:
             write_apack(dst, adapters, codec=codec, level=level, progress=advance)
         return []
+    if target == "gguf":
+        from .interop.gguf import write_gguf
+
+        return write_gguf(adapters[0], dst, base=base, drop_tensors=drop_tensors).notes()
+    if target == "peft" and serve_for == "vllm":
+        from .interop.targets import write_vllm
+
+        return write_vllm(adapters[0], dst, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors).notes()
+    if serve_for is not None:
+        raise ConversionError(f"--target {serve_for} shapes PEFT output only (and {serve_for!r} must be one of {SERVE_TARGETS})")
     if target == "peft":
         from .interop.peft import export_notes, write_peft
 
@@ -326,6 +343,9 @@ def convert(
     progress: ProgressFactory | None = None,
     drop_tensors: bool = False,
     rank: int | None = None,
+    serve_for: str | None = None,
+    max_lora_rank: int | None = None,
+    base: str | os.PathLike[str] | None = None,
 ) -> ConvertResult:
     """Read ``src`` (.apack, PEFT folder, kohya file) and write it to ``dst`` as ``to`` (inferred from
     ``dst`` when None), casting float tensors to ``dtype`` unless ``"keep"``. Lossless otherwise;
@@ -350,7 +370,18 @@ def convert(
         if dtype != "keep":
             pairs = [cast_adapter(a, dtype) for a in adapters]
             adapters, casts = [p[0] for p in pairs], [p[1] for p in pairs]
-        export = write_adapters(adapters, dst, target, codec=codec, level=level, progress=progress, drop_tensors=drop_tensors)
+        export = write_adapters(
+            adapters,
+            dst,
+            target,
+            codec=codec,
+            level=level,
+            progress=progress,
+            drop_tensors=drop_tensors,
+            serve_for=serve_for,
+            max_lora_rank=max_lora_rank,
+            base=base,
+        )
         many = len(adapters) > 1
         notes = [f"{a.name}: {n}" if many else n for a in source.adapters for n in source_notes(a)] + export
         skipped = [f"{a.name}: {s}" if many else s for a in source.adapters for s in a.skipped]

@@ -69,6 +69,18 @@ def result_lines(r: dict[str, Any]) -> list[str]:
     is_flag=True,
     help="PEFT/kohya output: leave out pass-through tensors (e.g. PEFT modules_to_save) the output format cannot carry.",
 )
+@click.option(
+    "--target",
+    "serve_for",
+    type=click.Choice(["vllm"]),
+    help="PEFT output shaped for a serving stack: vllm = one allowed rank (zero-padded), per-module scales baked into B.",
+)
+@click.option(
+    "--max-lora-rank", type=click.IntRange(1), help="--target vllm: the server's --max-lora-rank (higher ranks are re-ranked down)."
+)
+@click.option(
+    "--base", type=click.Path(exists=True, path_type=Path), help="gguf output: the base model's GGUF file or config.json."
+)
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists (a PEFT folder keeps its other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(
@@ -81,6 +93,9 @@ def convert(
     rank: int | None,
     adapter_name: str | None,
     drop_tensors: bool,
+    serve_for: str | None,
+    max_lora_rank: int | None,
+    base: Path | None,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -106,6 +121,9 @@ def convert(
         adapter=adapter_name,
         drop_tensors=drop_tensors,
         rank=rank,
+        serve_for=serve_for,
+        max_lora_rank=max_lora_rank,
+        base=base,
         progress=None if as_json else out.progress_factory("writing"),
     )
     if as_json:
