@@ -5,7 +5,7 @@ Run from the repository root (CPU, a few minutes per run on an idle 2-core machi
 
     nice -n 10 python -m tools.experiments.nola_smollm2 --out /tmp/nola_exp --steps 40 --batch 4
 
-LoRA runs use ``tools/fixtures/train_lora.py`` (PEFT, AdamW lr 1e-3, alpha = 2r); NOLA runs use
+LoRA runs use ``tools/fixtures/train_lora.py`` (PEFT, AdamW at ``--lora-lr``, default 1e-3, alpha = 2r); NOLA runs use
 ``adapterpack.torch.nola`` (rank 8, scale 2, A0 from the seed, shared basis, AdamW on α, β at
 ``--nola-lr``), drawing the same batches (``train_lora._batches`` with the same seed). Every
 adapter is evaluated the same way: applied to a fresh model with ``adapterpack.torch.apply``
@@ -76,17 +76,17 @@ def run_nola(out: Path, k: int, steps: int, batch: int, seed: int, lr: float, ra
     }
 
 
-def run_lora(out: Path, r: int, steps: int, batch: int, seed: int) -> dict[str, Any]:
+def run_lora(out: Path, r: int, steps: int, batch: int, seed: int, lr: float = 1e-3) -> dict[str, Any]:
     """Train PEFT LoRA rank r (alpha 2r) with the fixture; also store it as .apack (raw) for bytes."""
     folder = out / f"lora-r{r}"
-    log = train_lora(folder, TARGETS, r=r, alpha=2.0 * r, steps=steps, seed=seed, batch=batch, evaluate=False)
+    log = train_lora(folder, TARGETS, r=r, alpha=2.0 * r, steps=steps, seed=seed, lr=lr, batch=batch, evaluate=False)
     apack = out / f"lora-r{r}.apack"
     with adapterpack.open(folder) as ad:
         res = adapterpack.save(ad, apack, codec="raw")
     return {
         "kind": "lora",
         "r": r,
-        "lr": 1e-3,
+        "lr": lr,
         "trainable_params": log["trainable_params"],
         "file": str(folder),
         "file_bytes": log["adapter_bytes"],
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ks", default="32,128,512", help="NOLA coefficients per factor, comma-separated")
     ap.add_argument("--ranks", default="1,8", help="LoRA ranks, comma-separated")
     ap.add_argument("--nola-lr", type=float, default=5e-3)
+    ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--nola-rank", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-base", action="store_true", help="skip the base model's evaluation (another run has it)")
@@ -135,12 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         print("base", results["base_heldout_ppl"], flush=True)
     ks = [int(x) for x in args.ks.split(",") if x]
     ranks = [int(x) for x in args.ranks.split(",") if x]
-    plan = [("nola", ks[0])] + [("lora", r) for r in ranks[:1]] + [("nola", k) for k in ks[1:]] + [("lora", r) for r in ranks[1:]]
+    plan = [("nola", k) for k in ks[:1]] + [("lora", r) for r in ranks[:1]]  # the two cheapest first
+    plan += [("nola", k) for k in ks[1:]] + [("lora", r) for r in ranks[1:]]
     for kind, n in plan:
         if kind == "nola":
             record(run_nola(args.out, n, args.steps, args.batch, args.seed, args.nola_lr, args.nola_rank))
         else:
-            record(run_lora(args.out, n, args.steps, args.batch, args.seed))
+            record(run_lora(args.out, n, args.steps, args.batch, args.seed, args.lora_lr))
     return 0
 
 
