@@ -175,5 +175,18 @@ def inspect_path(path: str | os.PathLike[str], adapter: str | None = None, *, sp
             for entry, a in zip(report["adapters"], opened.adapters):
                 entry["spectrum"] = spectrum_report(a)
         report["file"] = apack_file_report(opened.reader) if opened.reader is not None else {"file_size": footprint(path)}
-    report["totals"] = _sum_totals(report["adapters"])
+        totals = _sum_totals(report["adapters"])
+        if opened.reader is not None and adapter is None:
+            totals |= _blob_totals(opened.reader)
+    report["totals"] = totals
     return report
+
+
+def _blob_totals(reader: Any) -> dict[str, Any]:
+    """Bytes and parameters of a whole .apack from its blob table: a blob several records share
+    (a bank's bases, spec/shared.md) counts once, where summing the adapters would count it per member."""
+    blobs = reader.blobs
+    decoded = sum(b.length for b in blobs)
+    stored = sum(b.stored_length for b in blobs)
+    params = sum(_numel(list(b.shape)) for b in blobs)
+    return {"parameters": params, "decoded_bytes": decoded, "stored_bytes": stored, "compression_ratio": ratio(decoded, stored)}

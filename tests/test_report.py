@@ -191,3 +191,26 @@ def test_peft_and_kohya_inputs_refuse_other_adapter_names(tmp_path: Path) -> Non
             adapterpack.open(path, adapter="nope")
         with pytest.raises(AdapterNotFoundError, match="'nope'"):
             convert(path, tmp_path / "x.apack", adapter="nope")
+
+
+def test_bank_totals_count_shared_bases_once(tmp_path: Path) -> None:
+    """A bank's members all reference the same U, V blobs: the file totals count each blob once."""
+    from adapterpack.bank import build_bank
+    from adapterpack.container.reader import ApackReader
+
+    data = Path(__file__).resolve().parent / "data" / "bank_loras.apack"
+    inputs = []
+    for name in ("lora00", "lora01", "lora02"):
+        with adapterpack.open(data, adapter=name) as a:
+            a.name = "default"
+            adapterpack.save(a, tmp_path / f"{name}.apack")
+        inputs.append(tmp_path / f"{name}.apack")
+    bank = tmp_path / "bank.apack"
+    build_bank(bank, inputs, rank=8, max_iter=5)
+    rep = inspect_path(bank)
+    with ApackReader(bank) as reader:
+        blobs = reader.blobs
+        assert rep["totals"]["stored_bytes"] == sum(b.stored_length for b in blobs)
+        assert rep["totals"]["decoded_bytes"] == sum(b.length for b in blobs)
+    per_member = sum(a["totals"]["stored_bytes"] for a in rep["adapters"])
+    assert len(rep["adapters"]) == 3 and per_member > rep["totals"]["stored_bytes"]
