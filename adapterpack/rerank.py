@@ -22,7 +22,7 @@ from . import dtypes
 from .adapter import Adapter, Module
 from .encodings.factors import Factors
 from .encodings.lower import lora_from_factors, main_dtype
-from .encodings.svd import from_spectrum
+from .encodings.svd import from_spectrum, s_dtype_for, singular_values
 from .errors import ConversionError
 from .linalg import allocate
 from .linalg.lowrank import Spectrum, spectrum_of
@@ -163,14 +163,15 @@ def module_spectrum(module: Module) -> tuple[Spectrum, Factors]:
     """The exact SVD of a module's ΔW (read from an svd record, computed from factors otherwise)."""
     f = module.factors()
     if module.encoding == "svd":
-        s = np.asarray(module.array("S"), np.float64)
+        s = singular_values(module)
         return Spectrum(U=np.asarray(module.array("Ut"), np.float64).T, S=s, Vt=np.asarray(module.array("Vt"), np.float64)), f
     return spectrum_of(f, where=f"module {module.name!r}"), f
 
 
 def _cost_per_rank(f: Factors, dtype: str, encoding: str) -> int:
     m, n = f.B.shape[0], f.A.shape[1]
-    return (m + n) * dtypes.by_name(dtype).itemsize + (4 if encoding == "svd" else 0)
+    s_bytes = dtypes.by_name(s_dtype_for(dtype)).itemsize if encoding == "svd" else 0
+    return (m + n) * dtypes.by_name(dtype).itemsize + s_bytes
 
 
 def _rule_rank(policy: RerankPolicy, rule: str, sp: Spectrum) -> int:

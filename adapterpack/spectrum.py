@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .adapter import Adapter, Module, tensor_info
+from .encodings.svd import singular_values
 from .linalg.lowrank import Spectrum, spectrum_of
 
 #: Energy fractions whose ranks are reported (``r90``, ``r95``, ``r99``).
@@ -42,7 +43,7 @@ def module_spectrum(module: Module) -> Spectrum:
     """
     if module.encoding == "svd":
         module.implementation.validate(module)
-        s = np.asarray(module.array("S"), dtype=np.float64)
+        s = singular_values(module)
         (_, ut), (_, vt) = tensor_info(module.tensors["Ut"]), tensor_info(module.tensors["Vt"])
         return _values_only(s, int(ut[1]), int(vt[1]))
     return spectrum_of(module.factors(), where=f"module {module.name!r}")

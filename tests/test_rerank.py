@@ -186,3 +186,16 @@ def test_cli(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "already exists" in r.output
     r = run(main, ["rerank", str(EXAMPLE), str(tmp_path / "b.apack"), "--budget", "10"])
     assert r.exit_code == 1 and "below" in r.output and not (tmp_path / "b.apack").exists()
+
+
+def test_budget_holds_for_float64_output(real: Adapter) -> None:
+    """S is written in float64 next to float64 vectors: the budget charges what is written."""
+    out, report = rerank(real, RerankPolicy(budget_ratio=0.3, dtype="float64"))
+    written = sum(out.module(p.name).decoded_bytes for p in report.modules)
+    assert written == report.total["bytes_after"] <= int(0.3 * report.total["bytes_before"])
+
+
+def test_cli_budget_must_be_finite(tmp_path: Path) -> None:
+    for bad in ("inf", "nan", "-5"):
+        r = CliRunner().invoke(main, ["rerank", str(EXAMPLE), str(tmp_path / "o.apack"), "--budget", bad])
+        assert r.exit_code == 2 and "budget" in r.output, (bad, r.output)

@@ -238,3 +238,25 @@ def test_convert_rank_option(tmp_path: Path, real: Adapter) -> None:
     assert r.exit_code == 0, r.output
     assert read_peft(tmp_path / "r1").module(name).params["rank"] == 1
     assert run(main, ["convert", str(EXAMPLE), str(tmp_path / "x.apack"), "--rank", "-1"]).exit_code == 2
+
+
+def test_open_at_a_rank_keeps_dora_modules() -> None:
+    features = make_vectors.features()
+    cut = {m.name: at_rank(m, 1) for m in features}
+    for m in features:
+        if m.params.get("dora"):
+            assert cut[m.name] is m  # its magnitude needs the base weight: no SVD of its own, kept whole
+        else:
+            assert cut[m.name].params["rank"] == min(1, m.params["rank"])
+
+
+def test_every_reader_of_s_refuses_bad_singular_values() -> None:
+    from adapterpack.rerank import module_spectrum as rerank_spectrum
+    from adapterpack.spectrum import module_spectrum
+
+    good = as_svd(next(iter(make_vectors.basic())), dtype="float32")
+    for s in ([-1.0, 2.0], [1.0, 2.0], [np.nan, 1.0]):
+        bad = Module(good.name, "svd", good.base_shape, dict(good.params), {**good.tensors, "S": np.array(s, np.float32)})
+        for read in (lambda m: m.delta(), module_spectrum, rerank_spectrum):
+            with pytest.raises(RecordError, match="descending"):
+                read(bad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +42,8 @@ def parse_bytes(_ctx: click.Context, _param: click.Parameter, value: str | None)
         n = float(number) * units[text[len(number) :].strip()]
     except (ValueError, KeyError):
         raise click.BadParameter(f"{value!r} is not a size (e.g. 1500000, 1.5MB, 2MiB)") from None
-    if n < 0:
-        raise click.BadParameter("a budget cannot be negative")
+    if not math.isfinite(n) or n < 0:
+        raise click.BadParameter(f"{value!r}: a budget must be a finite number of bytes >= 0")
     return int(n)
 
 
@@ -201,7 +202,7 @@ def rerank(
         weighting=weighting,
         method=method,
         dtype=dtype,
-        encoding="lora" if target in ("peft", "kohya") else encoding,
+        encoding="lora" if target not in (None, "apack") else encoding,  # PEFT, kohya, gguf hold LoRA factors
     )
     result = rerank_file(
         src, None if dry_run else dst, policy, to=target, codec=codec or "byteplanes", force=force, adapter=adapter_name

@@ -88,9 +88,11 @@ def as_svd(module: Module, *, rank: int | None = None, dtype: str | None = None)
 def at_rank(module: Module, rank: int) -> Module:
     """The best rank-``rank`` version of ``module``: a prefix view for ``svd`` records (reads only
     those bytes), an exact SVD truncation (reading the factors) for others; ranks at or below
-    ``rank`` are kept as they are."""
+    ``rank`` and DoRA records are kept as they are."""
     if module.encoding == "svd":
         return module.implementation.truncate(module, rank)
+    if module.encoding == "lora" and module.params.get("dora", False):
+        return module  # DoRA's magnitude needs the base weight: no SVD of its own (kept, as rerank keeps it)
     current = int(module.summary().get("rank", 0))
     if current <= rank:
         return module

@@ -32,6 +32,19 @@ def svd_base_shape(layout: str, fan_in_fan_out: bool, out: int, n: int, base: tu
     return len(base) >= 3 and base[0] == out and math.prod(base[1:]) == n
 
 
+def singular_values(module: Module) -> np.ndarray:
+    """S of an svd record as float64, refused unless finite, >= 0 and descending (spec/svd.md §2)."""
+    s64 = np.asarray(module.array("S")).astype(np.float64)
+    if np.any(~np.isfinite(s64)) or np.any(s64 < 0) or np.any(np.diff(s64) > 0):
+        raise RecordError(f"module {module.name!r}: singular values S must be finite, >= 0 and descending")
+    return s64
+
+
+def s_dtype_for(dtype: str) -> str:
+    """The dtype writers store S in next to vectors of ``dtype``: float64 with float64, else float32."""
+    return "float64" if dtypes.by_name(dtype).name == "float64" else "float32"
+
+
 def _prefix(t: TensorLike, rows: int) -> TensorLike:
     return t.prefix(rows) if isinstance(t, StoredTensor) else t[:rows]
 
@@ -81,14 +94,11 @@ class Svd(Encoding):
         Splitting √S evenly keeps both factors of the same magnitude, which keeps them well
         within fp16/bf16 range when they are exported.
         """
-        s = np.asarray(module.array("S"))
+        s64 = singular_values(module)
         ut = np.asarray(module.array("Ut"))
         vt = np.asarray(module.array("Vt"))
         work = np.float64 if ut.dtype == np.float64 else np.float32
-        s64 = s.astype(np.float64)
-        if np.any(~np.isfinite(s64)) or np.any(s64 < 0) or np.any(np.diff(s64) > 0):
-            raise RecordError(f"module {module.name!r}: singular values S must be finite, >= 0 and descending")
-        root = np.sqrt(s.astype(np.float64)).astype(work)
+        root = np.sqrt(s64).astype(work)
         p = module.params
         layout = p.get("layout", "linear")
         return Factors(
@@ -128,7 +138,7 @@ def from_spectrum(
     row = dtypes.by_name(dtype)
     if not row.is_float:
         raise ConversionError(f"module {name!r}: svd vectors must be a float dtype, not {row.name}")
-    s_dtype = s_dtype or ("float64" if row.name == "float64" else "float32")
+    s_dtype = s_dtype or s_dtype_for(row.name)
     np_dt, s_dt = row.numpy, dtypes.by_name(s_dtype).numpy
     params: dict[str, Any] = {"rank": k}
     if factors.layout != "linear":
