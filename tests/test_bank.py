@@ -316,6 +316,44 @@ def test_bad_input_is_refused_naming_the_mismatch(tmp_path: Path) -> None:
     assert built.read_bytes() == before
 
 
+VECTORS = Path(__file__).resolve().parents[1] / "spec" / "vectors"
+
+
+def crafted_bank(tmp: Path, edit, name: str = "crafted.apack") -> Path:
+    """The spec's shared_full_raw bank vector with its index rewritten by ``edit`` (blobs kept, version 1.1)."""
+    from tools import make_vectors
+
+    out = tmp / name
+    out.write_bytes((VECTORS / "shared_full_raw.apack").read_bytes())
+    make_vectors._craft(out, edit, minor=1)
+    return out
+
+
+def _drop_form(index: dict) -> None:
+    for a in index["adapters"]:
+        for m in a["modules"]:
+            m["params"].pop("form")
+
+
+def test_bank_without_form_is_refused_with_the_record_error(tmp_path: Path) -> None:
+    """Records are validated before their raw params are used: a missing form is a RecordError, not a KeyError."""
+    from click.testing import CliRunner
+
+    from adapterpack.cli import main
+    from adapterpack.errors import RecordError
+
+    assert read_bank(VECTORS / "shared_full_raw.apack").form == "full"  # the untouched vector reads
+    bad = crafted_bank(tmp_path, _drop_form)
+    with pytest.raises(RecordError, match="form must be one of"):
+        read_bank(bad)
+    with pytest.raises(RecordError, match="form must be one of"):
+        bank_listing(bad)
+    r = CliRunner().invoke(main, ["bank", "list", str(bad)])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (r.output, r.exception)  # a handled error, no traceback
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("adapterpack: ") and "form must be one of" in lines[0]
+
+
 def _built(tmp: Path, paths: list[Path]) -> Path:
     out = tmp / "c.apack"
     build_bank(out, paths, rank=4)

@@ -3,6 +3,7 @@ checked against per-adapter LoRA math (float64 references) on the real fixture L
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from adapterpack.errors import BankError
 from adapterpack.torch.bank import TorchBank
 
 DATA = Path(__file__).resolve().parent / "data" / "bank_loras.apack"
+VECTORS = Path(__file__).resolve().parents[1] / "spec" / "vectors"
 NAMES = ["lora00", "lora01", "lora02", "lora03"]
 Q, V = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
 
@@ -36,6 +38,16 @@ def _build(path: Path, **kw: object) -> Path:
         write_apack(src, [a for a in opened.adapters if a.name in NAMES])
     build_bank(path, [src], **kw)
     return path
+
+
+def crafted_bank(tmp: Path, edit: Callable[[dict], None]) -> Path:
+    """The spec's shared_full_raw bank vector with its index rewritten by ``edit`` (blobs kept, version 1.1)."""
+    from tools import make_vectors
+
+    out = tmp / "crafted.apack"
+    out.write_bytes((VECTORS / "shared_full_raw.apack").read_bytes())
+    make_vectors._craft(out, edit, minor=1)
+    return out
 
 
 CASES = [("exact", {"rank": 32}), ("full", {"rank": 8}), ("diagonal", {"rank": 12, "form": "diagonal"})]
@@ -65,6 +77,19 @@ def test_batched_apply_matches_per_adapter_math(tmp_path: Path, kind: str, kw: d
                     np.testing.assert_allclose(y[b].double().numpy(), lora, rtol=0, atol=2e-4 * np.abs(lora).max())
                 np.testing.assert_allclose(tb.materialize(name, module).double().numpy(), bank_delta, rtol=0,
                                            atol=1e-6 * np.abs(bank_delta).max())
+
+
+def test_bank_without_form_is_refused_with_the_record_error(tmp_path: Path) -> None:
+    """TorchBank validates every record before using raw params (a missing form: RecordError, not KeyError)."""
+    from adapterpack.errors import RecordError
+
+    def drop_form(index: dict) -> None:
+        for a in index["adapters"]:
+            for m in a["modules"]:
+                m["params"].pop("form")
+
+    with pytest.raises(RecordError, match="form must be one of"):
+        TorchBank(crafted_bank(tmp_path, drop_form))
 
 
 def test_use_reads_only_the_named_adapters_and_refuses_unknown_ones(tmp_path: Path) -> None:

@@ -155,6 +155,8 @@ def read_bank(path: str | os.PathLike[str]) -> Bank:
     from ..container.reader import ApackReader
 
     with ApackReader(Path(path)) as reader:
+        for raw in reader.index.adapters:  # every record through the reader's own checks before any raw param is used
+            reader.adapter(raw["name"])
         modules: dict[str, BankModule] = {}
         refs: dict[str, tuple[int, int]] = {}
         members = []
@@ -178,8 +180,6 @@ def read_bank(path: str | os.PathLike[str]) -> Bank:
         forms = {m.form for m in modules.values()}
         if len(forms) > 1:
             raise BankError(f"{path}: mixes forms {sorted(forms)}")
-        for raw in reader.index.adapters:  # validate every record as the reader would
-            reader.adapter(raw["name"])
     return Bank(modules, members)
 
 

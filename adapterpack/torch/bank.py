@@ -39,6 +39,8 @@ class TorchBank:
         self.form: dict[str, str] = {}
         self.base_shape: dict[str, tuple[int, ...]] = {}
         self._transposed: dict[str, bool] = {}
+        for n in self.names:  # every record through the reader's own checks (index only; no blob is read) before raw params
+            self._reader.adapter(n)
         for raw in self._reader.index.adapters:
             recs = {}
             for m in raw["modules"]:
@@ -53,8 +55,6 @@ class TorchBank:
                     self.base_shape[m["name"]] = tuple(m["base_shape"])
                     self._transposed[m["name"]] = p.get("layout", "linear") == "embedding" or bool(p.get("fan_in_fan_out", False))
             self._records[raw["name"]] = recs
-        for n in self.names:  # every record through the reader's own checks (index only; no blob is read)
-            self._reader.adapter(n)
         self.active: list[str] = []
         self._S: dict[str, torch.Tensor] = {}
 
