@@ -154,7 +154,7 @@ def kohya_variant(src_kohya: Path, work: Path, threshold: float, cap: int, label
 class Evaluator:
     """The base model with swappable ΔW, the held-out blocks and the full adapter's log-probs."""
 
-    def __init__(self, n_blocks: int, batch: int = 8) -> None:
+    def __init__(self, n_blocks: int, batch: int = 8, first: int = 0) -> None:
         import torch
 
         from tools.fixtures import smollm2
@@ -163,7 +163,8 @@ class Evaluator:
         tok = smollm2.load_tokenizer()
         blocks = smollm2.pydoc_blocks("heldout", tokenizer=tok)
         self.total_blocks = int(blocks.shape[0])
-        self.blocks = blocks[:n_blocks]
+        self.blocks = blocks[first : first + n_blocks]
+        self.first = first
         self.batch = batch
         self.model = smollm2.load_model()
         self.base: dict[str, Any] = {}
@@ -398,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapters", default="r64,example",
                     help="comma list of r64 (cached fixture) and example (default: %(default)s)")
     ap.add_argument("--blocks", type=int, default=32, help="held-out blocks to evaluate (of 61; default %(default)s)")
+    ap.add_argument("--first-block", type=int, default=0, help="index of the first held-out block used (default: %(default)s)")
     ap.add_argument("--ranks", default="8,4,2,1", help="uniform ranks (default: %(default)s)")
     ap.add_argument("--kohya-ranks", default="8,4,2",
                     help="uniform ranks whose bytes kohya sv_fro is matched to (default: %(default)s)")
@@ -416,8 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     ranks = [int(x) for x in args.ranks.split(",") if x]
     kranks = [int(x) for x in args.kohya_ranks.split(",") if x]
-    ev = Evaluator(args.blocks)
-    print(f"{ev.blocks.shape[0]} of {ev.total_blocks} held-out blocks", file=sys.stderr)
+    ev = Evaluator(args.blocks, first=args.first_block)
+    print(f"{ev.blocks.shape[0]} of {ev.total_blocks} held-out blocks, from block {args.first_block}", file=sys.stderr)
     results = []
     with tempfile.TemporaryDirectory(prefix="rerank_quality.") as tmp:
         for name in [a for a in args.adapters.split(",") if a]:
@@ -431,7 +433,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"unknown adapter {name!r} (r64 or example)")
             kinds = tuple(k for k in args.kinds.split(",") if k)
             results.append(run_adapter(ev, label, path, ranks, kranks, Path(tmp), not args.no_kohya, args.min_rank, kinds))
-    doc = {"blocks": int(ev.blocks.shape[0]), "heldout_blocks": ev.total_blocks, "threads": args.threads,
+    doc = {"blocks": int(ev.blocks.shape[0]), "first_block": args.first_block, "heldout_blocks": ev.total_blocks,
+           "threads": args.threads,
            "command": "python -m tools.experiments.rerank_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
            "results": results}
     if args.json:
