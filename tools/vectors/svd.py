@@ -55,6 +55,16 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
         )
     from tools.make_vectors import _craft
 
+    increasing = adapter()
+    q = increasing.modules["model.layers.0.self_attn.q_proj"]
+    q.tensors["S"] = q.tensors["S"][::-1].copy()
+    refused(
+        "svd_s_increasing",
+        "an svd record whose singular values increase (readers must refuse S when they read it)",
+        [increasing],
+        "RecordError",
+        lambda p: None,
+    )
     refused(
         "svd_rank_mismatch",
         "an svd record whose rank (5) is not its tensors' first dimension (4)",
