@@ -92,6 +92,39 @@ def test_bank_without_form_is_refused_with_the_record_error(tmp_path: Path) -> N
         TorchBank(crafted_bank(tmp_path, drop_form))
 
 
+def _unshared(index: dict) -> None:
+    """Adapter 'de' gets valid shared records whose U, V are not the bank's: its q_proj uses v_proj's blobs
+    (shape [4, 12]) and its v_proj uses q_proj's (every blob still referenced)."""
+    q, v = index["adapters"][0]["modules"]
+    index["adapters"][1]["modules"] = [dict(q, name=v["name"], tensors={"U": q["tensors"]["U"], "V": q["tensors"]["V"], "S": 6}),
+                                       dict(v, name=q["name"], tensors=dict(v["tensors"]))]
+
+
+def test_records_not_sharing_the_bases_are_refused_and_the_file_released(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each record is valid alone (the reader opens both adapters), but 'de' does not use the bank's U, V: refused,
+    as read_bank refuses it, and the reader opened by the failed constructor is closed."""
+    import adapterpack.torch.bank as torch_bank
+    from adapterpack.bank import read_bank
+
+    bad = crafted_bank(tmp_path, _unshared)
+    for name in ("en", "de"):
+        with adapterpack.open(bad, adapter=name) as a:
+            assert len(list(a)) == 2
+    with pytest.raises(BankError, match=r"'de' module 'model\.layers\.0\.self_attn\.v_proj' does not share"):
+        read_bank(bad)
+    opened = []
+
+    class Recording(torch_bank.ApackReader):
+        def __init__(self, *a: object, **k: object) -> None:
+            super().__init__(*a, **k)
+            opened.append(self)
+
+    monkeypatch.setattr(torch_bank, "ApackReader", Recording)
+    with pytest.raises(BankError, match=r"'de' module 'model\.layers\.0\.self_attn\.v_proj' does not share the bank's U, V"):
+        TorchBank(bad)
+    assert len(opened) == 1 and opened[0]._mm is None
+
+
 def test_use_reads_only_the_named_adapters_and_refuses_unknown_ones(tmp_path: Path) -> None:
     bank = _build(tmp_path / "b.apack", rank=8)
     with TorchBank(bank) as tb:

@@ -39,24 +39,40 @@ class TorchBank:
         self.form: dict[str, str] = {}
         self.base_shape: dict[str, tuple[int, ...]] = {}
         self._transposed: dict[str, bool] = {}
+        try:
+            self._load()
+        except BaseException:
+            self._reader.close()
+            raise
+        self.active: list[str] = []
+        self._S: dict[str, torch.Tensor] = {}
+
+    def _load(self) -> None:
+        """Check every record, then put each module's U, V on the device once (refusing records that do not share them)."""
         for n in self.names:  # every record through the reader's own checks (index only; no blob is read) before raw params
             self._reader.adapter(n)
+        refs: dict[str, tuple[int, int, str, bool]] = {}
         for raw in self._reader.index.adapters:
             recs = {}
             for m in raw["modules"]:
+                name = m["name"]
                 if m["encoding"] != "shared":
-                    raise BankError(f"{self.path}: adapter {raw['name']!r} module {m['name']!r} is not a shared record")
-                recs[m["name"]] = m
-                if m["name"] not in self.U:
-                    self.U[m["name"]] = tensor(self._reader.read_blob(m["tensors"]["U"]), self.device, dtype)
-                    self.V[m["name"]] = tensor(self._reader.read_blob(m["tensors"]["V"]), self.device, dtype)
-                    p = m["params"]
-                    self.form[m["name"]] = p["form"]
-                    self.base_shape[m["name"]] = tuple(m["base_shape"])
-                    self._transposed[m["name"]] = p.get("layout", "linear") == "embedding" or bool(p.get("fan_in_fan_out", False))
+                    raise BankError(f"{self.path}: adapter {raw['name']!r} module {name!r} is not a shared record")
+                recs[name] = m
+                t, p = m["tensors"], m["params"]
+                transposed = p.get("layout", "linear") == "embedding" or bool(p.get("fan_in_fan_out", False))
+                ref = (t["U"], t["V"], p["form"], transposed)
+                if name not in refs:
+                    refs[name] = ref
+                    self.U[name] = tensor(self._reader.read_blob(t["U"]), self.device, self.dtype)
+                    self.V[name] = tensor(self._reader.read_blob(t["V"]), self.device, self.dtype)
+                    self.form[name] = p["form"]
+                    self.base_shape[name] = tuple(m["base_shape"])
+                    self._transposed[name] = transposed
+                elif refs[name] != ref:
+                    raise BankError(f"{self.path}: adapter {raw['name']!r} module {name!r} does not share the bank's U, V, form "
+                                    "and layout")
             self._records[raw["name"]] = recs
-        self.active: list[str] = []
-        self._S: dict[str, torch.Tensor] = {}
 
     @property
     def modules(self) -> list[str]:
