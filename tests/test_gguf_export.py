@@ -126,6 +126,65 @@ def test_per_module_scales_are_baked_into_b(tmp_path: Path, dtype: str) -> None:
             assert tensors[names[m.name] + ".weight.lora_b"].tobytes() == m.array("B").tobytes()
 
 
+TARGET = {"f16": np.float16, "bf16": ml_dtypes.bfloat16}
+
+
+def _nearest(x: np.ndarray, dtype: type) -> np.ndarray:
+    """float64 ``x`` rounded once to ``dtype`` (nearest, ties to even), by comparing the float64 distances to
+    the three neighbours of a first guess in the 16-bit code space (independent of any library cast)."""
+    guess = x.astype(np.float32).astype(dtype).view(np.uint16).astype(np.int32)
+    cands = np.stack([guess - 1, guess, guess + 1]).astype(np.uint16)
+    vals = cands.view(dtype).astype(np.float64)
+    dist = np.abs(vals - x)
+    best = dist.min(axis=0)
+    tied = (dist == best) & ((cands & 1) == 0)  # among equally near: the even code
+    pick = np.where(tied.any(axis=0), np.argmax(tied, axis=0), np.argmin(dist, axis=0))
+    return np.take_along_axis(cands, pick[None], 0)[0].view(dtype)
+
+
+def _double_rounding_cases(dtype: type, factor: float, n: int) -> np.ndarray:
+    """float32 values b whose float64 product b·factor rounds differently once than through float32."""
+    rng = np.random.default_rng(7)
+    h = rng.standard_normal(4000).astype(dtype)
+    nxt = (h.view(np.uint16) + 1).view(dtype)
+    mid = (h.astype(np.float64) + nxt.astype(np.float64)) / 2
+    b0 = (mid / factor).astype(np.float32).view(np.int32)
+    found = []
+    for k in range(-3, 4):
+        b = (b0 + k).view(np.float32)
+        x = b.astype(np.float64) * factor
+        hit = _nearest(x, dtype).view(np.uint16) != x.astype(np.float32).astype(dtype).view(np.uint16)
+        found.extend(b[hit].tolist())
+    out = np.unique(np.array(found, np.float32))[:n]
+    assert out.size == n
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["f16", "bf16"])
+def test_baked_b_is_rounded_once_from_float64(tmp_path: Path, dtype: str) -> None:
+    """A module whose scale is baked (s·r = 6 against alpha 8: factor 0.75) gets B' = round(B·0.75) straight from
+    float64; the B values are chosen where rounding through float32 first would give a different 16-bit value."""
+    target = TARGET[dtype]
+    rng = np.random.default_rng(3)
+    b = _double_rounding_cases(target, 0.75, 32).reshape(16, 2)
+    mods = {
+        "model.layers.0.self_attn.v_proj": Module("model.layers.0.self_attn.v_proj", "lora", (8, 16), {"rank": 4, "alpha": 8.0},
+                                                  {"A": rng.standard_normal((4, 16)).astype(np.float32),
+                                                   "B": rng.standard_normal((8, 4)).astype(np.float32)}),
+        "model.layers.0.mlp.down_proj": Module("model.layers.0.mlp.down_proj", "lora", (16, 24), {"rank": 2, "alpha": 6.0},
+                                               {"A": rng.standard_normal((2, 24)).astype(np.float32), "B": b}),
+    }
+    ad = Adapter(base_model="tiny/llama", base_architecture="LlamaForCausalLM", modules=mods)
+    res = write_gguf(ad, tmp_path / "r.gguf", dtype=dtype)
+    assert res.baked == ["model.layers.0.mlp.down_proj"] and res.alpha == 8.0
+    got = _read(tmp_path / "r.gguf")[1]["blk.0.ffn_down.weight.lora_b"]
+    product = b.astype(np.float64) * 0.75
+    want = _nearest(product, target)
+    assert got.view(np.uint16).tobytes() == want.view(np.uint16).tobytes()
+    twice = product.astype(np.float32).astype(target)
+    assert np.count_nonzero(twice.view(np.uint16) != want.view(np.uint16)) == 32  # the check bites on every value
+
+
 def test_refusals(tmp_path: Path) -> None:
     out = tmp_path / "x.gguf"
     ad = adapterpack.open(example_path())
