@@ -28,7 +28,6 @@ from ..rng.basis import (
     KIND_A0,
     KIND_B,
     KIND_B0,
-    MAX_ELEMENTS,
     MAX_SEED,
     MAX_U32,
     basis_range,
@@ -70,6 +69,11 @@ class NolaShape:
     transpose: bool
 
 
+#: Largest decoded A plus B a reader accepts (spec/nola.md §1): 4 GiB in float32, far above real adapters
+#: (rank 512 on a 128256×4096 embedding is 2^26), far below what a few-byte record could otherwise demand.
+MAX_FACTOR_ELEMENTS = 1 << 30
+
+
 def nola_shape(module: Module) -> NolaShape:
     """Validate ``module`` from its params and tensor shapes alone (no data read)."""
     where = f"module {module.name!r}"
@@ -101,6 +105,11 @@ def nola_shape(module: Module) -> NolaShape:
     if len(base) != 2:
         raise RecordError(f"{where}: nola needs a 2-D base_shape, got {list(base)}")
     out, inp = (base[1], base[0]) if fifo else base
+    if rank > min(out, inp) or rank * (out + inp) > MAX_FACTOR_ELEMENTS:
+        # nothing in the file backs the decoded size (bases come from the seed): bound it by the weight's shape
+        raise RankError(
+            f"{where}: rank {rank} exceeds min(out, in) = {min(out, inp)} or makes A and B hold more than 2^30 elements"
+        )
     for slot, k in (("alpha", k_a), ("beta", k_b)):
         dt, sh = tensor_info(module.tensors[slot])
         if dt not in FLOATS:
@@ -114,8 +123,6 @@ def nola_shape(module: Module) -> NolaShape:
             dt, sh = tensor_info(module.tensors[slot])
             if dt not in FLOATS or sh != want:
                 raise RecordError(f"{where}: stored {slot} must be a float {list(want)} tensor, got {dt} {list(sh)}")
-    if rank * inp > MAX_ELEMENTS or rank * out > MAX_ELEMENTS:
-        raise RankError(f"{where}: rank {rank} makes a basis matrix larger than the generator's 2^34 elements")
     return NolaShape(out, inp, rank, k_a, k_b, seed, stream, float(p["scale"]), fixed["A0"], fixed["B0"], fifo)
 
 

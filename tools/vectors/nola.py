@@ -153,7 +153,7 @@ def _set_param(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
 
 
 def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
-    """nola_raw and three refusals (unknown generator, unknown version, count mismatch)."""
+    """nola_raw and four refusals (unknown generator, unknown version, count mismatch, rank too large)."""
     readable(
         "nola_raw",
         "nola records: shared basis, generated/zero/stored A0 and B0, fp32/fp16/bf16/fp64 coefficients, fan_in_fan_out, "
@@ -168,5 +168,6 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
         ("nola_unknown_generator", "a nola record naming generator 'mt19937'", "GeneratorError", "generator", "mt19937"),
         ("nola_unknown_generator_version", "a nola record naming generator_version 2", "GeneratorError", "generator_version", 2),
         ("nola_count_mismatch", "a nola record stating k_A = 6 with 5 alpha coefficients", "RecordError", "k_A", 6),
+        ("nola_rank_too_large", "a nola record of rank 2^20 on a small weight", "RankError", "rank", 1 << 20),
     ):
         refused(name, what, [adapter()], error, lambda p, k=key, v=val: _craft(p, _set_param(k, v), minor=1))
