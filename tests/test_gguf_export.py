@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import ml_dtypes
@@ -183,6 +185,39 @@ def test_baked_b_is_rounded_once_from_float64(tmp_path: Path, dtype: str) -> Non
     assert got.view(np.uint16).tobytes() == want.view(np.uint16).tobytes()
     twice = product.astype(np.float32).astype(target)
     assert np.count_nonzero(twice.view(np.uint16) != want.view(np.uint16)) == 32  # the check bites on every value
+
+
+def test_written_like_every_other_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """atomic_file: the mode an .apack gets under umask 022, the folder fsynced, and a write failing half-way
+    leaves the previous file as it was and no temp file."""
+    import adapterpack.atomic
+
+    synced = []
+    real_sync = adapterpack.atomic._fsync_dir
+    monkeypatch.setattr(adapterpack.atomic, "_fsync_dir", lambda d: (synced.append(Path(d)), real_sync(d)))
+    old = os.umask(0o022)
+    try:
+        adapterpack.save(_mixed(), tmp_path / "m.apack")
+        write_gguf(_mixed(), tmp_path / "m.gguf")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "m.gguf").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "m.apack").stat().st_mode) == 0o644
+    assert synced[-1] == tmp_path
+    good = (tmp_path / "m.gguf").read_bytes()
+    assert _read(tmp_path / "m.gguf")[0]["adapter.lora.alpha"] == 8.0
+
+    def failing(self: object, **kw: object) -> None:
+        self.write_ti_data_to_file()  # the tensor table is out, then the disk fills
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", failing)
+    with pytest.raises(OSError, match="No space"):
+        write_gguf(_mixed(), tmp_path / "m.gguf", dtype="f16")
+    with pytest.raises(OSError, match="No space"):
+        write_gguf(_mixed(), tmp_path / "new.gguf")
+    assert (tmp_path / "m.gguf").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.apack", "m.gguf"]
 
 
 def test_refusals(tmp_path: Path) -> None:

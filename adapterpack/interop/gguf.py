@@ -22,12 +22,10 @@ Refused, with the reason: DoRA (llama.cpp has no magnitude vectors), pass-throug
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ import numpy as np
 
 from .. import dtypes
 from ..adapter import Adapter, Module
+from ..atomic import atomic_file
 from ..encodings.lower import as_lora
 from ..errors import ConversionError, InputError
 from .export import DROP_HINT
@@ -273,31 +272,28 @@ def write_gguf(
 
     info = base if isinstance(base, GgufBase) or base is None else base_info(base)
     plan = gguf_tensors(adapter, info, dtype=dtype, drop_tensors=drop_tensors)
+    from gguf.gguf_writer import WriterState
+
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    try:
-        w = gguf.GGUFWriter(tmp, (info or GgufBase()).arch)
-        w.add_type(gguf.GGUFType.ADAPTER)
-        w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, plan.alpha)
-        if adapter.base_model:
-            w.add_string("general.base_model.0.name", str(adapter.base_model))
-        for name, arr in plan.tensors.items():
-            if arr.dtype == dtypes.by_name("bfloat16").numpy:
-                w.add_tensor(name, arr.view(np.uint8), raw_dtype=gguf.GGMLQuantizationType.BF16)
-            else:
-                w.add_tensor(name, arr)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    w = gguf.GGUFWriter(None, (info or GgufBase()).arch)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, plan.alpha)
+    if adapter.base_model:
+        w.add_string("general.base_model.0.name", str(adapter.base_model))
+    for name, arr in plan.tensors.items():
+        if arr.dtype == dtypes.by_name("bfloat16").numpy:
+            w.add_tensor(name, arr.view(np.uint8), raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            w.add_tensor(name, arr)
+    with atomic_file(dst) as f:  # the same mode, fsyncs and cleanup as every other writer
+        # GGUFWriter opens the path it was given; given none, it writes to the (one-shard) file list it holds
+        w.fout, w.state = [f], WriterState.EMPTY
+        try:
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.fout = None  # atomic_file flushes, fsyncs and closes f (GGUFWriter.close would close it first)
     return GgufResult(dst, plan.alpha, len(plan.tensors), plan.baked, plan.permuted)
