@@ -73,6 +73,33 @@ def test_not_ours_returns_none(store: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 
+def test_cache_folder_depends_on_the_rank_limit(store: Path, tmp_path: Path) -> None:
+    """The r=8 example decoded without a limit, then for max_lora_rank=1 (a vLLM rank) on the same cache: a folder at rank 1
+    (write_vllm re-ranks it), not the rank-8 folder vLLM would refuse."""
+    import json
+
+    def resolve(limit: int | None) -> dict[str, Any]:
+        res = ApackResolver(store, tmp_path / "cache", max_lora_rank=limit, make_request=_request)
+        return asyncio.run(res.resolve_lora(BASE, "pydoc"))
+
+    wide, narrow = resolve(None), resolve(1)
+    assert narrow["lora_path"] != wide["lora_path"]
+    ranks = [json.loads((Path(r["lora_path"]) / "adapter_config.json").read_text())["r"] for r in (wide, narrow)]
+    assert ranks == [8, 1]
+    assert resolve(1) == narrow  # the same limit reuses its folder
+
+
+def test_os_errors_give_none_and_a_warning(store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A cache path that cannot be a folder (here: a file) is an OSError while decoding: None, logged, as promised."""
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")
+    res = ApackResolver(store, blocked, make_request=_request)
+    with caplog.at_level("WARNING", logger=vllm_resolver.__name__):
+        assert asyncio.run(res.resolve_lora(BASE, "pydoc")) is None
+    assert any("cannot serve 'pydoc'" in r.getMessage() for r in caplog.records)
+    assert blocked.read_text() == "a file where the cache folder should be"
+
+
 def test_register_with_a_vllm_stand_in(store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     registered: dict[str, Any] = {}
 

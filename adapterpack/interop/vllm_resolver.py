@@ -10,8 +10,9 @@ LoRA loading needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``). This one:
 2. checks that the adapter's recorded base model is the model being served (else: not ours, None);
 3. decodes it once into a PEFT folder vLLM reads correctly (:func:`~adapterpack.interop.targets.write_vllm`:
    one allowed rank, per-module scales baked into B) under ``$ADAPTERPACK_VLLM_CACHE``
-   (default ``~/.cache/adapterpack/vllm``), in a folder named by the file's SHA-256, written
-   atomically; later requests (and other vLLM processes) reuse it, and a changed file gets a new folder;
+   (default ``~/.cache/adapterpack/vllm``), in a folder named by the file's SHA-256 and the rank
+   limit it was written for, written atomically; later requests (and other vLLM processes with the
+   same ``max_lora_rank``) reuse it, and a changed file or another limit gets a new folder;
 4. returns ``LoRARequest(lora_name, lora_int_id, lora_path)``.
 
 vLLM is imported only when a request object is built or the plugin registers, so the
@@ -111,7 +112,7 @@ class ApackResolver:
             return None
         with self._lock:
             digest = self._hash(path)
-            dest = self.cache_dir / f"{lora_name}-{digest[:32]}"
+            dest = self.cache_dir / self.folder_name(lora_name, digest)
             with read_any(path) as ad:
                 if ad.base_model != base_model_name:
                     log.info("adapterpack: %s is for base model %r, not %r", path, ad.base_model, base_model_name)
@@ -122,16 +123,23 @@ class ApackResolver:
                 write_vllm(ad, dest, max_lora_rank=self.max_lora_rank)
             return dest
 
+    def folder_name(self, lora_name: str, digest: str) -> str:
+        """The cache folder's name: adapter name, the rank limit (write_vllm's output depends on it: an adapter
+        above the limit is re-ranked down) and the file's hash, last (:meth:`lora_int_id` reads it)."""
+        limit = "default" if self.max_lora_rank is None else str(int(self.max_lora_rank))
+        return f"{lora_name}-r{limit}-{digest[:32]}"
+
     def lora_int_id(self, lora_name: str, path: Path) -> int:
         """A positive id vLLM can use, stable for one file content: 60 bits of its hash (vLLM keys loaded
         adapters by this id, so two contents must not share one; vLLM's own resolver uses 63-bit ids)."""
         return 1 + int(path.name.rsplit("-", 1)[-1][:15], 16)
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> Any:
-        """vLLM's resolver hook: a request for the cached folder, or None (not found, other base model, unreadable)."""
+        """vLLM's resolver hook: a request for the cached folder, or None (not found, other base model, unreadable
+        or refused file, cache folder not writable: each logged as a warning)."""
         try:
             dest = await asyncio.to_thread(self.materialize, base_model_name, lora_name)
-        except AdapterpackError as e:
+        except (AdapterpackError, OSError) as e:
             log.warning("adapterpack: cannot serve %r: %s", lora_name, e)
             return None
         if dest is None:
