@@ -114,7 +114,7 @@ def test_rank_by_target_error_and_by_budget() -> None:
     assert rel.mean(axis=0).max() <= 0.3 * 1.01
     # one rank less on the q module misses the target (the choice is the least rank)
     lower = fit_bank(SHAPES[:1], srcs, rank=ranks[Q] - 1, dtype="float32").rel_errors()
-    assert lower.mean() > 0.3 * 0.9
+    assert lower.mean() > 0.3
     budget = 60_000
     res = fit_bank(SHAPES, srcs, rank=32, budget=budget, dtype="float32")
     used = sum(U.nbytes + V.nbytes for U, V in res.bases.values())
@@ -154,7 +154,8 @@ def test_streaming_memory_does_not_grow_with_the_number_of_adapters() -> None:
 
 
 def test_dask_cluster_of_worker_processes_gives_identical_results() -> None:
-    distributed = pytest.importorskip("distributed")
+    import distributed  # dask[distributed] is in the test extra: missing, this test fails, never skips
+
     from adapterpack.linalg.bank_fit import DaskExecutor
 
     srcs = [PathSource(n, str(DATA), n) for n in NAMES[:4]]
