@@ -137,7 +137,9 @@ def cast_array(arr: np.ndarray, dtype: str, where: str = "tensor") -> tuple[np.n
     if not src.is_float or not dst.is_float or src.name == dst.name:
         return arr, 0.0
     with np.errstate(over="ignore", invalid="ignore"):
-        out = arr.astype(dst.numpy)
+        # ml_dtypes casts float64 to bfloat16 through float32 (two roundings): round once, exactly, first
+        exact = dtypes.round_bf16(arr) if src.name == "float64" and dst.name == "bfloat16" else arr
+        out = exact.astype(dst.numpy)
         wide_in, wide_out = arr.astype(np.float64), out.astype(np.float64)
         finite = np.isfinite(wide_in)
         overflow = finite & ~np.isfinite(wide_out)

@@ -89,3 +89,12 @@ def as_bytes(arr: np.ndarray) -> memoryview:
     """The C-order bytes of ``arr`` as a flat memoryview (works for bfloat16, which has no buffer format)."""
     arr = np.ascontiguousarray(arr)
     return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def round_bf16(x: np.ndarray) -> np.ndarray:
+    """float64 ``x`` rounded to the nearest bfloat16 value (ties to even; 8 significant bits, subnormals
+    below 2⁻¹²⁶), still as float64, so the cast to bfloat16 that follows is exact."""
+    _, e = np.frexp(x)  # x = f·2^e, 0.5 ≤ |f| < 1
+    quantum = np.ldexp(1.0, np.maximum(e, -125) - 8)
+    with np.errstate(invalid="ignore"):  # inf / nan pass through unchanged
+        return np.where(np.isfinite(x), np.round(x / quantum) * quantum, x)

@@ -462,3 +462,18 @@ def test_kohya_name_note_only_for_unmapped_kohya_names() -> None:
     assert "'w'" in note and "cannot attach" in note
     kohya.source = {"format": "kohya", "kohya_names": {"w": "lora_unet_w"}}
     assert export_notes(kohya) == []
+
+
+def test_float64_to_bf16_rounds_once() -> None:
+    """ml_dtypes casts float64 → bfloat16 through float32; cast_array rounds once, to the nearest bf16."""
+    import ml_dtypes
+
+    from adapterpack.convert import cast_array
+
+    # 1 + 2^-8 + 2^-30: just above the midpoint between the bf16 neighbours 1 and 1 + 2^-7, so the nearest is
+    # 1 + 2^-7; through float32 the 2^-30 is rounded away first and the tie goes to even, 1.
+    x = np.array([1 + 2**-8 + 2**-30, -(1 + 2**-8 + 2**-30), 3.0], dtype=np.float64)
+    out, err = cast_array(x, "bfloat16")
+    assert out.dtype == np.dtype(ml_dtypes.bfloat16)
+    assert out.astype(np.float64).tolist() == [1 + 2**-7, -(1 + 2**-7), 3.0]
+    assert err == pytest.approx(2**-8 - 2**-30)

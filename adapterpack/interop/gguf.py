@@ -223,17 +223,8 @@ def _cast(arr: np.ndarray, out: str, where: str) -> np.ndarray:
 
     name = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[out]
     if out == "bf16" and arr.dtype == np.float64:
-        arr = round_bf16(arr)  # ml_dtypes casts float64 to bfloat16 through float32: two roundings
+        arr = dtypes.round_bf16(arr)  # ml_dtypes casts float64 to bfloat16 through float32: two roundings
     return np.ascontiguousarray(cast_array(arr, name, f"module {where!r}")[0])
-
-
-def round_bf16(x: np.ndarray) -> np.ndarray:
-    """float64 ``x`` rounded to the nearest bfloat16 value (ties to even; 8 significant bits, subnormals
-    below 2⁻¹²⁶), still as float64, so the cast to bfloat16 that follows is exact."""
-    _, e = np.frexp(x)  # x = f·2^e, 0.5 ≤ |f| < 1
-    quantum = np.ldexp(1.0, np.maximum(e, -125) - 8)
-    with np.errstate(invalid="ignore"):  # inf / nan pass through unchanged
-        return np.where(np.isfinite(x), np.round(x / quantum) * quantum, x)
 
 
 @dataclass
