@@ -31,7 +31,9 @@ from .interop import Opened, open_adapters
 from .interop.source import notes as source_notes
 from .report import footprint
 
-TARGETS = ("apack", "peft", "kohya", "gguf")
+TARGETS = ("apack", "peft", "kohya", "gguf", "nola")
+#: Targets written as .apack files (``nola``: .apack with every module fitted as a nola record).
+APACK_TARGETS = ("apack", "nola")
 #: Serving stacks ``serve_for`` shapes a PEFT export for.
 SERVE_TARGETS = ("vllm",)
 DTYPE_CHOICES = ("keep", "fp32", "fp16", "bf16")
@@ -204,6 +206,8 @@ def infer_target(dst: str | os.PathLike[str]) -> str:
 def target_conflict(dst: str | os.PathLike[str], to: str) -> str | None:
     """Why ``to`` contradicts the destination's name (``out.apack`` with ``to="kohya"``), or None."""
     inferred = infer_target(dst)
+    if inferred == "apack" and to in APACK_TARGETS:
+        return None
     if inferred != "peft" and inferred != to:
         kind = {"apack": "an .apack file", "kohya": "a kohya .safetensors file", "gguf": "a llama.cpp .gguf file"}[inferred]
         return f"{Path(dst).name!r} names {kind}, but the output format is {to}"
@@ -348,12 +352,16 @@ def convert(
     serve_for: str | None = None,
     max_lora_rank: int | None = None,
     base: str | os.PathLike[str] | None = None,
+    nola_k: int | None = None,
+    nola_target_error: float | None = None,
 ) -> ConvertResult:
     """Read ``src`` (.apack, PEFT folder, kohya file) and write it to ``dst`` as ``to`` (inferred from
     ``dst`` when None), casting float tensors to ``dtype`` unless ``"keep"``. Lossless otherwise;
     ``drop_tensors`` leaves out pass-through tensors a PEFT / kohya output cannot carry; ``rank``
     caps every module at its best approximation of that rank (svd records: a prefix; others: an
-    exact SVD, see :func:`adapterpack.encodings.lower.at_rank`)."""
+    exact SVD, see :func:`adapterpack.encodings.lower.at_rank`). ``to="nola"`` writes an .apack of
+    nola records fitted with ``nola_k`` coefficients per factor or to ``nola_target_error``
+    (:func:`adapterpack.linalg.nola_fit.fit_adapter`; lossy, the achieved errors are in the notes)."""
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     target = to or infer_target(dst)
@@ -372,10 +380,15 @@ def convert(
         if dtype != "keep":
             pairs = [cast_adapter(a, dtype) for a in adapters]
             adapters, casts = [p[0] for p in pairs], [p[1] for p in pairs]
+        fitted: list[str] = []
+        if target == "nola":
+            adapters, fitted = _fit_nola(adapters, nola_k, nola_target_error)
+        elif nola_k is not None or nola_target_error is not None:
+            raise ConversionError("k and target_error apply to nola output only")
         export = write_adapters(
             adapters,
             dst,
-            target,
+            "apack" if target in APACK_TARGETS else target,
             codec=codec,
             level=level,
             progress=progress,
@@ -385,7 +398,7 @@ def convert(
             base=base,
         )
         many = len(adapters) > 1
-        notes = [f"{a.name}: {n}" if many else n for a in source.adapters for n in source_notes(a)] + export
+        notes = [f"{a.name}: {n}" if many else n for a in source.adapters for n in source_notes(a)] + fitted + export
         skipped = [f"{a.name}: {s}" if many else s for a in source.adapters for s in a.skipped]
     finally:
         source.close()
@@ -397,14 +410,41 @@ def convert(
         adapters=[a.name for a in adapters],
         src_bytes=footprint(src),
         dst_bytes=footprint(dst),
-        codec=codec if target == "apack" else None,
-        level=effective_level(codec, level) if target == "apack" else None,
+        codec=codec if target in APACK_TARGETS else None,
+        level=effective_level(codec, level) if target in APACK_TARGETS else None,
         dtype="keep" if dtype == "keep" else dtypes.by_name(dtype).name,
         casts=casts,
         notes=notes,
         skipped=skipped,
         seconds=time.perf_counter() - start,
     )
+
+
+def _fit_nola(adapters: list[Adapter], k: int | None, target_error: float | None) -> tuple[list[Adapter], list[str]]:
+    """Every adapter fitted as nola records, and the lines that say how well (per adapter: the
+    coefficient counts, mean and worst relative Frobenius error of ΔW, the worst module)."""
+    from .linalg.nola_fit import fit_adapter
+
+    out, lines = [], []
+    for a in adapters:
+        fitted, fits = fit_adapter(a, k=k, target_error=target_error)
+        out.append(fitted)
+        if not fits:
+            continue
+        errors = {n: f.error for n, f in fits.items()}
+        worst = max(errors, key=errors.__getitem__)
+        ks = sorted({f.num_params // 2 for f in fits.values()})
+        lines.append(
+            f"nola {a.name!r}: {len(fits)} modules, k {ks[0]}"
+            + (f"–{ks[-1]}" if len(ks) > 1 else "")
+            + f" per factor, {sum(f.num_params for f in fits.values()):,} coefficients; relative Frobenius error of ΔW"
+            f" mean {sum(errors.values()) / len(errors):.3g}, worst {errors[worst]:.3g} ({worst})"
+        )
+        if target_error is not None and errors[worst] > target_error:
+            missed = sum(e > target_error for e in errors.values())
+            lines.append(f"nola {a.name!r}: {missed} modules miss the target {target_error:g} at the largest k tried")
+    lines.append("nola: a random basis cannot represent a trained LoRA with few coefficients; the errors above are exact")
+    return out, lines
 
 
 # --- bit-exact comparisons ----------------------------------------------------------------------

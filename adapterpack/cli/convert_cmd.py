@@ -81,6 +81,13 @@ def result_lines(r: dict[str, Any]) -> list[str]:
 @click.option(
     "--base", type=click.Path(exists=True, path_type=Path), help="gguf output: the base model's GGUF file or config.json."
 )
+@click.option("--k", "nola_k", type=click.IntRange(min=0), help="--to nola: coefficients per factor (k_A = k_B = K).")
+@click.option(
+    "--target-error",
+    "nola_target_error",
+    type=click.FloatRange(0, 1, max_open=True),
+    help="--to nola: smallest k (doubling from 16) whose relative Frobenius error of ΔW is at most E, per module.",
+)
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists (a PEFT folder keeps its other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(
@@ -96,19 +103,25 @@ def convert(
     serve_for: str | None,
     max_lora_rank: int | None,
     base: Path | None,
+    nola_k: int | None,
+    nola_target_error: float | None,
     force: bool,
     as_json: bool,
 ) -> None:
-    """Convert SRC (.apack, PEFT folder or kohya file) to DST; lossless unless --dtype narrows or --rank cuts."""
+    """Convert SRC (.apack, PEFT folder or kohya file) to DST; lossless unless --dtype narrows, --rank cuts or --to nola fits."""
     from ..convert import convert as run
     from ..convert import infer_target, target_conflict
 
     target = to or infer_target(dst)
     if to is not None and (why := target_conflict(dst, to)):
         raise click.BadParameter(why, param_hint="'--to'")
-    if target != "apack" and (codec is not None or level is not None):
+    if target not in ("apack", "nola") and (codec is not None or level is not None):
         raise click.UsageError(f"--codec and --level apply to .apack output only, not {target}")
-    if target == "apack" and drop_tensors:
+    if target == "nola" and (nola_k is None) == (nola_target_error is None):
+        raise click.UsageError("--to nola needs exactly one of --k and --target-error")
+    if target != "nola" and (nola_k is not None or nola_target_error is not None):
+        raise click.UsageError("--k and --target-error apply to --to nola only")
+    if target in ("apack", "nola") and drop_tensors:
         raise click.UsageError("--drop-tensors applies to PEFT and kohya output only; .apack keeps every tensor")
     result = run(
         src,
@@ -124,6 +137,8 @@ def convert(
         serve_for=serve_for,
         max_lora_rank=max_lora_rank,
         base=base,
+        nola_k=nola_k,
+        nola_target_error=nola_target_error,
         progress=None if as_json else out.progress_factory("writing"),
     )
     if as_json:

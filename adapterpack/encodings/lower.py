@@ -57,12 +57,15 @@ def as_lora(module: Module, *, dtype: str | None = None) -> Module:
     """``module`` as an equivalent ``lora`` record (itself when it already is one).
 
     For ``svd``: B = Utᵀ·√S, A = √S·Vt, alpha = rank (scale 1). Exact up to the rounding of the
-    output dtype (``dtype``, default the record's own float dtype).
+    output dtype (``dtype``; default the vectors' dtype for svd, float32 for other encodings).
     """
     if module.encoding == "lora":
         return module
     module.implementation.validate(module)
-    return lora_from_factors(module.name, module.factors(), dtype=dtype or main_dtype(module))
+    # svd keeps its vectors' dtype; factors regenerated or rebuilt from bases (nola, shared) are float32,
+    # whatever dtype their coefficients were stored in
+    default = main_dtype(module) if module.encoding == "svd" else "float32"
+    return lora_from_factors(module.name, module.factors(), dtype=dtype or default)
 
 
 def _no_dora(module: Module) -> None:

@@ -50,6 +50,11 @@ class NolaFit:
         return int(self.module.params["k_A"]) + int(self.module.params["k_B"])
 
 
+#: Largest float64 bases a fit holds at once (bytes): ``k`` beyond this is refused, and a target-error
+#: search stops there (the achieved error is reported either way).
+FIT_MEMORY = 2 << 30
+
+
 def _bases(seed: int, stream: int, kind: int, k: int, n: int, budget: int) -> np.ndarray:
     """All k bases of one kind, float64 ``[k, n]``, divided by √k (generated in budget-sized chunks)."""
     out = np.empty((k, n), np.float64)
@@ -144,6 +149,12 @@ def fit_nola(
         params["fan_in_fan_out"] = True
     probe = Module(name, "nola", tuple(target.base_shape), params, {"alpha": np.zeros(k_A, dtype), "beta": np.zeros(k_B, dtype)})
     nola_shape(probe)  # validates the params before any work
+    need = 8 * (k_A * r * inp + k_B * r * out)
+    if need > FIT_MEMORY:
+        raise ConversionError(
+            f"{name}: fitting k_A={k_A}, k_B={k_B} at rank {r} holds {need / 2**30:.1f} GiB of float64 bases "
+            f"(limit {FIT_MEMORY / 2**30:.0f} GiB); use a smaller k"
+        )
     ba = _bases(seed, stream, KIND_A, k_A, r * inp, budget)
     bb = _bases(seed, stream, KIND_B, k_B, r * out, budget)
     a_fixed = np.zeros((r, inp))
@@ -213,6 +224,7 @@ def fit_adapter(
             fit = fit_nola(f, k_A=k, k_B=k, **kw)
         else:
             limit = k_max or r * max(f.A.shape[1], f.B.shape[0])
+            limit = max(1, min(limit, FIT_MEMORY // (8 * r * (f.A.shape[1] + f.B.shape[0]))))  # bases must fit in memory
             kk = min(16, limit)
             while True:
                 fit = fit_nola(f, k_A=kk, k_B=kk, **kw)
