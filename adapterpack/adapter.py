@@ -160,6 +160,20 @@ class Adapter:
     skipped: list[str] = field(default_factory=list)
     closer: Callable[[], None] | None = field(default=None, repr=False)
 
+    def derived(self, modules: dict[str, Module], tensors: dict[str, TensorLike] | None = None) -> Adapter:
+        """A new adapter with these modules (and tensors; default: this one's) and this one's name,
+        base model, provenance, metadata and skipped list (copied); it holds no file handle."""
+        return Adapter(
+            name=self.name,
+            base_model=self.base_model,
+            base_architecture=self.base_architecture,
+            modules=modules,
+            tensors=dict(self.tensors if tensors is None else tensors),
+            source=dict(self.source),
+            metadata=dict(self.metadata),
+            skipped=list(self.skipped),
+        )
+
     def module(self, name: str) -> Module:
         """The module called ``name``; a clear error listing a few names when absent."""
         try:

@@ -126,16 +126,7 @@ def apack_size(
 
 
 def _with(adapter: Adapter, modules: dict[str, Module], tensors: dict[str, Any]) -> Adapter:
-    return Adapter(
-        name=adapter.name,
-        base_model=adapter.base_model,
-        base_architecture=adapter.base_architecture,
-        modules=modules,
-        tensors=tensors,
-        source=adapter.source,
-        metadata=dict(adapter.metadata),
-        skipped=list(adapter.skipped),
-    )
+    return adapter.derived(modules, tensors)
 
 
 def loaded(adapter: Adapter) -> Adapter:

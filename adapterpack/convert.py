@@ -181,17 +181,7 @@ def cast_adapter(adapter: Adapter, dtype: str) -> tuple[Adapter, CastReport]:
         report.modules.append(ModuleCast(m.name, max_abs_error=worst, delta_error=err, delta_norm=norm))
         modules[m.name] = new
     tensors = {k: cast(t, f"tensor {k!r}")[0] for k, t in adapter.tensors.items()}
-    out = Adapter(
-        name=adapter.name,
-        base_model=adapter.base_model,
-        base_architecture=adapter.base_architecture,
-        modules=modules,
-        tensors=tensors,
-        source=adapter.source,
-        metadata=dict(adapter.metadata),
-        skipped=list(adapter.skipped),
-    )
-    return out, report
+    return adapter.derived(modules, tensors), report
 
 
 # --- reading and writing any format ---------------------------------------------------------------

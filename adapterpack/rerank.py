@@ -302,16 +302,7 @@ def rerank(adapter: Adapter, policy: RerankPolicy) -> tuple[Adapter, RerankRepor
     modules = {}
     for p in report.modules:
         modules[p.name] = _record(p, work[p.name], policy.encoding) if p.selected else adapter.module(p.name)
-    out = Adapter(
-        name=adapter.name,
-        base_model=adapter.base_model,
-        base_architecture=adapter.base_architecture,
-        modules=modules,
-        tensors=dict(adapter.tensors),
-        source=dict(adapter.source),
-        metadata=dict(adapter.metadata),
-    )
-    return out, report
+    return adapter.derived(modules), report
 
 
 @dataclass

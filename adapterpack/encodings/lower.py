@@ -110,15 +110,6 @@ def adapter_at_rank(adapter: Adapter, rank: int) -> Adapter:
     if rank < 0:
         raise ConversionError(f"rank must be >= 0, got {rank}")
     modules = {n: at_rank(m, rank) for n, m in adapter.modules.items()}
-    closer, adapter.closer = adapter.closer, None
-    return Adapter(
-        name=adapter.name,
-        base_model=adapter.base_model,
-        base_architecture=adapter.base_architecture,
-        modules=modules,
-        tensors=adapter.tensors,
-        source=adapter.source,
-        metadata=adapter.metadata,
-        skipped=adapter.skipped,
-        closer=closer,
-    )
+    out = adapter.derived(modules)
+    out.closer, adapter.closer = adapter.closer, None
+    return out

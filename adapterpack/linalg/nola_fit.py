@@ -233,13 +233,4 @@ def fit_adapter(
                 kk = min(2 * kk, limit)
         fits[mname] = fit
         modules[mname] = fit.module
-    out = Adapter(
-        name=adapter.name,
-        base_model=adapter.base_model,
-        base_architecture=adapter.base_architecture,
-        modules=modules,
-        tensors=dict(adapter.tensors),
-        source=dict(adapter.source),
-        metadata=dict(adapter.metadata),
-    )
-    return out, fits
+    return adapter.derived(modules), fits
