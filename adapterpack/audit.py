@@ -32,8 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from . import dtypes
-from .adapter import Adapter, Module, StoredTensor, as_array, tensor_info
+from .adapter import Adapter, Module, as_array, tensor_info
 from .errors import AdapterpackError
 from .spectrum import distribution
 
@@ -63,63 +62,24 @@ def apack_size(
     """Bytes :func:`~adapterpack.container.writer.write_apack` would write for ``adapters``.
 
     Encodes every tensor with the writer's ``encode_blob`` (raw wherever the codec does not pay)
-    and serializes the same index the writer does, then applies the layout rule (spec §1.2).
+    and plans the file with the writer's own :func:`~adapterpack.container.writer.plan_apack`.
     ``validate`` False skips the records' validation (for records already validated); ``memo``
     reuses the encoding of an array seen before with the same codec and level.
     """
-    from .container.index import dumps, plan_offsets
-    from .container.preamble import MAJOR, MINOR, Preamble
-    from .container.writer import _module_entry, _ordered, _writer_id, encode_blob
-    from .encodings import get_encoding
+    from .container.writer import encode_blob, plan_apack
 
-    lengths: list[int] = []
-    blob_objs: list[dict[str, Any]] = []
-
-    def add(t: Any) -> int:
-        arr = as_array(t) if isinstance(t, StoredTensor) else np.asarray(t)
+    def encode(arr: np.ndarray) -> tuple[int, dict[str, Any], int]:
         key = (id(arr), codec, level)
         seen = memo.get(key) if memo is not None else None
         if seen is not None and seen[0] is arr:
-            hit = seen[1]
-        else:
-            data, cfg, crc = encode_blob(arr, codec, level)
-            hit = (len(data), cfg, crc)
-            if memo is not None:
-                memo[key] = (arr, hit)
-        n, cfg, crc = hit
-        lengths.append(n)
-        blob_objs.append(
-            {"dtype": dtypes.of_array(arr).name, "shape": list(arr.shape), "codec": cfg}
-            | {"stored_length": n, "length": arr.nbytes, "crc32c": crc}
-        )
-        return len(lengths) - 1
+            return seen[1]
+        data, cfg, crc = encode_blob(arr, codec, level)
+        hit = (len(data), cfg, crc)
+        if memo is not None:
+            memo[key] = (arr, hit)
+        return hit
 
-    index_adapters = []
-    for a in adapters:
-        mods = []
-        for m in a.modules.values():
-            if validate:
-                get_encoding(m.encoding).validate(m)
-            mods.append(_module_entry(m, {slot: add(t) for slot, t in m.tensors.items()}))
-        entry: dict[str, Any] = {
-            "name": a.name,
-            "base_model": a.base_model,
-            "base_architecture": a.base_architecture,
-            "modules": mods,
-            "tensors": [{"name": n, "blob": add(t)} for n, t in a.tensors.items()],
-        }
-        if a.source:
-            entry["source"] = a.source
-        if a.metadata:
-            entry["metadata"] = {str(k): str(v) for k, v in a.metadata.items()}
-        index_adapters.append(entry)
-    offsets = plan_offsets(lengths)
-    for obj, off in zip(blob_objs, offsets, strict=True):
-        obj["offset"] = off
-    index = {"writer": _writer_id(), "adapters": index_adapters, "blobs": [_ordered(b) for b in blob_objs]}
-    index_length = len(dumps(index))
-    data_start = Preamble(MAJOR, MINOR, 0, index_length, 0).data_start
-    return data_start + (offsets[-1] + lengths[-1] if lengths else 0)
+    return plan_apack(adapters, encode, validate=validate).file_size
 
 
 # --- variants of one adapter ----------------------------------------------------------------------

@@ -73,6 +73,74 @@ def _module_entry(m: Any, slot_refs: dict[str, int]) -> dict[str, Any]:
     return entry
 
 
+#: ``encode(array) -> (stored_length, codec config, CRC-32C of the decoded bytes)`` for one blob.
+BlobEncoder = Callable[[np.ndarray], tuple[int, dict[str, Any], int]]
+
+
+@dataclass
+class ApackPlan:
+    """The index of a file about to be written and where its blobs go (spec §1–§2)."""
+
+    index: dict[str, Any]
+    index_bytes: bytes
+    preamble: Preamble
+    offsets: list[int]
+    lengths: list[int]
+
+    @property
+    def file_size(self) -> int:
+        """Bytes of the whole file: the data section ends at the last blob (spec §1.2)."""
+        return self.preamble.data_start + (self.offsets[-1] + self.lengths[-1] if self.lengths else 0)
+
+
+def plan_apack(adapters: Sequence[Adapter], encode: BlobEncoder, *, validate: bool = True) -> ApackPlan:
+    """The index ``write_apack`` writes for ``adapters``: every tensor through ``encode`` (once per
+    slot, in file order), every record validated unless ``validate`` is False. Used by the writer
+    and by size audits that need the exact file size without writing it."""
+    lengths: list[int] = []
+    blob_objs: list[dict[str, Any]] = []
+
+    def add(t: Any) -> int:
+        arr = as_array(t) if isinstance(t, StoredTensor) else np.asarray(t)
+        n, cfg, crc = encode(arr)
+        lengths.append(n)
+        blob_objs.append(
+            {"dtype": dtypes.of_array(arr).name, "shape": list(arr.shape), "codec": cfg}
+            | {"stored_length": n, "length": arr.nbytes, "crc32c": crc}
+        )
+        return len(lengths) - 1
+
+    index_adapters = []
+    for a in adapters:
+        mods = []
+        for m in a.modules.values():
+            if validate:
+                get_encoding(m.encoding).validate(m)
+            mods.append(_module_entry(m, {slot: add(t) for slot, t in m.tensors.items()}))
+        entry: dict[str, Any] = {
+            "name": a.name,
+            "base_model": a.base_model,
+            "base_architecture": a.base_architecture,
+            "modules": mods,
+            "tensors": [{"name": n, "blob": add(t)} for n, t in a.tensors.items()],
+        }
+        if a.source:
+            entry["source"] = a.source
+        if a.metadata:
+            entry["metadata"] = {str(k): str(v) for k, v in a.metadata.items()}
+        index_adapters.append(entry)
+
+    offsets = plan_offsets(lengths)
+    for obj, off in zip(blob_objs, offsets, strict=True):
+        obj["offset"] = off
+    index = {"writer": _writer_id(), "adapters": index_adapters, "blobs": [_ordered(b) for b in blob_objs]}
+    index_bytes = dumps(index)
+    if len(index_bytes) > MAX_INDEX_LENGTH:
+        raise IndexTooLargeError(f"index would be {len(index_bytes)} bytes, over the {MAX_INDEX_LENGTH}-byte limit")
+    pre = Preamble(MAJOR, MINOR, 0, len(index_bytes), crc32c(index_bytes))
+    return ApackPlan(index, index_bytes, pre, offsets, lengths)
+
+
 def write_apack(
     path: str | os.PathLike[str],
     adapters: Adapter | Sequence[Adapter],
@@ -95,50 +163,19 @@ def write_apack(
         raise DuplicateNameError(f"adapter names must be unique, got {names}")
 
     stored: list[bytes | memoryview] = []
-    blob_objs: list[dict[str, Any]] = []
 
-    def add(t: Any) -> int:
-        arr = as_array(t) if isinstance(t, StoredTensor) else np.asarray(t)
+    def encode(arr: np.ndarray) -> tuple[int, dict[str, Any], int]:
         data, cfg, crc = encode_blob(arr, codec, level)
-        dt = dtypes.of_array(arr)
         stored.append(data)
-        blob_objs.append(
-            {"dtype": dt.name, "shape": list(arr.shape), "codec": cfg}
-            | {"stored_length": len(data), "length": arr.nbytes, "crc32c": crc}
-        )
         if progress is not None:
             progress(arr.nbytes)
-        return len(stored) - 1
+        return len(data), cfg, crc
 
-    index_adapters = []
-    for a in adapters:
-        mods = []
-        for m in a.modules.values():
-            get_encoding(m.encoding).validate(m)
-            mods.append(_module_entry(m, {slot: add(t) for slot, t in m.tensors.items()}))
-        entry: dict[str, Any] = {
-            "name": a.name,
-            "base_model": a.base_model,
-            "base_architecture": a.base_architecture,
-            "modules": mods,
-            "tensors": [{"name": n, "blob": add(t)} for n, t in a.tensors.items()],
-        }
-        if a.source:
-            entry["source"] = a.source
-        if a.metadata:
-            entry["metadata"] = {str(k): str(v) for k, v in a.metadata.items()}
-        index_adapters.append(entry)
-
-    offsets = plan_offsets([len(s) for s in stored])
-    for obj, off in zip(blob_objs, offsets, strict=True):
-        obj["offset"] = off
-    index = {"writer": _writer_id(), "adapters": index_adapters, "blobs": [_ordered(b) for b in blob_objs]}
-    index_bytes = dumps(index)
-    if len(index_bytes) > MAX_INDEX_LENGTH:
-        raise IndexTooLargeError(f"index would be {len(index_bytes)} bytes, over the {MAX_INDEX_LENGTH}-byte limit")
-    pre = Preamble(MAJOR, MINOR, 0, len(index_bytes), crc32c(index_bytes))
+    plan = plan_apack(adapters, encode)
+    index_bytes, offsets, pre = plan.index_bytes, plan.offsets, plan.preamble
+    blob_objs = plan.index["blobs"]
     data_start = pre.data_start
-    end = data_start + (offsets[-1] + len(stored[-1]) if stored else 0)
+    end = plan.file_size
     try:
         check_index(index_bytes, data_start, end)
     except AdapterpackError as e:
