@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..errors import UnknownEncodingError
+from ..errors import RecordError, UnknownEncodingError
 
 if TYPE_CHECKING:
     from ..adapter import Module
@@ -39,6 +39,32 @@ class Encoding:
     def summary(self, module: Module) -> dict[str, Any]:
         """Facts for tables: at least ``rank``."""
         return {}
+
+
+#: How a record's 2-D ΔW maps onto the base weight (spec §6.1), shared by every low-rank encoding.
+LAYOUTS = ("linear", "embedding", "conv")
+
+
+def check_slots(module: Module, slots: dict[str, bool], needs: str) -> None:
+    """Refuse a record missing a required tensor slot or holding an unknown one (``needs`` says what it takes)."""
+    missing = [s for s, required in slots.items() if required and s not in module.tensors]
+    extra = [s for s in module.tensors if s not in slots]
+    if missing or extra:
+        raise RecordError(f"module {module.name!r}: {needs}; missing {missing}, unknown {extra}")
+
+
+def layout_params(params: dict[str, Any], where: str, layouts: tuple[str, ...] = LAYOUTS) -> tuple[str, bool]:
+    """(layout, fan_in_fan_out) of a record's params: layout one of ``layouts`` (default linear),
+    fan_in_fan_out a bool (default false) allowed with layout linear only."""
+    layout = params.get("layout", "linear")
+    if not isinstance(layout, str) or layout not in layouts:
+        raise RecordError(f"{where}: layout must be one of {layouts}, got {layout!r}")
+    fifo = params.get("fan_in_fan_out", False)
+    if not isinstance(fifo, (bool, np.bool_)):
+        raise RecordError(f"{where}: param 'fan_in_fan_out' must be true or false, got {fifo!r}")
+    if fifo and layout != "linear":
+        raise RecordError(f"{where}: fan_in_fan_out is allowed only with layout linear, not {layout}")
+    return layout, bool(fifo)
 
 
 def register_encoding(cls: type[Encoding]) -> type[Encoding]:

@@ -10,13 +10,12 @@ import numpy as np
 
 from ..adapter import tensor_info
 from ..errors import RankError, RecordError
-from .base import Encoding, register_encoding
+from .base import LAYOUTS, Encoding, check_slots, register_encoding
 from .factors import Factors
 
 if TYPE_CHECKING:
     from ..adapter import Module
 
-LAYOUTS = ("linear", "embedding", "conv")
 FLOATS = ("float64", "float32", "float16", "bfloat16")
 
 
@@ -52,17 +51,14 @@ class Lora(Encoding):
     def validate(self, module: Module) -> None:
         where = f"module {module.name!r}"
         p = module.params
-        missing = [s for s, req in self.slots.items() if req and s not in module.tensors]
-        extra = [s for s in module.tensors if s not in self.slots]
-        if missing or extra:
-            raise RecordError(f"{where}: lora needs tensors A and B (optional magnitude); missing {missing}, unknown {extra}")
+        check_slots(module, self.slots, "lora needs tensors A and B (optional magnitude)")
         rank = p.get("rank")  # numpy integers too: an in-memory record may hold them, and the index writes them as ints
         if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
             raise RankError(f"{where}: rank must be an integer >= 1, got {rank!r}")
         alpha = p.get("alpha")
         if not _finite_number(alpha):
             raise RecordError(f"{where}: alpha must be a finite number, got {alpha!r}")
-        layout = p.get("layout", "linear")
+        layout = p.get("layout", "linear")  # fan_in_fan_out with another layout: refused per layout below
         if not isinstance(layout, str) or layout not in LAYOUTS:
             raise RecordError(f"{where}: layout must be one of {LAYOUTS}, got {layout!r}")
         fifo = _bool(p, "fan_in_fan_out", where)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..adapter import tensor_info
 from ..errors import RankError, RecordError
-from .base import Encoding, register_encoding
+from .base import Encoding, check_slots, layout_params, register_encoding
 from .factors import Factors
 
 if TYPE_CHECKING:
@@ -40,22 +40,14 @@ class Shared(Encoding):
     def validate(self, module: Module) -> None:
         where = f"module {module.name!r}"
         p = module.params
-        missing = [s for s in self.slots if s not in module.tensors]
-        extra = [s for s in module.tensors if s not in self.slots]
-        if missing or extra:
-            raise RecordError(f"{where}: shared needs tensors U, V and S; missing {missing}, unknown {extra}")
+        check_slots(module, self.slots, "shared needs tensors U, V and S")
         rank = p.get("rank")
         if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
             raise RankError(f"{where}: rank must be an integer >= 1, got {rank!r}")
         form = p.get("form")
         if not isinstance(form, str) or form not in FORMS:
             raise RecordError(f"{where}: form must be one of {FORMS}, got {form!r}")
-        layout = p.get("layout", "linear")
-        if not isinstance(layout, str) or layout not in LAYOUTS:
-            raise RecordError(f"{where}: layout must be one of {LAYOUTS}, got {layout!r}")
-        fifo = p.get("fan_in_fan_out", False)
-        if not isinstance(fifo, (bool, np.bool_)) or (fifo and layout != "linear"):
-            raise RecordError(f"{where}: fan_in_fan_out must be true or false, and only with layout linear; got {fifo!r}")
+        layout, fifo = layout_params(p, where, LAYOUTS)
         (udt, ush), (vdt, vsh), (sdt, ssh) = (tensor_info(module.tensors[s]) for s in ("U", "V", "S"))
         if udt not in FLOATS or not udt == vdt == sdt:
             raise RecordError(f"{where}: U, V and S must share one float dtype, got {udt}, {vdt}, {sdt}")

@@ -15,9 +15,9 @@ import numpy as np
 from .. import dtypes
 from ..adapter import Module, StoredTensor, TensorLike, tensor_info
 from ..errors import ConversionError, RankError, RecordError
-from .base import Encoding, register_encoding
+from .base import Encoding, check_slots, layout_params, register_encoding
 from .factors import Factors
-from .lora import FLOATS, LAYOUTS, _bool
+from .lora import FLOATS
 
 if TYPE_CHECKING:
     from ..linalg.lowrank import Spectrum
@@ -59,19 +59,11 @@ class Svd(Encoding):
     def validate(self, module: Module) -> None:
         where = f"module {module.name!r}"
         p = module.params
-        missing = [s for s in self.slots if s not in module.tensors]
-        extra = [s for s in module.tensors if s not in self.slots]
-        if missing or extra:
-            raise RecordError(f"{where}: svd needs tensors S, Ut and Vt; missing {missing}, unknown {extra}")
+        check_slots(module, self.slots, "svd needs tensors S, Ut and Vt")
         rank = p.get("rank")
         if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 0:
             raise RankError(f"{where}: rank must be an integer >= 0, got {rank!r}")
-        layout = p.get("layout", "linear")
-        if not isinstance(layout, str) or layout not in LAYOUTS:
-            raise RecordError(f"{where}: layout must be one of {LAYOUTS}, got {layout!r}")
-        fifo = _bool(p, "fan_in_fan_out", where)
-        if fifo and layout != "linear":
-            raise RecordError(f"{where}: fan_in_fan_out applies to layout linear only")
+        layout, fifo = layout_params(p, where)
         (sdt, ssh), (udt, ush), (vdt, vsh) = (tensor_info(module.tensors[s]) for s in ("S", "Ut", "Vt"))
         if sdt not in FLOATS or udt not in FLOATS or udt != vdt:
             raise RecordError(f"{where}: S, Ut and Vt must be floats, Ut and Vt of one dtype; got {sdt}, {udt}, {vdt}")

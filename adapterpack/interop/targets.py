@@ -112,21 +112,24 @@ def _common(adapter: Adapter, target: str, own: tuple[str | None, ...]) -> list[
     return out
 
 
+def _dora(out: list[Finding], target: str, facts: dict[str, tuple[Any, ...]], why: str, fix: str) -> None:
+    """Add the refusal of DoRA modules (``facts`` from :func:`_lora_facts`) when there are any."""
+    dora = [n for n, f in facts.items() if f[2]]
+    if dora:
+        out.append(Finding(target, "refuse", f"DoRA: {why}", fix, dora))
+
+
 def _check_vllm(adapter: Adapter, max_lora_rank: int | None) -> list[Finding]:
     t = "vllm"
     out = _common(adapter, t, own=())
     facts = {m.name: _lora_facts(m) for m in adapter}
-    dora = [n for n, f in facts.items() if f[2]]
-    if dora:
-        out.append(
-            Finding(
-                t,
-                "refuse",
-                "DoRA: vLLM does not support the magnitude vector",
-                "none lossless: merge the adapter into the base weights (adapterpack.torch.apply, merge=True)",
-                dora,
-            )
-        )
+    _dora(
+        out,
+        t,
+        facts,
+        "vLLM does not support the magnitude vector",
+        "none lossless: merge the adapter into the base weights (adapterpack.torch.apply, merge=True)",
+    )
     conv = [n for n, f in facts.items() if f[3] == "conv"]
     if conv:
         out.append(Finding(t, "refuse", "convolution layers: vLLM has no conv LoRA", "none", conv))
@@ -222,17 +225,7 @@ def _check_llama_cpp(adapter: Adapter, base: Any) -> list[Finding]:
     t = "llama.cpp"
     out = _common(adapter, t, own=())
     facts = {m.name: _lora_facts(m) for m in adapter}
-    dora = [n for n, f in facts.items() if f[2]]
-    if dora:
-        out.append(
-            Finding(
-                t,
-                "refuse",
-                "DoRA: llama.cpp LoRA files have no magnitude vectors",
-                "none lossless: merge into the base model instead",
-                dora,
-            )
-        )
+    _dora(out, t, facts, "llama.cpp LoRA files have no magnitude vectors", "none lossless: merge into the base model instead")
     odd = [n for n, f in facts.items() if f[3] == "conv" or f[4]]
     if odd:
         out.append(Finding(t, "refuse", "conv / fan_in_fan_out layers do not exist in llama.cpp models", "none", odd))
@@ -274,11 +267,7 @@ def _check_kohya(adapter: Adapter) -> list[Finding]:
     t = "kohya"
     out = _common(adapter, t, own=("kohya",))
     facts = {m.name: _lora_facts(m) for m in adapter}
-    dora = [n for n, f in facts.items() if f[2]]
-    if dora:
-        out.append(
-            Finding(t, "refuse", "DoRA: kohya/LyCORIS dora_scale normalises along another axis than PEFT's magnitude", "none", dora)
-        )
+    _dora(out, t, facts, "kohya/LyCORIS dora_scale normalises along another axis than PEFT's magnitude", "none")
     rs = [m.name for m in adapter if m.encoding == "lora" and m.params.get("rslora")]
     if rs:
         out.append(
