@@ -10,6 +10,7 @@ import click
 
 from ..codecs import codec_ids
 from ..convert import TARGETS
+from ..linalg.allocate import WEIGHTINGS
 from . import output as out
 
 HEADERS = ("module", "old rank", "new rank", "retained", "rel. error", "bytes before", "bytes after", "note")
@@ -111,7 +112,7 @@ def report_lines(r: dict[str, Any], per_module: bool) -> list[str]:
 @click.option("--modules", metavar="REGEX", help="Only modules whose name matches (re.search); others are copied unchanged.")
 @click.option(
     "--weighting",
-    type=click.Choice(("absolute", "relative")),
+    type=click.Choice(WEIGHTINGS),
     default="absolute",
     show_default=True,
     help="Budget maximises total ‖ΔW‖² kept, or each module's kept fraction.",
