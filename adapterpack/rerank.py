@@ -164,7 +164,7 @@ def module_spectrum(module: Module) -> tuple[Spectrum, Factors]:
     f = module.factors()
     if module.encoding == "svd":
         s = singular_values(module)
-        return Spectrum(U=np.asarray(module.array("Ut"), np.float64).T, S=s, Vt=np.asarray(module.array("Vt"), np.float64)), f
+        return Spectrum.from_vectors(np.asarray(module.array("Ut"), np.float64).T, s, np.asarray(module.array("Vt"), np.float64)), f
     return spectrum_of(f, where=f"module {module.name!r}"), f
 
 
@@ -288,10 +288,11 @@ def _record(p: ModulePlan, w: _Work, encoding: str) -> Module:
         return from_spectrum(p.name, w.spectrum, w.factors, rank=p.stored_rank, dtype=w.dtype)
     r, sp = p.new_rank, w.spectrum
     root = np.sqrt(sp.S[:r])
-    a = np.zeros((p.stored_rank, sp.Vt.shape[1]))
-    b = np.zeros((sp.U.shape[0], p.stored_rank))
-    a[:r] = root[:, None] * sp.Vt[:r]
-    b[:, :r] = sp.U[:, :r] * root[None, :]
+    u, vt = sp.vectors(r)
+    a = np.zeros((p.stored_rank, sp.shape[1]))
+    b = np.zeros((sp.shape[0], p.stored_rank))
+    a[:r] = root[:, None] * vt
+    b[:, :r] = u * root[None, :]
     f = Factors(A=a, B=b, scale=1.0, base_shape=w.factors.base_shape, transpose=w.factors.transpose, layout=w.factors.layout)
     return lora_from_factors(p.name, f, dtype=w.dtype)
 

@@ -24,13 +24,6 @@ from .linalg.lowrank import Spectrum, spectrum_of
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
 
 
-def _values_only(s: np.ndarray, m: int, n: int) -> Spectrum:
-    """A :class:`Spectrum` carrying only S (U and Vt are zero-size-in-memory placeholders of the
-    right shapes), so ranks follow the one rule set in :mod:`adapterpack.linalg.lowrank`."""
-    k = int(s.size)
-    return Spectrum(U=np.broadcast_to(np.float64(0), (m, k)), S=s, Vt=np.broadcast_to(np.float64(0), (k, n)))
-
-
 def _is_dora(module: Module) -> bool:
     return module.encoding == "lora" and bool(module.params.get("dora", False))
 
@@ -38,14 +31,14 @@ def _is_dora(module: Module) -> bool:
 def module_spectrum(module: Module) -> Spectrum:
     """The exact SVD of ``module``'s 2-D ΔW (in the factors' [out, in] orientation).
 
-    For ``svd`` records only S is read: U and Vt of the result are placeholders (shapes right,
-    values zero) — use :func:`adapterpack.encodings.lower.at_rank` for their truncations.
+    For ``svd`` records only S is read (the result holds values only) — use
+    :func:`adapterpack.encodings.lower.at_rank` for their truncations.
     """
     if module.encoding == "svd":
         module.implementation.validate(module)
         s = singular_values(module)
         (_, ut), (_, vt) = tensor_info(module.tensors["Ut"]), tensor_info(module.tensors["Vt"])
-        return _values_only(s, int(ut[1]), int(vt[1]))
+        return Spectrum.values_only(s, (int(ut[1]), int(vt[1])))
     return spectrum_of(module.factors(), where=f"module {module.name!r}")
 
 
@@ -69,14 +62,14 @@ class ModuleSpectrum:
             module=module.name,
             encoding=module.encoding,
             rank=int(rank) if rank is not None else int(sp.S.size),
-            shape=(int(sp.U.shape[0]), int(sp.Vt.shape[1])),
+            shape=sp.shape,
             singular_values=np.asarray(sp.S, dtype=np.float64),
             dora=_is_dora(module),
         )
 
     @property
     def _sp(self) -> Spectrum:
-        return _values_only(self.singular_values, *self.shape)
+        return Spectrum.values_only(self.singular_values, self.shape)
 
     @property
     def energy(self) -> float:

@@ -81,6 +81,30 @@ def test_rank_deficient_and_zero_factors() -> None:
     assert zero.energy == 0.0 and zero.numerical_rank() == 0 and zero.rank_for_energy(0.99) == 0 and zero.rel_error(0) == 0.0
 
 
+@pytest.mark.parametrize("cond", [1e4, 1e12])
+def test_vectors_stay_orthonormal_and_exact_for_ill_conditioned_and_zero_columns(cond: float) -> None:
+    """The reflector product (Q never formed) keeps U, V orthonormal whatever B's condition; a column
+    of B or Aᵀ that is exactly zero (LAPACK's τ = 0: no compact form) takes the plain path."""
+    rng = np.random.default_rng(7)
+    m, n, r = 300, 120, 16
+    qu, _ = np.linalg.qr(rng.standard_normal((m, r)))
+    b = (qu * np.logspace(0, -np.log10(cond), r)) @ np.linalg.qr(rng.standard_normal((r, r)))[0]
+    a = rng.standard_normal((r, n))
+    for bb, aa in ((b, a), (np.concatenate([np.zeros((m, 1)), b[:, 1:]], axis=1), a)):
+        sp = factors_svd(aa, bb, 0.5)
+        d = 0.5 * bb @ aa
+        s = np.linalg.svd(d, compute_uv=False)
+        np.testing.assert_allclose(sp.S, s[:r], rtol=0, atol=1e-12 * s[0])
+        u, vt = sp.vectors()
+        np.testing.assert_allclose(u.T @ u, np.eye(r), atol=1e-13)
+        np.testing.assert_allclose(vt @ vt.T, np.eye(r), atol=1e-13)
+        np.testing.assert_allclose(u * sp.S @ vt, d, rtol=0, atol=1e-12 * s[0])
+        u3, vt3 = sp.vectors(3)  # a leading rank is exactly the first columns of the full set
+        assert u3.shape == (m, 3) and vt3.shape == (3, n)
+        np.testing.assert_allclose(u3, u[:, :3], rtol=0, atol=1e-14)
+        np.testing.assert_allclose(vt3, vt[:3], rtol=0, atol=1e-14)
+
+
 def test_low_precision_inputs_are_decomposed_in_float64() -> None:
     rng = np.random.default_rng(2)
     for dt in (np.float16, ml_dtypes.bfloat16):

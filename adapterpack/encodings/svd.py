@@ -132,6 +132,7 @@ def from_spectrum(
         raise ConversionError(f"module {name!r}: svd vectors must be a float dtype, not {row.name}")
     s_dtype = s_dtype or s_dtype_for(row.name)
     np_dt, s_dt = row.numpy, dtypes.by_name(s_dtype).numpy
+    u, vt = spectrum.vectors(k)
     params: dict[str, Any] = {"rank": k}
     if factors.layout != "linear":
         params["layout"] = factors.layout
@@ -144,7 +145,7 @@ def from_spectrum(
         params,
         {
             "S": np.ascontiguousarray(spectrum.S[:k]).astype(s_dt),
-            "Ut": np.ascontiguousarray(spectrum.U[:, :k].T).astype(np_dt),
-            "Vt": np.ascontiguousarray(spectrum.Vt[:k]).astype(np_dt),
+            "Ut": np.ascontiguousarray(u.T).astype(np_dt),
+            "Vt": np.ascontiguousarray(vt).astype(np_dt),
         },
     )

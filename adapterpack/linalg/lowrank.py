@@ -5,24 +5,60 @@ the r×r core ``s·R_b R_aᵀ = U_c Σ V_cᵀ`` gives ``U = Q_b U_c`` and ``Vᵀ
 core is decomposed, so a 4096×4096 rank-16 product costs milliseconds instead of the seconds a
 dense SVD takes. Everything is computed in binary64, whatever the factors' dtype: singular values
 agree with a dense float64 SVD of ΔW to ~1e-15 relative to σ₁ (tests check against ``np.linalg.svd``).
+
+Q_b and Q_a are never formed: LAPACK's ``geqrf`` leaves them as Householder reflectors, and the
+singular vectors of a rank-j truncation are products of those with the first j columns of U_c
+(O(m·r·j) plus one O(m·r²) Gram product). Choosing ranks needs only S, so re-ranking r=64 to 8 pays for 8 vectors, not 64
+(forming Q as ``np.linalg.qr`` does was two thirds of a re-rank's time).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import ConversionError
 
+Vectors = Callable[[int], "tuple[np.ndarray, np.ndarray]"]
+
 
 @dataclass(frozen=True)
 class Spectrum:
-    """ΔW = U · diag(S) · Vt, singular values descending (k = min(r, m, n) of them, zeros kept)."""
+    """ΔW = U · diag(S) · Vt of an m×n matrix, singular values descending (k = min(r, m, n), zeros
+    kept); the singular vectors of any leading rank come from :meth:`vectors` on demand."""
 
-    U: np.ndarray  # [m, k] orthonormal columns
     S: np.ndarray  # [k] descending, >= 0
-    Vt: np.ndarray  # [k, n] orthonormal rows
+    shape: tuple[int, int]  # (m, n) of ΔW
+    _vectors: Vectors | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_vectors(cls, U: np.ndarray, S: np.ndarray, Vt: np.ndarray) -> Spectrum:
+        """A spectrum whose vectors are already known (an svd record's, or a dense SVD's)."""
+        return cls(S=S, shape=(int(U.shape[0]), int(Vt.shape[1])), _vectors=lambda j: (U[:, :j], Vt[:j]))
+
+    @classmethod
+    def values_only(cls, S: np.ndarray, shape: tuple[int, int]) -> Spectrum:
+        """Singular values without vectors (``vectors`` raises): enough for every rank rule."""
+        return cls(S=S, shape=(int(shape[0]), int(shape[1])))
+
+    def vectors(self, rank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(U [m, j], Vt [j, n])`` of the leading ``j = min(rank, k)`` triplets (all k by default)."""
+        if self._vectors is None:
+            raise ConversionError("this spectrum holds singular values only, not vectors")
+        k = int(self.S.size)
+        return self._vectors(k if rank is None else max(0, min(int(rank), k)))
+
+    @property
+    def U(self) -> np.ndarray:
+        """All k left singular vectors ``[m, k]`` (prefer :meth:`vectors` with the rank you keep)."""
+        return self.vectors()[0]
+
+    @property
+    def Vt(self) -> np.ndarray:
+        """All k right singular vectors ``[k, n]``."""
+        return self.vectors()[1]
 
     @property
     def energy(self) -> float:
@@ -44,7 +80,7 @@ class Spectrum:
         """Singular values above ``rtol·σ₁`` (default: k·eps64, numpy's matrix_rank rule); 0 for a zero matrix."""
         if self.S.size == 0 or self.S[0] == 0.0:
             return 0
-        tol = (rtol if rtol is not None else max(self.U.shape[0], self.Vt.shape[1]) * np.finfo(np.float64).eps) * self.S[0]
+        tol = (rtol if rtol is not None else max(self.shape) * np.finfo(np.float64).eps) * self.S[0]
         return int(np.count_nonzero(self.S > tol))
 
     def rank_for_energy(self, fraction: float) -> int:
@@ -56,6 +92,46 @@ class Spectrum:
         # exact comparison on the cumulative sum; the tolerance absorbs rounding of fraction·total at 1.0
         need = fraction * total * (1.0 - 4 * np.finfo(np.float64).eps)
         return int(min(np.searchsorted(cum, need, side="left") + 1, self.S.size))
+
+
+class _ThinQ:
+    """The thin QR ``X = Q R`` of an [m, r] binary64 matrix, Q kept as Householder reflectors.
+
+    ``np.linalg.qr(mode="raw")`` is LAPACK's geqrf: the reflectors ``v_i`` (unit diagonal, below R)
+    and ``τ_i``. Their product is ``Q = I − V T Vᵀ`` with ``T⁻¹ = striu(VᵀV) + diag(1/τ)`` (the
+    compact WY / UT form; ``τ_i = 2/‖v_i‖²``), so ``Q @ c`` is three small products and one r×r
+    solve. A reflector with ``τ_i = 0`` (an exactly zero column below the diagonal, e.g. an
+    untrained zero B) has no such form; then Q is formed the plain way.
+    """
+
+    def __init__(self, x: np.ndarray) -> None:
+        m, r = x.shape
+        self.m, self.p = m, min(m, r)
+        self._q: np.ndarray | None = None
+        if self.p == 0:
+            self.R = np.zeros((0, r))
+            return
+        h, tau = np.linalg.qr(x, mode="raw")  # h: geqrf's [m, r] output, transposed
+        lower = h.T
+        self.R = np.triu(lower[: self.p])  # [p, r]
+        if np.all(tau != 0.0):
+            v = np.tril(lower[:, : self.p], -1)
+            v[np.arange(self.p), np.arange(self.p)] = 1.0
+            self._v = v  # [m, p]
+            self._t_inv = np.triu(v.T @ v, 1) + np.diag(1.0 / tau)
+        else:
+            self._q = np.linalg.qr(x)[0]
+
+    def times(self, c: np.ndarray) -> np.ndarray:
+        """``Q @ c`` for ``c`` [p, j]: [m, j], without forming Q."""
+        if self._q is not None:
+            return self._q @ c
+        out = np.zeros((self.m, c.shape[1]))
+        if c.shape[1] == 0 or self.p == 0:
+            return out
+        out[: self.p] = c
+        out -= self._v @ np.linalg.solve(self._t_inv, self._v[: self.p].T @ c)
+        return out
 
 
 def _check_finite(x: np.ndarray, what: str, where: str) -> None:
@@ -71,17 +147,21 @@ def factors_svd(A: np.ndarray, B: np.ndarray, scale: float = 1.0, *, where: str 
     """
     if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
         raise ConversionError(f"{where}: factors A {list(A.shape)} and B {list(B.shape)} do not multiply")
-    a = np.asarray(A, dtype=np.float64)
     b = np.asarray(B, dtype=np.float64)
-    _check_finite(a, "A", where)
+    at = np.asarray(A, dtype=np.float64).T
+    _check_finite(at, "A", where)
     _check_finite(b, "B", where)
     if not np.isfinite(scale):
         raise ConversionError(f"{where}: scale {scale!r} is not finite")
-    qb, rb = np.linalg.qr(b)  # [m, p], [p, r]   p = min(m, r)
-    qa, ra = np.linalg.qr(a.T)  # [n, q], [q, r]  q = min(n, r)
-    core = float(scale) * (rb @ ra.T)  # [p, q]
+    qb = _ThinQ(b)  # R: [p, r]   p = min(m, r)
+    qa = _ThinQ(at)  # R: [q, r]  q = min(n, r)
+    core = float(scale) * (qb.R @ qa.R.T)  # [p, q]
     uc, s, vct = np.linalg.svd(core, full_matrices=False)
-    return Spectrum(U=qb @ uc, S=s, Vt=vct @ qa.T)
+
+    def vectors(j: int) -> tuple[np.ndarray, np.ndarray]:
+        return qb.times(uc[:, :j]), qa.times(vct[:j].T).T
+
+    return Spectrum(S=s, shape=(int(B.shape[0]), int(A.shape[1])), _vectors=vectors)
 
 
 def spectrum_of(factors: object, *, where: str = "module") -> Spectrum:

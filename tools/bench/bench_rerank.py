@@ -77,6 +77,9 @@ def _env(extra_path: list[Path]) -> dict[str, str]:
     env.update(ONE_THREAD)
     env["PYTHONPATH"] = os.pathsep.join(str(p) for p in extra_path)
     env["HF_HUB_OFFLINE"] = "1"
+    # imports use cached bytecode, as installed packages do (pip compiles them); a shell's
+    # PYTHONDONTWRITEBYTECODE would make every run recompile our modules
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
 
@@ -206,6 +209,8 @@ def bench_pair(label: str, src: Path, work: Path, rank: int, repeats: int, kohya
     if kohya:
         cmds["kohya resize_lora.py"] = lambda: run_kohya(src, outs["kohya resize_lora.py"], new_rank=rank)
     names = list(cmds)
+    for n in names:  # one discarded warm-up run each: bytecode caches written, page cache warm
+        cmds[n]()
     wall: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
