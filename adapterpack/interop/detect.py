@@ -33,7 +33,8 @@ def safetensors_keys(path: Path) -> list[str]:
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
-    """``"apack"``, ``"peft"`` or ``"kohya"``; UnrecognizedInputError otherwise."""
+    """``"apack"``, ``"peft"``, ``"kohya"`` or ``"diffusers"`` (component-prefixed keys: ``unet.….lora_A.weight``);
+    UnrecognizedInputError otherwise."""
     p = Path(path)
     if p.is_dir():
         if (p / "adapter_config.json").is_file():
@@ -51,6 +52,10 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             return "kohya"
         if any(".lora_A" in k or "lora_embedding_A" in k for k in keys) and (p.parent / "adapter_config.json").is_file():
             return "peft"
+        from .diffusers import looks_like_diffusers
+
+        if looks_like_diffusers(keys):
+            return "diffusers"
         raise UnrecognizedInputError(f"{p}: safetensors file with no LoRA tensors (lora_down/lora_up or lora_A/lora_B)")
     if p.name == "adapter_config.json" or ((p.parent / "adapter_config.json").is_file() and p.suffix in (".bin", ".safetensors")):
         return "peft"

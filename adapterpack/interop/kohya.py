@@ -9,8 +9,12 @@ modules are listed in ``source["no_alpha"]`` / ``source["notes"]``.
 Names: a kohya name is ``<prefix>_<module path with "." replaced by "_">``, which cannot be
 undone. On export we write the safetensors metadata key ``adapterpack.module_names`` (JSON,
 kohya name → dotted module name) and use it on import; without it the module keeps its kohya
-name. Export names: a module name recorded from a kohya import keeps its original kohya name;
-a name without dots is taken as a kohya name already; any other (e.g. PEFT's
+name (:class:`~.sd_names.NameResolver` turns kohya names into diffusers paths, exactly, for a
+diffusers export). Export names: a module name recorded from a kohya import keeps its original
+kohya name; a name without dots is taken as a kohya name already; a diffusers module name gets
+kohya's prefix for its component (``unet.…`` → ``lora_unet_…``, ``text_encoder.…`` → ``lora_te_…``,
+or ``lora_te1_`` / ``lora_te2_`` when the adapter has a ``text_encoder_2``, ``transformer.…`` →
+``lora_transformer_…``; :func:`~.sd_names.kohya_name_of`); any other (e.g. PEFT's
 ``model.layers.0.self_attn.q_proj``) becomes ``lora_unet_model_layers_0_self_attn_q_proj``
 (``prefix`` argument, default ``lora_unet``). kohya's tools (``resize_lora.py``, the loaders)
 only look at the ``lora_down`` / ``lora_up`` / ``alpha`` keys.
@@ -48,6 +52,7 @@ from ..errors import AdapterpackError, ConversionError, InputError, RecordError
 from . import source as src_
 from .export import StateDict, lora_records, pass_through
 from .peft import read_safetensors
+from .sd_names import kohya_name_of, numbered_text_encoders
 
 DEFAULT_PREFIX = "lora_unet"
 META_NAMES = "adapterpack.module_names"
@@ -283,14 +288,16 @@ def kohya_state(
     prefix = prefix or DEFAULT_PREFIX
     names: dict[str, str] = {}
     mparams: dict[str, dict[str, Any]] = {}
-    for m in lora_records(adapter, "kohya"):
+    records = lora_records(adapter, "kohya")
+    numbered = numbered_text_encoders(m.name for m in records)
+    for m in records:
         p = m.params
         if p.get("dora", False):
             raise ConversionError(
                 f"module {m.name!r} is DoRA; kohya/LyCORIS dora_scale normalises differently from PEFT's magnitude, "
                 "so it cannot be exported faithfully"
             )
-        k = recorded.get(m.name) or kohya_name(m.name, prefix)
+        k = recorded.get(m.name) or kohya_name_of(m.name, numbered) or kohya_name(m.name, prefix)
         if k != m.name:
             names[k] = m.name
         a, b = state.cast(m.array("A"), f"module {m.name!r} tensor 'A'"), state.cast(m.array("B"), f"module {m.name!r} tensor 'B'")
