@@ -290,8 +290,10 @@ def test_sd15_text_encoder_and_kohya_names() -> None:
 @pytest.mark.parametrize(
     ("kohya", "message"),
     [
-        ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "not a diffusers unet module path"),
-        ("lora_unet_double_blocks_0_img_attn_qkv", "not a diffusers unet module path"),
+        ("lora_unet_double_blocks_0_img_attn_qkv", "not a diffusers unet module path nor an SDXL UNet one"),
+        ("lora_unet_output_blocks_8_1_proj_in", "nor an SDXL UNet one"),  # SDXL's last up level has no attention
+        ("lora_unet_input_blocks_1_1_proj_in", "nor an SDXL UNet one"),  # nor its first down level
+        ("lora_unet_input_blocks_12_0_op", "nor an SDXL UNet one"),
         ("lora_te3_encoder_block_0_layer_0_SelfAttention_q", "T5"),
         ("lycoris_down_blocks_0_attentions_0_proj_in", "not a kohya Stable Diffusion name"),
     ],
@@ -325,6 +327,38 @@ def test_module_list_resolves_exactly(tmp_path: Path) -> None:
     assert sorted(load_st(tmp_path / "z.safetensors")[0]) == sorted(t)
     with pytest.raises(InputError, match="not a diffusers pipeline folder"):
         write_diffusers(ad, tmp_path / "z2.safetensors", base=tmp_path)
+
+
+#: kohya SDXL (SGM) module names and their diffusers paths, as sd-scripts' library/sdxl_model_util.py pairs them
+SDXL_PAIRS = {
+    "input_blocks_0_0": "conv_in",
+    "input_blocks_1_0_in_layers_2": "down_blocks.0.resnets.0.conv1",
+    "input_blocks_2_0_emb_layers_1": "down_blocks.0.resnets.1.time_emb_proj",
+    "input_blocks_3_0_op": "down_blocks.0.downsamplers.0.conv",
+    "input_blocks_4_0_skip_connection": "down_blocks.1.resnets.0.conv_shortcut",
+    "input_blocks_4_1_transformer_blocks_0_attn1_to_q": "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    "input_blocks_8_1_transformer_blocks_9_ff_net_0_proj": "down_blocks.2.attentions.1.transformer_blocks.9.ff.net.0.proj",
+    "middle_block_0_out_layers_3": "mid_block.resnets.0.conv2",
+    "middle_block_1_proj_out": "mid_block.attentions.0.proj_out",
+    "middle_block_2_emb_layers_1": "mid_block.resnets.1.time_emb_proj",
+    "output_blocks_0_1_transformer_blocks_3_attn2_to_out_0": "up_blocks.0.attentions.0.transformer_blocks.3.attn2.to_out.0",
+    "output_blocks_2_2_conv": "up_blocks.0.upsamplers.0.conv",
+    "output_blocks_5_0_skip_connection": "up_blocks.1.resnets.2.conv_shortcut",
+    "output_blocks_5_2_conv": "up_blocks.1.upsamplers.0.conv",
+    "output_blocks_8_0_in_layers_2": "up_blocks.2.resnets.2.conv1",
+    "time_embed_0": "time_embedding.linear_1",
+    "label_emb_0_2": "add_embedding.linear_2",
+    "out_2": "conv_out",
+}
+
+
+def test_kohya_sdxl_unet_names() -> None:
+    r = NameResolver()
+    for sgm, path in SDXL_PAIRS.items():
+        assert r.resolve(f"lora_unet_{sgm}") == f"unet.{path}", sgm
+    # with the base model's modules the same names resolve through its module list
+    rb = NameResolver([f"unet.{p}" for p in SDXL_PAIRS.values()])
+    assert all(rb.resolve(f"lora_unet_{sgm}") == f"unet.{p}" for sgm, p in SDXL_PAIRS.items())
 
 
 def test_grammar_refuses_ambiguity() -> None:

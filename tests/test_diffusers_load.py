@@ -13,13 +13,14 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin as XLLoader
 from safetensors.numpy import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from adapterpack import Adapter, Module
 from adapterpack.interop.diffusers import write_diffusers
 from adapterpack.interop.kohya import read_kohya
-from adapterpack.interop.sd_names import kohya_name_of
+from adapterpack.interop.sd_names import kohya_name_of, sdxl_sgm_path
 
 UNET_CONFIG = {
     "sample_size": 8,
@@ -32,6 +33,17 @@ UNET_CONFIG = {
     "cross_attention_dim": 8,
     "attention_head_dim": 2,
     "norm_num_groups": 4,
+}
+#: SDXL's UNet layout (3 levels, attention in down 1-2 / up 0-1, add_embedding), tiny
+SDXL_CONFIG = UNET_CONFIG | {
+    "layers_per_block": 2,
+    "block_out_channels": (8, 16, 16),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 2),
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 4,
+    "projection_class_embeddings_input_dim": 32,
 }
 RANKS = (1, 2, 3, 4, 6)
 ALPHAS = (1.0, 3.0, 0.5, 4.0, 7.0, 2.5)
@@ -160,3 +172,45 @@ def test_kohya_file_loads_with_kohyas_scales(unet: UNet2DConditionModel, tmp_pat
         ref = (alpha / r * (up.reshape(up.shape[0], r) @ down.reshape(r, -1))).reshape(tuple(layer.weight.shape))
         got = layer.get_delta_weight("x").detach().double().numpy()
         np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6 * np.abs(ref).max())
+
+
+def sgm_kohya_file(model: torch.nn.Module, path: Path, *, uniform: bool) -> dict[str, tuple[int, float]]:
+    """A kohya SDXL file naming every Linear / Conv2d of ``model`` by its SGM path; (rank, alpha) per module."""
+    rng = np.random.default_rng(4)
+    t: dict[str, np.ndarray] = {}
+    expect = {}
+    for i, (n, m) in enumerate(layers(model).items()):
+        sgm = sdxl_sgm_path(n)
+        assert sgm is not None, n
+        k = "lora_unet_" + sgm.replace(".", "_")
+        r, alpha = (2, 1.0) if uniform else (RANKS[i % len(RANKS)], ALPHAS[i % len(ALPHAS)])
+        w = tuple(m.weight.shape)
+        t[f"{k}.lora_down.weight"] = rng.standard_normal((r, *w[1:])).astype(np.float32)
+        t[f"{k}.lora_up.weight"] = (rng.standard_normal((w[0], r, *([1] * (len(w) - 2)))) * 0.05).astype(np.float32)
+        t[f"{k}.alpha"] = np.array(alpha, np.float32)
+        expect[n] = (r, alpha)
+    save_file(t, path)
+    return expect
+
+
+def test_kohya_sdxl_names_match_diffusers_own_mapping(tmp_path: Path) -> None:
+    """kohya's SDXL files name the UNet by SGM paths: our conversion puts every module's factors where
+    diffusers' own SGM conversion puts them (uniform alpha, which that conversion reads right), and with
+    per-module ranks and alphas diffusers loads our file with kohya's exact scales."""
+    torch.manual_seed(0)
+    base = UNet2DConditionModel(**SDXL_CONFIG).eval()
+    src, ours = tmp_path / "sdxl_kohya.safetensors", tmp_path / "pytorch_lora_weights.safetensors"
+    sgm_kohya_file(base, src, uniform=True)
+    theirs = copy.deepcopy(base)
+    state, alphas, metadata = XLLoader.lora_state_dict(str(src), unet_config=base.config, return_lora_metadata=True)
+    XLLoader.load_lora_into_unet(state, alphas, theirs, adapter_name="x", metadata=metadata)
+    write_diffusers(read_kohya(src), ours)
+    mine = load_unet(base, ours)
+    for n in layers(base):
+        assert torch.equal(mine.get_submodule(n).get_delta_weight("x"), theirs.get_submodule(n).get_delta_weight("x")), n
+    expect = sgm_kohya_file(base, src, uniform=False)
+    write_diffusers(read_kohya(src), ours)
+    mine = load_unet(base, ours)
+    for n, (r, alpha) in expect.items():
+        layer = mine.get_submodule(n)
+        assert layer.r["x"] == r and layer.scaling["x"] == alpha / r, n

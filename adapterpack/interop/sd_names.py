@@ -13,9 +13,12 @@ contain underscores themselves.
 pipeline folder's weights, or any list), a kohya name resolves only to the one module whose kohya
 name it is. Without them, the path is split by a grammar: every segment must be an index or a
 module attribute name diffusers' UNet2DConditionModel / CLIP text model / SD3-Flux transformer
-uses (:data:`VOCAB`), and the split must be unique. Anything else (kohya's SDXL UNet, which uses
-the original SGM names ``input_blocks_4_1_…``; Flux's BFL names ``double_blocks_…``; T5) is a
-:class:`~adapterpack.errors.ConversionError` naming the module, never a wrong key.
+uses (:data:`VOCAB`), and the split must be unique. kohya's SDXL files name the UNet by the original
+SGM model's paths (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``); those are split
+by the SGM names and mapped through SDXL's fixed block layout (:data:`SDXL_SGM`, the layout
+sd-scripts' ``library/sdxl_model_util.py`` converts by). Anything else (Flux's BFL names
+``double_blocks_…``; T5) is a :class:`~adapterpack.errors.ConversionError` naming the module,
+never a wrong key.
 """
 
 from __future__ import annotations
@@ -55,6 +58,10 @@ VOCAB: dict[str, frozenset[str]] = {
     "text_encoder_2": frozenset(_CLIP.split()),
     "transformer": frozenset(_TRANSFORMER.split()),
 }
+_SGM = """input_blocks middle_block output_blocks in_layers out_layers emb_layers skip_connection op time_embed label_emb
+out conv transformer_blocks attn1 attn2 to_q to_k to_v to_out ff net proj proj_in proj_out norm norm1 norm2 norm3"""
+#: Module names of the original (SGM/LDM) SDXL UNet that kohya's sd-scripts trains SDXL LoRAs on.
+SGM_VOCAB = frozenset(_SGM.split())
 #: CLIP text models that transformers now builds without the ``text_model`` wrapper start like this;
 #: kohya's names always carry ``text_model_``.
 _FLAT_CLIP = ("encoder.layers.", "embeddings.", "final_layer_norm")
@@ -130,6 +137,64 @@ def grammar_paths(flat: str, vocab: frozenset[str], limit: int = 2) -> list[str]
     return [".".join(w) for w in ways[0]]
 
 
+def _sdxl_table() -> dict[str, str]:
+    """SGM module path prefix → diffusers prefix for SDXL's UNet (3 levels, 2 resnets per down level and 3 per
+    up level; attention in down levels 1-2 and up levels 0-1; the resnet and embedding renames)."""
+    resnet = {"in_layers.0": "norm1", "in_layers.2": "conv1", "out_layers.0": "norm2", "out_layers.3": "conv2",
+              "emb_layers.1": "time_emb_proj", "skip_connection": "conv_shortcut"}  # fmt: skip
+    blocks: dict[str, str] = {"middle_block.1": "mid_block.attentions.0"}
+    for level in range(3):
+        for j in range(2):
+            blocks[f"input_blocks.{3 * level + j + 1}.0"] = f"down_blocks.{level}.resnets.{j}"
+            if level > 0:
+                blocks[f"input_blocks.{3 * level + j + 1}.1"] = f"down_blocks.{level}.attentions.{j}"
+        for j in range(3):
+            blocks[f"output_blocks.{3 * level + j}.0"] = f"up_blocks.{level}.resnets.{j}"
+            if level < 2:
+                blocks[f"output_blocks.{3 * level + j}.1"] = f"up_blocks.{level}.attentions.{j}"
+        if level < 2:
+            blocks[f"input_blocks.{3 * level + 3}.0.op"] = f"down_blocks.{level}.downsamplers.0.conv"
+            blocks[f"output_blocks.{3 * level + 2}.2.conv"] = f"up_blocks.{level}.upsamplers.0.conv"
+    for j in range(2):
+        blocks[f"middle_block.{2 * j}"] = f"mid_block.resnets.{j}"
+    table = {}
+    for sgm, hf in blocks.items():
+        if ".resnets." in hf:
+            table.update({f"{sgm}.{a}": f"{hf}.{b}" for a, b in resnet.items()})
+        else:
+            table[sgm] = hf
+    table.update({"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2"})
+    table.update({"label_emb.0.0": "add_embedding.linear_1", "label_emb.0.2": "add_embedding.linear_2"})
+    table.update({"input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"})
+    return table
+
+
+#: SDXL's UNet: SGM path prefix → diffusers path prefix, and back.
+SDXL_SGM = _sdxl_table()
+SDXL_DIFFUSERS = {hf: sgm for sgm, hf in SDXL_SGM.items()}
+
+
+def _swap_prefix(path: str, table: dict[str, str]) -> str | None:
+    """``path`` with its longest prefix (whole segments) found in ``table`` replaced, or None."""
+    parts = path.split(".")
+    for n in range(len(parts), 0, -1):
+        head = ".".join(parts[:n])
+        if head in table:
+            return ".".join([table[head], *parts[n:]])
+    return None
+
+
+def sdxl_diffusers_path(sgm: str) -> str | None:
+    """The diffusers UNet path of an SDXL SGM path (``input_blocks.4.1.proj_in`` → ``down_blocks.1.attentions.0.proj_in``)."""
+    hf = _swap_prefix(sgm, SDXL_SGM)
+    return hf if hf is not None and in_grammar("unet", hf) else None
+
+
+def sdxl_sgm_path(path: str) -> str | None:
+    """The SGM path of an SDXL diffusers UNet path, or None when it has none."""
+    return _swap_prefix(path, SDXL_DIFFUSERS)
+
+
 class NameResolver:
     """kohya names → diffusers module names (``component.path``), exactly or not at all.
 
@@ -147,6 +212,9 @@ class NameResolver:
                 k = kohya_name_of(m, numbered, any_transformer=True)
                 assert k is not None
                 self.known.setdefault(k, []).append(m)
+                sgm = sdxl_sgm_path(m[len("unet.") :]) if m.startswith("unet.") else None
+                if sgm is not None:  # kohya's SDXL files name the UNet's modules by its SGM paths
+                    self.known.setdefault(f"lora_unet_{sgm.replace('.', '_')}", []).append(m)
                 if k.startswith("lora_te1_"):  # SD 1.x files say lora_te_ for the same encoder
                     self.known.setdefault("lora_te_" + k[len("lora_te1_") :], []).append(m)
                 elif k.startswith("lora_te_"):
@@ -174,12 +242,14 @@ class NameResolver:
                 f"module {kohya!r}: {component} names (T5) are not mapped without the base model's module names (--base)"
             )
         paths = grammar_paths(flat, vocab)
+        if not paths and component == "unet":  # kohya's SDXL: SGM names, mapped by SDXL's fixed layout
+            paths = sorted({p for g in grammar_paths(flat, SGM_VOCAB, limit=8) if (p := sdxl_diffusers_path(g)) is not None})
         if len(paths) == 1:
             return f"{component}.{paths[0]}"
         if not paths:
             raise ConversionError(
-                f"module {kohya!r}: {flat!r} is not a diffusers {component} module path (kohya's SDXL UNet and Flux use "
-                "their own original names, which are not mapped); pass the base model (--base) to resolve names"
+                f"module {kohya!r}: {flat!r} is not a diffusers {component} module path nor an SDXL UNet one (Flux's "
+                "original names are not mapped); pass the base model (--base) to resolve names"
             )
         raise ConversionError(f"module {kohya!r}: ambiguous, {paths[0]!r} or {paths[1]!r}; pass the base model (--base)")
 
