@@ -87,3 +87,25 @@ def test_load_decodes_nola_files(tmp_path: Path) -> None:
     for m in mods:
         t = loaded[m.name]
         np.testing.assert_allclose((t.scale * t.B @ t.A).numpy(), m.delta(), rtol=1e-5, atol=1e-6)
+
+
+def test_load_generates_shared_bases_once_for_all_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``load`` hands every nola record to the bulk decoder: four same-shape modules sharing a seed
+    cost one generation per factor kind (2), not one per module and factor (8). Values agree with
+    decoding each alone up to float32 summation order (a batched product may block differently)."""
+    import adapterpack.torch.decoders.nola as tn
+
+    mods = [nola_module(f"layers.{i}.q") for i in range(4)]
+    path = tmp_path / "n.apack"
+    adapterpack.save(Adapter(modules={m.name: m for m in mods}), path, codec="raw")
+    calls = []
+    real_combine = tn.combine
+    monkeypatch.setattr(tn, "combine", lambda *a, **k: calls.append(a[:4]) or real_combine(*a, **k))
+    loaded = apt.load(path)
+    assert len(calls) == 2
+    assert list(loaded) == [m.name for m in mods]
+    for m in mods:
+        alone = decode_nola(m, torch.device("cpu"), None)
+        torch.testing.assert_close(loaded[m.name].A, alone.A, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(loaded[m.name].B, alone.B, rtol=1e-6, atol=1e-7)
+    assert torch.equal(apt.load(path)["layers.2.q"].A, loaded["layers.2.q"].A)  # the same file decodes the same

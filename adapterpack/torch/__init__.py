@@ -30,7 +30,7 @@ from ..api import open as open_adapter
 from ..errors import ConversionError
 from ..interop.detect import detect_format
 from .apply import Applied, apply, unapply
-from .decoders import TorchFactors, decode
+from .decoders import TorchFactors, decode_all
 from .decoders.base import as_2d
 from .mapped import load_apack
 from .tensors import TORCH_DTYPES, LoraTensors, lora_tensors, tensor, torch_device, torch_dtype
@@ -76,11 +76,11 @@ def load(
     if isinstance(path, Adapter):
         if rank is not None:
             raise ConversionError("rank= applies when opening a file; truncate an in-memory Adapter before loading it")
-        return {name: lora_tensors(decode(m, dev, want)) for name, m in path.modules.items()}
+        return {name: lora_tensors(f) for name, f in decode_all(path.modules.values(), dev, want).items()}
     if rank is None and detect_format(path) == "apack":
         return load_apack(path, dev, want, adapter, verify, zero_copy=zero_copy)
     with _open(path, adapter, verify, rank) as src:
-        return {name: lora_tensors(decode(m, dev, want)) for name, m in src.modules.items()}
+        return {name: lora_tensors(f) for name, f in decode_all(src.modules.values(), dev, want).items()}
 
 
 def _open(path: str | os.PathLike[str], adapter: str | None, verify: bool, rank: int | None) -> Adapter:

@@ -15,7 +15,7 @@ import torch
 
 from ..adapter import Module
 from ..container.reader import ApackReader
-from .decoders import decode, is_staged
+from .decoders import decode_all, is_staged
 from .staging import check_same_file, stage
 from .tensors import LoraTensors, lora_tensors
 
@@ -40,9 +40,10 @@ def load_apack(
         staged_names = [name for name, m in ad.modules.items() if is_staged(m.encoding)]
         wanted = [i for name in staged_names for i in refs[name].values()]
         tensors = stage(reader, f.fileno(), wanted, device, verify=verify, zero_copy=zero_copy, bounce=bounce)
-        out = {}
-        for name, m in ad.modules.items():
-            if name in refs and is_staged(m.encoding):
-                m = Module(m.name, m.encoding, m.base_shape, m.params, {s: tensors[i] for s, i in refs[name].items()})
-            out[name] = lora_tensors(decode(m, device, dtype))
-        return out
+        mods = [
+            Module(m.name, m.encoding, m.base_shape, m.params, {s: tensors[i] for s, i in refs[name].items()})
+            if name in refs and is_staged(m.encoding)
+            else m
+            for name, m in ad.modules.items()
+        ]
+        return {name: lora_tensors(f) for name, f in decode_all(mods, device, dtype).items()}

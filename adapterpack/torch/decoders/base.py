@@ -11,12 +11,16 @@ to the device, so every encoding in the numpy registry can be loaded with torch.
 loader may hand it a record whose slots are torch tensors already on the device (read from the
 file in a few large copies, see ``adapterpack.torch.staging``). Decoders registered without it
 get the record as opened, with numpy / lazily stored tensors, and do their own reading.
+
+``many=fn`` adds a bulk decoder, ``fn(modules, device, dtype) -> {name: TorchFactors}``, for
+encodings whose records share work (nola's generated bases): :func:`decode_all`, which every
+loader uses, hands it all records of that encoding at once.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +32,8 @@ from ..tensors import place, tensor
 
 #: ``fn(module, device, dtype) -> TorchFactors``.
 TorchDecoder = Callable[[Module, torch.device, "torch.dtype | None"], "TorchFactors"]
+#: ``fn(modules, device, dtype) -> {module name: TorchFactors}``.
+BulkDecoder = Callable[[list[Module], torch.device, "torch.dtype | None"], "dict[str, TorchFactors]"]
 
 
 @dataclass
@@ -58,16 +64,19 @@ class TorchFactors:
 class _Entry:
     fn: TorchDecoder
     staged: bool
+    many: BulkDecoder | None = None
 
 
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_torch_decoder(encoding_id: str, *, staged: bool = False) -> Callable[[TorchDecoder], TorchDecoder]:
-    """Decorator: make ``fn`` the torch decoder of ``encoding_id`` (see the module docstring for ``staged``)."""
+def register_torch_decoder(
+    encoding_id: str, *, staged: bool = False, many: BulkDecoder | None = None
+) -> Callable[[TorchDecoder], TorchDecoder]:
+    """Decorator: make ``fn`` the torch decoder of ``encoding_id`` (see the module docstring for ``staged`` and ``many``)."""
 
     def deco(fn: TorchDecoder) -> TorchDecoder:
-        _REGISTRY[encoding_id] = _Entry(fn, staged)
+        _REGISTRY[encoding_id] = _Entry(fn, staged, many)
         return fn
 
     return deco
@@ -113,6 +122,20 @@ def decode(module: Module, device: torch.device, dtype: torch.dtype | None) -> T
     except UnknownEncodingError as e:
         raise UnknownEncodingError(f"module {module.name!r}: {e}") from None
     return fn(module, device, dtype)
+
+
+def decode_all(modules: Iterable[Module], device: torch.device, dtype: torch.dtype | None) -> dict[str, TorchFactors]:
+    """:func:`decode` of every record, in order; records of an encoding with a bulk decoder go to it together."""
+    mods = list(modules)
+    bulk: dict[str, list[Module]] = {}
+    for m in mods:
+        entry = _REGISTRY.get(m.encoding)
+        if entry is not None and entry.many is not None:
+            bulk.setdefault(m.encoding, []).append(m)
+    done: dict[str, TorchFactors] = {}
+    for encoding_id, group in bulk.items():
+        done.update(_REGISTRY[encoding_id].many(group, device, dtype))  # type: ignore[misc]
+    return {m.name: done[m.name] if m.name in done else decode(m, device, dtype) for m in mods}
 
 
 def slot(module: Module, name: str, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:

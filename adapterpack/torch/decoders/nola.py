@@ -105,7 +105,7 @@ def decode_many(
     return out
 
 
-@register_torch_decoder("nola")
+@register_torch_decoder("nola", many=decode_many)
 def decode_nola(module: Module, device: torch.device, dtype: torch.dtype | None) -> TorchFactors:
     """One nola record's A ``[r, in]`` and B ``[out, r]`` generated and summed on ``device``."""
     return decode_many([module], device, dtype)[module.name]
