@@ -14,13 +14,17 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders import StableDiffusionLoraLoaderMixin as Loader
 from diffusers.loaders import StableDiffusionXLLoraLoaderMixin as XLLoader
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
 from safetensors.numpy import save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+import adapterpack
 from adapterpack import Adapter, Module
 from adapterpack.interop.diffusers import write_diffusers
 from adapterpack.interop.kohya import read_kohya
 from adapterpack.interop.sd_names import kohya_name_of, sdxl_sgm_path
+from tests.helpers_safetensors import assert_same_file
 
 UNET_CONFIG = {
     "sample_size": 8,
@@ -214,3 +218,34 @@ def test_kohya_sdxl_names_match_diffusers_own_mapping(tmp_path: Path) -> None:
     for n, (r, alpha) in expect.items():
         layer = mine.get_submodule(n)
         assert layer.r["x"] == r and layer.scaling["x"] == alpha / r, n
+
+
+def test_file_saved_by_diffusers_reads_exact(unet: UNet2DConditionModel, tmp_path: Path) -> None:
+    """A LoRA trained the diffusers way (PEFT LoraConfig with rank/alpha patterns, saved by
+    save_lora_weights with its metadata): our reader gives every module PEFT's rank and scale, and
+    the file comes back bit-exact through .apack."""
+    model = copy.deepcopy(unet)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1"],
+        rank_pattern={"attn2.to_k": 2, "^down_blocks.0.resnets.0.conv1": 6},
+        alpha_pattern={"to_v": 3, "conv1": 5},
+        init_lora_weights=False,
+    )
+    model.add_adapter(config, adapter_name="x")
+    Loader.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(model, adapter_name="x"), unet_lora_adapter_metadata=config.to_dict()
+    )
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    ad = adapterpack.interop.diffusers.read_diffusers(path)
+    lora_layers = {n: m for n, m in model.named_modules() if hasattr(m, "scaling") and "x" in m.scaling}
+    assert sorted(ad.modules) == sorted(f"unet.{n}" for n in lora_layers)
+    assert len({m.summary()["scale"] for m in ad}) > 2
+    for n, layer in lora_layers.items():
+        m = ad.modules[f"unet.{n}"]
+        assert m.params["rank"] == layer.r["x"] and m.summary()["scale"] == layer.scaling["x"], n
+    adapterpack.save(ad, tmp_path / "d.apack")
+    with adapterpack.open(tmp_path / "d.apack") as back:
+        write_diffusers(back, tmp_path / "again.safetensors")
+    assert_same_file(path, tmp_path / "again.safetensors")
