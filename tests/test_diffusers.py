@@ -225,6 +225,31 @@ def test_old_key_forms_and_alpha_tensors(tmp_path: Path) -> None:
         assert alpha / r == m.summary()["scale"]
 
 
+def test_current_keys_with_alpha_tensors_roundtrip(tmp_path: Path) -> None:
+    """PEFT-style keys with kohya-style .alpha tensors and no metadata: alpha/r read, the file rebuilt bit for bit;
+    once the alpha changes, the stale tensor is dropped and metadata carries the new scale."""
+    rng = np.random.default_rng(11)
+    t = {
+        f"{UNET_Q}.lora_A.weight": rnd(rng, 4, 16, dtype=np.float16),
+        f"{UNET_Q}.lora_B.weight": rnd(rng, 16, 4, dtype=np.float16),
+        f"{UNET_Q}.alpha": np.array(1.0, np.float16),
+        f"{UNET_OUT}.lora_A.weight": rnd(rng, 2, 16, dtype=np.float16),
+        f"{UNET_OUT}.lora_B.weight": rnd(rng, 16, 2, dtype=np.float16),
+    }
+    src = tmp_path / "a.safetensors"
+    save_file(t, src)
+    ad = read_diffusers(src)
+    assert ad.modules[UNET_Q].summary()["scale"] == 0.25 and ad.modules[UNET_OUT].summary()["scale"] == 1.0
+    write_diffusers(ad, tmp_path / "b.safetensors")
+    assert_same_file(src, tmp_path / "b.safetensors")
+    ad.modules[UNET_Q].params["alpha"] = 3.0
+    write_diffusers(ad, tmp_path / "c.safetensors")
+    tc, mc = load_st(tmp_path / "c.safetensors")
+    assert f"{UNET_Q}.alpha" not in tc
+    assert peft_values(component_configs(mc or {})["unet"], UNET_Q.partition(".")[2]) == (4, 3.0)
+    assert read_diffusers(tmp_path / "c.safetensors").modules[UNET_Q].summary()["scale"] == 0.75
+
+
 def test_kohya_to_diffusers_to_kohya(tmp_path: Path) -> None:
     """An SDXL kohya file: names resolve to diffusers paths, scales stay exact, names and alphas come back."""
     rng = np.random.default_rng(5)
@@ -425,6 +450,7 @@ def _save(tmp_path: Path, t: dict[str, np.ndarray], md: dict[str, Any] | str | N
         ("meta_json", "is not valid JSON"),
         ("meta_regex", "not a valid regular expression"),
         ("meta_type", "r must be an integer"),
+        ("meta_pattern", "rank_pattern must map patterns to integers"),
         ("alpha_shape", "alpha must be a single number"),
         ("two_forms", "stored under two key forms"),
         ("nothing", "no diffusers LoRA modules"),
@@ -448,6 +474,8 @@ def test_read_errors(tmp_path: Path, case: str, message: str) -> None:
         md = {"unet.r": 2, "unet.lora_alpha": 2, "unet.alpha_pattern": {"(": 1}}
     elif case == "meta_type":
         md = {"unet.r": "2", "unet.lora_alpha": 2}
+    elif case == "meta_pattern":
+        md = {"unet.r": 2, "unet.lora_alpha": 2, "unet.rank_pattern": {"to_q": 2.5}}
     elif case == "alpha_shape":
         t[f"{UNET_Q}.alpha"] = np.ones(2, np.float32)
     elif case == "two_forms":

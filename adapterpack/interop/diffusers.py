@@ -121,10 +121,13 @@ def _metadata(meta: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:
         r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
         if not (isinstance(r, int) and not isinstance(r, bool) and r >= 1) or not src_.is_number(alpha):
             raise InputError(f"{where}: r must be an integer >= 1 and lora_alpha a number, got {r!r}, {alpha!r}")
-        for name in ("rank_pattern", "alpha_pattern"):
-            pats = cfg.get(name) or {}
-            if not isinstance(pats, dict) or not all(src_.is_number(v) and not isinstance(v, bool) for v in pats.values()):
-                raise InputError(f"{where}: {name} must map patterns to numbers")
+        ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        if not isinstance(ranks, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in ranks.values()
+        ):
+            raise InputError(f"{where}: rank_pattern must map patterns to integers >= 1")
+        if not isinstance(alphas, dict) or not all(src_.is_number(v) for v in alphas.values()):
+            raise InputError(f"{where}: alpha_pattern must map patterns to numbers")
         if not isinstance(cfg.get("use_rslora", False), bool) or not isinstance(cfg.get("use_dora", False), bool):
             raise InputError(f"{where}: use_rslora / use_dora must be true or false")
     return out
@@ -207,11 +210,11 @@ def read_diffusers(path: str | os.PathLike[str]) -> Adapter:
             )
         akey = f"{stems[name]}.alpha"
         mod, alpha_info = _module(path, name, tensors[g["A"]], tensors[g["B"]], tensors.get(akey), configs)
-        if (g["A"], g["B"]) != (f"{name}.lora_A.weight", f"{name}.lora_B.weight"):
+        if (g["A"], g["B"]) != (f"{name}.lora_A.weight", f"{name}.lora_B.weight") or alpha_info is not None:
             key_forms[name] = {"A": g["A"], "B": g["B"]}
         if alpha_info is not None:
             alpha_tensors[name] = alpha_info
-            key_forms.setdefault(name, {})["alpha"] = akey
+            key_forms[name]["alpha"] = akey
         component, sub = split_component(name) or ("", "")
         cfg = configs.get(component)
         if cfg is None and mod.params["alpha"] != mod.params["rank"]:
