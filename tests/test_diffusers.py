@@ -386,6 +386,35 @@ def test_kohya_sdxl_unet_names() -> None:
     assert all(rb.resolve(f"lora_unet_{sgm}") == f"unet.{p}" for sgm, p in SDXL_PAIRS.items())
 
 
+def test_kohya_export_sdxl_sgm_names(tmp_path: Path) -> None:
+    """SDXL kohya file (SGM names) → diffusers → kohya with sdxl_sgm: kohya's original names again."""
+    rng = np.random.default_rng(12)
+    t: dict[str, np.ndarray] = {}
+    for sgm in SDXL_PAIRS:
+        t[f"lora_unet_{sgm}.lora_down.weight"] = rnd(rng, 2, 8, dtype=np.float16)
+        t[f"lora_unet_{sgm}.lora_up.weight"] = rnd(rng, 8, 2, dtype=np.float16)
+        t[f"lora_unet_{sgm}.alpha"] = np.array(1.0, np.float16)
+    t[f"{KOHYA[TE2_V]}.lora_down.weight"] = rnd(rng, 2, 8, dtype=np.float16)
+    t[f"{KOHYA[TE2_V]}.lora_up.weight"] = rnd(rng, 8, 2, dtype=np.float16)
+    t[f"{KOHYA[TE2_V]}.alpha"] = np.array(0.5, np.float16)
+    src = tmp_path / "sdxl.safetensors"
+    save_file(t, src)
+    write_diffusers(read_kohya(src), tmp_path / "d.safetensors")
+    ad = read_diffusers(tmp_path / "d.safetensors")
+    assert sorted(ad.modules) == sorted([*(f"unet.{p}" for p in SDXL_PAIRS.values()), TE2_V])
+    write_kohya(ad, tmp_path / "k.safetensors", sdxl_sgm=True)
+    tk, _ = load_st(tmp_path / "k.safetensors")
+    assert sorted(tk) == sorted(t)
+    assert all(bits(tk[k]) == bits(t[k]) for k in t)
+    write_kohya(ad, tmp_path / "plain.safetensors")
+    assert (
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.alpha" in load_st(tmp_path / "plain.safetensors")[0]
+    )
+    sd15 = Adapter(modules={UNET_Q: lora(UNET_Q, rng, 8, 8, 2, 2.0)})  # SD 1.x: attention in down level 0
+    with pytest.raises(ConversionError, match="has no SDXL UNet"):
+        write_kohya(sd15, tmp_path / "x.safetensors", sdxl_sgm=True)
+
+
 def test_grammar_refuses_ambiguity() -> None:
     assert grammar_paths("a_b_0_c", frozenset({"a", "b", "a_b", "c"})) == ["a.b.0.c", "a_b.0.c"]
     assert grammar_paths("to_out_0", frozenset({"to_out"})) == ["to_out.0"]

@@ -52,7 +52,7 @@ from ..errors import AdapterpackError, ConversionError, InputError, RecordError
 from . import source as src_
 from .export import StateDict, lora_records, pass_through
 from .peft import read_safetensors
-from .sd_names import kohya_name_of, numbered_text_encoders
+from .sd_names import kohya_name_of, numbered_text_encoders, sdxl_sgm_path
 
 DEFAULT_PREFIX = "lora_unet"
 META_NAMES = "adapterpack.module_names"
@@ -235,6 +235,18 @@ def _module(
 # --- writing ---------------------------------------------------------------------------------
 
 
+def sgm_name(name: str) -> str | None:
+    """kohya's SDXL name of a diffusers UNet module (``unet.down_blocks.1.attentions.0.proj_in`` →
+    ``lora_unet_input_blocks_4_1_proj_in``); None for other components; ConversionError for a UNet
+    path SDXL's layout does not have."""
+    if not name.startswith("unet."):
+        return None
+    sgm = sdxl_sgm_path(name[len("unet.") :])
+    if sgm is None:
+        raise ConversionError(f"module {name!r} has no SDXL UNet (SGM) name; export without sdxl_sgm")
+    return "lora_unet_" + sgm.replace(".", "_")
+
+
 def _alpha_tensor(m: Module, no_alpha: list[str], recorded: dict[str, Any], a_dtype: np.dtype) -> np.ndarray | None:
     """The alpha tensor to write for ``m``; None to leave it out (kohya: alpha = rank).
 
@@ -276,9 +288,14 @@ def _recorded_alpha(info: dict[str, Any], alpha: float, implied: bool) -> np.nda
 
 
 def kohya_state(
-    adapter: Adapter, *, prefix: str | None = None, dtype: str | None = None, drop_tensors: bool = False
+    adapter: Adapter,
+    *,
+    prefix: str | None = None,
+    dtype: str | None = None,
+    drop_tensors: bool = False,
+    sdxl_sgm: bool = False,
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The tensors and metadata a kohya export writes."""
+    """The tensors and metadata a kohya export writes (``sdxl_sgm``: see :func:`write_kohya`)."""
     state = StateDict(dtype, "kohya")
     src = src_.provenance(adapter, "kohya")
     recorded = src_.str_map(adapter, src, "kohya_names")
@@ -297,7 +314,8 @@ def kohya_state(
                 f"module {m.name!r} is DoRA; kohya/LyCORIS dora_scale normalises differently from PEFT's magnitude, "
                 "so it cannot be exported faithfully"
             )
-        k = recorded.get(m.name) or kohya_name_of(m.name, numbered) or kohya_name(m.name, prefix)
+        k = recorded.get(m.name) or (sgm_name(m.name) if sdxl_sgm else None)
+        k = k or kohya_name_of(m.name, numbered) or kohya_name(m.name, prefix)
         if k != m.name:
             names[k] = m.name
         a, b = state.cast(m.array("A"), f"module {m.name!r} tensor 'A'"), state.cast(m.array("B"), f"module {m.name!r} tensor 'B'")
@@ -343,16 +361,20 @@ def write_kohya(
     prefix: str | None = None,
     dtype: str | None = None,
     drop_tensors: bool = False,
+    sdxl_sgm: bool = False,
 ) -> Path:
     """Write ``adapter`` as a kohya LoRA ``.safetensors`` file, atomically.
 
     ``prefix`` names dotted modules (default ``lora_unet``); ``dtype`` casts float tensors;
     ``drop_tensors`` leaves out pass-through tensors of a non-kohya origin (PEFT
-    ``modules_to_save`` weights), which are refused otherwise.
+    ``modules_to_save`` weights), which are refused otherwise. ``sdxl_sgm`` names an SDXL UNet's
+    diffusers modules by the original SGM paths, as kohya's sd-scripts names SDXL LoRAs
+    (``lora_unet_input_blocks_4_1_…``; default: the diffusers paths, ``lora_unet_down_blocks_1_…``,
+    which ComfyUI and diffusers also read).
     """
     from safetensors.numpy import save
 
-    tensors, meta = kohya_state(adapter, prefix=prefix, dtype=dtype, drop_tensors=drop_tensors)
+    tensors, meta = kohya_state(adapter, prefix=prefix, dtype=dtype, drop_tensors=drop_tensors, sdxl_sgm=sdxl_sgm)
     data = save(tensors, metadata=meta or None)
     with atomic_file(path) as f:
         f.write(data)
