@@ -14,7 +14,8 @@ diffusers export). Export names: a module name recorded from a kohya import keep
 kohya name; a name without dots is taken as a kohya name already; a diffusers module name gets
 kohya's prefix for its component (``unet.…`` → ``lora_unet_…``, ``text_encoder.…`` → ``lora_te_…``,
 or ``lora_te1_`` / ``lora_te2_`` when the adapter has a ``text_encoder_2``, ``transformer.…`` →
-``lora_transformer_…``; :func:`~.sd_names.kohya_name_of`); any other (e.g. PEFT's
+``lora_transformer_…``; :func:`~.sd_names.kohya_name_of`; ``sdxl_sgm=True``: an SDXL UNet by its
+SGM paths, ``lora_unet_input_blocks_4_1_…``, as sd-scripts names SDXL LoRAs); any other (e.g. PEFT's
 ``model.layers.0.self_attn.q_proj``) becomes ``lora_unet_model_layers_0_self_attn_q_proj``
 (``prefix`` argument, default ``lora_unet``). kohya's tools (``resize_lora.py``, the loaders)
 only look at the ``lora_down`` / ``lora_up`` / ``alpha`` keys.
