@@ -31,7 +31,9 @@ from .interop import Opened, open_adapters
 from .interop.source import notes as source_notes
 from .report import footprint
 
-TARGETS = ("apack", "peft", "kohya", "gguf", "nola")
+TARGETS = ("apack", "peft", "kohya", "diffusers", "gguf", "nola")
+#: Targets written as one .safetensors file (the suffix alone cannot tell them apart).
+SAFETENSORS_TARGETS = ("kohya", "diffusers")
 #: Targets written as .apack files (``nola``: .apack with every module fitted as a nola record).
 APACK_TARGETS = ("apack", "nola")
 #: Serving stacks ``serve_for`` shapes a PEFT export for.
@@ -188,7 +190,10 @@ def cast_adapter(adapter: Adapter, dtype: str) -> tuple[Adapter, CastReport]:
 
 
 def infer_target(dst: str | os.PathLike[str]) -> str:
-    """Output format from the destination's name: .apack → apack, .safetensors → kohya, else a PEFT folder."""
+    """Output format from the destination's name: .apack → apack, pytorch_lora_weights.safetensors (diffusers'
+    file name) → diffusers, other .safetensors → kohya, .gguf → gguf, else a PEFT folder."""
+    if Path(dst).name == "pytorch_lora_weights.safetensors":
+        return "diffusers"
     suffix = Path(dst).suffix.lower()
     return {".apack": "apack", ".safetensors": "kohya", ".gguf": "gguf"}.get(suffix, "peft")
 
@@ -196,10 +201,10 @@ def infer_target(dst: str | os.PathLike[str]) -> str:
 def target_conflict(dst: str | os.PathLike[str], to: str) -> str | None:
     """Why ``to`` contradicts the destination's name (``out.apack`` with ``to="kohya"``), or None."""
     inferred = infer_target(dst)
-    if inferred == "apack" and to in APACK_TARGETS:
+    if (inferred == "apack" and to in APACK_TARGETS) or (inferred in SAFETENSORS_TARGETS and to in SAFETENSORS_TARGETS):
         return None
     if inferred != "peft" and inferred != to:
-        kind = {"apack": "an .apack file", "kohya": "a kohya .safetensors file", "gguf": "a llama.cpp .gguf file"}[inferred]
+        kind = {"apack": "an .apack file", "gguf": "a llama.cpp .gguf file"}.get(inferred, "a kohya or diffusers .safetensors file")
         return f"{Path(dst).name!r} names {kind}, but the output format is {to}"
     return None
 
@@ -255,12 +260,15 @@ def write_adapters(
     serve_for: str | None = None,
     max_lora_rank: int | None = None,
     base: str | os.PathLike[str] | None = None,
+    component: str | None = None,
 ) -> list[str]:
     """Write ``adapters`` to ``dst`` as ``target`` (PEFT, kohya and gguf hold exactly one adapter); the
     exporter's notes. ``drop_tensors`` leaves out pass-through tensors that PEFT / kohya / gguf output
     cannot carry (refused otherwise). ``serve_for="vllm"`` (PEFT output) writes one allowed rank with
     every module's scale baked into B (:func:`adapterpack.interop.targets.write_vllm`, ``max_lora_rank``);
-    ``base`` (gguf output) is the base model's GGUF file or config.json, for llama.cpp's q/k layout."""
+    ``base`` (gguf output) is the base model's GGUF file or config.json, for llama.cpp's q/k layout, and
+    (diffusers output) the pipeline folder whose module names resolve kohya names; ``component``
+    (diffusers output) puts modules that name no diffusers component under that one (e.g. ``transformer``)."""
     if target not in TARGETS:
         raise ConversionError(f"unknown output format {target!r} (one of {', '.join(TARGETS)})")
     if target != "apack" and len(adapters) != 1:
@@ -290,6 +298,12 @@ def write_adapters(
         notes = export_notes(adapters[0])
         write_peft(adapters[0], dst, drop_tensors=drop_tensors)
         return notes
+    if target == "diffusers":
+        from .interop.diffusers import write_diffusers
+
+        return write_diffusers(adapters[0], dst, base=base, component=component, drop_tensors=drop_tensors)
+    if component is not None:
+        raise ConversionError("component applies to diffusers output only")
     from .interop.kohya import write_kohya
 
     write_kohya(adapters[0], dst, drop_tensors=drop_tensors)
@@ -344,6 +358,7 @@ def convert(
     base: str | os.PathLike[str] | None = None,
     nola_k: int | None = None,
     nola_target_error: float | None = None,
+    component: str | None = None,
 ) -> ConvertResult:
     """Read ``src`` (.apack, PEFT folder, kohya file) and write it to ``dst`` as ``to`` (inferred from
     ``dst`` when None), casting float tensors to ``dtype`` unless ``"keep"``. Lossless otherwise;
@@ -386,6 +401,7 @@ def convert(
             serve_for=serve_for,
             max_lora_rank=max_lora_rank,
             base=base,
+            component=component,
         )
         many = len(adapters) > 1
         notes = [f"{a.name}: {n}" if many else n for a in source.adapters for n in source_notes(a)] + fitted + export

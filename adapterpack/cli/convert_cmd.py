@@ -40,14 +40,15 @@ def result_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-@click.command("convert", short_help="Convert between .apack, PEFT and kohya.")
+@click.command("convert", short_help="Convert between .apack, PEFT, kohya, diffusers and gguf.")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
 @click.option(
     "--to",
     "to",
     type=click.Choice(TARGETS),
-    help="Output format (default: from DST: .apack, .safetensors = kohya, else a PEFT folder).",
+    help="Output format (default: from DST: .apack, pytorch_lora_weights.safetensors = diffusers, other .safetensors = kohya, "
+    ".gguf, else a PEFT folder).",
 )
 @click.option("--codec", type=click.Choice(codec_ids()), help="Blob codec for .apack output (default byteplanes).")
 @click.option("--level", type=click.IntRange(1, 22), help="Zstandard level (default: 1 for byteplanes, 3 for zstd).")
@@ -79,7 +80,13 @@ def result_lines(r: dict[str, Any]) -> list[str]:
     "--max-lora-rank", type=click.IntRange(1), help="--target vllm: the server's --max-lora-rank (higher ranks are re-ranked down)."
 )
 @click.option(
-    "--base", type=click.Path(exists=True, path_type=Path), help="gguf output: the base model's GGUF file or config.json."
+    "--base",
+    type=click.Path(exists=True, path_type=Path),
+    help="gguf output: the base model's GGUF file or config.json; diffusers output: its pipeline folder (exact kohya names).",
+)
+@click.option(
+    "--component",
+    help="diffusers output: the pipeline component (unet, transformer, text_encoder, ...) for modules whose names carry none.",
 )
 @click.option("--k", "nola_k", type=click.IntRange(min=0), help="--to nola: coefficients per factor (k_A = k_B = K).")
 @click.option(
@@ -103,6 +110,7 @@ def convert(
     serve_for: str | None,
     max_lora_rank: int | None,
     base: Path | None,
+    component: str | None,
     nola_k: int | None,
     nola_target_error: float | None,
     force: bool,
@@ -121,6 +129,8 @@ def convert(
         raise click.UsageError("--to nola needs exactly one of --k and --target-error")
     if target != "nola" and (nola_k is not None or nola_target_error is not None):
         raise click.UsageError("--k and --target-error apply to --to nola only")
+    if component is not None and target != "diffusers":
+        raise click.UsageError("--component applies to diffusers output only")
     if target in ("apack", "nola") and drop_tensors:
         raise click.UsageError("--drop-tensors applies to PEFT and kohya output only; .apack keeps every tensor")
     result = run(
@@ -137,6 +147,7 @@ def convert(
         serve_for=serve_for,
         max_lora_rank=max_lora_rank,
         base=base,
+        component=component,
         nola_k=nola_k,
         nola_target_error=nola_target_error,
         progress=None if as_json else out.progress_factory("writing"),

@@ -65,6 +65,10 @@ def open_adapters(path: str | os.PathLike[str], adapter: str | None = None, *, v
         from .peft import read_peft
 
         a = read_peft(p)
+    elif fmt == "diffusers":
+        from .diffusers import read_diffusers
+
+        a = read_diffusers(p)
     else:
         from .kohya import read_kohya
 
