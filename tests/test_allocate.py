@@ -82,3 +82,79 @@ def test_choices_and_rounding() -> None:
     assert [round_rank(r, (1, 8, 16, 32), "down") for r in (0, 1, 2, 9, 40)] == [0, 1, 1, 8, 32]
     assert allocate.rank_for_sv_ratio(np.array([8.0, 4.0, 2.0, 1.0]), 4) == 3
     assert allocate.rank_for_sv_ratio(np.zeros(3), 4) == 0
+
+
+# --- balanced: −‖E‖^1.5 within a floor at ¾ of the uniform rank ------------------------------------
+
+
+def _uniform_rank_by_scan(items: list[Item], budget: int) -> int:
+    """The definition, scanned: the largest r whose 'largest choice ≤ r' per module fits."""
+    best = 0
+    for r in range(0, max(it.choices[-1] for it in items) + 1):
+        cost = 0
+        for it in items:
+            below = [c for c in it.choices if c <= r]
+            cost += (below[-1] if below else it.choices[0]) * it.cost_per_rank
+        if cost <= budget:
+            best = r
+    return best
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_balanced_dp_is_optimal_within_its_floor(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    items = _items(rng, 4, k=6)
+    lo, hi = allocate.min_cost(items), sum(it.choices[-1] * it.cost_per_rank for it in items)
+    for budget in np.linspace(lo, hi, 7).astype(int):
+        budget = int(budget)
+        r = _uniform_rank_by_scan(items, budget)
+        assert allocate.uniform_rank(items, budget) == r
+        floor = -(-3 * r // 4)  # ⌈¾·r⌉ in integers
+        best = -np.inf
+        for ranks in itertools.product(*(it.choices for it in items)):
+            pick = {it.name: x for it, x in zip(items, ranks)}
+            if all(x >= min(floor, it.choices[-1]) for it, x in zip(items, ranks)) and total_cost(items, pick) <= budget:
+                best = max(best, total_value(items, pick, "balanced"))
+        dp = budget_dp(items, budget, "balanced")
+        greedy = budget_greedy(items, budget, "balanced")
+        for got in (dp, greedy):
+            assert total_cost(items, got) <= budget
+            assert all(got[it.name] >= min(floor, it.choices[-1]) for it in items)
+        assert total_value(items, dp, "balanced") == pytest.approx(best, rel=1e-12)
+        assert total_value(items, greedy, "balanced") <= best + 1e-12
+
+
+def test_balanced_value_is_the_error_norm_to_the_1_5() -> None:
+    """−‖ΔW − ΔW_j‖_F^1.5 against a dense float64 SVD truncation of a real ΔW (bundled example)."""
+    import adapterpack
+    from adapterpack.examples import example_path
+
+    with adapterpack.open(example_path()) as ad:
+        m = next(iter(ad))
+        dw = np.asarray(m.delta(), np.float64)
+    u, s, vt = np.linalg.svd(dw, full_matrices=False)
+    it = Item(m.name, s[s > 0] ** 2, 1, choices_for(int(np.count_nonzero(s > 0))))
+    for j in range(0, 9):
+        err = np.linalg.norm(dw - (u[:, :j] * s[:j]) @ vt[:j])
+        assert it.value(j, "balanced") == pytest.approx(-(err**1.5), rel=1e-9, abs=1e-12)
+
+
+def test_balanced_on_a_real_adapter_never_cuts_below_its_floor_and_beats_uniform_on_its_objective() -> None:
+    """Bundled example at the bytes of uniform rank 4: floor 3 everywhere, Σ‖E‖^1.5 no worse than uniform's."""
+    import adapterpack
+    from adapterpack.examples import example_path
+    from adapterpack.rerank import module_spectrum
+
+    items = []
+    with adapterpack.open(example_path()) as ad:
+        for m in ad:
+            sp, f = module_spectrum(m)
+            k = int(np.count_nonzero(sp.S > 0))
+            items.append(Item(m.name, sp.S[:k] ** 2, (f.A.shape[1] + f.B.shape[0]) * 4, choices_for(k, min_rank=1)))
+    uniform = {it.name: min(4, it.choices[-1]) for it in items}
+    budget = total_cost(items, uniform)
+    assert allocate.uniform_rank(items, budget) == 4
+    got = budget_dp(items, budget, "balanced")
+    assert total_cost(items, got) <= budget
+    assert min(got.values()) == 3 and got != uniform
+    assert total_value(items, got, "balanced") > total_value(items, uniform, "balanced")

@@ -35,6 +35,7 @@ import numpy as np
 import adapterpack
 from adapterpack.adapter import Adapter
 from adapterpack.examples import example_path
+from adapterpack.linalg import allocate
 from adapterpack.rerank import RerankPolicy, rerank
 
 KOHYA_GRID = tuple(np.round(np.arange(0.50, 0.9995, 0.0025), 4))
@@ -289,8 +290,9 @@ def run_adapter(
     kohya_targets: list[int],
     work: Path,
     kohya: bool,
-    min_rank: int = 0,
+    min_rank: int = 1,
     kinds: tuple[str, ...] = ("base", "uniform", "budget", "kohya"),
+    weightings: tuple[str, ...] = ("absolute", "relative"),
 ) -> dict[str, Any]:
     """Every variant of one adapter, measured."""
     from adapterpack.convert import convert
@@ -321,7 +323,7 @@ def run_adapter(
         if "activation1" in kinds:
             label_ = f"budget = r={r} bytes, activation-weighted, position 0 left out"
             variants.append(activation_weighted(full, moments1, v.factor_bytes, min_rank, label_))
-        for w in ("absolute", "relative") if "budget" in kinds else ():
+        for w in weightings if "budget" in kinds else ():
             policy = RerankPolicy(budget=v.factor_bytes, weighting=w, encoding="lora", min_rank=min_rank)
             variants.append(reranked(full, f"budget = r={r} bytes, {w}", "budget", policy))
     if kohya and "kohya" in kinds:
@@ -337,7 +339,7 @@ def run_adapter(
             if kv.factor_bytes != predicted:
                 kv.note += f"; predicted {predicted:,} B"
             variants.append(kv)
-            for w in ("absolute", "relative"):
+            for w in weightings:
                 variants.append(
                     reranked(
                         full,
@@ -397,13 +399,16 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     ap = argparse.ArgumentParser(prog="python -m tools.experiments.rerank_quality", description=__doc__.splitlines()[0])
     ap.add_argument("--adapters", default="r64,example",
-                    help="comma list of r64 (cached fixture) and example (default: %(default)s)")
+                    help="comma list of r64 (cached fixture), example, or PEFT folder paths (default: %(default)s)")
     ap.add_argument("--blocks", type=int, default=32, help="held-out blocks to evaluate (of 61; default %(default)s)")
     ap.add_argument("--first-block", type=int, default=0, help="index of the first held-out block used (default: %(default)s)")
     ap.add_argument("--ranks", default="8,4,2,1", help="uniform ranks (default: %(default)s)")
     ap.add_argument("--kohya-ranks", default="8,4,2",
                     help="uniform ranks whose bytes kohya sv_fro is matched to (default: %(default)s)")
-    ap.add_argument("--min-rank", type=int, default=0, help="min_rank of the budget allocations (default: %(default)s)")
+    ap.add_argument("--min-rank", type=int, default=1,
+                    help="min_rank of the budget allocations (default: %(default)s, the library default)")
+    ap.add_argument("--weightings", default=",".join(allocate.WEIGHTINGS),
+                    help="budget weightings to measure (default: %(default)s)")
     ap.add_argument("--no-kohya", action="store_true", help="skip kohya's sv_fro")
     ap.add_argument("--kinds", default="base,uniform,budget,kohya",
                     help="variants to measure: base, uniform, budget, kohya, activation / activation1 (experiment-only weighting "
@@ -429,10 +434,15 @@ def main(argv: list[str] | None = None) -> int:
                 path, label = ensure_fixture(), "r64-all-linear"
             elif name == "example":
                 path, label = example_path(), "bundled-r8-qkvo"
+            elif Path(name).is_dir():
+                path, label = Path(name), Path(name).name
             else:
-                raise SystemExit(f"unknown adapter {name!r} (r64 or example)")
+                raise SystemExit(f"unknown adapter {name!r} (r64, example or a PEFT folder)")
             kinds = tuple(k for k in args.kinds.split(",") if k)
-            results.append(run_adapter(ev, label, path, ranks, kranks, Path(tmp), not args.no_kohya, args.min_rank, kinds))
+            weightings = tuple(w for w in args.weightings.split(",") if w)
+            results.append(
+                run_adapter(ev, label, path, ranks, kranks, Path(tmp), not args.no_kohya, args.min_rank, kinds, weightings)
+            )
     doc = {"blocks": int(ev.blocks.shape[0]), "first_block": args.first_block, "heldout_blocks": ev.total_blocks,
            "threads": args.threads,
            "command": "python -m tools.experiments.rerank_quality " + " ".join(argv if argv is not None else sys.argv[1:]),
