@@ -24,6 +24,7 @@ from .encodings.factors import Factors
 from .encodings.lower import lora_from_factors, main_dtype
 from .encodings.svd import from_spectrum, s_dtype_for, singular_values
 from .errors import ConversionError
+from .importance import Importance
 from .linalg import allocate
 from .linalg.lowrank import Spectrum, spectrum_of
 
@@ -44,7 +45,10 @@ class RerankPolicy:
     ``min_rank`` defaults to 1 for budgets (a budget below rank 1 everywhere is refused; pass 0 to
     let it drop modules) and to 0 otherwise. ``weighting`` says whether a budget maximises
     absolute energy Σ‖retained‖² or each module's
-    retained fraction; ``method`` is ``dp`` (exact) or ``greedy``.
+    retained fraction; ``method`` is ``dp`` (exact) or ``greedy``. ``importance`` (budgets only)
+    weighs each singular component's energy by its measured Fisher information
+    (:mod:`adapterpack.importance`), so the budget minimises the KL the cut costs instead of the
+    energy it drops.
     """
 
     rank: int | None = None
@@ -61,6 +65,7 @@ class RerankPolicy:
     method: str = "dp"
     dtype: str | None = None
     encoding: str = "svd"
+    importance: Importance | None = field(default=None, repr=False, compare=False)
 
     def rule(self) -> str:
         """The one rule set, after checking every value (ConversionError naming what is wrong)."""
@@ -92,6 +97,8 @@ class RerankPolicy:
         ):
             if value_ not in allowed:
                 raise ConversionError(f"{name} must be one of {', '.join(allowed)}, got {value_!r}")
+        if self.importance is not None and rule not in ("budget", "budget_ratio"):
+            raise ConversionError(f"importance weighs a budget's choices; it does not apply to {rule}")
         if self.dtype is not None and not dtypes.by_name(self.dtype).is_float:
             raise ConversionError(f"dtype must be a float dtype, got {self.dtype!r}")
         if self.modules is not None:
@@ -149,7 +156,9 @@ class RerankReport:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        policy = {k: v for k, v in self.policy.__dict__.items() if v is not None}
+        policy = {k: v for k, v in self.policy.__dict__.items() if v is not None and k != "importance"}
+        if self.policy.importance is not None:
+            policy["importance"] = dict(self.policy.importance.info)
         return {
             "rule": self.rule,
             "policy": policy,
@@ -249,13 +258,21 @@ def _allowed(policy: RerankPolicy) -> tuple[int, ...] | None:
     return tuple(sorted(set(policy.round_to))) if policy.round_to else None
 
 
+def _values(policy: RerankPolicy, name: str, w: _Work) -> np.ndarray:
+    """What keeping each of a module's components is worth to a budget: σ², or σ²·F with measured importance."""
+    energy = w.spectrum.S[: w.k] ** 2
+    if policy.importance is None:
+        return energy
+    return energy * policy.importance.weights(name, w.spectrum.S[: w.k])
+
+
 def _choose(policy: RerankPolicy, rule: str, work: dict[str, _Work], notes: list[str]) -> dict[str, int]:
     allowed = _allowed(policy)
     if rule in ("budget", "budget_ratio"):
         items = [
             allocate.Item(
                 name,
-                w.spectrum.S[: w.k] ** 2,
+                _values(policy, name, w),
                 w.cost,
                 allocate.choices_for(
                     w.k, min_rank=1 if policy.min_rank is None else policy.min_rank, max_rank=policy.max_rank, allowed=allowed

@@ -118,6 +118,12 @@ def report_lines(r: dict[str, Any], per_module: bool) -> list[str]:
     help="Budget maximises total ‖ΔW‖² kept, or each module's kept fraction.",
 )
 @click.option(
+    "--importance",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Budgets: weigh each singular component by its measured Fisher information (a file from "
+    "`adapterpack importance`), so ranks go where cutting costs the model the most.",
+)
+@click.option(
     "--method",
     type=click.Choice(("dp", "greedy")),
     default="dp",
@@ -155,6 +161,7 @@ def rerank(
     round_mode: str,
     modules: str | None,
     weighting: str,
+    importance: Path | None,
     method: str,
     dtype: str | None,
     encoding: str,
@@ -173,6 +180,7 @@ def rerank(
     rank of them can be loaded later as a prefix (adapterpack.open(path, rank=j)).
     """
     from ..convert import infer_target, target_conflict
+    from ..importance import load_importance
     from ..rerank import RerankPolicy, rerank_file
 
     given = [o for o, v in zip(RULE_OPTIONS, (rank, energy, sv_ratio, budget, budget_ratio)) if v is not None]
@@ -189,6 +197,8 @@ def rerank(
             raise click.BadParameter(why, param_hint="'--to'")
         if target != "apack" and codec is not None:
             raise click.UsageError(f"--codec applies to .apack output only, not {target}")
+    if importance is not None and budget is None and budget_ratio is None:
+        raise click.UsageError("--importance weighs a budget: use it with --budget or --budget-ratio")
     policy = RerankPolicy(
         rank=rank,
         energy=energy,
@@ -204,6 +214,7 @@ def rerank(
         method=method,
         dtype=dtype,
         encoding="lora" if target not in (None, "apack") else encoding,  # PEFT, kohya, gguf hold LoRA factors
+        importance=None if importance is None else load_importance(importance),
     )
     result = rerank_file(
         src, None if dry_run else dst, policy, to=target, codec=codec or "byteplanes", force=force, adapter=adapter_name

@@ -1,0 +1,148 @@
+"""Measure the Fisher information of every singular component of an adapter on a model (calibration text).
+
+For module ``i`` with ΔW's exact SVD ``Σ σ_l u_l v_lᵀ`` (:mod:`adapterpack.linalg.lowrank`), the gradient
+of a sequence's log-likelihood with respect to component l's coefficient is
+``Σ_t (u_lᵀ g_t)(v_lᵀ x_t)``: ``x_t`` the module's input at position t, ``g_t`` the gradient at its output.
+One forward and one backward pass per batch therefore give ``F_l = E_seq[(Σ_t (u_lᵀ g_t)(v_lᵀ x_t))²]``
+for every component of every module at once, from forward hooks and ``torch.autograd.grad`` with respect
+to the module outputs (no parameter gradients are accumulated, ΔW is never formed beyond the merged weight).
+
+Labels: ``"sample"`` (default) draws each next token from the adapted model's own distribution, which makes
+``F`` the Fisher of ``KL(full ‖ changed)``, what re-ranking costs; ``"data"`` uses the text's next tokens
+(the empirical Fisher). The adapter is applied merged for the measurement and the model is restored
+bit-exactly afterwards (:func:`adapterpack.torch.apply`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..adapter import Adapter
+from ..errors import ConversionError
+from ..importance import Importance
+from ..rerank import module_spectrum
+from .apply import apply
+
+LABELS = ("sample", "data")
+#: ``logits(model, batch) -> [b, t, vocab]``; the default fits Hugging Face causal LMs.
+LogitsFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def _hf_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids).logits
+
+
+def component_fisher(
+    model: nn.Module,
+    adapter: Adapter,
+    batches: Iterable[torch.Tensor],
+    *,
+    labels: str = "sample",
+    seed: int = 0,
+    logits: LogitsFn | None = None,
+) -> Importance:
+    """Fisher information of each singular component of each module of ``adapter`` on ``model``.
+
+    ``batches`` yields token-id tensors ``[b, t]`` (b sequences of t tokens); ``logits`` maps a batch to
+    next-token logits ``[b, t, vocab]`` (default: ``model(input_ids=batch).logits``). Linear layers
+    only (``nn.Linear``, GPT-2's ``Conv1D``); DoRA modules are left out (re-ranking keeps them as is).
+    """
+    if labels not in LABELS:
+        raise ConversionError(f"labels must be one of {', '.join(LABELS)}, got {labels!r}")
+    run = logits or _hf_logits
+    picked = {n: m for n, m in adapter.modules.items() if not m.params.get("dora", False)}
+    if not picked:
+        raise ConversionError("the adapter has no module whose components can be measured")
+    spectra, vecs = {}, {}
+    for name, m in picked.items():
+        sp, f = module_spectrum(m)
+        if f.layout != "linear":
+            raise ConversionError(f"module {name!r}: importance is measured for linear layers only, not {f.layout}")
+        u, vt = sp.vectors()
+        spectra[name] = sp.S
+        vecs[name] = (u, vt.T)
+    applied = apply(model, adapter.derived(picked), merge=True)
+    try:
+        kinds = {p.name: p.kind for p in applied.patches}
+        bad = [n for n, k in kinds.items() if k not in ("linear", "fifo")]
+        if bad:
+            raise ConversionError(f"module {bad[0]!r}: importance is measured for linear layers only")
+        return _measure(model, applied, spectra, vecs, batches, run, labels, seed)
+    finally:
+        applied.unapply()
+
+
+def _measure(
+    model: nn.Module,
+    applied: Any,
+    spectra: dict[str, np.ndarray],
+    vecs: dict[str, tuple[np.ndarray, np.ndarray]],
+    batches: Iterable[torch.Tensor],
+    run: LogitsFn,
+    labels: str,
+    seed: int,
+) -> Importance:
+    device = next(model.parameters()).device
+    proj = {n: (torch.from_numpy(u).to(device, torch.float32), torch.from_numpy(np.ascontiguousarray(v)).to(device, torch.float32))
+            for n, (u, v) in vecs.items()}
+    sums = {n: np.zeros(spectra[n].size) for n in spectra}
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    weights = [p.module.weight for p in applied.patches]
+    was = [w.requires_grad for w in weights]
+    hooks = []
+
+    def capture(name: str) -> Callable[..., None]:
+        def fn(_mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            seen[name] = (args[0].detach(), out)
+
+        return fn
+
+    for p in applied.patches:
+        hooks.append(p.module.register_forward_hook(capture(p.name)))
+    gen = torch.Generator(device=device).manual_seed(seed)
+    n_seq = n_tok = 0
+    try:
+        for w in weights:  # outputs need a graph to take gradients; autograd.grad accumulates nothing into .grad
+            w.requires_grad_(True)
+        with torch.enable_grad():
+            for ids in batches:
+                if ids.ndim != 2 or ids.shape[1] < 2:
+                    raise ConversionError(f"calibration batches must be [sequences, tokens >= 2], got {list(ids.shape)}")
+                ids = ids.to(device)
+                seen.clear()
+                lg = run(model, ids)[:, :-1].float()
+                if labels == "sample":
+                    with torch.no_grad():
+                        probs = torch.softmax(lg, dim=-1).reshape(-1, lg.shape[-1])
+                        y = torch.multinomial(probs, 1, generator=gen).reshape(lg.shape[:2])
+                else:
+                    y = ids[:, 1:]
+                loss = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), y.reshape(-1), reduction="sum")
+                names = list(seen)
+                grads = torch.autograd.grad(loss, [seen[n][1] for n in names])
+                b = ids.shape[0]
+                for n, g in zip(names, grads, strict=True):
+                    x = seen[n][0]
+                    u, v = proj[n]
+                    d = ((g.reshape(b, -1, g.shape[-1]).float() @ u) * (x.reshape(b, -1, x.shape[-1]).float() @ v)).sum(dim=1)
+                    sums[n] += (d.double() ** 2).sum(dim=0).cpu().numpy()
+                n_seq += b
+                n_tok += b * (ids.shape[1] - 1)
+    finally:
+        for h in hooks:
+            h.remove()
+        for w, r in zip(weights, was, strict=True):
+            w.requires_grad_(r)
+        seen.clear()
+    if n_seq == 0:
+        raise ConversionError("no calibration batches")
+    missing = [n for n in spectra if not np.any(sums[n]) and spectra[n].size and spectra[n][0] > 0]
+    info = {"labels": labels, "sequences": str(n_seq), "tokens": str(n_tok), "seed": str(seed)}
+    if missing:
+        info["note"] = f"{len(missing)} modules got no gradient (not on the path to the logits?)"
+    return Importance({n: s / n_seq for n, s in sums.items()}, dict(spectra), info)

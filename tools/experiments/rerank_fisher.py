@@ -1,0 +1,120 @@
+"""Budgets weighted by measured importance vs uniform rank and the data-free budget, on SmolLM2 (KL, ppl, top-1).
+
+For each adapter (the cached r=64 fixture, the bundled r=8 example, or PEFT folders given by path):
+
+1. ``adapterpack.torch.importance.component_fisher`` on ``--calibration`` blocks of the pydoc TRAIN split
+   (every 7th block; labels sampled from the adapted model, seed 0) → an :class:`~adapterpack.importance.Importance`;
+2. for each uniform rank j of ``--ranks``: the uniform re-rank, and at exactly its bytes the budget DP on
+   energy (the data-free default) and on importance-weighted energy (``RerankPolicy(importance=...)``),
+   with min_rank 1 (the library default) and 0;
+3. every variant applied as W + ΔW and measured on HELD-OUT blocks against the full adapter
+   (:class:`tools.experiments.rerank_quality.Evaluator`): KL(full‖variant), perplexity, top-1 agreement.
+
+    nice -n 10 python -m tools.experiments.rerank_fisher --adapters r64,example --blocks 32 --calibration 16
+    nice -n 10 python -m tools.experiments.rerank_fisher --first-block 32 --blocks 29   # the other held-out blocks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import adapterpack
+from adapterpack.examples import example_path
+from adapterpack.rerank import RerankPolicy, rerank
+
+R64 = Path.home() / ".cache" / "adapterpack" / "rerank-r64"
+
+
+def adapter_path(label: str) -> Path:
+    """``r64`` (the cached fixture), ``example`` (bundled), or a PEFT folder's path."""
+    if label == "r64":
+        if not R64.is_dir():
+            raise SystemExit(f"{R64} missing: build it with `python -m tools.experiments.rerank_fixture`")
+        return R64
+    return example_path() if label == "example" else Path(label)
+
+
+def run(label: str, ev: Any, ranks: list[int], n_cal: int) -> list[dict[str, Any]]:
+    """Every variant of one adapter, measured (one row per uniform rank)."""
+    from adapterpack.torch.importance import component_fisher
+    from tools.experiments.rerank_quality import factor_bytes
+    from tools.fixtures import smollm2
+
+    full = adapterpack.open(adapter_path(label))
+    ref = ev.set_reference(full)
+    ev.apply(None)  # component_fisher applies the adapter itself, on the base weights
+    cal = smollm2.pydoc_blocks("train", tokenizer=smollm2.load_tokenizer())[::7][:n_cal]
+    t0 = time.perf_counter()
+    imp = component_fisher(ev.model, full, [cal[i : i + 4] for i in range(0, cal.shape[0], 4)], seed=0)
+    fisher_s = time.perf_counter() - t0
+    print(f"{label}: importance from {imp.info['sequences']} sequences in {fisher_s:.1f} s", file=sys.stderr)
+    rows = []
+    for j in ranks:
+        uniform, _ = rerank(full, RerankPolicy(rank=j, encoding="lora"))
+        budget, _ = factor_bytes(uniform)
+        row: dict[str, Any] = {"adapter": label, "rank": j, "bytes": budget, "full_ppl": ref["ppl"], "variants": {}}
+        variants = {"uniform": uniform}
+        for min_rank in (1, 0):
+            for name, imp_ in (("energy", None), ("importance", imp)):
+                pol = RerankPolicy(budget=budget, encoding="lora", min_rank=min_rank, importance=imp_)
+                variants[f"budget {name}, min_rank {min_rank}"] = rerank(full, pol)[0]
+        for name, ad in variants.items():
+            b, _ = factor_bytes(ad)
+            res = ev.measure(ad) | {"bytes": b}
+            row["variants"][name] = res
+            print(f"{label} rank {j} ({budget:,} B) {name}: KL×1e3 {res['kl'] * 1e3:.3f} ppl {res['ppl']:.3f} "
+                  f"top1 {res['top1']:.4f} bytes {b:,}", file=sys.stderr)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """One table per adapter: KL×10³ (ppl) per variant and rank."""
+    out = []
+    for label in dict.fromkeys(r["adapter"] for r in rows):
+        mine = [r for r in rows if r["adapter"] == label]
+        names = list(mine[0]["variants"])
+        head = f"{label} (full adapter ppl {mine[0]['full_ppl']:.3f}); KL(full‖variant)×10³ (ppl) at the bytes of uniform rank j:"
+        out.append(f"\n{head}\n")
+        out.append("| variant | " + " | ".join(f"rank {r['rank']} bytes ({r['bytes'] / 1e6:.2f} MB)" for r in mine) + " |")
+        out.append("|---|" + "---:|" * len(mine))
+        for n in names:
+            cells = [f"{r['variants'][n]['kl'] * 1e3:.3f} ({r['variants'][n]['ppl']:.3f})" for r in mine]
+            out.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--adapters", default="r64,example", help="r64, example or PEFT folders, comma-separated")
+    ap.add_argument("--ranks", default=None, help="uniform ranks (default: 8,4,2,1 for r64, 4,2,1 otherwise)")
+    ap.add_argument("--blocks", type=int, default=32, help="held-out blocks evaluated (of 61)")
+    ap.add_argument("--first-block", type=int, default=0, help="first held-out block")
+    ap.add_argument("--calibration", type=int, default=16, help="train blocks for the importance (every 7th)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    import torch
+
+    from tools.experiments.rerank_quality import Evaluator
+
+    torch.set_num_threads(args.threads)
+    ev = Evaluator(args.blocks, first=args.first_block)
+    rows = []
+    for label in args.adapters.split(","):
+        ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else ([8, 4, 2, 1] if label == "r64" else [4, 2, 1])
+        rows += run(label, ev, ranks, args.calibration)
+    print(f"held-out blocks {args.first_block}..{args.first_block + args.blocks - 1}, calibration {args.calibration} train blocks")
+    print(markdown(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
