@@ -118,6 +118,17 @@ def test_bad_calibration_input() -> None:
         component_fisher(model, ad, [], logits=logits)
 
 
+def test_text_blocks_are_evenly_spaced_whole_blocks() -> None:
+    from adapterpack.torch.importance import text_blocks
+
+    ids = list(range(100))
+    got = text_blocks(ids, 3, 10)  # 10 whole blocks: the first, the middle (4.5 rounds to even) and the last
+    assert got.tolist() == [list(range(0, 10)), list(range(40, 50)), list(range(90, 100))]
+    assert text_blocks(ids, 50, 10).shape == (10, 10)  # fewer than asked: all of them
+    with pytest.raises(ConversionError, match="fewer than one block of 128"):
+        text_blocks(ids, 4, 128)
+
+
 def test_budget_weighted_by_importance_is_the_dp_on_weighted_energy(tmp_path: Path) -> None:
     ad = tiny_adapter()
     spectra = {m.name: module_spectrum(m)[0].S for m in ad}
@@ -143,7 +154,8 @@ def test_budget_weighted_by_importance_is_the_dp_on_weighted_energy(tmp_path: Pa
         np.testing.assert_array_equal(back.singular_values[n], spectra[n])
     src = tmp_path / "a.apack"
     adapterpack.save(ad, src)
-    r = CliRunner().invoke(main, ["rerank", str(src), "--budget", str(budget), "--importance", str(path), "--encoding", "lora", "--dry-run", "--json"])
+    args = ["rerank", str(src), "--budget", str(budget), "--importance", str(path), "--encoding", "lora", "--dry-run", "--json"]
+    r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     import json
 
@@ -171,3 +183,39 @@ def test_importance_refusals(tmp_path: Path) -> None:
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(InputError, match="cannot read importance file"):
         load_importance(tmp_path / "junk.safetensors")
+
+
+def test_cli_measures_the_bundled_adapter_on_smollm2_and_rerank_uses_it(tmp_path: Path) -> None:
+    """Real model, real adapter, real text: `adapterpack importance` writes a file whose values are the
+    library's for the same blocks and seed, and `rerank --importance` spends a budget by it."""
+    import json
+
+    from adapterpack.examples import example_path
+    from adapterpack.torch.importance import causal_lm_importance
+    from tools.fixtures import smollm2
+
+    text = tmp_path / "calib.txt"
+    text.write_text("\n\n".join(smollm2.pydoc_texts("train")[:40]), encoding="utf-8")
+    out = tmp_path / "imp.safetensors"
+    args = ["importance", str(example_path()), str(smollm2.model_dir()), str(out), "--text", str(text)]
+    args += ["--blocks", "2", "--block-tokens", "64"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert "from     2 blocks, 126 tokens, labels sample" in r.output
+    imp = load_importance(out)
+    ad = adapterpack.open(example_path())
+    assert sorted(imp.fisher) == sorted(ad.modules) and all(np.all(f > 0) for f in imp.fisher.values())
+    again = causal_lm_importance(ad, smollm2.model_dir(), text.read_text(encoding="utf-8"), blocks=2, block_tokens=64)
+    for n in imp.fisher:
+        np.testing.assert_allclose(imp.fisher[n], again.fisher[n], rtol=1e-5)
+    budget = 4 * sum((m.base_shape[0] + m.base_shape[1]) * 4 for m in ad)  # uniform rank 4's bytes (fp32 lora)
+    res = {}
+    for extra in ([], ["--importance", str(out)]):
+        r = CliRunner().invoke(main, ["rerank", str(example_path()), "--budget", str(budget), "--encoding", "lora",
+                                      "--dry-run", "--json", *extra])  # fmt: skip
+        assert r.exit_code == 0, r.output
+        rep = json.loads(r.output)
+        assert rep["total"]["bytes_after"] <= budget
+        res[bool(extra)] = {m["name"]: m["new_rank"] for m in rep["modules"]}
+    assert res[True] != res[False]
+    assert CliRunner().invoke(main, args).exit_code == 1  # OUT exists: refused without --force

@@ -14,6 +14,7 @@ from .bank_cmd import bank
 from .check_cmd import check
 from .convert_cmd import convert
 from .demo_cmd import demo
+from .importance_cmd import importance
 from .inspect_cmd import inspect
 from .output import AdapterpackGroup
 from .rerank_cmd import rerank
@@ -26,7 +27,7 @@ def main() -> None:
     """Store LoRA adapters compactly and safely (.apack), inspect, verify and convert them."""
 
 
-for _command in (inspect, convert, rerank, verify, demo, check, audit, bank):
+for _command in (inspect, convert, rerank, importance, verify, demo, check, audit, bank):
     main.add_command(_command)
 
 __all__ = ["main"]

@@ -16,6 +16,7 @@ bit-exactly afterwards (:func:`adapterpack.torch.apply`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from ..adapter import Adapter
-from ..errors import ConversionError
+from ..errors import ConversionError, InputError, MissingDependencyError
 from ..importance import Importance
 from ..rerank import module_spectrum
 from .apply import apply
@@ -146,3 +147,47 @@ def _measure(
     if missing:
         info["note"] = f"{len(missing)} modules got no gradient (not on the path to the logits?)"
     return Importance({n: s / n_seq for n, s in sums.items()}, dict(spectra), info)
+
+
+def text_blocks(token_ids: list[int], blocks: int, block_tokens: int) -> torch.Tensor:
+    """``blocks`` sequences of ``block_tokens`` consecutive tokens, evenly spaced over the text (all of
+    them when it holds fewer): ``[n, block_tokens]`` int64."""
+    if block_tokens < 2 or blocks < 1:
+        raise ConversionError(f"need blocks >= 1 and block_tokens >= 2, got {blocks} and {block_tokens}")
+    have = len(token_ids) // block_tokens
+    if have == 0:
+        raise ConversionError(f"the calibration text has {len(token_ids)} tokens, fewer than one block of {block_tokens}")
+    picks = np.unique(np.linspace(0, have - 1, num=min(blocks, have)).round().astype(np.int64))
+    ids = torch.tensor(token_ids[: have * block_tokens], dtype=torch.long).reshape(have, block_tokens)
+    return ids[torch.from_numpy(picks)]
+
+
+def causal_lm_importance(
+    adapter: Adapter,
+    model_dir: str | Path,
+    text: str,
+    *,
+    blocks: int = 64,
+    block_tokens: int = 128,
+    batch: int = 4,
+    labels: str = "sample",
+    seed: int = 0,
+    device: str = "cpu",
+) -> Importance:
+    """:func:`component_fisher` of ``adapter`` on a local Hugging Face causal LM folder (``transformers``;
+    nothing is downloaded) over ``blocks`` evenly spaced blocks of ``text``, ``batch`` blocks per pass."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        raise MissingDependencyError("importance on a model needs transformers: pip install 'adapterpack[peft]'") from None
+    if batch < 1:
+        raise ConversionError(f"batch must be >= 1, got {batch}")
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).to(device).eval()
+    ids = text_blocks(tok(text)["input_ids"], blocks, block_tokens)
+    imp = component_fisher(model, adapter, [ids[i : i + batch] for i in range(0, ids.shape[0], batch)], labels=labels, seed=seed)
+    imp.info |= {"model": folder.name, "block_tokens": str(block_tokens)}
+    return imp
