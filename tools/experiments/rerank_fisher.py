@@ -3,14 +3,15 @@
 For each adapter (the cached r=64 fixture, the bundled r=8 example, or PEFT folders given by path):
 
 1. ``adapterpack.torch.importance.component_fisher`` on ``--calibration`` blocks of the pydoc TRAIN split
-   (every 7th block; labels sampled from the adapted model, seed 0) → an :class:`~adapterpack.importance.Importance`;
+   (evenly spaced, as ``adapterpack importance`` picks them; labels sampled from the adapted model,
+   seed 0) → an :class:`~adapterpack.importance.Importance`;
 2. for each uniform rank j of ``--ranks``: the uniform re-rank, and at exactly its bytes the budget DP on
    energy (the data-free default) and on importance-weighted energy (``RerankPolicy(importance=...)``),
    with min_rank 1 (the library default) and 0;
 3. every variant applied as W + ΔW and measured on HELD-OUT blocks against the full adapter
    (:class:`tools.experiments.rerank_quality.Evaluator`): KL(full‖variant), perplexity, top-1 agreement.
 
-    nice -n 10 python -m tools.experiments.rerank_fisher --adapters r64,example --blocks 32 --calibration 16
+    nice -n 10 python -m tools.experiments.rerank_fisher --adapters r64,example --blocks 32 --calibration 64
     nice -n 10 python -m tools.experiments.rerank_fisher --first-block 32 --blocks 29   # the other held-out blocks
 """
 
@@ -22,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import adapterpack
 from adapterpack.examples import example_path
@@ -48,7 +51,8 @@ def run(label: str, ev: Any, ranks: list[int], n_cal: int) -> list[dict[str, Any
     full = adapterpack.open(adapter_path(label))
     ref = ev.set_reference(full)
     ev.apply(None)  # component_fisher applies the adapter itself, on the base weights
-    cal = smollm2.pydoc_blocks("train", tokenizer=smollm2.load_tokenizer())[::7][:n_cal]
+    train = smollm2.pydoc_blocks("train", tokenizer=smollm2.load_tokenizer())
+    cal = train[np.unique(np.linspace(0, train.shape[0] - 1, num=min(n_cal, train.shape[0])).round().astype(np.int64))]
     t0 = time.perf_counter()
     imp = component_fisher(ev.model, full, [cal[i : i + 4] for i in range(0, cal.shape[0], 4)], seed=0)
     fisher_s = time.perf_counter() - t0
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", default=None, help="uniform ranks (default: 8,4,2,1 for r64, 4,2,1 otherwise)")
     ap.add_argument("--blocks", type=int, default=32, help="held-out blocks evaluated (of 61)")
     ap.add_argument("--first-block", type=int, default=0, help="first held-out block")
-    ap.add_argument("--calibration", type=int, default=16, help="train blocks for the importance (every 7th)")
+    ap.add_argument("--calibration", type=int, default=64, help="train blocks for the importance (evenly spaced)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
