@@ -8,10 +8,12 @@ For each adapter (the cached r=64 fixture, the bundled r=8 example, or PEFT fold
 2. for each uniform rank j of ``--ranks``: the uniform re-rank, and at exactly its bytes the budget DP on
    energy (the data-free default) and on importance-weighted energy (``RerankPolicy(importance=...)``),
    with min_rank 1 (the library default) and 0;
+   with ``--kohya``, kohya's ``resize_lora.py --dynamic_method sv_fro`` at the threshold whose output
+   comes nearest those bytes, and both budgets at exactly kohya's bytes;
 3. every variant applied as W + ΔW and measured on HELD-OUT blocks against the full adapter
    (:class:`tools.experiments.rerank_quality.Evaluator`): KL(full‖variant), perplexity, top-1 agreement.
 
-    nice -n 10 python -m tools.experiments.rerank_fisher --adapters r64,example --blocks 32 --calibration 64
+    nice -n 10 python -m tools.experiments.rerank_fisher --adapters r64,example --blocks 32 --calibration 64 --kohya
     nice -n 10 python -m tools.experiments.rerank_fisher --first-block 32 --blocks 29   # the other held-out blocks
 """
 
@@ -42,8 +44,22 @@ def adapter_path(label: str) -> Path:
     return example_path() if label == "example" else Path(label)
 
 
-def run(label: str, ev: Any, ranks: list[int], n_cal: int) -> list[dict[str, Any]]:
+def kohya_at(full: Any, src: Path, work: Path, target: int) -> tuple[Any, float] | None:
+    """kohya's resize_lora.py --dynamic_method sv_fro at the threshold whose output bytes come nearest
+    ``target`` (its own script, a subprocess; None when it is not set up, see tools/bench/bench_rerank.py)."""
+    from tools.experiments.rerank_quality import kohya_threshold_for, kohya_variant
+
+    cap = max(int(m.params.get("rank", 0)) for m in full)
+    t, _predicted = kohya_threshold_for(full, target, cap=cap)
+    v = kohya_variant(src, work, t, cap, f"kohya sv_fro {t:g}")
+    return None if v is None else (v.adapter, t)
+
+
+def run(label: str, ev: Any, ranks: list[int], n_cal: int, kohya: bool = False) -> list[dict[str, Any]]:
     """Every variant of one adapter, measured (one row per uniform rank)."""
+    import tempfile
+
+    from adapterpack.convert import convert
     from adapterpack.torch.importance import component_fisher
     from tools.experiments.rerank_quality import factor_bytes
     from tools.fixtures import smollm2
@@ -67,6 +83,18 @@ def run(label: str, ev: Any, ranks: list[int], n_cal: int) -> list[dict[str, Any
             for name, imp_ in (("energy", None), ("importance", imp)):
                 pol = RerankPolicy(budget=budget, encoding="lora", min_rank=min_rank, importance=imp_)
                 variants[f"budget {name}, min_rank {min_rank}"] = rerank(full, pol)[0]
+        if kohya and j > 1:
+            work = Path(tempfile.mkdtemp(prefix="rerank_fisher_"))
+            src = work / f"{label}.safetensors"
+            convert(adapter_path(label), src, to="kohya", force=True)
+            got = kohya_at(full, src, work, budget)
+            if got is not None:
+                kad, thr = got
+                kb, _ = factor_bytes(kad)
+                variants[f"kohya sv_fro {thr:g} ({kb:,} B)"] = kad
+                for name, imp_ in (("energy", None), ("importance", imp)):
+                    pol = RerankPolicy(budget=kb, encoding="lora", importance=imp_)
+                    variants[f"budget {name} at kohya's bytes"] = rerank(full, pol)[0]
         for name, ad in variants.items():
             b, _ = factor_bytes(ad)
             res = ev.measure(ad) | {"bytes": b}
@@ -77,18 +105,21 @@ def run(label: str, ev: Any, ranks: list[int], n_cal: int) -> list[dict[str, Any
     return rows
 
 
+def _cell(res: dict[str, float] | None) -> str:
+    return "" if res is None else f"{res['kl'] * 1e3:.3f} ({res['ppl']:.3f})"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """One table per adapter: KL×10³ (ppl) per variant and rank."""
     out = []
     for label in dict.fromkeys(r["adapter"] for r in rows):
         mine = [r for r in rows if r["adapter"] == label]
-        names = list(mine[0]["variants"])
         head = f"{label} (full adapter ppl {mine[0]['full_ppl']:.3f}); KL(full‖variant)×10³ (ppl) at the bytes of uniform rank j:"
         out.append(f"\n{head}\n")
         out.append("| variant | " + " | ".join(f"rank {r['rank']} bytes ({r['bytes'] / 1e6:.2f} MB)" for r in mine) + " |")
         out.append("|---|" + "---:|" * len(mine))
-        for n in names:
-            cells = [f"{r['variants'][n]['kl'] * 1e3:.3f} ({r['variants'][n]['ppl']:.3f})" for r in mine]
+        for n in dict.fromkeys(k for r in mine for k in r["variants"]):
+            cells = [_cell(r["variants"].get(n)) for r in mine]
             out.append(f"| {n} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
@@ -100,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--blocks", type=int, default=32, help="held-out blocks evaluated (of 61)")
     ap.add_argument("--first-block", type=int, default=0, help="first held-out block")
     ap.add_argument("--calibration", type=int, default=64, help="train blocks for the importance (evenly spaced)")
+    ap.add_argument("--kohya", action="store_true", help="also kohya's sv_fro near each rank's bytes, and budgets at its bytes")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
@@ -112,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for label in args.adapters.split(","):
         ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else ([8, 4, 2, 1] if label == "r64" else [4, 2, 1])
-        rows += run(label, ev, ranks, args.calibration)
+        rows += run(label, ev, ranks, args.calibration, kohya=args.kohya)
     print(f"held-out blocks {args.first_block}..{args.first_block + args.blocks - 1}, calibration {args.calibration} train blocks")
     print(markdown(rows))
     if args.json:
