@@ -103,14 +103,7 @@ def looks_like_diffusers(keys: Iterable[str]) -> bool:
 
 def _metadata(meta: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:
     """``lora_adapter_metadata`` split per component: {component: LoraConfig kwargs}."""
-    if META_KEY not in meta:
-        return {}
-    try:
-        obj = json.loads(meta[META_KEY])
-    except (ValueError, RecursionError):
-        raise InputError(f"{path}: metadata {META_KEY!r} is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"{path}: metadata {META_KEY!r} must be a JSON object")
+    obj = src_.json_metadata(meta, META_KEY, path)
     out: dict[str, dict[str, Any]] = {}
     for key, value in obj.items():
         component, dot, field = key.partition(".")

@@ -82,18 +82,6 @@ def kohya_name(name: str, prefix: str = DEFAULT_PREFIX) -> str:
 # --- reading ---------------------------------------------------------------------------------
 
 
-def _json_meta(meta: dict[str, str], key: str, path: Path) -> dict[str, Any]:
-    if key not in meta:
-        return {}
-    try:
-        obj = json.loads(meta[key])
-    except (ValueError, RecursionError):
-        raise InputError(f"{path}: metadata {key!r} is not valid JSON") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"{path}: metadata {key!r} must be a JSON object")
-    return obj
-
-
 def read_kohya(path: str | os.PathLike[str]) -> Adapter:
     """Read a kohya LoRA ``.safetensors`` file into an :class:`Adapter`."""
     path = Path(path)
@@ -101,10 +89,10 @@ def read_kohya(path: str | os.PathLike[str]) -> Adapter:
         raise InputError(f"{path}: no such kohya LoRA file")
     tensors, meta = read_safetensors(path)
     meta = meta or {}
-    names = _json_meta(meta, META_NAMES, path)
+    names = src_.json_metadata(meta, META_NAMES, path)
     if not all(isinstance(k, str) and isinstance(v, str) and v for k, v in names.items()):
         raise InputError(f"{path}: metadata {META_NAMES!r} must map kohya names to module names (strings)")
-    mparams = _json_meta(meta, META_PARAMS, path)
+    mparams = src_.json_metadata(meta, META_PARAMS, path)
 
     stems: dict[str, dict[str, str]] = {}
     loose: list[str] = []

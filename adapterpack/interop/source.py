@@ -12,15 +12,30 @@ allocation.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..adapter import Adapter
-from ..errors import ConversionError
+from ..errors import ConversionError, InputError
 
 #: Most dimensions a recorded shape may have (safetensors' own tensors have far fewer).
 MAX_NDIM = 8
+
+
+def json_metadata(meta: dict[str, str], key: str, path: Path) -> dict[str, Any]:
+    """The JSON object a safetensors metadata ``key`` holds ({} when absent); InputError when it is not one."""
+    if key not in meta:
+        return {}
+    try:
+        obj = json.loads(meta[key])
+    except (ValueError, RecursionError):
+        raise InputError(f"{path}: metadata {key!r} is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{path}: metadata {key!r} must be a JSON object")
+    return obj
 
 
 def is_number(value: Any) -> bool:
