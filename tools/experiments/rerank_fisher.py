@@ -7,7 +7,8 @@ For each adapter (the cached r=64 fixture, the bundled r=8 example, or PEFT fold
    seed 0) → an :class:`~adapterpack.importance.Importance`;
 2. for each uniform rank j of ``--ranks``: the uniform re-rank, and at exactly its bytes the budget DP on
    energy (the data-free default) and on importance-weighted energy (``RerankPolicy(importance=...)``),
-   with min_rank 1 (the library default) and 0;
+   with min_rank 1 (the library default; at rank 1's bytes also 0), importance measured with sampled
+   and with the text's own labels;
    with ``--kohya``, kohya's ``resize_lora.py --dynamic_method sv_fro`` at the threshold whose output
    comes nearest those bytes, and both budgets at exactly kohya's bytes;
 3. every variant applied as W + ΔW and measured on HELD-OUT blocks against the full adapter
@@ -55,7 +56,9 @@ def kohya_at(full: Any, src: Path, work: Path, target: int) -> tuple[Any, float]
     return None if v is None else (v.adapter, t)
 
 
-def run(label: str, ev: Any, ranks: list[int], n_cal: int, kohya: bool = False) -> list[dict[str, Any]]:
+def run(
+    label: str, ev: Any, ranks: list[int], n_cal: int, kohya: bool = False, labels: tuple[str, ...] = ("sample",)
+) -> list[dict[str, Any]]:
     """Every variant of one adapter, measured (one row per uniform rank)."""
     import tempfile
 
@@ -69,20 +72,23 @@ def run(label: str, ev: Any, ranks: list[int], n_cal: int, kohya: bool = False) 
     ev.apply(None)  # component_fisher applies the adapter itself, on the base weights
     train = smollm2.pydoc_blocks("train", tokenizer=smollm2.load_tokenizer())
     cal = train[np.unique(np.linspace(0, train.shape[0] - 1, num=min(n_cal, train.shape[0])).round().astype(np.int64))]
-    t0 = time.perf_counter()
-    imp = component_fisher(ev.model, full, [cal[i : i + 4] for i in range(0, cal.shape[0], 4)], seed=0)
-    fisher_s = time.perf_counter() - t0
-    print(f"{label}: importance from {imp.info['sequences']} sequences in {fisher_s:.1f} s", file=sys.stderr)
+    batches = [cal[i : i + 4] for i in range(0, cal.shape[0], 4)]
+    imps = {}
+    for lab in labels:
+        t0 = time.perf_counter()
+        imps[lab] = component_fisher(ev.model, full, batches, labels=lab, seed=0)
+        print(f"{label}: importance ({lab} labels) from {len(cal)} sequences in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     rows = []
     for j in ranks:
         uniform, _ = rerank(full, RerankPolicy(rank=j, encoding="lora"))
         budget, _ = factor_bytes(uniform)
         row: dict[str, Any] = {"adapter": label, "rank": j, "bytes": budget, "full_ppl": ref["ppl"], "variants": {}}
         variants = {"uniform": uniform}
-        for min_rank in (1, 0):
-            for name, imp_ in (("energy", None), ("importance", imp)):
+        weights = [("energy", None)] + [(f"importance ({lab} labels)", imp) for lab, imp in imps.items()]
+        for min_rank in (1, 0) if j == 1 else (1,):  # min_rank 0 differs from 1 only where rank 1 is the floor
+            for name, imp_ in weights:
                 pol = RerankPolicy(budget=budget, encoding="lora", min_rank=min_rank, importance=imp_)
-                variants[f"budget {name}, min_rank {min_rank}"] = rerank(full, pol)[0]
+                variants[f"budget {name}" + (", min_rank 0" if min_rank == 0 else "")] = rerank(full, pol)[0]
         if kohya and j > 1:
             work = Path(tempfile.mkdtemp(prefix="rerank_fisher_"))
             src = work / f"{label}.safetensors"
@@ -92,7 +98,7 @@ def run(label: str, ev: Any, ranks: list[int], n_cal: int, kohya: bool = False) 
                 kad, thr = got
                 kb, _ = factor_bytes(kad)
                 variants[f"kohya sv_fro {thr:g} ({kb:,} B)"] = kad
-                for name, imp_ in (("energy", None), ("importance", imp)):
+                for name, imp_ in weights:
                     pol = RerankPolicy(budget=kb, encoding="lora", importance=imp_)
                     variants[f"budget {name} at kohya's bytes"] = rerank(full, pol)[0]
         for name, ad in variants.items():
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first-block", type=int, default=0, help="first held-out block")
     ap.add_argument("--calibration", type=int, default=64, help="train blocks for the importance (evenly spaced)")
     ap.add_argument("--kohya", action="store_true", help="also kohya's sv_fro near each rank's bytes, and budgets at its bytes")
+    ap.add_argument("--labels", default="sample,data", help="importance label modes to compare (sample, data)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for label in args.adapters.split(","):
         ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else ([8, 4, 2, 1] if label == "r64" else [4, 2, 1])
-        rows += run(label, ev, ranks, args.calibration, kohya=args.kohya)
+        rows += run(label, ev, ranks, args.calibration, kohya=args.kohya, labels=tuple(args.labels.split(",")))
     print(f"held-out blocks {args.first_block}..{args.first_block + args.blocks - 1}, calibration {args.calibration} train blocks")
     print(markdown(rows))
     if args.json:
