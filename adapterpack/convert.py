@@ -192,7 +192,7 @@ def cast_adapter(adapter: Adapter, dtype: str) -> tuple[Adapter, CastReport]:
 def infer_target(dst: str | os.PathLike[str]) -> str:
     """Output format from the destination's name: .apack → apack, pytorch_lora_weights.safetensors (diffusers'
     file name) → diffusers, other .safetensors → kohya, .gguf → gguf, else a PEFT folder."""
-    if Path(dst).name == "pytorch_lora_weights.safetensors":
+    if Path(dst).name.lower() == "pytorch_lora_weights.safetensors":
         return "diffusers"
     suffix = Path(dst).suffix.lower()
     return {".apack": "apack", ".safetensors": "kohya", ".gguf": "gguf"}.get(suffix, "peft")
@@ -271,6 +271,10 @@ def write_adapters(
     (diffusers output) puts modules that name no diffusers component under that one (e.g. ``transformer``)."""
     if target not in TARGETS:
         raise ConversionError(f"unknown output format {target!r} (one of {', '.join(TARGETS)})")
+    if component is not None and target != "diffusers":
+        raise ConversionError("component applies to diffusers output only")
+    if target == "diffusers" and dst.suffix.lower() != ".safetensors":
+        raise ConversionError(f"diffusers output is one .safetensors file (e.g. pytorch_lora_weights.safetensors), not {dst}")
     if target != "apack" and len(adapters) != 1:
         names = ", ".join(a.name for a in adapters)
         raise ConversionError(f"{target} holds one adapter, the input has {len(adapters)} ({names}); pick one with --adapter")
@@ -302,8 +306,6 @@ def write_adapters(
         from .interop.diffusers import write_diffusers
 
         return write_diffusers(adapters[0], dst, base=base, component=component, drop_tensors=drop_tensors)
-    if component is not None:
-        raise ConversionError("component applies to diffusers output only")
     from .interop.kohya import write_kohya
 
     write_kohya(adapters[0], dst, drop_tensors=drop_tensors)
@@ -360,7 +362,7 @@ def convert(
     nola_target_error: float | None = None,
     component: str | None = None,
 ) -> ConvertResult:
-    """Read ``src`` (.apack, PEFT folder, kohya file) and write it to ``dst`` as ``to`` (inferred from
+    """Read ``src`` (.apack, PEFT folder, kohya or diffusers file) and write it to ``dst`` as ``to`` (inferred from
     ``dst`` when None), casting float tensors to ``dtype`` unless ``"keep"``. Lossless otherwise;
     ``drop_tensors`` leaves out pass-through tensors a PEFT / kohya output cannot carry; ``rank``
     caps every module at its best approximation of that rank (svd records: a prefix; others: an

@@ -6,7 +6,8 @@ Fisher information of the component's coefficient ``c_l`` in ``W = W0 + Σ c_l u
 that maximises ``Σ F_l σ_l²`` kept therefore minimises the KL it costs (to that order), while the
 data-free budget (``Σ σ_l²`` kept) treats every module as equally sensitive, which training with Adam
 does not make true. ``F`` needs the base model and some text: :func:`adapterpack.torch.importance.component_fisher`
-measures it; this module holds the result, writes and reads it (a safetensors file, never pickle), and
+measures it (a diagonal approximation: components are weighed independently of each other);
+this module holds the result, writes and reads it (a safetensors file, never pickle), and
 checks it belongs to the adapter being re-ranked (its singular values are stored beside it).
 
 File layout: per module ``<name>.fisher`` and ``<name>.S`` (float64, one value per component, the
@@ -109,7 +110,7 @@ def load_importance(path: str | os.PathLike[str]) -> Importance:
         (fisher if part == "fisher" else svals)[name] = arr
     try:
         info = json.loads(meta.get("adapterpack.importance.info", "{}"))
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # informational only: a bad value is dropped
         info = {}
     try:
         return Importance(fisher, svals, {str(k): str(v) for k, v in info.items()} if isinstance(info, dict) else {})

@@ -47,8 +47,8 @@ class RerankPolicy:
     absolute energy Σ‖retained‖² or each module's
     retained fraction; ``method`` is ``dp`` (exact) or ``greedy``. ``importance`` (budgets only)
     weighs each singular component's energy by its measured Fisher information
-    (:mod:`adapterpack.importance`), so the budget minimises the KL the cut costs instead of the
-    energy it drops.
+    (:mod:`adapterpack.importance`), so the budget minimises the KL the cut costs (to second order,
+    components taken independently) instead of the energy it drops.
     """
 
     rank: int | None = None
@@ -99,6 +99,10 @@ class RerankPolicy:
                 raise ConversionError(f"{name} must be one of {', '.join(allowed)}, got {value_!r}")
         if self.importance is not None and rule not in ("budget", "budget_ratio"):
             raise ConversionError(f"importance weighs a budget's choices; it does not apply to {rule}")
+        if self.importance is not None and (self.weighting != "absolute" or self.method != "dp"):
+            # relative weighting would cancel F's scale across modules, which is what it carries; σ²·F is
+            # not decreasing, so greedy would not be optimal up to its last step
+            raise ConversionError("importance works with weighting 'absolute' and method 'dp' only")
         if self.dtype is not None and not dtypes.by_name(self.dtype).is_float:
             raise ConversionError(f"dtype must be a float dtype, got {self.dtype!r}")
         if self.modules is not None:

@@ -219,3 +219,76 @@ def test_cli_measures_the_bundled_adapter_on_smollm2_and_rerank_uses_it(tmp_path
         res[bool(extra)] = {m["name"]: m["new_rank"] for m in rep["modules"]}
     assert res[True] != res[False]
     assert CliRunner().invoke(main, args).exit_code == 1  # OUT exists: refused without --force
+
+
+class Twice(nn.Module):
+    """l1 applied twice (a shared block), plus a layer whose output never reaches the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.emb = nn.Embedding(V, H)
+        self.l1 = nn.Linear(H, H)
+        self.side = nn.Linear(H, H)
+        self.head = nn.Linear(H, V)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        self.side(h)  # computed, unused
+        return self.head(torch.tanh(self.l1(torch.tanh(self.l1(h)))))
+
+
+def test_a_module_called_twice_sums_both_calls_and_an_unused_one_gets_zero() -> None:
+    rng = np.random.default_rng(3)
+    mods = {}
+    for name in ("l1", "side"):
+        a, b = rng.standard_normal((2, H)).astype(np.float32), rng.standard_normal((H, 2)).astype(np.float32) * 0.5
+        mods[name] = Module(name, "lora", (H, H), {"rank": 2, "alpha": 2.0}, {"A": a, "B": b})
+    ad, model, data = Adapter(modules=mods), Twice(), batches()
+    imp = component_fisher(model, ad, data, labels="data", logits=logits)
+    assert "1 modules got no gradient" in imp.info["note"] and not np.any(imp.fisher["side"])
+    u, s, vt = np.linalg.svd(ad.module("l1").delta().astype(np.float64))
+    u, s, vt = torch.tensor(u[:, :2]), torch.tensor(s[:2]), torch.tensor(vt[:2])
+    ref, count = np.zeros(2), 0
+    for ids in data:
+        for seq in ids:
+            c = s.clone().requires_grad_(True)
+            w = model.l1.weight.double() + (u * c) @ vt
+            h = model.emb(seq[None]).double()
+            for _ in range(2):
+                h = torch.tanh(h @ w.T + model.l1.bias.double())
+            lg = (h @ model.head.weight.double().T + model.head.bias.double())[0, :-1]
+            (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(lg, seq[1:], reduction="sum"), [c])
+            ref += g.numpy() ** 2
+            count += 1
+    np.testing.assert_allclose(imp.fisher["l1"], ref / count, rtol=2e-4)
+    with pytest.raises(ConversionError, match="no adapted module influenced the logits"):
+        component_fisher(model, Adapter(modules={"side": mods["side"]}), data, labels="data", logits=logits)
+
+
+def test_importance_needs_absolute_dp_and_hostile_info_is_dropped(tmp_path: Path) -> None:
+    ad = tiny_adapter()
+    imp = Importance({m.name: np.ones(int(m.params["rank"])) for m in ad}, {m.name: module_spectrum(m)[0].S for m in ad})
+    for kw in ({"weighting": "relative"}, {"method": "greedy"}):
+        with pytest.raises(ConversionError, match="weighting 'absolute' and method 'dp' only"):
+            RerankPolicy(budget=10_000, importance=imp, **kw).rule()
+    from safetensors.numpy import save_file
+
+    t = {f"{n}.fisher": imp.fisher[n] for n in imp.fisher} | {f"{n}.S": imp.singular_values[n] for n in imp.fisher}
+    meta = {"adapterpack.importance": "1", "adapterpack.importance.info": "[" * 100_000}
+    save_file(t, str(tmp_path / "deep.safetensors"), metadata=meta)
+    assert load_importance(tmp_path / "deep.safetensors").info == {}
+
+
+def test_cli_refuses_text_that_is_not_utf8(tmp_path: Path) -> None:
+    from adapterpack.examples import example_path
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"\xff\xfe not text")
+    model = tmp_path / "model"
+    model.mkdir()
+    r = CliRunner().invoke(main, ["importance", str(example_path()), str(model), str(tmp_path / "o.st"), "--text", str(bad)])
+    assert r.exit_code == 1 and "not UTF-8 text" in r.output and not (tmp_path / "o.st").exists()

@@ -109,3 +109,14 @@ def test_load_generates_shared_bases_once_for_all_modules(tmp_path: Path, monkey
         torch.testing.assert_close(loaded[m.name].A, alone.A, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(loaded[m.name].B, alone.B, rtol=1e-6, atol=1e-7)
     assert torch.equal(apt.load(path)["layers.2.q"].A, loaded["layers.2.q"].A)  # the same file decodes the same
+
+
+def test_bulk_decoding_keeps_each_records_own_dtype() -> None:
+    """A float32 record decoded beside a float64 one sharing its basis comes back float32, as alone."""
+    m32 = nola_module("a")
+    m64 = nola_module("b")
+    m64.tensors = {k: v.astype(np.float64) for k, v in m64.tensors.items()}
+    together = decode_many([m32, m64], "cpu")
+    alone = decode_nola(m32, torch.device("cpu"), None)
+    assert together["a"].A.dtype == alone.A.dtype == torch.float32 and together["b"].A.dtype == torch.float64
+    torch.testing.assert_close(together["a"].A, alone.A, rtol=1e-6, atol=1e-7)

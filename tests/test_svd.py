@@ -67,6 +67,9 @@ def test_factors_svd_rank_above_a_dimension(m: int, n: int, r: int) -> None:
     s = np.linalg.svd(0.25 * b @ a, compute_uv=False)
     assert sp.S.shape == (min(m, n, r),)
     np.testing.assert_allclose(sp.S, s[: sp.S.size], rtol=1e-12, atol=1e-14)
+    u, vt = sp.vectors()  # r >= m or n: geqrf's last reflector is the identity (τ = 0)
+    np.testing.assert_allclose(u * sp.S @ vt, 0.25 * b @ a, rtol=0, atol=1e-12 * s[0])
+    np.testing.assert_allclose(u.T @ u, np.eye(sp.S.size), atol=1e-13)
 
 
 def test_rank_deficient_and_zero_factors() -> None:
@@ -84,7 +87,7 @@ def test_rank_deficient_and_zero_factors() -> None:
 @pytest.mark.parametrize("cond", [1e4, 1e12])
 def test_vectors_stay_orthonormal_and_exact_for_ill_conditioned_and_zero_columns(cond: float) -> None:
     """The reflector product (Q never formed) keeps U, V orthonormal whatever B's condition; a column
-    of B or Aᵀ that is exactly zero (LAPACK's τ = 0: no compact form) takes the plain path."""
+    of B that is exactly zero (LAPACK's τ = 0: an identity reflector) is handled too."""
     rng = np.random.default_rng(7)
     m, n, r = 300, 120, 16
     qu, _ = np.linalg.qr(rng.standard_normal((m, r)))
@@ -99,7 +102,7 @@ def test_vectors_stay_orthonormal_and_exact_for_ill_conditioned_and_zero_columns
         np.testing.assert_allclose(u.T @ u, np.eye(r), atol=1e-13)
         np.testing.assert_allclose(vt @ vt.T, np.eye(r), atol=1e-13)
         np.testing.assert_allclose(u * sp.S @ vt, d, rtol=0, atol=1e-12 * s[0])
-        u3, vt3 = sp.vectors(3)  # a leading rank is exactly the first columns of the full set
+        u3, vt3 = sp.vectors(3)  # a leading rank is the first columns of the full set (to rounding)
         assert u3.shape == (m, 3) and vt3.shape == (3, n)
         np.testing.assert_allclose(u3, u[:, :3], rtol=0, atol=1e-14)
         np.testing.assert_allclose(vt3, vt[:3], rtol=0, atol=1e-14)

@@ -116,7 +116,8 @@ def convert(
     force: bool,
     as_json: bool,
 ) -> None:
-    """Convert SRC (.apack, PEFT folder or kohya file) to DST; lossless unless --dtype narrows, --rank cuts or --to nola fits."""
+    """Convert SRC (.apack, PEFT folder, kohya or diffusers file) to DST; lossless unless --dtype narrows,
+    --rank cuts or --to nola fits."""
     from ..convert import convert as run
     from ..convert import infer_target, target_conflict
 

@@ -53,15 +53,19 @@ def importance(
     would cost the model the most (second-order KL), instead of where ΔW has the most energy.
     """
     from ..api import open as open_adapter
-    from ..errors import OutputExistsError
+    from ..errors import InputError, OutputExistsError
     from ..torch.importance import causal_lm_importance
 
     if dst.exists() and not force:
         raise OutputExistsError(f"{dst} exists (pass --force to overwrite)")
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{text_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     start = time.perf_counter()
     with open_adapter(adapter_path, adapter=adapter_name) as ad:
         imp = causal_lm_importance(
-            ad, model, text_file.read_text(encoding="utf-8"), blocks=blocks, block_tokens=block_tokens,
+            ad, model, text, blocks=blocks, block_tokens=block_tokens,
             batch=batch, labels=labels, seed=seed, device=device,
         )  # fmt: skip
     imp.save(dst)

@@ -126,6 +126,8 @@ def from_spectrum(
     """
     k = int(np.count_nonzero(spectrum.S > 0))
     if rank is not None:
+        if int(rank) < 0:
+            raise ConversionError(f"module {name!r}: rank must be >= 0, got {rank}")
         k = min(k, int(rank))
     row = dtypes.by_name(dtype)
     if not row.is_float:

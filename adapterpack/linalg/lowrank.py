@@ -100,32 +100,29 @@ class _ThinQ:
     ``np.linalg.qr(mode="raw")`` is LAPACK's geqrf: the reflectors ``v_i`` (unit diagonal, below R)
     and ``τ_i``. Their product is ``Q = I − V T Vᵀ`` with ``T⁻¹ = striu(VᵀV) + diag(1/τ)`` (the
     compact WY / UT form; ``τ_i = 2/‖v_i‖²``), so ``Q @ c`` is three small products and one r×r
-    solve. A reflector with ``τ_i = 0`` (an exactly zero column below the diagonal, e.g. an
-    untrained zero B) has no such form; then Q is formed the plain way.
+    solve. A reflector with ``τ_i = 0`` is the identity (geqrf returns one for an exactly zero
+    column below the diagonal, e.g. an untrained zero B, and for the last column when m ≤ r): its
+    ``v_i`` is zeroed and ``τ_i`` set to 1, which leaves the identity and keeps T invertible.
     """
 
     def __init__(self, x: np.ndarray) -> None:
         m, r = x.shape
         self.m, self.p = m, min(m, r)
-        self._q: np.ndarray | None = None
         if self.p == 0:
             self.R = np.zeros((0, r))
             return
         h, tau = np.linalg.qr(x, mode="raw")  # h: geqrf's [m, r] output, transposed
         lower = h.T
         self.R = np.triu(lower[: self.p])  # [p, r]
-        if np.all(tau != 0.0):
-            v = np.tril(lower[:, : self.p], -1)
-            v[np.arange(self.p), np.arange(self.p)] = 1.0
-            self._v = v  # [m, p]
-            self._t_inv = np.triu(v.T @ v, 1) + np.diag(1.0 / tau)
-        else:
-            self._q = np.linalg.qr(x)[0]
+        v = np.tril(lower[:, : self.p], -1)
+        v[np.arange(self.p), np.arange(self.p)] = 1.0
+        identity = tau == 0.0
+        v[:, identity] = 0.0
+        self._v = v  # [m, p]
+        self._t_inv = np.triu(v.T @ v, 1) + np.diag(1.0 / np.where(identity, 1.0, tau))
 
     def times(self, c: np.ndarray) -> np.ndarray:
         """``Q @ c`` for ``c`` [p, j]: [m, j], without forming Q."""
-        if self._q is not None:
-            return self._q @ c
         out = np.zeros((self.m, c.shape[1]))
         if c.shape[1] == 0 or self.p == 0:
             return out

@@ -164,7 +164,7 @@ def fit_nola(
     # start: A ≈ √Σ·Vᵀ (top r), projected onto the A basis
     j = min(r, spec.S.size)
     a_star = np.zeros((r, inp))
-    a_star[:j] = np.sqrt(spec.S[:j])[:, None] * spec.Vt[:j]
+    a_star[:j] = np.sqrt(spec.S[:j])[:, None] * spec.vectors(j)[1]
     alpha = _solve(ba @ ba.T, ba @ (a_star - a_fixed).reshape(-1)) if k_A else np.zeros(0)
     beta = np.zeros(k_B)
     t_a = target.A.astype(np.float64)

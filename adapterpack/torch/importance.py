@@ -52,6 +52,9 @@ def component_fisher(
     ``batches`` yields token-id tensors ``[b, t]`` (b sequences of t tokens); ``logits`` maps a batch to
     next-token logits ``[b, t, vocab]`` (default: ``model(input_ids=batch).logits``). Linear layers
     only (``nn.Linear``, GPT-2's ``Conv1D``); DoRA modules are left out (re-ranking keeps them as is).
+    A module called several times per forward (shared blocks) sums its calls' gradients; one whose
+    output never reaches the logits gets importance 0 (said in ``info["note"]``). The model runs in
+    eval mode for the measurement and gets its mode and weights back.
     """
     if labels not in LABELS:
         raise ConversionError(f"labels must be one of {', '.join(LABELS)}, got {labels!r}")
@@ -89,17 +92,17 @@ def _measure(
     seed: int,
 ) -> Importance:
     device = next(model.parameters()).device
-    proj = {n: (torch.from_numpy(u).to(device, torch.float32), torch.from_numpy(np.ascontiguousarray(v)).to(device, torch.float32))
-            for n, (u, v) in vecs.items()}
+    proj = {n: (torch.from_numpy(u).float(), torch.from_numpy(np.ascontiguousarray(v)).float()) for n, (u, v) in vecs.items()}
     sums = {n: np.zeros(spectra[n].size) for n in spectra}
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # every call of a module in one forward
     weights = [p.module.weight for p in applied.patches]
     was = [w.requires_grad for w in weights]
+    training = model.training
     hooks = []
 
     def capture(name: str) -> Callable[..., None]:
         def fn(_mod: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
-            seen[name] = (args[0].detach(), out)
+            calls.setdefault(name, []).append((args[0].detach(), out))
 
         return fn
 
@@ -108,6 +111,7 @@ def _measure(
     gen = torch.Generator(device=device).manual_seed(seed)
     n_seq = n_tok = 0
     try:
+        model.eval()  # no dropout noise in the gradients
         for w in weights:  # outputs need a graph to take gradients; autograd.grad accumulates nothing into .grad
             w.requires_grad_(True)
         with torch.enable_grad():
@@ -115,7 +119,7 @@ def _measure(
                 if ids.ndim != 2 or ids.shape[1] < 2:
                     raise ConversionError(f"calibration batches must be [sequences, tokens >= 2], got {list(ids.shape)}")
                 ids = ids.to(device)
-                seen.clear()
+                calls.clear()
                 lg = run(model, ids)[:, :-1].float()
                 if labels == "sample":
                     with torch.no_grad():
@@ -124,13 +128,17 @@ def _measure(
                 else:
                     y = ids[:, 1:]
                 loss = torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), y.reshape(-1), reduction="sum")
-                names = list(seen)
-                grads = torch.autograd.grad(loss, [seen[n][1] for n in names])
                 b = ids.shape[0]
-                for n, g in zip(names, grads, strict=True):
-                    x = seen[n][0]
-                    u, v = proj[n]
+                flat = [(n, x, out) for n, seen in calls.items() for x, out in seen]
+                grads = torch.autograd.grad(loss, [o for _, _, o in flat], allow_unused=True) if flat else []
+                per_seq: dict[str, torch.Tensor] = {}
+                for (n, x, _), g in zip(flat, grads, strict=True):
+                    if g is None:  # this call's output does not reach the logits
+                        continue
+                    u, v = (m.to(g.device) for m in proj[n])
                     d = ((g.reshape(b, -1, g.shape[-1]).float() @ u) * (x.reshape(b, -1, x.shape[-1]).float() @ v)).sum(dim=1)
+                    per_seq[n] = per_seq[n] + d if n in per_seq else d  # ∂L/∂c_l sums over every call, then squares
+                for n, d in per_seq.items():
                     sums[n] += (d.double() ** 2).sum(dim=0).cpu().numpy()
                 n_seq += b
                 n_tok += b * (ids.shape[1] - 1)
@@ -139,13 +147,16 @@ def _measure(
             h.remove()
         for w, r in zip(weights, was, strict=True):
             w.requires_grad_(r)
-        seen.clear()
+        model.train(training)
+        calls.clear()
     if n_seq == 0:
         raise ConversionError("no calibration batches")
-    missing = [n for n in spectra if not np.any(sums[n]) and spectra[n].size and spectra[n][0] > 0]
+    silent = [n for n in spectra if not np.any(sums[n]) and spectra[n].size and spectra[n][0] > 0]
+    if len(silent) == len(spectra):
+        raise ConversionError("no adapted module influenced the logits: is the adapter meant for this model?")
     info = {"labels": labels, "sequences": str(n_seq), "tokens": str(n_tok), "seed": str(seed)}
-    if missing:
-        info["note"] = f"{len(missing)} modules got no gradient (not on the path to the logits?)"
+    if silent:
+        info["note"] = f"{len(silent)} modules got no gradient (not on the path to the logits): importance 0"
     return Importance({n: s / n_seq for n, s in sums.items()}, dict(spectra), info)
 
 
@@ -182,11 +193,20 @@ def causal_lm_importance(
         raise MissingDependencyError("importance on a model needs transformers: pip install 'adapterpack[peft]'") from None
     if batch < 1:
         raise ConversionError(f"batch must be >= 1, got {batch}")
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        raise ConversionError(f"device {device!r} is not usable here ({e})") from None
     folder = Path(model_dir)
     if not (folder / "config.json").is_file():
         raise InputError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32).to(device).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise InputError(f"{folder}: cannot load the model or its tokenizer with transformers ({e})") from None
+    model = model.to(dev).eval()
     ids = text_blocks(tok(text)["input_ids"], blocks, block_tokens)
     imp = component_fisher(model, adapter, [ids[i : i + batch] for i in range(0, ids.shape[0], batch)], labels=labels, seed=seed)
     imp.info |= {"model": folder.name, "block_tokens": str(block_tokens)}

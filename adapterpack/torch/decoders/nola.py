@@ -66,8 +66,9 @@ def decode_many(
 ) -> dict[str, TorchFactors]:
     """:class:`TorchFactors` of nola records on ``device``; shared bases generated once per chunk.
 
-    Sums in float32 (float64 when a record's coefficients are float64), then casts to ``dtype``
-    when given. Memory: about ``budget`` bytes of generated values plus the factors themselves.
+    Sums in float32 (float64 when a record's coefficients are float64; a group sharing a basis sums
+    in float64 if any member needs it, and each record gets its own dtype back), then casts to
+    ``dtype`` when given. Memory: about ``budget`` bytes of generated values plus the factors themselves.
     """
     dev = torch.device(device)
     mods = list(modules)
@@ -93,8 +94,10 @@ def decode_many(
     out: dict[str, TorchFactors] = {}
     for m in mods:
         s = shapes[m.name]
-        a = summed[(m.name, "alpha")].reshape(s.rank, s.inp)
-        b = summed[(m.name, "beta")].reshape(s.out, s.rank)
+        # a record sums in float64 only when its own coefficients are float64, whatever its group used
+        own = {k: torch.float64 if coefs[(m.name, k)].dtype == torch.float64 else torch.float32 for k in ("alpha", "beta")}
+        a = summed[(m.name, "alpha")].reshape(s.rank, s.inp).to(own["alpha"])
+        b = summed[(m.name, "beta")].reshape(s.out, s.rank).to(own["beta"])
         for which, mat in (("A0", a), ("B0", b)):
             fixed = _fixed(m, s, which, dev, mat.dtype)
             if fixed is not None:
