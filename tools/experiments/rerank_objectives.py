@@ -14,6 +14,7 @@ Objectives (``NAME@M``: min rank M, default 1; ``NAME@r-D``: min rank r−D; ``N
 - ``sv1``: −Σ σ_{j+1} (the largest singular value cut);
 - ``logkept``: Σ log(kept fraction_i) (needs min rank ≥ 1);
 - ``nuc``: Σ kept σ (nuclear norm), ``nucrel``: that / Σ σ_i;
+- ``lib:W``: the library's weighting W (``absolute``, ``relative``, ``balanced``) through ``allocate.budget_dp``;
 - ``layers:A-B@r``: diagnostic, layers A..B at rank r, all others full;
 - ``type:T@r``: diagnostic, modules whose name contains T at rank r, all others full (not byte-matched).
 
@@ -134,8 +135,14 @@ def fit_rule(mods: list[Mod], budget: int, rank_of: Callable[[Mod, float], int],
     return ranks(lo)
 
 
+BUDGET_SCALE = 1.0
+
+
 def allocation(mods: list[Mod], r: int, spec: str) -> dict[str, int]:
-    budget = sum(min(r, m.k) * m.cost for m in mods)
+    budget = int(BUDGET_SCALE * sum(min(r, m.k) * m.cost for m in mods))
+    if spec.startswith("lib:"):  # the library's own weighting, min rank 1 as rerank's budgets
+        items = [allocate.Item(m.name, m.s**2, m.cost, allocate.choices_for(m.k, min_rank=1)) for m in mods]
+        return allocate.budget_dp(items, budget, spec[4:])
     obj, _, mr = spec.partition("@")
     if mr.startswith("r-"):  # NAME@r-D: floor D below the uniform rank r
         min_rank = max(r - int(mr[2:]), 0)
@@ -207,12 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--first-block", type=int, default=0)
     ap.add_argument("--ranks", default="8,4,2")
     ap.add_argument("--objectives", default="uniform,abs@0,abs,rel")
+    ap.add_argument("--budget-scale", type=float, default=1.0,
+                    help="budgets are this × uniform rank r's bytes (uniform itself stays rank r; default %(default)s)")
     ap.add_argument("--type-weights", default="", help="T=w,... multipliers for tw:OBJ objectives (diagnostic)")
     ap.add_argument("--dry-run", action="store_true", help="only print the allocations (no model)")
     ap.add_argument("--json", help="append results (JSON lines) here")
     args = ap.parse_args(argv)
     ranks = [int(x) for x in args.ranks.split(",") if x]
     objs = [o for o in args.objectives.split(",") if o]
+    global BUDGET_SCALE
+    BUDGET_SCALE = args.budget_scale
     for kv in [x for x in args.type_weights.split(",") if x]:
         t, _, w = kv.partition("=")
         TYPE_WEIGHTS[t] = float(w)
