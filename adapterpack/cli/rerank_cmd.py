@@ -113,9 +113,9 @@ def report_lines(r: dict[str, Any], per_module: bool) -> list[str]:
 @click.option(
     "--weighting",
     type=click.Choice(WEIGHTINGS),
-    default="absolute",
-    show_default=True,
-    help="Budget maximises total ‖ΔW‖² kept, or each module's kept fraction.",
+    help="What a budget optimises. balanced (default): least Σ‖error‖^1.5 with every module at >= 3/4 of the uniform "
+    "rank the budget affords (lowest KL measured, BENCHMARKS.md); absolute: most ‖ΔW‖² kept (the default with "
+    "--importance); relative: most kept fraction per module.",
 )
 @click.option(
     "--importance",
@@ -160,7 +160,7 @@ def rerank(
     round_to: tuple[int, ...] | None,
     round_mode: str,
     modules: str | None,
-    weighting: str,
+    weighting: str | None,
     importance: Path | None,
     method: str,
     dtype: str | None,
