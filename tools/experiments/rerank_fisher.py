@@ -5,8 +5,9 @@ For each adapter (the cached r=64 fixture, the bundled r=8 example, or PEFT fold
 1. ``adapterpack.torch.importance.component_fisher`` on ``--calibration`` blocks of the pydoc TRAIN split
    (evenly spaced, as ``adapterpack importance`` picks them; labels sampled from the adapted model,
    seed 0) → an :class:`~adapterpack.importance.Importance`;
-2. for each uniform rank j of ``--ranks``: the uniform re-rank, and at exactly its bytes the budget DP on
-   energy (the data-free default) and on importance-weighted energy (``RerankPolicy(importance=...)``),
+2. for each uniform rank j of ``--ranks``: the uniform re-rank, and at exactly its bytes the budget DP
+   with the data-free weightings ``absolute`` (energy) and ``balanced`` (the default) and on
+   importance-weighted energy (``RerankPolicy(importance=...)``),
    with min_rank 1 (the library default; at rank 1's bytes also 0), importance measured with sampled
    and with the text's own labels;
    with ``--kohya``, kohya's ``resize_lora.py --dynamic_method sv_fro`` at the threshold whose output
@@ -84,10 +85,11 @@ def run(
         budget, _ = factor_bytes(uniform)
         row: dict[str, Any] = {"adapter": label, "rank": j, "bytes": budget, "full_ppl": ref["ppl"], "variants": {}}
         variants = {"uniform": uniform}
-        weights = [("energy", None)] + [(f"importance ({lab} labels)", imp) for lab, imp in imps.items()]
+        weights = [("absolute", None, "absolute"), ("balanced", None, "balanced")]
+        weights += [(f"importance ({lab} labels)", imp, "absolute") for lab, imp in imps.items()]
         for min_rank in (1, 0) if j == 1 else (1,):  # min_rank 0 differs from 1 only where rank 1 is the floor
-            for name, imp_ in weights:
-                pol = RerankPolicy(budget=budget, encoding="lora", min_rank=min_rank, importance=imp_)
+            for name, imp_, w in weights:
+                pol = RerankPolicy(budget=budget, encoding="lora", min_rank=min_rank, importance=imp_, weighting=w)
                 variants[f"budget {name}" + (", min_rank 0" if min_rank == 0 else "")] = rerank(full, pol)[0]
         if kohya and j > 1:
             work = Path(tempfile.mkdtemp(prefix="rerank_fisher_"))
@@ -98,8 +100,8 @@ def run(
                 kad, thr = got
                 kb, _ = factor_bytes(kad)
                 variants[f"kohya sv_fro {thr:g} ({kb:,} B)"] = kad
-                for name, imp_ in weights:
-                    pol = RerankPolicy(budget=kb, encoding="lora", importance=imp_)
+                for name, imp_, w in weights:
+                    pol = RerankPolicy(budget=kb, encoding="lora", importance=imp_, weighting=w)
                     variants[f"budget {name} at kohya's bytes"] = rerank(full, pol)[0]
         for name, ad in variants.items():
             b, _ = factor_bytes(ad)
