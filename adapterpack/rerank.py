@@ -51,7 +51,8 @@ class RerankPolicy:
     ``importance`` (budgets only) weighs each singular component's energy by its measured Fisher
     information (:mod:`adapterpack.importance`), so the budget minimises the KL the cut costs (to
     second order, components taken independently) instead of the energy it drops; it implies
-    ``absolute`` weighting.
+    ``absolute`` weighting unless ``balanced`` is asked for (then the weighted errors Σ_cut F·σ² take
+    the place of ‖ΔW_i − ΔW_i,j‖², floor included).
     """
 
     rank: int | None = None
@@ -109,10 +110,10 @@ class RerankPolicy:
                 raise ConversionError(f"{name} must be one of {', '.join(allowed)}, got {value_!r}")
         if self.importance is not None and rule not in ("budget", "budget_ratio"):
             raise ConversionError(f"importance weighs a budget's choices; it does not apply to {rule}")
-        if self.importance is not None and (self.effective_weighting != "absolute" or self.method != "dp"):
+        if self.importance is not None and (self.effective_weighting == "relative" or self.method != "dp"):
             # relative weighting would cancel F's scale across modules, which is what it carries; σ²·F is
             # not decreasing, so greedy would not be optimal up to its last step
-            raise ConversionError("importance works with weighting 'absolute' and method 'dp' only")
+            raise ConversionError("importance works with weighting 'absolute' or 'balanced' and method 'dp' only")
         if self.dtype is not None and not dtypes.by_name(self.dtype).is_float:
             raise ConversionError(f"dtype must be a float dtype, got {self.dtype!r}")
         if self.modules is not None:

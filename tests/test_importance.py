@@ -274,8 +274,9 @@ def test_importance_needs_absolute_dp_and_hostile_info_is_dropped(tmp_path: Path
     imp = Importance({m.name: np.ones(int(m.params["rank"])) for m in ad}, {m.name: module_spectrum(m)[0].S for m in ad})
     assert RerankPolicy(budget=1).effective_weighting == "balanced"  # the data-free default
     assert RerankPolicy(budget=1, importance=imp).effective_weighting == "absolute"  # importance's own objective
-    for kw in ({"weighting": "relative"}, {"weighting": "balanced"}, {"method": "greedy"}):
-        with pytest.raises(ConversionError, match="weighting 'absolute' and method 'dp' only"):
+    RerankPolicy(budget=10_000, importance=imp, weighting="balanced").rule()  # weighted errors, floored
+    for kw in ({"weighting": "relative"}, {"method": "greedy"}):
+        with pytest.raises(ConversionError, match="weighting 'absolute' or 'balanced' and method 'dp' only"):
             RerankPolicy(budget=10_000, importance=imp, **kw).rule()
     from safetensors.numpy import save_file
 

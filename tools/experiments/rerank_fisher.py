@@ -87,6 +87,7 @@ def run(
         variants = {"uniform": uniform}
         weights = [("absolute", None, "absolute"), ("balanced", None, "balanced")]
         weights += [(f"importance ({lab} labels)", imp, "absolute") for lab, imp in imps.items()]
+        weights += [(f"importance ({lab} labels), balanced", imp, "balanced") for lab, imp in imps.items()]
         for min_rank in (1, 0) if j == 1 else (1,):  # min_rank 0 differs from 1 only where rank 1 is the floor
             for name, imp_, w in weights:
                 pol = RerankPolicy(budget=budget, encoding="lora", min_rank=min_rank, importance=imp_, weighting=w)
