@@ -378,8 +378,10 @@ def rerank_file(
     force: bool = False,
     adapter: str | None = None,
     drop_tensors: bool = False,
+    component: str | None = None,
 ) -> RerankResult:
-    """Re-rank ``src`` (any format) into ``dst`` (.apack, PEFT folder or kohya file; ``None``: plan only)."""
+    """Re-rank ``src`` (any format) into ``dst`` (.apack, PEFT folder, kohya or diffusers file; ``None``: plan only);
+    ``component``: the diffusers component for modules whose names carry none."""
     from .convert import check_destination, infer_target, load_source, write_adapters
     from .report import footprint
 
@@ -399,7 +401,7 @@ def rerank_file(
         out, report = rerank(source.adapters[0], policy)
         notes: list[str] = []
         if dst is not None and target is not None:
-            notes = write_adapters([out], dst, target, codec=codec, level=level, drop_tensors=drop_tensors)
+            notes = write_adapters([out], dst, target, codec=codec, level=level, drop_tensors=drop_tensors, component=component)
     finally:
         source.close()
     return RerankResult(

@@ -122,3 +122,18 @@ def test_component_puts_a_language_model_adapter_under_one_component(tmp_path: P
         assert bits(f.A) == bits(g.A) and bits(f.B) == bits(g.B) and f.scale == g.scale
     r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "x.apack"), "--component", "unet"])
     assert r.exit_code == 2 and "--component applies to diffusers output only" in r.output
+
+
+def test_rerank_writes_diffusers_with_a_component(tmp_path: Path) -> None:
+    from adapterpack.examples import example_path
+
+    dst = tmp_path / "pytorch_lora_weights.safetensors"
+    assert run("rerank", example_path(), dst, "--rank", "2", "--component", "transformer").exit_code == 0
+    orig, back = adapterpack.open(example_path()), adapterpack.open(dst)
+    for m in orig:
+        r = back.modules[f"transformer.{m.name}"]
+        assert r.summary()["rank"] == 2
+        d = m.delta().astype(np.float64)
+        u, s, vt = np.linalg.svd(d, full_matrices=False)
+        best = (u[:, :2] * s[:2]) @ vt[:2]
+        np.testing.assert_allclose(r.delta(), best, rtol=0, atol=1e-5 * s[0])

@@ -142,6 +142,7 @@ def report_lines(r: dict[str, Any], per_module: bool) -> list[str]:
 @click.option(
     "--codec", type=click.Choice(codec_ids()), help="Blob codec for .apack output (default byteplanes; raw for mmap loading)."
 )
+@click.option("--component", help="diffusers output: the pipeline component for modules whose names carry none.")
 @click.option("--adapter", "adapter_name", metavar="NAME", help="Which adapter of a multi-adapter .apack file.")
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
 @click.option("--dry-run", is_flag=True, help="Print the report only; write nothing (DST may be left out).")
@@ -167,6 +168,7 @@ def rerank(
     encoding: str,
     to: str | None,
     codec: str | None,
+    component: str | None,
     adapter_name: str | None,
     force: bool,
     dry_run: bool,
@@ -217,8 +219,9 @@ def rerank(
         importance=None if importance is None else load_importance(importance),
     )
     result = rerank_file(
-        src, None if dry_run else dst, policy, to=target, codec=codec or "byteplanes", force=force, adapter=adapter_name
-    )
+        src, None if dry_run else dst, policy, to=target, codec=codec or "byteplanes", force=force, adapter=adapter_name,
+        component=component,
+    )  # fmt: skip
     data = result.as_dict()
     if as_json:
         out.echo_json(data)
