@@ -158,3 +158,19 @@ def test_balanced_on_a_real_adapter_never_cuts_below_its_floor_and_beats_uniform
     assert total_cost(items, got) <= budget
     assert min(got.values()) == 3 and got != uniform
     assert total_value(items, got, "balanced") > total_value(items, uniform, "balanced")
+
+
+def test_coarse_units_keep_the_minimum_feasible_and_never_lose_to_greedy() -> None:
+    """Budgets above 2**18 units round costs: the bytes above each module's smallest choice are what get
+    rounded, so a budget of exactly the minimum (or balanced's floor) is feasible, and the DP's answer is
+    never worse than greedy's (review: large SD-sized budgets)."""
+    e = np.array([4.0, 2.0, 1.0, 0.5])
+    floor_only = [Item("a", e, 1_000_003, (1, 2)), Item("b", e, 1_000_033, (1, 2))]
+    low = allocate.min_cost(floor_only)
+    assert budget_dp(floor_only, low, "absolute") == {"a": 1, "b": 1}
+    wide = [Item("a", e, 1_000_003, choices_for(4)), Item("b", e, 1_000_033, choices_for(4))]
+    assert budget_dp(wide, 2_000_036, "balanced") == {"a": 1, "b": 1}
+    full = 4 * (1_000_003 + 1_000_033)  # rank 4 everywhere fits exactly
+    for w in ("absolute", "balanced"):
+        got = budget_dp(wide, full, w)
+        assert got == {"a": 4, "b": 4} and total_cost(wide, got) <= full

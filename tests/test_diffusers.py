@@ -537,3 +537,19 @@ def test_real_peft_example_through_diffusers(tmp_path: Path) -> None:
         assert got.summary()["scale"] == m.summary()["scale"]
     write_diffusers(back, tmp_path / "again.safetensors")
     assert_same_file(dst, tmp_path / "again.safetensors")
+
+
+def test_review_hostile_target_modules_numpy_alpha_and_long_kohya_names(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    t = {f"{UNET_Q}.lora_A.weight": rnd(rng, 4, 32), f"{UNET_Q}.lora_B.weight": rnd(rng, 32, 4)}
+    src = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(t, src, metadata={META_KEY: json.dumps({"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": [1, 2]})})
+    with pytest.raises(InputError, match="target_modules must be a string or a list of strings"):
+        read_diffusers(src)
+    a, b = rnd(rng, 4, 32), rnd(rng, 32, 4)
+    ad = Adapter(modules={UNET_Q: Module(UNET_Q, "lora", (32, 32), {"rank": 4, "alpha": np.float32(2.0)}, {"A": a, "B": b})})
+    write_diffusers(ad, tmp_path / "np.safetensors")
+    assert read_diffusers(tmp_path / "np.safetensors").modules[UNET_Q].summary()["scale"] == 0.5
+    # a hostile kohya name of thousands of tokens is refused after a linear-time split, not a cubic one
+    with pytest.raises(ConversionError):
+        NameResolver().resolve("lora_unet_" + "_".join(["x"] * 3000))

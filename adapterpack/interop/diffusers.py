@@ -123,6 +123,10 @@ def _metadata(meta: dict[str, str], path: Path) -> dict[str, dict[str, Any]]:
             raise InputError(f"{where}: alpha_pattern must map patterns to numbers")
         if not isinstance(cfg.get("use_rslora", False), bool) or not isinstance(cfg.get("use_dora", False), bool):
             raise InputError(f"{where}: use_rslora / use_dora must be true or false")
+        targets = cfg.get("target_modules")
+        listed = isinstance(targets, list) and all(isinstance(x, str) for x in targets)
+        if not (targets is None or isinstance(targets, str) or listed):
+            raise InputError(f"{where}: target_modules must be a string or a list of strings")
     return out
 
 
@@ -415,7 +419,8 @@ def diffusers_state(
         keys = {s: form.get(s, f"{name}.lora_{s}.weight") for s in ("A", "B")}
         state.put(keys["A"], state.cast(m.array("A"), f"module {m.name!r} tensor 'A'"), cast=False)
         state.put(keys["B"], state.cast(m.array("B"), f"module {m.name!r} tensor 'B'"), cast=False)
-        rank, alpha, rs = int(p["rank"]), p["alpha"], bool(p.get("rslora", False))
+        a = p["alpha"]  # a record built in memory may hold a numpy scalar: JSON needs a Python number
+        rank, alpha, rs = int(p["rank"]), (int(a) if isinstance(a, (int, np.integer)) else float(a)), bool(p.get("rslora", False))
         implied = float(rank)
         info, akey = alphas.get(m.name), form.get("alpha")
         if info is not None and akey is not None and not rs:

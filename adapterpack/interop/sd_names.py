@@ -121,10 +121,12 @@ def grammar_paths(flat: str, vocab: frozenset[str], limit: int = 2) -> list[str]
     """Every way (up to ``limit``) to split ``flat`` at underscores into indices and ``vocab`` names."""
     tokens = flat.split("_")
     n = len(tokens)
+    # a segment spans at most as many tokens as the longest vocabulary name: linear in the name's length
+    longest = max((v.count("_") + 1 for v in vocab), default=1)
     # ways[i]: splits of tokens[i:], each a list of segments (at most `limit` kept)
     ways: list[list[list[str]]] = [[] for _ in range(n)] + [[[]]]
     for i in range(n - 1, -1, -1):
-        for j in range(i + 1, n + 1):
+        for j in range(i + 1, min(n, i + longest) + 1):
             seg = "_".join(tokens[i:j])
             if not (seg.isdigit() and j == i + 1) and seg not in vocab:
                 continue

@@ -7,7 +7,8 @@ above ¾ of the uniform rank the budget affords (see :func:`balanced_floor` for 
 per module to maximise ``Σ v_i`` within the budget: a multiple-choice knapsack. Greedy on energy per byte is
 optimal only up to the last step when modules cost different bytes per rank, so :func:`budget_dp`
 solves it exactly by dynamic programming over bytes in units of the gcd of the per-rank costs
-(≤ 2¹⁸ states; coarser units, with costs rounded up so the budget still holds, beyond that).
+(≤ 2¹⁸ states; beyond that, coarser units with the bytes above each module's smallest choice
+rounded up, so the budget still holds, and the greedy answer whenever it is better).
 :func:`budget_greedy` is kept for comparison; tests check both against brute force.
 """
 
@@ -133,16 +134,27 @@ def budget_dp(items: list[Item], budget: int, weighting: str = "absolute") -> di
         return {}
     if weighting == "balanced":
         items = balanced_floor(items, budget)
+    # the DP runs on bytes ABOVE every module's smallest choice, which are paid exactly: rounding the
+    # increments up to the unit never makes the smallest choices (or balanced's floor) infeasible
+    exact_unit = math.gcd(*(it.cost_per_rank for it in items if it.cost_per_rank > 0)) or 1
+    base = min_cost(items)
+    spare = budget - base
+    if spare < 0:  # _check_budget and balanced_floor rule this out
+        raise ConversionError(f"budget {budget:,} B is below {base:,} B, what the smallest allowed ranks cost")
     unit = math.gcd(*(it.cost_per_rank for it in items if it.cost_per_rank > 0)) or 1
-    unit = max(unit, -(-budget // MAX_STATES))
-    states = budget // unit + 1
+    unit = max(unit, -(-spare // MAX_STATES))
+    states = spare // unit + 1
     dp = np.zeros(states)  # best value with cost <= b units, over the items so far
     width = np.uint8 if max(len(it.choices) for it in items) <= 255 else np.uint16
     picks = np.zeros((len(items), states), dtype=width)
+
+    def units(it: Item, rank: int) -> int:  # rounded up: the rounded total never exceeds the budget
+        return -(-(rank - it.choices[0]) * it.cost_per_rank // unit)
+
     for i, it in enumerate(items):
         new = np.full(states, -np.inf)
         for c, rank in enumerate(it.choices):
-            w = -(-rank * it.cost_per_rank // unit)  # rounded up: the rounded total never exceeds the budget
+            w = units(it, rank)
             if w >= states:
                 break
             cand = dp[: states - w] + it.value(rank, weighting)
@@ -158,14 +170,21 @@ def budget_dp(items: list[Item], budget: int, weighting: str = "absolute") -> di
         it = items[i]
         rank = it.choices[picks[i, b]]
         out[it.name] = rank
-        b -= -(-rank * it.cost_per_rank // unit)
-    return dict(reversed(list(out.items())))
+        b -= units(it, rank)
+    out = dict(reversed(list(out.items())))
+    if unit != exact_unit:  # costs were rounded: the DP is near-optimal only; never return less than greedy
+        greedy = budget_greedy(items, budget, weighting)
+        if sum(it.value(greedy[it.name], weighting) for it in items) > sum(it.value(out[it.name], weighting) for it in items):
+            return greedy
+    return out
 
 
 def budget_greedy(items: list[Item], budget: int, weighting: str = "absolute") -> dict[str, int]:
     """Greedy on energy per byte: repeatedly take the step to a module's next allowed rank with the
     highest gain per byte that still fits. Optimal up to the last step (fractional knapsack bound)
-    for concave values; ``balanced`` starts from :func:`balanced_floor`'s floor."""
+    for concave values (absolute, relative); ``balanced`` starts from :func:`balanced_floor`'s floor,
+    and its values are not concave (a flat spectrum's steps gain more and more), so there greedy is a
+    heuristic only: use the DP."""
     _check_budget(items, budget, weighting)
     if weighting == "balanced":
         items = balanced_floor(items, budget)
