@@ -28,6 +28,8 @@ from .errors import ConversionError, InputError
 
 META_KEY = "adapterpack.importance"
 VERSION = "1"
+#: Next-token labels of the measurement: drawn from the adapted model (the Fisher of the KL) or the text's own.
+LABELS = ("sample", "data")
 #: Singular values of the adapter being re-ranked must match the stored ones to this, relative to σ₁.
 MATCH_RTOL = 1e-5
 
@@ -87,19 +89,13 @@ class Importance:
 
 def load_importance(path: str | os.PathLike[str]) -> Importance:
     """Read a file written by :meth:`Importance.save` (InputError naming what is wrong otherwise)."""
-    from safetensors import safe_open
+    from .interop.peft import read_safetensors
 
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="np") as f:
-            meta = f.metadata() or {}
-            if meta.get(META_KEY) != VERSION:
-                raise InputError(f"{path}: not an adapterpack importance file (metadata {META_KEY!r} = {VERSION!r} missing)")
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
-    except InputError:
-        raise
-    except Exception as e:  # safetensors raises SafetensorError, OSError, ...
-        raise InputError(f"{path}: cannot read importance file ({e})") from None
+    arrays, meta = read_safetensors(path)  # InputError for anything safetensors cannot read
+    meta = meta or {}
+    if meta.get(META_KEY) != VERSION:
+        raise InputError(f"{path}: not an adapterpack importance file (metadata {META_KEY!r} = {VERSION!r} missing)")
     fisher, svals = {}, {}
     for key, arr in arrays.items():
         name, _, part = key.rpartition(".")

@@ -181,7 +181,7 @@ def test_importance_refusals(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="not an adapterpack importance file"):
         load_importance(tmp_path / "plain.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 5)
-    with pytest.raises(InputError, match="cannot read importance file"):
+    with pytest.raises(InputError, match="cannot read safetensors file"):
         load_importance(tmp_path / "junk.safetensors")
 
 

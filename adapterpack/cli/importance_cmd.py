@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from ..importance import LABELS
 from . import output as out
 
 
@@ -24,7 +25,7 @@ from . import output as out
 @click.option("--blocks", type=click.IntRange(min=1), default=64, show_default=True, help="Blocks of text to use (evenly spaced).")
 @click.option("--block-tokens", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per block.")
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Blocks per forward/backward pass.")
-@click.option("--labels", type=click.Choice(("sample", "data")), default="sample", show_default=True,
+@click.option("--labels", type=click.Choice(LABELS), default="sample", show_default=True,
               help="Next tokens drawn from the adapted model (Fisher of the KL re-ranking costs) or the text's own.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampled labels.")
 @click.option("--device", default="cpu", show_default=True, help="torch device for the model.")

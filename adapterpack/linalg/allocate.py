@@ -141,8 +141,7 @@ def budget_dp(items: list[Item], budget: int, weighting: str = "absolute") -> di
     spare = budget - base
     if spare < 0:  # _check_budget and balanced_floor rule this out
         raise ConversionError(f"budget {budget:,} B is below {base:,} B, what the smallest allowed ranks cost")
-    unit = math.gcd(*(it.cost_per_rank for it in items if it.cost_per_rank > 0)) or 1
-    unit = max(unit, -(-spare // MAX_STATES))
+    unit = max(exact_unit, -(-spare // MAX_STATES))
     states = spare // unit + 1
     dp = np.zeros(states)  # best value with cost <= b units, over the items so far
     width = np.uint8 if max(len(it.choices) for it in items) <= 255 else np.uint16

@@ -25,11 +25,10 @@ from torch import nn
 
 from ..adapter import Adapter
 from ..errors import ConversionError, InputError, MissingDependencyError
-from ..importance import Importance
+from ..importance import LABELS, Importance
 from ..rerank import module_spectrum
 from .apply import apply
 
-LABELS = ("sample", "data")
 #: ``logits(model, batch) -> [b, t, vocab]``; the default fits Hugging Face causal LMs.
 LogitsFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 

@@ -80,6 +80,7 @@ def run(
         imps[lab] = component_fisher(ev.model, full, batches, labels=lab, seed=0)
         print(f"{label}: importance ({lab} labels) from {len(cal)} sequences in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     rows = []
+    kohya_src: Path | None = None
     for j in ranks:
         uniform, _ = rerank(full, RerankPolicy(rank=j, encoding="lora"))
         budget, _ = factor_bytes(uniform)
@@ -93,10 +94,11 @@ def run(
                 pol = RerankPolicy(budget=budget, encoding="lora", min_rank=min_rank, importance=imp_, weighting=w)
                 variants[f"budget {name}" + (", min_rank 0" if min_rank == 0 else "")] = rerank(full, pol)[0]
         if kohya and j > 1:
-            work = Path(tempfile.mkdtemp(prefix="rerank_fisher_"))
-            src = work / f"{label}.safetensors"
-            convert(adapter_path(label), src, to="kohya", force=True)
-            got = kohya_at(full, src, work, budget)
+            if kohya_src is None:  # once per adapter: kohya's script reads a kohya file
+                work = Path(tempfile.mkdtemp(prefix="rerank_fisher_"))
+                kohya_src = work / f"{label}.safetensors"
+                convert(adapter_path(label), kohya_src, to="kohya", force=True)
+            got = kohya_at(full, kohya_src, work, budget)
             if got is not None:
                 kad, thr = got
                 kb, _ = factor_bytes(kad)
