@@ -338,3 +338,12 @@ def test_force_onto_peft_folder_keeps_readme(apack: Path, tmp_path: Path) -> Non
     r = run("convert", apack, dst, "--force")
     assert r.exit_code == 0, r.output
     assert (dst / "README.md").read_text() == "card" and (dst / "tokenizer.json").read_text() == "{}"
+
+
+def test_the_cli_keeps_freed_memory_where_glibc_allows() -> None:
+    """mallopt is glibc's: on glibc it must take (a re-rank's page faults depend on it), elsewhere it is a no-op."""
+    import platform
+
+    from adapterpack.cli.process import keep_freed_memory
+
+    assert keep_freed_memory() is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")

@@ -108,6 +108,68 @@ def test_vectors_stay_orthonormal_and_exact_for_ill_conditioned_and_zero_columns
         np.testing.assert_allclose(vt3, vt[:3], rtol=0, atol=1e-14)
 
 
+def _count_reflected(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts calls of the reflector route (the fallback of ``_ThinQ.times``)."""
+    from adapterpack.linalg import lowrank
+
+    calls: list[int] = []
+    orig = lowrank._ThinQ._reflected
+
+    def counted(self: lowrank._ThinQ, c: np.ndarray) -> np.ndarray:
+        calls.append(c.shape[1])
+        return orig(self, c)
+
+    monkeypatch.setattr(lowrank._ThinQ, "_reflected", counted)
+    return calls
+
+
+def test_trained_factors_take_the_fast_route_and_stay_orthonormal(real: Adapter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """X·R⁻¹·c is used when its columns come out orthonormal to 1e-14 (trained factors: always here);
+    the check itself is what keeps it exact, so it must hold on what it returns."""
+    calls = _count_reflected(monkeypatch)
+    for m in real:
+        f = m.factors()
+        u, vt = factors_svd(f.A, f.B, f.scale).vectors()
+        assert np.abs(u.T @ u - np.eye(u.shape[1])).max() <= 1e-14
+        assert np.abs(vt @ vt.T - np.eye(vt.shape[0])).max() <= 1e-14
+    assert calls == []
+
+
+def test_ill_conditioned_factors_fall_back_to_the_reflectors(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _count_reflected(monkeypatch)
+    rng = np.random.default_rng(3)
+    qu, _ = np.linalg.qr(rng.standard_normal((200, 8)))
+    b = (qu * np.logspace(0, -12, 8)) @ np.linalg.qr(rng.standard_normal((8, 8)))[0]  # κ(B) = 1e12, columns mixed
+    a = rng.standard_normal((8, 50))
+    u, _ = factors_svd(a, b).vectors()
+    assert calls == [8]  # B fell back, Aᵀ (well conditioned) did not
+    np.testing.assert_allclose(u.T @ u, np.eye(8), atol=1e-14)
+    with np.errstate(all="ignore"):  # what the fast route alone would have given: far from orthonormal
+        fast = b @ np.linalg.solve(np.linalg.qr(b, mode="r"), np.eye(8))
+    assert np.abs(fast.T @ fast - np.eye(8)).max() > 1e-6
+
+
+def test_a_spectrum_keeps_no_float64_copies_of_its_factors() -> None:
+    """Re-ranking holds one spectrum per module until every rank is chosen: it must not hold binary64
+    copies of the factors (4x a float32 adapter), only the r×r R factors and the core SVD."""
+    import tracemalloc
+
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((64, 4096)).astype(np.float32)
+    b = rng.standard_normal((4096, 64)).astype(np.float32)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        sp = factors_svd(a, b)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 4 * 64 * 64 * 8 + 64 * 1024  # R_b, R_a, U_c, V_c and change; one float64 copy is 2 MiB
+    u, vt = sp.vectors(8)  # still right: Uᵀ (B A) V = diag(S) on the leading 8 (B A never formed)
+    proj = (u.T @ b.astype(np.float64)) @ (a.astype(np.float64) @ vt.T)
+    np.testing.assert_allclose(proj, np.diag(sp.S[:8]), rtol=0, atol=1e-12 * sp.S[0])
+
+
 def test_low_precision_inputs_are_decomposed_in_float64() -> None:
     rng = np.random.default_rng(2)
     for dt in (np.float16, ml_dtypes.bfloat16):

@@ -17,6 +17,7 @@ from .demo_cmd import demo
 from .importance_cmd import importance
 from .inspect_cmd import inspect
 from .output import AdapterpackGroup
+from .process import keep_freed_memory
 from .rerank_cmd import rerank
 from .verify_cmd import verify
 
@@ -25,6 +26,7 @@ from .verify_cmd import verify
 @click.version_option(__version__, prog_name="adapterpack")
 def main() -> None:
     """Store LoRA adapters compactly and safely (.apack), inspect, verify and convert them."""
+    keep_freed_memory()
 
 
 for _command in (inspect, convert, rerank, importance, verify, demo, check, audit, bank):
