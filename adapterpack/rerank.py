@@ -276,11 +276,11 @@ def _allowed(policy: RerankPolicy) -> tuple[int, ...] | None:
 
 
 def _values(policy: RerankPolicy, name: str, w: _Work) -> np.ndarray:
-    """What keeping each of a module's components is worth to a budget: σ², or σ²·F with measured importance."""
-    energy = w.spectrum.S[: w.k] ** 2
+    """What keeping each of a module's components is worth to a budget: σ², or with measured importance
+    the second-order KL each one's cut adds (:meth:`~adapterpack.importance.Importance.values`)."""
     if policy.importance is None:
-        return energy
-    return energy * policy.importance.weights(name, w.spectrum.S[: w.k])
+        return w.spectrum.S[: w.k] ** 2
+    return policy.importance.values(name, w.spectrum.S[: w.k])
 
 
 def _choose(policy: RerankPolicy, rule: str, work: dict[str, _Work], notes: list[str]) -> dict[str, int]:

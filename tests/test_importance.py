@@ -59,13 +59,13 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def reference_fisher(model: Tiny, ad: Adapter, data: list[torch.Tensor]) -> dict[str, np.ndarray]:
-    """F_l by brute force: W = W0 + Σ c_l u_l v_lᵀ with the coefficients c as leaves, one autograd per sequence."""
+    """F = E[∇c ∇cᵀ] by brute force: W = W0 + Σ c_l u_l v_lᵀ with the coefficients c as leaves, one autograd per sequence."""
     svd = {}
     for m in ad:
         u, s, vt = np.linalg.svd(m.delta().astype(np.float64), full_matrices=False)
         k = int(m.params["rank"])
         svd[m.name] = (torch.tensor(u[:, :k]), torch.tensor(s[:k]), torch.tensor(vt[:k]))
-    out = {n: np.zeros(svd[n][1].numel()) for n in svd}
+    out = {n: np.zeros((svd[n][1].numel(),) * 2) for n in svd}
     count = 0
     for ids in data:
         for seq in ids:
@@ -76,7 +76,7 @@ def reference_fisher(model: Tiny, ad: Adapter, data: list[torch.Tensor]) -> dict
             loss = torch.nn.functional.cross_entropy(lg, seq[1:], reduction="sum")
             grads = torch.autograd.grad(loss, [c[n] for n in svd])
             for n, g in zip(svd, grads, strict=True):
-                out[n] += g.numpy() ** 2
+                out[n] += np.outer(g.numpy(), g.numpy())
             count += 1
     return {n: v / count for n, v in out.items()}
 
@@ -87,13 +87,35 @@ def test_fisher_matches_brute_force_autograd_and_restores_the_model() -> None:
     imp = component_fisher(model, ad, data, labels="data", logits=logits)
     ref = reference_fisher(model, ad, data)
     for name in ("l1", "head"):
-        np.testing.assert_allclose(imp.fisher[name], ref[name], rtol=2e-4, atol=1e-9 * ref[name].max())
+        np.testing.assert_allclose(imp.fisher[name], ref[name], rtol=2e-4, atol=1e-6 * ref[name].max())
+        assert np.abs(ref[name] - np.diag(np.diag(ref[name]))).max() > 1e-3 * ref[name].max()  # cross terms matter
         sp, _ = module_spectrum(ad.module(name))
         np.testing.assert_array_equal(imp.singular_values[name], sp.S)
     assert imp.info["sequences"] == "12" and imp.info["tokens"] == str(12 * 6)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_per_token_statistics_for_the_estimator_comparison() -> None:
+    """``component_statistics``: ``sequence`` is what component_fisher keeps; ``input`` is the second
+    moment of Vᵀx over every position the module saw (l1's input is the embedding, known exactly)."""
+    from adapterpack.torch.importance import STATISTICS, component_statistics
+
+    model, ad, data = Tiny(), tiny_adapter(), batches()
+    stats, _, _ = component_statistics(model, ad, data, labels="data", logits=logits, statistics=STATISTICS)
+    fisher = component_fisher(model, ad, data, labels="data", logits=logits).fisher
+    _, vt = module_spectrum(ad.module("l1"))[0].vectors()
+    with torch.no_grad():
+        x = torch.cat([model.emb(ids).reshape(-1, D) for ids in data]).double().numpy() @ vt.T
+    np.testing.assert_allclose(stats["l1"]["input"], x.T @ x / x.shape[0], rtol=1e-5)
+    for n in ("l1", "head"):
+        assert set(stats[n]) == set(STATISTICS)
+        np.testing.assert_array_equal(stats[n]["sequence"], fisher[n])
+        for key in ("token", "grad"):  # PSD second moments of every position's share
+            assert np.linalg.eigvalsh(stats[n][key]).min() > -1e-9 * np.abs(stats[n][key]).max()
+    with pytest.raises(ConversionError, match="must include 'sequence'"):
+        component_statistics(model, ad, data, logits=logits, statistics=("token",))
 
 
 def test_sampled_labels_are_seeded() -> None:
@@ -104,7 +126,7 @@ def test_sampled_labels_are_seeded() -> None:
     assert a.info["labels"] == "sample"
     for n in a.fisher:
         np.testing.assert_array_equal(a.fisher[n], b.fisher[n])
-        assert np.all(a.fisher[n] > 0)
+        assert np.all(np.diag(a.fisher[n]) > 0)
     assert any(not np.array_equal(a.fisher[n], c.fisher[n]) for n in a.fisher)
 
 
@@ -163,6 +185,29 @@ def test_budget_weighted_by_importance_is_the_dp_on_weighted_energy(tmp_path: Pa
     assert got == expect
 
 
+def test_cut_costs_are_the_quadratic_form_of_the_cut_tail_and_version_1_files_read(tmp_path: Path) -> None:
+    """cost[j] = ½·σ_{≥j}ᵀ F_{≥j,≥j} σ_{≥j}, by the definition (a loop) for a full F with negative cross
+    terms and for a diagonal one; the budget's per-component values add up to it over any kept prefix."""
+    rng = np.random.default_rng(5)
+    s = np.array([3.0, 2.0, 1.0, 0.5])
+    x = rng.standard_normal((4, 6))
+    f = x @ x.T  # PSD, off-diagonal of both signs
+    imp = Importance({"m": f}, {"m": s})
+    want = [0.5 * s[j:] @ f[j:, j:] @ s[j:] for j in range(4)] + [0.0]
+    np.testing.assert_allclose(imp.cut_costs("m", s), want, rtol=1e-13)
+    v = imp.values("m", s)
+    np.testing.assert_allclose(want[0] - np.cumsum(np.append(0.0, v)), want, rtol=0, atol=1e-12 * want[0])
+    diag = Importance({"m": np.diag(f).copy()}, {"m": s})
+    np.testing.assert_allclose(diag.cut_costs("m", s), [0.5 * np.sum(np.diag(f)[j:] * s[j:] ** 2) for j in range(5)], rtol=1e-13)
+    from safetensors.numpy import save_file
+
+    save_file({"m.fisher": np.diag(f).copy(), "m.S": s}, str(tmp_path / "v1.safetensors"), metadata={"adapterpack.importance": "1"})
+    np.testing.assert_array_equal(load_importance(tmp_path / "v1.safetensors").cut_costs("m", s), diag.cut_costs("m", s))
+    save_file({"m.fisher": f, "m.S": s}, str(tmp_path / "v9.safetensors"), metadata={"adapterpack.importance": "9"})
+    with pytest.raises(InputError, match="'9', expected one of 1, 2"):
+        load_importance(tmp_path / "v9.safetensors")
+
+
 def test_importance_refusals(tmp_path: Path) -> None:
     ad, other = tiny_adapter(1), tiny_adapter(2)
     imp = Importance({m.name: np.ones(int(m.params["rank"])) for m in ad}, {m.name: module_spectrum(m)[0].S for m in ad})
@@ -173,8 +218,12 @@ def test_importance_refusals(tmp_path: Path) -> None:
     partial = Importance({"l1": imp.fisher["l1"]}, {"l1": imp.singular_values["l1"]})
     with pytest.raises(ConversionError, match="no values for module 'head'"):
         plan_rerank(ad, RerankPolicy(budget=10_000, importance=partial))
-    with pytest.raises(ConversionError, match="finite and non-negative"):
+    with pytest.raises(ConversionError, match="F's diagonal non-negative"):
         Importance({"l1": -imp.fisher["l1"]}, {"l1": imp.singular_values["l1"]})
+    with pytest.raises(ConversionError, match="must be symmetric"):
+        Importance({"l1": np.triu(np.ones((3, 3)))}, {"l1": imp.singular_values["l1"]})
+    with pytest.raises(ConversionError, match=r"must be \[k\] or \[k, k\]"):
+        Importance({"l1": np.ones((3, 2))}, {"l1": imp.singular_values["l1"]})
     from safetensors.numpy import save_file
 
     save_file({"x": np.zeros(2)}, str(tmp_path / "plain.safetensors"))
@@ -204,7 +253,7 @@ def test_cli_measures_the_bundled_adapter_on_smollm2_and_rerank_uses_it(tmp_path
     assert "from     2 blocks, 126 tokens, labels sample" in r.output
     imp = load_importance(out)
     ad = adapterpack.open(example_path())
-    assert sorted(imp.fisher) == sorted(ad.modules) and all(np.all(f > 0) for f in imp.fisher.values())
+    assert sorted(imp.fisher) == sorted(ad.modules) and all(np.all(np.diag(f) > 0) for f in imp.fisher.values())
     again = causal_lm_importance(ad, smollm2.model_dir(), text.read_text(encoding="utf-8"), blocks=2, block_tokens=64)
     for n in imp.fisher:
         np.testing.assert_allclose(imp.fisher[n], again.fisher[n], rtol=1e-5)
@@ -252,7 +301,7 @@ def test_a_module_called_twice_sums_both_calls_and_an_unused_one_gets_zero() -> 
     assert "1 modules got no gradient" in imp.info["note"] and not np.any(imp.fisher["side"])
     u, s, vt = np.linalg.svd(ad.module("l1").delta().astype(np.float64))
     u, s, vt = torch.tensor(u[:, :2]), torch.tensor(s[:2]), torch.tensor(vt[:2])
-    ref, count = np.zeros(2), 0
+    ref, count = np.zeros((2, 2)), 0
     for ids in data:
         for seq in ids:
             c = s.clone().requires_grad_(True)
@@ -262,9 +311,9 @@ def test_a_module_called_twice_sums_both_calls_and_an_unused_one_gets_zero() -> 
                 h = torch.tanh(h @ w.T + model.l1.bias.double())
             lg = (h @ model.head.weight.double().T + model.head.bias.double())[0, :-1]
             (g,) = torch.autograd.grad(torch.nn.functional.cross_entropy(lg, seq[1:], reduction="sum"), [c])
-            ref += g.numpy() ** 2
+            ref += np.outer(g.numpy(), g.numpy())
             count += 1
-    np.testing.assert_allclose(imp.fisher["l1"], ref / count, rtol=2e-4)
+    np.testing.assert_allclose(imp.fisher["l1"], ref / count, rtol=2e-4, atol=1e-6 * ref.max() / count)
     with pytest.raises(ConversionError, match="no adapted module influenced the logits"):
         component_fisher(model, Adapter(modules={"side": mods["side"]}), data, labels="data", logits=logits)
 

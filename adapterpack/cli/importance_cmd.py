@@ -22,7 +22,10 @@ from . import output as out
 @click.argument("dst", metavar="OUT", type=click.Path(path_type=Path))
 @click.option("--text", "text_file", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="UTF-8 calibration text (representative of what the adapter will see).")
-@click.option("--blocks", type=click.IntRange(min=1), default=64, show_default=True, help="Blocks of text to use (evenly spaced).")
+@click.option(
+    "--blocks", type=click.IntRange(min=1), default=256, show_default=True,
+    help="Blocks of text to use (evenly spaced; fewer make a noisier estimate).",
+)  # fmt: skip
 @click.option("--block-tokens", type=click.IntRange(min=2), default=128, show_default=True, help="Tokens per block.")
 @click.option("--batch", type=click.IntRange(min=1), default=4, show_default=True, help="Blocks per forward/backward pass.")
 @click.option("--labels", type=click.Choice(LABELS), default="sample", show_default=True,

@@ -43,7 +43,7 @@ class Item:
         """Energy a rank-``rank`` truncation keeps (ranks beyond the spectrum are zero padding); for
         ``balanced``, −‖ΔW − ΔW_rank‖_F^1.5 (the error left, from the σ² beyond ``rank``)."""
         if weighting == "balanced":
-            left = float(np.sum(self.energies[rank:]))
+            left = max(float(np.sum(self.energies[rank:])), 0.0)  # importance values may round below 0
             return -(left ** (BALANCED_EXPONENT / 2))
         kept = float(np.sum(self.energies[:rank]))
         if weighting == "relative":

@@ -3,9 +3,10 @@
 For module ``i`` with ΔW's exact SVD ``Σ σ_l u_l v_lᵀ`` (:mod:`adapterpack.linalg.lowrank`), the gradient
 of a sequence's log-likelihood with respect to component l's coefficient is
 ``Σ_t (u_lᵀ g_t)(v_lᵀ x_t)``: ``x_t`` the module's input at position t, ``g_t`` the gradient at its output.
-One forward and one backward pass per batch therefore give ``F_l = E_seq[(Σ_t (u_lᵀ g_t)(v_lᵀ x_t))²]``
-for every component of every module at once, from forward hooks and ``torch.autograd.grad`` with respect
-to the module outputs (no parameter gradients are accumulated, ΔW is never formed beyond the merged weight).
+One forward and one backward pass per batch therefore give the Fisher information matrix
+``F_ll' = E_seq[z_l z_l']``, ``z_l = Σ_t (u_lᵀ g_t)(v_lᵀ x_t)``, of every module's components at once,
+from forward hooks and ``torch.autograd.grad`` with respect to the module outputs (no parameter gradients
+are accumulated, ΔW is never formed beyond the merged weight).
 
 Labels: ``"sample"`` (default) draws each next token from the adapted model's own distribution, which makes
 ``F`` the Fisher of ``KL(full ‖ changed)``, what re-ranking costs; ``"data"`` uses the text's next tokens
@@ -37,6 +38,15 @@ def _hf_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits
 
 
+#: Second moments :func:`component_statistics` gathers per module, each a k×k matrix over the
+#: components: ``sequence`` E_seq[z zᵀ] with ``z_l = Σ_t (u_lᵀg_t)(v_lᵀx_t)`` (its diagonal is the Fisher
+#: information); ``token`` the same per token, E_t[w wᵀ] with ``w_l = (u_lᵀg_t)(v_lᵀx_t)``; ``grad``
+#: E_t[(Uᵀg)(Uᵀg)ᵀ] and ``input`` E_t[(Vᵀx)(Vᵀx)ᵀ] (a Kronecker-factored curvature: grad ⊙ input).
+STATISTICS = ("sequence", "token", "grad", "input")
+
+Statistics = dict[str, dict[str, np.ndarray]]
+
+
 def component_fisher(
     model: nn.Module,
     adapter: Adapter,
@@ -55,6 +65,26 @@ def component_fisher(
     output never reaches the logits gets importance 0 (said in ``info["note"]``). The model runs in
     eval mode for the measurement and gets its mode and weights back.
     """
+    stats, spectra, info = component_statistics(model, adapter, batches, labels=labels, seed=seed, logits=logits)
+    return Importance({n: st["sequence"] for n, st in stats.items()}, spectra, info)
+
+
+def component_statistics(
+    model: nn.Module,
+    adapter: Adapter,
+    batches: Iterable[torch.Tensor],
+    *,
+    labels: str = "sample",
+    seed: int = 0,
+    logits: LogitsFn | None = None,
+    statistics: tuple[str, ...] = ("sequence",),
+) -> tuple[Statistics, dict[str, np.ndarray], dict[str, str]]:
+    """The ``statistics`` (of :data:`STATISTICS`) of every module (per module name, per statistic), the
+    singular values they were measured for, and how (``info``), all from one pass: ``sequence`` is
+    what :func:`component_fisher` keeps; ``tools/experiments/rerank_estimators.py`` compares the rest."""
+    unknown = set(statistics) - set(STATISTICS)
+    if unknown or "sequence" not in statistics:
+        raise ConversionError(f"statistics must include 'sequence' and be among {', '.join(STATISTICS)}, got {statistics}")
     if labels not in LABELS:
         raise ConversionError(f"labels must be one of {', '.join(LABELS)}, got {labels!r}")
     run = logits or _hf_logits
@@ -75,7 +105,7 @@ def component_fisher(
         bad = [n for n, k in kinds.items() if k not in ("linear", "fifo")]
         if bad:
             raise ConversionError(f"module {bad[0]!r}: importance is measured for linear layers only")
-        return _measure(model, applied, spectra, vecs, batches, run, labels, seed)
+        return _measure(model, applied, spectra, vecs, batches, run, labels, seed, statistics)
     finally:
         applied.unapply()
 
@@ -89,10 +119,14 @@ def _measure(
     run: LogitsFn,
     labels: str,
     seed: int,
-) -> Importance:
+    statistics: tuple[str, ...],
+) -> tuple[Statistics, dict[str, np.ndarray], dict[str, str]]:
     device = next(model.parameters()).device
     proj = {n: (torch.from_numpy(u).float(), torch.from_numpy(np.ascontiguousarray(v)).float()) for n, (u, v) in vecs.items()}
-    sums = {n: np.zeros(spectra[n].size) for n in spectra}
+    k = {n: spectra[n].size for n in spectra}
+    stats = {n: {key: np.zeros((k[n], k[n])) for key in statistics} for n in spectra}
+    per_token = [key for key in ("token", "grad", "input") if key in statistics]
+    rows = dict.fromkeys(spectra, 0)  # positions seen per module (for the per-token statistics)
     calls: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # every call of a module in one forward
     weights = [p.module.weight for p in applied.patches]
     was = [w.requires_grad for w in weights]
@@ -135,10 +169,18 @@ def _measure(
                     if g is None:  # this call's output does not reach the logits
                         continue
                     u, v = (m.to(g.device) for m in proj[n])
-                    d = ((g.reshape(b, -1, g.shape[-1]).float() @ u) * (x.reshape(b, -1, x.shape[-1]).float() @ v)).sum(dim=1)
+                    gu = g.reshape(b, -1, g.shape[-1]).float() @ u  # [b, t, k]: u_lᵀ g_t
+                    xv = x.reshape(b, -1, x.shape[-1]).float() @ v  # [b, t, k]: v_lᵀ x_t
+                    w = gu * xv  # each token's share of ∂L/∂c_l
+                    d = w.sum(dim=1)
                     per_seq[n] = per_seq[n] + d if n in per_seq else d  # ∂L/∂c_l sums over every call, then squares
+                    for key in per_token:
+                        a = {"token": w, "grad": gu, "input": xv}[key].reshape(-1, w.shape[-1]).double()
+                        stats[n][key] += (a.T @ a).cpu().numpy()
+                    rows[n] += w.shape[0] * w.shape[1]
                 for n, d in per_seq.items():
-                    sums[n] += (d.double() ** 2).sum(dim=0).cpu().numpy()
+                    d = d.double()
+                    stats[n]["sequence"] += (d.T @ d).cpu().numpy()
                 n_seq += b
                 n_tok += b * (ids.shape[1] - 1)
     finally:
@@ -150,13 +192,14 @@ def _measure(
         calls.clear()
     if n_seq == 0:
         raise ConversionError("no calibration batches")
-    silent = [n for n in spectra if not np.any(sums[n]) and spectra[n].size and spectra[n][0] > 0]
+    silent = [n for n in spectra if not np.any(np.diag(stats[n]["sequence"])) and spectra[n].size and spectra[n][0] > 0]
     if len(silent) == len(spectra):
         raise ConversionError("no adapted module influenced the logits: is the adapter meant for this model?")
     info = {"labels": labels, "sequences": str(n_seq), "tokens": str(n_tok), "seed": str(seed)}
     if silent:
         info["note"] = f"{len(silent)} modules got no gradient (not on the path to the logits): importance 0"
-    return Importance({n: s / n_seq for n, s in sums.items()}, dict(spectra), info)
+    means = {n: {key: a / (n_seq if key == "sequence" else max(rows[n], 1)) for key, a in st.items()} for n, st in stats.items()}
+    return means, dict(spectra), info
 
 
 def text_blocks(token_ids: list[int], blocks: int, block_tokens: int) -> torch.Tensor:
@@ -177,7 +220,7 @@ def causal_lm_importance(
     model_dir: str | Path,
     text: str,
     *,
-    blocks: int = 64,
+    blocks: int = 256,
     block_tokens: int = 128,
     batch: int = 4,
     labels: str = "sample",

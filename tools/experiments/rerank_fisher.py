@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", default=None, help="uniform ranks (default: 8,4,2,1 for r64, 4,2,1 otherwise)")
     ap.add_argument("--blocks", type=int, default=32, help="held-out blocks evaluated (of 61)")
     ap.add_argument("--first-block", type=int, default=0, help="first held-out block")
-    ap.add_argument("--calibration", type=int, default=64, help="train blocks for the importance (evenly spaced)")
+    ap.add_argument("--calibration", type=int, default=256, help="train blocks for the importance (evenly spaced)")
     ap.add_argument("--kohya", action="store_true", help="also kohya's sv_fro near each rank's bytes, and budgets at its bytes")
     ap.add_argument("--labels", default="sample,data", help="importance label modes to compare (sample, data)")
     ap.add_argument("--threads", type=int, default=1)
