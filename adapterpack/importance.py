@@ -40,6 +40,8 @@ READABLE = ("1", "2")
 LABELS = ("sample", "data")
 #: Singular values of the adapter being re-ranked must match the stored ones to this, relative to σ₁.
 MATCH_RTOL = 1e-5
+#: Asymmetry and negative eigenvalues a Fisher matrix may show from rounding, relative to its largest diagonal entry.
+PSD_RTOL = 1e-10
 
 
 @dataclass
@@ -55,6 +57,11 @@ class Importance:
     def __post_init__(self) -> None:
         if set(self.fisher) != set(self.singular_values):
             raise ConversionError("importance: every module needs both its Fisher values and its singular values")
+        try:
+            self.fisher = {n: np.asarray(f, dtype=np.float64) for n, f in self.fisher.items()}
+            self.singular_values = {n: np.asarray(s, dtype=np.float64) for n, s in self.singular_values.items()}
+        except (TypeError, ValueError) as e:
+            raise ConversionError(f"importance: values must be float arrays ({e})") from None
         for name, f in self.fisher.items():
             s = self.singular_values[name]
             k = s.shape[0] if s.ndim == 1 else -1
@@ -65,8 +72,12 @@ class Importance:
             d = f if f.ndim == 1 else np.diagonal(f)
             if not (np.all(np.isfinite(f)) and np.all(d >= 0) and np.all(np.isfinite(s)) and np.all(s >= 0)):
                 raise ConversionError(f"importance: module {name!r}: values must be finite, S and F's diagonal non-negative")
-            if f.ndim == 2 and not np.allclose(f, f.T, rtol=1e-12, atol=0):
-                raise ConversionError(f"importance: module {name!r}: the Fisher matrix must be symmetric")
+            if f.ndim == 2 and k:
+                tol = PSD_RTOL * float(d.max())
+                if not np.allclose(f, f.T, rtol=0, atol=tol):
+                    raise ConversionError(f"importance: module {name!r}: the Fisher matrix must be symmetric")
+                if np.linalg.eigvalsh(f).min() < -tol:  # a Fisher matrix is a second moment: PSD
+                    raise ConversionError(f"importance: module {name!r}: the Fisher matrix must be positive semi-definite")
 
     def cut_costs(self, name: str, S: np.ndarray) -> np.ndarray:
         """``cost[j] = ½·σ_{≥j}ᵀ F_{≥j,≥j} σ_{≥j}`` for j = 0..k of module ``name`` (``cost[k] = 0``): the
@@ -138,6 +149,8 @@ def load_importance(path: str | os.PathLike[str]) -> Importance:
         info = json.loads(meta.get("adapterpack.importance.info", "{}"))
     except (ValueError, RecursionError):  # informational only: a bad value is dropped
         info = {}
+    if meta[META_KEY] == "1" and any(f.ndim != 1 for f in fisher.values()):
+        raise InputError(f"{path}: a version 1 importance file holds Fisher diagonals ([k]), not matrices")
     try:
         return Importance(fisher, svals, {str(k): str(v) for k, v in info.items()} if isinstance(info, dict) else {})
     except ConversionError as e:

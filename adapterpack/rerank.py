@@ -48,11 +48,11 @@ class RerankPolicy:
     uniform rank the budget affords; lowest KL on the SmolLM2 adapters measured, see
     :func:`adapterpack.linalg.allocate.balanced_floor`), ``absolute`` (most Σ‖retained‖²) or
     ``relative`` (most kept fraction per module); ``method`` is ``dp`` (exact) or ``greedy``.
-    ``importance`` (budgets only) weighs each singular component's energy by its measured Fisher
-    information (:mod:`adapterpack.importance`), so the budget minimises the KL the cut costs (to
-    second order, components taken independently) instead of the energy it drops; it implies
-    ``absolute`` weighting unless ``balanced`` is asked for (then the weighted errors Σ_cut F·σ² take
-    the place of ‖ΔW_i − ΔW_i,j‖², floor included).
+    ``importance`` (budgets only) replaces each module's energy by the second-order KL of its cut,
+    ``½·σ_cutᵀ F σ_cut`` with F the measured Fisher matrix of its components (:mod:`adapterpack.importance`;
+    modules weighed independently of each other), so the budget minimises the KL the cuts cost
+    instead of the energy they drop; it implies ``absolute`` weighting unless ``balanced`` is asked for
+    (then those costs take the place of ‖ΔW_i − ΔW_i,j‖², floor included).
     """
 
     rank: int | None = None
@@ -111,8 +111,8 @@ class RerankPolicy:
         if self.importance is not None and rule not in ("budget", "budget_ratio"):
             raise ConversionError(f"importance weighs a budget's choices; it does not apply to {rule}")
         if self.importance is not None and (self.effective_weighting == "relative" or self.method != "dp"):
-            # relative weighting would cancel F's scale across modules, which is what it carries; σ²·F is
-            # not decreasing, so greedy would not be optimal up to its last step
+            # relative weighting would cancel F's scale across modules, which is what it carries; the
+            # per-component costs are not decreasing (nor always positive), so greedy is not optimal
             raise ConversionError("importance works with weighting 'absolute' or 'balanced' and method 'dp' only")
         if self.dtype is not None and not dtypes.by_name(self.dtype).is_float:
             raise ConversionError(f"dtype must be a float dtype, got {self.dtype!r}")

@@ -203,9 +203,42 @@ def test_cut_costs_are_the_quadratic_form_of_the_cut_tail_and_version_1_files_re
 
     save_file({"m.fisher": np.diag(f).copy(), "m.S": s}, str(tmp_path / "v1.safetensors"), metadata={"adapterpack.importance": "1"})
     np.testing.assert_array_equal(load_importance(tmp_path / "v1.safetensors").cut_costs("m", s), diag.cut_costs("m", s))
+    save_file({"m.fisher": f, "m.S": s}, str(tmp_path / "v1m.safetensors"), metadata={"adapterpack.importance": "1"})
+    with pytest.raises(InputError, match="version 1 importance file holds Fisher diagonals"):
+        load_importance(tmp_path / "v1m.safetensors")
     save_file({"m.fisher": f, "m.S": s}, str(tmp_path / "v9.safetensors"), metadata={"adapterpack.importance": "9"})
     with pytest.raises(InputError, match="'9', expected one of 1, 2"):
         load_importance(tmp_path / "v9.safetensors")
+
+
+def test_a_fisher_matrix_with_cross_terms_drives_the_budget_dp_end_to_end() -> None:
+    """k×k F through plan_rerank, weightings absolute and balanced: the ranks are the brute-force
+    minimum of Σ_i cost_i(j_i) (absolute) and of Σ_i cost_i(j_i)^0.75 over the floored choices
+    (balanced), and the cross terms change the answer against F's diagonal alone."""
+    import itertools
+
+    ad = tiny_adapter()
+    spectra = {m.name: module_spectrum(m)[0].S for m in ad}
+    l1 = (np.full((3, 3), 0.9) + 0.1 * np.eye(3)) * 0.5  # its components' cuts add coherently
+    head = np.array([[0.2, -0.4], [-0.4, 1.0]])  # cuts partly cancel: cutting both costs less than the last alone
+    full = Importance({"l1": l1, "head": head}, spectra)
+    assert np.any(full.values("head", spectra["head"]) < 0)
+    per_rank = {n: (ad.module(n).base_shape[0] + ad.module(n).base_shape[1]) * 4 for n in spectra}
+    budget = 1 * per_rank["l1"] + 2 * per_rank["head"]  # (l1 1, head 2) or (l1 2, head 1)
+    for weighting, power in (("absolute", 1.0), ("balanced", 0.75)):
+        plan, _ = plan_rerank(ad, RerankPolicy(budget=budget, encoding="lora", importance=full, weighting=weighting))
+        got = {p.name: p.new_rank for p in plan.modules}
+        best = min(  # min_rank 1; balanced's floor ⌈¾·1⌉ (the uniform rank the budget affords) is 1 too
+            (sum(full.cut_costs(n, spectra[n])[j] ** power for n, j in zip(("l1", "head"), js, strict=True)), js)
+            for js in itertools.product(range(1, 4), range(1, 3))
+            if js[0] * per_rank["l1"] + js[1] * per_rank["head"] <= budget
+        )[1]
+        assert (got["l1"], got["head"]) == best, weighting
+    diag = Importance({"l1": np.diag(l1).copy(), "head": np.diag(head).copy()}, spectra)
+    plan_d, _ = plan_rerank(ad, RerankPolicy(budget=budget, encoding="lora", importance=diag))
+    plan_f, _ = plan_rerank(ad, RerankPolicy(budget=budget, encoding="lora", importance=full))
+    assert {p.name: p.new_rank for p in plan_f.modules} == {"l1": 2, "head": 1}  # l1's coherent tail kept
+    assert {p.name: p.new_rank for p in plan_d.modules} == {"l1": 1, "head": 2}  # the diagonal misses it
 
 
 def test_importance_refusals(tmp_path: Path) -> None:
@@ -222,6 +255,10 @@ def test_importance_refusals(tmp_path: Path) -> None:
         Importance({"l1": -imp.fisher["l1"]}, {"l1": imp.singular_values["l1"]})
     with pytest.raises(ConversionError, match="must be symmetric"):
         Importance({"l1": np.triu(np.ones((3, 3)))}, {"l1": imp.singular_values["l1"]})
+    with pytest.raises(ConversionError, match="positive semi-definite"):  # would make a module look free to cut
+        Importance({"l1": np.array([[0.0, -5.0, 0.0], [-5.0, 0.0, 0.0], [0.0, 0.0, 1.0]])}, {"l1": imp.singular_values["l1"]})
+    with pytest.raises(ConversionError, match="must be float arrays"):
+        Importance({"l1": "abc"}, {"l1": imp.singular_values["l1"]})
     with pytest.raises(ConversionError, match=r"must be \[k\] or \[k, k\]"):
         Importance({"l1": np.ones((3, 2))}, {"l1": imp.singular_values["l1"]})
     from safetensors.numpy import save_file

@@ -151,23 +151,40 @@ def test_ill_conditioned_factors_fall_back_to_the_reflectors(monkeypatch: pytest
 
 def test_a_spectrum_keeps_no_float64_copies_of_its_factors() -> None:
     """Re-ranking holds one spectrum per module until every rank is chosen: it must not hold binary64
-    copies of the factors (4x a float32 adapter), only the r×r R factors and the core SVD."""
+    copies of the factors (4x a float32 adapter), only the r×r R factors, the core SVD and the factors
+    in their own dtype: copied when the caller could change them, referenced when read-only (mapped)."""
     import tracemalloc
 
     rng = np.random.default_rng(4)
     a = rng.standard_normal((64, 4096)).astype(np.float32)
     b = rng.standard_normal((4096, 64)).astype(np.float32)
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
-        sp = factors_svd(a, b)
-        held = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-    assert held < 4 * 64 * 64 * 8 + 64 * 1024  # R_b, R_a, U_c, V_c and change; one float64 copy is 2 MiB
+    small = 4 * 64 * 64 * 8 + 64 * 1024  # R_b, R_a, U_c, V_c and change; one float64 copy is 2 MiB
+    held = {}
+    for writeable in (True, False):
+        a.flags.writeable = b.flags.writeable = writeable
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            sp = factors_svd(a, b)
+            held[writeable] = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+    assert held[False] < small and a.nbytes + b.nbytes <= held[True] < a.nbytes + b.nbytes + small
     u, vt = sp.vectors(8)  # still right: Uᵀ (B A) V = diag(S) on the leading 8 (B A never formed)
     proj = (u.T @ b.astype(np.float64)) @ (a.astype(np.float64) @ vt.T)
     np.testing.assert_allclose(proj, np.diag(sp.S[:8]), rtol=0, atol=1e-12 * sp.S[0])
+
+
+def test_changing_the_factors_afterwards_does_not_change_the_vectors() -> None:
+    rng = np.random.default_rng(6)
+    a, b = rng.standard_normal((4, 30)), rng.standard_normal((20, 4))
+    sp = factors_svd(a, b)
+    u0, vt0 = sp.vectors(3)
+    b[:] = rng.standard_normal(b.shape)
+    a[:] = 0.0
+    u1, vt1 = sp.vectors(3)
+    np.testing.assert_array_equal(u0, u1)
+    np.testing.assert_array_equal(vt0, vt1)
 
 
 def test_low_precision_inputs_are_decomposed_in_float64() -> None:

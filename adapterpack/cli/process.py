@@ -10,14 +10,14 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 
 
-def keep_freed_memory(limit: int = 64 << 20) -> bool:
+def keep_freed_memory(limit: int = 32 << 20) -> bool:
     """Let glibc reuse freed blocks up to ``limit`` bytes instead of unmapping them.
 
     numpy's LAPACK wrappers allocate their work copies afresh on every call. Above glibc's
     mmap threshold each one is a new mapping that the kernel faults in page by page and unmaps on
     free: re-ranking the real r=64 adapter (420 QRs) took 56k page faults, 0.2 s of system time in
-    a 1.1 s run. With blocks up to 64 MiB served from the heap it takes 7k. A no-op (False) off
-    glibc.
+    a 1.1 s run. With blocks up to 32 MiB (glibc's documented maximum on 64-bit) served from the heap
+    it takes 7k. A no-op (False) off glibc.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -32,7 +32,8 @@ BALANCED_FLOOR = 0.75
 
 @dataclass(frozen=True)
 class Item:
-    """One module in a budget: its σ² (descending), bytes per kept rank, and the ranks it may take."""
+    """One module in a budget: what keeping each component is worth (σ², descending; or, with measured
+    importance, each component's share of the KL its cut costs), bytes per kept rank, and the ranks it may take."""
 
     name: str
     energies: np.ndarray
@@ -40,8 +41,9 @@ class Item:
     choices: tuple[int, ...]
 
     def value(self, rank: int, weighting: str = "absolute") -> float:
-        """Energy a rank-``rank`` truncation keeps (ranks beyond the spectrum are zero padding); for
-        ``balanced``, −‖ΔW − ΔW_rank‖_F^1.5 (the error left, from the σ² beyond ``rank``)."""
+        """Value a rank-``rank`` truncation keeps, Σ of the first ``rank`` entries (energy, or KL with
+        importance; ranks beyond the spectrum are zero padding); for ``balanced``, −(Σ of the rest)^0.75
+        (without importance: −‖ΔW − ΔW_rank‖_F^1.5, the error left)."""
         if weighting == "balanced":
             left = max(float(np.sum(self.energies[rank:])), 0.0)  # importance values may round below 0
             return -(left ** (BALANCED_EXPONENT / 2))

@@ -6,10 +6,10 @@ core is decomposed, so a 4096×4096 rank-16 product costs milliseconds instead o
 dense SVD takes. Everything is computed in binary64, whatever the factors' dtype: singular values
 agree with a dense float64 SVD of ΔW to ~1e-15 relative to σ₁ (tests check against ``np.linalg.svd``).
 
-Q_b and Q_a are never formed: LAPACK's ``geqrf`` leaves them as Householder reflectors, and the
-singular vectors of a rank-j truncation are products of those with the first j columns of U_c
-(O(m·r·j) plus one O(m·r²) Gram product). Choosing ranks needs only S, so re-ranking r=64 to 8 pays for 8 vectors, not 64
-(forming Q as ``np.linalg.qr`` does was two thirds of a re-rank's time).
+Q_b and Q_a are never formed: the singular vectors of a rank-j truncation are ``X·R⁻¹·c`` for the
+first j columns c of U_c (O(m·r·j)), checked orthonormal, else products of LAPACK's Householder
+reflectors with c (see :class:`_ThinQ`). Choosing ranks needs only S, so re-ranking r=64 to 8 pays for 8
+vectors, not 64 (forming Q as ``np.linalg.qr`` does was two thirds of a re-rank's time).
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ class _ThinQ:
     - fast: ``X @ (R⁻¹ c)``, one r×r solve and one m×r×j product. For a full-rank X its columns
       lose orthogonality only by about ε·κ(X) (Householder's R), and trained LoRA factors are well
       conditioned (κ(B) ≤ 178, κ(Aᵀ) ≤ 5 on the real r=64 adapter), so the result is checked:
-      ``‖(Qc)ᵀ(Qc) − cᵀc‖_max ≤ ORTHO_TOL`` or it is thrown away;
+      ``‖(Qc)ᵀ(Qc) − cᵀc‖_max ≤ ORTHO_TOL·max‖c_i‖²`` or it is thrown away (X·R⁻¹ = Q·T with T
+      upper triangular, so an orthonormal result also means T ≈ I: the check bounds the error too);
     - exact whatever X's condition (the fallback, and the only route when m < r or R is
       singular): the reflectors' product ``Q = I − V T Vᵀ`` with ``T⁻¹ = striu(VᵀV) + diag(1/τ)``
       (the compact WY / UT form; ``τ_i = 2/‖v_i‖²``). A reflector with ``τ_i = 0`` is the identity
@@ -116,12 +117,14 @@ class _ThinQ:
     ORTHO_TOL = 1e-14
 
     def __init__(self, x: np.ndarray) -> None:
-        """``x``: [m, r], any float dtype. Only R (r×r) and a reference to ``x`` are kept, not the
+        """``x``: [m, r], any float dtype. Only R (r×r) and ``x`` in its own dtype are kept, not the
         binary64 copies the QR works on: a spectrum per module stays alive until a re-rank has
-        chosen every rank, and holding them was 4× the adapter's float32 size in memory."""
+        chosen every rank, and holding those was 4× the adapter's float32 size in memory. ``x`` is
+        copied unless it is read-only (a mapped file's view), so a caller changing its array later
+        cannot change the vectors."""
         m, r = x.shape
         self.m, self.p = m, min(m, r)
-        self._x = x
+        self._x = x.copy() if x.flags.writeable else x
         if self.p == 0:
             self.R = np.zeros((0, r))
             return
@@ -142,8 +145,10 @@ class _ThinQ:
                     out = np.asarray(self._x, dtype=np.float64) @ np.linalg.solve(self.R, c)
                 except np.linalg.LinAlgError:  # exactly singular R
                     out = None
-                if out is not None and np.all(np.abs(out.T @ out - c.T @ c) <= self.ORTHO_TOL):
-                    return out
+                if out is not None:
+                    cc = c.T @ c
+                    if np.all(np.abs(out.T @ out - cc) <= self.ORTHO_TOL * np.max(np.diagonal(cc))):
+                        return out
         return self._reflected(c)
 
     def _reflected(self, c: np.ndarray) -> np.ndarray:

@@ -39,8 +39,8 @@ def _hf_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 #: Second moments :func:`component_statistics` gathers per module, each a k×k matrix over the
-#: components: ``sequence`` E_seq[z zᵀ] with ``z_l = Σ_t (u_lᵀg_t)(v_lᵀx_t)`` (its diagonal is the Fisher
-#: information); ``token`` the same per token, E_t[w wᵀ] with ``w_l = (u_lᵀg_t)(v_lᵀx_t)``; ``grad``
+#: components: ``sequence`` E_seq[z zᵀ] with ``z_l = Σ_t (u_lᵀg_t)(v_lᵀx_t)`` (the Fisher information
+#: matrix); ``token`` the same per token, E_t[w wᵀ] with ``w_l = (u_lᵀg_t)(v_lᵀx_t)``; ``grad``
 #: E_t[(Uᵀg)(Uᵀg)ᵀ] and ``input`` E_t[(Vᵀx)(Vᵀx)ᵀ] (a Kronecker-factored curvature: grad ⊙ input).
 STATISTICS = ("sequence", "token", "grad", "input")
 
@@ -56,7 +56,7 @@ def component_fisher(
     seed: int = 0,
     logits: LogitsFn | None = None,
 ) -> Importance:
-    """Fisher information of each singular component of each module of ``adapter`` on ``model``.
+    """Fisher information matrix of the singular components of each module of ``adapter`` on ``model``.
 
     ``batches`` yields token-id tensors ``[b, t]`` (b sequences of t tokens); ``logits`` maps a batch to
     next-token logits ``[b, t, vocab]`` (default: ``model(input_ids=batch).logits``). Linear layers
