@@ -21,11 +21,8 @@ on HELD-OUT blocks against the full adapter (:class:`tools.experiments.rerank_qu
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -80,31 +77,10 @@ def run(label: str, ev: Any, ranks: list[int], n_cal: int) -> list[dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--adapters", default="r64,example", help="r64, example or PEFT folders, comma-separated")
-    ap.add_argument("--ranks", default=None, help="uniform ranks (default: 8,4,2 for r64, 4,2 otherwise)")
-    ap.add_argument("--blocks", type=int, default=32)
-    ap.add_argument("--first-block", type=int, default=0)
-    ap.add_argument("--calibration", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", help="write the rows here")
-    args = ap.parse_args(argv)
-    import torch
+    from tools.experiments.rerank_fisher import evaluate, parser
 
-    from tools.experiments.rerank_fisher import markdown
-    from tools.experiments.rerank_quality import Evaluator
-
-    torch.set_num_threads(args.threads)
-    ev = Evaluator(args.blocks, first=args.first_block)
-    rows = []
-    for label in args.adapters.split(","):
-        ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else ([8, 4, 2] if label == "r64" else [4, 2])
-        rows += run(label, ev, ranks, args.calibration)
-    print(f"held-out blocks {args.first_block}..{args.first_block + args.blocks - 1}, calibration {args.calibration} train blocks")
-    print(markdown(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    return 0
+    args = parser(__doc__, "8,4,2 for r64, 4,2 otherwise").parse_args(argv)
+    return evaluate(args, {"r64": [8, 4, 2], "*": [4, 2]}, run)
 
 
 if __name__ == "__main__":

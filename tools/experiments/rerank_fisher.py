@@ -135,18 +135,21 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(doc: str, default_ranks: str) -> argparse.ArgumentParser:
+    """The options every held-out KL experiment on SmolLM2 shares (this one's and rerank_estimators')."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--adapters", default="r64,example", help="r64, example or PEFT folders, comma-separated")
-    ap.add_argument("--ranks", default=None, help="uniform ranks (default: 8,4,2,1 for r64, 4,2,1 otherwise)")
+    ap.add_argument("--ranks", default=None, help=f"uniform ranks (default: {default_ranks})")
     ap.add_argument("--blocks", type=int, default=32, help="held-out blocks evaluated (of 61)")
     ap.add_argument("--first-block", type=int, default=0, help="first held-out block")
     ap.add_argument("--calibration", type=int, default=256, help="train blocks for the importance (evenly spaced)")
-    ap.add_argument("--kohya", action="store_true", help="also kohya's sv_fro near each rank's bytes, and budgets at its bytes")
-    ap.add_argument("--labels", default="sample,data", help="importance label modes to compare (sample, data)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="write the rows here")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def evaluate(args: argparse.Namespace, default_ranks: dict[str, list[int]], run_one: Any) -> int:
+    """``run_one(label, evaluator, ranks, calibration)`` for each adapter; prints the tables, writes ``--json``."""
     import torch
 
     from tools.experiments.rerank_quality import Evaluator
@@ -155,13 +158,25 @@ def main(argv: list[str] | None = None) -> int:
     ev = Evaluator(args.blocks, first=args.first_block)
     rows = []
     for label in args.adapters.split(","):
-        ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else ([8, 4, 2, 1] if label == "r64" else [4, 2, 1])
-        rows += run(label, ev, ranks, args.calibration, kohya=args.kohya, labels=tuple(args.labels.split(",")))
+        ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else default_ranks.get(label, default_ranks["*"])
+        rows += run_one(label, ev, ranks, args.calibration)
     print(f"held-out blocks {args.first_block}..{args.first_block + args.blocks - 1}, calibration {args.calibration} train blocks")
     print(markdown(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser(__doc__, "8,4,2,1 for r64, 4,2,1 otherwise")
+    ap.add_argument("--kohya", action="store_true", help="also kohya's sv_fro near each rank's bytes, and budgets at its bytes")
+    ap.add_argument("--labels", default="sample,data", help="importance label modes to compare (sample, data)")
+    args = ap.parse_args(argv)
+
+    def run_one(label: str, ev: Any, ranks: list[int], n_cal: int) -> list[dict[str, Any]]:
+        return run(label, ev, ranks, n_cal, kohya=args.kohya, labels=tuple(args.labels.split(",")))
+
+    return evaluate(args, {"r64": [8, 4, 2, 1], "*": [4, 2, 1]}, run_one)
 
 
 if __name__ == "__main__":
