@@ -15,9 +15,10 @@ def keep_freed_memory(limit: int = 32 << 20) -> bool:
 
     numpy's LAPACK wrappers allocate their work copies afresh on every call. Above glibc's
     mmap threshold each one is a new mapping that the kernel faults in page by page and unmaps on
-    free: re-ranking the real r=64 adapter (420 QRs) took 56k page faults, 0.2 s of system time in
-    a 1.1 s run. With blocks up to 32 MiB (glibc's documented maximum on 64-bit) served from the heap
-    it takes 7k. A no-op (False) off glibc.
+    free: re-ranking the real r=64 adapter (420 QRs) took 103k minor page faults and 0.27 s of
+    system time with glibc's defaults, 54k and 0.15 s with blocks up to 32 MiB (glibc's documented
+    maximum on 64-bit) served from the heap (``python -m tools.bench.bench_lowrank``). A no-op
+    (False) off glibc.
     """
     if not sys.platform.startswith("linux"):
         return False

@@ -95,7 +95,7 @@ class Spectrum:
 
 
 class _ThinQ:
-    """The thin QR ``X = Q R`` of an [m, r] binary64 matrix; Q is never formed.
+    """The thin QR ``X = Q R`` of an [m, r] matrix (any float dtype, computed in binary64); Q is never formed.
 
     ``np.linalg.qr(mode="raw")`` is LAPACK's geqrf (given X in Fortran order, which halves its time
     against numpy's C-order copy): R, plus Q as Householder reflectors. ``Q @ c`` then has two
@@ -103,7 +103,8 @@ class _ThinQ:
 
     - fast: ``X @ (R⁻¹ c)``, one r×r solve and one m×r×j product. For a full-rank X its columns
       lose orthogonality only by about ε·κ(X) (Householder's R), and trained LoRA factors are well
-      conditioned (κ(B) ≤ 178, κ(Aᵀ) ≤ 5 on the real r=64 adapter), so the result is checked:
+      conditioned (κ(B) ≤ 178, κ(Aᵀ) ≤ 5 on the real r=64 adapter: ``tools/bench/bench_lowrank.py``), so
+      the result is checked:
       ``‖(Qc)ᵀ(Qc) − cᵀc‖_max ≤ ORTHO_TOL·max‖c_i‖²`` or it is thrown away (X·R⁻¹ = Q·T with T
       upper triangular, so an orthonormal result also means T ≈ I: the check bounds the error too);
     - exact whatever X's condition (the fallback, and the only route when m < r or R is
