@@ -347,3 +347,13 @@ def test_the_cli_keeps_freed_memory_where_glibc_allows() -> None:
     from adapterpack.cli.process import keep_freed_memory
 
     assert keep_freed_memory() is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+
+
+def test_every_cli_command_sets_the_allocator_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    import adapterpack.cli as cli
+
+    calls: list[int] = []
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: calls.append(1) or True)
+    r = CliRunner().invoke(main, ["inspect", str(example_path())])
+    assert r.exit_code == 0, r.output
+    assert calls == [1]
