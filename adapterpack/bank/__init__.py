@@ -3,7 +3,7 @@ U, V (``shared`` records, spec/shared.md). Build, add incrementally, refit, extr
 
 from __future__ import annotations
 
-from .ops import BankReport, add_to_bank, bank_listing, build_bank, extract_member, refit_bank, write_extracted
+from .ops import BankReport, add_to_bank, bank_listing, build_bank, extract_drops, extract_member, refit_bank, write_extracted
 from .sources import PathSource, content_hash
 from .store import Bank, BankMember, BankModule, read_bank, write_bank
 
@@ -17,6 +17,7 @@ __all__ = [
     "bank_listing",
     "build_bank",
     "content_hash",
+    "extract_drops",
     "extract_member",
     "read_bank",
     "refit_bank",

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .. import dtypes
-from ..adapter import Adapter, Module
+from ..adapter import Adapter, Module, as_array
 from ..encodings.factors import Factors
 from ..errors import BankError
 from ..linalg.bank_fit import DaskExecutor, FitOptions, ModuleShape, SerialExecutor, fit_bank
@@ -45,10 +45,12 @@ class BankReport:
 
 
 def _hash_members(members: list[Member], modules: Sequence[str]) -> None:
+    """Load each member's pass-through tensors (kept for the write) and hash it with them."""
     for m in members:
         src = PathSource(m.source.name, m.source.path, m.source.adapter, tuple(modules))
         m.source = src
-        m.sha256 = content_hash(src.load())
+        m.tensors = src.load_tensors()
+        m.sha256 = content_hash(src.load(), m.tensors)
 
 
 def build_bank(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]], *, names: list[str] | None = None,
@@ -60,6 +62,7 @@ def build_bank(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]]
     dtypes.by_name(dtype)
     members = expand_inputs(inputs, names)
     shapes, keys, left_out = plan_modules(members, partial)
+    left_out += [s for m in members for s in m.skipped]
     _hash_members(members, [s.name for s in shapes])
     seen: dict[str, str] = {}
     for m in members:
@@ -86,7 +89,7 @@ def _member_of(m: Member, row: dict[str, Any], reference: str) -> BankMember:
     rel = {k: (v["sq_error"] / v["norm2"] if v["norm2"] > 0 else 0.0) for k, v in row["modules"].items()}
     meta = {META_HASH: m.sha256} | error_metadata(rel, reference)
     return BankMember(m.source.name, {k: v["S"] for k, v in row["modules"].items()}, m.base_model, m.base_architecture,
-                      m.adapter_source, meta)
+                      m.adapter_source, meta, m.tensors)
 
 
 def _bank_keys(bank: Bank) -> dict[str, ModuleKey]:
@@ -103,6 +106,7 @@ def add_to_bank(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str
     members = expand_inputs(inputs, names)
     first = bank.members[0]
     _, keys, left_out = plan_modules(members, partial, reference=_bank_keys(bank), base_model=first.base_model)
+    left_out += [s for m in members for s in m.skipped]
     _hash_members(members, list(keys))
     known = {m.sha256: m.name for m in bank.members}
     names_in = {m.name for m in bank.members}
@@ -181,7 +185,7 @@ def refit_bank(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | No
         rel = {k: (v["sq_error"] / v["norm2"] if v["norm2"] > 0 else 0.0) for k, v in row["modules"].items()}
         meta = dict(old.metadata) | error_metadata(rel, "bank reconstruction before refit")
         new.members.append(BankMember(old.name, {k: v["S"] for k, v in row["modules"].items()}, old.base_model,
-                                      old.base_architecture, old.source, meta))
+                                      old.base_architecture, old.source, meta, old.tensors))
     validate_records(new)
     size = write_bank(out or path, new, codec=codec)
     return BankReport(Path(out or path), "refit", len(new.members), res.report(), file_size=size)
@@ -214,13 +218,15 @@ def lora_module(m: Module, rtol: float | None = None) -> tuple[Module, float]:
 
 
 def extract_member(path: str | os.PathLike[str], name: str) -> tuple[Adapter, dict[str, float]]:
-    """One member as an ordinary adapter of ``lora`` records (reads only its S and the shared bases),
-    with the exact relative error of the extraction per module (~1e-14 from rounding)."""
+    """One member as an ordinary adapter of ``lora`` records and its own pass-through tensors (reads
+    only its S, its tensors and the shared bases), with the exact relative error of the extraction
+    per module (~1e-14 from rounding)."""
     from ..api import open as open_adapter
 
     with open_adapter(path, adapter=name) as a:
         out = Adapter(name=a.name, base_model=a.base_model, base_architecture=a.base_architecture, source=dict(a.source),
-                      metadata={k: v for k, v in a.metadata.items() if not k.startswith("bank.")})
+                      metadata={k: v for k, v in a.metadata.items() if not k.startswith("bank.")},
+                      tensors={k: np.array(as_array(t)) for k, t in a.tensors.items()})
         errs = {}
         for m in a:
             if m.encoding != "shared":
@@ -229,19 +235,30 @@ def extract_member(path: str | os.PathLike[str], name: str) -> tuple[Adapter, di
     return out, errs
 
 
-def write_extracted(adapter: Adapter, out: str | os.PathLike[str], to: str = "apack") -> Path:
+def extract_drops(adapter: Adapter, to: str) -> list[str]:
+    """The pass-through tensors a write of ``adapter`` to ``to`` cannot carry (PEFT output of tensors
+    from another format, e.g. a kohya file's unknown keys): refused unless dropped on request."""
+    if to != "peft":
+        return []
+    from ..interop.targets import check
+
+    return [n for f in check(adapter, "peft") if "full tensors" in f.problem for n in f.modules]
+
+
+def write_extracted(adapter: Adapter, out: str | os.PathLike[str], to: str = "apack", *, drop_tensors: bool = False) -> Path:
     """Write an extracted member as ``.apack`` of lora records (``to="apack"``), of svd records (``"svd"``,
-    exact SVD of each record, so it can be loaded at any lower rank), or a PEFT folder (``"peft"``)."""
+    exact SVD of each record, so it can be loaded at any lower rank), or a PEFT folder (``"peft"``).
+    Pass-through tensors go along; those PEFT cannot carry (:func:`extract_drops`) are refused
+    unless ``drop_tensors``."""
     if to == "svd":
         from ..encodings.lower import as_svd
 
-        adapter = Adapter(adapter.name, adapter.base_model, adapter.base_architecture,
-                          {k: as_svd(m) for k, m in adapter.modules.items()}, source=adapter.source, metadata=adapter.metadata)
+        adapter = adapter.derived({k: as_svd(m) for k, m in adapter.modules.items()})
         to = "apack"
     if to == "peft":
         from ..interop.peft import write_peft
 
-        return write_peft(adapter, out)
+        return write_peft(adapter, out, drop_tensors=drop_tensors)
     from ..container.writer import write_apack
 
     write_apack(out, adapter)
@@ -249,7 +266,8 @@ def write_extracted(adapter: Adapter, out: str | os.PathLike[str], to: str = "ap
 
 
 def bank_listing(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Members (name, error metadata, hash) and modules (shape, rank, form) of a bank, bytes shared vs own."""
+    """Members (name, error metadata, hash, pass-through tensors) and modules (shape, rank, form) of a bank,
+    bytes shared vs own."""
     bank = read_bank(path)
     import json
 
@@ -258,7 +276,8 @@ def bank_listing(path: str | os.PathLike[str]) -> dict[str, Any]:
     members = []
     for mem in bank.members:
         err = json.loads(mem.metadata.get("bank.rel_error", "{}") or "{}")
-        members.append({"name": mem.name, "sha256": mem.sha256[:12], "own_bytes": sum(s.nbytes for s in mem.S.values())}
+        own = sum(s.nbytes for s in mem.S.values()) + sum(t.nbytes for t in mem.tensors.values())
+        members.append({"name": mem.name, "sha256": mem.sha256[:12], "own_bytes": own, "tensors": list(mem.tensors)}
                        | {"rel_error_mean": err.get("mean"), "rel_error_max": err.get("max"),
                           "error_reference": mem.metadata.get("bank.error_reference")})
     return {"path": str(path), "form": bank.form, "adapters": len(bank.members), "modules": mods, "members": members,

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..adapter import Adapter, Module
+from ..adapter import Adapter, Module, as_array
 from ..encodings.factors import Factors
 from ..errors import BankError, BankMismatchError
 from ..linalg.bank_fit import ModuleShape
@@ -36,6 +36,13 @@ class PathSource:
             names = self.modules if self.modules is not None else tuple(a.modules)
             return {n: _copy(a.module(n).factors()) for n in names}
 
+    def load_tensors(self) -> dict[str, np.ndarray]:
+        """The adapter's pass-through tensors (PEFT ``modules_to_save``, unknown keys), bit for bit, by name."""
+        from ..api import open as open_adapter
+
+        with open_adapter(self.path, adapter=self.adapter) as a:
+            return {k: np.array(as_array(t)) for k, t in a.tensors.items()}
+
 
 def _copy(f: Factors) -> Factors:
     a, b = np.array(f.A), np.array(f.B)
@@ -43,21 +50,32 @@ def _copy(f: Factors) -> Factors:
                    transpose=f.transpose, layout=getattr(f, "layout", "linear"))
 
 
-def content_hash(factors: dict[str, Factors]) -> str:
-    """sha256 over every module's name, base shape, layout, scale and factor bytes (sorted by name).
+def content_hash(factors: dict[str, Factors], tensors: dict[str, np.ndarray] | None = None) -> str:
+    """sha256 over every module's name, base shape, layout, scale and factor bytes (sorted by name),
+    then, only when there are any, the pass-through tensors' names and bytes (spec/shared.md §2).
 
-    Two adapters with the same hash have the same ΔW on every module: adding one already in a
-    bank is a no-op.
+    Two adapters with the same hash have the same ΔW on every module and the same pass-through
+    tensors: adding one already in a bank is a no-op. An adapter without pass-through tensors
+    hashes as it did before banks carried them.
     """
     h = hashlib.sha256()
     for name in sorted(factors):
         f = factors[name]
         h.update(name.encode() + b"\0" + repr((tuple(f.base_shape), bool(f.transpose), float(f.scale))).encode())
-        for arr in (f.A, f.B):
-            arr = np.ascontiguousarray(arr)
-            h.update(f"{arr.dtype.str}{arr.shape}".encode())
-            h.update(arr.tobytes())
+        _hash_arrays(h, (f.A, f.B))
+    if tensors:
+        h.update(b"\0tensors\0")
+        for name in sorted(tensors):
+            h.update(name.encode() + b"\0")
+            _hash_arrays(h, (tensors[name],))
     return h.hexdigest()
+
+
+def _hash_arrays(h: Any, arrays: tuple[np.ndarray, ...]) -> None:
+    for arr in arrays:
+        arr = np.ascontiguousarray(arr)
+        h.update(f"{arr.dtype.str}{arr.shape}".encode())
+        h.update(arr.tobytes())
 
 
 @dataclass
@@ -70,24 +88,26 @@ class ModuleKey:
     fan_in_fan_out: bool
 
 
-def module_key(m: Module) -> ModuleKey:
-    """The 2-D shape B·A has, and the layout, from the record alone (no tensor read)."""
+def module_key(m: Module, adapter: str) -> ModuleKey:
+    """The 2-D shape B·A has, and the layout, from the record alone (no tensor read); refuses, naming
+    ``adapter`` and the module, what a shared record cannot hold (conv layouts, DoRA magnitudes)."""
     p = m.params
     layout = p.get("layout", "linear")
     fifo = bool(p.get("fan_in_fan_out", False))
     shape = tuple(m.base_shape)
+    where = f"adapter {adapter!r} module {m.name!r}"
     if len(shape) != 2 or layout == "conv":
-        raise BankMismatchError(
-            f"module {m.name!r}: only 2-D (linear or embedding) modules can be banked, base_shape {list(shape)}")
+        raise BankMismatchError(f"{where}: only 2-D (linear or embedding) modules can be banked, base_shape {list(shape)}")
     if bool(p.get("dora", False)):
-        raise BankMismatchError(f"module {m.name!r}: DoRA records cannot be banked (the magnitude vector is not a ΔW)")
+        raise BankMismatchError(f"{where}: DoRA records cannot be banked (the magnitude vector is not a ΔW)")
     transpose = layout == "embedding" or fifo
     return ModuleKey(shape[1], shape[0], layout, fifo) if transpose else ModuleKey(shape[0], shape[1], layout, fifo)
 
 
 @dataclass
 class Member:
-    """An input adapter: its source, what the bank keeps of its header, and per-module keys."""
+    """An input adapter: its source, what the bank keeps of its header, per-module keys, its
+    pass-through tensors (loaded with its hash) and what the reader skipped of it."""
 
     source: PathSource
     base_model: str | None
@@ -95,6 +115,8 @@ class Member:
     keys: dict[str, ModuleKey]
     adapter_source: dict[str, Any] = field(default_factory=dict)
     sha256: str = ""
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
 
 
 def expand_inputs(paths: list[str | os.PathLike[str]], names: list[str] | None = None) -> list[Member]:
@@ -128,10 +150,9 @@ def _stem(p: Path) -> str:
 
 
 def _member(a: Adapter, src: PathSource) -> Member:
-    keys = {}
-    for m in a:
-        keys[m.name] = module_key(m)
-    return Member(src, a.base_model, a.base_architecture, keys, dict(a.source))
+    keys = {m.name: module_key(m, src.name) for m in a}
+    skipped = [f"adapter {src.name!r}: {s}" for s in a.skipped]
+    return Member(src, a.base_model, a.base_architecture, keys, dict(a.source), skipped=skipped)
 
 
 def plan_modules(members: list[Member], partial: bool = False, reference: dict[str, ModuleKey] | None = None,

@@ -49,7 +49,8 @@ class BankModule:
 
 @dataclass
 class BankMember:
-    """One adapter of a bank: its S per module and the header it keeps (base model, source, metadata)."""
+    """One adapter of a bank: its S per module, the header it keeps (base model, source, metadata) and
+    its own pass-through tensors (PEFT ``modules_to_save`` and the like), stored for it alone."""
 
     name: str
     S: dict[str, np.ndarray]
@@ -57,6 +58,7 @@ class BankMember:
     base_architecture: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def sha256(self) -> str:
@@ -65,7 +67,8 @@ class BankMember:
 
 @dataclass
 class Bank:
-    """A whole bank in memory (bases and every member's S: small next to the adapters it replaces)."""
+    """A whole bank in memory: bases, every member's S (small next to the adapters it replaces) and
+    pass-through tensors."""
 
     modules: dict[str, BankModule]
     members: list[BankMember]
@@ -93,8 +96,8 @@ def _record(mod: BankModule, refs: dict[str, int]) -> dict[str, Any]:
 def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = "byteplanes", level: int | None = None) -> int:
     """Write ``bank`` atomically (an interrupted write leaves any previous file intact); returns the file size.
 
-    Blob order: every module's U then V, then each member's S blobs in member order, so the
-    shared bases sit together at the front of the data section.
+    Blob order: every module's U then V, then each member's S blobs followed by its pass-through
+    tensors in member order, so the shared bases sit together at the front of the data section.
     """
     if not bank.members:
         raise BankError("a bank needs at least one adapter")
@@ -119,8 +122,9 @@ def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = "bytepl
             u, v = shared[name]
             rec = _record(mod, {"U": u, "V": v, "S": add(mem.S[name])})
             mods.append(rec)
+        tensors = [{"name": k, "blob": add(t)} for k, t in mem.tensors.items()]
         entry: dict[str, Any] = {"name": mem.name, "base_model": mem.base_model, "base_architecture": mem.base_architecture,
-                                 "modules": mods, "tensors": []}
+                                 "modules": mods, "tensors": tensors}
         if mem.source:
             entry["source"] = mem.source
         if mem.metadata:
@@ -150,8 +154,8 @@ def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = "bytepl
 
 
 def read_bank(path: str | os.PathLike[str]) -> Bank:
-    """Read a whole bank (bases once, every member's S), refusing a file whose shared records do
-    not reference one U and one V blob per module, or that mixes forms."""
+    """Read a whole bank (bases once, every member's S and pass-through tensors), refusing a file whose
+    shared records do not reference one U and one V blob per module, or that mixes forms."""
     from ..container.reader import ApackReader
 
     with ApackReader(Path(path)) as reader:
@@ -175,8 +179,9 @@ def read_bank(path: str | os.PathLike[str]) -> Bank:
                 elif refs[name] != (t["U"], t["V"]) or modules[name].form != p["form"]:
                     raise BankError(f"{path}: adapter {raw['name']!r} module {name!r} does not share the bank's U, V and form")
                 S[name] = np.array(reader.read_blob(t["S"]))
+            tensors = {t["name"]: np.array(reader.read_blob(t["blob"])) for t in raw.get("tensors", [])}
             members.append(BankMember(raw["name"], S, raw.get("base_model"), raw.get("base_architecture"),
-                                      dict(raw.get("source", {})), dict(raw.get("metadata", {}))))
+                                      dict(raw.get("source", {})), dict(raw.get("metadata", {})), tensors))
         forms = {m.form for m in modules.values()}
         if len(forms) > 1:
             raise BankError(f"{path}: mixes forms {sorted(forms)}")

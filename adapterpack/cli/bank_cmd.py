@@ -65,8 +65,12 @@ def add_lines(r: dict[str, Any]) -> list[str]:
     return lines + [f"  left out: {x}" for x in r["left_out"]]
 
 
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+
+
 def list_lines(r: dict[str, Any]) -> list[str]:
-    """The members of a bank with their errors, then the modules' ranks."""
+    """The members of a bank with their errors and pass-through tensors, then the modules' ranks."""
     ranks = sorted({m["rank"] for m in r["modules"]})
     lines = [
         f"{r['path']}: bank of {r['adapters']} adapters, {len(r['modules'])} modules, form {r['form']}, "
@@ -74,8 +78,9 @@ def list_lines(r: dict[str, Any]) -> list[str]:
         f"(shared bases {out.size(r['shared_bytes'])})",
     ]
     rows = [(m["name"], out.count(m["own_bytes"]), _pct(m["rel_error_mean"]), _pct(m["rel_error_max"]), m["error_reference"] or "-",
-             m["sha256"]) for m in r["members"]]
-    return lines + out.table(("adapter", "own bytes", "mean err", "max err", "error against", "sha256"), rows, "<>>><<")
+             m["sha256"], len(m["tensors"])) for m in r["members"]]
+    lines += out.table(("adapter", "own bytes", "mean err", "max err", "error against", "sha256", "tensors"), rows, "<>>><<>")
+    return lines + [f"  {m['name']} carries pass-through tensors: {_names(m['tensors'])}" for m in r["members"] if m["tensors"]]
 
 
 @click.group("bank", short_help="Many adapters in one file on shared bases.")
@@ -145,20 +150,30 @@ def refit(bank_path: Path, rank: int | None, target_error: float | None, budget:
 @click.argument("out_path", metavar="OUT", type=click.Path(path_type=Path))
 @click.option("--to", "to", type=click.Choice(["apack", "svd", "peft"]), default=None,
               help="lora records in .apack, svd records in .apack, or a PEFT folder (default: apack for *.apack, else peft).")
+@click.option("--drop-tensors", is_flag=True,
+              help="PEFT output: leave out pass-through tensors it cannot carry (e.g. a kohya file's unknown keys); listed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def extract(bank_path: Path, name: str, out_path: Path, to: str | None, as_json: bool) -> None:
-    """Write member NAME of BANK as a standalone adapter (lora records) to OUT."""
-    from ..bank import extract_member, write_extracted
+def extract(bank_path: Path, name: str, out_path: Path, to: str | None, drop_tensors: bool, as_json: bool) -> None:
+    """Write member NAME of BANK as a standalone adapter (lora records and its pass-through tensors) to OUT."""
+    from ..bank import extract_drops, extract_member, write_extracted
 
-    adapter, errs = extract_member(bank_path, name)
     target = to or ("apack" if out_path.suffix == ".apack" else "peft")
-    path = write_extracted(adapter, out_path, target)
+    if target != "peft" and drop_tensors:
+        raise click.UsageError("--drop-tensors applies to PEFT output only; .apack keeps every tensor")
+    adapter, errs = extract_member(bank_path, name)
+    dropped = extract_drops(adapter, target) if drop_tensors else []
+    path = write_extracted(adapter, out_path, target, drop_tensors=drop_tensors)
+    kept = [k for k in adapter.tensors if k not in dropped]
     worst = max(errs.values()) if errs else 0.0
-    r = {"path": str(path), "adapter": name, "format": target, "modules": len(errs), "max_rel_error": worst}
+    r = {"path": str(path), "adapter": name, "format": target, "modules": len(errs), "max_rel_error": worst, "tensors": kept,
+         "dropped_tensors": dropped}
     if as_json:
         out.echo_json(r)
-    else:
-        out.echo_lines([f"{path}: {name} as {target}, {len(errs)} modules (extraction error at most {worst:.2g} of the bank's ΔW)"])
+        return
+    lines = [f"{path}: {name} as {target}, {len(errs)} modules (extraction error at most {worst:.2g} of the bank's ΔW)"]
+    lines += [f"  pass-through tensors: {_names(kept)}"] if kept else []
+    lines += [f"  dropped on request: {len(dropped)} pass-through tensors ({_names(dropped)})"] if dropped else []
+    out.echo_lines(lines)
 
 
 @bank.command("list")

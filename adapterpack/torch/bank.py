@@ -34,6 +34,7 @@ class TorchBank:
         self._reader = ApackReader(self.path)
         self.names: list[str] = self._reader.adapter_names
         self._records: dict[str, dict[str, dict]] = {}
+        self._tensors: dict[str, list[str]] = {}
         self.U: dict[str, torch.Tensor] = {}
         self.V: dict[str, torch.Tensor] = {}
         self.form: dict[str, str] = {}
@@ -73,6 +74,7 @@ class TorchBank:
                     raise BankError(f"{self.path}: adapter {raw['name']!r} module {name!r} does not share the bank's U, V, form "
                                     "and layout")
             self._records[raw["name"]] = recs
+            self._tensors[raw["name"]] = [t["name"] for t in raw.get("tensors", [])]
 
     @property
     def modules(self) -> list[str]:
@@ -83,10 +85,17 @@ class TorchBank:
         """Load S of ``names`` (in this order: row index i of a batch means ``names[i]``) and stack them per module.
 
         Reads only those adapters' S blobs. An adapter lacking a module gets zeros there (no ΔW).
+        An adapter with pass-through tensors (PEFT ``modules_to_save``) is refused: the batched
+        apply adds ΔW only, so it would be applied half.
         """
         unknown = [n for n in names if n not in self._records]
         if unknown:
             raise BankError(f"{self.path}: no adapter {unknown[0]!r} in the bank")
+        full = next((n for n in names if self._tensors[n]), None)
+        if full is not None:
+            t = self._tensors[full]
+            raise BankError(f"{self.path}: adapter {full!r} holds {len(t)} full tensors besides its S (modules_to_save: "
+                            f"{', '.join(t[:3])}); a TorchBank applies ΔW only")
         self.active = list(names)
         self._S = {}
         for mod, U in self.U.items():
