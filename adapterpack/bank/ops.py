@@ -16,6 +16,7 @@ from ..encodings.factors import Factors
 from ..errors import BankError
 from ..linalg.bank_fit import DaskExecutor, FitOptions, ModuleShape, SerialExecutor, fit_bank
 from ..linalg.bank_grow import pad, place
+from ..linalg.finite import check_product
 from .sources import Member, ModuleKey, PathSource, content_hash, expand_inputs, plan_modules
 from .store import META_HASH, Bank, BankMember, BankModule, error_metadata, read_bank, validate_records, write_bank
 
@@ -44,11 +45,15 @@ class BankReport:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
-def _hash_members(members: list[Member], modules: Sequence[str]) -> None:
+def _hash_members(members: list[Member], modules: Sequence[str], dtype: str) -> None:
+    """Hash every member, refusing factors a fit cannot use (or whose Σᵢ would overflow ``dtype``) before any work."""
     for m in members:
         src = PathSource(m.source.name, m.source.path, m.source.adapter, tuple(modules))
         m.source = src
-        m.sha256 = content_hash(src.load())
+        facs = src.load()
+        for name, f in facs.items():
+            check_product(f.A, f.B, f.scale, where=f"adapter {src.name!r} module {name!r}", dtype=dtype)
+        m.sha256 = content_hash(facs)
 
 
 def build_bank(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]], *, names: list[str] | None = None,
@@ -60,7 +65,7 @@ def build_bank(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]]
     dtypes.by_name(dtype)
     members = expand_inputs(inputs, names)
     shapes, keys, left_out = plan_modules(members, partial)
-    _hash_members(members, [s.name for s in shapes])
+    _hash_members(members, [s.name for s in shapes], dtype)
     seen: dict[str, str] = {}
     for m in members:
         if m.sha256 in seen:
@@ -103,7 +108,7 @@ def add_to_bank(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str
     members = expand_inputs(inputs, names)
     first = bank.members[0]
     _, keys, left_out = plan_modules(members, partial, reference=_bank_keys(bank), base_model=first.base_model)
-    _hash_members(members, list(keys))
+    _hash_members(members, list(keys), dtypes.of_array(next(iter(bank.modules.values())).U).name)
     known = {m.sha256: m.name for m in bank.members}
     names_in = {m.name for m in bank.members}
     report = BankReport(Path(path), "add", 0, left_out=left_out)
