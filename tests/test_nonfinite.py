@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 import adapterpack
 from adapterpack import Adapter
 from adapterpack.audit import audit_input
-from adapterpack.bank import add_to_bank, build_bank, read_bank, refit_bank
+from adapterpack.bank import add_to_bank, build_bank, extract_member, read_bank, refit_bank
 from adapterpack.bank.store import write_bank
 from adapterpack.cli import main
 from adapterpack.convert import adapter_differences, convert, safetensors_differences
@@ -164,20 +164,38 @@ def test_bank_add_refuses_a_bad_adapter_and_leaves_the_bank_as_it_was(tmp_path: 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.apack", "bank.apack", "good1.apack", "good2.apack"]
 
 
-def test_bank_refit_refuses_a_member_holding_nan(tmp_path: Path) -> None:
-    good = tmp_path / "bank.apack"
-    build_bank(good, [saved(tmp_path, toy(s), f"good{s}") for s in (1, 2, 3)], rank=4)
+def damaged_bank(tmp: Path) -> Path:
+    """A bank whose member ``good2`` holds a NaN in one S (written before this check, or by another tool)."""
+    good = tmp / "bank.apack"
+    build_bank(good, [saved(tmp, toy(s), f"good{s}") for s in (1, 2, 3)], rank=4)
     bank = read_bank(good)
-    bank.members[1].S[BAD_MODULE][0, 0] = np.nan  # a bank written before this check, or by another tool
-    damaged = tmp_path / "damaged.apack"
+    bank.members[1].S[BAD_MODULE][0, 0] = np.nan
+    damaged = tmp / "damaged.apack"
     write_bank(damaged, bank)
-    out = tmp_path / "refit.apack"
+    return damaged
+
+
+def test_bank_refit_refuses_a_member_holding_nan(tmp_path: Path) -> None:
+    damaged, out = damaged_bank(tmp_path), tmp_path / "refit.apack"
     r = run("bank", "refit", damaged, "--out", out)
     assert_refused(r, *names("good2"), "non-finite")
     with pytest.raises(ConversionError) as e:
         refit_bank(damaged, out=out)
     assert type(e.value) is ConversionError and all(n in str(e.value) for n in names("good2"))
     assert not out.exists()
+
+
+@pytest.mark.parametrize("to", ["apack", "svd", "peft"])
+def test_bank_extract_refuses_a_member_holding_nan(tmp_path: Path, to: str) -> None:
+    """Extracting re-factors S by an SVD: a NaN is refused (not LinAlgError), the other members extract."""
+    damaged, out = damaged_bank(tmp_path), tmp_path / "member"
+    assert_refused(run("bank", "extract", damaged, "good2", out, "--to", to), *names("good2"), "non-finite")
+    assert not out.exists()
+    with pytest.raises(ConversionError) as e:
+        extract_member(damaged, "good2")
+    assert type(e.value) is ConversionError and all(n in str(e.value) for n in names("good2"))
+    member, _ = extract_member(damaged, "good1")
+    assert all(np.isfinite(m.delta()).all() for m in member)
 
 
 # --- rerank, every rule ------------------------------------------------------------------------------

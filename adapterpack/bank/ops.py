@@ -192,14 +192,15 @@ def refit_bank(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | No
     return BankReport(Path(out or path), "refit", len(new.members), res.report(), file_size=size)
 
 
-def lora_module(m: Module, rtol: float | None = None) -> tuple[Module, float]:
+def lora_module(m: Module, rtol: float | None = None, *, where: str | None = None) -> tuple[Module, float]:
     """A shared record as a standalone ``lora`` record of the adapter's own rank, and the relative
     squared error that dropping S's negligible singular values (below ``rtol``·σ₁, default R·eps of
-    S's dtype) costs, computed exactly."""
+    S's dtype) costs, computed exactly. Non-finite values are refused first, naming ``where``."""
     from ..encodings.lower import lora_from_factors
     from ..linalg.bank_fit import sq_error, sq_norm
 
     f = m.factors()
+    check_product(f.A, f.B, f.scale, where=where or f"module {m.name!r}")
     U = m.array("U").astype(np.float64)
     V = m.array("V").astype(np.float64)
     S = m.array("S").astype(np.float64)
@@ -230,7 +231,7 @@ def extract_member(path: str | os.PathLike[str], name: str) -> tuple[Adapter, di
         for m in a:
             if m.encoding != "shared":
                 raise BankError(f"{path}: adapter {name!r} module {m.name!r} is not a shared record")
-            out.modules[m.name], errs[m.name] = lora_module(m)
+            out.modules[m.name], errs[m.name] = lora_module(m, where=f"adapter {name!r} module {m.name!r}")
     return out, errs
 
 
