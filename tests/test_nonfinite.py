@@ -25,7 +25,7 @@ from adapterpack.audit import audit_input
 from adapterpack.bank import add_to_bank, build_bank, extract_member, read_bank, refit_bank
 from adapterpack.bank.store import write_bank
 from adapterpack.cli import main
-from adapterpack.convert import adapter_differences, convert, safetensors_differences
+from adapterpack.convert import adapter_differences, cast_adapter, convert, safetensors_differences
 from adapterpack.errors import ConversionError
 from adapterpack.examples import example_path
 from adapterpack.linalg.finite import MAX_NORM, check_product
@@ -244,6 +244,17 @@ def test_convert_rank_refuses(tmp_path: Path) -> None:
         with pytest.raises(ConversionError, match=f"module '{BAD_MODULE}'.*{why}") as e:
             convert(src, dst, rank=2)
         assert type(e.value) is ConversionError and not dst.exists()
+
+
+@pytest.mark.parametrize(("kind", "make", "why"), BAD)
+def test_convert_dtype_refuses_what_its_error_report_cannot_measure(tmp_path: Path, kind: str, make, why: str) -> None:
+    """A cast is not bit-exact and reports the ΔW error it costs: no "nan" error, no overflow warning."""
+    src, dst = saved(tmp_path, make(), "bad"), tmp_path / "out.apack"
+    assert_refused(run("convert", src, dst, "--dtype", "bf16"), *names("default"), why)
+    assert not dst.exists()
+    with pytest.raises(ConversionError) as e:
+        cast_adapter(make(), "bf16")
+    assert type(e.value) is ConversionError and all(n in str(e.value) for n in names("default"))
 
 
 # --- nola -------------------------------------------------------------------------------------------
