@@ -217,6 +217,7 @@ def audit_input(path: str | os.PathLike[str], measure: Sequence[str] = VARIANTS)
 
     from .convert import cast_adapter
     from .interop import open_adapters
+    from .linalg.finite import check_adapter
     from .report import footprint
 
     start = time.perf_counter()
@@ -230,6 +231,7 @@ def audit_input(path: str | os.PathLike[str], measure: Sequence[str] = VARIANTS)
         for a in adapters:
             for m in a:
                 m.implementation.validate(m)  # once; the sizes below skip it
+            check_adapter(a)  # the spectra below need finite factors of a size binary64 holds
         memo: BlobMemo = {}
         if "zstd" in measure:
             res.sizes["zstd"] = apack_size(adapters, "zstd", validate=False)

@@ -29,6 +29,7 @@ from .encodings.factors import Factors
 from .errors import ConversionError, OutputExistsError
 from .interop import Opened, open_adapters
 from .interop.source import notes as source_notes
+from .linalg.finite import check_product
 from .report import footprint
 
 TARGETS = ("apack", "peft", "kohya", "diffusers", "gguf", "nola")
@@ -155,7 +156,10 @@ def cast_array(arr: np.ndarray, dtype: str, where: str = "tensor") -> tuple[np.n
 
 
 def cast_adapter(adapter: Adapter, dtype: str) -> tuple[Adapter, CastReport]:
-    """A copy of ``adapter`` with every float tensor cast to ``dtype`` (loaded into memory), and what that cost."""
+    """A copy of ``adapter`` with every float tensor cast to ``dtype`` (loaded into memory), and what that cost.
+
+    Not bit-exact, and measured: factors holding NaN or inf, or a ΔW too large for binary64, are refused
+    (:func:`~adapterpack.linalg.finite.check_product`)."""
     name = dtypes.by_name(dtype).name
     report = CastReport(adapter=adapter.name, dtype=name)
 
@@ -178,7 +182,9 @@ def cast_adapter(adapter: Adapter, dtype: str) -> tuple[Adapter, CastReport]:
             must_understand=m.must_understand,
         )
         new.implementation.validate(new)
-        err, norm = delta_error(m.factors(), new.factors())
+        before = m.factors()  # measuring the ΔW error needs finite factors of a size binary64 holds
+        check_product(before.A, before.B, before.scale, where=f"adapter {adapter.name!r} module {m.name!r}")
+        err, norm = delta_error(before, new.factors())
         worst = max((e for _, e in cast_slots.values()), default=0.0)
         report.modules.append(ModuleCast(m.name, max_abs_error=worst, delta_error=err, delta_norm=norm))
         modules[m.name] = new

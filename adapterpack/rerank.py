@@ -26,6 +26,7 @@ from .encodings.svd import from_spectrum, s_dtype_for, singular_values
 from .errors import ConversionError
 from .importance import Importance
 from .linalg import allocate
+from .linalg.finite import check_product
 from .linalg.lowrank import Spectrum, spectrum_of
 
 RULES = ("rank", "energy", "sv_ratio", "budget", "budget_ratio")
@@ -185,13 +186,18 @@ class RerankReport:
         }
 
 
-def module_spectrum(module: Module) -> tuple[Spectrum, Factors]:
-    """The exact SVD of a module's ΔW (read from an svd record, computed from factors otherwise)."""
+def module_spectrum(module: Module, *, where: str | None = None, dtype: str | None = None) -> tuple[Spectrum, Factors]:
+    """The exact SVD of a module's ΔW (read from an svd record, computed from factors otherwise).
+
+    Factors a fit cannot use (non-finite, or too large for binary64 or for ``dtype``, the float dtype
+    its singular values are written in) are refused first, naming ``where`` (default: the module)."""
     f = module.factors()
+    where = where or f"module {module.name!r}"
+    check_product(f.A, f.B, f.scale, where=where, dtype=dtype)
     if module.encoding == "svd":
         s = singular_values(module)
         return Spectrum.from_vectors(np.asarray(module.array("Ut"), np.float64).T, s, np.asarray(module.array("Vt"), np.float64)), f
-    return spectrum_of(f, where=f"module {module.name!r}"), f
+    return spectrum_of(f, where=where), f
 
 
 def _cost_per_rank(f: Factors, dtype: str, encoding: str) -> int:
@@ -235,8 +241,8 @@ def plan_rerank(adapter: Adapter, policy: RerankPolicy) -> tuple[RerankReport, d
             b = m.decoded_bytes
             plans.append(ModulePlan(m.name, old, old, old, 0.0, 1.0, 0.0, b, b, selected=False))
             continue
-        sp, f = module_spectrum(m)
         dtype = dtypes.by_name(policy.dtype).name if policy.dtype else main_dtype(m)
+        sp, f = module_spectrum(m, where=f"adapter {adapter.name!r} module {m.name!r}", dtype=s_dtype_for(dtype))
         k = int(np.count_nonzero(sp.S > 0))
         work[m.name] = _Work(m, sp, f, dtype, k, _cost_per_rank(f, dtype, policy.encoding))
         plans.append(ModulePlan(m.name, old, 0, 0, sp.energy, 1.0, 0.0, m.decoded_bytes, 0))

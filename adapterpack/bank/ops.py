@@ -16,6 +16,7 @@ from ..encodings.factors import Factors
 from ..errors import BankError
 from ..linalg.bank_fit import DaskExecutor, FitOptions, ModuleShape, SerialExecutor, fit_bank
 from ..linalg.bank_grow import pad, place
+from ..linalg.finite import check_product
 from .sources import Member, ModuleKey, PathSource, content_hash, expand_inputs, plan_modules
 from .store import META_HASH, Bank, BankMember, BankModule, error_metadata, read_bank, validate_records, write_bank
 
@@ -44,13 +45,17 @@ class BankReport:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
 
 
-def _hash_members(members: list[Member], modules: Sequence[str]) -> None:
-    """Load each member's pass-through tensors (kept for the write) and hash it with them."""
+def _hash_members(members: list[Member], modules: Sequence[str], dtype: str) -> None:
+    """Hash every member with its pass-through tensors (kept for the write), refusing factors a fit cannot
+    use (or whose Σᵢ would overflow ``dtype``) before any work."""
     for m in members:
         src = PathSource(m.source.name, m.source.path, m.source.adapter, tuple(modules))
         m.source = src
+        facs = src.load()
+        for name, f in facs.items():
+            check_product(f.A, f.B, f.scale, where=f"adapter {src.name!r} module {name!r}", dtype=dtype)
         m.tensors = src.load_tensors()
-        m.sha256 = content_hash(src.load(), m.tensors)
+        m.sha256 = content_hash(facs, m.tensors)
 
 
 def build_bank(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]], *, names: list[str] | None = None,
@@ -63,7 +68,7 @@ def build_bank(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]]
     members = expand_inputs(inputs, names)
     shapes, keys, left_out = plan_modules(members, partial)
     left_out += [s for m in members for s in m.skipped]
-    _hash_members(members, [s.name for s in shapes])
+    _hash_members(members, [s.name for s in shapes], dtype)
     seen: dict[str, str] = {}
     for m in members:
         if m.sha256 in seen:
@@ -107,7 +112,7 @@ def add_to_bank(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str
     first = bank.members[0]
     _, keys, left_out = plan_modules(members, partial, reference=_bank_keys(bank), base_model=first.base_model)
     left_out += [s for m in members for s in m.skipped]
-    _hash_members(members, list(keys))
+    _hash_members(members, list(keys), dtypes.of_array(next(iter(bank.modules.values())).U).name)
     known = {m.sha256: m.name for m in bank.members}
     names_in = {m.name for m in bank.members}
     report = BankReport(Path(path), "add", 0, left_out=left_out)
@@ -191,14 +196,15 @@ def refit_bank(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | No
     return BankReport(Path(out or path), "refit", len(new.members), res.report(), file_size=size)
 
 
-def lora_module(m: Module, rtol: float | None = None) -> tuple[Module, float]:
+def lora_module(m: Module, rtol: float | None = None, *, where: str | None = None) -> tuple[Module, float]:
     """A shared record as a standalone ``lora`` record of the adapter's own rank, and the relative
     squared error that dropping S's negligible singular values (below ``rtol``·σ₁, default R·eps of
-    S's dtype) costs, computed exactly."""
+    S's dtype) costs, computed exactly. Non-finite values are refused first, naming ``where``."""
     from ..encodings.lower import lora_from_factors
     from ..linalg.bank_fit import sq_error, sq_norm
 
     f = m.factors()
+    check_product(f.A, f.B, f.scale, where=where or f"module {m.name!r}")
     U = m.array("U").astype(np.float64)
     V = m.array("V").astype(np.float64)
     S = m.array("S").astype(np.float64)
@@ -231,7 +237,7 @@ def extract_member(path: str | os.PathLike[str], name: str) -> tuple[Adapter, di
         for m in a:
             if m.encoding != "shared":
                 raise BankError(f"{path}: adapter {name!r} module {m.name!r} is not a shared record")
-            out.modules[m.name], errs[m.name] = lora_module(m)
+            out.modules[m.name], errs[m.name] = lora_module(m, where=f"adapter {name!r} module {m.name!r}")
     return out, errs
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..encodings.factors import Factors
 from ..errors import BankError
+from .finite import check_product
 
 FORMS = ("full", "diagonal")
 WEIGHTS = ("norm", "uniform")
@@ -161,7 +162,8 @@ def chunk_pass(sources: Sequence[Source], kind: str, state: dict[str, Any], weig
         part: dict[str, dict[str, Any]] = {}
         for mod, st in state.items():
             f = facs[mod]
-            if kind == "init":
+            if kind == "init":  # the first pass: one bad member would poison the shared bases of all
+                check_product(f.A, f.B, f.scale, where=f"adapter {src.name!r} module {mod!r}")
                 part[mod] = _init_terms(f, st[0], st[1], weights)
             elif kind == "full":
                 part[mod] = _full_terms(f, st[0], st[1], weights)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import ConversionError
+from .finite import check_product
 
 Vectors = Callable[[int], "tuple[np.ndarray, np.ndarray]"]
 
@@ -165,23 +166,16 @@ class _ThinQ:
         return out
 
 
-def _check_finite(x: np.ndarray, what: str, where: str) -> None:
-    if not np.all(np.isfinite(x)):
-        raise ConversionError(f"{where}: {what} holds non-finite values (NaN or inf); its singular values are undefined")
-
-
 def factors_svd(A: np.ndarray, B: np.ndarray, scale: float = 1.0, *, where: str = "module") -> Spectrum:
     """Exact thin SVD of ``scale · B · A`` (A ``[r, n]``, B ``[m, r]``, any float dtype) in binary64.
 
     Never forms the m×n product. Zero and rank-deficient factors are fine (their singular values
-    are 0); non-finite values raise :class:`~adapterpack.errors.ConversionError` naming ``where``.
+    are 0); non-finite values, or a product too large for binary64, raise
+    :class:`~adapterpack.errors.ConversionError` naming ``where`` (:func:`~adapterpack.linalg.finite.check_product`).
     """
     if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
         raise ConversionError(f"{where}: factors A {list(A.shape)} and B {list(B.shape)} do not multiply")
-    _check_finite(A, "A", where)
-    _check_finite(B, "B", where)
-    if not np.isfinite(scale):
-        raise ConversionError(f"{where}: scale {scale!r} is not finite")
+    check_product(A, B, scale, where=where)
     qb = _ThinQ(B)  # R: [p, r]   p = min(m, r)
     qa = _ThinQ(A.T)  # R: [q, r]  q = min(n, r)
     core = float(scale) * (qb.R @ qa.R.T)  # [p, q]

@@ -32,6 +32,7 @@ from ..encodings.factors import Factors
 from ..encodings.nola import decode_many, nola_shape
 from ..errors import ConversionError
 from ..rng.basis import DEFAULT_BUDGET, GENERATOR_ID, GENERATOR_VERSION, KIND_A, KIND_A0, KIND_B, basis_range, chunk_bases
+from .finite import check_product
 from .lowrank import factors_svd
 
 
@@ -203,7 +204,8 @@ def fit_adapter(
     (default ``r·max(in, out)``, where the bases span every factor); the achieved error is
     reported either way, never rounded to the target. Streams number the modules 0, 1, …
     (independent bases) unless ``shared_basis`` (stream 0 for all: bases generated once per
-    matrix size when decoding). Returns the new adapter and each module's fit.
+    matrix size when decoding). Returns the new adapter and each module's fit. Non-finite factors, or a
+    ΔW too large for binary64, are refused before any fit (:func:`~adapterpack.linalg.finite.check_product`).
     """
     if (k is None) == (target_error is None):
         raise ConversionError("give exactly one of k (coefficients per factor) or target_error (relative Frobenius error)")
@@ -217,6 +219,7 @@ def fit_adapter(
         if m.params.get("dora", False):
             raise ConversionError(f"module {mname!r} is DoRA: its magnitude rescaling has no nola form; keep it as lora")
         f = m.factors()
+        check_product(f.A, f.B, f.scale, where=f"adapter {adapter.name!r} module {mname!r}")
         stream = 0 if shared_basis else index
         r = int(rank or f.rank or 1)
         kw = {"name": mname, "rank": r, "seed": seed, "stream": stream, "iterations": iterations}

@@ -27,6 +27,7 @@ from torch import nn
 from ..adapter import Adapter
 from ..errors import ConversionError, InputError, MissingDependencyError
 from ..importance import LABELS, Importance
+from ..linalg.finite import check_adapter
 from ..rerank import module_spectrum
 from .apply import apply
 
@@ -93,7 +94,7 @@ def component_statistics(
         raise ConversionError("the adapter has no module whose components can be measured")
     spectra, vecs = {}, {}
     for name, m in picked.items():
-        sp, f = module_spectrum(m)
+        sp, f = module_spectrum(m, where=f"adapter {adapter.name!r} module {name!r}")
         if f.layout != "linear":
             raise ConversionError(f"module {name!r}: importance is measured for linear layers only, not {f.layout}")
         u, vt = sp.vectors()
@@ -235,6 +236,7 @@ def causal_lm_importance(
         raise MissingDependencyError("importance on a model needs transformers: pip install 'adapterpack[peft]'") from None
     if batch < 1:
         raise ConversionError(f"batch must be >= 1, got {batch}")
+    check_adapter(adapter)  # before the model is loaded: unusable factors are refused at once
     try:
         dev = torch.device(device)
         torch.empty(0, device=dev)
