@@ -5,9 +5,10 @@ Run from the repository root::
     python -m tools.make_vectors              # rewrite spec/vectors/
     python -m tools.make_vectors --out DIR    # write elsewhere (tests/test_vectors.py compares)
 
-Each JSON says what a reader must decode from its file — for every adapter, module, slot and
-pass-through tensor: dtype, shape, codec, SHA-256 of the decoded bytes and the values (bf16 as
-uint16 bit patterns in hex) — or which error it must raise. Values come from fixed seeds and
+Each JSON (format: spec/vectors.md) says what a reader must decode from its file — for every
+adapter, module, slot and pass-through tensor: dtype, shape, codec, SHA-256 of the decoded bytes
+and the values (bf16 as uint16 bit patterns in hex), and each module's ΔW (``delta``, computed
+from the JSON alone by :mod:`tools.vectors._reference`) — or which error it must raise. Values come from fixed seeds and
 are exact in every dtype used, and the writer id is pinned, so the output is byte-identical
 from run to run (files holding zstd frames: for a given libzstd version, recorded in the JSON).
 """
@@ -34,6 +35,7 @@ from adapterpack.checksum import crc32c
 from adapterpack.container import writer
 from adapterpack.container.index import dumps
 from adapterpack.container.preamble import PREAMBLE_SIZE, Preamble, align_up
+from tools.vectors import _reference as reference
 from tools.vectors import modules as vector_modules
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,9 +199,9 @@ def describe_file(path: Path, adapters: list[Adapter], skipped: dict[str, list[s
             if m.name in gone:
                 continue
             slots = {s: describe_tensor(np.asarray(t), codec_of[(a.name, m.name, s)]) for s, t in m.tensors.items()}
-            modules.append(
-                {"name": m.name, "encoding": m.encoding, "base_shape": list(m.base_shape), "params": m.params, "tensors": slots}
-            )
+            entry = {"name": m.name, "encoding": m.encoding, "base_shape": list(m.base_shape), "params": m.params, "tensors": slots}
+            entry["delta"] = reference.delta(entry).tolist()  # from the JSON just written, by the spec's formulas
+            modules.append(entry)
         tensors = [{"name": n} | describe_tensor(np.asarray(t), codec_of[(a.name, None, n)]) for n, t in a.tensors.items()]
         entry = {"name": a.name, "base_model": a.base_model, "base_architecture": a.base_architecture, "metadata": a.metadata}
         entry |= {"source": a.source, "modules": modules, "tensors": tensors, "skipped_modules": gone}
