@@ -132,6 +132,17 @@ def test_vectors_cover_the_spec() -> None:
     assert raw_256, "no 256-aligned blob"
 
 
+def test_vectors_are_distinct_and_hold_the_codec_they_name() -> None:
+    """No two vectors are the same file, and one named for a codec stores blobs with it (compression paid)."""
+    files = {(VECTORS / f"{n}.apack").read_bytes() for n in NAMES}
+    assert len(files) == len(NAMES)
+    for name in NAMES:
+        codec = name.rsplit("_", 1)[-1]
+        if codec in ("zstd", "byteplanes") and "error" not in _doc(name):
+            used = {b["codec"]["id"] for b in ApackReader(VECTORS / f"{name}.apack").index.raw["blobs"]}
+            assert codec in used, (name, used)
+
+
 @pytest.fixture(scope="module")
 def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("vectors")

@@ -74,10 +74,18 @@ def basic(name: str = "default", seed: int = 0, out_f: int = 64, in_f: int = 96)
     return Adapter(name=name, base_model="test/tiny-base", base_architecture="LlamaForCausalLM", modules={m.name: m for m in mods})
 
 
-def small(seed: int = 1) -> Adapter:
-    """One rank-2 module on a 4×6 weight, float32."""
+def small(seed: int = 1, tensor: bool = False) -> Adapter:
+    """One rank-2 module on a 4×6 weight, float32 (with ``tensor``, also a 2-element bool pass-through tensor)."""
     rng = np.random.default_rng(seed)
     m = _lora("model.layers.0.self_attn.q_proj", rng, np.float32, 4, 6)
+    tensors = {"mask": np.array([True, False])} if tensor else {}
+    return Adapter(name="default", base_model="test/tiny-base", modules={m.name: m}, tensors=tensors)
+
+
+def small_padded(seed: int = 5) -> Adapter:
+    """One rank-2 float16 module on a 4×3 weight: A is 12 bytes, so 4 padding bytes precede B."""
+    rng = np.random.default_rng(seed)
+    m = _lora("model.layers.0.self_attn.q_proj", rng, np.float16, 4, 3)
     return Adapter(name="default", base_model="test/tiny-base", modules={m.name: m})
 
 
@@ -274,7 +282,10 @@ def build(out: Path) -> list[str]:
         _write(path, adapters, codec)
         if craft is not None:
             craft(path)
-        docs[name] = (what, describe_file(path, adapters, kw.get("skipped")))
+        doc = describe_file(path, adapters, kw.get("skipped"))
+        if kw.get("verify_problems"):
+            doc["verify_problems"] = kw["verify_problems"]  # open accepts the file; verify reports these
+        docs[name] = (what, doc)
         return path
 
     def refused(name: str, what: str, adapters: list[Adapter], error: str, craft: Callable[[Path], None]) -> None:

@@ -20,10 +20,11 @@ def _grid(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.nd
 
 
 def full_bank(seed: int = 21) -> Bank:
-    """Two adapters, full form: q (fp32, R=3) and v (fp16, R=2, the second adapter lacks it)."""
+    """Two adapters, full form: q (fp32, R=3) and v (fp16, R=2, the second adapter lacks it); U and V large enough
+    (and of few distinct values) that byteplanes makes them smaller, so the byteplanes vector really holds byteplanes."""
     rng = np.random.default_rng(seed)
-    q = BankModule("model.layers.0.self_attn.q_proj", _grid(rng, (8, 3), np.float32), _grid(rng, (12, 3), np.float32), "full")
-    v = BankModule("model.layers.0.self_attn.v_proj", _grid(rng, (4, 2), np.float16), _grid(rng, (12, 2), np.float16), "full")
+    q = BankModule("model.layers.0.self_attn.q_proj", _grid(rng, (64, 3), np.float32), _grid(rng, (96, 3), np.float32), "full")
+    v = BankModule("model.layers.0.self_attn.v_proj", _grid(rng, (64, 2), np.float16), _grid(rng, (96, 2), np.float16), "full")
     en = BankMember(
         "en",
         {q.name: _grid(rng, (3, 3), np.float32), v.name: _grid(rng, (2, 2), np.float16)},
@@ -79,18 +80,19 @@ def _s_too_small(index: dict[str, Any]) -> None:
 
 def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
     """shared_full_raw / shared_full_byteplanes, shared_diagonal_raw, shared_rank_mismatch (refused)."""
-    from tools.make_vectors import _craft
+    from tools.make_vectors import _codec_check, _craft
 
     for codec in ("raw", "byteplanes"):
         bank = full_bank()
-        readable(
+        path = readable(
             f"shared_full_{codec}",
             "a full-form bank of two adapters sharing U and V blobs (fp32 and fp16 modules; "
-            f"the second adapter lacks one module); codec {codec}",
+            f"the second adapter lacks one module); codec {codec} (for U and V: S is too small to compress)",
             adapters(bank),
             codec,
             craft=_as_bank(bank, codec),
         )
+        _codec_check(path, codec, ["U", "V"])
     bank = diagonal_bank()
     readable(
         "shared_diagonal_raw",
