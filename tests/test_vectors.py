@@ -193,3 +193,14 @@ def test_vectors_do_not_follow_the_library_default_levels(tmp_path: Path, monkey
         assert levels and levels <= {make_vectors.LEVELS["zstd"], make_vectors.LEVELS["byteplanes"]}, (name, levels)
         if _doc(name).get("zstd_version") == ZSTD_VERSION:
             assert (tmp_path / f"{name}.apack").read_bytes() == (VECTORS / f"{name}.apack").read_bytes(), name
+
+
+def test_writer_refuses_bool_bytes_the_reader_would_refuse(tmp_path: Path) -> None:
+    """spec/format.md §3: writers write bool elements as 0 or 1 only, so they never write a file readers refuse."""
+    from adapterpack.adapter import Adapter
+    from adapterpack.container.writer import write_apack
+
+    odd = np.array([1, 2], np.uint8).view(np.bool_)
+    with pytest.raises(errors.CodecError, match="bool"):
+        write_apack(tmp_path / "b.apack", Adapter("a", tensors={"mask": odd}), codec="raw")
+    assert not (tmp_path / "b.apack").exists()
