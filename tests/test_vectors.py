@@ -204,3 +204,20 @@ def test_writer_refuses_bool_bytes_the_reader_would_refuse(tmp_path: Path) -> No
     with pytest.raises(errors.CodecError, match="bool"):
         write_apack(tmp_path / "b.apack", Adapter("a", tensors={"mask": odd}), codec="raw")
     assert not (tmp_path / "b.apack").exists()
+
+
+def test_vectors_md_documents_the_json_and_its_tolerance() -> None:
+    """spec/vectors.md states the tolerance the check uses and every key the vectors' JSON holds."""
+    text = (REPO / "spec" / "vectors.md").read_text(encoding="utf-8")
+    assert "max |ΔW_reader − delta|  <=  1e-5 · max(1, max |delta|)" in text and _check.DELTA_TOLERANCE == 1e-5
+    keys: set[str] = set()
+    for name in NAMES:
+        d = _doc(name)
+        keys |= set(d)
+        for a in d.get("adapters", []):
+            keys |= set(a)
+            for m in a["modules"]:
+                keys |= set(m) | {k for t in m["tensors"].values() for k in t}
+            keys |= {k for t in a["tensors"] for k in t}
+    documented = {k.strip() for line in text.splitlines() if line.startswith("| ") for k in line.split("|")[1].split(",")}
+    assert keys <= documented, keys - documented

@@ -158,6 +158,11 @@ def _byteplanes_blob(table_extra: int = 0, plane_extra: int = 0) -> Edit:
     return edit
 
 
+def _bad_checksum(frame: bytes) -> bytes:
+    """``frame`` (written with a content checksum) with one bit of that checksum flipped."""
+    return frame[:-1] + bytes([frame[-1] ^ 1])
+
+
 def _skippable(payload: bytes = b"apack") -> bytes:
     return SKIPPABLE_MAGIC + struct.pack("<I", len(payload)) + payload
 
@@ -408,6 +413,12 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
         "CodecError",
         _zstd_blob(lambda d: _skippable() + _frame(d)),
     )
+    no(
+        "zstd_bad_checksum",
+        "a zstd frame whose content checksum is wrong (its decoded bytes are right)",
+        "CodecError",
+        _zstd_blob(lambda d: _bad_checksum(_frame(d, write_checksum=True))),
+    )
     no("zstd_dictionary_id", "a zstd frame naming dictionary 7", "CodecError", _zstd_blob(lambda d: _with_dict_id(_frame(d))))
     no(
         "byteplanes_table_lie",
@@ -429,7 +440,35 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
         [small(tensor=True)],
     )
 
-    # §10.2 precedence: two defects in different stages, the earlier stage's error wins
+    # §10.2 precedence: two defects in different stages (or fields of the preamble), the earlier one's error wins
+    no(
+        "precedence_magic_over_version",
+        "a wrong magic and major version 2: the magic is checked first",
+        "BadMagicError",
+        _set(magic=b"\x88" + MAGIC[1:], major=2),
+    )
+    no(
+        "precedence_reserved_over_index_length",
+        "a nonzero reserved field and index_length above 64 MiB: the reserved field is checked first",
+        "IndexFormatError",
+        _set(reserved=1, index_length=MAX_INDEX_LENGTH + 1),
+    )
+    no(
+        "precedence_references_over_records",
+        "a blob referenced by nothing and a record of an unknown must-understand encoding: references are checked "
+        "when the file is opened, records when the adapter is read",
+        "IndexFormatError",
+        _two_defects(_unreferenced, _index(_unknown_required_encoding)),
+    )
+    no(
+        "precedence_records_over_contents",
+        "a lora record with an unknown slot and a blob whose CRC-32C is wrong: records are checked before any tensor is read",
+        "RecordError",
+        _two_defects(
+            _index(lambda i: i["blobs"][0].update(crc32c=i["blobs"][0]["crc32c"] ^ 1)),
+            _index(lambda i: i["adapters"][0]["modules"][0]["tensors"].update(C=1)),
+        ),
+    )
     no(
         "precedence_crc_over_json",
         "a NaN in the index and a wrong index CRC: the CRC is checked first",
