@@ -42,7 +42,7 @@ def test_every_module_carries_the_spec_delta(name: str) -> None:
         for m in a["modules"]:
             assert "delta" in m, (name, m["name"])
             want = _reference.delta(m)
-            assert _check.delta_of(m).tobytes() == want.tobytes(), (name, a["name"], m["name"])
+            np.testing.assert_array_equal(_check.delta_of(m), want, err_msg=f"{name} {a['name']} {m['name']}")  # NaN == NaN
 
 
 def test_refusal_vectors_name_an_error_class_of_the_spec() -> None:
@@ -94,8 +94,13 @@ def test_the_delta_check_bites_below_the_tolerance_only() -> None:
     _check.check_delta(want + bound / 2, want, "half")
     with pytest.raises(AssertionError, match="differs"):
         _check.check_delta(want + 2 * bound, want, "twice")
-    with pytest.raises(AssertionError, match="differs"):
+    with pytest.raises(AssertionError, match="NaN elsewhere"):
         _check.check_delta(np.full_like(want, np.nan), want, "nan")
+    with_inf = want.copy()
+    with_inf[0, 0] = np.inf
+    _check.check_delta(with_inf, with_inf.copy(), "same inf")
+    with pytest.raises(AssertionError, match="inf elsewhere"):
+        _check.check_delta(want, with_inf, "inf missing")
 
 
 @pytest.mark.skipif(not _check.HAS_TORCH, reason="torch not installed")

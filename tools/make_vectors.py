@@ -185,15 +185,36 @@ def _with_future_module(adapter: Adapter) -> Adapter:
 # --- describing what a reader must decode --------------------------------------------------------------
 
 
+def _hex_bits(arr: np.ndarray, keep: np.ndarray | None = None) -> Any:
+    """Elements as "0x..." strings of their bits (lowercase, 2 digits a byte), except where ``keep`` holds: numbers."""
+    width = arr.dtype.itemsize
+    bits = arr.view(np.dtype(f"<u{width}"))
+    keep = np.zeros(arr.shape, bool) if keep is None else keep
+    text = np.vectorize(lambda b, k, v: float(v) if k else f"0x{int(b):0{2 * width}x}", otypes=[object])
+    return text(bits, keep, arr.astype(np.float64) if keep.any() else bits).tolist()
+
+
 def describe_tensor(arr: np.ndarray, codec: str) -> dict[str, Any]:
-    """dtype, shape, codec, SHA-256 of the decoded bytes and the values (bf16 as uint16 bits in hex)."""
+    """dtype, shape, codec, SHA-256 of the decoded bytes and the values (spec/vectors.md §4: bf16 and non-finite
+    floats as bit patterns in hex)."""
     dt = dtypes.of_array(arr)
     raw = dtypes.as_bytes(arr).tobytes()
     if dt.name == "bfloat16":
-        values: Any = np.vectorize(lambda v: f"0x{int(v):04x}", otypes=[object])(arr.view(np.uint16)).tolist()
+        values: Any = _hex_bits(arr)
+    elif dt.is_float and not np.all(np.isfinite(arr)):
+        values = _hex_bits(arr, np.isfinite(arr))
     else:
         values = arr.tolist()
     return {"dtype": dt.name, "shape": list(arr.shape), "codec": codec, "sha256": hashlib.sha256(raw).hexdigest(), "values": values}
+
+
+def delta_json(delta: np.ndarray) -> Any:
+    """ΔW as nested lists of numbers, non-finite elements as the strings "NaN", "Infinity", "-Infinity" (JSON has none)."""
+    if np.all(np.isfinite(delta)):
+        return delta.tolist()
+    word = np.vectorize(lambda v: float(v) if np.isfinite(v) else "NaN" if np.isnan(v) else "Infinity" if v > 0 else "-Infinity",
+                        otypes=[object])  # fmt: skip
+    return word(delta).tolist()
 
 
 def describe_file(path: Path, adapters: list[Adapter], skipped: dict[str, list[str]] | None = None) -> dict[str, Any]:
@@ -208,7 +229,7 @@ def describe_file(path: Path, adapters: list[Adapter], skipped: dict[str, list[s
                 continue
             slots = {s: describe_tensor(np.asarray(t), codec_of[(a.name, m.name, s)]) for s, t in m.tensors.items()}
             entry = {"name": m.name, "encoding": m.encoding, "base_shape": list(m.base_shape), "params": m.params, "tensors": slots}
-            entry["delta"] = reference.delta(entry).tolist()  # from the JSON just written, by the spec's formulas
+            entry["delta"] = delta_json(reference.delta(entry))  # from the JSON just written, by the spec's formulas
             modules.append(entry)
         tensors = [{"name": n} | describe_tensor(np.asarray(t), codec_of[(a.name, None, n)]) for n, t in a.tensors.items()]
         entry = {"name": a.name, "base_model": a.base_model, "base_architecture": a.base_architecture, "metadata": a.metadata}

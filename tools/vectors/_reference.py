@@ -39,12 +39,15 @@ Array = Callable[[dict[str, Any]], np.ndarray]
 
 
 def array(t: dict[str, Any]) -> np.ndarray:
-    """The array a vector's tensor entry describes: its ``values`` (bf16 as hex bit patterns) in its dtype and shape."""
-    shape = tuple(t["shape"])
-    if t["dtype"] == "bfloat16":
-        bits = np.array([int(h, 16) for h in np.array(t["values"], dtype=object).reshape(-1)], np.uint16)
-        return bits.view(ml_dtypes.bfloat16).reshape(shape)
-    return np.array(t["values"], dtype=NUMPY[t["dtype"]]).reshape(shape)
+    """The array a vector's tensor entry describes: its ``values`` in its dtype and shape (spec/vectors.md §4: a
+    string is an element's bit pattern in hex, as for every bf16 element and non-finite float)."""
+    shape, dtype = tuple(t["shape"]), np.dtype(NUMPY[t["dtype"]])
+    flat = np.array(t["values"], dtype=object).reshape(-1)
+    if not any(isinstance(v, str) for v in flat):
+        return np.array(t["values"], dtype=dtype).reshape(shape)
+    unsigned = np.dtype(f"<u{dtype.itemsize}")
+    bits = [int(v, 16) if isinstance(v, str) else int(np.array(v, dtype).view(unsigned)) for v in flat]
+    return np.array(bits, unsigned).view(dtype).reshape(shape)
 
 
 def _f64(t: Any, get: Array) -> np.ndarray:
@@ -142,5 +145,6 @@ DELTAS: dict[str, Callable[..., np.ndarray]] = {"lora": lora_delta, "svd": svd_d
 
 
 def delta(m: dict[str, Any], get: Array = array) -> np.ndarray:
-    """ΔW (float64, shape ``base_shape``) of a module entry of a vector's JSON."""
-    return DELTAS[m["encoding"]](m, get)
+    """ΔW (float64, shape ``base_shape``) of a module entry of a vector's JSON (NaN and infinities as IEEE 754 gives them)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        return DELTAS[m["encoding"]](m, get)
