@@ -62,6 +62,7 @@ def test_checked_tables_are_the_ones_tested() -> None:
     assert checked == [
         "1.1 Preamble *(checked)*",
         "10.1 Error classes *(checked)*",
+        "10.3 Other adapterpack errors *(checked)*",
         "3. Element types *(checked)*",
         "5. Codecs *(checked)*",
         "6. Encodings *(checked)*",
@@ -212,6 +213,19 @@ def test_error_table_is_the_error_hierarchy() -> None:
     for name, parent in spec.items():
         assert code[name].__bases__ == (getattr(errors, parent),), name
         assert next(r for r in rows if r["error class"] == name)["raised when"], name
+
+
+def test_error_tables_name_every_class_of_errors_py() -> None:
+    """§10.1 and §10.3 together list every class in adapterpack/errors.py once, each under its real parent."""
+    rows = table("10.1 Error classes") + table("10.3 Other adapterpack errors")
+    names = [r["error class"] for r in rows]
+    code = {n: c for n, c in vars(errors).items() if isinstance(c, type) and issubclass(c, errors.AdapterpackError)}
+    assert sorted(names) == sorted(code)
+    for r in rows:
+        cls = code[r["error class"]]
+        want = (errors.AdapterpackError.__bases__[0],) if r["parent"] == "—" else (code[r["parent"]],)
+        assert cls.__bases__ == want, r
+        assert r["raised when"], r
 
 
 def test_every_refusal_vector_names_a_table_error_and_every_error_has_one() -> None:
