@@ -10,11 +10,14 @@ import re
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from adapterpack import codecs, dtypes, encodings
+from adapterpack import codecs, dtypes, encodings, errors
+from adapterpack.adapter import Module
 from adapterpack.codecs import zstd
 from adapterpack.container import index, preamble
+from adapterpack.encodings.svd import singular_values
 
 SPEC = Path(__file__).resolve().parents[1] / "spec" / "format.md"
 
@@ -58,6 +61,8 @@ def test_checked_tables_are_the_ones_tested() -> None:
     checked = sorted(h for h in _sections() if "*(checked)*" in h)
     assert checked == [
         "1.1 Preamble *(checked)*",
+        "10.1 Error classes *(checked)*",
+        "10.3 Other adapterpack errors *(checked)*",
         "3. Element types *(checked)*",
         "5. Codecs *(checked)*",
         "6. Encodings *(checked)*",
@@ -185,3 +190,76 @@ def test_limits_table() -> None:
     assert (int(names[1].replace(",", "")), int(names[2])) == (index.MAX_NAME, index.MAX_ADAPTER_NAME)
     assert rows["zstd window"] == "128 MiB" and zstd.MAX_WINDOW == 128 << 20
     assert rows["zstd blocks per frame"] == "content size + 1"
+
+
+# --- §10 errors ----------------------------------------------------------------------------------------
+
+
+def _format_errors() -> dict[str, type]:
+    """FormatError and every class below it in adapterpack/errors.py."""
+    return {
+        name: cls
+        for name, cls in vars(errors).items()
+        if isinstance(cls, type) and issubclass(cls, errors.FormatError) and cls.__module__ == errors.__name__
+    }
+
+
+def test_error_table_is_the_error_hierarchy() -> None:
+    """§10.1 lists exactly the file-format error classes, each under its real parent, in both directions."""
+    rows = table("10.1 Error classes")
+    spec = {r["error class"]: r["parent"] for r in rows}
+    code = _format_errors()
+    assert set(spec) == set(code)
+    for name, parent in spec.items():
+        assert code[name].__bases__ == (getattr(errors, parent),), name
+        assert next(r for r in rows if r["error class"] == name)["raised when"], name
+
+
+def test_error_tables_name_every_class_of_errors_py() -> None:
+    """§10.1 and §10.3 together list every class in adapterpack/errors.py once, each under its real parent."""
+    rows = table("10.1 Error classes") + table("10.3 Other adapterpack errors")
+    names = [r["error class"] for r in rows]
+    code = {n: c for n, c in vars(errors).items() if isinstance(c, type) and issubclass(c, errors.AdapterpackError)}
+    assert sorted(names) == sorted(code)
+    for r in rows:
+        cls = code[r["error class"]]
+        want = (errors.AdapterpackError.__bases__[0],) if r["parent"] == "—" else (code[r["parent"]],)
+        assert cls.__bases__ == want, r
+        assert r["raised when"], r
+
+
+def test_every_refusal_vector_names_a_table_error_and_every_error_has_one() -> None:
+    """The vectors' expected errors are §10.1's classes, and each class but the parent is some vector's error."""
+    from tools.vectors._check import doc, names
+
+    named = {doc(n)["error"] for n in names() if "error" in doc(n)}
+    classes = {r["error class"] for r in table("10.1 Error classes")}
+    assert named <= classes
+    assert classes - named == {"FormatError"}, classes - named
+
+
+def test_json_rules_match_the_code() -> None:
+    """§2's nesting limit and §1.1's must-understand flag rule are the code's."""
+    text = "\n".join(_sections()["2. Index"])
+    depth = re.search(r"nesting deeper than (\d+): the top-level object is depth 1", text)
+    assert depth is not None and int(depth[1]) == index.MAX_DEPTH
+    assert index.json_depth(b"{}") == 1 and index.json_depth(b'{"a":[{}]}') == 3
+    # brackets inside strings do not count, whatever escaped quotes and backslashes surround them
+    assert index.json_depth(rb'{"[[\"[":"]]\\","b":[["{\\\"}"]]}') == 3
+    deepest = b'{"a":' + b"[" * (index.MAX_DEPTH - 1) + b"]" * (index.MAX_DEPTH - 1) + b"}"
+    assert index.loads(deepest) and index.json_depth(deepest) == index.MAX_DEPTH
+    with pytest.raises(errors.IndexFormatError, match="nested too deeply"):
+        index.loads(b'{"a":[' + deepest + b"]}")
+    flags = "\n".join(_sections()["1.1 Preamble *(checked)*"])
+    assert "must-understand flag bit it does not know (none are defined): `UnsupportedVersionError`" in flags
+    raw = preamble.Preamble(1, 1, 1, 2, 0).pack()
+    with pytest.raises(errors.UnsupportedVersionError):
+        preamble.parse_preamble(raw, 64)
+    preamble.parse_preamble(preamble.Preamble(1, 1, 1 << 16, 2, 0).pack(), 64)  # informational bits are ignored
+
+
+def test_negative_zero_singular_values_are_zeros() -> None:
+    """spec/svd.md §2: -0.0 in S is neither negative nor out of order next to 0.0."""
+    for s in ([1.0, 0.0, -0.0], [1.0, -0.0, 0.0], [-0.0]):
+        m = Module("m", "svd", (3, 3), {"rank": len(s)}, {"S": np.array(s, np.float32)})
+        assert singular_values(m).tolist() == s

@@ -4,110 +4,115 @@ and tools/make_vectors.py regenerates them.
 
 from __future__ import annotations
 
-import hashlib
+import ast
+import dataclasses
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
 
-import ml_dtypes
 import numpy as np
 import pytest
 import zstandard
 
-from adapterpack import dtypes, errors
-from adapterpack.adapter import StoredTensor, as_array
+from adapterpack import dtypes, encodings, errors
 from adapterpack.container import ApackReader
-from tests.apack_builders import load_everything
 from tools import make_vectors
-from tools.vectors import reference_deltas
+from tools.hostile import wrong_delta
+from tools.vectors import _check, _reference
+from tools.vectors._check import doc as _doc
 
-VECTORS = Path(__file__).resolve().parents[1] / "spec" / "vectors"
-NAMES = sorted(p.stem for p in VECTORS.glob("*.json"))
-REFERENCE = reference_deltas()
+REPO = Path(__file__).resolve().parents[1]
+VECTORS = _check.VECTORS
+NAMES = _check.names()
 ZSTD_VERSION = ".".join(map(str, zstandard.ZSTD_VERSION))
-
-
-def _doc(name: str) -> dict[str, Any]:
-    return json.loads((VECTORS / f"{name}.json").read_text(encoding="utf-8"))
-
-
-def expected_array(t: dict[str, Any]) -> np.ndarray:
-    """The array a tensor entry describes (bf16 from its hex bit patterns)."""
-    shape = tuple(t["shape"])
-    if t["dtype"] == "bfloat16":
-        bits = np.array([int(h, 16) for h in np.array(t["values"], dtype=object).reshape(-1)], np.uint16)
-        return bits.view(ml_dtypes.bfloat16).reshape(shape)
-    return np.array(t["values"], dtype=dtypes.by_name(t["dtype"]).numpy).reshape(shape)
-
-
-def check_tensor(got: Any, t: dict[str, Any], where: str) -> None:
-    assert isinstance(got, StoredTensor), where
-    assert (got.dtype, list(got.shape), got.codec) == (t["dtype"], t["shape"], t["codec"]), where
-    arr = as_array(got)
-    raw = dtypes.as_bytes(arr).tobytes()
-    assert hashlib.sha256(raw).hexdigest() == t["sha256"], where
-    want = expected_array(t)
-    assert hashlib.sha256(want.tobytes()).hexdigest() == t["sha256"], f"{where}: JSON values disagree with its own sha256"
-    assert arr.dtype == want.dtype and arr.tobytes() == want.tobytes(), where
-
-
-def reference_delta(m: dict[str, Any]) -> np.ndarray:
-    """ΔW straight from the spec, in float64, from the JSON alone (encodings after 1.0: tools/vectors/)."""
-    if m["encoding"] != "lora":
-        return REFERENCE[m["encoding"]](m, expected_array)
-    p = m["params"]
-    a = expected_array(m["tensors"]["A"]).astype(np.float64)
-    b = expected_array(m["tensors"]["B"]).astype(np.float64)
-    r = p["rank"]
-    s = p["alpha"] / (math.sqrt(r) if p.get("rslora", False) else r)
-    prod = s * (b.reshape(b.shape[0], r) @ a.reshape(r, -1))
-    if p.get("layout", "linear") == "embedding" or p.get("fan_in_fan_out", False):
-        prod = prod.T
-    return prod.reshape(m["base_shape"])
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_vector_decodes_to_its_json(name: str) -> None:
-    doc = _doc(name)
-    path = VECTORS / doc["file"]
-    assert path.name == f"{name}.apack"
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == doc["sha256"]
+    """Tensors bit for bit, ΔW (numpy and torch decoders) within the stated tolerance, or the named error."""
+    _check.check(name)
 
-    if "error" in doc:
-        cls = getattr(errors, doc["error"])
-        assert issubclass(cls, errors.AdapterpackError)
-        with pytest.raises(errors.AdapterpackError) as info:
-            load_everything(path, delta_limit=1 << 24)  # factors too: some refusals (svd S order) need the values
-        assert type(info.value) is cls, str(info.value)
-        return
 
-    reader = ApackReader(path)
-    assert reader.version == doc["version"]
-    assert reader.adapter_names == [a["name"] for a in doc["adapters"]]
-    for want in doc["adapters"]:
-        got = reader.adapter(want["name"])
-        aw = f"{name}: adapter {want['name']!r}"
-        assert (got.base_model, got.base_architecture) == (want["base_model"], want["base_architecture"]), aw
-        assert got.metadata == want["metadata"] and got.source == want["source"], aw
-        assert list(got.modules) == [m["name"] for m in want["modules"]], aw
-        for m in want["modules"]:
-            g = got.modules[m["name"]]
-            mw = f"{aw} module {m['name']!r}"
-            assert (g.encoding, list(g.base_shape), g.params) == (m["encoding"], m["base_shape"], m["params"]), mw
-            assert list(g.tensors) == list(m["tensors"]), mw
-            for slot, t in m["tensors"].items():
-                check_tensor(g.tensors[slot], t, f"{mw} slot {slot}")
-            np.testing.assert_allclose(g.delta(), reference_delta(m), rtol=1e-6, atol=1e-6, err_msg=mw)
-        assert list(got.tensors) == [t["name"] for t in want["tensors"]], aw
-        for t in want["tensors"]:
-            check_tensor(got.tensors[t["name"]], t, f"{aw} tensor {t['name']!r}")
-        assert len(got.skipped) == len(want["skipped_modules"]), got.skipped
-        for skipped in want["skipped_modules"]:
-            assert skipped not in got.modules
-            assert sum(f"'{skipped}'" in msg for msg in got.skipped) == 1, got.skipped
-    report = reader.verify()
-    assert report.ok, report.problems
+@pytest.mark.parametrize("name", [n for n in NAMES if "error" not in _doc(n)])
+def test_every_module_carries_the_spec_delta(name: str) -> None:
+    """Each module's ``delta`` is what the spec's formulas give from the JSON's own values (not edited, not stale)."""
+    for a in _doc(name)["adapters"]:
+        for m in a["modules"]:
+            assert "delta" in m, (name, m["name"])
+            want = _reference.delta(m)
+            np.testing.assert_array_equal(_check.delta_of(m), want, err_msg=f"{name} {a['name']} {m['name']}")  # NaN == NaN
+
+
+def test_refusal_vectors_name_an_error_class_of_the_spec() -> None:
+    refused = [_doc(n) for n in NAMES if "error" in _doc(n)]
+    assert refused
+    for d in refused:
+        cls = getattr(errors, d["error"], None)
+        assert isinstance(cls, type) and issubclass(cls, errors.AdapterpackError), d["file"]
+        assert "adapters" not in d, d["file"]
+
+
+REFERENCE_IMPORTS = {"__future__", "math", "collections.abc", "typing", "numpy", "ml_dtypes"}
+
+
+def test_reference_delta_does_not_import_the_library() -> None:
+    """tools/vectors/_reference.py, which computes every vector's ΔW, imports nothing of adapterpack (or tools)."""
+    tree = ast.parse((REPO / "tools" / "vectors" / "_reference.py").read_text(encoding="utf-8"))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= REFERENCE_IMPORTS, imported - REFERENCE_IMPORTS
+    code = (
+        "import json, sys, pathlib\n"
+        "from tools.vectors import _reference\n"
+        "n = 0\n"
+        "for p in sorted(pathlib.Path('spec/vectors').glob('*.json')):\n"
+        "    for a in json.loads(p.read_text(encoding='utf-8')).get('adapters', []):\n"
+        "        for m in a['modules']:\n"
+        "            _reference.delta(m); n += 1\n"
+        "print(n, sorted(m for m in sys.modules if m.split('.')[0] == 'adapterpack'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout.split(" ", 1)
+    assert int(out[0]) > 0 and out[1].strip() == "[]", out
+
+
+@pytest.mark.parametrize("encoding", sorted(wrong_delta.PERTURBATIONS))
+def test_a_wrong_delta_fails_every_vector_holding_it(encoding: str) -> None:
+    """The auditor's experiment: a library whose ΔW is wrong for one encoding fails exactly the vectors holding it."""
+    holders = wrong_delta.holders(encoding)
+    assert holders, f"no vector holds a nonzero {encoding} module"
+    assert sorted(wrong_delta.failures(encoding)) == sorted(holders)
+    for name in holders:  # and the library itself, unperturbed, passes them
+        _check.check(name, torch=False)
+
+
+def test_the_delta_check_bites_below_the_tolerance_only() -> None:
+    """A ΔW off by twice the tolerance fails; one off by half of it passes."""
+    want = np.array([[0.5, -2.0], [0.0, 4.0]])
+    bound = _check.DELTA_TOLERANCE * 4.0
+    _check.check_delta(want + bound / 2, want, "half")
+    with pytest.raises(AssertionError, match="differs"):
+        _check.check_delta(want + 2 * bound, want, "twice")
+    with pytest.raises(AssertionError, match="NaN elsewhere"):
+        _check.check_delta(np.full_like(want, np.nan), want, "nan")
+    with_inf = want.copy()
+    with_inf[0, 0] = np.inf
+    _check.check_delta(with_inf, with_inf.copy(), "same inf")
+    with pytest.raises(AssertionError, match="inf elsewhere"):
+        _check.check_delta(want, with_inf, "inf missing")
+
+
+@pytest.mark.skipif(not _check.HAS_TORCH, reason="torch not installed")
+def test_a_wrong_torch_decoder_fails_the_vectors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch side of the check bites too: torch lora factors with a wrong scale fail lora_raw_4x6."""
+    from adapterpack.torch import decoders
+
+    entry = decoders.base._REGISTRY["lora"]
+    wrong = lambda module, device, dtype: dataclasses.replace(entry.fn(module, device, dtype), scale=-1.0)  # noqa: E731
+    monkeypatch.setitem(decoders.base._REGISTRY, "lora", dataclasses.replace(entry, fn=wrong))
+    with pytest.raises(AssertionError, match="torch"):
+        _check.check("lora_raw_4x6")
 
 
 def test_vectors_cover_the_spec() -> None:
@@ -115,10 +120,8 @@ def test_vectors_cover_the_spec() -> None:
     docs = [_doc(n) for n in NAMES]
     errors_ = {d["error"] for d in docs if "error" in d}
     assert {"UnsupportedVersionError", "UnknownEncodingError", "UnknownCodecError"} <= errors_
-    assert {d["adapters"][0]["modules"][0]["encoding"] for d in docs if "adapters" in d and d["adapters"][0]["modules"]} >= {
-        "lora",
-        *REFERENCE,
-    }, "every encoding with vectors has a readable one"
+    readable = {m["encoding"] for d in docs for a in d.get("adapters", []) for m in a["modules"]}
+    assert readable == set(_reference.DELTAS) == set(encodings.encoding_ids()), "every encoding has a readable vector and a ΔW"
     tensors, params = [], []
     for d in docs:
         for a in d.get("adapters", []):
@@ -132,6 +135,17 @@ def test_vectors_cover_the_spec() -> None:
     assert any(d.get("version") == "1.2" and d["adapters"][0]["skipped_modules"] for d in docs if "adapters" in d)
     raw_256 = [t for t in tensors if t["codec"] == "raw" and math.prod(t["shape"]) * dtypes.by_name(t["dtype"]).itemsize >= 4096]
     assert raw_256, "no 256-aligned blob"
+
+
+def test_vectors_are_distinct_and_hold_the_codec_they_name() -> None:
+    """No two vectors are the same file, and one named for a codec stores blobs with it (compression paid)."""
+    files = {(VECTORS / f"{n}.apack").read_bytes() for n in NAMES}
+    assert len(files) == len(NAMES)
+    for name in NAMES:
+        codec = name.rsplit("_", 1)[-1]
+        if codec in ("zstd", "byteplanes") and "error" not in _doc(name):
+            used = {b["codec"]["id"] for b in ApackReader(VECTORS / f"{name}.apack").index.raw["blobs"]}
+            assert codec in used, (name, used)
 
 
 @pytest.fixture(scope="module")
@@ -184,3 +198,31 @@ def test_vectors_do_not_follow_the_library_default_levels(tmp_path: Path, monkey
         assert levels and levels <= {make_vectors.LEVELS["zstd"], make_vectors.LEVELS["byteplanes"]}, (name, levels)
         if _doc(name).get("zstd_version") == ZSTD_VERSION:
             assert (tmp_path / f"{name}.apack").read_bytes() == (VECTORS / f"{name}.apack").read_bytes(), name
+
+
+def test_writer_refuses_bool_bytes_the_reader_would_refuse(tmp_path: Path) -> None:
+    """spec/format.md §3: writers write bool elements as 0 or 1 only, so they never write a file readers refuse."""
+    from adapterpack.adapter import Adapter
+    from adapterpack.container.writer import write_apack
+
+    odd = np.array([1, 2], np.uint8).view(np.bool_)
+    with pytest.raises(errors.CodecError, match="bool"):
+        write_apack(tmp_path / "b.apack", Adapter("a", tensors={"mask": odd}), codec="raw")
+    assert not (tmp_path / "b.apack").exists()
+
+
+def test_vectors_md_documents_the_json_and_its_tolerance() -> None:
+    """spec/vectors.md states the tolerance the check uses and every key the vectors' JSON holds."""
+    text = (REPO / "spec" / "vectors.md").read_text(encoding="utf-8")
+    assert "max |ΔW_reader − delta|  <=  1e-5 · max(1, max |delta|)" in text and _check.DELTA_TOLERANCE == 1e-5
+    keys: set[str] = set()
+    for name in NAMES:
+        d = _doc(name)
+        keys |= set(d)
+        for a in d.get("adapters", []):
+            keys |= set(a)
+            for m in a["modules"]:
+                keys |= set(m) | {k for t in m["tensors"].values() for k in t}
+            keys |= {k for t in a["tensors"] for k in t}
+    documented = {k.strip() for line in text.splitlines() if line.startswith("| ") for k in line.split("|")[1].split(",")}
+    assert keys <= documented, keys - documented

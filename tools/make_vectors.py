@@ -5,9 +5,10 @@ Run from the repository root::
     python -m tools.make_vectors              # rewrite spec/vectors/
     python -m tools.make_vectors --out DIR    # write elsewhere (tests/test_vectors.py compares)
 
-Each JSON says what a reader must decode from its file — for every adapter, module, slot and
-pass-through tensor: dtype, shape, codec, SHA-256 of the decoded bytes and the values (bf16 as
-uint16 bit patterns in hex) — or which error it must raise. Values come from fixed seeds and
+Each JSON (format: spec/vectors.md) says what a reader must decode from its file — for every
+adapter, module, slot and pass-through tensor: dtype, shape, codec, SHA-256 of the decoded bytes
+and the values (bf16 as uint16 bit patterns in hex), and each module's ΔW (``delta``, computed
+from the JSON alone by :mod:`tools.vectors._reference`) — or which error it must raise. Values come from fixed seeds and
 are exact in every dtype used, and the writer id is pinned, so the output is byte-identical
 from run to run (files holding zstd frames: for a given libzstd version, recorded in the JSON).
 """
@@ -34,6 +35,7 @@ from adapterpack.checksum import crc32c
 from adapterpack.container import writer
 from adapterpack.container.index import dumps
 from adapterpack.container.preamble import PREAMBLE_SIZE, Preamble, align_up
+from tools.vectors import _reference as reference
 from tools.vectors import modules as vector_modules
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,10 +74,18 @@ def basic(name: str = "default", seed: int = 0, out_f: int = 64, in_f: int = 96)
     return Adapter(name=name, base_model="test/tiny-base", base_architecture="LlamaForCausalLM", modules={m.name: m for m in mods})
 
 
-def small(seed: int = 1) -> Adapter:
-    """One rank-2 module on a 4×6 weight, float32."""
+def small(seed: int = 1, tensor: bool = False) -> Adapter:
+    """One rank-2 module on a 4×6 weight, float32 (with ``tensor``, also a 2-element bool pass-through tensor)."""
     rng = np.random.default_rng(seed)
     m = _lora("model.layers.0.self_attn.q_proj", rng, np.float32, 4, 6)
+    tensors = {"mask": np.array([True, False])} if tensor else {}
+    return Adapter(name="default", base_model="test/tiny-base", modules={m.name: m}, tensors=tensors)
+
+
+def small_padded(seed: int = 5) -> Adapter:
+    """One rank-2 float16 module on a 4×3 weight: A is 12 bytes, so 4 padding bytes precede B."""
+    rng = np.random.default_rng(seed)
+    m = _lora("model.layers.0.self_attn.q_proj", rng, np.float16, 4, 3)
     return Adapter(name="default", base_model="test/tiny-base", modules={m.name: m})
 
 
@@ -175,15 +185,36 @@ def _with_future_module(adapter: Adapter) -> Adapter:
 # --- describing what a reader must decode --------------------------------------------------------------
 
 
+def _hex_bits(arr: np.ndarray, keep: np.ndarray | None = None) -> Any:
+    """Elements as "0x..." strings of their bits (lowercase, 2 digits a byte), except where ``keep`` holds: numbers."""
+    width = arr.dtype.itemsize
+    bits = arr.view(np.dtype(f"<u{width}"))
+    keep = np.zeros(arr.shape, bool) if keep is None else keep
+    text = np.vectorize(lambda b, k, v: float(v) if k else f"0x{int(b):0{2 * width}x}", otypes=[object])
+    return text(bits, keep, arr.astype(np.float64) if keep.any() else bits).tolist()
+
+
 def describe_tensor(arr: np.ndarray, codec: str) -> dict[str, Any]:
-    """dtype, shape, codec, SHA-256 of the decoded bytes and the values (bf16 as uint16 bits in hex)."""
+    """dtype, shape, codec, SHA-256 of the decoded bytes and the values (spec/vectors.md §4: bf16 and non-finite
+    floats as bit patterns in hex)."""
     dt = dtypes.of_array(arr)
     raw = dtypes.as_bytes(arr).tobytes()
     if dt.name == "bfloat16":
-        values: Any = np.vectorize(lambda v: f"0x{int(v):04x}", otypes=[object])(arr.view(np.uint16)).tolist()
+        values: Any = _hex_bits(arr)
+    elif dt.is_float and not np.all(np.isfinite(arr)):
+        values = _hex_bits(arr, np.isfinite(arr))
     else:
         values = arr.tolist()
     return {"dtype": dt.name, "shape": list(arr.shape), "codec": codec, "sha256": hashlib.sha256(raw).hexdigest(), "values": values}
+
+
+def delta_json(delta: np.ndarray) -> Any:
+    """ΔW as nested lists of numbers, non-finite elements as the strings "NaN", "Infinity", "-Infinity" (JSON has none)."""
+    if np.all(np.isfinite(delta)):
+        return delta.tolist()
+    word = np.vectorize(lambda v: float(v) if np.isfinite(v) else "NaN" if np.isnan(v) else "Infinity" if v > 0 else "-Infinity",
+                        otypes=[object])  # fmt: skip
+    return word(delta).tolist()
 
 
 def describe_file(path: Path, adapters: list[Adapter], skipped: dict[str, list[str]] | None = None) -> dict[str, Any]:
@@ -197,9 +228,9 @@ def describe_file(path: Path, adapters: list[Adapter], skipped: dict[str, list[s
             if m.name in gone:
                 continue
             slots = {s: describe_tensor(np.asarray(t), codec_of[(a.name, m.name, s)]) for s, t in m.tensors.items()}
-            modules.append(
-                {"name": m.name, "encoding": m.encoding, "base_shape": list(m.base_shape), "params": m.params, "tensors": slots}
-            )
+            entry = {"name": m.name, "encoding": m.encoding, "base_shape": list(m.base_shape), "params": m.params, "tensors": slots}
+            entry["delta"] = delta_json(reference.delta(entry))  # from the JSON just written, by the spec's formulas
+            modules.append(entry)
         tensors = [{"name": n} | describe_tensor(np.asarray(t), codec_of[(a.name, None, n)]) for n, t in a.tensors.items()]
         entry = {"name": a.name, "base_model": a.base_model, "base_architecture": a.base_architecture, "metadata": a.metadata}
         entry |= {"source": a.source, "modules": modules, "tensors": tensors, "skipped_modules": gone}
@@ -272,7 +303,10 @@ def build(out: Path) -> list[str]:
         _write(path, adapters, codec)
         if craft is not None:
             craft(path)
-        docs[name] = (what, describe_file(path, adapters, kw.get("skipped")))
+        doc = describe_file(path, adapters, kw.get("skipped"))
+        if kw.get("verify_problems"):
+            doc["verify_problems"] = kw["verify_problems"]  # open accepts the file; verify reports these
+        docs[name] = (what, doc)
         return path
 
     def refused(name: str, what: str, adapters: list[Adapter], error: str, craft: Callable[[Path], None]) -> None:

@@ -83,6 +83,8 @@ def check_frame(frame: memoryview, size: int, what: str = "zstd frame") -> None:
         raise CodecError(f"{what}: frame declares {declared} bytes, index says {size}")
     if params.window_size > MAX_WINDOW:
         raise CodecError(f"{what}: window of {params.window_size} bytes exceeds the {MAX_WINDOW}-byte limit")
+    if params.dict_id:
+        raise CodecError(f"{what}: frame needs zstd dictionary {params.dict_id}; .apack frames use none")
     try:
         end = frame_length(frame, params.has_checksum, declared, what)
     except zstandard.ZstdError as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,8 @@ MAX_NDIM = 8
 MAX_NAME = 1024
 MAX_ADAPTER_NAME = 256
 MAX_INT = 2**53
+#: Deepest nesting of JSON arrays and objects an index may have (spec §2; the top-level object is depth 1).
+MAX_DEPTH = 64
 SMALL_BLOB = 4096
 SMALL_ALIGNMENT = 8
 LARGE_ALIGNMENT = 256
@@ -113,8 +116,43 @@ def _finite(text: str) -> float:
     return value
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+_STEP = np.zeros(256, np.int8)
+_STEP[[ord("["), ord("{")]] = 1
+_STEP[[ord("]"), ord("}")]] = -1
+
+
+def json_depth(data: bytes) -> int:
+    """Deepest nesting of arrays and objects in valid JSON ``data`` (the top level is 1), from its bytes.
+
+    Escaped backslashes and quotes are removed first, so every remaining quote opens or closes a
+    string, and everything but quotes and brackets is dropped (C-speed ``bytes`` methods); brackets
+    inside strings do not count.
+    """
+    marks = np.frombuffer(data.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE), np.uint8)
+    outside = (np.cumsum(marks == ord('"'), dtype=np.int32) & 1) == 0
+    level = np.cumsum(_STEP[marks] * outside, dtype=np.int32)
+    return int(level.max(initial=0))
+
+
+def _check_unicode(obj: dict[str, Any], data: bytes) -> None:
+    """Refuse a string holding a lone surrogate (``\\ud800`` without its pair): not Unicode text (spec §2).
+
+    Raw UTF-8 cannot encode surrogates (the strict decode refuses them), so only an escape can
+    make one; the full check runs only when the bytes hold such an escape.
+    """
+    if _SURROGATE_ESCAPE.search(data) is None:
+        return
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise IndexFormatError("index holds a string with a lone UTF-16 surrogate escape (not Unicode text)") from None
+
+
 def loads(data: bytes) -> dict[str, Any]:
-    """Parse index bytes: strict UTF-8 JSON object, unique keys, no NaN/Infinity (nor numbers that overflow to it)."""
+    """Parse index bytes: strict UTF-8 JSON object, unique keys, no NaN/Infinity (nor numbers that overflow to it),
+    nested at most :data:`MAX_DEPTH` deep, no lone surrogates."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -129,6 +167,9 @@ def loads(data: bytes) -> dict[str, Any]:
         raise IndexFormatError(f"index is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise IndexFormatError(f"index must be a JSON object, got {type(obj).__name__}")
+    if json_depth(data) > MAX_DEPTH:
+        raise IndexFormatError(f"index JSON is nested too deeply (more than {MAX_DEPTH} levels)")
+    _check_unicode(obj, data)
     return obj
 
 

@@ -18,7 +18,7 @@ import numpy as np
 from .. import codecs, dtypes
 from ..adapter import Adapter, StoredTensor
 from ..checksum import crc32c
-from ..errors import AdapterNotFoundError, AdapterpackError, ChecksumError
+from ..errors import AdapterNotFoundError, AdapterpackError, ChecksumError, CodecError
 from .index import BlobEntry, Index, loads, parse_index
 from .preamble import PREAMBLE_SIZE, Preamble, parse_preamble
 from .records import build_adapter, check_references
@@ -113,6 +113,8 @@ class ApackReader:
                 if crc32c(data) != b.crc32c:
                     raise ChecksumError("checksum mismatch (decoded bytes are corrupt)")
                 self._verified.add(i)
+            if dt.name == "bool" and b.length and np.frombuffer(data, np.uint8).max() > 1:
+                raise CodecError("a bool element is neither 0 nor 1")
         except AdapterpackError as e:
             raise type(e)(f"{self.path}: blob {i}: {e}") from None
         return arr.reshape(b.shape)

@@ -15,7 +15,7 @@ from ..adapter import Adapter, StoredTensor, as_array
 from ..atomic import atomic_file
 from ..checksum import crc32c
 from ..encodings import get_encoding
-from ..errors import AdapterpackError, DuplicateNameError, IndexTooLargeError
+from ..errors import AdapterpackError, CodecError, DuplicateNameError, IndexTooLargeError
 from .index import blob_alignment, dumps, loads, parse_index, plan_offsets
 from .preamble import MAJOR, MAX_INDEX_LENGTH, MINOR, PREAMBLE_SIZE, Preamble, align_up
 from .records import build_adapter, check_references
@@ -49,6 +49,8 @@ def encode_blob(arr: np.ndarray, codec: str, level: int | None = None) -> tuple[
     dt = dtypes.of_array(arr)
     arr = np.ascontiguousarray(arr, dtype=dt.numpy)
     data = dtypes.as_bytes(arr)
+    if dt.name == "bool" and len(data) and np.frombuffer(data, np.uint8).max() > 1:
+        raise CodecError(f"a bool tensor {list(arr.shape)} holds a byte other than 0 or 1 (spec §3)")
     crc = crc32c(data)
     if codec == "byteplanes" and dt.itemsize not in (2, 4, 8):
         codec = "zstd"

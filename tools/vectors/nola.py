@@ -1,7 +1,7 @@
-"""Golden vectors of the ``nola`` encoding (spec/nola.md), with a reference decoder written from the spec.
+"""Golden vectors of the ``nola`` encoding (spec/nola.md).
 
-The reference (:func:`reference_delta`) regenerates bases with a plain-Python, one-counter-at-a-time
-Philox4x32-10 (:func:`philox_word`), independent of the library's vectorized numpy and torch
+Their ΔW comes from :mod:`tools.vectors._reference`, which regenerates bases with a plain-Python,
+one-counter-at-a-time Philox4x32-10, independent of the library's vectorized numpy and torch
 generators, so the vectors check those against the spec. Each vector's adapter metadata carries
 ``nola.basis_values``: generated words and values an implementation can check its generator with.
 """
@@ -9,7 +9,6 @@ generators, so the vectors check those against the spec. Each vector's adapter m
 from __future__ import annotations
 
 import json
-import math
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -18,65 +17,13 @@ import ml_dtypes
 import numpy as np
 
 from adapterpack.adapter import Adapter, Module
+from tools.vectors._reference import basis_value, philox_word
+from tools.vectors._reference import nola_delta as reference_delta
+
+__all__ = ["adapter", "basis_values", "build", "reference_delta"]
 
 ENCODING = "nola"
 BF16 = np.dtype(ml_dtypes.bfloat16)
-MASK = 0xFFFFFFFF
-KIND = {"A": 0, "B": 1, "A0": 2, "B0": 3}
-
-
-# --- spec §2, one counter at a time -------------------------------------------------------------------
-
-
-def philox(counter: tuple[int, int, int, int], key: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Philox4x32-10 of one counter, as spec/nola.md §2 writes it."""
-    c0, c1, c2, c3 = counter
-    k0, k1 = key
-    for rnd in range(10):
-        if rnd:
-            k0, k1 = (k0 + 0x9E3779B9) & MASK, (k1 + 0xBB67AE85) & MASK
-        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
-        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & MASK, (p0 >> 32) ^ c3 ^ k1, p0 & MASK
-    return c0, c1, c2, c3
-
-
-def philox_word(seed: int, stream: int, kind: int, index: int, e: int) -> int:
-    """The word behind element ``e`` of a matrix (spec §2.1)."""
-    return philox((e // 4, index, stream, kind), (seed & MASK, seed >> 32))[e % 4]
-
-
-def value(word: int) -> float:
-    """spec §2.2: (x >> 8)·2⁻²³ − 1 (exact in binary32 and binary64)."""
-    return (word >> 8) * 2.0**-23 - 1.0
-
-
-def matrix(seed: int, stream: int, kind: int, index: int, rows: int, cols: int) -> np.ndarray:
-    """One basis (or generated A0/B0 before its 1/√cols) as float64 ``[rows, cols]``."""
-    return np.array([value(philox_word(seed, stream, kind, index, e)) for e in range(rows * cols)]).reshape(rows, cols)
-
-
-def reference_delta(m: dict[str, Any], array: Callable[[dict[str, Any]], np.ndarray]) -> np.ndarray:
-    """ΔW from spec/nola.md §3, in float64, from the vector's JSON alone."""
-    p, t = m["params"], m["tensors"]
-    fifo = p.get("fan_in_fan_out", False)
-    out, inp = (m["base_shape"][1], m["base_shape"][0]) if fifo else m["base_shape"]
-    r, seed, stream = p["rank"], p["seed"], p["stream"]
-    factors = {}
-    for side, rows, cols, coef_slot, k_key in (("A", r, inp, "alpha", "k_A"), ("B", out, r, "beta", "k_B")):
-        fixed = p.get(f"{side}0", "generated" if side == "A" else "zero")
-        if fixed == "stored":
-            mat = array(t[f"{side}0"]).astype(np.float64)
-        elif fixed == "generated":
-            mat = matrix(seed, stream, KIND[f"{side}0"], 0, rows, cols) / math.sqrt(cols)
-        else:
-            mat = np.zeros((rows, cols))
-        coef = array(t[coef_slot]).astype(np.float64)
-        k = p[k_key]
-        for i in range(k):
-            mat = mat + coef[i] / math.sqrt(k) * matrix(seed, stream, KIND[side], i, rows, cols)
-        factors[side] = mat
-    d = p["scale"] * factors["B"] @ factors["A"]
-    return (d.T if fifo else d).reshape(m["base_shape"])
 
 
 # --- the vectors ----------------------------------------------------------------------------------------
@@ -116,7 +63,7 @@ def basis_values() -> list[dict[str, Any]]:
     out = []
     for seed, stream, kind, index, first, n in picks:
         words = [philox_word(seed, stream, kind, index, e) for e in range(first, first + n)]
-        floats = [struct.unpack("<f", struct.pack("<f", value(w)))[0] for w in words]
+        floats = [struct.unpack("<f", struct.pack("<f", basis_value(w)))[0] for w in words]
         out.append({"seed": seed, "stream": stream, "kind": kind, "index": index, "first": first,
                     "words": [f"{w:08x}" for w in words], "values": floats})  # fmt: skip
     return out

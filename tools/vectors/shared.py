@@ -20,12 +20,18 @@ def _grid(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.nd
 
 
 def full_bank(seed: int = 21) -> Bank:
-    """Two adapters, full form: q (fp32, R=3) and v (fp16, R=2, the second adapter lacks it)."""
+    """Two adapters, full form: q (fp32, R=3) and v (fp16, R=2, the second adapter lacks it); U and V large enough
+    (and of few distinct values) that byteplanes makes them smaller, so the byteplanes vector really holds byteplanes."""
     rng = np.random.default_rng(seed)
-    q = BankModule("model.layers.0.self_attn.q_proj", _grid(rng, (8, 3), np.float32), _grid(rng, (12, 3), np.float32), "full")
-    v = BankModule("model.layers.0.self_attn.v_proj", _grid(rng, (4, 2), np.float16), _grid(rng, (12, 2), np.float16), "full")
-    en = BankMember("en", {q.name: _grid(rng, (3, 3), np.float32), v.name: _grid(rng, (2, 2), np.float16)}, "test/tiny-base",
-                    "LlamaForCausalLM", metadata={"bank.rel_error": '{"mean": 0.0, "max": 0.0}'})
+    q = BankModule("model.layers.0.self_attn.q_proj", _grid(rng, (64, 3), np.float32), _grid(rng, (96, 3), np.float32), "full")
+    v = BankModule("model.layers.0.self_attn.v_proj", _grid(rng, (64, 2), np.float16), _grid(rng, (96, 2), np.float16), "full")
+    en = BankMember(
+        "en",
+        {q.name: _grid(rng, (3, 3), np.float32), v.name: _grid(rng, (2, 2), np.float16)},
+        "test/tiny-base",
+        "LlamaForCausalLM",
+        metadata={"bank.rel_error": '{"mean": 0.0, "max": 0.0}'},
+    )
     de = BankMember("de", {q.name: _grid(rng, (3, 3), np.float32)}, "test/tiny-base", "LlamaForCausalLM")
     return Bank({q.name: q, v.name: v}, [en, de])
 
@@ -33,8 +39,13 @@ def full_bank(seed: int = 21) -> Bank:
 def diagonal_bank(seed: int = 22) -> Bank:
     """Three adapters, diagonal form, a GPT-2 style fan_in_fan_out module (base [in, out])."""
     rng = np.random.default_rng(seed)
-    c = BankModule("transformer.h.0.attn.c_attn", _grid(rng, (10, 4), np.float32), _grid(rng, (6, 4), np.float32), "diagonal",
-                   fan_in_fan_out=True)
+    c = BankModule(
+        "transformer.h.0.attn.c_attn",
+        _grid(rng, (10, 4), np.float32),
+        _grid(rng, (6, 4), np.float32),
+        "diagonal",
+        fan_in_fan_out=True,
+    )
     members = [BankMember(f"task{i}", {c.name: _grid(rng, (4,), np.float32)}, "test/gpt2-tiny") for i in range(3)]
     return Bank({c.name: c}, members)
 
@@ -69,30 +80,33 @@ def _s_too_small(index: dict[str, Any]) -> None:
 
 def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
     """shared_full_raw / shared_full_byteplanes, shared_diagonal_raw, shared_rank_mismatch (refused)."""
-    from tools.make_vectors import _craft
+    from tools.make_vectors import _codec_check, _craft
 
     for codec in ("raw", "byteplanes"):
         bank = full_bank()
-        readable(f"shared_full_{codec}", "a full-form bank of two adapters sharing U and V blobs (fp32 and fp16 modules; "
-                 f"the second adapter lacks one module); codec {codec}", adapters(bank), codec, craft=_as_bank(bank, codec))
+        path = readable(
+            f"shared_full_{codec}",
+            "a full-form bank of two adapters sharing U and V blobs (fp32 and fp16 modules; "
+            f"the second adapter lacks one module); codec {codec} (for U and V: S is too small to compress)",
+            adapters(bank),
+            codec,
+            craft=_as_bank(bank, codec),
+        )
+        _codec_check(path, codec, ["U", "V"])
     bank = diagonal_bank()
-    readable("shared_diagonal_raw", "a diagonal-form bank of three adapters on a fan_in_fan_out module; codec raw",
-             adapters(bank), "raw", craft=_as_bank(bank, "raw"))
+    readable(
+        "shared_diagonal_raw",
+        "a diagonal-form bank of three adapters on a fan_in_fan_out module; codec raw",
+        adapters(bank),
+        "raw",
+        craft=_as_bank(bank, "raw"),
+    )
     bank = full_bank()
 
     def mismatch(path: Path) -> None:
         _as_bank(bank, "raw")(path)
         _craft(path, _s_too_small, minor=1)
 
-    refused("shared_rank_mismatch", "a shared record whose rank (4) does not fit U, V and S (3)", adapters(bank), "RankError",
-            mismatch)
-
-
-def reference_delta(m: dict[str, Any], array: Callable[[dict[str, Any]], np.ndarray]) -> np.ndarray:
-    """ΔW from spec/shared.md §1, in float64, from the vector's JSON alone."""
-    p, t = m["params"], m["tensors"]
-    u, v, s = (array(t[k]).astype(np.float64) for k in ("U", "V", "S"))
-    d = u @ (np.diag(s) if p["form"] == "diagonal" else s) @ v.T
-    if p.get("layout", "linear") == "embedding" or p.get("fan_in_fan_out", False):
-        d = d.T
-    return d.reshape(m["base_shape"])
+    refused(
+        "shared_rank_mismatch", "a shared record whose rank (4) does not fit U, V and S (3)", adapters(bank), "RankError", mismatch
+    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -72,15 +71,3 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
         "RankError",
         lambda p: _craft(p, _rank_too_large, minor=1),
     )
-
-
-def reference_delta(m: dict[str, Any], array: Callable[[dict[str, Any]], np.ndarray]) -> np.ndarray:
-    """ΔW from spec/svd.md §2, in float64, from the vector's JSON alone."""
-    p, t = m["params"], m["tensors"]
-    s, ut, vt = (array(t[k]).astype(np.float64) for k in ("S", "Ut", "Vt"))
-    d = ut.T @ np.diag(s) @ vt if p["rank"] else np.zeros((ut.shape[1], vt.shape[1]))
-    layout = p.get("layout", "linear")
-    if layout == "embedding" or p.get("fan_in_fan_out", False):
-        d = d.T
-    assert math.prod(m["base_shape"]) == d.size
-    return d.reshape(m["base_shape"])
