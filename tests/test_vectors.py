@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import zstandard
 
+import adapterpack
 from adapterpack import dtypes, errors
 from adapterpack.adapter import StoredTensor, as_array
 from adapterpack.container import ApackReader
@@ -80,6 +81,11 @@ def test_vector_decodes_to_its_json(name: str) -> None:
         with pytest.raises(errors.AdapterpackError) as info:
             load_everything(path, delta_limit=1 << 24)  # factors too: some refusals (svd S order) need the values
         assert type(info.value) is cls, str(info.value)
+        if "rank" in doc:  # refused when read at that rank too (spec/format.md §8.1)
+            with pytest.raises(errors.AdapterpackError) as info, adapterpack.open(path, rank=doc["rank"]) as at_rank:
+                for m in at_rank:
+                    m.delta()
+            assert type(info.value) is cls, str(info.value)
         return
 
     reader = ApackReader(path)

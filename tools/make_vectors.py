@@ -275,11 +275,14 @@ def build(out: Path) -> list[str]:
         docs[name] = (what, describe_file(path, adapters, kw.get("skipped")))
         return path
 
-    def refused(name: str, what: str, adapters: list[Adapter], error: str, craft: Callable[[Path], None]) -> None:
+    def refused(
+        name: str, what: str, adapters: list[Adapter], error: str, craft: Callable[[Path], None], rank: int | None = None
+    ) -> None:
         path = out / f"{name}.apack"
         _write(path, adapters, "raw")
         craft(path)
-        docs[name] = (what, {"file": path.name, "sha256": _sha(path), "version": _version(path), "error": error})
+        doc = {"file": path.name, "sha256": _sha(path), "version": _version(path), "error": error}
+        docs[name] = (what, doc | ({"rank": rank} if rank is not None else {}))  # refused when opened at this rank
 
     qkv = list(basic().modules)
     readable("lora_raw_4x6", "one rank-2 lora module on a 4×6 weight, float32, raw", [small()], "raw")

@@ -55,6 +55,8 @@ class Svd(Encoding):
 
     encoding_id = "svd"
     slots: ClassVar[dict[str, bool]] = {"S": True, "Ut": True, "Vt": True}
+    #: Ut and Vt carry prefix CRCs; S (k numbers, at most about two rows of Ut's bytes) is read whole on a prefix read.
+    prefix_slots: ClassVar[tuple[str, ...]] = ("Ut", "Vt")
 
     def validate(self, module: Module) -> None:
         where = f"module {module.name!r}"
