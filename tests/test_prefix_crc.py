@@ -20,7 +20,7 @@ from adapterpack.adapter import Adapter, Module
 from adapterpack.cli import main
 from adapterpack.container import ApackReader
 from adapterpack.container import reader as reader_module
-from adapterpack.container.prefix import KEY
+from adapterpack.container.prefix import KEY, prefix_crcs
 from adapterpack.convert import convert
 from adapterpack.encodings.lower import adapter_at_rank
 from adapterpack.errors import AdapterpackError, ChecksumError, IndexFormatError
@@ -257,3 +257,25 @@ def test_the_key_is_refused_on_a_blob_of_fewer_than_two_rows(tmp_path: Path, row
     _craft(path, edit, minor=2)
     with pytest.raises(IndexFormatError, match="at least 2 rows"):
         ApackReader(path)
+
+
+def test_checkpoints_on_a_compressed_blob_are_checked_by_verify(tmp_path: Path) -> None:
+    """The key covers decoded bytes, so it is valid on any codec; a prefix read of a compressed blob decodes it whole."""
+    path = tmp_path / "packed.apack"
+    sparse = {"S": np.ones(K, np.float32), "Ut": np.eye(K, OUT, dtype=np.float32), "Vt": np.eye(K, IN, dtype=np.float32)}
+    adapterpack.save(Adapter("default", modules={NAME: Module(NAME, "svd", (OUT, IN), {"rank": K}, sparse)}), path, codec="zstd")
+    ut = slots(path)["Ut"][0]
+    good = prefix_crcs(memoryview(sparse["Ut"].tobytes()), K)
+
+    def edit(index: dict[str, Any]) -> None:
+        assert index["blobs"][ut]["codec"]["id"] == "zstd"
+        index["blobs"][ut][KEY] = good
+
+    _craft(path, edit, minor=2)
+    with ApackReader(path) as r:
+        assert r.blobs[ut].prefix_crc32c == tuple(good) and r.verify().ok
+    with adapterpack.open(path, rank=RANK) as ad:
+        np.testing.assert_array_equal(ad.module(NAME).array("Ut"), sparse["Ut"][:RANK])
+    _craft(path, lambda index: index["blobs"][ut][KEY].__setitem__(0, good[0] ^ 1), minor=2)
+    with ApackReader(path) as r:
+        assert r.verify().problems == [f"blob {ut}: prefix_crc32c does not match its rows (index or prefix checkpoints corrupt)"]
