@@ -40,8 +40,8 @@ class StoredTensor:
     def prefix(self, rows: int) -> StoredTensor:
         """The first ``rows`` rows (axis 0) as a stored tensor of its own, read lazily.
 
-        Raw blobs read only those rows' bytes (progressive rank, spec svd §3); compressed
-        blobs are decoded whole and sliced.
+        Reads go through the file's ``row_loader``, which checks what it returns (progressive rank,
+        spec svd §3): a raw blob with prefix CRCs up to the next checkpoint, any other blob whole.
         """
         rows = max(0, min(rows, self.shape[0]))
         full, row_loader = self.loader, self.row_loader

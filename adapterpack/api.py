@@ -18,9 +18,9 @@ def open(
     ``verify`` checks each ``.apack`` blob's CRC-32C the first time it is read.
 
     ``rank`` caps every module's rank at the best approximation of that rank: ``svd`` records
-    are cut to a prefix of their tensors (a raw blob is read only that far, without its
-    whole-blob CRC; ``adapterpack verify`` checks those), other records by an exact SVD of
-    their factors (which reads them)."""
+    are cut to a prefix of their tensors (a raw blob is read up to its next prefix checkpoint,
+    whose CRC is checked; a blob without checkpoints is read whole), other records by an exact
+    SVD of their factors (which reads them)."""
     from .interop import read_any
 
     opened = read_any(path, adapter=adapter, verify=verify)

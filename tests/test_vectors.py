@@ -132,7 +132,8 @@ def test_vectors_cover_the_spec() -> None:
     assert {p.get("layout", "linear") for p in params} == {"linear", "embedding", "conv"}
     for option in ("fan_in_fan_out", "dora", "rslora"):
         assert any(p.get(option) for p in params), option
-    assert any(d.get("version") == "1.2" and d["adapters"][0]["skipped_modules"] for d in docs if "adapters" in d)
+    newer = f"1.{make_vectors.FUTURE_MINOR}"  # a minor newer than this reader, with records it skips
+    assert any(d.get("version") == newer and d["adapters"][0]["skipped_modules"] for d in docs if "adapters" in d)
     raw_256 = [t for t in tensors if t["codec"] == "raw" and math.prod(t["shape"]) * dtypes.by_name(t["dtype"]).itemsize >= 4096]
     assert raw_256, "no 256-aligned blob"
 

@@ -44,6 +44,8 @@ WRITER_ID = "adapterpack (spec vectors)"
 ZSTD_VERSION = ".".join(map(str, zstandard.ZSTD_VERSION))
 BF16 = np.dtype(ml_dtypes.bfloat16)
 #: Compression level per codec, pinned here so the vectors do not follow the library's defaults.
+#: The minor version of the forward-compatibility vectors: newer than any reader will be (spec §1.1).
+FUTURE_MINOR = 0xFFFF
 LEVELS: dict[str, int | None] = {"raw": None, "zstd": 3, "byteplanes": 1}
 
 
@@ -309,11 +311,14 @@ def build(out: Path) -> list[str]:
         docs[name] = (what, doc)
         return path
 
-    def refused(name: str, what: str, adapters: list[Adapter], error: str, craft: Callable[[Path], None]) -> None:
+    def refused(
+        name: str, what: str, adapters: list[Adapter], error: str, craft: Callable[[Path], None], rank: int | None = None
+    ) -> None:
         path = out / f"{name}.apack"
         _write(path, adapters, "raw")
         craft(path)
-        docs[name] = (what, {"file": path.name, "sha256": _sha(path), "version": _version(path), "error": error})
+        doc = {"file": path.name, "sha256": _sha(path), "version": _version(path), "error": error}
+        docs[name] = (what, doc | ({"rank": rank} if rank is not None else {}))  # refused when opened at this rank
 
     qkv = list(basic().modules)
     readable("lora_raw_4x6", "one rank-2 lora module on a 4×6 weight, float32, raw", [small()], "raw")
@@ -339,19 +344,19 @@ def build(out: Path) -> list[str]:
 
     future = "model.layers.0.self_attn.o_proj"
     readable(
-        "minor2_optional_encoding",
-        "version 1.2 (newer than this reader), an unknown top-level key, an unknown encoding record (must_understand: false)",
+        "future_minor_optional_encoding",
+        "version 1.65535 (a minor newer than any reader), an unknown top-level key, an unknown encoding record (must_understand: false)",
         [_with_future_module(small())],
         "raw",
-        craft=lambda p: _craft(p, _future_encoding(required=False), minor=2),
+        craft=lambda p: _craft(p, _future_encoding(required=False), minor=FUTURE_MINOR),
         skipped={"default": [future]},
     )
     readable(
-        "minor2_optional_codec",
-        "version 1.2 (newer than this reader) with a blob of an unknown codec marked must_understand: false; its record is skipped",
+        "future_minor_optional_codec",
+        "version 1.65535 (a minor newer than any reader) with a blob of an unknown codec marked must_understand: false; its record is skipped",
         [_with_future_module(small())],
         "raw",
-        craft=lambda p: _craft(p, _future_codec(required=False), minor=2),
+        craft=lambda p: _craft(p, _future_codec(required=False), minor=FUTURE_MINOR),
         skipped={"default": [future]},
     )
     refused(

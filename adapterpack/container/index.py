@@ -25,6 +25,7 @@ from ..errors import (
     UnknownCodecError,
     UnknownDTypeError,
 )
+from . import prefix
 from .preamble import align_up
 
 MAX_BLOBS = 1_000_000
@@ -66,6 +67,8 @@ class BlobEntry:
     length: int
     crc32c: int
     known_codec: bool = True
+    #: CRC-32Cs of the row-prefix checkpoints (spec §2.1 ``prefix_crc32c``); empty when the blob has none.
+    prefix_crc32c: tuple[int, ...] = ()
 
     @property
     def codec_id(self) -> str:
@@ -74,7 +77,7 @@ class BlobEntry:
 
     def describe(self) -> dict[str, Any]:
         """The index object for this blob."""
-        return {
+        out = {
             "dtype": self.dtype,
             "shape": list(self.shape),
             "codec": self.codec,
@@ -83,6 +86,7 @@ class BlobEntry:
             "length": self.length,
             "crc32c": self.crc32c,
         }
+        return out | ({prefix.KEY: list(self.prefix_crc32c)} if self.prefix_crc32c else {})
 
 
 @dataclass
@@ -319,6 +323,7 @@ def parse_blob(i: int, obj: Any, bounds: dict[str, int | None] | None = None) ->
         raise IndexFormatError(f"{where}: shape {list(shape)} is too large")
     if crc >= 2**32:
         raise IndexFormatError(f"{where}: crc32c {crc} is not a 32-bit value")
+    checkpoints = _prefix_crcs(obj[prefix.KEY], shape, where) if prefix.KEY in obj else ()
     if known:
         bounds = {} if bounds is None else bounds
         if codec_id not in bounds:
@@ -332,7 +337,20 @@ def parse_blob(i: int, obj: Any, bounds: dict[str, int | None] | None = None) ->
             )
         if codec_id == "byteplanes" and itemsize not in (2, 4, 8):
             raise IndexFormatError(f"{where}: byteplanes cannot hold {dtype.name} elements")
-    return BlobEntry(dtype.name, shape, codec, offset, stored_length, length, crc, known)
+    return BlobEntry(dtype.name, shape, codec, offset, stored_length, length, crc, known, checkpoints)
+
+
+def _prefix_crcs(value: Any, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+    """A blob's ``prefix_crc32c``: one 32-bit int per power of two below its row count, on a blob of >= 2 rows."""
+    key = f"{where}: {prefix.KEY!r}"
+    if not shape or shape[0] < 2:
+        raise IndexFormatError(f"{key} needs a blob of at least 2 rows (axis 0), shape is {list(shape)}")
+    want = prefix.count(shape[0])
+    if type(value) is not list or len(value) != want:
+        raise IndexFormatError(f"{key} must be a list of {want} CRC-32Cs for {shape[0]} rows, got {value!r:.80}")
+    if not all(type(v) is int and 0 <= v < 2**32 for v in value):
+        raise IndexFormatError(f"{key} must hold 32-bit unsigned integers, got {value!r:.80}")
+    return tuple(value)
 
 
 def check_layout(blobs: list[BlobEntry], data_start: int, file_size: int) -> None:

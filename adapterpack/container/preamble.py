@@ -9,7 +9,7 @@ from ..errors import BadMagicError, IndexFormatError, IndexTooLargeError, Trunca
 
 MAGIC = b"\x89APK\r\n\x1a\n"
 MAJOR = 1
-MINOR = 1
+MINOR = 2
 PREAMBLE_SIZE = 32
 MAX_INDEX_LENGTH = 64 << 20
 MIN_INDEX_LENGTH = 2

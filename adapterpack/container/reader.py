@@ -2,7 +2,8 @@
 
 Opening reads the preamble and index only. Raw blobs come back as zero-copy read-only
 numpy views of the mmap; compressed blobs decode into a buffer sized by the validated
-index. Each blob's CRC-32C is checked the first time it is read (``verify=True``).
+index. Each blob's CRC-32C is checked the first time it is read (``verify=True``); a read of
+a blob's first rows checks the CRC of a prefix checkpoint, or reads and checks the whole blob.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .. import codecs, dtypes
 from ..adapter import Adapter, StoredTensor
 from ..checksum import crc32c
 from ..errors import AdapterNotFoundError, AdapterpackError, ChecksumError, CodecError
+from . import prefix
 from .index import BlobEntry, Index, loads, parse_index
 from .preamble import PREAMBLE_SIZE, Preamble, parse_preamble
 from .records import build_adapter, check_references
@@ -52,6 +54,8 @@ class ApackReader:
         self.path = Path(path)
         self.verify_checksums = verify
         self._verified: set[int] = set()
+        #: blob -> rows of its longest prefix checkpoint checked so far (rank-j reads of raw blobs)
+        self._verified_rows: dict[int, int] = {}
         self._mm: mmap.mmap | None = None
         self._users = 0  # adapters handed out and not yet closed (see adapter())
         try:
@@ -120,21 +124,31 @@ class ApackReader:
         return arr.reshape(b.shape)
 
     def read_rows(self, i: int, rows: int) -> np.ndarray:
-        """The first ``rows`` rows (axis 0) of blob ``i``.
+        """The first ``rows`` rows (axis 0) of blob ``i``, never unchecked bytes when verifying (spec §2.1, §8).
 
-        A raw blob is viewed in place and only those bytes are touched; its CRC, which covers the
-        whole blob, is therefore not checked (``verify()`` checks it). Other codecs decode the
-        whole blob (CRC checked as usual) and return a slice.
+        A raw blob with prefix CRCs is viewed in place up to the least checkpoint at or past ``rows``,
+        whose CRC-32C is checked: only those bytes are touched. Any other blob (compressed, or without
+        prefix CRCs) is read whole, its CRC checked as usual, and sliced. Without ``verify`` a raw blob
+        is viewed up to ``rows`` and nothing is checked.
         """
         b = self.index.blobs[i]
+        rows = max(rows, 0)
         if b.codec_id != "raw" or not b.shape or rows >= b.shape[0]:
+            return self.read_blob(i)[:rows]
+        check = self.verify_checksums and rows > 0 and i not in self._verified
+        stop = prefix.checkpoint(b.shape[0], rows) if check else rows
+        if check and (stop == b.shape[0] or not b.prefix_crc32c):
             return self.read_blob(i)[:rows]
         if self._mm is None:
             raise AdapterpackError(f"{self.path}: file is closed")
         dt = dtypes.by_name(b.dtype)
         per_row = int(np.prod(b.shape[1:], dtype=np.int64))
-        arr = np.frombuffer(self._mm, dtype=dt.numpy, count=max(rows, 0) * per_row, offset=self.data_start + b.offset)
-        return arr.reshape((max(rows, 0), *b.shape[1:]))
+        arr = np.frombuffer(self._mm, dtype=dt.numpy, count=stop * per_row, offset=self.data_start + b.offset)
+        if check and self._verified_rows.get(i, 0) < stop:
+            if crc32c(dtypes.as_bytes(arr)) != b.prefix_crc32c[(stop - 1).bit_length()]:
+                raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch in its first {stop} rows (prefix_crc32c)")
+            self._verified_rows[i] = stop
+        return arr[: rows * per_row].reshape((rows, *b.shape[1:]))
 
     def _stored_tensor(self, i: int) -> StoredTensor:
         b = self.index.blobs[i]
@@ -181,7 +195,7 @@ class ApackReader:
     # --- whole-file checks ----------------------------------------------------------------------
 
     def verify(self) -> VerifyReport:
-        """Decode every blob and check its CRC-32C, and check that all padding is zero."""
+        """Decode every blob and check its CRC-32C and prefix CRCs, and check that all padding is zero."""
         report = VerifyReport(path=str(self.path), blobs=len(self.blobs), version=self.version)
         mm = self._mm
         if mm is None:
@@ -199,10 +213,13 @@ class ApackReader:
                 continue
             self._verified.discard(i)
             try:
-                self._read(i, check_crc=True)
+                arr = self._read(i, check_crc=True)
                 report.bytes_checked += b.length
             except AdapterpackError as e:
                 report.problems.append(str(e).removeprefix(f"{self.path}: "))
+                continue
+            if b.prefix_crc32c and prefix.prefix_crcs(dtypes.as_bytes(arr), b.shape[0]) != list(b.prefix_crc32c):
+                report.problems.append(f"blob {i}: prefix_crc32c does not match its rows (index or prefix checkpoints corrupt)")
         for raw in self.index.adapters:
             try:
                 report.skipped.extend(self._build(raw).skipped)

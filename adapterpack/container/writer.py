@@ -14,8 +14,9 @@ from .. import codecs, dtypes
 from ..adapter import Adapter, StoredTensor, as_array
 from ..atomic import atomic_file
 from ..checksum import crc32c
-from ..encodings import get_encoding
+from ..encodings import get_encoding, is_known
 from ..errors import AdapterpackError, CodecError, DuplicateNameError, IndexTooLargeError
+from . import prefix
 from .index import blob_alignment, dumps, loads, parse_index, plan_offsets
 from .preamble import MAJOR, MAX_INDEX_LENGTH, MINOR, PREAMBLE_SIZE, Preamble, align_up
 from .records import build_adapter, check_references
@@ -102,14 +103,15 @@ def plan_apack(adapters: Sequence[Adapter], encode: BlobEncoder, *, validate: bo
     lengths: list[int] = []
     blob_objs: list[dict[str, Any]] = []
 
-    def add(t: Any) -> int:
+    def add(t: Any, checkpointed: bool = False) -> int:
         arr = as_array(t) if isinstance(t, StoredTensor) else np.asarray(t)
         n, cfg, crc = encode(arr)
         lengths.append(n)
-        blob_objs.append(
-            {"dtype": dtypes.of_array(arr).name, "shape": list(arr.shape), "codec": cfg}
-            | {"stored_length": n, "length": arr.nbytes, "crc32c": crc}
-        )
+        dt = dtypes.of_array(arr)
+        obj = {"dtype": dt.name, "shape": list(arr.shape), "codec": cfg, "stored_length": n, "length": arr.nbytes, "crc32c": crc}
+        if checkpointed and cfg["id"] == "raw" and prefix.count(arr.shape[0] if arr.ndim else 0):
+            obj[prefix.KEY] = prefix.prefix_crcs(dtypes.as_bytes(np.asarray(arr, dtype=dt.numpy)), arr.shape[0])
+        blob_objs.append(obj)
         return len(lengths) - 1
 
     index_adapters = []
@@ -118,7 +120,8 @@ def plan_apack(adapters: Sequence[Adapter], encode: BlobEncoder, *, validate: bo
         for m in a.modules.values():
             if validate:
                 get_encoding(m.encoding).validate(m)
-            mods.append(_module_entry(m, {slot: add(t) for slot, t in m.tensors.items()}))
+            by_prefix = get_encoding(m.encoding).prefix_slots if is_known(m.encoding) else ()
+            mods.append(_module_entry(m, {slot: add(t, slot in by_prefix) for slot, t in m.tensors.items()}))
         entry: dict[str, Any] = {
             "name": a.name,
             "base_model": a.base_model,
@@ -230,8 +233,8 @@ def _not_written_yet() -> np.ndarray:
 
 
 def _ordered(b: dict[str, Any]) -> dict[str, Any]:
-    keys = ("dtype", "shape", "codec", "offset", "stored_length", "length", "crc32c")
-    return {k: b[k] for k in keys}
+    keys = ("dtype", "shape", "codec", "offset", "stored_length", "length", "crc32c", prefix.KEY)
+    return {k: b[k] for k in keys if k in b}
 
 
 __all__ = ["WriteResult", "align_up", "blob_alignment", "check_index", "encode_blob", "write_apack"]

@@ -18,11 +18,13 @@ _REGISTRY: dict[str, Encoding] = {}
 class Encoding:
     """How one kind of record represents ΔW.
 
-    ``slots`` maps tensor slot names to whether they are required.
+    ``slots`` maps tensor slot names to whether they are required; ``prefix_slots`` names the slots
+    read by row prefix (progressive rank), whose raw blobs writers give prefix CRCs (spec/format.md §2.1).
     """
 
     encoding_id: ClassVar[str]
     slots: ClassVar[dict[str, bool]]
+    prefix_slots: ClassVar[tuple[str, ...]] = ()
 
     def validate(self, module: Module) -> None:
         """Check params and tensor shapes/dtypes without reading tensor data; raise RecordError."""

@@ -2,7 +2,8 @@
 
 ΔW (2-D, before the layout maps it onto the base weight) ``= Utᵀ · diag(S) · Vt`` with S descending,
 so the rank-j truncation — the best rank-j approximation (Eckart–Young) — is the first j entries
-of S and the first j rows of Ut and Vt: a reader opening a file at rank j reads only those bytes.
+of S and the first j rows of Ut and Vt: a reader opening a file at rank j reads only those rows of raw
+Ut and Vt blobs, up to the next prefix CRC checkpoint (spec/format.md §8.1).
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class Svd(Encoding):
 
     encoding_id = "svd"
     slots: ClassVar[dict[str, bool]] = {"S": True, "Ut": True, "Vt": True}
+    #: Ut and Vt carry prefix CRCs; S (k numbers, at most about two rows of Ut's bytes) is read whole on a prefix read.
+    prefix_slots: ClassVar[tuple[str, ...]] = ("Ut", "Vt")
 
     def validate(self, module: Module) -> None:
         where = f"module {module.name!r}"

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+import adapterpack
 from adapterpack import dtypes, errors
 from adapterpack.adapter import StoredTensor, as_array
 from adapterpack.container import ApackReader
@@ -77,8 +78,17 @@ def check_refused(path: Path, d: dict[str, Any]) -> None:
         load_everything(path, delta_limit=1 << 24)  # factors too: some refusals (svd S order) need the values
     except errors.AdapterpackError as e:
         assert type(e) is cls, f"{path.name}: raised {type(e).__name__} ({e}), vector says {d['error']}"
-        return
-    raise AssertionError(f"{path.name}: read without error, vector says {d['error']}")
+    else:
+        raise AssertionError(f"{path.name}: read without error, vector says {d['error']}")
+    if "rank" in d:  # refused when read at that rank too (spec/format.md §8.1)
+        try:
+            with adapterpack.open(path, rank=d["rank"]) as at_rank:
+                for m in at_rank:
+                    m.delta()
+        except errors.AdapterpackError as e:
+            assert type(e) is cls, f"{path.name} at rank {d['rank']}: raised {type(e).__name__} ({e}), vector says {d['error']}"
+        else:
+            raise AssertionError(f"{path.name}: read at rank {d['rank']} without error, vector says {d['error']}")
 
 
 def check_torch(path: Path, d: dict[str, Any]) -> None:

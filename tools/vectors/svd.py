@@ -1,14 +1,19 @@
-"""Golden vectors of the ``svd`` encoding (spec/svd.md): layouts, dtypes, rank 0, a refusal."""
+"""Golden vectors of the ``svd`` encoding (spec/svd.md): layouts, dtypes, rank 0, prefix checkpoints, refusals."""
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ml_dtypes
 import numpy as np
 
 from adapterpack.adapter import Adapter, Module
+from adapterpack.container.preamble import PREAMBLE_SIZE, align_up
+from adapterpack.container.prefix import KEY
 
 ENCODING = "svd"
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -43,12 +48,33 @@ def _rank_too_large(index: dict[str, Any]) -> None:
     index["adapters"][0]["modules"][0]["params"]["rank"] = 5
 
 
+def _q_blob(index: dict[str, Any], slot: str) -> dict[str, Any]:
+    """The BLOB object of q_proj's ``slot`` (the first module: rank 4, float32, 64 and 96 columns)."""
+    return index["blobs"][index["adapters"][0]["modules"][0]["tensors"][slot]]
+
+
+def _flip_in_first_row(path: Path) -> None:
+    """Flip one bit of q_proj's Vt inside its first row: the bytes a rank-1 read returns."""
+    raw = bytearray(path.read_bytes())
+    length = struct.unpack_from("<Q", raw, 16)[0]
+    vt = _q_blob(json.loads(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length]), "Vt")
+    assert vt["codec"]["id"] == "raw" and len(vt[KEY]) == 2, vt  # checkpoints at rows 1 and 2 of 4
+    raw[align_up(PREAMBLE_SIZE + length, 256) + vt["offset"] + 41] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+def _checkpoints_miscounted(index: dict[str, Any]) -> None:
+    _q_blob(index, "Ut")[KEY].append(0)  # 4 rows have 2 checkpoints (rows 1 and 2), not 3
+
+
 def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
-    """svd_raw / svd_byteplanes (every layout, fp32/bf16/fp16, rank 0) and svd_rank_mismatch (refused)."""
+    """svd_raw / svd_byteplanes (every layout, fp32/bf16/fp16, rank 0; raw Ut and Vt with prefix checkpoints)
+    and the refusals: S increasing, rank mismatch, a damaged rank-1 prefix, a miscounted ``prefix_crc32c``."""
     for codec in ("raw", "byteplanes"):
         readable(
             f"svd_{codec}",
-            f"svd records: linear, embedding, fan_in_fan_out, conv, rank 0; fp32/bf16/fp16; codec {codec}",
+            f"svd records: linear, embedding, fan_in_fan_out, conv, rank 0; fp32/bf16/fp16; codec {codec}; "
+            "raw Ut and Vt blobs with prefix_crc32c",
             [adapter()],
             codec,
         )
@@ -69,5 +95,21 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
         "an svd record whose rank (5) is not its tensors' first dimension (4)",
         [adapter()],
         "RankError",
-        lambda p: _craft(p, _rank_too_large, minor=1),
+        lambda p: _craft(p, _rank_too_large, minor=2),
+    )
+    refused(
+        "svd_prefix_bit_flip",
+        "one bit flipped in the first row of a raw Vt (4 rows, prefix_crc32c): refused when opened at rank 1, "
+        "by its first checkpoint, as by a whole read",
+        [adapter()],
+        "ChecksumError",
+        _flip_in_first_row,
+        rank=1,
+    )
+    refused(
+        "svd_prefix_crc_count",
+        "a raw Ut of 4 rows whose prefix_crc32c holds 3 CRCs instead of 2",
+        [adapter()],
+        "IndexFormatError",
+        lambda p: _craft(p, _checkpoints_miscounted, minor=2),
     )
