@@ -27,7 +27,6 @@ from adapterpack.interop.kohya import write_kohya
 from adapterpack.interop.peft import write_peft
 from adapterpack.interop.source import source_format
 from adapterpack.text import json_printable, printable
-from tests.apack_builders import assemble, split
 
 #: Hostile module names, each with the escaped form a person sees.
 HOSTILE = {
@@ -279,19 +278,3 @@ def test_kohya_name_with_dot_refused(tmp_path: Path) -> None:
     with pytest.raises(ConversionError, match=r"kohya name 'lora\.unet_model_q_proj' holds a '\.'"):
         write_kohya(_adapter("model.q_proj"), tmp_path / "k.safetensors", prefix="lora.unet")
     assert list(tmp_path.iterdir()) == []
-
-
-# --- the reader -----------------------------------------------------------------------------------------
-
-
-def test_reader_refuses_lone_surrogate_name(tmp_path: Path) -> None:
-    from adapterpack import open as open_adapter
-
-    good = tmp_path / "good.apack"
-    write_apack(good, _adapter("model.q_proj"))
-    parts = split(good.read_bytes())
-    parts.index["adapters"][0]["modules"][0]["name"] = "model.q\ud800"
-    bad = tmp_path / "bad.apack"
-    bad.write_bytes(assemble(json.dumps(parts.index, separators=(",", ":")).encode("ascii"), parts.data))
-    with pytest.raises(IndexFormatError, match=r"'name' holds a lone surrogate \(\\ud800 at 7\), which UTF-8 cannot encode"):
-        open_adapter(bad)
