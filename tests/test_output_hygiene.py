@@ -103,6 +103,13 @@ def test_convert_check_verify_audit_escape(hostile: Path) -> None:
     assert code == 0, stderr
     assert_escaped(stdout, names=False)  # the wrote line names the path
     assert "no alpha tensor" in stdout and "m0\\x1b]0;pwned\\x07, m1\\x1b[2J, m2\\u202e" in stdout  # the note names 3 modules
+    peft = hostile.parent / "peft"
+    code, stdout, stderr = cli("convert", hostile, peft, "--to", "peft")
+    assert code == 1 and not peft.exists()  # no model has a parameter whose name holds a control character
+    assert stderr == (
+        "adapterpack: the PEFT key 'base_model.model.m0\\x1b]0;pwned\\x07.lora_A.weight' holds a control character; "
+        "no model has such a parameter\n"
+    )
     code, stdout, stderr = cli("check", hostile, "--target", "peft")
     assert code == 1  # the names are no module paths a base model has
     assert raw_controls(stdout + stderr) == [] and "m0\\x1b]0;pwned\\x07" in stdout
@@ -132,6 +139,14 @@ def test_bank_member_names_escaped(hostile: Path) -> None:
     code, stdout, stderr = cli("bank", "list", bank)
     assert code == 0, stderr
     assert raw_controls(stdout) == [] and "a\\x1b[2J" in stdout and "b\\u202e" in stdout
+
+
+def test_demo_paths_escaped(tmp_path: Path) -> None:
+    code, stdout, stderr = cli("demo", "--out", tmp_path / HOSTILE_DIR)
+    assert code == 0, stderr
+    assert "all checks passed" in stdout
+    own_style = stdout.replace("\x1b[1m", "").replace("\x1b[0m", "")  # the demo's step titles are bold
+    assert_escaped(own_style + stderr, names=False)
 
 
 def test_error_line_escaped(tmp_path: Path) -> None:
