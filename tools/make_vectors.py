@@ -345,7 +345,7 @@ def build(out: Path) -> list[str]:
     future = "model.layers.0.self_attn.o_proj"
     readable(
         "future_minor_optional_encoding",
-        "version 1.65535 (a minor newer than any reader), an unknown top-level key, an unknown encoding record (must_understand: false)",
+        "version 1.65535 (newer than any reader), an unknown top-level key, an unknown encoding record (must_understand: false)",
         [_with_future_module(small())],
         "raw",
         craft=lambda p: _craft(p, _future_encoding(required=False), minor=FUTURE_MINOR),
@@ -353,7 +353,7 @@ def build(out: Path) -> list[str]:
     )
     readable(
         "future_minor_optional_codec",
-        "version 1.65535 (a minor newer than any reader) with a blob of an unknown codec marked must_understand: false; its record is skipped",
+        "version 1.65535 (newer than any reader), a blob of an unknown codec marked must_understand: false; its record skipped",
         [_with_future_module(small())],
         "raw",
         craft=lambda p: _craft(p, _future_codec(required=False), minor=FUTURE_MINOR),

@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from ..text import printable
 from . import output as out
 
 #: Column titles of the alternatives (keys of ``sizes`` / ``saved`` in the report).
@@ -90,7 +91,11 @@ def table_lines(report: dict[str, Any]) -> list[str]:
 
 
 def csv_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
-    """Header and rows of the CSV (one row per input; failed inputs carry their error, no figures)."""
+    """Header and rows of the CSV (one row per input; failed inputs carry their error, no figures).
+
+    Text cells are escaped (:func:`~adapterpack.text.printable`) as in the table: CSV has no escapes
+    of its own, and is printed to a terminal as often as it is read by a program (``--json`` is exact).
+    """
     titles = _titles(report)
     header = [*CSV_FIELDS, *(f"{v}_bytes" for v in titles), *(f"{v}_saved" for v in titles)]
     rows = []
@@ -104,7 +109,7 @@ def csv_rows(report: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
                     d[f"{key}_{stat}"] = "" if r[key] is None else r[key][stat]
             for v in titles:
                 d[f"{v}_bytes"], d[f"{v}_saved"] = r["sizes"][v], r["saved"][v]
-        rows.append([d.get(h, "") for h in header])
+        rows.append([printable(v) if isinstance(v, str) else v for v in (d.get(h, "") for h in header)])
     return header, rows
 
 

@@ -31,7 +31,7 @@ class Checks:
 
     def check(self, ok: bool, what: str, detail: str = "") -> bool:
         mark = "ok  " if ok else "FAIL"
-        click.echo(f"   [{mark}] {what}{': ' + detail if detail else ''}")
+        out.echo(f"   [{mark}] {what}{': ' + detail if detail else ''}")
         if not ok:
             self.failed.append(what)
         return ok
@@ -48,7 +48,7 @@ def _workdir(out_dir: Path | None) -> Iterator[Path]:
 
 
 def _step(n: int, title: str) -> float:
-    click.echo("")
+    out.echo("")
     click.echo(click.style(f"{n}. {title}", bold=True))
     return time.perf_counter()
 
@@ -73,16 +73,16 @@ def demo(ctx: click.Context, out_dir: Path | None) -> None:
     start = time.perf_counter()
     example = example_path()
     checks = Checks()
-    click.echo(f"adapterpack demo on the bundled example {example.name}")
-    click.echo(f"   source: {example} (a PEFT LoRA folder)")
+    out.echo(f"adapterpack demo on the bundled example {example.name}")
+    out.echo(f"   source: {example} (a PEFT LoRA folder)")
     with _workdir(out_dir) as work:
         apack = work / f"{example.name}.apack"
         back = work / f"{example.name}-roundtrip"
-        click.echo(f"   output: {work}{'' if out_dir else ' (temporary; use --out DIR to keep the files)'}")
+        out.echo(f"   output: {work}{'' if out_dir else ' (temporary; use --out DIR to keep the files)'}")
 
         t0 = _step(1, "Convert the PEFT folder to .apack (byteplanes codec, lossless)")
         res = convert(example, apack, to="apack", codec="byteplanes", force=True, progress=out.progress_factory("writing"))
-        click.echo(f"   wrote {apack.name}: {out.size(res.dst_bytes)} in {_took(t0)}")
+        out.echo(f"   wrote {apack.name}: {out.size(res.dst_bytes)} in {_took(t0)}")
         with open_adapter(example) as original, open_adapter(apack) as packed:
             diffs = adapter_differences(original, packed)
             checks.check(not diffs, "the .apack holds the PEFT tensors bit for bit", "; ".join(diffs[:3]))
@@ -100,7 +100,7 @@ def demo(ctx: click.Context, out_dir: Path | None) -> None:
 
         t0 = _step(4, "Convert the .apack back to a PEFT folder")
         convert(apack, back, to="peft", force=True)
-        click.echo(f"   wrote {back.name}/ in {_took(t0)}")
+        out.echo(f"   wrote {back.name}/ in {_took(t0)}")
         if (example / WEIGHTS).is_file() and (back / WEIGHTS).is_file():
             diffs = safetensors_differences(example / WEIGHTS, back / WEIGHTS)
             checks.check(not diffs, f"{WEIGHTS}: every tensor bit-identical to the original", "; ".join(diffs[:3]))
@@ -116,21 +116,21 @@ def demo(ctx: click.Context, out_dir: Path | None) -> None:
             d_peft, d_apack = original.delta(name), packed.delta(name)
             same = d_peft.shape == d_apack.shape and np.array_equal(d_peft, d_apack)
             norm = float(np.linalg.norm(d_peft.astype(np.float64)))
-            click.echo(f"   {name}: ΔW {out.shape(d_peft.shape)} {d_peft.dtype}, ‖ΔW‖_F = {norm:.6g}")
+            out.echo(f"   {name}: ΔW {out.shape(d_peft.shape)} {d_peft.dtype}, ‖ΔW‖_F = {norm:.6g}")
             checks.check(same, "ΔW from .apack equals ΔW from PEFT, element for element")
 
         _step(6, "Sizes")
         peft_bytes = (example / WEIGHTS).stat().st_size if (example / WEIGHTS).is_file() else res.src_bytes
         apack_bytes = res.dst_bytes
-        click.echo(f"   PEFT {WEIGHTS}: {out.size(peft_bytes)}")
-        click.echo(f"   .apack file:{' ' * (len(WEIGHTS) - 7)}{out.size(apack_bytes)}")
-        click.echo(
+        out.echo(f"   PEFT {WEIGHTS}: {out.size(peft_bytes)}")
+        out.echo(f"   .apack file:{' ' * (len(WEIGHTS) - 7)}{out.size(apack_bytes)}")
+        out.echo(
             f"   ratio {out.ratio(peft_bytes / apack_bytes)} ({100 * apack_bytes / peft_bytes:.1f}% of the PEFT file), lossless"
         )
 
-    click.echo("")
+    out.echo("")
     took = time.perf_counter() - start
     if checks.failed:
-        click.echo(f"{len(checks.failed)} check(s) FAILED: {', '.join(checks.failed)} ({took:.2f} s)")
+        out.echo(f"{len(checks.failed)} check(s) FAILED: {', '.join(checks.failed)} ({took:.2f} s)")
         ctx.exit(1)
-    click.echo(f"all checks passed in {took:.2f} s")
+    out.echo(f"all checks passed in {took:.2f} s")

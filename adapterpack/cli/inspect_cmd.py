@@ -190,4 +190,4 @@ def inspect(path: Path, adapter_name: str | None, as_json: bool, spectrum: bool,
     else:
         out.echo_lines(inspect_lines(report))
     if plot_path is not None and not as_json:
-        click.echo(f"plot     {plot_path}")
+        out.echo(f"plot     {plot_path}")

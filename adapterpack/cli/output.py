@@ -1,4 +1,9 @@
-"""Presentation for the CLI: aligned tables, number formats, JSON, one-line errors, progress bars."""
+"""Presentation for the CLI: aligned tables, number formats, JSON, one-line errors, progress bars.
+
+Everything printed goes through :func:`echo`, :func:`echo_lines`, :func:`table`, :func:`echo_json`
+or :class:`Failure`, which escape control and format characters (:mod:`adapterpack.text`): a
+name or path read from a file never reaches the terminal raw.
+"""
 
 from __future__ import annotations
 
@@ -13,15 +18,16 @@ from typing import Any
 import click
 
 from ..errors import AdapterpackError
+from ..text import json_printable, printable
 
 
 class Failure(click.ClickException):
-    """An error shown as ``adapterpack: <message>`` on stderr, exit status 1."""
+    """An error shown as ``adapterpack: <message>`` on stderr (on one line, escaped), exit status 1."""
 
     exit_code = 1
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"adapterpack: {self.format_message()}", err=True)
+        click.echo(f"adapterpack: {printable(one_line(self.format_message()))}", err=True)
 
 
 def one_line(text: str) -> str:
@@ -37,11 +43,15 @@ def os_message(e: OSError) -> str:
 
 
 class AdapterpackGroup(click.Group):
-    """A click group that turns AdapterpackError and OSError into one line and exit status 1."""
+    """A click group that turns AdapterpackError and OSError into one line and exit status 1, and
+    escapes click's own usage errors (they can quote the command line)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.ClickException as e:
+            e.message = printable(e.message)
+            raise
         except BrokenPipeError:
             # stdout closed early (``| head``): stop quietly, as other Unix tools do
             with contextlib.suppress(OSError):
@@ -97,8 +107,8 @@ def shape(dims: Sequence[int]) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str) -> list[str]:
-    """Lines of a plain-text table; ``align`` has one '<' or '>' per column."""
-    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    """Lines of a plain-text table; ``align`` has one '<' or '>' per column; cells escaped (:func:`printable`)."""
+    cells = [[printable(h) for h in headers]] + [["-" if c is None else printable(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
 
     def line(r: list[str]) -> str:
@@ -121,14 +131,19 @@ def _jsonable(obj: Any) -> Any:
 
 
 def echo_json(obj: Any) -> None:
-    """Print ``obj`` as indented JSON (paths as strings, infinities as strings)."""
-    click.echo(json.dumps(_jsonable(obj), indent=2, ensure_ascii=False))
+    """Print ``obj`` as indented JSON (paths as strings, infinities as strings, every string exact)."""
+    click.echo(json_printable(json.dumps(_jsonable(obj), indent=2, ensure_ascii=False)))
+
+
+def echo(text: str) -> None:
+    """Print one line to stdout, control and format characters escaped."""
+    click.echo(printable(text))
 
 
 def echo_lines(lines: Sequence[str]) -> None:
-    """Print lines to stdout."""
+    """Print lines to stdout (:func:`echo`)."""
     for line in lines:
-        click.echo(line)
+        echo(line)
 
 
 # --- progress ------------------------------------------------------------------------------------

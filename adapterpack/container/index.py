@@ -25,13 +25,12 @@ from ..errors import (
     UnknownCodecError,
     UnknownDTypeError,
 )
+from ..names import MAX_ADAPTER_NAME, MAX_NAME, name_problem
 from . import prefix
 from .preamble import align_up
 
 MAX_BLOBS = 1_000_000
 MAX_NDIM = 8
-MAX_NAME = 1024
-MAX_ADAPTER_NAME = 256
 MAX_INT = 2**53
 #: Deepest nesting of JSON arrays and objects an index may have (spec §2; the top-level object is depth 1).
 MAX_DEPTH = 64
@@ -260,10 +259,11 @@ def get_int(obj: dict[str, Any], key: str, where: str) -> int:
 
 
 def get_name(obj: dict[str, Any], key: str, where: str, limit: int = MAX_NAME) -> str:
-    """A non-empty string of at most ``limit`` characters."""
+    """A name: a string following the rule of :mod:`adapterpack.names` (1–``limit`` code points, no lone surrogate)."""
     value = get(obj, key, str, where)
-    if not 0 < len(value) <= limit:
-        raise IndexFormatError(f"{where}: {key!r} must be 1–{limit} characters")
+    problem = name_problem(value, limit)
+    if problem is not None:
+        raise IndexFormatError(f"{where}: {key!r} {problem}")
     return value
 
 

@@ -55,7 +55,7 @@ from . import source as src_
 from .export import StateDict, lora_records, pass_through
 from .kohya import _recorded_alpha
 from .patterns import most_common, resolve
-from .peft import read_safetensors
+from .peft import check_module_path, read_safetensors
 from .sd_names import COMPONENTS, NameResolver, pattern, pipeline_modules, split_component
 
 FILE_NAME = "pytorch_lora_weights.safetensors"
@@ -414,6 +414,7 @@ def diffusers_state(
                 f"module {m.name!r} is an embedding or fan_in_fan_out layer; diffusers LoRA files hold Linear and Conv layers only"
             )
         name = names[m.name]
+        check_module_path(name, m.name)
         comp, sub = split_component(name)  # type: ignore[misc]
         form = _form(forms.get(m.name), name) if m.name == name else {}
         keys = {s: form.get(s, f"{name}.lora_{s}.weight") for s in ("A", "B")}

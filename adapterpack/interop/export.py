@@ -1,7 +1,14 @@
 """What the PEFT and kohya writers share: which records they can export, the output dtype, one
-state dict that casts float tensors and refuses key collisions, and the rule for pass-through tensors."""
+state dict that casts float tensors and refuses key collisions, and the rule for pass-through tensors.
+
+Names: every exporter holds module and tensor names to the rule ``.apack`` holds them to
+(:mod:`adapterpack.names`: 1–1,024 code points, no lone surrogate), and writes no key holding a
+control character (no model's parameter is named so, and a NUL ends the key for C readers).
+"""
 
 from __future__ import annotations
+
+import unicodedata
 
 import numpy as np
 
@@ -11,15 +18,23 @@ from ..convert import cast_array
 from ..encodings import get_encoding
 from ..encodings.lower import as_lora
 from ..errors import ConversionError
+from ..names import check_name
 from .source import source_format
 
 #: How an error message tells the user to leave pass-through tensors out (CLI flag and API argument).
 DROP_HINT = "pass --drop-tensors (drop_tensors=True) to leave them out"
 
 
+def check_module_names(adapter: Adapter) -> None:
+    """Refuse a module name no output may hold (:mod:`adapterpack.names`), before any tensor is read."""
+    for m in adapter:
+        check_name(m.name, "module", ConversionError)
+
+
 def lora_records(adapter: Adapter, target: str) -> list[Module]:
     """Every module as a valid lora record (other encodings lowered exactly through their factors,
-    :func:`~adapterpack.encodings.lower.as_lora`); refuses an adapter with none."""
+    :func:`~adapterpack.encodings.lower.as_lora`); refuses an adapter with none, or with a name no output may hold."""
+    check_module_names(adapter)
     modules = [as_lora(m) for m in adapter]
     if not modules:
         raise ConversionError(f"adapter {adapter.name!r} has no modules to export; a {target} adapter needs at least one")
@@ -57,6 +72,8 @@ class StateDict:
 
     def put(self, key: str, arr: np.ndarray, *, cast: bool = True) -> None:
         """Add ``arr`` under ``key`` (cast unless ``cast`` is false)."""
+        if not key.isprintable() and any(unicodedata.category(c) == "Cc" for c in key):
+            raise ConversionError(f"the {self.target} key {key!r:.120} holds a control character; no model has such a parameter")
         if key in self.tensors:
             raise ConversionError(f"two tensors would be written under the {self.target} key {key!r} (module names collide)")
         self.tensors[key] = contiguous(self.cast(arr, f"tensor {key!r}") if cast else arr)
@@ -67,6 +84,8 @@ def pass_through(adapter: Adapter, *, own: tuple[str | None, ...], drop_tensors:
     ``own`` formats (its own keys), none with ``drop_tensors``, else a refusal naming the flag."""
     fmt = source_format(adapter)
     if not adapter.tensors or fmt in own:
+        for key in adapter.tensors:
+            check_name(key, "tensor", ConversionError)
         return dict(adapter.tensors)
     if drop_tensors:
         return {}

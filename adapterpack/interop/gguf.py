@@ -38,7 +38,7 @@ from ..adapter import Adapter, Module
 from ..atomic import atomic_file
 from ..encodings.lower import as_lora
 from ..errors import ConversionError, InputError
-from .export import DROP_HINT
+from .export import DROP_HINT, check_module_names
 
 #: HF architecture → llama.cpp architecture name (the ones whose converter is LLaMA's, with the q/k permutation).
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
@@ -168,6 +168,7 @@ def _check(adapter: Adapter, drop_tensors: bool) -> list[Module]:
         raise ConversionError(
             f"adapter holds {len(adapter.tensors)} full tensors ({some}); llama.cpp LoRA files cannot ({DROP_HINT})"
         )
+    check_module_names(adapter)
     mods = [as_lora(m) for m in adapter]
     if not mods:
         raise ConversionError("adapter has no modules; a llama.cpp LoRA needs at least one")

@@ -305,6 +305,8 @@ def kohya_state(
             )
         k = recorded.get(m.name) or (sgm_name(m.name) if sdxl_sgm else None)
         k = k or kohya_name_of(m.name, numbered) or kohya_name(m.name, prefix)
+        if "." in k:
+            raise ConversionError(f"module {m.name!r:.80}: kohya name {k!r:.80} holds a '.', which ends a kohya module name")
         if k != m.name:
             names[k] = m.name
         a, b = state.cast(m.array("A"), f"module {m.name!r} tensor 'A'"), state.cast(m.array("B"), f"module {m.name!r} tensor 'B'")

@@ -55,6 +55,16 @@ _KEY = re.compile(
 _SLOT = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B", "lora_magnitude_vector": "magnitude"}
 
 
+def check_module_path(name: str, module: str) -> None:
+    """Refuse ``name`` (module ``module``'s name in a PEFT-style key) unless it is a torch module path:
+    dot-separated, no part empty, no part one of PEFT's own LoRA parameter names (PEFT would read the
+    key as another module's factor)."""
+    parts = name.split(".")
+    if "" in parts or not _SLOT.keys().isdisjoint(parts):
+        what = "an empty part" if "" in parts else f"the part {next(p for p in parts if p in _SLOT)!r}"
+        raise ConversionError(f"module {module!r:.80}: {name!r:.80} is not a module path ({what}); PEFT keys could not name it")
+
+
 def default_suffix(slot: str, layout: str) -> str:
     """The key suffix PEFT 0.21 writes for ``slot`` of a module with ``layout``."""
     if slot == "magnitude":
@@ -496,6 +506,7 @@ def peft_tensors(adapter: Adapter, *, dtype: str | None = None, drop_tensors: bo
     overrides = src_.key_overrides(adapter, src)
     mag_shapes = src_.typed_map(adapter, src, "magnitude_shapes", list, "an object of shapes (module name → list)")
     for m in lora_records(adapter, "PEFT LoRA"):
+        check_module_path(m.name, m.name)
         layout = m.params.get("layout", "linear")
         for slot in m.tensors:
             key = overrides.get(m.name, {}).get(slot, f"{prefix}{m.name}.{default_suffix(slot, layout)}")

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import AdapterpackError
+from ..text import printable
 
 ENV_DIR = "ADAPTERPACK_VLLM_DIR"
 ENV_CACHE = "ADAPTERPACK_VLLM_CACHE"
@@ -115,7 +116,7 @@ class ApackResolver:
             dest = self.cache_dir / self.folder_name(lora_name, digest)
             with read_any(path) as ad:
                 if ad.base_model != base_model_name:
-                    log.info("adapterpack: %s is for base model %r, not %r", path, ad.base_model, base_model_name)
+                    log.info("adapterpack: %s is for base model %r, not %r", printable(str(path)), ad.base_model, base_model_name)
                     return None
                 if (dest / "adapter_config.json").is_file() and (dest / "adapter_model.safetensors").is_file():
                     return dest
@@ -140,7 +141,7 @@ class ApackResolver:
         try:
             dest = await asyncio.to_thread(self.materialize, base_model_name, lora_name)
         except (AdapterpackError, OSError) as e:
-            log.warning("adapterpack: cannot serve %r: %s", lora_name, e)
+            log.warning("adapterpack: cannot serve %r: %s", lora_name, printable(str(e)))
             return None
         if dest is None:
             return None
