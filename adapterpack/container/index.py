@@ -24,12 +24,9 @@ from ..errors import (
     UnknownCodecError,
     UnknownDTypeError,
 )
+from ..limits import MAX_ADAPTER_NAME, MAX_BLOBS, MAX_NAME, MAX_NDIM
 from .preamble import align_up
 
-MAX_BLOBS = 1_000_000
-MAX_NDIM = 8
-MAX_NAME = 1024
-MAX_ADAPTER_NAME = 256
 MAX_INT = 2**53
 SMALL_BLOB = 4096
 SMALL_ALIGNMENT = 8
