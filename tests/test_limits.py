@@ -387,3 +387,34 @@ def test_literal_keys_follow_pythons_rule(key: str) -> None:
         "a",
     ]:
         assert matches(compile_key(key), name) == (re.match(rf"(.*\.)?({key})$", name) is not None), (key, name)
+
+
+# --- defect 6: a bank's shared bases, referenced by every member, are decoded once ------------------------
+
+
+def test_shared_bases_are_decoded_once_for_all_members(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every member of a bank references the same compressed U and V blobs; reading all members' ΔW decodes
+    each of them once (decoding per reference would amplify a small file's work by the member count)."""
+    from adapterpack.bank.store import Bank, BankMember, BankModule, write_bank
+    from adapterpack.codecs.base import Codec
+    from adapterpack.container import ApackReader
+
+    rng = np.random.default_rng(1)
+    u, v = np.tile([0.5, 1.0, -2.0], (200, 1)), np.tile([0.25, 3.0, 1.5], (150, 1))  # compressible: stored as zstd
+    members = [BankMember(f"m{j}", {"q": rng.standard_normal(3)}) for j in range(5)]
+    path = tmp_path / "bank.apack"
+    write_bank(path, Bank({"q": BankModule("q", u, v, "diagonal")}, members), codec="zstd")
+    decoded: list[int] = []
+    original = Codec.decode_new
+
+    def counting(self: Codec, stored: Any, length: int, itemsize: int) -> bytearray:
+        decoded.append(length)
+        return original(self, stored, length, itemsize)
+
+    monkeypatch.setattr(Codec, "decode_new", counting)
+    with ApackReader(path) as reader:
+        assert [b.codec_id for b in reader.blobs[:2]] == ["zstd", "zstd"]
+        for j, mem in enumerate(members):
+            got = reader.adapter(f"m{j}").delta("q")
+            np.testing.assert_allclose(got, (u * mem.S["q"]) @ v.T, rtol=1e-12)
+    assert sorted(decoded) == sorted([u.nbytes, v.nbytes])  # U and V once each (each member's 3 values of S are raw)
