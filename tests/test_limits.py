@@ -189,14 +189,14 @@ def empty_tensors_file(path: Path, count: int) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("count", "words"), [(1_100_000, "safetensors header of"), (200_000, "200000 tensors exceed the limit of 65536")]
+    ("count", "words"), [(1_100_000, "safetensors header of"), (200_000, "more than 65536 tensors, over the limit")]
 )
 def test_many_empty_tensors_are_refused_before_per_tensor_objects(tmp_path: Path, count: int, words: str) -> None:
     """The issue's files (71 MB / 1.1M and 200k empty tensors took 2.8 GB and 747 MB on main before being refused)."""
     path = empty_tensors_file(tmp_path / "many.safetensors", count)
     outcome, seconds, growth = bounded(path, timeout=120)
     assert outcome.startswith("InputError ") and words in outcome, outcome
-    assert seconds < 20 and growth < 400 << 10
+    assert seconds < 20 and growth < 200 << 10
 
 
 def safetensors_file(path: Path, header: dict[str, Any], data: bytes = b"") -> Path:
@@ -241,7 +241,7 @@ def test_every_safetensors_reader_checks_the_header_first(tmp_path: Path) -> Non
         adapterpack.open(folder)
     from adapterpack.importance import load_importance
 
-    with pytest.raises(errors.InputError, match="65537 tensors exceed the limit"):
+    with pytest.raises(errors.InputError, match="65537 tensors exceed the limit of 65536"):
         load_importance(folder / "adapter_model.safetensors")
 
 

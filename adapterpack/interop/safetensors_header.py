@@ -43,6 +43,10 @@ class Header:
     metadata: dict[str, str] | None
 
 
+class _TooManyObjects(Exception):
+    """The header holds more JSON objects than a header of the most tensors allowed can."""
+
+
 def _int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -89,8 +93,20 @@ def read_header(path: str | os.PathLike[str], error: type[InputError] = InputErr
         if n > MAX_SAFETENSORS_HEADER:
             raise InputError(f"{path}: safetensors header of {n} bytes exceeds the limit of {MAX_SAFETENSORS_HEADER}")
         text = f.read(n)
+    objects = 0
+
+    def count_objects(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        """Each JSON object as it is parsed: one per tensor, the header and its metadata; stop past the limit."""
+        nonlocal objects
+        objects += 1
+        if objects > MAX_SAFETENSORS_TENSORS + 2:
+            raise _TooManyObjects
+        return dict(pairs)
+
     try:
-        header = json.loads(text)
+        header = json.loads(text, object_pairs_hook=count_objects)
+    except _TooManyObjects:
+        raise InputError(f"{path}: more than {MAX_SAFETENSORS_TENSORS} tensors, over the limit") from None
     except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
         raise error(f"{path}: not a safetensors file (header is not JSON)") from None
     if not isinstance(header, dict):
