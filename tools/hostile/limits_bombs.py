@@ -4,8 +4,8 @@ Builds, in ``--work`` (default: a temporary folder, removed afterwards):
 
 - ``redos``: the bundled example adapter with ``rank_pattern`` / ``alpha_pattern`` key ``([a-z_.0-9]+)+X``;
 - ``nola-bomb.apack``: one rank-1 nola record on a [2^29-1, 2^29-1] weight (a few KiB);
-- ``empty-1100000.safetensors`` / ``empty-200000.safetensors``: empty float32 tensors named like kohya's
-  (``N.lora_down``), 73 MB and 13 MB;
+- ``empty-1100000.safetensors`` / ``empty-200000.safetensors``: empty float32 tensors in kohya pairs
+  (``N.lora_down.weight`` [1, 0], ``N.lora_up.weight`` [0, 1]), 84 MB and 15 MB;
 
 then runs the CLI on each under ``/usr/bin/time -v`` with a timeout (``--timeout``, default 120 s),
 from ``--repo`` (default: this checkout), so the same command measures another checkout, e.g. main.
@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -68,8 +70,10 @@ def build_nola_bomb(work: Path) -> Path:
 
 
 def build_empty_tensors(work: Path, count: int) -> Path:
-    entry = '"{0}.lora_down":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'
-    header = ("{" + ",".join(entry.format(i) for i in range(count)) + "}").encode()
+    """``count`` empty float32 tensors: kohya pairs ``N.lora_down.weight`` [1, 0] and ``N.lora_up.weight`` [0, 1]."""
+    entry = '"{0}.lora_{1}.weight":{{"dtype":"F32","shape":{2},"data_offsets":[0,0]}}'
+    pairs = (entry.format(i // 2, *(("down", [1, 0]), ("up", [0, 1]))[i % 2]).replace(" ", "") for i in range(count))
+    header = ("{" + ",".join(pairs) + "}").encode()
     path = work / f"empty-{count}.safetensors"
     path.write_bytes(struct.pack("<Q", len(header)) + header)
     return path
@@ -78,17 +82,21 @@ def build_empty_tensors(work: Path, count: int) -> Path:
 def measure(args: list[str], repo: Path, timeout: float) -> dict[str, object]:
     """Run ``python args...`` from ``repo`` under /usr/bin/time -v: exit status, seconds, peak RSS, last stderr line."""
     start = time.perf_counter()
+    # a process group of its own, so that a timeout kills the measured Python too, not only /usr/bin/time
+    cmd = ["/usr/bin/time", "-v", sys.executable, *args]
+    proc = subprocess.Popen(cmd, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        res = subprocess.run(
-            ["/usr/bin/time", "-v", sys.executable, *args], cwd=repo, capture_output=True, text=True, timeout=timeout
-        )
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return {
             "exit": "timeout",
             "seconds": round(time.perf_counter() - start, 1),
             "max_rss_mb": None,
             "said": f"killed after {timeout} s",
         }
+    res = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr)
     lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith(("\t", "Command exited"))]
     said = (lines[-1] if lines else res.stdout.strip().splitlines()[-1:] or [""])[:200]
