@@ -7,6 +7,7 @@ a file reads only the index, and asking for one module reads only its blobs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from . import dtypes
-from .errors import AdapterNotFoundError
+from .errors import AdapterNotFoundError, SizeLimitError
+from .limits import MAX_DELTA_ELEMENTS
 
 
 @dataclass
@@ -118,7 +120,16 @@ class Module:
         For a DoRA record (``params["dora"]``) this is only the direction update ``s·B·A``, as
         PEFT's ``get_delta_weight`` returns it: the adapted weight is NOT ``W + delta()`` but
         ``magnitude ⊙ (W + ΔW) / ‖W + ΔW‖`` (spec §6.1), which needs the base weight.
+
+        A ΔW of more than :data:`~adapterpack.limits.MAX_DELTA_ELEMENTS` elements is refused
+        (SizeLimitError) before anything is read or allocated: no bytes of a file back its size.
         """
+        size = math.prod(self.base_shape)
+        if size > MAX_DELTA_ELEMENTS:
+            raise SizeLimitError(
+                f"module {self.name!r}: a dense ΔW of shape {list(self.base_shape)} holds {size} elements "
+                f"({size * 4} bytes in float32), over the limit of {MAX_DELTA_ELEMENTS} elements"
+            )
         return self.implementation.delta(self)
 
     def summary(self) -> dict[str, Any]:

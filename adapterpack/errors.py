@@ -105,6 +105,10 @@ class OutputExistsError(ConversionError):
     """The output path already exists and overwriting was not asked for (``--force``)."""
 
 
+class SizeLimitError(AdapterpackError):
+    """A result that no bytes of the file back (a dense ΔW) would exceed a limit of spec §7."""
+
+
 class BankError(AdapterpackError):
     """An adapter bank cannot be built, extended or read as asked."""
 

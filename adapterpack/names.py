@@ -8,9 +8,9 @@ every exporter refuses to write such a name, so no output holds a name the other
 from __future__ import annotations
 
 from .errors import AdapterpackError
+from .limits import MAX_ADAPTER_NAME, MAX_NAME
 
-MAX_NAME = 1024
-MAX_ADAPTER_NAME = 256
+__all__ = ["MAX_ADAPTER_NAME", "MAX_NAME", "check_name", "name_problem"]
 
 
 def name_problem(name: str, limit: int = MAX_NAME) -> str | None:

@@ -41,6 +41,7 @@ from adapterpack.errors import (
     LengthMismatchError,
     RankError,
     RecordError,
+    SizeLimitError,
     TruncatedFileError,
     UnknownCodecError,
     UnknownDTypeError,
@@ -287,6 +288,12 @@ CASES = [
     Case("empty-shape-too-large", blob(0, shape=[2**52, 2**10, 0], length=0, stored_length=0), IndexFormatError, r"too large"),
     Case("crc-not-32-bit", blob(0, crc32c=2**32), IndexFormatError, r"crc32c 4294967296 is not a 32-bit value"),
     Case("blob-not-object", edit(lambda p: p.index["blobs"].__setitem__(0, [])), IndexFormatError, r"blob 0: must be an object"),
+    Case(
+        "too-many-blobs",
+        edit(lambda p: p.index.update(blobs=[0] * 1_000_001)),
+        IndexFormatError,
+        r"index lists 1000001 blobs, over the limit of 1000000",
+    ),
     Case(
         "unknown-dtype",
         blob(0, dtype="float8_e4m3"),
@@ -725,3 +732,114 @@ def test_builders_reproduce_the_writer(tmp_path: Path) -> None:
         path = tmp_path / f"{codec}.apack"
         write_apack(path, compressible_adapter(), codec=codec)
         assert split(path.read_bytes()).build() == path.read_bytes()
+
+
+# --- limits of spec §7: sizes no bytes back ----------------------------------------------------------------
+
+BIG = 2**29 - 1  # the issue's size bomb: a [2^29-1, 2^29-1] weight
+WIDE = 1 << 16  # a WIDE x WIDE weight is 2^32 elements, over the dense-ΔW limit, from 2^16-element factors
+
+
+def _nola(out: int, inp: int, k_a: int = 3) -> Module:
+    p = {
+        "generator": "philox4x32-10",
+        "generator_version": 1,
+        "seed": 5,
+        "stream": 0,
+        "rank": 1,
+        "k_A": k_a,
+        "k_B": 2,
+        "scale": 1.0,
+    }
+    return Module("n", "nola", (out, inp), p, {"alpha": np.zeros(k_a, np.float32), "beta": np.zeros(2, np.float32)})
+
+
+def _edited(module: Module, base_shape: list[int], **params: object) -> Callable[[Path], Path]:
+    """``module`` written (zstd), then its base_shape and params edited in the index, as a hostile writer can."""
+
+    def make(tmp: Path) -> Path:
+        src = tmp / "src.apack"
+        adapterpack.save(Adapter(modules={module.name: module}), src, codec="zstd")
+        parts = split(src.read_bytes())
+        record = parts.index["adapters"][0]["modules"][0]
+        record["base_shape"] = base_shape
+        record["params"].update(params)
+        return write(tmp / "bomb.apack", parts.build(minor=parts.minor))
+
+    return make
+
+
+def _written(module: Module) -> Callable[[Path], Path]:
+    """``module`` written as it is (zstd): an honest record whose factors are small and whose ΔW is not."""
+
+    def make(tmp: Path) -> Path:
+        path = tmp / "big.apack"
+        adapterpack.save(Adapter(modules={module.name: module}), path, codec="zstd")
+        return path
+
+    return make
+
+
+def _zeros(*shape: int) -> np.ndarray:
+    return np.zeros(shape, np.float32)
+
+
+SIZE_CASES = [
+    ("nola-factors", _edited(_nola(6, 10), [BIG, BIG]), RankError, r"makes A and B hold 1073741822 elements, over the limit"),
+    ("nola-rank", _edited(_nola(6, 10), [6, 10], rank=7), RankError, r"rank 7 exceeds min\(out, in\) = 6"),
+    ("nola-generated", _edited(_nola(64, 64, 1 << 20), [4096, 4096], rank=16), RecordError, r"random values, over the limit"),
+    (
+        "lora-delta",
+        _written(Module("m", "lora", (WIDE, WIDE), {"rank": 1, "alpha": 1.0}, {"A": _zeros(1, WIDE), "B": _zeros(WIDE, 1)})),
+        SizeLimitError,
+        r"module 'm': a dense ΔW of shape \[65536, 65536\] holds 4294967296 elements",
+    ),
+    (
+        "svd-rank0-delta",
+        _written(Module("m", "svd", (BIG, BIG), {"rank": 0}, {"S": _zeros(0), "Ut": _zeros(0, BIG), "Vt": _zeros(0, BIG)})),
+        SizeLimitError,
+        r"holds 288230375077969921 elements",
+    ),
+    (
+        "shared-delta",
+        _written(
+            Module(
+                "m",
+                "shared",
+                (WIDE, WIDE),
+                {"rank": 1, "form": "diagonal"},
+                {"U": _zeros(WIDE, 1), "V": _zeros(WIDE, 1), "S": _zeros(1)},
+            )
+        ),
+        SizeLimitError,
+        r"over the limit of 2147483648 elements",
+    ),
+    (
+        "nola-delta",
+        _edited(_nola(6, 10), [WIDE, WIDE]),
+        SizeLimitError,
+        r"a dense ΔW of shape \[65536, 65536\]",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "error", "match"), [c[1:] for c in SIZE_CASES], ids=[c[0] for c in SIZE_CASES])
+def test_size_bombs_are_refused_before_allocating(make: Callable[[Path], Path], error: type, match: str, tmp_path: Path) -> None:
+    """Records whose sizes no bytes back (spec §7): refused on open, or when their ΔW is asked for, with tracemalloc's
+    peak far below what they claim."""
+    path = make(tmp_path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(AdapterpackError) as info:
+            for ad in load_everything(path):
+                for m in ad:
+                    m.delta()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert type(info.value) is error, f"{type(info.value).__name__}: {info.value}"
+    assert re.search(match, str(info.value)), str(info.value)
+    assert info.value.__cause__ is None and "\n" not in str(info.value)
+    assert peak < 16 << 20, f"peak {peak} bytes"
+    if error is SizeLimitError:  # the file itself is valid: the fuzz target's ΔW pass expects exactly this refusal
+        load_everything(path, delta_limit=1 << 16)

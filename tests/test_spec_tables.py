@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adapterpack import codecs, dtypes, encodings, errors
+from adapterpack import codecs, dtypes, encodings, errors, limits
 from adapterpack.adapter import Module
 from adapterpack.codecs import zstd
 from adapterpack.container import index, preamble
@@ -177,19 +177,46 @@ def test_lora_slots_table() -> None:
     assert spec == encodings.get_encoding("lora").slots
 
 
-# --- §7 limits (not marked checked, but they are constants in the code) -----------------------------------
+# --- §7 limits: every row's value is its constant in adapterpack/limits.py, every constant has a row -------
 
 
-def test_limits_table() -> None:
-    rows = {r["limit"]: r["value"] for r in table("7. Limits")}
-    assert rows["index length"] == "64 MiB" and preamble.MAX_INDEX_LENGTH == 64 << 20
-    assert int(rows["blobs"].replace(",", "")) == index.MAX_BLOBS
-    assert int(rows["dimensions per tensor"]) == index.MAX_NDIM
-    names = re.fullmatch(r"([\d,]+) code points \(adapters: (\d+)\)", rows["name length"])
-    assert names is not None
-    assert (int(names[1].replace(",", "")), int(names[2])) == (index.MAX_NAME, index.MAX_ADAPTER_NAME)
-    assert rows["zstd window"] == "128 MiB" and zstd.MAX_WINDOW == 128 << 20
-    assert rows["zstd blocks per frame"] == "content size + 1"
+def _limit_value(text: str) -> list[int]:
+    """The numbers a value cell states: ``64 MiB``, ``1,000,000``, ``2^28``, ``1,024 code points (adapters: 256)``."""
+    out = []
+    for num, power, unit in re.findall(r"([\d,]+)(?:\^(\d+))?(?: (MiB))?", text):
+        value = int(num.replace(",", ""))
+        out.append(value ** int(power) if power else value << 20 if unit else value)
+    return out
+
+
+@pytest.mark.parametrize("heading", ["7. Limits", "7.1 Limits of adapterpack's importers"])
+def test_limits_table(heading: str) -> None:
+    rows = table(heading)
+    assert {r["rule"] for r in rows} <= {"MUST", "MAY"}
+    for r in rows:
+        assert issubclass(getattr(errors, r["error"]), errors.AdapterpackError), r
+        if not r["constant"]:
+            assert r["value"] == "content size + 1"  # zstd blocks: a bound per frame, checked in codecs/zstd.py
+            continue
+        constants = [getattr(limits, c.strip()) for c in r["constant"].split(",")]
+        assert _limit_value(r["value"])[: len(constants)] == constants, r
+    assert table("7. Limits")[0]["error"] == "IndexTooLargeError" and preamble.MAX_INDEX_LENGTH is limits.MAX_INDEX_LENGTH
+    assert (index.MAX_BLOBS, index.MAX_NDIM, zstd.MAX_WINDOW, zstd.MAX_RATIO) == (
+        limits.MAX_BLOBS,
+        limits.MAX_NDIM,
+        limits.MAX_ZSTD_WINDOW,
+        limits.MAX_ZSTD_RATIO,
+    )
+
+
+def test_every_limit_is_in_the_spec() -> None:
+    named = {
+        c.strip()
+        for h in ("7. Limits", "7.1 Limits of adapterpack's importers")
+        for r in table(h)
+        for c in r["constant"].split(",")
+    }
+    assert {k for k in vars(limits) if k.startswith("MAX_")} == named - {""}
 
 
 # --- §10 errors ----------------------------------------------------------------------------------------

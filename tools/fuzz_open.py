@@ -6,7 +6,10 @@ json, struct or zstd traceback escaping the reader). Run from the repository roo
     python -m tools.fuzz_open --seconds 60          # atheris (coverage-guided), when installed
     python -m tools.fuzz_open --hypothesis 5000     # N random mutations with Hypothesis, no atheris
 
-Both start from small valid files covering every codec, layout, DoRA and a two-adapter index.
+Both start from small valid files covering every codec, every encoding (lora with each layout and
+DoRA, svd, nola, shared) and a multi-adapter index. The limits of spec §7 are exercised: a ΔW is
+computed for small modules, and for modules beyond the dense-ΔW limit ``delta()`` must refuse
+(SizeLimitError) without allocating; anything else escaping is a crash.
 Half of the mutated inputs get their index CRC-32C recomputed, so the JSON, schema and layout
 checks see the damage instead of stopping at the checksum. Crashing inputs are written to
 ``--crash-dir`` (default ``fuzz-crashes/``).
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import random
 import struct
@@ -35,7 +39,8 @@ import adapterpack
 from adapterpack.adapter import Adapter, Module, as_array
 from adapterpack.checksum import crc32c
 from adapterpack.container import ApackReader
-from adapterpack.errors import AdapterpackError
+from adapterpack.errors import AdapterpackError, SizeLimitError
+from adapterpack.limits import MAX_DELTA_ELEMENTS
 
 CODECS = ("raw", "zstd", "byteplanes")
 #: ΔW is computed for modules whose base weight has at most this many elements.
@@ -49,8 +54,35 @@ def _lora(name: str, rank: int, out_f: int, in_f: int, dtype: Any, seed: int, **
     return Module(name, "lora", (out_f, in_f), {"rank": rank, "alpha": 2 * rank, **params}, {"A": a, "B": b})
 
 
+def _encodings(rng: np.random.Generator) -> Adapter:
+    """One small record of each other encoding: svd (rank 2, a prefix-readable spectrum), nola (seeded bases), shared."""
+    svd = Module(
+        "svd",
+        "svd",
+        (6, 5),
+        {"rank": 2},
+        {
+            "S": np.array([2.0, 0.5], np.float32),
+            "Ut": rng.standard_normal((2, 6)).astype(np.float32),
+            "Vt": rng.standard_normal((2, 5)).astype(np.float32),
+        },
+    )
+    nola_params = {"generator": "philox4x32-10", "generator_version": 1, "seed": 11, "stream": 2, "rank": 2, "k_A": 3, "k_B": 4}
+    nola = Module(
+        "nola",
+        "nola",
+        (8, 6),
+        nola_params | {"scale": 0.5},
+        {"alpha": rng.standard_normal(3).astype(np.float32), "beta": rng.standard_normal(4).astype(np.float16)},
+    )
+    u, v = rng.standard_normal((4, 2)).astype(np.float32), rng.standard_normal((3, 2)).astype(np.float32)
+    shared = Module("shared", "shared", (4, 3), {"rank": 2, "form": "full"}, {"U": u, "V": v, "S": np.eye(2, dtype=np.float32)})
+    return Adapter("encodings", modules={m.name: m for m in (svd, nola, shared)})
+
+
 def seed_adapters() -> list[Adapter]:
-    """Two adapters: plain linear modules (compressible), and conv + embedding + DoRA/rsLoRA + pass-through."""
+    """Three adapters: plain linear modules (compressible); conv + embedding + DoRA/rsLoRA + pass-through;
+    one record each of svd, nola and shared."""
     plain = Adapter(
         "plain",
         base_model="tiny/base",
@@ -72,7 +104,7 @@ def seed_adapters() -> list[Adapter]:
         tensors={"ids": np.arange(5, dtype=np.int64), "mask": np.array([True, False, True])},
         source={"format": "peft", "config": {"r": 2}},
     )
-    return [plain, extra]
+    return [plain, extra, _encodings(np.random.default_rng(6))]
 
 
 @functools.lru_cache(maxsize=1)
@@ -100,7 +132,9 @@ def load_everything(path: Path, verify: bool = True, delta_limit: int = 0) -> li
     """Open, build every adapter and decode every tensor: what a user of the file would do.
 
     With ``delta_limit``, also compute ΔW of every module whose base weight has at most that
-    many elements (a damaged alpha may make inf * 0 there: a value, not a crash).
+    many elements (a damaged alpha may make inf * 0 there: a value, not a crash), and ask for
+    the ΔW of every module beyond the spec's dense-ΔW limit: it must be refused with
+    SizeLimitError before anything is allocated (an AssertionError, a crash, otherwise).
     """
     reader = ApackReader(path, verify=verify)
     out = []
@@ -109,9 +143,17 @@ def load_everything(path: Path, verify: bool = True, delta_limit: int = 0) -> li
         for m in ad:
             for slot in m.tensors:
                 m.array(slot)
-            if float(np.prod(m.base_shape, dtype=np.float64)) <= delta_limit:
+            size = math.prod(m.base_shape)
+            if size <= delta_limit:
                 with np.errstate(all="ignore"):
                     m.delta()
+            elif delta_limit and size > MAX_DELTA_ELEMENTS:
+                try:
+                    m.delta()
+                except SizeLimitError:
+                    pass
+                else:
+                    raise AssertionError(f"module {m.name!r}: a ΔW of {size} elements was not refused")
         for t in ad.tensors.values():
             as_array(t)
         out.append(ad)
@@ -166,8 +208,9 @@ def rebuild(raw: bytes, index: Any) -> bytes:
 
 
 INTERESTING: list[Any] = [-1, 0, 1, 2, 3, 7, 8, 255, 256, 4096, 2**31, 2**32, 2**53 - 1, 2**53, 2**63, 2**64, 10**400]
+INTERESTING += [2**16, 2**28, 2**29 - 1, 2**31 + 1, 2**34]  # around the limits of spec §7
 INTERESTING += [0.5, -0.0, 1e308, 1e-320, float("nan"), float("inf"), None, True, False, [], {}]
-INTERESTING += ["", "raw", "zstd", "byteplanes", "lora", "float16", "bool", "conv", "embedding", "x"]
+INTERESTING += ["", "raw", "zstd", "byteplanes", "lora", "svd", "nola", "shared", "float16", "bool", "conv", "embedding", "x"]
 KEYS = ["id", "name", "blob", "x"]
 
 

@@ -13,12 +13,10 @@ from typing import Any
 import zstandard
 
 from ..errors import CodecError
+from ..limits import MAX_ZSTD_RATIO as MAX_RATIO  # Zstandard cannot expand more: an RLE block is 4 bytes for 128 KiB
+from ..limits import MAX_ZSTD_WINDOW as MAX_WINDOW
 from .base import Codec, register_codec
 
-#: Largest window a reader accepts (spec §5.1).
-MAX_WINDOW = 128 << 20
-#: Zstandard cannot expand more than this: an RLE block is 4 bytes for at most 128 KiB.
-MAX_RATIO = 32768
 DEFAULT_LEVEL = 3
 
 

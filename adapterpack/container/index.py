@@ -25,15 +25,13 @@ from ..errors import (
     UnknownCodecError,
     UnknownDTypeError,
 )
-from ..names import MAX_ADAPTER_NAME, MAX_NAME, name_problem
+from ..limits import MAX_ADAPTER_NAME, MAX_BLOBS, MAX_JSON_DEPTH, MAX_NAME, MAX_NDIM
+from ..names import name_problem
 from . import prefix
 from .preamble import align_up
 
-MAX_BLOBS = 1_000_000
-MAX_NDIM = 8
 MAX_INT = 2**53
-#: Deepest nesting of JSON arrays and objects an index may have (spec §2; the top-level object is depth 1).
-MAX_DEPTH = 64
+MAX_DEPTH = MAX_JSON_DEPTH
 SMALL_BLOB = 4096
 SMALL_ALIGNMENT = 8
 LARGE_ALIGNMENT = 256

@@ -6,12 +6,12 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import BadMagicError, IndexFormatError, IndexTooLargeError, TruncatedFileError, UnsupportedVersionError
+from ..limits import MAX_INDEX_LENGTH
 
 MAGIC = b"\x89APK\r\n\x1a\n"
 MAJOR = 1
 MINOR = 2
 PREAMBLE_SIZE = 32
-MAX_INDEX_LENGTH = 64 << 20
 MIN_INDEX_LENGTH = 2
 #: Flag bits 0–15 are must-understand; 1.0 defines none.
 KNOWN_MUST_UNDERSTAND_FLAGS = 0

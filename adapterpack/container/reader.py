@@ -56,6 +56,8 @@ class ApackReader:
         self._verified: set[int] = set()
         #: blob -> rows of its longest prefix checkpoint checked so far (rank-j reads of raw blobs)
         self._verified_rows: dict[int, int] = {}
+        self._shared: set[int] = set()
+        self._decoded: dict[int, np.ndarray] = {}
         self._mm: mmap.mmap | None = None
         self._users = 0  # adapters handed out and not yet closed (see adapter())
         try:
@@ -83,7 +85,9 @@ class ApackReader:
     # --- index-level checks ----------------------------------------------------------------------
 
     def _check_references(self) -> None:
-        check_references(self.index)
+        refs = check_references(self.index)
+        # compressed blobs that several records reference (a bank's U and V) are decoded once and kept
+        self._shared = {i for i, n in refs.items() if n > 1 and self.index.blobs[i].codec_id != "raw"}
 
     # --- blobs ----------------------------------------------------------------------------------
 
@@ -97,8 +101,18 @@ class ApackReader:
         return memoryview(self._mm)[start : start + b.stored_length]
 
     def read_blob(self, i: int) -> np.ndarray:
-        """Blob ``i`` decoded as a numpy array (read-only view for raw blobs)."""
-        return self._read(i, self.verify_checksums)
+        """Blob ``i`` decoded as a numpy array (read-only view for raw blobs).
+
+        A compressed blob that several records reference is decoded once and the read-only array
+        kept, so reading every member of a bank decodes its shared bases once, not once per member.
+        """
+        if i in self._decoded:
+            return self._decoded[i]
+        arr = self._read(i, self.verify_checksums)
+        if i in self._shared:
+            arr.flags.writeable = False
+            self._decoded[i] = arr
+        return arr
 
     def _read(self, i: int, check_crc: bool) -> np.ndarray:
         if self._mm is None:
@@ -230,6 +244,7 @@ class ApackReader:
     def close(self) -> None:
         """Release the mmap (views still held keep it alive until they go)."""
         mm, self._mm = self._mm, None
+        self._decoded.clear()
         if mm is not None:
             try:
                 mm.close()

@@ -6,6 +6,7 @@ to write, so the writer can never produce a file the reader refuses.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -36,20 +37,24 @@ def _named_entries(entries: list[Any], kind: str, where: str) -> list[tuple[str,
     return out
 
 
-def check_references(index: Index) -> None:
-    """Module and tensor entries well formed, uniquely named, referencing existing blobs; every blob referenced."""
+def check_references(index: Index) -> Counter[int]:
+    """Module and tensor entries well formed, uniquely named, referencing existing blobs; every blob referenced.
+
+    Returns how many records and tensor entries reference each blob (a bank's U and V: one per member).
+    """
     n_blobs = len(index.blobs)
-    used: set[int] = set()
+    used: Counter[int] = Counter()
     for a in index.adapters:
         aw = f"adapter {a['name']!r}"
         for name, m in _named_entries(get(a, "modules", list, aw), "module", aw):
             for slot, ref in get(m, "tensors", dict, f"{aw} module {name!r}").items():
-                used.add(_blob_ref(ref, n_blobs, f"{aw} module {name!r} tensor {slot!r}"))
+                used[_blob_ref(ref, n_blobs, f"{aw} module {name!r} tensor {slot!r}")] += 1
         for name, t in _named_entries(get(a, "tensors", list, aw, []), "tensor", aw):
-            used.add(_blob_ref(t.get("blob"), n_blobs, f"{aw} tensor {name!r}"))
-    unused = set(range(n_blobs)) - used
+            used[_blob_ref(t.get("blob"), n_blobs, f"{aw} tensor {name!r}")] += 1
+    unused = set(range(n_blobs)) - set(used)
     if unused:
         raise IndexFormatError(f"blob {min(unused)} is not referenced by any record ({len(unused)} unreferenced)")
+    return used
 
 
 def build_adapter(raw: dict[str, Any], blobs: list[BlobEntry], tensor: Callable[[int], TensorLike]) -> Adapter:

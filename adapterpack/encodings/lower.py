@@ -13,7 +13,8 @@ import numpy as np
 
 from .. import dtypes
 from ..adapter import Adapter, Module, tensor_info
-from ..errors import ConversionError
+from ..errors import ConversionError, SizeLimitError
+from ..limits import MAX_FACTOR_ELEMENTS
 from ..linalg.lowrank import spectrum_of
 from .factors import Factors
 from .svd import from_spectrum
@@ -38,6 +39,11 @@ def lora_from_factors(name: str, f: Factors, *, dtype: str) -> Module:
     np_dt = dtypes.by_name(dtype).numpy
     a, b = f.A, f.B
     if f.rank == 0:
+        if a.shape[1] + b.shape[0] > MAX_FACTOR_ELEMENTS:  # the zero factors are not backed by any bytes
+            raise SizeLimitError(
+                f"module {name!r}: a rank-0 ΔW of shape {list(f.base_shape)} as lora needs {a.shape[1] + b.shape[0]} "
+                f"zero factor elements, over the limit of {MAX_FACTOR_ELEMENTS}"
+            )
         a, b = np.zeros((1, a.shape[1]), a.dtype), np.zeros((b.shape[0], 1), b.dtype)
     r = int(a.shape[0])
     params: dict[str, Any] = {"rank": r, "alpha": float(f.scale) * r}

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..adapter import tensor_info
 from ..errors import GeneratorError, RankError, RecordError
+from ..limits import MAX_FACTOR_ELEMENTS, MAX_NOLA_GENERATED
 from ..rng.basis import (
     DEFAULT_BUDGET,
     GENERATOR_ID,
@@ -69,11 +70,6 @@ class NolaShape:
     transpose: bool
 
 
-#: Largest decoded A plus B a reader accepts (spec/nola.md §1): 4 GiB in float32, far above real adapters
-#: (rank 512 on a 128256×4096 embedding is 2^26), far below what a few-byte record could otherwise demand.
-MAX_FACTOR_ELEMENTS = 1 << 30
-
-
 def nola_shape(module: Module) -> NolaShape:
     """Validate ``module`` from its params and tensor shapes alone (no data read)."""
     where = f"module {module.name!r}"
@@ -105,10 +101,19 @@ def nola_shape(module: Module) -> NolaShape:
     if len(base) != 2:
         raise RecordError(f"{where}: nola needs a 2-D base_shape, got {list(base)}")
     out, inp = (base[1], base[0]) if fifo else base
-    if rank > min(out, inp) or rank * (out + inp) > MAX_FACTOR_ELEMENTS:
-        # nothing in the file backs the decoded size (bases come from the seed): bound it by the weight's shape
+    # nothing in the file backs the decoded size or the generator's work (bases come from the seed): bound both (spec §7)
+    if rank > min(out, inp):
+        raise RankError(f"{where}: rank {rank} exceeds min(out, in) = {min(out, inp)}")
+    if rank * (out + inp) > MAX_FACTOR_ELEMENTS:
         raise RankError(
-            f"{where}: rank {rank} exceeds min(out, in) = {min(out, inp)} or makes A and B hold more than 2^30 elements"
+            f"{where}: rank {rank} on a {out}x{inp} weight makes A and B hold {rank * (out + inp)} elements, "
+            f"over the limit of {MAX_FACTOR_ELEMENTS}"
+        )
+    generated = rank * (k_a * inp + k_b * out)
+    if generated > MAX_NOLA_GENERATED:
+        raise RecordError(
+            f"{where}: k_A {k_a}, k_B {k_b} at rank {rank} on a {out}x{inp} weight need {generated} random values, "
+            f"over the limit of {MAX_NOLA_GENERATED}"
         )
     for slot, k in (("alpha", k_a), ("beta", k_b)):
         dt, sh = tensor_info(module.tensors[slot])

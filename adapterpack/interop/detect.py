@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from pathlib import Path
 
 from ..container.preamble import MAGIC
 from ..errors import UnrecognizedInputError
-
-#: Largest safetensors header we read to sniff key names.
-MAX_SAFETENSORS_HEADER = 100 << 20
+from .safetensors_header import read_header
 
 
 def safetensors_keys(path: Path) -> list[str]:
-    """Tensor names in a safetensors file, read from its header only."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise UnrecognizedInputError(f"{path}: too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_SAFETENSORS_HEADER or n > os.fstat(f.fileno()).st_size:
-            raise UnrecognizedInputError(f"{path}: not a safetensors file (header length {n})")
-        try:
-            header = json.loads(f.read(n))
-        except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than Python's stack
-            raise UnrecognizedInputError(f"{path}: not a safetensors file (header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise UnrecognizedInputError(f"{path}: not a safetensors file")
-    return [k for k in header if k != "__metadata__"]
+    """Tensor names in a safetensors file, read from its checked header only."""
+    return list(read_header(path, UnrecognizedInputError).tensors)
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:

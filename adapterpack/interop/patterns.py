@@ -3,8 +3,9 @@
 PEFT (``peft.utils.other.get_pattern_key``, 0.21) picks, for a module called ``name``, the first
 pattern key ``k`` in dict order for which ``re.match(rf"(.*\\.)?({k})$", name)`` succeeds; the
 module's rank is ``rank_pattern[k]`` (else ``r``), its alpha ``alpha_pattern[k]`` (else
-``lora_alpha``). We mirror that rule exactly so that the ranks and scales we read are the ones
-PEFT would build, and we write patterns that PEFT resolves back to the same values.
+``lora_alpha``). We mirror that rule exactly (its answer, found in bounded time by :mod:`.regex_match`)
+so that the ranks and scales we read are the ones PEFT would build, and we write patterns that
+PEFT resolves back to the same values.
 """
 
 from __future__ import annotations
@@ -15,16 +16,22 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..errors import InputError
+from .regex_match import UnsupportedPattern, pattern_matches
 
 
 def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
-    """The first pattern matching ``key_to_match`` as PEFT matches it, else ``key_to_match`` itself."""
+    """The first pattern matching ``key_to_match`` as PEFT matches it, else ``key_to_match`` itself.
+
+    Matched in bounded time (:mod:`.regex_match`); a key it refuses is an InputError naming it.
+    """
     for key in pattern_keys:
         try:
-            if re.match(rf"(.*\.)?({key})$", key_to_match):
+            if pattern_matches(key, key_to_match):
                 return key
         except re.error as e:
-            raise InputError(f"adapter_config.json: pattern {key!r} is not a valid regular expression ({e})") from None
+            raise InputError(f"adapter_config.json: pattern {key!r:.200} is not a valid regular expression ({e})") from None
+        except UnsupportedPattern as e:
+            raise InputError(f"adapter_config.json: pattern {key!r:.200} {e}") from None
     return key_to_match
 
 

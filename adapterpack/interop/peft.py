@@ -38,6 +38,7 @@ from ..errors import AdapterpackError, ConversionError, InputError, RecordError,
 from . import source as src_
 from .export import StateDict, lora_records, pass_through
 from .patterns import build_patterns, most_common, resolve
+from .safetensors_header import read_header
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -146,9 +147,17 @@ def _number(value: Any, what: str, where: str, error: type[AdapterpackError]) ->
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str] | None]:
-    """All tensors of a safetensors file as numpy (bf16 as ml_dtypes.bfloat16) and its metadata."""
+    """All tensors of a safetensors file as numpy (bf16 as ml_dtypes.bfloat16) and its metadata.
+
+    The header is checked first (:func:`~.safetensors_header.read_header`: limits, shapes, byte ranges),
+    so ``safetensors`` only ever builds objects for a bounded number of consistent tensors.
+    """
     from safetensors import safe_open
 
+    try:
+        read_header(path)
+    except InputError as e:
+        raise InputError(f"{path}: cannot read safetensors file ({str(e).removeprefix(f'{path}: ')})") from None
     try:
         with safe_open(path, framework="np") as f:
             meta = f.metadata()

@@ -20,9 +20,7 @@ from typing import Any
 
 from ..adapter import Adapter
 from ..errors import ConversionError, InputError
-
-#: Most dimensions a recorded shape may have (safetensors' own tensors have far fewer).
-MAX_NDIM = 8
+from ..limits import MAX_NDIM
 
 
 def json_metadata(meta: dict[str, str], key: str, path: Path) -> dict[str, Any]:

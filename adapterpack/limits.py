@@ -1,0 +1,65 @@
+"""Every size limit of spec/format.md §7, in one place (the spec's table is checked against these).
+
+A file's blobs back their own sizes with bytes (and a codec can expand its bytes at most
+:data:`MAX_ZSTD_RATIO` times), but some sizes are only numbers in an index or a config: the
+dense ΔW of a record (``prod(base_shape)``), the factors a ``nola`` record regenerates and the
+random values it generates on the way, a regular expression's matching work, a safetensors
+header's tensor count. Each of those is bounded here, so that a few bytes can never demand
+gigabytes or hours. This module imports nothing from the package: every layer may use it.
+"""
+
+from __future__ import annotations
+
+# --- the .apack container: checked when a file is opened (MUST) ------------------------------------
+
+#: Largest index (bytes), from the preamble alone.
+MAX_INDEX_LENGTH = 64 << 20
+#: Most blobs an index may list.
+MAX_BLOBS = 1_000_000
+#: Most dimensions of a blob's shape or of a base_shape.
+MAX_NDIM = 8
+#: Deepest nesting of JSON arrays and objects an index may have (the top-level object is depth 1).
+MAX_JSON_DEPTH = 64
+#: Longest module or tensor name, in code points.
+MAX_NAME = 1024
+#: Longest adapter name, in code points.
+MAX_ADAPTER_NAME = 256
+
+# --- codecs: checked before a blob is decoded (MAY; adapterpack enforces them) ----------------------
+
+#: Largest Zstandard window.
+MAX_ZSTD_WINDOW = 128 << 20
+#: Largest decoded size of a compressed blob as a multiple of its stored size (Zstandard cannot expand more).
+MAX_ZSTD_RATIO = 32768
+
+# --- sizes no bytes back ---------------------------------------------------------------------------
+
+#: Most elements of a dense ΔW (``prod(base_shape)``): refused by ``delta()`` before allocating
+#: (8 GiB of float32; a 128256 × 16384 embedding is 2.1e9).
+MAX_DELTA_ELEMENTS = 1 << 31
+#: Most elements of factors no bytes back, A and B together: a nola record's regenerated ``rank · (out + in)``
+#: (checked on open), the rank-1 zero factors ``out + in`` a rank-0 record becomes when lowered to lora.
+MAX_FACTOR_ELEMENTS = 1 << 28
+#: Most random values one nola record's decode may generate (``k_A · rank · in + k_B · rank · out``), checked on open.
+MAX_NOLA_GENERATED = 1 << 34
+
+# --- other people's files: checked before anything per tensor is built ---------------------------
+
+#: Largest safetensors header (bytes).
+MAX_SAFETENSORS_HEADER = 16 << 20
+#: Most tensors a safetensors file may hold.
+MAX_SAFETENSORS_TENSORS = 65_536
+#: Longest safetensors tensor name (code points): a module name of :data:`MAX_NAME` plus PEFT's prefixes.
+MAX_SAFETENSORS_NAME = 2 * MAX_NAME
+
+# --- PEFT rank_pattern / alpha_pattern keys -------------------------------------------------------
+
+#: Longest pattern key (code points): an anchored, escaped module name of :data:`MAX_NAME` fits.
+MAX_PATTERN_LENGTH = 4 * MAX_NAME
+#: Longest module name a pattern is matched against (code points).
+MAX_PATTERN_SUBJECT = MAX_NAME
+#: Largest counted repetition ``{m,n}`` in a pattern key (``n`` when bounded, else ``m``).
+MAX_PATTERN_REPEAT = 1000
+#: Most node evaluations one pattern match may take (each a few operations on integers of at most
+#: :data:`MAX_PATTERN_SUBJECT` bits): well under a second.
+MAX_PATTERN_STEPS = 200_000

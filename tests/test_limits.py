@@ -1,0 +1,420 @@
+"""The limits of spec §7 hold: sizes no bytes back, safetensors headers and PEFT pattern keys are
+refused (or matched) in bounded time and memory, with the exact adapterpack error.
+
+Each hostile input runs in a child process whose address space is capped at 1 GiB above what
+it holds after its imports, with a timeout: a refusal that allocates first, or a match that
+backtracks, fails the test instead of exhausting the machine.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import adapterpack
+from adapterpack import errors, limits
+from adapterpack.adapter import Adapter, Module
+from adapterpack.encodings.lower import as_lora
+from adapterpack.interop.patterns import get_pattern_key, resolve
+from adapterpack.interop.regex_match import compile_key, matches
+from tests.apack_builders import split
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "adapterpack" / "examples" / "smollm2-pydoc-lora"
+N = 2**29 - 1  # the issue's size bomb: a base weight of 2.9e17 elements
+
+BOUNDED = """
+import resource, sys, time
+sys.path.insert(0, {repo!r})
+import numpy as np
+import adapterpack
+from adapterpack.encodings.lower import as_lora
+from adapterpack.errors import AdapterpackError
+vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.RLIM_INFINITY))
+start, rss = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    ad = adapterpack.open(sys.argv[1])
+    for m in ad:
+        {action}
+    print("OK")
+except AdapterpackError as e:
+    print(type(e).__name__, str(e).replace(chr(10), " "))
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss)
+"""
+
+
+def bounded(path: Path, action: str = "m.delta()", timeout: float = 60) -> tuple[str, float, int]:
+    """Open ``path`` and run ``action`` on every module in a child capped at +1 GiB: (outcome line, seconds, RSS growth KiB)."""
+    script = textwrap.dedent(BOUNDED).format(repo=str(REPO), action=action)
+    res = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-2000:]
+    outcome, figures = res.stdout.strip().splitlines()[-2:]
+    seconds, growth = figures.split()
+    return outcome, float(seconds), int(growth)
+
+
+def nola(name: str, out: int, inp: int, r: int = 1, k_a: int = 4, k_b: int = 4) -> Module:
+    p = {
+        "generator": "philox4x32-10",
+        "generator_version": 1,
+        "seed": 7,
+        "stream": 0,
+        "rank": r,
+        "k_A": k_a,
+        "k_B": k_b,
+        "scale": 1.0,
+    }
+    return Module(name, "nola", (out, inp), p, {"alpha": np.zeros(k_a, np.float32), "beta": np.zeros(k_b, np.float32)})
+
+
+def rebased(tmp: Path, module: Module, base_shape: list[int], **params: Any) -> Path:
+    """``module`` written alone, then its base_shape (and params) edited in the index: what a hostile writer can do."""
+    src = tmp / "src.apack"
+    adapterpack.save(Adapter(modules={module.name: module}), src, codec="zstd")
+    parts = split(src.read_bytes())
+    record = parts.index["adapters"][0]["modules"][0]
+    record["base_shape"] = base_shape
+    record["params"].update(params)
+    path = tmp / "bomb.apack"
+    path.write_bytes(parts.build(minor=parts.minor))
+    return path
+
+
+# --- defect 6: size bombs ---------------------------------------------------------------------------------
+
+
+def test_nola_size_bomb_is_refused_on_open(tmp_path: Path) -> None:
+    """The issue's file: one rank-1 nola record on a [2^29-1, 2^29-1] weight; it passed every check and delta()
+    raised numpy's MemoryError. Now its 2^30 regenerated factor elements are refused when the file is opened."""
+    path = rebased(tmp_path, nola("q", 6, 10), [N, N])
+    assert path.stat().st_size < 6000
+    outcome, seconds, growth = bounded(path)
+    assert outcome.startswith("RankError ") and "makes A and B hold 1073741822 elements, over the limit of 268435456" in outcome
+    assert seconds < 5 and growth < 100 << 10
+
+
+def test_nola_generator_work_is_refused_on_open(tmp_path: Path) -> None:
+    """2^20 coefficients (a few KiB of zstd) at rank 16 on a 4096² weight would generate 2^40 random values (hours)."""
+    path = rebased(tmp_path, nola("q", 64, 64, r=1, k_a=1 << 20, k_b=4), [4096, 4096], rank=16)
+    assert path.stat().st_size < 1 << 16
+    outcome, seconds, _ = bounded(path)
+    assert outcome.startswith("RecordError ") and f"over the limit of {limits.MAX_NOLA_GENERATED}" in outcome
+    assert seconds < 5
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        Module(
+            "lora",
+            "lora",
+            (1 << 16, 1 << 16),
+            {"rank": 1, "alpha": 1.0},
+            {"A": np.zeros((1, 1 << 16)), "B": np.zeros((1 << 16, 1))},
+        ),
+        Module("svd0", "svd", (N, N), {"rank": 0}, {"S": np.zeros(0), "Ut": np.zeros((0, N)), "Vt": np.zeros((0, N))}),
+        Module(
+            "shared",
+            "shared",
+            (1 << 16, 1 << 16),
+            {"rank": 1, "form": "diagonal"},
+            {"U": np.zeros((1 << 16, 1)), "V": np.zeros((1 << 16, 1)), "S": np.ones(1)},
+        ),
+    ],
+    ids=lambda m: m.encoding,
+)
+def test_huge_dense_delta_is_refused_before_reading(module: Module, tmp_path: Path) -> None:
+    """An honest record of a huge weight opens (its factors are small) but its ΔW is refused, naming module and size."""
+    path = tmp_path / "big.apack"
+    adapterpack.save(Adapter(modules={module.name: module}), path, codec="zstd")
+    outcome, seconds, growth = bounded(path)
+    size = int(np.prod(module.base_shape, dtype=object))
+    assert outcome.startswith(f"SizeLimitError module {module.name!r}: a dense ΔW of shape {list(module.base_shape)} holds {size}")
+    assert seconds < 5 and growth < 200 << 10
+
+
+def test_rank_zero_record_lowered_to_lora_is_refused(tmp_path: Path) -> None:
+    """A rank-0 svd record of shapes [0, 2^29-1] (no bytes at all) lowered to lora would need 2^30 zero elements."""
+    m = Module("svd0", "svd", (N, N), {"rank": 0}, {"S": np.zeros(0), "Ut": np.zeros((0, N)), "Vt": np.zeros((0, N))})
+    path = tmp_path / "zero.apack"
+    adapterpack.save(Adapter(modules={"svd0": m}), path, codec="raw")
+    outcome, seconds, growth = bounded(path, "as_lora(m)")
+    assert outcome.startswith("SizeLimitError module 'svd0': a rank-0 ΔW") and "over the limit of 268435456" in outcome
+    assert seconds < 5 and growth < 200 << 10
+    small = Module("z", "svd", (3, 5), {"rank": 0}, {"S": np.zeros(0), "Ut": np.zeros((0, 3)), "Vt": np.zeros((0, 5))})
+    assert as_lora(small).delta().tolist() == np.zeros((3, 5)).tolist()
+
+
+def test_delta_limit_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """prod(base_shape) == limit is computed, one more element is refused (the check reads the one constant)."""
+    monkeypatch.setattr("adapterpack.adapter.MAX_DELTA_ELEMENTS", 24)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 6)).astype(np.float32), rng.standard_normal((4, 2)).astype(np.float32)
+    ok = Module("ok", "lora", (4, 6), {"rank": 2, "alpha": 2.0}, {"A": a, "B": b})
+    np.testing.assert_allclose(ok.delta(), b.astype(np.float64) @ a.astype(np.float64), rtol=1e-6)
+    over = Module("over", "lora", (4, 7), {"rank": 2, "alpha": 2.0}, {"A": np.zeros((2, 7), np.float32), "B": b})
+    with pytest.raises(errors.SizeLimitError, match=r"module 'over': a dense ΔW of shape \[4, 7\] holds 28 elements"):
+        over.delta()
+
+
+def test_nola_factor_limit_is_exact() -> None:
+    """rank · (out + in) == 2^28 is accepted, one more refused; the error names the module."""
+    enc = adapterpack.encodings.get_encoding("nola")
+    enc.validate(nola("edge", 1 << 27, 1 << 27, r=1))
+    with pytest.raises(errors.RankError, match=r"module 'over': rank 1 on a 134217728x134217729 weight"):
+        enc.validate(nola("over", 1 << 27, (1 << 27) + 1, r=1))
+
+
+# --- defect 8: safetensors amplification -----------------------------------------------------------------
+
+
+def empty_tensors_file(path: Path, count: int) -> Path:
+    """A kohya-named safetensors file of ``count`` empty float32 tensors (no data bytes at all)."""
+    entry = '"{0}.lora_down.weight":{{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}'
+    header = ("{" + ",".join(entry.format(i) for i in range(count)) + "}").encode()
+    path.write_bytes(struct.pack("<Q", len(header)) + header)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("count", "words"), [(1_100_000, "safetensors header of"), (200_000, "more than 65536 tensors, over the limit")]
+)
+def test_many_empty_tensors_are_refused_before_per_tensor_objects(tmp_path: Path, count: int, words: str) -> None:
+    """The issue's files (71 MB / 1.1M and 200k empty tensors took 2.8 GB and 747 MB on main before being refused)."""
+    path = empty_tensors_file(tmp_path / "many.safetensors", count)
+    outcome, seconds, growth = bounded(path, timeout=120)
+    assert outcome.startswith("InputError ") and words in outcome, outcome
+    assert seconds < 20 and growth < 200 << 10
+
+
+def safetensors_file(path: Path, header: dict[str, Any], data: bytes = b"") -> Path:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "words"),
+    [
+        ({"x.lora_down.weight": {"dtype": "F32", "shape": [1 << 40], "data_offsets": [0, 0]}}, b"", "needs 4398046511104 bytes"),
+        ({"x.lora_down.weight": {"dtype": "F32", "shape": [1] * 9, "data_offsets": [0, 4]}}, b"\0" * 4, "at most 8"),
+        (
+            {
+                "a.lora_down.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "a.lora_up.weight": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]},
+            },
+            b"\0" * 12,
+            "overlaps another tensor",
+        ),
+        ({"x.lora_down.weight": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "leaves a gap"),
+        ({"x.lora_down.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 12, "the file holds 12"),
+        ({"x.lora_down.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 2**70]}}, b"\0" * 4, "needs 4 bytes"),
+        ({"x" * 3000 + ".lora_down.weight": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}, b"", "limit of 2048"),
+    ],
+    ids=["huge-shape-no-bytes", "ndim", "overlap", "gap", "trailing", "huge-offset", "long-name"],
+)
+def test_inconsistent_safetensors_headers_are_refused(tmp_path: Path, header: dict[str, Any], data: bytes, words: str) -> None:
+    path = safetensors_file(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(errors.InputError) as info:
+        adapterpack.open(path)
+    assert type(info.value) is errors.InputError and words in str(info.value), str(info.value)
+
+
+def test_every_safetensors_reader_checks_the_header_first(tmp_path: Path) -> None:
+    """PEFT folders (the weights file) and importance files go through the same checked header."""
+    folder = tmp_path / "peft"
+    shutil.copytree(EXAMPLE, folder)
+    empty_tensors_file(folder / "adapter_model.safetensors", limits.MAX_SAFETENSORS_TENSORS + 1)
+    with pytest.raises(errors.InputError, match="65537 tensors exceed the limit of 65536"):
+        adapterpack.open(folder)
+    from adapterpack.importance import load_importance
+
+    with pytest.raises(errors.InputError, match="65537 tensors exceed the limit of 65536"):
+        load_importance(folder / "adapter_model.safetensors")
+
+
+# --- defect 5: ReDoS in rank_pattern / alpha_pattern ---------------------------------------------------------
+
+REDOS = r"([a-z_.0-9]+)+X"
+
+
+def test_redos_key_on_the_real_adapter_is_matched_in_bounded_time(tmp_path: Path) -> None:
+    """The issue's key hung inspect and convert on the bundled adapter's module names; now it matches nothing, fast."""
+    folder = tmp_path / "redos"
+    shutil.copytree(EXAMPLE, folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {REDOS: 4}
+    cfg["alpha_pattern"] = {REDOS: 3.0}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    for cmd in (["inspect", str(folder)], ["convert", str(folder), str(tmp_path / "out.apack")]):
+        res = subprocess.run([sys.executable, "-m", "adapterpack", *cmd], capture_output=True, text=True, timeout=60, cwd=REPO)
+        assert res.returncode == 0, res.stderr
+    with adapterpack.open(tmp_path / "out.apack") as ad:
+        assert {m.params["rank"] for m in ad} == {cfg["r"]} and {m.params["alpha"] for m in ad} == {cfg["lora_alpha"]}
+
+
+@pytest.mark.parametrize(
+    ("key", "words"),
+    [
+        (r"(a)\1", "uses groupref"),
+        (r"q_proj(?=x)", "uses assert"),
+        (r"(?<!x)q_proj", "uses assert_not"),
+        (r"(?>q)_proj", "uses atomic_group"),
+        (r"q_pro+j", None),  # supported: no error
+        (r"(?i:Q)_proj", "flags"),
+        (r"x{1001}", "over the limit of 1000"),
+        ("x" * (limits.MAX_PATTERN_LENGTH + 1), "over the limit of 4096"),
+        (r"(?:(?:a?){1000}){1000}", "needs more than 200000 steps"),
+        (r"q_proj(", "not a valid regular expression"),
+    ],
+)
+def test_pattern_keys_beyond_the_matcher_are_refused_naming_the_key(key: str, words: str | None) -> None:
+    name = "model.layers.0.self_attn.q_proj"
+    if words is None:
+        assert get_pattern_key([key], name) == key
+        return
+    with pytest.raises(errors.InputError) as info:
+        get_pattern_key([key], "a" * 1000 if "steps" in words else name)
+    assert type(info.value) is errors.InputError
+    assert f"pattern {key!r:.200}" in str(info.value) and words in str(info.value), str(info.value)
+
+
+def test_long_names_are_refused_only_for_non_literal_keys() -> None:
+    name = "m." * 600 + "q_proj"
+    assert resolve({"q_proj": 4}, 8, name) == 4  # literal: string operations, any length
+    with pytest.raises(errors.InputError, match="module name of 1206 characters"):
+        resolve({"q_pro+j": 4}, 8, name)
+
+
+ATOMS = [
+    "a",
+    "b",
+    ".",
+    r"\.",
+    "[ab]",
+    "[^a]",
+    r"\d",
+    r"\w",
+    r"\s",
+    r"\W",
+    r"\b",
+    r"\B",
+    "^",
+    "$",
+    r"\A",
+    r"\Z",
+    "_",
+    "1",
+    "\n",
+    "[a-c.]",
+]
+NAMES = [
+    "",
+    "a",
+    "ab",
+    "a.b",
+    "x.ab",
+    "a\n",
+    "a.b\n",
+    "1a_",
+    "a b",
+    "..",
+    "model.layers.0.q_proj",
+    "\na.b",
+    "a.\nb",
+    "ba.a.a",
+    "é.b",
+]
+
+
+def _random_key(rnd: random.Random, depth: int = 0) -> str:
+    """A random key over the supported syntax: concatenation, alternation, groups, every kind of repetition."""
+    kind = rnd.randrange(7) if depth < 3 else 0
+    if kind == 0:
+        return rnd.choice(ATOMS)
+    if kind == 6:
+        return rnd.choice(ATOMS) + rnd.choice(["*", "+", "?"])
+    a, b, c = (_random_key(rnd, depth + 1) for _ in range(3))
+    if kind == 1:
+        return a + b + c
+    if kind == 2:
+        return f"({a}|{b})"
+    if kind == 3:
+        return f"(?:{a}){rnd.choice(['*', '+', '?', '*?', '+?', '{2}', '{1,3}', '{0,2}', '{2,}'])}"
+    return f"({a})" if kind == 4 else f"(?:{a}|{b}{c})+"
+
+
+def test_matcher_agrees_with_python_re() -> None:
+    """PEFT's rule is re.match(rf"(.*\\.)?({key})$", name): the bounded matcher gives the same answer on random keys."""
+    rnd = random.Random(12)
+    checked = 0
+    for _ in range(1500):
+        key = _random_key(rnd)
+        try:
+            re.compile(rf"(.*\.)?({key})$")
+        except re.error:
+            continue
+        compiled = compile_key(key)
+        for name in [*NAMES, "".join(rnd.choice("ab._1\n x") for _ in range(rnd.randrange(9)))]:
+            assert matches(compiled, name) == (re.match(rf"(.*\.)?({key})$", name) is not None), (key, name)
+            checked += 1
+    assert checked > 15_000
+
+
+@pytest.mark.parametrize(
+    "key", ["q_proj", "self_attn.q_proj", "0.self_attn.q_proj", "^model\\.layers\\.0\\.self_attn\\.q_proj", "", "a)(b"]
+)
+def test_literal_keys_follow_pythons_rule(key: str) -> None:
+    for name in [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.10.self_attn.q_proj",
+        "q_proj",
+        "xq_proj",
+        "q_proj\n",
+        "a.b",
+        "a",
+    ]:
+        assert matches(compile_key(key), name) == (re.match(rf"(.*\.)?({key})$", name) is not None), (key, name)
+
+
+# --- defect 6: a bank's shared bases, referenced by every member, are decoded once ------------------------
+
+
+def test_shared_bases_are_decoded_once_for_all_members(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every member of a bank references the same compressed U and V blobs; reading all members' ΔW decodes
+    each of them once (decoding per reference would amplify a small file's work by the member count)."""
+    from adapterpack.bank.store import Bank, BankMember, BankModule, write_bank
+    from adapterpack.codecs.base import Codec
+    from adapterpack.container import ApackReader
+
+    rng = np.random.default_rng(1)
+    u, v = np.tile([0.5, 1.0, -2.0], (200, 1)), np.tile([0.25, 3.0, 1.5], (150, 1))  # compressible: stored as zstd
+    members = [BankMember(f"m{j}", {"q": rng.standard_normal(3)}) for j in range(5)]
+    path = tmp_path / "bank.apack"
+    write_bank(path, Bank({"q": BankModule("q", u, v, "diagonal")}, members), codec="zstd")
+    decoded: list[int] = []
+    original = Codec.decode_new
+
+    def counting(self: Codec, stored: Any, length: int, itemsize: int) -> bytearray:
+        decoded.append(length)
+        return original(self, stored, length, itemsize)
+
+    monkeypatch.setattr(Codec, "decode_new", counting)
+    with ApackReader(path) as reader:
+        assert [b.codec_id for b in reader.blobs[:2]] == ["zstd", "zstd"]
+        for j, mem in enumerate(members):
+            got = reader.adapter(f"m{j}").delta("q")
+            np.testing.assert_allclose(got, (u * mem.S["q"]) @ v.T, rtol=1e-12)
+    assert sorted(decoded) == sorted([u.nbytes, v.nbytes])  # U and V once each (each member's 3 values of S are raw)
