@@ -105,6 +105,14 @@ class OutputExistsError(ConversionError):
     """The output path already exists and overwriting was not asked for (``--force``)."""
 
 
+class OutputWriteError(AdapterpackError, OSError):
+    """The operating system refused a write (disk full, no permission, ...); the message names the output
+    (``filename``), which is left as it was. Also an OSError, with its ``errno``."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
 class BankError(AdapterpackError):
     """An adapter bank cannot be built, extended or read as asked."""
 
