@@ -42,7 +42,7 @@ from typing import BinaryIO
 
 from .errors import OutputExistsError, OutputWriteError
 
-#: How much of the destination's name a temp name keeps, so that the whole fits NAME_MAX (255 bytes).
+#: How many bytes of the destination's name a temp name keeps, so that the whole fits NAME_MAX (255 bytes).
 _NAME_KEEP = 200
 #: This host, in temp names: a writer's pid means something only on its own host.
 _HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
@@ -75,16 +75,27 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _about_output(e: OSError, temp: Path | None) -> bool:
+    """Whether an OSError from a writer's own code is about its output: it names no file (a write to the
+    output's file object), or one under ``temp`` (the temp folder it fills)."""
+    if e.filename is None:
+        return True
+    if temp is None or not isinstance(e.filename, (str, bytes, os.PathLike)):
+        return False
+    name = Path(os.fsdecode(e.filename))
+    return name == temp or temp in name.parents
+
+
 @contextlib.contextmanager
-def _naming(dest: Path, *, unnamed_only: bool = False) -> Iterator[None]:
-    """Raise an OSError inside as OutputWriteError naming ``dest`` (with ``unnamed_only``, only one that names
-    no file: a write to the output, not e.g. a read of an input that names its own path)."""
+def _naming(dest: Path, *, body: bool = False, temp: Path | None = None) -> Iterator[None]:
+    """Raise an OSError inside as OutputWriteError naming ``dest``. Around a writer's own code (``body``),
+    only one about the output (:func:`_about_output`): a read of an input names its own path."""
     try:
         yield
     except OutputWriteError:
         raise
     except OSError as e:
-        if unnamed_only and e.filename is not None:
+        if body and not _about_output(e, temp):
             raise
         raise OutputWriteError(e.errno, e.strerror or str(e), os.fspath(dest)) from e
 
@@ -114,8 +125,16 @@ def _new_parents(dest: Path) -> Iterator[None]:
         raise
 
 
+def _stem(dest: Path) -> str:
+    """The start of ``dest``'s name that its temp names keep (at most ``_NAME_KEEP`` bytes)."""
+    name = dest.name
+    while len(os.fsencode(name)) > _NAME_KEEP:
+        name = name[:-1]
+    return name
+
+
 def _temp_name(dest: Path) -> Path:
-    return dest.parent / f".{dest.name[:_NAME_KEEP]}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    return dest.parent / f".{_stem(dest)}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
 def _alive(pid: int) -> bool:
@@ -132,7 +151,7 @@ def _alive(pid: int) -> bool:
 
 def _remove_stale(dest: Path) -> None:
     """Remove temp files and folders that a dead writer of ``dest`` on this host left beside it."""
-    prefix = f".{dest.name[:_NAME_KEEP]}."
+    prefix = f".{_stem(dest)}."
     with os.scandir(dest.parent) as entries:
         stale = [
             e
@@ -222,7 +241,7 @@ def atomic_file(dest: str | os.PathLike[str], *, overwrite: bool = True) -> Iter
             fd, tmp = _temp_file(dest)
         f = os.fdopen(fd, "wb")
         try:
-            with _naming(dest, unnamed_only=True):
+            with _naming(dest, body=True):
                 yield f
             with _naming(dest):
                 f.flush()
@@ -296,6 +315,21 @@ def _exchange_dir(tmp: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _swap_in(tmp: Path, dest: Path, overwrite: bool) -> None:
+    """Make the complete folder ``tmp`` be ``dest``: created where there is none, else swapped in whole
+    (``overwrite``) or refused (OutputExistsError)."""
+    if not os.path.lexists(dest):
+        try:
+            _create_dir(tmp, dest)
+            return
+        except FileExistsError:
+            if not overwrite:
+                raise exists_error(dest) from None
+    elif not overwrite:
+        raise exists_error(dest)
+    _exchange_dir(tmp, dest)  # a folder created meanwhile too: replaced as a whole, nothing carried over
+
+
 def _link_or_copy(src: str, dst: str) -> None:
     try:
         os.link(src, dst, follow_symlinks=False)
@@ -337,11 +371,14 @@ def atomic_dir(dest: str | os.PathLike[str], *, overwrite: bool = True, carry_ov
     """Yield an empty temp folder beside ``dest``; on success it becomes ``dest`` in one step.
 
     An old folder is replaced as a whole (``carry_over``: after the new folder takes its mode and every
-    entry it does not write itself); with ``overwrite`` false an existing ``dest`` is OutputExistsError.
+    entry it does not write itself; a symbolic link to a folder: the folder it names); with ``overwrite``
+    false an existing ``dest`` is OutputExistsError.
     A ``dest`` that exists and is not a folder is refused (NotADirectoryError), before and again after
     the work. On error the old folder is left as it was and the temp folder removed.
     """
     dest = Path(dest)
+    if dest.is_symlink() and dest.is_dir():
+        dest = dest.resolve()  # the folder it names is replaced; the link stays
     _refuse_non_folder(dest)
     with _new_parents(dest):
         with _naming(dest):
@@ -349,24 +386,14 @@ def atomic_dir(dest: str | os.PathLike[str], *, overwrite: bool = True, carry_ov
             tmp = _temp_name(dest)
             tmp.mkdir()
         try:
-            with _naming(dest, unnamed_only=True):
+            with _naming(dest, body=True, temp=tmp):
                 yield tmp
             _refuse_non_folder(dest)
             with _naming(dest):
-                replacing = overwrite and dest.is_dir()
-                if replacing and carry_over:
+                if overwrite and carry_over and dest.is_dir():
                     _carry_over(dest, tmp)
                 _fsync_files(tmp)
-                if not replacing:
-                    try:
-                        _create_dir(tmp, dest)
-                        replacing = False
-                    except FileExistsError:
-                        if not overwrite:
-                            raise exists_error(dest) from None
-                        replacing = True  # created meanwhile: replaced as a whole, nothing carried over
-                if replacing:
-                    _exchange_dir(tmp, dest)
+                _swap_in(tmp, dest, overwrite)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # the new folder after a failure, the old one after a swap
     _fsync_dir(dest.parent)

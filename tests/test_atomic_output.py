@@ -335,3 +335,66 @@ def test_cli_write_error_is_one_line_naming_the_path(tmp_path: Path) -> None:
     )  # fmt: skip
     assert r.returncode == 1 and r.stderr == f"adapterpack: cannot write {dst}: File too large\n"
     assert listing(tmp_path) == ["in.apack"]
+
+
+def test_without_renameat2_o_tmpfile_or_hard_links(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fallbacks (rename aside, named temp files, check then rename) still replace whole folders, carry
+    the other files over, refuse to replace without overwrite and leave nothing behind."""
+    monkeypatch.setattr(adapterpack.atomic, "_renameat2_fn", lambda: None)
+    monkeypatch.setattr(adapterpack.atomic, "_TMPFILE", False)
+    real_link = os.link
+
+    def no_links(src: object, dst: object, **kwargs: object) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    dst = tmp_path / "peft"
+    write_peft(OLD, dst, overwrite=False)
+    (dst / "README.md").write_text("card")
+    write_peft(NEW, dst)
+    assert which(dst) == (16.0, 2.0) and (dst / "README.md").read_text() == "card"
+    with pytest.raises(OutputExistsError, match="already exists"):
+        write_peft(OLD, dst, overwrite=False)
+    monkeypatch.setattr(os, "link", no_links)
+    write_kohya(NEW, tmp_path / "k.safetensors", overwrite=False)
+    with pytest.raises(OutputExistsError, match="already exists"):
+        write_kohya(OLD, tmp_path / "k.safetensors", overwrite=False)
+    monkeypatch.setattr(os, "link", real_link)
+    assert which(dst) == (16.0, 2.0) and listing(tmp_path) == ["k.safetensors", "peft"]
+    assert listing(dst) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_link_to_a_folder_keeps_pointing_at_the_replaced_folder(tmp_path: Path) -> None:
+    write_peft(OLD, tmp_path / "run-1")
+    (tmp_path / "latest").symlink_to("run-1")
+    write_peft(NEW, tmp_path / "latest")
+    assert (tmp_path / "latest").is_symlink() and which(tmp_path / "run-1") == (16.0, 2.0)
+    assert listing(tmp_path) == ["latest", "run-1"]
+
+
+def test_only_a_dead_writers_temp_files_are_removed(tmp_path: Path) -> None:
+    """A temp file of a live writer (or of another host) stays; of a dead writer on this host, the next
+    write to the same destination removes it."""
+    from adapterpack.atomic import _HOST
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    other_host = "0" * 8 if _HOST != "0" * 8 else "1" * 8
+    names = [
+        f".out.apack.{_HOST}-{dead}.0123abcd.tmp",  # removed
+        f".out.apack.{_HOST}-{os.getppid()}.0123abcd.tmp",  # alive
+        f".out.apack.{other_host}-{dead}.0123abcd.tmp",  # another host's
+        f".other.{_HOST}-{dead}.0123abcd.tmp",  # another destination's
+    ]
+    for n in names:
+        (tmp_path / n).write_bytes(b"partial")
+    write_apack(tmp_path / "out.apack", OLD)
+    assert listing(tmp_path) == sorted(["out.apack", *names[1:]])
+
+
+def test_an_input_error_inside_a_write_keeps_its_own_path(tmp_path: Path) -> None:
+    """An OSError the writer's own code raises about another file (an input) is not renamed to the output."""
+    from adapterpack.atomic import atomic_file
+
+    with pytest.raises(FileNotFoundError) as e, atomic_file(tmp_path / "out.bin") as f:
+        f.write(b"x")
+        (tmp_path / "missing-input").read_bytes()
+    assert e.value.filename == str(tmp_path / "missing-input") and listing(tmp_path) == []
