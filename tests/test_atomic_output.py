@@ -210,6 +210,27 @@ def test_a_reader_sees_one_version_while_the_folder_is_swapped(tmp_path: Path, m
     assert which(dst) == (16.0, 2.0) and listing(tmp_path) == ["peft"]
 
 
+def test_a_reader_whose_folder_was_swapped_out_and_removed_opens_the_new_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader opened the old folder, then a writer swapped the new one in and removed the old one before
+    the reader opened its files: it opens the folder again and reads the new version, without an error."""
+    dst = tmp_path / "peft"
+    write_peft(OLD, dst)
+    real = adapterpack.atomic._open_regular
+    calls = []
+
+    def swap_first(name: str, dir_fd: int | None) -> int | None:
+        if not calls:
+            write_peft(NEW, dst)
+        calls.append(name)
+        return real(name, dir_fd)
+
+    monkeypatch.setattr(adapterpack.atomic, "_open_regular", swap_first)
+    assert which(dst) == (16.0, 2.0)
+    assert len(calls) == 6  # three names in the removed folder (none there), three in the new one
+
+
 WRITER = """
 import sys, time
 from pathlib import Path
