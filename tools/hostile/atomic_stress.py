@@ -4,10 +4,13 @@ Runs every adapterpack step in a child process importing the package from ``--re
 checkout), so one command measures any version (e.g. a ``git archive`` of main unpacked in /tmp):
 
 1. ``kills``: ``python -m adapterpack convert NEW DST --to peft --force`` onto a PEFT folder holding OLD
-   (other alpha, other weights), SIGKILLed at a uniformly random time in the second half of a
-   measured run: how often the folder was left old, new, mixed (one version's config with the other's
-   weights) or broken (missing or unreadable), how many kills left a temp file, and how many temp
-   files the next write left standing; the same for ``--to apack --force`` onto a file.
+   (other alpha, other weights), SIGKILLed at a uniformly random time of its output phase: after its
+   first trace (a new name beside or in DST, or a file it holds open there: Linux /proc), up to the
+   median time from there to the exit of an unkilled run. Counted: the folder left old, new, mixed (one
+   version's config with the other's weights) or broken (missing or unreadable), kills that left a temp
+   file, temp files the next write left standing. The same for ``--to apack --force`` onto a file.
+   ``steps``: the same, killed once before each file-system step in turn (an audit hook in a forked
+   child): deterministic, every window counted once.
 2. ``reads``: a child replacing the folder in a loop (``write_peft``, OLD and NEW in turn) while another
    reads it with ``adapterpack.open`` for ``--seconds`` (from the first write on): reads that saw a mix, errors.
 3. ``races``: two ``convert`` without ``--force`` to the same new path, started together, ``--races``
@@ -21,6 +24,7 @@ Bounded in time by its arguments (each child also by a timeout); not run by the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -55,6 +59,68 @@ for tag, value, alpha in (("old", 1.0, 8.0), ("new", 2.0, 16.0)):
     write_apack(f"{out}/{tag}.apack", ad, codec="raw")
     write_peft(ad, f"{out}/{tag}.peft")
 """
+
+#: Kill ``convert --force`` before each of its file-system steps in turn (forked children, audit hooks).
+STEPS = """
+import json, os, shutil, signal, sys
+from pathlib import Path
+from adapterpack.convert import convert
+src, dst, old_copy, target = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+events = set(sys.argv[5].split(","))
+work = dst.parent
+def reset():
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    if old_copy.is_dir():
+        shutil.copytree(old_copy, dst)
+        (dst / "README.md").write_text("model card")
+    else:
+        shutil.copyfile(old_copy, dst)
+def snap():
+    if dst.is_dir():
+        return {p.name: p.read_bytes() for p in dst.iterdir() if p.is_file() and not p.name.startswith(".")}
+    return {"": dst.read_bytes()} if dst.exists() else None
+def extra():
+    names = [p.name for p in work.iterdir() if p != dst]
+    return names + ([p.name for p in dst.iterdir() if p.name.startswith(".")] if dst.is_dir() else [])
+reset(); old = snap()
+convert(src, dst, to=target, force=True); new = snap()
+counts = {"steps": 0, "old": 0, "new": 0, "mixed": 0, "broken": 0, "left_temp": 0, "temp_after_next_write": 0}
+for step in range(1, 1000):
+    reset()
+    pid = os.fork()
+    if pid == 0:
+        seen = [0]
+        def hook(event, args):
+            if event in events:
+                seen[0] += 1
+                if seen[0] == step:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        sys.addaudithook(hook)
+        try:
+            convert(src, dst, to=target, force=True)
+        finally:
+            os._exit(0)
+    if os.waitpid(pid, 0)[1] == 0:
+        break
+    counts["steps"] += 1
+    state = snap()
+    if state in (old, new):
+        counts["old" if state == old else "new"] += 1
+    elif state is not None and set(state) == set(old) and all(state[k] in (old[k], new[k]) for k in state):
+        counts["mixed"] += 1
+    else:
+        counts["broken"] += 1
+    counts["left_temp"] += bool(extra())
+    convert(src, dst, to=target, force=True)
+    counts["temp_after_next_write"] += len(extra())
+print(json.dumps(counts))
+"""
+#: The audit events of file-system steps (the kill lands just before one).
+FS_EVENTS = (
+    "open,os.rename,os.link,os.remove,os.rmdir,os.mkdir,os.chmod,os.symlink,os.scandir,os.listdir,shutil.rmtree,"
+    "shutil.copyfile,shutil.copytree,tempfile.mkstemp,tempfile.mkdtemp,ctypes.call_function"
+)
 
 #: Classify a PEFT folder by its own two files: old / new / mixed / broken.
 CLASSIFY = """
@@ -135,6 +201,28 @@ def extra(work: Path, dst: Path) -> list[str]:
     return names
 
 
+def names(work: Path, dst: Path) -> set[str]:
+    """Every name in ``work`` and in a ``dst`` folder (empty while one vanishes under the listing)."""
+    try:
+        found = set(os.listdir(work))
+        return found | ({f"{dst.name}/{n}" for n in os.listdir(dst)} if dst.is_dir() else set())
+    except OSError:
+        return set()
+
+
+def writing(pid: int, work: Path) -> bool:
+    """Whether process ``pid`` has a file open under ``work`` (Linux /proc; an unnamed temp file included)."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(f"{work}/"):
+                return True
+    return False
+
+
 def kills(repo: Path, data: Path, target: str, n: int, rng: random.Random) -> dict[str, int]:
     """``n`` timed SIGKILLs of ``convert NEW DST --to target --force`` onto OLD."""
     work = data / f"kill-{target}"
@@ -153,20 +241,31 @@ def kills(repo: Path, data: Path, target: str, n: int, rng: random.Random) -> di
     reset()
     old = snapshot(dst)
     args = ["convert", str(src_new), str(dst), "--to", target, "--force"]
-    durations = []
+
+    def started(p: subprocess.Popen[str], before: set[str]) -> float:
+        """When the writer's first trace appeared (a new name beside or in DST, or a file open under it), or it exited."""
+        while p.poll() is None and names(work, dst) == before and not writing(p.pid, work):
+            time.sleep(0.0005)
+        return time.monotonic()
+
+    spans = []
     for _ in range(3):
         reset()
-        t0 = time.monotonic()
-        r = child(repo, *args)
-        durations.append(time.monotonic() - t0)
-        assert r.returncode == 0, r.stderr
+        before = names(work, dst)
+        p = spawn(repo, *args)
+        t1 = started(p, before)
+        p.communicate()
+        assert p.returncode == 0
+        spans.append(time.monotonic() - t1)
     new = snapshot(dst)
-    whole = sorted(durations)[1]
-    out = {"old": 0, "new": 0, "mixed": 0, "broken": 0, "left_temp": 0, "temp_after_next_write": 0}
+    span = sorted(spans)[1]
+    out = {"old": 0, "new": 0, "mixed": 0, "broken": 0, "left_temp": 0, "temp_after_next_write": 0, "next_write_failed": 0}
     for _ in range(n):
         reset()
+        before = names(work, dst)
         p = spawn(repo, *args)
-        time.sleep(rng.uniform(0.5 * whole, whole))
+        started(p, before)
+        time.sleep(rng.uniform(0, span))
         p.send_signal(signal.SIGKILL)
         p.communicate()
         state = snapshot(dst)
@@ -180,12 +279,21 @@ def kills(repo: Path, data: Path, target: str, n: int, rng: random.Random) -> di
             out["broken"] += 1
         if extra(work, dst):
             out["left_temp"] += 1
-        r = child(repo, *args)
-        if r.returncode != 0:
-            out["broken"] += 1
+        if child(repo, *args).returncode != 0:
+            out["next_write_failed"] += 1
         out["temp_after_next_write"] += len(extra(work, dst))
-    out["median_run_s"] = round(whole, 2)  # type: ignore[assignment]
+    out["kill_window_s"] = round(span, 3)  # type: ignore[assignment]
     return out
+
+
+def steps(repo: Path, data: Path, target: str) -> dict[str, int]:
+    """Kills before every file-system step of one ``convert --to target --force`` onto OLD (deterministic)."""
+    work = data / f"steps-{target}"
+    dst = work / ("out" if target == "peft" else "out.apack")
+    old = data / ("old.peft" if target == "peft" else "old.apack")
+    r = child(repo, str(data / "new.apack"), str(dst), str(old), target, FS_EVENTS, code=STEPS, timeout=900)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
 
 
 def reads(repo: Path, data: Path, seconds: float) -> dict[str, object]:
@@ -242,7 +350,7 @@ def main() -> None:
     ap.add_argument("--modules", type=int, default=8, help="modules of the killed convert's adapter (64 x width² each)")
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--parts", default="kills,reads,races", help="which measurements, comma-separated")
+    ap.add_argument("--parts", default="steps,kills,reads,races", help="which measurements, comma-separated")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     repo = args.repo.resolve()
@@ -256,6 +364,8 @@ def main() -> None:
         assert r.returncode == 0, r.stderr
         print(f"inputs: {(data / 'new.apack').stat().st_size:,} B apack, PEFT folders of the same adapter")
         parts = args.parts.split(",")
+        for target in ("peft", "apack") if "steps" in parts else ():
+            print(f"a kill before each file-system step of convert --to {target} --force:", steps(repo, data, target))
         for target in ("peft", "apack") if "kills" in parts else ():
             print(f"kills during convert --to {target} --force ({args.kills}):", kills(repo, data, target, args.kills, rng))
         if "reads" in parts:
