@@ -1,18 +1,69 @@
-"""Atomic output: a temp file (or folder) beside the destination, fsync, rename.
+"""Atomic output: a file or folder appears whole under its name, or not at all; readers of a folder
+see one version of it.
 
-An interrupted write never leaves a partial file under the destination name.
+Files are written unnamed in the destination's folder (Linux ``O_TMPFILE``), fsynced, then linked
+in, so a killed writer leaves nothing behind. Folders (and files where ``O_TMPFILE`` is missing) are
+built under a temp name ``.<name>.<host>-<pid>.<random>.tmp`` beside the destination; a later write to
+the same destination removes such leftovers once their writer (same host) is dead.
+
+A folder replaces the old one in one step (Linux ``renameat2(RENAME_EXCHANGE)``), so the name never
+points at a mix of old and new files, nor at nothing. Elsewhere the old folder is moved aside first:
+for an instant the name is missing, and a crash between the two renames leaves the old folder under
+its temp name. :func:`pinned_files` opens a folder's files through one directory descriptor, so a
+reader gets one version's files even while a writer swaps another in.
+
+Without ``overwrite`` an output is created, never replaced (``link`` for files,
+``RENAME_NOREPLACE`` for folders): of two writers creating one path, one wins and the other gets
+:class:`~adapterpack.errors.OutputExistsError`. Where the file system has no hard links (files) or
+the system no ``renameat2`` (folders), the check and the rename are two steps.
+
+An operating-system error of a write (disk full, permission) is raised as
+:class:`~adapterpack.errors.OutputWriteError` naming the destination; folders above the destination
+that a failed write created are removed again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import functools
 import os
+import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Iterator
+import socket
+import stat
+import sys
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
+
+from .errors import OutputExistsError, OutputWriteError
+
+#: How many bytes of the destination's name a temp name keeps, so that the whole fits NAME_MAX (255 bytes).
+_NAME_KEEP = 200
+#: This host, in temp names: a writer's pid means something only on its own host.
+_HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+_TEMP = re.compile(r"(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)\.[0-9a-f]{8}\.tmp")
+#: Unnamed temp files need O_TMPFILE and /proc/self/fd (to link one in without privileges).
+_TMPFILE = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+#: errno values saying that a file system cannot do O_TMPFILE, hard links or a renameat2 flag.
+_UNSUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.EISDIR, errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.EXDEV}
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+#: How often a reader reopens a folder that a writer swapped out while its files were being opened.
+_PIN_TRIES = 8
+#: Whether files can be opened relative to a folder's descriptor, and reopened by descriptor (/dev/fd/N).
+_DIR_FD = os.open in os.supports_dir_fd and hasattr(os, "O_DIRECTORY")
+_DEV_FD = _DIR_FD and os.path.isdir("/dev/fd")
+
+
+def exists_error(dest: str | os.PathLike[str]) -> OutputExistsError:
+    """The refusal to replace ``dest`` without being asked to."""
+    return OutputExistsError(f"{os.fspath(dest)} already exists (use --force to overwrite)")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -24,29 +75,290 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+def _about_output(e: OSError, temp: Path | None) -> bool:
+    """Whether an OSError from a writer's own code is about its output: it names no file (a write to the
+    output's file object), or one under ``temp`` (the temp folder it fills)."""
+    if e.filename is None:
+        return True
+    if temp is None or not isinstance(e.filename, (str, bytes, os.PathLike)):
+        return False
+    name = Path(os.fsdecode(e.filename))
+    return name == temp or temp in name.parents
 
 
 @contextlib.contextmanager
-def atomic_file(dest: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """Yield a binary file; on success it replaces ``dest`` atomically, on error it vanishes."""
-    dest = Path(dest)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent or ".")
+def _naming(dest: Path, *, body: bool = False, temp: Path | None = None) -> Iterator[None]:
+    """Raise an OSError inside as OutputWriteError naming ``dest``. Around a writer's own code (``body``),
+    only one about the output (:func:`_about_output`): a read of an input names its own path."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0o600; give the mode open() would
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield
+    except OutputWriteError:
+        raise
+    except OSError as e:
+        if body and not _about_output(e, temp):
+            raise
+        raise OutputWriteError(e.errno, e.strerror or str(e), os.fspath(dest)) from e
+
+
+@contextlib.contextmanager
+def _new_parents(dest: Path) -> Iterator[None]:
+    """Create the missing folders above ``dest``; if the write inside fails, remove those it created
+    (while still empty)."""
+    missing, p = [], dest.parent
+    while not os.path.lexists(p) and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    made: list[Path] = []
+    try:
+        with _naming(dest):
+            for d in reversed(missing):
+                with contextlib.suppress(FileExistsError):  # another writer made it: not ours to remove
+                    d.mkdir()
+                    made.append(d)
+        yield
+    except BaseException:
+        for d in reversed(made):
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _stem(dest: Path) -> str:
+    """The start of ``dest``'s name that its temp names keep (at most ``_NAME_KEEP`` bytes)."""
+    name = dest.name
+    while len(os.fsencode(name)) > _NAME_KEEP:
+        name = name[:-1]
+    return name
+
+
+def _temp_name(dest: Path) -> Path:
+    return dest.parent / f".{_stem(dest)}.{_HOST}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name != "posix":  # elsewhere os.kill(pid, 0) would end the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def _remove_stale(dest: Path) -> None:
+    """Remove temp files and folders that a dead writer of ``dest`` on this host left beside it."""
+    prefix = f".{_stem(dest)}."
+    with os.scandir(dest.parent) as entries:
+        stale = [
+            e
+            for e in entries
+            if e.name.startswith(prefix)
+            and (m := _TEMP.fullmatch(e.name, len(prefix))) is not None
+            and m["host"] == _HOST
+            and not _alive(int(m["pid"]))
+        ]
+    for e in stale:
+        if e.is_dir(follow_symlinks=False):
+            shutil.rmtree(e.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(e.path)
+
+
+def _temp_file(dest: Path) -> tuple[int, Path | None]:
+    """A new file for writing beside ``dest`` with the mode ``open()`` gives: unnamed where the system
+    allows (None), else under a temp name."""
+    if _TMPFILE:
+        try:
+            return os.open(dest.parent, os.O_TMPFILE | os.O_WRONLY, 0o666), None
+        except OSError as e:
+            if e.errno not in _UNSUPPORTED:
+                raise
+    tmp = _temp_name(dest)
+    return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+
+
+def _link_unnamed(fd: int, dest: Path) -> None:
+    """Give the unnamed file open as ``fd`` the name ``dest`` (FileExistsError when taken)."""
+    dir_fd = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # with a dir fd, os.link is linkat(AT_SYMLINK_FOLLOW): /proc/self/fd/N links the open file itself
+        os.link(f"/proc/self/fd/{fd}", dest.name, dst_dir_fd=dir_fd, follow_symlinks=True)
+    finally:
+        os.close(dir_fd)
+
+
+def _create_file(tmp: Path, dest: Path) -> None:
+    """Rename the complete file ``tmp`` to ``dest`` unless ``dest`` exists (FileExistsError)."""
+    try:
+        os.link(tmp, dest)
+    except OSError as e:
+        if isinstance(e, FileExistsError) or e.errno not in _UNSUPPORTED:
+            raise
+        if os.path.lexists(dest):  # no hard links on this file system: check, then rename
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(dest)) from None
+        os.replace(tmp, dest)
+    else:
+        os.unlink(tmp)
+
+
+def _publish_file(fd: int, tmp: Path | None, dest: Path, overwrite: bool) -> None:
+    """Put the complete file (open as ``fd``, named ``tmp`` or unnamed) in place as ``dest``."""
+    if tmp is None:
+        try:
+            _link_unnamed(fd, dest)
+            return
+        except FileExistsError:
+            if not overwrite:
+                raise exists_error(dest) from None
+        tmp = _temp_name(dest)  # a name for the rename over the old file
+        _link_unnamed(fd, tmp)
+    elif not overwrite:
+        try:
+            _create_file(tmp, dest)
+        except FileExistsError:
+            raise exists_error(dest) from None
+        return
+    try:
         os.replace(tmp, dest)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(dest: str | os.PathLike[str], *, overwrite: bool = True) -> Iterator[BinaryIO]:
+    """Yield a binary file; on success it becomes ``dest`` in one step (replacing an old file, or with
+    ``overwrite`` false raising OutputExistsError if one exists), on error it vanishes."""
+    dest = Path(dest)
+    with _new_parents(dest):
+        with _naming(dest):
+            _remove_stale(dest)
+            fd, tmp = _temp_file(dest)
+        f = os.fdopen(fd, "wb")
+        try:
+            with _naming(dest, body=True):
+                yield f
+            with _naming(dest):
+                f.flush()
+                os.fsync(fd)
+                _publish_file(fd, tmp, dest, overwrite)
+        except BaseException:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            raise
+        finally:
+            with contextlib.suppress(OSError):  # flushed on success; on error its buffer is discarded with it
+                f.close()
     _fsync_dir(dest.parent)
+
+
+# --- folders ---------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _renameat2_fn() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc without it (glibc before 2.28, some musl)
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> bool:
+    """``renameat2(src, dst, flags)``; False where the system or file system cannot do it, OSError otherwise."""
+    fn = _renameat2_fn()
+    if fn is None:
+        return False
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(src), None, os.fspath(dst))
+
+
+def _create_dir(tmp: Path, dest: Path) -> None:
+    """Rename the complete folder ``tmp`` to ``dest`` unless ``dest`` exists (FileExistsError)."""
+    if _renameat2(tmp, dest, _RENAME_NOREPLACE):
+        return
+    if os.path.lexists(dest):  # the fallback: check, then rename, which refuses a non-empty folder
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(dest))
+    try:
+        os.rename(tmp, dest)
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), os.fspath(dest)) from None
+        raise
+
+
+def _exchange_dir(tmp: Path, dest: Path) -> None:
+    """Swap the complete folder ``tmp`` in as ``dest``; the old one ends up at ``tmp`` (or is removed)."""
+    if _renameat2(tmp, dest, _RENAME_EXCHANGE):
+        return
+    old = _temp_name(dest)  # the fallback: the old folder moves aside, the new one in (``dest`` missing in between)
+    os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rename(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, dest: Path, overwrite: bool) -> None:
+    """Make the complete folder ``tmp`` be ``dest``: created where there is none, else swapped in whole
+    (``overwrite``) or refused (OutputExistsError)."""
+    if not os.path.lexists(dest):
+        try:
+            _create_dir(tmp, dest)
+            return
+        except FileExistsError:
+            if not overwrite:
+                raise exists_error(dest) from None
+    elif not overwrite:
+        raise exists_error(dest)
+    _exchange_dir(tmp, dest)  # a folder created meanwhile too: replaced as a whole, nothing carried over
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Give ``new`` the mode of ``old`` and every entry of ``old`` it lacks (hard links where possible)."""
+    os.chmod(new, stat.S_IMODE(old.stat().st_mode))
+    with os.scandir(old) as entries:
+        for e in entries:
+            target = new / e.name
+            if os.path.lexists(target):
+                continue
+            if e.is_symlink():
+                os.symlink(os.readlink(e.path), target)
+            elif e.is_dir():
+                shutil.copytree(e.path, target, symlinks=True, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(e.path, os.fspath(target))
+
+
+def _fsync_files(folder: Path) -> None:
+    for p in folder.iterdir():
+        if p.is_file() and not p.is_symlink():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
 
 
 def _refuse_non_folder(dest: Path) -> None:
@@ -55,32 +367,116 @@ def _refuse_non_folder(dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty temp folder; on success it becomes ``dest`` (replacing an old folder, with
-    everything in it). A ``dest`` that exists and is not a folder is refused (NotADirectoryError),
-    before and again after the work, instead of being moved aside and left behind."""
+def atomic_dir(dest: str | os.PathLike[str], *, overwrite: bool = True, carry_over: bool = False) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``dest``; on success it becomes ``dest`` in one step.
+
+    An old folder is replaced as a whole (``carry_over``: after the new folder takes its mode and every
+    entry it does not write itself; a symbolic link to a folder: the folder it names); with ``overwrite``
+    false an existing ``dest`` is OutputExistsError.
+    A ``dest`` that exists and is not a folder is refused (NotADirectoryError), before and again after
+    the work. On error the old folder is left as it was and the temp folder removed.
+    """
     dest = Path(dest)
-    parent = dest.parent
+    if dest.is_symlink() and dest.is_dir():
+        dest = dest.resolve()  # the folder it names is replaced; the link stays
     _refuse_non_folder(dest)
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=parent))
+    with _new_parents(dest):
+        with _naming(dest):
+            _remove_stale(dest)
+            tmp = _temp_name(dest)
+            tmp.mkdir()
+        try:
+            with _naming(dest, body=True, temp=tmp):
+                yield tmp
+            _refuse_non_folder(dest)
+            with _naming(dest):
+                if overwrite and carry_over and dest.is_dir():
+                    _carry_over(dest, tmp)
+                _fsync_files(tmp)
+                _swap_in(tmp, dest, overwrite)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # the new folder after a failure, the old one after a swap
+    _fsync_dir(dest.parent)
+
+
+# --- reading a folder that atomic_dir may swap -----------------------------------------------------
+
+
+class PinnedFiles:
+    """Regular files of one version of a folder, open for reading (:func:`pinned_files`)."""
+
+    def __init__(self, folder: Path, fds: dict[str, int]) -> None:
+        self.folder = folder
+        self._fds = fds
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._fds
+
+    def path(self, name: str) -> str:
+        """A path that opens the pinned file ``name`` (``/dev/fd/N``; its plain path where the system has no
+        ``/dev/fd``), for readers that take a path."""
+        return f"/dev/fd/{self._fds[name]}" if _DEV_FD else os.fspath(self.folder / name)
+
+    def read_bytes(self, name: str) -> bytes:
+        """The whole content of the pinned file ``name``."""
+        with os.fdopen(os.dup(self._fds[name]), "rb") as f:
+            f.seek(0)
+            return f.read()
+
+    def close(self) -> None:
+        """Close every file."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+
+def _open_regular(name: str, dir_fd: int | None) -> int | None:
+    """``name`` (in the folder ``dir_fd``) open for reading, or None if it is not there or not a regular
+    file (O_NONBLOCK: a FIFO must not block the open)."""
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0o700; give the mode mkdir() would
-        yield tmp
-        for p in tmp.iterdir():
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        old = None
-        _refuse_non_folder(dest)
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=parent))
-            old.rmdir()
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(parent)
+        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0), dir_fd=dir_fd)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+        return None
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    os.close(fd)
+    return None
+
+
+def _open_all(folder: Path, names: Sequence[str]) -> tuple[dict[str, int], bool]:
+    """The files ``names`` of ``folder`` that exist, opened through one directory descriptor; and whether
+    ``folder`` was replaced meanwhile (so that a missing file may have been removed with the old folder)."""
+    if not _DIR_FD:
+        return {n: fd for n in names if (fd := _open_regular(os.fspath(folder / n), None)) is not None}, False
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fds = {n: fd for n in names if (fd := _open_regular(n, dir_fd)) is not None}
+        pinned = os.fstat(dir_fd)
+    finally:
+        os.close(dir_fd)
+    try:
+        now = os.stat(folder)
+    except OSError:
+        return fds, True
+    return fds, (now.st_dev, now.st_ino) != (pinned.st_dev, pinned.st_ino)
+
+
+@contextlib.contextmanager
+def pinned_files(folder: str | os.PathLike[str], names: Sequence[str]) -> Iterator[PinnedFiles]:
+    """Open the files ``names`` of ``folder`` (those that exist) through one directory descriptor, so that
+    all come from one version of the folder even while :func:`atomic_dir` swaps a new one in.
+
+    A folder swapped out and removed while its files were being opened is opened again. Where the
+    system cannot open files relative to a folder, they are opened by name (one version not guaranteed).
+    """
+    folder = Path(folder)
+    for attempt in range(_PIN_TRIES):
+        fds, replaced = _open_all(folder, names)
+        if len(fds) == len(names) or not replaced or attempt == _PIN_TRIES - 1:
+            break
+        PinnedFiles(folder, fds).close()
+    pinned = PinnedFiles(folder, fds)
+    try:
+        yield pinned
+    finally:
+        pinned.close()

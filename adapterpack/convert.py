@@ -25,8 +25,9 @@ import numpy as np
 
 from . import dtypes
 from .adapter import Adapter, Module, TensorLike, as_array, tensor_info
+from .atomic import exists_error
 from .encodings.factors import Factors
-from .errors import ConversionError, OutputExistsError
+from .errors import ConversionError
 from .interop import Opened, open_adapters
 from .interop.source import notes as source_notes
 from .linalg.finite import check_product
@@ -221,7 +222,7 @@ def check_destination(src: Path, dst: Path, target: str, force: bool) -> None:
         if src.exists() and dst.exists() and src.resolve() == dst.resolve():
             raise ConversionError(f"{dst}: output is the same path as the input")
         if not force:
-            raise OutputExistsError(f"{dst} already exists (use --force to overwrite)")
+            raise exists_error(dst)
         if target == "peft":
             if not dst.is_dir():
                 raise ConversionError(f"{dst} exists and is not a folder; a PEFT adapter is written as a folder")
@@ -267,6 +268,7 @@ def write_adapters(
     max_lora_rank: int | None = None,
     base: str | os.PathLike[str] | None = None,
     component: str | None = None,
+    overwrite: bool = True,
 ) -> list[str]:
     """Write ``adapters`` to ``dst`` as ``target`` (PEFT, kohya and gguf hold exactly one adapter); the
     exporter's notes. ``drop_tensors`` leaves out pass-through tensors that PEFT / kohya / gguf output
@@ -274,7 +276,9 @@ def write_adapters(
     every module's scale baked into B (:func:`adapterpack.interop.targets.write_vllm`, ``max_lora_rank``);
     ``base`` (gguf output) is the base model's GGUF file or config.json, for llama.cpp's q/k layout, and
     (diffusers output) the pipeline folder whose module names resolve kohya names; ``component``
-    (diffusers output) puts modules that name no diffusers component under that one (e.g. ``transformer``)."""
+    (diffusers output) puts modules that name no diffusers component under that one (e.g. ``transformer``).
+    ``overwrite`` false creates ``dst`` without replacing anything (OutputExistsError if another writer was
+    first); every writer goes through :mod:`adapterpack.atomic`, which also creates missing parent folders."""
     if target not in TARGETS:
         raise ConversionError(f"unknown output format {target!r} (one of {', '.join(TARGETS)})")
     if component is not None and target != "diffusers":
@@ -284,37 +288,37 @@ def write_adapters(
     if target != "apack" and len(adapters) != 1:
         names = ", ".join(a.name for a in adapters)
         raise ConversionError(f"{target} holds one adapter, the input has {len(adapters)} ({names}); pick one with --adapter")
-    dst.parent.mkdir(parents=True, exist_ok=True)
     if target == "apack":
         from .container.writer import write_apack
 
         total = sum(a.decoded_bytes for a in adapters)
         with (progress or _no_progress)(total) as advance:
-            write_apack(dst, adapters, codec=codec, level=level, progress=advance)
+            write_apack(dst, adapters, codec=codec, level=level, progress=advance, overwrite=overwrite)
         return []
     if target == "gguf":
         from .interop.gguf import write_gguf
 
-        return write_gguf(adapters[0], dst, base=base, drop_tensors=drop_tensors).notes()
+        return write_gguf(adapters[0], dst, base=base, drop_tensors=drop_tensors, overwrite=overwrite).notes()
     if target == "peft" and serve_for == "vllm":
         from .interop.targets import write_vllm
 
-        return write_vllm(adapters[0], dst, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors).notes()
+        plan = write_vllm(adapters[0], dst, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors, overwrite=overwrite)
+        return plan.notes()
     if serve_for is not None:
         raise ConversionError(f"--target {serve_for} shapes PEFT output only (and {serve_for!r} must be one of {SERVE_TARGETS})")
     if target == "peft":
         from .interop.peft import export_notes, write_peft
 
         notes = export_notes(adapters[0])
-        write_peft(adapters[0], dst, drop_tensors=drop_tensors)
+        write_peft(adapters[0], dst, drop_tensors=drop_tensors, overwrite=overwrite)
         return notes
     if target == "diffusers":
         from .interop.diffusers import write_diffusers
 
-        return write_diffusers(adapters[0], dst, base=base, component=component, drop_tensors=drop_tensors)
+        return write_diffusers(adapters[0], dst, base=base, component=component, drop_tensors=drop_tensors, overwrite=overwrite)
     from .interop.kohya import write_kohya
 
-    write_kohya(adapters[0], dst, drop_tensors=drop_tensors)
+    write_kohya(adapters[0], dst, drop_tensors=drop_tensors, overwrite=overwrite)
     return []
 
 
@@ -410,6 +414,7 @@ def convert(
             max_lora_rank=max_lora_rank,
             base=base,
             component=component,
+            overwrite=force,
         )
         many = len(adapters) > 1
         notes = [f"{a.name}: {n}" if many else n for a in source.adapters for n in source_notes(a)] + fitted + export

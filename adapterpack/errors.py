@@ -109,6 +109,14 @@ class SizeLimitError(AdapterpackError):
     """A result that no bytes of the file back (a dense ΔW) would exceed a limit of spec §7."""
 
 
+class OutputWriteError(AdapterpackError, OSError):
+    """The operating system refused a write (disk full, no permission, ...); the message names the output
+    (``filename``), which is left as it was. Also an OSError, with its ``errno``."""
+
+    def __str__(self) -> str:
+        return f"cannot write {self.filename}: {self.strerror}"
+
+
 class BankError(AdapterpackError):
     """An adapter bank cannot be built, extended or read as asked."""
 

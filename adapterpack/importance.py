@@ -110,8 +110,8 @@ class Importance:
         c = self.cut_costs(name, S)
         return c[:-1] - c[1:]
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write as a safetensors file (atomic)."""
+    def save(self, path: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
+        """Write as a safetensors file (atomic; ``overwrite`` false: OutputExistsError if it exists)."""
         from safetensors.numpy import save
 
         tensors = {}
@@ -120,7 +120,7 @@ class Importance:
             tensors[f"{name}.S"] = np.ascontiguousarray(self.singular_values[name], dtype=np.float64)
         meta = {META_KEY: VERSION, "adapterpack.importance.info": json.dumps(self.info, sort_keys=True)}
         path = Path(path)
-        with atomic_file(path) as f:
+        with atomic_file(path, overwrite=overwrite) as f:
             f.write(save(tensors, metadata=meta))
         return path
 

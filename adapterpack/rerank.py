@@ -407,7 +407,9 @@ def rerank_file(
         out, report = rerank(source.adapters[0], policy)
         notes: list[str] = []
         if dst is not None and target is not None:
-            notes = write_adapters([out], dst, target, codec=codec, level=level, drop_tensors=drop_tensors, component=component)
+            notes = write_adapters(
+                [out], dst, target, codec=codec, level=level, drop_tensors=drop_tensors, component=component, overwrite=force
+            )
     finally:
         source.close()
     return RerankResult(

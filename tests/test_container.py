@@ -234,21 +234,27 @@ def test_invalid_record_is_refused_before_anything_is_written(tmp_path: Path) ->
     assert _listing(tmp_path) == []
 
 
-def test_temp_file_lives_beside_the_destination(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The temp file is created in the destination's folder, so os.replace never crosses filesystems."""
+@pytest.mark.parametrize("unnamed", [True, False])
+def test_temp_file_lives_beside_the_destination(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool) -> None:
+    """The temp file is created in the destination's folder (unnamed with O_TMPFILE, else under a temp
+    name), so the final link or rename never crosses filesystems."""
+    if unnamed and not atomic._TMPFILE:
+        pytest.skip("no O_TMPFILE here")
+    monkeypatch.setattr(atomic, "_TMPFILE", unnamed)
     sub = tmp_path / "sub"
     sub.mkdir()
-    made: list[str] = []
-    real_mkstemp = atomic.tempfile.mkstemp
+    made: list[Path] = []
+    real_open = atomic.os.open
 
-    def spy(*args: object, **kwargs: object) -> tuple[int, str]:
-        fd, name = real_mkstemp(*args, **kwargs)  # type: ignore[arg-type]
-        made.append(name)
-        return fd, name
+    def spy(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        if flags & os.O_WRONLY:
+            made.append(Path(path))
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(atomic.tempfile, "mkstemp", spy)
+    monkeypatch.setattr(atomic.os, "open", spy)
     write_apack(sub / "x.apack", small_adapter())
-    assert len(made) == 1 and Path(made[0]).parent == sub and not os.path.exists(made[0])
+    assert made == [sub] if unnamed else (len(made) == 1 and made[0].parent == sub)
+    assert _listing(sub) == ["x.apack"]
 
 
 def test_written_file_gets_the_usual_mode(tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ def importance(
             ad, model, text, blocks=blocks, block_tokens=block_tokens,
             batch=batch, labels=labels, seed=seed, device=device,
         )  # fmt: skip
-    imp.save(dst)
+    imp.save(dst, overwrite=force)
     summary = {"out": str(dst), "modules": len(imp.fisher), "seconds": time.perf_counter() - start, **imp.info}
     if as_json:
         out.echo_json(summary)

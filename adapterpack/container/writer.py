@@ -153,8 +153,9 @@ def write_apack(
     codec: str = "byteplanes",
     level: int | None = None,
     progress: Callable[[int], None] | None = None,
+    overwrite: bool = True,
 ) -> WriteResult:
-    """Write ``adapters`` to ``path`` atomically.
+    """Write ``adapters`` to ``path`` atomically (``overwrite`` false: OutputExistsError if it exists).
 
     ``codec`` is applied to every blob where it makes the blob smaller (raw otherwise;
     byteplanes falls back to zstd for 1-byte types); ``level`` None means the codec's default. ``progress`` is called with the
@@ -186,7 +187,7 @@ def write_apack(
     except AdapterpackError as e:
         raise type(e)(f"cannot write {path}: {e}") from None
     padding = data_start - PREAMBLE_SIZE - len(index_bytes)
-    with atomic_file(path) as f:
+    with atomic_file(path, overwrite=overwrite) as f:
         f.write(pre.pack())
         f.write(index_bytes)
         f.write(b"\0" * padding)

@@ -463,8 +463,10 @@ def write_diffusers(
     component: str | None = None,
     dtype: str | None = None,
     drop_tensors: bool = False,
+    overwrite: bool = True,
 ) -> list[str]:
-    """Write ``adapter`` as a diffusers LoRA ``.safetensors`` file, atomically; the export's notes.
+    """Write ``adapter`` as a diffusers LoRA ``.safetensors`` file, atomically (``overwrite`` false:
+    OutputExistsError if it exists); the export's notes.
 
     ``modules`` / ``base`` / ``component``: see :func:`diffusers_state`; ``dtype`` casts float tensors;
     ``drop_tensors`` leaves out pass-through tensors of another origin (refused otherwise).
@@ -475,7 +477,7 @@ def write_diffusers(
         adapter, modules=modules, base=base, component=component, dtype=dtype, drop_tensors=drop_tensors
     )
     data = save(tensors, metadata=meta or None)
-    with atomic_file(path) as f:
+    with atomic_file(path, overwrite=overwrite) as f:
         f.write(data)
     return notes
 

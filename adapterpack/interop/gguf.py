@@ -257,9 +257,11 @@ def write_gguf(
     base: GgufBase | str | os.PathLike[str] | None = None,
     dtype: str | None = None,
     drop_tensors: bool = False,
+    overwrite: bool = True,
 ) -> GgufResult:
-    """Write ``adapter`` as a llama.cpp LoRA GGUF at ``dst`` (atomically). ``base`` is a :class:`GgufBase`
-    or the path of the base model's GGUF file / config.json (needed for q_proj / k_proj)."""
+    """Write ``adapter`` as a llama.cpp LoRA GGUF at ``dst`` (atomically; ``overwrite`` false: OutputExistsError
+    if it exists). ``base`` is a :class:`GgufBase` or the path of the base model's GGUF file / config.json
+    (needed for q_proj / k_proj)."""
     import gguf
 
     info = base if isinstance(base, GgufBase) or base is None else base_info(base)
@@ -267,7 +269,6 @@ def write_gguf(
     from gguf.gguf_writer import WriterState
 
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(None, (info or GgufBase()).arch)
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -279,7 +280,7 @@ def write_gguf(
             w.add_tensor(name, arr.view(np.uint8), raw_dtype=gguf.GGMLQuantizationType.BF16)
         else:
             w.add_tensor(name, arr)
-    with atomic_file(dst) as f:  # the same mode, fsyncs and cleanup as every other writer
+    with atomic_file(dst, overwrite=overwrite) as f:  # the same mode, fsyncs and cleanup as every other writer
         # GGUFWriter opens the path it was given; given none, it writes to the (one-shard) file list it holds
         w.fout, w.state = [f], WriterState.EMPTY
         try:

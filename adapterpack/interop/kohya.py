@@ -353,8 +353,10 @@ def write_kohya(
     dtype: str | None = None,
     drop_tensors: bool = False,
     sdxl_sgm: bool = False,
+    overwrite: bool = True,
 ) -> Path:
-    """Write ``adapter`` as a kohya LoRA ``.safetensors`` file, atomically.
+    """Write ``adapter`` as a kohya LoRA ``.safetensors`` file, atomically (``overwrite`` false:
+    OutputExistsError if it exists).
 
     ``prefix`` names dotted modules (default ``lora_unet``); ``dtype`` casts float tensors;
     ``drop_tensors`` leaves out pass-through tensors of a non-kohya origin (PEFT
@@ -367,6 +369,6 @@ def write_kohya(
 
     tensors, meta = kohya_state(adapter, prefix=prefix, dtype=dtype, drop_tensors=drop_tensors, sdxl_sgm=sdxl_sgm)
     data = save(tensors, metadata=meta or None)
-    with atomic_file(path) as f:
+    with atomic_file(path, overwrite=overwrite) as f:
         f.write(data)
     return Path(path)

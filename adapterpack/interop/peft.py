@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import dtypes
 from ..adapter import Adapter, Module, as_array
-from ..atomic import atomic_dir, atomic_file
+from ..atomic import PinnedFiles, atomic_dir, pinned_files
 from ..encodings import get_encoding
 from ..errors import AdapterpackError, ConversionError, InputError, RecordError, UnsafeInputError
 from . import source as src_
@@ -96,13 +96,13 @@ def _folder(path: str | os.PathLike[str]) -> Path:
     raise InputError(f"{p}: not a PEFT adapter folder (expected a folder with {CONFIG_NAME})")
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    """The adapter_config.json dict, checked by :func:`check_config`."""
+def read_config(folder: Path, files: PinnedFiles) -> dict[str, Any]:
+    """The adapter_config.json dict (of the folder's version ``files`` pins), checked by :func:`check_config`."""
     path = folder / CONFIG_NAME
-    if not path.is_file():
+    if CONFIG_NAME not in files:
         raise InputError(f"{folder}: no {CONFIG_NAME} (not a PEFT adapter folder)")
     try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
+        cfg = json.loads(files.read_bytes(CONFIG_NAME).decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise InputError(f"{path}: not valid JSON ({type(e).__name__})") from None
     if not isinstance(cfg, dict):
@@ -146,8 +146,9 @@ def _number(value: Any, what: str, where: str, error: type[AdapterpackError]) ->
         raise error(f"{where}: {what} must be a finite number, got {value!r:.40}")
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str] | None]:
-    """All tensors of a safetensors file as numpy (bf16 as ml_dtypes.bfloat16) and its metadata.
+def read_safetensors(path: Path, *, opened: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, str] | None]:
+    """All tensors of a safetensors file as numpy (bf16 as ml_dtypes.bfloat16) and its metadata; read from
+    ``opened`` when given (a path to the same file, :meth:`~adapterpack.atomic.PinnedFiles.path`).
 
     The header is checked first (:func:`~.safetensors_header.read_header`: limits, shapes, byte ranges),
     so ``safetensors`` only ever builds objects for a bounded number of consistent tensors.
@@ -155,11 +156,11 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str] 
     from safetensors import safe_open
 
     try:
-        read_header(path)
+        read_header(opened or path)
     except InputError as e:
-        raise InputError(f"{path}: cannot read safetensors file ({str(e).removeprefix(f'{path}: ')})") from None
+        raise InputError(f"{path}: cannot read safetensors file ({str(e).removeprefix(f'{opened or path}: ')})") from None
     try:
-        with safe_open(path, framework="np") as f:
+        with safe_open(opened or path, framework="np") as f:
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises SafetensorError, OSError, TypeError for odd dtypes
@@ -172,8 +173,9 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str] 
     return tensors, (dict(meta) if meta else None)
 
 
-def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
-    """A ``.bin`` state dict through ``torch.load(weights_only=True)`` (never a full unpickle)."""
+def read_torch_bin(path: Path, *, opened: str | None = None) -> dict[str, np.ndarray]:
+    """A ``.bin`` state dict through ``torch.load(weights_only=True)`` (never a full unpickle); read from
+    ``opened`` when given, as :func:`read_safetensors`."""
     try:
         import torch
     except ImportError:
@@ -185,7 +187,7 @@ def read_torch_bin(path: Path) -> dict[str, np.ndarray]:
             "or convert the adapter to safetensors with a trusted tool"
         )
     try:
-        sd = torch.load(path, weights_only=True, map_location="cpu")
+        sd = torch.load(opened or path, weights_only=True, map_location="cpu")
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsafeInputError(f"{path}: refused by torch.load(weights_only=True), it holds more than tensors ({first})") from None
@@ -242,19 +244,22 @@ def _group(tensors: dict[str, np.ndarray], where: Path) -> tuple[dict[str, dict[
 
 
 def read_peft(path: str | os.PathLike[str]) -> Adapter:
-    """Read a PEFT LoRA adapter folder (or a file inside one) into an :class:`Adapter`."""
+    """Read a PEFT LoRA adapter folder (or a file inside one) into an :class:`Adapter`.
+
+    The config and the weights are opened together (:func:`~adapterpack.atomic.pinned_files`), so they
+    come from one version of a folder that a writer replaces meanwhile."""
     folder = _folder(path)
-    cfg = read_config(folder)
-    st_path, bin_path = folder / SAFETENSORS_NAME, folder / BIN_NAME
     meta = None
-    if st_path.is_file():
-        tensors, meta = read_safetensors(st_path)
-        weights = SAFETENSORS_NAME
-    elif bin_path.is_file():
-        tensors = read_torch_bin(bin_path)
-        weights = BIN_NAME
-    else:
-        raise InputError(f"{folder}: no {SAFETENSORS_NAME} or {BIN_NAME} next to {CONFIG_NAME}")
+    with pinned_files(folder, (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME)) as files:
+        cfg = read_config(folder, files)
+        if SAFETENSORS_NAME in files:
+            tensors, meta = read_safetensors(folder / SAFETENSORS_NAME, opened=files.path(SAFETENSORS_NAME))
+            weights = SAFETENSORS_NAME
+        elif BIN_NAME in files:
+            tensors = read_torch_bin(folder / BIN_NAME, opened=files.path(BIN_NAME))
+            weights = BIN_NAME
+        else:
+            raise InputError(f"{folder}: no {SAFETENSORS_NAME} or {BIN_NAME} next to {CONFIG_NAME}")
 
     groups, other = _group(tensors, folder / weights)
     if not groups:
@@ -550,13 +555,21 @@ def export_notes(adapter: Adapter) -> list[str]:
     ]
 
 
-def write_peft(adapter: Adapter, out_dir: str | os.PathLike[str], *, dtype: str | None = None, drop_tensors: bool = False) -> Path:
+def write_peft(
+    adapter: Adapter,
+    out_dir: str | os.PathLike[str],
+    *,
+    dtype: str | None = None,
+    drop_tensors: bool = False,
+    overwrite: bool = True,
+) -> Path:
     """Write ``adapter`` as a PEFT folder (adapter_config.json + adapter_model.safetensors).
 
     ``dtype`` casts every float tensor (e.g. ``"bf16"``); ``drop_tensors`` leaves out pass-through
     tensors of a non-PEFT origin (a kohya file's unknown keys), which are refused otherwise.
-    A new folder appears atomically; into an existing folder the two files are written each
-    atomically (weights first) and everything else in it (README, tokenizer, checkpoints) is left alone.
+    The folder appears, or replaces an old one, in one step (:func:`~adapterpack.atomic.atomic_dir`):
+    readers see the old files or the new ones, never a mix; the old folder's other files (README,
+    tokenizer, checkpoints) are carried over. ``overwrite`` false: OutputExistsError if it exists.
     """
     from safetensors.numpy import save
 
@@ -566,12 +579,7 @@ def write_peft(adapter: Adapter, out_dir: str | os.PathLike[str], *, dtype: str 
     data = save(tensors, metadata=dict(meta))
     text = (json.dumps(cfg, indent=2) + "\n").encode("utf-8")
     out = Path(out_dir)
-    if out.is_dir():
-        for name, payload in ((SAFETENSORS_NAME, data), (CONFIG_NAME, text)):
-            with atomic_file(out / name) as f:
-                f.write(payload)
-        return out
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, overwrite=overwrite, carry_over=True) as tmp:
         (tmp / SAFETENSORS_NAME).write_bytes(data)
         (tmp / CONFIG_NAME).write_bytes(text)
     return out

@@ -388,13 +388,19 @@ def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors:
 
 
 def write_vllm(
-    adapter: Adapter, dst: str | os.PathLike[str], *, max_lora_rank: int | None = None, drop_tensors: bool = False
+    adapter: Adapter,
+    dst: str | os.PathLike[str],
+    *,
+    max_lora_rank: int | None = None,
+    drop_tensors: bool = False,
+    overwrite: bool = True,
 ) -> VllmPlan:
-    """Write ``adapter`` as a PEFT folder that vLLM loads with the right scale everywhere (atomic, see :func:`to_vllm`)."""
+    """Write ``adapter`` as a PEFT folder that vLLM loads with the right scale everywhere (atomic, see :func:`to_vllm`;
+    ``overwrite``: as :func:`~.peft.write_peft`)."""
     from .peft import write_peft
 
     single, plan = to_vllm(adapter, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors)
-    write_peft(single, Path(dst))
+    write_peft(single, Path(dst), overwrite=overwrite)
     return plan
 
 
