@@ -8,6 +8,7 @@ control character (no model's parameter is named so, and a NUL ends the key for 
 
 from __future__ import annotations
 
+import math
 import unicodedata
 
 import numpy as np
@@ -51,6 +52,30 @@ def target_dtype(dtype: str | None) -> str | None:
     if not row.is_float:
         raise ConversionError(f"cannot store LoRA factors as {row.name}; pick a float dtype")
     return row.name
+
+
+def float32_alpha(value: float, where: str, reader: str) -> float:
+    """``value`` as ``reader`` sees it: kohya's loaders and llama.cpp read alpha as float32. Refuses a value
+    that is not finite, beyond float32's range (read as inf) or nonzero but rounding to 0 (both read alpha 0
+    as "no alpha": kohya takes alpha = rank, llama.cpp scale 1)."""
+    with np.errstate(over="ignore", under="ignore"):
+        read = float(np.float32(value))
+    if not math.isfinite(read) or (read == 0 and value != 0):
+        raise ConversionError(f"{where}: alpha {value:.6g} does not fit float32, the type alpha has in {reader}")
+    return read
+
+
+def scaled(arr: np.ndarray, factor: float, where: str) -> np.ndarray:
+    """``arr · factor`` in binary64 (for a caller to round once to its output dtype), refusing finite values
+    the product turns into infinities or NaN (a scale baked into B that binary64 cannot hold)."""
+    wide = np.asarray(arr, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = wide * factor
+    grew = np.isfinite(wide) & ~np.isfinite(out)
+    if grew.any():
+        big = float(np.max(np.abs(wide[grew])))
+        raise ConversionError(f"{where}: scaling B by {factor:.6g} overflows (|value| {big:.6g} becomes {out[grew][0]})")
+    return out
 
 
 def contiguous(arr: np.ndarray) -> np.ndarray:
