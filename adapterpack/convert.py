@@ -25,6 +25,7 @@ import numpy as np
 
 from . import dtypes
 from .adapter import Adapter, Module, TensorLike, as_array, tensor_info
+from .dtypes import cast_array
 from .encodings.factors import Factors
 from .errors import ConversionError, OutputExistsError
 from .interop import Opened, open_adapters
@@ -130,29 +131,6 @@ class CastReport:
             "worst_module_rel_error": worst.delta_rel_error if worst else None,
             "modules": [asdict(m) | {"delta_rel_error": m.delta_rel_error} for m in self.modules],
         }
-
-
-def cast_array(arr: np.ndarray, dtype: str, where: str = "tensor") -> tuple[np.ndarray, float]:
-    """(``arr`` cast to ``dtype``, max |x − x'| over finite values); non-float arrays come back untouched.
-
-    Refuses a cast that turns finite values into infinities (e.g. float32 above 65504 to float16).
-    """
-    src = dtypes.of_array(arr)
-    dst = dtypes.by_name(dtype)
-    if not src.is_float or not dst.is_float or src.name == dst.name:
-        return arr, 0.0
-    with np.errstate(over="ignore", invalid="ignore"):
-        # ml_dtypes casts float64 to bfloat16 through float32 (two roundings): round once, exactly, first
-        exact = dtypes.round_bf16(arr) if src.name == "float64" and dst.name == "bfloat16" else arr
-        out = exact.astype(dst.numpy)
-        wide_in, wide_out = arr.astype(np.float64), out.astype(np.float64)
-        finite = np.isfinite(wide_in)
-        overflow = finite & ~np.isfinite(wide_out)
-        if overflow.any():
-            big = float(np.max(np.abs(wide_in[overflow])))
-            raise ConversionError(f"{where}: casting to {dst.name} overflows (|value| {big:.6g} is out of range)")
-        err = float(np.max(np.abs(wide_in[finite] - wide_out[finite]), initial=0.0))
-    return out, err
 
 
 def cast_adapter(adapter: Adapter, dtype: str) -> tuple[Adapter, CastReport]:

@@ -20,7 +20,6 @@ import numpy as np
 
 from . import dtypes
 from .adapter import Adapter, Module
-from .convert import cast_array
 from .encodings.factors import Factors
 from .encodings.lower import lora_from_factors, main_dtype
 from .encodings.svd import from_spectrum, s_dtype_for, singular_values
@@ -324,9 +323,7 @@ def _choose(policy: RerankPolicy, rule: str, work: dict[str, _Work], notes: list
     return out
 
 
-def _record(p: ModulePlan, w: _Work, encoding: str, where: str) -> Module:
-    """The re-ranked record; lora factors √σ·u, √σ·v are refused (naming ``where``) where ``w.dtype`` cannot
-    hold them (the spectrum check bounds σ, which an svd record stores, not √σ·u)."""
+def _record(p: ModulePlan, w: _Work, encoding: str) -> Module:
     if encoding == "svd":
         return from_spectrum(p.name, w.spectrum, w.factors, rank=p.stored_rank, dtype=w.dtype)
     r, sp = p.new_rank, w.spectrum
@@ -336,7 +333,6 @@ def _record(p: ModulePlan, w: _Work, encoding: str, where: str) -> Module:
     b = np.zeros((sp.shape[0], p.stored_rank))
     a[:r] = root[:, None] * vt
     b[:, :r] = u * root[None, :]
-    a, b = (cast_array(x, w.dtype, f"{where} lora factor {slot}")[0] for slot, x in (("A", a), ("B", b)))
     f = Factors(A=a, B=b, scale=1.0, base_shape=w.factors.base_shape, transpose=w.factors.transpose, layout=w.factors.layout)
     return lora_from_factors(p.name, f, dtype=w.dtype)
 
@@ -346,8 +342,7 @@ def rerank(adapter: Adapter, policy: RerankPolicy) -> tuple[Adapter, RerankRepor
     report, work = plan_rerank(adapter, policy)
     modules = {}
     for p in report.modules:
-        where = f"adapter {adapter.name!r} module {p.name!r}"
-        modules[p.name] = _record(p, work[p.name], policy.encoding, where) if p.selected else adapter.module(p.name)
+        modules[p.name] = _record(p, work[p.name], policy.encoding) if p.selected else adapter.module(p.name)
     return adapter.derived(modules), report
 
 

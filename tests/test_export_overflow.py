@@ -165,7 +165,7 @@ def test_vllm_refuses_a_lora_alpha_past_binary64() -> None:
     assert type(e.value) is ConversionError
 
 
-# --- rerank --encoding lora: √σ in the output dtype -------------------------------------------------------------
+# --- lora factors rebuilt from other records (rerank --encoding lora, svd → lora) ------------------------------------
 
 
 def test_rerank_lora_refuses_factors_past_the_output_dtype(tmp_path: Path) -> None:
@@ -176,12 +176,24 @@ def test_rerank_lora_refuses_factors_past_the_output_dtype(tmp_path: Path) -> No
     from adapterpack.cli import main
 
     ad = toy(8e11)
-    with pytest.raises(ConversionError, match=rf"^{NAMED} lora factor [AB]: casting to float16 overflows"):
+    with pytest.raises(ConversionError, match=rf"^module '{BAD}' tensor '[AB]': casting to float16 overflows"):
         rerank(ad, RerankPolicy(rank=2, dtype="float16", encoding="lora"))
     out, _ = rerank(ad, RerankPolicy(rank=2, dtype="float32", encoding="lora"))
     assert all(np.isfinite(out.module(BAD).array(s)).all() for s in ("A", "B"))
     src, dst = tmp_path / "big.apack", tmp_path / "out.apack"
     adapterpack.save(ad, src)
     r = CliRunner().invoke(main, ["rerank", str(src), str(dst), "--rank", "2", "--dtype", "fp16", "--encoding", "lora"])
-    assert r.exit_code == 1 and r.stdout == "" and r.stderr.startswith(f"adapterpack: {NAMED} lora factor"), r.output
-    assert not dst.exists()
+    assert r.exit_code == 1 and r.stdout == "" and r.stderr.startswith(f"adapterpack: module '{BAD}' tensor"), r.output
+    assert r.stderr.count("\n") == 1 and not dst.exists()
+
+
+def test_svd_records_exported_as_lora_refuse_factors_past_their_dtype(tmp_path: Path) -> None:
+    """An svd record with float16 vectors and S = 1e10 (float32): B = Utᵀ·√S holds 1e5, past float16."""
+    from adapterpack.adapter import Module
+
+    ut, vt = np.eye(2, 6, dtype=np.float16), np.eye(2, 5, dtype=np.float16)
+    m = Module(BAD, "svd", (6, 5), {"rank": 2}, {"Ut": ut, "S": np.array([1e10, 1.0], np.float32), "Vt": vt})
+    for write in (lambda a: write_peft(a, tmp_path / "p"), lambda a: kohya_state(a)):
+        with pytest.raises(ConversionError, match=rf"^module '{BAD}' tensor 'A': casting to float16 overflows \(\|value\| 100000"):
+            write(Adapter(modules={BAD: m}))
+    assert not (tmp_path / "p").exists()

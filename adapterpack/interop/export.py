@@ -1,5 +1,7 @@
 """What the PEFT and kohya writers share: which records they can export, the output dtype, one
-state dict that casts float tensors and refuses key collisions, and the rule for pass-through tensors.
+state dict that casts float tensors and refuses key collisions, and the rule for pass-through tensors;
+with the llama.cpp and vLLM writers: an alpha read as float32, and scales baked into B, both refused
+where the reader would see inf (or "no alpha") instead of the value.
 
 Names: every exporter holds module and tensor names to the rule ``.apack`` holds them to
 (:mod:`adapterpack.names`: 1–1,024 code points, no lone surrogate), and writes no key holding a
@@ -15,7 +17,6 @@ import numpy as np
 
 from .. import dtypes
 from ..adapter import Adapter, Module, TensorLike
-from ..convert import cast_array
 from ..encodings import get_encoding
 from ..encodings.lower import as_lora
 from ..errors import ConversionError
@@ -93,7 +94,7 @@ class StateDict:
 
     def cast(self, arr: np.ndarray, where: str) -> np.ndarray:
         """``arr`` in the output dtype when it is a float tensor (refusing overflow), else unchanged."""
-        return arr if self.dtype is None else cast_array(arr, self.dtype, where)[0]
+        return arr if self.dtype is None else dtypes.cast_array(arr, self.dtype, where)[0]
 
     def put(self, key: str, arr: np.ndarray, *, cast: bool = True) -> None:
         """Add ``arr`` under ``key`` (cast unless ``cast`` is false)."""

@@ -226,12 +226,10 @@ def gguf_tensors(
 
 def _cast(arr: np.ndarray, out: str, where: str) -> np.ndarray:
     """``arr`` in the output dtype, rounded once to nearest-even (float64 input included)."""
-    from ..convert import cast_array
-
     name = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[out]
     if out == "bf16" and arr.dtype == np.float64:
         arr = dtypes.round_bf16(arr)  # ml_dtypes casts float64 to bfloat16 through float32: two roundings
-    return np.ascontiguousarray(cast_array(arr, name, f"module {where!r}")[0])
+    return np.ascontiguousarray(dtypes.cast_array(arr, name, f"module {where!r}")[0])
 
 
 @dataclass

@@ -339,7 +339,7 @@ class VllmPlan:
 
 def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors: bool = False) -> tuple[Adapter, VllmPlan]:
     """``adapter`` as a single-rank plain-LoRA adapter vLLM reads correctly (see the module docstring)."""
-    from ..convert import cast_array, delta_error
+    from ..convert import delta_error
     from ..encodings.lower import as_lora, at_rank, main_dtype
 
     refusals = [
@@ -378,7 +378,7 @@ def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors:
         s = float(m.implementation.scale(m))
         if s != scale:
             where = f"adapter {adapter.name!r} module {n!r}"
-            b = cast_array(scaled(b, s / scale, where), dtypes.of_array(b).name, where)[0]
+            b = dtypes.cast_array(scaled(b, s / scale, where), dtypes.of_array(b).name, where)[0]
             baked.append(n)
         if r < rank:
             a = np.concatenate([a, np.zeros((rank - r, *a.shape[1:]), a.dtype)], axis=0)
