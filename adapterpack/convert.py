@@ -25,7 +25,6 @@ import numpy as np
 
 from . import dtypes
 from .adapter import Adapter, Module, TensorLike, as_array, tensor_info
-from .dtypes import cast_array
 from .encodings.factors import Factors
 from .errors import ConversionError, OutputExistsError
 from .interop import Opened, open_adapters
@@ -143,7 +142,7 @@ def cast_adapter(adapter: Adapter, dtype: str) -> tuple[Adapter, CastReport]:
 
     def cast(t: TensorLike, where: str) -> tuple[np.ndarray, float]:
         arr = as_array(t)
-        out, err = cast_array(arr, name, where)
+        out, err = dtypes.cast_array(arr, name, where)
         report.tensors_cast += out.dtype != arr.dtype
         report.max_abs_error = max(report.max_abs_error, err)
         return out, err
