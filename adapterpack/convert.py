@@ -133,29 +133,6 @@ class CastReport:
         }
 
 
-def cast_array(arr: np.ndarray, dtype: str, where: str = "tensor") -> tuple[np.ndarray, float]:
-    """(``arr`` cast to ``dtype``, max |x − x'| over finite values); non-float arrays come back untouched.
-
-    Refuses a cast that turns finite values into infinities (e.g. float32 above 65504 to float16).
-    """
-    src = dtypes.of_array(arr)
-    dst = dtypes.by_name(dtype)
-    if not src.is_float or not dst.is_float or src.name == dst.name:
-        return arr, 0.0
-    with np.errstate(over="ignore", invalid="ignore"):
-        # ml_dtypes casts float64 to bfloat16 through float32 (two roundings): round once, exactly, first
-        exact = dtypes.round_bf16(arr) if src.name == "float64" and dst.name == "bfloat16" else arr
-        out = exact.astype(dst.numpy)
-        wide_in, wide_out = arr.astype(np.float64), out.astype(np.float64)
-        finite = np.isfinite(wide_in)
-        overflow = finite & ~np.isfinite(wide_out)
-        if overflow.any():
-            big = float(np.max(np.abs(wide_in[overflow])))
-            raise ConversionError(f"{where}: casting to {dst.name} overflows (|value| {big:.6g} is out of range)")
-        err = float(np.max(np.abs(wide_in[finite] - wide_out[finite]), initial=0.0))
-    return out, err
-
-
 def cast_adapter(adapter: Adapter, dtype: str) -> tuple[Adapter, CastReport]:
     """A copy of ``adapter`` with every float tensor cast to ``dtype`` (loaded into memory), and what that cost.
 
@@ -166,7 +143,7 @@ def cast_adapter(adapter: Adapter, dtype: str) -> tuple[Adapter, CastReport]:
 
     def cast(t: TensorLike, where: str) -> tuple[np.ndarray, float]:
         arr = as_array(t)
-        out, err = cast_array(arr, name, where)
+        out, err = dtypes.cast_array(arr, name, where)
         report.tensors_cast += out.dtype != arr.dtype
         report.max_abs_error = max(report.max_abs_error, err)
         return out, err

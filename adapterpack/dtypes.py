@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from .errors import UnknownDTypeError
+from .errors import ConversionError, UnknownDTypeError
 
 
 @dataclass(frozen=True)
@@ -98,3 +98,26 @@ def round_bf16(x: np.ndarray) -> np.ndarray:
     quantum = np.ldexp(1.0, np.maximum(e, -125) - 8)
     with np.errstate(invalid="ignore"):  # inf / nan pass through unchanged
         return np.where(np.isfinite(x), np.round(x / quantum) * quantum, x)
+
+
+def cast_array(arr: np.ndarray, dtype: str, where: str = "tensor") -> tuple[np.ndarray, float]:
+    """(``arr`` cast to ``dtype``, max |x − x'| over finite values); non-float arrays come back untouched.
+
+    Refuses a cast that turns finite values into infinities (e.g. float32 above 65504 to float16).
+    """
+    src = of_array(arr)
+    dst = by_name(dtype)
+    if not src.is_float or not dst.is_float or src.name == dst.name:
+        return arr, 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        # ml_dtypes casts float64 to bfloat16 through float32 (two roundings): round once, exactly, first
+        exact = round_bf16(arr) if src.name == "float64" and dst.name == "bfloat16" else arr
+        out = exact.astype(dst.numpy)
+        wide_in, wide_out = arr.astype(np.float64), out.astype(np.float64)
+        finite = np.isfinite(wide_in)
+        overflow = finite & ~np.isfinite(wide_out)
+        if overflow.any():
+            big = float(np.max(np.abs(wide_in[overflow])))
+            raise ConversionError(f"{where}: casting to {dst.name} overflows (|value| {big:.6g} is out of range)")
+        err = float(np.max(np.abs(wide_in[finite] - wide_out[finite]), initial=0.0))
+    return out, err

@@ -131,7 +131,7 @@ def test_svd_input_reads_singular_values(tmp_path: Path) -> None:
 
 def test_mixed_dtype_adapter_energy_sizes(tmp_path: Path) -> None:
     """Modules of different dtypes (q in bf16, v in fp32): each re-ranked record keeps its module's dtype."""
-    from adapterpack.convert import cast_array
+    from adapterpack.dtypes import cast_array
     from adapterpack.rerank import RerankPolicy, rerank
 
     a = qv_adapter(3, layers=2, rank=6, in_features=40, q_out=48, v_out=24, b_scale=0.02)

@@ -96,7 +96,8 @@ def _unshared(index: dict) -> None:
     """Adapter 'de' gets valid shared records whose U, V are not the bank's: its q_proj uses v_proj's blobs
     (shape [4, 12]) and its v_proj uses q_proj's (every blob still referenced)."""
     q, v = index["adapters"][0]["modules"]
-    index["adapters"][1]["modules"] = [dict(q, name=v["name"], tensors={"U": q["tensors"]["U"], "V": q["tensors"]["V"], "S": 6}),
+    s_de = index["adapters"][1]["modules"][0]["tensors"]["S"]  # de's own q_proj S
+    index["adapters"][1]["modules"] = [dict(q, name=v["name"], tensors={"U": q["tensors"]["U"], "V": q["tensors"]["V"], "S": s_de}),
                                        dict(v, name=q["name"], tensors=dict(v["tensors"]))]
 
 

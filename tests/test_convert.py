@@ -16,13 +16,13 @@ from adapterpack.container.reader import ApackReader
 from adapterpack.convert import (
     adapter_differences,
     cast_adapter,
-    cast_array,
     convert,
     delta_error,
     infer_target,
     safetensors_differences,
     target_conflict,
 )
+from adapterpack.dtypes import cast_array
 from adapterpack.encodings.factors import Factors
 from adapterpack.errors import ConversionError, OutputExistsError, UnknownDTypeError
 from tests.factories import qv_adapter
@@ -468,7 +468,7 @@ def test_float64_to_bf16_rounds_once() -> None:
     """ml_dtypes casts float64 → bfloat16 through float32; cast_array rounds once, to the nearest bf16."""
     import ml_dtypes
 
-    from adapterpack.convert import cast_array
+    from adapterpack.dtypes import cast_array
 
     # 1 + 2^-8 + 2^-30: just above the midpoint between the bf16 neighbours 1 and 1 + 2^-7, so the nearest is
     # 1 + 2^-7; through float32 the 2^-30 is rounded away first and the tie goes to even, 1.

@@ -34,9 +34,9 @@ def main_dtype(module: Module) -> str:
 def lora_from_factors(name: str, f: Factors, *, dtype: str) -> Module:
     """A ``lora`` record with A, B of ``f`` cast to ``dtype`` and alpha = scale·rank (so alpha/r is the scale).
 
-    A rank-0 ΔW (all zeros) becomes rank 1 with zero factors: LoRA has no rank 0.
+    A rank-0 ΔW (all zeros) becomes rank 1 with zero factors: LoRA has no rank 0. Factors ``dtype``
+    cannot hold (e.g. svd's √S·Vt past float16) are refused, naming the module, not written as inf.
     """
-    np_dt = dtypes.by_name(dtype).numpy
     a, b = f.A, f.B
     if f.rank == 0:
         if a.shape[1] + b.shape[0] > MAX_FACTOR_ELEMENTS:  # the zero factors are not backed by any bytes
@@ -54,9 +54,9 @@ def lora_from_factors(name: str, f: Factors, *, dtype: str) -> Module:
     if f.layout == "conv":
         a = a.reshape((r, *f.base_shape[1:]))
         b = b.reshape((b.shape[0], r, *([1] * (len(f.base_shape) - 2))))
-    return Module(
-        name, "lora", tuple(f.base_shape), params, {"A": np.ascontiguousarray(a, np_dt), "B": np.ascontiguousarray(b, np_dt)}
-    )
+    tensors = {s: dtypes.cast_array(x, dtype, f"module {name!r} tensor {s!r}")[0] for s, x in (("A", a), ("B", b))}
+    tensors = {s: np.ascontiguousarray(x) for s, x in tensors.items()}
+    return Module(name, "lora", tuple(f.base_shape), params, tensors)
 
 
 def as_lora(module: Module, *, dtype: str | None = None) -> Module:

@@ -352,6 +352,8 @@ def _component_config(values: dict[str, tuple[int, float, bool]]) -> tuple[dict[
         if rs and not all_rs:
             scale = float(alpha) / math.sqrt(rank)
             alpha = exact_alpha(scale, rank)
+            if not math.isfinite(alpha):  # JSON has no infinity
+                raise ConversionError(f"module {p!r}: rsLoRA scale {scale!r} × rank {rank} is beyond binary64 (no plain alpha)")
             if alpha / rank != scale:
                 notes.append(f"{p}: rsLoRA scale {scale!r} written as alpha {alpha!r}, which PEFT reads as {alpha / rank!r}")
         plain[p] = (rank, alpha)

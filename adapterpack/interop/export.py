@@ -1,5 +1,7 @@
 """What the PEFT and kohya writers share: which records they can export, the output dtype, one
-state dict that casts float tensors and refuses key collisions, and the rule for pass-through tensors.
+state dict that casts float tensors and refuses key collisions, and the rule for pass-through tensors;
+with the llama.cpp and vLLM writers: an alpha read as float32, and scales baked into B, both refused
+where the reader would see inf (or "no alpha") instead of the value.
 
 Names: every exporter holds module and tensor names to the rule ``.apack`` holds them to
 (:mod:`adapterpack.names`: 1–1,024 code points, no lone surrogate), and writes no key holding a
@@ -8,13 +10,13 @@ control character (no model's parameter is named so, and a NUL ends the key for 
 
 from __future__ import annotations
 
+import math
 import unicodedata
 
 import numpy as np
 
 from .. import dtypes
 from ..adapter import Adapter, Module, TensorLike
-from ..convert import cast_array
 from ..encodings import get_encoding
 from ..encodings.lower import as_lora
 from ..errors import ConversionError
@@ -53,6 +55,30 @@ def target_dtype(dtype: str | None) -> str | None:
     return row.name
 
 
+def float32_alpha(value: float, where: str, reader: str) -> float:
+    """``value`` as ``reader`` sees it: kohya's loaders and llama.cpp read alpha as float32. Refuses a value
+    that is not finite, beyond float32's range (read as inf) or nonzero but rounding to 0 (both read alpha 0
+    as "no alpha": kohya takes alpha = rank, llama.cpp scale 1)."""
+    with np.errstate(over="ignore", under="ignore"):
+        read = float(np.float32(value))
+    if not math.isfinite(read) or (read == 0 and value != 0):
+        raise ConversionError(f"{where}: alpha {value:.6g} does not fit float32, the type alpha has in {reader}")
+    return read
+
+
+def scaled(arr: np.ndarray, factor: float, where: str) -> np.ndarray:
+    """``arr · factor`` in binary64 (for a caller to round once to its output dtype), refusing finite values
+    the product turns into infinities or NaN (a scale baked into B that binary64 cannot hold)."""
+    wide = np.asarray(arr, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = wide * factor
+    grew = np.isfinite(wide) & ~np.isfinite(out)
+    if grew.any():
+        big = float(np.max(np.abs(wide[grew])))
+        raise ConversionError(f"{where}: scaling B by {factor:.6g} overflows (|value| {big:.6g} becomes {out[grew][0]})")
+    return out
+
+
 def contiguous(arr: np.ndarray) -> np.ndarray:
     """``arr`` in C order, keeping 0-d arrays 0-d (``np.ascontiguousarray`` makes them 1-d)."""
     return arr if arr.flags.c_contiguous else arr.copy(order="C")
@@ -68,7 +94,7 @@ class StateDict:
 
     def cast(self, arr: np.ndarray, where: str) -> np.ndarray:
         """``arr`` in the output dtype when it is a float tensor (refusing overflow), else unchanged."""
-        return arr if self.dtype is None else cast_array(arr, self.dtype, where)[0]
+        return arr if self.dtype is None else dtypes.cast_array(arr, self.dtype, where)[0]
 
     def put(self, key: str, arr: np.ndarray, *, cast: bool = True) -> None:
         """Add ``arr`` under ``key`` (cast unless ``cast`` is false)."""

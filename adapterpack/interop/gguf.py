@@ -4,7 +4,8 @@ What llama.cpp expects (its ``convert_lora_to_gguf.py`` and ``llama-adapter.cpp`
 conventions; nothing copied):
 
 - one f32 ``adapter.lora.alpha`` for the whole file; each tensor's scale is ``alpha / rank`` with
-  the rank read from that tensor pair. Modules whose own scale ``s`` differs from
+  the rank read from that tensor pair, and alpha 0 means scale 1 (so an alpha beyond float32's range,
+  rounding to 0, or 0 itself is refused). Modules whose own scale ``s`` differs from
   ``alpha / r`` get the difference baked into B (``B' = B · s·r/alpha``, rounded once from
   float64); alpha is chosen as the most common ``s·r`` so the usual uniform adapter keeps B
   bit-exact.
@@ -38,7 +39,7 @@ from ..adapter import Adapter, Module
 from ..atomic import atomic_file
 from ..encodings.lower import as_lora
 from ..errors import ConversionError, InputError
-from .export import DROP_HINT, check_module_names
+from .export import DROP_HINT, check_module_names, float32_alpha, scaled
 
 #: HF architecture → llama.cpp architecture name (the ones whose converter is LLaMA's, with the q/k permutation).
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
@@ -191,7 +192,12 @@ def gguf_tensors(
     mods = _check(adapter, drop_tensors)
     n_blocks = 1 + max((int(g.group(1)) for m in mods if (g := _LAYER.search(m.name))), default=0)
     products = {m.name: float(m.implementation.scale(m)) * int(m.params["rank"]) for m in mods}
-    alpha = float(np.float32(Counter(products.values()).most_common(1)[0][0]))
+    common = Counter(products.values()).most_common(1)[0][0]
+    first = next(n for n, p in products.items() if p == common)
+    where = f"adapter {adapter.name!r} module {first!r}"
+    alpha = float32_alpha(common, where, "llama.cpp")
+    if alpha == 0:
+        raise ConversionError(f"{where}: alpha 0 (scale 0) cannot be written: llama.cpp reads adapter.lora.alpha 0 as scale 1")
     missing = [m.name for m in mods if gguf_name(m.name, base.arch, n_blocks) is None]
     if missing:
         some = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
@@ -203,8 +209,8 @@ def gguf_tensors(
         out = _out_dtype(dtype, m)
         a, b = m.array("A"), m.array("B")
         factor = products[m.name] / alpha
-        if factor != 1.0:
-            b = b.astype(np.float64) * factor  # kept in float64: _cast rounds it once, straight to the output dtype
+        if factor != 1.0:  # kept in float64: _cast rounds it once, straight to the output dtype
+            b = scaled(b, factor, f"adapter {adapter.name!r} module {m.name!r}")
             plan.baked.append(m.name)
         n = _heads(m.name, base)
         if n is not None:
@@ -220,12 +226,10 @@ def gguf_tensors(
 
 def _cast(arr: np.ndarray, out: str, where: str) -> np.ndarray:
     """``arr`` in the output dtype, rounded once to nearest-even (float64 input included)."""
-    from ..convert import cast_array
-
     name = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[out]
     if out == "bf16" and arr.dtype == np.float64:
         arr = dtypes.round_bf16(arr)  # ml_dtypes casts float64 to bfloat16 through float32: two roundings
-    return np.ascontiguousarray(cast_array(arr, name, f"module {where!r}")[0])
+    return np.ascontiguousarray(dtypes.cast_array(arr, name, f"module {where!r}")[0])
 
 
 @dataclass

@@ -22,7 +22,9 @@ only look at the ``lora_down`` / ``lora_up`` / ``alpha`` keys.
 
 Alpha: kohya's ``alpha / rank`` equals our scale. For plain LoRA the kohya alpha is our alpha;
 for rsLoRA (scale ``alpha / sqrt(r)``) it is ``alpha · sqrt(r)``. It is written in the factors'
-dtype when that holds the value exactly, else as float32. Importing a kohya file keeps each
+dtype when that holds the value exactly, else as float32. kohya's loaders read alpha as float32
+(``alpha.float()``) and alpha 0 as alpha = rank, so an alpha beyond float32's range, one that rounds
+to 0, or 0 itself is refused on export (a wider tensor type would not help). Importing a kohya file keeps each
 alpha tensor's dtype, shape and value, so kohya → Adapter → kohya is bit-exact.
 
 Layouts kohya has no name for are converted losslessly: an embedding's or a ``fan_in_fan_out``
@@ -51,7 +53,7 @@ from ..atomic import atomic_file
 from ..encodings import get_encoding
 from ..errors import AdapterpackError, ConversionError, InputError, RecordError
 from . import source as src_
-from .export import StateDict, lora_records, pass_through
+from .export import StateDict, float32_alpha, lora_records, pass_through
 from .peft import read_safetensors
 from .sd_names import kohya_name_of, numbered_text_encoders, sdxl_sgm_path
 
@@ -236,23 +238,28 @@ def sgm_name(name: str) -> str | None:
     return "lora_unet_" + sgm.replace(".", "_")
 
 
-def _alpha_tensor(m: Module, no_alpha: list[str], recorded: dict[str, Any], a_dtype: np.dtype) -> np.ndarray | None:
+def _alpha_tensor(m: Module, no_alpha: list[str], recorded: dict[str, Any], a_dtype: np.dtype, where: str) -> np.ndarray | None:
     """The alpha tensor to write for ``m``; None to leave it out (kohya: alpha = rank).
 
     ``no_alpha`` / ``recorded`` come from a kohya import (``source["no_alpha"]`` / ``["alpha_tensors"]``);
     a recorded tensor is rebuilt only while it still holds the module's alpha and has one element.
+    Refuses (naming ``where``) an alpha kohya's loaders would misread: they read it as float32
+    (:func:`~.export.float32_alpha`) and alpha 0 as alpha = rank.
     """
     p = m.params
     rank, alpha, rslora = p["rank"], p["alpha"], bool(p.get("rslora", False))
     implied = not rslora and alpha == rank
     if m.name in no_alpha and implied:
         return None
+    value = kohya_alpha(alpha, rank, rslora)
+    if value == 0:
+        raise ConversionError(f"{where}: alpha 0 (scale 0) cannot be written: kohya's loaders read alpha 0 as alpha = rank")
+    float32_alpha(value, where, "kohya's loaders")
     info = recorded.get(m.name)
     if info is not None and not rslora:
         arr = _recorded_alpha(info, alpha, implied)
         if arr is not None:
             return arr
-    value = kohya_alpha(alpha, rank, rslora)
     return np.asarray(value, dtype=alpha_dtype(value, a_dtype))
 
 
@@ -321,7 +328,7 @@ def kohya_state(
             mparams.setdefault(k, {}).update({"rslora": True, "alpha": p["alpha"]})
         state.put(f"{k}.{DOWN}", down, cast=False)
         state.put(f"{k}.{UP}", up, cast=False)
-        alpha = _alpha_tensor(m, no_alpha, alphas, down.dtype)
+        alpha = _alpha_tensor(m, no_alpha, alphas, down.dtype, f"adapter {adapter.name!r} module {m.name!r}")
         if alpha is not None:
             state.put(f"{k}.{ALPHA}", alpha, cast=False)
     for key, t in pass_through(adapter, own=("kohya",), drop_tensors=drop_tensors, target="a kohya file").items():

@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from .. import dtypes
 from ..adapter import Adapter, Module
 from ..errors import ConversionError
-from .export import DROP_HINT
+from .export import DROP_HINT, scaled
 
 TARGETS = ("vllm", "peft", "llama.cpp", "kohya")
 #: The values vLLM accepts for ``--max-lora-rank``.
@@ -360,6 +361,9 @@ def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors:
     rank = next_vllm_rank(max(int(m.params["rank"]) for m in mods.values())) or limit
     products = {n: float(m.implementation.scale(m)) * rank for n, m in mods.items()}
     alpha = Counter(products.values()).most_common(1)[0][0]
+    if not math.isfinite(alpha):  # JSON has no infinity
+        first = next(n for n, p in products.items() if p == alpha)
+        raise ConversionError(f"adapter {adapter.name!r} module {first!r}: lora_alpha = scale × rank {rank} is beyond binary64")
     scale = alpha / rank
     out = Adapter(
         name=adapter.name,
@@ -373,7 +377,8 @@ def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors:
         r = a.shape[0]
         s = float(m.implementation.scale(m))
         if s != scale:
-            b = (b.astype(np.float64) * (s / scale)).astype(b.dtype)
+            where = f"adapter {adapter.name!r} module {n!r}"
+            b = dtypes.cast_array(scaled(b, s / scale, where), dtypes.of_array(b).name, where)[0]
             baked.append(n)
         if r < rank:
             a = np.concatenate([a, np.zeros((rank - r, *a.shape[1:]), a.dtype)], axis=0)

@@ -21,7 +21,8 @@ def _grid(rng: np.random.Generator, shape: tuple[int, ...], dtype: Any) -> np.nd
 
 def full_bank(seed: int = 21) -> Bank:
     """Two adapters, full form: q (fp32, R=3) and v (fp16, R=2, the second adapter lacks it); U and V large enough
-    (and of few distinct values) that byteplanes makes them smaller, so the byteplanes vector really holds byteplanes."""
+    (and of few distinct values) that byteplanes makes them smaller, so the byteplanes vector really holds byteplanes.
+    The first adapter carries a pass-through tensor (a PEFT ``modules_to_save`` weight, spec/shared.md §2), the second none."""
     rng = np.random.default_rng(seed)
     q = BankModule("model.layers.0.self_attn.q_proj", _grid(rng, (64, 3), np.float32), _grid(rng, (96, 3), np.float32), "full")
     v = BankModule("model.layers.0.self_attn.v_proj", _grid(rng, (64, 2), np.float16), _grid(rng, (96, 2), np.float16), "full")
@@ -33,6 +34,7 @@ def full_bank(seed: int = 21) -> Bank:
         metadata={"bank.rel_error": '{"mean": 0.0, "max": 0.0}'},
     )
     de = BankMember("de", {q.name: _grid(rng, (3, 3), np.float32)}, "test/tiny-base", "LlamaForCausalLM")
+    en.tensors["model.norm.weight"] = _grid(rng, (8,), np.float32)
     return Bank({q.name: q, v.name: v}, [en, de])
 
 
@@ -61,7 +63,7 @@ def adapters(bank: Bank) -> list[Adapter]:
             if b.fan_in_fan_out:
                 params["fan_in_fan_out"] = True
             mods[name] = Module(name, "shared", b.base_shape, params, {"U": b.U, "V": b.V, "S": S})
-        out.append(Adapter(mem.name, mem.base_model, mem.base_architecture, mods, metadata=dict(mem.metadata)))
+        out.append(Adapter(mem.name, mem.base_model, mem.base_architecture, mods, dict(mem.tensors), metadata=dict(mem.metadata)))
     return out
 
 
@@ -86,8 +88,9 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
         bank = full_bank()
         path = readable(
             f"shared_full_{codec}",
-            "a full-form bank of two adapters sharing U and V blobs (fp32 and fp16 modules; "
-            f"the second adapter lacks one module); codec {codec} (for U and V: S is too small to compress)",
+            "a full-form bank of two adapters sharing U and V blobs (fp32 and fp16 modules; the second adapter lacks "
+            "one module; the first carries a pass-through tensor, the second none); "
+            f"codec {codec} (for U and V: S is too small to compress)",
             adapters(bank),
             codec,
             craft=_as_bank(bank, codec),
