@@ -197,3 +197,38 @@ def test_svd_records_exported_as_lora_refuse_factors_past_their_dtype(tmp_path: 
         with pytest.raises(ConversionError, match=rf"^module '{BAD}' tensor 'A': casting to float16 overflows \(\|value\| 100000"):
             write(Adapter(modules={BAD: m}))
     assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("zeros", [1, 3, 4])
+def test_vllm_exports_alpha_0_as_a_zero_delta(zeros: int) -> None:
+    """Modules at alpha 0 (scale 0): when they were the most common scale, lora_alpha was 0 and the others'
+    scale divided by it (ZeroDivisionError); ΔW stays exact however many there are."""
+    src = toy()
+    for m in list(src)[:zeros]:
+        m.params["alpha"] = 0.0
+    out, plan = to_vllm(src)
+    assert (plan.alpha == 0.0) == (zeros == 4)
+    for i, m in enumerate(src):
+        np.testing.assert_allclose(out.modules[m.name].delta(), m.delta(), rtol=1e-6, atol=0, err_msg=m.name)
+        assert out.modules[m.name].delta().any() == (i >= zeros)
+
+
+def test_kohya_import_of_a_hostile_rslora_alpha_keeps_the_tensor_alpha(tmp_path: Path) -> None:
+    """An rsLoRA alpha in adapterpack.module_params past float32 was an overflow RuntimeWarning on read; it is a
+    mismatch with the alpha tensor, so the file's own alpha is kept (and said)."""
+    from safetensors.numpy import load_file, save_file
+
+    from adapterpack.interop.kohya import META_PARAMS, read_kohya, write_kohya
+
+    src = toy(8.0, rslora=True)
+    path = tmp_path / "k.safetensors"
+    write_kohya(src, path)
+    with safe_open(path, framework="np") as f:
+        meta = f.metadata()
+    params = json.loads(meta[META_PARAMS])
+    (key,) = params
+    params[key]["alpha"] = 1e39
+    save_file(load_file(path), path, metadata=meta | {META_PARAMS: json.dumps(params)})
+    got = read_kohya(path).modules[BAD]
+    assert got.params["rslora"] is False
+    np.testing.assert_allclose(got.delta(), src.modules[BAD].delta(), rtol=1e-6)

@@ -209,7 +209,8 @@ def _module(
             if ok:
                 expect = kohya_alpha(orig, rank, True)
                 dt = alpha_dtype(expect, down.dtype)
-                ok = float(np.asarray(expect, dtype=dt)) == alpha
+                with np.errstate(over="ignore"):  # a hostile alpha past the tensor's dtype is a mismatch, not a warning
+                    ok = float(np.asarray(expect, dtype=dt)) == alpha
             if ok:
                 alpha, rslora = orig, True
             else:

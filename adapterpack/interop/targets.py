@@ -360,7 +360,8 @@ def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors:
             mods[n] = low
     rank = next_vllm_rank(max(int(m.params["rank"]) for m in mods.values())) or limit
     products = {n: float(m.implementation.scale(m)) * rank for n, m in mods.items()}
-    alpha = Counter(products.values()).most_common(1)[0][0]
+    # the commonest nonzero scale (a zero one could not be baked into the others' B), zero only when all are
+    alpha = Counter(v for v in products.values() if v != 0.0).most_common(1)[0][0] if any(products.values()) else 0.0
     if not math.isfinite(alpha):  # JSON has no infinity
         first = next(n for n, p in products.items() if p == alpha)
         raise ConversionError(f"adapter {adapter.name!r} module {first!r}: lora_alpha = scale × rank {rank} is beyond binary64")
