@@ -173,8 +173,9 @@ def open_bank(path: str | os.PathLike[str]) -> Iterator[Bank]:
     from ..container.reader import ApackReader
 
     with ApackReader(Path(path)) as reader:
-        tensors = {raw["name"]: reader.adapter(raw["name"]).tensors for raw in reader.index.adapters}  # every record
-        modules: dict[str, BankModule] = {}  # through the reader's own checks before any raw param is used
+        # every record through the reader's own checks before any raw param is used; tensors stay handles
+        tensors = {raw["name"]: reader.adapter(raw["name"]).tensors for raw in reader.index.adapters}
+        modules: dict[str, BankModule] = {}
         refs: dict[str, tuple[int, int]] = {}
         members = []
         for raw in reader.index.adapters:
