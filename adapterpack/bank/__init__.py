@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .ops import BankReport, add_to_bank, bank_listing, build_bank, extract_drops, extract_member, refit_bank, write_extracted
 from .sources import PathSource, content_hash
-from .store import Bank, BankMember, BankModule, read_bank, write_bank
+from .store import Bank, BankMember, BankModule, open_bank, read_bank, write_bank
 
 __all__ = [
     "Bank",
@@ -19,6 +19,7 @@ __all__ = [
     "content_hash",
     "extract_drops",
     "extract_member",
+    "open_bank",
     "read_bank",
     "refit_bank",
     "write_bank",

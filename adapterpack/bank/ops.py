@@ -11,14 +11,14 @@ from typing import Any
 import numpy as np
 
 from .. import dtypes
-from ..adapter import Adapter, Module, as_array
+from ..adapter import Adapter, Module, as_array, decoded_bytes
 from ..encodings.factors import Factors
 from ..errors import BankError
 from ..linalg.bank_fit import DaskExecutor, FitOptions, ModuleShape, SerialExecutor, fit_bank
 from ..linalg.bank_grow import pad, place
 from ..linalg.finite import check_product
-from .sources import Member, ModuleKey, PathSource, content_hash, expand_inputs, plan_modules
-from .store import META_HASH, Bank, BankMember, BankModule, error_metadata, read_bank, validate_records, write_bank
+from .sources import Member, ModuleKey, PathSource, expand_inputs, plan_modules
+from .store import META_HASH, Bank, BankMember, BankModule, error_metadata, open_bank, validate_records, write_bank
 
 
 def make_executor(scheduler: str | None) -> Any:
@@ -46,16 +46,15 @@ class BankReport:
 
 
 def _hash_members(members: list[Member], modules: Sequence[str], dtype: str) -> None:
-    """Hash every member with its pass-through tensors (kept for the write), refusing factors a fit cannot
-    use (or whose Σᵢ would overflow ``dtype``) before any work."""
+    """Hash every member with its pass-through tensors (read one at a time, not kept: the write reads them
+    again), refusing factors a fit cannot use (or whose Σᵢ would overflow ``dtype``) before any work."""
     for m in members:
         src = PathSource(m.source.name, m.source.path, m.source.adapter, tuple(modules))
         m.source = src
         facs = src.load()
         for name, f in facs.items():
             check_product(f.A, f.B, f.scale, where=f"adapter {src.name!r} module {name!r}", dtype=dtype)
-        m.tensors = src.load_tensors()
-        m.sha256 = content_hash(facs, m.tensors)
+        m.sha256, m.tensors = src.hash_tensors(facs)
 
 
 def build_bank(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]], *, names: list[str] | None = None,
@@ -106,57 +105,58 @@ def add_to_bank(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str
     """Project new adapters onto the bank's bases; grow the bases where an adapter's relative squared
     error on a module exceeds ``threshold`` (None: never grow). Old members' S are zero-padded, so
     their reconstructions do not change by one bit. Same content hash as a member: skipped, said so.
-    The bank is rewritten atomically: interrupted, the previous file stays as it was."""
-    bank = read_bank(path)
-    members = expand_inputs(inputs, names)
-    first = bank.members[0]
-    _, keys, left_out = plan_modules(members, partial, reference=_bank_keys(bank), base_model=first.base_model)
-    left_out += [s for m in members for s in m.skipped]
-    _hash_members(members, list(keys), dtypes.of_array(next(iter(bank.modules.values())).U).name)
-    known = {m.sha256: m.name for m in bank.members}
-    names_in = {m.name for m in bank.members}
-    report = BankReport(Path(path), "add", 0, left_out=left_out)
-    itemsize_dt = dtypes.by_name(dtypes.of_array(next(iter(bank.modules.values())).U).name).numpy
-    for mem in members:
-        if mem.sha256 in known:
-            report.skipped.append(
-                f"{mem.source.name}: already in the bank as {known[mem.sha256]!r} (same content hash); nothing to do")
-            continue
-        if mem.source.name in names_in:
-            raise BankError(
-                f"the bank already has an adapter named {mem.source.name!r} with different content; name it differently")
-        facs = mem.source.load()
-        S_new: dict[str, np.ndarray] = {}
-        rel: dict[str, float] = {}
-        grown: dict[str, int] = {}
-        for name in keys:
-            mod = bank.modules[name]
-            U, V = mod.U.astype(np.float64), mod.V.astype(np.float64)
-            pl = place(facs[name], U, V, mod.form, threshold)
-            if pl.added:
-                old_r = mod.rank
-                mod.U = np.concatenate([mod.U, pl.U[:, old_r:].astype(itemsize_dt)], axis=1)
-                mod.V = np.concatenate([mod.V, pl.V[:, old_r:].astype(itemsize_dt)], axis=1)
-                for old in bank.members:
-                    if name in old.S:
-                        old.S[name] = pad(old.S[name], mod.rank)
-                grown[name] = pl.added
-                # re-place on the stored (rounded) bases so S and the reported error match the file
-                pl = place(facs[name], mod.U.astype(np.float64), mod.V.astype(np.float64), mod.form, None)
-            S_new[name] = pl.S.astype(itemsize_dt)
-            rel[name] = _stored_error(facs[name], mod, S_new[name])
-        bank.members.append(_member_of(mem, {"modules": {}}, "original adapter"))
-        bank.members[-1].S = S_new
-        bank.members[-1].metadata |= error_metadata(rel, "original adapter")
-        known[mem.sha256] = mem.source.name
-        names_in.add(mem.source.name)
-        report.added.append({"name": mem.source.name, "rel_error_mean": float(np.mean(list(rel.values()))),
-                             "rel_error_max": float(np.max(list(rel.values()))), "grown": grown})
-    report.adapters = len(bank.members)
-    if report.added:
-        validate_records(bank)
-        report.file_size = write_bank(path, bank, codec=codec)
-    return report
+    The bank is rewritten atomically: interrupted, the previous file stays as it was. Old members'
+    pass-through tensors are read from the old file while the new one is written, one at a time."""
+    with open_bank(path) as bank:
+        members = expand_inputs(inputs, names)
+        first = bank.members[0]
+        _, keys, left_out = plan_modules(members, partial, reference=_bank_keys(bank), base_model=first.base_model)
+        left_out += [s for m in members for s in m.skipped]
+        _hash_members(members, list(keys), dtypes.of_array(next(iter(bank.modules.values())).U).name)
+        known = {m.sha256: m.name for m in bank.members}
+        names_in = {m.name for m in bank.members}
+        report = BankReport(Path(path), "add", 0, left_out=left_out)
+        itemsize_dt = dtypes.by_name(dtypes.of_array(next(iter(bank.modules.values())).U).name).numpy
+        for mem in members:
+            if mem.sha256 in known:
+                report.skipped.append(
+                    f"{mem.source.name}: already in the bank as {known[mem.sha256]!r} (same content hash); nothing to do")
+                continue
+            if mem.source.name in names_in:
+                raise BankError(
+                    f"the bank already has an adapter named {mem.source.name!r} with different content; name it differently")
+            facs = mem.source.load()
+            S_new: dict[str, np.ndarray] = {}
+            rel: dict[str, float] = {}
+            grown: dict[str, int] = {}
+            for name in keys:
+                mod = bank.modules[name]
+                U, V = mod.U.astype(np.float64), mod.V.astype(np.float64)
+                pl = place(facs[name], U, V, mod.form, threshold)
+                if pl.added:
+                    old_r = mod.rank
+                    mod.U = np.concatenate([mod.U, pl.U[:, old_r:].astype(itemsize_dt)], axis=1)
+                    mod.V = np.concatenate([mod.V, pl.V[:, old_r:].astype(itemsize_dt)], axis=1)
+                    for old in bank.members:
+                        if name in old.S:
+                            old.S[name] = pad(old.S[name], mod.rank)
+                    grown[name] = pl.added
+                    # re-place on the stored (rounded) bases so S and the reported error match the file
+                    pl = place(facs[name], mod.U.astype(np.float64), mod.V.astype(np.float64), mod.form, None)
+                S_new[name] = pl.S.astype(itemsize_dt)
+                rel[name] = _stored_error(facs[name], mod, S_new[name])
+            bank.members.append(_member_of(mem, {"modules": {}}, "original adapter"))
+            bank.members[-1].S = S_new
+            bank.members[-1].metadata |= error_metadata(rel, "original adapter")
+            known[mem.sha256] = mem.source.name
+            names_in.add(mem.source.name)
+            report.added.append({"name": mem.source.name, "rel_error_mean": float(np.mean(list(rel.values()))),
+                                 "rel_error_max": float(np.max(list(rel.values()))), "grown": grown})
+        report.adapters = len(bank.members)
+        if report.added:
+            validate_records(bank)
+            report.file_size = write_bank(path, bank, codec=codec)
+        return report
 
 
 def _stored_error(f: Factors, mod: BankModule, S: np.ndarray) -> float:
@@ -170,30 +170,31 @@ def refit_bank(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | No
                target_error: float | None = None, budget: int | None = None, form: str | None = None, weights: str = "norm",
                max_iter: int = 50, tol: float = 1e-7, scheduler: str | None = None, codec: str = "byteplanes") -> BankReport:
     """Refit the bases from the bank's own members (their current reconstructions) and rewrite it
-    (to ``out``, default in place, atomically). Errors are then relative to those reconstructions."""
-    bank = read_bank(path)
-    first = next(iter(bank.modules.values()))
-    dtype = dtypes.of_array(first.U).name
-    form = form or bank.form
-    sources = [PathSource(m.name, str(path), m.name) for m in bank.members]
-    shapes = [ModuleShape(n, m.U.shape[0], m.V.shape[0]) for n, m in bank.modules.items()]
-    opts = FitOptions(form=form, weights=weights, max_iter=max_iter, tol=tol)
-    executor = make_executor(scheduler)
-    try:
-        res = fit_bank(shapes, sources, rank=rank if rank is not None else {n: m.rank for n, m in bank.modules.items()},
-                       target_error=target_error, budget=budget, opts=opts, dtype=dtype, executor=executor)
-    finally:
-        executor.close()
-    new = Bank({s.name: BankModule(s.name, *res.bases[s.name], form, bank.modules[s.name].layout,
-                                   bank.modules[s.name].fan_in_fan_out) for s in shapes}, [])
-    for old, row in zip(bank.members, res.members):
-        rel = {k: (v["sq_error"] / v["norm2"] if v["norm2"] > 0 else 0.0) for k, v in row["modules"].items()}
-        meta = dict(old.metadata) | error_metadata(rel, "bank reconstruction before refit")
-        new.members.append(BankMember(old.name, {k: v["S"] for k, v in row["modules"].items()}, old.base_model,
-                                      old.base_architecture, old.source, meta, old.tensors))
-    validate_records(new)
-    size = write_bank(out or path, new, codec=codec)
-    return BankReport(Path(out or path), "refit", len(new.members), res.report(), file_size=size)
+    (to ``out``, default in place, atomically). Errors are then relative to those reconstructions.
+    Pass-through tensors are read from the old file while the new one is written, one at a time."""
+    with open_bank(path) as bank:
+        first = next(iter(bank.modules.values()))
+        dtype = dtypes.of_array(first.U).name
+        form = form or bank.form
+        sources = [PathSource(m.name, str(path), m.name) for m in bank.members]
+        shapes = [ModuleShape(n, m.U.shape[0], m.V.shape[0]) for n, m in bank.modules.items()]
+        opts = FitOptions(form=form, weights=weights, max_iter=max_iter, tol=tol)
+        executor = make_executor(scheduler)
+        try:
+            res = fit_bank(shapes, sources, rank=rank if rank is not None else {n: m.rank for n, m in bank.modules.items()},
+                           target_error=target_error, budget=budget, opts=opts, dtype=dtype, executor=executor)
+        finally:
+            executor.close()
+        new = Bank({s.name: BankModule(s.name, *res.bases[s.name], form, bank.modules[s.name].layout,
+                                       bank.modules[s.name].fan_in_fan_out) for s in shapes}, [])
+        for old, row in zip(bank.members, res.members):
+            rel = {k: (v["sq_error"] / v["norm2"] if v["norm2"] > 0 else 0.0) for k, v in row["modules"].items()}
+            meta = dict(old.metadata) | error_metadata(rel, "bank reconstruction before refit")
+            new.members.append(BankMember(old.name, {k: v["S"] for k, v in row["modules"].items()}, old.base_model,
+                                          old.base_architecture, old.source, meta, old.tensors))
+        validate_records(new)
+        size = write_bank(out or path, new, codec=codec)
+        return BankReport(Path(out or path), "refit", len(new.members), res.report(), file_size=size)
 
 
 def lora_module(m: Module, rtol: float | None = None, *, where: str | None = None) -> tuple[Module, float]:
@@ -273,18 +274,18 @@ def write_extracted(adapter: Adapter, out: str | os.PathLike[str], to: str = "ap
 
 def bank_listing(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Members (name, error metadata, hash, pass-through tensors) and modules (shape, rank, form) of a bank,
-    bytes shared vs own."""
-    bank = read_bank(path)
+    bytes shared vs own (pass-through tensors counted from the index, not read)."""
     import json
 
-    mods = [{"name": n, "m": m.U.shape[0], "n": m.V.shape[0], "rank": m.rank, "form": m.form} for n, m in bank.modules.items()]
-    shared_bytes = sum(m.U.nbytes + m.V.nbytes for m in bank.modules.values())
-    members = []
-    for mem in bank.members:
-        err = json.loads(mem.metadata.get("bank.rel_error", "{}") or "{}")
-        own = sum(s.nbytes for s in mem.S.values()) + sum(t.nbytes for t in mem.tensors.values())
-        members.append({"name": mem.name, "sha256": mem.sha256[:12], "own_bytes": own, "tensors": list(mem.tensors)}
-                       | {"rel_error_mean": err.get("mean"), "rel_error_max": err.get("max"),
-                          "error_reference": mem.metadata.get("bank.error_reference")})
+    with open_bank(path) as bank:
+        mods = [{"name": n, "m": m.U.shape[0], "n": m.V.shape[0], "rank": m.rank, "form": m.form} for n, m in bank.modules.items()]
+        shared_bytes = sum(m.U.nbytes + m.V.nbytes for m in bank.modules.values())
+        members = []
+        for mem in bank.members:
+            err = json.loads(mem.metadata.get("bank.rel_error", "{}") or "{}")
+            own = sum(s.nbytes for s in mem.S.values()) + sum(decoded_bytes(t) for t in mem.tensors.values())
+            members.append({"name": mem.name, "sha256": mem.sha256[:12], "own_bytes": own, "tensors": list(mem.tensors)}
+                           | {"rel_error_mean": err.get("mean"), "rel_error_max": err.get("max"),
+                              "error_reference": mem.metadata.get("bank.error_reference")})
     return {"path": str(path), "form": bank.form, "adapters": len(bank.members), "modules": mods, "members": members,
             "shared_bytes": shared_bytes, "file_size": Path(path).stat().st_size}

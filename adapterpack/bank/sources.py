@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..adapter import Adapter, Module, as_array
+from .. import dtypes
+from ..adapter import Adapter, Module, StoredTensor, TensorLike, as_array, stored_bytes, tensor_info
 from ..encodings.factors import Factors
 from ..errors import BankError, BankMismatchError
 from ..linalg.bank_fit import ModuleShape
@@ -36,12 +39,30 @@ class PathSource:
             names = self.modules if self.modules is not None else tuple(a.modules)
             return {n: _copy(a.module(n).factors()) for n in names}
 
-    def load_tensors(self) -> dict[str, np.ndarray]:
-        """The adapter's pass-through tensors (PEFT ``modules_to_save``, unknown keys), bit for bit, by name."""
+    def hash_tensors(self, factors: dict[str, Factors]) -> tuple[str, dict[str, StoredTensor]]:
+        """The content hash of ``factors`` (this adapter's, from :meth:`load`) with its pass-through tensors, and a
+        handle per tensor that reads it from the file again when loaded: each tensor is hashed as it is read and
+        none is kept, so a bank's members do not hold theirs in memory until the bank is written."""
         from ..api import open as open_adapter
 
         with open_adapter(self.path, adapter=self.adapter) as a:
-            return {k: np.array(as_array(t)) for k, t in a.tensors.items()}
+            handles = {k: _handle(t, functools.partial(self.load_tensor, k)) for k, t in a.tensors.items()}
+            return content_hash(factors, a.tensors), handles
+
+    def load_tensor(self, name: str) -> np.ndarray:
+        """One pass-through tensor (PEFT ``modules_to_save``, unknown keys), bit for bit (a read-only view of a raw
+        ``.apack`` blob keeps that file's mapping alive, not a copy)."""
+        from ..api import open as open_adapter
+
+        with open_adapter(self.path, adapter=self.adapter) as a:
+            if name not in a.tensors:
+                raise BankError(f"{self.path}: adapter {self.name!r} no longer has tensor {name!r} (changed since it was hashed)")
+            return as_array(a.tensors[name])
+
+
+def _handle(t: TensorLike, loader: Callable[[], np.ndarray]) -> StoredTensor:
+    dtype, shape = tensor_info(t)
+    return StoredTensor(dtype, shape, stored_bytes(t), t.codec if isinstance(t, StoredTensor) else "raw", loader)
 
 
 def _copy(f: Factors) -> Factors:
@@ -50,7 +71,7 @@ def _copy(f: Factors) -> Factors:
                    transpose=f.transpose, layout=getattr(f, "layout", "linear"))
 
 
-def content_hash(factors: dict[str, Factors], tensors: dict[str, np.ndarray] | None = None) -> str:
+def content_hash(factors: dict[str, Factors], tensors: Mapping[str, TensorLike] | None = None) -> str:
     """sha256 over every module's name, base shape, layout, scale and factor bytes (sorted by name),
     then, only when there are any, the pass-through tensors' names and bytes (spec/shared.md §2).
 
@@ -67,7 +88,7 @@ def content_hash(factors: dict[str, Factors], tensors: dict[str, np.ndarray] | N
         h.update(b"\0tensors\0")
         for name in sorted(tensors):
             h.update(name.encode() + b"\0")
-            _hash_arrays(h, (tensors[name],))
+            _hash_arrays(h, (as_array(tensors[name]),))
     return h.hexdigest()
 
 
@@ -75,7 +96,7 @@ def _hash_arrays(h: Any, arrays: tuple[np.ndarray, ...]) -> None:
     for arr in arrays:
         arr = np.ascontiguousarray(arr)
         h.update(f"{arr.dtype.str}{arr.shape}".encode())
-        h.update(arr.tobytes())
+        h.update(dtypes.as_bytes(arr))
 
 
 @dataclass
@@ -106,8 +127,9 @@ def module_key(m: Module, adapter: str) -> ModuleKey:
 
 @dataclass
 class Member:
-    """An input adapter: its source, what the bank keeps of its header, per-module keys, its
-    pass-through tensors (loaded with its hash) and what the reader skipped of it."""
+    """An input adapter: its source, what the bank keeps of its header, per-module keys, handles to its
+    pass-through tensors (made with its hash, read again when the bank is written) and what the reader
+    skipped of it."""
 
     source: PathSource
     base_model: str | None
@@ -115,7 +137,7 @@ class Member:
     keys: dict[str, ModuleKey]
     adapter_source: dict[str, Any] = field(default_factory=dict)
     sha256: str = ""
-    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    tensors: dict[str, StoredTensor] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,11 +16,12 @@ from typing import Any
 import numpy as np
 
 from .. import dtypes
+from ..adapter import TensorLike, as_array
 from ..atomic import atomic_file
 from ..checksum import crc32c
 from ..container import writer as _writer
-from ..container.index import dumps, plan_offsets
-from ..container.preamble import MAJOR, MAX_INDEX_LENGTH, MINOR, Preamble
+from ..container.index import blob_alignment, dumps
+from ..container.preamble import MAJOR, MAX_INDEX_LENGTH, MINOR, Preamble, align_up
 from ..container.writer import check_index, encode_blob
 from ..encodings import get_encoding
 from ..encodings.shared import shared_base_shape
@@ -50,7 +55,8 @@ class BankModule:
 @dataclass
 class BankMember:
     """One adapter of a bank: its S per module, the header it keeps (base model, source, metadata) and
-    its own pass-through tensors (PEFT ``modules_to_save`` and the like), stored for it alone."""
+    its own pass-through tensors (PEFT ``modules_to_save`` and the like), stored for it alone: arrays, or
+    handles (:class:`~adapterpack.adapter.StoredTensor`) read only when the bank is written."""
 
     name: str
     S: dict[str, np.ndarray]
@@ -58,7 +64,7 @@ class BankMember:
     base_architecture: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
-    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    tensors: dict[str, TensorLike] = field(default_factory=dict)
 
     @property
     def sha256(self) -> str:
@@ -67,8 +73,8 @@ class BankMember:
 
 @dataclass
 class Bank:
-    """A whole bank in memory: bases, every member's S (small next to the adapters it replaces) and
-    pass-through tensors."""
+    """A whole bank: bases and every member's S in memory (small next to the adapters they replace), and
+    its pass-through tensors (in memory from :func:`read_bank`, read on demand from :func:`open_bank`)."""
 
     modules: dict[str, BankModule]
     members: list[BankMember]
@@ -98,20 +104,46 @@ def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = "bytepl
 
     Blob order: every module's U then V, then each member's S blobs followed by its pass-through
     tensors in member order, so the shared bases sit together at the front of the data section.
+    Each blob is encoded into an unnamed spool file beside ``path`` as it comes and copied after the
+    index, so one tensor at a time is in memory: pass-through tensors given as handles are read here.
     """
     if not bank.members:
         raise BankError("a bank needs at least one adapter")
-    stored: list[bytes | memoryview] = []
-    blobs: list[dict[str, Any]] = []
+    dest = Path(path)
+    with atomic_file(dest) as f, tempfile.TemporaryFile(dir=dest.parent) as spool:
+        blobs: list[dict[str, Any]] = []
+        end = 0
 
-    def add(arr: np.ndarray) -> int:
-        data, cfg, crc = encode_blob(arr, codec, level)
-        dt = dtypes.of_array(arr)
-        stored.append(data)
-        blobs.append({"dtype": dt.name, "shape": list(arr.shape), "codec": cfg, "offset": 0,
-                      "stored_length": len(data), "length": arr.nbytes, "crc32c": crc})
-        return len(stored) - 1
+        def add(t: TensorLike) -> int:
+            nonlocal end
+            arr = as_array(t)
+            data, cfg, crc = encode_blob(arr, codec, level)
+            off = align_up(end, blob_alignment(len(data)))  # the layout of container.index.plan_offsets
+            spool.write(b"\0" * (off - end))
+            spool.write(data)
+            end = off + len(data)
+            blobs.append({"dtype": dtypes.of_array(arr).name, "shape": list(arr.shape), "codec": cfg, "offset": off,
+                          "stored_length": len(data), "length": arr.nbytes, "crc32c": crc})
+            return len(blobs) - 1
 
+        index_bytes = dumps({"writer": _writer._writer_id(), "adapters": _entries(bank, add), "blobs": blobs})
+        if len(index_bytes) > MAX_INDEX_LENGTH:
+            raise IndexTooLargeError(f"bank index would be {len(index_bytes)} bytes, over the {MAX_INDEX_LENGTH}-byte limit")
+        pre = Preamble(MAJOR, MINOR, 0, len(index_bytes), crc32c(index_bytes))
+        try:
+            check_index(index_bytes, pre.data_start, pre.data_start + end)
+        except AdapterpackError as e:
+            raise type(e)(f"cannot write {path}: {e}") from None
+        f.write(pre.pack())
+        f.write(index_bytes)
+        f.write(b"\0" * (pre.data_start - len(pre.pack()) - len(index_bytes)))
+        spool.seek(0)
+        shutil.copyfileobj(spool, f)
+    return pre.data_start + end
+
+
+def _entries(bank: Bank, add: Callable[[TensorLike], int]) -> list[dict[str, Any]]:
+    """The index's adapter entries, every tensor through ``add`` (which returns its blob number) in file order."""
     shared = {name: (add(m.U), add(m.V)) for name, m in bank.modules.items()}
     adapters = []
     for mem in bank.members:
@@ -120,8 +152,7 @@ def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = "bytepl
             if name not in mem.S:
                 continue
             u, v = shared[name]
-            rec = _record(mod, {"U": u, "V": v, "S": add(mem.S[name])})
-            mods.append(rec)
+            mods.append(_record(mod, {"U": u, "V": v, "S": add(mem.S[name])}))
         tensors = [{"name": k, "blob": add(t)} for k, t in mem.tensors.items()]
         entry: dict[str, Any] = {"name": mem.name, "base_model": mem.base_model, "base_architecture": mem.base_architecture,
                                  "modules": mods, "tensors": tensors}
@@ -130,37 +161,20 @@ def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = "bytepl
         if mem.metadata:
             entry["metadata"] = {str(k): str(v) for k, v in mem.metadata.items()}
         adapters.append(entry)
-    for obj, off in zip(blobs, plan_offsets([len(s) for s in stored]), strict=True):
-        obj["offset"] = off
-    index_bytes = dumps({"writer": _writer._writer_id(), "adapters": adapters, "blobs": blobs})
-    if len(index_bytes) > MAX_INDEX_LENGTH:
-        raise IndexTooLargeError(f"bank index would be {len(index_bytes)} bytes, over the {MAX_INDEX_LENGTH}-byte limit")
-    pre = Preamble(MAJOR, MINOR, 0, len(index_bytes), crc32c(index_bytes))
-    end = pre.data_start + (blobs[-1]["offset"] + len(stored[-1]) if stored else 0)
-    try:
-        check_index(index_bytes, pre.data_start, end)
-    except AdapterpackError as e:
-        raise type(e)(f"cannot write {path}: {e}") from None
-    with atomic_file(path) as f:
-        f.write(pre.pack())
-        f.write(index_bytes)
-        f.write(b"\0" * (pre.data_start - len(pre.pack()) - len(index_bytes)))
-        pos = 0
-        for s, b in zip(stored, blobs, strict=True):
-            f.write(b"\0" * (b["offset"] - pos))
-            f.write(s)
-            pos = b["offset"] + len(s)
-    return end
+    return adapters
 
 
-def read_bank(path: str | os.PathLike[str]) -> Bank:
-    """Read a whole bank (bases once, every member's S and pass-through tensors), refusing a file whose
-    shared records do not reference one U and one V blob per module, or that mixes forms."""
+@contextmanager
+def open_bank(path: str | os.PathLike[str]) -> Iterator[Bank]:
+    """A bank with its bases and every member's S in memory and its pass-through tensors as handles that
+    read each one from the open file when loaded (valid inside the ``with``): a rewrite of the bank
+    (add, refit) then holds one member's tensor at a time, not all of them. Refuses a file whose shared
+    records do not reference one U and one V blob per module, or that mixes forms."""
     from ..container.reader import ApackReader
 
     with ApackReader(Path(path)) as reader:
-        for raw in reader.index.adapters:  # every record through the reader's own checks before any raw param is used
-            reader.adapter(raw["name"])
+        # every record through the reader's own checks before any raw param is used; tensors stay handles
+        tensors = {raw["name"]: reader.adapter(raw["name"]).tensors for raw in reader.index.adapters}
         modules: dict[str, BankModule] = {}
         refs: dict[str, tuple[int, int]] = {}
         members = []
@@ -179,13 +193,21 @@ def read_bank(path: str | os.PathLike[str]) -> Bank:
                 elif refs[name] != (t["U"], t["V"]) or modules[name].form != p["form"]:
                     raise BankError(f"{path}: adapter {raw['name']!r} module {name!r} does not share the bank's U, V and form")
                 S[name] = np.array(reader.read_blob(t["S"]))
-            tensors = {t["name"]: np.array(reader.read_blob(t["blob"])) for t in raw.get("tensors", [])}
             members.append(BankMember(raw["name"], S, raw.get("base_model"), raw.get("base_architecture"),
-                                      dict(raw.get("source", {})), dict(raw.get("metadata", {})), tensors))
+                                      dict(raw.get("source", {})), dict(raw.get("metadata", {})), dict(tensors[raw["name"]])))
         forms = {m.form for m in modules.values()}
         if len(forms) > 1:
             raise BankError(f"{path}: mixes forms {sorted(forms)}")
-    return Bank(modules, members)
+        yield Bank(modules, members)
+
+
+def read_bank(path: str | os.PathLike[str]) -> Bank:
+    """Read a whole bank into memory (bases once, every member's S and pass-through tensors), with the
+    checks of :func:`open_bank`."""
+    with open_bank(path) as bank:
+        for mem in bank.members:
+            mem.tensors = {k: np.array(as_array(t)) for k, t in mem.tensors.items()}
+        return bank
 
 
 def error_metadata(rel: dict[str, float], reference: str) -> dict[str, str]:
