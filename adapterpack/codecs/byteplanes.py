@@ -44,7 +44,7 @@ class BytePlanes(Codec):
         grid = np.frombuffer(data, dtype=np.uint8).reshape(-1, itemsize)
         frames = [compress(np.ascontiguousarray(grid[:, j]).data, self.level) for j in range(itemsize)]
         header = struct.pack(f"<{itemsize}Q", *(len(f) for f in frames))
-        return header + b"".join(frames)
+        return b"".join([header, *frames])  # one copy of the frames, not two
 
     def _planes(self, stored: memoryview, length: int, itemsize: int) -> list[memoryview]:
         """The k plane frames, after checking the plane table against the stored length (§5.2)."""
