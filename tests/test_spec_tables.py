@@ -271,12 +271,12 @@ def test_json_rules_match_the_code() -> None:
     """§2's nesting limit and §1.1's must-understand flag rule are the code's."""
     text = "\n".join(_sections()["2. Index"])
     depth = re.search(r"nesting deeper than (\d+): the top-level object is depth 1", text)
-    assert depth is not None and int(depth[1]) == index.MAX_DEPTH
+    assert depth is not None and int(depth[1]) == limits.MAX_JSON_DEPTH
     assert index.json_depth(b"{}") == 1 and index.json_depth(b'{"a":[{}]}') == 3
     # brackets inside strings do not count, whatever escaped quotes and backslashes surround them
     assert index.json_depth(rb'{"[[\"[":"]]\\","b":[["{\\\"}"]]}') == 3
-    deepest = b'{"a":' + b"[" * (index.MAX_DEPTH - 1) + b"]" * (index.MAX_DEPTH - 1) + b"}"
-    assert index.loads(deepest) and index.json_depth(deepest) == index.MAX_DEPTH
+    deepest = b'{"a":' + b"[" * (limits.MAX_JSON_DEPTH - 1) + b"]" * (limits.MAX_JSON_DEPTH - 1) + b"}"
+    assert index.loads(deepest) and index.json_depth(deepest) == limits.MAX_JSON_DEPTH
     with pytest.raises(errors.IndexFormatError, match="nested too deeply"):
         index.loads(b'{"a":[' + deepest + b"]}")
     flags = "\n".join(_sections()["1.1 Preamble *(checked)*"])
