@@ -38,10 +38,12 @@ MAX_ZSTD_RATIO = 32768
 #: (8 GiB of float32; a 128256 × 16384 embedding is 2.1e9).
 MAX_DELTA_ELEMENTS = 1 << 31
 #: Most elements of factors no bytes back, A and B together: a nola record's regenerated ``rank · (out + in)``
-#: (checked on open), the rank-1 zero factors ``out + in`` a rank-0 record becomes when lowered to lora.
-MAX_FACTOR_ELEMENTS = 1 << 28
-#: Most random values one nola record's decode may generate (``k_A · rank · in + k_B · rank · out``), checked on open.
-MAX_NOLA_GENERATED = 1 << 34
+#: (checked on open; the 1.1 value, 4 GiB of float32), the rank-1 zero factors ``out + in`` a rank-0 record
+#: becomes when lowered to lora.
+MAX_FACTOR_ELEMENTS = 1 << 30
+#: Most random values one nola record's decode may generate (``k_A · rank · in + k_B · rank · out``), checked on
+#: open: per record, so a file's total grows with its record count (each record backed by its index bytes).
+MAX_NOLA_GENERATED = 1 << 32
 
 # --- other people's files: checked before anything per tensor is built ---------------------------
 

@@ -28,7 +28,7 @@ from adapterpack.adapter import Adapter, Module
 from adapterpack.encodings.lower import as_lora
 from adapterpack.interop.patterns import get_pattern_key, resolve
 from adapterpack.interop.regex_match import compile_key, matches
-from tests.apack_builders import split
+from tests.apack_builders import edited, nola_module
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "adapterpack" / "examples" / "smollm2-pydoc-lora"
@@ -65,93 +65,46 @@ def bounded(path: Path, action: str = "m.delta()", timeout: float = 60) -> tuple
     return outcome, float(seconds), int(growth)
 
 
-def nola(name: str, out: int, inp: int, r: int = 1, k_a: int = 4, k_b: int = 4) -> Module:
-    p = {
-        "generator": "philox4x32-10",
-        "generator_version": 1,
-        "seed": 7,
-        "stream": 0,
-        "rank": r,
-        "k_A": k_a,
-        "k_B": k_b,
-        "scale": 1.0,
-    }
-    return Module(name, "nola", (out, inp), p, {"alpha": np.zeros(k_a, np.float32), "beta": np.zeros(k_b, np.float32)})
-
-
-def rebased(tmp: Path, module: Module, base_shape: list[int], **params: Any) -> Path:
-    """``module`` written alone, then its base_shape (and params) edited in the index: what a hostile writer can do."""
-    src = tmp / "src.apack"
-    adapterpack.save(Adapter(modules={module.name: module}), src, codec="zstd")
-    parts = split(src.read_bytes())
-    record = parts.index["adapters"][0]["modules"][0]
-    record["base_shape"] = base_shape
-    record["params"].update(params)
-    path = tmp / "bomb.apack"
-    path.write_bytes(parts.build(minor=parts.minor))
-    return path
-
-
 # --- defect 6: size bombs ---------------------------------------------------------------------------------
 
 
-def test_nola_size_bomb_is_refused_on_open(tmp_path: Path) -> None:
-    """The issue's file: one rank-1 nola record on a [2^29-1, 2^29-1] weight; it passed every check and delta()
-    raised numpy's MemoryError. Now its 2^30 regenerated factor elements are refused when the file is opened."""
-    path = rebased(tmp_path, nola("q", 6, 10), [N, N])
+@pytest.mark.parametrize(
+    ("base_shape", "action", "words"),
+    [
+        # the issue's file: 2^30-2 regenerated factor elements (within the 1.1 limit) and a ΔW of 2.9e17 values
+        ([N, N], "m.delta()", f"SizeLimitError module 'q': a dense ΔW of shape [{N}, {N}] holds {N * N} elements"),
+        ([1 << 29, (1 << 29) + 1], "pass", "RankError {path}: module 'q': rank 1 on a 536870912x536870913 weight makes A and B hold"),
+    ],
+    ids=["issue-file-delta", "factors-over-limit"],
+)
+def test_nola_size_bomb_is_refused_before_allocating(tmp_path: Path, base_shape: list[int], action: str, words: str) -> None:
+    """One rank-1 nola record edited onto a huge weight: the issue's [2^29-1]² file passed every check and delta()
+    raised numpy's MemoryError; now its ΔW is refused before anything is generated, and factors past 2^30 on open."""
+    path = edited(tmp_path, nola_module("q", 6, 10), base_shape)
     assert path.stat().st_size < 6000
-    outcome, seconds, growth = bounded(path)
-    assert outcome.startswith("RankError ") and "makes A and B hold 1073741822 elements, over the limit of 268435456" in outcome
+    outcome, seconds, growth = bounded(path, action)
+    assert outcome.startswith(words.format(path=path)), outcome
     assert seconds < 5 and growth < 100 << 10
 
 
 def test_nola_generator_work_is_refused_on_open(tmp_path: Path) -> None:
-    """2^20 coefficients (a few KiB of zstd) at rank 16 on a 4096² weight would generate 2^40 random values (hours)."""
-    path = rebased(tmp_path, nola("q", 64, 64, r=1, k_a=1 << 20, k_b=4), [4096, 4096], rank=16)
+    """2^20 coefficients (a few KiB of zstd) at rank 16 on a 4096² weight would generate 2^36 random values (hours)."""
+    path = edited(tmp_path, nola_module("q", 64, 64, r=1, k_a=1 << 20), [4096, 4096], rank=16)
     assert path.stat().st_size < 1 << 16
     outcome, seconds, _ = bounded(path)
-    assert outcome.startswith("RecordError ") and f"over the limit of {limits.MAX_NOLA_GENERATED}" in outcome
+    assert outcome.startswith(f"RecordError {path}: module 'q': k_A 1048576, k_B 4 at rank 16"), outcome
+    assert f"need {16 * ((1 << 20) + 4) * 4096} random values, over the limit of {1 << 32}" in outcome
     assert seconds < 5
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        Module(
-            "lora",
-            "lora",
-            (1 << 16, 1 << 16),
-            {"rank": 1, "alpha": 1.0},
-            {"A": np.zeros((1, 1 << 16)), "B": np.zeros((1 << 16, 1))},
-        ),
-        Module("svd0", "svd", (N, N), {"rank": 0}, {"S": np.zeros(0), "Ut": np.zeros((0, N)), "Vt": np.zeros((0, N))}),
-        Module(
-            "shared",
-            "shared",
-            (1 << 16, 1 << 16),
-            {"rank": 1, "form": "diagonal"},
-            {"U": np.zeros((1 << 16, 1)), "V": np.zeros((1 << 16, 1)), "S": np.ones(1)},
-        ),
-    ],
-    ids=lambda m: m.encoding,
-)
-def test_huge_dense_delta_is_refused_before_reading(module: Module, tmp_path: Path) -> None:
-    """An honest record of a huge weight opens (its factors are small) but its ΔW is refused, naming module and size."""
-    path = tmp_path / "big.apack"
-    adapterpack.save(Adapter(modules={module.name: module}), path, codec="zstd")
-    outcome, seconds, growth = bounded(path)
-    size = int(np.prod(module.base_shape, dtype=object))
-    assert outcome.startswith(f"SizeLimitError module {module.name!r}: a dense ΔW of shape {list(module.base_shape)} holds {size}")
-    assert seconds < 5 and growth < 200 << 10
-
-
 def test_rank_zero_record_lowered_to_lora_is_refused(tmp_path: Path) -> None:
-    """A rank-0 svd record of shapes [0, 2^29-1] (no bytes at all) lowered to lora would need 2^30 zero elements."""
-    m = Module("svd0", "svd", (N, N), {"rank": 0}, {"S": np.zeros(0), "Ut": np.zeros((0, N)), "Vt": np.zeros((0, N))})
+    """A rank-0 svd record of shapes [0, 2^29], [0, 2^29+1] (no bytes at all) lowered to lora would need 2^30+1 zero elements."""
+    out, inp = 1 << 29, (1 << 29) + 1
+    m = Module("svd0", "svd", (out, inp), {"rank": 0}, {"S": np.zeros(0), "Ut": np.zeros((0, out)), "Vt": np.zeros((0, inp))})
     path = tmp_path / "zero.apack"
     adapterpack.save(Adapter(modules={"svd0": m}), path, codec="raw")
     outcome, seconds, growth = bounded(path, "as_lora(m)")
-    assert outcome.startswith("SizeLimitError module 'svd0': a rank-0 ΔW") and "over the limit of 268435456" in outcome
+    assert outcome.startswith("SizeLimitError module 'svd0': a rank-0 ΔW") and f"over the limit of {1 << 30}" in outcome
     assert seconds < 5 and growth < 200 << 10
     small = Module("z", "svd", (3, 5), {"rank": 0}, {"S": np.zeros(0), "Ut": np.zeros((0, 3)), "Vt": np.zeros((0, 5))})
     assert as_lora(small).delta().tolist() == np.zeros((3, 5)).tolist()
@@ -170,11 +123,30 @@ def test_delta_limit_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_nola_factor_limit_is_exact() -> None:
-    """rank · (out + in) == 2^28 is accepted, one more refused; the error names the module."""
+    """rank · (out + in) == 2^30 (the 1.1 limit) is accepted, one more refused; the error names the module."""
     enc = adapterpack.encodings.get_encoding("nola")
-    enc.validate(nola("edge", 1 << 27, 1 << 27, r=1))
-    with pytest.raises(errors.RankError, match=r"module 'over': rank 1 on a 134217728x134217729 weight"):
-        enc.validate(nola("over", 1 << 27, (1 << 27) + 1, r=1))
+    enc.validate(nola_module("edge", 1 << 29, 1 << 29, k_a=1, k_b=1))
+    with pytest.raises(errors.RankError, match=r"module 'over': rank 1 on a 536870912x536870913 weight"):
+        enc.validate(nola_module("over", 1 << 29, (1 << 29) + 1, k_a=1, k_b=1))
+
+
+def test_nola_generator_limit_is_exact() -> None:
+    """rank · (k_A · in + k_B · out) == 2^32 is accepted, one more coefficient is refused."""
+    enc = adapterpack.encodings.get_encoding("nola")
+    enc.validate(nola_module("edge", 4096, 4096, r=8, k_a=1 << 16, k_b=1 << 16))
+    with pytest.raises(errors.RecordError, match=rf"module 'over': .* need {(1 << 32) + 8 * 4096} random values"):
+        enc.validate(nola_module("over", 4096, 4096, r=8, k_a=1 << 16, k_b=(1 << 16) + 1))
+
+
+@pytest.mark.parametrize(
+    ("out", "inp", "r", "k"),
+    [(4096, 4096, 8, 4096), (28672, 8192, 8, 4096), (128256, 16384, 2048, 1)],
+    ids=["4096-square-k4096", "70b-mlp-k4096", "rank-2048-embedding"],
+)
+def test_real_nola_sizes_are_within_the_limits(out: int, inp: int, r: int, k: int) -> None:
+    """Honest large adapters open: NOLA's k=4096 at rank 8 (2^28 and 1.2e9 generated values), and rank 2048 on a
+    128256x16384 embedding (3.0e8 factor elements, valid under the 1.1 spec's 2^30)."""
+    adapterpack.encodings.get_encoding("nola").validate(nola_module("m", out, inp, r=r, k_a=k, k_b=k))
 
 
 # --- defect 8: safetensors amplification -----------------------------------------------------------------
