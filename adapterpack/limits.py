@@ -49,8 +49,13 @@ MAX_NOLA_GENERATED = 1 << 32
 
 #: Largest safetensors header (bytes).
 MAX_SAFETENSORS_HEADER = 16 << 20
-#: Most tensors a safetensors file may hold.
-MAX_SAFETENSORS_TENSORS = 65_536
+#: Most tensors a safetensors file may hold: as many as an .apack may (all-expert LoRAs of mixture-of-experts
+#: models hold 72,192 and more), so adapterpack reads back the PEFT files it writes.
+MAX_SAFETENSORS_TENSORS = MAX_BLOBS
+#: Longest description of one tensor in a safetensors header (characters of its JSON object): parsed alone.
+MAX_SAFETENSORS_DESCRIPTION = 4096
+#: Most ``__metadata__`` entries of a safetensors header.
+MAX_SAFETENSORS_METADATA = 4096
 #: Longest safetensors tensor name (code points): a module name of :data:`MAX_NAME` plus PEFT's prefixes.
 MAX_SAFETENSORS_NAME = 2 * MAX_NAME
 

@@ -28,6 +28,7 @@ from adapterpack.adapter import Adapter, Module
 from adapterpack.encodings.lower import as_lora
 from adapterpack.interop.patterns import get_pattern_key, resolve
 from adapterpack.interop.regex_match import compile_key, matches
+from adapterpack.interop.safetensors_header import TensorEntry, read_header
 from tests.apack_builders import edited, nola_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,7 +74,11 @@ def bounded(path: Path, action: str = "m.delta()", timeout: float = 60) -> tuple
     [
         # the issue's file: 2^30-2 regenerated factor elements (within the 1.1 limit) and a ΔW of 2.9e17 values
         ([N, N], "m.delta()", f"SizeLimitError module 'q': a dense ΔW of shape [{N}, {N}] holds {N * N} elements"),
-        ([1 << 29, (1 << 29) + 1], "pass", "RankError {path}: module 'q': rank 1 on a 536870912x536870913 weight makes A and B hold"),
+        (
+            [1 << 29, (1 << 29) + 1],
+            "pass",
+            "RankError {path}: module 'q': rank 1 on a 536870912x536870913 weight makes A and B hold",
+        ),
     ],
     ids=["issue-file-delta", "factors-over-limit"],
 )
@@ -161,20 +166,75 @@ def empty_tensors_file(path: Path, count: int) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("count", "words"), [(1_100_000, "safetensors header of"), (200_000, "more than 65536 tensors, over the limit")]
+    ("count", "words"),
+    [(1_100_000, "safetensors header of"), (200_000, "module '0' needs both lora_down and lora_up; found only 0.lora_down.weight")],
 )
 def test_many_empty_tensors_are_refused_before_per_tensor_objects(tmp_path: Path, count: int, words: str) -> None:
-    """The issue's files (71 MB / 1.1M and 200k empty tensors took 2.8 GB and 747 MB on main before being refused)."""
+    """The issue's files (71 MB / 1.1M and 200k empty tensors took 2.8 GB and 747 MB on main before being refused):
+    the first is over the header limit, the second a header within the limits whose tensors the importer refuses."""
     path = empty_tensors_file(tmp_path / "many.safetensors", count)
     outcome, seconds, growth = bounded(path, timeout=120)
     assert outcome.startswith("InputError ") and words in outcome, outcome
     assert seconds < 20 and growth < 200 << 10
 
 
-def safetensors_file(path: Path, header: dict[str, Any], data: bytes = b"") -> Path:
-    text = json.dumps(header).encode()
+def safetensors_file(path: Path, header: dict[str, Any] | str, data: bytes = b"") -> Path:
+    """A safetensors file of ``header`` (a dict as JSON, a str as it is) and ``data``."""
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
     return path
+
+
+def filled(entry: str, head: str, tail: str) -> str:
+    """``head`` + numbered copies of ``entry`` (``%d``) + ``tail``: as many as the header limit holds."""
+    out, n = [], len(head) + len(tail)
+    while n + len(entry % len(out)) + 1 <= limits.MAX_SAFETENSORS_HEADER:
+        out.append(entry % len(out))
+        n += len(out[-1]) + 1
+    return head + ",".join(out) + tail
+
+
+@pytest.mark.parametrize(
+    ("head", "entry", "tail", "words"),
+    [
+        ("{", '"%d":0', "}", "tensor '0' is not described by an object of at most 4096 characters"),
+        ('{"t":{"dtype":{', '"%d":0', "}}}", "tensor 't' is not described by an object of at most 4096 characters"),
+        ('{"__metadata__":{', '"%d":""', "}}", "more than 4096 metadata entries, over the limit"),
+    ],
+    ids=["scalar-entries", "nested-description", "metadata-entries"],
+)
+def test_hostile_headers_are_refused_in_bounded_memory(tmp_path: Path, head: str, entry: str, tail: str, words: str) -> None:
+    """16 MiB headers of tiny JSON values (1.5M ``"i":0`` entries took 472 MB on main before being refused): each
+    member is parsed and checked alone, so the refusal costs about the header's own bytes."""
+    path = safetensors_file(tmp_path / "x.safetensors", filled(entry, head, tail))
+    outcome, seconds, growth = bounded(path)
+    assert outcome == f"InputError {path}: {words}"
+    assert seconds < 5 and growth < 3 * limits.MAX_SAFETENSORS_HEADER >> 10
+
+
+def test_mixture_of_experts_header_is_read(tmp_path: Path) -> None:
+    """An all-expert LoRA of Qwen3-235B-A22B: 94 layers x 128 experts x 3 projections x (A, B) = 72,192 tensors,
+    more than main's limit of 65,536, which refused the PEFT files adapterpack itself writes for such an adapter."""
+    names = [
+        f"base_model.model.model.layers.{layer}.mlp.experts.{e}.{proj}.lora_{ab}.weight"
+        for layer in range(94)
+        for e in range(128)
+        for proj in ("gate_proj", "up_proj", "down_proj")
+        for ab in "AB"
+    ]
+    header = {n: {"dtype": "BF16", "shape": [1, 2], "data_offsets": [4 * i, 4 * i + 4]} for i, n in enumerate(names)}
+    path = safetensors_file(tmp_path / "moe.safetensors", header, bytes(4 * len(names)))
+    got = read_header(path)
+    assert len(got.tensors) == 72_192 and got.metadata is None
+    assert got.tensors[names[-1]] == TensorEntry("BF16", (1, 2), 4 * 72_191, 4 * 72_192)
+
+
+def test_tensor_count_limit_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As many tensors as the limit are read, one more is refused before its description is parsed."""
+    monkeypatch.setattr("adapterpack.interop.safetensors_header.MAX_SAFETENSORS_TENSORS", 100)
+    assert len(read_header(empty_tensors_file(tmp_path / "ok.safetensors", 100)).tensors) == 100
+    with pytest.raises(errors.InputError, match="more than 100 tensors, over the limit"):
+        read_header(empty_tensors_file(tmp_path / "over.safetensors", 101))
 
 
 @pytest.mark.parametrize(
@@ -194,26 +254,51 @@ def safetensors_file(path: Path, header: dict[str, Any], data: bytes = b"") -> P
         ({"x.lora_down.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 12, "the file holds 12"),
         ({"x.lora_down.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 2**70]}}, b"\0" * 4, "needs 4 bytes"),
         ({"x" * 3000 + ".lora_down.weight": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}, b"", "limit of 2048"),
+        ('{"x":{"dtype":"F32","shape":[0],"data_offsets":[0,0],"y":{}}}', b"", "not described by a flat JSON object"),
+        ('{"x":{"dtype":"}","shape":[0],"data_offsets":[0,0]}}', b"", "not described by a flat JSON object"),
+        ('{"x":{"dtype":"F32","shape":[' + "0," * 2100 + '0],"data_offsets":[0,0]}}', b"", "at most 4096 characters"),
+        (
+            '{"x":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"x":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}',
+            b"",
+            "named twice",
+        ),
+        ('{"__metadata__":{"a":1}}', b"", "metadata must be an object of strings (key 'a')"),
     ],
-    ids=["huge-shape-no-bytes", "ndim", "overlap", "gap", "trailing", "huge-offset", "long-name"],
+    ids=[
+        "huge-shape-no-bytes",
+        "ndim",
+        "overlap",
+        "gap",
+        "trailing",
+        "huge-offset",
+        "long-name",
+        "nested-object",
+        "brace-in-string",
+        "long-description",
+        "duplicate-name",
+        "metadata-not-string",
+    ],
 )
-def test_inconsistent_safetensors_headers_are_refused(tmp_path: Path, header: dict[str, Any], data: bytes, words: str) -> None:
+def test_inconsistent_safetensors_headers_are_refused(
+    tmp_path: Path, header: dict[str, Any] | str, data: bytes, words: str
+) -> None:
     path = safetensors_file(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(errors.InputError) as info:
         adapterpack.open(path)
     assert type(info.value) is errors.InputError and words in str(info.value), str(info.value)
 
 
-def test_every_safetensors_reader_checks_the_header_first(tmp_path: Path) -> None:
+def test_every_safetensors_reader_checks_the_header_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """PEFT folders (the weights file) and importance files go through the same checked header."""
+    monkeypatch.setattr("adapterpack.interop.safetensors_header.MAX_SAFETENSORS_TENSORS", 100)
     folder = tmp_path / "peft"
     shutil.copytree(EXAMPLE, folder)
-    empty_tensors_file(folder / "adapter_model.safetensors", limits.MAX_SAFETENSORS_TENSORS + 1)
-    with pytest.raises(errors.InputError, match="65537 tensors exceed the limit of 65536"):
+    empty_tensors_file(folder / "adapter_model.safetensors", 101)
+    with pytest.raises(errors.InputError, match="more than 100 tensors, over the limit"):
         adapterpack.open(folder)
     from adapterpack.importance import load_importance
 
-    with pytest.raises(errors.InputError, match="65537 tensors exceed the limit of 65536"):
+    with pytest.raises(errors.InputError, match="more than 100 tensors, over the limit"):
         load_importance(folder / "adapter_model.safetensors")
 
 
