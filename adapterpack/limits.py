@@ -38,17 +38,24 @@ MAX_ZSTD_RATIO = 32768
 #: (8 GiB of float32; a 128256 × 16384 embedding is 2.1e9).
 MAX_DELTA_ELEMENTS = 1 << 31
 #: Most elements of factors no bytes back, A and B together: a nola record's regenerated ``rank · (out + in)``
-#: (checked on open), the rank-1 zero factors ``out + in`` a rank-0 record becomes when lowered to lora.
-MAX_FACTOR_ELEMENTS = 1 << 28
-#: Most random values one nola record's decode may generate (``k_A · rank · in + k_B · rank · out``), checked on open.
-MAX_NOLA_GENERATED = 1 << 34
+#: (checked on open; the 1.1 value, 4 GiB of float32), the rank-1 zero factors ``out + in`` a rank-0 record
+#: becomes when lowered to lora.
+MAX_FACTOR_ELEMENTS = 1 << 30
+#: Most random values one nola record's decode may generate (``k_A · rank · in + k_B · rank · out``), checked on
+#: open: per record, so a file's total grows with its record count (each record backed by its index bytes).
+MAX_NOLA_GENERATED = 1 << 32
 
 # --- other people's files: checked before anything per tensor is built ---------------------------
 
 #: Largest safetensors header (bytes).
 MAX_SAFETENSORS_HEADER = 16 << 20
-#: Most tensors a safetensors file may hold.
-MAX_SAFETENSORS_TENSORS = 65_536
+#: Most tensors a safetensors file may hold: as many as an .apack may (all-expert LoRAs of mixture-of-experts
+#: models hold 72,192 and more), so adapterpack reads back the PEFT files it writes.
+MAX_SAFETENSORS_TENSORS = MAX_BLOBS
+#: Longest description of one tensor in a safetensors header (characters of its JSON object): parsed alone.
+MAX_SAFETENSORS_DESCRIPTION = 4096
+#: Most ``__metadata__`` entries of a safetensors header.
+MAX_SAFETENSORS_METADATA = 4096
 #: Longest safetensors tensor name (code points): a module name of :data:`MAX_NAME` plus PEFT's prefixes.
 MAX_SAFETENSORS_NAME = 2 * MAX_NAME
 

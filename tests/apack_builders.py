@@ -209,3 +209,29 @@ def valid_parts(tmp_path: Path, codec: str = "raw", adapter: Adapter | None = No
 
 # Open + build + decode everything, as a user of the file would: shared with the fuzz target.
 load_everything = fuzz_open.load_everything
+
+
+def nola_module(name: str, out: int, inp: int, r: int = 1, k_a: int = 4, k_b: int = 4) -> Module:
+    """A ``nola`` record of rank ``r`` on an ``[out, in]`` weight with zero coefficients (k_A, k_B of them)."""
+    p = {
+        "generator": "philox4x32-10",
+        "generator_version": 1,
+        "seed": 7,
+        "stream": 0,
+        "rank": r,
+        "k_A": k_a,
+        "k_B": k_b,
+        "scale": 1.0,
+    }
+    return Module(name, "nola", (out, inp), p, {"alpha": np.zeros(k_a, np.float32), "beta": np.zeros(k_b, np.float32)})
+
+
+def edited(tmp: Path, module: Module, base_shape: list[int], **params: Any) -> Path:
+    """``module`` written alone (zstd), then its base_shape and params edited in the index, as a hostile writer can."""
+    src = tmp / "src.apack"
+    write_apack(src, Adapter(modules={module.name: module}), codec="zstd")
+    parts = split(src.read_bytes())
+    record = parts.index["adapters"][0]["modules"][0]
+    record["base_shape"] = base_shape
+    record["params"].update(params)
+    return write(tmp / "bomb.apack", parts.build(minor=parts.minor))

@@ -28,7 +28,8 @@ from adapterpack.adapter import Adapter, Module
 from adapterpack.encodings.lower import as_lora
 from adapterpack.interop.patterns import get_pattern_key, resolve
 from adapterpack.interop.regex_match import compile_key, matches
-from tests.apack_builders import split
+from adapterpack.interop.safetensors_header import TensorEntry, read_header
+from tests.apack_builders import edited, nola_module
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "adapterpack" / "examples" / "smollm2-pydoc-lora"
@@ -65,93 +66,50 @@ def bounded(path: Path, action: str = "m.delta()", timeout: float = 60) -> tuple
     return outcome, float(seconds), int(growth)
 
 
-def nola(name: str, out: int, inp: int, r: int = 1, k_a: int = 4, k_b: int = 4) -> Module:
-    p = {
-        "generator": "philox4x32-10",
-        "generator_version": 1,
-        "seed": 7,
-        "stream": 0,
-        "rank": r,
-        "k_A": k_a,
-        "k_B": k_b,
-        "scale": 1.0,
-    }
-    return Module(name, "nola", (out, inp), p, {"alpha": np.zeros(k_a, np.float32), "beta": np.zeros(k_b, np.float32)})
-
-
-def rebased(tmp: Path, module: Module, base_shape: list[int], **params: Any) -> Path:
-    """``module`` written alone, then its base_shape (and params) edited in the index: what a hostile writer can do."""
-    src = tmp / "src.apack"
-    adapterpack.save(Adapter(modules={module.name: module}), src, codec="zstd")
-    parts = split(src.read_bytes())
-    record = parts.index["adapters"][0]["modules"][0]
-    record["base_shape"] = base_shape
-    record["params"].update(params)
-    path = tmp / "bomb.apack"
-    path.write_bytes(parts.build(minor=parts.minor))
-    return path
-
-
 # --- defect 6: size bombs ---------------------------------------------------------------------------------
 
 
-def test_nola_size_bomb_is_refused_on_open(tmp_path: Path) -> None:
-    """The issue's file: one rank-1 nola record on a [2^29-1, 2^29-1] weight; it passed every check and delta()
-    raised numpy's MemoryError. Now its 2^30 regenerated factor elements are refused when the file is opened."""
-    path = rebased(tmp_path, nola("q", 6, 10), [N, N])
+@pytest.mark.parametrize(
+    ("base_shape", "action", "words"),
+    [
+        # the issue's file: 2^30-2 regenerated factor elements (within the 1.1 limit) and a ΔW of 2.9e17 values
+        ([N, N], "m.delta()", f"SizeLimitError module 'q': a dense ΔW of shape [{N}, {N}] holds {N * N} elements"),
+        (
+            [1 << 29, (1 << 29) + 1],
+            "pass",
+            "RankError {path}: module 'q': rank 1 on a 536870912x536870913 weight makes A and B hold",
+        ),
+    ],
+    ids=["issue-file-delta", "factors-over-limit"],
+)
+def test_nola_size_bomb_is_refused_before_allocating(tmp_path: Path, base_shape: list[int], action: str, words: str) -> None:
+    """One rank-1 nola record edited onto a huge weight: the issue's [2^29-1]² file passed every check and delta()
+    raised numpy's MemoryError; now its ΔW is refused before anything is generated, and factors past 2^30 on open."""
+    path = edited(tmp_path, nola_module("q", 6, 10), base_shape)
     assert path.stat().st_size < 6000
-    outcome, seconds, growth = bounded(path)
-    assert outcome.startswith("RankError ") and "makes A and B hold 1073741822 elements, over the limit of 268435456" in outcome
+    outcome, seconds, growth = bounded(path, action)
+    assert outcome.startswith(words.format(path=path)), outcome
     assert seconds < 5 and growth < 100 << 10
 
 
 def test_nola_generator_work_is_refused_on_open(tmp_path: Path) -> None:
-    """2^20 coefficients (a few KiB of zstd) at rank 16 on a 4096² weight would generate 2^40 random values (hours)."""
-    path = rebased(tmp_path, nola("q", 64, 64, r=1, k_a=1 << 20, k_b=4), [4096, 4096], rank=16)
+    """2^20 coefficients (a few KiB of zstd) at rank 16 on a 4096² weight would generate 2^36 random values (hours)."""
+    path = edited(tmp_path, nola_module("q", 64, 64, r=1, k_a=1 << 20), [4096, 4096], rank=16)
     assert path.stat().st_size < 1 << 16
     outcome, seconds, _ = bounded(path)
-    assert outcome.startswith("RecordError ") and f"over the limit of {limits.MAX_NOLA_GENERATED}" in outcome
+    assert outcome.startswith(f"RecordError {path}: module 'q': k_A 1048576, k_B 4 at rank 16"), outcome
+    assert f"need {16 * ((1 << 20) + 4) * 4096} random values, over the limit of {1 << 32}" in outcome
     assert seconds < 5
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        Module(
-            "lora",
-            "lora",
-            (1 << 16, 1 << 16),
-            {"rank": 1, "alpha": 1.0},
-            {"A": np.zeros((1, 1 << 16)), "B": np.zeros((1 << 16, 1))},
-        ),
-        Module("svd0", "svd", (N, N), {"rank": 0}, {"S": np.zeros(0), "Ut": np.zeros((0, N)), "Vt": np.zeros((0, N))}),
-        Module(
-            "shared",
-            "shared",
-            (1 << 16, 1 << 16),
-            {"rank": 1, "form": "diagonal"},
-            {"U": np.zeros((1 << 16, 1)), "V": np.zeros((1 << 16, 1)), "S": np.ones(1)},
-        ),
-    ],
-    ids=lambda m: m.encoding,
-)
-def test_huge_dense_delta_is_refused_before_reading(module: Module, tmp_path: Path) -> None:
-    """An honest record of a huge weight opens (its factors are small) but its ΔW is refused, naming module and size."""
-    path = tmp_path / "big.apack"
-    adapterpack.save(Adapter(modules={module.name: module}), path, codec="zstd")
-    outcome, seconds, growth = bounded(path)
-    size = int(np.prod(module.base_shape, dtype=object))
-    assert outcome.startswith(f"SizeLimitError module {module.name!r}: a dense ΔW of shape {list(module.base_shape)} holds {size}")
-    assert seconds < 5 and growth < 200 << 10
-
-
 def test_rank_zero_record_lowered_to_lora_is_refused(tmp_path: Path) -> None:
-    """A rank-0 svd record of shapes [0, 2^29-1] (no bytes at all) lowered to lora would need 2^30 zero elements."""
-    m = Module("svd0", "svd", (N, N), {"rank": 0}, {"S": np.zeros(0), "Ut": np.zeros((0, N)), "Vt": np.zeros((0, N))})
+    """A rank-0 svd record of shapes [0, 2^29], [0, 2^29+1] (no bytes at all) lowered to lora would need 2^30+1 zero elements."""
+    out, inp = 1 << 29, (1 << 29) + 1
+    m = Module("svd0", "svd", (out, inp), {"rank": 0}, {"S": np.zeros(0), "Ut": np.zeros((0, out)), "Vt": np.zeros((0, inp))})
     path = tmp_path / "zero.apack"
     adapterpack.save(Adapter(modules={"svd0": m}), path, codec="raw")
     outcome, seconds, growth = bounded(path, "as_lora(m)")
-    assert outcome.startswith("SizeLimitError module 'svd0': a rank-0 ΔW") and "over the limit of 268435456" in outcome
+    assert outcome.startswith("SizeLimitError module 'svd0': a rank-0 ΔW") and f"over the limit of {1 << 30}" in outcome
     assert seconds < 5 and growth < 200 << 10
     small = Module("z", "svd", (3, 5), {"rank": 0}, {"S": np.zeros(0), "Ut": np.zeros((0, 3)), "Vt": np.zeros((0, 5))})
     assert as_lora(small).delta().tolist() == np.zeros((3, 5)).tolist()
@@ -170,11 +128,30 @@ def test_delta_limit_is_exact(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_nola_factor_limit_is_exact() -> None:
-    """rank · (out + in) == 2^28 is accepted, one more refused; the error names the module."""
+    """rank · (out + in) == 2^30 (the 1.1 limit) is accepted, one more refused; the error names the module."""
     enc = adapterpack.encodings.get_encoding("nola")
-    enc.validate(nola("edge", 1 << 27, 1 << 27, r=1))
-    with pytest.raises(errors.RankError, match=r"module 'over': rank 1 on a 134217728x134217729 weight"):
-        enc.validate(nola("over", 1 << 27, (1 << 27) + 1, r=1))
+    enc.validate(nola_module("edge", 1 << 29, 1 << 29, k_a=1, k_b=1))
+    with pytest.raises(errors.RankError, match=r"module 'over': rank 1 on a 536870912x536870913 weight"):
+        enc.validate(nola_module("over", 1 << 29, (1 << 29) + 1, k_a=1, k_b=1))
+
+
+def test_nola_generator_limit_is_exact() -> None:
+    """rank · (k_A · in + k_B · out) == 2^32 is accepted, one more coefficient is refused."""
+    enc = adapterpack.encodings.get_encoding("nola")
+    enc.validate(nola_module("edge", 4096, 4096, r=8, k_a=1 << 16, k_b=1 << 16))
+    with pytest.raises(errors.RecordError, match=rf"module 'over': .* need {(1 << 32) + 8 * 4096} random values"):
+        enc.validate(nola_module("over", 4096, 4096, r=8, k_a=1 << 16, k_b=(1 << 16) + 1))
+
+
+@pytest.mark.parametrize(
+    ("out", "inp", "r", "k"),
+    [(4096, 4096, 8, 4096), (28672, 8192, 8, 4096), (128256, 16384, 2048, 1)],
+    ids=["4096-square-k4096", "70b-mlp-k4096", "rank-2048-embedding"],
+)
+def test_real_nola_sizes_are_within_the_limits(out: int, inp: int, r: int, k: int) -> None:
+    """Honest large adapters open: NOLA's k=4096 at rank 8 (2^28 and 1.2e9 generated values), and rank 2048 on a
+    128256x16384 embedding (3.0e8 factor elements, valid under the 1.1 spec's 2^30)."""
+    adapterpack.encodings.get_encoding("nola").validate(nola_module("m", out, inp, r=r, k_a=k, k_b=k))
 
 
 # --- defect 8: safetensors amplification -----------------------------------------------------------------
@@ -189,20 +166,75 @@ def empty_tensors_file(path: Path, count: int) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("count", "words"), [(1_100_000, "safetensors header of"), (200_000, "more than 65536 tensors, over the limit")]
+    ("count", "words"),
+    [(1_100_000, "safetensors header of"), (200_000, "module '0' needs both lora_down and lora_up; found only 0.lora_down.weight")],
 )
 def test_many_empty_tensors_are_refused_before_per_tensor_objects(tmp_path: Path, count: int, words: str) -> None:
-    """The issue's files (71 MB / 1.1M and 200k empty tensors took 2.8 GB and 747 MB on main before being refused)."""
+    """The issue's files (71 MB / 1.1M and 200k empty tensors took 2.8 GB and 747 MB on main before being refused):
+    the first is over the header limit, the second a header within the limits whose tensors the importer refuses."""
     path = empty_tensors_file(tmp_path / "many.safetensors", count)
     outcome, seconds, growth = bounded(path, timeout=120)
     assert outcome.startswith("InputError ") and words in outcome, outcome
     assert seconds < 20 and growth < 200 << 10
 
 
-def safetensors_file(path: Path, header: dict[str, Any], data: bytes = b"") -> Path:
-    text = json.dumps(header).encode()
+def safetensors_file(path: Path, header: dict[str, Any] | str, data: bytes = b"") -> Path:
+    """A safetensors file of ``header`` (a dict as JSON, a str as it is) and ``data``."""
+    text = (header if isinstance(header, str) else json.dumps(header)).encode()
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
     return path
+
+
+def filled(entry: str, head: str, tail: str) -> str:
+    """``head`` + numbered copies of ``entry`` (``%d``) + ``tail``: as many as the header limit holds."""
+    out, n = [], len(head) + len(tail)
+    while n + len(entry % len(out)) + 1 <= limits.MAX_SAFETENSORS_HEADER:
+        out.append(entry % len(out))
+        n += len(out[-1]) + 1
+    return head + ",".join(out) + tail
+
+
+@pytest.mark.parametrize(
+    ("head", "entry", "tail", "words"),
+    [
+        ("{", '"%d":0', "}", "tensor '0' is not described by an object of at most 4096 characters"),
+        ('{"t":{"dtype":{', '"%d":0', "}}}", "tensor 't' is not described by an object of at most 4096 characters"),
+        ('{"__metadata__":{', '"%d":""', "}}", "more than 4096 metadata entries, over the limit"),
+    ],
+    ids=["scalar-entries", "nested-description", "metadata-entries"],
+)
+def test_hostile_headers_are_refused_in_bounded_memory(tmp_path: Path, head: str, entry: str, tail: str, words: str) -> None:
+    """16 MiB headers of tiny JSON values (1.5M ``"i":0`` entries took 472 MB on main before being refused): each
+    member is parsed and checked alone, so the refusal costs about the header's own bytes."""
+    path = safetensors_file(tmp_path / "x.safetensors", filled(entry, head, tail))
+    outcome, seconds, growth = bounded(path)
+    assert outcome == f"InputError {path}: {words}"
+    assert seconds < 5 and growth < 3 * limits.MAX_SAFETENSORS_HEADER >> 10
+
+
+def test_mixture_of_experts_header_is_read(tmp_path: Path) -> None:
+    """An all-expert LoRA of Qwen3-235B-A22B: 94 layers x 128 experts x 3 projections x (A, B) = 72,192 tensors,
+    more than main's limit of 65,536, which refused the PEFT files adapterpack itself writes for such an adapter."""
+    names = [
+        f"base_model.model.model.layers.{layer}.mlp.experts.{e}.{proj}.lora_{ab}.weight"
+        for layer in range(94)
+        for e in range(128)
+        for proj in ("gate_proj", "up_proj", "down_proj")
+        for ab in "AB"
+    ]
+    header = {n: {"dtype": "BF16", "shape": [1, 2], "data_offsets": [4 * i, 4 * i + 4]} for i, n in enumerate(names)}
+    path = safetensors_file(tmp_path / "moe.safetensors", header, bytes(4 * len(names)))
+    got = read_header(path)
+    assert len(got.tensors) == 72_192 and got.metadata is None
+    assert got.tensors[names[-1]] == TensorEntry("BF16", (1, 2), 4 * 72_191, 4 * 72_192)
+
+
+def test_tensor_count_limit_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As many tensors as the limit are read, one more is refused before its description is parsed."""
+    monkeypatch.setattr("adapterpack.interop.safetensors_header.MAX_SAFETENSORS_TENSORS", 100)
+    assert len(read_header(empty_tensors_file(tmp_path / "ok.safetensors", 100)).tensors) == 100
+    with pytest.raises(errors.InputError, match="more than 100 tensors, over the limit"):
+        read_header(empty_tensors_file(tmp_path / "over.safetensors", 101))
 
 
 @pytest.mark.parametrize(
@@ -222,26 +254,51 @@ def safetensors_file(path: Path, header: dict[str, Any], data: bytes = b"") -> P
         ({"x.lora_down.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, b"\0" * 12, "the file holds 12"),
         ({"x.lora_down.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 2**70]}}, b"\0" * 4, "needs 4 bytes"),
         ({"x" * 3000 + ".lora_down.weight": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}, b"", "limit of 2048"),
+        ('{"x":{"dtype":"F32","shape":[0],"data_offsets":[0,0],"y":{}}}', b"", "not described by a flat JSON object"),
+        ('{"x":{"dtype":"}","shape":[0],"data_offsets":[0,0]}}', b"", "not described by a flat JSON object"),
+        ('{"x":{"dtype":"F32","shape":[' + "0," * 2100 + '0],"data_offsets":[0,0]}}', b"", "at most 4096 characters"),
+        (
+            '{"x":{"dtype":"F32","shape":[0],"data_offsets":[0,0]},"x":{"dtype":"F32","shape":[0],"data_offsets":[0,0]}}',
+            b"",
+            "named twice",
+        ),
+        ('{"__metadata__":{"a":1}}', b"", "metadata must be an object of strings (key 'a')"),
     ],
-    ids=["huge-shape-no-bytes", "ndim", "overlap", "gap", "trailing", "huge-offset", "long-name"],
+    ids=[
+        "huge-shape-no-bytes",
+        "ndim",
+        "overlap",
+        "gap",
+        "trailing",
+        "huge-offset",
+        "long-name",
+        "nested-object",
+        "brace-in-string",
+        "long-description",
+        "duplicate-name",
+        "metadata-not-string",
+    ],
 )
-def test_inconsistent_safetensors_headers_are_refused(tmp_path: Path, header: dict[str, Any], data: bytes, words: str) -> None:
+def test_inconsistent_safetensors_headers_are_refused(
+    tmp_path: Path, header: dict[str, Any] | str, data: bytes, words: str
+) -> None:
     path = safetensors_file(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(errors.InputError) as info:
         adapterpack.open(path)
     assert type(info.value) is errors.InputError and words in str(info.value), str(info.value)
 
 
-def test_every_safetensors_reader_checks_the_header_first(tmp_path: Path) -> None:
+def test_every_safetensors_reader_checks_the_header_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """PEFT folders (the weights file) and importance files go through the same checked header."""
+    monkeypatch.setattr("adapterpack.interop.safetensors_header.MAX_SAFETENSORS_TENSORS", 100)
     folder = tmp_path / "peft"
     shutil.copytree(EXAMPLE, folder)
-    empty_tensors_file(folder / "adapter_model.safetensors", limits.MAX_SAFETENSORS_TENSORS + 1)
-    with pytest.raises(errors.InputError, match="65537 tensors exceed the limit of 65536"):
+    empty_tensors_file(folder / "adapter_model.safetensors", 101)
+    with pytest.raises(errors.InputError, match="more than 100 tensors, over the limit"):
         adapterpack.open(folder)
     from adapterpack.importance import load_importance
 
-    with pytest.raises(errors.InputError, match="65537 tensors exceed the limit of 65536"):
+    with pytest.raises(errors.InputError, match="more than 100 tensors, over the limit"):
         load_importance(folder / "adapter_model.safetensors")
 
 

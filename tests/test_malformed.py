@@ -53,9 +53,11 @@ from tests.apack_builders import (
     assemble,
     byteplanes,
     compressible_adapter,
+    edited,
     load_everything,
     lora_module,
     lying_frame,
+    nola_module,
     preamble,
     small_adapter,
     split,
@@ -740,35 +742,6 @@ BIG = 2**29 - 1  # the issue's size bomb: a [2^29-1, 2^29-1] weight
 WIDE = 1 << 16  # a WIDE x WIDE weight is 2^32 elements, over the dense-ΔW limit, from 2^16-element factors
 
 
-def _nola(out: int, inp: int, k_a: int = 3) -> Module:
-    p = {
-        "generator": "philox4x32-10",
-        "generator_version": 1,
-        "seed": 5,
-        "stream": 0,
-        "rank": 1,
-        "k_A": k_a,
-        "k_B": 2,
-        "scale": 1.0,
-    }
-    return Module("n", "nola", (out, inp), p, {"alpha": np.zeros(k_a, np.float32), "beta": np.zeros(2, np.float32)})
-
-
-def _edited(module: Module, base_shape: list[int], **params: object) -> Callable[[Path], Path]:
-    """``module`` written (zstd), then its base_shape and params edited in the index, as a hostile writer can."""
-
-    def make(tmp: Path) -> Path:
-        src = tmp / "src.apack"
-        adapterpack.save(Adapter(modules={module.name: module}), src, codec="zstd")
-        parts = split(src.read_bytes())
-        record = parts.index["adapters"][0]["modules"][0]
-        record["base_shape"] = base_shape
-        record["params"].update(params)
-        return write(tmp / "bomb.apack", parts.build(minor=parts.minor))
-
-    return make
-
-
 def _written(module: Module) -> Callable[[Path], Path]:
     """``module`` written as it is (zstd): an honest record whose factors are small and whose ΔW is not."""
 
@@ -785,9 +758,13 @@ def _zeros(*shape: int) -> np.ndarray:
 
 
 SIZE_CASES = [
-    ("nola-factors", _edited(_nola(6, 10), [BIG, BIG]), RankError, r"makes A and B hold 1073741822 elements, over the limit"),
-    ("nola-rank", _edited(_nola(6, 10), [6, 10], rank=7), RankError, r"rank 7 exceeds min\(out, in\) = 6"),
-    ("nola-generated", _edited(_nola(64, 64, 1 << 20), [4096, 4096], rank=16), RecordError, r"random values, over the limit"),
+    # the nola factor and generator bombs are in test_limits.py (in a memory-capped child)
+    (
+        "nola-rank",
+        lambda tmp: edited(tmp, nola_module("n", 6, 10), [6, 10], rank=7),
+        RankError,
+        r"rank 7 exceeds min\(out, in\) = 6",
+    ),
     (
         "lora-delta",
         _written(Module("m", "lora", (WIDE, WIDE), {"rank": 1, "alpha": 1.0}, {"A": _zeros(1, WIDE), "B": _zeros(WIDE, 1)})),
@@ -816,7 +793,7 @@ SIZE_CASES = [
     ),
     (
         "nola-delta",
-        _edited(_nola(6, 10), [WIDE, WIDE]),
+        lambda tmp: edited(tmp, nola_module("n", 6, 10), [WIDE, WIDE]),
         SizeLimitError,
         r"a dense ΔW of shape \[65536, 65536\]",
     ),

@@ -194,6 +194,7 @@ def _limit_value(text: str) -> list[int]:
 def test_limits_table(heading: str) -> None:
     rows = table(heading)
     assert {r["rule"] for r in rows} <= {"MUST", "MAY"}
+    assert {r["rule"] for r in rows if r["stage"] == "ΔW"} <= {"MAY"}  # a request refused, not an invalid file
     for r in rows:
         assert issubclass(getattr(errors, r["error"]), errors.AdapterpackError), r
         if not r["constant"]:
@@ -208,6 +209,14 @@ def test_limits_table(heading: str) -> None:
         limits.MAX_ZSTD_WINDOW,
         limits.MAX_ZSTD_RATIO,
     )
+
+
+def test_writers_are_bound_by_open_and_read_limits_only() -> None:
+    """§7: a writer MUST NOT exceed the open- and read-stage limits; a ΔW-stage limit does not make a file invalid."""
+    text = " ".join(" ".join(_sections()["7. Limits"]).split())
+    assert "A writer MUST NOT write a file that exceeds a limit of stage **open** or **read** below." in text
+    assert "A limit of stage ΔW does not make the file invalid" in text
+    assert {r["stage"] for r in table("7. Limits")} == {"open", "read", "ΔW"}
 
 
 def test_every_limit_is_in_the_spec() -> None:
@@ -271,12 +280,12 @@ def test_json_rules_match_the_code() -> None:
     """§2's nesting limit and §1.1's must-understand flag rule are the code's."""
     text = "\n".join(_sections()["2. Index"])
     depth = re.search(r"nesting deeper than (\d+): the top-level object is depth 1", text)
-    assert depth is not None and int(depth[1]) == index.MAX_DEPTH
+    assert depth is not None and int(depth[1]) == limits.MAX_JSON_DEPTH
     assert index.json_depth(b"{}") == 1 and index.json_depth(b'{"a":[{}]}') == 3
     # brackets inside strings do not count, whatever escaped quotes and backslashes surround them
     assert index.json_depth(rb'{"[[\"[":"]]\\","b":[["{\\\"}"]]}') == 3
-    deepest = b'{"a":' + b"[" * (index.MAX_DEPTH - 1) + b"]" * (index.MAX_DEPTH - 1) + b"}"
-    assert index.loads(deepest) and index.json_depth(deepest) == index.MAX_DEPTH
+    deepest = b'{"a":' + b"[" * (limits.MAX_JSON_DEPTH - 1) + b"]" * (limits.MAX_JSON_DEPTH - 1) + b"}"
+    assert index.loads(deepest) and index.json_depth(deepest) == limits.MAX_JSON_DEPTH
     with pytest.raises(errors.IndexFormatError, match="nested too deeply"):
         index.loads(b'{"a":[' + deepest + b"]}")
     flags = "\n".join(_sections()["1.1 Preamble *(checked)*"])

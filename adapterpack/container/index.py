@@ -31,7 +31,6 @@ from . import prefix
 from .preamble import align_up
 
 MAX_INT = 2**53
-MAX_DEPTH = MAX_JSON_DEPTH
 SMALL_BLOB = 4096
 SMALL_ALIGNMENT = 8
 LARGE_ALIGNMENT = 256
@@ -153,7 +152,7 @@ def _check_unicode(obj: dict[str, Any], data: bytes) -> None:
 
 def loads(data: bytes) -> dict[str, Any]:
     """Parse index bytes: strict UTF-8 JSON object, unique keys, no NaN/Infinity (nor numbers that overflow to it),
-    nested at most :data:`MAX_DEPTH` deep, no lone surrogates."""
+    nested at most :data:`~adapterpack.limits.MAX_JSON_DEPTH` deep, no lone surrogates."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -168,8 +167,8 @@ def loads(data: bytes) -> dict[str, Any]:
         raise IndexFormatError(f"index is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise IndexFormatError(f"index must be a JSON object, got {type(obj).__name__}")
-    if json_depth(data) > MAX_DEPTH:
-        raise IndexFormatError(f"index JSON is nested too deeply (more than {MAX_DEPTH} levels)")
+    if json_depth(data) > MAX_JSON_DEPTH:
+        raise IndexFormatError(f"index JSON is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     _check_unicode(obj, data)
     return obj
 

@@ -22,8 +22,9 @@ import zstandard
 
 from adapterpack.adapter import Adapter
 from adapterpack.checksum import crc32c
-from adapterpack.container.index import MAX_DEPTH, dumps, plan_offsets
+from adapterpack.container.index import dumps, plan_offsets
 from adapterpack.container.preamble import MAGIC, MAX_INDEX_LENGTH, PREAMBLE_SIZE, align_up
+from adapterpack.limits import MAX_JSON_DEPTH
 
 _PREAMBLE = struct.Struct("<8sHHIQII")
 SKIPPABLE_MAGIC = b"\x50\x2a\x4d\x18"
@@ -196,7 +197,7 @@ def _unknown_keys(index: dict[str, Any]) -> None:
     for b in index["blobs"]:
         b["x-unknown"] = 0
         b["codec"]["x-unknown"] = False
-    index["x-deep"] = _nested(MAX_DEPTH - 1)
+    index["x-deep"] = _nested(MAX_JSON_DEPTH - 1)
 
 
 def _with_unknown_param(adapter: Adapter) -> Adapter:
@@ -296,9 +297,9 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
     no("json_overflow", "a module's alpha is 1e999, beyond binary64", "IndexFormatError", _text(b'"alpha":4.0', b'"alpha":1e999'))
     no(
         "json_too_deep",
-        f"an unknown top-level key nests the index {MAX_DEPTH + 1} levels deep",
+        f"an unknown top-level key nests the index {MAX_JSON_DEPTH + 1} levels deep",
         "IndexFormatError",
-        _deep_key(MAX_DEPTH + 1),
+        _deep_key(MAX_JSON_DEPTH + 1),
     )
     no(
         "json_bom",
@@ -327,7 +328,7 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
     readable(
         "unknown_keys",
         f"unknown keys in every object (top level, adapter, module, params, tensor entry, blob, codec), "
-        f"one of them nesting the index exactly {MAX_DEPTH} levels deep: readers ignore them",
+        f"one of them nesting the index exactly {MAX_JSON_DEPTH} levels deep: readers ignore them",
         [_with_unknown_param(small(tensor=True))],
         "raw",
         craft=_edited(_index(_unknown_keys)),
