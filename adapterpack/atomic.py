@@ -16,7 +16,8 @@ reader gets one version's files even while a writer swaps another in.
 
 A folder that cannot be swapped is filled in place: a mount point (a container's bind mount), a folder
 holding the working directory (a swap would leave the process, and ``.``, in the removed old folder),
-or one whose swap fails with EBUSY or EXDEV. This weaker mode still never leaves a mix readable: the
+or one whose swap fails with EBUSY or EXDEV (a bind mount from the same file system, which
+``os.path.ismount`` does not see). This weaker mode still never leaves a mix readable: the
 new files are written under a temp folder inside the destination, then the old ``last`` file (a PEFT
 config) is moved aside, the other files renamed over the old ones, and ``last`` renamed in at the end
 (the old files are held by hard links meanwhile, so that no rename waits for one to be freed). In
