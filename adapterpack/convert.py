@@ -203,7 +203,8 @@ def check_destination(src: Path, dst: Path, target: str, force: bool) -> None:
         if target == "peft":
             if not dst.is_dir():
                 raise ConversionError(f"{dst} exists and is not a folder; a PEFT adapter is written as a folder")
-            if any(dst.iterdir()) and not (dst / "adapter_config.json").is_file():
+            # the weights alone: a write in place was stopped between its renames (adapterpack.atomic)
+            if any(dst.iterdir()) and not any((dst / n).is_file() for n in ("adapter_config.json", "adapter_model.safetensors")):
                 raise ConversionError(f"{dst} is a folder that holds no PEFT adapter; not replacing it")
         elif dst.is_dir():
             raise ConversionError(f"{dst} is a folder; a {target} adapter is written as a single file")

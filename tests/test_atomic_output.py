@@ -22,9 +22,9 @@ import adapterpack.convert as convert_mod
 from adapterpack import Adapter, Module
 from adapterpack.container.writer import write_apack
 from adapterpack.convert import convert
-from adapterpack.errors import ConversionError, OutputExistsError
+from adapterpack.errors import ConversionError, InputError, OutputExistsError
 from adapterpack.interop.kohya import write_kohya
-from adapterpack.interop.peft import write_peft
+from adapterpack.interop.peft import read_peft, write_peft
 from tests.apack_builders import compressible_adapter, small_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,11 +67,12 @@ def listing(folder: Path) -> list[str]:
 
 def in_child(action: Callable[[], object], step: int, kill: bool) -> int:
     """Run ``action`` in a forked child that is SIGKILLed (``kill``) or gets an OSError just before its
-    ``step``-th file-system step; the child's exit status (0: it finished before that step)."""
+    ``step``-th file-system step; the child's exit status (0: it finished before that step; 2: it finished
+    despite the error, which it ignored)."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
+        seen = [0]
         try:
-            seen = [0]
 
             def hook(event: str, args: tuple[object, ...]) -> None:
                 if event in FS_EVENTS:
@@ -85,7 +86,7 @@ def in_child(action: Callable[[], object], step: int, kill: bool) -> int:
             action()
         except BaseException:
             os._exit(1)
-        os._exit(0)
+        os._exit(0 if seen[0] < step else 2)
     return os.waitpid(pid, 0)[1]
 
 
@@ -220,11 +221,11 @@ def test_a_reader_whose_folder_was_swapped_out_and_removed_opens_the_new_one(
     real = adapterpack.atomic._open_regular
     calls = []
 
-    def swap_first(name: str, dir_fd: int | None) -> int | None:
+    def swap_first(folder: Path, name: str, dir_fd: int | None) -> int | None:
         if not calls:
             write_peft(NEW, dst)
         calls.append(name)
-        return real(name, dir_fd)
+        return real(folder, name, dir_fd)
 
     monkeypatch.setattr(adapterpack.atomic, "_open_regular", swap_first)
     assert which(dst) == (16.0, 2.0)
@@ -232,49 +233,65 @@ def test_a_reader_whose_folder_was_swapped_out_and_removed_opens_the_new_one(
 
 
 WRITER = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 import numpy as np
 from adapterpack import Adapter, Module
-from adapterpack.interop.peft import write_peft
+from adapterpack.interop.peft import read_peft, write_peft
 name, dst, started, stop = "{name}", Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 def version(value, alpha):
     factors = {{"A": np.ones((4, 16), np.float32), "B": np.full((8, 4), value, np.float32)}}
     m = Module(name, "lora", (8, 16), {{"rank": 4, "alpha": alpha}}, factors)
     return Adapter(base_model="toy/base", modules={{name: m}})
 pair = [version(2.0, 16.0), version(1.0, 8.0)]
-end = time.monotonic() + 30
+if len(sys.argv) > 4:  # in place: the working directory cannot be swapped
+    os.chdir(dst)
+    dst = Path(".")
+end = time.monotonic() + 90
 i = 0
 while not stop.exists() and time.monotonic() < end:
     write_peft(pair[i % 2], dst)
     i += 1
-    started.touch()
+    started.write_text(str(i))
 print(i)
 """
 
 
-def test_concurrent_reads_never_see_a_mix(tmp_path: Path) -> None:
-    """A writer replacing the folder in a loop (another process) while this one reads it with adapterpack:
-    every read is the old pair or the new pair (about 2 s)."""
+def swaps(started: Path) -> int:
+    """How many folders the writer has written (0 while it rewrites its count)."""
+    try:
+        return int(started.read_text())
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["swapped", "in-place"])
+def test_concurrent_reads_never_see_a_mix(tmp_path: Path, in_place: bool) -> None:
+    """A writer replacing the folder in a loop (another process; in place: into its working directory)
+    while this one reads it with adapterpack, until the writer wrote 20 folders and both versions were read:
+    every read is the old pair or the new pair (in place, a read may also be refused while the config is
+    moved aside), never a mix."""
     dst, started, stop = tmp_path / "peft", tmp_path / "started", tmp_path / "stop"
     write_peft(OLD, dst)
-    args = [sys.executable, "-c", WRITER.format(name=NAME), str(dst), str(started), str(stop)]
+    args = [sys.executable, "-c", WRITER.format(name=NAME), str(dst), str(started), str(stop), *(["in-place"] if in_place else [])]
     writer = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    seen: dict[tuple[float, float], int] = {}
+    seen: dict[tuple[float, float] | str, int] = {}
     try:
-        deadline = time.monotonic() + 30
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        end = time.monotonic() + 2.0
-        while time.monotonic() < end:
-            pair = which(dst)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (swaps(started) >= 20 and {(8.0, 1.0), (16.0, 2.0)} <= set(seen)):
+            try:
+                pair: tuple[float, float] | str = which(dst)
+            except InputError as e:  # the config moved aside, or moving too often for a reader to pin one version
+                assert in_place and ("no adapter_config.json" in str(e) or "kept changing" in str(e)), e
+                pair = "refused"
             seen[pair] = seen.get(pair, 0) + 1
     finally:
         stop.touch()
         out, _ = writer.communicate(timeout=60)
-    assert writer.returncode == 0 and int(out) > 10
-    assert set(seen) == {(8.0, 1.0), (16.0, 2.0)}, seen  # both versions read, nothing else
+    assert writer.returncode == 0 and int(out) >= 20
+    assert {(8.0, 1.0), (16.0, 2.0)} <= set(seen) <= {(8.0, 1.0), (16.0, 2.0), "refused"}, seen  # nothing else
     assert listing(tmp_path) == ["peft", "started", "stop"]
+    assert listing(dst) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 @pytest.mark.parametrize("to, name", [("apack", "out.apack"), ("kohya", "out.safetensors"), ("peft", "out")])
@@ -419,3 +436,208 @@ def test_an_input_error_inside_a_write_keeps_its_own_path(tmp_path: Path) -> Non
         f.write(b"x")
         (tmp_path / "missing-input").read_bytes()
     assert e.value.filename == str(tmp_path / "missing-input") and listing(tmp_path) == []
+
+
+# --- folders that cannot be swapped: filled in place --------------------------------------------
+
+
+def with_card(dst: Path, ad: Adapter) -> None:
+    write_peft(ad, dst)
+    (dst / "README.md").write_text("model card")
+
+
+def test_writing_into_the_working_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`write_peft(ad, ".")` (str or Path) inside an existing PEFT folder: written in place, the other files kept,
+    nothing left beside or inside it, and the process still in that folder (not in a removed old one)."""
+    dst = tmp_path / "peft"
+    with_card(dst, OLD)
+    ino = dst.stat().st_ino
+    monkeypatch.chdir(dst)
+    for ad, dot, want in ((NEW, ".", (16.0, 2.0)), (OLD, Path("."), (8.0, 1.0))):
+        write_peft(ad, dot)
+        assert which(dst) == want and os.stat(".").st_ino == ino == dst.stat().st_ino
+        assert listing(dst) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+        assert listing(tmp_path) == ["peft"] and (dst / "README.md").read_text() == "model card"
+    with pytest.raises(OutputExistsError, match="already exists"):
+        write_peft(NEW, ".", overwrite=False)
+    assert which(dst) == (8.0, 1.0)
+
+
+@pytest.mark.parametrize("err", [errno.EBUSY, errno.EXDEV], ids=["EBUSY", "EXDEV"])
+def test_a_folder_that_cannot_be_swapped_is_filled_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int) -> None:
+    """The swap fails with EBUSY (a bind mount) or EXDEV: the new files are renamed in, the config last, and
+    nothing is left beside the folder or in it."""
+    dst = tmp_path / "peft"
+    with_card(dst, OLD)
+
+    def busy(tmp: Path, dest: Path) -> None:
+        raise OSError(err, os.strerror(err), os.fspath(tmp), None, os.fspath(dest))
+
+    monkeypatch.setattr(adapterpack.atomic, "_exchange_dir", busy)
+    write_peft(NEW, dst)
+    assert which(dst) == (16.0, 2.0) and (dst / "README.md").read_text() == "model card"
+    assert listing(dst) == ["README.md", "adapter_config.json", "adapter_model.safetensors"] and listing(tmp_path) == ["peft"]
+
+
+@pytest.mark.parametrize("kill", [True, False], ids=["sigkill", "error"])
+def test_a_mount_point_is_never_a_readable_mix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill: bool) -> None:
+    """A mount point, written in place and stopped before each step: the folder is the old one or the new one
+    bit for bit, or old or new files without a config (refused), never new weights with the old config; an
+    error before the first rename leaves the old folder; the next `convert --force` writes the new folder and
+    removes what a killed one left."""
+    src = tmp_path / "new.apack"
+    write_apack(src, NEW)
+    dst = tmp_path / "peft"
+    with_card(dst, NEW)
+    new = snapshot(dst)
+    with_card(dst, OLD)
+    old = snapshot(dst)
+    real = os.path.ismount
+
+    def busy(tmp: Path, dest: Path) -> None:  # as rename(2) of a mount point
+        raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), os.fspath(tmp), None, os.fspath(dest))
+
+    monkeypatch.setattr(os.path, "ismount", lambda p: os.fspath(p) == os.fspath(dst) or real(p))
+    monkeypatch.setattr(adapterpack.atomic, "_exchange_dir", busy)
+    refused = []
+
+    def reset() -> None:
+        with_card(dst, OLD)
+        assert listing(tmp_path) == ["new.apack", "peft"] and snapshot(dst) == old
+
+    def check() -> None:
+        got = {k: v for k, v in snapshot(dst).items() if not k.startswith(".peft.")}  # type: ignore[union-attr]
+        if got not in (old, new):  # a killed writer's temp folder aside
+            assert got in [{k: v for k, v in ver.items() if k != "adapter_config.json"} for ver in (old, new)]  # type: ignore[union-attr]
+            with pytest.raises(InputError, match=r"no adapter_config\.json"):
+                which(dst)
+            refused.append(1)
+            convert(src, dst, to="peft", force=True)  # the next write: the new folder, nothing left
+            assert snapshot(dst) == new
+        else:
+            assert which(dst) in ((8.0, 1.0), (16.0, 2.0))
+
+    steps = every_step(lambda: convert(src, dst, to="peft", force=True), reset, check, kill)
+    assert steps > 3 and 0 < len(refused) < steps
+    convert(src, dst, to="peft", force=True)
+    assert snapshot(dst) == new and listing(tmp_path) == ["new.apack", "peft"]
+
+
+def test_a_reader_between_the_renames_of_a_write_in_place_tries_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader opens the folder while a writer in place has the config aside: it pauses and opens the folder
+    again (reading the whole version then there); a folder whose config stays missing is refused."""
+    dst = tmp_path / "peft"
+    write_peft(OLD, dst)
+    real = adapterpack.atomic._open_all
+    calls = []
+
+    def aside_once(folder: Path, names: object) -> object:
+        calls.append(1)
+        if len(calls) == 1 and (dst / "adapter_config.json").exists():
+            os.rename(dst / "adapter_config.json", tmp_path / "aside")
+            try:
+                return real(folder, names)  # type: ignore[arg-type]
+            finally:
+                os.rename(tmp_path / "aside", dst / "adapter_config.json")
+        return real(folder, names)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(adapterpack.atomic, "_open_all", aside_once)
+    assert which(dst) == (8.0, 1.0) and len(calls) == 2
+    (dst / "adapter_config.json").unlink()
+    calls.clear()
+    with pytest.raises(InputError, match=r"no adapter_config\.json"):
+        read_peft(dst)
+    assert len(calls) == adapterpack.atomic._PIN_TRIES
+
+
+# --- reading a damaged folder ----------------------------------------------------------------------
+
+
+def fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc/self/fd")
+@pytest.mark.parametrize("kind", ["loop", "socket", "fifo"])
+def test_an_unopenable_file_is_an_input_error_and_leaks_nothing(tmp_path: Path, kind: str) -> None:
+    """adapter_model.safetensors a link to itself (ELOOP), a socket (ENXIO) or a FIFO (must not block): an
+    InputError naming the folder (and the file), and no file descriptor left open after 50 reads."""
+    import socket
+
+    dst = tmp_path / "peft"
+    write_peft(OLD, dst)
+    weights = dst / "adapter_model.safetensors"
+    weights.unlink()
+    sock = None
+    if kind == "loop":
+        weights.symlink_to(weights.name)
+    elif kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(os.fspath(weights))
+    else:
+        os.mkfifo(weights)
+    want = f"{weights}: cannot open it" if kind != "fifo" else f"{dst}: no adapter_model.safetensors"
+    try:
+        before = fds()
+        for _ in range(50):
+            with pytest.raises(InputError) as e:
+                adapterpack.open(dst)
+            assert type(e.value) is InputError and str(e.value).startswith(want), str(e.value)
+        assert fds() == before
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+# --- stale temp files and unnamed files --------------------------------------------------------------
+
+
+def test_a_writer_in_another_pid_namespace_is_not_taken_for_dead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Containers of one pod share a host name, not pids: a temp file tagged by a writer of the same host name in
+    another PID namespace stays, even where a process of its pid is missing here."""
+    from adapterpack.atomic import _HOST, _host_tag
+
+    real = os.stat
+
+    def other_ns(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        st = real(path, *args, **kwargs)  # type: ignore[arg-type]
+        if path == "/proc/self/ns/pid":
+            return os.stat_result((st.st_mode, st.st_ino + 1, *tuple(st)[2:]))
+        return st
+
+    monkeypatch.setattr(os, "stat", other_ns)
+    other = _host_tag()
+    monkeypatch.undo()
+    assert other != _HOST == _host_tag()
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    name = f".out.apack.{other}-{dead}.0123abcd.tmp"
+    (tmp_path / name).write_bytes(b"partial")
+    write_apack(tmp_path / "out.apack", OLD)
+    assert listing(tmp_path) == sorted([name, "out.apack"])
+
+
+@pytest.mark.skipif(not (hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")), reason="needs O_TMPFILE")
+@pytest.mark.parametrize("err", [errno.ENOENT, errno.EPERM, errno.EACCES])
+def test_unnamed_files_that_cannot_be_linked_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int) -> None:
+    """O_TMPFILE works but linking through /proc/self/fd does not (gVisor, hidepid): the file is copied to a
+    temp name and written whole, created or replaced; later writes use temp names; nothing is left."""
+    want_new = write_kohya(NEW, tmp_path / "want" / "new.safetensors").read_bytes()
+    want_old = write_kohya(OLD, tmp_path / "want" / "old.safetensors").read_bytes()
+    real = os.link
+
+    def no_proc(src: object, dst: object, **kwargs: object) -> None:
+        if os.fspath(src).startswith("/proc/self/fd/"):  # type: ignore[call-overload]
+            raise OSError(err, os.strerror(err), src)
+        real(src, dst, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(adapterpack.atomic, "_TMPFILE", True)
+    monkeypatch.setattr(os, "link", no_proc)
+    work = tmp_path / "work"
+    dst = write_kohya(OLD, work / "lora.safetensors", overwrite=False)
+    assert dst.read_bytes() == want_old and adapterpack.atomic._TMPFILE is False
+    monkeypatch.setattr(adapterpack.atomic, "_TMPFILE", True)
+    write_kohya(NEW, dst)
+    assert dst.read_bytes() == want_new and listing(work) == ["lora.safetensors"]
+    with pytest.raises(OutputExistsError):
+        write_kohya(OLD, dst, overwrite=False)
+    assert dst.read_bytes() == want_new and listing(work) == ["lora.safetensors"]

@@ -247,7 +247,7 @@ def test_temp_file_lives_beside_the_destination(tmp_path: Path, monkeypatch: pyt
     real_open = atomic.os.open
 
     def spy(path: str, flags: int, *args: object, **kwargs: object) -> int:
-        if flags & os.O_WRONLY:
+        if flags & (os.O_WRONLY | os.O_RDWR):  # written (the unnamed file is also read where it must be copied)
             made.append(Path(path))
         return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
 

@@ -250,7 +250,7 @@ def read_peft(path: str | os.PathLike[str]) -> Adapter:
     come from one version of a folder that a writer replaces meanwhile."""
     folder = _folder(path)
     meta = None
-    with pinned_files(folder, (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME)) as files:
+    with pinned_files(folder, (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME), last=CONFIG_NAME) as files:
         cfg = read_config(folder, files)
         if SAFETENSORS_NAME in files:
             tensors, meta = read_safetensors(folder / SAFETENSORS_NAME, opened=files.path(SAFETENSORS_NAME))
@@ -570,6 +570,7 @@ def write_peft(
     The folder appears, or replaces an old one, in one step (:func:`~adapterpack.atomic.atomic_dir`):
     readers see the old files or the new ones, never a mix; the old folder's other files (README,
     tokenizer, checkpoints) are carried over. ``overwrite`` false: OutputExistsError if it exists.
+    A folder that cannot be swapped (a mount point, ``.``) is filled in place, the config renamed in last.
     """
     from safetensors.numpy import save
 
@@ -579,7 +580,7 @@ def write_peft(
     data = save(tensors, metadata=dict(meta))
     text = (json.dumps(cfg, indent=2) + "\n").encode("utf-8")
     out = Path(out_dir)
-    with atomic_dir(out, overwrite=overwrite, carry_over=True) as tmp:
+    with atomic_dir(out, overwrite=overwrite, carry_over=True, last=CONFIG_NAME) as tmp:
         (tmp / SAFETENSORS_NAME).write_bytes(data)
         (tmp / CONFIG_NAME).write_bytes(text)
     return out

@@ -16,7 +16,10 @@ checkout), so one command measures any version (e.g. a ``git archive`` of main u
 3. ``races``: two ``convert`` without ``--force`` to the same new path, started together, ``--races``
    times: rounds where both exited 0, and where the output was not one whole input.
 
-    python -m tools.hostile.atomic_stress --kills 30 --seconds 4 --races 20 [--parts reads] [--repo /tmp/main_snapshot]
+``--in-place``: the PEFT writes of 1 and 2 go to ``.`` from inside the folder (a folder that cannot be
+swapped, as a bind mount; filled in place), and a folder left without its config counts as ``refused``.
+
+    python -m tools.hostile.atomic_stress --kills 30 --seconds 4 --races 20 [--parts reads] [--in-place] [--repo /tmp/main_snapshot]
 
 Bounded in time by its arguments (each child also by a timeout); not run by the tests.
 """
@@ -67,8 +70,16 @@ from pathlib import Path
 from adapterpack.convert import convert
 src, dst, old_copy, target = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 events = set(sys.argv[5].split(","))
+in_place = sys.argv[6] == "1"
 work = dst.parent
 def reset():
+    if in_place and dst.is_dir():  # the working directory: emptied and refilled, never removed
+        for p in dst.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        for p in old_copy.iterdir():
+            shutil.copyfile(p, dst / p.name)
+        (dst / "README.md").write_text("model card")
+        return
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir()
     if old_copy.is_dir():
@@ -84,8 +95,11 @@ def extra():
     names = [p.name for p in work.iterdir() if p != dst]
     return names + ([p.name for p in dst.iterdir() if p.name.startswith(".")] if dst.is_dir() else [])
 reset(); old = snap()
-convert(src, dst, to=target, force=True); new = snap()
-counts = {"steps": 0, "old": 0, "new": 0, "mixed": 0, "broken": 0, "left_temp": 0, "temp_after_next_write": 0}
+if in_place:
+    os.chdir(dst)
+out = Path(".") if in_place else dst
+convert(src, out, to=target, force=True); new = snap()
+counts = {"steps": 0, "old": 0, "new": 0, "mixed": 0, "refused": 0, "broken": 0, "left_temp": 0, "temp_after_next_write": 0}
 for step in range(1, 1000):
     reset()
     pid = os.fork()
@@ -98,7 +112,7 @@ for step in range(1, 1000):
                     os.kill(os.getpid(), signal.SIGKILL)
         sys.addaudithook(hook)
         try:
-            convert(src, dst, to=target, force=True)
+            convert(src, out, to=target, force=True)
         finally:
             os._exit(0)
     if os.waitpid(pid, 0)[1] == 0:
@@ -109,10 +123,12 @@ for step in range(1, 1000):
         counts["old" if state == old else "new"] += 1
     elif state is not None and set(state) == set(old) and all(state[k] in (old[k], new[k]) for k in state):
         counts["mixed"] += 1
+    elif state is not None and set(state) == set(old) - {"adapter_config.json"}:
+        counts["refused"] += 1
     else:
         counts["broken"] += 1
     counts["left_temp"] += bool(extra())
-    convert(src, dst, to=target, force=True)
+    convert(src, out, to=target, force=True)
     counts["temp_after_next_write"] += len(extra())
 print(json.dumps(counts))
 """
@@ -128,6 +144,9 @@ import json, sys
 from pathlib import Path
 from safetensors import safe_open
 d = Path(sys.argv[1])
+if not (d / "adapter_config.json").exists():
+    print("refused")
+    sys.exit()
 try:
     alpha = json.loads((d / "adapter_config.json").read_text())["lora_alpha"]
     with safe_open(d / "adapter_model.safetensors", framework="np") as f:
@@ -140,15 +159,19 @@ else:
 """
 
 WRITER = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 from adapterpack import open as ap_open
 from adapterpack.interop.peft import write_peft
 old, new = ap_open(sys.argv[2]), ap_open(sys.argv[3])
 started, stop = Path(sys.argv[4]), Path(sys.argv[5])
+dst = sys.argv[1]
+if sys.argv[6] == "1":  # in place
+    os.chdir(dst)
+    dst = "."
 end, i = time.monotonic() + 600, 0
 while not stop.exists() and time.monotonic() < end:
-    write_peft((new, old)[i % 2], sys.argv[1])
+    write_peft((new, old)[i % 2], dst)
     i += 1
     started.touch()
 print(i)
@@ -160,30 +183,34 @@ import numpy as np
 import adapterpack
 name = "model.layers.0.self_attn.q_proj"
 end = time.monotonic() + float(sys.argv[2])
-counts = {"old": 0, "new": 0, "mixed": 0, "error": 0}
+counts = {"old": 0, "new": 0, "mixed": 0, "refused": 0, "error": 0}
 while time.monotonic() < end:
     try:
         with adapterpack.open(sys.argv[1]) as ad:
             m = ad.module(name)
             pair = (float(m.params["alpha"]), float(np.asarray(m.array("B"))[0, 0]))
         counts[{(8.0, 1.0): "old", (16.0, 2.0): "new"}.get(pair, "mixed")] += 1
-    except Exception:
-        counts["error"] += 1
+    except Exception as e:  # refused: the config moved aside by a writer in place, or the files kept changing
+        counts["refused" if "no adapter_config.json" in str(e) or "kept changing" in str(e) else "error"] += 1
 print(json.dumps(counts))
 """
 
 
-def child(repo: Path, *args: str, code: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def child(
+    repo: Path, *args: str, code: str | None = None, timeout: float = 300, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -B -c code args`` (or ``python -B -m adapterpack args``) importing adapterpack from ``repo``."""
     cmd = [sys.executable, "-B", *(("-c", code) if code is not None else ("-m", "adapterpack")), *args]
     env = os.environ | {"PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tempfile.gettempdir())
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd or tempfile.gettempdir())
 
 
-def spawn(repo: Path, *args: str, code: str | None = None) -> subprocess.Popen[str]:
+def spawn(repo: Path, *args: str, code: str | None = None, cwd: Path | None = None) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-B", *(("-c", code) if code is not None else ("-m", "adapterpack")), *args]
     env = os.environ | {"PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tempfile.gettempdir())
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd or tempfile.gettempdir()
+    )
 
 
 def snapshot(path: Path) -> dict[str, bytes] | bytes | None:
@@ -223,10 +250,11 @@ def writing(pid: int, work: Path) -> bool:
     return False
 
 
-def kills(repo: Path, data: Path, target: str, n: int, rng: random.Random) -> dict[str, int]:
-    """``n`` timed SIGKILLs of ``convert NEW DST --to target --force`` onto OLD."""
+def kills(repo: Path, data: Path, target: str, n: int, rng: random.Random, in_place: bool) -> dict[str, int]:
+    """``n`` timed SIGKILLs of ``convert NEW DST --to target --force`` onto OLD (``in_place``: PEFT to ``.`` in DST)."""
     work = data / f"kill-{target}"
     dst = work / ("out" if target == "peft" else "out.apack")
+    cwd = dst if in_place and target == "peft" else None
     src_new, src_old = data / "new.apack", data / "old.apack"
 
     def reset() -> None:
@@ -240,7 +268,7 @@ def kills(repo: Path, data: Path, target: str, n: int, rng: random.Random) -> di
 
     reset()
     old = snapshot(dst)
-    args = ["convert", str(src_new), str(dst), "--to", target, "--force"]
+    args = ["convert", str(src_new), "." if cwd else str(dst), "--to", target, "--force"]
 
     def started(p: subprocess.Popen[str], before: set[str]) -> float:
         """When the writer's first trace appeared (a new name beside or in DST, or a file open under it), or it exited."""
@@ -252,18 +280,19 @@ def kills(repo: Path, data: Path, target: str, n: int, rng: random.Random) -> di
     for _ in range(3):
         reset()
         before = names(work, dst)
-        p = spawn(repo, *args)
+        p = spawn(repo, *args, cwd=cwd)
         t1 = started(p, before)
         p.communicate()
         assert p.returncode == 0
         spans.append(time.monotonic() - t1)
     new = snapshot(dst)
     span = sorted(spans)[1]
-    out = {"old": 0, "new": 0, "mixed": 0, "broken": 0, "left_temp": 0, "temp_after_next_write": 0, "next_write_failed": 0}
+    out = {"old": 0, "new": 0, "mixed": 0, "refused": 0, "broken": 0, "left_temp": 0, "temp_after_next_write": 0}
+    out["next_write_failed"] = 0
     for _ in range(n):
         reset()
         before = names(work, dst)
-        p = spawn(repo, *args)
+        p = spawn(repo, *args, cwd=cwd)
         started(p, before)
         time.sleep(rng.uniform(0, span))
         p.send_signal(signal.SIGKILL)
@@ -279,31 +308,33 @@ def kills(repo: Path, data: Path, target: str, n: int, rng: random.Random) -> di
             out["broken"] += 1
         if extra(work, dst):
             out["left_temp"] += 1
-        if child(repo, *args).returncode != 0:
+        if child(repo, *args, cwd=cwd).returncode != 0:
             out["next_write_failed"] += 1
         out["temp_after_next_write"] += len(extra(work, dst))
     out["kill_window_s"] = round(span, 3)  # type: ignore[assignment]
     return out
 
 
-def steps(repo: Path, data: Path, target: str) -> dict[str, int]:
+def steps(repo: Path, data: Path, target: str, in_place: bool) -> dict[str, int]:
     """Kills before every file-system step of one ``convert --to target --force`` onto OLD (deterministic)."""
     work = data / f"steps-{target}"
     dst = work / ("out" if target == "peft" else "out.apack")
     old = data / ("old.peft" if target == "peft" else "old.apack")
-    r = child(repo, str(data / "new.apack"), str(dst), str(old), target, FS_EVENTS, code=STEPS, timeout=900)
+    flag = str(int(in_place and target == "peft"))
+    r = child(repo, str(data / "new.apack"), str(dst), str(old), target, FS_EVENTS, flag, code=STEPS, timeout=900)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
 
-def reads(repo: Path, data: Path, seconds: float) -> dict[str, object]:
-    """A writer replacing the folder in a loop while a reader reads it for ``seconds``."""
+def reads(repo: Path, data: Path, seconds: float, in_place: bool) -> dict[str, object]:
+    """A writer replacing the folder in a loop (``in_place``: writing ``.`` inside it) while a reader reads it for ``seconds``."""
     dst = data / "reads" / "peft"
     shutil.rmtree(dst.parent, ignore_errors=True)
     dst.parent.mkdir()
     shutil.copytree(data / "old.peft", dst)
     small, started, stop = data / "small", dst.parent / "started", dst.parent / "stop"
-    writer = spawn(repo, str(dst), str(small / "old.apack"), str(small / "new.apack"), str(started), str(stop), code=WRITER)
+    flag = str(int(in_place))
+    writer = spawn(repo, str(dst), str(small / "old.apack"), str(small / "new.apack"), str(started), str(stop), flag, code=WRITER)
     try:
         deadline = time.monotonic() + 120
         while not started.exists() and time.monotonic() < deadline:
@@ -351,6 +382,7 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parts", default="steps,kills,reads,races", help="which measurements, comma-separated")
+    ap.add_argument("--in-place", action="store_true", help="PEFT writes to '.' inside the folder (filled in place)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     repo = args.repo.resolve()
@@ -363,13 +395,13 @@ def main() -> None:
         r = child(repo, str(data / "small"), "1", "16", code=MAKE)
         assert r.returncode == 0, r.stderr
         print(f"inputs: {(data / 'new.apack').stat().st_size:,} B apack, PEFT folders of the same adapter")
-        parts = args.parts.split(",")
+        parts, inp = args.parts.split(","), args.in_place
         for target in ("peft", "apack") if "steps" in parts else ():
-            print(f"a kill before each file-system step of convert --to {target} --force:", steps(repo, data, target))
+            print(f"a kill before each file-system step of convert --to {target} --force:", steps(repo, data, target, inp))
         for target in ("peft", "apack") if "kills" in parts else ():
-            print(f"kills during convert --to {target} --force ({args.kills}):", kills(repo, data, target, args.kills, rng))
+            print(f"kills during convert --to {target} --force ({args.kills}):", kills(repo, data, target, args.kills, rng, inp))
         if "reads" in parts:
-            print(f"concurrent reads ({args.seconds:g} s):", reads(repo, data, args.seconds))
+            print(f"concurrent reads ({args.seconds:g} s):", reads(repo, data, args.seconds, inp))
         if "races" in parts:
             print(f"double create without --force ({args.races} rounds):", races(repo, data, args.races))
 
