@@ -227,3 +227,15 @@ def test_vectors_md_documents_the_json_and_its_tolerance() -> None:
             keys |= {k for t in a["tensors"] for k in t}
     documented = {k.strip() for line in text.splitlines() if line.startswith("| ") for k in line.split("|")[1].split(",")}
     assert keys <= documented, keys - documented
+
+
+def test_non_finite_factors_give_their_delta_without_a_warning() -> None:
+    """NaN/inf factors are stored bit-exact (spec §3); reading their ΔW is IEEE arithmetic, not a RuntimeWarning."""
+    import warnings
+
+    import adapterpack
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with adapterpack.open(VECTORS / "non_finite_values.apack") as ad:
+            assert any(np.isnan(m.delta()).any() for m in ad)

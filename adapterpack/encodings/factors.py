@@ -40,7 +40,8 @@ class Factors:
         work = np.float64 if np.float64 in (self.A.dtype, self.B.dtype) else np.float32
         a = self.A.astype(work, copy=False)
         b = self.B.astype(work, copy=False)
-        prod = (b @ a) * work(self.scale)
+        with np.errstate(invalid="ignore"):  # NaN/inf factors are stored bit-exact (spec §3): their ΔW is IEEE's, not a warning
+            prod = (b @ a) * work(self.scale)
         if self.transpose:
             prod = prod.T
         return np.ascontiguousarray(prod).reshape(self.base_shape)
