@@ -1,0 +1,86 @@
+"""Memory stays bounded where no limit of spec §7 applies: allocations that fail are adapterpack errors.
+
+Each case runs in a child process whose address space is capped (RLIMIT_AS) a fixed amount above
+what it holds after its imports, so an allocation the code does not bound fails there instead of
+exhausting the machine, and what the child prints (never a traceback) is checked.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+
+import adapterpack
+from adapterpack.adapter import Adapter, Module
+
+REPO = Path(__file__).resolve().parents[1]
+
+CAPPED = """
+import resource, sys
+sys.path.insert(0, {repo!r})
+import numpy as np
+import adapterpack
+from adapterpack.errors import AdapterpackError
+vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + ({headroom_mib} << 20), resource.RLIM_INFINITY))
+"""
+
+
+def capped(body: str, *args: str, headroom_mib: int = 1024, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``body`` in a child capped at ``headroom_mib`` MiB of address space above its imports."""
+    script = textwrap.dedent(CAPPED).format(repo=str(REPO), headroom_mib=headroom_mib) + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+# --- a dense ΔW the process cannot allocate ------------------------------------------------------------
+
+
+def test_delta_out_of_memory_is_a_size_limit_error(tmp_path: Path) -> None:
+    """A rank-1 lora on a 20000² weight: its ΔW (1.6 GB of float32) is under MAX_DELTA_ELEMENTS but over the cap;
+    delta() raised numpy's _ArrayMemoryError, now SizeLimitError naming the module and the bytes it needed."""
+    n = 20000
+    rng = np.random.default_rng(0)
+    tensors = {"A": rng.standard_normal((1, n)).astype(np.float16), "B": rng.standard_normal((n, 1)).astype(np.float16)}
+    m = Module("model.layers.0.mlp.x", "lora", (n, n), {"rank": 1, "alpha": 1.0}, tensors)
+    path = tmp_path / "edge.apack"
+    adapterpack.save(Adapter(modules={m.name: m}), path, codec="raw")
+    res = capped(
+        """
+        ad = adapterpack.open(sys.argv[1])
+        try:
+            ad.delta("model.layers.0.mlp.x")
+        except AdapterpackError as e:
+            print(type(e).__name__, e)
+        """,
+        str(path),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip() == (
+        f"SizeLimitError module 'model.layers.0.mlp.x': out of memory computing a dense ΔW of shape [{n}, {n}] "
+        f"({n * n * 4} bytes in float32)"
+    )
+
+
+def test_cli_prints_memory_error_on_one_line(tmp_path: Path) -> None:
+    """A MemoryError anywhere under a command (here: numpy failing to allocate 16 GiB while inspect summarizes a
+    module) is one line ``adapterpack: out of memory (...)`` and exit status 1, never a traceback."""
+    m = Module("q", "lora", (4, 3), {"rank": 1, "alpha": 1.0}, {"A": np.ones((1, 3), np.float32), "B": np.ones((4, 1), np.float32)})
+    path = tmp_path / "small.apack"
+    adapterpack.save(Adapter(modules={"q": m}), path, codec="raw")
+    res = capped(
+        """
+        from adapterpack.adapter import Module
+        from adapterpack.cli import main
+        Module.summary = lambda self: np.ones(1 << 31)
+        main(["inspect", sys.argv[1]])
+        """,
+        str(path),
+    )
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("adapterpack: out of memory (Unable to allocate 16.0 GiB"), lines
