@@ -32,6 +32,10 @@ MAX_ZSTD_WINDOW = 128 << 20
 #: Largest decoded size of a compressed blob as a multiple of its stored size (Zstandard cannot expand more).
 MAX_ZSTD_RATIO = 32768
 
+#: Most bytes of decoded shared blobs (compressed blobs several records reference) a reader keeps per open
+#: file so each is decoded once (spec §7's SHOULD); past it a blob is reused only while a caller holds it.
+SHARED_CACHE_BYTES = 256 << 20
+
 # --- sizes no bytes back ---------------------------------------------------------------------------
 
 #: Most elements of a dense ΔW (``prod(base_shape)``): refused by ``delta()`` before allocating

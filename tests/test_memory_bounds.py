@@ -84,3 +84,43 @@ def test_cli_prints_memory_error_on_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("adapterpack: out of memory (Unable to allocate 16.0 GiB"), lines
+
+
+# --- shared blobs decoded once, in bounded memory ------------------------------------------------------
+
+
+def test_shared_blob_cache_is_bounded(tmp_path: Path) -> None:
+    """Two adapters reference the same eight zstd blobs of 64 MiB of zeros (a small file): reading every tensor of
+    one, each dropped after use, kept all 512 MiB decoded (a MemoryError under the cap); now the reader keeps at
+    most SHARED_CACHE_BYTES of them, so the child's peak stays under the cached cap plus two blobs."""
+    from adapterpack.limits import SHARED_CACHE_BYTES
+    from tests.apack_builders import split, write
+
+    out, inp, rank, n = 1 << 18, 8, 64, 8
+    modules = {}
+    for i in range(n):
+        v, s = np.full((inp, rank), i, np.float32), np.eye(rank, dtype=np.float32)
+        tensors = {"U": np.zeros((out, rank), np.float32), "V": v, "S": s}
+        modules[f"m{i}"] = Module(f"m{i}", "shared", (out, inp), {"rank": rank, "form": "full"}, tensors)
+    src = tmp_path / "src.apack"
+    adapterpack.save(Adapter(name="a", modules=modules), src, codec="zstd")
+    parts = split(src.read_bytes())
+    parts.index["adapters"].append(parts.index["adapters"][0] | {"name": "b"})
+    path = write(tmp_path / "shared.apack", parts.build(minor=parts.minor))
+    assert path.stat().st_size < 1 << 20
+    res = capped(
+        """
+        from adapterpack.container import ApackReader
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with ApackReader(sys.argv[1]) as reader:
+            for m in reader.adapter("a"):
+                assert not m.array("U").any()
+            u = reader.adapter("a").module("m7").array("U")  # held here: the other adapter reuses it, no second decode
+            assert np.shares_memory(reader.adapter("b").module("m7").array("U"), u)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) << 10)
+        """,
+        str(path),
+        headroom_mib=448,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert int(res.stdout) < SHARED_CACHE_BYTES + 2 * out * rank * 4
