@@ -20,6 +20,10 @@ MAX_BLOBS = 1_000_000
 MAX_NDIM = 8
 #: Deepest nesting of JSON arrays and objects an index may have (the top-level object is depth 1).
 MAX_JSON_DEPTH = 64
+#: Most JSON arrays and objects an index may hold (each takes hundreds of bytes once parsed, its text 2).
+MAX_JSON_CONTAINERS = 1 << 22
+#: Most JSON values an index may hold, counted as its arrays, objects and commas (outside strings).
+MAX_JSON_VALUES = 1 << 23
 #: Longest module or tensor name, in code points.
 MAX_NAME = 1024
 #: Longest adapter name, in code points.

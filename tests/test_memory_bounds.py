@@ -7,15 +7,20 @@ exhausting the machine, and what the child prints (never a traceback) is checked
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import adapterpack
+from adapterpack import limits
 from adapterpack.adapter import Adapter, Module
+from adapterpack.container import ApackReader, index
+from tests.apack_builders import assemble
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,3 +129,85 @@ def test_shared_blob_cache_is_bounded(tmp_path: Path) -> None:
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert int(res.stdout) < SHARED_CACHE_BYTES + 2 * out * rank * 4
+
+
+# --- the index: counted from its bytes before it is parsed --------------------------------------------
+
+TRICKY = [
+    b"{}",
+    b'{"a":[{}]}',
+    rb'{"[[\"[":"]]\\","b":[["{\\\"}"]]}',
+    rb'{"a":"\\\\\\\\","b":[1,[2,{"c,":"}\"{,"}]],"d":"\\","e":[[],{},"\\\"[,"]}',
+    b'{"x":[' + b",".join([b'"\\\\\\\\\\"]"', b"[]", b'{"k":[0,1]}'] * 5) + b"]}",
+]
+
+
+def _reference(obj: object, level: int = 1) -> tuple[int, int, int]:
+    """(depth, containers, values) of parsed JSON: values are containers plus commas (n − 1 in a container of n)."""
+    if isinstance(obj, dict | list):
+        items = list(obj.values()) if isinstance(obj, dict) else obj
+        inner = [_reference(v, level + 1) for v in items]
+        depth = max([level] + [d for d, _, _ in inner])
+        containers = 1 + sum(c for _, c, _ in inner)
+        return depth, containers, 1 + max(len(items) - 1, 0) + sum(v for _, _, v in inner)
+    return 0, 0, 0
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 64, 1 << 20])
+def test_json_shape_is_exact_at_every_chunk_boundary(chunk: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunked scan carries depth and string state across chunks: any chunk size (a chunk ending inside a run of
+    backslashes, between a backslash and the quote it escapes) gives the figures of the parsed JSON."""
+    monkeypatch.setattr(index, "_CHUNK", chunk)
+    for data in TRICKY:
+        shape = index.json_shape(data)
+        assert (shape.depth, shape.containers, shape.values) == _reference(json.loads(data)), data
+
+
+def _hostile(tmp_path: Path, junk: bytes, n: int) -> Path:
+    """A valid file with no blobs whose index holds an unknown key listing ``n`` copies of ``junk``."""
+    head = b'{"adapters":[{"name":"default","modules":[],"tensors":[]}],"blobs":[],"junk":['
+    path = tmp_path / "junk.apack"
+    path.write_bytes(assemble(head + b",".join([junk] * n) + b"]}", minor=2))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("junk", "n", "words"),
+    [
+        (b"{}", limits.MAX_JSON_CONTAINERS, f"arrays and objects, over the limit of {limits.MAX_JSON_CONTAINERS}"),
+        (b'"ab"', limits.MAX_JSON_VALUES, f"values, over the limit of {limits.MAX_JSON_VALUES}"),
+    ],
+    ids=["containers", "values"],
+)
+def test_index_of_tiny_json_values_is_refused_before_parsing(tmp_path: Path, junk: bytes, n: int, words: str) -> None:
+    """An index of millions of tiny JSON values (text 3-5 bytes each, tens to hundreds once parsed) was parsed whole
+    (and its depth computed with index-sized int32 arrays): numpy's MemoryError under the cap. Now its containers
+    and values are counted from its bytes in O(chunk) memory and the index refused before json.loads."""
+    path = _hostile(tmp_path, junk, n)
+    res = capped(
+        """
+        try:
+            adapterpack.open(sys.argv[1])
+        except AdapterpackError as e:
+            print(type(e).__name__, e)
+        """,
+        str(path),
+        headroom_mib=256,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith(f"IndexFormatError {path}: index JSON holds "), res.stdout
+    assert res.stdout.strip().endswith(words)
+
+
+def test_densest_written_index_fits_the_json_limits(tmp_path: Path) -> None:
+    """An index adapterpack writes (here the densest: one-character module names, 1x1 weights, three blobs a record),
+    grown to the largest index allowed, stays under both JSON count limits with room to spare."""
+    tensors = {"U": np.ones((1, 1), np.float16), "V": np.ones((1, 1), np.float16), "S": np.ones((1, 1), np.float16)}
+    mods = {f"{i}": Module(f"{i}", "shared", (1, 1), {"rank": 1, "form": "full"}, tensors) for i in range(2000)}
+    path = tmp_path / "dense.apack"
+    adapterpack.save(Adapter(modules=mods), path, codec="raw")
+    with ApackReader(path) as reader:
+        data = index.dumps(reader.index.raw)
+    shape, scale = index.json_shape(data), limits.MAX_INDEX_LENGTH / len(data)
+    assert shape.containers * scale < limits.MAX_JSON_CONTAINERS / 2
+    assert shape.values * scale < limits.MAX_JSON_VALUES * 0.8
