@@ -122,7 +122,8 @@ class Module:
         ``magnitude ⊙ (W + ΔW) / ‖W + ΔW‖`` (spec §6.1), which needs the base weight.
 
         A ΔW of more than :data:`~adapterpack.limits.MAX_DELTA_ELEMENTS` elements is refused
-        (SizeLimitError) before anything is read or allocated: no bytes of a file back its size.
+        (SizeLimitError) before anything is read or allocated: no bytes of a file back its size. A
+        smaller one that the process cannot allocate is a SizeLimitError too, not numpy's MemoryError.
         """
         size = math.prod(self.base_shape)
         if size > MAX_DELTA_ELEMENTS:
@@ -130,7 +131,13 @@ class Module:
                 f"module {self.name!r}: a dense ΔW of shape {list(self.base_shape)} holds {size} elements "
                 f"({size * 4} bytes in float32), over the limit of {MAX_DELTA_ELEMENTS} elements"
             )
-        return self.implementation.delta(self)
+        try:
+            return self.implementation.delta(self)
+        except MemoryError:
+            raise SizeLimitError(
+                f"module {self.name!r}: out of memory computing a dense ΔW of shape {list(self.base_shape)} "
+                f"({size * 4} bytes in float32)"
+            ) from None
 
     def summary(self) -> dict[str, Any]:
         """Encoding-specific facts for tables (rank, scale, ...)."""

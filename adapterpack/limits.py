@@ -20,6 +20,10 @@ MAX_BLOBS = 1_000_000
 MAX_NDIM = 8
 #: Deepest nesting of JSON arrays and objects an index may have (the top-level object is depth 1).
 MAX_JSON_DEPTH = 64
+#: Most JSON arrays and objects an index may hold (each takes hundreds of bytes once parsed, its text 2).
+MAX_JSON_CONTAINERS = 1 << 22
+#: Most JSON values an index may hold, counted as its arrays, objects and commas (outside strings).
+MAX_JSON_VALUES = 1 << 23
 #: Longest module or tensor name, in code points.
 MAX_NAME = 1024
 #: Longest adapter name, in code points.
@@ -31,6 +35,10 @@ MAX_ADAPTER_NAME = 256
 MAX_ZSTD_WINDOW = 128 << 20
 #: Largest decoded size of a compressed blob as a multiple of its stored size (Zstandard cannot expand more).
 MAX_ZSTD_RATIO = 32768
+
+#: Most bytes of decoded shared blobs (compressed blobs several records reference) a reader keeps per open
+#: file so each is decoded once (spec §7's SHOULD); past it a blob is reused only while a caller holds it.
+SHARED_CACHE_BYTES = 256 << 20
 
 # --- sizes no bytes back ---------------------------------------------------------------------------
 

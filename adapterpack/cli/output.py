@@ -43,7 +43,7 @@ def os_message(e: OSError) -> str:
 
 
 class AdapterpackGroup(click.Group):
-    """A click group that turns AdapterpackError and OSError into one line and exit status 1, and
+    """A click group that turns AdapterpackError, OSError and MemoryError into one line and exit status 1, and
     escapes click's own usage errors (they can quote the command line)."""
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -61,6 +61,8 @@ class AdapterpackGroup(click.Group):
             raise Failure(one_line(str(e))) from None
         except OSError as e:
             raise Failure(one_line(os_message(e))) from None
+        except MemoryError as e:
+            raise Failure(one_line(f"out of memory ({e or 'an allocation failed'})")) from None
 
 
 # --- numbers --------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from ..errors import (
     UnknownCodecError,
     UnknownDTypeError,
 )
-from ..limits import MAX_ADAPTER_NAME, MAX_BLOBS, MAX_JSON_DEPTH, MAX_NAME, MAX_NDIM
+from ..limits import MAX_ADAPTER_NAME, MAX_BLOBS, MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_NAME, MAX_NDIM
 from ..names import name_problem
 from . import prefix
 from .preamble import align_up
@@ -117,23 +117,57 @@ def _finite(text: str) -> float:
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{},')
 _STEP = np.zeros(256, np.int8)
 _STEP[[ord("["), ord("{")]] = 1
 _STEP[[ord("]"), ord("}")]] = -1
+_CHUNK = 1 << 20
+_BACKSLASHES = re.compile(rb"\\*")
+
+
+@dataclass
+class JsonShape:
+    """How deep JSON text nests and how many containers and values it holds, counted from its bytes."""
+
+    depth: int = 0
+    containers: int = 0
+    #: containers plus commas: at least the number of values other than the top-level one
+    values: int = 0
+
+
+def json_shape(data: bytes) -> JsonShape:
+    """Nesting depth (the top level is 1), containers and values of JSON ``data``, in memory independent of its size.
+
+    The bytes are scanned in chunks of about a MiB, carrying depth and string state across them; a
+    chunk never ends inside a run of backslashes nor before the byte they escape. In each chunk,
+    escaped backslashes and quotes are removed, so every remaining quote opens or closes a string,
+    and everything but quotes, brackets and commas is dropped (C-speed ``bytes`` methods); what is
+    inside strings does not count. For text that is not JSON the figures are only approximate.
+    """
+    shape, level, in_string, start = JsonShape(), 0, 0, 0
+    while start < len(data):
+        end = min(start + _CHUNK, len(data))
+        if data[end - 1] == ord("\\"):
+            end = min(_BACKSLASHES.match(data, end).end() + 1, len(data))
+        chunk = data[start:end].replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE)
+        start = end
+        marks = np.frombuffer(chunk, np.uint8)
+        quotes = np.cumsum(marks == ord('"'), dtype=np.int32)
+        outside = ((quotes + in_string) & 1) == 0
+        step = _STEP[marks]
+        levels = np.cumsum(step * outside, dtype=np.int32)
+        opened = int(np.count_nonzero((step > 0) & outside))
+        shape.depth = max(shape.depth, level + int(levels.max(initial=0)))
+        shape.containers += opened
+        shape.values += opened + int(np.count_nonzero((marks == ord(",")) & outside))
+        level += int(levels[-1]) if len(levels) else 0
+        in_string = (in_string + int(quotes[-1]) if len(quotes) else in_string) & 1
+    return shape
 
 
 def json_depth(data: bytes) -> int:
-    """Deepest nesting of arrays and objects in valid JSON ``data`` (the top level is 1), from its bytes.
-
-    Escaped backslashes and quotes are removed first, so every remaining quote opens or closes a
-    string, and everything but quotes and brackets is dropped (C-speed ``bytes`` methods); brackets
-    inside strings do not count.
-    """
-    marks = np.frombuffer(data.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_STRUCTURE), np.uint8)
-    outside = (np.cumsum(marks == ord('"'), dtype=np.int32) & 1) == 0
-    level = np.cumsum(_STEP[marks] * outside, dtype=np.int32)
-    return int(level.max(initial=0))
+    """Deepest nesting of arrays and objects in JSON ``data`` (the top level is 1)."""
+    return json_shape(data).depth
 
 
 def _check_unicode(obj: dict[str, Any], data: bytes) -> None:
@@ -150,13 +184,27 @@ def _check_unicode(obj: dict[str, Any], data: bytes) -> None:
         raise IndexFormatError("index holds a string with a lone UTF-16 surrogate escape (not Unicode text)") from None
 
 
+def _check_shape(data: bytes) -> None:
+    """Refuse JSON nested too deeply or holding too many containers or values, from its bytes, before it is parsed:
+    a parsed container or value takes tens to hundreds of bytes, far more than its text (spec §7)."""
+    shape = json_shape(data)
+    if shape.depth > MAX_JSON_DEPTH:
+        raise IndexFormatError(f"index JSON is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
+    if shape.containers > MAX_JSON_CONTAINERS:
+        raise IndexFormatError(f"index JSON holds {shape.containers} arrays and objects, over the limit of {MAX_JSON_CONTAINERS}")
+    if shape.values > MAX_JSON_VALUES:
+        raise IndexFormatError(f"index JSON holds over {shape.values} values, over the limit of {MAX_JSON_VALUES}")
+
+
 def loads(data: bytes) -> dict[str, Any]:
     """Parse index bytes: strict UTF-8 JSON object, unique keys, no NaN/Infinity (nor numbers that overflow to it),
-    nested at most :data:`~adapterpack.limits.MAX_JSON_DEPTH` deep, no lone surrogates."""
+    nested at most :data:`~adapterpack.limits.MAX_JSON_DEPTH` deep, at most :data:`~adapterpack.limits.MAX_JSON_CONTAINERS`
+    arrays and objects and :data:`~adapterpack.limits.MAX_JSON_VALUES` values, no lone surrogates."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise IndexFormatError(f"index is not UTF-8 ({e.reason} at byte {e.start})") from None
+    _check_shape(data)
     try:
         obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant, parse_float=_finite)
     except AdapterpackError:
@@ -167,8 +215,6 @@ def loads(data: bytes) -> dict[str, Any]:
         raise IndexFormatError(f"index is not valid JSON ({e})") from None
     if not isinstance(obj, dict):
         raise IndexFormatError(f"index must be a JSON object, got {type(obj).__name__}")
-    if json_depth(data) > MAX_JSON_DEPTH:
-        raise IndexFormatError(f"index JSON is nested too deeply (more than {MAX_JSON_DEPTH} levels)")
     _check_unicode(obj, data)
     return obj
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from .. import codecs, dtypes
 from ..adapter import Adapter, StoredTensor
 from ..checksum import crc32c
 from ..errors import AdapterNotFoundError, AdapterpackError, ChecksumError, CodecError
+from ..limits import SHARED_CACHE_BYTES
 from . import prefix
 from .index import BlobEntry, Index, loads, parse_index
 from .preamble import PREAMBLE_SIZE, Preamble, parse_preamble
@@ -57,7 +59,11 @@ class ApackReader:
         #: blob -> rows of its longest prefix checkpoint checked so far (rank-j reads of raw blobs)
         self._verified_rows: dict[int, int] = {}
         self._shared: set[int] = set()
+        #: shared blobs decoded and kept (strong references), their bytes at most SHARED_CACHE_BYTES in all
         self._decoded: dict[int, np.ndarray] = {}
+        self._decoded_bytes = 0
+        #: every shared blob decoded that is still alive somewhere (kept here or held by a caller)
+        self._alive: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
         self._mm: mmap.mmap | None = None
         self._users = 0  # adapters handed out and not yet closed (see adapter())
         try:
@@ -104,14 +110,20 @@ class ApackReader:
         """Blob ``i`` decoded as a numpy array (read-only view for raw blobs).
 
         A compressed blob that several records reference is decoded once and the read-only array
-        kept, so reading every member of a bank decodes its shared bases once, not once per member.
+        kept, so reading every member of a bank decodes its shared bases once, not once per member;
+        kept while the kept arrays total at most :data:`~adapterpack.limits.SHARED_CACHE_BYTES`
+        (beyond that, one is reused only while a caller still holds it), so memory stays bounded.
         """
-        if i in self._decoded:
-            return self._decoded[i]
+        arr = self._alive.get(i)
+        if arr is not None:
+            return arr
         arr = self._read(i, self.verify_checksums)
         if i in self._shared:
             arr.flags.writeable = False
-            self._decoded[i] = arr
+            self._alive[i] = arr
+            if self._decoded_bytes + arr.nbytes <= SHARED_CACHE_BYTES:
+                self._decoded[i] = arr
+                self._decoded_bytes += arr.nbytes
         return arr
 
     def _read(self, i: int, check_crc: bool) -> np.ndarray:
@@ -245,6 +257,8 @@ class ApackReader:
         """Release the mmap (views still held keep it alive until they go)."""
         mm, self._mm = self._mm, None
         self._decoded.clear()
+        self._decoded_bytes = 0
+        self._alive.clear()
         if mm is not None:
             try:
                 mm.close()
