@@ -330,7 +330,7 @@ def test_one_budget_for_all_the_modules_of_a_map() -> None:
     """A key costing well under the budget for one name is refused on the third: the budget is per map
     (one config's rank_pattern), not per match, so the work does not grow with the number of modules."""
     key = "(?:" + "|".join([r"\ba", r"\Ba"] * 500) + "){1,1000}X"
-    names = ["a" * 250, "b." + "a" * 250, "c." + "a" * 250]
+    names = ["a" * 150, "b." + "a" * 150, "c." + "a" * 150]
     budget = Budget()
     assert not matches(compile_key(key), names[0], budget) and budget.left > limits.MAX_PATTERN_STEPS // 2
     patterns = {key: 4}

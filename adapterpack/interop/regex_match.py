@@ -249,6 +249,7 @@ class _Run:
         if op is sre.SUBPATTERN:
             return self.seq(av[3], starts)
         if op is sre.BRANCH:
+            self.budget.charge(len(av[1]))
             out = 0
             for alt in av[1]:
                 out |= self.seq(alt, starts)
@@ -353,8 +354,8 @@ class KeySet:
                 text = end[s:]
                 if any(text[j] == "\n" for j in wild):
                     continue
-                for j in wild:
-                    text = f"{text[:j]}.{text[j + 1 :]}"
+                if wild:  # the wildcards' characters replaced by "." as in the keys' texts
+                    text = ".".join(text[a + 1 : b] for a, b in zip((-1, *wild), (*wild, length)))
                 best = min(best, texts.get(text, best))
         return best
 
