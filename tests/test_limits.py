@@ -27,7 +27,7 @@ from adapterpack import errors, limits
 from adapterpack.adapter import Adapter, Module
 from adapterpack.encodings.lower import as_lora
 from adapterpack.interop.patterns import get_pattern_key, resolve
-from adapterpack.interop.regex_match import Budget, compile_key, matches
+from adapterpack.interop.regex_match import compile_key, matches
 from tests.apack_builders import split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -329,6 +329,8 @@ def test_hostile_keys_on_the_real_adapter_end_in_bounded_time(tmp_path: Path, wh
 def test_one_budget_for_all_the_modules_of_a_map() -> None:
     """A key costing well under the budget for one name is refused on the third: the budget is per map
     (one config's rank_pattern), not per match, so the work does not grow with the number of modules."""
+    from adapterpack.interop.regex_match import Budget
+
     key = "(?:" + "|".join([r"\ba", r"\Ba"] * 500) + "){1,1000}X"
     names = ["a" * 150, "b." + "a" * 150, "c." + "a" * 150]
     budget = Budget()
