@@ -343,6 +343,24 @@ def test_one_budget_for_all_the_modules_of_a_map() -> None:
     assert resolve({key: 4}, 8, names[2]) == 8  # another map (another config) has its own budget
 
 
+def test_deep_keys_match_up_to_the_limit_and_recursion_is_an_input_error() -> None:
+    """100 nested groups match as re does; where the stack is shallower than a key needs, the RecursionError
+    of the parser or of the matcher becomes the same one-line InputError naming the key."""
+    key = "(" * 99 + "(a|b)+" + ")" * 99 + "c"
+    for name in ("x.ababc", "c", "x.abd"):
+        assert resolve({key: 1}, 0, name) == (re.match(rf"(.*\.)?({key})$", name) is not None)
+    parsed, matched = "(" * 40 + "a" + ")" * 40 + "d", "(?:(" * 40 + "a" + ")*)*" * 40 + "e"
+    compile_key(matched)  # parsed (and cached) at the normal limit: only its match runs short of stack
+    limit, frames = sys.getrecursionlimit(), len(__import__("inspect").stack())
+    for shallow, stage in ((parsed, "parsed"), (matched, "matched")):
+        sys.setrecursionlimit(frames + 60)
+        try:
+            with pytest.raises(errors.InputError, match=f"pattern {re.escape(repr(shallow)[:200])} nests too deeply to be {stage}"):
+                resolve({shallow: 1}, 0, "x.aae")
+        finally:
+            sys.setrecursionlimit(limit)
+
+
 def test_peft_config_size_is_bounded(tmp_path: Path) -> None:
     folder = tmp_path / "big"
     shutil.copytree(EXAMPLE, folder)
