@@ -75,6 +75,11 @@ MAX_PATTERN_LENGTH = 4 * MAX_NAME
 MAX_PATTERN_SUBJECT = MAX_NAME
 #: Largest counted repetition ``{m,n}`` in a pattern key (``n`` when bounded, else ``m``).
 MAX_PATTERN_REPEAT = 1000
-#: Most node evaluations one pattern match may take (each a few operations on integers of at most
-#: :data:`MAX_PATTERN_SUBJECT` bits): well under a second.
-MAX_PATTERN_STEPS = 200_000
+#: Deepest nesting of parentheses in a pattern key (Python's parser, and the matcher, recurse per group).
+MAX_PATTERN_DEPTH = 100
+#: Most steps matching one pattern map (a config's ``rank_pattern`` or ``alpha_pattern``) against all its
+#: module names may take: a step is a node evaluated (a few operations on integers of at most
+#: :data:`MAX_PATTERN_SUBJECT` bits), a character of a key parsed or of a name indexed, a suffix looked up.
+MAX_PATTERN_STEPS = 1_000_000
+#: Largest ``adapter_config.json`` (bytes), read no further.
+MAX_PEFT_CONFIG = 16 << 20

@@ -333,7 +333,8 @@ def test_redos_key_on_the_real_adapter_is_matched_in_bounded_time(tmp_path: Path
         (r"(?i:Q)_proj", "flags"),
         (r"x{1001}", "over the limit of 1000"),
         ("x" * (limits.MAX_PATTERN_LENGTH + 1), "over the limit of 4096"),
-        (r"(?:(?:a?){1000}){1000}", "needs more than 200000 steps"),
+        ("(?:" + "|".join([r"\ba", r"\Ba"] * 500) + "){1000}", "needs more than the 1000000 steps"),
+        ("(" * 101 + "q_proj" + ")" * 101, "nests groups 101 deep, over the limit of 100"),
         (r"q_proj(", "not a valid regular expression"),
     ],
 )
@@ -346,6 +347,94 @@ def test_pattern_keys_beyond_the_matcher_are_refused_naming_the_key(key: str, wo
         get_pattern_key([key], "a" * 1000 if "steps" in words else name)
     assert type(info.value) is errors.InputError
     assert f"pattern {key!r:.200}" in str(info.value) and words in str(info.value), str(info.value)
+
+
+HOSTILE_KEYS = {
+    "nested": "(" * 500 + "q_proj" + ")" * 500,
+    "boundaries": r"(?:(?:\b){1000}){199}",
+    "boundary runs": r"(?:\b){1000}" * 100,
+    "costly": "(?:" + "|".join([r"\ba", r"\Ba"] * 500) + "){1,1000}[ab]",
+}
+
+
+@pytest.mark.parametrize("what", HOSTILE_KEYS)
+def test_hostile_keys_on_the_real_adapter_end_in_bounded_time(tmp_path: Path, what: str) -> None:
+    """A nested key made inspect die of RecursionError; a 21-character one made it run for minutes (each step
+    rebuilt a mask, a zero-width repeat ran all its counts); a costly key cost its budget once per module. Now
+    inspect answers, or refuses with one line naming the key; the timeout only guards against a hang."""
+    key = HOSTILE_KEYS[what]
+    folder = tmp_path / "hostile"
+    shutil.copytree(EXAMPLE, folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["rank_pattern"] = {key: 4}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    res = subprocess.run(
+        [sys.executable, "-m", "adapterpack", "inspect", str(folder)], capture_output=True, text=True, timeout=60, cwd=REPO
+    )
+    if what == "nested":
+        assert res.returncode != 0 and res.stderr.strip().splitlines() == [
+            f"adapterpack: adapter_config.json: pattern {key!r:.200} nests groups 500 deep, over the limit of 100"
+        ], res.stderr
+    else:
+        assert res.returncode == 0, res.stderr  # matches no module name: every module keeps r
+    names = [m.name for m in adapterpack.open(EXAMPLE)]
+    assert len(names) == 120
+    matched = sum(re.match(rf"(.*\.)?({key})$", n) is not None for n in names) if what != "nested" else 0
+    assert matched == 0
+
+
+def test_one_budget_for_all_the_modules_of_a_map() -> None:
+    """A key costing well under the budget for one name is refused on the third: the budget is per map
+    (one config's rank_pattern), not per match, so the work does not grow with the number of modules."""
+    from adapterpack.interop.regex_match import Budget
+
+    key = "(?:" + "|".join([r"\ba", r"\Ba"] * 500) + "){1,1000}X"
+    names = ["a" * 150, "b." + "a" * 150, "c." + "a" * 150]
+    budget = Budget()
+    assert not matches(compile_key(key), names[0], budget) and budget.left > limits.MAX_PATTERN_STEPS // 2
+    patterns = {key: 4}
+    assert resolve(patterns, 8, names[0]) == 8 and resolve(patterns, 8, names[1]) == 8
+    assert resolve(patterns, 8, names[0]) == 8  # answered again without matching again
+    with pytest.raises(errors.InputError, match=f"pattern {re.escape(repr(key)[:200])} needs more than the 1000000 steps"):
+        resolve(patterns, 8, names[2])
+    assert resolve({key: 4}, 8, names[2]) == 8  # another map (another config) has its own budget
+
+
+def test_deep_keys_match_up_to_the_limit_and_recursion_is_an_input_error() -> None:
+    """100 nested groups match as re does; where the stack is shallower than a key needs, the RecursionError
+    of the parser or of the matcher becomes the same one-line InputError naming the key."""
+    key = "(" * 99 + "(a|b)+" + ")" * 99 + "c"
+    for name in ("x.ababc", "c", "x.abd"):
+        assert resolve({key: 1}, 0, name) == (re.match(rf"(.*\.)?({key})$", name) is not None)
+    parsed, matched = "(" * 40 + "a" + ")" * 40 + "d", "(?:(" * 40 + "a" + ")*)*" * 40 + "e"
+    compile_key(matched)  # parsed (and cached) at the normal limit: only its match runs short of stack
+    limit, frames = sys.getrecursionlimit(), len(__import__("inspect").stack())
+    for shallow, stage in ((parsed, "parsed"), (matched, "matched")):
+        sys.setrecursionlimit(frames + 60)
+        try:
+            with pytest.raises(errors.InputError, match=f"pattern {re.escape(repr(shallow)[:200])} nests too deeply to be {stage}"):
+                resolve({shallow: 1}, 0, "x.aae")
+        finally:
+            sys.setrecursionlimit(limit)
+
+
+def test_peft_config_size_is_bounded(tmp_path: Path) -> None:
+    folder = tmp_path / "big"
+    shutil.copytree(EXAMPLE, folder)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg["notes"] = " " * limits.MAX_PEFT_CONFIG
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(errors.InputError, match=f"adapter_config.json is over the limit of {limits.MAX_PEFT_CONFIG} bytes"):
+        adapterpack.open(folder)
+
+
+def test_empty_non_boundary_follows_the_running_python() -> None:
+    """Python 3.14 made \\B match the empty string; the matcher asks the running re instead of assuming."""
+    for key in (r"\B", r"(?:\B)*", r"a|\B"):
+        assert matches(compile_key(key), "") == (re.match(rf"(.*\.)?({key})$", "") is not None)
+    from adapterpack.interop import regex_match
+
+    assert regex_match._EMPTY_NON_BOUNDARY == (re.fullmatch(r"\B", "") is not None)
 
 
 def test_long_names_are_refused_only_for_non_literal_keys() -> None:
@@ -444,6 +533,65 @@ def test_literal_keys_follow_pythons_rule(key: str) -> None:
         "a",
     ]:
         assert matches(compile_key(key), name) == (re.match(rf"(.*\.)?({key})$", name) is not None), (key, name)
+
+
+def test_key_sets_agree_with_peft() -> None:
+    """resolve() looks fixed-text keys up by suffix and matches the rest in order: on random maps mixing both,
+    the key it picks is the first one PEFT's re.match picks (keys of the hostile tests included)."""
+    rnd = random.Random(5)
+    extra = [HOSTILE_KEYS["boundaries"], HOSTILE_KEYS["boundary runs"], r"\B", r"(?:\b)*a", r"\.", "^", "^a.b"]
+    for _ in range(400):
+        keys = []
+        for _ in range(rnd.randrange(1, 5)):
+            if rnd.random() < 0.6:
+                keys.append(
+                    ("^" if rnd.random() < 0.2 else "")
+                    + "".join(rnd.choice(["a", "b", ".", r"\.", "_", "\n"]) for _ in range(rnd.randrange(5)))
+                )
+            else:
+                keys.append(rnd.choice(extra) if rnd.random() < 0.3 else _random_key(rnd))
+        try:
+            for k in keys:
+                re.compile(rf"(.*\.)?({k})$")
+        except re.error:
+            continue
+        patterns = {k: i for i, k in enumerate(keys)}
+        for name in [*NAMES, "".join(rnd.choice("ab._\n") for _ in range(rnd.randrange(7)))]:
+            expected = patterns.get(next((k for k in keys if re.match(rf"(.*\.)?({k})$", name)), name), -1)
+            assert resolve(patterns, -1, name) == expected, (keys, name)
+
+
+PY310 = """
+import re, sys, types
+for pkg, sub in (("adapterpack", ""), ("adapterpack.interop", "/interop")):  # their __init__s import numpy
+    mod = types.ModuleType(pkg)
+    mod.__path__ = [sys.argv[1] + "/adapterpack" + sub]
+    sys.modules[pkg] = mod
+from adapterpack.interop.patterns import resolve
+keys = ["q_pro+j", r"\\bk\\B_proj", "(a|b)+[.]c", "v_proj"]
+names = ["model.layers.0.self_attn.q_proj", "a.k_proj", "ab.c", "x.v_proj", "v_proj.x"]
+print([resolve({k: i for i, k in enumerate(keys)}, -1, n) for n in names])
+print([next((i for i, k in enumerate(keys) if re.match(rf"(.*\\.)?({k})$", n)), -1) for n in names])
+"""
+
+
+def _python_310() -> str | None:
+    """A working Python 3.10 interpreter: on the PATH, or one pyenv installed."""
+    for exe in [shutil.which("python3.10"), *map(str, sorted(Path.home().glob(".pyenv/versions/3.10*/bin/python3.10")))]:
+        if exe and subprocess.run([exe, "-c", "pass"], capture_output=True, timeout=60).returncode == 0:
+            return exe
+    return None
+
+
+def test_patterns_import_and_match_on_python_310() -> None:
+    """pyproject says Python >= 3.10, where re's parser is sre_parse: importing the matcher failed there."""
+    exe = _python_310()
+    if exe is None:
+        pytest.skip("no Python 3.10 on this machine")
+    res = subprocess.run([exe, "-c", PY310, str(REPO)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    got, expected = res.stdout.splitlines()
+    assert got == expected == "[0, 1, 2, 3, -1]"
 
 
 # --- defect 6: a bank's shared bases, referenced by every member, are decoded once ------------------------

@@ -11,12 +11,17 @@ PEFT resolves back to the same values.
 from __future__ import annotations
 
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..errors import InputError
-from .regex_match import UnsupportedPattern, pattern_matches
+from .regex_match import KeySet, UnsupportedPattern
+
+
+def _refused(e: UnsupportedPattern) -> InputError:
+    what = "patterns" if e.key is None else f"pattern {e.key!r:.200}"
+    return InputError(f"adapter_config.json: {what} {e}")
 
 
 def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
@@ -24,22 +29,42 @@ def get_pattern_key(pattern_keys: Iterable[str], key_to_match: str) -> str:
 
     Matched in bounded time (:mod:`.regex_match`); a key it refuses is an InputError naming it.
     """
-    for key in pattern_keys:
-        try:
-            if pattern_matches(key, key_to_match):
-                return key
-        except re.error as e:
-            raise InputError(f"adapter_config.json: pattern {key!r:.200} is not a valid regular expression ({e})") from None
-        except UnsupportedPattern as e:
-            raise InputError(f"adapter_config.json: pattern {key!r:.200} {e}") from None
-    return key_to_match
+    try:
+        found = KeySet(pattern_keys).first_match(key_to_match)
+    except UnsupportedPattern as e:
+        raise _refused(e) from None
+    return key_to_match if found is None else found
+
+
+#: The KeySet of each pattern map recently resolved, by identity (the map is held, so its id stays its own):
+#: one map's resolutions for all its modules share one step budget and the answers already found.
+_KEY_SETS: OrderedDict[int, tuple[Mapping[str, Any], KeySet]] = OrderedDict()
+_KEY_SETS_KEPT = 16
+
+
+def _key_set(patterns: Mapping[str, Any]) -> KeySet:
+    held = _KEY_SETS.get(id(patterns))
+    if held is None or held[0] is not patterns or len(held[1].keys) != len(patterns):
+        held = (patterns, KeySet(patterns.keys()))
+        _KEY_SETS[id(patterns)] = held
+        while len(_KEY_SETS) > _KEY_SETS_KEPT:
+            _KEY_SETS.popitem(last=False)
+    _KEY_SETS.move_to_end(id(patterns))
+    return held[1]
 
 
 def resolve(patterns: Mapping[str, Any] | None, default: Any, module_name: str) -> Any:
-    """The value PEFT uses for ``module_name``: the first matching pattern's value, else ``default``."""
+    """The value PEFT uses for ``module_name``: the first matching pattern's value, else ``default``.
+
+    All the modules resolved against one map share its step budget (spec §7.1).
+    """
     if not patterns:
         return default
-    return patterns.get(get_pattern_key(patterns.keys(), module_name), default)
+    try:
+        found = _key_set(patterns).first_match(module_name)
+    except UnsupportedPattern as e:
+        raise _refused(e) from None
+    return patterns.get(module_name if found is None else found, default)  # PEFT's get(get_pattern_key(...))
 
 
 def most_common(values: Sequence[Any]) -> Any:

@@ -35,6 +35,7 @@ from ..adapter import Adapter, Module, as_array
 from ..atomic import PinnedFiles, atomic_dir, pinned_files
 from ..encodings import get_encoding
 from ..errors import AdapterpackError, ConversionError, InputError, RecordError, UnsafeInputError
+from ..limits import MAX_PEFT_CONFIG
 from . import source as src_
 from .export import StateDict, lora_records, pass_through
 from .patterns import build_patterns, most_common, resolve
@@ -101,8 +102,12 @@ def read_config(folder: Path, files: PinnedFiles) -> dict[str, Any]:
     path = folder / CONFIG_NAME
     if CONFIG_NAME not in files:
         raise InputError(f"{folder}: no {CONFIG_NAME} (not a PEFT adapter folder)")
+    with open(files.path(CONFIG_NAME), "rb") as f:
+        data = f.read(MAX_PEFT_CONFIG + 1)
+    if len(data) > MAX_PEFT_CONFIG:
+        raise InputError(f"{path}: {CONFIG_NAME} is over the limit of {MAX_PEFT_CONFIG} bytes")
     try:
-        cfg = json.loads(files.read_bytes(CONFIG_NAME).decode("utf-8"))
+        cfg = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as e:
         raise InputError(f"{path}: not valid JSON ({type(e).__name__})") from None
     if not isinstance(cfg, dict):

@@ -9,23 +9,53 @@ pass, repetition stops when no new position is reached. Keys that are only liter
 (PEFT's usual form, and what :func:`~.patterns.build_patterns` writes) are matched with string
 operations. Constructs whose meaning is not regular (backreferences, lookarounds, atomic
 groups, possessive quantifiers, scoped flags) are refused, as are keys or names beyond the
-limits of spec §7 and matches that would take more than :data:`~adapterpack.limits.MAX_PATTERN_STEPS` steps.
+limits of spec §7.1. A :class:`KeySet` matches one pattern map's keys against many names under one
+step budget (:data:`~adapterpack.limits.MAX_PATTERN_STEPS`), so the work a config can ask for is
+bounded whatever the number of keys and modules.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from re import _constants as sre  # type: ignore[attr-defined]
-from re import _parser as sre_parse  # type: ignore[attr-defined]
 from typing import Any
 
-from ..limits import MAX_PATTERN_LENGTH, MAX_PATTERN_REPEAT, MAX_PATTERN_STEPS, MAX_PATTERN_SUBJECT
+from ..limits import MAX_PATTERN_DEPTH, MAX_PATTERN_LENGTH, MAX_PATTERN_REPEAT, MAX_PATTERN_STEPS, MAX_PATTERN_SUBJECT
+
+try:  # Python 3.11+
+    from re import _constants as sre  # type: ignore[attr-defined]
+    from re import _parser as sre_parse  # type: ignore[attr-defined]
+except ImportError:  # Python 3.10: the same modules under their old names
+    import sre_constants as sre
+    import sre_parse
+
+#: Whether ``\B`` matches the empty string: Python 3.14 changed it, so ask the running ``re``.
+_EMPTY_NON_BOUNDARY = re.fullmatch(r"\B", "") is not None
+#: Keys that are fixed text (characters, ``\\.``, and ``.`` for any character but a newline), optionally after
+#: ``^``: PEFT's usual form and :func:`~.patterns.build_patterns`' output, recognised without the parser.
+_FIXED = re.compile(r"\^?(?:[^\\^$*+?{}\[\]|()]|\\\.)*")
 
 
 class UnsupportedPattern(ValueError):
-    """A key this matcher refuses (the message says why); the caller names the key and the file."""
+    """A key this matcher refuses (the message says why); ``key`` is the key when known, for the caller to name."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class Budget:
+    """Steps left to one match, or to one pattern map's matches against all its module names (spec §7.1)."""
+
+    def __init__(self) -> None:
+        self.left = MAX_PATTERN_STEPS
+
+    def charge(self, steps: int) -> None:
+        self.left -= steps
+        if self.left < 0:
+            raise UnsupportedPattern(f"needs more than the {MAX_PATTERN_STEPS} steps one pattern map may take to match")
 
 
 @dataclass(frozen=True)
@@ -51,16 +81,44 @@ def _literal_text(items: list[tuple[Any, Any]]) -> tuple[str, bool] | None:
     return "".join(chr(c) for _, c in body), anchored
 
 
+def _group_depth(key: str) -> int:
+    """How deeply ``key``'s parentheses nest (escapes and character classes skipped): at least its groups' depth."""
+    depth = deepest = 0
+    i, n = 0, len(key)
+    while i < n:
+        ch = key[i]
+        if ch == "\\":
+            i += 1
+        elif ch == "[":  # a class ends at the first "]" not right after "[" or "[^"
+            i += 2 if key.startswith("[^", i) else 1
+            i += 1 if key.startswith("]", i) else 0
+            while i < n and key[i] != "]":
+                i += 2 if key[i] == "\\" else 1
+        elif ch == "(":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch == ")":
+            depth = max(depth - 1, 0)
+        i += 1
+    return deepest
+
+
 @functools.lru_cache(maxsize=4096)
 def compile_key(key: str) -> Compiled:
     """Parse ``key`` as PEFT uses it; :class:`UnsupportedPattern` (or ``re.error``) when it cannot be matched here."""
     if len(key) > MAX_PATTERN_LENGTH:
         raise UnsupportedPattern(f"is {len(key)} characters long, over the limit of {MAX_PATTERN_LENGTH}")
+    depth = _group_depth(key)
+    if depth > MAX_PATTERN_DEPTH:
+        raise UnsupportedPattern(f"nests groups {depth} deep, over the limit of {MAX_PATTERN_DEPTH}")
     wrapped = rf"(.*\.)?({key})$"
-    tree = sre_parse.parse(wrapped)  # re.error for what re.match would refuse
-    if tree.state.flags & ~sre.SRE_FLAG_UNICODE:
-        raise UnsupportedPattern("sets regular-expression flags, which are not supported")
-    _check(list(tree))
+    try:
+        tree = sre_parse.parse(wrapped)  # re.error for what re.match would refuse
+        if tree.state.flags & ~sre.SRE_FLAG_UNICODE:
+            raise UnsupportedPattern("sets regular-expression flags, which are not supported")
+        _check(list(tree))
+    except RecursionError:
+        raise UnsupportedPattern("nests too deeply to be parsed") from None
     # the key alone in its group (a key such as "a)(b" also parses, but spans more than one node)
     whole = len(tree) == 3 and tree[1][0] is sre.SUBPATTERN and tree[1][1][0] == 2 and tree[2] == (sre.AT, sre.AT_END)
     lit = _literal_text(list(tree[1][1][3])) if whole else None
@@ -124,35 +182,53 @@ def _in_class(ch: str, items: list[tuple[Any, Any]]) -> bool:
 
 
 class _Run:
-    """One match: the subject, its position masks, and the step budget."""
+    """Matches against one subject: its per-character position masks, and the budget it charges."""
 
-    def __init__(self, text: str) -> None:
-        self.text = text
+    def __init__(self, text: str, budget: Budget) -> None:
+        budget.charge(len(text) + 1)
+        self.budget = budget
         self.n = len(text)
+        self.final_newline = text.endswith("\n")
         self.all = (1 << (self.n + 1)) - 1
-        self.steps = 0
-        self.masks: dict[int, int] = {}
+        self.where: dict[str, int] = {}  # character -> bit i set where text[i] is that character
+        for i, ch in enumerate(text):
+            self.where[ch] = self.where.get(ch, 0) | 1 << i
+        self.text_bits = self.all >> 1  # bit i set for every character position i
+        self.masks: dict[Any, int] = {}
 
-    def chars(self, node: tuple[Any, Any], pred: Callable[[str], bool]) -> int:
-        """Bit i set when character i satisfies ``pred`` (cached per node)."""
-        key = id(node)
+    def chars(self, key: Any, pred: Callable[[str], bool]) -> int:
+        """Bit i set when character i satisfies ``pred`` (cached under ``key``; one step per distinct character)."""
         if key not in self.masks:
-            self.masks[key] = sum(1 << i for i, ch in enumerate(self.text) if pred(ch))
+            self.budget.charge(len(self.where))
+            self.masks[key] = sum(bits for ch, bits in self.where.items() if pred(ch))
         return self.masks[key]
 
+    def char_mask(self, node: tuple[Any, Any]) -> int:
+        """Bit i set when character i matches the one-character node ``node``."""
+        op, av = node
+        if op is sre.LITERAL:
+            return self.where.get(chr(av), 0)
+        if op is sre.NOT_LITERAL:
+            return self.text_bits & ~self.where.get(chr(av), 0)
+        if op is sre.ANY:
+            return self.text_bits & ~self.where.get("\n", 0)
+        return self.chars(id(node), lambda ch: _in_class(ch, av))
+
     def at(self, code: Any) -> int:
-        n, text = self.n, self.text
+        """Positions where the anchor ``code`` holds."""
+        n = self.n
         if code in (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING):
             return 1
         if code is sre.AT_END:  # end, or just before a final newline
-            return 1 << n | (1 << (n - 1) if text.endswith("\n") else 0)
+            return 1 << n | (1 << (n - 1) if self.final_newline else 0)
         if code is sre.AT_END_STRING:
             return 1 << n
-        bounds = sum(1 << i for i in range(n + 1) if (i > 0 and _is_word(text[i - 1])) != (i < n and _is_word(text[i])))
+        word = self.chars("word", _is_word)
+        bounds = (word ^ (word << 1)) & self.all  # position i: is text[i - 1] a word character != is text[i]
         if code is sre.AT_BOUNDARY:
             return bounds
         if code is sre.AT_NON_BOUNDARY:
-            return 0 if n == 0 else self.all & ~bounds  # Python's \B never matches an empty string
+            return (1 if _EMPTY_NON_BOUNDARY else 0) if n == 0 else self.all & ~bounds
         raise UnsupportedPattern(f"uses the anchor {str(code).lower()}")  # pragma: no cover - refused by _check
 
     def seq(self, items: Any, starts: int) -> int:
@@ -164,32 +240,32 @@ class _Run:
         return starts
 
     def node(self, node: tuple[Any, Any], starts: int) -> int:
-        self.steps += 1
-        if self.steps > MAX_PATTERN_STEPS:
-            raise UnsupportedPattern(f"needs more than {MAX_PATTERN_STEPS} steps to match a module name")
+        self.budget.charge(1)
         op, av = node
-        if op is sre.LITERAL:
-            return (starts & self.chars(node, lambda ch: ord(ch) == av)) << 1
-        if op is sre.NOT_LITERAL:
-            return (starts & self.chars(node, lambda ch: ord(ch) != av)) << 1
-        if op is sre.ANY:
-            return (starts & self.chars(node, lambda ch: ch != "\n")) << 1
-        if op is sre.IN:
-            return (starts & self.chars(node, lambda ch: _in_class(ch, av))) << 1
+        if op in _ONE_CHAR:
+            return (starts & self.char_mask(node)) << 1
         if op is sre.AT:
             return starts & self.at(av)
         if op is sre.SUBPATTERN:
             return self.seq(av[3], starts)
         if op is sre.BRANCH:
+            self.budget.charge(len(av[1]))
             out = 0
             for alt in av[1]:
                 out |= self.seq(alt, starts)
             return out
         lo, hi, body = av  # MAX_REPEAT / MIN_REPEAT: laziness changes which match, not whether one exists
         for _ in range(lo):
-            starts = self.seq(body, starts)
+            after = self.seq(body, starts)
+            if after == starts:  # a fixed point (a zero-width body): more repetitions change nothing
+                break
+            starts = after
             if not starts:
                 return 0
+        if hi is sre.MAXREPEAT and len(body) == 1 and body[0][0] in _ONE_CHAR:
+            # every run of matching characters from a start, at once: the carry of m + x runs through each run
+            m = self.char_mask(body[0])
+            return starts | ((m + (starts & m)) ^ m)
         reached, frontier, count = starts, starts, lo
         while frontier and (hi is sre.MAXREPEAT or count < hi):
             frontier = self.seq(body, frontier) & ~reached
@@ -197,20 +273,126 @@ class _Run:
             count += 1
         return reached
 
+    def match(self, compiled: Compiled) -> bool:
+        try:
+            return self.seq(compiled.tree, 1) != 0
+        except RecursionError:
+            raise UnsupportedPattern("nests too deeply to be matched") from None
 
-def matches(compiled: Compiled, name: str) -> bool:
-    """``re.match(rf"(.*\\.)?({key})$", name) is not None`` for the key ``compiled`` was made from."""
-    if compiled.literal is not None:
-        t = compiled.literal
-        for end in (name, name[:-1] if name.endswith("\n") else None):
-            if end is not None and end.endswith(t) and (end == t if compiled.anchored else _prefix_ok(end[: len(end) - len(t)])):
-                return True
-        return False
+
+_ONE_CHAR = {sre.LITERAL, sre.NOT_LITERAL, sre.ANY, sre.IN}
+
+
+def _literal_matches(text: str, anchored: bool, name: str) -> bool:
+    """Whether the key that is the literal ``text`` (after ``^`` when ``anchored``) matches ``name`` by PEFT's rule."""
+    for end in (name, name[:-1] if name.endswith("\n") else None):
+        if end is not None and end.endswith(text) and (end == text if anchored else _prefix_ok(end[: len(end) - len(text)])):
+            return True
+    return False
+
+
+def _check_subject(name: str) -> None:
     if len(name) > MAX_PATTERN_SUBJECT:
         raise UnsupportedPattern(f"cannot be matched against a module name of {len(name)} characters (limit {MAX_PATTERN_SUBJECT})")
-    return _Run(name).seq(compiled.tree, 1) != 0
+
+
+def matches(compiled: Compiled, name: str, budget: Budget | None = None) -> bool:
+    """``re.match(rf"(.*\\.)?({key})$", name) is not None`` for the key ``compiled`` was made from."""
+    if compiled.literal is not None:
+        return _literal_matches(compiled.literal, compiled.anchored, name)
+    _check_subject(name)
+    return _Run(name, budget or Budget()).match(compiled)
 
 
 def pattern_matches(key: str, name: str) -> bool:
     """:func:`matches` of :func:`compile_key` (``re.error`` / :class:`UnsupportedPattern` for a refused key)."""
     return matches(compile_key(key), name)
+
+
+class KeySet:
+    """One pattern map's keys, in order, matched against module names under one :class:`Budget`.
+
+    Keys of fixed text (:data:`_FIXED`) are grouped by length and by where their ``.`` wildcards are, and
+    found by one dictionary look-up per group (a name's work does not grow with their number); the other
+    keys are compiled when first reached and matched in order. Answers are kept per name.
+    """
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self.keys = list(keys)
+        self.budget = Budget()
+        # (anchored, length, wildcard positions) -> {text with "." at the wildcards: index of the first such key}
+        self.fixed: dict[tuple[bool, int, tuple[int, ...]], dict[str, int]] = {}
+        self.others: list[int] = []  # indices of the keys that need the parser
+        for i, key in enumerate(self.keys):
+            if len(key) > MAX_PATTERN_LENGTH or not _FIXED.fullmatch(key):
+                self.others.append(i)
+                continue
+            anchored = key.startswith("^")
+            parts = key[anchored:].split("\\.")
+            wild, offset = [], 0
+            for part in parts:
+                wild += [offset + m.start() for m in re.finditer(r"\.", part)]
+                offset += len(part) + 1
+            self.budget.charge(1 + len(wild))
+            text = ".".join(parts)
+            self.fixed.setdefault((anchored, len(text), tuple(wild)), {}).setdefault(text, i)
+        self.compiled: dict[int, Compiled] = {}
+        self.answers: dict[str, str | None] = {}
+
+    def _first_fixed(self, name: str) -> int:
+        """Index of the first fixed-text key matching ``name`` (``len(keys)`` when none does)."""
+        best = len(self.keys)
+        for end in (name, name[:-1] if name.endswith("\n") else None):
+            if end is None:
+                continue
+            newline = end.find("\n") % (len(end) + 1)  # the first newline, len(end) when none: no prefix may hold one
+            for (anchored, length, wild), texts in self.fixed.items():
+                self.budget.charge(1 + len(wild))
+                s = len(end) - length
+                if s < 0 or (s > 0 and (anchored or end[s - 1] != "." or newline < s)):
+                    continue
+                text = end[s:]
+                if any(text[j] == "\n" for j in wild):
+                    continue
+                if wild:  # the wildcards' characters replaced by "." as in the keys' texts
+                    text = ".".join(text[a + 1 : b] for a, b in zip((-1, *wild), (*wild, length)))
+                best = min(best, texts.get(text, best))
+        return best
+
+    def _compile(self, i: int) -> Compiled:
+        if i not in self.compiled:
+            key = self.keys[i]
+            self.budget.charge(len(key) + 1)
+            try:
+                self.compiled[i] = compile_key(key)
+            except re.error as e:
+                raise UnsupportedPattern(f"is not a valid regular expression ({e})", key) from None
+        return self.compiled[i]
+
+    def first_match(self, name: str) -> str | None:
+        """The first key matching ``name`` by PEFT's rule, or None; :class:`UnsupportedPattern` (with ``key``)
+        for a refused key reached before it, or when the budget runs out."""
+        if name in self.answers:
+            return self.answers[name]
+        key = None
+        try:
+            best = self._first_fixed(name)
+            run = None
+            for i in self.others:
+                if i > best:
+                    break
+                key = self.keys[i]
+                compiled = self._compile(i)
+                if compiled.literal is not None:
+                    hit = _literal_matches(compiled.literal, compiled.anchored, name)
+                else:
+                    _check_subject(name)
+                    run = run or _Run(name, self.budget)
+                    hit = run.match(compiled)
+                if hit:
+                    best = i
+                    break
+        except UnsupportedPattern as e:
+            raise UnsupportedPattern(str(e), e.key or key) from None
+        self.answers[name] = self.keys[best] if best < len(self.keys) else None
+        return self.answers[name]
