@@ -1,0 +1,81 @@
+"""Follow-ups of the issue-12 audit of main: concurrent bank rewrites, bounded error lines, ``check``
+applying the exporters' name rules, and the nola fit refusing a ΔW its dtype cannot hold."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from adapterpack.bank import add_to_bank, build_bank, read_bank, refit_bank
+from adapterpack.bank import ops as bank_ops
+from tests.test_bank import NAMES, _split
+
+# --- N9: read-modify-write of a bank is serialised ----------------------------------------------------
+
+
+def _hold(path: Path) -> int:
+    """An fd holding an exclusive flock on the file ``path`` names (as another writer would)."""
+    fd = os.open(path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _start(monkeypatch: pytest.MonkeyPatch, job: Callable[[], object]) -> tuple[threading.Thread, threading.Event, list]:
+    """Run ``job`` in a thread; the event is set when it starts reading the bank."""
+    reading = threading.Event()
+    real_open = bank_ops.open_bank
+
+    def watched(p):
+        reading.set()
+        return real_open(p)
+
+    monkeypatch.setattr(bank_ops, "open_bank", watched)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            job()
+        except BaseException as e:  # reported by the test
+            errors.append(e)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t, reading, errors
+
+
+def test_bank_add_waits_for_a_writer_and_follows_the_file_it_put_in_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = _split(tmp_path)
+    bank, other = tmp_path / "bank.apack", tmp_path / "other.apack"
+    build_bank(other, paths[:3], rank=4, max_iter=5)
+    add_to_bank(other, [paths[4]], threshold=None)  # what a concurrent writer puts in place: one more member
+    build_bank(bank, paths[:3], rank=4, max_iter=5)
+
+    old = _hold(bank)
+    t, reading, errors = _start(monkeypatch, lambda: add_to_bank(bank, [paths[3]], threshold=None))
+    assert not reading.wait(1.0), "the add read the bank while another writer held it"
+    os.replace(other, bank)  # the writer holding the lock renames its result into place ...
+    new = _hold(bank)  # ... and a third writer locks the new file before the waiting add sees it
+    os.close(old)
+    assert not reading.wait(1.0), "the add went on holding a lock on a file the path no longer names"
+    os.close(new)
+    t.join(120)
+    assert not t.is_alive() and errors == [] and reading.is_set()
+    assert sorted(m.name for m in read_bank(bank).members) == sorted([*NAMES[:3], NAMES[4], NAMES[3]])  # nothing lost
+
+
+def test_bank_refit_in_place_waits_for_a_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    paths = _split(tmp_path)
+    bank = tmp_path / "bank.apack"
+    build_bank(bank, paths[:3], rank=4, max_iter=5)
+    held = _hold(bank)
+    t, reading, errors = _start(monkeypatch, lambda: refit_bank(bank, rank=2, max_iter=5))
+    assert not reading.wait(1.0), "the refit read the bank while another writer held it"
+    os.close(held)
+    t.join(120)
+    assert not t.is_alive() and errors == [] and reading.is_set()
+    assert {m.rank for m in read_bank(bank).modules.values()} == {2}
