@@ -10,9 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from adapterpack.bank import add_to_bank, build_bank, read_bank, refit_bank
 from adapterpack.bank import ops as bank_ops
+from adapterpack.cli import main
+from adapterpack.cli.output import MAX_ERROR_CHARS, Failure
+from tests.apack_builders import valid_parts, write
 from tests.test_bank import NAMES, _split
 
 # --- N9: read-modify-write of a bank is serialised ----------------------------------------------------
@@ -79,3 +83,25 @@ def test_bank_refit_in_place_waits_for_a_writer(tmp_path: Path, monkeypatch: pyt
     t.join(120)
     assert not t.is_alive() and errors == [] and reading.is_set()
     assert {m.rank for m in read_bank(bank).modules.values()} == {2}
+
+
+# --- N10: an error line is bounded, however long the value it quotes ------------------------------------
+
+
+@pytest.mark.parametrize(("param", "length"), [("rank", 5_000_000), ("layout", 3_000_000)])
+@pytest.mark.parametrize("command", ["inspect", "verify"])
+def test_error_line_quoting_a_huge_index_value_is_capped(tmp_path: Path, param: str, length: int, command: str) -> None:
+    parts = valid_parts(tmp_path)
+    parts.index["adapters"][0]["modules"][0]["params"][param] = "x" * length
+    path = write(tmp_path / "long.apack", parts.build(minor=parts.minor))
+    r = CliRunner().invoke(main, [command, str(path)])
+    assert r.exit_code == 1 and f"{param} must be" in r.stdout + r.stderr
+    limit = len("adapterpack: ") + MAX_ERROR_CHARS + len("… (9,999,999 more characters)")
+    assert max(len(line) for line in (r.stdout + r.stderr).splitlines()) <= limit
+
+
+def test_cli_error_printer_caps_any_message(capsys: pytest.CaptureFixture[str]) -> None:
+    Failure("bad value " + "\x1b" * 5_000_000).show()
+    (line,) = capsys.readouterr().err.splitlines()
+    full = "bad value " + "\\x1b" * 5_000_000  # escaped first, then cut
+    assert line == f"adapterpack: {full[:MAX_ERROR_CHARS]}… ({len(full) - MAX_ERROR_CHARS:,} more characters)"
