@@ -9,13 +9,17 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
+import adapterpack
+from adapterpack.adapter import Adapter, Module
 from adapterpack.bank import add_to_bank, build_bank, read_bank, refit_bank
 from adapterpack.bank import ops as bank_ops
 from adapterpack.cli import main
 from adapterpack.cli.output import MAX_ERROR_CHARS, Failure
+from adapterpack.interop.targets import check_path
 from tests.apack_builders import valid_parts, write
 from tests.test_bank import NAMES, _split
 
@@ -105,3 +109,55 @@ def test_cli_error_printer_caps_any_message(capsys: pytest.CaptureFixture[str]) 
     (line,) = capsys.readouterr().err.splitlines()
     full = "bad value " + "\\x1b" * 5_000_000  # escaped first, then cut
     assert line == f"adapterpack: {full[:MAX_ERROR_CHARS]}… ({len(full) - MAX_ERROR_CHARS:,} more characters)"
+
+
+# --- N12: ``check`` refuses the names ``convert`` refuses ------------------------------------------------
+
+CTL_NAMES = ["model.layers.0.self_attn.q_proj\x1b]0;pwn\x07", "model.layers.0.\x9b31mk_proj", "model.layers.0.\x00nul"]
+
+
+def _named(tmp: Path, names: list[str]) -> Path:
+    """An adapter (as /tmp/audit/ctl_build.py builds it) whose modules have these names, plus a clean one."""
+    rng = np.random.default_rng(0)
+    mods = {
+        n: Module(
+            n,
+            "lora",
+            (16, 12),
+            {"rank": 2, "alpha": 4.0},
+            {"A": rng.standard_normal((2, 12)).astype(np.float32), "B": rng.standard_normal((16, 2)).astype(np.float32)},
+        )
+        for n in [*names, "model.layers.0.self_attn.v_proj"]
+    }
+    path = tmp / "names.apack"
+    adapterpack.save(Adapter(name="default", modules=mods), path, codec="raw")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("target", "to"), [("peft", ["--to", "peft"]), ("kohya", ["--to", "kohya"]), ("vllm", ["--target", "vllm"])]
+)
+def test_check_refuses_control_characters_as_convert_does(tmp_path: Path, target: str, to: list[str]) -> None:
+    path = _named(tmp_path, CTL_NAMES)
+    conv = CliRunner().invoke(main, ["convert", str(path), str(tmp_path / "out"), *to])
+    assert conv.exit_code == 1 and "holds a control character" in conv.stderr and not (tmp_path / "out").exists()
+    (f,) = [f for f in check_path(path, target) if f.severity == "refuse"]
+    assert f.modules == CTL_NAMES and "holds a control character" in f.problem and "(and 2 more)" in f.problem
+    r = CliRunner().invoke(main, ["check", str(path), "--target", target])
+    assert r.exit_code == 1 and "loads it as is" not in r.stdout and "refuse  names the export refuses" in r.stdout
+
+
+@pytest.mark.parametrize("target", ["peft", "kohya"])
+def test_check_passes_the_names_convert_writes(tmp_path: Path, target: str) -> None:
+    path = _named(tmp_path, ["model.layers.0.\u202eself_attn.k_proj"])  # a format character: written (and shown escaped)
+    conv = CliRunner().invoke(main, ["convert", str(path), str(tmp_path / "out"), "--to", target])
+    assert conv.exit_code == 0, conv.stderr
+    assert [f for f in check_path(path, target) if f.severity != "note"] == []
+
+
+def test_check_peft_refuses_a_name_that_is_not_a_module_path(tmp_path: Path) -> None:
+    path = _named(tmp_path, ["model..q_proj"])
+    conv = CliRunner().invoke(main, ["convert", str(path), str(tmp_path / "out"), "--to", "peft"])
+    assert conv.exit_code == 1 and "is not a module path" in conv.stderr
+    (f,) = [f for f in check_path(path, "peft") if f.severity == "refuse"]
+    assert f.modules == ["model..q_proj"] and "is not a module path (an empty part)" in f.problem
