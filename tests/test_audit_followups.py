@@ -4,6 +4,7 @@ applying the exporters' name rules, and the nola fit refusing a ΔW its dtype ca
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import threading
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from safetensors.numpy import save_file
 
 import adapterpack
 from adapterpack.adapter import Adapter, Module
@@ -19,7 +21,10 @@ from adapterpack.bank import add_to_bank, build_bank, read_bank, refit_bank
 from adapterpack.bank import ops as bank_ops
 from adapterpack.cli import main
 from adapterpack.cli.output import MAX_ERROR_CHARS, Failure
+from adapterpack.errors import ConversionError
+from adapterpack.interop.peft import read_peft
 from adapterpack.interop.targets import check_path
+from adapterpack.linalg.nola_fit import fit_adapter
 from tests.apack_builders import valid_parts, write
 from tests.test_bank import NAMES, _split
 
@@ -161,3 +166,34 @@ def test_check_peft_refuses_a_name_that_is_not_a_module_path(tmp_path: Path) -> 
     assert conv.exit_code == 1 and "is not a module path" in conv.stderr
     (f,) = [f for f in check_path(path, "peft") if f.severity == "refuse"]
     assert f.modules == ["model..q_proj"] and "is not a module path (an empty part)" in f.problem
+
+
+# --- N13: the nola fit refuses the ΔW rerank and bank fits refuse ------------------------------------------
+
+
+def _peft_big_a(folder: Path) -> Path:
+    """A PEFT folder (as /tmp/audit/bank_pt.py's ``bigA``) whose one A entry is 3e38: finite, but
+    ΔW = 2·B·A is beyond float32, the dtype a nola record decodes to."""
+    rng = np.random.default_rng(0)
+    t = {}
+    for i in range(2):
+        n = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        t[n + ".lora_A.weight"] = rng.standard_normal((2, 16)).astype(np.float32)
+        t[n + ".lora_B.weight"] = rng.standard_normal((16, 2)).astype(np.float32)
+    t["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"][0, 0] = 3e38
+    folder.mkdir()
+    save_file(t, str(folder / "adapter_model.safetensors"))
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "base_model_name_or_path": "x/y"}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_nola_fit_refuses_a_delta_beyond_its_dtype_as_rerank_does(tmp_path: Path) -> None:
+    src = _peft_big_a(tmp_path / "bigA")
+    with pytest.raises(ConversionError, match=r"module 'model\.layers\.0\.self_attn\.q_proj': ΔW = scale·B·A is too large") as e:
+        fit_adapter(read_peft(src), k=4)
+    assert str(e.value).endswith("the limit for float32)")
+    nola = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "n.apack"), "--to", "nola", "--k", "4"])
+    rerank = CliRunner().invoke(main, ["rerank", str(src), str(tmp_path / "r.apack"), "--rank", "1"])
+    assert nola.exit_code == rerank.exit_code == 1 and not (tmp_path / "n.apack").exists()
+    assert nola.stderr == rerank.stderr == f"adapterpack: adapter 'default' {str(e.value).split(' ', 2)[2]}\n"
