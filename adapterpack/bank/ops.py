@@ -17,6 +17,7 @@ from ..errors import BankError
 from ..linalg.bank_fit import DaskExecutor, FitOptions, ModuleShape, SerialExecutor, fit_bank
 from ..linalg.bank_grow import pad, place
 from ..linalg.finite import check_product
+from .lock import locked
 from .sources import Member, ModuleKey, PathSource, expand_inputs, plan_modules
 from .store import META_HASH, Bank, BankMember, BankModule, error_metadata, open_bank, validate_records, write_bank
 
@@ -106,8 +107,9 @@ def add_to_bank(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str
     error on a module exceeds ``threshold`` (None: never grow). Old members' S are zero-padded, so
     their reconstructions do not change by one bit. Same content hash as a member: skipped, said so.
     The bank is rewritten atomically: interrupted, the previous file stays as it was. Old members'
-    pass-through tensors are read from the old file while the new one is written, one at a time."""
-    with open_bank(path) as bank:
+    pass-through tensors are read from the old file while the new one is written, one at a time.
+    Concurrent adds and refits of one bank run one after the other (:func:`locked`), none lost."""
+    with locked(path), open_bank(path) as bank:
         members = expand_inputs(inputs, names)
         first = bank.members[0]
         _, keys, left_out = plan_modules(members, partial, reference=_bank_keys(bank), base_model=first.base_model)
@@ -171,8 +173,9 @@ def refit_bank(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | No
                max_iter: int = 50, tol: float = 1e-7, scheduler: str | None = None, codec: str = "byteplanes") -> BankReport:
     """Refit the bases from the bank's own members (their current reconstructions) and rewrite it
     (to ``out``, default in place, atomically). Errors are then relative to those reconstructions.
-    Pass-through tensors are read from the old file while the new one is written, one at a time."""
-    with open_bank(path) as bank:
+    Pass-through tensors are read from the old file while the new one is written, one at a time;
+    the bank is locked throughout (:func:`locked`), so a concurrent add is not lost."""
+    with locked(path), open_bank(path) as bank:
         first = next(iter(bank.modules.values()))
         dtype = dtypes.of_array(first.U).name
         form = form or bank.form

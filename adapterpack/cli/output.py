@@ -20,19 +20,29 @@ import click
 from ..errors import AdapterpackError
 from ..text import json_printable, printable
 
+#: The most characters of one error message shown: a value read from a file can be megabytes long.
+MAX_ERROR_CHARS = 1000
+
 
 class Failure(click.ClickException):
-    """An error shown as ``adapterpack: <message>`` on stderr (on one line, escaped), exit status 1."""
+    """An error shown as ``adapterpack: <message>`` on stderr (on one line, escaped, capped), exit status 1."""
 
     exit_code = 1
 
     def show(self, file: Any = None) -> None:
-        click.echo(f"adapterpack: {printable(one_line(self.format_message()))}", err=True)
+        click.echo(f"adapterpack: {capped(printable(one_line(self.format_message())))}", err=True)
 
 
 def one_line(text: str) -> str:
     """Collapse a message onto one line."""
     return " ".join(str(text).split())
+
+
+def capped(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how many were left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({count(len(text) - limit)} more characters)"
 
 
 def os_message(e: OSError) -> str:
@@ -50,7 +60,7 @@ class AdapterpackGroup(click.Group):
         try:
             return super().invoke(ctx)
         except click.ClickException as e:
-            e.message = printable(e.message)
+            e.message = capped(printable(e.message))
             raise
         except BrokenPipeError:
             # stdout closed early (``| head``): stop quietly, as other Unix tools do

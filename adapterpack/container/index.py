@@ -100,7 +100,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
         for k, _ in pairs:
             if k in seen:
-                raise DuplicateNameError(f"index has the key {k!r} twice in one object")
+                raise DuplicateNameError(f"index has the key {k!r:.200} twice in one object")
             seen.add(k)
     return out
 

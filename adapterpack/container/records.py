@@ -18,7 +18,7 @@ from .index import BlobEntry, Index, get, get_name, get_shape
 
 def _blob_ref(value: Any, n_blobs: int, where: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n_blobs:
-        raise IndexFormatError(f"{where}: blob reference {value!r} is not a blob index")
+        raise IndexFormatError(f"{where}: blob reference {value!r:.200} is not a blob index")
     return value
 
 
@@ -80,9 +80,9 @@ def build_adapter(raw: dict[str, Any], blobs: list[BlobEntry], tensor: Callable[
         refs = m["tensors"]
         unreadable = [blobs[r].codec_id for r in refs.values() if not blobs[r].known_codec]
         if not is_known(enc_id) or unreadable:
-            what = f"encoding {enc_id!r}" if not is_known(enc_id) else f"codec {unreadable[0]!r}"
+            what = f"encoding {enc_id!r:.200}" if not is_known(enc_id) else f"codec {unreadable[0]!r:.200}"
             if must and not is_known(enc_id):
-                raise UnknownEncodingError(f"{mw}: unknown encoding {enc_id!r} marked must_understand")
+                raise UnknownEncodingError(f"{mw}: unknown encoding {enc_id!r:.200} marked must_understand")
             adapter.skipped.append(f"module {m['name']!r}: {what} not understood, skipped")
             continue
         module = Module(
@@ -98,7 +98,7 @@ def build_adapter(raw: dict[str, Any], blobs: list[BlobEntry], tensor: Callable[
     for t in raw.get("tensors", []):
         b = blobs[t["blob"]]
         if not b.known_codec:
-            adapter.skipped.append(f"tensor {t['name']!r}: codec {b.codec_id!r} not understood, skipped")
+            adapter.skipped.append(f"tensor {t['name']!r}: codec {b.codec_id!r:.200} not understood, skipped")
             continue
         adapter.tensors[t["name"]] = tensor(t["blob"])
     return adapter

@@ -60,10 +60,10 @@ def layout_params(params: dict[str, Any], where: str, layouts: tuple[str, ...] =
     fan_in_fan_out a bool (default false) allowed with layout linear only."""
     layout = params.get("layout", "linear")
     if not isinstance(layout, str) or layout not in layouts:
-        raise RecordError(f"{where}: layout must be one of {layouts}, got {layout!r}")
+        raise RecordError(f"{where}: layout must be one of {layouts}, got {layout!r:.200}")
     fifo = params.get("fan_in_fan_out", False)
     if not isinstance(fifo, (bool, np.bool_)):
-        raise RecordError(f"{where}: param 'fan_in_fan_out' must be true or false, got {fifo!r}")
+        raise RecordError(f"{where}: param 'fan_in_fan_out' must be true or false, got {fifo!r:.200}")
     if fifo and layout != "linear":
         raise RecordError(f"{where}: fan_in_fan_out is allowed only with layout linear, not {layout}")
     return layout, bool(fifo)
@@ -89,5 +89,5 @@ def get_encoding(encoding_id: str) -> Encoding:
     """The encoding registered under ``encoding_id``."""
     enc = _REGISTRY.get(encoding_id)
     if enc is None:
-        raise UnknownEncodingError(f"unknown encoding {encoding_id!r} (known: {', '.join(_REGISTRY)})")
+        raise UnknownEncodingError(f"unknown encoding {encoding_id!r:.200} (known: {', '.join(_REGISTRY)})")
     return enc

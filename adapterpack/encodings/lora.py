@@ -27,7 +27,7 @@ def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:
 def _bool(params: dict[str, Any], key: str, where: str) -> bool:
     value = params.get(key, False)
     if not isinstance(value, (bool, np.bool_)):
-        raise RecordError(f"{where}: param {key!r} must be true or false, got {value!r}")
+        raise RecordError(f"{where}: param {key!r} must be true or false, got {value!r:.200}")
     return bool(value)
 
 
@@ -54,13 +54,13 @@ class Lora(Encoding):
         check_slots(module, self.slots, "lora needs tensors A and B (optional magnitude)")
         rank = p.get("rank")  # numpy integers too: an in-memory record may hold them, and the index writes them as ints
         if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
-            raise RankError(f"{where}: rank must be an integer >= 1, got {rank!r}")
+            raise RankError(f"{where}: rank must be an integer >= 1, got {rank!r:.200}")
         alpha = p.get("alpha")
         if not _finite_number(alpha):
-            raise RecordError(f"{where}: alpha must be a finite number, got {alpha!r}")
+            raise RecordError(f"{where}: alpha must be a finite number, got {alpha!r:.200}")
         layout = p.get("layout", "linear")  # fan_in_fan_out with another layout: refused per layout below
         if not isinstance(layout, str) or layout not in LAYOUTS:
-            raise RecordError(f"{where}: layout must be one of {LAYOUTS}, got {layout!r}")
+            raise RecordError(f"{where}: layout must be one of {LAYOUTS}, got {layout!r:.200}")
         fifo = _bool(p, "fan_in_fan_out", where)
         _bool(p, "rslora", where)
         dora = _bool(p, "dora", where)

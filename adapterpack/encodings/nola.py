@@ -49,7 +49,7 @@ DEFAULTS = {"A0": "generated", "B0": "zero"}
 def _int(p: dict[str, Any], key: str, lo: int, hi: int, where: str, err: type[RecordError] = RecordError) -> int:
     v = p.get(key)
     if not isinstance(v, numbers.Integral) or isinstance(v, bool) or not lo <= v < hi:
-        raise err(f"{where}: param {key!r} must be an integer in [{lo}, {hi}), got {v!r}")
+        raise err(f"{where}: param {key!r} must be an integer in [{lo}, {hi}), got {v!r:.200}")
     return int(v)
 
 
@@ -76,21 +76,23 @@ def nola_shape(module: Module) -> NolaShape:
     p = module.params
     gen, ver = p.get("generator"), p.get("generator_version")
     if not isinstance(gen, str) or gen != GENERATOR_ID:
-        raise GeneratorError(f"{where}: unknown basis generator {gen!r} (this reader implements {GENERATOR_ID!r})")
+        raise GeneratorError(f"{where}: unknown basis generator {gen!r:.200} (this reader implements {GENERATOR_ID!r})")
     if not isinstance(ver, int) or isinstance(ver, bool) or ver != GENERATOR_VERSION:
-        raise GeneratorError(f"{where}: unknown version {ver!r} of generator {gen!r} (this reader implements {GENERATOR_VERSION})")
+        raise GeneratorError(
+            f"{where}: unknown version {ver!r:.200} of generator {gen!r:.200} (this reader implements {GENERATOR_VERSION})"
+        )
     seed = _int(p, "seed", 0, MAX_SEED, where)
     stream = _int(p, "stream", 0, MAX_U32, where)
     rank = _int(p, "rank", 1, MAX_U32, where, RankError)
     k_a = _int(p, "k_A", 0, MAX_U32, where)
     k_b = _int(p, "k_B", 0, MAX_U32, where)
     if not _finite_number(p.get("scale")):
-        raise RecordError(f"{where}: scale must be a finite number, got {p.get('scale')!r}")
+        raise RecordError(f"{where}: scale must be a finite number, got {p.get('scale')!r:.200}")
     fixed = {}
     for slot in ("A0", "B0"):
         fixed[slot] = p.get(slot, DEFAULTS[slot])
         if not isinstance(fixed[slot], str) or fixed[slot] not in FIXED:
-            raise RecordError(f"{where}: param {slot!r} must be one of {FIXED}, got {fixed[slot]!r}")
+            raise RecordError(f"{where}: param {slot!r} must be one of {FIXED}, got {fixed[slot]!r:.200}")
     fifo = _bool(p, "fan_in_fan_out", where)
     allowed = {"alpha", "beta"} | {s for s in ("A0", "B0") if fixed[s] == "stored"}
     missing = sorted(allowed - set(module.tensors))

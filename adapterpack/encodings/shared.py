@@ -43,10 +43,10 @@ class Shared(Encoding):
         check_slots(module, self.slots, "shared needs tensors U, V and S")
         rank = p.get("rank")
         if not isinstance(rank, numbers.Integral) or isinstance(rank, bool) or rank < 1:
-            raise RankError(f"{where}: rank must be an integer >= 1, got {rank!r}")
+            raise RankError(f"{where}: rank must be an integer >= 1, got {rank!r:.200}")
         form = p.get("form")
         if not isinstance(form, str) or form not in FORMS:
-            raise RecordError(f"{where}: form must be one of {FORMS}, got {form!r}")
+            raise RecordError(f"{where}: form must be one of {FORMS}, got {form!r:.200}")
         layout, fifo = layout_params(p, where, LAYOUTS)
         (udt, ush), (vdt, vsh), (sdt, ssh) = (tensor_info(module.tensors[s]) for s in ("U", "V", "S"))
         if udt not in FLOATS or not udt == vdt == sdt:

@@ -65,7 +65,7 @@ class Svd(Encoding):
         check_slots(module, self.slots, "svd needs tensors S, Ut and Vt")
         rank = p.get("rank")
         if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 0:
-            raise RankError(f"{where}: rank must be an integer >= 0, got {rank!r}")
+            raise RankError(f"{where}: rank must be an integer >= 0, got {rank!r:.200}")
         layout, fifo = layout_params(p, where)
         (sdt, ssh), (udt, ush), (vdt, vsh) = (tensor_info(module.tensors[s]) for s in ("S", "Ut", "Vt"))
         if sdt not in FLOATS or udt not in FLOATS or udt != vdt:

@@ -33,6 +33,14 @@ def check_module_names(adapter: Adapter) -> None:
         check_name(m.name, "module", ConversionError)
 
 
+def check_key(key: str, what: str) -> str:
+    """``key`` (or the module name in it) unless no exporter may write it: a control character names no
+    model's parameter, and a NUL ends the key for C readers. ``what`` says what ``key`` is, for the error."""
+    if not key.isprintable() and any(unicodedata.category(c) == "Cc" for c in key):
+        raise ConversionError(f"{what} {key!r:.120} holds a control character; no model has such a parameter")
+    return key
+
+
 def lora_records(adapter: Adapter, target: str) -> list[Module]:
     """Every module as a valid lora record (other encodings lowered exactly through their factors,
     :func:`~adapterpack.encodings.lower.as_lora`); refuses an adapter with none, or with a name no output may hold."""
@@ -98,8 +106,7 @@ class StateDict:
 
     def put(self, key: str, arr: np.ndarray, *, cast: bool = True) -> None:
         """Add ``arr`` under ``key`` (cast unless ``cast`` is false)."""
-        if not key.isprintable() and any(unicodedata.category(c) == "Cc" for c in key):
-            raise ConversionError(f"the {self.target} key {key!r:.120} holds a control character; no model has such a parameter")
+        check_key(key, f"the {self.target} key")
         if key in self.tensors:
             raise ConversionError(f"two tensors would be written under the {self.target} key {key!r} (module names collide)")
         self.tensors[key] = contiguous(self.cast(arr, f"tensor {key!r}") if cast else arr)

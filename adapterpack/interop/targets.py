@@ -31,7 +31,8 @@ import numpy as np
 from .. import dtypes
 from ..adapter import Adapter, Module
 from ..errors import ConversionError
-from .export import DROP_HINT, scaled
+from ..names import check_name
+from .export import DROP_HINT, check_key, scaled
 
 TARGETS = ("vllm", "peft", "llama.cpp", "kohya")
 #: The values vLLM accepts for ``--max-lora-rank``.
@@ -288,6 +289,31 @@ def _check_kohya(adapter: Adapter) -> list[Finding]:
     return out
 
 
+def _names(adapter: Adapter, target: str) -> list[Finding]:
+    """The module and tensor names the PEFT (vLLM) or kohya writer refuses, by the writer's own checks
+    (:func:`~adapterpack.names.check_name`, :func:`~.export.check_key`, PEFT's :func:`~.peft.check_module_path`),
+    applied to the names alone: no tensor is read."""
+    from .peft import check_module_path
+
+    def refusal(name: str, what: str) -> str | None:
+        try:
+            check_name(name, what, ConversionError)
+            check_key(name, f"{what} name")
+            if target != "kohya" and what == "module":
+                check_module_path(name, name)
+        except ConversionError as e:
+            return str(e)
+        return None
+
+    found = {n: p for n in adapter.modules if (p := refusal(n, "module")) is not None}
+    found |= {n: p for n in adapter.tensors if (p := refusal(n, "tensor")) is not None}
+    if not found:
+        return []
+    first = next(iter(found.values()))
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return [Finding(target, "refuse", f"names the export refuses: {first}{more}", "none: rename them", list(found))]
+
+
 def check(adapter: Adapter, target: str, *, max_lora_rank: int | None = None, base: Any = None) -> list[Finding]:
     """Everything ``target`` would refuse or misread in ``adapter``, with the converter's fix (empty: loads as is).
 
@@ -303,6 +329,8 @@ def check(adapter: Adapter, target: str, *, max_lora_rank: int | None = None, ba
         found = _check_kohya(adapter)
     else:
         raise ConversionError(f"unknown target {target!r} (one of {', '.join(TARGETS)})")
+    if target in ("vllm", "peft", "kohya"):
+        found = _names(adapter, target) + found
     if not adapter.modules:
         found.insert(0, Finding(target, "refuse", "the adapter has no modules", "none", []))
     return sorted(found, key=lambda f: SEVERITIES.index(f.severity))

@@ -51,6 +51,9 @@ class NolaFit:
         return int(self.module.params["k_A"]) + int(self.module.params["k_B"])
 
 
+#: The dtype of the coefficients a fit stores, and so of the factors its records decode to.
+DTYPE = "float32"
+
 #: Largest float64 bases a fit holds at once (bytes): ``k`` beyond this is refused, and a target-error
 #: search stops there (the achieved error is reported either way).
 FIT_MEMORY = 2 << 30
@@ -121,7 +124,7 @@ def fit_nola(
     a0: str = "zero",
     iterations: int = 10,
     tol: float = 1e-4,
-    dtype: Any = np.float32,
+    dtype: Any = DTYPE,
     budget: int = DEFAULT_BUDGET,
 ) -> NolaFit:
     """A ``nola`` record approximating ``target`` (2-D ΔW = s·B·A; the layout is kept) with k_A + k_B coefficients.
@@ -205,7 +208,8 @@ def fit_adapter(
     reported either way, never rounded to the target. Streams number the modules 0, 1, …
     (independent bases) unless ``shared_basis`` (stream 0 for all: bases generated once per
     matrix size when decoding). Returns the new adapter and each module's fit. Non-finite factors, or a
-    ΔW too large for binary64, are refused before any fit (:func:`~adapterpack.linalg.finite.check_product`).
+    ΔW too large for the records' :data:`DTYPE` (in which they decode), are refused before any fit
+    (:func:`~adapterpack.linalg.finite.check_product`, the rule rerank and bank fits follow).
     """
     if (k is None) == (target_error is None):
         raise ConversionError("give exactly one of k (coefficients per factor) or target_error (relative Frobenius error)")
@@ -219,7 +223,7 @@ def fit_adapter(
         if m.params.get("dora", False):
             raise ConversionError(f"module {mname!r} is DoRA: its magnitude rescaling has no nola form; keep it as lora")
         f = m.factors()
-        check_product(f.A, f.B, f.scale, where=f"adapter {adapter.name!r} module {mname!r}")
+        check_product(f.A, f.B, f.scale, where=f"adapter {adapter.name!r} module {mname!r}", dtype=DTYPE)
         stream = 0 if shared_basis else index
         r = int(rank or f.rank or 1)
         kw = {"name": mname, "rank": r, "seed": seed, "stream": stream, "iterations": iterations}
