@@ -553,3 +553,38 @@ def test_review_hostile_target_modules_numpy_alpha_and_long_kohya_names(tmp_path
     # a hostile kohya name of thousands of tokens is refused after a linear-time split, not a cubic one
     with pytest.raises(ConversionError):
         NameResolver().resolve("lora_unet_" + "_".join(["x"] * 3000))
+
+
+@pytest.mark.parametrize(
+    ("target", "selected"),
+    [(r"([a-z_.0-9]+)+X", False), (r"(.*)(to_q)", True), (r"(?:down|up)_blocks\..*\.to_(q|k)", True), ("to_k", False)],
+)
+def test_string_target_modules_match_without_backtracking(tmp_path: Path, target: str, selected: bool) -> None:
+    """A string target_modules is PEFT's re.fullmatch: the same answers, and a backtracking bomb (hours in re on
+    this module's path) ends at once; the reading runs in a child process so a hang fails instead of blocking."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(5)
+    t = {f"{UNET_Q}.lora_A.weight": rnd(rng, 4, 32), f"{UNET_Q}.lora_B.weight": rnd(rng, 32, 4)}
+    src = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(t, src, metadata={META_KEY: json.dumps({"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": target})})
+    code = (
+        "import sys, json; from adapterpack.interop.diffusers import read_diffusers; "
+        "print(json.dumps(read_diffusers(sys.argv[1]).source.get('notes', [])))"
+    )
+    repo = Path(__file__).parents[1]
+    res = subprocess.run([sys.executable, "-c", code, str(src)], capture_output=True, text=True, timeout=60, cwd=repo)
+    assert res.returncode == 0, res.stderr[-2000:]
+    notes = json.loads(res.stdout)
+    assert any("not selected by target_modules" in n for n in notes) != selected, notes
+
+
+def test_string_target_modules_refused_in_one_line_when_too_costly(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    t = {f"{UNET_Q}.lora_A.weight": rnd(rng, 4, 32), f"{UNET_Q}.lora_B.weight": rnd(rng, 32, 4)}
+    src = tmp_path / "pytorch_lora_weights.safetensors"
+    deep = "(" * 200 + "to_q" + ")" * 200
+    save_file(t, src, metadata={META_KEY: json.dumps({"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": deep})})
+    with pytest.raises(InputError, match=r"target_modules '\(\(\(.* nests groups 200 deep"):
+        read_diffusers(src)

@@ -56,6 +56,7 @@ from .export import StateDict, lora_records, pass_through
 from .kohya import _recorded_alpha
 from .patterns import most_common, resolve
 from .peft import check_module_path, read_safetensors
+from .regex_match import Budget, UnsupportedPattern, compile_fullmatch, fullmatches
 from .sd_names import COMPONENTS, NameResolver, pattern, pipeline_modules, split_component
 
 FILE_NAME = "pytorch_lora_weights.safetensors"
@@ -140,16 +141,22 @@ def _config_values(cfg: dict[str, Any], path: str, where: str) -> tuple[int, flo
     return int(rank), alpha, bool(cfg.get("use_rslora", False))
 
 
-def _targeted(cfg: dict[str, Any], path: str) -> bool:
-    """Whether PEFT's target_modules rule selects ``path`` (True when the config names none)."""
+def _targeted(cfg: dict[str, Any], path: str, budget: Budget) -> bool:
+    """Whether PEFT's target_modules rule selects ``path`` (True when the config names none).
+
+    A string is PEFT's ``re.fullmatch``, matched without backtracking (:mod:`.regex_match`) under ``budget``,
+    one for the whole file: a hostile pattern is refused naming it, never a hang.
+    """
     targets = cfg.get("target_modules")
     if targets is None:
         return True
     if isinstance(targets, str):
         try:
-            return re.fullmatch(targets, path) is not None
+            return fullmatches(compile_fullmatch(targets), path, budget)
         except re.error:
             return False
+        except UnsupportedPattern as e:
+            raise InputError(f"target_modules {targets!r:.200} {e}") from None
     if not isinstance(targets, list):
         return False
     flat = path[len("text_model.") :] if path.startswith("text_model.") else None
@@ -197,6 +204,7 @@ def read_diffusers(path: str | os.PathLike[str]) -> Adapter:
     notes: list[str] = []
     raw = [k for k in other if alpha_keys.get(k) is None or alpha_keys[k] in extra]
     unscaled, conflicts, untargeted = [], [], []
+    budget = Budget()
     for name, g in groups.items():
         if name in extra:
             raw.extend(g.values())
@@ -218,7 +226,7 @@ def read_diffusers(path: str | os.PathLike[str]) -> Adapter:
             unscaled.append(name)
         if cfg is not None and alpha_info is not None and float(alpha_info["value"]) != float(mod.params["alpha"]):
             conflicts.append(name)
-        if cfg is not None and not _targeted(cfg, sub):
+        if cfg is not None and not _targeted(cfg, sub, budget):
             untargeted.append(name)
         adapter.modules[name] = mod
     if not adapter.modules:

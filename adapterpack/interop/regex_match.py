@@ -103,22 +103,40 @@ def _group_depth(key: str) -> int:
     return deepest
 
 
-@functools.lru_cache(maxsize=4096)
-def compile_key(key: str) -> Compiled:
-    """Parse ``key`` as PEFT uses it; :class:`UnsupportedPattern` (or ``re.error``) when it cannot be matched here."""
+def _parse(key: str, wrapped: str) -> Any:
+    """The parse tree of ``wrapped`` (``key`` in its context), after the key's length and nesting limits."""
     if len(key) > MAX_PATTERN_LENGTH:
         raise UnsupportedPattern(f"is {len(key)} characters long, over the limit of {MAX_PATTERN_LENGTH}")
     depth = _group_depth(key)
     if depth > MAX_PATTERN_DEPTH:
         raise UnsupportedPattern(f"nests groups {depth} deep, over the limit of {MAX_PATTERN_DEPTH}")
-    wrapped = rf"(.*\.)?({key})$"
     try:
-        tree = sre_parse.parse(wrapped)  # re.error for what re.match would refuse
+        tree = sre_parse.parse(wrapped)  # re.error for what re would refuse
         if tree.state.flags & ~sre.SRE_FLAG_UNICODE:
             raise UnsupportedPattern("sets regular-expression flags, which are not supported")
         _check(list(tree))
     except RecursionError:
         raise UnsupportedPattern("nests too deeply to be parsed") from None
+    return tree
+
+
+@functools.lru_cache(maxsize=64)
+def compile_fullmatch(pattern: str) -> Compiled:
+    """``pattern`` for ``re.fullmatch(pattern, text)`` (PEFT's rule for a string ``target_modules``), same refusals."""
+    _parse(pattern, pattern)  # alone first: "a)(b" must be re.error, as re.fullmatch has it, not two groups
+    return Compiled(None, False, _parse(pattern, rf"(?:{pattern})\Z"))
+
+
+def fullmatches(compiled: Compiled, text: str, budget: Budget) -> bool:
+    """``re.fullmatch(pattern, text) is not None`` for the pattern ``compiled`` was made from, charged to ``budget``."""
+    _check_subject(text)
+    return _Run(text, budget).match(compiled)
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_key(key: str) -> Compiled:
+    """Parse ``key`` as PEFT uses it; :class:`UnsupportedPattern` (or ``re.error``) when it cannot be matched here."""
+    tree = _parse(key, rf"(.*\.)?({key})$")
     # the key alone in its group (a key such as "a)(b" also parses, but spans more than one node)
     whole = len(tree) == 3 and tree[1][0] is sre.SUBPATTERN and tree[1][1][0] == 2 and tree[2] == (sre.AT, sre.AT_END)
     lit = _literal_text(list(tree[1][1][3])) if whole else None
