@@ -588,3 +588,30 @@ def test_string_target_modules_refused_in_one_line_when_too_costly(tmp_path: Pat
     save_file(t, src, metadata={META_KEY: json.dumps({"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": deep})})
     with pytest.raises(InputError, match=r"target_modules '\(\(\(.* nests groups 200 deep"):
         read_diffusers(src)
+
+
+def test_fullmatch_agrees_with_re_and_writer_patterns_are_one_look_up() -> None:
+    """The non-backtracking full match gives re.fullmatch's answers; the alternation our writer emits for every
+    adapted module (longer than a pattern key may be) is matched by set look-up, whatever the module count."""
+    import random
+    import re
+
+    from adapterpack.interop.regex_match import Budget, compile_fullmatch, fullmatches
+    from adapterpack.interop.sd_names import pattern
+
+    paths = [f"down_blocks.{i}.attentions.{j}.to_{p}" for i in range(40) for j in range(5) for p in "qkv"]
+    written = "(?:" + "|".join(pattern(p) for p in paths) + ")"
+    compiled = compile_fullmatch(written)
+    assert compiled.choices is not None and len(written) > 4096
+    budget = Budget()
+    for p in [*paths, "down_blocks.0.attentions.0.to_out", "x" + paths[0]]:
+        assert fullmatches(compiled, p, budget) == (re.fullmatch(written, p) is not None), p
+    rng = random.Random(7)
+    atoms = ["a", "b", ".", r"\.", "[ab]", "a*", "(?:a|b)", "(a|ab)", "^a", "a$", r"\b", "b+?", "(?:ab|a)c"]
+    texts = ["", "a", "b", "ab", "a.b", "abc", "aab", "ba.", "a\n"]
+    for _ in range(2000):
+        pat = "".join(rng.choice(atoms) for _ in range(rng.randint(1, 4)))
+        if rng.random() < 0.3:
+            pat = f"(?:{pat}|{''.join(rng.choice(atoms) for _ in range(2))})"
+        for t in texts:
+            assert fullmatches(compile_fullmatch(pat), t, Budget()) == (re.fullmatch(pat, t) is not None), (pat, t)

@@ -383,7 +383,8 @@ def _component_config(values: dict[str, tuple[int, float, bool]]) -> tuple[dict[
 def _describes(cfg: dict[str, Any], values: dict[str, tuple[int, float, bool]]) -> bool:
     """Whether recorded LoraConfig kwargs still give every module exactly its (rank, alpha, rslora)."""
     try:
-        return all(_targeted(cfg, p) and _config_values(cfg, p, "") == v for p, v in values.items())
+        budget = Budget()
+        return all(_targeted(cfg, p, budget) and _config_values(cfg, p, "") == v for p, v in values.items())
     except (InputError, TypeError, ValueError):
         return False
 

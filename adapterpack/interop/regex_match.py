@@ -65,6 +65,8 @@ class Compiled:
     literal: str | None
     anchored: bool
     tree: Any
+    #: for a full match: the texts a pattern of literal alternatives (``(?:^a|^b|…)``) matches, looked up at once
+    choices: frozenset[str] | None = None
 
 
 def _prefix_ok(prefix: str) -> bool:
@@ -103,9 +105,9 @@ def _group_depth(key: str) -> int:
     return deepest
 
 
-def _parse(key: str, wrapped: str) -> Any:
+def _parse(key: str, wrapped: str, limit: int | None = MAX_PATTERN_LENGTH) -> Any:
     """The parse tree of ``wrapped`` (``key`` in its context), after the key's length and nesting limits."""
-    if len(key) > MAX_PATTERN_LENGTH:
+    if limit is not None and len(key) > limit:
         raise UnsupportedPattern(f"is {len(key)} characters long, over the limit of {MAX_PATTERN_LENGTH}")
     depth = _group_depth(key)
     if depth > MAX_PATTERN_DEPTH:
@@ -120,15 +122,47 @@ def _parse(key: str, wrapped: str) -> Any:
     return tree
 
 
+_MAX_CHOICES = 1 << 16  # texts a pattern of literal alternatives may expand to before the matcher is used instead
+
+
+def _literal_choices(items: list[tuple[Any, Any]], start: bool = True) -> frozenset[str] | None:
+    """The texts a parsed pattern matches in full when it is only literals and alternatives of them (``^`` allowed
+    where nothing precedes it); None otherwise. The parser factors common prefixes out of alternatives, so
+    ``(?:^a.b|^a.c)`` arrives as ``^``, ``a.``, then a branch of ``b`` and ``c``."""
+    texts = {""}
+    for op, av in items:
+        if op is sre.LITERAL:
+            texts = {t + chr(av) for t in texts}
+        elif op is sre.AT and av in (sre.AT_BEGINNING, sre.AT_BEGINNING_STRING) and start and texts == {""}:
+            continue
+        elif (op is sre.SUBPATTERN and not av[1] and not av[2]) or op is sre.BRANCH:
+            alts = [av[3]] if op is sre.SUBPATTERN else av[1]
+            subs = [_literal_choices(list(alt), start and texts == {""}) for alt in alts]
+            if any(sub is None for sub in subs):
+                return None
+            texts = {t + u for t in texts for sub in subs if sub is not None for u in sub}
+        else:
+            return None
+        if len(texts) > _MAX_CHOICES:
+            return None
+    return frozenset(texts)
+
+
 @functools.lru_cache(maxsize=64)
 def compile_fullmatch(pattern: str) -> Compiled:
-    """``pattern`` for ``re.fullmatch(pattern, text)`` (PEFT's rule for a string ``target_modules``), same refusals."""
-    _parse(pattern, pattern)  # alone first: "a)(b" must be re.error, as re.fullmatch has it, not two groups
-    return Compiled(None, False, _parse(pattern, rf"(?:{pattern})\Z"))
+    """``pattern`` for ``re.fullmatch(pattern, text)`` (PEFT's rule for a string ``target_modules``), same refusals
+    but no length limit: such a pattern lists every adapted module (bounded by the file holding it), and
+    literal alternatives, which is what writers produce, are matched by one look-up."""
+    alone = _parse(pattern, pattern, limit=None)  # alone first: "a)(b" must be re.error, as re.fullmatch has it
+    choices = _literal_choices(list(alone))
+    return Compiled(None, False, None if choices is not None else _parse(pattern, rf"(?:{pattern})\Z", limit=None), choices)
 
 
 def fullmatches(compiled: Compiled, text: str, budget: Budget) -> bool:
     """``re.fullmatch(pattern, text) is not None`` for the pattern ``compiled`` was made from, charged to ``budget``."""
+    if compiled.choices is not None:
+        budget.charge(1)
+        return text in compiled.choices
     _check_subject(text)
     return _Run(text, budget).match(compiled)
 
