@@ -7,7 +7,7 @@ a random module, and reads the file at rank ``j`` through each route:
 - ``open``: ``adapterpack.open(path, rank=j)`` and that module's ΔW;
 - ``convert``: ``adapterpack.convert.convert(path, out, rank=j)`` (what ``adapterpack convert --rank j``
   runs), then the written module's ΔW;
-- ``torch``: ``adapterpack.torch.load(path, rank=j)`` and ``materialize`` of that module (skipped
+- ``torch``: ``adapterpack.torch.load`` with ``rank=j`` and ``materialize`` of that module (skipped
   without torch).
 
 Each read is ``refused`` (an adapterpack error), ``same`` (ΔW bit-identical to the undamaged file's:
