@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 
 from adapterpack.adapter import Adapter, Module
+from adapterpack.examples import example_path
 
 
 def qv_modules(
@@ -39,3 +44,13 @@ def qv_adapter(seed: int = 0, name: str = "default", **shape: object) -> Adapter
     """An :class:`Adapter` of :func:`qv_modules` for base model ``toy/base``."""
     mods = qv_modules(np.random.default_rng(seed), **shape)  # type: ignore[arg-type]
     return Adapter(name=name, base_model="toy/base", modules=mods)
+
+
+def example_with_alpha(tmp: Path, alpha: float) -> Path:
+    """A copy of the bundled real PEFT adapter under ``tmp/big`` whose ``lora_alpha`` is ``alpha``."""
+    peft = tmp / "big"
+    shutil.copytree(example_path(), peft)
+    cfg = json.loads((peft / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = alpha
+    (peft / "adapter_config.json").write_text(json.dumps(cfg))
+    return peft

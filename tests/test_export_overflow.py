@@ -10,7 +10,6 @@ numpy warning.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,14 +20,13 @@ from safetensors import safe_open
 
 from adapterpack import Adapter
 from adapterpack.errors import ConversionError
-from adapterpack.examples import example_path
 from adapterpack.interop.diffusers import write_diffusers
 from adapterpack.interop.gguf import GgufBase, gguf_tensors
 from adapterpack.interop.kohya import kohya_state
 from adapterpack.interop.peft import read_peft, write_peft
 from adapterpack.interop.targets import to_vllm
 from adapterpack.rerank import RerankPolicy, rerank
-from tests.factories import qv_adapter
+from tests.factories import example_with_alpha, qv_adapter
 
 pytestmark = pytest.mark.filterwarnings("error")  # a numpy RuntimeWarning escaping is a failure
 
@@ -101,19 +99,12 @@ def test_gguf_refuses_a_baked_scale_past_binary64() -> None:
         gguf_tensors(ad, LLAMA)
 
 
-def _huge_peft(tmp: Path, alpha: float = 1e308) -> Path:
-    peft = tmp / "big"
-    shutil.copytree(example_path(), peft)
-    cfg = json.loads((peft / "adapter_config.json").read_text())
-    cfg["lora_alpha"] = alpha
-    (peft / "adapter_config.json").write_text(json.dumps(cfg))
-    return peft
 
 
 @pytest.mark.parametrize("dst", ["x.safetensors", "x.gguf"])
 def test_issue_convert_of_alpha_1e308_is_refused_in_one_line(tmp_path: Path, dst: str) -> None:
     """The issue's commands: ``convert`` of the real adapter with lora_alpha 1e308 to kohya and llama.cpp."""
-    src, out = _huge_peft(tmp_path), tmp_path / dst
+    src, out = example_with_alpha(tmp_path, 1e308), tmp_path / dst
     config = tmp_path / "config.json"
     config.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_attention_heads": 9, "num_key_value_heads": 3}))
     base = ["--base", str(config)] if dst.endswith(".gguf") else []

@@ -31,7 +31,7 @@ from adapterpack.examples import example_path
 from adapterpack.linalg.finite import MAX_NORM, check_product
 from adapterpack.linalg.nola_fit import fit_adapter
 from adapterpack.rerank import RerankPolicy, rerank
-from tests.factories import qv_adapter
+from tests.factories import example_with_alpha, qv_adapter
 
 pytestmark = pytest.mark.filterwarnings("error")  # a numpy RuntimeWarning escaping is a failure
 
@@ -324,13 +324,6 @@ def test_importance_refuses_before_measuring(tmp_path: Path, value: float) -> No
 # --- the issue's commands on the real adapter, with -W error ---------------------------------------------
 
 
-def _alpha_1e308(tmp: Path) -> Path:
-    peft = tmp / "big"
-    shutil.copytree(example_path(), peft)
-    cfg = json.loads((peft / "adapter_config.json").read_text())
-    cfg["lora_alpha"] = HUGE_ALPHA
-    (peft / "adapter_config.json").write_text(json.dumps(cfg))
-    return peft
 
 
 ISSUE_COMMANDS = [
@@ -342,7 +335,7 @@ ISSUE_COMMANDS = [
 
 @pytest.mark.parametrize("cmd", ISSUE_COMMANDS, ids=lambda c: c[0])
 def test_real_adapter_with_alpha_1e308_is_refused_without_warnings(tmp_path: Path, cmd: list[str]) -> None:
-    src, dst = _alpha_1e308(tmp_path), tmp_path / "out.apack"
+    src, dst = example_with_alpha(tmp_path, HUGE_ALPHA), tmp_path / "out.apack"
     args = [a.format(src=src, dst=dst) for a in cmd]
     p = subprocess.run([sys.executable, "-W", "error", "-m", "adapterpack", *args], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 1, p.stderr
