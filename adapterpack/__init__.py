@@ -12,8 +12,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .adapter import Adapter, Module, StoredTensor
-from .api import open, save
-from .errors import AdapterpackError
+from adapterpack.adapter import Adapter, Module, StoredTensor
+from adapterpack.api import open, save
+from adapterpack.errors import AdapterpackError
 
 __all__ = ["Adapter", "AdapterpackError", "Module", "StoredTensor", "__version__", "open", "save"]

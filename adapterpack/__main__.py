@@ -1,5 +1,5 @@
 """``python -m adapterpack`` runs the command line."""
 
-from .cli import main
+from adapterpack.cli import main
 
 main(prog_name="adapterpack")

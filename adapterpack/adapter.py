@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from . import dtypes
-from .errors import AdapterNotFoundError, SizeLimitError
-from .limits import MAX_DELTA_ELEMENTS
+from adapterpack import dtypes
+from adapterpack.errors import AdapterNotFoundError, SizeLimitError
+from adapterpack.limits import MAX_DELTA_ELEMENTS
 
 
 @dataclass
@@ -106,7 +106,7 @@ class Module:
     @property
     def implementation(self) -> Any:
         """The registered :class:`~adapterpack.encodings.Encoding` for this record."""
-        from .encodings import get_encoding
+        from adapterpack.encodings import get_encoding
 
         return get_encoding(self.encoding)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from .adapter import Adapter
-from .container.writer import WriteResult, write_apack
+from adapterpack.adapter import Adapter
+from adapterpack.container.writer import WriteResult, write_apack
 
 
 def open(
@@ -21,12 +21,12 @@ def open(
     are cut to a prefix of their tensors (a raw blob is read up to its next prefix checkpoint,
     whose CRC is checked; a blob without checkpoints is read whole), other records by an exact
     SVD of their factors (which reads them)."""
-    from .interop import read_any
+    from adapterpack.interop import read_any
 
     opened = read_any(path, adapter=adapter, verify=verify)
     if rank is None:
         return opened
-    from .encodings.lower import adapter_at_rank
+    from adapterpack.encodings.lower import adapter_at_rank
 
     try:
         return adapter_at_rank(opened, rank)

@@ -58,7 +58,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import InputError, OutputExistsError, OutputWriteError
+from adapterpack.errors import InputError, OutputExistsError, OutputWriteError
 
 #: How many bytes of the destination's name a temp name keeps, so that the whole fits NAME_MAX (255 bytes).
 _NAME_KEEP = 200

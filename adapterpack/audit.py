@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from .adapter import Adapter, Module, as_array, tensor_info
-from .errors import AdapterpackError
-from .spectrum import distribution
+from adapterpack.adapter import Adapter, Module, as_array, tensor_info
+from adapterpack.errors import AdapterpackError
+from adapterpack.spectrum import distribution
 
 #: The alternatives measured, in table order.
 VARIANTS = ("zstd", "byteplanes", "bf16", "energy99", "energy95")
@@ -66,7 +66,7 @@ def apack_size(
     ``validate`` False skips the records' validation (for records already validated); ``memo``
     reuses the encoding of an array seen before with the same codec and level.
     """
-    from .container.writer import encode_blob, plan_apack
+    from adapterpack.container.writer import encode_blob, plan_apack
 
     def encode(arr: np.ndarray) -> tuple[int, dict[str, Any], int]:
         key = (id(arr), codec, level)
@@ -121,7 +121,7 @@ def presolved(adapter: Adapter) -> tuple[Adapter, str | None]:
     computed once here and serves every energy level; with float64 vectors (and S) nothing is
     rounded, so the re-ranked records are the bytes rerank writes from the original adapter.
     """
-    from .encodings.lower import as_svd, main_dtype
+    from adapterpack.encodings.lower import as_svd, main_dtype
 
     kinds = {main_dtype(m) for m in adapter}
     if len(kinds) != 1:
@@ -133,7 +133,7 @@ def presolved(adapter: Adapter) -> tuple[Adapter, str | None]:
 def reranked(adapter: Adapter, energy: float, dtype: str | None = None) -> tuple[Adapter, list[int]]:
     """``adapter`` as ``adapterpack rerank --energy`` writes it (svd records in each module's dtype, or
     ``dtype``), and every module's new rank (DoRA modules keep theirs: their SVD needs the base weight)."""
-    from .rerank import RerankPolicy, rerank
+    from adapterpack.rerank import RerankPolicy, rerank
 
     if all(_is_dora(m) for m in adapter):
         return adapter, [_current_rank(m) for m in adapter]  # nothing rerank may touch (it refuses)
@@ -199,7 +199,7 @@ def _one_line(e: Exception) -> str:
 
 def _energy_ranks(adapters: list[Adapter]) -> dict[str, list[int]]:
     """Each module's rank for every energy level, from its spectrum alone (when no re-rank is measured)."""
-    from .spectrum import module_spectrum
+    from adapterpack.spectrum import module_spectrum
 
     out: dict[str, list[int]] = {v: [] for v in ENERGY_VARIANTS}
     for a in adapters:
@@ -215,10 +215,10 @@ def audit_input(path: str | os.PathLike[str], measure: Sequence[str] = VARIANTS)
     a file that cannot be read comes back with ``error`` set (one line), not raised."""
     import time
 
-    from .convert import cast_adapter
-    from .interop import open_adapters
-    from .linalg.finite import check_adapter
-    from .report import footprint
+    from adapterpack.convert import cast_adapter
+    from adapterpack.interop import open_adapters
+    from adapterpack.linalg.finite import check_adapter
+    from adapterpack.report import footprint
 
     start = time.perf_counter()
     res = InputAudit(path=str(path))
@@ -289,7 +289,7 @@ class Found:
 
 def _lora_kind(path: Path) -> str | None:
     """For a ``.safetensors`` met while walking: ``"kohya"``, ``"peft-weights"``, ``"other"``, or None when unreadable."""
-    from .interop.detect import safetensors_keys
+    from adapterpack.interop.detect import safetensors_keys
 
     try:
         keys = safetensors_keys(path)

@@ -23,15 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from . import dtypes
-from .adapter import Adapter, Module, TensorLike, as_array, tensor_info
-from .atomic import exists_error
-from .encodings.factors import Factors
-from .errors import ConversionError
-from .interop import Opened, open_adapters
-from .interop.source import notes as source_notes
-from .linalg.finite import check_product
-from .report import footprint
+from adapterpack import dtypes
+from adapterpack.adapter import Adapter, Module, TensorLike, as_array, tensor_info
+from adapterpack.atomic import exists_error
+from adapterpack.encodings.factors import Factors
+from adapterpack.errors import ConversionError
+from adapterpack.interop import Opened, open_adapters
+from adapterpack.interop.source import notes as source_notes
+from adapterpack.linalg.finite import check_product
+from adapterpack.report import footprint
 
 TARGETS = ("apack", "peft", "kohya", "diffusers", "gguf", "nola")
 #: Targets written as one .safetensors file (the suffix alone cannot tell them apart).
@@ -227,7 +227,7 @@ def _no_progress(total: int) -> Iterator[Callable[[int], None]]:
 
 def effective_level(codec: str, level: int | None) -> int | None:
     """The compression level a codec uses for ``level`` (None: the codec's default; raw: None)."""
-    from .codecs import get_codec
+    from adapterpack.codecs import get_codec
 
     cfg = get_codec({"id": codec} if level is None else {"id": codec, "level": level}).get_config()
     return cfg.get("level")
@@ -267,34 +267,34 @@ def write_adapters(
         names = ", ".join(a.name for a in adapters)
         raise ConversionError(f"{target} holds one adapter, the input has {len(adapters)} ({names}); pick one with --adapter")
     if target == "apack":
-        from .container.writer import write_apack
+        from adapterpack.container.writer import write_apack
 
         total = sum(a.decoded_bytes for a in adapters)
         with (progress or _no_progress)(total) as advance:
             write_apack(dst, adapters, codec=codec, level=level, progress=advance, overwrite=overwrite)
         return []
     if target == "gguf":
-        from .interop.gguf import write_gguf
+        from adapterpack.interop.gguf import write_gguf
 
         return write_gguf(adapters[0], dst, base=base, drop_tensors=drop_tensors, overwrite=overwrite).notes()
     if target == "peft" and serve_for == "vllm":
-        from .interop.targets import write_vllm
+        from adapterpack.interop.targets import write_vllm
 
         plan = write_vllm(adapters[0], dst, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors, overwrite=overwrite)
         return plan.notes()
     if serve_for is not None:
         raise ConversionError(f"--target {serve_for} shapes PEFT output only (and {serve_for!r} must be one of {SERVE_TARGETS})")
     if target == "peft":
-        from .interop.peft import export_notes, write_peft
+        from adapterpack.interop.peft import export_notes, write_peft
 
         notes = export_notes(adapters[0])
         write_peft(adapters[0], dst, drop_tensors=drop_tensors, overwrite=overwrite)
         return notes
     if target == "diffusers":
-        from .interop.diffusers import write_diffusers
+        from adapterpack.interop.diffusers import write_diffusers
 
         return write_diffusers(adapters[0], dst, base=base, component=component, drop_tensors=drop_tensors, overwrite=overwrite)
-    from .interop.kohya import write_kohya
+    from adapterpack.interop.kohya import write_kohya
 
     write_kohya(adapters[0], dst, drop_tensors=drop_tensors, overwrite=overwrite)
     return []
@@ -369,7 +369,7 @@ def convert(
     try:
         adapters, casts = source.adapters, []
         if rank is not None:
-            from .encodings.lower import at_rank
+            from adapterpack.encodings.lower import at_rank
 
             adapters = [replace(a, modules={n: at_rank(m, rank) for n, m in a.modules.items()}, closer=None) for a in adapters]
         if dtype != "keep":
@@ -420,7 +420,7 @@ def convert(
 def _fit_nola(adapters: list[Adapter], k: int | None, target_error: float | None) -> tuple[list[Adapter], list[str]]:
     """Every adapter fitted as nola records, and the lines that say how well (per adapter: the
     coefficient counts, mean and worst relative Frobenius error of ΔW, the worst module)."""
-    from .linalg.nola_fit import fit_adapter
+    from adapterpack.linalg.nola_fit import fit_adapter
 
     out, lines = [], []
     for a in adapters:

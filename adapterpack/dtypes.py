@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import ml_dtypes
 import numpy as np
 
-from .errors import ConversionError, UnknownDTypeError
+from adapterpack.errors import ConversionError, UnknownDTypeError
 
 
 @dataclass(frozen=True)

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_file
-from .errors import ConversionError, InputError
+from adapterpack.atomic import atomic_file
+from adapterpack.errors import ConversionError, InputError
 
 META_KEY = "adapterpack.importance"
 VERSION = "2"
@@ -127,7 +127,7 @@ class Importance:
 
 def load_importance(path: str | os.PathLike[str]) -> Importance:
     """Read a file written by :meth:`Importance.save` (InputError naming what is wrong otherwise)."""
-    from .interop.peft import read_safetensors
+    from adapterpack.interop.peft import read_safetensors
 
     path = Path(path)
     arrays, meta = read_safetensors(path)  # InputError for anything safetensors cannot read

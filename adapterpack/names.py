@@ -7,8 +7,8 @@ every exporter refuses to write such a name, so no output holds a name the other
 
 from __future__ import annotations
 
-from .errors import AdapterpackError
-from .limits import MAX_ADAPTER_NAME, MAX_NAME
+from adapterpack.errors import AdapterpackError
+from adapterpack.limits import MAX_ADAPTER_NAME, MAX_NAME
 
 __all__ = ["MAX_ADAPTER_NAME", "MAX_NAME", "check_name", "name_problem"]
 

@@ -13,8 +13,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .adapter import Adapter, Module, StoredTensor, TensorLike, decoded_bytes, stored_bytes, tensor_info
-from .interop.source import notes, source_format
+from adapterpack.adapter import Adapter, Module, StoredTensor, TensorLike, decoded_bytes, stored_bytes, tensor_info
+from adapterpack.interop.source import notes, source_format
 
 #: Files of a PEFT folder that make up the adapter (what ``footprint`` counts).
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -164,13 +164,13 @@ def inspect_path(path: str | os.PathLike[str], adapter: str | None = None, *, sp
     ``spectrum`` adds each adapter's per-module singular values (``"spectrum"``, see
     :func:`adapterpack.spectrum.spectrum_report`); that reads the tensors (checksums verified).
     """
-    from .interop import open_adapters
+    from adapterpack.interop import open_adapters
 
     with open_adapters(path, adapter, verify=spectrum) as opened:
         report: dict[str, Any] = {"path": str(path), "format": opened.format}
         report["adapters"] = [adapter_report(a) for a in opened.adapters]
         if spectrum:
-            from .spectrum import spectrum_report
+            from adapterpack.spectrum import spectrum_report
 
             for entry, a in zip(report["adapters"], opened.adapters):
                 entry["spectrum"] = spectrum_report(a)

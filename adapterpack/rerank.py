@@ -18,16 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from . import dtypes
-from .adapter import Adapter, Module
-from .encodings.factors import Factors
-from .encodings.lower import lora_from_factors, main_dtype
-from .encodings.svd import from_spectrum, s_dtype_for, singular_values
-from .errors import ConversionError
-from .importance import Importance
-from .linalg import allocate
-from .linalg.finite import check_product
-from .linalg.lowrank import Spectrum, spectrum_of
+from adapterpack import dtypes
+from adapterpack.adapter import Adapter, Module
+from adapterpack.encodings.factors import Factors
+from adapterpack.encodings.lower import lora_from_factors, main_dtype
+from adapterpack.encodings.svd import from_spectrum, s_dtype_for, singular_values
+from adapterpack.errors import ConversionError
+from adapterpack.importance import Importance
+from adapterpack.linalg import allocate
+from adapterpack.linalg.finite import check_product
+from adapterpack.linalg.lowrank import Spectrum, spectrum_of
 
 RULES = ("rank", "energy", "sv_ratio", "budget", "budget_ratio")
 ENCODINGS = ("svd", "lora")
@@ -388,8 +388,8 @@ def rerank_file(
 ) -> RerankResult:
     """Re-rank ``src`` (any format) into ``dst`` (.apack, PEFT folder, kohya or diffusers file; ``None``: plan only);
     ``component``: the diffusers component for modules whose names carry none."""
-    from .convert import check_destination, infer_target, load_source, write_adapters
-    from .report import footprint
+    from adapterpack.convert import check_destination, infer_target, load_source, write_adapters
+    from adapterpack.report import footprint
 
     start = time.perf_counter()
     src = Path(src)

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from .adapter import Adapter, Module, tensor_info
-from .encodings.svd import singular_values
-from .linalg.lowrank import Spectrum, spectrum_of
+from adapterpack.adapter import Adapter, Module, tensor_info
+from adapterpack.encodings.svd import singular_values
+from adapterpack.linalg.lowrank import Spectrum, spectrum_of
 
 #: Energy fractions whose ranks are reported (``r90``, ``r95``, ``r99``).
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
@@ -110,7 +110,7 @@ class ModuleSpectrum:
 
 def adapter_spectra(adapter: Adapter) -> list[ModuleSpectrum]:
     """Spectra of every module of ``adapter``, in natural name order (``layers.2`` before ``layers.10``)."""
-    from .report import natural_key
+    from adapterpack.report import natural_key
 
     return [ModuleSpectrum.of(m) for m in sorted(adapter, key=lambda m: natural_key(m.name))]
 
@@ -150,7 +150,7 @@ def require_matplotlib() -> Any:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        from .errors import MissingDependencyError
+        from adapterpack.errors import MissingDependencyError
 
         raise MissingDependencyError("--plot needs matplotlib: pip install 'adapterpack[plot]'") from None
     return Figure, FigureCanvasAgg
@@ -171,7 +171,7 @@ def plot_spectra(adapters: list[tuple[str, list[dict[str, Any]]]], path: str | A
     ``adapters`` is ``[(adapter name, module dicts from ModuleSpectrum.as_dict())]``; modules of one
     kind (q_proj, v_proj, ...) share a colour. Written atomically; needs matplotlib (the ``plot`` extra).
     """
-    from .atomic import atomic_file
+    from adapterpack.atomic import atomic_file
 
     figure_cls, canvas_cls = require_matplotlib()
     if len(adapters) > MAX_PLOT_ADAPTERS:

@@ -3,9 +3,18 @@ U, V (``shared`` records, spec/shared.md). Build, add incrementally, refit, extr
 
 from __future__ import annotations
 
-from .ops import BankReport, add_to_bank, bank_listing, build_bank, extract_drops, extract_member, refit_bank, write_extracted
-from .sources import PathSource, content_hash
-from .store import Bank, BankMember, BankModule, open_bank, read_bank, write_bank
+from adapterpack.bank.ops import (
+    BankReport,
+    add_to_bank,
+    bank_listing,
+    build_bank,
+    extract_drops,
+    extract_member,
+    refit_bank,
+    write_extracted,
+)
+from adapterpack.bank.sources import PathSource, content_hash
+from adapterpack.bank.store import Bank, BankMember, BankModule, open_bank, read_bank, write_bank
 
 __all__ = [
     "Bank",

@@ -10,16 +10,16 @@ from typing import Any
 
 import numpy as np
 
-from .. import dtypes
-from ..adapter import Adapter, Module, as_array, decoded_bytes
-from ..encodings.factors import Factors
-from ..errors import BankError
-from ..linalg.bank_fit import DaskExecutor, FitOptions, ModuleShape, SerialExecutor, fit_bank
-from ..linalg.bank_grow import pad, place
-from ..linalg.finite import check_product
-from .lock import locked
-from .sources import Member, ModuleKey, PathSource, expand_inputs, plan_modules
-from .store import META_HASH, Bank, BankMember, BankModule, error_metadata, open_bank, validate_records, write_bank
+from adapterpack import dtypes
+from adapterpack.adapter import Adapter, Module, as_array, decoded_bytes
+from adapterpack.bank.lock import locked
+from adapterpack.bank.sources import Member, ModuleKey, PathSource, expand_inputs, plan_modules
+from adapterpack.bank.store import META_HASH, Bank, BankMember, BankModule, error_metadata, open_bank, validate_records, write_bank
+from adapterpack.encodings.factors import Factors
+from adapterpack.errors import BankError
+from adapterpack.linalg.bank_fit import DaskExecutor, FitOptions, ModuleShape, SerialExecutor, fit_bank
+from adapterpack.linalg.bank_grow import pad, place
+from adapterpack.linalg.finite import check_product
 
 
 def make_executor(scheduler: str | None) -> Any:
@@ -162,7 +162,7 @@ def add_to_bank(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str
 
 
 def _stored_error(f: Factors, mod: BankModule, S: np.ndarray) -> float:
-    from ..linalg.bank_fit import sq_error, sq_norm
+    from adapterpack.linalg.bank_fit import sq_error, sq_norm
 
     n2 = sq_norm(f)
     return sq_error(f, mod.U.astype(np.float64), mod.V.astype(np.float64), S.astype(np.float64), n2) / n2 if n2 > 0 else 0.0
@@ -204,8 +204,8 @@ def lora_module(m: Module, rtol: float | None = None, *, where: str | None = Non
     """A shared record as a standalone ``lora`` record of the adapter's own rank, and the relative
     squared error that dropping S's negligible singular values (below ``rtol``·σ₁, default R·eps of
     S's dtype) costs, computed exactly. Non-finite values are refused first, naming ``where``."""
-    from ..encodings.lower import lora_from_factors
-    from ..linalg.bank_fit import sq_error, sq_norm
+    from adapterpack.encodings.lower import lora_from_factors
+    from adapterpack.linalg.bank_fit import sq_error, sq_norm
 
     f = m.factors()
     check_product(f.A, f.B, f.scale, where=where or f"module {m.name!r}")
@@ -231,7 +231,7 @@ def extract_member(path: str | os.PathLike[str], name: str) -> tuple[Adapter, di
     """One member as an ordinary adapter of ``lora`` records and its own pass-through tensors (reads
     only its S, its tensors and the shared bases), with the exact relative error of the extraction
     per module (~1e-14 from rounding)."""
-    from ..api import open as open_adapter
+    from adapterpack.api import open as open_adapter
 
     with open_adapter(path, adapter=name) as a:
         out = Adapter(name=a.name, base_model=a.base_model, base_architecture=a.base_architecture, source=dict(a.source),
@@ -250,7 +250,7 @@ def extract_drops(adapter: Adapter, to: str) -> list[str]:
     from another format, e.g. a kohya file's unknown keys): refused unless dropped on request."""
     if to != "peft":
         return []
-    from ..interop.targets import check
+    from adapterpack.interop.targets import check
 
     return [n for f in check(adapter, "peft") if "full tensors" in f.problem for n in f.modules]
 
@@ -261,15 +261,15 @@ def write_extracted(adapter: Adapter, out: str | os.PathLike[str], to: str = "ap
     Pass-through tensors go along; those PEFT cannot carry (:func:`extract_drops`) are refused
     unless ``drop_tensors``."""
     if to == "svd":
-        from ..encodings.lower import as_svd
+        from adapterpack.encodings.lower import as_svd
 
         adapter = adapter.derived({k: as_svd(m) for k, m in adapter.modules.items()})
         to = "apack"
     if to == "peft":
-        from ..interop.peft import write_peft
+        from adapterpack.interop.peft import write_peft
 
         return write_peft(adapter, out, drop_tensors=drop_tensors)
-    from ..container.writer import write_apack
+    from adapterpack.container.writer import write_apack
 
     write_apack(out, adapter)
     return Path(out)

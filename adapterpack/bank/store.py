@@ -15,17 +15,17 @@ from typing import Any
 
 import numpy as np
 
-from .. import dtypes
-from ..adapter import TensorLike, as_array
-from ..atomic import atomic_file
-from ..checksum import crc32c
-from ..container import writer as _writer
-from ..container.index import blob_alignment, dumps
-from ..container.preamble import MAJOR, MAX_INDEX_LENGTH, MINOR, Preamble, align_up
-from ..container.writer import check_index, encode_blob
-from ..encodings import get_encoding
-from ..encodings.shared import shared_base_shape
-from ..errors import AdapterpackError, BankError, IndexTooLargeError
+from adapterpack import dtypes
+from adapterpack.adapter import TensorLike, as_array
+from adapterpack.atomic import atomic_file
+from adapterpack.checksum import crc32c
+from adapterpack.container import writer as _writer
+from adapterpack.container.index import blob_alignment, dumps
+from adapterpack.container.preamble import MAJOR, MAX_INDEX_LENGTH, MINOR, Preamble, align_up
+from adapterpack.container.writer import check_index, encode_blob
+from adapterpack.encodings import get_encoding
+from adapterpack.encodings.shared import shared_base_shape
+from adapterpack.errors import AdapterpackError, BankError, IndexTooLargeError
 
 META_HASH = "bank.sha256"
 META_ERROR = "bank.rel_error"
@@ -170,7 +170,7 @@ def open_bank(path: str | os.PathLike[str]) -> Iterator[Bank]:
     read each one from the open file when loaded (valid inside the ``with``): a rewrite of the bank
     (add, refit) then holds one member's tensor at a time, not all of them. Refuses a file whose shared
     records do not reference one U and one V blob per module, or that mixes forms."""
-    from ..container.reader import ApackReader
+    from adapterpack.container.reader import ApackReader
 
     with ApackReader(Path(path)) as reader:
         # every record through the reader's own checks before any raw param is used; tensors stay handles
@@ -218,7 +218,7 @@ def error_metadata(rel: dict[str, float], reference: str) -> dict[str, str]:
 
 def validate_records(bank: Bank) -> None:
     """Run the shared encoding's checks on every record of an in-memory bank (before any write)."""
-    from ..adapter import Module
+    from adapterpack.adapter import Module
 
     enc = get_encoding("shared")
     for mem in bank.members:

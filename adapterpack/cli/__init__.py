@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import click
 
-from .. import __version__
-from .audit_cmd import audit
-from .bank_cmd import bank
-from .check_cmd import check
-from .convert_cmd import convert
-from .demo_cmd import demo
-from .importance_cmd import importance
-from .inspect_cmd import inspect
-from .output import AdapterpackGroup
-from .process import keep_freed_memory
-from .rerank_cmd import rerank
-from .verify_cmd import verify
+from adapterpack import __version__
+from adapterpack.cli.audit_cmd import audit
+from adapterpack.cli.bank_cmd import bank
+from adapterpack.cli.check_cmd import check
+from adapterpack.cli.convert_cmd import convert
+from adapterpack.cli.demo_cmd import demo
+from adapterpack.cli.importance_cmd import importance
+from adapterpack.cli.inspect_cmd import inspect
+from adapterpack.cli.output import AdapterpackGroup
+from adapterpack.cli.process import keep_freed_memory
+from adapterpack.cli.rerank_cmd import rerank
+from adapterpack.cli.verify_cmd import verify
 
 
 @click.group(cls=AdapterpackGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,5 +1,5 @@
 """``python -m adapterpack.cli``."""
 
-from . import main
+from adapterpack.cli import main
 
 main(prog_name="adapterpack")

@@ -7,9 +7,9 @@ from typing import Any
 
 import click
 
-from ..codecs import codec_ids
-from ..convert import DTYPE_CHOICES, TARGETS
-from . import output as out
+from adapterpack.cli import output as out
+from adapterpack.codecs import codec_ids
+from adapterpack.convert import DTYPE_CHOICES, TARGETS
 
 #: Printed after writing a compressed .apack: how to get the fastest loading instead.
 RAW_HINT = "hint     --codec raw gives zero-copy mmap loading (adapterpack.torch.load) for serving; compressed blobs decode on load"
@@ -118,8 +118,8 @@ def convert(
 ) -> None:
     """Convert SRC (.apack, PEFT folder, kohya or diffusers file) to DST; lossless unless --dtype narrows,
     --rank cuts or --to nola fits."""
-    from ..convert import convert as run
-    from ..convert import infer_target, target_conflict
+    from adapterpack.convert import convert as run
+    from adapterpack.convert import infer_target, target_conflict
 
     target = to or infer_target(dst)
     if to is not None and (why := target_conflict(dst, to)):

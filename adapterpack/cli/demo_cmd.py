@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 import numpy as np
 
-from . import output as out
-from .inspect_cmd import adapter_lines, file_lines
+from adapterpack.cli import output as out
+from adapterpack.cli.inspect_cmd import adapter_lines, file_lines
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -64,11 +64,11 @@ def _took(t0: float) -> str:
 @click.pass_context
 def demo(ctx: click.Context, out_dir: Path | None) -> None:
     """Convert the bundled example PEFT adapter to .apack and back, checking every step."""
-    from .. import open as open_adapter
-    from ..container.reader import ApackReader
-    from ..convert import adapter_differences, convert, safetensors_differences
-    from ..examples import example_path
-    from ..report import inspect_path
+    from adapterpack import open as open_adapter
+    from adapterpack.container.reader import ApackReader
+    from adapterpack.convert import adapter_differences, convert, safetensors_differences
+    from adapterpack.examples import example_path
+    from adapterpack.report import inspect_path
 
     start = time.perf_counter()
     example = example_path()

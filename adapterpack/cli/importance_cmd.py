@@ -12,8 +12,8 @@ from pathlib import Path
 
 import click
 
-from ..importance import LABELS
-from . import output as out
+from adapterpack.cli import output as out
+from adapterpack.importance import LABELS
 
 
 @click.command("importance", short_help="Measure each singular component's Fisher information (for rerank --importance).")
@@ -56,9 +56,9 @@ def importance(
     `adapterpack rerank ADAPTER DST --budget B --importance OUT` then spends the bytes where cutting
     would cost the model the most (second-order KL), instead of where ΔW has the most energy.
     """
-    from ..api import open as open_adapter
-    from ..errors import InputError, OutputExistsError
-    from ..torch.importance import causal_lm_importance
+    from adapterpack.api import open as open_adapter
+    from adapterpack.errors import InputError, OutputExistsError
+    from adapterpack.torch.importance import causal_lm_importance
 
     if dst.exists() and not force:
         raise OutputExistsError(f"{dst} exists (pass --force to overwrite)")

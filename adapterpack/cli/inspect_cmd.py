@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from . import output as out
+from adapterpack.cli import output as out
 
 HEADERS = ("module", "encoding", "rank", "shape (base)", "dtype", "stored bytes", "share")
 ALIGN = "<<><<>>"
@@ -172,15 +172,15 @@ def spectrum_report_lines(report: dict[str, Any]) -> list[str]:
 )
 def inspect(path: Path, adapter_name: str | None, as_json: bool, spectrum: bool, plot_path: Path | None) -> None:
     """Show what PATH holds (.apack file, PEFT folder or kohya file): one row per module, then totals."""
-    from ..report import inspect_path
+    from adapterpack.report import inspect_path
 
     if plot_path is not None:
-        from ..spectrum import require_matplotlib
+        from adapterpack.spectrum import require_matplotlib
 
         require_matplotlib()  # refuse before any work when the extra is missing
     report = inspect_path(path, adapter=adapter_name, spectrum=spectrum or plot_path is not None)
     if plot_path is not None:
-        from ..spectrum import plot_spectra
+        from adapterpack.spectrum import plot_spectra
 
         plot_spectra([(a["name"], a["spectrum"]["modules"]) for a in report["adapters"]], plot_path, title=str(path))
     if as_json:

@@ -17,8 +17,8 @@ from typing import Any
 
 import click
 
-from ..errors import AdapterpackError
-from ..text import json_printable, printable
+from adapterpack.errors import AdapterpackError
+from adapterpack.text import json_printable, printable
 
 #: The most characters of one error message shown: a value read from a file can be megabytes long.
 MAX_ERROR_CHARS = 1000

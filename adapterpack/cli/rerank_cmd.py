@@ -8,10 +8,10 @@ from typing import Any
 
 import click
 
-from ..codecs import codec_ids
-from ..convert import TARGETS
-from ..linalg.allocate import WEIGHTINGS
-from . import output as out
+from adapterpack.cli import output as out
+from adapterpack.codecs import codec_ids
+from adapterpack.convert import TARGETS
+from adapterpack.linalg.allocate import WEIGHTINGS
 
 HEADERS = ("module", "old rank", "new rank", "retained", "rel. error", "bytes before", "bytes after", "note")
 ALIGN = "<>>>>>><"
@@ -181,9 +181,9 @@ def rerank(
     and relative errors printed are exact. .apack output stores svd records by default: any lower
     rank of them can be loaded later as a prefix (adapterpack.open(path, rank=j)).
     """
-    from ..convert import infer_target, target_conflict
-    from ..importance import load_importance
-    from ..rerank import RerankPolicy, rerank_file
+    from adapterpack.convert import infer_target, target_conflict
+    from adapterpack.importance import load_importance
+    from adapterpack.rerank import RerankPolicy, rerank_file
 
     given = [o for o, v in zip(RULE_OPTIONS, (rank, energy, sv_ratio, budget, budget_ratio)) if v is not None]
     if len(given) != 1:

@@ -7,7 +7,7 @@ Each codec is one module holding a :class:`Codec` subclass registered under its 
 
 from __future__ import annotations
 
-from . import byteplanes, raw, zstd  # noqa: F401  (importing registers them)
-from .base import Codec, codec_ids, get_codec, register_codec
+from adapterpack.codecs import byteplanes, raw, zstd  # noqa: F401  (importing registers them)
+from adapterpack.codecs.base import Codec, codec_ids, get_codec, register_codec
 
 __all__ = ["Codec", "codec_ids", "get_codec", "register_codec"]

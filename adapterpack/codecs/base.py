@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from ..errors import IndexFormatError, UnknownCodecError
+from adapterpack.errors import IndexFormatError, UnknownCodecError
 
 _REGISTRY: dict[str, type[Codec]] = {}
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CodecError, LengthMismatchError
-from .base import Codec, register_codec
-from .zstd import MAX_RATIO, check_frame, compress, decode_checked
+from adapterpack.codecs.base import Codec, register_codec
+from adapterpack.codecs.zstd import MAX_RATIO, check_frame, compress, decode_checked
+from adapterpack.errors import CodecError, LengthMismatchError
 
 #: Level 1 beats 3 in both size and speed on float planes: the exponent planes are runs that
 #: fast matching finds as well (bundled example in bf16: 1,374,379 vs 1,395,797 bytes;

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..errors import LengthMismatchError
-from .base import Codec, register_codec
+from adapterpack.codecs.base import Codec, register_codec
+from adapterpack.errors import LengthMismatchError
 
 
 @register_codec

@@ -12,10 +12,10 @@ from typing import Any
 
 import zstandard
 
-from ..errors import CodecError
-from ..limits import MAX_ZSTD_RATIO as MAX_RATIO  # Zstandard cannot expand more: an RLE block is 4 bytes for 128 KiB
-from ..limits import MAX_ZSTD_WINDOW as MAX_WINDOW
-from .base import Codec, register_codec
+from adapterpack.codecs.base import Codec, register_codec
+from adapterpack.errors import CodecError
+from adapterpack.limits import MAX_ZSTD_RATIO as MAX_RATIO  # Zstandard cannot expand more: an RLE block is 4 bytes for 128 KiB
+from adapterpack.limits import MAX_ZSTD_WINDOW as MAX_WINDOW
 
 DEFAULT_LEVEL = 3
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .preamble import MAGIC, MAJOR, MINOR, PREAMBLE_SIZE
-from .reader import ApackReader
-from .writer import write_apack
+from adapterpack.container.preamble import MAGIC, MAJOR, MINOR, PREAMBLE_SIZE
+from adapterpack.container.reader import ApackReader
+from adapterpack.container.writer import write_apack
 
 __all__ = ["MAGIC", "MAJOR", "MINOR", "PREAMBLE_SIZE", "ApackReader", "write_apack"]

@@ -14,8 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import codecs, dtypes
-from ..errors import (
+from adapterpack import codecs, dtypes
+from adapterpack.container import prefix
+from adapterpack.container.preamble import align_up
+from adapterpack.errors import (
     AdapterpackError,
     DuplicateNameError,
     IndexFormatError,
@@ -25,10 +27,8 @@ from ..errors import (
     UnknownCodecError,
     UnknownDTypeError,
 )
-from ..limits import MAX_ADAPTER_NAME, MAX_BLOBS, MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_NAME, MAX_NDIM
-from ..names import name_problem
-from . import prefix
-from .preamble import align_up
+from adapterpack.limits import MAX_ADAPTER_NAME, MAX_BLOBS, MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_NAME, MAX_NDIM
+from adapterpack.names import name_problem
 
 MAX_INT = 2**53
 SMALL_BLOB = 4096

@@ -5,8 +5,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from ..errors import BadMagicError, IndexFormatError, IndexTooLargeError, TruncatedFileError, UnsupportedVersionError
-from ..limits import MAX_INDEX_LENGTH
+from adapterpack.errors import BadMagicError, IndexFormatError, IndexTooLargeError, TruncatedFileError, UnsupportedVersionError
+from adapterpack.limits import MAX_INDEX_LENGTH
 
 MAGIC = b"\x89APK\r\n\x1a\n"
 MAJOR = 1

@@ -9,7 +9,7 @@ checkpoints, so the index grows by a logarithmic number of integers per blob.
 
 from __future__ import annotations
 
-from ..checksum import crc32c
+from adapterpack.checksum import crc32c
 
 #: The optional BLOB key holding the checkpoints' CRC-32Cs.
 KEY = "prefix_crc32c"

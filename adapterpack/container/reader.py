@@ -17,15 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from .. import codecs, dtypes
-from ..adapter import Adapter, StoredTensor
-from ..checksum import crc32c
-from ..errors import AdapterNotFoundError, AdapterpackError, ChecksumError, CodecError
-from ..limits import SHARED_CACHE_BYTES
-from . import prefix
-from .index import BlobEntry, Index, loads, parse_index
-from .preamble import PREAMBLE_SIZE, Preamble, parse_preamble
-from .records import build_adapter, check_references
+from adapterpack import codecs, dtypes
+from adapterpack.adapter import Adapter, StoredTensor
+from adapterpack.checksum import crc32c
+from adapterpack.container import prefix
+from adapterpack.container.index import BlobEntry, Index, loads, parse_index
+from adapterpack.container.preamble import PREAMBLE_SIZE, Preamble, parse_preamble
+from adapterpack.container.records import build_adapter, check_references
+from adapterpack.errors import AdapterNotFoundError, AdapterpackError, ChecksumError, CodecError
+from adapterpack.limits import SHARED_CACHE_BYTES
 
 
 @dataclass

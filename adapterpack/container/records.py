@@ -10,10 +10,10 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from ..adapter import Adapter, Module, TensorLike
-from ..encodings import get_encoding, is_known
-from ..errors import DuplicateNameError, IndexFormatError, UnknownEncodingError
-from .index import BlobEntry, Index, get, get_name, get_shape
+from adapterpack.adapter import Adapter, Module, TensorLike
+from adapterpack.container.index import BlobEntry, Index, get, get_name, get_shape
+from adapterpack.encodings import get_encoding, is_known
+from adapterpack.errors import DuplicateNameError, IndexFormatError, UnknownEncodingError
 
 
 def _blob_ref(value: Any, n_blobs: int, where: str) -> int:

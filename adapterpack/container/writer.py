@@ -10,16 +10,16 @@ from typing import Any
 
 import numpy as np
 
-from .. import codecs, dtypes
-from ..adapter import Adapter, StoredTensor, as_array
-from ..atomic import atomic_file
-from ..checksum import crc32c
-from ..encodings import get_encoding, is_known
-from ..errors import AdapterpackError, CodecError, DuplicateNameError, IndexTooLargeError
-from . import prefix
-from .index import blob_alignment, dumps, loads, parse_index, plan_offsets
-from .preamble import MAJOR, MAX_INDEX_LENGTH, MINOR, PREAMBLE_SIZE, Preamble, align_up
-from .records import build_adapter, check_references
+from adapterpack import codecs, dtypes
+from adapterpack.adapter import Adapter, StoredTensor, as_array
+from adapterpack.atomic import atomic_file
+from adapterpack.checksum import crc32c
+from adapterpack.container import prefix
+from adapterpack.container.index import blob_alignment, dumps, loads, parse_index, plan_offsets
+from adapterpack.container.preamble import MAJOR, MAX_INDEX_LENGTH, MINOR, PREAMBLE_SIZE, Preamble, align_up
+from adapterpack.container.records import build_adapter, check_references
+from adapterpack.encodings import get_encoding, is_known
+from adapterpack.errors import AdapterpackError, CodecError, DuplicateNameError, IndexTooLargeError
 
 
 @dataclass
@@ -36,7 +36,7 @@ class WriteResult:
 
 
 def _writer_id() -> str:
-    from .. import __version__
+    from adapterpack import __version__
 
     return f"adapterpack {__version__}"
 

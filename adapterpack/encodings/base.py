@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..errors import RecordError, UnknownEncodingError
+from adapterpack.errors import RecordError, UnknownEncodingError
 
 if TYPE_CHECKING:
-    from ..adapter import Module
-    from .factors import Factors
+    from adapterpack.adapter import Module
+    from adapterpack.encodings.factors import Factors
 
 _REGISTRY: dict[str, Encoding] = {}
 

@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 
-from .. import dtypes
-from ..adapter import Adapter, Module, tensor_info
-from ..errors import ConversionError, SizeLimitError
-from ..limits import MAX_FACTOR_ELEMENTS
-from ..linalg.lowrank import spectrum_of
-from .factors import Factors
-from .svd import from_spectrum
+from adapterpack import dtypes
+from adapterpack.adapter import Adapter, Module, tensor_info
+from adapterpack.encodings.factors import Factors
+from adapterpack.encodings.svd import from_spectrum
+from adapterpack.errors import ConversionError, SizeLimitError
+from adapterpack.limits import MAX_FACTOR_ELEMENTS
+from adapterpack.linalg.lowrank import spectrum_of
 
 
 def main_dtype(module: Module) -> str:

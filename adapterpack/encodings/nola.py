@@ -18,10 +18,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..adapter import tensor_info
-from ..errors import GeneratorError, RankError, RecordError
-from ..limits import MAX_FACTOR_ELEMENTS, MAX_NOLA_GENERATED
-from ..rng.basis import (
+from adapterpack.adapter import tensor_info
+from adapterpack.encodings.base import Encoding, register_encoding
+from adapterpack.encodings.factors import Factors
+from adapterpack.encodings.lora import _bool, _finite_number
+from adapterpack.errors import GeneratorError, RankError, RecordError
+from adapterpack.limits import MAX_FACTOR_ELEMENTS, MAX_NOLA_GENERATED
+from adapterpack.rng.basis import (
     DEFAULT_BUDGET,
     GENERATOR_ID,
     GENERATOR_VERSION,
@@ -33,12 +36,9 @@ from ..rng.basis import (
     MAX_U32,
     basis_range,
 )
-from .base import Encoding, register_encoding
-from .factors import Factors
-from .lora import _bool, _finite_number
 
 if TYPE_CHECKING:
-    from ..adapter import Module
+    from adapterpack.adapter import Module
 
 FLOATS = ("float64", "float32", "float16", "bfloat16")
 #: How A0 / B0 are given: regenerated from the seed, absent (zero), or stored in the file.

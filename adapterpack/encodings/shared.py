@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..adapter import tensor_info
-from ..errors import RankError, RecordError
-from .base import Encoding, check_slots, layout_params, register_encoding
-from .factors import Factors
+from adapterpack.adapter import tensor_info
+from adapterpack.encodings.base import Encoding, check_slots, layout_params, register_encoding
+from adapterpack.encodings.factors import Factors
+from adapterpack.errors import RankError, RecordError
 
 if TYPE_CHECKING:
-    from ..adapter import Module
+    from adapterpack.adapter import Module
 
 FORMS = ("full", "diagonal")
 LAYOUTS = ("linear", "embedding")

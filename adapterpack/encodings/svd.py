@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from .. import dtypes
-from ..adapter import Module, StoredTensor, TensorLike, tensor_info
-from ..errors import ConversionError, RankError, RecordError
-from .base import Encoding, check_slots, layout_params, register_encoding
-from .factors import Factors
-from .lora import FLOATS
+from adapterpack import dtypes
+from adapterpack.adapter import Module, StoredTensor, TensorLike, tensor_info
+from adapterpack.encodings.base import Encoding, check_slots, layout_params, register_encoding
+from adapterpack.encodings.factors import Factors
+from adapterpack.encodings.lora import FLOATS
+from adapterpack.errors import ConversionError, RankError, RecordError
 
 if TYPE_CHECKING:
-    from ..linalg.lowrank import Spectrum
+    from adapterpack.linalg.lowrank import Spectrum
 
 
 def svd_base_shape(layout: str, fan_in_fan_out: bool, out: int, n: int, base: tuple[int, ...]) -> bool:

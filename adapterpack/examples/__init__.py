@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import AdapterNotFoundError
+from adapterpack.errors import AdapterNotFoundError
 
 #: The bundled example: a LoRA (r=8, alpha=16 on q/k/v/o_proj) of SmolLM2-135M, float32.
 DEFAULT_EXAMPLE = "smollm2-pydoc-lora"

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..adapter import Adapter
-from ..errors import AdapterNotFoundError
-from .detect import detect_format
+from adapterpack.adapter import Adapter
+from adapterpack.errors import AdapterNotFoundError
+from adapterpack.interop.detect import detect_format
 
 
 @dataclass
@@ -51,7 +51,7 @@ def open_adapters(path: str | os.PathLike[str], adapter: str | None = None, *, v
     p = Path(path)
     fmt = detect_format(p)
     if fmt == "apack":
-        from ..container.reader import ApackReader
+        from adapterpack.container.reader import ApackReader
 
         reader = ApackReader(p, verify=verify)
         try:
@@ -62,15 +62,15 @@ def open_adapters(path: str | os.PathLike[str], adapter: str | None = None, *, v
             raise
         return Opened(p, fmt, adapters, reader, reader.close)
     if fmt == "peft":
-        from .peft import read_peft
+        from adapterpack.interop.peft import read_peft
 
         a = read_peft(p)
     elif fmt == "diffusers":
-        from .diffusers import read_diffusers
+        from adapterpack.interop.diffusers import read_diffusers
 
         a = read_diffusers(p)
     else:
-        from .kohya import read_kohya
+        from adapterpack.interop.kohya import read_kohya
 
         a = read_kohya(p)
     if adapter is not None and adapter != a.name:

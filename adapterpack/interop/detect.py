@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..container.preamble import MAGIC
-from ..errors import UnrecognizedInputError
-from .safetensors_header import read_header
+from adapterpack.container.preamble import MAGIC
+from adapterpack.errors import UnrecognizedInputError
+from adapterpack.interop.safetensors_header import read_header
 
 
 def safetensors_keys(path: Path) -> list[str]:
@@ -35,7 +35,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             return "kohya"
         if any(".lora_A" in k or "lora_embedding_A" in k for k in keys) and (p.parent / "adapter_config.json").is_file():
             return "peft"
-        from .diffusers import looks_like_diffusers
+        from adapterpack.interop.diffusers import looks_like_diffusers
 
         if looks_like_diffusers(keys):
             return "diffusers"

@@ -46,18 +46,18 @@ from typing import Any
 
 import numpy as np
 
-from .. import dtypes
-from ..adapter import Adapter, Module, as_array
-from ..atomic import atomic_file
-from ..encodings import get_encoding
-from ..errors import ConversionError, InputError, RecordError
-from . import source as src_
-from .export import StateDict, lora_records, pass_through
-from .kohya import _recorded_alpha
-from .patterns import most_common, resolve
-from .peft import check_module_path, read_safetensors
-from .regex_match import Budget, UnsupportedPattern, compile_fullmatch, fullmatches
-from .sd_names import COMPONENTS, NameResolver, pattern, pipeline_modules, split_component
+from adapterpack import dtypes
+from adapterpack.adapter import Adapter, Module, as_array
+from adapterpack.atomic import atomic_file
+from adapterpack.encodings import get_encoding
+from adapterpack.errors import ConversionError, InputError, RecordError
+from adapterpack.interop import source as src_
+from adapterpack.interop.export import StateDict, lora_records, pass_through
+from adapterpack.interop.kohya import _recorded_alpha
+from adapterpack.interop.patterns import most_common, resolve
+from adapterpack.interop.peft import check_module_path, read_safetensors
+from adapterpack.interop.regex_match import Budget, UnsupportedPattern, compile_fullmatch, fullmatches
+from adapterpack.interop.sd_names import COMPONENTS, NameResolver, pattern, pipeline_modules, split_component
 
 FILE_NAME = "pytorch_lora_weights.safetensors"
 META_KEY = "lora_adapter_metadata"

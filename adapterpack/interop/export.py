@@ -15,13 +15,13 @@ import unicodedata
 
 import numpy as np
 
-from .. import dtypes
-from ..adapter import Adapter, Module, TensorLike
-from ..encodings import get_encoding
-from ..encodings.lower import as_lora
-from ..errors import ConversionError
-from ..names import check_name
-from .source import source_format
+from adapterpack import dtypes
+from adapterpack.adapter import Adapter, Module, TensorLike
+from adapterpack.encodings import get_encoding
+from adapterpack.encodings.lower import as_lora
+from adapterpack.errors import ConversionError
+from adapterpack.interop.source import source_format
+from adapterpack.names import check_name
 
 #: How an error message tells the user to leave pass-through tensors out (CLI flag and API argument).
 DROP_HINT = "pass --drop-tensors (drop_tensors=True) to leave them out"

@@ -47,15 +47,15 @@ from typing import Any
 
 import numpy as np
 
-from .. import dtypes
-from ..adapter import Adapter, Module, as_array
-from ..atomic import atomic_file
-from ..encodings import get_encoding
-from ..errors import AdapterpackError, ConversionError, InputError, RecordError
-from . import source as src_
-from .export import StateDict, float32_alpha, lora_records, pass_through
-from .peft import read_safetensors
-from .sd_names import kohya_name_of, numbered_text_encoders, sdxl_sgm_path
+from adapterpack import dtypes
+from adapterpack.adapter import Adapter, Module, as_array
+from adapterpack.atomic import atomic_file
+from adapterpack.encodings import get_encoding
+from adapterpack.errors import AdapterpackError, ConversionError, InputError, RecordError
+from adapterpack.interop import source as src_
+from adapterpack.interop.export import StateDict, float32_alpha, lora_records, pass_through
+from adapterpack.interop.peft import read_safetensors
+from adapterpack.interop.sd_names import kohya_name_of, numbered_text_encoders, sdxl_sgm_path
 
 DEFAULT_PREFIX = "lora_unet"
 META_NAMES = "adapterpack.module_names"

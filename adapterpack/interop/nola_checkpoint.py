@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from ..adapter import Adapter, Module
-from ..errors import InputError
+from adapterpack.adapter import Adapter, Module
+from adapterpack.errors import InputError
 
 PEFT_PREFIX = "base_model.model."
 _PART = re.compile(r"^(?P<prefix>.+)\.lora_(?P<side>[AB])\.(?P<what>weight|coefficients|seed)$")

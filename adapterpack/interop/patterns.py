@@ -15,8 +15,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from ..errors import InputError
-from .regex_match import KeySet, UnsupportedPattern
+from adapterpack.errors import InputError
+from adapterpack.interop.regex_match import KeySet, UnsupportedPattern
 
 
 def _refused(e: UnsupportedPattern) -> InputError:

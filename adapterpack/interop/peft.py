@@ -30,16 +30,16 @@ from typing import Any
 
 import numpy as np
 
-from .. import dtypes
-from ..adapter import Adapter, Module, as_array
-from ..atomic import PinnedFiles, atomic_dir, pinned_files
-from ..encodings import get_encoding
-from ..errors import AdapterpackError, ConversionError, InputError, RecordError, UnsafeInputError
-from ..limits import MAX_PEFT_CONFIG
-from . import source as src_
-from .export import StateDict, lora_records, pass_through
-from .patterns import build_patterns, most_common, resolve
-from .safetensors_header import read_header
+from adapterpack import dtypes
+from adapterpack.adapter import Adapter, Module, as_array
+from adapterpack.atomic import PinnedFiles, atomic_dir, pinned_files
+from adapterpack.encodings import get_encoding
+from adapterpack.errors import AdapterpackError, ConversionError, InputError, RecordError, UnsafeInputError
+from adapterpack.interop import source as src_
+from adapterpack.interop.export import StateDict, lora_records, pass_through
+from adapterpack.interop.patterns import build_patterns, most_common, resolve
+from adapterpack.interop.safetensors_header import read_header
+from adapterpack.limits import MAX_PEFT_CONFIG
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"

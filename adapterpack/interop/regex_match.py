@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ..limits import MAX_PATTERN_DEPTH, MAX_PATTERN_LENGTH, MAX_PATTERN_REPEAT, MAX_PATTERN_STEPS, MAX_PATTERN_SUBJECT
+from adapterpack.limits import MAX_PATTERN_DEPTH, MAX_PATTERN_LENGTH, MAX_PATTERN_REPEAT, MAX_PATTERN_STEPS, MAX_PATTERN_SUBJECT
 
 try:  # Python 3.11+
     from re import _constants as sre  # type: ignore[attr-defined]

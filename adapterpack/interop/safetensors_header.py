@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import dtypes
-from ..errors import AdapterpackError, InputError
-from ..limits import (
+from adapterpack import dtypes
+from adapterpack.errors import AdapterpackError, InputError
+from adapterpack.limits import (
     MAX_NDIM,
     MAX_SAFETENSORS_DESCRIPTION,
     MAX_SAFETENSORS_HEADER,

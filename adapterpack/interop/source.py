@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..adapter import Adapter
-from ..errors import ConversionError, InputError
-from ..limits import MAX_NDIM
+from adapterpack.adapter import Adapter
+from adapterpack.errors import ConversionError, InputError
+from adapterpack.limits import MAX_NDIM
 
 
 def json_metadata(meta: dict[str, str], key: str, path: Path) -> dict[str, Any]:
@@ -122,7 +122,7 @@ def config(adapter: Adapter, src: dict[str, Any]) -> dict[str, Any] | None:
     value = src["config"]
     if not isinstance(value, dict):
         raise malformed(adapter, "config", "an adapter_config.json object", value)
-    from .peft import check_config
+    from adapterpack.interop.peft import check_config
 
     check_config(value, f"adapter {adapter.name!r}: source['config']", ConversionError)
     return value

@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from .. import dtypes
-from ..adapter import Adapter, Module
-from ..errors import ConversionError
-from ..names import check_name
-from .export import DROP_HINT, check_key, scaled
+from adapterpack import dtypes
+from adapterpack.adapter import Adapter, Module
+from adapterpack.errors import ConversionError
+from adapterpack.interop.export import DROP_HINT, check_key, scaled
+from adapterpack.names import check_name
 
 TARGETS = ("vllm", "peft", "llama.cpp", "kohya")
 #: The values vLLM accepts for ``--max-lora-rank``.
@@ -222,7 +222,7 @@ def _check_peft(adapter: Adapter) -> list[Finding]:
 
 
 def _check_llama_cpp(adapter: Adapter, base: Any) -> list[Finding]:
-    from .gguf import _LAYER, GgufBase, _name_map
+    from adapterpack.interop.gguf import _LAYER, GgufBase, _name_map
 
     t = "llama.cpp"
     out = _common(adapter, t, own=())
@@ -293,7 +293,7 @@ def _names(adapter: Adapter, target: str) -> list[Finding]:
     """The module and tensor names the PEFT (vLLM) or kohya writer refuses, by the writer's own checks
     (:func:`~adapterpack.names.check_name`, :func:`~.export.check_key`, PEFT's :func:`~.peft.check_module_path`),
     applied to the names alone: no tensor is read."""
-    from .peft import check_module_path
+    from adapterpack.interop.peft import check_module_path
 
     def refusal(name: str, what: str) -> str | None:
         try:
@@ -367,8 +367,8 @@ class VllmPlan:
 
 def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors: bool = False) -> tuple[Adapter, VllmPlan]:
     """``adapter`` as a single-rank plain-LoRA adapter vLLM reads correctly (see the module docstring)."""
-    from ..convert import delta_error
-    from ..encodings.lower import as_lora, at_rank, main_dtype
+    from adapterpack.convert import delta_error
+    from adapterpack.encodings.lower import as_lora, at_rank, main_dtype
 
     refusals = [
         f for f in check(adapter, "vllm", max_lora_rank=max_lora_rank) if f.severity == "refuse" and "rank above" not in f.problem
@@ -431,7 +431,7 @@ def write_vllm(
 ) -> VllmPlan:
     """Write ``adapter`` as a PEFT folder that vLLM loads with the right scale everywhere (atomic, see :func:`to_vllm`;
     ``overwrite``: as :func:`~.peft.write_peft`)."""
-    from .peft import write_peft
+    from adapterpack.interop.peft import write_peft
 
     single, plan = to_vllm(adapter, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors)
     write_peft(single, Path(dst), overwrite=overwrite)
@@ -453,8 +453,8 @@ def check_path(
     base: str | os.PathLike[str] | None = None,
 ) -> list[Finding]:
     """:func:`check` on a file or folder (any format adapterpack reads); ``base`` is the base model's GGUF or config.json."""
-    from . import read_any
-    from .gguf import base_info
+    from adapterpack.interop import read_any
+    from adapterpack.interop.gguf import base_info
 
     info = base_info(base) if base is not None else None
     with read_any(path, adapter=adapter) as ad:

@@ -31,8 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import AdapterpackError
-from ..text import printable
+from adapterpack.errors import AdapterpackError
+from adapterpack.text import printable
 
 ENV_DIR = "ADAPTERPACK_VLLM_DIR"
 ENV_CACHE = "ADAPTERPACK_VLLM_CACHE"
@@ -105,8 +105,8 @@ class ApackResolver:
     def materialize(self, base_model_name: str, lora_name: str) -> Path | None:
         """The cached PEFT folder for ``lora_name`` (decoding it on first use), or None when this
         resolver has no such adapter for ``base_model_name``."""
-        from . import read_any
-        from .targets import write_vllm
+        from adapterpack.interop import read_any
+        from adapterpack.interop.targets import write_vllm
 
         path = self.find(lora_name)
         if path is None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ConversionError
+from adapterpack.errors import ConversionError
 
 #: DP states above which costs are rounded up to a coarser unit (memory: items × states bytes).
 MAX_STATES = 1 << 18

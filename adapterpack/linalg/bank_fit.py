@@ -28,9 +28,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..encodings.factors import Factors
-from ..errors import BankError
-from .finite import check_product
+from adapterpack.encodings.factors import Factors
+from adapterpack.errors import BankError
+from adapterpack.linalg.finite import check_product
 
 FORMS = ("full", "diagonal")
 WEIGHTS = ("norm", "uniform")
@@ -178,7 +178,7 @@ def chunk_members(sources: Sequence[Source], state: dict[str, Any], form: str, d
                   keep_raw: bool = False) -> list[dict[str, Any]]:
     """Per adapter: Σᵢ (rounded to ``dtype``) and exact errors against the stored bases, per module
     (and the unrounded float64 Σᵢ as ``raw`` when ``keep_raw``: rank choice needs it, the bank does not)."""
-    from .. import dtypes
+    from adapterpack import dtypes
 
     np_dt = dtypes.by_name(dtype).numpy
     out = []
@@ -371,7 +371,7 @@ def _solve_right(num: np.ndarray, gram: np.ndarray) -> np.ndarray:
 def members(fits: dict[str, ModuleFit], sources: Sequence[Source], executor: Any, opts: FitOptions,
             dtype: str, keep_raw: bool = False) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[dict[str, Any]]]:
     """Final pass: bases rounded to ``dtype``, then every adapter's Σᵢ and exact errors against them."""
-    from .. import dtypes
+    from adapterpack import dtypes
 
     np_dt = dtypes.by_name(dtype).numpy
     stored = {k: (f.U.astype(np_dt), f.V.astype(np_dt)) for k, f in fits.items()}
@@ -523,7 +523,7 @@ def fit_bank(shapes: Sequence[ModuleShape], sources: Sequence[Source], *, rank: 
     ``rank`` is R per module (or the most R may reach when ``target_error`` — mean relative squared
     error per module — or ``budget`` — total uncompressed bytes of the bank's tensors — chooses it).
     """
-    from .. import dtypes
+    from adapterpack import dtypes
 
     opts = opts or FitOptions()
     check_options(opts)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..encodings.factors import Factors
-from .bank_fit import _f64, diag_sigma, project, sq_error, sq_norm
+from adapterpack.encodings.factors import Factors
+from adapterpack.linalg.bank_fit import _f64, diag_sigma, project, sq_error, sq_norm
 
 
 def _lowrank_svd(B: np.ndarray, A: np.ndarray, s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

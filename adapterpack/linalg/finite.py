@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING
 import ml_dtypes
 import numpy as np
 
-from .. import dtypes
-from ..errors import ConversionError
+from adapterpack import dtypes
+from adapterpack.errors import ConversionError
 
 if TYPE_CHECKING:
-    from ..adapter import Adapter
+    from adapterpack.adapter import Adapter
 
 #: The largest bound on ‖ΔW‖_F a fit accepts: half of binary64's exponent range (fits square ΔW's
 #: size) less 2^32 of headroom for the sums over ranks, dimensions and coefficients they form.

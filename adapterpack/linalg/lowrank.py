@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import ConversionError
-from .finite import check_product
+from adapterpack.errors import ConversionError
+from adapterpack.linalg.finite import check_product
 
 Vectors = Callable[[int], "tuple[np.ndarray, np.ndarray]"]
 

@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 import scipy.linalg
 
-from ..adapter import Adapter, Module
-from ..encodings.factors import Factors
-from ..encodings.nola import decode_many, nola_shape
-from ..errors import ConversionError
-from ..rng.basis import DEFAULT_BUDGET, GENERATOR_ID, GENERATOR_VERSION, KIND_A, KIND_A0, KIND_B, basis_range, chunk_bases
-from .finite import check_product
-from .lowrank import factors_svd
+from adapterpack.adapter import Adapter, Module
+from adapterpack.encodings.factors import Factors
+from adapterpack.encodings.nola import decode_many, nola_shape
+from adapterpack.errors import ConversionError
+from adapterpack.linalg.finite import check_product
+from adapterpack.linalg.lowrank import factors_svd
+from adapterpack.rng.basis import DEFAULT_BUDGET, GENERATOR_ID, GENERATOR_VERSION, KIND_A, KIND_A0, KIND_B, basis_range, chunk_bases
 
 
 @dataclass

@@ -5,8 +5,8 @@ The torch twin, bit-identical on every device, is :mod:`adapterpack.torch.nola_r
 
 from __future__ import annotations
 
-from .basis import GENERATOR_ID, GENERATOR_VERSION, KINDS, basis, basis_bits, iter_bases, seed_key, uniform
-from .philox import KAT, philox4x32_10
+from adapterpack.rng.basis import GENERATOR_ID, GENERATOR_VERSION, KINDS, basis, basis_bits, iter_bases, seed_key, uniform
+from adapterpack.rng.philox import KAT, philox4x32_10
 
 __all__ = [
     "GENERATOR_ID",

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from ..errors import RecordError
-from .philox import BLOCK_CHUNK, philox_rounds, round_keys
+from adapterpack.errors import RecordError
+from adapterpack.rng.philox import BLOCK_CHUNK, philox_rounds, round_keys
 
 GENERATOR_ID = "philox4x32-10"
 GENERATOR_VERSION = 1

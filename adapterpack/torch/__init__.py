@@ -25,15 +25,15 @@ import os
 
 import torch
 
-from ..adapter import Adapter
-from ..api import open as open_adapter
-from ..errors import ConversionError
-from ..interop.detect import detect_format
-from .apply import Applied, apply, unapply
-from .decoders import TorchFactors, decode_all
-from .decoders.base import as_2d
-from .mapped import load_apack
-from .tensors import TORCH_DTYPES, LoraTensors, lora_tensors, tensor, torch_device, torch_dtype
+from adapterpack.adapter import Adapter
+from adapterpack.api import open as open_adapter
+from adapterpack.errors import ConversionError
+from adapterpack.interop.detect import detect_format
+from adapterpack.torch.apply import Applied, apply, unapply
+from adapterpack.torch.decoders import TorchFactors, decode_all
+from adapterpack.torch.decoders.base import as_2d
+from adapterpack.torch.mapped import load_apack
+from adapterpack.torch.tensors import TORCH_DTYPES, LoraTensors, lora_tensors, tensor, torch_device, torch_dtype
 
 __all__ = [
     "TORCH_DTYPES",

@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter
-from ..errors import ApplyError
-from .decoders.base import as_2d
-from .tensors import LoraTensors
+from adapterpack.adapter import Adapter
+from adapterpack.errors import ApplyError
+from adapterpack.torch.decoders.base import as_2d
+from adapterpack.torch.tensors import LoraTensors
 
 #: The prefix PEFT puts before base-model module names (``PeftModel.base_model.model``).
 PEFT_PREFIX = "base_model.model."
@@ -135,7 +135,7 @@ def _load(
 ) -> dict[str, LoraTensors]:
     if isinstance(source, dict):
         return source
-    from . import load
+    from adapterpack.torch import load
 
     return load(source, device, **kw)
 
@@ -250,7 +250,7 @@ def _refuse_full_tensors(source: object, adapter: str | None) -> None:
     if isinstance(source, Adapter):
         tensors = list(source.tensors)
     else:
-        from ..interop import read_any
+        from adapterpack.interop import read_any
 
         with read_any(source, adapter=adapter) as ad:  # type: ignore[arg-type]
             tensors = list(ad.tensors)

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from ..container.reader import ApackReader
-from ..errors import BankError
-from .tensors import tensor
+from adapterpack.container.reader import ApackReader
+from adapterpack.errors import BankError
+from adapterpack.torch.tensors import tensor
 
 
 class TorchBank:

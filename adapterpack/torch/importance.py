@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..adapter import Adapter
-from ..errors import ConversionError, InputError, MissingDependencyError
-from ..importance import LABELS, Importance
-from ..linalg.finite import check_adapter
-from ..rerank import module_spectrum
-from .apply import apply
+from adapterpack.adapter import Adapter
+from adapterpack.errors import ConversionError, InputError, MissingDependencyError
+from adapterpack.importance import LABELS, Importance
+from adapterpack.linalg.finite import check_adapter
+from adapterpack.rerank import module_spectrum
+from adapterpack.torch.apply import apply
 
 #: ``logits(model, batch) -> [b, t, vocab]``; the default fits Hugging Face causal LMs.
 LogitsFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import Module
-from ..container.reader import ApackReader
-from .decoders import decode_all, is_staged
-from .staging import check_same_file, stage
-from .tensors import LoraTensors, lora_tensors
+from adapterpack.adapter import Module
+from adapterpack.container.reader import ApackReader
+from adapterpack.torch.decoders import decode_all, is_staged
+from adapterpack.torch.staging import check_same_file, stage
+from adapterpack.torch.tensors import LoraTensors, lora_tensors
 
 
 def load_apack(

@@ -28,13 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter, Module
-from ..api import open as open_adapter
-from ..api import save as save_adapter
-from ..errors import ApplyError
-from ..rng.basis import DEFAULT_BUDGET, GENERATOR_ID, GENERATOR_VERSION, KIND_A, KIND_A0, KIND_B, chunk_bases
-from . import nola_rng
-from .decoders.nola import combine
+from adapterpack.adapter import Adapter, Module
+from adapterpack.api import open as open_adapter
+from adapterpack.api import save as save_adapter
+from adapterpack.errors import ApplyError
+from adapterpack.rng.basis import DEFAULT_BUDGET, GENERATOR_ID, GENERATOR_VERSION, KIND_A, KIND_A0, KIND_B, chunk_bases
+from adapterpack.torch import nola_rng
+from adapterpack.torch.decoders.nola import combine
 
 
 class _Combine(torch.autograd.Function):

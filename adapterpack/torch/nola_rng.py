@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import RecordError
-from ..rng.basis import KINDS, MAX_ELEMENTS, MAX_U32, seed_key
-from ..rng.philox import KAT, M0, M1, round_keys
+from adapterpack.errors import RecordError
+from adapterpack.rng.basis import KINDS, MAX_ELEMENTS, MAX_U32, seed_key
+from adapterpack.rng.philox import KAT, M0, M1, round_keys
 
 MASK = 0xFFFFFFFF
 _SPLIT = [(m & 0xFFFF, m >> 16) for m in (M0, M1)]

@@ -31,11 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checksum import crc32c
-from ..container.index import BlobEntry
-from ..container.reader import ApackReader
-from ..errors import AdapterpackError, ChecksumError
-from .tensors import TORCH_DTYPES, tensor
+from adapterpack.checksum import crc32c
+from adapterpack.container.index import BlobEntry
+from adapterpack.container.reader import ApackReader
+from adapterpack.errors import AdapterpackError, ChecksumError
+from adapterpack.torch.tensors import TORCH_DTYPES, tensor
 
 #: Bytes per pinned staging buffer (two are used, alternately).
 CHUNK = 32 << 20

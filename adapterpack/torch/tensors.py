@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .. import dtypes
-from ..adapter import TensorLike, as_array
-from ..errors import ConversionError
+from adapterpack import dtypes
+from adapterpack.adapter import TensorLike, as_array
+from adapterpack.errors import ConversionError
 
 if TYPE_CHECKING:
-    from .decoders.base import TorchFactors
+    from adapterpack.torch.decoders.base import TorchFactors
 
 #: spec dtype name → torch dtype.
 TORCH_DTYPES: dict[str, torch.dtype] = {

@@ -5,8 +5,8 @@ Add a decoder: a new module here with ``@register_torch_decoder("<id>")`` and on
 
 from __future__ import annotations
 
-from . import lora, nola, shared, svd  # noqa: F401  (registers the lora, nola, shared and svd decoders)
-from .base import (
+from adapterpack.torch.decoders import lora, nola, shared, svd  # noqa: F401  (registers the lora, nola, shared and svd decoders)
+from adapterpack.torch.decoders.base import (
     TorchDecoder,
     TorchFactors,
     decode,

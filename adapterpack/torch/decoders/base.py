@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ...adapter import Module
-from ...encodings import get_encoding
-from ...errors import UnknownEncodingError
-from ..tensors import place, tensor
+from adapterpack.adapter import Module
+from adapterpack.encodings import get_encoding
+from adapterpack.errors import UnknownEncodingError
+from adapterpack.torch.tensors import place, tensor
 
 #: ``fn(module, device, dtype) -> TorchFactors``.
 TorchDecoder = Callable[[Module, torch.device, "torch.dtype | None"], "TorchFactors"]

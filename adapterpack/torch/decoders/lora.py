@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ...adapter import Module
-from ...encodings.lora import lora_scale
-from .base import TorchFactors, as_2d, register_torch_decoder, slot
+from adapterpack.adapter import Module
+from adapterpack.encodings.lora import lora_scale
+from adapterpack.torch.decoders.base import TorchFactors, as_2d, register_torch_decoder, slot
 
 
 @register_torch_decoder("lora", staged=True)

@@ -13,12 +13,12 @@ from collections.abc import Iterable
 
 import torch
 
-from ...adapter import Module
-from ...encodings.nola import NolaShape, nola_shape
-from ...errors import RecordError
-from ...rng.basis import DEFAULT_BUDGET, KIND_A, KIND_A0, KIND_B, KIND_B0
-from .. import nola_rng
-from .base import TorchFactors, register_torch_decoder, slot
+from adapterpack.adapter import Module
+from adapterpack.encodings.nola import NolaShape, nola_shape
+from adapterpack.errors import RecordError
+from adapterpack.rng.basis import DEFAULT_BUDGET, KIND_A, KIND_A0, KIND_B, KIND_B0
+from adapterpack.torch import nola_rng
+from adapterpack.torch.decoders.base import TorchFactors, register_torch_decoder, slot
 
 
 def combine(seed: int, stream: int, kind: int, coef: torch.Tensor, n: int, budget: int = DEFAULT_BUDGET) -> torch.Tensor:

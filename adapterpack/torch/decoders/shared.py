@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ...adapter import Module
-from .base import TorchFactors, register_torch_decoder, slot
+from adapterpack.adapter import Module
+from adapterpack.torch.decoders.base import TorchFactors, register_torch_decoder, slot
 
 
 @register_torch_decoder("shared", staged=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from ...adapter import Module
-from ...errors import RecordError
-from .base import TorchFactors, register_torch_decoder, slot
+from adapterpack.adapter import Module
+from adapterpack.errors import RecordError
+from adapterpack.torch.decoders.base import TorchFactors, register_torch_decoder, slot
 
 
 @register_torch_decoder("svd", staged=True)
