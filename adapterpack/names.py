@@ -7,10 +7,13 @@ every exporter refuses to write such a name, so no output holds a name the other
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 from adapterpack.errors import AdapterpackError
 from adapterpack.limits import MAX_ADAPTER_NAME, MAX_NAME
 
-__all__ = ["MAX_ADAPTER_NAME", "MAX_NAME", "check_name", "name_problem"]
+__all__ = ["MAX_ADAPTER_NAME", "MAX_NAME", "check_name", "name_problem", "natural_key"]
 
 
 def name_problem(name: str, limit: int = MAX_NAME) -> str | None:
@@ -31,3 +34,8 @@ def check_name(name: str, what: str, error: type[AdapterpackError], limit: int =
     if problem is not None:
         raise error(f"{what} name {name!r:.80} {problem}")
     return name
+
+
+def natural_key(name: str) -> list[Any]:
+    """Sort key putting ``layers.2`` before ``layers.10``: digit runs compare as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]

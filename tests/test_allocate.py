@@ -143,7 +143,7 @@ def test_balanced_on_a_real_adapter_never_cuts_below_its_floor_and_beats_uniform
     """Bundled example at the bytes of uniform rank 4: floor 3 everywhere, Σ‖E‖^1.5 no worse than uniform's."""
     import adapterpack
     from adapterpack.examples import example_path
-    from adapterpack.rerank import module_spectrum
+    from adapterpack.ops.rerank import module_spectrum
 
     items = []
     with adapterpack.open(example_path()) as ad:

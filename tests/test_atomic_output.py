@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 
 import adapterpack
-import adapterpack.convert as convert_mod
+import adapterpack.ops.convert as convert_mod
 from adapterpack import Adapter, Module
 from adapterpack.container.writer import write_apack
-from adapterpack.convert import convert
 from adapterpack.errors import ConversionError, InputError, OutputExistsError
-from adapterpack.interop.kohya import write_kohya
-from adapterpack.interop.peft import read_peft, write_peft
+from adapterpack.formats.kohya import write_kohya
+from adapterpack.formats.peft import read_peft, write_peft
+from adapterpack.ops.convert import convert
 from tests.apack_builders import compressible_adapter, small_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,7 +194,7 @@ def test_a_killed_writer_of_a_new_folder_leaves_nothing_after_the_next_write(tmp
 def test_a_reader_sees_one_version_while_the_folder_is_swapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A writer replacing the folder after the reader read the config: the reader still gets the old
     weights with it (both files come from one version of the folder)."""
-    import adapterpack.interop.peft as peft
+    import adapterpack.formats.peft as peft
 
     dst = tmp_path / "peft"
     write_peft(OLD, dst)
@@ -237,7 +237,7 @@ import os, sys, time
 from pathlib import Path
 import numpy as np
 from adapterpack import Adapter, Module
-from adapterpack.interop.peft import read_peft, write_peft
+from adapterpack.formats.peft import read_peft, write_peft
 name, dst, started, stop = "{name}", Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 def version(value, alpha):
     factors = {{"A": np.ones((4, 16), np.float32), "B": np.full((8, 4), value, np.float32)}}

@@ -16,10 +16,10 @@ from click.testing import CliRunner, Result
 
 import adapterpack
 from adapterpack.adapter import Adapter
-from adapterpack.audit import VARIANTS, apack_size, audit_input, audit_paths, find_inputs
 from adapterpack.cli import main
 from adapterpack.encodings.lower import as_svd
 from adapterpack.examples import example_path
+from adapterpack.ops.audit import VARIANTS, apack_size, audit_input, audit_paths, find_inputs
 from tests.factories import qv_adapter
 
 EXAMPLE = example_path()
@@ -34,7 +34,7 @@ def convert(src: Path, dst: Path, *extra: str) -> int:
     """Size of the file (folder: adapter files) the real ``adapterpack convert`` writes."""
     r = run("convert", src, dst, *extra)
     assert r.exit_code == 0, r.output
-    from adapterpack.report import footprint
+    from adapterpack.ops.report import footprint
 
     return footprint(dst)
 
@@ -132,7 +132,7 @@ def test_svd_input_reads_singular_values(tmp_path: Path) -> None:
 def test_mixed_dtype_adapter_energy_sizes(tmp_path: Path) -> None:
     """Modules of different dtypes (q in bf16, v in fp32): each re-ranked record keeps its module's dtype."""
     from adapterpack.dtypes import cast_array
-    from adapterpack.rerank import RerankPolicy, rerank
+    from adapterpack.ops.rerank import RerankPolicy, rerank
 
     a = qv_adapter(3, layers=2, rank=6, in_features=40, q_out=48, v_out=24, b_scale=0.02)
     for m in a:
@@ -312,7 +312,7 @@ def test_unreadable_safetensors_in_a_folder_is_reported(tmp_path: Path) -> None:
 
 
 def test_dora_modules_are_kept_by_the_energy_variants(tmp_path: Path) -> None:
-    from adapterpack.rerank import RerankPolicy, rerank
+    from adapterpack.ops.rerank import RerankPolicy, rerank
 
     a = qv_adapter(5, layers=2, rank=6, in_features=40, q_out=48, v_out=24, b_scale=0.02)
     m = a.module("model.layers.1.self_attn.v_proj")

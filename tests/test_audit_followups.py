@@ -21,10 +21,10 @@ from adapterpack.bank import add_to_bank, build_bank, read_bank, refit_bank
 from adapterpack.bank import ops as bank_ops
 from adapterpack.cli import main
 from adapterpack.cli.output import MAX_ERROR_CHARS, Failure
+from adapterpack.encodings.nola_fit import fit_adapter
 from adapterpack.errors import ConversionError
-from adapterpack.interop.peft import read_peft
-from adapterpack.interop.targets import check_path
-from adapterpack.linalg.nola_fit import fit_adapter
+from adapterpack.formats.peft import read_peft
+from adapterpack.formats.serving import check_path
 from tests.apack_builders import valid_parts, write
 from tests.test_bank import NAMES, _split
 

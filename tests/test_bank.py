@@ -21,8 +21,8 @@ from adapterpack.adapter import Adapter
 from adapterpack.bank import add_to_bank, bank_listing, build_bank, extract_member, read_bank, refit_bank, write_extracted
 from adapterpack.bank import store as bank_store
 from adapterpack.bank.sources import PathSource
-from adapterpack.encodings.factors import Factors
 from adapterpack.errors import BankError, BankMismatchError
+from adapterpack.factors import Factors
 from adapterpack.linalg.bank_fit import FitOptions, MemorySource, ModuleShape, SerialExecutor, fit_bank
 
 DATA = Path(__file__).resolve().parent / "data" / "bank_loras.apack"

@@ -28,7 +28,7 @@ import adapterpack
 from adapterpack.bank import add_to_bank, bank_listing, build_bank, extract_member, read_bank, refit_bank, write_extracted
 from adapterpack.cli import main
 from adapterpack.errors import BankError, BankMismatchError, ConversionError
-from adapterpack.interop.peft import read_peft, write_peft
+from adapterpack.formats.peft import read_peft, write_peft
 from tests import apack_builders as ab
 from tests.factories import qv_adapter
 from tests.helpers_safetensors import bits, load_st

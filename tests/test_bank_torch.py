@@ -31,7 +31,7 @@ def _lora_delta(name: str, module: str) -> np.ndarray:
 def _build(path: Path, **kw: object) -> Path:
     """A bank of the first four fixture adapters (the fifth is for the add tests)."""
     from adapterpack.container.writer import write_apack
-    from adapterpack.interop import open_adapters
+    from adapterpack.formats import open_adapters
 
     src = path.with_name(path.stem + "_src.apack")
     with open_adapters(DATA) as opened:

@@ -18,8 +18,8 @@ from adapterpack.adapter import Adapter, Module
 from adapterpack.cli import main
 from adapterpack.errors import ConversionError
 from adapterpack.examples import example_path
-from adapterpack.interop.gguf import GgufBase
-from adapterpack.interop.targets import VLLM_RANKS, check, next_vllm_rank, to_vllm, vllm_scale, write_vllm
+from adapterpack.formats.gguf import GgufBase
+from adapterpack.formats.serving import VLLM_RANKS, check, next_vllm_rank, to_vllm, vllm_scale, write_vllm
 
 
 def _mixed(dora: bool = False) -> Adapter:
@@ -72,7 +72,7 @@ def test_vllm_findings_and_export(tmp_path: Path) -> None:
     # vLLM's rule applied to the plain PEFT export gets these modules wrong ...
     no_rs = Adapter(base_model=ad.base_model, modules={n: m for n, m in ad.modules.items() if not m.params.get("rslora")})
     assert any(f.severity == "refuse" and "use_rslora" in f.problem for f in check(ad, "peft"))  # mixed rsLoRA
-    adapterpack.convert.convert(_save(no_rs, tmp_path), tmp_path / "plain", to="peft")
+    adapterpack.ops.convert.convert(_save(no_rs, tmp_path), tmp_path / "plain", to="peft")
     naive = _vllm_delta(tmp_path / "plain")
     assert not np.allclose(naive["model.layers.1.self_attn.q_proj"], ad.delta("model.layers.1.self_attn.q_proj"))
     # ... and gets every module right in the --target vllm export

@@ -17,9 +17,9 @@ import adapterpack
 from adapterpack import Adapter
 from adapterpack.cli import main
 from adapterpack.container.reader import ApackReader
-from adapterpack.convert import adapter_differences
 from adapterpack.examples import example_path
-from adapterpack.report import inspect_path
+from adapterpack.ops.convert import adapter_differences
+from adapterpack.ops.report import inspect_path
 from tests.factories import qv_adapter
 
 REPO = Path(__file__).resolve().parent.parent

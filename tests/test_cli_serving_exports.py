@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import adapterpack
 from adapterpack.cli import main
 from adapterpack.examples import example_path
-from adapterpack.interop.peft import read_peft
+from adapterpack.formats.peft import read_peft
 
 EXAMPLE = example_path()
 

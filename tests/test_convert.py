@@ -1,4 +1,4 @@
-"""adapterpack.convert: exact ΔW errors of dtype casts, conversions between formats, overwrite rules."""
+"""adapterpack.ops.convert: exact ΔW errors of dtype casts, conversions between formats, overwrite rules."""
 
 from __future__ import annotations
 
@@ -13,7 +13,10 @@ import pytest
 import adapterpack
 from adapterpack import Adapter, Module
 from adapterpack.container.reader import ApackReader
-from adapterpack.convert import (
+from adapterpack.dtypes import cast_array
+from adapterpack.errors import ConversionError, OutputExistsError, UnknownDTypeError
+from adapterpack.factors import Factors
+from adapterpack.ops.convert import (
     adapter_differences,
     cast_adapter,
     convert,
@@ -22,9 +25,6 @@ from adapterpack.convert import (
     safetensors_differences,
     target_conflict,
 )
-from adapterpack.dtypes import cast_array
-from adapterpack.encodings.factors import Factors
-from adapterpack.errors import ConversionError, OutputExistsError, UnknownDTypeError
 from tests.factories import qv_adapter
 
 BF16 = ml_dtypes.bfloat16
@@ -253,7 +253,7 @@ def test_adapter_differences_sees_one_bit(tmp_path: Path) -> None:
     assert any("params" in d for d in adapter_differences(a, b))
 
 
-# --- PEFT and kohya (adapterpack.interop) -----------------------------------------------------------
+# --- PEFT and kohya (adapterpack.formats) -----------------------------------------------------------
 
 
 def peft_adapter(seed: int = 0) -> Adapter:
@@ -452,7 +452,7 @@ def test_adapter_differences_sees_fan_in_fan_out_and_must_understand() -> None:
 
 
 def test_kohya_name_note_only_for_unmapped_kohya_names() -> None:
-    from adapterpack.interop.peft import export_notes
+    from adapterpack.formats.peft import export_notes
 
     plain = square_lora()  # a top-level module "w" of a model is a fine PEFT name
     assert export_notes(plain) == []

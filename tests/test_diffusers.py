@@ -17,11 +17,11 @@ from safetensors.numpy import save_file
 import adapterpack
 from adapterpack import Adapter, Module
 from adapterpack.errors import ConversionError, InputError
-from adapterpack.interop.detect import detect_format
-from adapterpack.interop.diffusers import META_KEY, exact_alpha, read_diffusers, write_diffusers
-from adapterpack.interop.kohya import read_kohya, write_kohya
-from adapterpack.interop.peft import read_peft
-from adapterpack.interop.sd_names import NameResolver, grammar_paths, kohya_name_of
+from adapterpack.formats.detect import detect_format
+from adapterpack.formats.diffusers import META_KEY, exact_alpha, read_diffusers, write_diffusers
+from adapterpack.formats.kohya import read_kohya, write_kohya
+from adapterpack.formats.peft import read_peft
+from adapterpack.formats.sd_names import NameResolver, grammar_paths, kohya_name_of
 from tests.helpers_safetensors import assert_same_file, bits, load_st
 
 UNET_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -167,7 +167,7 @@ def test_diffusers_file_through_apack_bit_exact(tmp_path: Path, codec: str) -> N
     meta = {"format": "pt", META_KEY: json.dumps(md, indent=2, sort_keys=True)}
     src = tmp_path / "pytorch_lora_weights.safetensors"
     save_file(t, src, metadata=meta)
-    ad = adapterpack.interop.diffusers.read_diffusers(src)
+    ad = adapterpack.formats.diffusers.read_diffusers(src)
     assert ad.modules[UNET_Q].summary()["scale"] == 1.0 and ad.modules[UNET_CONV].summary()["scale"] == 2 / 8
     adapterpack.save(ad, tmp_path / "d.apack", codec=codec)
     with adapterpack.open(tmp_path / "d.apack") as back:
@@ -570,7 +570,7 @@ def test_string_target_modules_match_without_backtracking(tmp_path: Path, target
     src = tmp_path / "pytorch_lora_weights.safetensors"
     save_file(t, src, metadata={META_KEY: json.dumps({"unet.r": 4, "unet.lora_alpha": 4, "unet.target_modules": target})})
     code = (
-        "import sys, json; from adapterpack.interop.diffusers import read_diffusers; "
+        "import sys, json; from adapterpack.formats.diffusers import read_diffusers; "
         "print(json.dumps(read_diffusers(sys.argv[1]).source.get('notes', [])))"
     )
     repo = Path(__file__).parents[1]
@@ -596,8 +596,8 @@ def test_fullmatch_agrees_with_re_and_writer_patterns_are_one_look_up() -> None:
     import random
     import re
 
-    from adapterpack.interop.regex_match import Budget, compile_fullmatch, fullmatches
-    from adapterpack.interop.sd_names import pattern
+    from adapterpack.formats.regex_match import Budget, compile_fullmatch, fullmatches
+    from adapterpack.formats.sd_names import pattern
 
     paths = [f"down_blocks.{i}.attentions.{j}.to_{p}" for i in range(40) for j in range(5) for p in "qkv"]
     written = "(?:" + "|".join(pattern(p) for p in paths) + ")"

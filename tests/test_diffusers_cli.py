@@ -13,8 +13,8 @@ from safetensors.numpy import save_file
 
 import adapterpack
 from adapterpack.cli import main
-from adapterpack.convert import convert, infer_target, target_conflict
-from adapterpack.interop.diffusers import META_KEY
+from adapterpack.formats.diffusers import META_KEY
+from adapterpack.ops.convert import convert, infer_target, target_conflict
 from tests.helpers_safetensors import assert_same_file, bits, load_st
 
 Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"

@@ -21,9 +21,9 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 import adapterpack
 from adapterpack import Adapter, Module
-from adapterpack.interop.diffusers import write_diffusers
-from adapterpack.interop.kohya import read_kohya
-from adapterpack.interop.sd_names import kohya_name_of, sdxl_sgm_path
+from adapterpack.formats.diffusers import write_diffusers
+from adapterpack.formats.kohya import read_kohya
+from adapterpack.formats.sd_names import kohya_name_of, sdxl_sgm_path
 from tests.helpers_safetensors import assert_same_file
 
 UNET_CONFIG = {
@@ -238,7 +238,7 @@ def test_file_saved_by_diffusers_reads_exact(unet: UNet2DConditionModel, tmp_pat
         tmp_path, unet_lora_layers=get_peft_model_state_dict(model, adapter_name="x"), unet_lora_adapter_metadata=config.to_dict()
     )
     path = tmp_path / "pytorch_lora_weights.safetensors"
-    ad = adapterpack.interop.diffusers.read_diffusers(path)
+    ad = adapterpack.formats.diffusers.read_diffusers(path)
     lora_layers = {n: m for n, m in model.named_modules() if hasattr(m, "scaling") and "x" in m.scaling}
     assert sorted(ad.modules) == sorted(f"unet.{n}" for n in lora_layers)
     assert len({m.summary()["scale"] for m in ad}) > 2

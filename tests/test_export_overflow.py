@@ -20,12 +20,12 @@ from safetensors import safe_open
 
 from adapterpack import Adapter
 from adapterpack.errors import ConversionError
-from adapterpack.interop.diffusers import write_diffusers
-from adapterpack.interop.gguf import GgufBase, gguf_tensors
-from adapterpack.interop.kohya import kohya_state
-from adapterpack.interop.peft import read_peft, write_peft
-from adapterpack.interop.targets import to_vllm
-from adapterpack.rerank import RerankPolicy, rerank
+from adapterpack.formats.diffusers import write_diffusers
+from adapterpack.formats.gguf import GgufBase, gguf_tensors
+from adapterpack.formats.kohya import kohya_state
+from adapterpack.formats.peft import read_peft, write_peft
+from adapterpack.formats.serving import to_vllm
+from adapterpack.ops.rerank import RerankPolicy, rerank
 from tests.factories import example_with_alpha, qv_adapter
 
 pytestmark = pytest.mark.filterwarnings("error")  # a numpy RuntimeWarning escaping is a failure
@@ -209,7 +209,7 @@ def test_kohya_import_of_a_hostile_rslora_alpha_keeps_the_tensor_alpha(tmp_path:
     mismatch with the alpha tensor, so the file's own alpha is kept (and said)."""
     from safetensors.numpy import load_file, save_file
 
-    from adapterpack.interop.kohya import META_PARAMS, read_kohya, write_kohya
+    from adapterpack.formats.kohya import META_PARAMS, read_kohya, write_kohya
 
     src = toy(8.0, rslora=True)
     path = tmp_path / "k.safetensors"

@@ -14,7 +14,7 @@ import adapterpack
 from adapterpack.adapter import Adapter, Module
 from adapterpack.errors import ConversionError
 from adapterpack.examples import example_path
-from adapterpack.interop.gguf import GgufBase, base_from_config, permute_rows, write_gguf
+from adapterpack.formats.gguf import GgufBase, base_from_config, permute_rows, write_gguf
 
 gguf = pytest.importorskip("gguf")  # a declared test dependency: this only gives a clear message if it is missing
 
@@ -40,7 +40,7 @@ def _read(path: Path) -> tuple[dict[str, object], dict[str, np.ndarray]]:
 def test_bundled_adapter_matches_delta_and_base_layout(tmp_path: Path) -> None:
     from safetensors import safe_open
 
-    from adapterpack.interop.gguf import base_from_gguf
+    from adapterpack.formats.gguf import base_from_gguf
     from tools.fixtures import smollm2
 
     base_reader = gguf.GGUFReader(str(smollm2.gguf_path()))  # parsed once (seconds: the tokenizer is in its metadata)

@@ -14,10 +14,10 @@ import adapterpack
 from adapterpack.adapter import Adapter, Module
 from adapterpack.cli import main
 from adapterpack.errors import ConversionError, InputError
-from adapterpack.importance import Importance, load_importance
 from adapterpack.linalg import allocate
-from adapterpack.rerank import RerankPolicy, module_spectrum, plan_rerank
-from adapterpack.torch.importance import component_fisher
+from adapterpack.ops.importance import Importance, load_importance
+from adapterpack.ops.rerank import RerankPolicy, module_spectrum, plan_rerank
+from adapterpack.torch.fit.fisher import component_fisher
 
 V, D, H = 11, 6, 8
 
@@ -100,7 +100,7 @@ def test_fisher_matches_brute_force_autograd_and_restores_the_model() -> None:
 def test_per_token_statistics_for_the_estimator_comparison() -> None:
     """``component_statistics``: ``sequence`` is what component_fisher keeps; ``input`` is the second
     moment of Vᵀx over every position the module saw (l1's input is the embedding, known exactly)."""
-    from adapterpack.torch.importance import STATISTICS, component_statistics
+    from adapterpack.torch.fit.fisher import STATISTICS, component_statistics
 
     model, ad, data = Tiny(), tiny_adapter(), batches()
     stats, _, _ = component_statistics(model, ad, data, labels="data", logits=logits, statistics=STATISTICS)
@@ -141,7 +141,7 @@ def test_bad_calibration_input() -> None:
 
 
 def test_text_blocks_are_evenly_spaced_whole_blocks() -> None:
-    from adapterpack.torch.importance import text_blocks
+    from adapterpack.torch.fit.fisher import text_blocks
 
     ids = list(range(100))
     got = text_blocks(ids, 3, 10)  # 10 whole blocks: the first, the middle (4.5 rounds to even) and the last
@@ -277,7 +277,7 @@ def test_cli_measures_the_bundled_adapter_on_smollm2_and_rerank_uses_it(tmp_path
     import json
 
     from adapterpack.examples import example_path
-    from adapterpack.torch.importance import causal_lm_importance
+    from adapterpack.torch.fit.fisher import causal_lm_importance
     from tools.fixtures import smollm2
 
     text = tmp_path / "calib.txt"

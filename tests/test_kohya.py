@@ -18,9 +18,9 @@ from safetensors.numpy import save_file
 import adapterpack
 from adapterpack import Adapter, Module
 from adapterpack.errors import ConversionError, InputError, RecordError
-from adapterpack.interop.detect import detect_format
-from adapterpack.interop.kohya import META_NAMES, META_PARAMS, read_kohya, write_kohya
-from adapterpack.interop.peft import read_peft, write_peft
+from adapterpack.formats.detect import detect_format
+from adapterpack.formats.kohya import META_NAMES, META_PARAMS, read_kohya, write_kohya
+from adapterpack.formats.peft import read_peft, write_peft
 from tests.helpers_safetensors import assert_same_file, bits, load_st
 
 BF16 = ml_dtypes.bfloat16

@@ -26,9 +26,9 @@ import adapterpack
 from adapterpack import errors, limits
 from adapterpack.adapter import Adapter, Module
 from adapterpack.encodings.lower import as_lora
-from adapterpack.interop.patterns import get_pattern_key, resolve
-from adapterpack.interop.regex_match import compile_key, matches
-from adapterpack.interop.safetensors_header import TensorEntry, read_header
+from adapterpack.formats.patterns import get_pattern_key, resolve
+from adapterpack.formats.regex_match import compile_key, matches
+from adapterpack.formats.safetensors_header import TensorEntry, read_header
 from tests.apack_builders import edited, nola_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,7 +231,7 @@ def test_mixture_of_experts_header_is_read(tmp_path: Path) -> None:
 
 def test_tensor_count_limit_is_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """As many tensors as the limit are read, one more is refused before its description is parsed."""
-    monkeypatch.setattr("adapterpack.interop.safetensors_header.MAX_SAFETENSORS_TENSORS", 100)
+    monkeypatch.setattr("adapterpack.formats.safetensors_header.MAX_SAFETENSORS_TENSORS", 100)
     assert len(read_header(empty_tensors_file(tmp_path / "ok.safetensors", 100)).tensors) == 100
     with pytest.raises(errors.InputError, match="more than 100 tensors, over the limit"):
         read_header(empty_tensors_file(tmp_path / "over.safetensors", 101))
@@ -290,13 +290,13 @@ def test_inconsistent_safetensors_headers_are_refused(
 
 def test_every_safetensors_reader_checks_the_header_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """PEFT folders (the weights file) and importance files go through the same checked header."""
-    monkeypatch.setattr("adapterpack.interop.safetensors_header.MAX_SAFETENSORS_TENSORS", 100)
+    monkeypatch.setattr("adapterpack.formats.safetensors_header.MAX_SAFETENSORS_TENSORS", 100)
     folder = tmp_path / "peft"
     shutil.copytree(EXAMPLE, folder)
     empty_tensors_file(folder / "adapter_model.safetensors", 101)
     with pytest.raises(errors.InputError, match="more than 100 tensors, over the limit"):
         adapterpack.open(folder)
-    from adapterpack.importance import load_importance
+    from adapterpack.ops.importance import load_importance
 
     with pytest.raises(errors.InputError, match="more than 100 tensors, over the limit"):
         load_importance(folder / "adapter_model.safetensors")
@@ -386,7 +386,7 @@ def test_hostile_keys_on_the_real_adapter_end_in_bounded_time(tmp_path: Path, wh
 def test_one_budget_for_all_the_modules_of_a_map() -> None:
     """A key costing well under the budget for one name is refused on the third: the budget is per map
     (one config's rank_pattern), not per match, so the work does not grow with the number of modules."""
-    from adapterpack.interop.regex_match import Budget
+    from adapterpack.formats.regex_match import Budget
 
     key = "(?:" + "|".join([r"\ba", r"\Ba"] * 500) + "){1,1000}X"
     names = ["a" * 150, "b." + "a" * 150, "c." + "a" * 150]
@@ -432,7 +432,7 @@ def test_empty_non_boundary_follows_the_running_python() -> None:
     """Python 3.14 made \\B match the empty string; the matcher asks the running re instead of assuming."""
     for key in (r"\B", r"(?:\B)*", r"a|\B"):
         assert matches(compile_key(key), "") == (re.match(rf"(.*\.)?({key})$", "") is not None)
-    from adapterpack.interop import regex_match
+    from adapterpack.formats import regex_match
 
     assert regex_match._EMPTY_NON_BOUNDARY == (re.fullmatch(r"\B", "") is not None)
 
@@ -563,11 +563,11 @@ def test_key_sets_agree_with_peft() -> None:
 
 PY310 = """
 import re, sys, types
-for pkg, sub in (("adapterpack", ""), ("adapterpack.interop", "/interop")):  # their __init__s import numpy
+for pkg, sub in (("adapterpack", ""), ("adapterpack.formats", "/formats")):  # their __init__s import numpy
     mod = types.ModuleType(pkg)
     mod.__path__ = [sys.argv[1] + "/adapterpack" + sub]
     sys.modules[pkg] = mod
-from adapterpack.interop.patterns import resolve
+from adapterpack.formats.patterns import resolve
 keys = ["q_pro+j", r"\\bk\\B_proj", "(a|b)+[.]c", "v_proj"]
 names = ["model.layers.0.self_attn.q_proj", "a.k_proj", "ab.c", "x.v_proj", "v_proj.x"]
 print([resolve({k: i for i, k in enumerate(keys)}, -1, n) for n in names])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from adapterpack import errors
-from adapterpack.interop.nola_checkpoint import read_nola_checkpoint
+from adapterpack.formats.nola_checkpoint import read_nola_checkpoint
 
 
 def _layer(sd: dict, prefix: str, out: int, inp: int, r: int, k: int, seed: int) -> None:

@@ -10,10 +10,10 @@ import pytest
 import adapterpack
 from adapterpack import errors
 from adapterpack.adapter import Adapter
-from adapterpack.encodings.factors import Factors
 from adapterpack.encodings.lower import as_lora, as_svd, lora_from_factors
-from adapterpack.interop.peft import read_peft, write_peft
-from adapterpack.linalg.nola_fit import fit_adapter, fit_nola, lowrank_norm
+from adapterpack.encodings.nola_fit import fit_adapter, fit_nola, lowrank_norm
+from adapterpack.factors import Factors
+from adapterpack.formats.peft import read_peft, write_peft
 from tests.test_nola import nola_module
 from tools.bench.common import example_dir
 

@@ -21,16 +21,16 @@ from safetensors.numpy import load_file, save_file
 
 import adapterpack
 from adapterpack import Adapter
-from adapterpack.audit import audit_input
 from adapterpack.bank import add_to_bank, build_bank, extract_member, read_bank, refit_bank
 from adapterpack.bank.store import write_bank
 from adapterpack.cli import main
-from adapterpack.convert import adapter_differences, cast_adapter, convert, safetensors_differences
+from adapterpack.encodings.nola_fit import fit_adapter
 from adapterpack.errors import ConversionError
 from adapterpack.examples import example_path
 from adapterpack.linalg.finite import MAX_NORM, check_product
-from adapterpack.linalg.nola_fit import fit_adapter
-from adapterpack.rerank import RerankPolicy, rerank
+from adapterpack.ops.audit import audit_input
+from adapterpack.ops.convert import adapter_differences, cast_adapter, convert, safetensors_differences
+from adapterpack.ops.rerank import RerankPolicy, rerank
 from tests.factories import example_with_alpha, qv_adapter
 
 pytestmark = pytest.mark.filterwarnings("error")  # a numpy RuntimeWarning escaping is a failure
@@ -301,7 +301,7 @@ def test_audit_reports_the_input_as_failed(tmp_path: Path, measure: tuple[str, .
 @pytest.mark.parametrize("value", [np.nan, np.inf])
 def test_importance_refuses_before_measuring(tmp_path: Path, value: float) -> None:
     pytest.importorskip("torch")
-    from adapterpack.torch.importance import causal_lm_importance, component_fisher
+    from adapterpack.torch.fit.fisher import causal_lm_importance, component_fisher
     from tests.test_importance import Tiny, batches, logits, tiny_adapter
 
     ad = tiny_adapter()

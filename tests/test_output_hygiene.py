@@ -21,11 +21,11 @@ from adapterpack.adapter import Adapter, Module
 from adapterpack.cli import main
 from adapterpack.container.writer import write_apack
 from adapterpack.errors import ConversionError, IndexFormatError
-from adapterpack.interop.diffusers import write_diffusers
-from adapterpack.interop.gguf import write_gguf
-from adapterpack.interop.kohya import write_kohya
-from adapterpack.interop.peft import write_peft
-from adapterpack.interop.source import source_format
+from adapterpack.formats.diffusers import write_diffusers
+from adapterpack.formats.gguf import write_gguf
+from adapterpack.formats.kohya import write_kohya
+from adapterpack.formats.peft import write_peft
+from adapterpack.formats.source import source_format
 from adapterpack.text import json_printable, printable
 
 #: Hostile module names, each with the escaped form a person sees.
@@ -168,7 +168,7 @@ def test_resolver_warning_escaped(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     import asyncio
 
     from adapterpack.errors import InputError
-    from adapterpack.interop import vllm_resolver
+    from adapterpack.formats import vllm_resolver
 
     def refuse(*_: object) -> None:
         raise InputError(f"{tmp_path / HOSTILE_DIR}: not an adapter")

@@ -23,9 +23,9 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 import adapterpack
 from adapterpack import Adapter, Module
 from adapterpack.errors import ConversionError, InputError, UnrecognizedInputError, UnsafeInputError
-from adapterpack.interop.detect import detect_format
-from adapterpack.interop.patterns import build_patterns, get_pattern_key, resolve
-from adapterpack.interop.peft import peft_config, read_peft, write_peft
+from adapterpack.formats.detect import detect_format
+from adapterpack.formats.patterns import build_patterns, get_pattern_key, resolve
+from adapterpack.formats.peft import peft_config, read_peft, write_peft
 from tests.helpers_safetensors import assert_same_folder, bits, load_st
 
 CODECS = ("raw", "zstd", "byteplanes")
@@ -379,7 +379,7 @@ def test_bin_needs_torch_2_6(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     [("2.13.0+cpu", (2, 13, 0)), ("2.5.1", (2, 5, 1)), ("2.6.0a0+git1234", (2, 6, 0)), ("2.6", (2, 6)), ("x", (0,))],
 )
 def test_torch_version(version: str, parsed: tuple[int, ...]) -> None:
-    from adapterpack.interop.peft import torch_version
+    from adapterpack.formats.peft import torch_version
 
     assert torch_version(version) == parsed
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import adapterpack
-from adapterpack.interop.peft import write_peft
+from adapterpack.formats.peft import write_peft
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "adapterpack" / "examples" / "smollm2-pydoc-lora"
 N_BLOCKS = 4

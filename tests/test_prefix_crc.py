@@ -21,9 +21,9 @@ from adapterpack.cli import main
 from adapterpack.container import ApackReader
 from adapterpack.container import reader as reader_module
 from adapterpack.container.prefix import KEY, prefix_crcs
-from adapterpack.convert import convert
 from adapterpack.encodings.lower import adapter_at_rank
 from adapterpack.errors import AdapterpackError, ChecksumError, IndexFormatError
+from adapterpack.ops.convert import convert
 from tools.make_vectors import _craft
 
 NAME = "model.layers.0.self_attn.q_proj"

@@ -1,4 +1,4 @@
-"""adapterpack.report: inspect data equals what the file actually holds."""
+"""adapterpack.ops.report: inspect data equals what the file actually holds."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from adapterpack import Adapter, Module
 from adapterpack.checksum import crc32c
 from adapterpack.container.reader import ApackReader
 from adapterpack.errors import AdapterNotFoundError, UnrecognizedInputError
-from adapterpack.report import footprint, inspect_path
+from adapterpack.ops.report import footprint, inspect_path
 from tests.factories import qv_modules
 
 
@@ -124,7 +124,7 @@ def test_skipped_records_are_listed(tmp_path: Path) -> None:
 
 
 def test_peft_folder_report(tmp_path: Path) -> None:
-    from adapterpack.convert import convert
+    from adapterpack.ops.convert import convert
 
     src = tmp_path / "a.apack"
     adapter = toy()
@@ -175,7 +175,7 @@ def test_rows_are_in_natural_order(tmp_path: Path) -> None:
 
 
 def test_peft_and_kohya_inputs_refuse_other_adapter_names(tmp_path: Path) -> None:
-    from adapterpack.convert import convert
+    from adapterpack.ops.convert import convert
 
     adapter = toy()
     del adapter.modules["model.layers.3.mlp.down_proj"]

@@ -14,9 +14,9 @@ from adapterpack.adapter import Adapter, Module
 from adapterpack.cli import main
 from adapterpack.errors import ConversionError
 from adapterpack.examples import example_path
-from adapterpack.interop.kohya import read_kohya
-from adapterpack.interop.peft import read_peft
-from adapterpack.rerank import RerankPolicy, rerank, rerank_file
+from adapterpack.formats.kohya import read_kohya
+from adapterpack.formats.peft import read_peft
+from adapterpack.ops.rerank import RerankPolicy, rerank, rerank_file
 from tools import make_vectors
 
 EXAMPLE = example_path()

@@ -12,7 +12,7 @@ import pytest
 
 import adapterpack
 from adapterpack.examples import example_path
-from adapterpack.rerank import RerankPolicy, rerank, rerank_file
+from adapterpack.ops.rerank import RerankPolicy, rerank, rerank_file
 
 TOL = 2e-6  # fp32 factors: retained fractions and errors agree with binary64 to ~1e-7
 

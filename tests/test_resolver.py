@@ -14,8 +14,9 @@ import pytest
 
 import adapterpack
 from adapterpack.examples import example_path
-from adapterpack.interop import targets, vllm_resolver
-from adapterpack.interop.vllm_resolver import ApackResolver, register
+from adapterpack.formats import serving as targets
+from adapterpack.formats import vllm_resolver
+from adapterpack.formats.vllm_resolver import ApackResolver, register
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

@@ -16,7 +16,7 @@ from adapterpack.cli import main
 from adapterpack.encodings.lower import as_svd
 from adapterpack.errors import MissingDependencyError
 from adapterpack.examples import example_path
-from adapterpack.spectrum import ENERGY_LEVELS, ModuleSpectrum, adapter_spectra, module_spectrum, plot_spectra
+from adapterpack.ops.spectrum import ENERGY_LEVELS, ModuleSpectrum, adapter_spectra, module_spectrum, plot_spectra
 
 EXAMPLE = example_path()
 
@@ -198,7 +198,7 @@ def test_plot_caps_the_adapters_drawn(real: Adapter, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     from PIL import Image  # matplotlib depends on pillow
 
-    from adapterpack.spectrum import MAX_PLOT_ADAPTERS
+    from adapterpack.ops.spectrum import MAX_PLOT_ADAPTERS
 
     mods = [s.as_dict() for s in adapter_spectra(real)][:4]
     one, many = tmp_path / "one.png", tmp_path / "many.png"

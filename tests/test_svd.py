@@ -15,8 +15,8 @@ from adapterpack.container.reader import ApackReader
 from adapterpack.encodings.lower import as_lora, as_svd, at_rank
 from adapterpack.errors import ConversionError, RankError, RecordError
 from adapterpack.examples import example_path
-from adapterpack.interop.kohya import read_kohya, write_kohya
-from adapterpack.interop.peft import read_peft, write_peft
+from adapterpack.formats.kohya import read_kohya, write_kohya
+from adapterpack.formats.peft import read_peft, write_peft
 from adapterpack.linalg.lowrank import factors_svd
 from tools import make_vectors
 
@@ -361,8 +361,8 @@ def test_open_at_a_rank_keeps_dora_modules() -> None:
 
 
 def test_every_reader_of_s_refuses_bad_singular_values() -> None:
-    from adapterpack.rerank import module_spectrum as rerank_spectrum
-    from adapterpack.spectrum import module_spectrum
+    from adapterpack.ops.rerank import module_spectrum as rerank_spectrum
+    from adapterpack.ops.spectrum import module_spectrum
 
     good = as_svd(next(iter(make_vectors.basic())), dtype="float32")
     for s in ([-1.0, 2.0], [1.0, 2.0], [np.nan, 1.0]):

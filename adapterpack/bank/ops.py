@@ -15,8 +15,8 @@ from adapterpack.adapter import Adapter, Module, as_array, decoded_bytes
 from adapterpack.bank.lock import locked
 from adapterpack.bank.sources import Member, ModuleKey, PathSource, expand_inputs, plan_modules
 from adapterpack.bank.store import META_HASH, Bank, BankMember, BankModule, error_metadata, open_bank, validate_records, write_bank
-from adapterpack.encodings.factors import Factors
 from adapterpack.errors import BankError
+from adapterpack.factors import Factors
 from adapterpack.linalg.bank_fit import DaskExecutor, FitOptions, ModuleShape, SerialExecutor, fit_bank
 from adapterpack.linalg.bank_grow import pad, place
 from adapterpack.linalg.finite import check_product
@@ -231,7 +231,7 @@ def extract_member(path: str | os.PathLike[str], name: str) -> tuple[Adapter, di
     """One member as an ordinary adapter of ``lora`` records and its own pass-through tensors (reads
     only its S, its tensors and the shared bases), with the exact relative error of the extraction
     per module (~1e-14 from rounding)."""
-    from adapterpack.api import open as open_adapter
+    from adapterpack.ops.files import open as open_adapter
 
     with open_adapter(path, adapter=name) as a:
         out = Adapter(name=a.name, base_model=a.base_model, base_architecture=a.base_architecture, source=dict(a.source),
@@ -250,7 +250,7 @@ def extract_drops(adapter: Adapter, to: str) -> list[str]:
     from another format, e.g. a kohya file's unknown keys): refused unless dropped on request."""
     if to != "peft":
         return []
-    from adapterpack.interop.targets import check
+    from adapterpack.formats.serving import check
 
     return [n for f in check(adapter, "peft") if "full tensors" in f.problem for n in f.modules]
 
@@ -266,7 +266,7 @@ def write_extracted(adapter: Adapter, out: str | os.PathLike[str], to: str = "ap
         adapter = adapter.derived({k: as_svd(m) for k, m in adapter.modules.items()})
         to = "apack"
     if to == "peft":
-        from adapterpack.interop.peft import write_peft
+        from adapterpack.formats.peft import write_peft
 
         return write_peft(adapter, out, drop_tensors=drop_tensors)
     from adapterpack.container.writer import write_apack

@@ -14,8 +14,8 @@ import numpy as np
 
 from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module, StoredTensor, TensorLike, as_array, stored_bytes, tensor_info
-from adapterpack.encodings.factors import Factors
 from adapterpack.errors import BankError, BankMismatchError
+from adapterpack.factors import Factors
 from adapterpack.linalg.bank_fit import ModuleShape
 
 
@@ -33,7 +33,7 @@ class PathSource:
 
     def load(self) -> dict[str, Factors]:
         """Module name → 2-D factors, copied out of the file (which is closed again)."""
-        from adapterpack.api import open as open_adapter
+        from adapterpack.ops.files import open as open_adapter
 
         with open_adapter(self.path, adapter=self.adapter) as a:
             names = self.modules if self.modules is not None else tuple(a.modules)
@@ -43,7 +43,7 @@ class PathSource:
         """The content hash of ``factors`` (this adapter's, from :meth:`load`) with its pass-through tensors, and a
         handle per tensor that reads it from the file again when loaded: each tensor is hashed as it is read and
         none is kept, so a bank's members do not hold theirs in memory until the bank is written."""
-        from adapterpack.api import open as open_adapter
+        from adapterpack.ops.files import open as open_adapter
 
         with open_adapter(self.path, adapter=self.adapter) as a:
             handles = {k: _handle(t, functools.partial(self.load_tensor, k)) for k, t in a.tensors.items()}
@@ -52,7 +52,7 @@ class PathSource:
     def load_tensor(self, name: str) -> np.ndarray:
         """One pass-through tensor (PEFT ``modules_to_save``, unknown keys), bit for bit (a read-only view of a raw
         ``.apack`` blob keeps that file's mapping alive, not a copy)."""
-        from adapterpack.api import open as open_adapter
+        from adapterpack.ops.files import open as open_adapter
 
         with open_adapter(self.path, adapter=self.adapter) as a:
             if name not in a.tensors:
@@ -144,7 +144,7 @@ class Member:
 def expand_inputs(paths: list[str | os.PathLike[str]], names: list[str] | None = None) -> list[Member]:
     """Open each input (index only for .apack) and list its adapters; every adapter of a multi-adapter
     .apack becomes a member named after itself, any other input after its file or folder name."""
-    from adapterpack.interop import open_adapters
+    from adapterpack.formats import open_adapters
 
     if not paths:
         raise BankError("no adapters given: a bank needs at least one")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import click
 
-from adapterpack import __version__
 from adapterpack.cli.audit_cmd import audit
 from adapterpack.cli.bank_cmd import bank
 from adapterpack.cli.check_cmd import check
@@ -20,6 +19,7 @@ from adapterpack.cli.output import AdapterpackGroup
 from adapterpack.cli.process import keep_freed_memory
 from adapterpack.cli.rerank_cmd import rerank
 from adapterpack.cli.verify_cmd import verify
+from adapterpack.version import __version__
 
 
 @click.group(cls=AdapterpackGroup, context_settings={"help_option_names": ["-h", "--help"]})

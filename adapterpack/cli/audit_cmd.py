@@ -1,6 +1,6 @@
 """``adapterpack audit PATH...``: where adapter storage goes, and what codecs, bf16 or re-ranking would save.
 
-Presentation only: :mod:`adapterpack.audit` finds the inputs and measures them.
+Presentation only: :mod:`adapterpack.ops.audit` finds the inputs and measures them.
 """
 
 from __future__ import annotations
@@ -147,7 +147,7 @@ def audit(paths: tuple[str, ...], as_json: bool, as_csv: bool, jobs: int, measur
     files; globs such as 'runs/**/*.apack' are expanded): per input and in total, bytes, parameters,
     dtype, encoding, ranks, ranks keeping 99%/95% energy, and what zstd, byteplanes, bf16 and a re-rank
     to 99%/95% energy would save. Exit status 1 when any input could not be read or a path matched nothing."""
-    from adapterpack.audit import audit_paths, default_jobs, find_inputs
+    from adapterpack.ops.audit import audit_paths, default_jobs, find_inputs
 
     if as_json and as_csv:
         raise click.UsageError("--json and --csv exclude each other")

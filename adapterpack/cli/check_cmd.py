@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from adapterpack.cli import output as out
-from adapterpack.interop.targets import TARGETS
+from adapterpack.formats.serving import TARGETS
 
 
 def finding_lines(target: str, path: Path, findings: list[dict[str, Any]]) -> list[str]:
@@ -36,7 +36,7 @@ def check(
     ctx: click.Context, path: Path, target: str, adapter: str | None, max_lora_rank: int | None, base: Path | None, as_json: bool
 ) -> None:
     """Exit status 0 when TARGET would load PATH as it is (notes only), 1 when it would refuse or misread something."""
-    from adapterpack.interop.targets import check_path
+    from adapterpack.formats.serving import check_path
 
     findings = [f.as_dict() for f in check_path(path, target, adapter=adapter, max_lora_rank=max_lora_rank, base=base)]
     if as_json:

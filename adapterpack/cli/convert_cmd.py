@@ -9,7 +9,7 @@ import click
 
 from adapterpack.cli import output as out
 from adapterpack.codecs import codec_ids
-from adapterpack.convert import DTYPE_CHOICES, TARGETS
+from adapterpack.ops.convert import DTYPE_CHOICES, TARGETS
 
 #: Printed after writing a compressed .apack: how to get the fastest loading instead.
 RAW_HINT = "hint     --codec raw gives zero-copy mmap loading (adapterpack.torch.load) for serving; compressed blobs decode on load"
@@ -25,7 +25,7 @@ def cast_lines(c: dict[str, Any]) -> list[str]:
 
 
 def result_lines(r: dict[str, Any]) -> list[str]:
-    """Summary of a :class:`~adapterpack.convert.ConvertResult` (as_dict form)."""
+    """Summary of a :class:`~adapterpack.ops.convert.ConvertResult` (as_dict form)."""
     how = f", {r['codec']}" + (f" level {r['level']}" if r["level"] is not None else "") if r["codec"] else ""
     lines = [
         f"wrote    {r['dst']} ({r['dst_format']}{how}) from {r['src']} ({r['src_format']}) in {r['seconds']:.2f} s",
@@ -118,8 +118,8 @@ def convert(
 ) -> None:
     """Convert SRC (.apack, PEFT folder, kohya or diffusers file) to DST; lossless unless --dtype narrows,
     --rank cuts or --to nola fits."""
-    from adapterpack.convert import convert as run
-    from adapterpack.convert import infer_target, target_conflict
+    from adapterpack.ops.convert import convert as run
+    from adapterpack.ops.convert import infer_target, target_conflict
 
     target = to or infer_target(dst)
     if to is not None and (why := target_conflict(dst, to)):

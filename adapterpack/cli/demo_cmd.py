@@ -66,9 +66,9 @@ def demo(ctx: click.Context, out_dir: Path | None) -> None:
     """Convert the bundled example PEFT adapter to .apack and back, checking every step."""
     from adapterpack import open as open_adapter
     from adapterpack.container.reader import ApackReader
-    from adapterpack.convert import adapter_differences, convert, safetensors_differences
     from adapterpack.examples import example_path
-    from adapterpack.report import inspect_path
+    from adapterpack.ops.convert import adapter_differences, convert, safetensors_differences
+    from adapterpack.ops.report import inspect_path
 
     start = time.perf_counter()
     example = example_path()

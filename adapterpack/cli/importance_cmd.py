@@ -1,6 +1,6 @@
 """``adapterpack importance ADAPTER MODEL OUT --text FILE``: measure what each singular component is worth.
 
-Presentation only: :func:`adapterpack.torch.importance.causal_lm_importance` measures (torch and
+Presentation only: :func:`adapterpack.torch.fit.fisher.causal_lm_importance` measures (torch and
 transformers are imported when the command runs, never at CLI start-up); ``rerank --importance OUT``
 uses the file.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from adapterpack.cli import output as out
-from adapterpack.importance import LABELS
+from adapterpack.ops.importance import LABELS
 
 
 @click.command("importance", short_help="Measure each singular component's Fisher information (for rerank --importance).")
@@ -56,9 +56,9 @@ def importance(
     `adapterpack rerank ADAPTER DST --budget B --importance OUT` then spends the bytes where cutting
     would cost the model the most (second-order KL), instead of where ΔW has the most energy.
     """
-    from adapterpack.api import open as open_adapter
     from adapterpack.errors import InputError, OutputExistsError
-    from adapterpack.torch.importance import causal_lm_importance
+    from adapterpack.ops.files import open as open_adapter
+    from adapterpack.torch.fit.fisher import causal_lm_importance
 
     if dst.exists() and not force:
         raise OutputExistsError(f"{dst} exists (pass --force to overwrite)")

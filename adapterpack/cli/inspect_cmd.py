@@ -83,7 +83,7 @@ def adapter_lines(a: dict[str, Any], limit: int | None = None) -> list[str]:
 
 
 def inspect_lines(report: dict[str, Any], limit: int | None = None) -> list[str]:
-    """The whole ``inspect`` text for a report from :func:`adapterpack.report.inspect_path`."""
+    """The whole ``inspect`` text for a report from :func:`adapterpack.ops.report.inspect_path`."""
     n = len(report["adapters"])
     lines = [f"{report['path']}: {report['format']}, {n} adapter{'s' if n != 1 else ''}", ""]
     for a in report["adapters"]:
@@ -172,15 +172,15 @@ def spectrum_report_lines(report: dict[str, Any]) -> list[str]:
 )
 def inspect(path: Path, adapter_name: str | None, as_json: bool, spectrum: bool, plot_path: Path | None) -> None:
     """Show what PATH holds (.apack file, PEFT folder or kohya file): one row per module, then totals."""
-    from adapterpack.report import inspect_path
+    from adapterpack.ops.report import inspect_path
 
     if plot_path is not None:
-        from adapterpack.spectrum import require_matplotlib
+        from adapterpack.ops.spectrum import require_matplotlib
 
         require_matplotlib()  # refuse before any work when the extra is missing
     report = inspect_path(path, adapter=adapter_name, spectrum=spectrum or plot_path is not None)
     if plot_path is not None:
-        from adapterpack.spectrum import plot_spectra
+        from adapterpack.ops.spectrum import plot_spectra
 
         plot_spectra([(a["name"], a["spectrum"]["modules"]) for a in report["adapters"]], plot_path, title=str(path))
     if as_json:

@@ -20,6 +20,7 @@ from adapterpack.container.preamble import MAJOR, MAX_INDEX_LENGTH, MINOR, PREAM
 from adapterpack.container.records import build_adapter, check_references
 from adapterpack.encodings import get_encoding, is_known
 from adapterpack.errors import AdapterpackError, CodecError, DuplicateNameError, IndexTooLargeError
+from adapterpack.version import __version__
 
 
 @dataclass
@@ -36,8 +37,6 @@ class WriteResult:
 
 
 def _writer_id() -> str:
-    from adapterpack import __version__
-
     return f"adapterpack {__version__}"
 
 

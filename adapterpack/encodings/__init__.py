@@ -8,6 +8,6 @@ from __future__ import annotations
 
 from adapterpack.encodings import lora, nola, shared, svd  # noqa: F401  (importing registers them)
 from adapterpack.encodings.base import Encoding, encoding_ids, get_encoding, is_known, register_encoding
-from adapterpack.encodings.factors import Factors
+from adapterpack.factors import Factors
 
 __all__ = ["Encoding", "Factors", "encoding_ids", "get_encoding", "is_known", "register_encoding"]

@@ -10,7 +10,7 @@ from adapterpack.errors import RecordError, UnknownEncodingError
 
 if TYPE_CHECKING:
     from adapterpack.adapter import Module
-    from adapterpack.encodings.factors import Factors
+    from adapterpack.factors import Factors
 
 _REGISTRY: dict[str, Encoding] = {}
 

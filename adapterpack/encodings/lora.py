@@ -10,8 +10,8 @@ import numpy as np
 
 from adapterpack.adapter import tensor_info
 from adapterpack.encodings.base import LAYOUTS, Encoding, check_slots, register_encoding
-from adapterpack.encodings.factors import Factors
 from adapterpack.errors import RankError, RecordError
+from adapterpack.factors import Factors
 
 if TYPE_CHECKING:
     from adapterpack.adapter import Module

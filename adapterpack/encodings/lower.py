@@ -13,9 +13,9 @@ import numpy as np
 
 from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module, tensor_info
-from adapterpack.encodings.factors import Factors
 from adapterpack.encodings.svd import from_spectrum
 from adapterpack.errors import ConversionError, SizeLimitError
+from adapterpack.factors import Factors
 from adapterpack.limits import MAX_FACTOR_ELEMENTS
 from adapterpack.linalg.lowrank import spectrum_of
 

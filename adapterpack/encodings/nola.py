@@ -20,9 +20,9 @@ import numpy as np
 
 from adapterpack.adapter import tensor_info
 from adapterpack.encodings.base import Encoding, register_encoding
-from adapterpack.encodings.factors import Factors
 from adapterpack.encodings.lora import _bool, _finite_number
 from adapterpack.errors import GeneratorError, RankError, RecordError
+from adapterpack.factors import Factors
 from adapterpack.limits import MAX_FACTOR_ELEMENTS, MAX_NOLA_GENERATED
 from adapterpack.rng.basis import (
     DEFAULT_BUDGET,

@@ -16,9 +16,9 @@ import numpy as np
 from adapterpack import dtypes
 from adapterpack.adapter import Module, StoredTensor, TensorLike, tensor_info
 from adapterpack.encodings.base import Encoding, check_slots, layout_params, register_encoding
-from adapterpack.encodings.factors import Factors
 from adapterpack.encodings.lora import FLOATS
 from adapterpack.errors import ConversionError, RankError, RecordError
+from adapterpack.factors import Factors
 
 if TYPE_CHECKING:
     from adapterpack.linalg.lowrank import Spectrum

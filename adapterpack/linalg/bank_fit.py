@@ -28,8 +28,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from adapterpack.encodings.factors import Factors
 from adapterpack.errors import BankError
+from adapterpack.factors import Factors
 from adapterpack.linalg.finite import check_product
 
 FORMS = ("full", "diagonal")

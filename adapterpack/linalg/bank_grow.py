@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adapterpack.encodings.factors import Factors
+from adapterpack.factors import Factors
 from adapterpack.linalg.bank_fit import _f64, diag_sigma, project, sq_error, sq_norm
 
 

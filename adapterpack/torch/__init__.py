@@ -26,9 +26,9 @@ import os
 import torch
 
 from adapterpack.adapter import Adapter
-from adapterpack.api import open as open_adapter
 from adapterpack.errors import ConversionError
-from adapterpack.interop.detect import detect_format
+from adapterpack.formats.detect import detect_format
+from adapterpack.ops.files import open as open_adapter
 from adapterpack.torch.apply import Applied, apply, unapply
 from adapterpack.torch.decoders import TorchFactors, decode_all
 from adapterpack.torch.decoders.base import as_2d

@@ -250,7 +250,7 @@ def _refuse_full_tensors(source: object, adapter: str | None) -> None:
     if isinstance(source, Adapter):
         tensors = list(source.tensors)
     else:
-        from adapterpack.interop import read_any
+        from adapterpack.formats import read_any
 
         with read_any(source, adapter=adapter) as ad:  # type: ignore[arg-type]
             tensors = list(ad.tensors)

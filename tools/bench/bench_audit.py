@@ -28,7 +28,7 @@ FORMS = ("peft", "kohya", "apack-byteplanes", "apack-raw", "apack-bf16")
 
 def make_inputs(root: Path, n: int) -> list[Path]:
     """``n`` inputs under ``root``: the five forms of the example, copied round-robin."""
-    from adapterpack.convert import convert
+    from adapterpack.ops.convert import convert
 
     ex = example_dir()
     proto = root / "proto"
@@ -77,8 +77,8 @@ def main() -> None:
     args = ap.parse_args()
     n = 20 if args.quick else args.n
 
-    from adapterpack.audit import VARIANTS, audit_paths, default_jobs, find_inputs
-    from adapterpack.report import footprint
+    from adapterpack.ops.audit import VARIANTS, audit_paths, default_jobs, find_inputs
+    from adapterpack.ops.report import footprint
 
     jobs_list = args.jobs or sorted({1, default_jobs()})
     runs = [("all five", VARIANTS, j) for j in jobs_list]

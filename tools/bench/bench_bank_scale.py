@@ -24,7 +24,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from adapterpack.encodings.factors import Factors
+from adapterpack.factors import Factors
 from adapterpack.linalg.bank_fit import FitOptions, ModuleShape, fit_bank
 
 DIM = 4096

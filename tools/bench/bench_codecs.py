@@ -32,7 +32,7 @@ import numpy as np
 
 import adapterpack
 from adapterpack import codecs, dtypes
-from adapterpack.convert import effective_level
+from adapterpack.ops.convert import effective_level
 
 from . import common, synthetic
 

@@ -38,7 +38,7 @@ from safetensors.torch import load_file as st_load_file
 import adapterpack
 import adapterpack.torch as apt
 from adapterpack.adapter import Adapter, Module
-from adapterpack.interop import peft
+from adapterpack.formats import peft
 
 from . import common, synthetic
 

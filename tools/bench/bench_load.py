@@ -37,7 +37,7 @@ from safetensors.torch import load_file as st_torch_load
 import adapterpack
 import adapterpack.container
 import adapterpack.torch as apt
-from adapterpack.interop.peft import DEFAULT_PREFIX
+from adapterpack.formats.peft import DEFAULT_PREFIX
 
 from . import common, synthetic
 

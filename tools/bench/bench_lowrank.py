@@ -30,7 +30,7 @@ from tools.bench.common import REPO, machine, machine_line, median
 CHILD = """
 import sys
 from adapterpack.cli.process import keep_freed_memory
-from adapterpack.rerank import RerankPolicy, rerank_file
+from adapterpack.ops.rerank import RerankPolicy, rerank_file
 if sys.argv[3] == "1":
     assert keep_freed_memory()
 rerank_file(sys.argv[1], sys.argv[2], RerankPolicy(rank=8), to="kohya", force=True)

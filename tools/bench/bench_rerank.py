@@ -119,7 +119,7 @@ def run_ours(args: list[str]) -> tuple[float, float, str]:
 
 def real_input(work: Path) -> Path:
     """The real r=64 fixture as a kohya file (alpha per module, so kohya sees the true scale)."""
-    from adapterpack.convert import convert
+    from adapterpack.ops.convert import convert
     from tools.experiments.rerank_fixture import ensure_fixture
 
     dst = work / "real_r64.safetensors"
@@ -130,7 +130,7 @@ def real_input(work: Path) -> Path:
 def synthetic_input(work: Path, n_modules: int, dim: int = 4096, rank: int = 64, seed: int = 0) -> Path:
     """SYNTHETIC: ``n_modules`` dim×dim rank-``rank`` LoRA modules, σ_i = exp(−i/12), fp32, alpha = rank."""
     from adapterpack.adapter import Adapter, Module
-    from adapterpack.interop.kohya import write_kohya
+    from adapterpack.formats.kohya import write_kohya
 
     rng = np.random.default_rng(seed)
     sigma = np.exp(-np.arange(rank) / 12.0)
@@ -243,8 +243,8 @@ def _count_modules(src: Path) -> int:
 
 def inprocess_io(src: Path, work: Path, rank: int, repeats: int) -> dict[str, Any]:
     """In one process: rerank_file (→ kohya) vs convert (→ kohya) of the same file, interleaved (no interpreter start-up)."""
-    from adapterpack.convert import convert
-    from adapterpack.rerank import RerankPolicy, rerank_file
+    from adapterpack.ops.convert import convert
+    from adapterpack.ops.rerank import RerankPolicy, rerank_file
     from tools.bench.common import interleaved
 
     policy = RerankPolicy(rank=rank, encoding="lora")

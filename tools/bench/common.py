@@ -41,7 +41,7 @@ def decode_all(ad: Any) -> list[np.ndarray]:
 
 def cast_peft(src: Path, dst: Path, dtype: str) -> Path:
     """The PEFT folder ``src`` written to ``dst`` with every float tensor cast to ``dtype`` (bf16: round to nearest even)."""
-    from adapterpack.convert import convert
+    from adapterpack.ops.convert import convert
 
     convert(src, dst, to="peft", dtype=dtype, force=True)
     return dst

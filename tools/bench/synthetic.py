@@ -33,7 +33,7 @@ import numpy as np
 import adapterpack
 from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module
-from adapterpack.interop import peft
+from adapterpack.formats import peft
 
 BASE_MODEL = "meta-llama/Llama-2-7b-hf"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")

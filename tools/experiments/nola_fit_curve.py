@@ -1,7 +1,7 @@
 """Rate-distortion of LoRA → NOLA fits on a real trained adapter, against SVD truncation at equal numbers.
 
 For a few modules of the bundled SmolLM2 adapter (r = 8, q/k/v/o), fit NOLA records with k
-coefficients per factor (``adapterpack.linalg.nola_fit``) and report the relative Frobenius error
+coefficients per factor (``adapterpack.encodings.nola_fit``) and report the relative Frobenius error
 of the stored record, next to the error of the best LoRA with at most as many stored numbers
 (rank ``j = floor(2k / (in + out))`` by SVD truncation; Eckart–Young: no rank-j LoRA does better).
 
@@ -16,8 +16,8 @@ import time
 from collections.abc import Sequence
 
 import adapterpack
+from adapterpack.encodings.nola_fit import fit_nola
 from adapterpack.linalg.lowrank import spectrum_of
-from adapterpack.linalg.nola_fit import fit_nola
 from tools.bench.common import example_dir, markdown_table
 
 MODULES = ("model.layers.15.self_attn.q_proj", "model.layers.15.self_attn.v_proj")

@@ -6,7 +6,7 @@ Run from the repository root (CPU, a few minutes per run on an idle 2-core machi
     nice -n 10 python -m tools.experiments.nola_smollm2 --out /tmp/nola_exp --steps 40 --batch 4
 
 LoRA runs use ``tools/fixtures/train_lora.py`` (PEFT, AdamW at ``--lora-lr``, default 1e-3, alpha = 2r); NOLA runs use
-``adapterpack.torch.nola`` (rank 8, scale 2, A0 from the seed, shared basis, AdamW on α, β at
+``adapterpack.torch.fit.nola`` (rank 8, scale 2, A0 from the seed, shared basis, AdamW on α, β at
 ``--nola-lr``), drawing the same batches (``train_lora._batches`` with the same seed). Every
 adapter is evaluated the same way: applied to a fresh model with ``adapterpack.torch.apply``
 (merged) and scored on the held-out pydoc blocks (all 61, or the first ``--heldout-blocks``).

@@ -1,6 +1,6 @@
 """Which importance estimate makes the best byte budget? KL on held-out text, SmolLM2-135M.
 
-One measurement pass (:func:`adapterpack.torch.importance.component_statistics`, sampled labels, on
+One measurement pass (:func:`adapterpack.torch.fit.fisher.component_statistics`, sampled labels, on
 ``--calibration`` evenly spaced pydoc TRAIN blocks) gives, per module, k×k second moments of each
 singular component's log-likelihood gradient. Each estimate below turns them into a cost curve
 ``cost_i(j)`` = the second-order KL of cutting module i to rank j,
@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 
 import adapterpack
-from adapterpack.importance import Importance
-from adapterpack.rerank import RerankPolicy, rerank
+from adapterpack.ops.importance import Importance
+from adapterpack.ops.rerank import RerankPolicy, rerank
 from tools.experiments.rerank_fisher import adapter_path
 
 ESTIMATES = ("seq-diag", "seq-full", "tok-diag", "tok-full", "kfac")
@@ -44,7 +44,7 @@ def matrix(stats: dict[str, np.ndarray], estimate: str) -> np.ndarray:
 
 
 def run(label: str, ev: Any, ranks: list[int], n_cal: int) -> list[dict[str, Any]]:
-    from adapterpack.torch.importance import STATISTICS, component_statistics
+    from adapterpack.torch.fit.fisher import STATISTICS, component_statistics
     from tools.experiments.rerank_quality import factor_bytes
     from tools.fixtures import smollm2
 

@@ -2,9 +2,9 @@
 
 For each adapter (the cached r=64 fixture, the bundled r=8 example, or PEFT folders given by path):
 
-1. ``adapterpack.torch.importance.component_fisher`` on ``--calibration`` blocks of the pydoc TRAIN split
+1. ``adapterpack.torch.fit.fisher.component_fisher`` on ``--calibration`` blocks of the pydoc TRAIN split
    (evenly spaced, as ``adapterpack importance`` picks them; labels sampled from the adapted model,
-   seed 0) → an :class:`~adapterpack.importance.Importance`;
+   seed 0) → an :class:`~adapterpack.ops.importance.Importance`;
 2. for each uniform rank j of ``--ranks``: the uniform re-rank, and at exactly its bytes the budget DP
    with the data-free weightings ``absolute`` (energy) and ``balanced`` (the default) and on
    importance-weighted energy (``RerankPolicy(importance=...)``),
@@ -32,7 +32,7 @@ import numpy as np
 
 import adapterpack
 from adapterpack.examples import example_path
-from adapterpack.rerank import RerankPolicy, rerank
+from adapterpack.ops.rerank import RerankPolicy, rerank
 
 R64 = Path.home() / ".cache" / "adapterpack" / "rerank-r64"
 
@@ -63,8 +63,8 @@ def run(
     """Every variant of one adapter, measured (one row per uniform rank)."""
     import tempfile
 
-    from adapterpack.convert import convert
-    from adapterpack.torch.importance import component_fisher
+    from adapterpack.ops.convert import convert
+    from adapterpack.torch.fit.fisher import component_fisher
     from tools.experiments.rerank_quality import factor_bytes
     from tools.fixtures import smollm2
 

@@ -44,7 +44,7 @@ from adapterpack.adapter import Adapter
 from adapterpack.encodings.lower import at_rank
 from adapterpack.examples import example_path
 from adapterpack.linalg import allocate
-from adapterpack.rerank import module_spectrum
+from adapterpack.ops.rerank import module_spectrum
 
 TYPES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

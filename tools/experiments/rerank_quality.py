@@ -3,7 +3,7 @@
 For each adapter (the cached r=64 fixture, :mod:`tools.experiments.rerank_fixture`, and the bundled
 r=8 example) on SmolLM2-135M-Instruct and held-out pydoc blocks:
 
-- uniform rank j for each j of ``--ranks`` (exact SVD truncation, :func:`adapterpack.rerank.rerank`),
+- uniform rank j for each j of ``--ranks`` (exact SVD truncation, :func:`adapterpack.ops.rerank.rerank`),
 - a global byte budget equal to each uniform rank's bytes, with ``weighting`` absolute and relative,
 - kohya-ss ``resize_lora.py --dynamic_method sv_fro`` at the threshold whose output bytes come
   closest to each uniform rank's bytes (kohya's own script, run as a subprocess; skipped with a
@@ -36,7 +36,7 @@ import adapterpack
 from adapterpack.adapter import Adapter
 from adapterpack.examples import example_path
 from adapterpack.linalg import allocate
-from adapterpack.rerank import RerankPolicy, rerank
+from adapterpack.ops.rerank import RerankPolicy, rerank
 
 KOHYA_GRID = tuple(np.round(np.arange(0.50, 0.9995, 0.0025), 4))
 
@@ -81,7 +81,7 @@ def activation_weighted(adapter: Adapter, moments: dict[str, np.ndarray], budget
     """
     from adapterpack.encodings.lower import at_rank
     from adapterpack.linalg import allocate
-    from adapterpack.rerank import module_spectrum
+    from adapterpack.ops.rerank import module_spectrum
 
     items = []
     for m in adapter:
@@ -119,7 +119,7 @@ def kohya_sv_fro_rank(s: np.ndarray, full_len: int, threshold: float, cap: int) 
 
 def kohya_threshold_for(adapter: Adapter, target_bytes: int, cap: int) -> tuple[float, int]:
     """The sv_fro threshold on :data:`KOHYA_GRID` whose predicted output bytes are nearest ``target_bytes``."""
-    from adapterpack.rerank import module_spectrum
+    from adapterpack.ops.rerank import module_spectrum
 
     specs = []
     for m in adapter:
@@ -295,7 +295,7 @@ def run_adapter(
     weightings: tuple[str, ...] = ("absolute", "relative"),
 ) -> dict[str, Any]:
     """Every variant of one adapter, measured."""
-    from adapterpack.convert import convert
+    from adapterpack.ops.convert import convert
 
     full = adapterpack.open(peft_dir)
     full_bytes, full_ranks = factor_bytes(full)

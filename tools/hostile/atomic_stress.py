@@ -47,7 +47,7 @@ import sys
 import numpy as np
 from adapterpack import Adapter, Module
 from adapterpack.container.writer import write_apack
-from adapterpack.interop.peft import write_peft
+from adapterpack.formats.peft import write_peft
 def version(value, alpha, modules, width):
     mods = {}
     for i in range(modules):
@@ -67,7 +67,7 @@ for tag, value, alpha in (("old", 1.0, 8.0), ("new", 2.0, 16.0)):
 STEPS = """
 import json, os, shutil, signal, sys
 from pathlib import Path
-from adapterpack.convert import convert
+from adapterpack.ops.convert import convert
 src, dst, old_copy, target = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 events = set(sys.argv[5].split(","))
 in_place = sys.argv[6] == "1"
@@ -162,7 +162,7 @@ WRITER = """
 import os, sys, time
 from pathlib import Path
 from adapterpack import open as ap_open
-from adapterpack.interop.peft import write_peft
+from adapterpack.formats.peft import write_peft
 old, new = ap_open(sys.argv[2]), ap_open(sys.argv[3])
 started, stop = Path(sys.argv[4]), Path(sys.argv[5])
 dst = sys.argv[1]

@@ -5,7 +5,7 @@ bit at a time, at random, inside the first ``j`` entries of S and the first ``j`
 a random module, and reads the file at rank ``j`` through each route:
 
 - ``open``: ``adapterpack.open(path, rank=j)`` and that module's ΔW;
-- ``convert``: ``adapterpack.convert.convert(path, out, rank=j)`` (what ``adapterpack convert --rank j``
+- ``convert``: ``adapterpack.ops.convert.convert(path, out, rank=j)`` (what ``adapterpack convert --rank j``
   runs), then the written module's ΔW;
 - ``torch``: ``adapterpack.torch.load`` with ``rank=j`` and ``materialize`` of that module (skipped
   without torch).
@@ -30,10 +30,10 @@ import numpy as np
 import adapterpack
 from adapterpack.adapter import Adapter
 from adapterpack.container import ApackReader
-from adapterpack.convert import convert
 from adapterpack.encodings.lower import as_svd
 from adapterpack.errors import AdapterpackError
 from adapterpack.examples import example_path
+from adapterpack.ops.convert import convert
 
 Route = Callable[[Path, str, int, Path], np.ndarray]
 

@@ -51,13 +51,13 @@ from adapterpack.adapter import Adapter, Module, as_array
 from adapterpack.atomic import atomic_file
 from adapterpack.encodings import get_encoding
 from adapterpack.errors import ConversionError, InputError, RecordError
-from adapterpack.interop import source as src_
-from adapterpack.interop.export import StateDict, lora_records, pass_through
-from adapterpack.interop.kohya import _recorded_alpha
-from adapterpack.interop.patterns import most_common, resolve
-from adapterpack.interop.peft import check_module_path, read_safetensors
-from adapterpack.interop.regex_match import Budget, UnsupportedPattern, compile_fullmatch, fullmatches
-from adapterpack.interop.sd_names import COMPONENTS, NameResolver, pattern, pipeline_modules, split_component
+from adapterpack.formats import source as src_
+from adapterpack.formats.export import StateDict, lora_records, pass_through
+from adapterpack.formats.kohya import _recorded_alpha
+from adapterpack.formats.patterns import most_common, resolve
+from adapterpack.formats.peft import check_module_path, read_safetensors
+from adapterpack.formats.regex_match import Budget, UnsupportedPattern, compile_fullmatch, fullmatches
+from adapterpack.formats.sd_names import COMPONENTS, NameResolver, pattern, pipeline_modules, split_component
 
 FILE_NAME = "pytorch_lora_weights.safetensors"
 META_KEY = "lora_adapter_metadata"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterpack.adapter import Adapter
-from adapterpack.errors import ConversionError, InputError
+from adapterpack.errors import AdapterpackError, ConversionError, InputError
 from adapterpack.limits import MAX_NDIM
 
 
@@ -122,7 +122,45 @@ def config(adapter: Adapter, src: dict[str, Any]) -> dict[str, Any] | None:
     value = src["config"]
     if not isinstance(value, dict):
         raise malformed(adapter, "config", "an adapter_config.json object", value)
-    from adapterpack.interop.peft import check_config
-
     check_config(value, f"adapter {adapter.name!r}: source['config']", ConversionError)
     return value
+
+
+#: PEFT's defaults when adapter_config.json omits r or lora_alpha.
+DEFAULT_R = 8
+DEFAULT_ALPHA = 8
+
+
+def check_config(cfg: dict[str, Any], where: str, error: type[AdapterpackError] = InputError) -> None:
+    """Refuse (as ``error``) a config that is not LoRA or has r / alpha / patterns / flags /
+    target_modules of the wrong type: everything reading and writing looks at, so a config from
+    a file or from an .apack's recorded source can then be used without further checks."""
+    peft_type = cfg.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise error(f"{where}: peft_type is {peft_type!r:.40}; only LoRA adapters (peft_type LORA) can be read")
+    r = cfg.get("r", DEFAULT_R)
+    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
+        raise error(f"{where}: r must be a positive integer, got {r!r:.40}")
+    _number(cfg.get("lora_alpha", DEFAULT_ALPHA), "lora_alpha", where, error)
+    for key in ("rank_pattern", "alpha_pattern"):
+        pat = cfg.get(key)
+        if pat is None:
+            continue
+        if not isinstance(pat, dict):
+            raise error(f"{where}: {key} must be an object, got {pat!r:.80}")
+        for k, v in pat.items():
+            if key == "rank_pattern" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+                raise error(f"{where}: rank_pattern[{k!r}] must be a positive integer, got {v!r:.40}")
+            if key == "alpha_pattern":
+                _number(v, f"alpha_pattern[{k!r}]", where, error)
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if not isinstance(cfg.get(key, False), bool):
+            raise error(f"{where}: {key} must be true or false, got {cfg[key]!r:.40}")
+    tm = cfg.get("target_modules")
+    if not (tm is None or isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(x, str) for x in tm))):
+        raise error(f"{where}: target_modules must be a string, a list of strings or null, got {tm!r:.80}")
+
+
+def _number(value: Any, what: str, where: str, error: type[AdapterpackError]) -> None:
+    if not is_number(value):
+        raise error(f"{where}: {what} must be a finite number, got {value!r:.40}")

@@ -8,13 +8,13 @@ JSON; tests compare them with sums computed from the file.
 from __future__ import annotations
 
 import os
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from adapterpack.adapter import Adapter, Module, StoredTensor, TensorLike, decoded_bytes, stored_bytes, tensor_info
-from adapterpack.interop.source import notes, source_format
+from adapterpack.formats.source import notes, source_format
+from adapterpack.names import natural_key
 
 #: Files of a PEFT folder that make up the adapter (what ``footprint`` counts).
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
@@ -99,11 +99,6 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def natural_key(name: str) -> list[Any]:
-    """Sort key putting ``layers.2`` before ``layers.10``: digit runs compare as numbers."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
-
-
 def adapter_report(adapter: Adapter) -> dict[str, Any]:
     """Rows (modules, then pass-through tensors, each in natural name order), totals, skipped records and importer notes."""
     modules = sorted(adapter, key=lambda m: natural_key(m.name))
@@ -162,15 +157,15 @@ def inspect_path(path: str | os.PathLike[str], adapter: str | None = None, *, sp
     """Report on an .apack file (every adapter in it, or the one named), a PEFT folder or a kohya file.
 
     ``spectrum`` adds each adapter's per-module singular values (``"spectrum"``, see
-    :func:`adapterpack.spectrum.spectrum_report`); that reads the tensors (checksums verified).
+    :func:`adapterpack.ops.spectrum.spectrum_report`); that reads the tensors (checksums verified).
     """
-    from adapterpack.interop import open_adapters
+    from adapterpack.formats import open_adapters
 
     with open_adapters(path, adapter, verify=spectrum) as opened:
         report: dict[str, Any] = {"path": str(path), "format": opened.format}
         report["adapters"] = [adapter_report(a) for a in opened.adapters]
         if spectrum:
-            from adapterpack.spectrum import spectrum_report
+            from adapterpack.ops.spectrum import spectrum_report
 
             for entry, a in zip(report["adapters"], opened.adapters):
                 entry["spectrum"] = spectrum_report(a)

@@ -259,7 +259,7 @@ class NameResolver:
 def pipeline_modules(base: str | os.PathLike[str]) -> list[str]:
     """Module names (``component.path``) of a diffusers pipeline folder, from its components'
     ``*.safetensors`` headers (``<path>.weight`` keys); nothing else is read."""
-    from adapterpack.interop.detect import safetensors_keys
+    from adapterpack.formats.safetensors_header import safetensors_keys
 
     root = Path(base)
     if not root.is_dir() or not (root / "model_index.json").is_file():

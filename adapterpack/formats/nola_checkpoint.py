@@ -9,7 +9,7 @@ B0: zeros), ``coefficients`` [k] and a ``seed``, and regenerate the bases in eve
 torch promises nothing about that stream across devices or versions (CUDA's depends on the GPU
 model; CPU and CUDA differ), so the bases cannot be part of a portable file. This importer runs
 their recipe on a device the caller names and stores the resulting factors as exact ``lora``
-records (refit them to ``nola`` with :func:`adapterpack.linalg.nola_fit.fit_adapter` if you want
+records (refit them to ``nola`` with :func:`adapterpack.encodings.nola_fit.fit_adapter` if you want
 a seeded, portable file). The result is what that checkpoint means **on that device with this
 torch**: materialize on the device family it was trained on; the adapter's metadata records
 the device and torch version used.

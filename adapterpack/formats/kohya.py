@@ -52,10 +52,10 @@ from adapterpack.adapter import Adapter, Module, as_array
 from adapterpack.atomic import atomic_file
 from adapterpack.encodings import get_encoding
 from adapterpack.errors import AdapterpackError, ConversionError, InputError, RecordError
-from adapterpack.interop import source as src_
-from adapterpack.interop.export import StateDict, float32_alpha, lora_records, pass_through
-from adapterpack.interop.peft import read_safetensors
-from adapterpack.interop.sd_names import kohya_name_of, numbered_text_encoders, sdxl_sgm_path
+from adapterpack.formats import source as src_
+from adapterpack.formats.export import StateDict, float32_alpha, lora_records, pass_through
+from adapterpack.formats.peft import read_safetensors
+from adapterpack.formats.sd_names import kohya_name_of, numbered_text_encoders, sdxl_sgm_path
 
 DEFAULT_PREFIX = "lora_unet"
 META_NAMES = "adapterpack.module_names"

@@ -28,9 +28,9 @@ import numpy as np
 import scipy.linalg
 
 from adapterpack.adapter import Adapter, Module
-from adapterpack.encodings.factors import Factors
 from adapterpack.encodings.nola import decode_many, nola_shape
 from adapterpack.errors import ConversionError
+from adapterpack.factors import Factors
 from adapterpack.linalg.finite import check_product
 from adapterpack.linalg.lowrank import factors_svd
 from adapterpack.rng.basis import DEFAULT_BUDGET, GENERATOR_ID, GENERATOR_VERSION, KIND_A, KIND_A0, KIND_B, basis_range, chunk_bases

@@ -39,7 +39,7 @@ from adapterpack.adapter import Adapter, Module
 from adapterpack.atomic import atomic_file
 from adapterpack.encodings.lower import as_lora
 from adapterpack.errors import ConversionError, InputError
-from adapterpack.interop.export import DROP_HINT, check_module_names, float32_alpha, scaled
+from adapterpack.formats.export import DROP_HINT, check_module_names, float32_alpha, scaled
 
 #: HF architecture → llama.cpp architecture name (the ones whose converter is LLaMA's, with the q/k permutation).
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from adapterpack.errors import InputError
-from adapterpack.interop.regex_match import KeySet, UnsupportedPattern
+from adapterpack.formats.regex_match import KeySet, UnsupportedPattern
 
 
 def _refused(e: UnsupportedPattern) -> InputError:

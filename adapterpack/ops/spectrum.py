@@ -19,6 +19,7 @@ import numpy as np
 from adapterpack.adapter import Adapter, Module, tensor_info
 from adapterpack.encodings.svd import singular_values
 from adapterpack.linalg.lowrank import Spectrum, spectrum_of
+from adapterpack.names import natural_key
 
 #: Energy fractions whose ranks are reported (``r90``, ``r95``, ``r99``).
 ENERGY_LEVELS = (0.90, 0.95, 0.99)
@@ -110,8 +111,6 @@ class ModuleSpectrum:
 
 def adapter_spectra(adapter: Adapter) -> list[ModuleSpectrum]:
     """Spectra of every module of ``adapter``, in natural name order (``layers.2`` before ``layers.10``)."""
-    from adapterpack.report import natural_key
-
     return [ModuleSpectrum.of(m) for m in sorted(adapter, key=lambda m: natural_key(m.name))]
 
 

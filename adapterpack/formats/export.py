@@ -20,7 +20,7 @@ from adapterpack.adapter import Adapter, Module, TensorLike
 from adapterpack.encodings import get_encoding
 from adapterpack.encodings.lower import as_lora
 from adapterpack.errors import ConversionError
-from adapterpack.interop.source import source_format
+from adapterpack.formats.source import source_format
 from adapterpack.names import check_name
 
 #: How an error message tells the user to leave pass-through tensors out (CLI flag and API argument).

@@ -35,10 +35,11 @@ from adapterpack.adapter import Adapter, Module, as_array
 from adapterpack.atomic import PinnedFiles, atomic_dir, pinned_files
 from adapterpack.encodings import get_encoding
 from adapterpack.errors import AdapterpackError, ConversionError, InputError, RecordError, UnsafeInputError
-from adapterpack.interop import source as src_
-from adapterpack.interop.export import StateDict, lora_records, pass_through
-from adapterpack.interop.patterns import build_patterns, most_common, resolve
-from adapterpack.interop.safetensors_header import read_header
+from adapterpack.formats import source as src_
+from adapterpack.formats.export import StateDict, lora_records, pass_through
+from adapterpack.formats.patterns import build_patterns, most_common, resolve
+from adapterpack.formats.safetensors_header import read_header
+from adapterpack.formats.source import DEFAULT_ALPHA, DEFAULT_R, check_config
 from adapterpack.limits import MAX_PEFT_CONFIG
 
 CONFIG_NAME = "adapter_config.json"
@@ -46,8 +47,6 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 DEFAULT_PREFIX = "base_model.model."
 #: PEFT's LoraConfig defaults for keys an old or hand-written config may lack.
-DEFAULT_R = 8
-DEFAULT_ALPHA = 8
 #: Oldest torch whose ``torch.load(weights_only=True)`` cannot be made to run code (CVE-2025-32434).
 MIN_SAFE_TORCH = (2, 6)
 
@@ -114,41 +113,6 @@ def read_config(folder: Path, files: PinnedFiles) -> dict[str, Any]:
         raise InputError(f"{path}: must hold a JSON object, got {type(cfg).__name__}")
     check_config(cfg, str(path))
     return cfg
-
-
-def check_config(cfg: dict[str, Any], where: str, error: type[AdapterpackError] = InputError) -> None:
-    """Refuse (as ``error``) a config that is not LoRA or has r / alpha / patterns / flags /
-    target_modules of the wrong type: everything reading and writing looks at, so a config from
-    a file or from an .apack's recorded source can then be used without further checks."""
-    peft_type = cfg.get("peft_type", "LORA")
-    if peft_type != "LORA":
-        raise error(f"{where}: peft_type is {peft_type!r:.40}; only LoRA adapters (peft_type LORA) can be read")
-    r = cfg.get("r", DEFAULT_R)
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise error(f"{where}: r must be a positive integer, got {r!r:.40}")
-    _number(cfg.get("lora_alpha", DEFAULT_ALPHA), "lora_alpha", where, error)
-    for key in ("rank_pattern", "alpha_pattern"):
-        pat = cfg.get(key)
-        if pat is None:
-            continue
-        if not isinstance(pat, dict):
-            raise error(f"{where}: {key} must be an object, got {pat!r:.80}")
-        for k, v in pat.items():
-            if key == "rank_pattern" and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise error(f"{where}: rank_pattern[{k!r}] must be a positive integer, got {v!r:.40}")
-            if key == "alpha_pattern":
-                _number(v, f"alpha_pattern[{k!r}]", where, error)
-    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
-        if not isinstance(cfg.get(key, False), bool):
-            raise error(f"{where}: {key} must be true or false, got {cfg[key]!r:.40}")
-    tm = cfg.get("target_modules")
-    if not (tm is None or isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(x, str) for x in tm))):
-        raise error(f"{where}: target_modules must be a string, a list of strings or null, got {tm!r:.80}")
-
-
-def _number(value: Any, what: str, where: str, error: type[AdapterpackError]) -> None:
-    if not src_.is_number(value):
-        raise error(f"{where}: {what} must be a finite number, got {value!r:.40}")
 
 
 def read_safetensors(path: Path, *, opened: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, str] | None]:

@@ -8,7 +8,7 @@ module's ‖ΔW‖²_F, and the exact size of five alternatives, each a whole ``
   (``adapterpack convert SRC out.apack --codec C``);
 - ``bf16``: floats cast to bfloat16, byteplanes (``adapterpack convert SRC out.apack --dtype bf16``);
 - ``energy99``, ``energy95``: every module cut to the smallest rank keeping 99% / 95% of its
-  ‖ΔW‖²_F, as ``adapterpack rerank SRC out.apack --energy 0.99`` writes it (:func:`adapterpack.rerank.rerank`:
+  ‖ΔW‖²_F, as ``adapterpack rerank SRC out.apack --energy 0.99`` writes it (:func:`adapterpack.ops.rerank.rerank`:
   svd records in each module's float dtype, DoRA modules kept), byteplanes.
 
 Nothing is sampled or estimated: every tensor is encoded with the writer's own
@@ -34,7 +34,7 @@ import numpy as np
 
 from adapterpack.adapter import Adapter, Module, as_array, tensor_info
 from adapterpack.errors import AdapterpackError
-from adapterpack.spectrum import distribution
+from adapterpack.ops.spectrum import distribution
 
 #: The alternatives measured, in table order.
 VARIANTS = ("zstd", "byteplanes", "bf16", "energy99", "energy95")
@@ -133,7 +133,7 @@ def presolved(adapter: Adapter) -> tuple[Adapter, str | None]:
 def reranked(adapter: Adapter, energy: float, dtype: str | None = None) -> tuple[Adapter, list[int]]:
     """``adapter`` as ``adapterpack rerank --energy`` writes it (svd records in each module's dtype, or
     ``dtype``), and every module's new rank (DoRA modules keep theirs: their SVD needs the base weight)."""
-    from adapterpack.rerank import RerankPolicy, rerank
+    from adapterpack.ops.rerank import RerankPolicy, rerank
 
     if all(_is_dora(m) for m in adapter):
         return adapter, [_current_rank(m) for m in adapter]  # nothing rerank may touch (it refuses)
@@ -199,7 +199,7 @@ def _one_line(e: Exception) -> str:
 
 def _energy_ranks(adapters: list[Adapter]) -> dict[str, list[int]]:
     """Each module's rank for every energy level, from its spectrum alone (when no re-rank is measured)."""
-    from adapterpack.spectrum import module_spectrum
+    from adapterpack.ops.spectrum import module_spectrum
 
     out: dict[str, list[int]] = {v: [] for v in ENERGY_VARIANTS}
     for a in adapters:
@@ -215,10 +215,10 @@ def audit_input(path: str | os.PathLike[str], measure: Sequence[str] = VARIANTS)
     a file that cannot be read comes back with ``error`` set (one line), not raised."""
     import time
 
-    from adapterpack.convert import cast_adapter
-    from adapterpack.interop import open_adapters
+    from adapterpack.formats import open_adapters
+    from adapterpack.linalg.cast import cast_adapter
     from adapterpack.linalg.finite import check_adapter
-    from adapterpack.report import footprint
+    from adapterpack.ops.report import footprint
 
     start = time.perf_counter()
     res = InputAudit(path=str(path))
@@ -289,7 +289,7 @@ class Found:
 
 def _lora_kind(path: Path) -> str | None:
     """For a ``.safetensors`` met while walking: ``"kohya"``, ``"peft-weights"``, ``"other"``, or None when unreadable."""
-    from adapterpack.interop.detect import safetensors_keys
+    from adapterpack.formats.safetensors_header import safetensors_keys
 
     try:
         keys = safetensors_keys(path)

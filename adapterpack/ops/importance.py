@@ -7,7 +7,7 @@ moves the model's output distribution, to second order, by
 coefficients. A byte budget that keeps the most of ``Σ_i cost_i(0) − cost_i(j_i)`` therefore minimises the
 KL it costs (to that order, modules weighed independently of each other), while the data-free budget
 (``Σ σ_l²`` kept) treats every module as equally sensitive, which training with Adam does not make
-true. ``F`` needs the base model and some text: :func:`adapterpack.torch.importance.component_fisher`
+true. ``F`` needs the base model and some text: :func:`adapterpack.torch.fit.fisher.component_fisher`
 measures it; this module holds the result, writes and reads it (a safetensors file, never pickle), and
 checks it belongs to the adapter being re-ranked (its singular values are stored beside it).
 
@@ -127,7 +127,7 @@ class Importance:
 
 def load_importance(path: str | os.PathLike[str]) -> Importance:
     """Read a file written by :meth:`Importance.save` (InputError naming what is wrong otherwise)."""
-    from adapterpack.interop.peft import read_safetensors
+    from adapterpack.formats.peft import read_safetensors
 
     path = Path(path)
     arrays, meta = read_safetensors(path)  # InputError for anything safetensors cannot read

@@ -26,9 +26,9 @@ from torch import nn
 
 from adapterpack.adapter import Adapter
 from adapterpack.errors import ConversionError, InputError, MissingDependencyError
-from adapterpack.importance import LABELS, Importance
 from adapterpack.linalg.finite import check_adapter
-from adapterpack.rerank import module_spectrum
+from adapterpack.ops.importance import LABELS, Importance
+from adapterpack.ops.rerank import module_spectrum
 from adapterpack.torch.apply import apply
 
 #: ``logits(model, batch) -> [b, t, vocab]``; the default fits Hugging Face causal LMs.

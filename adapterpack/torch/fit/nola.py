@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterpack.adapter import Adapter, Module
-from adapterpack.api import open as open_adapter
-from adapterpack.api import save as save_adapter
 from adapterpack.errors import ApplyError
+from adapterpack.ops.files import open as open_adapter
+from adapterpack.ops.files import save as save_adapter
 from adapterpack.rng.basis import DEFAULT_BUDGET, GENERATOR_ID, GENERATOR_VERSION, KIND_A, KIND_A0, KIND_B, chunk_bases
 from adapterpack.torch import nola_rng
 from adapterpack.torch.decoders.nola import combine

@@ -8,7 +8,7 @@ LoRA loading needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``). This one:
 1. looks for ``<lora_name>.apack`` in ``$ADAPTERPACK_VLLM_DIR`` (names with path separators or a
    leading dot are not looked up);
 2. checks that the adapter's recorded base model is the model being served (else: not ours, None);
-3. decodes it once into a PEFT folder vLLM reads correctly (:func:`~adapterpack.interop.targets.write_vllm`:
+3. decodes it once into a PEFT folder vLLM reads correctly (:func:`~adapterpack.formats.serving.write_vllm`:
    one allowed rank, per-module scales baked into B) under ``$ADAPTERPACK_VLLM_CACHE``
    (default ``~/.cache/adapterpack/vllm``), in a folder named by the file's SHA-256 and the rank
    limit it was written for, written atomically; later requests (and other vLLM processes with the
@@ -105,8 +105,8 @@ class ApackResolver:
     def materialize(self, base_model_name: str, lora_name: str) -> Path | None:
         """The cached PEFT folder for ``lora_name`` (decoding it on first use), or None when this
         resolver has no such adapter for ``base_model_name``."""
-        from adapterpack.interop import read_any
-        from adapterpack.interop.targets import write_vllm
+        from adapterpack.formats import read_any
+        from adapterpack.formats.serving import write_vllm
 
         path = self.find(lora_name)
         if path is None:

@@ -12,12 +12,11 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +25,11 @@ import numpy as np
 from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module, TensorLike, as_array, tensor_info
 from adapterpack.atomic import exists_error
-from adapterpack.encodings.factors import Factors
 from adapterpack.errors import ConversionError
-from adapterpack.interop import Opened, open_adapters
-from adapterpack.interop.source import notes as source_notes
-from adapterpack.linalg.finite import check_product
-from adapterpack.report import footprint
+from adapterpack.formats import Opened, open_adapters
+from adapterpack.formats.source import notes as source_notes
+from adapterpack.linalg.cast import CastReport, ModuleCast, cast_adapter, delta_error  # noqa: F401  (their home before 0.2)
+from adapterpack.ops.report import footprint
 
 TARGETS = ("apack", "peft", "kohya", "diffusers", "gguf", "nola")
 #: Targets written as one .safetensors file (the suffix alone cannot tell them apart).
@@ -44,130 +42,6 @@ DTYPE_CHOICES = ("keep", "fp32", "fp16", "bf16")
 
 #: ``progress(total_bytes)`` → context manager yielding ``advance(nbytes)`` (the CLI's progress bar).
 ProgressFactory = Callable[[int], AbstractContextManager[Callable[[int], None]]]
-
-
-# --- ΔW error of a cast, from the factors --------------------------------------------------------
-
-
-def _gram_sq_norm(q: np.ndarray, p: np.ndarray) -> float:
-    """‖Q·P‖_F² as trace((P·Pᵀ)(Qᵀ·Q)): only k×k Gram matrices (k = Q's columns), in float64."""
-    g_p = p @ p.T
-    g_q = q.T @ q
-    return max(float(np.sum(g_p * g_q)), 0.0)  # both symmetric: trace(X·Y) = Σ X⊙Y
-
-
-def delta_error(before: Factors, after: Factors) -> tuple[float, float]:
-    """(‖ΔW − ΔW'‖_F, ‖ΔW‖_F) for ΔW = s·B·A and ΔW' = s'·B'·A', exactly, without forming ΔW.
-
-    ΔW − ΔW' = Q·P with Q = [s·B, s·B − s'·B'] and P = [A − A'; A'] (same ranks; the difference
-    form avoids the cancellation of Q = [s·B, −s'·B'], P = [A; A']), or that plain form when the
-    ranks differ. Transposes and conv reshapes of the base layout do not change Frobenius norms.
-    """
-    if tuple(before.base_shape) != tuple(after.base_shape):
-        raise ConversionError(f"cannot compare ΔW of shapes {list(before.base_shape)} and {list(after.base_shape)}")
-    a, b = before.A.astype(np.float64), before.B.astype(np.float64) * before.scale
-    a2, b2 = after.A.astype(np.float64), after.B.astype(np.float64) * after.scale
-    if a.shape == a2.shape and b.shape == b2.shape:
-        q, p = np.concatenate([b, b - b2], axis=1), np.concatenate([a - a2, a2], axis=0)
-    else:
-        q, p = np.concatenate([b, -b2], axis=1), np.concatenate([a, a2], axis=0)
-    return math.sqrt(_gram_sq_norm(q, p)), math.sqrt(_gram_sq_norm(b, a))
-
-
-# --- casting ----------------------------------------------------------------------------------
-
-
-@dataclass
-class ModuleCast:
-    """What casting one module cost."""
-
-    module: str
-    max_abs_error: float
-    delta_error: float
-    delta_norm: float
-
-    @property
-    def delta_rel_error(self) -> float:
-        """‖ΔW − ΔW'‖_F / ‖ΔW‖_F (0 when both are zero, inf when only ΔW is)."""
-        if self.delta_norm == 0:
-            return 0.0 if self.delta_error == 0 else math.inf
-        return self.delta_error / self.delta_norm
-
-
-@dataclass
-class CastReport:
-    """What casting one adapter cost: worst value change and ΔW errors (whole adapter and per module)."""
-
-    adapter: str
-    dtype: str
-    tensors_cast: int = 0
-    max_abs_error: float = 0.0
-    modules: list[ModuleCast] = field(default_factory=list)
-
-    @property
-    def delta_rel_error(self) -> float:
-        """‖ΔW − ΔW'‖_F / ‖ΔW‖_F over all modules together (their ΔW stacked as one vector)."""
-        err = math.sqrt(sum(m.delta_error**2 for m in self.modules))
-        norm = math.sqrt(sum(m.delta_norm**2 for m in self.modules))
-        if norm == 0:
-            return 0.0 if err == 0 else math.inf
-        return err / norm
-
-    @property
-    def worst_module(self) -> ModuleCast | None:
-        """The module whose ΔW changed most, relatively."""
-        return max(self.modules, key=lambda m: m.delta_rel_error, default=None)
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        worst = self.worst_module
-        return {
-            "adapter": self.adapter,
-            "dtype": self.dtype,
-            "tensors_cast": self.tensors_cast,
-            "max_abs_error": self.max_abs_error,
-            "delta_rel_error": self.delta_rel_error,
-            "worst_module": worst.module if worst else None,
-            "worst_module_rel_error": worst.delta_rel_error if worst else None,
-            "modules": [asdict(m) | {"delta_rel_error": m.delta_rel_error} for m in self.modules],
-        }
-
-
-def cast_adapter(adapter: Adapter, dtype: str) -> tuple[Adapter, CastReport]:
-    """A copy of ``adapter`` with every float tensor cast to ``dtype`` (loaded into memory), and what that cost.
-
-    Not bit-exact, and measured: factors holding NaN or inf, or a ΔW too large for binary64, are refused
-    (:func:`~adapterpack.linalg.finite.check_product`)."""
-    name = dtypes.by_name(dtype).name
-    report = CastReport(adapter=adapter.name, dtype=name)
-
-    def cast(t: TensorLike, where: str) -> tuple[np.ndarray, float]:
-        arr = as_array(t)
-        out, err = dtypes.cast_array(arr, name, where)
-        report.tensors_cast += out.dtype != arr.dtype
-        report.max_abs_error = max(report.max_abs_error, err)
-        return out, err
-
-    modules: dict[str, Module] = {}
-    for m in adapter:
-        cast_slots = {slot: cast(t, f"module {m.name!r} tensor {slot!r}") for slot, t in m.tensors.items()}
-        new = Module(
-            name=m.name,
-            encoding=m.encoding,
-            base_shape=tuple(m.base_shape),
-            params=dict(m.params),
-            tensors={slot: arr for slot, (arr, _) in cast_slots.items()},
-            must_understand=m.must_understand,
-        )
-        new.implementation.validate(new)
-        before = m.factors()  # measuring the ΔW error needs finite factors of a size binary64 holds
-        check_product(before.A, before.B, before.scale, where=f"adapter {adapter.name!r} module {m.name!r}")
-        err, norm = delta_error(before, new.factors())
-        worst = max((e for _, e in cast_slots.values()), default=0.0)
-        report.modules.append(ModuleCast(m.name, max_abs_error=worst, delta_error=err, delta_norm=norm))
-        modules[m.name] = new
-    tensors = {k: cast(t, f"tensor {k!r}")[0] for k, t in adapter.tensors.items()}
-    return adapter.derived(modules, tensors), report
 
 
 # --- reading and writing any format ---------------------------------------------------------------
@@ -216,7 +90,7 @@ Source = Opened
 
 def load_source(src: str | os.PathLike[str], adapter: str | None = None, *, verify: bool = True) -> Opened:
     """Open ``src`` (any format): all adapters of an .apack file, or the one named ``adapter``
-    (:func:`adapterpack.interop.open_adapters`, the one implementation every reader shares)."""
+    (:func:`adapterpack.formats.open_adapters`, the one implementation every reader shares)."""
     return open_adapters(src, adapter, verify=verify)
 
 
@@ -251,7 +125,7 @@ def write_adapters(
     """Write ``adapters`` to ``dst`` as ``target`` (PEFT, kohya and gguf hold exactly one adapter); the
     exporter's notes. ``drop_tensors`` leaves out pass-through tensors that PEFT / kohya / gguf output
     cannot carry (refused otherwise). ``serve_for="vllm"`` (PEFT output) writes one allowed rank with
-    every module's scale baked into B (:func:`adapterpack.interop.targets.write_vllm`, ``max_lora_rank``);
+    every module's scale baked into B (:func:`adapterpack.formats.serving.write_vllm`, ``max_lora_rank``);
     ``base`` (gguf output) is the base model's GGUF file or config.json, for llama.cpp's q/k layout, and
     (diffusers output) the pipeline folder whose module names resolve kohya names; ``component``
     (diffusers output) puts modules that name no diffusers component under that one (e.g. ``transformer``).
@@ -274,27 +148,27 @@ def write_adapters(
             write_apack(dst, adapters, codec=codec, level=level, progress=advance, overwrite=overwrite)
         return []
     if target == "gguf":
-        from adapterpack.interop.gguf import write_gguf
+        from adapterpack.formats.gguf import write_gguf
 
         return write_gguf(adapters[0], dst, base=base, drop_tensors=drop_tensors, overwrite=overwrite).notes()
     if target == "peft" and serve_for == "vllm":
-        from adapterpack.interop.targets import write_vllm
+        from adapterpack.formats.serving import write_vllm
 
         plan = write_vllm(adapters[0], dst, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors, overwrite=overwrite)
         return plan.notes()
     if serve_for is not None:
         raise ConversionError(f"--target {serve_for} shapes PEFT output only (and {serve_for!r} must be one of {SERVE_TARGETS})")
     if target == "peft":
-        from adapterpack.interop.peft import export_notes, write_peft
+        from adapterpack.formats.peft import export_notes, write_peft
 
         notes = export_notes(adapters[0])
         write_peft(adapters[0], dst, drop_tensors=drop_tensors, overwrite=overwrite)
         return notes
     if target == "diffusers":
-        from adapterpack.interop.diffusers import write_diffusers
+        from adapterpack.formats.diffusers import write_diffusers
 
         return write_diffusers(adapters[0], dst, base=base, component=component, drop_tensors=drop_tensors, overwrite=overwrite)
-    from adapterpack.interop.kohya import write_kohya
+    from adapterpack.formats.kohya import write_kohya
 
     write_kohya(adapters[0], dst, drop_tensors=drop_tensors, overwrite=overwrite)
     return []
@@ -356,7 +230,7 @@ def convert(
     caps every module at its best approximation of that rank (svd records: a prefix; others: an
     exact SVD, see :func:`adapterpack.encodings.lower.at_rank`). ``to="nola"`` writes an .apack of
     nola records fitted with ``nola_k`` coefficients per factor or to ``nola_target_error``
-    (:func:`adapterpack.linalg.nola_fit.fit_adapter`; lossy, the achieved errors are in the notes)."""
+    (:func:`adapterpack.encodings.nola_fit.fit_adapter`; lossy, the achieved errors are in the notes)."""
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     target = to or infer_target(dst)
@@ -420,7 +294,7 @@ def convert(
 def _fit_nola(adapters: list[Adapter], k: int | None, target_error: float | None) -> tuple[list[Adapter], list[str]]:
     """Every adapter fitted as nola records, and the lines that say how well (per adapter: the
     coefficient counts, mean and worst relative Frobenius error of ΔW, the worst module)."""
-    from adapterpack.linalg.nola_fit import fit_adapter
+    from adapterpack.encodings.nola_fit import fit_adapter
 
     out, lines = [], []
     for a in adapters:

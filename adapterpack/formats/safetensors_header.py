@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterpack import dtypes
-from adapterpack.errors import AdapterpackError, InputError
+from adapterpack.errors import AdapterpackError, InputError, UnrecognizedInputError
 from adapterpack.limits import (
     MAX_NDIM,
     MAX_SAFETENSORS_DESCRIPTION,
@@ -216,3 +216,8 @@ def read_header(path: str | os.PathLike[str], error: type[InputError] = InputErr
     if at != data:
         raise InputError(f"{path}: tensors cover {at} bytes of data, the file holds {data} (truncated or trailing bytes)")
     return Header(tensors, meta)
+
+
+def safetensors_keys(path: Path) -> list[str]:
+    """Tensor names in a safetensors file, read from its checked header only."""
+    return list(read_header(path, UnrecognizedInputError).tensors)

@@ -21,7 +21,7 @@ def open(
     are cut to a prefix of their tensors (a raw blob is read up to its next prefix checkpoint,
     whose CRC is checked; a blob without checkpoints is read whole), other records by an exact
     SVD of their factors (which reads them)."""
-    from adapterpack.interop import read_any
+    from adapterpack.formats import read_any
 
     opened = read_any(path, adapter=adapter, verify=verify)
     if rank is None:

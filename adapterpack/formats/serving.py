@@ -12,7 +12,7 @@
 - ``peft``: loads everything adapterpack writes (``rank_pattern`` / ``alpha_pattern``); non-lora
   records are lowered to lora exactly, full tensors of a non-PEFT origin need dropping, modules
   that keep kohya names attach to nothing.
-- ``llama.cpp``: see :mod:`adapterpack.interop.gguf` (one alpha per file, q/k row permutation, no DoRA).
+- ``llama.cpp``: see :mod:`adapterpack.formats.gguf` (one alpha per file, q/k row permutation, no DoRA).
 - ``kohya``: per-module alpha (exact), no rsLoRA (alpha rescaled exactly), no DoRA, embeddings
   and fan_in_fan_out layers stored transposed.
 """
@@ -31,7 +31,7 @@ import numpy as np
 from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module
 from adapterpack.errors import ConversionError
-from adapterpack.interop.export import DROP_HINT, check_key, scaled
+from adapterpack.formats.export import DROP_HINT, check_key, scaled
 from adapterpack.names import check_name
 
 TARGETS = ("vllm", "peft", "llama.cpp", "kohya")
@@ -222,7 +222,7 @@ def _check_peft(adapter: Adapter) -> list[Finding]:
 
 
 def _check_llama_cpp(adapter: Adapter, base: Any) -> list[Finding]:
-    from adapterpack.interop.gguf import _LAYER, GgufBase, _name_map
+    from adapterpack.formats.gguf import _LAYER, GgufBase, _name_map
 
     t = "llama.cpp"
     out = _common(adapter, t, own=())
@@ -293,7 +293,7 @@ def _names(adapter: Adapter, target: str) -> list[Finding]:
     """The module and tensor names the PEFT (vLLM) or kohya writer refuses, by the writer's own checks
     (:func:`~adapterpack.names.check_name`, :func:`~.export.check_key`, PEFT's :func:`~.peft.check_module_path`),
     applied to the names alone: no tensor is read."""
-    from adapterpack.interop.peft import check_module_path
+    from adapterpack.formats.peft import check_module_path
 
     def refusal(name: str, what: str) -> str | None:
         try:
@@ -317,7 +317,7 @@ def _names(adapter: Adapter, target: str) -> list[Finding]:
 def check(adapter: Adapter, target: str, *, max_lora_rank: int | None = None, base: Any = None) -> list[Finding]:
     """Everything ``target`` would refuse or misread in ``adapter``, with the converter's fix (empty: loads as is).
 
-    ``base`` (llama.cpp): a :class:`~adapterpack.interop.gguf.GgufBase` with the head counts.
+    ``base`` (llama.cpp): a :class:`~adapterpack.formats.gguf.GgufBase` with the head counts.
     """
     if target == "vllm":
         found = _check_vllm(adapter, max_lora_rank)
@@ -367,8 +367,8 @@ class VllmPlan:
 
 def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors: bool = False) -> tuple[Adapter, VllmPlan]:
     """``adapter`` as a single-rank plain-LoRA adapter vLLM reads correctly (see the module docstring)."""
-    from adapterpack.convert import delta_error
     from adapterpack.encodings.lower import as_lora, at_rank, main_dtype
+    from adapterpack.linalg.cast import delta_error
 
     refusals = [
         f for f in check(adapter, "vllm", max_lora_rank=max_lora_rank) if f.severity == "refuse" and "rank above" not in f.problem
@@ -431,7 +431,7 @@ def write_vllm(
 ) -> VllmPlan:
     """Write ``adapter`` as a PEFT folder that vLLM loads with the right scale everywhere (atomic, see :func:`to_vllm`;
     ``overwrite``: as :func:`~.peft.write_peft`)."""
-    from adapterpack.interop.peft import write_peft
+    from adapterpack.formats.peft import write_peft
 
     single, plan = to_vllm(adapter, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors)
     write_peft(single, Path(dst), overwrite=overwrite)
@@ -453,8 +453,8 @@ def check_path(
     base: str | os.PathLike[str] | None = None,
 ) -> list[Finding]:
     """:func:`check` on a file or folder (any format adapterpack reads); ``base`` is the base model's GGUF or config.json."""
-    from adapterpack.interop import read_any
-    from adapterpack.interop.gguf import base_info
+    from adapterpack.formats import read_any
+    from adapterpack.formats.gguf import base_info
 
     info = base_info(base) if base is not None else None
     with read_any(path, adapter=adapter) as ad:

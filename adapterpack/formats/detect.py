@@ -7,12 +7,7 @@ from pathlib import Path
 
 from adapterpack.container.preamble import MAGIC
 from adapterpack.errors import UnrecognizedInputError
-from adapterpack.interop.safetensors_header import read_header
-
-
-def safetensors_keys(path: Path) -> list[str]:
-    """Tensor names in a safetensors file, read from its checked header only."""
-    return list(read_header(path, UnrecognizedInputError).tensors)
+from adapterpack.formats.safetensors_header import safetensors_keys
 
 
 def detect_format(path: str | os.PathLike[str]) -> str:
@@ -35,7 +30,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             return "kohya"
         if any(".lora_A" in k or "lora_embedding_A" in k for k in keys) and (p.parent / "adapter_config.json").is_file():
             return "peft"
-        from adapterpack.interop.diffusers import looks_like_diffusers
+        from adapterpack.formats.diffusers import looks_like_diffusers
 
         if looks_like_diffusers(keys):
             return "diffusers"

@@ -15,7 +15,7 @@ from typing import Any
 
 from adapterpack.adapter import Adapter
 from adapterpack.errors import AdapterNotFoundError
-from adapterpack.interop.detect import detect_format
+from adapterpack.formats.detect import detect_format
 
 
 @dataclass
@@ -62,15 +62,15 @@ def open_adapters(path: str | os.PathLike[str], adapter: str | None = None, *, v
             raise
         return Opened(p, fmt, adapters, reader, reader.close)
     if fmt == "peft":
-        from adapterpack.interop.peft import read_peft
+        from adapterpack.formats.peft import read_peft
 
         a = read_peft(p)
     elif fmt == "diffusers":
-        from adapterpack.interop.diffusers import read_diffusers
+        from adapterpack.formats.diffusers import read_diffusers
 
         a = read_diffusers(p)
     else:
-        from adapterpack.interop.kohya import read_kohya
+        from adapterpack.formats.kohya import read_kohya
 
         a = read_kohya(p)
     if adapter is not None and adapter != a.name:

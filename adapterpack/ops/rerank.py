@@ -20,14 +20,14 @@ import numpy as np
 
 from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module
-from adapterpack.encodings.factors import Factors
 from adapterpack.encodings.lower import lora_from_factors, main_dtype
 from adapterpack.encodings.svd import from_spectrum, s_dtype_for, singular_values
 from adapterpack.errors import ConversionError
-from adapterpack.importance import Importance
+from adapterpack.factors import Factors
 from adapterpack.linalg import allocate
 from adapterpack.linalg.finite import check_product
 from adapterpack.linalg.lowrank import Spectrum, spectrum_of
+from adapterpack.ops.importance import Importance
 
 RULES = ("rank", "energy", "sv_ratio", "budget", "budget_ratio")
 ENCODINGS = ("svd", "lora")
@@ -50,7 +50,7 @@ class RerankPolicy:
     :func:`adapterpack.linalg.allocate.balanced_floor`), ``absolute`` (most Σ‖retained‖²) or
     ``relative`` (most kept fraction per module); ``method`` is ``dp`` (exact) or ``greedy``.
     ``importance`` (budgets only) replaces each module's energy by the second-order KL of its cut,
-    ``½·σ_cutᵀ F σ_cut`` with F the measured Fisher matrix of its components (:mod:`adapterpack.importance`;
+    ``½·σ_cutᵀ F σ_cut`` with F the measured Fisher matrix of its components (:mod:`adapterpack.ops.importance`;
     modules weighed independently of each other), so the budget minimises the KL the cuts cost
     instead of the energy they drop; it implies ``absolute`` weighting unless ``balanced`` is asked for
     (then those costs take the place of ‖ΔW_i − ΔW_i,j‖², floor included).
@@ -283,7 +283,7 @@ def _allowed(policy: RerankPolicy) -> tuple[int, ...] | None:
 
 def _values(policy: RerankPolicy, name: str, w: _Work) -> np.ndarray:
     """What keeping each of a module's components is worth to a budget: σ², or with measured importance
-    the second-order KL each one's cut adds (:meth:`~adapterpack.importance.Importance.values`)."""
+    the second-order KL each one's cut adds (:meth:`~adapterpack.ops.importance.Importance.values`)."""
     if policy.importance is None:
         return w.spectrum.S[: w.k] ** 2
     return policy.importance.values(name, w.spectrum.S[: w.k])
@@ -388,8 +388,8 @@ def rerank_file(
 ) -> RerankResult:
     """Re-rank ``src`` (any format) into ``dst`` (.apack, PEFT folder, kohya or diffusers file; ``None``: plan only);
     ``component``: the diffusers component for modules whose names carry none."""
-    from adapterpack.convert import check_destination, infer_target, load_source, write_adapters
-    from adapterpack.report import footprint
+    from adapterpack.ops.convert import check_destination, infer_target, load_source, write_adapters
+    from adapterpack.ops.report import footprint
 
     start = time.perf_counter()
     src = Path(src)
