@@ -143,12 +143,12 @@ def test_balanced_on_a_real_adapter_never_cuts_below_its_floor_and_beats_uniform
     """Bundled example at the bytes of uniform rank 4: floor 3 everywhere, Σ‖E‖^1.5 no worse than uniform's."""
     import adapterpack
     from adapterpack.examples import example_path
-    from adapterpack.ops.rerank import module_spectrum
+    from adapterpack.ops.rerank import spectrum_with_factors
 
     items = []
     with adapterpack.open(example_path()) as ad:
         for m in ad:
-            sp, f = module_spectrum(m)
+            sp, f = spectrum_with_factors(m)
             k = int(np.count_nonzero(sp.S > 0))
             items.append(Item(m.name, sp.S[:k] ** 2, (f.A.shape[1] + f.B.shape[0]) * 4, choices_for(k, min_rank=1)))
     uniform = {it.name: min(4, it.choices[-1]) for it in items}

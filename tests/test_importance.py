@@ -16,7 +16,7 @@ from adapterpack.cli import main
 from adapterpack.errors import ConversionError, InputError
 from adapterpack.linalg import allocate
 from adapterpack.ops.importance import Importance, load_importance
-from adapterpack.ops.rerank import RerankPolicy, module_spectrum, plan_rerank
+from adapterpack.ops.rerank import RerankPolicy, plan_rerank, spectrum_with_factors
 from adapterpack.torch.fit.fisher import component_fisher
 
 V, D, H = 11, 6, 8
@@ -89,7 +89,7 @@ def test_fisher_matches_brute_force_autograd_and_restores_the_model() -> None:
     for name in ("l1", "head"):
         np.testing.assert_allclose(imp.fisher[name], ref[name], rtol=2e-4, atol=1e-6 * ref[name].max())
         assert np.abs(ref[name] - np.diag(np.diag(ref[name]))).max() > 1e-3 * ref[name].max()  # cross terms matter
-        sp, _ = module_spectrum(ad.module(name))
+        sp, _ = spectrum_with_factors(ad.module(name))
         np.testing.assert_array_equal(imp.singular_values[name], sp.S)
     assert imp.info["sequences"] == "12" and imp.info["tokens"] == str(12 * 6)
     after = model.state_dict()
@@ -105,7 +105,7 @@ def test_per_token_statistics_for_the_estimator_comparison() -> None:
     model, ad, data = Tiny(), tiny_adapter(), batches()
     stats, _, _ = component_statistics(model, ad, data, labels="data", logits=logits, statistics=STATISTICS)
     fisher = component_fisher(model, ad, data, labels="data", logits=logits).fisher
-    _, vt = module_spectrum(ad.module("l1"))[0].vectors()
+    _, vt = spectrum_with_factors(ad.module("l1"))[0].vectors()
     with torch.no_grad():
         x = torch.cat([model.emb(ids).reshape(-1, D) for ids in data]).double().numpy() @ vt.T
     np.testing.assert_allclose(stats["l1"]["input"], x.T @ x / x.shape[0], rtol=1e-5)
@@ -153,7 +153,7 @@ def test_text_blocks_are_evenly_spaced_whole_blocks() -> None:
 
 def test_budget_weighted_by_importance_is_the_dp_on_weighted_energy(tmp_path: Path) -> None:
     ad = tiny_adapter()
-    spectra = {m.name: module_spectrum(m)[0].S for m in ad}
+    spectra = {m.name: spectrum_with_factors(m)[0].S for m in ad}
     # make the smaller module far more important than its energy says
     fisher = {"l1": np.full(3, 1e-3), "head": np.full(2, 10.0)}
     imp = Importance(fisher, spectra)
@@ -218,7 +218,7 @@ def test_a_fisher_matrix_with_cross_terms_drives_the_budget_dp_end_to_end() -> N
     import itertools
 
     ad = tiny_adapter()
-    spectra = {m.name: module_spectrum(m)[0].S for m in ad}
+    spectra = {m.name: spectrum_with_factors(m)[0].S for m in ad}
     l1 = (np.full((3, 3), 0.9) + 0.1 * np.eye(3)) * 0.5  # its components' cuts add coherently
     head = np.array([[0.2, -0.4], [-0.4, 1.0]])  # cuts partly cancel: cutting both costs less than the last alone
     full = Importance({"l1": l1, "head": head}, spectra)
@@ -243,7 +243,7 @@ def test_a_fisher_matrix_with_cross_terms_drives_the_budget_dp_end_to_end() -> N
 
 def test_importance_refusals(tmp_path: Path) -> None:
     ad, other = tiny_adapter(1), tiny_adapter(2)
-    imp = Importance({m.name: np.ones(int(m.params["rank"])) for m in ad}, {m.name: module_spectrum(m)[0].S for m in ad})
+    imp = Importance({m.name: np.ones(int(m.params["rank"])) for m in ad}, {m.name: spectrum_with_factors(m)[0].S for m in ad})
     with pytest.raises(ConversionError, match="measured for other singular values"):
         plan_rerank(other, RerankPolicy(budget=10_000, importance=imp))
     with pytest.raises(ConversionError, match="does not apply to rank"):
@@ -357,7 +357,7 @@ def test_a_module_called_twice_sums_both_calls_and_an_unused_one_gets_zero() -> 
 
 def test_importance_needs_absolute_dp_and_hostile_info_is_dropped(tmp_path: Path) -> None:
     ad = tiny_adapter()
-    imp = Importance({m.name: np.ones(int(m.params["rank"])) for m in ad}, {m.name: module_spectrum(m)[0].S for m in ad})
+    imp = Importance({m.name: np.ones(int(m.params["rank"])) for m in ad}, {m.name: spectrum_with_factors(m)[0].S for m in ad})
     assert RerankPolicy(budget=1).effective_weighting == "balanced"  # the data-free default
     assert RerankPolicy(budget=1, importance=imp).effective_weighting == "absolute"  # importance's own objective
     RerankPolicy(budget=10_000, importance=imp, weighting="balanced").rule()  # weighted errors, floored

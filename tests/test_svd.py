@@ -361,7 +361,7 @@ def test_open_at_a_rank_keeps_dora_modules() -> None:
 
 
 def test_every_reader_of_s_refuses_bad_singular_values() -> None:
-    from adapterpack.ops.rerank import module_spectrum as rerank_spectrum
+    from adapterpack.ops.rerank import spectrum_with_factors as rerank_spectrum
     from adapterpack.ops.spectrum import module_spectrum
 
     good = as_svd(next(iter(make_vectors.basic())), dtype="float32")

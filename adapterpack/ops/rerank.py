@@ -186,7 +186,9 @@ class RerankReport:
         }
 
 
-def module_spectrum(module: Module, *, where: str | None = None, dtype: str | None = None) -> tuple[Spectrum, Factors]:
+def spectrum_with_factors(
+    module: Module, *, where: str | None = None, dtype: str | None = None
+) -> tuple[Spectrum, Factors]:
     """The exact SVD of a module's ΔW (read from an svd record, computed from factors otherwise).
 
     Factors a fit cannot use (non-finite, or too large for binary64 or for ``dtype``, the float dtype
@@ -242,7 +244,7 @@ def plan_rerank(adapter: Adapter, policy: RerankPolicy) -> tuple[RerankReport, d
             plans.append(ModulePlan(m.name, old, old, old, 0.0, 1.0, 0.0, b, b, selected=False))
             continue
         dtype = dtypes.by_name(policy.dtype).name if policy.dtype else main_dtype(m)
-        sp, f = module_spectrum(m, where=f"adapter {adapter.name!r} module {m.name!r}", dtype=s_dtype_for(dtype))
+        sp, f = spectrum_with_factors(m, where=f"adapter {adapter.name!r} module {m.name!r}", dtype=s_dtype_for(dtype))
         k = int(np.count_nonzero(sp.S > 0))
         work[m.name] = _Work(m, sp, f, dtype, k, _cost_per_rank(f, dtype, policy.encoding))
         plans.append(ModulePlan(m.name, old, 0, 0, sp.energy, 1.0, 0.0, m.decoded_bytes, 0))

@@ -28,7 +28,7 @@ from adapterpack.adapter import Adapter
 from adapterpack.errors import ConversionError, InputError, MissingDependencyError
 from adapterpack.linalg.finite import check_adapter
 from adapterpack.ops.importance import LABELS, Importance
-from adapterpack.ops.rerank import module_spectrum
+from adapterpack.ops.rerank import spectrum_with_factors
 from adapterpack.torch.apply import apply
 
 #: ``logits(model, batch) -> [b, t, vocab]``; the default fits Hugging Face causal LMs.
@@ -94,7 +94,7 @@ def component_statistics(
         raise ConversionError("the adapter has no module whose components can be measured")
     spectra, vecs = {}, {}
     for name, m in picked.items():
-        sp, f = module_spectrum(m, where=f"adapter {adapter.name!r} module {name!r}")
+        sp, f = spectrum_with_factors(m, where=f"adapter {adapter.name!r} module {name!r}")
         if f.layout != "linear":
             raise ConversionError(f"module {name!r}: importance is measured for linear layers only, not {f.layout}")
         u, vt = sp.vectors()
