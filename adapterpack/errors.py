@@ -97,6 +97,10 @@ class ConversionError(AdapterpackError):
     """A requested conversion cannot be carried out faithfully."""
 
 
+class OptionError(ConversionError):
+    """Options that do not go together (``--k`` without ``--to nola``); the CLI reports it as a usage error."""
+
+
 class AdapterNotFoundError(AdapterpackError):
     """A named adapter or module is not in the file."""
 

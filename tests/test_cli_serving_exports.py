@@ -51,4 +51,4 @@ def test_convert_to_gguf_and_vllm(tmp_path: Path) -> None:
     got = back.delta("model.layers.3.self_attn.v_proj").astype(np.float64)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
     r = run(main, ["convert", str(EXAMPLE), str(tmp_path / "k.safetensors"), "--target", "vllm"])
-    assert r.exit_code == 1 and "PEFT output only" in r.output
+    assert r.exit_code == 2 and "PEFT output only" in r.output  # options that do not go together: a usage error

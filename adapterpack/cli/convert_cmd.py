@@ -118,27 +118,28 @@ def convert(
 ) -> None:
     """Convert SRC (.apack, PEFT folder, kohya or diffusers file) to DST; lossless unless --dtype narrows,
     --rank cuts or --to nola fits."""
+    from adapterpack.ops.convert import check_options, infer_target, target_conflict
     from adapterpack.ops.convert import convert as run
-    from adapterpack.ops.convert import infer_target, target_conflict
 
     target = to or infer_target(dst)
     if to is not None and (why := target_conflict(dst, to)):
         raise click.BadParameter(why, param_hint="'--to'")
-    if target not in ("apack", "nola") and (codec is not None or level is not None):
-        raise click.UsageError(f"--codec and --level apply to .apack output only, not {target}")
-    if target == "nola" and (nola_k is None) == (nola_target_error is None):
-        raise click.UsageError("--to nola needs exactly one of --k and --target-error")
-    if target != "nola" and (nola_k is not None or nola_target_error is not None):
-        raise click.UsageError("--k and --target-error apply to --to nola only")
-    if component is not None and target != "diffusers":
-        raise click.UsageError("--component applies to diffusers output only")
-    if target in ("apack", "nola") and drop_tensors:
-        raise click.UsageError("--drop-tensors applies to PEFT and kohya output only; .apack keeps every tensor")
+    check_options(  # before reading anything: a usage error, exit 2
+        target,
+        dst,
+        codec=codec,
+        level=level,
+        drop_tensors=drop_tensors,
+        serve_for=serve_for,
+        component=component,
+        nola_k=nola_k,
+        nola_target_error=nola_target_error,
+    )
     result = run(
         src,
         dst,
         to=target,
-        codec=codec or "byteplanes",
+        codec=codec,
         level=level,
         dtype=dtype,
         force=force,

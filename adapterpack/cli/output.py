@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from adapterpack.errors import AdapterpackError
+from adapterpack.errors import AdapterpackError, OptionError
 from adapterpack.text import json_printable, printable
 
 #: The most characters of one error message shown: a value read from a file can be megabytes long.
@@ -53,7 +53,8 @@ def os_message(e: OSError) -> str:
 
 
 class AdapterpackGroup(click.Group):
-    """A click group that turns AdapterpackError, OSError and MemoryError into one line and exit status 1, and
+    """A click group that turns AdapterpackError, OSError and MemoryError into one line and exit status 1
+    (OptionError: a usage error, exit status 2), and
     escapes click's own usage errors (they can quote the command line)."""
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -67,6 +68,8 @@ class AdapterpackGroup(click.Group):
             with contextlib.suppress(OSError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             ctx.exit(1)
+        except OptionError as e:  # options that do not go together: a usage error, exit 2
+            raise click.UsageError(capped(printable(one_line(str(e)))), ctx) from None
         except AdapterpackError as e:
             raise Failure(one_line(str(e))) from None
         except OSError as e:

@@ -25,7 +25,7 @@ import numpy as np
 from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module, TensorLike, as_array, tensor_info
 from adapterpack.atomic import exists_error
-from adapterpack.errors import ConversionError
+from adapterpack.errors import ConversionError, OptionError
 from adapterpack.formats import Opened, open_adapters
 from adapterpack.formats.source import notes as source_notes
 from adapterpack.linalg.cast import CastReport, ModuleCast, cast_adapter, delta_error  # noqa: F401  (their home before 0.2)
@@ -65,6 +65,39 @@ def target_conflict(dst: str | os.PathLike[str], to: str) -> str | None:
         kind = {"apack": "an .apack file", "gguf": "a llama.cpp .gguf file"}.get(inferred, "a kohya or diffusers .safetensors file")
         return f"{Path(dst).name!r} names {kind}, but the output format is {to}"
     return None
+
+
+def check_options(
+    target: str,
+    dst: str | os.PathLike[str],
+    *,
+    codec: str | None = None,
+    level: int | None = None,
+    drop_tensors: bool = False,
+    serve_for: str | None = None,
+    component: str | None = None,
+    nola_k: int | None = None,
+    nola_target_error: float | None = None,
+) -> None:
+    """Every rule on which output options go together, in one place (OptionError naming the option as the
+    CLI spells it): ``adapterpack convert`` reports it as a usage error, :func:`convert` and
+    :func:`write_adapters` refuse the same requests the same way."""
+    if target not in TARGETS:
+        raise OptionError(f"unknown output format {target!r} (one of {', '.join(TARGETS)})")
+    if target not in APACK_TARGETS and (codec is not None or level is not None):
+        raise OptionError(f"--codec and --level apply to .apack output only, not {target}")
+    if target == "nola" and (nola_k is None) == (nola_target_error is None):
+        raise OptionError("--to nola needs exactly one of --k and --target-error")
+    if target != "nola" and (nola_k is not None or nola_target_error is not None):
+        raise OptionError("--k and --target-error apply to --to nola only")
+    if component is not None and target != "diffusers":
+        raise OptionError("--component applies to diffusers output only")
+    if target in APACK_TARGETS and drop_tensors:
+        raise OptionError("--drop-tensors applies to PEFT and kohya output only; .apack keeps every tensor")
+    if serve_for is not None and (target != "peft" or serve_for not in SERVE_TARGETS):
+        raise OptionError(f"--target {serve_for} shapes PEFT output only (and must be one of {', '.join(SERVE_TARGETS)})")
+    if target == "diffusers" and Path(dst).suffix.lower() != ".safetensors":
+        raise OptionError(f"diffusers output is one .safetensors file (e.g. pytorch_lora_weights.safetensors), not {dst}")
 
 
 def check_destination(src: Path, dst: Path, target: str, force: bool) -> None:
@@ -112,7 +145,7 @@ def write_adapters(
     dst: Path,
     target: str,
     *,
-    codec: str = "byteplanes",
+    codec: str | None = None,
     level: int | None = None,
     progress: ProgressFactory | None = None,
     drop_tensors: bool = False,
@@ -131,12 +164,7 @@ def write_adapters(
     (diffusers output) puts modules that name no diffusers component under that one (e.g. ``transformer``).
     ``overwrite`` false creates ``dst`` without replacing anything (OutputExistsError if another writer was
     first); every writer goes through :mod:`adapterpack.atomic`, which also creates missing parent folders."""
-    if target not in TARGETS:
-        raise ConversionError(f"unknown output format {target!r} (one of {', '.join(TARGETS)})")
-    if component is not None and target != "diffusers":
-        raise ConversionError("component applies to diffusers output only")
-    if target == "diffusers" and dst.suffix.lower() != ".safetensors":
-        raise ConversionError(f"diffusers output is one .safetensors file (e.g. pytorch_lora_weights.safetensors), not {dst}")
+    check_options(target, dst, drop_tensors=drop_tensors, serve_for=serve_for, component=component)
     if target != "apack" and len(adapters) != 1:
         names = ", ".join(a.name for a in adapters)
         raise ConversionError(f"{target} holds one adapter, the input has {len(adapters)} ({names}); pick one with --adapter")
@@ -145,7 +173,7 @@ def write_adapters(
 
         total = sum(a.decoded_bytes for a in adapters)
         with (progress or _no_progress)(total) as advance:
-            write_apack(dst, adapters, codec=codec, level=level, progress=advance, overwrite=overwrite)
+            write_apack(dst, adapters, codec=codec or "byteplanes", level=level, progress=advance, overwrite=overwrite)
         return []
     if target == "gguf":
         from adapterpack.formats.gguf import write_gguf
@@ -156,8 +184,6 @@ def write_adapters(
 
         plan = write_vllm(adapters[0], dst, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors, overwrite=overwrite)
         return plan.notes()
-    if serve_for is not None:
-        raise ConversionError(f"--target {serve_for} shapes PEFT output only (and {serve_for!r} must be one of {SERVE_TARGETS})")
     if target == "peft":
         from adapterpack.formats.peft import export_notes, write_peft
 
@@ -209,7 +235,7 @@ def convert(
     dst: str | os.PathLike[str],
     *,
     to: str | None = None,
-    codec: str = "byteplanes",
+    codec: str | None = None,
     level: int | None = None,
     dtype: str = "keep",
     force: bool = False,
@@ -234,8 +260,17 @@ def convert(
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     target = to or infer_target(dst)
-    if target not in TARGETS:
-        raise ConversionError(f"unknown output format {target!r} (one of {', '.join(TARGETS)})")
+    check_options(
+        target,
+        dst,
+        codec=codec,
+        level=level,
+        drop_tensors=drop_tensors,
+        serve_for=serve_for,
+        component=component,
+        nola_k=nola_k,
+        nola_target_error=nola_target_error,
+    )
     if dtype not in DTYPE_CHOICES:
         dtypes.by_name(dtype)  # raises UnknownDTypeError naming it
     check_destination(src, dst, target, force)
@@ -252,8 +287,6 @@ def convert(
         fitted: list[str] = []
         if target == "nola":
             adapters, fitted = _fit_nola(adapters, nola_k, nola_target_error)
-        elif nola_k is not None or nola_target_error is not None:
-            raise ConversionError("k and target_error apply to nola output only")
         export = write_adapters(
             adapters,
             dst,
@@ -281,8 +314,8 @@ def convert(
         adapters=[a.name for a in adapters],
         src_bytes=footprint(src),
         dst_bytes=footprint(dst),
-        codec=codec if target in APACK_TARGETS else None,
-        level=effective_level(codec, level) if target in APACK_TARGETS else None,
+        codec=(codec or "byteplanes") if target in APACK_TARGETS else None,
+        level=effective_level(codec or "byteplanes", level) if target in APACK_TARGETS else None,
         dtype="keep" if dtype == "keep" else dtypes.by_name(dtype).name,
         casts=casts,
         notes=notes,
