@@ -11,11 +11,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -28,32 +25,33 @@ from adapterpack.atomic import exists_error
 from adapterpack.errors import ConversionError, OptionError
 from adapterpack.formats import Opened, open_adapters
 from adapterpack.formats.source import notes as source_notes
+from adapterpack.formats.write import (
+    FORMATS,
+    SAFETENSORS_FORMATS,
+    SERVING_STACKS,
+    ProgressFactory,
+    check_write_options,
+    infer_format,
+    write_adapters,
+)
 from adapterpack.linalg.cast import CastReport, ModuleCast, cast_adapter, delta_error  # noqa: F401  (their home before 0.2)
 from adapterpack.ops.report import footprint
 
-TARGETS = ("apack", "peft", "kohya", "diffusers", "gguf", "nola")
+#: What ``convert --to`` writes: a file format, or ``nola`` (an .apack with every module fitted as a nola record).
+TARGETS = (*FORMATS, "nola")
 #: Targets written as one .safetensors file (the suffix alone cannot tell them apart).
-SAFETENSORS_TARGETS = ("kohya", "diffusers")
-#: Targets written as .apack files (``nola``: .apack with every module fitted as a nola record).
+SAFETENSORS_TARGETS = SAFETENSORS_FORMATS
+#: Targets written as .apack files.
 APACK_TARGETS = ("apack", "nola")
 #: Serving stacks ``serve_for`` shapes a PEFT export for.
-SERVE_TARGETS = ("vllm",)
+SERVE_TARGETS = SERVING_STACKS
+#: The output format a destination's name implies (``convert`` without ``--to``).
+infer_target = infer_format
 DTYPE_CHOICES = ("keep", "fp32", "fp16", "bf16")
 
-#: ``progress(total_bytes)`` → context manager yielding ``advance(nbytes)`` (the CLI's progress bar).
-ProgressFactory = Callable[[int], AbstractContextManager[Callable[[int], None]]]
 
 
 # --- reading and writing any format ---------------------------------------------------------------
-
-
-def infer_target(dst: str | os.PathLike[str]) -> str:
-    """Output format from the destination's name: .apack → apack, pytorch_lora_weights.safetensors (diffusers'
-    file name) → diffusers, other .safetensors → kohya, .gguf → gguf, else a PEFT folder."""
-    if Path(dst).name.lower() == "pytorch_lora_weights.safetensors":
-        return "diffusers"
-    suffix = Path(dst).suffix.lower()
-    return {".apack": "apack", ".safetensors": "kohya", ".gguf": "gguf"}.get(suffix, "peft")
 
 
 def target_conflict(dst: str | os.PathLike[str], to: str) -> str | None:
@@ -79,9 +77,10 @@ def check_options(
     nola_k: int | None = None,
     nola_target_error: float | None = None,
 ) -> None:
-    """Every rule on which output options go together, in one place (OptionError naming the option as the
-    CLI spells it): ``adapterpack convert`` reports it as a usage error, :func:`convert` and
-    :func:`write_adapters` refuse the same requests the same way."""
+    """Every rule on which convert's options go together (OptionError naming the option as the CLI spells
+    it): ``adapterpack convert`` reports it as a usage error before reading anything, :func:`convert`
+    refuses the same requests the same way. The rules of a format's writer are stated once, in
+    :func:`adapterpack.formats.write.check_write_options`."""
     if target not in TARGETS:
         raise OptionError(f"unknown output format {target!r} (one of {', '.join(TARGETS)})")
     if target not in APACK_TARGETS and (codec is not None or level is not None):
@@ -90,14 +89,10 @@ def check_options(
         raise OptionError("--to nola needs exactly one of --k and --target-error")
     if target != "nola" and (nola_k is not None or nola_target_error is not None):
         raise OptionError("--k and --target-error apply to --to nola only")
-    if component is not None and target != "diffusers":
-        raise OptionError("--component applies to diffusers output only")
     if target in APACK_TARGETS and drop_tensors:
         raise OptionError("--drop-tensors applies to PEFT and kohya output only; .apack keeps every tensor")
-    if serve_for is not None and (target != "peft" or serve_for not in SERVE_TARGETS):
-        raise OptionError(f"--target {serve_for} shapes PEFT output only (and must be one of {', '.join(SERVE_TARGETS)})")
-    if target == "diffusers" and Path(dst).suffix.lower() != ".safetensors":
-        raise OptionError(f"diffusers output is one .safetensors file (e.g. pytorch_lora_weights.safetensors), not {dst}")
+    fmt = "apack" if target in APACK_TARGETS else target
+    check_write_options(fmt, dst, drop_tensors=drop_tensors, serve_for=serve_for, component=component)
 
 
 def check_destination(src: Path, dst: Path, target: str, force: bool) -> None:
@@ -127,77 +122,12 @@ def load_source(src: str | os.PathLike[str], adapter: str | None = None, *, veri
     return open_adapters(src, adapter, verify=verify)
 
 
-@contextlib.contextmanager
-def _no_progress(total: int) -> Iterator[Callable[[int], None]]:
-    yield lambda n: None
-
-
 def effective_level(codec: str, level: int | None) -> int | None:
     """The compression level a codec uses for ``level`` (None: the codec's default; raw: None)."""
     from adapterpack.codecs import get_codec
 
     cfg = get_codec({"id": codec} if level is None else {"id": codec, "level": level}).get_config()
     return cfg.get("level")
-
-
-def write_adapters(
-    adapters: list[Adapter],
-    dst: Path,
-    target: str,
-    *,
-    codec: str | None = None,
-    level: int | None = None,
-    progress: ProgressFactory | None = None,
-    drop_tensors: bool = False,
-    serve_for: str | None = None,
-    max_lora_rank: int | None = None,
-    base: str | os.PathLike[str] | None = None,
-    component: str | None = None,
-    overwrite: bool = True,
-) -> list[str]:
-    """Write ``adapters`` to ``dst`` as ``target`` (PEFT, kohya and gguf hold exactly one adapter); the
-    exporter's notes. ``drop_tensors`` leaves out pass-through tensors that PEFT / kohya / gguf output
-    cannot carry (refused otherwise). ``serve_for="vllm"`` (PEFT output) writes one allowed rank with
-    every module's scale baked into B (:func:`adapterpack.formats.serving.write_vllm`, ``max_lora_rank``);
-    ``base`` (gguf output) is the base model's GGUF file or config.json, for llama.cpp's q/k layout, and
-    (diffusers output) the pipeline folder whose module names resolve kohya names; ``component``
-    (diffusers output) puts modules that name no diffusers component under that one (e.g. ``transformer``).
-    ``overwrite`` false creates ``dst`` without replacing anything (OutputExistsError if another writer was
-    first); every writer goes through :mod:`adapterpack.atomic`, which also creates missing parent folders."""
-    check_options(target, dst, drop_tensors=drop_tensors, serve_for=serve_for, component=component)
-    if target != "apack" and len(adapters) != 1:
-        names = ", ".join(a.name for a in adapters)
-        raise ConversionError(f"{target} holds one adapter, the input has {len(adapters)} ({names}); pick one with --adapter")
-    if target == "apack":
-        from adapterpack.container.writer import write_apack
-
-        total = sum(a.decoded_bytes for a in adapters)
-        with (progress or _no_progress)(total) as advance:
-            write_apack(dst, adapters, codec=codec or "byteplanes", level=level, progress=advance, overwrite=overwrite)
-        return []
-    if target == "gguf":
-        from adapterpack.formats.gguf import write_gguf
-
-        return write_gguf(adapters[0], dst, base=base, drop_tensors=drop_tensors, overwrite=overwrite).notes()
-    if target == "peft" and serve_for == "vllm":
-        from adapterpack.formats.serving import write_vllm
-
-        plan = write_vllm(adapters[0], dst, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors, overwrite=overwrite)
-        return plan.notes()
-    if target == "peft":
-        from adapterpack.formats.peft import export_notes, write_peft
-
-        notes = export_notes(adapters[0])
-        write_peft(adapters[0], dst, drop_tensors=drop_tensors, overwrite=overwrite)
-        return notes
-    if target == "diffusers":
-        from adapterpack.formats.diffusers import write_diffusers
-
-        return write_diffusers(adapters[0], dst, base=base, component=component, drop_tensors=drop_tensors, overwrite=overwrite)
-    from adapterpack.formats.kohya import write_kohya
-
-    write_kohya(adapters[0], dst, drop_tensors=drop_tensors, overwrite=overwrite)
-    return []
 
 
 @dataclass

@@ -1,0 +1,119 @@
+"""Writing adapters in any format: the one entry point each way is :func:`~adapterpack.formats.open_adapters`
+(read, any format detected) and :func:`write_adapters` here (write, the format named or implied by the
+destination's name). Every writer is atomic (:mod:`adapterpack.atomic`).
+
+Words: a *format* is a file layout (``apack``, ``peft``, ``kohya``, ``diffusers``, ``gguf``); a *serving
+stack* (``vllm``) is a consumer a PEFT export can be shaped for (``serve_for``; the CLI's ``--target``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from adapterpack.adapter import Adapter
+from adapterpack.errors import ConversionError, OptionError
+
+#: File formats adapterpack writes.
+FORMATS = ("apack", "peft", "kohya", "diffusers", "gguf")
+#: Formats written as one .safetensors file (the suffix alone cannot tell them apart).
+SAFETENSORS_FORMATS = ("kohya", "diffusers")
+#: Serving stacks a PEFT export can be shaped for (``serve_for``).
+SERVING_STACKS = ("vllm",)
+
+#: ``progress(total_bytes)`` → context manager yielding ``advance(nbytes)`` (the CLI's progress bar).
+ProgressFactory = Callable[[int], AbstractContextManager[Callable[[int], None]]]
+
+
+def infer_format(dst: str | os.PathLike[str]) -> str:
+    """Output format from the destination's name: .apack → apack, pytorch_lora_weights.safetensors (diffusers'
+    file name) → diffusers, other .safetensors → kohya, .gguf → gguf, else a PEFT folder."""
+    if Path(dst).name.lower() == "pytorch_lora_weights.safetensors":
+        return "diffusers"
+    suffix = Path(dst).suffix.lower()
+    return {".apack": "apack", ".safetensors": "kohya", ".gguf": "gguf"}.get(suffix, "peft")
+
+
+def check_write_options(
+    fmt: str, dst: str | os.PathLike[str], *, drop_tensors: bool = False, serve_for: str | None = None, component: str | None = None
+) -> None:
+    """The rules on which write options go with which format, stated once (OptionError naming the option
+    as the CLI spells it; the CLI reports it as a usage error)."""
+    if fmt not in FORMATS:
+        raise OptionError(f"unknown output format {fmt!r} (one of {', '.join(FORMATS)})")
+    if component is not None and fmt != "diffusers":
+        raise OptionError("--component applies to diffusers output only")
+    if fmt == "apack" and drop_tensors:
+        raise OptionError("--drop-tensors applies to PEFT and kohya output only; .apack keeps every tensor")
+    if serve_for is not None and (fmt != "peft" or serve_for not in SERVING_STACKS):
+        raise OptionError(f"--target {serve_for} shapes PEFT output only (and must be one of {', '.join(SERVING_STACKS)})")
+    if fmt == "diffusers" and Path(dst).suffix.lower() != ".safetensors":
+        raise OptionError(f"diffusers output is one .safetensors file (e.g. pytorch_lora_weights.safetensors), not {dst}")
+
+
+@contextlib.contextmanager
+def _no_progress(total: int) -> Iterator[Callable[[int], None]]:
+    yield lambda n: None
+
+
+def write_adapters(
+    adapters: list[Adapter],
+    dst: Path,
+    fmt: str,
+    *,
+    codec: str | None = None,
+    level: int | None = None,
+    progress: ProgressFactory | None = None,
+    drop_tensors: bool = False,
+    serve_for: str | None = None,
+    max_lora_rank: int | None = None,
+    base: str | os.PathLike[str] | None = None,
+    component: str | None = None,
+    overwrite: bool = True,
+) -> list[str]:
+    """Write ``adapters`` to ``dst`` as ``fmt`` (PEFT, kohya and gguf hold exactly one adapter); the
+    exporter's notes. ``drop_tensors`` leaves out pass-through tensors that PEFT / kohya / gguf output
+    cannot carry (refused otherwise). ``serve_for="vllm"`` (PEFT output) writes one allowed rank with
+    every module's scale baked into B (:func:`adapterpack.formats.serving.write_vllm`, ``max_lora_rank``);
+    ``base`` (gguf output) is the base model's GGUF file or config.json, for llama.cpp's q/k layout, and
+    (diffusers output) the pipeline folder whose module names resolve kohya names; ``component``
+    (diffusers output) puts modules that name no diffusers component under that one (e.g. ``transformer``).
+    ``overwrite`` false creates ``dst`` without replacing anything (OutputExistsError if another writer was
+    first); every writer goes through :mod:`adapterpack.atomic`, which also creates missing parent folders."""
+    check_write_options(fmt, dst, drop_tensors=drop_tensors, serve_for=serve_for, component=component)
+    if fmt != "apack" and len(adapters) != 1:
+        names = ", ".join(a.name for a in adapters)
+        raise ConversionError(f"{fmt} holds one adapter, the input has {len(adapters)} ({names}); pick one with --adapter")
+    if fmt == "apack":
+        from adapterpack.container.writer import write_apack
+
+        total = sum(a.decoded_bytes for a in adapters)
+        with (progress or _no_progress)(total) as advance:
+            write_apack(dst, adapters, codec=codec or "byteplanes", level=level, progress=advance, overwrite=overwrite)
+        return []
+    if fmt == "gguf":
+        from adapterpack.formats.gguf import write_gguf
+
+        return write_gguf(adapters[0], dst, base=base, drop_tensors=drop_tensors, overwrite=overwrite).notes()
+    if fmt == "peft" and serve_for == "vllm":
+        from adapterpack.formats.serving import write_vllm
+
+        plan = write_vllm(adapters[0], dst, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors, overwrite=overwrite)
+        return plan.notes()
+    if fmt == "peft":
+        from adapterpack.formats.peft import export_notes, write_peft
+
+        notes = export_notes(adapters[0])
+        write_peft(adapters[0], dst, drop_tensors=drop_tensors, overwrite=overwrite)
+        return notes
+    if fmt == "diffusers":
+        from adapterpack.formats.diffusers import write_diffusers
+
+        return write_diffusers(adapters[0], dst, base=base, component=component, drop_tensors=drop_tensors, overwrite=overwrite)
+    from adapterpack.formats.kohya import write_kohya
+
+    write_kohya(adapters[0], dst, drop_tensors=drop_tensors, overwrite=overwrite)
+    return []
