@@ -31,6 +31,7 @@ MOVED: dict[str, str] = {
     "adapterpack.encodings.factors": "adapterpack.factors",
     "adapterpack.torch.nola": "adapterpack.torch.fit.nola",
     "adapterpack.torch.importance": "adapterpack.torch.fit.fisher",
+    "adapterpack.torch.nola_rng": "adapterpack.torch.rng",
 }
 
 

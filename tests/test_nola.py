@@ -19,7 +19,7 @@ from adapterpack.adapter import Adapter, Module
 from adapterpack.encodings import get_encoding
 from adapterpack.encodings.nola import combine, decode_many
 from adapterpack.rng import basis, basis_bits
-from adapterpack.torch import nola_rng
+from adapterpack.torch import rng as torch_rng
 from tools.vectors import nola as spec_ref
 
 VECTORS = Path(__file__).resolve().parents[1] / "spec" / "vectors"
@@ -100,7 +100,7 @@ def test_vector_basis_values_match_both_generators() -> None:
         want = np.array(p["values"], np.float32)
         vals = basis(p["seed"], p["stream"], p["kind"], p["index"], p["index"] + 1, p["first"] + n)[0, p["first"] :]
         assert np.array_equal(vals.view(np.uint32), want.view(np.uint32))
-        tv = nola_rng.basis(p["seed"], p["stream"], p["kind"], p["index"], p["index"] + 1, p["first"] + n)[0, p["first"] :]
+        tv = torch_rng.basis(p["seed"], p["stream"], p["kind"], p["index"], p["index"] + 1, p["first"] + n)[0, p["first"] :]
         assert np.array_equal(tv.numpy().view(np.uint32), want.view(np.uint32))
 
 
@@ -199,7 +199,7 @@ def test_factor_scaling_follows_the_spec() -> None:
 def test_torch_generator_matches_on_a_record_basis() -> None:
     m = nola_module()
     want = basis(3, 1, 0, 0, 5, 20)
-    assert torch.equal(nola_rng.basis(3, 1, 0, 0, 5, 20), torch.from_numpy(want))
+    assert torch.equal(torch_rng.basis(3, 1, 0, 0, 5, 20), torch.from_numpy(want))
     assert m.params["k_A"] == want.shape[0]
 
 

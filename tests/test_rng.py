@@ -13,7 +13,7 @@ from adapterpack.errors import RecordError
 from adapterpack.rng import KAT, basis, basis_bits, iter_bases, philox4x32_10, seed_key, uniform
 from adapterpack.rng import philox as philox_mod
 from adapterpack.rng.basis import KIND_A, KIND_A0, KIND_B, KIND_B0
-from adapterpack.torch import nola_rng
+from adapterpack.torch import rng as torch_rng
 
 
 @pytest.mark.parametrize(("counter", "key", "want"), KAT)
@@ -33,7 +33,7 @@ def test_known_answers_are_random123s() -> None:
 @pytest.mark.parametrize(("counter", "key", "want"), KAT)
 def test_torch_matches_random123_known_answers(counter: tuple[int, ...], key: tuple[int, int], want: tuple[int, ...]) -> None:
     c = [torch.tensor([w], dtype=torch.int64) for w in counter]
-    assert tuple(int(x) for x in nola_rng.philox4x32_10(*c, key)[0]) == want
+    assert tuple(int(x) for x in torch_rng.philox4x32_10(*c, key)[0]) == want
 
 
 def test_numpy_chunking_does_not_change_output(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,7 +74,7 @@ def test_uniform_mapping_is_exact() -> None:
     # every value is (x >> 8) / 2^23 - 1 exactly, as a float64 computation confirms
     many = np.random.default_rng(1).integers(0, 2**32, 10000, dtype=np.uint64).astype(np.uint32)
     assert np.array_equal(uniform(many).astype(np.float64), (many >> 8).astype(np.float64) / 2.0**23 - 1.0)
-    assert np.array_equal(nola_rng.uniform(torch.from_numpy(many.astype(np.int64))).numpy(), uniform(many))
+    assert np.array_equal(torch_rng.uniform(torch.from_numpy(many.astype(np.int64))).numpy(), uniform(many))
 
 
 def test_first_basis_value_from_the_zero_known_answer() -> None:
@@ -88,15 +88,15 @@ def test_first_basis_value_from_the_zero_known_answer() -> None:
 )
 def test_torch_is_bit_identical_to_numpy(seed: int, stream: int, kind: int, start: int, stop: int, n: int) -> None:
     want = basis(seed, stream, kind, start, stop, n)
-    got = nola_rng.basis(seed, stream, kind, start, stop, n, "cpu")
+    got = torch_rng.basis(seed, stream, kind, start, stop, n, "cpu")
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert np.array_equal(got.numpy().view(np.uint32), want.view(np.uint32))
 
 
 def test_torch_chunking_does_not_change_output(monkeypatch: pytest.MonkeyPatch) -> None:
-    want = nola_rng.basis(9, 1, KIND_A, 0, 5, 37)
-    monkeypatch.setattr(nola_rng, "_chunk", lambda device: 3)
-    assert torch.equal(nola_rng.basis(9, 1, KIND_A, 0, 5, 37), want)
+    want = torch_rng.basis(9, 1, KIND_A, 0, 5, 37)
+    monkeypatch.setattr(torch_rng, "_chunk", lambda device: 3)
+    assert torch.equal(torch_rng.basis(9, 1, KIND_A, 0, 5, 37), want)
 
 
 def test_bases_do_not_depend_on_how_many_are_asked_for() -> None:
@@ -126,4 +126,4 @@ def test_out_of_range_requests_are_refused(args: tuple[int, ...]) -> None:
     with pytest.raises(RecordError):
         basis(*args)
     with pytest.raises(RecordError):
-        nola_rng.basis(*args)
+        torch_rng.basis(*args)

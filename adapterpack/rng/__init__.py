@@ -1,6 +1,6 @@
 """The spec's portable random numbers: Philox4x32-10 and NOLA's basis layout (pure numpy).
 
-The torch twin, bit-identical on every device, is :mod:`adapterpack.torch.nola_rng`.
+The torch twin, bit-identical on every device, is :mod:`adapterpack.torch.rng`.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import torch
 from adapterpack.adapter import Module
 from adapterpack.encodings.nola import decode_many as numpy_decode
 from adapterpack.rng import basis
-from adapterpack.torch import nola_rng
+from adapterpack.torch import rng as torch_rng
 from adapterpack.torch.decoders.nola import decode_many as torch_decode
 
 from . import common
@@ -39,7 +39,7 @@ def generator_rows(n: int, repeats: int) -> tuple[list[list[Any]], dict[str, Any
     fns = {
         "np.random.Philox.random_raw (C, 4x64)": lambda: raw.random_raw(n),
         "adapterpack.rng.basis (numpy)": lambda: basis(1, 0, 0, 0, 1, n),
-        "adapterpack.torch.nola_rng.basis (torch CPU)": lambda: nola_rng.basis(1, 0, 0, 0, 1, n),
+        "adapterpack.torch.rng.basis (torch CPU)": lambda: torch_rng.basis(1, 0, 0, 0, 1, n),
     }
     times = common.interleaved(fns, repeats)
     base = n / common.median(times["np.random.Philox.random_raw (C, 4x64)"])

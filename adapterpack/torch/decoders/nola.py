@@ -17,7 +17,7 @@ from adapterpack.adapter import Module
 from adapterpack.encodings.nola import NolaShape, nola_shape
 from adapterpack.errors import RecordError
 from adapterpack.rng.basis import DEFAULT_BUDGET, KIND_A, KIND_A0, KIND_B, KIND_B0
-from adapterpack.torch import nola_rng
+from adapterpack.torch import rng as torch_rng
 from adapterpack.torch.decoders.base import TorchFactors, register_torch_decoder, slot
 
 
@@ -37,7 +37,7 @@ def combine(seed: int, stream: int, kind: int, coef: torch.Tensor, n: int, budge
         e1 = min(n, e0 + cols)
         for i0 in range(0, k, rows):
             i1 = min(k, i0 + rows)
-            vals = nola_rng.basis(seed, stream, kind, i0, i1, e1, coef.device, first=e0)
+            vals = torch_rng.basis(seed, stream, kind, i0, i1, e1, coef.device, first=e0)
             out[:, e0:e1] += coef[:, i0:i1] @ vals.to(coef.dtype)
     return out
 
@@ -57,7 +57,7 @@ def _fixed(module: Module, s: NolaShape, which: str, device: torch.device, work:
         return None
     if mode == "stored":
         return slot(module, which, device, None).to(work)
-    u = nola_rng.basis(s.seed, s.stream, KIND_A0 if which == "A0" else KIND_B0, 0, 1, rows * cols, device).reshape(rows, cols)
+    u = torch_rng.basis(s.seed, s.stream, KIND_A0 if which == "A0" else KIND_B0, 0, 1, rows * cols, device).reshape(rows, cols)
     return (u.to(torch.float64) / math.sqrt(cols)).to(work)
 
 

@@ -33,7 +33,7 @@ from adapterpack.errors import ApplyError
 from adapterpack.ops.files import open as open_adapter
 from adapterpack.ops.files import save as save_adapter
 from adapterpack.rng.basis import DEFAULT_BUDGET, GENERATOR_ID, GENERATOR_VERSION, KIND_A, KIND_A0, KIND_B, chunk_bases
-from adapterpack.torch import nola_rng
+from adapterpack.torch import rng as torch_rng
 from adapterpack.torch.decoders.nola import combine
 
 
@@ -53,7 +53,7 @@ class _Combine(torch.autograd.Function):
         step = chunk_bases(n, budget)
         for i0 in range(0, k, step):
             i1 = min(k, i0 + step)
-            g[i0:i1] = nola_rng.basis(seed, stream, kind, i0, i1, n, grad.device) @ grad.to(torch.float32)
+            g[i0:i1] = torch_rng.basis(seed, stream, kind, i0, i1, n, grad.device) @ grad.to(torch.float32)
         return g, None, None, None, None, None
 
 
@@ -67,7 +67,7 @@ class BasisCache:
         """float32 ``[k, n]`` on ``device`` (generated on first use)."""
         key = (seed, stream, kind, k, n, str(device))
         if key not in self._store:
-            self._store[key] = nola_rng.basis(seed, stream, kind, 0, k, n, device)
+            self._store[key] = torch_rng.basis(seed, stream, kind, 0, k, n, device)
         return self._store[key]
 
     @property
@@ -101,7 +101,7 @@ class NolaLinear(nn.Module):
         dev = base.weight.device
         self.alpha = nn.Parameter(torch.zeros(self.k_A, device=dev))
         self.beta = nn.Parameter(torch.zeros(self.k_B, device=dev))
-        a0 = nola_rng.basis(self.seed, self.stream, KIND_A0, 0, 1, self.rank * self.in_features, dev)
+        a0 = torch_rng.basis(self.seed, self.stream, KIND_A0, 0, 1, self.rank * self.in_features, dev)
         self.register_buffer(
             "A0", (a0.double() / math.sqrt(self.in_features)).float().reshape(self.rank, self.in_features), persistent=False
         )
