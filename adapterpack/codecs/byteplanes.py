@@ -7,7 +7,6 @@ apart lets zstd see that (ZipNN reports ≈1.5× on bf16 weights; plain zstd get
 from __future__ import annotations
 
 import struct
-from typing import Any
 
 import numpy as np
 
@@ -29,14 +28,6 @@ class BytePlanes(Codec):
 
     def __init__(self, level: int = DEFAULT_LEVEL) -> None:
         self.level = level
-
-    def get_config(self) -> dict[str, Any]:
-        return {"id": self.codec_id, "level": self.level}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> BytePlanes:
-        level = config.get("level", DEFAULT_LEVEL)
-        return cls(level if isinstance(level, int) else DEFAULT_LEVEL)
 
     def encode(self, data: memoryview, itemsize: int) -> bytes:
         if itemsize not in (2, 4, 8):

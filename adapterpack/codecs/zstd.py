@@ -8,7 +8,6 @@ index before any output buffer exists, and decoding streams into that buffer.
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import zstandard
 
@@ -124,14 +123,6 @@ class Zstd(Codec):
 
     def __init__(self, level: int = DEFAULT_LEVEL) -> None:
         self.level = level
-
-    def get_config(self) -> dict[str, Any]:
-        return {"id": self.codec_id, "level": self.level}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Zstd:
-        level = config.get("level", DEFAULT_LEVEL)
-        return cls(level if isinstance(level, int) else DEFAULT_LEVEL)
 
     def encode(self, data: memoryview, itemsize: int) -> bytes:
         return compress(data, self.level)

@@ -1,7 +1,9 @@
 """Encodings of ΔW, one registry: each encoding is one module with an :class:`Encoding`.
 
 An encoding validates its records from the index alone (shapes, params) and turns a
-record into ΔW. Adding one = one new module here + its spec section + its vectors.
+record into ΔW. Adding one: one new module here (imported below), its torch decoder in
+``adapterpack/torch/decoders/``, its spec file and its vectors; or, from another package, an
+entry point in the ``adapterpack.encodings`` group (README, "Extending: a new codec or encoding").
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The encoding interface and registry."""
+"""The encoding interface and registry (built-ins, plus plugins from the ``adapterpack.encodings`` entry points)."""
 
 from __future__ import annotations
 
@@ -7,12 +7,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from adapterpack.errors import RecordError, UnknownEncodingError
+from adapterpack.plugins import Registry
 
 if TYPE_CHECKING:
     from adapterpack.adapter import Module
     from adapterpack.factors import Factors
-
-_REGISTRY: dict[str, Encoding] = {}
 
 
 class Encoding:
@@ -69,25 +68,36 @@ def layout_params(params: dict[str, Any], where: str, layouts: tuple[str, ...] =
     return layout, bool(fifo)
 
 
+def _adopt(name: str, obj: Any) -> None:
+    """Register the Encoding subclass an entry point names, if its id is the entry point's name."""
+    if isinstance(obj, type) and issubclass(obj, Encoding) and getattr(obj, "encoding_id", None) == name:
+        register_encoding(obj)
+
+
+#: Built-ins register on import; other ids come from entry points of this group, loaded on first lookup.
+_REGISTRY: Registry[Encoding] = Registry("adapterpack.encodings", "encoding", _adopt)
+
+
 def register_encoding(cls: type[Encoding]) -> type[Encoding]:
     """Class decorator: make an instance of ``cls`` available under ``cls.encoding_id``."""
     _REGISTRY[cls.encoding_id] = cls()
     return cls
 
 
-def encoding_ids() -> list[str]:
-    """Ids of every registered encoding."""
-    return list(_REGISTRY)
+def encoding_ids(plugins: bool = False) -> list[str]:
+    """Ids of every registered encoding; with ``plugins``, also those installed plugins offer (reads the entry points)."""
+    ids = list(_REGISTRY)
+    return ids + [i for i in _REGISTRY.plugin_ids() if i not in ids] if plugins else ids
 
 
 def is_known(encoding_id: str) -> bool:
-    """Whether an encoding id is implemented here."""
-    return encoding_id in _REGISTRY
+    """Whether an encoding id is implemented here or by an installed plugin (loaded now if so)."""
+    return encoding_id in _REGISTRY or _REGISTRY.load(encoding_id)
 
 
 def get_encoding(encoding_id: str) -> Encoding:
     """The encoding registered under ``encoding_id``."""
-    enc = _REGISTRY.get(encoding_id)
+    enc = dict.get(_REGISTRY, encoding_id) or _REGISTRY.get(encoding_id)  # (the plain dict look-up first: a hot path)
     if enc is None:
         raise UnknownEncodingError(f"unknown encoding {encoding_id!r:.200} (known: {', '.join(_REGISTRY)})")
     return enc

@@ -1,0 +1,161 @@
+"""Registries that third-party packages extend through Python entry points.
+
+A :class:`Registry` maps an id (a codec id, an encoding id) to what implements it. Built-ins
+register themselves when their package is imported. An id the registry does not hold is looked
+up, on first need, among the entry points of the registry's group (``adapterpack.codecs``,
+``adapterpack.encodings``, ``adapterpack.torch_decoders``): the entry point named after the id
+is loaded, and its module registers the id on import (or it names the class or function itself,
+which is registered under the entry point's name). Entry points are read once per process and
+only on a miss, never at import: ``importlib.metadata`` scans every installed distribution.
+
+A plugin never replaces an id that is already registered: an entry point named after one, or a
+plugin module that registers one while it loads, is refused with :class:`PluginError`, as is a
+plugin that fails to import or provides nothing under its name.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from adapterpack.errors import AdapterpackError
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
+
+V = TypeVar("V")
+
+#: Serializes plugin loading across every registry (a plugin module may register in several).
+_LOCK = threading.RLock()
+#: Per thread: the entry points being loaded now (registrations of a taken id are refused meanwhile).
+_STATE = threading.local()
+_MISSING: Any = object()
+
+
+class PluginError(AdapterpackError):
+    """An installed plugin (an entry point) cannot be used: it fails to load, provides nothing, or claims a taken id."""
+
+
+def _describe(ep: EntryPoint) -> str:
+    """``name = value`` in group G, from distribution D: enough to find and uninstall it."""
+    dist = getattr(ep, "dist", None)
+    origin = f", from {dist.name} {dist.version}" if dist is not None else ""
+    return f"entry point '{ep.name} = {ep.value}' in group {ep.group}{origin}"
+
+
+@contextmanager
+def _loading(what: str) -> Iterator[None]:
+    stack = _STATE.__dict__.setdefault("stack", [])
+    stack.append(what)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _loading_now() -> str | None:
+    stack = _STATE.__dict__.get("stack")
+    return stack[-1] if stack else None
+
+
+class Registry(dict[str, V], Generic[V]):
+    """``id → implementation``; ``get`` and ``[]`` load a missing id's plugin, ``in`` does not.
+
+    ``kind`` names the registry in messages ("codec"); ``adopt(name, obj)`` registers the object
+    an entry point names when loading it did not register the id itself (a class, a function).
+    """
+
+    def __init__(self, group: str, kind: str, adopt: Callable[[str, Any], None] | None = None) -> None:
+        super().__init__()
+        self.group = group
+        self.kind = kind
+        self._adopt = adopt
+        self._entry_points: dict[str, list[EntryPoint]] | None = None
+        self._failed: dict[str, str] = {}
+        self._from_plugins: set[str] = set()
+
+    def __setitem__(self, key: str, value: V) -> None:
+        loading = _loading_now()
+        if loading is not None and key in self:
+            raise PluginError(f"{loading} tried to replace the registered {self.kind} {key!r}; refused")
+        super().__setitem__(key, value)
+
+    def __missing__(self, key: str) -> V:
+        if self.load(key):
+            return dict.__getitem__(self, key)
+        raise KeyError(key)
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        """The implementation of ``key``, loading its plugin if needed; ``default`` if there is none."""
+        value = dict.get(self, key, _MISSING)
+        if value is not _MISSING:
+            return value
+        return dict.get(self, key, default) if self.load(key) else default
+
+    def _scan(self) -> dict[str, list[EntryPoint]]:
+        """The group's entry points by name (read once); refuses one named after a registered id."""
+        if self._entry_points is None:
+            from importlib.metadata import entry_points  # slowish: only on the first miss
+
+            found: dict[str, list[EntryPoint]] = {}
+            for ep in entry_points(group=self.group):
+                same = found.setdefault(ep.name, [])
+                if all(e.value != ep.value for e in same):  # one distribution seen twice on sys.path
+                    same.append(ep)
+            self._entry_points = found
+        for name, eps in self._entry_points.items():
+            if name in self and name not in self._from_plugins:
+                raise PluginError(f"{_describe(eps[0])} names the registered {self.kind} {name!r}, which a plugin cannot replace")
+        return self._entry_points
+
+    def plugin_ids(self) -> list[str]:
+        """Ids that installed plugins offer (loaded or not); reads the entry points."""
+        with _LOCK:
+            return list(self._scan())
+
+    def load(self, key: str) -> bool:
+        """Whether ``key`` is registered, after loading the plugin named ``key`` if there is one and it is not yet.
+
+        Raises :class:`PluginError` when that plugin fails to load or does not provide ``key``.
+        """
+        if key in self:
+            return True
+        if type(key) is not str:
+            return False
+        with _LOCK:
+            if key in self:  # another thread loaded it meanwhile
+                return True
+            eps = self._scan().get(key)
+            if not eps:
+                return False
+            if key in self._failed:
+                raise PluginError(self._failed[key])
+            if len(eps) > 1:
+                both = "; ".join(_describe(e) for e in eps)
+                raise PluginError(f"{self.kind} {key!r} is offered by more than one plugin ({both}); uninstall all but one")
+            ep = eps[0]
+            where = _describe(ep)
+            try:
+                with _loading(where):
+                    obj = ep.load()
+                    if key not in self and self._adopt is not None:
+                        self._adopt(key, obj)
+            except PluginError as e:
+                self._failed[key] = str(e)
+                raise
+            except Exception as e:  # any import-time failure of third-party code
+                self._failed[key] = f"{self.kind} plugin {key!r} failed to load ({where}): {type(e).__name__}: {e}"
+                raise PluginError(self._failed[key]) from e
+            if key not in self:
+                self._failed[key] = f"{where} did not provide {self.kind} {key!r} (its object must register it, or be it)"
+                raise PluginError(self._failed[key])
+            self._from_plugins.add(key)
+            return True
+
+    def forget_plugins(self) -> None:
+        """Read the entry points again on the next miss (after installing a plugin in a running process)."""
+        with _LOCK:
+            self._entry_points = None
+            self._failed.clear()
