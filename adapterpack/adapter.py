@@ -10,13 +10,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from adapterpack import dtypes
-from adapterpack.errors import AdapterNotFoundError, SizeLimitError
+from adapterpack.errors import AdapterNotFoundError, SizeLimitError, UnknownEncodingError
 from adapterpack.limits import MAX_DELTA_ELEMENTS
+from adapterpack.plugins import ENCODINGS
+
+if TYPE_CHECKING:
+    from adapterpack.encodings.base import Encoding
+    from adapterpack.factors import Factors
 
 
 @dataclass
@@ -104,13 +109,12 @@ class Module:
         return as_array(self.tensors[slot])
 
     @property
-    def implementation(self) -> Any:
-        """The registered :class:`~adapterpack.encodings.Encoding` for this record."""
-        from adapterpack.encodings import get_encoding
+    def implementation(self) -> Encoding:
+        """The registered :class:`~adapterpack.encodings.Encoding` for this record (looked up by id in the
+        ground-floor registry: the in-memory model never imports the encodings above it)."""
+        return ENCODINGS.require(self.encoding, UnknownEncodingError)
 
-        return get_encoding(self.encoding)
-
-    def factors(self) -> Any:
+    def factors(self) -> Factors:
         """ΔW as low-rank :class:`~adapterpack.encodings.Factors` (the hub every converter uses)."""
         return self.implementation.to_factors(self)
 

@@ -137,5 +137,9 @@ class GeneratorError(RecordError):
     """A record names a random-basis generator id or version this reader does not implement (nola)."""
 
 
+class PluginError(AdapterpackError):
+    """An installed plugin (an entry point) cannot be used: it fails to load, provides nothing, or claims a taken id."""
+
+
 class MissingDependencyError(AdapterpackError):
     """A request needs an optional extra that is not installed (the message names the pip command)."""

@@ -15,12 +15,13 @@ plugin that fails to import or provides nothing under its name.
 
 from __future__ import annotations
 
+import importlib
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from adapterpack.errors import AdapterpackError
+from adapterpack.errors import AdapterpackError, PluginError
 
 if TYPE_CHECKING:
     from importlib.metadata import EntryPoint
@@ -32,10 +33,6 @@ _LOCK = threading.RLock()
 #: Per thread: the entry points being loaded now (registrations of a taken id are refused meanwhile).
 _STATE = threading.local()
 _MISSING: Any = object()
-
-
-class PluginError(AdapterpackError):
-    """An installed plugin (an entry point) cannot be used: it fails to load, provides nothing, or claims a taken id."""
 
 
 def _describe(ep: EntryPoint) -> str:
@@ -65,13 +62,24 @@ class Registry(dict[str, V], Generic[V]):
 
     ``kind`` names the registry in messages ("codec"); ``adopt(name, obj)`` registers the object
     an entry point names when loading it did not register the id itself (a class, a function).
+    ``builtins`` names the module of each built-in id, imported on its first lookup.
     """
 
-    def __init__(self, group: str, kind: str, adopt: Callable[[str, Any], None] | None = None) -> None:
+    def __init__(
+        self,
+        group: str,
+        kind: str,
+        adopt: Callable[[str, Any], None] | None = None,
+        *,
+        builtins: dict[str, str] | None = None,
+    ) -> None:
         super().__init__()
         self.group = group
         self.kind = kind
         self._adopt = adopt
+        #: id → module that registers it on import: built-ins found by name, so a floor below them can look
+        #: them up without importing them (the in-memory model asks for encodings this way).
+        self.builtins = dict(builtins or {})
         self._entry_points: dict[str, list[EntryPoint]] | None = None
         self._failed: dict[str, str] = {}
         self._from_plugins: set[str] = set()
@@ -96,6 +104,7 @@ class Registry(dict[str, V], Generic[V]):
 
     def _scan(self) -> dict[str, list[EntryPoint]]:
         """The group's entry points by name (read once); refuses one named after a registered id."""
+        self.load_builtins()  # a plugin must not claim a built-in id that simply was not imported yet
         if self._entry_points is None:
             from importlib.metadata import entry_points  # slowish: only on the first miss
 
@@ -109,6 +118,23 @@ class Registry(dict[str, V], Generic[V]):
             if name in self and name not in self._from_plugins:
                 raise PluginError(f"{_describe(eps[0])} names the registered {self.kind} {name!r}, which a plugin cannot replace")
         return self._entry_points
+
+    def load_builtins(self) -> None:
+        """Import every built-in's module (each registers its id): before listing ids."""
+        for key, module in self.builtins.items():
+            if key not in self:
+                importlib.import_module(module)
+
+    def require(self, key: str, error: type[AdapterpackError]) -> V:
+        """The implementation of ``key`` (a built-in imported, a plugin loaded if needed); ``error`` naming
+        the known ids when there is none."""
+        value = dict.get(self, key, _MISSING)  # the plain look-up first: a hot path
+        if value is _MISSING:
+            value = self.get(key, _MISSING)
+        if value is _MISSING:
+            self.load_builtins()
+            raise error(f"unknown {self.kind} {key!r:.200} (known: {', '.join(self)})")
+        return value
 
     def plugin_ids(self) -> list[str]:
         """Ids that installed plugins offer (loaded or not); reads the entry points."""
@@ -124,6 +150,10 @@ class Registry(dict[str, V], Generic[V]):
             return True
         if type(key) is not str:
             return False
+        if key in self.builtins:
+            importlib.import_module(self.builtins[key])  # registers it
+            if key in self:
+                return True
         with _LOCK:
             if key in self:  # another thread loaded it meanwhile
                 return True
@@ -159,3 +189,25 @@ class Registry(dict[str, V], Generic[V]):
         with _LOCK:
             self._entry_points = None
             self._failed.clear()
+
+
+def _adopt_encoding(name: str, obj: Any) -> None:
+    """Register the encoding class an entry point names, if its id is the entry point's name."""
+    if isinstance(obj, type) and getattr(obj, "encoding_id", None) == name and hasattr(obj, "to_factors"):
+        ENCODINGS[name] = obj()
+
+
+#: Encodings by id (:mod:`adapterpack.encodings` registers into it). It lives on the ground floor so that the
+#: in-memory model (:attr:`adapterpack.adapter.Module.implementation`) finds an encoding without importing
+#: the floor above it: a built-in's module is imported on its first lookup, a plugin's entry point loaded.
+ENCODINGS: Registry[Any] = Registry(
+    "adapterpack.encodings",
+    "encoding",
+    _adopt_encoding,
+    builtins={
+        "lora": "adapterpack.encodings.lora",
+        "nola": "adapterpack.encodings.nola",
+        "shared": "adapterpack.encodings.shared",
+        "svd": "adapterpack.encodings.svd",
+    },
+)

@@ -106,6 +106,8 @@ REGISTRIES: list[Registry] = [codec_base._REGISTRY, encoding_base._REGISTRY, dec
 @pytest.fixture(autouse=True)
 def _isolated() -> Iterator[None]:
     """Each test reads the entry points afresh and leaves the registries and sys.modules as it found them."""
+    for r in REGISTRIES:
+        r.load_builtins()  # built-ins imported during a test would otherwise be dropped by the restore below
     saved = [dict(r) for r in REGISTRIES]
     modules = set(sys.modules)
     for r in REGISTRIES:

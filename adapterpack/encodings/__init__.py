@@ -1,14 +1,14 @@
 """Encodings of ΔW, one registry: each encoding is one module with an :class:`Encoding`.
 
 An encoding validates its records from the index alone (shapes, params) and turns a
-record into ΔW. Adding one: one new module here (imported below), its torch decoder in
+record into ΔW. Built-ins are imported on their first lookup (adapterpack.plugins.ENCODINGS names their
+modules), so importing this package is cheap. Adding one: one new module here (listed there), its torch decoder in
 ``adapterpack/torch/decoders/``, its spec file and its vectors; or, from another package, an
 entry point in the ``adapterpack.encodings`` group (README, "Extending: a new codec or encoding").
 """
 
 from __future__ import annotations
 
-from adapterpack.encodings import lora, nola, shared, svd  # noqa: F401  (importing registers them)
 from adapterpack.encodings.base import Encoding, encoding_ids, get_encoding, is_known, register_encoding
 from adapterpack.factors import Factors
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from adapterpack.errors import RecordError, UnknownEncodingError
-from adapterpack.plugins import Registry
+from adapterpack.plugins import ENCODINGS, Registry
 
 if TYPE_CHECKING:
     from adapterpack.adapter import Module
@@ -68,14 +68,9 @@ def layout_params(params: dict[str, Any], where: str, layouts: tuple[str, ...] =
     return layout, bool(fifo)
 
 
-def _adopt(name: str, obj: Any) -> None:
-    """Register the Encoding subclass an entry point names, if its id is the entry point's name."""
-    if isinstance(obj, type) and issubclass(obj, Encoding) and getattr(obj, "encoding_id", None) == name:
-        register_encoding(obj)
-
-
-#: Built-ins register on import; other ids come from entry points of this group, loaded on first lookup.
-_REGISTRY: Registry[Encoding] = Registry("adapterpack.encodings", "encoding", _adopt)
+#: Built-ins register on import (and are imported on first lookup, by id); other ids come from entry
+#: points of the ``adapterpack.encodings`` group, loaded on first lookup.
+_REGISTRY: Registry[Encoding] = ENCODINGS
 
 
 def register_encoding(cls: type[Encoding]) -> type[Encoding]:
@@ -85,7 +80,9 @@ def register_encoding(cls: type[Encoding]) -> type[Encoding]:
 
 
 def encoding_ids(plugins: bool = False) -> list[str]:
-    """Ids of every registered encoding; with ``plugins``, also those installed plugins offer (reads the entry points)."""
+    """Ids of every built-in and registered encoding; with ``plugins``, also those installed plugins offer
+    (reads the entry points)."""
+    _REGISTRY.load_builtins()
     ids = list(_REGISTRY)
     return ids + [i for i in _REGISTRY.plugin_ids() if i not in ids] if plugins else ids
 
@@ -97,7 +94,4 @@ def is_known(encoding_id: str) -> bool:
 
 def get_encoding(encoding_id: str) -> Encoding:
     """The encoding registered under ``encoding_id``."""
-    enc = dict.get(_REGISTRY, encoding_id) or _REGISTRY.get(encoding_id)  # (the plain dict look-up first: a hot path)
-    if enc is None:
-        raise UnknownEncodingError(f"unknown encoding {encoding_id!r:.200} (known: {', '.join(_REGISTRY)})")
-    return enc
+    return _REGISTRY.require(encoding_id, UnknownEncodingError)
