@@ -135,12 +135,18 @@ def bf16_from_float32(x: np.ndarray) -> np.ndarray:
     as uint16 bit patterns. NaN becomes the quiet NaN 0x7FC0 with its sign. Bit-exact with
     ``x.astype(ml_dtypes.bfloat16)``; other float inputs are first cast to float32 (one more rounding for
     float64: use :func:`round_bf16` first)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    with np.errstate(over="ignore"):
-        rounded = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
-    nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-    out = np.where(nan, ((u >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0), rounded)
-    return out.astype(np.uint16)
+    shape = np.shape(x)
+    u = np.array(x, dtype=np.float32, ndmin=1, copy=None).view(np.uint32)  # ndmin: 0-d ops would give scalars
+    r = u >> np.uint32(16)
+    r &= np.uint32(1)  # the bit kept last: ties go to where it is 0
+    r += np.uint32(0x7FFF)
+    r += u  # wraps only for NaN patterns, which are replaced below
+    r >>= np.uint32(16)
+    out = r.astype(np.uint16)
+    nan = np.isnan(u.view(np.float32))
+    if nan.any():
+        out[nan] = ((u[nan] >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0)
+    return out.reshape(shape)
 
 
 def bf16_to_float32(bits: np.ndarray) -> np.ndarray:

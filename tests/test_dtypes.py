@@ -73,6 +73,14 @@ def test_round_trip_of_every_bf16_value() -> None:
     assert np.all((back[nan] & 0x7FC0) == 0x7FC0)
 
 
+def test_shapes_are_kept() -> None:
+    for x in (np.float32(np.nan), np.float32(1.5), np.ones((3, 4), np.float32)[:, ::2]):
+        b = dtypes.bf16_from_float32(x)
+        assert b.shape == np.shape(x) and b.dtype == np.uint16
+        assert dtypes.bf16_to_float32(b).shape == np.shape(x)
+    assert dtypes.bf16_from_float32(np.float32(np.nan)) == 0x7FC0
+
+
 def test_widening_refuses_other_widths() -> None:
     with pytest.raises(ConversionError, match="16-bit"):
         dtypes.bf16_to_float32(np.zeros(3, np.float32))
