@@ -1,15 +1,18 @@
-"""The spec's element types (spec/format.md §3): name ↔ numpy dtype ↔ safetensors name.
+"""The spec's element types (spec/format.md §3): the one table of dtypes the package uses.
 
-bfloat16 has no numpy builtin; ``ml_dtypes`` (the JAX project's numpy extension types)
-gives a real numpy dtype, so bf16 tensors round-trip bit-exact and convert with correct
-round-to-nearest-even instead of hand-written bit twiddling.
+Each row gives the spec name, safetensors code, itemsize, kind, largest finite value, torch and
+GGML names, and — built on first use — the numpy dtype. bfloat16 has no numpy builtin: its numpy
+dtype is ``ml_dtypes.bfloat16`` (the JAX project's numpy extension type), whose import is slow, so
+it is imported only when a bfloat16 array is materialized. Importing this module, opening a file
+and reading its index never import it; :attr:`DType.bits` and :func:`bf16_from_float32` /
+:func:`bf16_to_float32` handle bfloat16 as uint16 bit patterns without it (bit-exact with ml_dtypes).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 
-import ml_dtypes
 import numpy as np
 
 from adapterpack.errors import ConversionError, UnknownDTypeError
@@ -20,42 +23,64 @@ class DType:
     """One row of the spec's dtype table."""
 
     name: str
-    numpy: np.dtype
+    #: The safetensors dtype code (``BF16``).
     safetensors: str
+    #: Bytes per element.
+    itemsize: int
+    #: numpy's kind letter: ``f`` float, ``i`` signed, ``u`` unsigned, ``b`` bool.
+    kind: str
+    #: Largest finite value (floats only; None otherwise).
+    max: float | None = None
+    #: The ``torch`` attribute naming the same type (``torch.bfloat16``).
+    torch: str = ""
+    #: The GGML type name (``bf16``) for the float types GGUF stores, else None.
+    gguf: str | None = None
+    _numpy: str = field(default="", repr=False)
 
-    @property
-    def itemsize(self) -> int:
-        """Bytes per element."""
-        return self.numpy.itemsize
+    @cached_property
+    def numpy(self) -> np.dtype:
+        """The little-endian numpy dtype (bfloat16: ``ml_dtypes.bfloat16``, imported here on first use)."""
+        if self.name == "bfloat16":
+            import ml_dtypes
+
+            return np.dtype(ml_dtypes.bfloat16).newbyteorder("<")
+        return np.dtype(self._numpy).newbyteorder("<")
+
+    @cached_property
+    def bits(self) -> np.dtype:
+        """A builtin little-endian numpy dtype of the same itemsize holding the raw bits (bfloat16: uint16);
+        the dtype itself for every other row. Needs no extension type."""
+        return np.dtype(np.uint16).newbyteorder("<") if self.name == "bfloat16" else self.numpy
 
     @property
     def is_float(self) -> bool:
         """True for the floating types (the ones byteplanes and dtype casts apply to)."""
-        return self.name in ("float64", "float32", "float16", "bfloat16")
-
-
-def _row(name: str, np_dtype: object, st: str) -> DType:
-    return DType(name, np.dtype(np_dtype).newbyteorder("<"), st)
+        return self.kind == "f"
 
 
 DTYPES: dict[str, DType] = {
     d.name: d
     for d in (
-        _row("float64", np.float64, "F64"),
-        _row("float32", np.float32, "F32"),
-        _row("float16", np.float16, "F16"),
-        _row("bfloat16", ml_dtypes.bfloat16, "BF16"),
-        _row("int64", np.int64, "I64"),
-        _row("int32", np.int32, "I32"),
-        _row("int16", np.int16, "I16"),
-        _row("int8", np.int8, "I8"),
-        _row("uint8", np.uint8, "U8"),
-        _row("bool", np.bool_, "BOOL"),
+        DType("float64", "F64", 8, "f", float(np.finfo(np.float64).max), "float64", None, "<f8"),
+        DType("float32", "F32", 4, "f", float(np.finfo(np.float32).max), "float32", "f32", "<f4"),
+        DType("float16", "F16", 2, "f", float(np.finfo(np.float16).max), "float16", "f16", "<f2"),
+        DType("bfloat16", "BF16", 2, "f", float.fromhex("0x1.fep127"), "bfloat16", "bf16"),
+        DType("int64", "I64", 8, "i", None, "int64", None, "<i8"),
+        DType("int32", "I32", 4, "i", None, "int32", None, "<i4"),
+        DType("int16", "I16", 2, "i", None, "int16", None, "<i2"),
+        DType("int8", "I8", 1, "i", None, "int8", None, "|i1"),
+        DType("uint8", "U8", 1, "u", None, "uint8", None, "|u1"),
+        DType("bool", "BOOL", 1, "b", None, "bool", None, "|b1"),
     )
 }
 
-_BY_NUMPY = {d.numpy.newbyteorder("="): d for d in DTYPES.values()}
+#: The floating types, widest first (the ones LoRA factors, casts and byteplanes use).
+FLOATS: tuple[str, ...] = tuple(n for n, d in DTYPES.items() if d.is_float)
+
+#: Builtin numpy dtypes (native byte order) → row; bfloat16 is matched by name in :func:`of_array`.
+_BY_NUMPY = {np.dtype(d._numpy).newbyteorder("="): d for d in DTYPES.values() if d._numpy}
 _BY_SAFETENSORS = {d.safetensors: d for d in DTYPES.values()}
+_BY_GGUF = {d.gguf: d for d in DTYPES.values() if d.gguf}
 
 #: Short aliases accepted on the command line.
 ALIASES = {"fp64": "float64", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
@@ -71,7 +96,10 @@ def by_name(name: str) -> DType:
 
 def of_array(arr: np.ndarray) -> DType:
     """The spec dtype of a numpy array; refuses types the format cannot hold."""
-    row = _BY_NUMPY.get(arr.dtype.newbyteorder("="))
+    dt = arr.dtype
+    row = _BY_NUMPY.get(dt.newbyteorder("="))
+    if row is None and dt.name == "bfloat16" and dt == DTYPES["bfloat16"].numpy.newbyteorder("="):
+        row = DTYPES["bfloat16"]  # an ml_dtypes array exists, so ml_dtypes is already imported
     if row is None:
         raise UnknownDTypeError(f"numpy dtype {arr.dtype} has no .apack dtype")
     return row
@@ -85,10 +113,49 @@ def by_safetensors(code: str) -> DType:
     return row
 
 
+def by_gguf(code: str) -> DType:
+    """The spec dtype for a GGML float type name such as ``bf16``."""
+    row = _BY_GGUF.get(code)
+    if row is None:
+        raise UnknownDTypeError(f"GGML type {code!r} has no .apack dtype (known: {', '.join(_BY_GGUF)})")
+    return row
+
+
 def as_bytes(arr: np.ndarray) -> memoryview:
     """The C-order bytes of ``arr`` as a flat memoryview (works for bfloat16, which has no buffer format)."""
     arr = np.ascontiguousarray(arr)
     return memoryview(arr.reshape(-1).view(np.uint8))
+
+
+# --- bfloat16 as bits, without ml_dtypes ----------------------------------------------------------------
+
+
+def bf16_from_float32(x: np.ndarray) -> np.ndarray:
+    """float32 ``x`` rounded to bfloat16 (nearest, ties to even; subnormals kept; ±inf kept; overflow to ±inf),
+    as uint16 bit patterns. NaN becomes the quiet NaN 0x7FC0 with its sign. Bit-exact with
+    ``x.astype(ml_dtypes.bfloat16)``; other float inputs are first cast to float32 (one more rounding for
+    float64: use :func:`round_bf16` first)."""
+    shape = np.shape(x)
+    u = np.array(x, dtype=np.float32, ndmin=1, copy=None).view(np.uint32)  # ndmin: 0-d ops would give scalars
+    r = u >> np.uint32(16)
+    r &= np.uint32(1)  # the bit kept last: ties go to where it is 0
+    r += np.uint32(0x7FFF)
+    r += u  # wraps only for NaN patterns, which are replaced below
+    r >>= np.uint32(16)
+    out = r.astype(np.uint16)
+    nan = np.isnan(u.view(np.float32))
+    if nan.any():
+        out[nan] = ((u[nan] >> np.uint32(16)) & np.uint32(0x8000)) | np.uint32(0x7FC0)
+    return out.reshape(shape)
+
+
+def bf16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16 or int16) widened to float32 — exact, NaN payloads kept. Bit-exact with
+    ``bits.view(ml_dtypes.bfloat16).astype(np.float32)``."""
+    b = np.asarray(bits)
+    if b.dtype.itemsize != 2 or b.dtype.kind not in "iu":
+        raise ConversionError(f"bfloat16 bits must be 16-bit integers, not {b.dtype}")
+    return (b.view(np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def round_bf16(x: np.ndarray) -> np.ndarray:

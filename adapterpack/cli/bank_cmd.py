@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from adapterpack import dtypes
 from adapterpack.cli import output as out
 
 _FIT_OPTIONS = [
@@ -93,7 +94,7 @@ def bank() -> None:
 @click.argument("adapters", nargs=-1, type=click.Path(exists=True, path_type=Path))
 @_fit_options
 @click.option("--name", "names", multiple=True, help="Member name per ADAPTER, in order (default: file or folder name).")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "float64"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(dtypes.FLOATS), default="float32", show_default=True)
 @click.option("--partial", is_flag=True, help="Bank only the modules every adapter has with the same shape; list the rest.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def build(out_path: Path, adapters: tuple[Path, ...], rank: int | None, target_error: float | None, budget: int | None,

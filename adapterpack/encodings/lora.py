@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from adapterpack import dtypes
 from adapterpack.adapter import tensor_info
 from adapterpack.encodings.base import LAYOUTS, Encoding, check_slots, register_encoding
 from adapterpack.errors import RankError, RecordError
@@ -16,7 +17,7 @@ from adapterpack.factors import Factors
 if TYPE_CHECKING:
     from adapterpack.adapter import Module
 
-FLOATS = ("float64", "float32", "float16", "bfloat16")
+FLOATS = dtypes.FLOATS
 
 
 def lora_scale(alpha: float, rank: int, rslora: bool = False) -> float:

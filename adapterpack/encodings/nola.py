@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from adapterpack import dtypes
 from adapterpack.adapter import tensor_info
 from adapterpack.encodings.base import Encoding, register_encoding
 from adapterpack.encodings.lora import _bool, _finite_number
@@ -40,7 +41,7 @@ from adapterpack.rng.basis import (
 if TYPE_CHECKING:
     from adapterpack.adapter import Module
 
-FLOATS = ("float64", "float32", "float16", "bfloat16")
+FLOATS = dtypes.FLOATS
 #: How A0 / B0 are given: regenerated from the seed, absent (zero), or stored in the file.
 FIXED = ("generated", "zero", "stored")
 DEFAULTS = {"A0": "generated", "B0": "zero"}

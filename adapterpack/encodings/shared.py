@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from adapterpack import dtypes
 from adapterpack.adapter import tensor_info
 from adapterpack.encodings.base import Encoding, check_slots, layout_params, register_encoding
 from adapterpack.errors import RankError, RecordError
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 FORMS = ("full", "diagonal")
 LAYOUTS = ("linear", "embedding")
-FLOATS = ("float64", "float32", "float16", "bfloat16")
+FLOATS = dtypes.FLOATS
 
 
 def shared_base_shape(out: int, inp: int, layout: str, fan_in_fan_out: bool) -> tuple[int, int]:

@@ -157,7 +157,7 @@ class GgufPlan:
 def _out_dtype(dtype: str | None, m: Module) -> str:
     if dtype is None:
         dt = dtypes.of_array(m.array("B")).name
-        return {"float16": "f16", "bfloat16": "bf16"}.get(dt, "f32")
+        return dtypes.by_name(dt).gguf or "f32"  # float64 → f32
     if dtype not in DTYPES:
         raise ConversionError(f"gguf output dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     return dtype
@@ -226,7 +226,7 @@ def gguf_tensors(
 
 def _cast(arr: np.ndarray, out: str, where: str) -> np.ndarray:
     """``arr`` in the output dtype, rounded once to nearest-even (float64 input included)."""
-    name = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[out]
+    name = dtypes.by_gguf(out).name
     if out == "bf16" and arr.dtype == np.float64:
         arr = dtypes.round_bf16(arr)  # ml_dtypes casts float64 to bfloat16 through float32: two roundings
     return np.ascontiguousarray(dtypes.cast_array(arr, name, f"module {where!r}")[0])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-import ml_dtypes
 import numpy as np
 
 from adapterpack import dtypes
@@ -52,7 +51,7 @@ def check_product(A: np.ndarray, B: np.ndarray, scale: float, *, where: str, dty
         norms.append(math.sqrt(sq))  # inf when the squares overflow binary64: refused below
     norm_a, norm_b = norms
     bound = 0.0 if 0.0 in (s, norm_a, norm_b) else abs(s) * norm_b * norm_a
-    limit = MAX_NORM if dtype is None else min(MAX_NORM, float(ml_dtypes.finfo(dtypes.by_name(dtype).numpy).max))
+    limit = MAX_NORM if dtype is None else min(MAX_NORM, dtypes.by_name(dtype).max or MAX_NORM)
     if bound > limit:
         what = "binary64 fits" if limit == MAX_NORM else dtypes.by_name(str(dtype)).name
         raise ConversionError(
