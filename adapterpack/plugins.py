@@ -16,6 +16,10 @@ plugin that fails to import or provides nothing under its name.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import pkgutil
+import re
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +37,8 @@ _LOCK = threading.RLock()
 #: Per thread: the entry points being loaded now (registrations of a taken id are refused meanwhile).
 _STATE = threading.local()
 _MISSING: Any = object()
+#: What a built-in id may look like to be looked up as a module (an id read from a file is untrusted).
+_BUILTIN_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 def _describe(ep: EntryPoint) -> str:
@@ -62,7 +68,8 @@ class Registry(dict[str, V], Generic[V]):
 
     ``kind`` names the registry in messages ("codec"); ``adopt(name, obj)`` registers the object
     an entry point names when loading it did not register the id itself (a class, a function).
-    ``builtins`` names the module of each built-in id, imported on its first lookup.
+    ``builtins`` names the package holding one module per built-in id (``<package>.<id>``), imported on the
+    id's first lookup.
     """
 
     def __init__(
@@ -71,15 +78,17 @@ class Registry(dict[str, V], Generic[V]):
         kind: str,
         adopt: Callable[[str, Any], None] | None = None,
         *,
-        builtins: dict[str, str] | None = None,
+        builtins: str | None = None,
     ) -> None:
         super().__init__()
         self.group = group
         self.kind = kind
         self._adopt = adopt
-        #: id → module that registers it on import: built-ins found by name, so a floor below them can look
-        #: them up without importing them (the in-memory model asks for encodings this way).
-        self.builtins = dict(builtins or {})
+        #: The package whose module ``<id>.py`` registers the built-in ``id`` on import: built-ins are found by
+        #: name, so a floor below them can look them up without importing them (the in-memory model asks for
+        #: encodings this way), and adding one is adding its module.
+        self.builtins = builtins
+        self._all_builtins = builtins is None
         self._entry_points: dict[str, list[EntryPoint]] | None = None
         self._failed: dict[str, str] = {}
         self._from_plugins: set[str] = set()
@@ -119,11 +128,25 @@ class Registry(dict[str, V], Generic[V]):
                 raise PluginError(f"{_describe(eps[0])} names the registered {self.kind} {name!r}, which a plugin cannot replace")
         return self._entry_points
 
+    def _builtin(self, key: str) -> bool:
+        """Import ``<builtins>.<key>`` if that module exists (it registers ``key``); whether ``key`` is now known."""
+        if self.builtins is None or not _BUILTIN_NAME.fullmatch(key):
+            return False
+        name = f"{self.builtins}.{key}"
+        if name not in sys.modules and importlib.util.find_spec(name) is None:
+            return False
+        importlib.import_module(name)
+        return key in self
+
     def load_builtins(self) -> None:
-        """Import every built-in's module (each registers its id): before listing ids."""
-        for key, module in self.builtins.items():
-            if key not in self:
-                importlib.import_module(module)
+        """Import every module of the built-ins' package (each built-in registers its id): before listing ids."""
+        if self._all_builtins:
+            return
+        package = importlib.import_module(str(self.builtins))
+        for info in pkgutil.iter_modules(package.__path__):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{self.builtins}.{info.name}")
+        self._all_builtins = True
 
     def require(self, key: str, error: type[AdapterpackError]) -> V:
         """The implementation of ``key`` (a built-in imported, a plugin loaded if needed); ``error`` naming
@@ -150,10 +173,8 @@ class Registry(dict[str, V], Generic[V]):
             return True
         if type(key) is not str:
             return False
-        if key in self.builtins:
-            importlib.import_module(self.builtins[key])  # registers it
-            if key in self:
-                return True
+        if self._builtin(key):
+            return True
         with _LOCK:
             if key in self:  # another thread loaded it meanwhile
                 return True
@@ -199,15 +220,6 @@ def _adopt_encoding(name: str, obj: Any) -> None:
 
 #: Encodings by id (:mod:`adapterpack.encodings` registers into it). It lives on the ground floor so that the
 #: in-memory model (:attr:`adapterpack.adapter.Module.implementation`) finds an encoding without importing
-#: the floor above it: a built-in's module is imported on its first lookup, a plugin's entry point loaded.
-ENCODINGS: Registry[Any] = Registry(
-    "adapterpack.encodings",
-    "encoding",
-    _adopt_encoding,
-    builtins={
-        "lora": "adapterpack.encodings.lora",
-        "nola": "adapterpack.encodings.nola",
-        "shared": "adapterpack.encodings.shared",
-        "svd": "adapterpack.encodings.svd",
-    },
-)
+#: the floor above it: a built-in's module (``adapterpack/encodings/<id>.py``) is imported on its first
+#: lookup, a plugin's entry point loaded.
+ENCODINGS: Registry[Any] = Registry("adapterpack.encodings", "encoding", _adopt_encoding, builtins="adapterpack.encodings")

@@ -336,3 +336,14 @@ def test_entry_points_are_not_read_at_import_nor_for_built_in_ids() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[True, True, True]"
+
+
+def test_builtin_encodings_are_found_by_module_name_only() -> None:
+    """A built-in encoding is its module adapterpack/encodings/<id>.py, imported on first lookup; any other
+    module of that package (a helper) or a name that is no module is an unknown encoding, not an import."""
+    from adapterpack.errors import UnknownEncodingError
+
+    assert encodings.get_encoding("svd").encoding_id == "svd"
+    for bad in ("base", "lower", "nola_fit", "../lora", "Lora", "lora.x", "x" * 65, ""):
+        with pytest.raises(UnknownEncodingError, match="unknown encoding"):
+            encodings.get_encoding(bad)

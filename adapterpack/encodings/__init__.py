@@ -1,8 +1,8 @@
 """Encodings of ΔW, one registry: each encoding is one module with an :class:`Encoding`.
 
 An encoding validates its records from the index alone (shapes, params) and turns a
-record into ΔW. Built-ins are imported on their first lookup (adapterpack.plugins.ENCODINGS names their
-modules), so importing this package is cheap. Adding one: one new module here (listed there), its torch decoder in
+record into ΔW. The encoding with id ``X`` is the module ``X.py`` here, imported on its first lookup
+(:data:`adapterpack.plugins.ENCODINGS`), so importing this package is cheap. Adding one: its module here, its torch decoder in
 ``adapterpack/torch/decoders/``, its spec file and its vectors; or, from another package, an
 entry point in the ``adapterpack.encodings`` group (README, "Extending: a new codec or encoding").
 """
