@@ -335,7 +335,7 @@ def adapter_differences(a: Adapter, b: Adapter) -> list[str]:
 
 def safetensors_differences(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> list[str]:
     """How the tensors of two safetensors files differ in names, dtypes, shapes or bits (metadata ignored)."""
-    from safetensors import safe_open  # safetensors: only this comparison (the demo) reads through it
+    from safetensors import safe_open  # safetensors: only this comparison (demo) needs it
 
     with safe_open(str(a), framework="numpy") as fa, safe_open(str(b), framework="numpy") as fb:
         ta = {k: fa.get_tensor(k) for k in fa.keys()}

@@ -149,7 +149,7 @@ def spectrum_report(adapter: Adapter) -> dict[str, Any]:
 def require_matplotlib() -> Any:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib: optional (the plot extra)
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # matplotlib, as above
     except ImportError:
         raise MissingDependencyError("--plot needs matplotlib: pip install 'adapterpack[plot]'") from None
     return Figure, FigureCanvasAgg
