@@ -41,7 +41,7 @@ class DType:
     def numpy(self) -> np.dtype:
         """The little-endian numpy dtype (bfloat16: ``ml_dtypes.bfloat16``, imported here on first use)."""
         if self.name == "bfloat16":
-            import ml_dtypes
+            import ml_dtypes  # start-up: only a materialized bfloat16 array needs it
 
             return np.dtype(ml_dtypes.bfloat16).newbyteorder("<")
         return np.dtype(self._numpy).newbyteorder("<")

@@ -115,7 +115,7 @@ class Registry(dict[str, V], Generic[V]):
         """The group's entry points by name (read once); refuses one named after a registered id."""
         self.load_builtins()  # a plugin must not claim a built-in id that simply was not imported yet
         if self._entry_points is None:
-            from importlib.metadata import entry_points  # slowish: only on the first miss
+            from importlib.metadata import entry_points  # start-up: slowish, read only on the first miss
 
             found: dict[str, list[EntryPoint]] = {}
             for ep in entry_points(group=self.group):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,11 +16,16 @@ from adapterpack.adapter import Adapter, Module, as_array, decoded_bytes
 from adapterpack.bank.lock import locked
 from adapterpack.bank.sources import Member, ModuleKey, PathSource, expand_inputs, plan_modules
 from adapterpack.bank.store import META_HASH, Bank, BankMember, BankModule, error_metadata, open_bank, validate_records, write_bank
+from adapterpack.container.writer import write_apack
+from adapterpack.encodings.lower import as_svd, lora_from_factors
 from adapterpack.errors import BankError
 from adapterpack.factors import Factors
-from adapterpack.linalg.bank_fit import DaskExecutor, FitOptions, ModuleShape, SerialExecutor, fit_bank
+from adapterpack.formats.peft import write_peft
+from adapterpack.formats.serving import check
+from adapterpack.linalg.bank_fit import DaskExecutor, FitOptions, ModuleShape, SerialExecutor, fit_bank, sq_error, sq_norm
 from adapterpack.linalg.bank_grow import pad, place
 from adapterpack.linalg.finite import check_product
+from adapterpack.ops.files import open as open_adapter
 
 
 def make_executor(scheduler: str | None) -> Any:
@@ -162,8 +168,6 @@ def add_to_bank(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str
 
 
 def _stored_error(f: Factors, mod: BankModule, S: np.ndarray) -> float:
-    from adapterpack.linalg.bank_fit import sq_error, sq_norm
-
     n2 = sq_norm(f)
     return sq_error(f, mod.U.astype(np.float64), mod.V.astype(np.float64), S.astype(np.float64), n2) / n2 if n2 > 0 else 0.0
 
@@ -204,9 +208,6 @@ def lora_module(m: Module, rtol: float | None = None, *, where: str | None = Non
     """A shared record as a standalone ``lora`` record of the adapter's own rank, and the relative
     squared error that dropping S's negligible singular values (below ``rtol``·σ₁, default R·eps of
     S's dtype) costs, computed exactly. Non-finite values are refused first, naming ``where``."""
-    from adapterpack.encodings.lower import lora_from_factors
-    from adapterpack.linalg.bank_fit import sq_error, sq_norm
-
     f = m.factors()
     check_product(f.A, f.B, f.scale, where=where or f"module {m.name!r}")
     U = m.array("U").astype(np.float64)
@@ -231,8 +232,6 @@ def extract_member(path: str | os.PathLike[str], name: str) -> tuple[Adapter, di
     """One member as an ordinary adapter of ``lora`` records and its own pass-through tensors (reads
     only its S, its tensors and the shared bases), with the exact relative error of the extraction
     per module (~1e-14 from rounding)."""
-    from adapterpack.ops.files import open as open_adapter
-
     with open_adapter(path, adapter=name) as a:
         out = Adapter(name=a.name, base_model=a.base_model, base_architecture=a.base_architecture, source=dict(a.source),
                       metadata={k: v for k, v in a.metadata.items() if not k.startswith("bank.")},
@@ -250,8 +249,6 @@ def extract_drops(adapter: Adapter, to: str) -> list[str]:
     from another format, e.g. a kohya file's unknown keys): refused unless dropped on request."""
     if to != "peft":
         return []
-    from adapterpack.formats.serving import check
-
     return [n for f in check(adapter, "peft") if "full tensors" in f.problem for n in f.modules]
 
 
@@ -261,16 +258,10 @@ def write_extracted(adapter: Adapter, out: str | os.PathLike[str], to: str = "ap
     Pass-through tensors go along; those PEFT cannot carry (:func:`extract_drops`) are refused
     unless ``drop_tensors``."""
     if to == "svd":
-        from adapterpack.encodings.lower import as_svd
-
         adapter = adapter.derived({k: as_svd(m) for k, m in adapter.modules.items()})
         to = "apack"
     if to == "peft":
-        from adapterpack.formats.peft import write_peft
-
         return write_peft(adapter, out, drop_tensors=drop_tensors)
-    from adapterpack.container.writer import write_apack
-
     write_apack(out, adapter)
     return Path(out)
 
@@ -278,8 +269,6 @@ def write_extracted(adapter: Adapter, out: str | os.PathLike[str], to: str = "ap
 def bank_listing(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Members (name, error metadata, hash, pass-through tensors) and modules (shape, rank, form) of a bank,
     bytes shared vs own (pass-through tensors counted from the index, not read)."""
-    import json
-
     with open_bank(path) as bank:
         mods = [{"name": n, "m": m.U.shape[0], "n": m.V.shape[0], "rank": m.rank, "form": m.form} for n, m in bank.modules.items()]
         shared_bytes = sum(m.U.nbytes + m.V.nbytes for m in bank.modules.values())

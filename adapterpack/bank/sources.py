@@ -16,7 +16,9 @@ from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module, StoredTensor, TensorLike, as_array, stored_bytes, tensor_info
 from adapterpack.errors import BankError, BankMismatchError
 from adapterpack.factors import Factors
+from adapterpack.formats import open_adapters
 from adapterpack.linalg.bank_fit import ModuleShape
+from adapterpack.ops.files import open as open_adapter
 
 
 @dataclass
@@ -33,8 +35,6 @@ class PathSource:
 
     def load(self) -> dict[str, Factors]:
         """Module name → 2-D factors, copied out of the file (which is closed again)."""
-        from adapterpack.ops.files import open as open_adapter
-
         with open_adapter(self.path, adapter=self.adapter) as a:
             names = self.modules if self.modules is not None else tuple(a.modules)
             return {n: _copy(a.module(n).factors()) for n in names}
@@ -43,8 +43,6 @@ class PathSource:
         """The content hash of ``factors`` (this adapter's, from :meth:`load`) with its pass-through tensors, and a
         handle per tensor that reads it from the file again when loaded: each tensor is hashed as it is read and
         none is kept, so a bank's members do not hold theirs in memory until the bank is written."""
-        from adapterpack.ops.files import open as open_adapter
-
         with open_adapter(self.path, adapter=self.adapter) as a:
             handles = {k: _handle(t, functools.partial(self.load_tensor, k)) for k, t in a.tensors.items()}
             return content_hash(factors, a.tensors), handles
@@ -52,8 +50,6 @@ class PathSource:
     def load_tensor(self, name: str) -> np.ndarray:
         """One pass-through tensor (PEFT ``modules_to_save``, unknown keys), bit for bit (a read-only view of a raw
         ``.apack`` blob keeps that file's mapping alive, not a copy)."""
-        from adapterpack.ops.files import open as open_adapter
-
         with open_adapter(self.path, adapter=self.adapter) as a:
             if name not in a.tensors:
                 raise BankError(f"{self.path}: adapter {self.name!r} no longer has tensor {name!r} (changed since it was hashed)")
@@ -144,8 +140,6 @@ class Member:
 def expand_inputs(paths: list[str | os.PathLike[str]], names: list[str] | None = None) -> list[Member]:
     """Open each input (index only for .apack) and list its adapters; every adapter of a multi-adapter
     .apack becomes a member named after itself, any other input after its file or folder name."""
-    from adapterpack.formats import open_adapters
-
     if not paths:
         raise BankError("no adapters given: a bank needs at least one")
     if names is not None and len(names) != len(paths):

@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 
 from adapterpack import dtypes
-from adapterpack.adapter import TensorLike, as_array
+from adapterpack.adapter import Module, TensorLike, as_array
 from adapterpack.atomic import atomic_file
 from adapterpack.checksum import crc32c
 from adapterpack.container import writer as _writer
 from adapterpack.container.index import blob_alignment, dumps
 from adapterpack.container.preamble import MAJOR, MAX_INDEX_LENGTH, MINOR, Preamble, align_up
+from adapterpack.container.reader import ApackReader
 from adapterpack.container.writer import check_index, encode_blob
 from adapterpack.encodings import get_encoding
 from adapterpack.encodings.shared import shared_base_shape
@@ -170,8 +171,6 @@ def open_bank(path: str | os.PathLike[str]) -> Iterator[Bank]:
     read each one from the open file when loaded (valid inside the ``with``): a rewrite of the bank
     (add, refit) then holds one member's tensor at a time, not all of them. Refuses a file whose shared
     records do not reference one U and one V blob per module, or that mixes forms."""
-    from adapterpack.container.reader import ApackReader
-
     with ApackReader(Path(path)) as reader:
         # every record through the reader's own checks before any raw param is used; tensors stay handles
         tensors = {raw["name"]: reader.adapter(raw["name"]).tensors for raw in reader.index.adapters}
@@ -218,8 +217,6 @@ def error_metadata(rel: dict[str, float], reference: str) -> dict[str, str]:
 
 def validate_records(bank: Bank) -> None:
     """Run the shared encoding's checks on every record of an in-memory bank (before any write)."""
-    from adapterpack.adapter import Module
-
     enc = get_encoding("shared")
     for mem in bank.members:
         for name, S in mem.S.items():

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from adapterpack.cli import output as out
+from adapterpack.ops.audit import audit_paths, default_jobs, find_inputs
 from adapterpack.text import printable
 
 #: Column titles of the alternatives (keys of ``sizes`` / ``saved`` in the report).
@@ -147,8 +148,6 @@ def audit(paths: tuple[str, ...], as_json: bool, as_csv: bool, jobs: int, measur
     files; globs such as 'runs/**/*.apack' are expanded): per input and in total, bytes, parameters,
     dtype, encoding, ranks, ranks keeping 99%/95% energy, and what zstd, byteplanes, bf16 and a re-rank
     to 99%/95% energy would save. Exit status 1 when any input could not be read or a path matched nothing."""
-    from adapterpack.ops.audit import audit_paths, default_jobs, find_inputs
-
     if as_json and as_csv:
         raise click.UsageError("--json and --csv exclude each other")
     found = find_inputs(paths)

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from adapterpack import dtypes
+from adapterpack.bank import add_to_bank, bank_listing, build_bank, extract_drops, extract_member, refit_bank, write_extracted
 from adapterpack.cli import output as out
 
 _FIT_OPTIONS = [
@@ -101,8 +102,6 @@ def build(out_path: Path, adapters: tuple[Path, ...], rank: int | None, target_e
           form: str | None, weights: str, max_iter: int, scheduler: str | None, names: tuple[str, ...], dtype: str,
           partial: bool, as_json: bool) -> None:
     """Fit shared bases for ADAPTERs and write the bank to OUT."""
-    from adapterpack.bank import build_bank
-
     chosen = target_error is not None or budget is not None
     r = build_bank(out_path, list(adapters), names=list(names) or None, rank=rank or (64 if chosen else 16),
                    target_error=target_error, budget=budget, form=form or "full", weights=weights, dtype=dtype,
@@ -122,8 +121,6 @@ def build(out_path: Path, adapters: tuple[Path, ...], rank: int | None, target_e
 def add(bank_path: Path, adapters: tuple[Path, ...], threshold: float, no_grow: bool, names: tuple[str, ...], partial: bool,
         as_json: bool) -> None:
     """Add ADAPTERs to BANK: project onto its bases, grow them where needed (old members unchanged)."""
-    from adapterpack.bank import add_to_bank
-
     r = add_to_bank(bank_path, list(adapters), names=list(names) or None, threshold=None if no_grow else threshold,
                     partial=partial).as_dict()
     out.echo_json(r) if as_json else out.echo_lines(add_lines(r))
@@ -138,8 +135,6 @@ def add(bank_path: Path, adapters: tuple[Path, ...], threshold: float, no_grow: 
 def refit(bank_path: Path, rank: int | None, target_error: float | None, budget: int | None, form: str | None, weights: str,
           max_iter: int, scheduler: str | None, out_path: Path | None, as_json: bool) -> None:
     """Refit BANK's bases from its members (e.g. after many adds grew them)."""
-    from adapterpack.bank import refit_bank
-
     r = refit_bank(bank_path, out=out_path, rank=rank, target_error=target_error, budget=budget, form=form, weights=weights,
                    max_iter=max_iter, scheduler=scheduler).as_dict()
     out.echo_json(r) if as_json else out.echo_lines(fit_lines(r))
@@ -156,8 +151,6 @@ def refit(bank_path: Path, rank: int | None, target_error: float | None, budget:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def extract(bank_path: Path, name: str, out_path: Path, to: str | None, drop_tensors: bool, as_json: bool) -> None:
     """Write member NAME of BANK as a standalone adapter (lora records and its pass-through tensors) to OUT."""
-    from adapterpack.bank import extract_drops, extract_member, write_extracted
-
     target = to or ("apack" if out_path.suffix == ".apack" else "peft")
     if target != "peft" and drop_tensors:
         raise click.UsageError("--drop-tensors applies to PEFT output only; .apack keeps every tensor")
@@ -182,7 +175,5 @@ def extract(bank_path: Path, name: str, out_path: Path, to: str | None, drop_ten
 @click.option("--json", "as_json", is_flag=True, help="Print the listing as JSON.")
 def list_(bank_path: Path, as_json: bool) -> None:
     """List BANK's adapters (errors, own bytes, content hash) and modules."""
-    from adapterpack.bank import bank_listing
-
     r = bank_listing(bank_path)
     out.echo_json(r) if as_json else out.echo_lines(list_lines(r))

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from adapterpack.cli import output as out
-from adapterpack.formats.serving import TARGETS
+from adapterpack.formats.serving import TARGETS, check_path
 
 
 def finding_lines(target: str, path: Path, findings: list[dict[str, Any]]) -> list[str]:
@@ -36,8 +36,6 @@ def check(
     ctx: click.Context, path: Path, target: str, adapter: str | None, max_lora_rank: int | None, base: Path | None, as_json: bool
 ) -> None:
     """Exit status 0 when TARGET would load PATH as it is (notes only), 1 when it would refuse or misread something."""
-    from adapterpack.formats.serving import check_path
-
     findings = [f.as_dict() for f in check_path(path, target, adapter=adapter, max_lora_rank=max_lora_rank, base=base)]
     if as_json:
         out.echo_json({"path": str(path), "target": target, "findings": findings})

@@ -9,7 +9,8 @@ import click
 
 from adapterpack.cli import output as out
 from adapterpack.codecs import codec_ids
-from adapterpack.ops.convert import DTYPE_CHOICES, TARGETS
+from adapterpack.ops.convert import DTYPE_CHOICES, TARGETS, check_options, infer_target, target_conflict
+from adapterpack.ops.convert import convert as run
 
 #: Printed after writing a compressed .apack: how to get the fastest loading instead.
 RAW_HINT = "hint     --codec raw gives zero-copy mmap loading (adapterpack.torch.load) for serving; compressed blobs decode on load"
@@ -118,9 +119,6 @@ def convert(
 ) -> None:
     """Convert SRC (.apack, PEFT folder, kohya or diffusers file) to DST; lossless unless --dtype narrows,
     --rank cuts or --to nola fits."""
-    from adapterpack.ops.convert import check_options, infer_target, target_conflict
-    from adapterpack.ops.convert import convert as run
-
     target = to or infer_target(dst)
     if to is not None and (why := target_conflict(dst, to)):
         raise click.BadParameter(why, param_hint="'--to'")

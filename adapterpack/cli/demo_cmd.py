@@ -16,8 +16,13 @@ from pathlib import Path
 import click
 import numpy as np
 
+from adapterpack import open as open_adapter
 from adapterpack.cli import output as out
 from adapterpack.cli.inspect_cmd import adapter_lines, file_lines
+from adapterpack.container.reader import ApackReader
+from adapterpack.examples import example_path
+from adapterpack.ops.convert import adapter_differences, convert, safetensors_differences
+from adapterpack.ops.report import inspect_path
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -64,12 +69,6 @@ def _took(t0: float) -> str:
 @click.pass_context
 def demo(ctx: click.Context, out_dir: Path | None) -> None:
     """Convert the bundled example PEFT adapter to .apack and back, checking every step."""
-    from adapterpack import open as open_adapter
-    from adapterpack.container.reader import ApackReader
-    from adapterpack.examples import example_path
-    from adapterpack.ops.convert import adapter_differences, convert, safetensors_differences
-    from adapterpack.ops.report import inspect_path
-
     start = time.perf_counter()
     example = example_path()
     checks = Checks()

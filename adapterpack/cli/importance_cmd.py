@@ -13,6 +13,8 @@ from pathlib import Path
 import click
 
 from adapterpack.cli import output as out
+from adapterpack.errors import InputError, OutputExistsError
+from adapterpack.ops.files import open as open_adapter
 from adapterpack.ops.importance import LABELS
 
 
@@ -56,9 +58,7 @@ def importance(
     `adapterpack rerank ADAPTER DST --budget B --importance OUT` then spends the bytes where cutting
     would cost the model the most (second-order KL), instead of where ΔW has the most energy.
     """
-    from adapterpack.errors import InputError, OutputExistsError
-    from adapterpack.ops.files import open as open_adapter
-    from adapterpack.torch.fit.fisher import causal_lm_importance
+    from adapterpack.torch.fit.fisher import causal_lm_importance  # torch, transformers (the peft extra): only when it runs
 
     if dst.exists() and not force:
         raise OutputExistsError(f"{dst} exists (pass --force to overwrite)")

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from adapterpack.cli import output as out
+from adapterpack.ops.report import inspect_path
 
 HEADERS = ("module", "encoding", "rank", "shape (base)", "dtype", "stored bytes", "share")
 ALIGN = "<<><<>>"
@@ -172,15 +173,13 @@ def spectrum_report_lines(report: dict[str, Any]) -> list[str]:
 )
 def inspect(path: Path, adapter_name: str | None, as_json: bool, spectrum: bool, plot_path: Path | None) -> None:
     """Show what PATH holds (.apack file, PEFT folder or kohya file): one row per module, then totals."""
-    from adapterpack.ops.report import inspect_path
-
     if plot_path is not None:
-        from adapterpack.ops.spectrum import require_matplotlib
+        from adapterpack.ops.spectrum import require_matplotlib  # start-up: plain inspect does not import the spectrum code
 
         require_matplotlib()  # refuse before any work when the extra is missing
     report = inspect_path(path, adapter=adapter_name, spectrum=spectrum or plot_path is not None)
     if plot_path is not None:
-        from adapterpack.ops.spectrum import plot_spectra
+        from adapterpack.ops.spectrum import plot_spectra  # start-up, as above
 
         plot_spectra([(a["name"], a["spectrum"]["modules"]) for a in report["adapters"]], plot_path, title=str(path))
     if as_json:

@@ -11,7 +11,9 @@ import click
 from adapterpack.cli import output as out
 from adapterpack.codecs import codec_ids
 from adapterpack.linalg.allocate import WEIGHTINGS
-from adapterpack.ops.convert import TARGETS
+from adapterpack.ops.convert import TARGETS, infer_target, target_conflict
+from adapterpack.ops.importance import load_importance
+from adapterpack.ops.rerank import RerankPolicy, rerank_file
 
 HEADERS = ("module", "old rank", "new rank", "retained", "rel. error", "bytes before", "bytes after", "note")
 ALIGN = "<>>>>>><"
@@ -181,10 +183,6 @@ def rerank(
     and relative errors printed are exact. .apack output stores svd records by default: any lower
     rank of them can be loaded later as a prefix (adapterpack.open(path, rank=j)).
     """
-    from adapterpack.ops.convert import infer_target, target_conflict
-    from adapterpack.ops.importance import load_importance
-    from adapterpack.ops.rerank import RerankPolicy, rerank_file
-
     given = [o for o, v in zip(RULE_OPTIONS, (rank, energy, sv_ratio, budget, budget_ratio)) if v is not None]
     if len(given) != 1:
         raise click.UsageError(f"give exactly one of {', '.join(RULE_OPTIONS)}" + (f" (got {', '.join(given)})" if given else ""))

@@ -8,6 +8,7 @@ from typing import Any
 import click
 
 from adapterpack.cli import output as out
+from adapterpack.container.reader import ApackReader
 
 
 def verify_lines(r: dict[str, Any]) -> list[str]:
@@ -26,8 +27,6 @@ def verify_lines(r: dict[str, Any]) -> list[str]:
 @click.pass_context
 def verify(ctx: click.Context, file: Path, as_json: bool) -> None:
     """Check an .apack FILE end to end; exit status 0 when sound, 1 otherwise."""
-    from adapterpack.container.reader import ApackReader
-
     with ApackReader(file, verify=True) as reader:
         report = reader.verify().as_dict()
     if as_json:

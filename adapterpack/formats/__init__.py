@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterpack.adapter import Adapter
+from adapterpack.container.reader import ApackReader
 from adapterpack.errors import AdapterNotFoundError
 from adapterpack.formats.detect import detect_format
 
@@ -51,8 +52,6 @@ def open_adapters(path: str | os.PathLike[str], adapter: str | None = None, *, v
     p = Path(path)
     fmt = detect_format(p)
     if fmt == "apack":
-        from adapterpack.container.reader import ApackReader
-
         reader = ApackReader(p, verify=verify)
         try:
             names = reader.adapter_names if adapter is None else [adapter]
@@ -62,15 +61,15 @@ def open_adapters(path: str | os.PathLike[str], adapter: str | None = None, *, v
             raise
         return Opened(p, fmt, adapters, reader, reader.close)
     if fmt == "peft":
-        from adapterpack.formats.peft import read_peft
+        from adapterpack.formats.peft import read_peft  # start-up: inspect of an .apack does not import the other formats' readers
 
         a = read_peft(p)
     elif fmt == "diffusers":
-        from adapterpack.formats.diffusers import read_diffusers
+        from adapterpack.formats.diffusers import read_diffusers  # start-up, as above (diffusers and sd_names too)
 
         a = read_diffusers(p)
     else:
-        from adapterpack.formats.kohya import read_kohya
+        from adapterpack.formats.kohya import read_kohya  # start-up, as above
 
         a = read_kohya(p)
     if adapter is not None and adapter != a.name:

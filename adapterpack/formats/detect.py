@@ -30,7 +30,7 @@ def detect_format(path: str | os.PathLike[str]) -> str:
             return "kohya"
         if any(".lora_A" in k or "lora_embedding_A" in k for k in keys) and (p.parent / "adapter_config.json").is_file():
             return "peft"
-        from adapterpack.formats.diffusers import looks_like_diffusers
+        from adapterpack.formats.diffusers import looks_like_diffusers  # start-up: only a safetensors file that is not kohya/PEFT
 
         if looks_like_diffusers(keys):
             return "diffusers"

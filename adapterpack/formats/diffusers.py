@@ -482,7 +482,7 @@ def write_diffusers(
     ``modules`` / ``base`` / ``component``: see :func:`diffusers_state`; ``dtype`` casts float tensors;
     ``drop_tensors`` leaves out pass-through tensors of another origin (refused otherwise).
     """
-    from safetensors.numpy import save
+    from safetensors.numpy import save  # safetensors: only writers import it
 
     tensors, meta, notes = diffusers_state(
         adapter, modules=modules, base=base, component=component, dtype=dtype, drop_tensors=drop_tensors

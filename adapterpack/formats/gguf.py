@@ -68,7 +68,7 @@ def _field(reader: Any, key: str) -> Any:
 def base_from_gguf(path: str | os.PathLike[str] | Any) -> GgufBase:
     """Architecture and head counts from a base model's GGUF file (its metadata), or from an open
     ``gguf.GGUFReader`` (parsing a file's metadata takes seconds: its tokenizer is in there)."""
-    import gguf
+    import gguf  # gguf: optional (the gguf extra)
 
     if isinstance(path, gguf.GGUFReader):
         r = path
@@ -132,7 +132,7 @@ def _heads(name: str, base: GgufBase) -> int | None:
 
 @functools.lru_cache(maxsize=8)
 def _name_map(arch: str, n_blocks: int) -> Any:
-    import gguf
+    import gguf  # gguf: optional (the gguf extra)
 
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
     return gguf.get_tensor_name_map(arch_id, n_blocks)  # builds every block's names: tens of ms, so built once
@@ -266,11 +266,11 @@ def write_gguf(
     """Write ``adapter`` as a llama.cpp LoRA GGUF at ``dst`` (atomically; ``overwrite`` false: OutputExistsError
     if it exists). ``base`` is a :class:`GgufBase` or the path of the base model's GGUF file / config.json
     (needed for q_proj / k_proj)."""
-    import gguf
+    import gguf  # gguf: optional (the gguf extra)
 
     info = base if isinstance(base, GgufBase) or base is None else base_info(base)
     plan = gguf_tensors(adapter, info, dtype=dtype, drop_tensors=drop_tensors)
-    from gguf.gguf_writer import WriterState
+    from gguf.gguf_writer import WriterState  # gguf: optional, as above
 
     dst = Path(dst)
     w = gguf.GGUFWriter(None, (info or GgufBase()).arch)

@@ -373,7 +373,7 @@ def write_kohya(
     (``lora_unet_input_blocks_4_1_…``; default: the diffusers paths, ``lora_unet_down_blocks_1_…``,
     which ComfyUI and diffusers also read).
     """
-    from safetensors.numpy import save
+    from safetensors.numpy import save  # safetensors: only writers import it
 
     tensors, meta = kohya_state(adapter, prefix=prefix, dtype=dtype, drop_tensors=drop_tensors, sdxl_sgm=sdxl_sgm)
     data = save(tensors, metadata=meta or None)

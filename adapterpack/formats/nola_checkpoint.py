@@ -45,7 +45,7 @@ _GPT2 = re.compile(r"^(?P<block>(?:.*\.)?h\.\d+\.attn)\.nola_(?P<which>query|val
 
 def _state_dict(src: str | os.PathLike[str] | dict[str, Any]) -> dict[str, Any]:
     """The checkpoint's tensors: a state dict given in memory, or a file read with ``weights_only=True``."""
-    import torch
+    import torch  # torch: optional (the torch extra), needed only when a NOLA checkpoint is imported
 
     if isinstance(src, dict):
         sd = src
@@ -69,7 +69,7 @@ def materialize(weight: Any, coefficients: Any, seed: int, device: str) -> np.nd
 
     Runs under ``torch.random.fork_rng`` so the caller's random state is left as it was. float64 result.
     """
-    import torch
+    import torch  # torch: optional (the torch extra), needed only when a NOLA checkpoint is imported
 
     dev = torch.device(device)
     coef = coefficients.to(dev)
@@ -115,7 +115,7 @@ def read_nola_checkpoint(
 ) -> Adapter:
     """An official NOLA checkpoint (GPT-2 or LLaMA/PEFT layout) as ``lora`` records, bases generated
     by their recipe on ``device``. ``alpha`` is their LoRA alpha (scale = alpha / r)."""
-    import torch
+    import torch  # torch: optional (the torch extra), needed only when a NOLA checkpoint is imported
 
     sd = _state_dict(src)
     prefixes = sorted({m.group("prefix") for k in sd if (m := _PART.match(k)) and m.group("what") == "coefficients"})

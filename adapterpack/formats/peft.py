@@ -122,7 +122,7 @@ def read_safetensors(path: Path, *, opened: str | None = None) -> tuple[dict[str
     The header is checked first (:func:`~.safetensors_header.read_header`: limits, shapes, byte ranges),
     so ``safetensors`` only ever builds objects for a bounded number of consistent tensors.
     """
-    from safetensors import safe_open
+    from safetensors import safe_open  # safetensors: only reading tensors needs it (name checks, headers do not)
 
     try:
         read_header(opened or path)
@@ -146,7 +146,7 @@ def read_torch_bin(path: Path, *, opened: str | None = None) -> dict[str, np.nda
     """A ``.bin`` state dict through ``torch.load(weights_only=True)`` (never a full unpickle); read from
     ``opened`` when given, as :func:`read_safetensors`."""
     try:
-        import torch
+        import torch  # torch: optional, only .bin state dicts need it
     except ImportError:
         raise InputError(f"{path}: reading a .bin state dict needs torch (pip install adapterpack[torch])") from None
     if torch_version(torch.__version__) < MIN_SAFE_TORCH:
@@ -541,7 +541,7 @@ def write_peft(
     tokenizer, checkpoints) are carried over. ``overwrite`` false: OutputExistsError if it exists.
     A folder that cannot be swapped (a mount point, ``.``) is filled in place, the config renamed in last.
     """
-    from safetensors.numpy import save
+    from safetensors.numpy import save  # safetensors: only writers import it
 
     cfg = peft_config(adapter)
     tensors = peft_tensors(adapter, dtype=dtype, drop_tensors=drop_tensors)

@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from adapterpack.errors import ConversionError, InputError
+from adapterpack.formats.safetensors_header import safetensors_keys
 
 #: diffusers pipeline components a LoRA file can address, as prefixes of its keys.
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
@@ -259,8 +260,6 @@ class NameResolver:
 def pipeline_modules(base: str | os.PathLike[str]) -> list[str]:
     """Module names (``component.path``) of a diffusers pipeline folder, from its components'
     ``*.safetensors`` headers (``<path>.weight`` keys); nothing else is read."""
-    from adapterpack.formats.safetensors_header import safetensors_keys
-
     root = Path(base)
     if not root.is_dir() or not (root / "model_index.json").is_file():
         raise InputError(f"{root}: not a diffusers pipeline folder (no model_index.json)")

@@ -30,8 +30,13 @@ import numpy as np
 
 from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module
+from adapterpack.encodings.lower import as_lora, at_rank, main_dtype
 from adapterpack.errors import ConversionError
+from adapterpack.formats import read_any
 from adapterpack.formats.export import DROP_HINT, check_key, scaled
+from adapterpack.formats.gguf import _LAYER, GgufBase, _name_map, base_info
+from adapterpack.formats.peft import check_module_path, write_peft
+from adapterpack.linalg.cast import delta_error
 from adapterpack.names import check_name
 
 TARGETS = ("vllm", "peft", "llama.cpp", "kohya")
@@ -222,8 +227,6 @@ def _check_peft(adapter: Adapter) -> list[Finding]:
 
 
 def _check_llama_cpp(adapter: Adapter, base: Any) -> list[Finding]:
-    from adapterpack.formats.gguf import _LAYER, GgufBase, _name_map
-
     t = "llama.cpp"
     out = _common(adapter, t, own=())
     facts = {m.name: _lora_facts(m) for m in adapter}
@@ -293,8 +296,6 @@ def _names(adapter: Adapter, target: str) -> list[Finding]:
     """The module and tensor names the PEFT (vLLM) or kohya writer refuses, by the writer's own checks
     (:func:`~adapterpack.names.check_name`, :func:`~.export.check_key`, PEFT's :func:`~.peft.check_module_path`),
     applied to the names alone: no tensor is read."""
-    from adapterpack.formats.peft import check_module_path
-
     def refusal(name: str, what: str) -> str | None:
         try:
             check_name(name, what, ConversionError)
@@ -367,9 +368,6 @@ class VllmPlan:
 
 def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors: bool = False) -> tuple[Adapter, VllmPlan]:
     """``adapter`` as a single-rank plain-LoRA adapter vLLM reads correctly (see the module docstring)."""
-    from adapterpack.encodings.lower import as_lora, at_rank, main_dtype
-    from adapterpack.linalg.cast import delta_error
-
     refusals = [
         f for f in check(adapter, "vllm", max_lora_rank=max_lora_rank) if f.severity == "refuse" and "rank above" not in f.problem
     ]
@@ -431,8 +429,6 @@ def write_vllm(
 ) -> VllmPlan:
     """Write ``adapter`` as a PEFT folder that vLLM loads with the right scale everywhere (atomic, see :func:`to_vllm`;
     ``overwrite``: as :func:`~.peft.write_peft`)."""
-    from adapterpack.formats.peft import write_peft
-
     single, plan = to_vllm(adapter, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors)
     write_peft(single, Path(dst), overwrite=overwrite)
     return plan
@@ -453,9 +449,6 @@ def check_path(
     base: str | os.PathLike[str] | None = None,
 ) -> list[Finding]:
     """:func:`check` on a file or folder (any format adapterpack reads); ``base`` is the base model's GGUF or config.json."""
-    from adapterpack.formats import read_any
-    from adapterpack.formats.gguf import base_info
-
     info = base_info(base) if base is not None else None
     with read_any(path, adapter=adapter) as ad:
         return check(ad, target, max_lora_rank=max_lora_rank, base=info)

@@ -59,7 +59,7 @@ def file_sha256(path: Path) -> str:
 
 def lora_request(lora_name: str, lora_int_id: int, lora_path: str) -> Any:
     """vLLM's ``LoRARequest`` (imported here, on first use)."""
-    from vllm.lora.request import LoRARequest
+    from vllm.lora.request import LoRARequest  # vllm: optional; the decode-and-cache path runs without it
 
     return LoRARequest(lora_name=lora_name, lora_int_id=lora_int_id, lora_path=lora_path)
 
@@ -105,8 +105,8 @@ class ApackResolver:
     def materialize(self, base_model_name: str, lora_name: str) -> Path | None:
         """The cached PEFT folder for ``lora_name`` (decoding it on first use), or None when this
         resolver has no such adapter for ``base_model_name``."""
-        from adapterpack.formats import read_any
-        from adapterpack.formats.serving import write_vllm
+        from adapterpack.formats import read_any  # plugin: vLLM imports this module in every process at start-up
+        from adapterpack.formats.serving import write_vllm  # plugin start-up, as above
 
         path = self.find(lora_name)
         if path is None:
@@ -155,7 +155,7 @@ def register() -> None:
         return
     if not Path(folder).is_dir():
         raise ValueError(f"{ENV_DIR}={folder!r} is not a folder")
-    from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry
+    from vllm.lora.resolver import LoRAResolver, LoRAResolverRegistry  # vllm: optional, as above
 
     cls = type("ApackLoRAResolver", (ApackResolver, LoRAResolver), {})
     rank = os.environ.get(ENV_MAX_RANK)

@@ -15,7 +15,13 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from adapterpack.adapter import Adapter
+from adapterpack.container.writer import write_apack
 from adapterpack.errors import ConversionError, OptionError
+from adapterpack.formats.diffusers import write_diffusers
+from adapterpack.formats.gguf import write_gguf
+from adapterpack.formats.kohya import write_kohya
+from adapterpack.formats.peft import export_notes, write_peft
+from adapterpack.formats.serving import write_vllm
 
 #: File formats adapterpack writes.
 FORMATS = ("apack", "peft", "kohya", "diffusers", "gguf")
@@ -88,32 +94,20 @@ def write_adapters(
         names = ", ".join(a.name for a in adapters)
         raise ConversionError(f"{fmt} holds one adapter, the input has {len(adapters)} ({names}); pick one with --adapter")
     if fmt == "apack":
-        from adapterpack.container.writer import write_apack
-
         total = sum(a.decoded_bytes for a in adapters)
         with (progress or _no_progress)(total) as advance:
             write_apack(dst, adapters, codec=codec or "byteplanes", level=level, progress=advance, overwrite=overwrite)
         return []
     if fmt == "gguf":
-        from adapterpack.formats.gguf import write_gguf
-
         return write_gguf(adapters[0], dst, base=base, drop_tensors=drop_tensors, overwrite=overwrite).notes()
     if fmt == "peft" and serve_for == "vllm":
-        from adapterpack.formats.serving import write_vllm
-
         plan = write_vllm(adapters[0], dst, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors, overwrite=overwrite)
         return plan.notes()
     if fmt == "peft":
-        from adapterpack.formats.peft import export_notes, write_peft
-
         notes = export_notes(adapters[0])
         write_peft(adapters[0], dst, drop_tensors=drop_tensors, overwrite=overwrite)
         return notes
     if fmt == "diffusers":
-        from adapterpack.formats.diffusers import write_diffusers
-
         return write_diffusers(adapters[0], dst, base=base, component=component, drop_tensors=drop_tensors, overwrite=overwrite)
-    from adapterpack.formats.kohya import write_kohya
-
     write_kohya(adapters[0], dst, drop_tensors=drop_tensors, overwrite=overwrite)
     return []

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from adapterpack import dtypes
 from adapterpack.errors import BankError
 from adapterpack.factors import Factors
 from adapterpack.linalg.finite import check_product
@@ -178,8 +179,6 @@ def chunk_members(sources: Sequence[Source], state: dict[str, Any], form: str, d
                   keep_raw: bool = False) -> list[dict[str, Any]]:
     """Per adapter: Σᵢ (rounded to ``dtype``) and exact errors against the stored bases, per module
     (and the unrounded float64 Σᵢ as ``raw`` when ``keep_raw``: rank choice needs it, the bank does not)."""
-    from adapterpack import dtypes
-
     np_dt = dtypes.by_name(dtype).numpy
     out = []
     for src in sources:
@@ -220,7 +219,7 @@ class DaskExecutor:
 
     def __init__(self, address: str | Any | None = None, threads: int | None = None) -> None:
         try:
-            from distributed import Client
+            from distributed import Client  # dask: optional (the dask extra), only for scale-out fits
         except ImportError:
             raise BankError("scale-out needs Dask: pip install 'adapterpack[dask]'") from None
         if address is None:
@@ -371,8 +370,6 @@ def _solve_right(num: np.ndarray, gram: np.ndarray) -> np.ndarray:
 def members(fits: dict[str, ModuleFit], sources: Sequence[Source], executor: Any, opts: FitOptions,
             dtype: str, keep_raw: bool = False) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[dict[str, Any]]]:
     """Final pass: bases rounded to ``dtype``, then every adapter's Σᵢ and exact errors against them."""
-    from adapterpack import dtypes
-
     np_dt = dtypes.by_name(dtype).numpy
     stored = {k: (f.U.astype(np_dt), f.V.astype(np_dt)) for k, f in fits.items()}
     state = {k: (u.astype(np.float64), v.astype(np.float64)) for k, (u, v) in stored.items()}
@@ -523,8 +520,6 @@ def fit_bank(shapes: Sequence[ModuleShape], sources: Sequence[Source], *, rank: 
     ``rank`` is R per module (or the most R may reach when ``target_error`` — mean relative squared
     error per module — or ``budget`` — total uncompressed bytes of the bank's tensors — chooses it).
     """
-    from adapterpack import dtypes
-
     opts = opts or FitOptions()
     check_options(opts)
     if not sources:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import functools
 import glob
+import multiprocessing
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -33,8 +35,16 @@ from typing import Any
 import numpy as np
 
 from adapterpack.adapter import Adapter, Module, as_array, tensor_info
+from adapterpack.container.writer import encode_blob, plan_apack
+from adapterpack.encodings.lower import as_svd, main_dtype
 from adapterpack.errors import AdapterpackError
-from adapterpack.ops.spectrum import distribution
+from adapterpack.formats import open_adapters
+from adapterpack.formats.safetensors_header import safetensors_keys
+from adapterpack.linalg.cast import cast_adapter
+from adapterpack.linalg.finite import check_adapter
+from adapterpack.ops.report import footprint
+from adapterpack.ops.rerank import RerankPolicy, rerank
+from adapterpack.ops.spectrum import distribution, module_spectrum
 
 #: The alternatives measured, in table order.
 VARIANTS = ("zstd", "byteplanes", "bf16", "energy99", "energy95")
@@ -66,8 +76,6 @@ def apack_size(
     ``validate`` False skips the records' validation (for records already validated); ``memo``
     reuses the encoding of an array seen before with the same codec and level.
     """
-    from adapterpack.container.writer import encode_blob, plan_apack
-
     def encode(arr: np.ndarray) -> tuple[int, dict[str, Any], int]:
         key = (id(arr), codec, level)
         seen = memo.get(key) if memo is not None else None
@@ -121,8 +129,6 @@ def presolved(adapter: Adapter) -> tuple[Adapter, str | None]:
     computed once here and serves every energy level; with float64 vectors (and S) nothing is
     rounded, so the re-ranked records are the bytes rerank writes from the original adapter.
     """
-    from adapterpack.encodings.lower import as_svd, main_dtype
-
     kinds = {main_dtype(m) for m in adapter}
     if len(kinds) != 1:
         return adapter, None
@@ -133,8 +139,6 @@ def presolved(adapter: Adapter) -> tuple[Adapter, str | None]:
 def reranked(adapter: Adapter, energy: float, dtype: str | None = None) -> tuple[Adapter, list[int]]:
     """``adapter`` as ``adapterpack rerank --energy`` writes it (svd records in each module's dtype, or
     ``dtype``), and every module's new rank (DoRA modules keep theirs: their SVD needs the base weight)."""
-    from adapterpack.ops.rerank import RerankPolicy, rerank
-
     if all(_is_dora(m) for m in adapter):
         return adapter, [_current_rank(m) for m in adapter]  # nothing rerank may touch (it refuses)
     out, report = rerank(adapter, RerankPolicy(energy=energy, dtype=dtype))
@@ -199,8 +203,6 @@ def _one_line(e: Exception) -> str:
 
 def _energy_ranks(adapters: list[Adapter]) -> dict[str, list[int]]:
     """Each module's rank for every energy level, from its spectrum alone (when no re-rank is measured)."""
-    from adapterpack.ops.spectrum import module_spectrum
-
     out: dict[str, list[int]] = {v: [] for v in ENERGY_VARIANTS}
     for a in adapters:
         for m in a:
@@ -213,13 +215,6 @@ def _energy_ranks(adapters: list[Adapter]) -> dict[str, list[int]]:
 def audit_input(path: str | os.PathLike[str], measure: Sequence[str] = VARIANTS) -> InputAudit:
     """Audit one input, sizing the alternatives in ``measure`` (default all of :data:`VARIANTS`);
     a file that cannot be read comes back with ``error`` set (one line), not raised."""
-    import time
-
-    from adapterpack.formats import open_adapters
-    from adapterpack.linalg.cast import cast_adapter
-    from adapterpack.linalg.finite import check_adapter
-    from adapterpack.ops.report import footprint
-
     start = time.perf_counter()
     res = InputAudit(path=str(path))
     try:
@@ -289,8 +284,6 @@ class Found:
 
 def _lora_kind(path: Path) -> str | None:
     """For a ``.safetensors`` met while walking: ``"kohya"``, ``"peft-weights"``, ``"other"``, or None when unreadable."""
-    from adapterpack.formats.safetensors_header import safetensors_keys
-
     try:
         keys = safetensors_keys(path)
     except (AdapterpackError, OSError):
@@ -368,8 +361,6 @@ def _results(inputs: list[Path], jobs: int, measure: tuple[str, ...]) -> Iterato
     if jobs <= 1 or len(inputs) <= 1:
         yield from map(one, inputs)
         return
-    import multiprocessing
-
     # forkserver: workers fork from a clean server process, not from a caller that may hold threads (torch, BLAS)
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     with ProcessPoolExecutor(max_workers=min(jobs, len(inputs)), mp_context=multiprocessing.get_context(method)) as pool:

@@ -22,6 +22,8 @@ import numpy as np
 from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module, TensorLike, as_array, tensor_info
 from adapterpack.atomic import exists_error
+from adapterpack.codecs import get_codec
+from adapterpack.encodings.lower import at_rank
 from adapterpack.errors import ConversionError, OptionError
 from adapterpack.formats import Opened, open_adapters
 from adapterpack.formats.source import notes as source_notes
@@ -124,8 +126,6 @@ def load_source(src: str | os.PathLike[str], adapter: str | None = None, *, veri
 
 def effective_level(codec: str, level: int | None) -> int | None:
     """The compression level a codec uses for ``level`` (None: the codec's default; raw: None)."""
-    from adapterpack.codecs import get_codec
-
     cfg = get_codec({"id": codec} if level is None else {"id": codec, "level": level}).get_config()
     return cfg.get("level")
 
@@ -208,8 +208,6 @@ def convert(
     try:
         adapters, casts = source.adapters, []
         if rank is not None:
-            from adapterpack.encodings.lower import at_rank
-
             adapters = [replace(a, modules={n: at_rank(m, rank) for n, m in a.modules.items()}, closer=None) for a in adapters]
         if dtype != "keep":
             pairs = [cast_adapter(a, dtype) for a in adapters]
@@ -257,7 +255,7 @@ def convert(
 def _fit_nola(adapters: list[Adapter], k: int | None, target_error: float | None) -> tuple[list[Adapter], list[str]]:
     """Every adapter fitted as nola records, and the lines that say how well (per adapter: the
     coefficient counts, mean and worst relative Frobenius error of ΔW, the worst module)."""
-    from adapterpack.encodings.nola_fit import fit_adapter
+    from adapterpack.encodings.nola_fit import fit_adapter  # scipy: only --to nola fits
 
     out, lines = [], []
     for a in adapters:
@@ -337,7 +335,7 @@ def adapter_differences(a: Adapter, b: Adapter) -> list[str]:
 
 def safetensors_differences(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> list[str]:
     """How the tensors of two safetensors files differ in names, dtypes, shapes or bits (metadata ignored)."""
-    from safetensors import safe_open
+    from safetensors import safe_open  # safetensors: only this comparison (demo) needs it
 
     with safe_open(str(a), framework="numpy") as fa, safe_open(str(b), framework="numpy") as fb:
         ta = {k: fa.get_tensor(k) for k in fa.keys()}

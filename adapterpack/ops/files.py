@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 from adapterpack.adapter import Adapter
 from adapterpack.container.writer import WriteResult, write_apack
+from adapterpack.encodings.lower import adapter_at_rank
+from adapterpack.formats import read_any
 
 
 def open(
@@ -21,13 +23,9 @@ def open(
     are cut to a prefix of their tensors (a raw blob is read up to its next prefix checkpoint,
     whose CRC is checked; a blob without checkpoints is read whole), other records by an exact
     SVD of their factors (which reads them)."""
-    from adapterpack.formats import read_any
-
     opened = read_any(path, adapter=adapter, verify=verify)
     if rank is None:
         return opened
-    from adapterpack.encodings.lower import adapter_at_rank
-
     try:
         return adapter_at_rank(opened, rank)
     except BaseException:

@@ -31,6 +31,7 @@ import numpy as np
 
 from adapterpack.atomic import atomic_file
 from adapterpack.errors import ConversionError, InputError
+from adapterpack.formats.peft import read_safetensors
 
 META_KEY = "adapterpack.importance"
 VERSION = "2"
@@ -112,7 +113,7 @@ class Importance:
 
     def save(self, path: str | os.PathLike[str], *, overwrite: bool = True) -> Path:
         """Write as a safetensors file (atomic; ``overwrite`` false: OutputExistsError if it exists)."""
-        from safetensors.numpy import save
+        from safetensors.numpy import save  # safetensors: only writing one
 
         tensors = {}
         for name in self.fisher:
@@ -127,8 +128,6 @@ class Importance:
 
 def load_importance(path: str | os.PathLike[str]) -> Importance:
     """Read a file written by :meth:`Importance.save` (InputError naming what is wrong otherwise)."""
-    from adapterpack.formats.peft import read_safetensors
-
     path = Path(path)
     arrays, meta = read_safetensors(path)  # InputError for anything safetensors cannot read
     meta = meta or {}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterpack.adapter import Adapter, Module, StoredTensor, TensorLike, decoded_bytes, stored_bytes, tensor_info
+from adapterpack.formats import open_adapters
 from adapterpack.formats.source import notes, source_format
 from adapterpack.names import natural_key
 
@@ -159,13 +160,11 @@ def inspect_path(path: str | os.PathLike[str], adapter: str | None = None, *, sp
     ``spectrum`` adds each adapter's per-module singular values (``"spectrum"``, see
     :func:`adapterpack.ops.spectrum.spectrum_report`); that reads the tensors (checksums verified).
     """
-    from adapterpack.formats import open_adapters
-
     with open_adapters(path, adapter, verify=spectrum) as opened:
         report: dict[str, Any] = {"path": str(path), "format": opened.format}
         report["adapters"] = [adapter_report(a) for a in opened.adapters]
         if spectrum:
-            from adapterpack.ops.spectrum import spectrum_report
+            from adapterpack.ops.spectrum import spectrum_report  # start-up: plain inspect does not import the spectrum code
 
             for entry, a in zip(report["adapters"], opened.adapters):
                 entry["spectrum"] = spectrum_report(a)

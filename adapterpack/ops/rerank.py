@@ -27,7 +27,9 @@ from adapterpack.factors import Factors
 from adapterpack.linalg import allocate
 from adapterpack.linalg.finite import check_product
 from adapterpack.linalg.lowrank import Spectrum, spectrum_of
+from adapterpack.ops.convert import check_destination, infer_target, load_source, write_adapters
 from adapterpack.ops.importance import Importance
+from adapterpack.ops.report import footprint
 
 RULES = ("rank", "energy", "sv_ratio", "budget", "budget_ratio")
 ENCODINGS = ("svd", "lora")
@@ -390,9 +392,6 @@ def rerank_file(
 ) -> RerankResult:
     """Re-rank ``src`` (any format) into ``dst`` (.apack, PEFT folder, kohya or diffusers file; ``None``: plan only);
     ``component``: the diffusers component for modules whose names carry none."""
-    from adapterpack.ops.convert import check_destination, infer_target, load_source, write_adapters
-    from adapterpack.ops.report import footprint
-
     start = time.perf_counter()
     src = Path(src)
     policy.rule()

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from adapterpack.adapter import Adapter, Module, tensor_info
+from adapterpack.atomic import atomic_file
 from adapterpack.encodings.svd import singular_values
+from adapterpack.errors import MissingDependencyError
 from adapterpack.linalg.lowrank import Spectrum, spectrum_of
 from adapterpack.names import natural_key
 
@@ -146,11 +148,9 @@ def spectrum_report(adapter: Adapter) -> dict[str, Any]:
 
 def require_matplotlib() -> Any:
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
+        from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib: optional (the plot extra)
+        from matplotlib.figure import Figure  # matplotlib, as above
     except ImportError:
-        from adapterpack.errors import MissingDependencyError
-
         raise MissingDependencyError("--plot needs matplotlib: pip install 'adapterpack[plot]'") from None
     return Figure, FigureCanvasAgg
 
@@ -170,8 +170,6 @@ def plot_spectra(adapters: list[tuple[str, list[dict[str, Any]]]], path: str | A
     ``adapters`` is ``[(adapter name, module dicts from ModuleSpectrum.as_dict())]``; modules of one
     kind (q_proj, v_proj, ...) share a colour. Written atomically; needs matplotlib (the ``plot`` extra).
     """
-    from adapterpack.atomic import atomic_file
-
     figure_cls, canvas_cls = require_matplotlib()
     if len(adapters) > MAX_PLOT_ADAPTERS:
         title = f"{title} (first {MAX_PLOT_ADAPTERS} of {len(adapters)} adapters)".strip()

@@ -231,7 +231,7 @@ def causal_lm_importance(
     """:func:`component_fisher` of ``adapter`` on a local Hugging Face causal LM folder (``transformers``;
     nothing is downloaded) over ``blocks`` evenly spaced blocks of ``text``, ``batch`` blocks per pass."""
     try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # transformers: optional (the peft extra)
     except ImportError:
         raise MissingDependencyError("importance on a model needs transformers: pip install 'adapterpack[peft]'") from None
     if batch < 1:
