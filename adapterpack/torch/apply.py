@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterpack.adapter import Adapter
+from adapterpack.encodings.factors import Factors as LoraTensors
 from adapterpack.errors import ApplyError
-from adapterpack.torch.decoders.base import as_2d
-from adapterpack.torch.tensors import LoraTensors
+from adapterpack.torch.tensors import as_2d
 
 #: The prefix PEFT puts before base-model module names (``PeftModel.base_model.model``).
 PEFT_PREFIX = "base_model.model."
@@ -135,7 +135,7 @@ def _load(
 ) -> dict[str, LoraTensors]:
     if isinstance(source, dict):
         return source
-    from adapterpack.torch import load
+    from adapterpack.torch.mapped import load
 
     return load(source, device, **kw)
 
