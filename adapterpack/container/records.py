@@ -61,6 +61,7 @@ def build_adapter(
     adapter = Adapter(name=rec.name, base_model=base_model, base_architecture=arch, source=source, metadata=metadata)
     modules = adapter.modules
     every_codec_known = all(b.known_codec for b in blobs)
+    signatures = [(b.dtype, b.shape) for b in blobs]
     known_ids: dict[Any, bool] = {}
     #: records already validated, by what validation sees: many records of an adapter share encoding,
     #: params, base shape and slot dtypes and shapes (every layer's q_proj), and are validated once
@@ -68,7 +69,9 @@ def build_adapter(
     for m in rec.modules:
         mw = f"{aw} module {m.name!r}"
         enc_id = _typed(m.encoding, "encoding", str, mw)
-        must = _typed(m.must_understand, "must_understand", bool, mw, True)
+        must = m.must_understand
+        if type(must) is not bool:
+            must = _typed(must, "must_understand", bool, mw, True)
         refs = m.tensors
         known = known_ids.get(enc_id)
         if known is None:
@@ -83,9 +86,11 @@ def build_adapter(
         base_shape = m.base_shape
         if type(base_shape) is not tuple:  # the fast path decoded a checked tuple; JSON objects hold a list
             base_shape = get_shape({} if base_shape is UNSET else {"base_shape": base_shape}, "base_shape", mw)
-        params = _typed(m.params, "params", dict, mw)
+        params = m.params
+        if type(params) is not dict:
+            params = _typed(params, "params", dict, mw)
         module = Module(m.name, enc_id, base_shape, params, {slot: tensor(r) for slot, r in refs.items()}, must)
-        key = _validation_key(module, refs, blobs)
+        key = _validation_key(module, refs, signatures)
         if key is None or key not in valid:
             get_encoding(enc_id).validate(module)
             if key is not None:
@@ -101,15 +106,17 @@ def build_adapter(
     return adapter
 
 
-def _validation_key(module: Module, refs: dict[str, int], blobs: list[BlobEntry]) -> tuple[Any, ...] | None:
+def _validation_key(module: Module, refs: dict[str, int], signatures: list[tuple[str, tuple[int, ...]]]) -> tuple[Any, ...] | None:
     """What an encoding's ``validate`` sees of a record read from a file (it sees dtypes and shapes, never values),
-    hashable; None when a param is not a JSON scalar. Types are part of it (``1``, ``1.0`` and ``true`` are equal)."""
+    hashable; None when a param is not a JSON scalar. Types are part of it (``1``, ``1.0`` and ``true`` are equal).
+    ``signatures`` holds every blob's (dtype, shape)."""
     p = module.params
     values = tuple(p.values())
-    if not _SCALARS.issuperset(map(type, values)):
+    types = tuple(map(type, values))
+    if not _SCALARS.issuperset(types):
         return None
-    slots = tuple((slot, blobs[r].dtype, blobs[r].shape) for slot, r in refs.items())
-    return (module.encoding, module.must_understand, module.base_shape, tuple(p), values, tuple(map(type, values)), slots)
+    slots = tuple(map(signatures.__getitem__, refs.values()))
+    return (module.encoding, module.must_understand, module.base_shape, tuple(p), values, types, tuple(refs), slots)
 
 
 _SCALARS = frozenset((str, int, float, bool, type(None)))

@@ -47,6 +47,9 @@ CHUNK = 32 << 20
 ALIGN = 256
 #: Threads decoding compressed blobs.
 WORKERS = max(1, min(4, os.cpu_count() or 1))
+#: Threads checking the CRC-32C of the raw blobs of a large load (half the cores, at most 4: on 2 shared
+#: cores a second thread measured no faster, BENCHMARKS.md "Load time").
+CRC_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
 
 _pinned_lock = threading.Lock()
 #: Held by the one load that streams through the shared pinned buffers (loads in other threads wait).
@@ -217,9 +220,8 @@ def stage(
         if pool is not None:
             futures = {i: pool.submit(reader.read_blob, i) for i in packed}  # decodes while raw blobs copy
         if raw and on_cpu and zero_copy and not bounce and reader.copy_on_write:
-            if verify:  # the first touch of the very pages the views show; in a loop of its own, which measured faster
-                for i in raw:
-                    reader.check_blob(i, reader.blob_bytes(i))
+            if verify:  # one pass, the first touch of the very pages the views show, split between threads when large
+                reader.check_raw_blobs(raw, threads=CRC_THREADS)
             views = _Views(reader)
             for i in raw:
                 out[i] = views.view(reader.blob_offset(i), blobs[i])
@@ -229,7 +231,7 @@ def stage(
             try:
                 for i in raw:
                     src = reader.blob_bytes(i)
-                    if verify:
+                    if verify:  # checked right before it is copied, while its bytes are in the cache
                         reader.check_blob(i, src)
                     offsets[i] = stream.put(src)
                     del src
