@@ -118,7 +118,7 @@ def _blob_entry(
     return b
 
 
-class ModuleRecord(Struct):
+class ModuleRecord(Struct, gc=False):  # gc=False: JSON trees hold no reference cycles; faster to decode
     """A MODULE object of the index (spec §2.3). Keys the file left out are ``UNSET`` (defaults are
     applied where the record is built, :func:`adapterpack.container.records.build_adapter`)."""
 
@@ -130,14 +130,14 @@ class ModuleRecord(Struct):
     params: dict[str, Any] | UnsetType = UNSET
 
 
-class TensorRecord(Struct):
+class TensorRecord(Struct, gc=False):
     """A pass-through tensor entry of an ADAPTER (spec §2.2)."""
 
     name: _Name
     blob: _Int
 
 
-class AdapterRecord(Struct):
+class AdapterRecord(Struct, gc=False):
     """An ADAPTER object of the index (spec §2.2); keys the file left out are ``UNSET``."""
 
     name: Annotated[str, Meta(min_length=1, max_length=MAX_ADAPTER_NAME)]
@@ -172,7 +172,7 @@ class AdapterRecord(Struct):
         )
 
 
-class _IndexWire(Struct):
+class _IndexWire(Struct, gc=False):
     """The whole index, as msgspec decodes it on the fast path (:func:`read_index`)."""
 
     adapters: Annotated[list[AdapterRecord], Meta(min_length=1)]
