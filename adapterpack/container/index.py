@@ -655,7 +655,7 @@ def _no_duplicate_keys(data: bytes, wire: _IndexWire) -> bool:
 
 
 def _colons(data: bytes) -> int:
-    return int(np.count_nonzero(np.frombuffer(data, np.uint8) == ord(":")))  # bytes.count is 5x slower here
+    return int(np.count_nonzero(np.frombuffer(data, np.uint8) == ord(":")))  # faster than bytes.count
 
 
 def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int) -> bool:
