@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-_impl: Callable[[bytes | memoryview], int] | None = None
+_impl: Callable[..., int] | None = None
 
 
-def crc32c(data: bytes | memoryview) -> int:
-    """CRC-32C of ``data`` as an unsigned 32-bit int."""
+def crc32c(data: bytes | memoryview, *, release: bool = False) -> int:
+    """CRC-32C of ``data`` as an unsigned 32-bit int. ``release`` lets other threads run while it is computed,
+    whatever the size (the package releases the GIL on its own only for large buffers)."""
     global _impl
     if _impl is None:
         from crc32c import crc32c as impl
 
         _impl = impl
-    return _impl(data)
+    return _impl(data, gil_release_mode=1) if release else _impl(data)

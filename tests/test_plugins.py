@@ -93,11 +93,11 @@ class Dense(Encoding):
 def decode_dense(module, device, dtype):
     import torch
 
-    from adapterpack.torch.decoders import TorchFactors
+    from adapterpack.factors import Factors
 
     d = torch.from_numpy(np.array(module.array("delta"))).to(device, dtype)
     eye = torch.eye(d.shape[1], dtype=d.dtype, device=device)
-    return TorchFactors(A=eye, B=d, scale=1.0, base_shape=tuple(module.base_shape))
+    return Factors(A=eye, B=d, scale=1.0, base_shape=tuple(module.base_shape))
 '''
 
 REGISTRIES: list[Registry] = [codec_base._REGISTRY, encoding_base._REGISTRY, decoder_base._REGISTRY]

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
 
+import msgspec
 import numpy as np
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from adapterpack import codecs, dtypes
 from adapterpack.container import prefix
@@ -29,6 +32,8 @@ from adapterpack.errors import (
 )
 from adapterpack.limits import MAX_ADAPTER_NAME, MAX_BLOBS, MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_NAME, MAX_NDIM
 from adapterpack.names import name_problem
+
+_ITEMSIZES = {name: d.itemsize for name, d in dtypes.DTYPES.items()}
 
 MAX_INT = 2**53
 SMALL_BLOB = 4096
@@ -51,20 +56,32 @@ def plan_offsets(stored_lengths: list[int]) -> list[int]:
     return offsets
 
 
-@dataclass
-class BlobEntry:
-    """One blob as the index describes it."""
+#: A JSON integer the spec calls ``int``: written without fraction or exponent, in [0, 2**53).
+_Int = Annotated[int, Meta(ge=0, lt=MAX_INT)]
+_Crc = Annotated[int, Meta(ge=0, lt=2**32)]
+_Shape = Annotated[tuple[_Int, ...], Meta(max_length=MAX_NDIM)]
+_Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME)]
+
+
+class BlobEntry(Struct, dict=True, omit_defaults=True):
+    """One blob as the index describes it (spec §2.1).
+
+    Decoded straight from the index JSON by msgspec, which checks the types and ranges in C;
+    ``known_codec`` is set by the validation beside the fields (``dict=True``), never read from the file.
+    """
 
     dtype: str
-    shape: tuple[int, ...]
+    shape: _Shape
     codec: dict[str, Any]
-    offset: int
-    stored_length: int
-    length: int
-    crc32c: int
-    known_codec: bool = True
+    offset: _Int
+    stored_length: _Int
+    length: _Int
+    crc32c: _Crc
     #: CRC-32Cs of the row-prefix checkpoints (spec §2.1 ``prefix_crc32c``); empty when the blob has none.
-    prefix_crc32c: tuple[int, ...] = ()
+    prefix_crc32c: tuple[_Crc, ...] = ()
+
+    if TYPE_CHECKING:
+        known_codec: bool  # whether this reader implements the codec: set by the validation, not a field
 
     @property
     def codec_id(self) -> str:
@@ -85,13 +102,126 @@ class BlobEntry:
         return out | ({prefix.KEY: list(self.prefix_crc32c)} if self.prefix_crc32c else {})
 
 
-@dataclass
-class Index:
-    """A validated index."""
+def _blob_entry(
+    dtype: str,
+    shape: tuple[int, ...],
+    codec: dict[str, Any],
+    offset: int,
+    stored_length: int,
+    length: int,
+    crc: int,
+    known: bool,
+    checkpoints: tuple[int, ...],
+) -> BlobEntry:
+    b = BlobEntry(dtype, shape, codec, offset, stored_length, length, crc, checkpoints)
+    b.known_codec = known
+    return b
 
-    raw: dict[str, Any]
-    blobs: list[BlobEntry]
-    adapters: list[dict[str, Any]] = field(default_factory=list)
+
+class ModuleRecord(Struct, gc=False):  # gc=False: JSON trees hold no reference cycles; faster to decode
+    """A MODULE object of the index (spec §2.3). Keys the file left out are ``UNSET`` (defaults are
+    applied where the record is built, :func:`adapterpack.container.records.build_adapter`)."""
+
+    name: _Name
+    encoding: str
+    tensors: dict[str, _Int]
+    must_understand: bool | UnsetType = UNSET
+    base_shape: _Shape | UnsetType = UNSET
+    params: dict[str, Any] | UnsetType = UNSET
+
+
+class TensorRecord(Struct, gc=False):
+    """A pass-through tensor entry of an ADAPTER (spec §2.2)."""
+
+    name: _Name
+    blob: _Int
+
+
+class AdapterRecord(Struct, gc=False):
+    """An ADAPTER object of the index (spec §2.2); keys the file left out are ``UNSET``."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=MAX_ADAPTER_NAME)]
+    modules: list[ModuleRecord]
+    tensors: list[TensorRecord] | UnsetType = UNSET
+    base_model: str | UnsetType | None = UNSET
+    base_architecture: str | UnsetType | None = UNSET
+    source: dict[str, Any] | UnsetType = UNSET
+    metadata: dict[str, str] | UnsetType = UNSET
+
+    @classmethod
+    def from_raw(cls, raw: dict[str, Any]) -> AdapterRecord:
+        """The record of an ADAPTER object parsed by :func:`loads`, values as they are (checked where they are used)."""
+        return cls(
+            name=raw["name"],
+            modules=[
+                ModuleRecord(
+                    m["name"],
+                    m.get("encoding", UNSET),
+                    m["tensors"],
+                    m.get("must_understand", UNSET),
+                    m.get("base_shape", UNSET),
+                    m.get("params", UNSET),
+                )
+                for m in raw["modules"]
+            ],
+            tensors=[TensorRecord(t["name"], t["blob"]) for t in raw["tensors"]] if "tensors" in raw else UNSET,
+            base_model=raw.get("base_model", UNSET),
+            base_architecture=raw.get("base_architecture", UNSET),
+            source=raw.get("source", UNSET),
+            metadata=raw.get("metadata", UNSET),
+        )
+
+
+class _IndexWire(Struct, gc=False):
+    """The whole index, as msgspec decodes it on the fast path (:func:`read_index`)."""
+
+    adapters: Annotated[list[AdapterRecord], Meta(min_length=1)]
+    blobs: Annotated[list[BlobEntry], Meta(max_length=MAX_BLOBS)]
+    writer: Any = UNSET
+
+
+class Index:
+    """A validated index: the blob table, the adapter records, and (parsed on first use) the raw JSON object."""
+
+    def __init__(
+        self,
+        raw: dict[str, Any] | None,
+        blobs: list[BlobEntry],
+        *,
+        data: bytes | None = None,
+        records: list[AdapterRecord] | None = None,
+        refs: list[int] | None = None,
+    ) -> None:
+        self._raw = raw
+        self._data = data
+        self.blobs = blobs
+        self._records = records
+        #: How many records and tensor entries reference each blob (set once references are checked).
+        self.refs = refs
+
+    @property
+    def raw(self) -> dict[str, Any]:
+        """The index as a JSON object (parsed from the index bytes on first use when the fast path validated them)."""
+        if self._raw is None:
+            self._raw = json.loads(self._data)  # type: ignore[arg-type]  # bytes validated by read_index
+        return self._raw
+
+    @property
+    def adapters(self) -> list[dict[str, Any]]:
+        """The ADAPTER objects as JSON objects (see :attr:`records` for the typed, validated form)."""
+        return self.raw["adapters"]
+
+    @property
+    def records(self) -> list[AdapterRecord]:
+        """The ADAPTER objects as records (after the references were checked)."""
+        if self._records is None:
+            self._records = [AdapterRecord.from_raw(a) for a in self.raw["adapters"]]
+        return self._records
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Adapter names, in order."""
+        return [a.name for a in self.records]
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -380,7 +510,7 @@ def parse_blob(i: int, obj: Any, bounds: dict[str, int | None] | None = None) ->
             )
         if codec_id == "byteplanes" and itemsize not in (2, 4, 8):
             raise IndexFormatError(f"{where}: byteplanes cannot hold {dtype.name} elements")
-    return BlobEntry(dtype.name, shape, codec, offset, stored_length, length, crc, known, checkpoints)
+    return _blob_entry(dtype.name, shape, codec, offset, stored_length, length, crc, known, checkpoints)
 
 
 def _prefix_crcs(value: Any, shape: tuple[int, ...], where: str) -> tuple[int, ...]:
@@ -431,4 +561,215 @@ def parse_index(raw: dict[str, Any], data_start: int, file_size: int) -> Index:
         if name in names:
             raise DuplicateNameError(f"two adapters are named {name!r}")
         names.add(name)
-    return Index(raw=raw, blobs=blobs, adapters=adapters)
+    return Index(raw, blobs)
+
+
+# --- references (stage 6 of spec §10.2): on the JSON objects --------------------------------------------
+
+
+def _blob_ref(value: Any, n_blobs: int, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n_blobs:
+        raise IndexFormatError(f"{where}: blob reference {value!r:.200} is not a blob index")
+    return value
+
+
+def _named_entries(entries: list[Any], kind: str, where: str) -> list[tuple[str, dict[str, Any]]]:
+    """(name, entry) of a list of objects that must each have a unique ``name``."""
+    seen: set[str] = set()
+    out = []
+    for k, e in enumerate(entries):
+        if not isinstance(e, dict):
+            raise IndexFormatError(f"{where} {kind} {k}: must be an object")
+        name = get_name(e, "name", f"{where} {kind} {k}")
+        if name in seen:
+            raise DuplicateNameError(f"{where}: two {kind}s are named {name!r}")
+        seen.add(name)
+        out.append((name, e))
+    return out
+
+
+def check_references(index: Index) -> Counter[int]:
+    """Module and tensor entries well formed, uniquely named, referencing existing blobs; every blob referenced.
+
+    Returns how many records and tensor entries reference each blob (a bank's U and V: one per member).
+    """
+    n_blobs = len(index.blobs)
+    used: Counter[int] = Counter()
+    for a in index.adapters:
+        aw = f"adapter {a['name']!r}"
+        for name, m in _named_entries(get(a, "modules", list, aw), "module", aw):
+            for slot, ref in get(m, "tensors", dict, f"{aw} module {name!r}").items():
+                used[_blob_ref(ref, n_blobs, f"{aw} module {name!r} tensor {slot!r}")] += 1
+        for name, t in _named_entries(get(a, "tensors", list, aw, []), "tensor", aw):
+            used[_blob_ref(t.get("blob"), n_blobs, f"{aw} tensor {name!r}")] += 1
+    unused = set(range(n_blobs)) - set(used)
+    if unused:
+        raise IndexFormatError(f"blob {min(unused)} is not referenced by any record ({len(unused)} unreferenced)")
+    index.refs = [used[i] for i in range(n_blobs)]
+    return used
+
+
+# --- the fast path: stages 3 to 6 of spec §10.2 in compiled code ----------------------------------------
+#
+# msgspec decodes the index straight into the records above, checking every type and range in C
+# (an int written 2.0, a bool where an int goes, a name of the wrong length, a shape of 9 dimensions,
+# NaN, Infinity, 1e999, a lone surrogate, a byte-order mark, bad UTF-8 are all refused there). What
+# msgspec does not check is done here in a few operations per blob and per record. The fast path
+# only ever ACCEPTS: on anything it does not accept it steps aside and the checks in Python above
+# run from the start, so every refusal keeps its class, its message and the order of spec §10.2.
+
+#: At most this many index bytes cannot exceed the JSON count limits: a container takes at least 2 bytes
+#: and a comma 1, so containers <= len/2 and values (containers + commas) <= len.
+_COUNTS_UNREACHABLE = min(2 * MAX_JSON_CONTAINERS, MAX_JSON_VALUES)
+_CONTAINERS = frozenset((dict, list))
+_DECODER = msgspec.json.Decoder(_IndexWire)
+_ENCODER = msgspec.json.Encoder()
+
+
+def _too_deep(value: Any, level: int) -> bool:
+    """Whether ``value``, a JSON value at nesting level ``level``, nests deeper than the limit."""
+    t = type(value)
+    if t is dict:
+        items = value.values()
+    elif t is list:
+        items = value
+    else:
+        return False
+    if level > MAX_JSON_DEPTH:
+        return True
+    return not _CONTAINERS.isdisjoint(map(type, items)) and any(_too_deep(v, level + 1) for v in items)
+
+
+def _no_duplicate_keys(data: bytes, wire: _IndexWire) -> bool:
+    """Whether the JSON text ``data`` (which msgspec decoded to ``wire``) names no key twice in one object, nor
+    holds a key the records do not keep (both make the fast path step aside).
+
+    msgspec keeps the last of two equal keys silently. Every object member of the text has one ``:`` outside
+    strings; re-encoding what was decoded gives one per member kept, plus the colons of the kept strings, which
+    the text holds literally or as a ``\\u003a`` escape. Counting every ``\\u003a`` as one (an escaped backslash
+    before ``u003a`` is counted too) can only make a sound index step aside, never let a duplicate through: a
+    dropped member takes its ``:`` with it.
+    """
+    escaped = data.count(b"\\u003a") + data.count(b"\\u003A") if b"\\" in data else 0
+    return _colons(_ENCODER.encode(wire)) == _colons(data) + escaped
+
+
+def _colons(data: bytes) -> int:
+    return int(np.count_nonzero(np.frombuffer(data, np.uint8) == ord(":")))  # faster than bytes.count
+
+
+def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int) -> bool:
+    """Stage 4 (what msgspec left: dtype, length, codec, prefix CRCs) and stage 5 (layout) on decoded blobs."""
+    itemsizes = _ITEMSIZES
+    bounds: dict[str, int | None] = {}
+    end = 0
+    for b in blobs:
+        size = itemsizes.get(b.dtype)
+        if size is None:
+            return False
+        shape = b.shape
+        n = math.prod(shape) * size
+        length = b.length
+        if length != n or (not n and math.prod(d for d in shape if d) * size >= MAX_INT):
+            return False
+        codec = b.codec
+        cid = codec.get("id")
+        if type(cid) is not str:
+            return False
+        must = True
+        if len(codec) > 1:
+            must = codec.get("must_understand", True)
+            if type(must) is not bool or _too_deep(codec, 4):
+                return False
+        known = codecs.base.is_known(cid)
+        if not known and must:
+            return False
+        # an explicit empty prefix_crc32c decodes to () like an absent one, and is never valid: the re-encoding
+        # omits it, so _no_duplicate_keys has already sent such an index to the checks in Python
+        if b.prefix_crc32c and (len(shape) < 1 or shape[0] < 2 or len(b.prefix_crc32c) != prefix.count(shape[0])):
+            return False
+        stored = b.stored_length
+        if known:
+            if cid not in bounds:
+                try:
+                    bounds[cid] = codecs.get_codec(codec).max_expansion()
+                except AdapterpackError:
+                    return False
+            bound = bounds[cid]
+            if (stored != length) if bound is None else (length > bound * stored + 64):
+                return False
+            if cid == "byteplanes" and size not in (2, 4, 8):
+                return False
+        b.known_codec = known
+        align = LARGE_ALIGNMENT if stored >= SMALL_BLOB else SMALL_ALIGNMENT
+        start = -(-end // align) * align
+        if b.offset != start:
+            return False
+        end = start + stored
+    return data_start + end == file_size
+
+
+def _references_fit(adapters: list[AdapterRecord], n_blobs: int) -> list[int] | None:
+    """Stage 6 on decoded records (names unique, references in range, every blob referenced), and the nesting
+    depth of the free-form values (params, source); the reference count of every blob, or None."""
+    used = [0] * n_blobs
+    names = {a.name for a in adapters}
+    if len(names) != len(adapters):
+        return None
+    for a in adapters:
+        mods = a.modules
+        if len({m.name for m in mods}) != len(mods):
+            return None
+        for m in mods:
+            for r in m.tensors.values():
+                if r >= n_blobs:
+                    return None
+                used[r] += 1
+            p = m.params
+            if p is not UNSET and not _CONTAINERS.isdisjoint(map(type, p.values())) and _too_deep(p, 6):
+                return None
+        if a.tensors is not UNSET:
+            if len({t.name for t in a.tensors}) != len(a.tensors):
+                return None
+            for t in a.tensors:
+                if t.blob >= n_blobs:
+                    return None
+                used[t.blob] += 1
+        if a.source is not UNSET and _too_deep(a.source, 4):
+            return None
+    return None if 0 in used else used
+
+
+def _fast_index(data: bytes, data_start: int, file_size: int) -> Index | None:
+    if len(data) > _COUNTS_UNREACHABLE:
+        try:
+            _check_shape(data)
+        except IndexFormatError:
+            return None
+    try:
+        wire = _DECODER.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return None
+    if not _no_duplicate_keys(data, wire) or _too_deep(wire.writer, 2):
+        return None
+    if not _blobs_fit(wire.blobs, data_start, file_size):
+        return None
+    refs = _references_fit(wire.adapters, len(wire.blobs))
+    if refs is None:
+        return None
+    return Index(None, wire.blobs, data=data, records=wire.adapters, refs=refs)
+
+
+def read_index(data: bytes, data_start: int, file_size: int) -> Index:
+    """Validate index bytes through stage 6 of spec §10.2 (JSON, blob table, layout, adapters and references).
+
+    The fast path (msgspec, above) accepts a sound index; anything else goes through :func:`loads`,
+    :func:`parse_index` and :func:`check_references`, which raise the error spec §10.2 names.
+    """
+    index = _fast_index(data, data_start, file_size)
+    if index is None:
+        index = parse_index(loads(data), data_start, file_size)
+        check_references(index)
+        if index._data is None:
+            index._data = data
+    return index

@@ -11,9 +11,11 @@ from __future__ import annotations
 import mmap
 import os
 import weakref
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -21,9 +23,9 @@ from adapterpack import codecs, dtypes
 from adapterpack.adapter import Adapter, StoredTensor
 from adapterpack.checksum import crc32c
 from adapterpack.container import prefix
-from adapterpack.container.index import BlobEntry, Index, loads, parse_index
-from adapterpack.container.preamble import PREAMBLE_SIZE, Preamble, parse_preamble
-from adapterpack.container.records import build_adapter, check_references
+from adapterpack.container.index import AdapterRecord, BlobEntry, Index, read_index
+from adapterpack.container.preamble import MAGIC, PREAMBLE_SIZE, Preamble, parse_preamble
+from adapterpack.container.records import build_adapter
 from adapterpack.errors import AdapterNotFoundError, AdapterpackError, ChecksumError, CodecError
 from adapterpack.limits import SHARED_CACHE_BYTES
 
@@ -49,12 +51,90 @@ class VerifyReport:
         return {"path": self.path, "ok": self.ok} | {k: v for k, v in self.__dict__.items() if k != "path"}
 
 
-class ApackReader:
-    """An open .apack file. Use :meth:`adapter` to get an :class:`Adapter`."""
+#: Below this many bytes :meth:`ApackReader.check_raw_blobs` uses one thread (starting others costs more).
+PARALLEL_CRC_BYTES = 8 << 20
 
-    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True) -> None:
-        self.path = Path(path)
+
+def _split_by_bytes(items: list[int], sizes: list[int], parts: int) -> list[list[int]]:
+    """``items`` in order, cut into at most ``parts`` runs of about equal total size."""
+    total, out, run, acc = sum(sizes), [], [], 0
+    for item, size in zip(items, sizes):
+        run.append(item)
+        acc += size
+        if acc * parts >= total * (len(out) + 1) and len(out) < parts - 1:
+            out.append(run)
+            run = []
+    if run:
+        out.append(run)
+    return out
+
+
+class BlobLoader:
+    """Reads blob ``index`` of an open file: the ``loader`` of every :class:`StoredTensor` a reader hands out.
+
+    Public so that a consumer holding a stored tensor can find the file and blob behind it (the torch
+    loader stages all blobs of one file at once through :meth:`ApackReader.blob_bytes`).
+    """
+
+    __slots__ = ("index", "reader")
+
+    def __init__(self, reader: ApackReader, index: int) -> None:
+        self.reader = reader
+        self.index = index
+
+    def __call__(self) -> np.ndarray:
+        return self.reader.read_blob(self.index)
+
+    def rows(self, n: int) -> np.ndarray:
+        """The first ``n`` rows, as :meth:`ApackReader.read_rows` reads them."""
+        return self.reader.read_rows(self.index, n)
+
+
+class ApackReader:
+    """An open .apack file. Use :meth:`adapter` to get an :class:`Adapter`.
+
+    ``copy_on_write`` maps the file privately and writable (``MAP_PRIVATE``): what is written to the mapping
+    stays in this process and never reaches the file, so its bytes can back writable tensors (torch has no
+    read-only tensors). numpy arrays from :meth:`read_blob` are read-only views either way.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, verify: bool = True, copy_on_write: bool = False) -> None:
+        self._setup(Path(path), verify, copy_on_write)
+        try:
+            with open(self.path, "rb") as f:
+                self._open(f, f.read(PREAMBLE_SIZE))
+        except AdapterpackError as e:
+            self.close()
+            raise type(e)(f"{self.path}: {e}") from None
+
+    @classmethod
+    def open_if_apack(
+        cls, path: str | os.PathLike[str], *, verify: bool = True, copy_on_write: bool = False
+    ) -> ApackReader | None:
+        """The file at ``path`` opened as an ``.apack`` when it is one (its magic, or the ``.apack`` suffix), else None
+        (a folder, another kind of file, or no file); the file is opened once either way."""
+        p = Path(path)
+        try:
+            f = open(p, "rb")
+        except OSError:
+            return None
+        with f:
+            head = f.read(PREAMBLE_SIZE)
+            if head[: len(MAGIC)] != MAGIC and p.suffix != ".apack":
+                return None
+            reader = cls.__new__(cls)
+            reader._setup(p, verify, copy_on_write)
+            try:
+                reader._open(f, head)
+            except AdapterpackError as e:
+                reader.close()
+                raise type(e)(f"{p}: {e}") from None
+        return reader
+
+    def _setup(self, path: Path, verify: bool, copy_on_write: bool) -> None:
+        self.path = path
         self.verify_checksums = verify
+        self.copy_on_write = copy_on_write
         self._verified: set[int] = set()
         #: blob -> rows of its longest prefix checkpoint checked so far (rank-j reads of raw blobs)
         self._verified_rows: dict[int, int] = {}
@@ -66,34 +146,23 @@ class ApackReader:
         self._alive: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
         self._mm: mmap.mmap | None = None
         self._users = 0  # adapters handed out and not yet closed (see adapter())
-        try:
-            self._open()
-        except AdapterpackError as e:
-            self.close()
-            raise type(e)(f"{self.path}: {e}") from None
 
-    def _open(self) -> None:
-        with open(self.path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(PREAMBLE_SIZE)
-            self.preamble: Preamble = parse_preamble(head, size)  # refuses files under 32 bytes, so the mmap is never empty
-            self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    def _open(self, f: BinaryIO, head: bytes) -> None:
+        size = os.fstat(f.fileno()).st_size
+        self.preamble: Preamble = parse_preamble(head, size)  # refuses files under 32 bytes, so the mmap is never empty
+        access = mmap.ACCESS_COPY if self.copy_on_write else mmap.ACCESS_READ
+        self._mm = mmap.mmap(f.fileno(), 0, access=access)
         self.file_size = size
         pre = self.preamble
         index_bytes = self._mm[PREAMBLE_SIZE : PREAMBLE_SIZE + pre.index_length]
         if crc32c(index_bytes) != pre.index_crc32c:
             raise ChecksumError("index checksum mismatch (file corrupt or edited)")
-        self.index: Index = parse_index(loads(index_bytes), pre.data_start, size)
         self.data_start = pre.data_start
+        self.index: Index = read_index(index_bytes, pre.data_start, size)
         self.version = f"{pre.major}.{pre.minor}"
-        self._check_references()
-
-    # --- index-level checks ----------------------------------------------------------------------
-
-    def _check_references(self) -> None:
-        refs = check_references(self.index)
+        blobs = self.index.blobs
         # compressed blobs that several records reference (a bank's U and V) are decoded once and kept
-        self._shared = {i for i, n in refs.items() if n > 1 and self.index.blobs[i].codec_id != "raw"}
+        self._shared = {i for i, n in enumerate(self.index.refs or ()) if n > 1 and blobs[i].codec_id != "raw"}
 
     # --- blobs ----------------------------------------------------------------------------------
 
@@ -102,9 +171,66 @@ class ApackReader:
         """The validated blob table."""
         return self.index.blobs
 
+    def _mapping(self) -> mmap.mmap:
+        if self._mm is None:
+            raise AdapterpackError(f"{self.path}: file is closed")
+        return self._mm
+
+    @property
+    def buffer(self) -> memoryview:
+        """The whole mapped file (writable only with ``copy_on_write``); blob ``i``'s stored bytes start at
+        :meth:`blob_offset`. Views taken from it keep the mapping alive after :meth:`close`."""
+        return memoryview(self._mapping())
+
+    def blob_offset(self, i: int) -> int:
+        """Where blob ``i``'s stored bytes start in the file (a multiple of 8, spec §1.2)."""
+        return self.data_start + self.index.blobs[i].offset
+
+    def blob_bytes(self, i: int) -> memoryview:
+        """Blob ``i``'s stored bytes, in place (for a ``raw`` blob: its decoded bytes); nothing is checked."""
+        start = self.blob_offset(i)
+        return memoryview(self._mapping())[start : start + self.index.blobs[i].stored_length]
+
+    def check_blob(self, i: int, data: bytes | memoryview) -> None:
+        """Check ``data``, blob ``i``'s decoded bytes, against its CRC-32C (once per blob: later calls return)."""
+        if i in self._verified:
+            return
+        if crc32c(data) != self.index.blobs[i].crc32c:
+            raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch (decoded bytes are corrupt)")
+        self._verified.add(i)
+
+    def check_raw_blobs(self, indices: Sequence[int], *, threads: int = 1) -> None:
+        """Check the CRC-32C of raw blobs ``indices`` over their bytes in the mapping, in one pass (the first touch
+        of those pages); with ``threads`` > 1 and enough bytes, the blobs are split between that many threads
+        (the CRC runs without the GIL). Blobs already checked are skipped; a mismatch is a ChecksumError."""
+        blobs = self.index.blobs
+        todo = [i for i in indices if i not in self._verified]
+        if any(blobs[i].codec["id"] != "raw" for i in todo):
+            raise AdapterpackError("check_raw_blobs takes raw blobs only")
+        mv = memoryview(self._mapping())
+        start = self.data_start
+
+        def crcs(part: list[int]) -> list[int]:
+            return [crc32c(mv[start + blobs[i].offset : start + blobs[i].offset + blobs[i].length], release=True) for i in part]
+
+        total = sum(blobs[i].length for i in todo)
+        if threads > 1 and total >= PARALLEL_CRC_BYTES and len(todo) > 1:
+            parts = _split_by_bytes(todo, [blobs[i].length for i in todo], threads)
+            with ThreadPoolExecutor(len(parts) - 1, thread_name_prefix="apack-crc") as pool:
+                later = [pool.submit(crcs, part) for part in parts[1:]]
+                got = crcs(parts[0])
+                for f in later:
+                    got += f.result()
+        else:
+            got = crcs(todo)
+        for i, value in zip(todo, got):
+            if value != blobs[i].crc32c:
+                raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch (decoded bytes are corrupt)")
+            self._verified.add(i)
+
     def _stored(self, b: BlobEntry) -> memoryview:
         start = self.data_start + b.offset
-        return memoryview(self._mm)[start : start + b.stored_length]
+        return memoryview(self._mapping())[start : start + b.stored_length]
 
     def read_blob(self, i: int) -> np.ndarray:
         """Blob ``i`` decoded as a numpy array (read-only view for raw blobs).
@@ -114,40 +240,45 @@ class ApackReader:
         kept while the kept arrays total at most :data:`~adapterpack.limits.SHARED_CACHE_BYTES`
         (beyond that, one is reused only while a caller still holds it), so memory stays bounded.
         """
+        if i not in self._shared:
+            return self._read(i, self.verify_checksums)
         arr = self._alive.get(i)
         if arr is not None:
             return arr
         arr = self._read(i, self.verify_checksums)
-        if i in self._shared:
-            arr.flags.writeable = False
-            self._alive[i] = arr
-            if self._decoded_bytes + arr.nbytes <= SHARED_CACHE_BYTES:
-                self._decoded[i] = arr
-                self._decoded_bytes += arr.nbytes
+        arr.flags.writeable = False
+        self._alive[i] = arr
+        if self._decoded_bytes + arr.nbytes <= SHARED_CACHE_BYTES:
+            self._decoded[i] = arr
+            self._decoded_bytes += arr.nbytes
         return arr
 
     def _read(self, i: int, check_crc: bool) -> np.ndarray:
-        if self._mm is None:
-            raise AdapterpackError(f"{self.path}: file is closed")
+        mm = self._mapping()
         b = self.index.blobs[i]
         dt = dtypes.by_name(b.dtype)
         try:
-            if b.codec_id == "raw":
-                arr = np.frombuffer(self._mm, dtype=dt.numpy, count=b.length // dt.itemsize, offset=self.data_start + b.offset)
-                data = dtypes.as_bytes(arr)
+            if b.codec["id"] == "raw":
+                start = self.data_start + b.offset
+                # frombuffer holds the mapping's buffer while the array lives (np.ndarray(buffer=...) lets it go,
+                # so close() would leave the array dangling)
+                arr = np.frombuffer(mm, dt.numpy, b.length // dt.itemsize, start).reshape(b.shape)
+                if self.copy_on_write:
+                    arr.flags.writeable = False
+                data: memoryview | None = memoryview(mm)[start : start + b.length] if check_crc or dt.name == "bool" else None
             else:  # the codec checks the stored headers against b.length before allocating it (spec §5.1)
                 buf = codecs.get_codec(b.codec).decode_new(self._stored(b), b.length, dt.itemsize)
                 data = memoryview(buf)
-                arr = np.frombuffer(buf, dtype=dt.numpy)
+                arr = np.frombuffer(buf, dtype=dt.numpy).reshape(b.shape)
             if check_crc and i not in self._verified:
-                if crc32c(data) != b.crc32c:
+                if crc32c(data) != b.crc32c:  # type: ignore[arg-type]
                     raise ChecksumError("checksum mismatch (decoded bytes are corrupt)")
                 self._verified.add(i)
-            if dt.name == "bool" and b.length and np.frombuffer(data, np.uint8).max() > 1:
+            if dt.name == "bool" and b.length and np.frombuffer(data, np.uint8).max() > 1:  # type: ignore[arg-type]
                 raise CodecError("a bool element is neither 0 nor 1")
         except AdapterpackError as e:
             raise type(e)(f"{self.path}: blob {i}: {e}") from None
-        return arr.reshape(b.shape)
+        return arr
 
     def read_rows(self, i: int, rows: int) -> np.ndarray:
         """The first ``rows`` rows (axis 0) of blob ``i``, never unchecked bytes when verifying (spec §2.1, §8).
@@ -165,11 +296,12 @@ class ApackReader:
         stop = prefix.checkpoint(b.shape[0], rows) if check else rows
         if check and (stop == b.shape[0] or not b.prefix_crc32c):
             return self.read_blob(i)[:rows]
-        if self._mm is None:
-            raise AdapterpackError(f"{self.path}: file is closed")
+        mm = self._mapping()
         dt = dtypes.by_name(b.dtype)
         per_row = int(np.prod(b.shape[1:], dtype=np.int64))
-        arr = np.frombuffer(self._mm, dtype=dt.numpy, count=stop * per_row, offset=self.data_start + b.offset)
+        arr = np.frombuffer(mm, dtype=dt.numpy, count=stop * per_row, offset=self.data_start + b.offset)
+        if self.copy_on_write:
+            arr.flags.writeable = False
         if check and self._verified_rows.get(i, 0) < stop:
             if crc32c(dtypes.as_bytes(arr)) != b.prefix_crc32c[(stop - 1).bit_length()]:
                 raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch in its first {stop} rows (prefix_crc32c)")
@@ -178,16 +310,15 @@ class ApackReader:
 
     def _stored_tensor(self, i: int) -> StoredTensor:
         b = self.index.blobs[i]
-        return StoredTensor(
-            b.dtype, b.shape, b.stored_length, b.codec_id, lambda: self.read_blob(i), row_loader=lambda n: self.read_rows(i, n)
-        )
+        loader = BlobLoader(self, i)
+        return StoredTensor(b.dtype, b.shape, b.stored_length, b.codec_id, loader, loader.rows)
 
     # --- adapters -------------------------------------------------------------------------------
 
     @property
     def adapter_names(self) -> list[str]:
         """Names of the adapters in the file, in order."""
-        return [a["name"] for a in self.index.adapters]
+        return self.index.adapter_names
 
     def adapter(self, name: str | None = None) -> Adapter:
         """Build the :class:`Adapter` called ``name`` (the only one when ``None``).
@@ -202,14 +333,14 @@ class ApackReader:
             name = names[0]
         if name not in names:
             raise AdapterNotFoundError(f"{self.path}: no adapter {name!r} (has {', '.join(names)})")
-        ad = self._build(self.index.adapters[names.index(name)])
+        ad = self._build(self.index.records[names.index(name)])
         self._users += 1
         ad.closer = self._release
         return ad
 
-    def _build(self, raw: dict[str, Any]) -> Adapter:
+    def _build(self, record: AdapterRecord) -> Adapter:
         try:
-            return build_adapter(raw, self.index.blobs, self._stored_tensor)
+            return build_adapter(record, self.index.blobs, self._stored_tensor)
         except AdapterpackError as e:
             raise type(e)(f"{self.path}: {e}") from None
 
@@ -223,9 +354,7 @@ class ApackReader:
     def verify(self) -> VerifyReport:
         """Decode every blob and check its CRC-32C and prefix CRCs, and check that all padding is zero."""
         report = VerifyReport(path=str(self.path), blobs=len(self.blobs), version=self.version)
-        mm = self._mm
-        if mm is None:
-            raise AdapterpackError(f"{self.path}: file is closed")
+        mm = self._mapping()
         pad_start = PREAMBLE_SIZE + self.preamble.index_length
         if any(mm[pad_start : self.data_start]):
             report.problems.append("padding after the index is not zero")
@@ -246,9 +375,9 @@ class ApackReader:
                 continue
             if b.prefix_crc32c and prefix.prefix_crcs(dtypes.as_bytes(arr), b.shape[0]) != list(b.prefix_crc32c):
                 report.problems.append(f"blob {i}: prefix_crc32c does not match its rows (index or prefix checkpoints corrupt)")
-        for raw in self.index.adapters:
+        for record in self.index.records:
             try:
-                report.skipped.extend(self._build(raw).skipped)
+                report.skipped.extend(self._build(record).skipped)
             except AdapterpackError as e:
                 report.problems.append(str(e).removeprefix(f"{self.path}: "))
         return report

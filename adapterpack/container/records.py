@@ -1,104 +1,122 @@
-"""The adapter and module records of a parsed index: references, names, encodings (spec §2.2, §2.3, §4).
+"""The adapter and module records of a validated index: fields, encodings (spec §2.2, §2.3, §4; stage 7 of §10.2).
 
-The reader runs these on every file it opens and the writer on every index it is about
-to write, so the writer can never produce a file the reader refuses.
+The reader runs these on every adapter it opens and the writer on every index it is about
+to write, so the writer can never produce a file the reader refuses. References and names
+(stage 6) are checked with the index (:func:`adapterpack.container.index.read_index`).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
+from msgspec import UNSET
+
 from adapterpack.adapter import Adapter, Module, TensorLike
-from adapterpack.container.index import BlobEntry, Index, get, get_name, get_shape
+from adapterpack.container.index import AdapterRecord, BlobEntry, check_references, get_shape
 from adapterpack.encodings import get_encoding, is_known
-from adapterpack.errors import DuplicateNameError, IndexFormatError, UnknownEncodingError
+from adapterpack.errors import IndexFormatError, UnknownEncodingError
+
+__all__ = ["build_adapter", "check_references"]
 
 
-def _blob_ref(value: Any, n_blobs: int, where: str) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n_blobs:
-        raise IndexFormatError(f"{where}: blob reference {value!r:.200} is not a blob index")
+def _typed(value: Any, key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
+    """``value`` (``UNSET`` when the key is absent) checked as :func:`adapterpack.container.index.get` checks it."""
+    if type(value) is kind:
+        return value
+    if value is UNSET:
+        if default is ...:
+            raise IndexFormatError(f"{where}: missing {key!r}")
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if type(value) in kinds:
+        return value
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        names = "/".join(k.__name__ for k in kinds)
+        raise IndexFormatError(f"{where}: {key!r} must be {names}, got {value!r:.80}")
     return value
 
 
-def _named_entries(entries: list[Any], kind: str, where: str) -> list[tuple[str, dict[str, Any]]]:
-    """(name, entry) of a list of objects that must each have a unique ``name``."""
-    seen: set[str] = set()
-    out = []
-    for k, e in enumerate(entries):
-        if not isinstance(e, dict):
-            raise IndexFormatError(f"{where} {kind} {k}: must be an object")
-        name = get_name(e, "name", f"{where} {kind} {k}")
-        if name in seen:
-            raise DuplicateNameError(f"{where}: two {kind}s are named {name!r}")
-        seen.add(name)
-        out.append((name, e))
-    return out
+_NULLABLE_STR = (str, type(None))
 
 
-def check_references(index: Index) -> Counter[int]:
-    """Module and tensor entries well formed, uniquely named, referencing existing blobs; every blob referenced.
-
-    Returns how many records and tensor entries reference each blob (a bank's U and V: one per member).
-    """
-    n_blobs = len(index.blobs)
-    used: Counter[int] = Counter()
-    for a in index.adapters:
-        aw = f"adapter {a['name']!r}"
-        for name, m in _named_entries(get(a, "modules", list, aw), "module", aw):
-            for slot, ref in get(m, "tensors", dict, f"{aw} module {name!r}").items():
-                used[_blob_ref(ref, n_blobs, f"{aw} module {name!r} tensor {slot!r}")] += 1
-        for name, t in _named_entries(get(a, "tensors", list, aw, []), "tensor", aw):
-            used[_blob_ref(t.get("blob"), n_blobs, f"{aw} tensor {name!r}")] += 1
-    unused = set(range(n_blobs)) - set(used)
-    if unused:
-        raise IndexFormatError(f"blob {min(unused)} is not referenced by any record ({len(unused)} unreferenced)")
-    return used
-
-
-def build_adapter(raw: dict[str, Any], blobs: list[BlobEntry], tensor: Callable[[int], TensorLike]) -> Adapter:
-    """The :class:`Adapter` an ADAPTER object (already through :func:`check_references`) describes.
+def build_adapter(
+    record: AdapterRecord | dict[str, Any], blobs: list[BlobEntry], tensor: Callable[[int], TensorLike]
+) -> Adapter:
+    """The :class:`Adapter` an ADAPTER record (of an index whose references are checked) describes.
 
     Validates its fields and every record it understands (the encoding's ``validate`` sees
     only dtypes and shapes); ``tensor(i)`` gives the tensor object for blob ``i``. Records
     and tensors it cannot read but may skip (``must_understand: false``) are listed in
-    ``skipped``.
+    ``skipped``. ``record`` may also be the ADAPTER's JSON object.
     """
-    aw = f"adapter {raw['name']!r}"
-    base_model = get(raw, "base_model", (str, type(None)), aw, None)
-    arch = get(raw, "base_architecture", (str, type(None)), aw, None)
-    source = get(raw, "source", dict, aw, {})
-    metadata = get(raw, "metadata", dict, aw, {})
-    if not all(isinstance(v, str) for v in metadata.values()):
+    rec = AdapterRecord.from_raw(record) if isinstance(record, dict) else record
+    aw = f"adapter {rec.name!r}"
+    base_model = _typed(rec.base_model, "base_model", _NULLABLE_STR, aw, None)
+    arch = _typed(rec.base_architecture, "base_architecture", _NULLABLE_STR, aw, None)
+    source = _typed(rec.source, "source", dict, aw, {})
+    metadata = _typed(rec.metadata, "metadata", dict, aw, {})
+    if not all(type(v) is str for v in metadata.values()):
         raise IndexFormatError(f"{aw}: metadata values must be strings")
-    adapter = Adapter(name=raw["name"], base_model=base_model, base_architecture=arch, source=source, metadata=metadata)
-    for m in raw["modules"]:
-        mw = f"{aw} module {m['name']!r}"
-        enc_id = get(m, "encoding", str, mw)
-        must = get(m, "must_understand", bool, mw, True)
-        refs = m["tensors"]
-        unreadable = [blobs[r].codec_id for r in refs.values() if not blobs[r].known_codec]
-        if not is_known(enc_id) or unreadable:
-            what = f"encoding {enc_id!r:.200}" if not is_known(enc_id) else f"codec {unreadable[0]!r:.200}"
-            if must and not is_known(enc_id):
+    adapter = Adapter(name=rec.name, base_model=base_model, base_architecture=arch, source=source, metadata=metadata)
+    modules = adapter.modules
+    every_codec_known = all(b.known_codec for b in blobs)
+    signatures = [(b.dtype, b.shape) for b in blobs]
+    known_ids: dict[Any, bool] = {}
+    #: records already validated, by what validation sees: many records of an adapter share encoding,
+    #: params, base shape and slot dtypes and shapes (every layer's q_proj), and are validated once
+    valid: set[tuple[Any, ...]] = set()
+    for m in rec.modules:
+        mw = f"{aw} module {m.name!r}"
+        enc_id = _typed(m.encoding, "encoding", str, mw)
+        must = m.must_understand
+        if type(must) is not bool:
+            must = _typed(must, "must_understand", bool, mw, True)
+        refs = m.tensors
+        known = known_ids.get(enc_id)
+        if known is None:
+            known = known_ids[enc_id] = is_known(enc_id)
+        unreadable = [] if every_codec_known else [blobs[r].codec_id for r in refs.values() if not blobs[r].known_codec]
+        if not known or unreadable:
+            what = f"encoding {enc_id!r:.200}" if not known else f"codec {unreadable[0]!r:.200}"
+            if must and not known:
                 raise UnknownEncodingError(f"{mw}: unknown encoding {enc_id!r:.200} marked must_understand")
-            adapter.skipped.append(f"module {m['name']!r}: {what} not understood, skipped")
+            adapter.skipped.append(f"module {m.name!r}: {what} not understood, skipped")
             continue
-        module = Module(
-            name=m["name"],
-            encoding=enc_id,
-            base_shape=get_shape(m, "base_shape", mw),
-            params=get(m, "params", dict, mw),
-            tensors={slot: tensor(r) for slot, r in refs.items()},
-            must_understand=must,
-        )
-        get_encoding(enc_id).validate(module)
-        adapter.modules[module.name] = module
-    for t in raw.get("tensors", []):
-        b = blobs[t["blob"]]
-        if not b.known_codec:
-            adapter.skipped.append(f"tensor {t['name']!r}: codec {b.codec_id!r:.200} not understood, skipped")
-            continue
-        adapter.tensors[t["name"]] = tensor(t["blob"])
+        base_shape = m.base_shape
+        if type(base_shape) is not tuple:  # the fast path decoded a checked tuple; JSON objects hold a list
+            base_shape = get_shape({} if base_shape is UNSET else {"base_shape": base_shape}, "base_shape", mw)
+        params = m.params
+        if type(params) is not dict:
+            params = _typed(params, "params", dict, mw)
+        module = Module(m.name, enc_id, base_shape, params, {slot: tensor(r) for slot, r in refs.items()}, must)
+        key = _validation_key(module, refs, signatures)
+        if key is None or key not in valid:
+            get_encoding(enc_id).validate(module)
+            if key is not None:
+                valid.add(key)
+        modules[module.name] = module
+    if rec.tensors is not UNSET:
+        for t in rec.tensors:
+            b = blobs[t.blob]
+            if not b.known_codec:
+                adapter.skipped.append(f"tensor {t.name!r}: codec {b.codec_id!r:.200} not understood, skipped")
+                continue
+            adapter.tensors[t.name] = tensor(t.blob)
     return adapter
+
+
+def _validation_key(module: Module, refs: dict[str, int], signatures: list[tuple[str, tuple[int, ...]]]) -> tuple[Any, ...] | None:
+    """What an encoding's ``validate`` sees of a record read from a file (it sees dtypes and shapes, never values),
+    hashable; None when a param is not a JSON scalar. Types are part of it (``1``, ``1.0`` and ``true`` are equal).
+    ``signatures`` holds every blob's (dtype, shape)."""
+    p = module.params
+    values = tuple(p.values())
+    types = tuple(map(type, values))
+    if not _SCALARS.issuperset(types):
+        return None
+    slots = tuple(map(signatures.__getitem__, refs.values()))
+    return (module.encoding, module.must_understand, module.base_shape, tuple(p), values, types, tuple(refs), slots)
+
+
+_SCALARS = frozenset((str, int, float, bool, type(None)))

@@ -35,8 +35,8 @@ from torch import nn
 
 from adapterpack.adapter import Adapter
 from adapterpack.errors import ApplyError
-from adapterpack.torch.decoders.base import as_2d
-from adapterpack.torch.tensors import LoraTensors
+from adapterpack.factors import Factors
+from adapterpack.torch.tensors import as_2d
 
 #: The prefix PEFT puts before base-model module names (``PeftModel.base_model.model``).
 PEFT_PREFIX = "base_model.model."
@@ -67,7 +67,7 @@ def find_module(named: dict[str, nn.Module], name: str) -> nn.Module | None:
     return None
 
 
-def _expected_kind(lt: LoraTensors) -> tuple[str, ...]:
+def _expected_kind(lt: Factors) -> tuple[str, ...]:
     if lt.layout == "embedding":
         return ("embedding",)
     if lt.layout == "conv" or len(lt.base_shape) > 2:
@@ -80,7 +80,7 @@ class _Patch:
     name: str
     module: nn.Module
     kind: str
-    lora: LoraTensors
+    lora: Factors
     original: torch.Tensor | None = None  # merged: the weight tensor as it was
     hook: Any = None  # unmerged: the forward hook's handle
 
@@ -131,16 +131,16 @@ def unapply(applied: Applied) -> None:
 
 
 def _load(
-    source: str | os.PathLike[str] | Adapter | dict[str, LoraTensors], device: torch.device, **kw: Any
-) -> dict[str, LoraTensors]:
+    source: str | os.PathLike[str] | Adapter | dict[str, Factors], device: torch.device, **kw: Any
+) -> dict[str, Factors]:
     if isinstance(source, dict):
         return source
-    from adapterpack.torch import load
+    from adapterpack.torch.mapped import load
 
     return load(source, device, **kw)
 
 
-def _plan(model: nn.Module, loras: dict[str, LoraTensors]) -> list[_Patch]:
+def _plan(model: nn.Module, loras: dict[str, Factors]) -> list[_Patch]:
     """Resolve every module and check kinds and shapes; raises before anything is changed."""
     named = dict(model.named_modules())
     missing = [n for n in loras if find_module(named, n) is None]
@@ -170,7 +170,7 @@ def _work(w: torch.Tensor) -> torch.dtype:
     return torch.float64 if w.dtype == torch.float64 else torch.float32
 
 
-def _delta(lt: LoraTensors, w: torch.Tensor, scale: float) -> torch.Tensor:
+def _delta(lt: Factors, w: torch.Tensor, scale: float) -> torch.Tensor:
     """scale·s·ΔW in the weight's layout, in the working dtype, on the weight's device."""
     work = _work(w)
     a, b = as_2d(lt.A.to(w.device, work), lt.B.to(w.device, work))
@@ -263,7 +263,7 @@ def _refuse_full_tensors(source: object, adapter: str | None) -> None:
 
 def apply(
     model: nn.Module,
-    path_or_adapter: str | os.PathLike[str] | Adapter | dict[str, LoraTensors],
+    path_or_adapter: str | os.PathLike[str] | Adapter | dict[str, Factors],
     scale: float = 1.0,
     merge: bool = True,
     *,

@@ -1,10 +1,15 @@
 """``.apack`` blobs → torch tensors on a device in a few large copies.
 
+:func:`stage_modules` is the loader's one step between opening and decoding: every record whose torch
+decoder is registered ``staged`` gets its slots that live in an ``.apack`` file (stored tensors whose
+loader is an :class:`~adapterpack.container.reader.BlobLoader`) as device tensors, all blobs of one
+file read together by :func:`stage`; other slots (numpy arrays, truncated tensors) are left to the decoder.
+
 Raw blobs:
 
-- CPU target, ``zero_copy`` (the default): views of a private copy-on-write mapping of the file
-  (as ``safetensors.torch`` does): no copy at all, pages are read when first used, a write gives
-  the process its own page and never touches the file.
+- CPU target, ``zero_copy`` (the default), a reader opened ``copy_on_write``: views of the reader's
+  private copy-on-write mapping of the file (as ``safetensors.torch`` does): no copy at all, pages
+  are read when first used, a write gives the process its own page and never touches the file.
 - any other target (or ``zero_copy=False``): all raw blobs of the load go into ONE destination
   buffer on the device, tensors are views of it. To a CPU buffer the bytes are copied straight
   from the mapping; to a GPU they stream through two pinned staging buffers of :data:`CHUNK`
@@ -14,27 +19,26 @@ Raw blobs:
 Compressed blobs (zstd, byteplanes) decode in a thread pool (zstd releases the GIL) while the raw
 blobs are being copied; a decoded CPU tensor is adopted as is, on a GPU it joins the stream.
 
-With ``verify`` every blob's CRC-32C is checked over the bytes the tensor shows (raw) or the
-decoded bytes (compressed) before any tensor is returned.
+When the reader verifies, every blob's CRC-32C is checked over the bytes the tensor shows (raw:
+the CRC is the first touch of those pages, one pass) or the decoded bytes (compressed) before any
+tensor is returned.
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import threading
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from adapterpack.checksum import crc32c
+from adapterpack.adapter import Module, StoredTensor
 from adapterpack.container.index import BlobEntry
-from adapterpack.container.reader import ApackReader
-from adapterpack.errors import AdapterpackError, ChecksumError
+from adapterpack.container.reader import ApackReader, BlobLoader
+from adapterpack.torch.decoders.base import is_staged
 from adapterpack.torch.tensors import TORCH_DTYPES, tensor
 
 #: Bytes per pinned staging buffer (two are used, alternately).
@@ -43,6 +47,9 @@ CHUNK = 32 << 20
 ALIGN = 256
 #: Threads decoding compressed blobs.
 WORKERS = max(1, min(4, os.cpu_count() or 1))
+#: Threads checking the CRC-32C of the raw blobs of a large load (half the cores, at most 4: on 2 shared
+#: cores a second thread measured no faster, BENCHMARKS.md "Load time").
+CRC_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
 
 _pinned_lock = threading.Lock()
 #: Held by the one load that streams through the shared pinned buffers (loads in other threads wait).
@@ -65,22 +72,25 @@ def pinned_buffers(size: int = CHUNK) -> list[torch.Tensor]:
         return bufs
 
 
-class _CowMapping:
-    """The file mapped copy-on-write; raw blobs as typed views of it."""
+class _Views:
+    """Raw blobs as typed views of a reader's copy-on-write mapping (one torch storage over the whole file)."""
 
-    def __init__(self, fd: int) -> None:
-        self.mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
-        # torch.frombuffer keeps the mmap alive for as long as any tensor uses the storage
-        self._storage = torch.frombuffer(self.mm, dtype=torch.uint8).untyped_storage()
-
-    def bytes(self, start: int, length: int) -> memoryview:
-        """The mapped bytes (for the CRC: computed over the very pages the tensor shows, faulted in once)."""
-        return memoryview(self.mm)[start : start + length]
+    def __init__(self, reader: ApackReader) -> None:
+        # torch.frombuffer keeps the mapping alive for as long as any tensor uses the storage
+        self._storage = torch.frombuffer(reader.buffer, dtype=torch.uint8).untyped_storage()
+        self._bases: dict[torch.dtype, torch.Tensor] = {}
 
     def view(self, start: int, b: BlobEntry) -> torch.Tensor:
         dt = TORCH_DTYPES[b.dtype]
+        base = self._bases.get(dt)
+        if base is None:
+            base = self._bases[dt] = torch.empty(0, dtype=dt).set_(self._storage)
+        strides, step = [], 1
+        for d in reversed(b.shape):
+            strides.append(step)
+            step *= d
         # blob offsets are multiples of 8 (spec §1.2), so of every itemsize: the element offset is exact
-        return torch.empty(0, dtype=dt).set_(self._storage, start // dt.itemsize, b.shape)
+        return base.as_strided(b.shape, strides[::-1], start // dt.itemsize)
 
 
 @dataclass
@@ -181,28 +191,23 @@ class _Stream:
         return self.dest[offset : offset + n].view(TORCH_DTYPES[b.dtype]).view(b.shape)
 
 
-def _check(path: Path, i: int, data: memoryview | np.ndarray, b: BlobEntry) -> None:
-    if crc32c(data if isinstance(data, memoryview) else memoryview(data).cast("B")) != b.crc32c:
-        raise ChecksumError(f"{path}: blob {i}: checksum mismatch (decoded bytes are corrupt)")
-
-
 def stage(
     reader: ApackReader,
-    fd: int,
     indices: Iterable[int],
     device: torch.device,
     *,
-    verify: bool,
     zero_copy: bool = True,
     bounce: bool | None = None,
     workers: int = WORKERS,
 ) -> dict[int, torch.Tensor]:
     """Blobs ``indices`` of ``reader``'s file as tensors on ``device`` in their stored dtype and shape.
 
-    ``fd`` is an open descriptor of the same file (the copy-on-write mapping is made from it).
-    ``bounce`` (default: a non-CPU target) stages through host chunks; tests set it on the CPU.
+    Raw blobs are views of the reader's mapping when it is ``copy_on_write``, the target the CPU and
+    ``zero_copy`` set; else copied into one buffer. ``bounce`` (default: a non-CPU target) stages
+    through host chunks; tests set it on the CPU. CRC-32Cs are checked when the reader verifies.
     """
     blobs = reader.blobs
+    verify = reader.verify_checksums
     want = list(dict.fromkeys(indices))
     raw = [i for i in want if blobs[i].codec_id == "raw"]
     packed = [i for i in want if blobs[i].codec_id != "raw"]
@@ -214,42 +219,34 @@ def stage(
         futures: dict[int, Future[np.ndarray]] = {}
         if pool is not None:
             futures = {i: pool.submit(reader.read_blob, i) for i in packed}  # decodes while raw blobs copy
-        if raw and on_cpu and zero_copy and not bounce:
-            cow = _CowMapping(fd)
+        if raw and on_cpu and zero_copy and not bounce and reader.copy_on_write:
+            if verify:  # one pass, the first touch of the very pages the views show, split between threads when large
+                reader.check_raw_blobs(raw, threads=CRC_THREADS)
+            views = _Views(reader)
             for i in raw:
-                b = blobs[i]
-                start = reader.data_start + b.offset
-                if verify:
-                    _check(reader.path, i, cow.bytes(start, b.length), b)
-                out[i] = cow.view(start, b)
-            raw_stream = None
-        else:
-            raw_stream = _Stream(device, sum(_align(blobs[i].length) for i in raw), bounce) if raw else None
-        offsets: dict[int, int] = {}
-        if raw_stream is not None:
-            mv = memoryview(reader._mm)
+                out[i] = views.view(reader.blob_offset(i), blobs[i])
+        elif raw:
+            stream = _Stream(device, sum(_align(blobs[i].length) for i in raw), bounce)
+            offsets: dict[int, int] = {}
             try:
                 for i in raw:
-                    b = blobs[i]
-                    start = reader.data_start + b.offset
-                    src = mv[start : start + b.length]
-                    if verify:
-                        _check(reader.path, i, src, b)
-                    offsets[i] = raw_stream.put(src)
+                    src = reader.blob_bytes(i)
+                    if verify:  # checked right before it is copied, while its bytes are in the cache
+                        reader.check_blob(i, src)
+                    offsets[i] = stream.put(src)
                     del src
-                raw_stream.finish()
+                stream.finish()
             finally:
-                raw_stream.release()
-                del mv
+                stream.release()
             for i in raw:
-                out[i] = raw_stream.view(offsets[i], blobs[i])
+                out[i] = stream.view(offsets[i], blobs[i])
         decoded = {i: (futures[i].result() if i in futures else reader.read_blob(i)) for i in packed}
     finally:
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
     if decoded:
         if on_cpu and not bounce:
-            out.update({i: tensor(arr) for i, arr in decoded.items()})  # adopts the fresh writable buffer
+            out.update({i: tensor(arr) for i, arr in decoded.items()})  # adopts a fresh writable buffer, copies a kept one
         else:
             s = _Stream(device, sum(_align(blobs[i].length) for i in decoded), bounce)
             try:
@@ -261,9 +258,38 @@ def stage(
     return {i: out[i] for i in want}
 
 
-def check_same_file(path: Path, fd: int, reader: ApackReader) -> None:
-    """Refuse when the file at ``path`` was replaced between opening ``fd`` and the reader."""
-    st = os.fstat(fd)
-    now = os.stat(path)
-    if st.st_size != reader.file_size or (st.st_ino, st.st_dev) != (now.st_ino, now.st_dev):
-        raise AdapterpackError(f"{path}: file was replaced while being opened; try again")
+def _file_blob(t: object) -> BlobLoader | None:
+    """The file and blob behind a stored tensor an ``.apack`` reader handed out, else None."""
+    if type(t) is StoredTensor and type(t.loader) is BlobLoader:
+        return t.loader
+    return None
+
+
+def stage_modules(
+    modules: list[Module], device: torch.device, *, zero_copy: bool = True, bounce: bool | None = None
+) -> list[Module]:
+    """``modules`` with every file-backed slot of a record whose decoder is ``staged`` replaced by a device tensor
+    (see the module docstring); the blobs of each file are read by one :func:`stage` call."""
+    wanted: dict[ApackReader, list[int]] = {}
+    staged: list[bool] = []
+    for m in modules:
+        on = is_staged(m.encoding)
+        staged.append(on)
+        if on:
+            for t in m.tensors.values():
+                ref = _file_blob(t)
+                if ref is not None:
+                    wanted.setdefault(ref.reader, []).append(ref.index)
+    if not wanted:
+        return modules
+    got = {r: stage(r, idx, device, zero_copy=zero_copy, bounce=bounce) for r, idx in wanted.items()}
+    out = []
+    for m, on in zip(modules, staged):
+        if on:
+            tensors = {}
+            for slot, t in m.tensors.items():
+                ref = _file_blob(t)
+                tensors[slot] = t if ref is None else got[ref.reader][ref.index]
+            m = Module(m.name, m.encoding, m.base_shape, m.params, tensors, m.must_understand)
+        out.append(m)
+    return out

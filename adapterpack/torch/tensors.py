@@ -1,9 +1,14 @@
-"""numpy → torch conversion (bit-exact, bfloat16 included) and the per-module container :class:`LoraTensors`."""
+"""numpy → torch conversion (bit-exact, bfloat16 included), devices and dtypes, and ΔW of torch :class:`Factors`.
+
+The factors of a torch load are :class:`~adapterpack.factors.Factors` holding torch tensors,
+the type the numpy encodings use; ``LoraTensors`` is its deprecated old name.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import math
+import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,9 +16,7 @@ import torch
 from adapterpack import dtypes
 from adapterpack.adapter import TensorLike, as_array
 from adapterpack.errors import ConversionError
-
-if TYPE_CHECKING:
-    from adapterpack.torch.decoders.base import TorchFactors
+from adapterpack.factors import Factors
 
 #: spec dtype name → torch dtype.
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -29,31 +32,6 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
-
-
-@dataclass
-class LoraTensors:
-    """One module's low-rank update on a device: ``ΔW = scale · B · A`` mapped onto ``base_shape``.
-
-    ``A`` and ``B`` keep their stored shapes (``A [r, in, *k]``, ``B [out, r, 1, ...]``; for
-    embeddings ``A [r, num_embeddings]``, ``B [dim, r]``). ``layout`` is ``linear``,
-    ``embedding`` or ``conv``; ``transpose`` is true when the base weight holds the product
-    transposed (embeddings, GPT-2 style ``fan_in_fan_out``). ``magnitude`` is DoRA's
-    magnitude vector, else None.
-    """
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: float
-    base_shape: tuple[int, ...]
-    layout: str = "linear"
-    transpose: bool = False
-    magnitude: torch.Tensor | None = None
-
-    @property
-    def rank(self) -> int:
-        """Inner dimension r."""
-        return int(self.A.shape[0])
 
 
 def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -113,13 +91,73 @@ def tensor(arr: TensorLike, device: torch.device | str = "cpu", dtype: torch.dty
     return place(t, dev, want)
 
 
-def lora_tensors(f: TorchFactors) -> LoraTensors:
-    """:class:`LoraTensors` from a decoder's :class:`TorchFactors`: conv factors back in their stored
-    shapes (``A [r, in, *k]``, ``B [out, r, 1, ...]``, views), everything else as decoded."""
+def as_2d(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``[r, in, *k]`` → ``[r, in·k]`` and B ``[out, r, 1, ...]`` → ``[out, r]`` as views (explicit sizes:
+    -1 is ambiguous when a dimension is 0); 2-D factors are returned as they are."""
+    if a.dim() != 2:
+        a = a.reshape(a.shape[0], math.prod(a.shape[1:]))
+    if b.dim() != 2:
+        b = b.reshape(b.shape[0], b.shape[1])
+    return a, b
+
+
+def stored_shapes(f: Factors) -> Factors:
+    """``f`` with a conv record's factors in their stored shapes (``A [r, in, *k]``, ``B [out, r, 1, ...]``, views),
+    as :func:`adapterpack.torch.load` returns them; other layouts as they are."""
+    if f.layout != "conv" or len(f.base_shape) <= 2:
+        return f
     a, b = f.A, f.B
-    if f.layout == "conv" and len(f.base_shape) > 2:
-        a = a.reshape(a.shape[0], *f.base_shape[1:])
-        b = b.reshape(b.shape[0], b.shape[1], *([1] * (len(f.base_shape) - 2)))
-    return LoraTensors(
-        A=a, B=b, scale=f.scale, base_shape=f.base_shape, layout=f.layout, transpose=f.transpose, magnitude=f.magnitude
-    )
+    a = a.reshape(a.shape[0], *f.base_shape[1:])
+    b = b.reshape(b.shape[0], b.shape[1], *([1] * (len(f.base_shape) - 2)))
+    return Factors(a, b, f.scale, f.base_shape, f.transpose, f.layout, f.magnitude)
+
+
+def materialize(lora: Factors, *, dtype: torch.dtype | str | None = None, chunk: int | None = None) -> torch.Tensor:
+    """Dense ΔW of torch :class:`Factors` on their device, in the base weight's shape and layout.
+
+    Accumulates in float32 (float64 if a factor is float64), as the numpy ``Module.delta``
+    does; the result has that dtype, or ``dtype`` (cast from the float32 product). ``chunk``
+    computes ``chunk`` output rows of the m×n product at a time, so the float32 temporary
+    stays at chunk×n elements when the result is narrower (e.g. a bf16 ΔW of a large layer).
+    For DoRA this is the direction update ``s·B·A`` only (see :meth:`adapterpack.adapter.Module.delta`).
+    """
+    work = torch.float64 if torch.float64 in (lora.A.dtype, lora.B.dtype) else torch.float32
+    out_dtype = work if dtype is None else torch_dtype(dtype)
+    a, b = as_2d(lora.A, lora.B)
+    a, b = a.to(work), b.to(work)
+    m, n = int(b.shape[0]), int(a.shape[1])
+    if chunk is not None and chunk < 1:
+        raise ConversionError(f"chunk must be a positive number of rows, got {chunk}")
+    if chunk is None or chunk >= m:
+        prod = (b @ a).mul_(lora.scale).to(out_dtype)
+        if lora.transpose:
+            prod = prod.T
+        return prod.contiguous().reshape(lora.base_shape)
+    out = torch.empty((n, m) if lora.transpose else (m, n), dtype=out_dtype, device=a.device)
+    for i in range(0, m, chunk):
+        blk = (b[i : i + chunk] @ a).mul_(lora.scale)
+        if lora.transpose:
+            out[:, i : i + chunk] = blk.T
+        else:
+            out[i : i + chunk] = blk
+    return out.reshape(lora.base_shape)
+
+
+def _deprecated_lora_tensors(f: Factors) -> Factors:
+    """Deprecated: :func:`stored_shapes`."""
+    return stored_shapes(f)
+
+
+_DEPRECATED: dict[str, tuple[Any, str]] = {
+    "LoraTensors": (Factors, "adapterpack.encodings.Factors"),
+    "lora_tensors": (_deprecated_lora_tensors, "adapterpack.torch.tensors.stored_shapes"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Old names, kept for one minor version: ``LoraTensors`` is :class:`Factors`."""
+    if name in _DEPRECATED:
+        value, new = _DEPRECATED[name]
+        warnings.warn(f"adapterpack.torch.tensors.{name} is deprecated; use {new}", DeprecationWarning, stacklevel=2)
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

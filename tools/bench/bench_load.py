@@ -1,6 +1,7 @@
 """Load time of a raw ``.apack`` vs the PEFT ``adapter_model.safetensors`` holding the same tensors.
 
-Four loaders per side, timed in the same run, round-robin, median of ``--repeats``:
+Four loaders per side, timed in the same run, round-robin, the fastest (min) of ``--repeats`` rounds
+(the median is reported beside it):
 
 - numpy: ``adapterpack.open`` + decode every tensor, vs ``safetensors.numpy.load_file`` and
   ``safe_open(framework="np")`` + ``get_tensor`` per key;
@@ -13,9 +14,13 @@ every tensor was read (:func:`tools.bench.common.touch`), so lazy mmap loaders p
 page faults like copying loaders pay for their copies. The page cache is warm (every file is
 read once first, and one untimed round runs before the timed ones).
 
+The aims (issue 13), checked on the min ratios: into torch, ``adapterpack.torch.load`` / ``load_file``
+<= 1.05 with CRC-32C off and <= 1.25 with it on; into numpy, ``adapterpack.open`` + every tensor /
+``load_file`` <= 1.0 (CRC on and off), on both adapters.
+
 Run from the repository root::
 
-    python -m tools.bench.bench_load                 # the real run (BENCHMARKS.md)
+    python -m tools.bench.bench_load --breakdown     # the real run (BENCHMARKS.md)
     python -m tools.bench.bench_load --quick         # a few seconds: 4-layer synthetic, 5 repeats
 """
 
@@ -41,7 +46,8 @@ from adapterpack.formats.peft import DEFAULT_PREFIX
 
 from . import common, synthetic
 
-ASPIRATION = 1.05
+#: (side, CRC) -> the largest apack / load_file ratio the issue accepts.
+AIMS = {("numpy", "on"): 1.0, ("numpy", "off"): 1.0, ("torch CPU", "on"): 1.25, ("torch CPU", "off"): 1.05}
 
 
 def apack_numpy(path: Path, verify: bool) -> list[np.ndarray]:
@@ -52,7 +58,7 @@ def apack_numpy(path: Path, verify: bool) -> list[np.ndarray]:
     return arrs
 
 
-def apack_torch(path: Path, verify: bool) -> dict[str, apt.LoraTensors]:
+def apack_torch(path: Path, verify: bool) -> dict[str, apt.Factors]:
     """``adapterpack.torch.load`` on the CPU, touched."""
     out = apt.load(path, verify=verify)
     common.touch(t for lt in out.values() for t in (lt.A, lt.B, lt.magnitude) if t is not None)
@@ -107,7 +113,7 @@ def prepare(work: Path, quick: bool) -> list[dict[str, Any]]:
 
 
 def run_case(case: dict[str, Any], repeats: int) -> dict[str, Any]:
-    """Time every loader on one case; medians in ms and the apack/safetensors ratios."""
+    """Time every loader on one case; min and median in ms and the apack/safetensors ratios of the mins."""
     ap, st = case["apack"], case["safetensors"]
     n_tensors = check_same_tensors(ap, st)
     common.warm_page_cache([ap, st])
@@ -123,14 +129,18 @@ def run_case(case: dict[str, Any], repeats: int) -> dict[str, Any]:
     }
     times = common.interleaved(fns, repeats)
     med = {k: common.median(v) * 1e3 for k, v in times.items()}
+    best = {k: min(v) * 1e3 for k, v in times.items()}
     rows = []
     for side, label in (("np", "numpy"), ("pt", "torch CPU")):
         for v, vlabel in (("verify", "on"), ("noverify", "off")):
-            a = med[f"{side} apack {v}"]
-            lf, so = med[f"{side} st load_file"], med[f"{side} st safe_open"]
+            a, am = best[f"{side} apack {v}"], med[f"{side} apack {v}"]
+            lf, so = best[f"{side} st load_file"], best[f"{side} st safe_open"]
+            lfm = med[f"{side} st load_file"]
+            aim = AIMS[(label, vlabel)]
             rows.append(
                 {"side": label, "crc": vlabel, "apack_ms": a, "load_file_ms": lf, "ratio_load_file": a / lf}
-                | {"safe_open_ms": so, "ratio_safe_open": a / so}
+                | {"safe_open_ms": so, "ratio_safe_open": a / so, "median_ratio_load_file": am / lfm}
+                | {"aim": aim, "met": a / lf <= aim}
             )
     return {
         "case": case["name"],
@@ -141,30 +151,35 @@ def run_case(case: dict[str, Any], repeats: int) -> dict[str, Any]:
         "safetensors_bytes": st.stat().st_size,
         "repeats": repeats,
         "median_ms": med,
+        "min_ms": best,
         "all_ms": {k: [x * 1e3 for x in v] for k, v in times.items()},
         "rows": rows,
     }
 
 
 def open_breakdown(path: Path, calls: int = 60) -> dict[str, float]:
-    """Milliseconds (minimum of ``calls``) of each step of ``adapterpack.open`` on a raw file, no page touching."""
+    """Milliseconds (minimum of ``calls``) of each step of opening a raw file and loading it, no page touching."""
     from adapterpack.container import ApackReader
     from adapterpack.container import index as idx
-    from adapterpack.container.preamble import PREAMBLE_SIZE
 
     reader = ApackReader(path)
-    index_bytes = bytes(reader._mm[PREAMBLE_SIZE : PREAMBLE_SIZE + reader.preamble.index_length])
-    raw = idx.loads(index_bytes)
+    index_bytes = bytes(reader.buffer[adapterpack.container.PREAMBLE_SIZE : reader.data_start])[: reader.preamble.index_length]
+    record = reader.index.records[0]
+    ad = reader.adapter()
+
+    def python_checks() -> object:
+        index = idx.parse_index(idx.loads(index_bytes), reader.data_start, reader.file_size)
+        return idx.check_references(index)
+
     steps: dict[str, Callable[[], object]] = {
-        "json.loads of the index, plain": lambda: json.loads(index_bytes),
-        "... with the duplicate-key check the spec requires": lambda: idx.loads(index_bytes),
-        "validating the blob table (dtypes, shapes, codecs, layout)": lambda: idx.parse_index(
-            raw, reader.data_start, reader.file_size
-        ),
-        "checking every blob is referenced": reader._check_references,
-        "building the Adapter (records, lora validation)": lambda: reader._build(reader.index.adapters[0]),
+        "json.loads of the index, plain (no checks)": lambda: json.loads(index_bytes),
+        "index checked in Python (duplicate keys, blob table, layout, references): the fallback": python_checks,
+        "index checked by read_index (msgspec fast path)": lambda: idx.read_index(index_bytes, reader.data_start, reader.file_size),
+        "ApackReader() (open, map, preamble, index CRC, read_index)": lambda: ApackReader(path),
+        "building the Adapter (records, lora validation)": lambda: reader._build(record),
+        "reading every tensor (numpy views)": lambda: common.decode_all(ad),
         "adapterpack.open() in all": lambda: adapterpack.open(path),
-        "adapterpack.torch.load with verify=False, in all": lambda: apt.load(path, verify=False),
+        "adapterpack.torch.load(verify=False) in all": lambda: apt.load(path, verify=False),
     }
     out = {}
     for name, fn in steps.items():
@@ -182,7 +197,8 @@ def render(results: list[dict[str, Any]]) -> str:
     """The markdown report."""
     out = []
     for r in results:
-        out.append(f"**{r['case']}**: {r['tensors']} tensors, {r['decoded_mb']:.1f} MB; median of {r['repeats']}.")
+        head = f"**{r['case']}**: {r['tensors']} tensors, {r['decoded_mb']:.1f} MB"
+        out.append(f"{head}; fastest of {r['repeats']} interleaved rounds.")
         if r["note"]:
             out.append(f"_{r['note']}_")
         out.append("")
@@ -193,17 +209,20 @@ def render(results: list[dict[str, Any]]) -> str:
                 f"{x['apack_ms']:.2f}",
                 f"{x['load_file_ms']:.2f}",
                 f"**{x['ratio_load_file']:.2f}**",
+                f"≤ {x['aim']:.2f} {'met' if x['met'] else 'MISSED'}",
+                f"{x['median_ratio_load_file']:.2f}",
                 f"{x['safe_open_ms']:.2f}",
                 f"{x['ratio_safe_open']:.2f}",
             ]
             for x in r["rows"]
         ]
-        headers = ["into", "apack CRC", "apack ms", "load_file ms", "apack / load_file", "safe_open ms", "apack / safe_open"]
-        out.append(common.markdown_table(headers, rows, "llrrrrr"))
+        headers = ["into", "apack CRC", "apack ms", "load_file ms", "apack / load_file", "aim", "(medians)"]
+        headers += ["safe_open ms", "apack / safe_open"]
+        out.append(common.markdown_table(headers, rows, "llrrrlrrr"))
         out.append("")
         if r.get("breakdown"):
             out.append(
-                f"Time per step of `adapterpack.open` (min of 60 calls, no page touching, {r['index_kb']:.0f} KB index):"
+                f"Time per step (min of 60 calls, no page touching, {r['index_kb']:.0f} KB index):"
             )
             out.append("")
             steps = [[k, f"{v:.2f}"] for k, v in r["breakdown"].items()]
@@ -215,12 +234,12 @@ def render(results: list[dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4-layer synthetic adapter, 5 repeats")
-    ap.add_argument("--repeats", type=int, help="timed rounds (default 41, quick 5)")
+    ap.add_argument("--repeats", type=int, help="timed rounds (default 61, quick 5)")
     ap.add_argument("--workdir", type=Path, help="where to write the test files (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     ap.add_argument("--breakdown", action="store_true", help="also time each step of adapterpack.open")
     args = ap.parse_args(argv)
-    repeats = args.repeats or (5 if args.quick else 41)
+    repeats = args.repeats or (5 if args.quick else 61)
     with tempfile.TemporaryDirectory(prefix="apack-bench-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -234,9 +253,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     m = common.machine()
     print(f"Machine: {common.machine_line(m)}. Page cache warm.\n")
     print(render(results))
-    print(f"Aim: apack / safetensors <= {ASPIRATION}.")
+    print("Aims (issue 13), on the fastest rounds: torch <= 1.05 with CRC-32C off, <= 1.25 on; numpy <= 1.0.")
     if args.json:
-        common.write_json(args.json, {"machine": m, "quick": args.quick, "aim": ASPIRATION, "results": results})
+        aims = {f"{side} CRC {crc}": v for (side, crc), v in AIMS.items()}
+        common.write_json(args.json, {"machine": m, "quick": args.quick, "aims": aims, "results": results})
 
 
 if __name__ == "__main__":

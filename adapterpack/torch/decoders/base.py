@@ -1,7 +1,8 @@
 """The torch decoder registry: one decoder per encoding, registered beside the numpy encodings.
 
-A decoder turns one record (:class:`~adapterpack.adapter.Module`) into :class:`TorchFactors`
-on a device: ``fn(module, device, dtype) -> TorchFactors``. Register one with
+A decoder turns one record (:class:`~adapterpack.adapter.Module`) into
+:class:`~adapterpack.factors.Factors` holding torch tensors on a device (A ``[r, n]`` and
+B ``[m, r]``, 2-D): ``fn(module, device, dtype) -> Factors``. Register one with
 ``@register_torch_decoder("<encoding id>")`` in its own module under this folder (imported by
 ``decoders/__init__.py``). An encoding without its own decoder still works:
 :func:`get_torch_decoder` falls back to the numpy ``to_factors`` (exact) and copies the factors
@@ -12,52 +13,49 @@ loader may hand it a record whose slots are torch tensors already on the device 
 file in a few large copies, see ``adapterpack.torch.staging``). Decoders registered without it
 get the record as opened, with numpy / lazily stored tensors, and do their own reading.
 
-``many=fn`` adds a bulk decoder, ``fn(modules, device, dtype) -> {name: TorchFactors}``, for
+``many=fn`` adds a bulk decoder, ``fn(modules, device, dtype) -> {name: Factors}``, for
 encodings whose records share work (nola's generated bases): :func:`decode_all`, which every
 loader uses, hands it all records of that encoding at once.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from adapterpack.adapter import Module
 from adapterpack.encodings import get_encoding
 from adapterpack.errors import UnknownEncodingError
-from adapterpack.torch.tensors import place, tensor
+from adapterpack.factors import Factors
+from adapterpack.plugins import Registry
+from adapterpack.torch.tensors import as_2d, place, tensor
 
-#: ``fn(module, device, dtype) -> TorchFactors``.
-TorchDecoder = Callable[[Module, torch.device, "torch.dtype | None"], "TorchFactors"]
-#: ``fn(modules, device, dtype) -> {module name: TorchFactors}``.
-BulkDecoder = Callable[[list[Module], torch.device, "torch.dtype | None"], "dict[str, TorchFactors]"]
+#: ``fn(module, device, dtype) -> Factors``.
+TorchDecoder = Callable[[Module, torch.device, "torch.dtype | None"], Factors]
+#: ``fn(modules, device, dtype) -> {module name: Factors}``.
+BulkDecoder = Callable[[list[Module], torch.device, "torch.dtype | None"], "dict[str, Factors]"]
 
+#: Deprecated name of :class:`~adapterpack.factors.Factors` (the one factors type, numpy or torch).
+TorchFactors = Factors
 
-@dataclass
-class TorchFactors:
-    """ΔW = scale · B · A on a device: A ``[r, n]``, B ``[m, r]`` (2-D), mapped onto ``base_shape``.
-
-    ``transpose`` is true when the base weight holds the m×n product transposed (embeddings,
-    ``fan_in_fan_out``); a conv base shape takes the product reshaped. ``layout`` (``linear``,
-    ``embedding``, ``conv``) and ``magnitude`` (DoRA's vector, else None) are kept for loaders
-    that need them; encodings other than ``lora`` leave the defaults.
-    """
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: float
-    base_shape: tuple[int, ...]
-    transpose: bool = False
-    layout: str = "linear"
-    magnitude: torch.Tensor | None = None
-
-    @property
-    def rank(self) -> int:
-        """Inner dimension r."""
-        return int(self.A.shape[0])
+__all__ = [
+    "BulkDecoder",
+    "Factors",
+    "TorchDecoder",
+    "TorchFactors",
+    "as_2d",
+    "decode",
+    "decode_all",
+    "get_torch_decoder",
+    "is_staged",
+    "numpy_fallback",
+    "register_torch_decoder",
+    "slot",
+    "torch_decoder_ids",
+]
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,15 @@ class _Entry:
     many: BulkDecoder | None = None
 
 
-_REGISTRY: dict[str, _Entry] = {}
+def _adopt(name: str, obj: Any) -> None:
+    """Register the function an entry point names as the (unstaged) decoder of the encoding it is named after."""
+    if callable(obj) and not isinstance(obj, type):
+        register_torch_decoder(name)(obj)
+
+
+#: Decoders by encoding id: the built-in one of encoding ``X`` is the module ``decoders/X.py``, imported on
+#: first lookup; others come from entry points of the ``adapterpack.torch_decoders`` group.
+_REGISTRY: Registry[_Entry] = Registry("adapterpack.torch_decoders", "torch decoder", _adopt, builtins="adapterpack.torch.decoders")
 
 
 def register_torch_decoder(
@@ -84,6 +90,7 @@ def register_torch_decoder(
 
 def torch_decoder_ids() -> list[str]:
     """Encodings with a torch decoder of their own (the others use the numpy fallback)."""
+    _REGISTRY.load_builtins()
     return list(_REGISTRY)
 
 
@@ -93,10 +100,10 @@ def is_staged(encoding_id: str) -> bool:
     return entry is not None and entry.staged
 
 
-def numpy_fallback(module: Module, device: torch.device, dtype: torch.dtype | None) -> TorchFactors:
+def numpy_fallback(module: Module, device: torch.device, dtype: torch.dtype | None) -> Factors:
     """The numpy ``to_factors`` (exact), copied to ``device``: works for every registered encoding."""
     f = get_encoding(module.encoding).to_factors(module)
-    return TorchFactors(
+    return Factors(
         A=tensor(f.A, device, dtype),
         B=tensor(f.B, device, dtype),
         scale=float(f.scale),
@@ -115,8 +122,8 @@ def get_torch_decoder(encoding_id: str) -> TorchDecoder:
     return numpy_fallback
 
 
-def decode(module: Module, device: torch.device, dtype: torch.dtype | None) -> TorchFactors:
-    """``module`` as :class:`TorchFactors` on ``device`` through its registered decoder."""
+def decode(module: Module, device: torch.device, dtype: torch.dtype | None) -> Factors:
+    """``module`` as torch :class:`Factors` on ``device`` through its registered decoder."""
     try:
         fn = get_torch_decoder(module.encoding)
     except UnknownEncodingError as e:
@@ -124,7 +131,7 @@ def decode(module: Module, device: torch.device, dtype: torch.dtype | None) -> T
     return fn(module, device, dtype)
 
 
-def decode_all(modules: Iterable[Module], device: torch.device, dtype: torch.dtype | None) -> dict[str, TorchFactors]:
+def decode_all(modules: Iterable[Module], device: torch.device, dtype: torch.dtype | None) -> dict[str, Factors]:
     """:func:`decode` of every record, in order; records of an encoding with a bulk decoder go to it together."""
     mods = list(modules)
     bulk: dict[str, list[Module]] = {}
@@ -132,7 +139,7 @@ def decode_all(modules: Iterable[Module], device: torch.device, dtype: torch.dty
         entry = _REGISTRY.get(m.encoding)
         if entry is not None and entry.many is not None:
             bulk.setdefault(m.encoding, []).append(m)
-    done: dict[str, TorchFactors] = {}
+    done: dict[str, Factors] = {}
     for encoding_id, group in bulk.items():
         done.update(_REGISTRY[encoding_id].many(group, device, dtype))  # type: ignore[misc]
     return {m.name: done[m.name] if m.name in done else decode(m, device, dtype) for m in mods}
@@ -148,9 +155,3 @@ def slot(module: Module, name: str, device: torch.device, dtype: torch.dtype | N
     if isinstance(t, torch.Tensor):
         return place(t, device, dtype) if t.device != device or (dtype is not None and t.dtype != dtype) else t
     return tensor(t, device, dtype)
-
-
-def as_2d(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A ``[r, in, *k]`` → ``[r, in·k]`` and B ``[out, r, 1, ...]`` → ``[out, r]`` as views (explicit sizes:
-    -1 is ambiguous when a dimension is 0)."""
-    return a.reshape(a.shape[0], math.prod(a.shape[1:])), b.reshape(b.shape[0], b.shape[1])

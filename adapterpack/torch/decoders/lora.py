@@ -6,16 +6,17 @@ import torch
 
 from adapterpack.adapter import Module
 from adapterpack.encodings.lora import lora_scale
-from adapterpack.torch.decoders.base import TorchFactors, as_2d, register_torch_decoder, slot
+from adapterpack.factors import Factors
+from adapterpack.torch.decoders.base import as_2d, register_torch_decoder, slot
 
 
 @register_torch_decoder("lora", staged=True)
-def decode_lora(module: Module, device: torch.device, dtype: torch.dtype | None) -> TorchFactors:
+def decode_lora(module: Module, device: torch.device, dtype: torch.dtype | None) -> Factors:
     """A ``[r, n]`` and B ``[m, r]`` as 2-D views of the stored tensors; DoRA's magnitude kept as is."""
     p = module.params
     a, b = as_2d(slot(module, "A", device, dtype), slot(module, "B", device, dtype))
     layout = p.get("layout", "linear")
-    return TorchFactors(
+    return Factors(
         A=a,
         B=b,
         scale=lora_scale(p["alpha"], p["rank"], p.get("rslora", False)),

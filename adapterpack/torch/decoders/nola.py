@@ -16,9 +16,10 @@ import torch
 from adapterpack.adapter import Module
 from adapterpack.encodings.nola import NolaShape, nola_shape
 from adapterpack.errors import RecordError
+from adapterpack.factors import Factors
 from adapterpack.rng.basis import DEFAULT_BUDGET, KIND_A, KIND_A0, KIND_B, KIND_B0
 from adapterpack.torch import rng as torch_rng
-from adapterpack.torch.decoders.base import TorchFactors, register_torch_decoder, slot
+from adapterpack.torch.decoders.base import register_torch_decoder, slot
 
 
 def combine(seed: int, stream: int, kind: int, coef: torch.Tensor, n: int, budget: int = DEFAULT_BUDGET) -> torch.Tensor:
@@ -63,8 +64,8 @@ def _fixed(module: Module, s: NolaShape, which: str, device: torch.device, work:
 
 def decode_many(
     modules: Iterable[Module], device: torch.device | str = "cpu", dtype: torch.dtype | None = None, budget: int = DEFAULT_BUDGET
-) -> dict[str, TorchFactors]:
-    """:class:`TorchFactors` of nola records on ``device``; shared bases generated once per chunk.
+) -> dict[str, Factors]:
+    """:class:`Factors` of nola records on ``device``; shared bases generated once per chunk.
 
     Sums in float32 (float64 when a record's coefficients are float64; a group sharing a basis sums
     in float64 if any member needs it, and each record gets its own dtype back), then casts to
@@ -91,7 +92,7 @@ def decode_many(
         res = combine(seed, stream, kind, stack.to(work), n, budget)
         for row, key in enumerate(members):
             summed[key] = res[row]
-    out: dict[str, TorchFactors] = {}
+    out: dict[str, Factors] = {}
     for m in mods:
         s = shapes[m.name]
         # a record sums in float64 only when its own coefficients are float64, whatever its group used
@@ -104,11 +105,11 @@ def decode_many(
                 mat += fixed
         if dtype is not None:
             a, b = a.to(dtype), b.to(dtype)
-        out[m.name] = TorchFactors(A=a, B=b, scale=s.scale, base_shape=tuple(int(d) for d in m.base_shape), transpose=s.transpose)
+        out[m.name] = Factors(A=a, B=b, scale=s.scale, base_shape=tuple(int(d) for d in m.base_shape), transpose=s.transpose)
     return out
 
 
 @register_torch_decoder("nola", many=decode_many)
-def decode_nola(module: Module, device: torch.device, dtype: torch.dtype | None) -> TorchFactors:
+def decode_nola(module: Module, device: torch.device, dtype: torch.dtype | None) -> Factors:
     """One nola record's A ``[r, in]`` and B ``[out, r]`` generated and summed on ``device``."""
     return decode_many([module], device, dtype)[module.name]

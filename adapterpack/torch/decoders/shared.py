@@ -5,11 +5,12 @@ from __future__ import annotations
 import torch
 
 from adapterpack.adapter import Module
-from adapterpack.torch.decoders.base import TorchFactors, register_torch_decoder, slot
+from adapterpack.factors import Factors
+from adapterpack.torch.decoders.base import register_torch_decoder, slot
 
 
 @register_torch_decoder("shared", staged=True)
-def decode_shared(module: Module, device: torch.device, dtype: torch.dtype | None) -> TorchFactors:
+def decode_shared(module: Module, device: torch.device, dtype: torch.dtype | None) -> Factors:
     """ΔW = (U·S)·Vᵀ with scale 1; U·S is formed on the device in the output dtype (or float32 for half types)."""
     p = module.params
     u, v, s = (slot(module, k, device, None) for k in ("U", "V", "S"))
@@ -17,7 +18,7 @@ def decode_shared(module: Module, device: torch.device, dtype: torch.dtype | Non
     u, v, s = u.to(work), v.to(work), s.to(work)
     b = u * s[None, :] if s.dim() == 1 else u @ s
     layout = p.get("layout", "linear")
-    return TorchFactors(
+    return Factors(
         A=v.T.contiguous(),
         B=b,
         scale=1.0,

@@ -6,11 +6,12 @@ import torch
 
 from adapterpack.adapter import Module
 from adapterpack.errors import RecordError
-from adapterpack.torch.decoders.base import TorchFactors, register_torch_decoder, slot
+from adapterpack.factors import Factors
+from adapterpack.torch.decoders.base import register_torch_decoder, slot
 
 
 @register_torch_decoder("svd", staged=True)
-def decode_svd(module: Module, device: torch.device, dtype: torch.dtype | None) -> TorchFactors:
+def decode_svd(module: Module, device: torch.device, dtype: torch.dtype | None) -> Factors:
     """√S computed in float64 and rounded to the vectors' working dtype (float32, or float64), as numpy does;
     the factors are cast to ``dtype`` afterwards when one is asked for."""
     s = slot(module, "S", device, None)
@@ -26,7 +27,7 @@ def decode_svd(module: Module, device: torch.device, dtype: torch.dtype | None) 
         a, b = a.to(dtype), b.to(dtype)
     p = module.params
     layout = p.get("layout", "linear")
-    return TorchFactors(
+    return Factors(
         A=a,
         B=b,
         scale=1.0,

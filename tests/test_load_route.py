@@ -1,0 +1,160 @@
+"""``adapterpack.torch.load``'s one route, the reader's public blob API it uses, and the one factors type."""
+
+from __future__ import annotations
+
+import builtins
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import adapterpack
+import adapterpack.torch as apt
+from adapterpack.adapter import Adapter, Module
+from adapterpack.container import ApackReader
+from adapterpack.container import reader as reader_mod
+from adapterpack.errors import AdapterpackError, BadMagicError, ChecksumError, ConversionError
+from adapterpack.factors import Factors
+from adapterpack.torch.decoders import base as dbase
+from tests.test_torch_load import _adapter, _bits, _corrupt_first_blob
+
+TORCH_DIR = Path(apt.__file__).parent
+
+
+def test_open_if_apack(tmp_path: Path) -> None:
+    path = tmp_path / "a.apack"
+    adapterpack.save(_adapter(np.float32), path, codec="raw")
+    with ApackReader.open_if_apack(path) as r:  # type: ignore[union-attr]
+        assert r.adapter_names == ["default"]
+    other = tmp_path / "b.bin"
+    other.write_bytes(b"not an apack file at all, longer than a preamble")
+    assert ApackReader.open_if_apack(other) is None
+    assert ApackReader.open_if_apack(tmp_path) is None
+    assert ApackReader.open_if_apack(tmp_path / "missing.apack") is None
+    fake = tmp_path / "c.apack"
+    fake.write_bytes(other.read_bytes())
+    with pytest.raises(BadMagicError, match=str(fake)):
+        ApackReader.open_if_apack(fake)
+
+
+def test_load_opens_the_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "a.apack"
+    adapterpack.save(_adapter(np.float32), path, codec="raw")
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def counting(file: Any, *args: Any, **kw: Any) -> Any:
+        if isinstance(file, (str, os.PathLike)) and Path(file) == path:
+            opened.append(str(file))
+        return real_open(file, *args, **kw)
+
+    monkeypatch.setattr(builtins, "open", counting)
+    apt.load(path)
+    assert len(opened) == 1
+
+
+def test_copy_on_write_reader_gives_read_only_arrays(tmp_path: Path) -> None:
+    path = tmp_path / "a.apack"
+    adapterpack.save(_adapter(np.float32), path, codec="raw")
+    with ApackReader(path, copy_on_write=True) as r:
+        arr = r.read_blob(0)
+        assert not arr.flags.writeable
+        assert r.buffer.readonly is False and r.blob_bytes(0).tobytes() == arr.tobytes()
+        assert r.blob_offset(0) == r.data_start + r.blobs[0].offset
+    with ApackReader(path) as r:
+        assert r.buffer.readonly
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_check_raw_blobs_finds_the_corrupt_blob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    monkeypatch.setattr(reader_mod, "PARALLEL_CRC_BYTES", 0)  # split between threads even for a small file
+    path = tmp_path / "a.apack"
+    adapterpack.save(_adapter(np.float32), path, codec="raw")
+    with ApackReader(path) as r:
+        r.check_raw_blobs(range(len(r.blobs)), threads=threads)
+        assert r._verified == set(range(len(r.blobs)))
+    _corrupt_first_blob(path)
+    with ApackReader(path) as r, pytest.raises(ChecksumError, match="blob 0"):
+        r.check_raw_blobs(list(range(len(r.blobs)))[::-1], threads=threads)
+
+
+def test_check_raw_blobs_takes_raw_blobs_only(tmp_path: Path) -> None:
+    path = tmp_path / "a.apack"
+    zeros = {"A": np.zeros((4, 64), np.float32), "B": np.zeros((64, 4), np.float32)}
+    adapterpack.save(Adapter(modules={"m": Module("m", "lora", (64, 64), {"rank": 4, "alpha": 4}, zeros)}), path, codec="zstd")
+    with ApackReader(path) as r, pytest.raises(AdapterpackError, match="raw blobs only"):
+        assert r.blobs[0].codec_id == "zstd"
+        r.check_raw_blobs([0])
+
+
+def test_split_by_bytes() -> None:
+    split = reader_mod._split_by_bytes
+    assert split([1, 2, 3, 4], [10, 10, 10, 10], 2) == [[1, 2], [3, 4]]
+    assert split([1, 2, 3], [100, 1, 1], 2) == [[1], [2, 3]]
+    assert split([7], [5], 4) == [[7]]
+    parts = split(list(range(50)), [3] * 50, 3)
+    assert [x for part in parts for x in part] == list(range(50)) and len(parts) == 3
+
+
+def test_an_opened_adapter_takes_the_same_route(tmp_path: Path) -> None:
+    """An Adapter read from an .apack is staged like the file: raw slots into one buffer the tensors own, bit-exact."""
+    path = tmp_path / "a.apack"
+    src = _adapter(np.float32, seed=2)
+    adapterpack.save(src, path, codec="raw")
+    before = path.read_bytes()
+    with adapterpack.open(path) as ad:
+        got = apt.load(ad)
+    storages = {t.untyped_storage().data_ptr() for f in got.values() for t in (f.A, f.B)}
+    assert len(storages) == 1
+    for name, m in src.modules.items():
+        assert _bits(got[name].A) == m.tensors["A"].tobytes() and _bits(got[name].B) == m.tensors["B"].tobytes()
+        got[name].A.fill_(3.0)
+    assert path.read_bytes() == before
+
+
+def test_one_factors_type(tmp_path: Path) -> None:
+    path = tmp_path / "a.apack"
+    adapterpack.save(_adapter(np.float32), path, codec="raw")
+    got = apt.load(path)
+    assert all(type(f) is Factors for f in got.values())
+    assert dbase.TorchFactors is Factors and apt.Factors is Factors
+    with pytest.warns(DeprecationWarning, match="LoraTensors"):
+        assert apt.LoraTensors is Factors
+    with pytest.warns(DeprecationWarning, match="TorchFactors"):
+        assert apt.TorchFactors is Factors
+    with pytest.warns(DeprecationWarning):
+        from adapterpack.torch.tensors import LoraTensors
+    assert LoraTensors is Factors
+    conv = got["conv"]
+    assert conv.A.dim() == 4  # a conv record keeps its stored shapes; matrices() gives the 2-D ones
+    a, b = conv.matrices()
+    assert a.dim() == b.dim() == 2 and a.shape[1] == np.prod(conv.A.shape[1:])
+    with pytest.raises(ConversionError, match="materialize"):
+        conv.delta()
+
+
+def test_numpy_factors_delta_takes_stored_conv_shapes() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 3, 2, 2)), rng.standard_normal((4, 2, 1, 1))
+    flat = Factors(a.reshape(2, 12), b.reshape(4, 2), 0.5, (4, 3, 2, 2), layout="conv")
+    shaped = Factors(a, b, 0.5, (4, 3, 2, 2), layout="conv")
+    np.testing.assert_array_equal(flat.delta(), shaped.delta())
+
+
+def test_torch_never_reaches_into_private_reader_state() -> None:
+    for py in TORCH_DIR.rglob("*.py"):
+        text = py.read_text()
+        assert "._mm" not in text and "reader._" not in text, py
+
+
+def test_load_of_a_non_apack_input_still_works(tmp_path: Path) -> None:
+    from tests.test_torch_load import EXAMPLE
+
+    got = apt.load(EXAMPLE)
+    ref = adapterpack.open(EXAMPLE)
+    assert set(got) == set(ref.modules)
+    name = next(iter(got))
+    assert torch.equal(got[name].A, torch.from_numpy(np.array(ref.module(name).array("A"))))
