@@ -47,9 +47,9 @@ CHUNK = 32 << 20
 ALIGN = 256
 #: Threads decoding compressed blobs.
 WORKERS = max(1, min(4, os.cpu_count() or 1))
-#: Threads checking the CRC-32C of the raw blobs of a large load (half the cores, at most 4: on 2 shared
-#: cores a second thread measured no faster, BENCHMARKS.md "Load time").
-CRC_THREADS = max(1, min(4, (os.cpu_count() or 1) // 2))
+#: Threads checking the CRC-32C of the raw blobs of a large load (every core, at most 4): the pass reads every
+#: byte, so it is bound by memory bandwidth, which more cores draw more of (BENCHMARKS.md "Load time").
+CRC_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 _pinned_lock = threading.Lock()
 #: Held by the one load that streams through the shared pinned buffers (loads in other threads wait).
