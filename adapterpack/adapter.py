@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from adapterpack.factors import Factors
 
 
-@dataclass
+@dataclass(slots=True)
 class StoredTensor:
     """A tensor that lives in a file: its description, and how to read it.
 
