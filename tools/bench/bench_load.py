@@ -179,7 +179,7 @@ def open_breakdown(path: Path, calls: int = 60) -> dict[str, float]:
         "building the Adapter (records, lora validation)": lambda: reader._build(record),
         "reading every tensor (numpy views)": lambda: common.decode_all(ad),
         "adapterpack.open() in all": lambda: adapterpack.open(path),
-        "adapterpack.torch.load(verify=False) in all": lambda: apt.load(path, verify=False),
+        "adapterpack.torch load, CRC off, in all": lambda: apt.load(path, verify=False),
     }
     out = {}
     for name, fn in steps.items():
