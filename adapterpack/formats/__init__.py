@@ -50,9 +50,9 @@ def open_adapters(path: str | os.PathLike[str], adapter: str | None = None, *, v
     files carry no checksums, so it has nothing to check there.
     """
     p = Path(path)
-    fmt = detect_format(p)
-    if fmt == "apack":
-        reader = ApackReader(p, verify=verify)
+    reader = ApackReader.open_if_apack(p, verify=verify)  # an .apack is opened once: detection reads its preamble
+    fmt = "apack" if reader is not None else detect_format(p)
+    if reader is not None:
         try:
             names = reader.adapter_names if adapter is None else [adapter]
             adapters = [reader.adapter(n) for n in names]
