@@ -9,7 +9,7 @@ import click
 
 from adapterpack.cli import output as out
 from adapterpack.codecs import codec_ids
-from adapterpack.ops.convert import DTYPE_CHOICES, TARGETS, check_options, infer_target, target_conflict
+from adapterpack.ops.convert import DTYPE_CHOICES, TARGETS, infer_target, target_conflict
 from adapterpack.ops.convert import convert as run
 
 #: Printed after writing a compressed .apack: how to get the fastest loading instead.
@@ -122,17 +122,6 @@ def convert(
     target = to or infer_target(dst)
     if to is not None and (why := target_conflict(dst, to)):
         raise click.BadParameter(why, param_hint="'--to'")
-    check_options(  # before reading anything: a usage error, exit 2
-        target,
-        dst,
-        codec=codec,
-        level=level,
-        drop_tensors=drop_tensors,
-        serve_for=serve_for,
-        component=component,
-        nola_k=nola_k,
-        nola_target_error=nola_target_error,
-    )
     result = run(
         src,
         dst,
