@@ -104,9 +104,11 @@ class Module:
 
     def array(self, slot: str) -> np.ndarray:
         """The decoded tensor in ``slot`` (e.g. ``"A"``)."""
-        if slot not in self.tensors:
-            raise AdapterNotFoundError(f"module {self.name!r} has no tensor {slot!r}")
-        return as_array(self.tensors[slot])
+        try:
+            t = self.tensors[slot]
+        except KeyError:
+            raise AdapterNotFoundError(f"module {self.name!r} has no tensor {slot!r}") from None
+        return t.load() if isinstance(t, StoredTensor) else t
 
     @property
     def implementation(self) -> Encoding:

@@ -123,7 +123,7 @@ def _recorder(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     real = reader_module.crc32c
 
     def crc(data: Any) -> int:
-        seen.append(len(data))
+        seen.append(memoryview(data).nbytes)
         return real(data)
 
     monkeypatch.setattr(reader_module, "crc32c", crc)

@@ -661,16 +661,19 @@ def _colons(data: bytes) -> int:
 def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int) -> bool:
     """Stage 4 (what msgspec left: dtype, length, codec, prefix CRCs) and stage 5 (layout) on decoded blobs."""
     itemsizes = _ITEMSIZES
-    bounds: dict[str, int | None] = {}
+    prod = math.prod
+    #: codec id -> (known, expansion bound): looked up once per id, on its first blob's codec object, as the loop in
+    #: parse_blob does
+    ids: dict[str, tuple[bool, int | None]] = {}
     end = 0
     for b in blobs:
         size = itemsizes.get(b.dtype)
         if size is None:
             return False
         shape = b.shape
-        n = math.prod(shape) * size
+        n = prod(shape) * size
         length = b.length
-        if length != n or (not n and math.prod(d for d in shape if d) * size >= MAX_INT):
+        if length != n or (not n and prod(d for d in shape if d) * size >= MAX_INT):
             return False
         codec = b.codec
         cid = codec.get("id")
@@ -679,27 +682,31 @@ def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int) -> bool:
         must = True
         if len(codec) > 1:
             must = codec.get("must_understand", True)
-            if type(must) is not bool or _too_deep(codec, 4):
+            if type(must) is not bool or (not _CONTAINERS.isdisjoint(map(type, codec.values())) and _too_deep(codec, 4)):
                 return False
-        known = codecs.base.is_known(cid)
-        if not known and must:
+        info = ids.get(cid)
+        if info is None:
+            known = codecs.base.is_known(cid)
+            bound = None
+            if known:
+                try:
+                    bound = codecs.get_codec(codec).max_expansion()
+                except AdapterpackError:
+                    return False
+            info = ids[cid] = (known, bound)
+        known, bound = info
+        stored = b.stored_length
+        if known:
+            if (stored != length) if bound is None else (length > bound * stored + 64):
+                return False
+            if cid == "byteplanes" and size not in (2, 4, 8):
+                return False
+        elif must:
             return False
         # an explicit empty prefix_crc32c decodes to () like an absent one, and is never valid: the re-encoding
         # omits it, so _no_duplicate_keys has already sent such an index to the checks in Python
         if b.prefix_crc32c and (len(shape) < 1 or shape[0] < 2 or len(b.prefix_crc32c) != prefix.count(shape[0])):
             return False
-        stored = b.stored_length
-        if known:
-            if cid not in bounds:
-                try:
-                    bounds[cid] = codecs.get_codec(codec).max_expansion()
-                except AdapterpackError:
-                    return False
-            bound = bounds[cid]
-            if (stored != length) if bound is None else (length > bound * stored + 64):
-                return False
-            if cid == "byteplanes" and size not in (2, 4, 8):
-                return False
         b.known_codec = known
         align = LARGE_ALIGNMENT if stored >= SMALL_BLOB else SMALL_ALIGNMENT
         start = -(-end // align) * align

@@ -51,6 +51,10 @@ class VerifyReport:
         return {"path": self.path, "ok": self.ok} | {k: v for k, v in self.__dict__.items() if k != "path"}
 
 
+#: Spec dtype name -> numpy dtype, for raw blobs read without more checks than the CRC (every dtype but bool);
+#: filled as dtypes are first read, so a bfloat16 file imports ml_dtypes on its first read as before.
+_NUMPY_RAW: dict[str, np.dtype] = {}
+
 #: Below this many bytes :meth:`ApackReader.check_raw_blobs` uses one thread (starting others costs more).
 PARALLEL_CRC_BYTES = 8 << 20
 
@@ -254,14 +258,33 @@ class ApackReader:
         return arr
 
     def _read(self, i: int, check_crc: bool) -> np.ndarray:
-        mm = self._mapping()
+        mm = self._mm
+        if mm is None:
+            raise AdapterpackError(f"{self.path}: file is closed")
         b = self.index.blobs[i]
+        npdt = _NUMPY_RAW.get(b.dtype) if b.codec["id"] == "raw" else None
+        if npdt is None:  # compressed, bool (its bytes are checked) or not looked up yet
+            return self._decode(mm, i, b, check_crc)
+        # the common case (a raw blob of numbers), with no more Python per blob than it needs
+        # frombuffer holds the mapping's buffer while the array lives (np.ndarray(buffer=...) lets it go,
+        # so close() would leave the array dangling)
+        arr = np.frombuffer(mm, npdt, b.length // npdt.itemsize, self.data_start + b.offset).reshape(b.shape)
+        if self.copy_on_write:
+            arr.flags.writeable = False
+        if check_crc and i not in self._verified:
+            if crc32c(arr) != b.crc32c:  # the array's own buffer: its bytes, in place
+                raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch (decoded bytes are corrupt)")
+            self._verified.add(i)
+        return arr
+
+    def _decode(self, mm: mmap.mmap, i: int, b: BlobEntry, check_crc: bool) -> np.ndarray:
+        """:meth:`_read` of any blob (compressed, bool, or the first of its dtype: it learns the numpy dtype)."""
         dt = dtypes.by_name(b.dtype)
         try:
             if b.codec["id"] == "raw":
+                if dt.name != "bool":
+                    _NUMPY_RAW[dt.name] = dt.numpy
                 start = self.data_start + b.offset
-                # frombuffer holds the mapping's buffer while the array lives (np.ndarray(buffer=...) lets it go,
-                # so close() would leave the array dangling)
                 arr = np.frombuffer(mm, dt.numpy, b.length // dt.itemsize, start).reshape(b.shape)
                 if self.copy_on_write:
                     arr.flags.writeable = False
@@ -311,7 +334,7 @@ class ApackReader:
     def _stored_tensor(self, i: int) -> StoredTensor:
         b = self.index.blobs[i]
         loader = BlobLoader(self, i)
-        return StoredTensor(b.dtype, b.shape, b.stored_length, b.codec_id, loader, loader.rows)
+        return StoredTensor(b.dtype, b.shape, b.stored_length, b.codec["id"], loader, loader.rows)
 
     # --- adapters -------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
 from msgspec import UNSET
 
 from adapterpack.adapter import Adapter, Module, TensorLike
@@ -60,18 +61,21 @@ def build_adapter(
         raise IndexFormatError(f"{aw}: metadata values must be strings")
     adapter = Adapter(name=rec.name, base_model=base_model, base_architecture=arch, source=source, metadata=metadata)
     modules = adapter.modules
-    every_codec_known = all(b.known_codec for b in blobs)
-    signatures = [(b.dtype, b.shape) for b in blobs]
+    every_codec_known = all([b.known_codec for b in blobs])
+    signature = [(b.dtype, b.shape) for b in blobs].__getitem__
     known_ids: dict[Any, bool] = {}
     #: records already validated, by what validation sees: many records of an adapter share encoding,
     #: params, base shape and slot dtypes and shapes (every layer's q_proj), and are validated once
     valid: set[tuple[Any, ...]] = set()
     for m in rec.modules:
-        mw = f"{aw} module {m.name!r}"
-        enc_id = _typed(m.encoding, "encoding", str, mw)
+        enc_id = m.encoding
+        if type(enc_id) is not str:
+            enc_id = _typed(enc_id, "encoding", str, _where(aw, m))
         must = m.must_understand
-        if type(must) is not bool:
-            must = _typed(must, "must_understand", bool, mw, True)
+        if must is UNSET:
+            must = True
+        elif type(must) is not bool:
+            must = _typed(must, "must_understand", bool, _where(aw, m), True)
         refs = m.tensors
         known = known_ids.get(enc_id)
         if known is None:
@@ -80,17 +84,17 @@ def build_adapter(
         if not known or unreadable:
             what = f"encoding {enc_id!r:.200}" if not known else f"codec {unreadable[0]!r:.200}"
             if must and not known:
-                raise UnknownEncodingError(f"{mw}: unknown encoding {enc_id!r:.200} marked must_understand")
+                raise UnknownEncodingError(f"{_where(aw, m)}: unknown encoding {enc_id!r:.200} marked must_understand")
             adapter.skipped.append(f"module {m.name!r}: {what} not understood, skipped")
             continue
         base_shape = m.base_shape
         if type(base_shape) is not tuple:  # the fast path decoded a checked tuple; JSON objects hold a list
-            base_shape = get_shape({} if base_shape is UNSET else {"base_shape": base_shape}, "base_shape", mw)
+            base_shape = get_shape({} if base_shape is UNSET else {"base_shape": base_shape}, "base_shape", _where(aw, m))
         params = m.params
         if type(params) is not dict:
-            params = _typed(params, "params", dict, mw)
+            params = _typed(params, "params", dict, _where(aw, m))
         module = Module(m.name, enc_id, base_shape, params, {slot: tensor(r) for slot, r in refs.items()}, must)
-        key = _validation_key(module, refs, signatures)
+        key = _validation_key(enc_id, must, base_shape, params, refs, signature)
         if key is None or key not in valid:
             get_encoding(enc_id).validate(module)
             if key is not None:
@@ -106,17 +110,27 @@ def build_adapter(
     return adapter
 
 
-def _validation_key(module: Module, refs: dict[str, int], signatures: list[tuple[str, tuple[int, ...]]]) -> tuple[Any, ...] | None:
-    """What an encoding's ``validate`` sees of a record read from a file (it sees dtypes and shapes, never values),
-    hashable; None when a param is not a JSON scalar. Types are part of it (``1``, ``1.0`` and ``true`` are equal).
-    ``signatures`` holds every blob's (dtype, shape)."""
-    p = module.params
-    values = tuple(p.values())
-    types = tuple(map(type, values))
-    if not _SCALARS.issuperset(types):
+def _where(aw: str, m: Any) -> str:
+    """How errors name module record ``m`` of the adapter ``aw`` names (built only for an error)."""
+    return f"{aw} module {m.name!r}"
+
+
+_PARAMS_TEXT = msgspec.json.Encoder().encode
+
+
+def _validation_key(
+    enc_id: str,
+    must: bool,
+    base_shape: tuple[int, ...],
+    params: dict[str, Any],
+    refs: dict[str, int],
+    signature: Callable[[int], tuple[str, tuple[int, ...]]],
+) -> tuple[Any, ...] | None:
+    """What an encoding's ``validate`` sees of a record read from an index (dtypes and shapes, never values), hashable;
+    ``signature(i)`` is blob ``i``'s (dtype, shape). The params are JSON values (decoded from the index), so their JSON
+    text tells them apart, types included (``1``, ``1.0`` and ``true`` are equal in Python); None where they have none."""
+    try:
+        text = _PARAMS_TEXT(params)
+    except (TypeError, ValueError, OverflowError, msgspec.EncodeError):
         return None
-    slots = tuple(map(signatures.__getitem__, refs.values()))
-    return (module.encoding, module.must_understand, module.base_shape, tuple(p), values, types, tuple(refs), slots)
-
-
-_SCALARS = frozenset((str, int, float, bool, type(None)))
+    return (enc_id, must, base_shape, text, tuple(refs), tuple(map(signature, refs.values())))
