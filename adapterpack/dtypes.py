@@ -84,6 +84,10 @@ _BY_GGUF = {d.gguf: d for d in DTYPES.values() if d.gguf}
 
 #: Short aliases accepted on the command line.
 ALIASES = {"fp64": "float64", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16"}
+#: The float types a cast or an export writes, widest first (float64 is read, never written by one).
+CAST_TARGETS: tuple[str, ...] = ("float32", "float16", "bfloat16")
+#: Their command-line names (``fp32``, ``fp16``, ``bf16``), in the same order.
+CAST_CHOICES: tuple[str, ...] = tuple(next(a for a, n in ALIASES.items() if n == name) for name in CAST_TARGETS)
 
 
 def by_name(name: str) -> DType:

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from adapterpack import dtypes
 from adapterpack.cli import output as out
 from adapterpack.codecs import codec_ids
 from adapterpack.linalg.allocate import WEIGHTINGS
@@ -17,7 +18,7 @@ from adapterpack.ops.rerank import RerankPolicy, rerank_file
 
 HEADERS = ("module", "old rank", "new rank", "retained", "rel. error", "bytes before", "bytes after", "note")
 ALIGN = "<>>>>>><"
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = dtypes.CAST_CHOICES
 RULE_OPTIONS = ("--rank", "--energy", "--sv-ratio", "--budget", "--budget-ratio")
 
 

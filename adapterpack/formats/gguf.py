@@ -44,7 +44,7 @@ from adapterpack.formats.export import DROP_HINT, check_module_names, float32_al
 #: HF architecture → llama.cpp architecture name (the ones whose converter is LLaMA's, with the q/k permutation).
 ARCHS = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
 #: GGUF output dtypes.
-DTYPES = ("f32", "f16", "bf16")
+DTYPES = tuple(str(dtypes.by_name(n).gguf) for n in dtypes.CAST_TARGETS)
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 

@@ -49,7 +49,7 @@ APACK_TARGETS = ("apack", "nola")
 SERVE_TARGETS = SERVING_STACKS
 #: The output format a destination's name implies (``convert`` without ``--to``).
 infer_target = infer_format
-DTYPE_CHOICES = ("keep", "fp32", "fp16", "bf16")
+DTYPE_CHOICES = ("keep", *dtypes.CAST_CHOICES)
 
 
 

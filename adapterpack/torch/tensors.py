@@ -18,20 +18,9 @@ from adapterpack.adapter import TensorLike, as_array
 from adapterpack.errors import ConversionError
 from adapterpack.factors import Factors
 
-#: spec dtype name → torch dtype.
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+#: spec dtype name → torch dtype (from the one dtype table, :data:`adapterpack.dtypes.DTYPES`).
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, d.torch) for name, d in dtypes.DTYPES.items()}
+FLOATS = tuple(TORCH_DTYPES[name] for name in dtypes.FLOATS)
 
 
 def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
