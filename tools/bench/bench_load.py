@@ -238,8 +238,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--workdir", type=Path, help="where to write the test files (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     ap.add_argument("--breakdown", action="store_true", help="also time each step of adapterpack.open")
+    ap.add_argument(
+        "--crc-threads", type=int, help="threads of torch.load's CRC pass (default: every core, at most 4; staging.CRC_THREADS)"
+    )
     args = ap.parse_args(argv)
     repeats = args.repeats or (5 if args.quick else 61)
+    if args.crc_threads is not None:
+        from adapterpack.torch import staging
+
+        staging.CRC_THREADS = max(1, args.crc_threads)
     with tempfile.TemporaryDirectory(prefix="apack-bench-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
