@@ -14,7 +14,7 @@ import msgspec
 from msgspec import UNSET
 
 from adapterpack.adapter import Adapter, Module, TensorLike
-from adapterpack.container.index import AdapterRecord, BlobEntry, check_references, get_shape
+from adapterpack.container.index import AdapterRecord, BlobEntry, check_references, get, get_shape
 from adapterpack.encodings import get_encoding, is_known
 from adapterpack.errors import IndexFormatError, UnknownEncodingError
 
@@ -22,20 +22,10 @@ __all__ = ["build_adapter", "check_references"]
 
 
 def _typed(value: Any, key: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
-    """``value`` (``UNSET`` when the key is absent) checked as :func:`adapterpack.container.index.get` checks it."""
+    """``value`` (``UNSET`` when the key is absent) checked by :func:`adapterpack.container.index.get`, the one rule."""
     if type(value) is kind:
         return value
-    if value is UNSET:
-        if default is ...:
-            raise IndexFormatError(f"{where}: missing {key!r}")
-        return default
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if type(value) in kinds:
-        return value
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        names = "/".join(k.__name__ for k in kinds)
-        raise IndexFormatError(f"{where}: {key!r} must be {names}, got {value!r:.80}")
-    return value
+    return get({} if value is UNSET else {key: value}, key, kind, where, default)
 
 
 _NULLABLE_STR = (str, type(None))
