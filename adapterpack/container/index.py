@@ -15,22 +15,26 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 import numpy as np
+import zstandard
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from adapterpack import codecs, dtypes
+from adapterpack.codecs import zstd as _zstd
 from adapterpack.container import prefix
 from adapterpack.container.preamble import align_up
 from adapterpack.errors import (
     AdapterpackError,
+    CodecError,
     DuplicateNameError,
     IndexFormatError,
+    IndexTooLargeError,
     LayoutError,
     LengthMismatchError,
     TruncatedFileError,
     UnknownCodecError,
     UnknownDTypeError,
 )
-from adapterpack.limits import MAX_ADAPTER_NAME, MAX_BLOBS, MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_NAME, MAX_NDIM
+from adapterpack.limits import MAX_ADAPTER_NAME, MAX_BLOBS, MAX_INDEX_LENGTH, MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_NAME, MAX_NDIM
 from adapterpack.names import name_problem
 
 _ITEMSIZES = {name: d.itemsize for name, d in dtypes.DTYPES.items()}
@@ -41,19 +45,55 @@ SMALL_ALIGNMENT = 8
 LARGE_ALIGNMENT = 256
 
 
-def blob_alignment(stored_length: int) -> int:
-    """Required alignment of a blob: 256 bytes, or 8 for blobs under 4096 bytes (spec §1.2)."""
+def blob_alignment(stored_length: int, raw: bool = True) -> int:
+    """Required alignment of a blob (spec §1.2): a raw blob 256 bytes, or 8 under 4096 bytes; a compressed blob
+    1 in a packed file (``raw`` False: nothing maps it, so padding would be waste)."""
+    if not raw:
+        return 1
     return LARGE_ALIGNMENT if stored_length >= SMALL_BLOB else SMALL_ALIGNMENT
 
 
-def plan_offsets(stored_lengths: list[int]) -> list[int]:
-    """Offsets (relative to the data section) of blobs of these stored lengths, in order."""
+def plan_offsets(stored_lengths: list[int], raw: list[bool] | None = None) -> list[int]:
+    """Offsets (relative to the data section) of blobs of these stored lengths, in order.
+
+    ``raw`` None is the layout of 1.0–1.2 (and of 1.3 files without the packed flag): every blob
+    aligned. Given, it says which blobs are raw, and only those are aligned (the packed layout)."""
     offsets, end = [], 0
-    for n in stored_lengths:
-        start = align_up(end, blob_alignment(n))
+    for i, n in enumerate(stored_lengths):
+        start = align_up(end, blob_alignment(n, True if raw is None else raw[i]))
         offsets.append(start)
         end = start + n
     return offsets
+
+
+def index_text(stored: bytes, compressed: bool) -> bytes:
+    """The JSON text of an index whose stored bytes are ``stored`` (spec §1.3): as they are, or, with the
+    compressed-index flag, the one Zstandard frame they hold, decoded with its declared size checked first.
+
+    The declared size is bounded by the index-length limit before anything of that size is allocated, and
+    the frame must be exactly one frame of exactly that size (the rules of spec §5.1 and §5.3)."""
+    if not compressed:
+        return stored
+    frame = memoryview(stored)
+    if bytes(frame[:4]) != zstandard.FRAME_HEADER:
+        raise IndexFormatError("compressed index: not a zstd frame (no zstd magic number)")
+    try:
+        declared = zstandard.frame_content_size(frame)
+    except zstandard.ZstdError as e:
+        raise IndexFormatError(f"compressed index: not a zstd frame ({e})") from None
+    if declared < 0:
+        raise IndexFormatError("compressed index: the frame does not declare its content size")
+    if declared > MAX_INDEX_LENGTH:
+        raise IndexTooLargeError(f"compressed index declares {declared} bytes of JSON, over the {MAX_INDEX_LENGTH}-byte limit")
+    if declared < 2:
+        raise IndexFormatError(f"compressed index declares {declared} bytes, too few for a JSON object")
+    out = bytearray(declared)
+    try:
+        _zstd.check_frame(frame, declared, "compressed index")
+        _zstd.decode_checked(frame, memoryview(out), "compressed index")
+    except CodecError as e:
+        raise IndexFormatError(str(e)) from None
+    return bytes(out)
 
 
 #: A JSON integer the spec calls ``int``: written without fraction or exponent, in [0, 2**53).
@@ -526,14 +566,16 @@ def _prefix_crcs(value: Any, shape: tuple[int, ...], where: str) -> tuple[int, .
     return tuple(value)
 
 
-def check_layout(blobs: list[BlobEntry], data_start: int, file_size: int) -> None:
-    """Offsets exactly as the alignment rule places them, and the file ending at the last blob."""
-    expected = plan_offsets([b.stored_length for b in blobs])
+def check_layout(blobs: list[BlobEntry], data_start: int, file_size: int, packed: bool = False) -> None:
+    """Offsets exactly as the alignment rule places them (the packed rule with ``packed``), and the file ending at the last blob."""
+    raw = [b.codec.get("id") == "raw" for b in blobs] if packed else [True] * len(blobs)
+    expected = plan_offsets([b.stored_length for b in blobs], raw)
     for i, (b, off) in enumerate(zip(blobs, expected, strict=True)):
         if b.offset != off:
             what = "overlaps the previous blob" if b.offset < off else "leaves a gap beyond padding or is misaligned"
-            if b.offset % blob_alignment(b.stored_length):
-                what = f"is not aligned to {blob_alignment(b.stored_length)} bytes"
+            align = blob_alignment(b.stored_length, raw[i])
+            if b.offset % align:
+                what = f"is not aligned to {align} bytes"
             raise LayoutError(f"blob {i}: offset {b.offset} {what} (expected {off})")
     end = data_start + (expected[-1] + blobs[-1].stored_length if blobs else 0)
     if end > file_size:
@@ -542,14 +584,14 @@ def check_layout(blobs: list[BlobEntry], data_start: int, file_size: int) -> Non
         raise LayoutError(f"file has {file_size - end} bytes after the last blob")
 
 
-def parse_index(raw: dict[str, Any], data_start: int, file_size: int) -> Index:
-    """Validate the top level, blobs and layout; adapters are checked by the reader."""
+def parse_index(raw: dict[str, Any], data_start: int, file_size: int, packed: bool = False) -> Index:
+    """Validate the top level, blobs and layout (the packed layout with ``packed``); adapters are checked by the reader."""
     blobs_raw = get(raw, "blobs", list, "index")
     if len(blobs_raw) > MAX_BLOBS:
         raise IndexFormatError(f"index lists {len(blobs_raw)} blobs, over the limit of {MAX_BLOBS}")
     bounds: dict[str, int | None] = {}
     blobs = [parse_blob(i, b, bounds) for i, b in enumerate(blobs_raw)]
-    check_layout(blobs, data_start, file_size)
+    check_layout(blobs, data_start, file_size, packed)
     adapters = get(raw, "adapters", list, "index")
     if not adapters:
         raise IndexFormatError("index lists no adapters")
@@ -658,7 +700,7 @@ def _colons(data: bytes) -> int:
     return int(np.count_nonzero(np.frombuffer(data, np.uint8) == ord(":")))  # faster than bytes.count
 
 
-def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int) -> bool:
+def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int, packed: bool = False) -> bool:
     """Stage 4 (what msgspec left: dtype, length, codec, prefix CRCs) and stage 5 (layout) on decoded blobs."""
     itemsizes = _ITEMSIZES
     prod = math.prod
@@ -708,8 +750,11 @@ def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int) -> bool:
         if b.prefix_crc32c and (len(shape) < 1 or shape[0] < 2 or len(b.prefix_crc32c) != prefix.count(shape[0])):
             return False
         b.known_codec = known
-        align = LARGE_ALIGNMENT if stored >= SMALL_BLOB else SMALL_ALIGNMENT
-        start = -(-end // align) * align
+        if packed and cid != "raw":
+            start = end
+        else:
+            align = LARGE_ALIGNMENT if stored >= SMALL_BLOB else SMALL_ALIGNMENT
+            start = -(-end // align) * align
         if b.offset != start:
             return False
         end = start + stored
@@ -747,7 +792,7 @@ def _references_fit(adapters: list[AdapterRecord], n_blobs: int) -> list[int] | 
     return None if 0 in used else used
 
 
-def _fast_index(data: bytes, data_start: int, file_size: int) -> Index | None:
+def _fast_index(data: bytes, data_start: int, file_size: int, packed: bool) -> Index | None:
     if len(data) > _COUNTS_UNREACHABLE:
         try:
             _check_shape(data)
@@ -759,7 +804,7 @@ def _fast_index(data: bytes, data_start: int, file_size: int) -> Index | None:
         return None
     if not _no_duplicate_keys(data, wire) or _too_deep(wire.writer, 2):
         return None
-    if not _blobs_fit(wire.blobs, data_start, file_size):
+    if not _blobs_fit(wire.blobs, data_start, file_size, packed):
         return None
     refs = _references_fit(wire.adapters, len(wire.blobs))
     if refs is None:
@@ -767,15 +812,16 @@ def _fast_index(data: bytes, data_start: int, file_size: int) -> Index | None:
     return Index(None, wire.blobs, data=data, records=wire.adapters, refs=refs)
 
 
-def read_index(data: bytes, data_start: int, file_size: int) -> Index:
-    """Validate index bytes through stage 6 of spec §10.2 (JSON, blob table, layout, adapters and references).
+def read_index(data: bytes, data_start: int, file_size: int, packed: bool = False) -> Index:
+    """Validate index bytes (the JSON text) through stage 6 of spec §10.2 (JSON, blob table, layout, adapters and
+    references); ``packed``: the file's preamble sets the packed-layout flag (spec §1.2).
 
     The fast path (msgspec, above) accepts a sound index; anything else goes through :func:`loads`,
     :func:`parse_index` and :func:`check_references`, which raise the error spec §10.2 names.
     """
-    index = _fast_index(data, data_start, file_size)
+    index = _fast_index(data, data_start, file_size, packed)
     if index is None:
-        index = parse_index(loads(data), data_start, file_size)
+        index = parse_index(loads(data), data_start, file_size, packed)
         check_references(index)
         if index._data is None:
             index._data = data

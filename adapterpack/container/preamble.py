@@ -10,11 +10,15 @@ from adapterpack.limits import MAX_INDEX_LENGTH
 
 MAGIC = b"\x89APK\r\n\x1a\n"
 MAJOR = 1
-MINOR = 2
+MINOR = 3
 PREAMBLE_SIZE = 32
 MIN_INDEX_LENGTH = 2
-#: Flag bits 0–15 are must-understand; 1.0 defines none.
-KNOWN_MUST_UNDERSTAND_FLAGS = 0
+#: Must-understand flag bit 0 (since 1.3): the index is one Zstandard frame holding the JSON text (spec §1.3).
+FLAG_INDEX_ZSTD = 0x1
+#: Must-understand flag bit 1 (since 1.3): only raw blobs are aligned, compressed ones are packed (spec §1.2).
+FLAG_PACKED = 0x2
+#: Flag bits 0–15 are must-understand; 1.0–1.2 define none, 1.3 bits 0 and 1.
+KNOWN_MUST_UNDERSTAND_FLAGS = FLAG_INDEX_ZSTD | FLAG_PACKED
 DATA_ALIGNMENT = 256
 
 _STRUCT = struct.Struct("<8sHHIQII")
@@ -33,6 +37,16 @@ class Preamble:
     def pack(self) -> bytes:
         """The 32 preamble bytes."""
         return _STRUCT.pack(MAGIC, self.major, self.minor, self.flags, self.index_length, self.index_crc32c, 0)
+
+    @property
+    def compressed_index(self) -> bool:
+        """Whether the ``index_length`` bytes after the preamble are a Zstandard frame (flag bit 0)."""
+        return bool(self.flags & FLAG_INDEX_ZSTD)
+
+    @property
+    def packed(self) -> bool:
+        """Whether the file uses the 1.3 layout: compressed blobs unaligned (flag bit 1)."""
+        return bool(self.flags & FLAG_PACKED)
 
     @property
     def data_start(self) -> int:

@@ -23,7 +23,7 @@ from adapterpack import codecs, dtypes
 from adapterpack.adapter import Adapter, StoredTensor
 from adapterpack.checksum import crc32c
 from adapterpack.container import prefix
-from adapterpack.container.index import AdapterRecord, BlobEntry, Index, read_index
+from adapterpack.container.index import AdapterRecord, BlobEntry, Index, index_text, read_index
 from adapterpack.container.preamble import MAGIC, PREAMBLE_SIZE, Preamble, parse_preamble
 from adapterpack.container.records import build_adapter
 from adapterpack.errors import AdapterNotFoundError, AdapterpackError, ChecksumError, CodecError
@@ -162,7 +162,10 @@ class ApackReader:
         if crc32c(index_bytes) != pre.index_crc32c:
             raise ChecksumError("index checksum mismatch (file corrupt or edited)")
         self.data_start = pre.data_start
-        self.index: Index = read_index(index_bytes, pre.data_start, size)
+        text = index_text(index_bytes, pre.compressed_index)  # the CRC covers the stored bytes, checked first (spec §10.2)
+        #: Bytes of the index's JSON text (``preamble.index_length`` is what the file stores: fewer when compressed).
+        self.index_text_length = len(text)
+        self.index: Index = read_index(text, pre.data_start, size, pre.packed)
         self.version = f"{pre.major}.{pre.minor}"
         blobs = self.index.blobs
         # compressed blobs that several records reference (a bank's U and V) are decoded once and kept
@@ -187,7 +190,7 @@ class ApackReader:
         return memoryview(self._mapping())
 
     def blob_offset(self, i: int) -> int:
-        """Where blob ``i``'s stored bytes start in the file (a multiple of 8, spec §1.2)."""
+        """Where blob ``i``'s stored bytes start in the file (for a raw blob a multiple of 8, spec §1.2)."""
         return self.data_start + self.index.blobs[i].offset
 
     def blob_bytes(self, i: int) -> memoryview:

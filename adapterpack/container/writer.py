@@ -15,17 +15,38 @@ from adapterpack.adapter import Adapter, StoredTensor, as_array
 from adapterpack.atomic import atomic_file
 from adapterpack.checksum import crc32c
 from adapterpack.container import prefix
-from adapterpack.container.index import blob_alignment, dumps, loads, parse_index, plan_offsets
-from adapterpack.container.preamble import MAJOR, MAX_INDEX_LENGTH, MINOR, PREAMBLE_SIZE, Preamble, align_up
+from adapterpack.codecs import zstd as _zstd
+from adapterpack.container.index import blob_alignment, dumps, index_text, loads, parse_index, plan_offsets
+from adapterpack.container.preamble import (
+    FLAG_INDEX_ZSTD,
+    FLAG_PACKED,
+    MAJOR,
+    MAX_INDEX_LENGTH,
+    MINOR,
+    PREAMBLE_SIZE,
+    Preamble,
+    align_up,
+)
 from adapterpack.container.records import build_adapter, check_references
 from adapterpack.encodings import get_encoding, is_known
 from adapterpack.errors import AdapterpackError, CodecError, DuplicateNameError, IndexTooLargeError
 from adapterpack.version import __version__
 
 
+#: zstd level of a compressed index up to :data:`INDEX_SMALL` bytes of JSON, and above (a writer's choice, not the spec's:
+#: the small level costs tens of milliseconds on a few hundred KB and saves about a tenth of the frame).
+INDEX_LEVEL_SMALL, INDEX_LEVEL_LARGE = 19, 9
+INDEX_SMALL = 1 << 18
+
+
+def compress_index(text: bytes) -> bytes:
+    """The index JSON ``text`` as one Zstandard frame declaring its size (spec §1.3), deterministic for a libzstd version."""
+    return _zstd.compress(text, INDEX_LEVEL_SMALL if len(text) <= INDEX_SMALL else INDEX_LEVEL_LARGE)
+
+
 @dataclass
 class WriteResult:
-    """What was written: sizes for reports."""
+    """What was written: sizes for reports (``index_length`` as stored; ``index_text_length`` of its JSON)."""
 
     path: Path
     file_size: int
@@ -34,6 +55,7 @@ class WriteResult:
     blobs: int
     decoded_bytes: int
     stored_bytes: int
+    index_text_length: int = 0
 
 
 def _writer_id() -> str:
@@ -84,10 +106,13 @@ class ApackPlan:
     """The index of a file about to be written and where its blobs go (spec §1–§2)."""
 
     index: dict[str, Any]
+    #: the index as stored after the preamble (a zstd frame when ``preamble.compressed_index``)
     index_bytes: bytes
     preamble: Preamble
     offsets: list[int]
     lengths: list[int]
+    #: the index's JSON text
+    index_text: bytes = b""
 
     @property
     def file_size(self) -> int:
@@ -95,10 +120,14 @@ class ApackPlan:
         return self.preamble.data_start + (self.offsets[-1] + self.lengths[-1] if self.lengths else 0)
 
 
-def plan_apack(adapters: Sequence[Adapter], encode: BlobEncoder, *, validate: bool = True) -> ApackPlan:
+def plan_apack(adapters: Sequence[Adapter], encode: BlobEncoder, *, validate: bool = True, compact: bool = True) -> ApackPlan:
     """The index ``write_apack`` writes for ``adapters``: every tensor through ``encode`` (once per
     slot, in file order), every record validated unless ``validate`` is False. Used by the writer
-    and by size audits that need the exact file size without writing it."""
+    and by size audits that need the exact file size without writing it.
+
+    ``compact`` (1.3, spec §1.2–§1.3): the index is stored as a zstd frame where that is smaller, and
+    compressed blobs are packed without alignment padding; each sets its must-understand flag bit.
+    Without it the file has the layout and plain index of 1.2."""
     lengths: list[int] = []
     blob_objs: list[dict[str, Any]] = []
 
@@ -134,15 +163,21 @@ def plan_apack(adapters: Sequence[Adapter], encode: BlobEncoder, *, validate: bo
             entry["metadata"] = {str(k): str(v) for k, v in a.metadata.items()}
         index_adapters.append(entry)
 
-    offsets = plan_offsets(lengths)
+    raw = [b["codec"]["id"] == "raw" for b in blob_objs]
+    packed = compact and not all(raw)  # with raw blobs only, both layouts are the same: no flag needed
+    offsets = plan_offsets(lengths, raw if packed else None)
     for obj, off in zip(blob_objs, offsets, strict=True):
         obj["offset"] = off
     index = {"writer": _writer_id(), "adapters": index_adapters, "blobs": [_ordered(b) for b in blob_objs]}
-    index_bytes = dumps(index)
-    if len(index_bytes) > MAX_INDEX_LENGTH:
-        raise IndexTooLargeError(f"index would be {len(index_bytes)} bytes, over the {MAX_INDEX_LENGTH}-byte limit")
-    pre = Preamble(MAJOR, MINOR, 0, len(index_bytes), crc32c(index_bytes))
-    return ApackPlan(index, index_bytes, pre, offsets, lengths)
+    text = dumps(index)
+    if len(text) > MAX_INDEX_LENGTH:
+        raise IndexTooLargeError(f"index would be {len(text)} bytes, over the {MAX_INDEX_LENGTH}-byte limit")
+    stored = compress_index(text) if compact else text
+    if len(stored) >= len(text):
+        stored = text
+    flags = (FLAG_INDEX_ZSTD if stored is not text else 0) | (FLAG_PACKED if packed else 0)
+    pre = Preamble(MAJOR, MINOR, flags, len(stored), crc32c(stored))
+    return ApackPlan(index, stored, pre, offsets, lengths, text)
 
 
 def write_apack(
@@ -153,12 +188,14 @@ def write_apack(
     level: int | None = None,
     progress: Callable[[int], None] | None = None,
     overwrite: bool = True,
+    compact: bool = True,
 ) -> WriteResult:
     """Write ``adapters`` to ``path`` atomically (``overwrite`` false: OutputExistsError if it exists).
 
     ``codec`` is applied to every blob where it makes the blob smaller (raw otherwise;
     byteplanes falls back to zstd for 1-byte types); ``level`` None means the codec's default. ``progress`` is called with the
-    decoded bytes of each blob as it is encoded.
+    decoded bytes of each blob as it is encoded. ``compact`` False writes the 1.2 layout with a plain JSON index
+    (what a reader of 1.0–1.2 reads; see :func:`plan_apack`).
     """
     if isinstance(adapters, Adapter):
         adapters = [adapters]
@@ -176,13 +213,16 @@ def write_apack(
             progress(arr.nbytes)
         return len(data), cfg, crc
 
-    plan = plan_apack(adapters, encode)
+    plan = plan_apack(adapters, encode, compact=compact)
     index_bytes, offsets, pre = plan.index_bytes, plan.offsets, plan.preamble
     blob_objs = plan.index["blobs"]
     data_start = pre.data_start
     end = plan.file_size
     try:
-        check_index(index_bytes, data_start, end)
+        text = index_text(index_bytes, pre.compressed_index)  # what a reader will parse, through the reader's own decoder
+        if text != plan.index_text:
+            raise AdapterpackError("the compressed index does not decode to its JSON text")
+        check_index(text, data_start, end, pre.packed)
     except AdapterpackError as e:
         raise type(e)(f"cannot write {path}: {e}") from None
     padding = data_start - PREAMBLE_SIZE - len(index_bytes)
@@ -206,17 +246,19 @@ def write_apack(
         blobs=len(stored),
         decoded_bytes=sum(b["length"] for b in blob_objs),
         stored_bytes=sum(len(s) for s in stored),
+        index_text_length=len(plan.index_text),
     )
 
 
-def check_index(index_bytes: bytes, data_start: int, file_size: int) -> None:
-    """Refuse an index the reader would refuse, with the reader's own checks and error classes.
+def check_index(index_bytes: bytes, data_start: int, file_size: int, packed: bool = False) -> None:
+    """Refuse an index (its JSON text; ``packed``: of a file with the packed-layout flag) the reader would refuse,
+    with the reader's own checks and error classes.
 
     Runs on the bytes about to be written (so it sees exactly what JSON kept): the index
     schema, blob table and layout, references and names, and every record of every
     adapter (encodings validate from dtypes and shapes; no tensor is read).
     """
-    index = parse_index(loads(index_bytes), data_start, file_size)
+    index = parse_index(loads(index_bytes), data_start, file_size, packed)
     check_references(index)
     blobs = index.blobs
 
@@ -237,4 +279,4 @@ def _ordered(b: dict[str, Any]) -> dict[str, Any]:
     return {k: b[k] for k in keys if k in b}
 
 
-__all__ = ["WriteResult", "align_up", "blob_alignment", "check_index", "encode_blob", "write_apack"]
+__all__ = ["WriteResult", "align_up", "blob_alignment", "check_index", "compress_index", "encode_blob", "write_apack"]
