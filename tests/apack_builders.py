@@ -20,8 +20,8 @@ import zstandard
 
 from adapterpack.adapter import Adapter, Module
 from adapterpack.checksum import crc32c
-from adapterpack.container.index import plan_offsets
-from adapterpack.container.preamble import MAGIC, PREAMBLE_SIZE, align_up
+from adapterpack.container.index import index_text, plan_offsets
+from adapterpack.container.preamble import FLAG_INDEX_ZSTD, FLAG_PACKED, MAGIC, PREAMBLE_SIZE, align_up
 from adapterpack.container.writer import write_apack
 from tools import fuzz_open
 
@@ -59,14 +59,19 @@ def assemble(
     pad: bytes | None = None,
     index_length: int | None = None,
     index_crc: int | None = None,
+    compress: bool | None = None,
     **fields: Any,
 ) -> bytes:
     """preamble + index + padding to D + data section.
 
     ``index_length``/``index_crc`` default to the true values (pass them to lie);
     ``pad`` replaces the zero padding between index and D; ``fields`` go to :func:`preamble`.
+    The index is stored as one zstd frame when ``compress`` is true, by default when ``flags`` has the
+    compressed-index bit (pass ``compress=False`` with that bit to store hand-made frame bytes).
     """
     ib = index_bytes(index)
+    if compress if compress is not None else fields.get("flags", 0) & FLAG_INDEX_ZSTD:
+        ib = zstd_frame(ib, level=19)
     length = len(ib) if index_length is None else index_length
     crc = crc32c(ib) if index_crc is None else index_crc
     if pad is None:
@@ -102,7 +107,8 @@ class Parts:
 
     def set_blobs(self, stored: list[bytes]) -> None:
         """Replace every blob's stored bytes, re-laying the data section by the alignment rule."""
-        offsets = plan_offsets([len(s) for s in stored])
+        packed = [b["codec"]["id"] == "raw" for b in self.index["blobs"]] if self.flags & FLAG_PACKED else None
+        offsets = plan_offsets([len(s) for s in stored], packed)
         out = bytearray()
         for b, s, off in zip(self.index["blobs"], stored, offsets, strict=True):
             out += b"\0" * (off - len(out))
@@ -124,7 +130,7 @@ class Parts:
 def split(raw: bytes) -> Parts:
     """Take a well-formed file apart."""
     _, major, minor, flags, length, _, reserved = PREAMBLE.unpack_from(raw)
-    index = json.loads(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length])
+    index = json.loads(index_text(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length], bool(flags & FLAG_INDEX_ZSTD)))
     start = align_up(PREAMBLE_SIZE + length, 256)
     return Parts(index=index, data=raw[start:], major=major, minor=minor, flags=flags, reserved=reserved)
 

@@ -18,9 +18,18 @@ from adapterpack import atomic
 from adapterpack.adapter import Adapter, Module
 from adapterpack.checksum import crc32c
 from adapterpack.container import ApackReader
-from adapterpack.container.index import blob_alignment, plan_offsets
+from adapterpack.container.index import blob_alignment, index_text, plan_offsets
 from adapterpack.container.index import dumps as index_dumps
-from adapterpack.container.preamble import DATA_ALIGNMENT, MAGIC, PREAMBLE_SIZE, Preamble, align_up, parse_preamble
+from adapterpack.container.preamble import (
+    DATA_ALIGNMENT,
+    FLAG_INDEX_ZSTD,
+    FLAG_PACKED,
+    MAGIC,
+    PREAMBLE_SIZE,
+    Preamble,
+    align_up,
+    parse_preamble,
+)
 from adapterpack.container.reader import VerifyReport
 from adapterpack.container.writer import write_apack
 from adapterpack.errors import AdapterpackError, DuplicateNameError, IndexFormatError, RankError, RecordError
@@ -80,15 +89,23 @@ def _mixed_adapter() -> Adapter:
     return Adapter(modules={"big": m}, tensors=tensors)
 
 
+@pytest.mark.parametrize("compact", [True, False], ids=["1.3", "1.2-layout"])
 @pytest.mark.parametrize("codec", ["raw", "zstd", "byteplanes"])
-def test_layout_alignment_and_padding_accounting(tmp_path: Path, codec: str) -> None:
+def test_layout_alignment_and_padding_accounting(tmp_path: Path, codec: str, compact: bool) -> None:
+    """spec §1.2: raw blobs aligned (256, or 8 under 4096 bytes); compressed blobs packed in a compact (1.3) file,
+    aligned like raw ones without ``compact``; the index compressed exactly when the flag says so."""
     path = tmp_path / "mixed.apack"
-    result = write_apack(path, _mixed_adapter(), codec=codec)
+    result = write_apack(path, _mixed_adapter(), codec=codec, compact=compact)
     raw = path.read_bytes()
     parts = split(raw)
     length = struct.unpack_from("<Q", raw, 16)[0]
+    flags = struct.unpack_from("<I", raw, 12)[0]
     data_start = align_up(32 + length, DATA_ALIGNMENT)
     blobs = parts.index["blobs"]
+    packed = compact and any(b["codec"]["id"] != "raw" for b in blobs)
+    assert flags == (FLAG_INDEX_ZSTD if compact else 0) | (FLAG_PACKED if packed else 0)
+    assert raw[32:36] == (b"\x28\xb5\x2f\xfd" if compact else b'{"wr')
+    assert result.index_text_length == len(index_text(raw[32 : 32 + length], compact))
 
     assert result.file_size == len(raw) == data_start + blobs[-1]["offset"] + blobs[-1]["stored_length"]
     assert result.index_length == length and result.blobs == len(blobs) == 7
@@ -100,13 +117,19 @@ def test_layout_alignment_and_padding_accounting(tmp_path: Path, codec: str) -> 
     end = 0
     for b in blobs:
         a = 256 if b["stored_length"] >= 4096 else 8
+        if packed and b["codec"]["id"] != "raw":
+            a = 1
         assert b["offset"] == align_up(end, a)  # exactly the padding alignment requires
         assert parts.data[end : b["offset"]] == b"\0" * (b["offset"] - end)
         end = b["offset"] + b["stored_length"]
-    assert [b["offset"] for b in blobs] == plan_offsets([b["stored_length"] for b in blobs])
+    is_raw = [b["codec"]["id"] == "raw" for b in blobs]
+    assert [b["offset"] for b in blobs] == plan_offsets([b["stored_length"] for b in blobs], is_raw if packed else None)
+    if packed:
+        assert result.padding < sum(blob_alignment(b["stored_length"]) for b in blobs if b["codec"]["id"] == "raw") + 256
 
     reader = ApackReader(path)
     assert reader.data_start == data_start and reader.file_size == len(raw)
+    assert reader.version == "1.3" and reader.preamble.packed == packed
     assert reader.verify().ok
     for i, b in enumerate(reader.blobs):
         arr = reader.read_blob(i)

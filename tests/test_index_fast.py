@@ -23,7 +23,7 @@ import adapterpack
 from adapterpack.adapter import Adapter, Module
 from adapterpack.container import ApackReader
 from adapterpack.container import index as idx
-from adapterpack.container.preamble import PREAMBLE_SIZE
+from adapterpack.container.preamble import FLAG_INDEX_ZSTD, FLAG_PACKED, PREAMBLE_SIZE
 from adapterpack.errors import AdapterpackError, DuplicateNameError, IndexFormatError
 from adapterpack.limits import MAX_JSON_DEPTH
 
@@ -31,15 +31,14 @@ VECTORS = Path(__file__).resolve().parents[1] / "spec" / "vectors"
 
 
 def _index_of(path: Path) -> tuple[bytes, int, int]:
-    raw = path.read_bytes()
-    length = int.from_bytes(raw[16:24], "little")
+    """The index's JSON text (decompressed), the data section's start and the file size."""
     with ApackReader(path) as r:
-        return raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length], r.data_start, r.file_size
+        return r.index._data, r.data_start, r.file_size
 
 
-def _slow(data: bytes, start: int, size: int) -> idx.Index | AdapterpackError:
+def _slow(data: bytes, start: int, size: int, packed: bool = False) -> idx.Index | AdapterpackError:
     try:
-        index = idx.parse_index(idx.loads(data), start, size)
+        index = idx.parse_index(idx.loads(data), start, size, packed)
         idx.check_references(index)
         return index
     except AdapterpackError as e:
@@ -54,10 +53,11 @@ def _same(fast: idx.Index, slow: idx.Index) -> None:
     assert fast.raw == slow.raw
 
 
-def agree(data: bytes, start: int, size: int) -> bool:
-    """Both paths on one index: the fast one never accepts what the slow one refuses; returns whether it accepted."""
-    fast = idx._fast_index(data, start, size)
-    slow = _slow(data, start, size)
+def agree(data: bytes, start: int, size: int, packed: bool = False) -> bool:
+    """Both paths on one index: the fast one never accepts what the slow one refuses; returns whether it accepted.
+    ``packed``: the file's preamble has the packed-layout flag (the sound file below does: it holds zstd blobs)."""
+    fast = idx._fast_index(data, start, size, packed)
+    slow = _slow(data, start, size, packed)
     if fast is not None:
         assert not isinstance(slow, AdapterpackError), f"fast path accepted an index refused with {slow!r}"
         _same(fast, slow)
@@ -86,6 +86,7 @@ def sound(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], int
     b = Adapter(name="two", modules={"m": lora(8, 6, 2)})
     adapterpack.save([a, b], path, codec="zstd")
     data, start, size = _index_of(path)
+    assert ApackReader(path).preamble.packed
     return json.loads(data), start, size, path
 
 
@@ -97,17 +98,21 @@ def test_every_vector_agrees() -> None:
         length = int.from_bytes(raw[16:24], "little")
         if len(raw) < PREAMBLE_SIZE or length > len(raw):
             continue
-        data = raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length]
+        flags = int.from_bytes(raw[12:16], "little")
+        try:
+            data = idx.index_text(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length], bool(flags & FLAG_INDEX_ZSTD))
+        except AdapterpackError:
+            continue  # a hostile compressed index: refused before any JSON is parsed
         start = -(-(PREAMBLE_SIZE + length) // 256) * 256
-        accepted += agree(data, start, len(raw))
+        accepted += agree(data, start, len(raw), bool(flags & FLAG_PACKED))
     assert accepted > 10
 
 
 def test_sound_files_take_the_fast_path(sound: tuple[dict[str, Any], int, int, Path]) -> None:
     _, start, size, path = sound
     data, _, _ = _index_of(path)
-    assert agree(data, start, size)
-    assert idx.read_index(data, start, size)._raw is None  # the JSON object is not built unless asked for
+    assert agree(data, start, size, True)
+    assert idx.read_index(data, start, size, True)._raw is None  # the JSON object is not built unless asked for
 
 
 def _paths(obj: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
@@ -164,7 +169,7 @@ def test_every_single_field_change_agrees(sound: tuple[dict[str, Any], int, int,
     n = accepted = 0
     for obj in _mutations(raw):
         data = json.dumps(obj, separators=(",", ":")).encode()
-        accepted += agree(data, start, size)
+        accepted += agree(data, start, size, True)
         n += 1
     assert n > 500 and 0 < accepted < n
 
@@ -181,18 +186,18 @@ def test_duplicate_keys_are_never_accepted(sound: tuple[dict[str, Any], int, int
     for value in ['"x"', "1", '"a\\u003ab"', "[]", "{}"]:  # escaped colons must not hide the dropped member
         dup = text[:at] + f"{key}:{value}," + text[at:]
         data = dup.encode()
-        assert not agree(data, start, size)
+        assert not agree(data, start, size, True)
         with pytest.raises(DuplicateNameError):
-            idx.read_index(data, start, size)
+            idx.read_index(data, start, size, True)
 
 
 def test_escaped_colons_and_backslashes_are_accepted(sound: tuple[dict[str, Any], int, int, Path]) -> None:
     raw, start, size, _ = sound
     text = json.dumps(raw, separators=(",", ":")).replace('"v:w"', '"v\\u003aw"')
-    assert agree(text.encode(), start, size)
+    assert agree(text.encode(), start, size, True)
     text = json.dumps(raw, separators=(",", ":")).replace('"v:w"', '"v\\\\u003aw\\\\"')  # literal backslashes
-    assert not agree(text.encode(), start, size)  # counted as escapes: steps aside, the slow path accepts
-    assert not isinstance(_slow(text.encode(), start, size), AdapterpackError)
+    assert not agree(text.encode(), start, size, True)  # counted as escapes: steps aside, the slow path accepts
+    assert not isinstance(_slow(text.encode(), start, size, True), AdapterpackError)
 
 
 @pytest.mark.parametrize("field", ["params", "source", "codec", "writer"])
@@ -213,12 +218,12 @@ def test_depth_limit_in_free_form_values(sound: tuple[dict[str, Any], int, int, 
             obj["writer"] = deep
         data = json.dumps(obj, separators=(",", ":")).encode()
         assert idx.json_depth(data) == MAX_JSON_DEPTH + extra
-        agree(data, start, size)
+        agree(data, start, size, True)
         if extra:
             with pytest.raises(IndexFormatError, match="nested too deeply"):
-                idx.read_index(data, start, size)
+                idx.read_index(data, start, size, True)
         else:
-            idx.read_index(data, start, size)
+            idx.read_index(data, start, size, True)
 
 
 def test_random_byte_edits_agree(sound: tuple[dict[str, Any], int, int, Path]) -> None:
@@ -238,4 +243,4 @@ def test_random_byte_edits_agree(sound: tuple[dict[str, Any], int, int, Path]) -
                 data.insert(at, ch)
             else:
                 del data[at]
-        agree(bytes(data), start, size)
+        agree(bytes(data), start, size, True)

@@ -14,6 +14,8 @@ import pytest
 import adapterpack
 from adapterpack import Adapter, Module
 from adapterpack.checksum import crc32c
+from adapterpack.container.index import index_text
+from adapterpack.container.preamble import FLAG_INDEX_ZSTD
 from adapterpack.container.reader import ApackReader
 from adapterpack.errors import AdapterNotFoundError, UnrecognizedInputError
 from adapterpack.ops.report import footprint, inspect_path
@@ -63,7 +65,11 @@ def test_apack_totals_equal_sums_from_the_file(tmp_path: Path) -> None:
     assert f["index_bytes"] == struct.unpack_from("<Q", path.read_bytes(), 16)[0]
     assert f["padding_bytes"] == size - 32 - f["index_bytes"] - t["stored_bytes"]
     assert f["padding_bytes"] > 0
-    assert f["format_version"] == "1.2"
+    assert f["format_version"] == "1.3"
+    assert f["index_compressed"] and f["packed"]
+    assert f["index_json_bytes"] == len(reader.index._data) > f["index_bytes"]
+    assert f["index_bytes_per_tensor"] == f["index_bytes"] / len(blobs)
+    assert f["padding_bytes_per_tensor"] == f["padding_bytes"] / len(blobs)
     assert f["codecs"] == {c: sum(b.codec_id == c for b in blobs) for c in {b.codec_id for b in blobs}}
     assert f["blobs"] == len(blobs)
     # per row: the stored bytes of exactly the blobs that record references
@@ -100,10 +106,11 @@ def rewrite_index(path: Path, edit: Any) -> None:
     data = path.read_bytes()
     n = struct.unpack_from("<Q", data, 16)[0]
     old_start = -(-(32 + n) // 256) * 256
-    index = json.loads(data[32 : 32 + n])
+    flags = struct.unpack_from("<I", data, 12)[0]
+    index = json.loads(index_text(data[32 : 32 + n], bool(flags & FLAG_INDEX_ZSTD)))
     edit(index)
-    new = json.dumps(index, separators=(",", ":")).encode()
-    head = data[:16] + struct.pack("<QII", len(new), crc32c(new), 0)
+    new = json.dumps(index, separators=(",", ":")).encode()  # written as plain JSON: the compressed-index flag cleared
+    head = data[:12] + struct.pack("<IQII", flags & ~FLAG_INDEX_ZSTD, len(new), crc32c(new), 0)
     start = -(-(32 + len(new)) // 256) * 256
     path.write_bytes(head + new + b"\0" * (start - 32 - len(new)) + data[old_start:])
 

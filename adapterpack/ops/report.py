@@ -134,15 +134,22 @@ def apack_file_report(reader: Any) -> dict[str, Any]:
     blobs = reader.blobs
     blob_bytes = sum(b.stored_length for b in blobs)
     index_bytes = reader.preamble.index_length
+    padding = reader.file_size - 32 - index_bytes - blob_bytes
+    n = len(blobs)
     return {
         "file_size": reader.file_size,
         "format_version": reader.version,
         "writer": reader.index.raw.get("writer"),
-        "index_bytes": index_bytes,
+        "index_bytes": index_bytes,  # as stored (spec §1.3: a zstd frame when index_compressed)
+        "index_json_bytes": reader.index_text_length,
+        "index_compressed": reader.preamble.compressed_index,
+        "index_bytes_per_tensor": index_bytes / n if n else None,
         "data_start": reader.data_start,
-        "blobs": len(blobs),
+        "blobs": n,
         "blob_bytes": blob_bytes,
-        "padding_bytes": reader.file_size - 32 - index_bytes - blob_bytes,
+        "padding_bytes": padding,
+        "padding_bytes_per_tensor": padding / n if n else None,
+        "packed": reader.preamble.packed,
         "codecs": dict(Counter(b.codec_id for b in blobs)),
     }
 
