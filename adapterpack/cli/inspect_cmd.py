@@ -62,8 +62,12 @@ def file_lines(report: dict[str, Any]) -> list[str]:
     if report["format"] != "apack":
         return [f"file     {out.size(f['file_size'])} on disk ({report['format']})"]
     codecs = ", ".join(f"{k} x{v}" for k, v in sorted(f["codecs"].items())) or "none"
-    per = (lambda k: f", {f[k]:.1f} B/tensor" if f[k] is not None else "")  # noqa: E731
-    index = f"{out.count(f['index_bytes'])} B" + (f" (zstd of {out.count(f['index_json_bytes'])} B of JSON)" if f["index_compressed"] else "")
+    def per(key: str) -> str:
+        return f", {f[key]:.1f} B/tensor" if f[key] is not None else ""
+
+    index = f"{out.count(f['index_bytes'])} B"
+    if f["index_compressed"]:
+        index += f" (zstd of {out.count(f['index_json_bytes'])} B of JSON)"
     return [
         f"file     {out.size(f['file_size'])}: format {f['format_version']}, {f['blobs']} blobs",
         f"index    {index}{per('index_bytes_per_tensor')}",

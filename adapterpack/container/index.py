@@ -34,7 +34,16 @@ from adapterpack.errors import (
     UnknownCodecError,
     UnknownDTypeError,
 )
-from adapterpack.limits import MAX_ADAPTER_NAME, MAX_BLOBS, MAX_INDEX_LENGTH, MAX_JSON_CONTAINERS, MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_NAME, MAX_NDIM
+from adapterpack.limits import (
+    MAX_ADAPTER_NAME,
+    MAX_BLOBS,
+    MAX_INDEX_LENGTH,
+    MAX_JSON_CONTAINERS,
+    MAX_JSON_DEPTH,
+    MAX_JSON_VALUES,
+    MAX_NAME,
+    MAX_NDIM,
+)
 from adapterpack.names import name_problem
 
 _ITEMSIZES = {name: d.itemsize for name, d in dtypes.DTYPES.items()}

@@ -14,8 +14,8 @@ from adapterpack import codecs, dtypes
 from adapterpack.adapter import Adapter, StoredTensor, as_array
 from adapterpack.atomic import atomic_file
 from adapterpack.checksum import crc32c
-from adapterpack.container import prefix
 from adapterpack.codecs import zstd as _zstd
+from adapterpack.container import prefix
 from adapterpack.container.index import blob_alignment, dumps, index_text, loads, parse_index, plan_offsets
 from adapterpack.container.preamble import (
     FLAG_INDEX_ZSTD,
@@ -31,7 +31,6 @@ from adapterpack.container.records import build_adapter, check_references
 from adapterpack.encodings import get_encoding, is_known
 from adapterpack.errors import AdapterpackError, CodecError, DuplicateNameError, IndexTooLargeError
 from adapterpack.version import __version__
-
 
 #: zstd level of a compressed index up to :data:`INDEX_SMALL` bytes of JSON, and above (a writer's choice, not the spec's:
 #: the small level costs tens of milliseconds on a few hundred KB and saves about a tenth of the frame).
