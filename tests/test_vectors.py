@@ -26,6 +26,12 @@ from tools.vectors._check import doc as _doc
 REPO = Path(__file__).resolve().parents[1]
 VECTORS = _check.VECTORS
 NAMES = _check.names()
+#: Vectors of earlier versions, kept as their writer made them (spec/format.md §9): still read as their JSON says.
+OLD = {folder.name: _check.names(folder) for folder in sorted(VECTORS.glob("v*")) if folder.is_dir()}
+OLD_CASES = [(version, name) for version, names in OLD.items() for name in names]
+#: Old refusal vectors whose defect a later version defined: 1.2's "flag bit 0 set" is 1.3's compressed-index flag, so
+#: a 1.3 reader takes the plain JSON after it for a zstd frame (the 1.3 vector of an unknown flag sets bit 2).
+SUPERSEDED = {("v1.2", "preamble_must_understand_flag"): "IndexFormatError"}
 ZSTD_VERSION = ".".join(map(str, zstandard.ZSTD_VERSION))
 
 
@@ -33,6 +39,27 @@ ZSTD_VERSION = ".".join(map(str, zstandard.ZSTD_VERSION))
 def test_vector_decodes_to_its_json(name: str) -> None:
     """Tensors bit for bit, ΔW (numpy and torch decoders) within the stated tolerance, or the named error."""
     _check.check(name)
+
+
+@pytest.mark.parametrize("case", OLD_CASES, ids=[f"{v}/{n}" for v, n in OLD_CASES])
+def test_old_version_vector_still_reads(case: tuple[str, str]) -> None:
+    """A vector of 1.2 (written before the compact index and the packed layout) decodes as its JSON says, or is refused
+    with its error: files of earlier versions stay readable."""
+    version, name = case
+    folder = VECTORS / version
+    d = _doc(name, folder)
+    if (version, name) in SUPERSEDED:  # its defect is a feature now: refused for another reason
+        d = d | {"error": SUPERSEDED[version, name]}
+        _check.check_refused(folder / d["file"], d)
+        return
+    assert d["version"] in ("1.0", "1.1", "1.2", f"1.{make_vectors.FUTURE_MINOR}") or "error" in d, (name, d["version"])
+    _check.check(name, folder, torch=False)
+
+
+def test_old_versions_are_kept() -> None:
+    """The 1.2 vectors are kept whole: every name of 1.2 is there (a vector may change, it may not vanish)."""
+    assert "v1.2" in OLD and len(OLD["v1.2"]) >= 78
+    assert {n for n in OLD["v1.2"] if n.startswith(("lora_", "features_", "multi_adapter"))} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if "error" not in _doc(n)])
@@ -136,6 +163,18 @@ def test_vectors_cover_the_spec() -> None:
     assert any(d.get("version") == newer and d["adapters"][0]["skipped_modules"] for d in docs if "adapters" in d)
     raw_256 = [t for t in tensors if t["codec"] == "raw" and math.prod(t["shape"]) * dtypes.by_name(t["dtype"]).itemsize >= 4096]
     assert raw_256, "no 256-aligned blob"
+    # 1.3 (format.md §1.1–§1.3): readable files with each flag combination a writer makes, a compressed blob at an
+    # offset the 1.2 rule would not allow, and refusals of hostile compressed indexes and of each layout under the other flag
+    flags = {}
+    for n in NAMES:
+        raw = (VECTORS / f"{n}.apack").read_bytes()
+        if len(raw) >= 32 and "error" not in _doc(n):
+            flags[n] = int.from_bytes(raw[12:16], "little") & 0xFFFF
+    assert {0, 1, 3} <= set(flags.values()), flags
+    packed = ApackReader(VECTORS / "layout_packed_zstd.apack")
+    assert any(b.codec_id != "raw" and b.offset % 8 for b in packed.blobs)
+    refused = {_doc(n)["error"] for n in NAMES if n.startswith(("index_zstd", "layout_")) and "error" in _doc(n)}
+    assert {"IndexTooLargeError", "IndexFormatError", "LayoutError"} <= refused
 
 
 def test_vectors_are_distinct_and_hold_the_codec_they_name() -> None:
@@ -157,7 +196,7 @@ def regenerated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_regenerating_gives_the_same_vectors(regenerated: Path) -> None:
-    assert sorted(p.name for p in regenerated.iterdir()) == sorted(p.name for p in VECTORS.iterdir())
+    assert sorted(p.name for p in regenerated.iterdir()) == sorted(p.name for p in VECTORS.iterdir() if p.is_file())
     for name in NAMES:
         committed, fresh = _doc(name), json.loads((regenerated / f"{name}.json").read_text(encoding="utf-8"))
         old_bytes, new_bytes = (VECTORS / f"{name}.apack").read_bytes(), (regenerated / f"{name}.apack").read_bytes()

@@ -33,8 +33,8 @@ from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module
 from adapterpack.checksum import crc32c
 from adapterpack.container import writer
-from adapterpack.container.index import dumps
-from adapterpack.container.preamble import PREAMBLE_SIZE, Preamble, align_up
+from adapterpack.container.index import dumps, index_text
+from adapterpack.container.preamble import FLAG_INDEX_ZSTD, FLAG_PACKED, PREAMBLE_SIZE, Preamble, align_up
 from tools.vectors import _reference as reference
 from tools.vectors import modules as vector_modules
 
@@ -145,15 +145,21 @@ def _write(path: Path, adapters: Adapter | list[Adapter], codec: str) -> None:
         writer.write_apack(path, adapters, codec=codec, level=LEVELS[codec])
 
 
+def _read_index(raw: bytes) -> tuple[dict[str, Any], int, int]:
+    """(index as a JSON object, preamble flags, stored index length) of a file's bytes."""
+    flags, length = struct.unpack_from("<IQ", raw, 12)
+    return json.loads(index_text(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length], bool(flags & FLAG_INDEX_ZSTD))), flags, length
+
+
 def _craft(path: Path, edit: Callable[[dict[str, Any]], None], major: int = 1, minor: int = 0) -> None:
-    """Rewrite ``path``'s index with ``edit`` applied (and the preamble's version), keeping its blobs."""
+    """Rewrite ``path``'s index with ``edit`` applied (and the preamble's version), keeping its blobs and layout
+    (the packed flag stays as written); the new index is plain JSON text."""
     raw = path.read_bytes()
-    length = struct.unpack_from("<Q", raw, 16)[0]
+    index, flags, length = _read_index(raw)
     data = raw[align_up(PREAMBLE_SIZE + length, 256) :]
-    index = json.loads(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length])
     edit(index)
     text = dumps(index)
-    pre = Preamble(major, minor, 0, len(text), crc32c(text))
+    pre = Preamble(major, minor, flags & FLAG_PACKED, len(text), crc32c(text))
     path.write_bytes(pre.pack() + text + b"\0" * (pre.data_start - PREAMBLE_SIZE - len(text)) + data)
 
 
@@ -245,9 +251,7 @@ def describe_file(path: Path, adapters: list[Adapter], skipped: dict[str, list[s
 
 
 def _codecs_by_tensor(path: Path) -> dict[tuple[str, str | None, str], str]:
-    raw = path.read_bytes()
-    length = struct.unpack_from("<Q", raw, 16)[0]
-    index = json.loads(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length])
+    index, _, _ = _read_index(path.read_bytes())
     ids = [b["codec"]["id"] for b in index["blobs"]]
     out: dict[tuple[str, str | None, str], str] = {}
     for a in index["adapters"]:

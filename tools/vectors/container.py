@@ -22,8 +22,9 @@ import zstandard
 
 from adapterpack.adapter import Adapter
 from adapterpack.checksum import crc32c
-from adapterpack.container.index import dumps, plan_offsets
-from adapterpack.container.preamble import MAGIC, MAX_INDEX_LENGTH, PREAMBLE_SIZE, align_up
+from adapterpack.container.index import dumps, index_text, plan_offsets
+from adapterpack.container.preamble import FLAG_INDEX_ZSTD, FLAG_PACKED, MAGIC, MAX_INDEX_LENGTH, PREAMBLE_SIZE, align_up
+from adapterpack.container.writer import compress_index
 from adapterpack.limits import MAX_JSON_DEPTH
 
 _PREAMBLE = struct.Struct("<8sHHIQII")
@@ -39,9 +40,10 @@ class Parts:
     magic: bytes = MAGIC
     major: int = 1
     minor: int = 1
-    flags: int = 0
+    flags: int = 0  # with the compressed-index bit, the index text is stored as one zstd frame (format.md §1.3)
     reserved: int = 0
-    text: bytes | None = None  # index bytes to write instead of dumps(index)
+    text: bytes | None = None  # index JSON text to write instead of dumps(index)
+    stored: bytes | None = None  # stored index bytes to write as they are (a hand-made frame)
     index_length: int | None = None  # a lie about L
     index_crc: int | None = None  # a lie about the index CRC
     index_pad: bytes | None = None  # instead of the zero padding after the index
@@ -52,7 +54,7 @@ class Parts:
     def read(cls, path: Path) -> Parts:
         raw = path.read_bytes()
         _, major, minor, flags, length, _, reserved = _PREAMBLE.unpack_from(raw)
-        index = json.loads(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length])
+        index = json.loads(index_text(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length], bool(flags & FLAG_INDEX_ZSTD)))
         data = align_up(PREAMBLE_SIZE + length, 256)
         blobs = [raw[data + b["offset"] : data + b["offset"] + b["stored_length"]] for b in index["blobs"]]
         return cls(index, blobs, major=major, minor=minor, flags=flags, reserved=reserved)
@@ -64,17 +66,26 @@ class Parts:
             self.index["blobs"][i]["codec"] = codec
 
     def lay_out(self) -> bytes:
-        """The data section; blob offsets and stored lengths follow the alignment rule (§1.2)."""
+        """The data section; blob offsets and stored lengths follow the alignment rule (§1.2) the flags select."""
         out = bytearray()
-        for b, stored, off in zip(self.index["blobs"], self.blobs, plan_offsets([len(s) for s in self.blobs]), strict=True):
+        raw = [b["codec"]["id"] == "raw" for b in self.index["blobs"]] if self.flags & FLAG_PACKED else None
+        offsets = plan_offsets([len(s) for s in self.blobs], raw)
+        for b, stored, off in zip(self.index["blobs"], self.blobs, offsets, strict=True):
             out += self.blob_pad * (off - len(out))
             out += stored
             b["offset"], b["stored_length"] = off, len(stored)
         return bytes(out)
 
+    def stored_index(self) -> bytes:
+        """The index bytes after the preamble: the JSON text, compressed as the writer does under the flag."""
+        if self.stored is not None:
+            return self.stored
+        text = dumps(self.index) if self.text is None else self.text
+        return compress_index(text) if self.flags & FLAG_INDEX_ZSTD else text
+
     def pack(self, data: bytes | None = None) -> bytes:
         data = self.lay_out() if data is None else data
-        text = dumps(self.index) if self.text is None else self.text
+        text = self.stored_index()
         length = len(text) if self.index_length is None else self.index_length
         crc = crc32c(text) if self.index_crc is None else self.index_crc
         pad = self.index_pad
@@ -182,7 +193,7 @@ def _deep_key(levels: int) -> Edit:
 
 
 def _padding_after_index(p: Parts) -> None:
-    text = dumps(p.index)
+    text = p.stored_index()
     pad = align_up(PREAMBLE_SIZE + len(text), 256) - PREAMBLE_SIZE - len(text)
     assert pad > 0
     p.index_pad = b"\0" * (pad - 1) + b"\x01"
@@ -264,9 +275,9 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
     no("preamble_major_0", "major version 0", "UnsupportedVersionError", _set(major=0))
     no(
         "preamble_must_understand_flag",
-        "flag bit 0 (must-understand, not defined) is set",
+        "flag bit 2 (must-understand, not defined) is set beside bit 0 (the compressed index)",
         "UnsupportedVersionError",
-        _set(flags=1),
+        lambda p: setattr(p, "flags", p.flags | 4),
     )
     no("preamble_reserved_nonzero", "the reserved preamble field is 1", "IndexFormatError", _set(reserved=1))
     no(
@@ -280,10 +291,10 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
     no("index_crc_mismatch", "index_crc32c differs from the index's CRC-32C by one bit", "ChecksumError", _crc_lie)
     readable(
         "preamble_informational_flag",
-        "flag bit 16 (informational) is set: readers ignore it",
+        "flag bit 16 (informational) is set beside bit 0 (the compressed index): readers ignore it",
         [small()],
         "raw",
-        craft=_edited(_set(flags=1 << 16)),
+        craft=_edited(lambda p: setattr(p, "flags", p.flags | 1 << 16)),
     )
 
     # §2 JSON text
@@ -492,6 +503,5 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
 
 def _crc_lie(p: Parts) -> bytes:
     p.lay_out()
-    text = dumps(p.index) if p.text is None else p.text
-    p.index_crc = crc32c(text) ^ 1
+    p.index_crc = crc32c(p.stored_index()) ^ 1
     return p.pack()

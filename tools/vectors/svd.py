@@ -12,7 +12,8 @@ import ml_dtypes
 import numpy as np
 
 from adapterpack.adapter import Adapter, Module
-from adapterpack.container.preamble import PREAMBLE_SIZE, align_up
+from adapterpack.container.index import index_text
+from adapterpack.container.preamble import FLAG_INDEX_ZSTD, PREAMBLE_SIZE, align_up
 from adapterpack.container.prefix import KEY
 
 ENCODING = "svd"
@@ -57,7 +58,7 @@ def _flip_in_first_row(path: Path) -> None:
     """Flip one bit of q_proj's Vt inside its first row: the bytes a rank-1 read returns."""
     raw = bytearray(path.read_bytes())
     length = struct.unpack_from("<Q", raw, 16)[0]
-    vt = _q_blob(json.loads(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length]), "Vt")
+    vt = _q_blob(json.loads(index_text(bytes(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length]), bool(raw[12] & FLAG_INDEX_ZSTD))), "Vt")
     assert vt["codec"]["id"] == "raw" and len(vt[KEY]) == 2, vt  # checkpoints at rows 1 and 2 of 4
     raw[align_up(PREAMBLE_SIZE + length, 256) + vt["offset"] + 41] ^= 0x10
     path.write_bytes(bytes(raw))

@@ -1,0 +1,167 @@
+"""Golden vectors of format 1.3's container (spec/format.md §1.1 flag bits, §1.2 packed layout, §1.3 compressed index).
+
+Readable: a file of 1.3 with neither flag (the 1.2 layout and a plain index), compressed blobs packed under
+the packed flag, and compressed blobs aligned without it. Refused: hostile compressed indexes (a declared
+size over the limit, none, a lie, trailing or skippable frames, a dictionary, a bad checksum, corrupt
+blocks, plain JSON under the flag) and each layout under the other layout's flag.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from adapterpack.container.index import dumps
+from adapterpack.container.preamble import FLAG_INDEX_ZSTD, FLAG_PACKED, MAX_INDEX_LENGTH
+from tools.vectors.container import Edit, Parts, _bad_checksum, _edited, _frame, _skippable, _with_dict_id
+
+
+def _lying_frame(claimed: int) -> bytes:
+    """A frame whose header claims ``claimed`` content bytes (8-byte size field, single segment) and holds one RLE byte."""
+    header = b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + struct.pack("<Q", claimed)
+    return header + ((1 << 3) | (1 << 1) | 1).to_bytes(3, "little") + b"{"
+
+
+def _stored_index(make: Callable[[bytes], bytes]) -> Edit:
+    """The compressed-index flag set and the stored index bytes ``make(JSON text)``."""
+
+    def edit(p: Parts) -> None:
+        p.lay_out()
+        p.flags |= FLAG_INDEX_ZSTD
+        p.stored = make(dumps(p.index))
+
+    return edit
+
+
+def _corrupt(frame: bytes) -> bytes:
+    body = bytearray(frame)
+    for k in range(len(body) // 2, len(body) - 4):
+        body[k] ^= 0x5A
+    return bytes(body)
+
+
+def _two_zstd_blobs(p: Parts) -> None:
+    """Blobs 0 and 1 (A and B of the one module) as zstd frames; blob 0's frame is not a multiple of 8 bytes long."""
+    for i in (0, 1):
+        p.set_blob(i, _frame(p.blobs[i]), {"id": "zstd", "level": 3})
+    assert len(p.blobs[0]) % 8, len(p.blobs[0])
+
+
+def _packed(p: Parts) -> None:
+    _two_zstd_blobs(p)
+    p.flags |= FLAG_PACKED
+
+
+def _packed_without_flag(p: Parts) -> bytes:
+    _packed(p)
+    data = p.lay_out()
+    p.flags &= ~FLAG_PACKED
+    return p.pack(data)
+
+
+def _aligned_with_flag(p: Parts) -> bytes:
+    _two_zstd_blobs(p)
+    p.flags &= ~FLAG_PACKED
+    data = p.lay_out()
+    p.flags |= FLAG_PACKED
+    return p.pack(data)
+
+
+def _aligned(p: Parts) -> None:
+    _two_zstd_blobs(p)
+    p.flags = 0
+
+
+def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
+    """The 1.3 container vectors."""
+    from tools.make_vectors import small
+
+    def no(name: str, what: str, error: str, edit: Edit) -> None:
+        refused(name, what, [small()], error, _edited(edit))
+
+    readable(
+        "flags_none_1_3",
+        "version 1.3 with no flag bit: a plain JSON index and the 1.2 layout (what 1.0–1.2 readers read too)",
+        [small()],
+        "raw",
+        craft=_edited(lambda p: setattr(p, "flags", 0)),
+    )
+    readable(
+        "layout_packed_zstd",
+        "flag bits 0 and 1: a compressed index, and two zstd blobs packed with no padding between them (§1.2)",
+        [small()],
+        "raw",
+        craft=_edited(_packed),
+    )
+    readable(
+        "layout_aligned_zstd",
+        "no flag bit: the same two zstd blobs aligned as in 1.0–1.2, with a plain index",
+        [small()],
+        "raw",
+        craft=_edited(_aligned),
+    )
+    no("layout_packed_without_flag", "zstd blobs packed in a file without the packed flag", "LayoutError", _packed_without_flag)
+    no("layout_aligned_with_flag", "zstd blobs padded to 8 bytes in a file with the packed flag", "LayoutError", _aligned_with_flag)
+
+    # §1.3 compressed index, in the order §10.2 checks it
+    no(
+        "index_zstd_plain_json",
+        "the compressed-index flag is set but the index is plain JSON text",
+        "IndexFormatError",
+        _stored_index(lambda text: text),
+    )
+    no(
+        "index_zstd_skippable_first",
+        "the compressed index starts with a skippable frame",
+        "IndexFormatError",
+        _stored_index(lambda text: _skippable() + _frame(text)),
+    )
+    no(
+        "index_zstd_no_content_size",
+        "the compressed index's frame does not declare its content size",
+        "IndexFormatError",
+        _stored_index(lambda text: _frame(text, write_content_size=False)),
+    )
+    no(
+        "index_zstd_declares_too_much",
+        "a 16-byte compressed index declaring 64 MiB + 1 of JSON text: refused before anything is allocated",
+        "IndexTooLargeError",
+        _stored_index(lambda text: _lying_frame(MAX_INDEX_LENGTH + 1)),
+    )
+    no(
+        "index_zstd_declares_one_byte",
+        "a compressed index declaring 1 byte of JSON text (a JSON object needs 2)",
+        "IndexFormatError",
+        _stored_index(lambda text: _lying_frame(1)),
+    )
+    no(
+        "index_zstd_size_lie",
+        "a compressed index declaring 4096 bytes of JSON text and holding 1",
+        "IndexFormatError",
+        _stored_index(lambda text: _lying_frame(4096)),
+    )
+    no(
+        "index_zstd_trailing_frame",
+        "the compressed index's frame is followed by a skippable frame",
+        "IndexFormatError",
+        _stored_index(lambda text: _frame(text) + _skippable()),
+    )
+    no(
+        "index_zstd_dictionary_id",
+        "the compressed index's frame names dictionary 7",
+        "IndexFormatError",
+        _stored_index(lambda text: _with_dict_id(_frame(text))),
+    )
+    no(
+        "index_zstd_bad_checksum",
+        "the compressed index's frame has a wrong content checksum (its JSON text is right)",
+        "IndexFormatError",
+        _stored_index(lambda text: _bad_checksum(_frame(text, write_checksum=True))),
+    )
+    no(
+        "index_zstd_corrupt",
+        "the second half of the compressed index's frame is garbage (the index CRC matches it)",
+        "IndexFormatError",
+        _stored_index(lambda text: _corrupt(_frame(text))),
+    )
