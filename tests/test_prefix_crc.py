@@ -161,7 +161,7 @@ def test_writer_gives_checkpoints_to_raw_ut_vt_only(svd_file: Path, tmp_path: Pa
     s = slots(svd_file)
     data = svd_file.read_bytes()
     with ApackReader(svd_file) as r:
-        assert r.version == "1.2"
+        assert r.version == "1.3"
         assert r.blobs[s["S"][0]].prefix_crc32c == ()
         for slot in ("Ut", "Vt"):
             b = r.blobs[s[slot][0]]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
@@ -43,6 +44,7 @@ from adapterpack.limits import (
     MAX_JSON_VALUES,
     MAX_NAME,
     MAX_NDIM,
+    MAX_ZSTD_WINDOW,
 )
 from adapterpack.names import name_problem
 
@@ -75,6 +77,9 @@ def plan_offsets(stored_lengths: list[int], raw: list[bool] | None = None) -> li
     return offsets
 
 
+_local = threading.local()
+
+
 def index_text(stored: bytes, compressed: bool) -> bytes:
     """The JSON text of an index whose stored bytes are ``stored`` (spec §1.3): as they are, or, with the
     compressed-index flag, the one Zstandard frame they hold, decoded with its declared size checked first.
@@ -96,13 +101,21 @@ def index_text(stored: bytes, compressed: bool) -> bytes:
         raise IndexTooLargeError(f"compressed index declares {declared} bytes of JSON, over the {MAX_INDEX_LENGTH}-byte limit")
     if declared < 2:
         raise IndexFormatError(f"compressed index declares {declared} bytes, too few for a JSON object")
-    out = bytearray(declared)
     try:
         _zstd.check_frame(frame, declared, "compressed index")
-        _zstd.decode_checked(frame, memoryview(out), "compressed index")
     except CodecError as e:
         raise IndexFormatError(str(e)) from None
-    return bytes(out)
+    # one frame, no trailing bytes, a declared size within the limit: a one-shot decode allocates exactly that size
+    dctx = _local.__dict__.get("dctx")
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)  # creating one costs as much as decoding
+    try:
+        text = dctx.decompress(stored)
+    except zstandard.ZstdError as e:
+        raise IndexFormatError(f"compressed index: corrupt ({e})") from None
+    if len(text) != declared:
+        raise IndexFormatError(f"compressed index: decoded {len(text)} bytes, the frame declares {declared}")
+    return text
 
 
 #: A JSON integer the spec calls ``int``: written without fraction or exponent, in [0, 2**53).

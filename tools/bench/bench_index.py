@@ -1,0 +1,111 @@
+"""What format 1.3's compact container changes: index and padding bytes per tensor, and the cost of opening a raw file.
+
+For each adapter and codec, the same tensors are written twice by this tree's writer: ``compact=False`` (the 1.2
+layout: plain JSON index, every blob aligned) and the default 1.3 file (the index one zstd frame, compressed blobs
+packed). Reported: file, index and padding bytes (total and per tensor) of each. Then, on the raw files (the
+zero-copy case), ``adapterpack.open`` + every tensor, and ``ApackReader`` alone, timed round-robin in the same run for
+both files beside ``safetensors.numpy.load_file`` of the PEFT file, as the fastest of ``--repeats`` rounds; the
+ratio that matters is 1.3 / 1.2 (and each against load_file).
+
+Inputs: the bundled example (SmolLM2-135M r=8) cast to bf16 and, as shipped, fp32; the synthetic 7B-shaped adapter
+(bf16, 32 layers). Run from the repository root::
+
+    python -m tools.bench.bench_index             # BENCHMARKS.md
+    python -m tools.bench.bench_index --quick     # 4-layer synthetic, 11 rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from safetensors.numpy import load_file as st_numpy_load
+
+import adapterpack
+from adapterpack.container import ApackReader
+from adapterpack.container.writer import write_apack
+
+from . import common, synthetic
+
+
+def sizes(path: Path) -> dict[str, Any]:
+    """File, stored index and padding bytes of an .apack, and per tensor."""
+    with ApackReader(path) as r:
+        n = len(r.blobs)
+        blob_bytes = sum(b.stored_length for b in r.blobs)
+        index = r.preamble.index_length
+        padding = r.file_size - 32 - index - blob_bytes
+        return {"tensors": n, "file": r.file_size, "index": index, "index_json": r.index_text_length, "padding": padding,
+                "index_per_tensor": index / n, "padding_per_tensor": padding / n, "flags": r.preamble.flags}  # fmt: skip
+
+
+def open_all(path: Path) -> object:
+    """``adapterpack.open`` + every tensor decoded and touched (CRC-32C on, the default)."""
+    ad = adapterpack.open(path)
+    arrs = common.decode_all(ad)
+    common.touch(arrs)
+    return arrs
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="4-layer synthetic adapter, 11 rounds")
+    ap.add_argument("--repeats", type=int, help="timed rounds (default 61, quick 11)")
+    args = ap.parse_args(argv)
+    repeats = args.repeats or (11 if args.quick else 61)
+    layers = 4 if args.quick else 32
+    with tempfile.TemporaryDirectory(prefix="apack-index-") as tmp:
+        work = Path(tmp)
+        ex = common.example_dir()
+        sources: list[tuple[str, Any, Path]] = [
+            ("bundled r=8, bf16", adapterpack.open(common.cast_peft(ex, work / "ex-bf16", "bf16")), work / "ex-bf16"),
+            ("bundled r=8, fp32", adapterpack.open(ex), ex),
+        ]
+        syn = synthetic.build_adapter("bf16", layers=layers)
+        synthetic.write_peft(syn, work / "syn")
+        sources.append((f"synthetic 7B-shaped, {layers} layers, bf16", syn, work / "syn"))
+
+        rows = []
+        timing: dict[str, Callable[[], object]] = {}
+        for label, ad, peft in sources:
+            for codec in ("byteplanes", "raw"):
+                got = {}
+                for version, compact in (("1.2 layout", False), ("1.3", True)):
+                    path = work / f"{len(rows)}-{codec}-{compact}.apack"
+                    write_apack(path, ad, codec=codec, compact=compact)
+                    got[version] = sizes(path)
+                    if codec == "raw":
+                        timing[f"{label} | {version} open+read"] = lambda p=path: open_all(p)
+                        timing[f"{label} | {version} ApackReader"] = lambda p=path: ApackReader(p).close()
+                old, new = got["1.2 layout"], got["1.3"]
+                rows.append([label, codec, old["tensors"], f"{old['file']:,}", f"{new['file']:,}", f"{old['index']:,}",
+                             f"{new['index']:,}", f"{old['index_per_tensor']:.1f}", f"{new['index_per_tensor']:.1f}",
+                             f"{old['padding']:,}", f"{new['padding']:,}", f"{new['file'] / old['file']:.4f}"])  # fmt: skip
+            st = peft / common.PEFT_WEIGHTS
+            timing[f"{label} | safetensors load_file"] = lambda s=st: common.touch(st_numpy_load(str(s)).values())
+        print(f"Machine: {common.machine_line(common.machine())}\n")
+        print("Bytes (the same tensors written by this tree with compact=False and with the 1.3 default):\n")
+        headers = ["adapter", "codec", "tensors", "file 1.2", "file 1.3", "index 1.2", "index 1.3", "index B/tensor 1.2",
+                   "1.3", "padding 1.2", "padding 1.3", "file 1.3 / 1.2"]  # fmt: skip
+        print(common.markdown_table(headers, rows, "ll" + "r" * 10))
+        print()
+        common.warm_page_cache(work.glob("*.apack"))
+        times = common.interleaved(timing, repeats)
+        best = {k: min(v) * 1e3 for k, v in times.items()}
+        out = []
+        for label, _, _ in sources:
+            st = best[f"{label} | safetensors load_file"]
+            for what in ("open+read", "ApackReader"):
+                old, new = best[f"{label} | 1.2 layout {what}"], best[f"{label} | 1.3 {what}"]
+                out.append([label, what, f"{old:.3f}", f"{new:.3f}", f"**{new / old:.3f}**", f"{old / st:.3f}", f"{new / st:.3f}"])
+        print(f"Raw files, fastest of {repeats} interleaved rounds (ms; CRC-32C on; load_file = safetensors.numpy):\n")
+        headers = ["adapter", "step", "1.2 layout ms", "1.3 ms", "1.3 / 1.2", "1.2 / load_file", "1.3 / load_file"]
+        print(common.markdown_table(headers, out, "llrrrrr"))
+        print(f"\n1-min load average at the end: {common.machine()['loadavg_1min']}")
+
+
+if __name__ == "__main__":
+    main()
