@@ -39,6 +39,8 @@ import adapterpack
 from adapterpack.adapter import Adapter, Module, as_array
 from adapterpack.checksum import crc32c
 from adapterpack.container import ApackReader
+from adapterpack.container.index import index_text
+from adapterpack.container.preamble import FLAG_INDEX_ZSTD
 from adapterpack.errors import AdapterpackError, SizeLimitError
 from adapterpack.limits import MAX_DELTA_ELEMENTS
 
@@ -200,11 +202,12 @@ def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 
 def rebuild(raw: bytes, index: Any) -> bytes:
     """``raw`` (a valid file) with its index replaced by ``index`` and the preamble made consistent."""
-    length = struct.unpack_from("<Q", raw, 16)[0]
+    flags, length = struct.unpack_from("<IQ", raw, 12)
     data = raw[-(-(32 + length) // 256) * 256 :]
     text = json.dumps(index, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
     pad = -(32 + len(text)) % 256
-    return raw[:16] + struct.pack("<QI", len(text), crc32c(text)) + raw[28:32] + text + b"\0" * pad + data
+    flags &= ~FLAG_INDEX_ZSTD  # written back as plain JSON text (the layout, and so the packed flag, unchanged)
+    return raw[:12] + struct.pack("<IQI", flags, len(text), crc32c(text)) + raw[28:32] + text + b"\0" * pad + data
 
 
 INTERESTING: list[Any] = [-1, 0, 1, 2, 3, 7, 8, 255, 256, 4096, 2**31, 2**32, 2**53 - 1, 2**53, 2**63, 2**64, 10**400]
@@ -221,9 +224,9 @@ def json_edit(raw: bytes, pick: Callable[[Sequence[Any]], Any], value: Callable[
     ``random.Random``). Returns ``raw`` unchanged when its index cannot be parsed.
     """
     try:
-        length = struct.unpack_from("<Q", raw, 16)[0]
-        index = json.loads(raw[32 : 32 + length])
-    except (struct.error, ValueError, RecursionError):
+        flags, length = struct.unpack_from("<IQ", raw, 12)
+        index = json.loads(index_text(raw[32 : 32 + length], bool(flags & FLAG_INDEX_ZSTD)))
+    except (struct.error, ValueError, RecursionError, AdapterpackError):
         return raw
     for _ in range(pick([1, 2])):
         paths = _paths(index)[1:]
