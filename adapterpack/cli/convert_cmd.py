@@ -75,7 +75,7 @@ def result_lines(r: dict[str, Any]) -> list[str]:
     "--target",
     "serve_for",
     type=click.Choice(["vllm"]),
-    help="PEFT output shaped for a serving stack: vllm = one allowed rank (zero-padded), per-module scales baked into B.",
+    help="PEFT output shaped for a serving stack: vllm = per-module scales baked into B (vLLM reads one alpha / r), ranks kept.",
 )
 @click.option(
     "--max-lora-rank", type=click.IntRange(1), help="--target vllm: the server's --max-lora-rank (higher ranks are re-ranked down)."

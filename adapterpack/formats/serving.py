@@ -2,13 +2,20 @@
 
 :func:`check` lists :class:`Finding` s for one target:
 
-- ``vllm``: refuses DoRA, ``modules_to_save`` (full tensors) and ranks above ``--max-lora-rank``
-  (one of :data:`VLLM_RANKS`); reads ONE ``r`` / ``lora_alpha`` from adapter_config.json and
-  ignores ``rank_pattern`` / ``alpha_pattern``, so per-module ranks or alphas get the wrong scale.
-  Fix (:func:`to_vllm`): every module padded with zero rows of A / zero columns of B up to one
-  allowed rank R (exact: the padded product is the same), each module's own scale baked into B,
-  ``lora_alpha`` chosen so most modules keep B bit-exact; above the allowed maximum, the
-  module is re-ranked down by truncated SVD (lossy, the relative ΔW error is reported).
+- ``vllm``: refuses DoRA, ``modules_to_save`` (full tensors), architectures it serves without LoRA
+  (:mod:`.vllm_models`) and ranks above ``--max-lora-rank`` (one of :data:`VLLM_RANKS`, default
+  :data:`VLLM_DEFAULT_MAX_RANK`); reads ONE ``r`` / ``lora_alpha`` from adapter_config.json and ignores
+  ``rank_pattern`` / ``alpha_pattern``, so per-module alphas (or ranks under one alpha) get the wrong scale.
+  What vLLM's loader does (vllm/lora): ``PEFTHelper`` (peft_helper.py) computes one
+  ``vllm_lora_scaling_factor = lora_alpha / r`` (``/ sqrt(r)`` with use_rslora) and ``validate_legal``
+  compares only the config's ``r`` with ``max_lora_rank``; ``LoRALayerWeights.from_config`` gives every
+  module that factor and ``optimize()`` multiplies it into ``lora_b`` (lora_weights.py); each layer's
+  ``set_lora`` (layers/base_linear.py, column_parallel_linear.py) zeroes its ``max_lora_rank`` slot and copies
+  the tensors in by their own shape (``lora_a_stacked[...][:, :lora_a.shape[0], :lora_a.shape[1]]``), so a
+  module keeps its own rank. Fix (:func:`to_vllm`): each module's own scale baked into B where it differs
+  from the one ``lora_alpha / r``, ranks kept (no padding), ``r`` = the largest rank (vLLM's own check then
+  speaks for every module), ``rank_pattern`` / ``alpha_pattern`` kept for PEFT with the same scale; above
+  the allowed maximum, the module is re-ranked down by truncated SVD (lossy, the relative ΔW error is reported).
 - ``peft``: loads everything adapterpack writes (``rank_pattern`` / ``alpha_pattern``); non-lora
   records are lowered to lora exactly, full tensors of a non-PEFT origin need dropping, modules
   that keep kohya names attach to nothing.
@@ -35,13 +42,16 @@ from adapterpack.errors import ConversionError
 from adapterpack.formats import read_any
 from adapterpack.formats.export import DROP_HINT, check_key, scaled
 from adapterpack.formats.gguf import _LAYER, GgufBase, _name_map, base_info
-from adapterpack.formats.peft import check_module_path, write_peft
+from adapterpack.formats.peft import check_module_path, peft_config, write_peft
+from adapterpack.formats.vllm_models import vllm_lora_support
 from adapterpack.linalg.cast import delta_error
 from adapterpack.names import check_name
 
 TARGETS = ("vllm", "peft", "llama.cpp", "kohya")
 #: The values vLLM accepts for ``--max-lora-rank``.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+#: vLLM's default ``--max-lora-rank`` (``LoRAConfig.max_lora_rank``).
+VLLM_DEFAULT_MAX_RANK = 16
 #: ``refuse``: the stack raises; ``misread``: it loads and computes something else; ``note``: handled, worth knowing.
 SEVERITIES = ("refuse", "misread", "note")
 
@@ -163,33 +173,55 @@ def _check_vllm(adapter: Adapter, max_lora_rank: int | None) -> list[Finding]:
                 big,
             )
         )
-    scales = {n: f[1] * f[0] for n, f in facts.items()}  # s·r: what alpha would have to be under one r
-    if len(set(ranks.values())) > 1 or len(set(scales.values())) > 1:
-        want = next_vllm_rank(min(max(ranks.values(), default=1), limit)) or limit
-        r0, p0 = Counter(ranks.values()).most_common(1)[0][0], Counter(scales.values()).most_common(1)[0][0]
+    top = max(ranks.values(), default=0)
+    if max_lora_rank is None and VLLM_DEFAULT_MAX_RANK < top <= limit:
+        out.append(
+            Finding(
+                t,
+                "note",
+                f"rank {top} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK}",
+                f"serve with --max-lora-rank {next_vllm_rank(top)}",
+                [],
+            )
+        )
+    wrong = _vllm_misscaled(adapter, facts)
+    if wrong:
         out.append(
             Finding(
                 t,
                 "misread",
-                "per-module ranks or alphas: vLLM reads one r and lora_alpha and ignores rank_pattern / alpha_pattern, "
+                "per-module scales: vLLM applies one lora_alpha / r to every module and ignores rank_pattern / alpha_pattern, "
                 "so these modules would get the wrong scale",
-                f"padded with zeros to one rank r={want}, each module's scale baked into lora_B (exact)",
-                sorted(n for n in facts if ranks[n] != r0 or scales[n] != p0),
+                "each module's scale baked into lora_B (exact up to the factors' rounding); ranks kept",
+                wrong,
             )
         )
-    elif ranks:
-        r = next(iter(ranks.values()))
-        if r not in VLLM_RANKS and r <= limit:
-            out.append(
-                Finding(
-                    t,
-                    "note",
-                    f"rank {r} is not in vLLM's max_lora_rank set; the server needs --max-lora-rank {next_vllm_rank(r)}",
-                    f"padded to r={next_vllm_rank(r)} with zeros (exact) by --target vllm",
-                    [],
-                )
+    support = vllm_lora_support(adapter.base_architecture)
+    if support is False:
+        why = f"vLLM runs {adapter.base_architecture} without LoRA support"
+        out.append(Finding(t, "refuse", why, "none: merge the adapter into the base weights", []))
+    elif support is None and adapter.base_architecture:
+        out.append(
+            Finding(
+                t,
+                "note",
+                f"{adapter.base_architecture} is not in vLLM's model table",
+                "it may run through vLLM's Transformers backend; try it",
+                [],
             )
+        )
     return out
+
+
+def _vllm_misscaled(adapter: Adapter, facts: dict[str, tuple[Any, ...]]) -> list[str]:
+    """The modules whose scale differs from the one scale vLLM would apply to the PEFT folder this adapter
+    is (or exports to): ``lora_alpha / r`` of its adapter_config.json (``/ sqrt(r)`` with use_rslora).
+    Without such a config (mixed rsLoRA), the modules off the commonest scale."""
+    try:
+        common = vllm_scale(peft_config(adapter))
+    except ConversionError:
+        common = Counter(f[1] for f in facts.values()).most_common(1)[0][0] if facts else 0.0
+    return sorted(n for n, f in facts.items() if not math.isclose(f[1], common, rel_tol=1e-12, abs_tol=0.0))
 
 
 def _check_peft(adapter: Adapter) -> list[Finding]:
@@ -342,19 +374,22 @@ def check(adapter: Adapter, target: str, *, max_lora_rank: int | None = None, ba
 
 @dataclass
 class VllmPlan:
-    """What :func:`to_vllm` did: the single rank, alpha, and the modules it changed."""
+    """What :func:`to_vllm` did: the config's rank and alpha, and the modules it changed."""
 
     rank: int
     alpha: float
-    padded: list[str]
     baked: list[str]
     reranked: dict[str, float]  # module → relative Frobenius error of ΔW from re-ranking down
 
     def notes(self) -> list[str]:
         """Lines for the CLI."""
-        out = [f"vLLM: one rank r={self.rank}, lora_alpha={self.alpha:g} (serve with --max-lora-rank >= {self.rank})"]
-        if self.padded:
-            out.append(f"{len(self.padded)} module(s) padded with zeros to r={self.rank} (exact)")
+        serve = next_vllm_rank(self.rank) or self.rank
+        need = (
+            f"vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK} loads it"
+            if self.rank <= VLLM_DEFAULT_MAX_RANK
+            else f"serve with --max-lora-rank {serve} or more"
+        )
+        out = [f"vLLM: r={self.rank} (the largest module rank; ranks kept), lora_alpha={self.alpha:g}; {need}"]
         if self.baked:
             out.append(f"{len(self.baked)} module(s) have their own scale; baked into lora_B (vLLM ignores alpha_pattern)")
         if self.reranked:
@@ -366,8 +401,18 @@ class VllmPlan:
         return out
 
 
+def _alpha_for(scale: float, rank: int) -> float:
+    """An alpha whose ``alpha / rank`` is ``scale`` in binary64 where a neighbour of ``scale · rank`` gives it."""
+    x = scale * rank
+    for c in (x, math.nextafter(x, math.inf), math.nextafter(x, -math.inf)):
+        if c / rank == scale:
+            return c
+    return x
+
+
 def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors: bool = False) -> tuple[Adapter, VllmPlan]:
-    """``adapter`` as a single-rank plain-LoRA adapter vLLM reads correctly (see the module docstring)."""
+    """``adapter`` as plain-LoRA modules that vLLM scales right (see the module docstring): ranks kept,
+    one scale ``alpha / rank`` with ``rank`` the largest module rank, other scales baked into B."""
     refusals = [
         f for f in check(adapter, "vllm", max_lora_rank=max_lora_rank) if f.severity == "refuse" and "rank above" not in f.problem
     ]
@@ -384,39 +429,35 @@ def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors:
             err, norm = delta_error(m.factors(), low.factors())
             reranked[n] = err / norm if norm else 0.0
             mods[n] = low
-    rank = next_vllm_rank(max(int(m.params["rank"]) for m in mods.values())) or limit
+    rank = max(int(m.params["rank"]) for m in mods.values())
     products = {n: float(m.implementation.scale(m)) * rank for n, m in mods.items()}
     # the commonest nonzero scale (a zero one could not be baked into the others' B), zero only when all are
     alpha = Counter(v for v in products.values() if v != 0.0).most_common(1)[0][0] if any(products.values()) else 0.0
     if not math.isfinite(alpha):  # JSON has no infinity
         first = next(n for n, p in products.items() if p == alpha)
         raise ConversionError(f"adapter {adapter.name!r} module {first!r}: lora_alpha = scale × rank {rank} is beyond binary64")
-    scale = alpha / rank
+    scale = alpha / rank  # vLLM's PEFTHelper: lora_alpha / r
     out = Adapter(
         name=adapter.name,
         base_model=adapter.base_model,
         base_architecture=adapter.base_architecture,
         metadata=dict(adapter.metadata),
     )
-    padded, baked = [], []
+    baked = []
     for n, m in mods.items():
         a, b = m.array("A"), m.array("B")
-        r = a.shape[0]
+        r = int(m.params["rank"])
         s = float(m.implementation.scale(m))
         if s != scale:
             where = f"adapter {adapter.name!r} module {n!r}"
             b = dtypes.cast_array(scaled(b, s / scale, where), dtypes.of_array(b).name, where)[0]
             baked.append(n)
-        if r < rank:
-            a = np.concatenate([a, np.zeros((rank - r, *a.shape[1:]), a.dtype)], axis=0)
-            b = np.concatenate([b, np.zeros((b.shape[0], rank - r, *b.shape[2:]), b.dtype)], axis=1)
-            padded.append(n)
-        params = {k: v for k, v in m.params.items() if k not in ("rslora",)} | {"rank": rank, "alpha": alpha}
-        out.modules[n] = Module(
-            n, "lora", tuple(m.base_shape), params, {"A": np.ascontiguousarray(a), "B": np.ascontiguousarray(b)}
-        )
+        # PEFT reads rank_pattern / alpha_pattern: the same scale there as vLLM's one lora_alpha / r
+        params = {k: v for k, v in m.params.items() if k != "rslora"} | {"alpha": alpha if r == rank else _alpha_for(scale, r)}
+        tensors = {"A": np.ascontiguousarray(a), "B": np.ascontiguousarray(b)}
+        out.modules[n] = Module(n, "lora", tuple(m.base_shape), params, tensors)
         out.modules[n].implementation.validate(out.modules[n])
-    return out, VllmPlan(rank, alpha, padded, baked, reranked)
+    return out, VllmPlan(rank, alpha, baked, reranked)
 
 
 def write_vllm(
@@ -428,9 +469,9 @@ def write_vllm(
     overwrite: bool = True,
 ) -> VllmPlan:
     """Write ``adapter`` as a PEFT folder that vLLM loads with the right scale everywhere (atomic, see :func:`to_vllm`;
-    ``overwrite``: as :func:`~.peft.write_peft`)."""
+    ``overwrite``: as :func:`~.peft.write_peft`); its ``r`` is the largest module rank."""
     single, plan = to_vllm(adapter, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors)
-    write_peft(single, Path(dst), overwrite=overwrite)
+    write_peft(single, Path(dst), overwrite=overwrite, rank=plan.rank)
     return plan
 
 

@@ -82,8 +82,8 @@ def write_adapters(
 ) -> list[str]:
     """Write ``adapters`` to ``dst`` as ``fmt`` (PEFT, kohya and gguf hold exactly one adapter); the
     exporter's notes. ``drop_tensors`` leaves out pass-through tensors that PEFT / kohya / gguf output
-    cannot carry (refused otherwise). ``serve_for="vllm"`` (PEFT output) writes one allowed rank with
-    every module's scale baked into B (:func:`adapterpack.formats.serving.write_vllm`, ``max_lora_rank``);
+    cannot carry (refused otherwise). ``serve_for="vllm"`` (PEFT output) keeps every rank and bakes
+    every module's scale into B (:func:`adapterpack.formats.serving.write_vllm`, ``max_lora_rank``);
     ``base`` (gguf output) is the base model's GGUF file or config.json, for llama.cpp's q/k layout, and
     (diffusers output) the pipeline folder whose module names resolve kohya names; ``component``
     (diffusers output) puts modules that name no diffusers component under that one (e.g. ``transformer``).
