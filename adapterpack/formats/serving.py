@@ -40,6 +40,7 @@ from adapterpack.adapter import Adapter, Module
 from adapterpack.encodings.lower import as_lora, at_rank, main_dtype
 from adapterpack.errors import ConversionError
 from adapterpack.formats import read_any
+from adapterpack.formats import source as src_
 from adapterpack.formats.export import DROP_HINT, check_key, scaled
 from adapterpack.formats.gguf import _LAYER, GgufBase, _name_map, base_info
 from adapterpack.formats.peft import check_module_path, peft_config, write_peft
@@ -347,6 +348,55 @@ def _names(adapter: Adapter, target: str) -> list[Finding]:
     return [Finding(target, "refuse", f"names the export refuses: {first}{more}", "none: rename them", list(found))]
 
 
+#: The problem line of a modules_to_save finding starts so (to_vllm leaves modules_to_save out of its config).
+SAVED = "modules_to_save"
+
+
+def saved_modules(adapter: Adapter) -> tuple[list[str], list[str]]:
+    """(``modules_to_save`` of the adapter's PEFT config, those of them no tensor of the adapter belongs to).
+
+    A tensor ``<prefix><module path>.<param>`` belongs to a listed name when the module path is that name or ends
+    with ``.`` + it. PEFT's ``set_peft_model_state_dict`` looks up ``<prefix><path>.<param>`` for every parameter of
+    each wrapped module, so a listed module without its tensors is a KeyError on load."""
+    src = src_.provenance(adapter, "peft")
+    try:
+        cfg = src_.config(adapter, src)
+    except ConversionError:
+        return [], []
+    listed = (cfg or {}).get("modules_to_save") or []
+    listed = [listed] if isinstance(listed, str) else [n for n in listed if isinstance(n, str)]
+    prefix = src.get("key_prefix", "base_model.model.")
+    prefix = prefix if isinstance(prefix, str) else ""
+    paths = {k.removeprefix(prefix).rpartition(".")[0] for k in adapter.tensors}
+    missing = [n for n in listed if not any(p == n or p.endswith("." + n) for p in paths)]
+    return listed, missing
+
+
+def _check_saved(adapter: Adapter, target: str) -> list[Finding]:
+    listed, missing = saved_modules(adapter)
+    if target == "vllm" and listed:
+        return [
+            Finding(
+                target,
+                "refuse",
+                f"{SAVED} {listed} in adapter_config.json: vLLM refuses any (PEFTHelper._validate_features)",
+                "--target vllm writes a config without it; the modules' trained weights are not served",
+                listed,
+            )
+        ]
+    if target == "peft" and missing:
+        return [
+            Finding(
+                target,
+                "refuse",
+                f"{SAVED} lists {missing} but the adapter holds none of their tensors: PEFT's load raises KeyError",
+                "none: add the saved weights, or remove these names from modules_to_save (the base weights are then used)",
+                missing,
+            )
+        ]
+    return []
+
+
 def check(adapter: Adapter, target: str, *, max_lora_rank: int | None = None, base: Any = None) -> list[Finding]:
     """Everything ``target`` would refuse or misread in ``adapter``, with the converter's fix (empty: loads as is).
 
@@ -364,6 +414,8 @@ def check(adapter: Adapter, target: str, *, max_lora_rank: int | None = None, ba
         raise ConversionError(f"unknown target {target!r} (one of {', '.join(TARGETS)})")
     if target in ("vllm", "peft", "kohya"):
         found = _names(adapter, target) + found
+    if target in ("vllm", "peft"):
+        found = _check_saved(adapter, target) + found
     if not adapter.modules:
         found.insert(0, Finding(target, "refuse", "the adapter has no modules", "none", []))
     return sorted(found, key=lambda f: SEVERITIES.index(f.severity))
@@ -414,7 +466,9 @@ def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors:
     """``adapter`` as plain-LoRA modules that vLLM scales right (see the module docstring): ranks kept,
     one scale ``alpha / rank`` with ``rank`` the largest module rank, other scales baked into B."""
     refusals = [
-        f for f in check(adapter, "vllm", max_lora_rank=max_lora_rank) if f.severity == "refuse" and "rank above" not in f.problem
+        f
+        for f in check(adapter, "vllm", max_lora_rank=max_lora_rank)
+        if f.severity == "refuse" and "rank above" not in f.problem and not f.problem.startswith(SAVED)
     ]
     for f in refusals:
         if "full tensors" in f.problem and drop_tensors:
