@@ -43,6 +43,7 @@ from adapterpack.formats import read_any
 from adapterpack.formats import source as src_
 from adapterpack.formats.export import DROP_HINT, check_key, scaled
 from adapterpack.formats.gguf import _LAYER, GgufBase, _name_map, base_info
+from adapterpack.formats.llm_names import base_modules, impossible_names, is_kohya_name
 from adapterpack.formats.peft import check_module_path, peft_config, write_peft
 from adapterpack.formats.vllm_models import vllm_lora_support
 from adapterpack.linalg.cast import delta_error
@@ -228,18 +229,6 @@ def _vllm_misscaled(adapter: Adapter, facts: dict[str, tuple[Any, ...]]) -> list
 def _check_peft(adapter: Adapter) -> list[Finding]:
     t = "peft"
     out = _common(adapter, t, own=(None, "peft"))
-    bare = [m.name for m in adapter if "." not in m.name]
-    if bare:
-        out.append(
-            Finding(
-                t,
-                "misread",
-                "module names without dots (kohya names): PEFT matches keys to the base model's "
-                "module names, so these attach to nothing",
-                "none: import the kohya file with its adapterpack.module_names metadata, or rename",
-                bare,
-            )
-        )
     facts = {m.name: _lora_facts(m) for m in adapter}
     rs = [m.name for m in adapter if m.encoding == "lora" and m.params.get("rslora")]
     if rs and len(rs) < len(adapter.modules):
@@ -397,10 +386,24 @@ def _check_saved(adapter: Adapter, target: str) -> list[Finding]:
     return []
 
 
+def _module_names(adapter: Adapter, target: str, modules: list[str] | None) -> list[Finding]:
+    """Module names the model cannot have (:func:`~.llm_names.impossible_names`: kohya names, names outside the
+    known grammars' top level, or outside ``modules``, the base model's): PEFT attaches such keys to nothing and
+    raises, vLLM refuses modules it does not expect."""
+    bad = impossible_names(adapter.modules, modules)
+    if not bad:
+        return []
+    first = next(iter(bad))
+    kohya = [n for n in bad if is_kohya_name(n)]
+    fix = "none: rename them" if len(kohya) < len(bad) else "convert resolves kohya names (by --base MODEL or the module grammar)"
+    return [Finding(target, "refuse", f"module names the model cannot have: {first!r} is {bad[first]}", fix, list(bad))]
+
+
 def check(adapter: Adapter, target: str, *, max_lora_rank: int | None = None, base: Any = None) -> list[Finding]:
     """Everything ``target`` would refuse or misread in ``adapter``, with the converter's fix (empty: loads as is).
 
-    ``base`` (llama.cpp): a :class:`~adapterpack.formats.gguf.GgufBase` with the head counts.
+    ``base`` (llama.cpp): a :class:`~adapterpack.formats.gguf.GgufBase` with the head counts; (peft, vllm): the
+    base model's module names (:func:`~.llm_names.base_modules`), which every module name must be one of.
     """
     if target == "vllm":
         found = _check_vllm(adapter, max_lora_rank)
@@ -415,7 +418,7 @@ def check(adapter: Adapter, target: str, *, max_lora_rank: int | None = None, ba
     if target in ("vllm", "peft", "kohya"):
         found = _names(adapter, target) + found
     if target in ("vllm", "peft"):
-        found = _check_saved(adapter, target) + found
+        found = _check_saved(adapter, target) + _module_names(adapter, target, base if isinstance(base, list) else None) + found
     if not adapter.modules:
         found.insert(0, Finding(target, "refuse", "the adapter has no modules", "none", []))
     return sorted(found, key=lambda f: SEVERITIES.index(f.severity))
@@ -543,7 +546,10 @@ def check_path(
     max_lora_rank: int | None = None,
     base: str | os.PathLike[str] | None = None,
 ) -> list[Finding]:
-    """:func:`check` on a file or folder (any format adapterpack reads); ``base`` is the base model's GGUF or config.json."""
-    info = base_info(base) if base is not None else None
+    """:func:`check` on a file or folder (any format adapterpack reads); ``base``: for llama.cpp the base model's GGUF
+    or config.json, for peft / vllm the base model's folder, .safetensors file or config.json (its module names)."""
+    info: Any = None
+    if base is not None:
+        info = base_modules(base) if target in ("peft", "vllm") else base_info(base)
     with read_any(path, adapter=adapter) as ad:
         return check(ad, target, max_lora_rank=max_lora_rank, base=info)
