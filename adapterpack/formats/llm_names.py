@@ -72,7 +72,6 @@ def _templates() -> list[tuple[str, str]]:
 
 
 _FLAT = [(fam, t, re.compile(re.escape(t.replace(".", "_")).replace(r"\{N\}", r"(\d+)"))) for fam, t in _templates()]
-_TOP = frozenset(t for _, t in _templates() if "." not in t)
 
 
 def grammar_names(flat: str) -> list[str]:
@@ -163,12 +162,12 @@ class LlmNameResolver:
         hits = self.candidates(name)
         if len(hits) == 1:
             return hits[0]
-        where = "the base model's modules" if self.known is not None else "a LLaMA-like, GPT-2 or BERT module path"
+        where = "none of the base model's modules" if self.known is not None else "no LLaMA-like, GPT-2 or BERT module path"
         if not hits:
             more = "" if self.known is not None else "; pass the base model (--base: its folder or config.json)"
             more += "; a Stable Diffusion LoRA converts to diffusers output (pytorch_lora_weights.safetensors)"
-            raise ConversionError(f"module {name!r}: a kohya name that matches no {where}{more}")
-        raise ConversionError(f"module {name!r}: a kohya name matching several of {where}: {', '.join(hits[:3])}; pass --base")
+            raise ConversionError(f"module {name!r}: a kohya name that matches {where}{more}")
+        raise ConversionError(f"module {name!r}: a kohya name matching several module names: {', '.join(hits[:3])}; pass --base")
 
 
 def resolve_kohya_names(adapter: Adapter, modules: Iterable[str] | None = None) -> tuple[Adapter, list[str]]:
@@ -211,22 +210,21 @@ def resolve_kohya_names(adapter: Adapter, modules: Iterable[str] | None = None) 
 
 def impossible_names(names: Iterable[str], modules: Iterable[str] | None = None) -> dict[str, str]:
     """The module names a model cannot have, each with why: with ``modules`` (the base model's), every name not
-    among them; without, kohya names and dotless names no known grammar has at the top level."""
+    among them; without, kohya names (no model's module path has a kohya prefix and no dot)."""
     out: dict[str, str] = {}
     known = set(modules) if modules is not None else None
     resolver = LlmNameResolver(known)
     for n in names:
         if known is not None and n in known:
             continue
-        if known is None and ("." in n or n in _TOP):
+        kohya = is_kohya_name(n)
+        if known is None and not kohya:
             continue
-        hits = resolver.candidates(n) if is_kohya_name(n) else []
+        hits = resolver.candidates(n) if kohya else []
         if hits:
             out[n] = f"a kohya name (for {' or '.join(hits[:2])}), not a module path"
-        elif is_kohya_name(n):
+        elif kohya:
             out[n] = "a kohya name, not a module path"
-        elif known is not None:
-            out[n] = "the base model has no such module"
         else:
-            out[n] = "no LLaMA-like, GPT-2 or BERT model has a top-level module of this name"
+            out[n] = "not a module of the base model"
     return out

@@ -38,7 +38,7 @@ import numpy as np
 from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module
 from adapterpack.encodings.lower import as_lora, at_rank, main_dtype
-from adapterpack.errors import ConversionError
+from adapterpack.errors import AdapterpackError, ConversionError
 from adapterpack.formats import read_any
 from adapterpack.formats import source as src_
 from adapterpack.formats.export import DROP_HINT, check_key, scaled
@@ -221,7 +221,7 @@ def _vllm_misscaled(adapter: Adapter, facts: dict[str, tuple[Any, ...]]) -> list
     Without such a config (mixed rsLoRA), the modules off the commonest scale."""
     try:
         common = vllm_scale(peft_config(adapter))
-    except ConversionError:
+    except AdapterpackError:
         common = Counter(f[1] for f in facts.values()).most_common(1)[0][0] if facts else 0.0
     return sorted(n for n, f in facts.items() if not math.isclose(f[1], common, rel_tol=1e-12, abs_tol=0.0))
 
