@@ -300,7 +300,7 @@ def test_extract_to_peft_refuses_foreign_tensors_unless_dropped(tmp_path: Path) 
     assert r.exit_code == 0 and json.loads(r.stdout)["tensors"] == ["lora_te_text_model_extra"]
     assert json.loads(r.stdout)["dropped_tensors"] == []
     r = CliRunner().invoke(main, ["bank", "extract", str(bank), "k", str(tmp_path / "k3.apack"), "--drop-tensors"])
-    assert r.exit_code == 2 and "--drop-tensors applies to PEFT output only" in r.output
+    assert r.exit_code == 2 and "--drop-tensors applies to PEFT and kohya output only" in r.output
 
 
 def test_dora_input_is_refused_naming_adapter_and_module(tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ from adapterpack.cli import main
 from adapterpack.errors import ConversionError
 from adapterpack.examples import example_path
 from adapterpack.formats.gguf import GgufBase
+from adapterpack.formats.peft import write_peft
 from adapterpack.formats.serving import VLLM_RANKS, check, next_vllm_rank, to_vllm, vllm_scale, write_vllm
+from adapterpack.formats.vllm_models import vllm_lora_support
 
 
 def _mixed(dora: bool = False) -> Adapter:
@@ -64,6 +66,25 @@ def test_bundled_adapter_is_fine_for_vllm_peft_kohya() -> None:
     assert [f.severity for f in check(ad, "llama.cpp", base=GgufBase("llama", 9, 3))] == ["note"]
 
 
+def _vllm_load(folder: Path, max_lora_rank: int = 16) -> dict[str, np.ndarray]:
+    """ΔW as vLLM's loader computes it (vllm/lora): PEFTHelper.validate_legal compares the config's r with
+    max_lora_rank; one scale lora_alpha / r for every module (rank_pattern / alpha_pattern ignored); set_lora
+    copies each module's lora_a / lora_b by their own shape into a zeroed slot of max_lora_rank."""
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["r"] <= max_lora_rank, "vLLM: LoRA rank is greater than max_lora_rank"
+    st = load_file(str(folder / "adapter_model.safetensors"))
+    s = vllm_scale(cfg)
+    out = {}
+    for k, a in st.items():
+        if k.endswith("lora_A.weight"):
+            name = k.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = st[k.replace("lora_A", "lora_B")]
+            slot_a, slot_b = np.zeros((max_lora_rank, a.shape[1])), np.zeros((b.shape[0], max_lora_rank))
+            slot_a[: a.shape[0]], slot_b[:, : b.shape[1]] = a, b * s  # raises when a module's rank exceeds the slot
+            out[name] = slot_b @ slot_a
+    return out
+
+
 def test_vllm_findings_and_export(tmp_path: Path) -> None:
     ad = _mixed()
     found = check(ad, "vllm")
@@ -72,26 +93,65 @@ def test_vllm_findings_and_export(tmp_path: Path) -> None:
     # vLLM's rule applied to the plain PEFT export gets these modules wrong ...
     no_rs = Adapter(base_model=ad.base_model, modules={n: m for n, m in ad.modules.items() if not m.params.get("rslora")})
     assert any(f.severity == "refuse" and "use_rslora" in f.problem for f in check(ad, "peft"))  # mixed rsLoRA
-    adapterpack.ops.convert.convert(_save(no_rs, tmp_path), tmp_path / "plain", to="peft")
-    naive = _vllm_delta(tmp_path / "plain")
+    write_peft(no_rs, tmp_path / "plain")
+    naive = _vllm_load(tmp_path / "plain")
     assert not np.allclose(naive["model.layers.1.self_attn.q_proj"], ad.delta("model.layers.1.self_attn.q_proj"))
-    # ... and gets every module right in the --target vllm export
+    # ... and gets every module right in the --target vllm export, each at its own rank (no zero padding)
     plan = write_vllm(ad, tmp_path / "vllm")
     cfg = json.loads((tmp_path / "vllm" / "adapter_config.json").read_text())
-    assert cfg["r"] == plan.rank == 8 and cfg["lora_alpha"] == plan.alpha == 16.0
-    assert not cfg.get("rank_pattern") and not cfg.get("alpha_pattern") and not cfg["use_rslora"]
-    assert (
-        sorted(plan.baked) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
-        and len(plan.padded) == 4
-        and plan.reranked == {}
-    )
-    got = _vllm_delta(tmp_path / "vllm")
+    assert cfg["r"] == plan.rank == 6 and cfg["lora_alpha"] == plan.alpha == 12.0 and not cfg["use_rslora"]
+    assert sorted(plan.baked) == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"] and plan.reranked == {}
+    got = _vllm_load(tmp_path / "vllm", max_lora_rank=8)
     for m in ad:
         np.testing.assert_allclose(got[m.name], m.delta(), rtol=1e-6, atol=1e-7)
     exported = adapterpack.open(tmp_path / "vllm")
     assert check(exported, "vllm") == []
-    a = exported.modules["model.layers.0.self_attn.q_proj"].array("A")
-    assert a[:4].tobytes() == ad.modules["model.layers.0.self_attn.q_proj"].array("A").tobytes() and not a[4:].any()
+    for m in ad:  # PEFT reads the same ΔW (rank_pattern / alpha_pattern give every module vLLM's scale)
+        np.testing.assert_allclose(exported.delta(m.name), m.delta(), rtol=1e-6, atol=1e-7)
+        assert exported.modules[m.name].array("A").tobytes() == m.array("A").tobytes()
+
+
+def test_vllm_export_keeps_ranks_and_default_max_rank_loads_rank_4(tmp_path: Path) -> None:
+    """vLLM copies each module's own rank into its max_lora_rank slot: no padding, and rank 4 loads under vLLM's
+    default --max-lora-rank 16 (no "needs --max-lora-rank 8" note)."""
+    rng = np.random.default_rng(1)
+    mods = {
+        f"model.layers.{i}.self_attn.{p}_proj": Module(
+            f"model.layers.{i}.self_attn.{p}_proj",
+            "lora",
+            (16, 16),
+            {"rank": 4, "alpha": 8.0},
+            {"A": rng.standard_normal((4, 16)).astype(np.float32), "B": rng.standard_normal((16, 4)).astype(np.float32)},
+        )
+        for i in range(2)
+        for p in "qv"
+    }
+    ad = Adapter(base_model="tiny/llama", base_architecture="LlamaForCausalLM", modules=mods)
+    assert check(ad, "vllm") == []
+    single, plan = to_vllm(ad)
+    assert plan.rank == 4 and plan.baked == [] and all(m.array("A").shape == (4, 16) for m in single)
+    assert "vLLM's default --max-lora-rank 16 loads it" in plan.notes()[0]
+    write_peft(ad, tmp_path / "plain")
+    write_vllm(ad, tmp_path / "vllm")
+    size = lambda d: (d / "adapter_model.safetensors").stat().st_size  # noqa: E731
+    assert size(tmp_path / "vllm") == size(tmp_path / "plain")
+    got = _vllm_load(tmp_path / "vllm")
+    for m in ad:
+        np.testing.assert_allclose(got[m.name], m.delta(), rtol=1e-6, atol=1e-7)
+    # rank 32 is above vLLM's default: a note naming the --max-lora-rank to serve with
+    wide = Module("model.layers.0.mlp.up_proj", "lora", (64, 64), {"rank": 32, "alpha": 64.0},
+                  {"A": np.ones((32, 64), np.float32), "B": np.ones((64, 32), np.float32)})  # fmt: skip
+    big = Adapter(modules={wide.name: wide})
+    notes = [f for f in check(big, "vllm") if f.severity == "note"]
+    assert notes and "--max-lora-rank 32" in notes[0].fix
+
+
+def test_vllm_knows_which_architectures_it_serves_with_lora() -> None:
+    ad = adapterpack.open(example_path())
+    for arch, want in (("LlamaForCausalLM", []), ("GPT2LMHeadModel", ["refuse"]), ("MyOwnForCausalLM", ["note"])):
+        ad.base_architecture = arch
+        assert [f.severity for f in check(ad, "vllm")] == want, arch
+    assert vllm_lora_support("Qwen2ForCausalLM") is True and vllm_lora_support("MambaForCausalLM") is False
 
 
 def _save(ad: Adapter, tmp: Path) -> Path:
@@ -157,7 +217,7 @@ def test_peft_export_of_vllm_folder_gives_peft_outputs(tmp_path: Path) -> None:
         want = pm(x)
         plan = write_vllm(adapterpack.open(tmp_path / "src"), tmp_path / "vllm")
         got = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "vllm").eval()(x)
-    assert plan.rank == 8 and plan.baked == ["v_proj"]
+    assert plan.rank == 4 and plan.baked == ["v_proj"]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -167,7 +227,7 @@ def test_cli_check(tmp_path: Path) -> None:
     assert ok.exit_code == 0 and "vllm loads it as is" in ok.output
     path = _save(_mixed(), tmp_path)
     bad = runner.invoke(main, ["check", "--target", "vllm", str(path)])
-    assert bad.exit_code == 1 and "misread" in bad.output and "padded with zeros to one rank r=8" in bad.output
+    assert bad.exit_code == 1 and "misread" in bad.output and "baked into lora_B" in bad.output and "padded" not in bad.output
     js = runner.invoke(main, ["check", "--target", "vllm", "--json", str(path)])
     assert js.exit_code == 1 and json.loads(js.output)["findings"][0]["severity"] == "misread"
     (tmp_path / "config.json").write_text(

@@ -299,7 +299,7 @@ def test_drop_tensors_flag(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "--drop-tensors applies to PEFT and kohya output only" in r.stderr
 
 
-def test_kohya_names_to_peft_print_a_note(tmp_path: Path) -> None:
+def test_kohya_names_to_peft_are_resolved_or_refused(tmp_path: Path) -> None:
     from safetensors.numpy import save_file
 
     kohya = tmp_path / "k.safetensors"
@@ -312,9 +312,9 @@ def test_kohya_names_to_peft_print_a_note(tmp_path: Path) -> None:
         kohya,
     )
     r = run("convert", kohya, tmp_path / "peft")
-    assert r.exit_code == 0, r.output
-    (note,) = [line for line in r.stdout.splitlines() if line.startswith("note")]
-    assert "'lora_unet_x'" in note and "cannot attach" in note and "adapterpack.module_names" in note
+    # a PEFT folder under kohya names attaches to nothing: refused (issue 16), naming the module and the ways out
+    assert r.exit_code == 1 and "'lora_unet_x'" in r.stderr and "--base" in r.stderr and "diffusers output" in r.stderr, r.output
+    assert not (tmp_path / "peft").exists()
 
 
 def test_one_module_is_singular(tmp_path: Path) -> None:

@@ -150,10 +150,12 @@ def test_vllm_refuses_a_scale_its_b_cannot_hold() -> None:
 
 
 def test_vllm_refuses_a_lora_alpha_past_binary64() -> None:
-    """Every module at alpha 1e308, rank 4 padded to vLLM's 8: lora_alpha = 2.5e307 · 8 is inf."""
+    """Every module rsLoRA at alpha 1e308, rank 4: lora_alpha = scale 5e307 · r 4 is inf. Plain alpha 1e308 at
+    rank 4 is kept as it is (ranks are not padded: vLLM copies each module's own rank into its slot)."""
     with pytest.raises(ConversionError, match=r"^adapter 'default' module 'model.layers.0.self_attn.q_proj': lora_alpha") as e:
-        to_vllm(toy(1e308, every=True))
+        to_vllm(toy(1e308, rslora=True, every=True))
     assert type(e.value) is ConversionError
+    assert to_vllm(toy(1e308, every=True))[1].alpha == 1e308
 
 
 # --- lora factors rebuilt from other records (rerank --encoding lora, svd → lora) ------------------------------------

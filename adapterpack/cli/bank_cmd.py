@@ -10,6 +10,8 @@ import click
 from adapterpack import dtypes
 from adapterpack.bank import add_to_bank, bank_listing, build_bank, extract_drops, extract_member, refit_bank, write_extracted
 from adapterpack.cli import output as out
+from adapterpack.cli.write_options import write_options
+from adapterpack.formats.write import FORMATS, WriteOptions, check_write_options, infer_format, write_adapters
 
 _FIT_OPTIONS = [
     click.option("--rank", "-r", type=click.IntRange(min=1), default=None,
@@ -144,29 +146,37 @@ def refit(bank_path: Path, rank: int | None, target_error: float | None, budget:
 @click.argument("bank_path", metavar="BANK", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("name")
 @click.argument("out_path", metavar="OUT", type=click.Path(path_type=Path))
-@click.option("--to", "to", type=click.Choice(["apack", "svd", "peft"]), default=None,
-              help="lora records in .apack, svd records in .apack, or a PEFT folder (default: apack for *.apack, else peft).")
-@click.option("--drop-tensors", is_flag=True,
-              help="PEFT output: leave out pass-through tensors it cannot carry (e.g. a kohya file's unknown keys); listed.")
+@write_options(
+    (*FORMATS, "svd"),
+    to_help="Output format: svd = svd records in .apack (loadable at any lower rank), else as convert --to "
+    "(default: from OUT's name; a folder is PEFT).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def extract(bank_path: Path, name: str, out_path: Path, to: str | None, drop_tensors: bool, as_json: bool) -> None:
+def extract(bank_path: Path, name: str, out_path: Path, opts: WriteOptions, as_json: bool) -> None:
     """Write member NAME of BANK as a standalone adapter (lora records and its pass-through tensors) to OUT."""
-    target = to or ("apack" if out_path.suffix == ".apack" else "peft")
-    if target != "peft" and drop_tensors:
-        raise click.UsageError("--drop-tensors applies to PEFT output only; .apack keeps every tensor")
+    target = opts.to or infer_format(out_path)
+    fmt = "apack" if target == "svd" else target
+    o = opts
+    check_write_options(fmt, out_path, drop_tensors=o.drop_tensors, serve_for=o.serve_for, component=o.component, base=o.base)
     adapter, errs = extract_member(bank_path, name)
-    dropped = extract_drops(adapter, target) if drop_tensors else []
-    path = write_extracted(adapter, out_path, target, drop_tensors=drop_tensors)
+    dropped = extract_drops(adapter, "peft") if opts.drop_tensors else []
+    if target == "svd":
+        write_extracted(adapter, out_path, "svd")
+        notes: list[str] = []
+    else:
+        notes = write_adapters([adapter], out_path, target, **opts.writer_kwargs())
+    path = out_path
     kept = [k for k in adapter.tensors if k not in dropped]
     worst = max(errs.values()) if errs else 0.0
     r = {"path": str(path), "adapter": name, "format": target, "modules": len(errs), "max_rel_error": worst, "tensors": kept,
-         "dropped_tensors": dropped}
+         "dropped_tensors": dropped, "notes": notes}
     if as_json:
         out.echo_json(r)
         return
     lines = [f"{path}: {name} as {target}, {len(errs)} modules (extraction error at most {worst:.2g} of the bank's ΔW)"]
     lines += [f"  pass-through tensors: {_names(kept)}"] if kept else []
     lines += [f"  dropped on request: {len(dropped)} pass-through tensors ({_names(dropped)})"] if dropped else []
+    lines += [f"  note: {n}" for n in notes]
     out.echo_lines(lines)
 
 

@@ -29,7 +29,12 @@ def finding_lines(target: str, path: Path, findings: list[dict[str, Any]]) -> li
 @click.option("--target", type=click.Choice(TARGETS), required=True, help="The stack to check against.")
 @click.option("--adapter", help="Adapter name in a multi-adapter .apack file.")
 @click.option("--max-lora-rank", type=click.IntRange(1), help="vLLM: the server's --max-lora-rank (default: vLLM's largest, 512).")
-@click.option("--base", type=click.Path(exists=True, path_type=Path), help="llama.cpp: the base model's GGUF file or config.json.")
+@click.option(
+    "--base",
+    type=click.Path(exists=True, path_type=Path),
+    help="llama.cpp: the base model's GGUF file or config.json; peft/vllm: its folder, .safetensors or config.json "
+    "(every module name must be one of its modules).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
 @click.pass_context
 def check(

@@ -8,7 +8,8 @@ from typing import Any
 import click
 
 from adapterpack.cli import output as out
-from adapterpack.codecs import codec_ids
+from adapterpack.cli.write_options import write_options
+from adapterpack.formats.write import WriteOptions
 from adapterpack.ops.convert import DTYPE_CHOICES, TARGETS, infer_target, target_conflict
 from adapterpack.ops.convert import convert as run
 
@@ -44,15 +45,7 @@ def result_lines(r: dict[str, Any]) -> list[str]:
 @click.command("convert", short_help="Convert between .apack, PEFT, kohya, diffusers and gguf.")
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("dst", type=click.Path(path_type=Path))
-@click.option(
-    "--to",
-    "to",
-    type=click.Choice(TARGETS),
-    help="Output format (default: from DST: .apack, pytorch_lora_weights.safetensors = diffusers, other .safetensors = kohya, "
-    ".gguf, else a PEFT folder).",
-)
-@click.option("--codec", type=click.Choice(codec_ids()), help="Blob codec for .apack output (default byteplanes).")
-@click.option("--level", type=click.IntRange(1, 22), help="Zstandard level (default: 1 for byteplanes, 3 for zstd).")
+@write_options(TARGETS)
 @click.option(
     "--dtype",
     type=click.Choice(DTYPE_CHOICES),
@@ -66,29 +59,6 @@ def result_lines(r: dict[str, Any]) -> list[str]:
     help="Cap every module at this rank: a prefix of svd records, an exact SVD truncation of others (lossy).",
 )
 @click.option("--adapter", "adapter_name", metavar="NAME", help="Only this adapter of a multi-adapter .apack file.")
-@click.option(
-    "--drop-tensors",
-    is_flag=True,
-    help="PEFT/kohya output: leave out pass-through tensors (e.g. PEFT modules_to_save) the output format cannot carry.",
-)
-@click.option(
-    "--target",
-    "serve_for",
-    type=click.Choice(["vllm"]),
-    help="PEFT output shaped for a serving stack: vllm = one allowed rank (zero-padded), per-module scales baked into B.",
-)
-@click.option(
-    "--max-lora-rank", type=click.IntRange(1), help="--target vllm: the server's --max-lora-rank (higher ranks are re-ranked down)."
-)
-@click.option(
-    "--base",
-    type=click.Path(exists=True, path_type=Path),
-    help="gguf output: the base model's GGUF file or config.json; diffusers output: its pipeline folder (exact kohya names).",
-)
-@click.option(
-    "--component",
-    help="diffusers output: the pipeline component (unet, transformer, text_encoder, ...) for modules whose names carry none.",
-)
 @click.option("--k", "nola_k", type=click.IntRange(min=0), help="--to nola: coefficients per factor (k_A = k_B = K).")
 @click.option(
     "--target-error",
@@ -96,47 +66,38 @@ def result_lines(r: dict[str, Any]) -> list[str]:
     type=click.FloatRange(0, 1, max_open=True),
     help="--to nola: smallest k (doubling from 16) whose relative Frobenius error of ΔW is at most E, per module.",
 )
-@click.option("--force", is_flag=True, help="Overwrite DST if it exists (a PEFT folder keeps its other files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(
     src: Path,
     dst: Path,
-    to: str | None,
-    codec: str | None,
-    level: int | None,
+    opts: WriteOptions,
     dtype: str,
     rank: int | None,
     adapter_name: str | None,
-    drop_tensors: bool,
-    serve_for: str | None,
-    max_lora_rank: int | None,
-    base: Path | None,
-    component: str | None,
     nola_k: int | None,
     nola_target_error: float | None,
-    force: bool,
     as_json: bool,
 ) -> None:
     """Convert SRC (.apack, PEFT folder, kohya or diffusers file) to DST; lossless unless --dtype narrows,
     --rank cuts or --to nola fits."""
-    target = to or infer_target(dst)
-    if to is not None and (why := target_conflict(dst, to)):
+    target = opts.to or infer_target(dst)
+    if opts.to is not None and (why := target_conflict(dst, opts.to)):
         raise click.BadParameter(why, param_hint="'--to'")
     result = run(
         src,
         dst,
         to=target,
-        codec=codec,
-        level=level,
+        codec=opts.codec,
+        level=opts.level,
         dtype=dtype,
-        force=force,
+        force=opts.force,
         adapter=adapter_name,
-        drop_tensors=drop_tensors,
+        drop_tensors=opts.drop_tensors,
         rank=rank,
-        serve_for=serve_for,
-        max_lora_rank=max_lora_rank,
-        base=base,
-        component=component,
+        serve_for=opts.serve_for,
+        max_lora_rank=opts.max_lora_rank,
+        base=opts.base,
+        component=opts.component,
         nola_k=nola_k,
         nola_target_error=nola_target_error,
         progress=None if as_json else out.progress_factory("writing"),

@@ -10,7 +10,8 @@ import click
 
 from adapterpack import dtypes
 from adapterpack.cli import output as out
-from adapterpack.codecs import codec_ids
+from adapterpack.cli.write_options import write_options
+from adapterpack.formats.write import WriteOptions
 from adapterpack.linalg.allocate import WEIGHTINGS
 from adapterpack.ops.convert import TARGETS, infer_target, target_conflict
 from adapterpack.ops.importance import load_importance
@@ -141,13 +142,8 @@ def report_lines(r: dict[str, Any], per_module: bool) -> list[str]:
     show_default=True,
     help="Record kind in .apack output (PEFT/kohya are always lora).",
 )
-@click.option("--to", "to", type=click.Choice(TARGETS), help="Output format (default: from DST's name).")
-@click.option(
-    "--codec", type=click.Choice(codec_ids()), help="Blob codec for .apack output (default byteplanes; raw for mmap loading)."
-)
-@click.option("--component", help="diffusers output: the pipeline component for modules whose names carry none.")
+@write_options(TARGETS)
 @click.option("--adapter", "adapter_name", metavar="NAME", help="Which adapter of a multi-adapter .apack file.")
-@click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
 @click.option("--dry-run", is_flag=True, help="Print the report only; write nothing (DST may be left out).")
 @click.option("--summary", is_flag=True, help="Totals only, no per-module table.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
@@ -169,11 +165,8 @@ def rerank(
     method: str,
     dtype: str | None,
     encoding: str,
-    to: str | None,
-    codec: str | None,
-    component: str | None,
+    opts: WriteOptions,
     adapter_name: str | None,
-    force: bool,
     dry_run: bool,
     summary: bool,
     as_json: bool,
@@ -193,11 +186,11 @@ def rerank(
         raise click.UsageError("DST is required unless --dry-run")
     target = None
     if dst is not None and not dry_run:
-        target = to or infer_target(dst)
-        if to is not None and (why := target_conflict(dst, to)):
+        target = opts.to or infer_target(dst)
+        if opts.to is not None and (why := target_conflict(dst, opts.to)):
             raise click.BadParameter(why, param_hint="'--to'")
-        if target != "apack" and codec is not None:
-            raise click.UsageError(f"--codec applies to .apack output only, not {target}")
+        if target != "apack" and (opts.codec is not None or opts.level is not None):
+            raise click.UsageError(f"--codec and --level apply to .apack output only, not {target}")
     if importance is not None and budget is None and budget_ratio is None:
         raise click.UsageError("--importance weighs a budget: use it with --budget or --budget-ratio")
     policy = RerankPolicy(
@@ -217,10 +210,7 @@ def rerank(
         encoding="lora" if target not in (None, "apack") else encoding,  # PEFT, kohya, gguf hold LoRA factors
         importance=None if importance is None else load_importance(importance),
     )
-    result = rerank_file(
-        src, None if dry_run else dst, policy, to=target, codec=codec or "byteplanes", force=force, adapter=adapter_name,
-        component=component,
-    )  # fmt: skip
+    result = rerank_file(src, None if dry_run else dst, policy, to=target, adapter=adapter_name, options=opts)
     data = result.as_dict()
     if as_json:
         out.echo_json(data)

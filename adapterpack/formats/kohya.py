@@ -10,8 +10,10 @@ Names: a kohya name is ``<prefix>_<module path with "." replaced by "_">``, whic
 undone. On export we write the safetensors metadata key ``adapterpack.module_names`` (JSON,
 kohya name → dotted module name) and use it on import; without it the module keeps its kohya
 name (:class:`~.sd_names.NameResolver` turns kohya names into diffusers paths, exactly, for a
-diffusers export). Export names: a module name recorded from a kohya import keeps its original
-kohya name; a name without dots is taken as a kohya name already; a diffusers module name gets
+diffusers export; :mod:`.llm_names` turns an LLM's kohya names into module names for a PEFT / vLLM /
+gguf export, from the base model or the LLaMA / GPT-2 / BERT grammar, or refuses). Export names: a
+module name recorded from a kohya import keeps its original kohya name;
+a name without dots is taken as a kohya name already; a diffusers module name gets
 kohya's prefix for its component (``unet.…`` → ``lora_unet_…``, ``text_encoder.…`` → ``lora_te_…``,
 or ``lora_te1_`` / ``lora_te2_`` when the adapter has a ``text_encoder_2``, ``transformer.…`` →
 ``lora_transformer_…``; :func:`~.sd_names.kohya_name_of`; ``sdxl_sgm=True``: an SDXL UNet by its

@@ -431,18 +431,20 @@ def _targets(cfg: dict[str, Any], names: list[str]) -> Any:
     return tm + sorted({n.rsplit(".", 1)[-1] for n in missed})
 
 
-def synthesize_config(adapter: Adapter, base: dict[str, Any] | None = None) -> dict[str, Any]:
+def synthesize_config(adapter: Adapter, base: dict[str, Any] | None = None, *, rank: int | None = None) -> dict[str, Any]:
     """A LoraConfig dict under which PEFT builds every module with its rank, alpha and flags.
 
     ``base`` (an original config, checked by :func:`check_config`) keeps its other fields.
-    ``r`` / ``lora_alpha`` are the most common values; modules that differ get
+    ``r`` / ``lora_alpha`` are the most common values (``rank``: ``r`` is that rank, ``lora_alpha``
+    the commonest alpha among the modules of that rank); modules that differ get
     ``rank_pattern`` / ``alpha_pattern`` entries.
     """
     values = _module_values(adapter)
     cfg: dict[str, Any] = dict(base) if base else _skeleton(adapter)
     names = list(values)
-    r = most_common([v["rank"] for v in values.values()])
-    alpha = most_common([v["alpha"] for v in values.values()])
+    r = most_common([v["rank"] for v in values.values()]) if rank is None else rank
+    alphas = [v["alpha"] for v in values.values() if v["rank"] == r]
+    alpha = most_common(alphas or [v["alpha"] for v in values.values()])
     cfg["r"] = r
     cfg["lora_alpha"] = alpha
     cfg["rank_pattern"] = build_patterns({n: v["rank"] for n, v in values.items()}, r)
@@ -470,13 +472,14 @@ def _skeleton(adapter: Adapter) -> dict[str, Any]:
     }
 
 
-def peft_config(adapter: Adapter) -> dict[str, Any]:
+def peft_config(adapter: Adapter, *, rank: int | None = None) -> dict[str, Any]:
     """The adapter_config.json dict an export writes: the original one when it still describes
-    every module exactly, else one rebuilt (from the original's other fields, if any)."""
+    every module exactly (and has ``r == rank`` when ``rank`` is given), else one rebuilt (from the
+    original's other fields, if any; ``rank``: see :func:`synthesize_config`)."""
     original = src_.config(adapter, src_.provenance(adapter, "peft"))
-    if original is not None and _consistent(original, _module_values(adapter)):
+    if original is not None and _consistent(original, _module_values(adapter)) and rank in (None, original.get("r")):
         return dict(original)
-    return synthesize_config(adapter, original)
+    return synthesize_config(adapter, original, rank=rank)
 
 
 def peft_tensors(adapter: Adapter, *, dtype: str | None = None, drop_tensors: bool = False) -> dict[str, np.ndarray]:
@@ -531,6 +534,7 @@ def write_peft(
     dtype: str | None = None,
     drop_tensors: bool = False,
     overwrite: bool = True,
+    rank: int | None = None,
 ) -> Path:
     """Write ``adapter`` as a PEFT folder (adapter_config.json + adapter_model.safetensors).
 
@@ -540,10 +544,11 @@ def write_peft(
     readers see the old files or the new ones, never a mix; the old folder's other files (README,
     tokenizer, checkpoints) are carried over. ``overwrite`` false: OutputExistsError if it exists.
     A folder that cannot be swapped (a mount point, ``.``) is filled in place, the config renamed in last.
+    ``rank``: the config's ``r`` (see :func:`synthesize_config`; default the commonest rank).
     """
     from safetensors.numpy import save  # safetensors: only writers import it
 
-    cfg = peft_config(adapter)
+    cfg = peft_config(adapter, rank=rank)
     tensors = peft_tensors(adapter, dtype=dtype, drop_tensors=drop_tensors)
     meta = src_.str_map(adapter, src_.provenance(adapter, "peft"), "safetensors_metadata") or {"format": "pt"}
     data = save(tensors, metadata=dict(meta))

@@ -2,13 +2,20 @@
 
 :func:`check` lists :class:`Finding` s for one target:
 
-- ``vllm``: refuses DoRA, ``modules_to_save`` (full tensors) and ranks above ``--max-lora-rank``
-  (one of :data:`VLLM_RANKS`); reads ONE ``r`` / ``lora_alpha`` from adapter_config.json and
-  ignores ``rank_pattern`` / ``alpha_pattern``, so per-module ranks or alphas get the wrong scale.
-  Fix (:func:`to_vllm`): every module padded with zero rows of A / zero columns of B up to one
-  allowed rank R (exact: the padded product is the same), each module's own scale baked into B,
-  ``lora_alpha`` chosen so most modules keep B bit-exact; above the allowed maximum, the
-  module is re-ranked down by truncated SVD (lossy, the relative ΔW error is reported).
+- ``vllm``: refuses DoRA, ``modules_to_save`` (full tensors), architectures it serves without LoRA
+  (:mod:`.vllm_models`) and ranks above ``--max-lora-rank`` (one of :data:`VLLM_RANKS`, default
+  :data:`VLLM_DEFAULT_MAX_RANK`); reads ONE ``r`` / ``lora_alpha`` from adapter_config.json and ignores
+  ``rank_pattern`` / ``alpha_pattern``, so per-module alphas (or ranks under one alpha) get the wrong scale.
+  What vLLM's loader does (vllm/lora): ``PEFTHelper`` (peft_helper.py) computes one
+  ``vllm_lora_scaling_factor = lora_alpha / r`` (``/ sqrt(r)`` with use_rslora) and ``validate_legal``
+  compares only the config's ``r`` with ``max_lora_rank``; ``LoRALayerWeights.from_config`` gives every
+  module that factor and ``optimize()`` multiplies it into ``lora_b`` (lora_weights.py); each layer's
+  ``set_lora`` (layers/base_linear.py, column_parallel_linear.py) zeroes its ``max_lora_rank`` slot and copies
+  the tensors in by their own shape (``lora_a_stacked[...][:, :lora_a.shape[0], :lora_a.shape[1]]``), so a
+  module keeps its own rank. Fix (:func:`to_vllm`): each module's own scale baked into B where it differs
+  from the one ``lora_alpha / r``, ranks kept (no padding), ``r`` = the largest rank (vLLM's own check then
+  speaks for every module), ``rank_pattern`` / ``alpha_pattern`` kept for PEFT with the same scale; above
+  the allowed maximum, the module is re-ranked down by truncated SVD (lossy, the relative ΔW error is reported).
 - ``peft``: loads everything adapterpack writes (``rank_pattern`` / ``alpha_pattern``); non-lora
   records are lowered to lora exactly, full tensors of a non-PEFT origin need dropping, modules
   that keep kohya names attach to nothing.
@@ -31,17 +38,22 @@ import numpy as np
 from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module
 from adapterpack.encodings.lower import as_lora, at_rank, main_dtype
-from adapterpack.errors import ConversionError
+from adapterpack.errors import AdapterpackError, ConversionError
 from adapterpack.formats import read_any
+from adapterpack.formats import source as src_
 from adapterpack.formats.export import DROP_HINT, check_key, scaled
 from adapterpack.formats.gguf import _LAYER, GgufBase, _name_map, base_info
-from adapterpack.formats.peft import check_module_path, write_peft
+from adapterpack.formats.llm_names import base_modules, impossible_names, is_kohya_name
+from adapterpack.formats.peft import check_module_path, peft_config, write_peft
+from adapterpack.formats.vllm_models import vllm_lora_support
 from adapterpack.linalg.cast import delta_error
 from adapterpack.names import check_name
 
 TARGETS = ("vllm", "peft", "llama.cpp", "kohya")
 #: The values vLLM accepts for ``--max-lora-rank``.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+#: vLLM's default ``--max-lora-rank`` (``LoRAConfig.max_lora_rank``).
+VLLM_DEFAULT_MAX_RANK = 16
 #: ``refuse``: the stack raises; ``misread``: it loads and computes something else; ``note``: handled, worth knowing.
 SEVERITIES = ("refuse", "misread", "note")
 
@@ -163,50 +175,60 @@ def _check_vllm(adapter: Adapter, max_lora_rank: int | None) -> list[Finding]:
                 big,
             )
         )
-    scales = {n: f[1] * f[0] for n, f in facts.items()}  # s·r: what alpha would have to be under one r
-    if len(set(ranks.values())) > 1 or len(set(scales.values())) > 1:
-        want = next_vllm_rank(min(max(ranks.values(), default=1), limit)) or limit
-        r0, p0 = Counter(ranks.values()).most_common(1)[0][0], Counter(scales.values()).most_common(1)[0][0]
+    top = max(ranks.values(), default=0)
+    if max_lora_rank is None and VLLM_DEFAULT_MAX_RANK < top <= limit:
+        out.append(
+            Finding(
+                t,
+                "note",
+                f"rank {top} is above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK}",
+                f"serve with --max-lora-rank {next_vllm_rank(top)}",
+                [],
+            )
+        )
+    wrong = _vllm_misscaled(adapter, facts)
+    if wrong:
         out.append(
             Finding(
                 t,
                 "misread",
-                "per-module ranks or alphas: vLLM reads one r and lora_alpha and ignores rank_pattern / alpha_pattern, "
+                "per-module scales: vLLM applies one lora_alpha / r to every module and ignores rank_pattern / alpha_pattern, "
                 "so these modules would get the wrong scale",
-                f"padded with zeros to one rank r={want}, each module's scale baked into lora_B (exact)",
-                sorted(n for n in facts if ranks[n] != r0 or scales[n] != p0),
+                "each module's scale baked into lora_B (exact up to the factors' rounding); ranks kept",
+                wrong,
             )
         )
-    elif ranks:
-        r = next(iter(ranks.values()))
-        if r not in VLLM_RANKS and r <= limit:
-            out.append(
-                Finding(
-                    t,
-                    "note",
-                    f"rank {r} is not in vLLM's max_lora_rank set; the server needs --max-lora-rank {next_vllm_rank(r)}",
-                    f"padded to r={next_vllm_rank(r)} with zeros (exact) by --target vllm",
-                    [],
-                )
+    support = vllm_lora_support(adapter.base_architecture)
+    if support is False:
+        why = f"vLLM runs {adapter.base_architecture} without LoRA support"
+        out.append(Finding(t, "refuse", why, "none: merge the adapter into the base weights", []))
+    elif support is None and adapter.base_architecture:
+        out.append(
+            Finding(
+                t,
+                "note",
+                f"{adapter.base_architecture} is not in vLLM's model table",
+                "it may run through vLLM's Transformers backend; try it",
+                [],
             )
+        )
     return out
+
+
+def _vllm_misscaled(adapter: Adapter, facts: dict[str, tuple[Any, ...]]) -> list[str]:
+    """The modules whose scale differs from the one scale vLLM would apply to the PEFT folder this adapter
+    is (or exports to): ``lora_alpha / r`` of its adapter_config.json (``/ sqrt(r)`` with use_rslora).
+    Without such a config (mixed rsLoRA), the modules off the commonest scale."""
+    try:
+        common = vllm_scale(peft_config(adapter))
+    except AdapterpackError:
+        common = Counter(f[1] for f in facts.values()).most_common(1)[0][0] if facts else 0.0
+    return sorted(n for n, f in facts.items() if not math.isclose(f[1], common, rel_tol=1e-12, abs_tol=0.0))
 
 
 def _check_peft(adapter: Adapter) -> list[Finding]:
     t = "peft"
     out = _common(adapter, t, own=(None, "peft"))
-    bare = [m.name for m in adapter if "." not in m.name]
-    if bare:
-        out.append(
-            Finding(
-                t,
-                "misread",
-                "module names without dots (kohya names): PEFT matches keys to the base model's "
-                "module names, so these attach to nothing",
-                "none: import the kohya file with its adapterpack.module_names metadata, or rename",
-                bare,
-            )
-        )
     facts = {m.name: _lora_facts(m) for m in adapter}
     rs = [m.name for m in adapter if m.encoding == "lora" and m.params.get("rslora")]
     if rs and len(rs) < len(adapter.modules):
@@ -315,10 +337,73 @@ def _names(adapter: Adapter, target: str) -> list[Finding]:
     return [Finding(target, "refuse", f"names the export refuses: {first}{more}", "none: rename them", list(found))]
 
 
+#: The problem line of a modules_to_save finding starts so (to_vllm leaves modules_to_save out of its config).
+SAVED = "modules_to_save"
+
+
+def saved_modules(adapter: Adapter) -> tuple[list[str], list[str]]:
+    """(``modules_to_save`` of the adapter's PEFT config, those of them no tensor of the adapter belongs to).
+
+    A tensor ``<prefix><module path>.<param>`` belongs to a listed name when the module path is that name or ends
+    with ``.`` + it. PEFT's ``set_peft_model_state_dict`` looks up ``<prefix><path>.<param>`` for every parameter of
+    each wrapped module, so a listed module without its tensors is a KeyError on load."""
+    src = src_.provenance(adapter, "peft")
+    try:
+        cfg = src_.config(adapter, src)
+    except ConversionError:
+        return [], []
+    listed = (cfg or {}).get("modules_to_save") or []
+    listed = [listed] if isinstance(listed, str) else [n for n in listed if isinstance(n, str)]
+    prefix = src.get("key_prefix", "base_model.model.")
+    prefix = prefix if isinstance(prefix, str) else ""
+    paths = {k.removeprefix(prefix).rpartition(".")[0] for k in adapter.tensors}
+    missing = [n for n in listed if not any(p == n or p.endswith("." + n) for p in paths)]
+    return listed, missing
+
+
+def _check_saved(adapter: Adapter, target: str) -> list[Finding]:
+    listed, missing = saved_modules(adapter)
+    if target == "vllm" and listed:
+        return [
+            Finding(
+                target,
+                "refuse",
+                f"{SAVED} {listed} in adapter_config.json: vLLM refuses any (PEFTHelper._validate_features)",
+                "--target vllm writes a config without it; the modules' trained weights are not served",
+                listed,
+            )
+        ]
+    if target == "peft" and missing:
+        return [
+            Finding(
+                target,
+                "refuse",
+                f"{SAVED} lists {missing} but the adapter holds none of their tensors: PEFT's load raises KeyError",
+                "none: add the saved weights, or remove these names from modules_to_save (the base weights are then used)",
+                missing,
+            )
+        ]
+    return []
+
+
+def _module_names(adapter: Adapter, target: str, modules: list[str] | None) -> list[Finding]:
+    """Module names the model cannot have (:func:`~.llm_names.impossible_names`: kohya names, names outside the
+    known grammars' top level, or outside ``modules``, the base model's): PEFT attaches such keys to nothing and
+    raises, vLLM refuses modules it does not expect."""
+    bad = impossible_names(adapter.modules, modules)
+    if not bad:
+        return []
+    first = next(iter(bad))
+    kohya = [n for n in bad if is_kohya_name(n)]
+    fix = "none: rename them" if len(kohya) < len(bad) else "convert resolves kohya names (by --base MODEL or the module grammar)"
+    return [Finding(target, "refuse", f"module names the model cannot have: {first!r} is {bad[first]}", fix, list(bad))]
+
+
 def check(adapter: Adapter, target: str, *, max_lora_rank: int | None = None, base: Any = None) -> list[Finding]:
     """Everything ``target`` would refuse or misread in ``adapter``, with the converter's fix (empty: loads as is).
 
-    ``base`` (llama.cpp): a :class:`~adapterpack.formats.gguf.GgufBase` with the head counts.
+    ``base`` (llama.cpp): a :class:`~adapterpack.formats.gguf.GgufBase` with the head counts; (peft, vllm): the
+    base model's module names (:func:`~.llm_names.base_modules`), which every module name must be one of.
     """
     if target == "vllm":
         found = _check_vllm(adapter, max_lora_rank)
@@ -332,6 +417,8 @@ def check(adapter: Adapter, target: str, *, max_lora_rank: int | None = None, ba
         raise ConversionError(f"unknown target {target!r} (one of {', '.join(TARGETS)})")
     if target in ("vllm", "peft", "kohya"):
         found = _names(adapter, target) + found
+    if target in ("vllm", "peft"):
+        found = _check_saved(adapter, target) + _module_names(adapter, target, base if isinstance(base, list) else None) + found
     if not adapter.modules:
         found.insert(0, Finding(target, "refuse", "the adapter has no modules", "none", []))
     return sorted(found, key=lambda f: SEVERITIES.index(f.severity))
@@ -342,19 +429,22 @@ def check(adapter: Adapter, target: str, *, max_lora_rank: int | None = None, ba
 
 @dataclass
 class VllmPlan:
-    """What :func:`to_vllm` did: the single rank, alpha, and the modules it changed."""
+    """What :func:`to_vllm` did: the config's rank and alpha, and the modules it changed."""
 
     rank: int
     alpha: float
-    padded: list[str]
     baked: list[str]
     reranked: dict[str, float]  # module → relative Frobenius error of ΔW from re-ranking down
 
     def notes(self) -> list[str]:
         """Lines for the CLI."""
-        out = [f"vLLM: one rank r={self.rank}, lora_alpha={self.alpha:g} (serve with --max-lora-rank >= {self.rank})"]
-        if self.padded:
-            out.append(f"{len(self.padded)} module(s) padded with zeros to r={self.rank} (exact)")
+        serve = next_vllm_rank(self.rank) or self.rank
+        need = (
+            f"vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_RANK} loads it"
+            if self.rank <= VLLM_DEFAULT_MAX_RANK
+            else f"serve with --max-lora-rank {serve} or more"
+        )
+        out = [f"vLLM: r={self.rank} (the largest module rank; ranks kept), lora_alpha={self.alpha:g}; {need}"]
         if self.baked:
             out.append(f"{len(self.baked)} module(s) have their own scale; baked into lora_B (vLLM ignores alpha_pattern)")
         if self.reranked:
@@ -366,10 +456,22 @@ class VllmPlan:
         return out
 
 
+def _alpha_for(scale: float, rank: int) -> float:
+    """An alpha whose ``alpha / rank`` is ``scale`` in binary64 where a neighbour of ``scale · rank`` gives it."""
+    x = scale * rank
+    for c in (x, math.nextafter(x, math.inf), math.nextafter(x, -math.inf)):
+        if c / rank == scale:
+            return c
+    return x
+
+
 def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors: bool = False) -> tuple[Adapter, VllmPlan]:
-    """``adapter`` as a single-rank plain-LoRA adapter vLLM reads correctly (see the module docstring)."""
+    """``adapter`` as plain-LoRA modules that vLLM scales right (see the module docstring): ranks kept,
+    one scale ``alpha / rank`` with ``rank`` the largest module rank, other scales baked into B."""
     refusals = [
-        f for f in check(adapter, "vllm", max_lora_rank=max_lora_rank) if f.severity == "refuse" and "rank above" not in f.problem
+        f
+        for f in check(adapter, "vllm", max_lora_rank=max_lora_rank)
+        if f.severity == "refuse" and "rank above" not in f.problem and not f.problem.startswith(SAVED)
     ]
     for f in refusals:
         if "full tensors" in f.problem and drop_tensors:
@@ -384,39 +486,35 @@ def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors:
             err, norm = delta_error(m.factors(), low.factors())
             reranked[n] = err / norm if norm else 0.0
             mods[n] = low
-    rank = next_vllm_rank(max(int(m.params["rank"]) for m in mods.values())) or limit
+    rank = max(int(m.params["rank"]) for m in mods.values())
     products = {n: float(m.implementation.scale(m)) * rank for n, m in mods.items()}
     # the commonest nonzero scale (a zero one could not be baked into the others' B), zero only when all are
     alpha = Counter(v for v in products.values() if v != 0.0).most_common(1)[0][0] if any(products.values()) else 0.0
     if not math.isfinite(alpha):  # JSON has no infinity
         first = next(n for n, p in products.items() if p == alpha)
         raise ConversionError(f"adapter {adapter.name!r} module {first!r}: lora_alpha = scale × rank {rank} is beyond binary64")
-    scale = alpha / rank
+    scale = alpha / rank  # vLLM's PEFTHelper: lora_alpha / r
     out = Adapter(
         name=adapter.name,
         base_model=adapter.base_model,
         base_architecture=adapter.base_architecture,
         metadata=dict(adapter.metadata),
     )
-    padded, baked = [], []
+    baked = []
     for n, m in mods.items():
         a, b = m.array("A"), m.array("B")
-        r = a.shape[0]
+        r = int(m.params["rank"])
         s = float(m.implementation.scale(m))
         if s != scale:
             where = f"adapter {adapter.name!r} module {n!r}"
             b = dtypes.cast_array(scaled(b, s / scale, where), dtypes.of_array(b).name, where)[0]
             baked.append(n)
-        if r < rank:
-            a = np.concatenate([a, np.zeros((rank - r, *a.shape[1:]), a.dtype)], axis=0)
-            b = np.concatenate([b, np.zeros((b.shape[0], rank - r, *b.shape[2:]), b.dtype)], axis=1)
-            padded.append(n)
-        params = {k: v for k, v in m.params.items() if k not in ("rslora",)} | {"rank": rank, "alpha": alpha}
-        out.modules[n] = Module(
-            n, "lora", tuple(m.base_shape), params, {"A": np.ascontiguousarray(a), "B": np.ascontiguousarray(b)}
-        )
+        # PEFT reads rank_pattern / alpha_pattern: the same scale there as vLLM's one lora_alpha / r
+        params = {k: v for k, v in m.params.items() if k != "rslora"} | {"alpha": alpha if r == rank else _alpha_for(scale, r)}
+        tensors = {"A": np.ascontiguousarray(a), "B": np.ascontiguousarray(b)}
+        out.modules[n] = Module(n, "lora", tuple(m.base_shape), params, tensors)
         out.modules[n].implementation.validate(out.modules[n])
-    return out, VllmPlan(rank, alpha, padded, baked, reranked)
+    return out, VllmPlan(rank, alpha, baked, reranked)
 
 
 def write_vllm(
@@ -428,9 +526,9 @@ def write_vllm(
     overwrite: bool = True,
 ) -> VllmPlan:
     """Write ``adapter`` as a PEFT folder that vLLM loads with the right scale everywhere (atomic, see :func:`to_vllm`;
-    ``overwrite``: as :func:`~.peft.write_peft`)."""
+    ``overwrite``: as :func:`~.peft.write_peft`); its ``r`` is the largest module rank."""
     single, plan = to_vllm(adapter, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors)
-    write_peft(single, Path(dst), overwrite=overwrite)
+    write_peft(single, Path(dst), overwrite=overwrite, rank=plan.rank)
     return plan
 
 
@@ -448,7 +546,10 @@ def check_path(
     max_lora_rank: int | None = None,
     base: str | os.PathLike[str] | None = None,
 ) -> list[Finding]:
-    """:func:`check` on a file or folder (any format adapterpack reads); ``base`` is the base model's GGUF or config.json."""
-    info = base_info(base) if base is not None else None
+    """:func:`check` on a file or folder (any format adapterpack reads); ``base``: for llama.cpp the base model's GGUF
+    or config.json, for peft / vllm the base model's folder, .safetensors file or config.json (its module names)."""
+    info: Any = None
+    if base is not None:
+        info = base_modules(base) if target in ("peft", "vllm") else base_info(base)
     with read_any(path, adapter=adapter) as ad:
         return check(ad, target, max_lora_rank=max_lora_rank, base=info)

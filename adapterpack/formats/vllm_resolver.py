@@ -9,7 +9,7 @@ LoRA loading needs ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=1``). This one:
    leading dot are not looked up);
 2. checks that the adapter's recorded base model is the model being served (else: not ours, None);
 3. decodes it once into a PEFT folder vLLM reads correctly (:func:`~adapterpack.formats.serving.write_vllm`:
-   one allowed rank, per-module scales baked into B) under ``$ADAPTERPACK_VLLM_CACHE``
+   ranks kept, per-module scales baked into B) under ``$ADAPTERPACK_VLLM_CACHE``
    (default ``~/.cache/adapterpack/vllm``), in a folder named by the file's SHA-256 and the rank
    limit it was written for, written atomically; later requests (and other vLLM processes with the
    same ``max_lora_rank``) reuse it, and a changed file or another limit gets a new folder;

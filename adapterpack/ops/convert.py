@@ -78,6 +78,7 @@ def check_options(
     component: str | None = None,
     nola_k: int | None = None,
     nola_target_error: float | None = None,
+    base: str | os.PathLike[str] | None = None,
 ) -> None:
     """Every rule on which convert's options go together (OptionError naming the option as the CLI spells
     it): ``adapterpack convert`` reports it as a usage error before reading anything, :func:`convert`
@@ -94,7 +95,7 @@ def check_options(
     if target in APACK_TARGETS and drop_tensors:
         raise OptionError("--drop-tensors applies to PEFT and kohya output only; .apack keeps every tensor")
     fmt = "apack" if target in APACK_TARGETS else target
-    check_write_options(fmt, dst, drop_tensors=drop_tensors, serve_for=serve_for, component=component)
+    check_write_options(fmt, dst, drop_tensors=drop_tensors, serve_for=serve_for, component=component, base=base)
 
 
 def check_destination(src: Path, dst: Path, target: str, force: bool) -> None:
@@ -200,6 +201,7 @@ def convert(
         component=component,
         nola_k=nola_k,
         nola_target_error=nola_target_error,
+        base=base,
     )
     if dtype not in DTYPE_CHOICES:
         dtypes.by_name(dtype)  # raises UnknownDTypeError naming it

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from adapterpack.encodings.lower import lora_from_factors, main_dtype
 from adapterpack.encodings.svd import from_spectrum, s_dtype_for, singular_values
 from adapterpack.errors import ConversionError
 from adapterpack.factors import Factors
+from adapterpack.formats.write import WriteOptions, check_write_options
 from adapterpack.linalg import allocate
 from adapterpack.linalg.finite import check_product
 from adapterpack.linalg.lowrank import Spectrum, spectrum_of
@@ -389,17 +390,25 @@ def rerank_file(
     adapter: str | None = None,
     drop_tensors: bool = False,
     component: str | None = None,
+    options: WriteOptions | None = None,
 ) -> RerankResult:
-    """Re-rank ``src`` (any format) into ``dst`` (.apack, PEFT folder, kohya or diffusers file; ``None``: plan only);
-    ``component``: the diffusers component for modules whose names carry none."""
+    """Re-rank ``src`` (any format) into ``dst`` (.apack, PEFT folder, kohya, diffusers or gguf file; ``None``: plan only);
+    ``component``: the diffusers component for modules whose names carry none. ``options`` (the CLI's shared output
+    options) replaces ``codec``, ``level``, ``force``, ``drop_tensors`` and ``component`` and adds the rest
+    (``serve_for`` / ``max_lora_rank``, ``base`` for gguf and diffusers output)."""
     start = time.perf_counter()
     src = Path(src)
     policy.rule()
+    if options is None:
+        options = WriteOptions(codec=codec, level=level, force=force, drop_tensors=drop_tensors, component=component)
+    options = replace(options, codec=options.codec or "byteplanes")
     target = None
     if dst is not None:
         dst = Path(dst)
         target = to or infer_target(dst)
-        check_destination(src, dst, target, force)
+        o = options
+        check_write_options(target, dst, drop_tensors=o.drop_tensors, serve_for=o.serve_for, component=o.component, base=o.base)
+        check_destination(src, dst, target, options.force)
     source = load_source(src, adapter)
     try:
         if len(source.adapters) != 1:
@@ -408,9 +417,7 @@ def rerank_file(
         out, report = rerank(source.adapters[0], policy)
         notes: list[str] = []
         if dst is not None and target is not None:
-            notes = write_adapters(
-                [out], dst, target, codec=codec, level=level, drop_tensors=drop_tensors, component=component, overwrite=force
-            )
+            notes = write_adapters([out], dst, target, **options.writer_kwargs())
     finally:
         source.close()
     return RerankResult(
