@@ -9,7 +9,7 @@ in the ``adapterpack.codecs`` group (see README, "Extending").
 
 from __future__ import annotations
 
-from adapterpack.codecs import byteplanes, raw, zstd  # noqa: F401  (importing registers them)
+from adapterpack.codecs import byteplanes, pco, raw, zstd  # noqa: F401  (importing registers them)
 from adapterpack.codecs.base import Codec, codec_ids, get_codec, register_codec
 
 __all__ = ["Codec", "codec_ids", "get_codec", "register_codec"]

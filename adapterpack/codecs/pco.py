@@ -1,0 +1,166 @@
+"""``pco``: elements as unsigned integers, sign bit rotated to the bottom, coded by Pco (spec §5.4).
+
+Why this codec: float factors are close to i.i.d. draws from a smooth distribution, so the best
+lossless model is one of the *value*, not of its bytes. Rotating the sign bit from the top to the
+bottom makes the unsigned integer grow with ``|x|`` (exponent, then mantissa, then sign), and Pco
+(pcodec, a maintained Rust codec for numeric columns) codes such integers as tANS-coded bins with
+raw offset bits: exponent statistics and the skew of the top mantissa bits within a binade are
+both modelled, with a table of a few dozen bytes. On the real adapters it beats per-plane zstd,
+ZipNN and pcodec on the unrotated values (BENCHMARKS.md, ``python -m tools.bench.bench_codecs``),
+and decodes at memory-ish speed. The stored bytes are Pco's *wrapped* format (no standalone
+framing): the element count comes from the validated index, so chunk and page sizes need not be
+stored; every byte is accounted for (trailing bytes are refused).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from adapterpack.codecs.base import Codec, register_codec
+from adapterpack.errors import CodecError, LengthMismatchError
+from adapterpack.limits import MAX_ZSTD_RATIO
+
+#: Elements per Pco chunk (one page each); the last chunk holds the rest. Pco allows up to 2^24.
+CHUNK = 1 << 22
+#: Pco's compression level 0–12 (how many bins it may try); decoding does not depend on it. 8 (Pco's own default)
+#: gets within 0.1% of 12 at a fifth of its encode time (BENCHMARKS.md).
+DEFAULT_LEVEL = 8
+#: itemsize -> (Pco number type, numpy unsigned type)
+_TYPES = {2: ("u16", np.dtype("<u2")), 4: ("u32", np.dtype("<u4")), 8: ("u64", np.dtype("<u8"))}
+
+_pco: Any = None
+
+
+def _lib() -> Any:
+    """pcodec, imported on first use (it is only needed for pco blobs)."""
+    global _pco
+    if _pco is None:
+        try:
+            import pcodec
+        except ImportError:  # pragma: no cover - pcodec is a dependency
+            raise CodecError("the pco codec needs the pcodec package (pip install pcodec)") from None
+        _pco = pcodec
+    return _pco
+
+
+def chunk_sizes(n: int) -> list[int]:
+    """Element counts of the chunks a blob of ``n`` elements is cut into (spec §5.4)."""
+    return [min(CHUNK, n - s) for s in range(0, n, CHUNK)]
+
+
+def rotate(x: np.ndarray) -> np.ndarray:
+    """Sign bit (top) moved to the bottom: ``(x << 1) | (x >> (bits - 1))``, a new array."""
+    bits = 8 * x.dtype.itemsize
+    r = np.left_shift(x, 1)
+    r |= x >> (bits - 1)
+    return r
+
+
+def unrotate_inplace(r: np.ndarray) -> None:
+    """Inverse of :func:`rotate`, in place (three passes, one temporary)."""
+    low = np.left_shift(r, 8 * r.dtype.itemsize - 1)
+    r >>= 1
+    r |= low
+
+
+#: Bytes handed to Pco to parse a chunk's metadata before trying the whole rest (saves a copy of the page).
+_META_WINDOW = 4096
+
+
+def _chunk_meta(fd: Any, src: bytes, pos: int, kind: str) -> tuple[Any, int]:
+    """Pco's chunk decompressor for the metadata at ``src[pos:]`` and the bytes it used.
+
+    Pco reads only ``bytes`` objects, so every slice is a copy: the metadata (tens of bytes to a few
+    KiB) is parsed from a short window first, and from the whole rest only if it does not fit.
+    """
+    if len(src) - pos > _META_WINDOW:
+        try:
+            return fd.chunk_decompressor(src[pos : pos + _META_WINDOW], kind)  # type: ignore[no-any-return]
+        except Exception as e:
+            if "InsufficientData" not in str(e):
+                raise
+    return fd.chunk_decompressor(src[pos:], kind)  # type: ignore[no-any-return]
+
+
+def _is_pco_error(e: BaseException) -> bool:
+    """pcodec raises RuntimeError/TypeError/ValueError, and a Rust panic surfaces as pyo3's PanicException
+    (a BaseException): all mean the stored bytes are not a valid stream."""
+    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+
+
+@register_codec
+class Pco(Codec):
+    """Sign-rotated unsigned integers in Pco's wrapped format, one chunk and page per ``CHUNK`` elements."""
+
+    codec_id = "pco"
+
+    def __init__(self, level: int = DEFAULT_LEVEL) -> None:
+        self.level = level
+
+    def encode(self, data: memoryview, itemsize: int) -> bytes:
+        if itemsize not in _TYPES:
+            raise ValueError(f"pco needs itemsize 2, 4 or 8, got {itemsize}")
+        pco = _lib()
+        x = np.frombuffer(data, dtype=_TYPES[itemsize][1])
+        r = rotate(x)
+        level = self.level if isinstance(self.level, int) and 0 <= self.level <= 12 else DEFAULT_LEVEL
+        fc = pco.wrapped.FileCompressor()
+        parts = [fc.write_header()]
+        start = 0
+        for n in chunk_sizes(len(r)):
+            cfg = pco.ChunkConfig(
+                compression_level=level,
+                mode_spec=pco.ModeSpec.classic(),
+                delta_spec=pco.DeltaSpec.no_op(),
+                paging_spec=pco.PagingSpec.exact_page_sizes([n]),
+            )
+            cc = fc.chunk_compressor(r[start : start + n], cfg)
+            parts += [cc.write_meta(), cc.write_page(0)]
+            start += n
+        return b"".join(parts)
+
+    def check(self, stored: memoryview, length: int, itemsize: int) -> None:
+        if itemsize not in _TYPES:
+            raise CodecError(f"pco cannot hold elements of {itemsize} byte(s)")
+        if length % itemsize:
+            raise LengthMismatchError(f"pco: {length} bytes is not a whole number of elements")
+        if len(stored) < 1:
+            raise CodecError("pco: no stored bytes (a Pco header is at least 1 byte)")
+        # every chunk needs at least a 1-byte meta and, holding >= 1 element, a page of >= 1 byte
+        if len(stored) < 1 + 2 * len(chunk_sizes(length // itemsize)):
+            raise CodecError(f"pco: {len(stored)} stored bytes cannot hold {length // itemsize} elements' chunks")
+
+    def decode_into(self, stored: memoryview, out: memoryview, itemsize: int) -> None:
+        self.check(stored, len(out), itemsize)
+        pco = _lib()
+        kind, npdt = _TYPES[itemsize]
+        dst = np.frombuffer(out, dtype=npdt)
+        src = bytes(stored)  # pcodec reads bytes objects only
+        where = "header"
+        try:
+            fd, pos = pco.wrapped.FileDecompressor.new(src)
+            start = 0
+            for i, n in enumerate(chunk_sizes(len(dst))):
+                where = f"chunk {i} metadata"
+                cd, used = _chunk_meta(fd, src, pos, kind)
+                pos += used
+                where = f"chunk {i} page"
+                progress, used = cd.read_page_into(src[pos:], n, dst[start : start + n])
+                pos += used
+                if progress.n_processed != n or not progress.finished:
+                    raise CodecError(f"pco: chunk {i} page holds {progress.n_processed} elements, expected {n}")
+                start += n
+        except CodecError:
+            raise
+        except BaseException as e:
+            if not _is_pco_error(e):
+                raise
+            raise CodecError(f"pco: corrupt {where} ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
+        if pos != len(src):
+            raise CodecError(f"pco: the stream ends at byte {pos}, blob has {len(src)} (trailing bytes)")
+        unrotate_inplace(dst)
+
+    def max_expansion(self) -> int:
+        return MAX_ZSTD_RATIO
