@@ -64,7 +64,7 @@ def test_inspect_table_lists_every_module_and_true_totals(apack: Path) -> None:
     assert "4 modules" in r.stdout and f"{4 * 8 * 48 + 2 * 64 * 8 + 2 * 32 * 8:,} parameters" in r.stdout
     assert f"{apack.stat().st_size:,} B" in r.stdout
     assert f"compression {decoded / stored:.2f}x" in r.stdout
-    assert "format 1.2" in r.stdout and "byteplanes x8" in r.stdout
+    assert "format 1.2" in r.stdout and "pco x8" in r.stdout
 
 
 def test_inspect_json_is_the_report(apack: Path) -> None:
@@ -121,7 +121,7 @@ def test_convert_prints_sizes(apack: Path, tmp_path: Path) -> None:
     assert f"ratio {apack.stat().st_size / dst.stat().st_size:.2f}x" in r.stdout
     assert "(apack, raw)" in r.stdout  # raw has no level to report
     r = run("convert", apack, tmp_path / "bp.apack")
-    assert "(apack, byteplanes level 1)" in r.stdout  # the codec's default level
+    assert "(apack, pco level 8)" in r.stdout  # the default codec at its default level
 
 
 def test_convert_refuses_to_overwrite(apack: Path, tmp_path: Path) -> None:

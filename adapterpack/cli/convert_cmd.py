@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from adapterpack.cli import output as out
-from adapterpack.codecs import codec_ids
+from adapterpack.codecs import DEFAULT_CODEC, codec_ids
 from adapterpack.ops.convert import DTYPE_CHOICES, TARGETS, infer_target, target_conflict
 from adapterpack.ops.convert import convert as run
 
@@ -51,8 +51,10 @@ def result_lines(r: dict[str, Any]) -> list[str]:
     help="Output format (default: from DST: .apack, pytorch_lora_weights.safetensors = diffusers, other .safetensors = kohya, "
     ".gguf, else a PEFT folder).",
 )
-@click.option("--codec", type=click.Choice(codec_ids()), help="Blob codec for .apack output (default byteplanes).")
-@click.option("--level", type=click.IntRange(1, 22), help="Zstandard level (default: 1 for byteplanes, 3 for zstd).")
+@click.option("--codec", type=click.Choice(codec_ids()), help=f"Blob codec for .apack output (default {DEFAULT_CODEC}).")
+@click.option(
+    "--level", type=click.IntRange(1, 22), help="Compression level: zstd, byteplanes 1–22 (default 3, 1); pco 1–12 (default 8)."
+)
 @click.option(
     "--dtype",
     type=click.Choice(DTYPE_CHOICES),

@@ -10,7 +10,7 @@ import click
 
 from adapterpack import dtypes
 from adapterpack.cli import output as out
-from adapterpack.codecs import codec_ids
+from adapterpack.codecs import DEFAULT_CODEC, codec_ids
 from adapterpack.linalg.allocate import WEIGHTINGS
 from adapterpack.ops.convert import TARGETS, infer_target, target_conflict
 from adapterpack.ops.importance import load_importance
@@ -143,7 +143,7 @@ def report_lines(r: dict[str, Any], per_module: bool) -> list[str]:
 )
 @click.option("--to", "to", type=click.Choice(TARGETS), help="Output format (default: from DST's name).")
 @click.option(
-    "--codec", type=click.Choice(codec_ids()), help="Blob codec for .apack output (default byteplanes; raw for mmap loading)."
+    "--codec", type=click.Choice(codec_ids()), help=f"Blob codec for .apack output (default {DEFAULT_CODEC}; raw for mmap loading)."
 )
 @click.option("--component", help="diffusers output: the pipeline component for modules whose names carry none.")
 @click.option("--adapter", "adapter_name", metavar="NAME", help="Which adapter of a multi-adapter .apack file.")
@@ -218,7 +218,7 @@ def rerank(
         importance=None if importance is None else load_importance(importance),
     )
     result = rerank_file(
-        src, None if dry_run else dst, policy, to=target, codec=codec or "byteplanes", force=force, adapter=adapter_name,
+        src, None if dry_run else dst, policy, to=target, codec=codec or DEFAULT_CODEC, force=force, adapter=adapter_name,
         component=component,
     )  # fmt: skip
     data = result.as_dict()

@@ -153,7 +153,7 @@ def write_apack(
     path: str | os.PathLike[str],
     adapters: Adapter | Sequence[Adapter],
     *,
-    codec: str = "byteplanes",
+    codec: str = codecs.DEFAULT_CODEC,
     level: int | None = None,
     progress: Callable[[int], None] | None = None,
     overwrite: bool = True,
@@ -161,8 +161,8 @@ def write_apack(
     """Write ``adapters`` to ``path`` atomically (``overwrite`` false: OutputExistsError if it exists).
 
     ``codec`` is applied to every blob where it makes the blob smaller (raw otherwise;
-    byteplanes falls back to zstd for 1-byte types); ``level`` None means the codec's default. ``progress`` is called with the
-    decoded bytes of each blob as it is encoded.
+    byteplanes and pco fall back to zstd for 1-byte types); ``level`` None means the codec's default. ``progress`` is called with
+    the decoded bytes of each blob as it is encoded.
     """
     if isinstance(adapters, Adapter):
         adapters = [adapters]

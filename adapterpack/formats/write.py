@@ -15,6 +15,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from adapterpack.adapter import Adapter
+from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.container.writer import write_apack
 from adapterpack.errors import ConversionError, OptionError
 from adapterpack.formats.diffusers import write_diffusers
@@ -96,7 +97,7 @@ def write_adapters(
     if fmt == "apack":
         total = sum(a.decoded_bytes for a in adapters)
         with (progress or _no_progress)(total) as advance:
-            write_apack(dst, adapters, codec=codec or "byteplanes", level=level, progress=advance, overwrite=overwrite)
+            write_apack(dst, adapters, codec=codec or DEFAULT_CODEC, level=level, progress=advance, overwrite=overwrite)
         return []
     if fmt == "gguf":
         return write_gguf(adapters[0], dst, base=base, drop_tensors=drop_tensors, overwrite=overwrite).notes()

@@ -20,6 +20,7 @@ import numpy as np
 
 from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module
+from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.encodings.lower import lora_from_factors, main_dtype
 from adapterpack.encodings.svd import from_spectrum, s_dtype_for, singular_values
 from adapterpack.errors import ConversionError
@@ -383,7 +384,7 @@ def rerank_file(
     policy: RerankPolicy,
     *,
     to: str | None = None,
-    codec: str = "byteplanes",
+    codec: str = DEFAULT_CODEC,
     level: int | None = None,
     force: bool = False,
     adapter: str | None = None,
