@@ -14,6 +14,7 @@ stored; every byte is accounted for (trailing bytes are refused).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -65,23 +66,23 @@ def unrotate_inplace(r: np.ndarray) -> None:
     r |= low
 
 
-#: Bytes handed to Pco to parse a chunk's metadata before trying the whole rest (saves a copy of the page).
+#: Bytes handed to Pco to parse a header or chunk metadata before trying the whole rest (saves copying the page).
 _META_WINDOW = 4096
 
 
-def _chunk_meta(fd: Any, src: bytes, pos: int, kind: str) -> tuple[Any, int]:
-    """Pco's chunk decompressor for the metadata at ``src[pos:]`` and the bytes it used.
+def _parse(parse: Callable[[bytes], Any], stored: memoryview, pos: int) -> Any:
+    """``parse(bytes from pos)`` for a header or chunk metadata.
 
-    Pco reads only ``bytes`` objects, so every slice is a copy: the metadata (tens of bytes to a few
-    KiB) is parsed from a short window first, and from the whole rest only if it does not fit.
+    Pco reads only ``bytes`` objects, so each one is a copy: these parts (a few bytes to a few KiB)
+    are parsed from a short window first, and from the whole rest only if they do not fit in it.
     """
-    if len(src) - pos > _META_WINDOW:
+    if len(stored) - pos > _META_WINDOW:
         try:
-            return fd.chunk_decompressor(src[pos : pos + _META_WINDOW], kind)  # type: ignore[no-any-return]
+            return parse(bytes(stored[pos : pos + _META_WINDOW]))
         except Exception as e:
             if "InsufficientData" not in str(e):
                 raise
-    return fd.chunk_decompressor(src[pos:], kind)  # type: ignore[no-any-return]
+    return parse(bytes(stored[pos:]))
 
 
 def _is_pco_error(e: BaseException) -> bool:
@@ -137,17 +138,17 @@ class Pco(Codec):
         pco = _lib()
         kind, npdt = _TYPES[itemsize]
         dst = np.frombuffer(out, dtype=npdt)
-        src = bytes(stored)  # pcodec reads bytes objects only
         where = "header"
         try:
-            fd, pos = pco.wrapped.FileDecompressor.new(src)
+            fd, pos = _parse(pco.wrapped.FileDecompressor.new, stored, 0)
             start = 0
             for i, n in enumerate(chunk_sizes(len(dst))):
                 where = f"chunk {i} metadata"
-                cd, used = _chunk_meta(fd, src, pos, kind)
+                cd, used = _parse(lambda b: fd.chunk_decompressor(b, kind), stored, pos)
                 pos += used
                 where = f"chunk {i} page"
-                progress, used = cd.read_page_into(src[pos:], n, dst[start : start + n])
+                page = bytes(stored[pos:])  # the one copy of the page: Pco reads bytes objects only
+                progress, used = cd.read_page_into(page, n, dst[start : start + n])
                 pos += used
                 if progress.n_processed != n or not progress.finished:
                     raise CodecError(f"pco: chunk {i} page holds {progress.n_processed} elements, expected {n}")
@@ -158,8 +159,8 @@ class Pco(Codec):
             if not _is_pco_error(e):
                 raise
             raise CodecError(f"pco: corrupt {where} ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})") from None
-        if pos != len(src):
-            raise CodecError(f"pco: the stream ends at byte {pos}, blob has {len(src)} (trailing bytes)")
+        if pos != len(stored):
+            raise CodecError(f"pco: the stream ends at byte {pos}, blob has {len(stored)} (trailing bytes)")
         unrotate_inplace(dst)
 
     def max_expansion(self) -> int:
