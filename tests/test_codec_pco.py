@@ -212,3 +212,12 @@ def test_writer_uses_pco_and_falls_back_for_one_byte_items_and_constant_data(tmp
     assert r.verify().ok
     got = r.adapter().modules["m"]
     assert got.tensors["A"].load().tobytes() == x.tobytes() and got.tensors["B"].load().tobytes() == b.tobytes()
+
+
+def test_metadata_larger_than_the_parse_window_is_read_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Header and chunk metadata are parsed from a short window first; one that does not fit is read from the whole rest."""
+    monkeypatch.setattr(pco, "_META_WINDOW", 3)
+    stored, x = _stored(5000)
+    assert _decode(stored, x.nbytes, 4) == x.tobytes()
+    with pytest.raises(CodecError, match="trailing bytes"):
+        _decode(stored + b"\0", x.nbytes, 4)
