@@ -13,7 +13,8 @@ cast to fp32, fp16 and bf16 (bf16 rounds to nearest even), then for each codec t
 
 The peers are payload only, headers not counted, each tensor compressed on its own as the
 shared notes measure them: ZipNN ``ZipNN(input_format="byte", bytearray_dtype=...)`` (a fresh
-object per call: one object reused gave wrong bytes) and pcodec
+object per call: one object reused gave wrong bytes; and a copy of the bytes each time: its ``compress``
+regroups the bytes of its input in place, even of a ``bytes`` object, in fp32 and bf16) and pcodec
 ``standalone.simple_compress(values, ChunkConfig())`` (bf16 as uint16, the others as floats).
 
 **Speed** on the SYNTHETIC 7B-shaped adapter (:mod:`tools.bench.synthetic`): decoded MB (10^6 bytes)
@@ -100,7 +101,7 @@ def zipnn_compress(a: np.ndarray) -> bytes | None:
     mode = ZIPNN_DTYPE.get(dtypes.of_array(a).name)
     if ZipNN is None or mode is None:
         return None
-    return bytes(ZipNN(input_format="byte", bytearray_dtype=mode).compress(np.ascontiguousarray(a).tobytes()))
+    return bytes(ZipNN(input_format="byte", bytearray_dtype=mode).compress(bytearray(np.ascontiguousarray(a).tobytes())))
 
 
 def pcodec_compress(a: np.ndarray) -> bytes | None:
@@ -247,7 +248,7 @@ def peer_speed(arrs: list[np.ndarray], peer: str, repeats: int) -> dict[str, flo
             return None
         mode = ZIPNN_DTYPE[dtypes.of_array(arrs[0]).name]
         raw = [np.ascontiguousarray(a).tobytes() for a in arrs]
-        stored = [bytes(ZipNN(input_format="byte", bytearray_dtype=mode).compress(b)) for b in raw]
+        stored = [bytes(ZipNN(input_format="byte", bytearray_dtype=mode).compress(bytearray(b))) for b in raw]
         got: list[bytes] = []
 
         def decode() -> None:
@@ -256,7 +257,7 @@ def peer_speed(arrs: list[np.ndarray], peer: str, repeats: int) -> dict[str, flo
 
         def encode() -> None:
             for b in raw:
-                ZipNN(input_format="byte", bytearray_dtype=mode).compress(b)
+                ZipNN(input_format="byte", bytearray_dtype=mode).compress(bytearray(b))
 
         decode()
         ok = got == raw
