@@ -89,6 +89,7 @@ def test_config_and_level_is_informational() -> None:
     assert c.get_config() == {"id": "pco", "level": 3}
     assert codecs.get_codec("pco").get_config() == {"id": "pco", "level": pco.DEFAULT_LEVEL}
     x = _float_data(np.float16, 3000)
+    assert codecs.get_codec({"id": "pco", "level": 22}).get_config()["level"] == pco.DEFAULT_LEVEL  # what was used
     for level in (0, 3, 12, 99, -1):  # out-of-range levels encode at the default; decoding never looks
         stored = codecs.get_codec({"id": "pco", "level": level}).encode(memoryview(x.tobytes()), 2)
         assert _decode(stored, x.nbytes, 2) == x.tobytes()

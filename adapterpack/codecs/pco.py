@@ -98,7 +98,8 @@ class Pco(Codec):
     codec_id = "pco"
 
     def __init__(self, level: int = DEFAULT_LEVEL) -> None:
-        self.level = level
+        # Pco's levels are 0-12; any other one encodes at the default, and the index records what was used
+        self.level = level if isinstance(level, int) and 0 <= level <= 12 else DEFAULT_LEVEL
 
     def encode(self, data: memoryview, itemsize: int) -> bytes:
         if itemsize not in _TYPES:
@@ -106,13 +107,12 @@ class Pco(Codec):
         pco = _lib()
         x = np.frombuffer(data, dtype=_TYPES[itemsize][1])
         r = rotate(x)
-        level = self.level if isinstance(self.level, int) and 0 <= self.level <= 12 else DEFAULT_LEVEL
         fc = pco.wrapped.FileCompressor()
         parts = [fc.write_header()]
         start = 0
         for n in chunk_sizes(len(r)):
             cfg = pco.ChunkConfig(
-                compression_level=level,
+                compression_level=self.level,
                 mode_spec=pco.ModeSpec.classic(),
                 delta_spec=pco.DeltaSpec.no_op(),
                 paging_spec=pco.PagingSpec.exact_page_sizes([n]),
