@@ -59,11 +59,21 @@ def rotate(x: np.ndarray) -> np.ndarray:
     return r
 
 
+#: Elements undone per step by :func:`unrotate_inplace`: its temporary stays small (decode memory is the output
+#: plus one copy of a page, not a third full-size buffer).
+_UNROTATE_BLOCK = 1 << 16
+
+
 def unrotate_inplace(r: np.ndarray) -> None:
-    """Inverse of :func:`rotate`, in place (three passes, one temporary)."""
-    low = np.left_shift(r, 8 * r.dtype.itemsize - 1)
-    r >>= 1
-    r |= low
+    """Inverse of :func:`rotate`, in place: three passes per block, one small temporary."""
+    shift = 8 * r.dtype.itemsize - 1
+    tmp = np.empty(min(len(r), _UNROTATE_BLOCK), r.dtype)
+    for s in range(0, len(r), _UNROTATE_BLOCK):
+        block = r[s : s + _UNROTATE_BLOCK]
+        t = tmp[: len(block)]
+        np.left_shift(block, shift, out=t)
+        block >>= 1
+        block |= t
 
 
 #: Bytes handed to Pco to parse a header or chunk metadata before trying the whole rest (saves copying the page).
@@ -149,6 +159,7 @@ class Pco(Codec):
                 where = f"chunk {i} page"
                 page = bytes(stored[pos:])  # the one copy of the page: Pco reads bytes objects only
                 progress, used = cd.read_page_into(page, n, dst[start : start + n])
+                del page
                 pos += used
                 if progress.n_processed != n or not progress.finished:
                     raise CodecError(f"pco: chunk {i} page holds {progress.n_processed} elements, expected {n}")
