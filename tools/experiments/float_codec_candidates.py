@@ -10,7 +10,10 @@ Payload bytes (sum over tensors, each coded on its own, no container) of, per dt
   exponent statistics could save at most;
 - ``zstd planes L1``/``L19``: each rotated plane its own zstd frame (today's ``byteplanes`` + rotation);
 - ``pcodec standalone``: ``simple_compress`` on the values (bf16 as uint16) and on rotated integers;
-- ``pco Ln``: adapterpack's ``pco`` codec (rotated integers, Pco wrapped format) at level n.
+- ``pco Ln``: adapterpack's ``pco`` codec (rotated integers, Pco wrapped format) at level n;
+- ``pco L8, metadata shared per (module kind, slot)``: NOT a codec yet — one Pco chunk metadata for all
+  layers' tensors of the same kind and slot (e.g. every ``q_proj`` A), each tensor one page of it, so a
+  tensor still decodes alone given that small shared part (what a format change could save per blob).
 
     python -m tools.experiments.float_codec_candidates                   # the bundled example
     python -m tools.experiments.float_codec_candidates --adapter ~/.cache/adapterpack/rerank-r64
@@ -19,6 +22,7 @@ Payload bytes (sum over tensors, each coded on its own, no container) of, per dt
 from __future__ import annotations
 
 import argparse
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -73,6 +77,26 @@ def measure(arrs: list[tuple[str, np.ndarray]]) -> dict[str, float]:
     return tot
 
 
+def shared_metadata(arrs: list[tuple[str, np.ndarray]], level: int = 8) -> int:
+    """Bytes with one Pco header + chunk metadata per (module kind, slot) group and one page per tensor."""
+    groups: dict[str, list[np.ndarray]] = {}
+    for name, a in arrs:
+        groups.setdefault(re.sub(r"layers\.\d+\.", "", name), []).append(a)
+    total = 0
+    for members in groups.values():
+        rs = [rotate(np.ascontiguousarray(a).reshape(-1).view(UINT[a.itemsize])) for a in members]
+        cfg = pcodec.ChunkConfig(
+            compression_level=level,
+            delta_spec=pcodec.DeltaSpec.no_op(),
+            mode_spec=pcodec.ModeSpec.classic(),
+            paging_spec=pcodec.PagingSpec.exact_page_sizes([len(r) for r in rs]),
+        )
+        fc = pcodec.wrapped.FileCompressor()
+        cc = fc.chunk_compressor(np.concatenate(rs), cfg)
+        total += len(fc.write_header()) + len(cc.write_meta()) + sum(len(cc.write_page(i)) for i in range(len(rs)))
+    return total
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--adapter", type=Path, default=None, help="a PEFT folder (default: the bundled example)")
@@ -84,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             ad = adapterpack.open(common.cast_peft(src, Path(tmp) / dt, dt))
             arrs = [(f"{m.name}.{slot}", m.array(slot)) for m in ad for slot in m.tensors]
             rows[dt] = measure(arrs)
+            rows[dt]["pco L8, metadata shared per (module kind, slot)"] = shared_metadata(arrs)
     keys = list(rows["bf16"])
     table = [[k, *(f"{rows[d][k]:,.0f}" for d in rows)] for k in keys]
     print(common.markdown_table(["candidate", "fp32", "fp16", "bf16"], table, "lrrr"))
