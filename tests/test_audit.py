@@ -159,7 +159,9 @@ def test_multi_adapter_apack_is_one_row(tmp_path: Path) -> None:
     assert d["adapters"] == ["one", "two"] and d["modules"] == 10 and d["bytes"] == path.stat().st_size
     assert d["rank"] == {"min": 4, "median": 6, "max": 6}
     assert d["sizes"]["zstd"] == adapterpack.save([a, b], tmp_path / "z.apack", codec="zstd").file_size
-    assert d["sizes"]["byteplanes"] == apack_size([a, b]) == adapterpack.save([a, b], tmp_path / "p.apack").file_size
+    planes = adapterpack.save([a, b], tmp_path / "p.apack", codec="byteplanes").file_size
+    assert d["sizes"]["byteplanes"] == apack_size([a, b], "byteplanes") == planes
+    assert apack_size([a, b]) == adapterpack.save([a, b], tmp_path / "d.apack").file_size  # the default codec, both
 
 
 # --- many inputs: walking, globs, failures -----------------------------------------------------------
@@ -183,9 +185,9 @@ def test_broken_file_among_good_ones(tree: Path) -> None:
     assert bad["ok"] is False and set(bad) == {"path", "ok", "format", "error"}
     assert "\n" not in bad["error"] and "5000 bytes" in bad["error"]
     assert all(x["ok"] for n, x in rows.items() if n != "broken.apack")
-    # the bf16 .apack is byteplanes already: that codec saves nothing, re-encoding it gives the same bytes
+    # the bf16 .apack is in bf16 with the default codec already: re-encoding it so gives the same bytes
     h = rows["bf16.apack"]
-    assert h["sizes"]["byteplanes"] == h["bytes"] == h["sizes"]["bf16"] and h["saved"]["bf16"] == 0
+    assert h["bytes"] == h["sizes"]["bf16"] and h["saved"]["bf16"] == 0
     # the kohya file holds the same tensors: the same parameters and ranks as the PEFT folder
     k, p = rows["kohya.safetensors"], rows["example"]
     assert k["format"] == "kohya" and k["parameters"] == p["parameters"] and k["rank_99"] == p["rank_99"]

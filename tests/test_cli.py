@@ -127,7 +127,7 @@ def test_convert_prints_sizes(apack: Path, tmp_path: Path) -> None:
     assert f"ratio {apack.stat().st_size / dst.stat().st_size:.2f}x" in r.stdout
     assert "(apack, raw)" in r.stdout  # raw has no level to report
     r = run("convert", apack, tmp_path / "bp.apack")
-    assert "(apack, byteplanes level 1)" in r.stdout  # the codec's default level
+    assert "(apack, pco level 8)" in r.stdout  # the default codec at its default level
 
 
 def test_convert_refuses_to_overwrite(apack: Path, tmp_path: Path) -> None:

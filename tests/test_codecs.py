@@ -32,7 +32,7 @@ def _decode(config: dict | str, stored: bytes, length: int, itemsize: int) -> by
 
 
 def test_codec_ids() -> None:
-    assert sorted(codecs.codec_ids()) == ["byteplanes", "raw", "zstd"]
+    assert sorted(codecs.codec_ids()) == ["byteplanes", "pco", "raw", "zstd"]
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,7 @@ def test_register_codec_makes_an_id_known() -> None:
 def test_max_expansion() -> None:
     assert codecs.get_codec("raw").max_expansion() is None
     assert codecs.get_codec("zstd").max_expansion() == MAX_RATIO == 32768
-    assert codecs.get_codec("byteplanes").max_expansion() == MAX_RATIO
+    assert codecs.get_codec("byteplanes").max_expansion() == codecs.get_codec("pco").max_expansion() == MAX_RATIO
     assert MAX_WINDOW == 128 << 20
 
 

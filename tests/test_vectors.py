@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import zstandard
 
-from adapterpack import dtypes, encodings, errors
+from adapterpack import codecs, dtypes, encodings, errors
 from adapterpack.container import ApackReader
 from tools import make_vectors
 from tools.hostile import wrong_delta
@@ -154,7 +154,7 @@ def test_vectors_cover_the_spec() -> None:
         for a in d.get("adapters", []):
             tensors += [t for m in a["modules"] for t in m["tensors"].values()] + a["tensors"]
             params += [m["params"] for m in a["modules"]]
-    assert {t["codec"] for t in tensors} == {"raw", "zstd", "byteplanes"}
+    assert {t["codec"] for t in tensors} == set(codecs.codec_ids())
     assert {"float32", "float16", "bfloat16", "float64", "int64", "uint8", "bool"} <= {t["dtype"] for t in tensors}
     assert {p.get("layout", "linear") for p in params} == {"linear", "embedding", "conv"}
     for option in ("fan_in_fan_out", "dora", "rslora"):
@@ -183,7 +183,7 @@ def test_vectors_are_distinct_and_hold_the_codec_they_name() -> None:
     assert len(files) == len(NAMES)
     for name in NAMES:
         codec = name.rsplit("_", 1)[-1]
-        if codec in ("zstd", "byteplanes") and "error" not in _doc(name):
+        if codec in ("zstd", "byteplanes", "pco") and "error" not in _doc(name):
             used = {b["codec"]["id"] for b in ApackReader(VECTORS / f"{name}.apack").index.raw["blobs"]}
             assert codec in used, (name, used)
 

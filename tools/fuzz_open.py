@@ -44,7 +44,7 @@ from adapterpack.container.preamble import FLAG_INDEX_ZSTD
 from adapterpack.errors import AdapterpackError, SizeLimitError
 from adapterpack.limits import MAX_DELTA_ELEMENTS
 
-CODECS = ("raw", "zstd", "byteplanes")
+CODECS = ("raw", "zstd", "byteplanes", "pco")
 #: ΔW is computed for modules whose base weight has at most this many elements.
 DELTA_LIMIT = 1 << 16
 
@@ -213,7 +213,8 @@ def rebuild(raw: bytes, index: Any) -> bytes:
 INTERESTING: list[Any] = [-1, 0, 1, 2, 3, 7, 8, 255, 256, 4096, 2**31, 2**32, 2**53 - 1, 2**53, 2**63, 2**64, 10**400]
 INTERESTING += [2**16, 2**29 - 1, 2**30 + 1, 2**31 + 1, 2**32 + 1]  # around the limits of spec §7
 INTERESTING += [0.5, -0.0, 1e308, 1e-320, float("nan"), float("inf"), None, True, False, [], {}]
-INTERESTING += ["", "raw", "zstd", "byteplanes", "lora", "svd", "nola", "shared", "float16", "bool", "conv", "embedding", "x"]
+INTERESTING += ["", "raw", "zstd", "byteplanes", "pco", "lora", "svd", "nola", "shared"]
+INTERESTING += ["float16", "bool", "conv", "embedding", "x"]
 KEYS = ["id", "name", "blob", "x"]
 
 

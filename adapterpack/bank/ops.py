@@ -16,6 +16,7 @@ from adapterpack.adapter import Adapter, Module, as_array, decoded_bytes
 from adapterpack.bank.lock import locked
 from adapterpack.bank.sources import Member, ModuleKey, PathSource, expand_inputs, plan_modules
 from adapterpack.bank.store import META_HASH, Bank, BankMember, BankModule, error_metadata, open_bank, validate_records, write_bank
+from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.container.writer import write_apack
 from adapterpack.encodings.lower import as_svd, lora_from_factors
 from adapterpack.errors import BankError
@@ -67,7 +68,7 @@ def _hash_members(members: list[Member], modules: Sequence[str], dtype: str) -> 
 def build_bank(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]], *, names: list[str] | None = None,
                rank: int = 16, target_error: float | None = None, budget: int | None = None, form: str = "full",
                weights: str = "norm", dtype: str = "float32", partial: bool = False, max_iter: int = 50, tol: float = 1e-7,
-               scheduler: str | None = None, codec: str = "byteplanes",
+               scheduler: str | None = None, codec: str = DEFAULT_CODEC,
                progress: Callable[[int, float], None] | None = None) -> BankReport:
     """Fit a bank on ``inputs`` and write it to ``out`` atomically."""
     dtypes.by_name(dtype)
@@ -108,7 +109,7 @@ def _bank_keys(bank: Bank) -> dict[str, ModuleKey]:
 
 
 def add_to_bank(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str]], *, names: list[str] | None = None,
-                threshold: float | None = 0.05, partial: bool = False, codec: str = "byteplanes") -> BankReport:
+                threshold: float | None = 0.05, partial: bool = False, codec: str = DEFAULT_CODEC) -> BankReport:
     """Project new adapters onto the bank's bases; grow the bases where an adapter's relative squared
     error on a module exceeds ``threshold`` (None: never grow). Old members' S are zero-padded, so
     their reconstructions do not change by one bit. Same content hash as a member: skipped, said so.
@@ -174,7 +175,7 @@ def _stored_error(f: Factors, mod: BankModule, S: np.ndarray) -> float:
 
 def refit_bank(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None, rank: int | None = None,
                target_error: float | None = None, budget: int | None = None, form: str | None = None, weights: str = "norm",
-               max_iter: int = 50, tol: float = 1e-7, scheduler: str | None = None, codec: str = "byteplanes") -> BankReport:
+               max_iter: int = 50, tol: float = 1e-7, scheduler: str | None = None, codec: str = DEFAULT_CODEC) -> BankReport:
     """Refit the bases from the bank's own members (their current reconstructions) and rewrite it
     (to ``out``, default in place, atomically). Errors are then relative to those reconstructions.
     Pass-through tensors are read from the old file while the new one is written, one at a time;

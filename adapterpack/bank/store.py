@@ -19,6 +19,7 @@ from adapterpack import dtypes
 from adapterpack.adapter import Module, TensorLike, as_array
 from adapterpack.atomic import atomic_file
 from adapterpack.checksum import crc32c
+from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.container import writer as _writer
 from adapterpack.container.index import blob_alignment, dumps
 from adapterpack.container.preamble import MAJOR, MAX_INDEX_LENGTH, MINOR, Preamble, align_up
@@ -100,7 +101,7 @@ def _record(mod: BankModule, refs: dict[str, int]) -> dict[str, Any]:
     return {"name": mod.name, "encoding": "shared", "base_shape": list(mod.base_shape), "params": params, "tensors": refs}
 
 
-def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = "byteplanes", level: int | None = None) -> int:
+def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = DEFAULT_CODEC, level: int | None = None) -> int:
     """Write ``bank`` atomically (an interrupted write leaves any previous file intact); returns the file size.
 
     Blob order: every module's U then V, then each member's S blobs followed by its pass-through

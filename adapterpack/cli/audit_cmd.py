@@ -84,8 +84,8 @@ def table_lines(report: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "Each column is the share of the size an .apack would save: zstd/byteplanes losslessly (default levels), bf16",
-        "with floats cast to bfloat16 (byteplanes), e99/e95 re-ranked to the smallest rank keeping 99%/95% of each",
-        "module's ‖ΔW‖²_F (rerank --energy: svd records, byteplanes). Exact byte counts of the files the writer would",
+        "with floats cast to bfloat16 (default codec), e99/e95 re-ranked to the smallest rank keeping 99%/95% of each",
+        "module's ‖ΔW‖²_F (rerank --energy: svd records, default codec). Exact byte counts of the files the writer would",
         "produce; nothing is sampled. Negative: that alternative would be larger.",
     ]
     return lines

@@ -79,8 +79,8 @@ def demo(ctx: click.Context, out_dir: Path | None) -> None:
         back = work / f"{example.name}-roundtrip"
         out.echo(f"   output: {work}{'' if out_dir else ' (temporary; use --out DIR to keep the files)'}")
 
-        t0 = _step(1, "Convert the PEFT folder to .apack (byteplanes codec, lossless)")
-        res = convert(example, apack, to="apack", codec="byteplanes", force=True, progress=out.progress_factory("writing"))
+        t0 = _step(1, "Convert the PEFT folder to .apack (default pco codec, lossless)")
+        res = convert(example, apack, to="apack", force=True, progress=out.progress_factory("writing"))
         out.echo(f"   wrote {apack.name}: {out.size(res.dst_bytes)} in {_took(t0)}")
         with open_adapter(example) as original, open_adapter(apack) as packed:
             diffs = adapter_differences(original, packed)

@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from adapterpack.codecs import codec_ids
+from adapterpack.codecs import DEFAULT_CODEC, codec_ids
 from adapterpack.formats.write import SERVING_STACKS, WriteOptions
 
 #: The parameter names the decorator adds (each also a WriteOptions field).
@@ -33,8 +33,16 @@ def write_options(formats: Sequence[str], *, to_help: str | None = None) -> Call
             or "Output format (default: from DST: .apack, pytorch_lora_weights.safetensors = diffusers, other .safetensors = "
             "kohya, .gguf, else a PEFT folder).",
         ),
-        click.option("--codec", type=click.Choice(codec_ids()), help="Blob codec for .apack output (default byteplanes)."),
-        click.option("--level", type=click.IntRange(1, 22), help="Zstandard level (default: 1 for byteplanes, 3 for zstd)."),
+        click.option(
+            "--codec",
+            type=click.Choice(codec_ids()),
+            help=f"Blob codec for .apack output (default {DEFAULT_CODEC}; raw for mmap loading).",
+        ),
+        click.option(
+            "--level",
+            type=click.IntRange(1, 22),
+            help="Compression level: zstd, byteplanes 1–22 (default 3, 1); pco 1–12 (default 8).",
+        ),
         click.option(
             "--drop-tensors",
             is_flag=True,

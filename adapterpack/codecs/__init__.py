@@ -9,7 +9,11 @@ in the ``adapterpack.codecs`` group (see README, "Extending").
 
 from __future__ import annotations
 
-from adapterpack.codecs import byteplanes, raw, zstd  # noqa: F401  (importing registers them)
+from adapterpack.codecs import byteplanes, pco, raw, zstd  # noqa: F401  (importing registers them)
 from adapterpack.codecs.base import Codec, codec_ids, get_codec, register_codec
 
-__all__ = ["Codec", "codec_ids", "get_codec", "register_codec"]
+#: The codec the writers use for compressed output when none is named (convert, save, rerank, bank):
+#: the smallest payload on real adapters in bf16, fp16 and fp32 (BENCHMARKS.md, tools/bench/bench_codecs.py).
+DEFAULT_CODEC = "pco"
+
+__all__ = ["DEFAULT_CODEC", "Codec", "codec_ids", "get_codec", "register_codec"]

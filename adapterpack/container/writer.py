@@ -64,8 +64,8 @@ def _writer_id() -> str:
 def encode_blob(arr: np.ndarray, codec: str, level: int | None = None) -> tuple[bytes | memoryview, dict[str, Any], int]:
     """(stored bytes, codec object, crc32c) for one tensor; raw when compression does not pay.
 
-    ``level`` None uses the codec's own default. byteplanes cannot hold 1-byte elements
-    (§5.2): those get zstd, at ``level`` when one is given (zstd levels mean the same in
+    ``level`` None uses the codec's own default. byteplanes and pco cannot hold 1-byte elements
+    (§5.2, §5.4): those get zstd, at ``level`` when one is given (zstd levels mean the same in
     both codecs) and at zstd's own default otherwise."""
     dt = dtypes.of_array(arr)
     arr = np.ascontiguousarray(arr, dtype=dt.numpy)
@@ -73,11 +73,15 @@ def encode_blob(arr: np.ndarray, codec: str, level: int | None = None) -> tuple[
     if dt.name == "bool" and len(data) and np.frombuffer(data, np.uint8).max() > 1:
         raise CodecError(f"a bool tensor {list(arr.shape)} holds a byte other than 0 or 1 (spec §3)")
     crc = crc32c(data)
-    if codec == "byteplanes" and dt.itemsize not in (2, 4, 8):
+    if codec in ("byteplanes", "pco") and dt.itemsize not in (2, 4, 8):
         codec = "zstd"
     if codec != "raw" and len(data):
         c = codecs.get_codec({"id": codec} if level is None else {"id": codec, "level": level})
         stored = c.encode(data, dt.itemsize)
+        bound = c.max_expansion()
+        if bound is not None and len(data) > bound * len(stored) + 64:  # pco of constant data can beat §7's ratio limit
+            c = codecs.get_codec("zstd")
+            stored = c.encode(data, dt.itemsize)
         if len(stored) < len(data):
             return stored, c.get_config(), crc
     return data, {"id": "raw"}, crc
@@ -183,7 +187,7 @@ def write_apack(
     path: str | os.PathLike[str],
     adapters: Adapter | Sequence[Adapter],
     *,
-    codec: str = "byteplanes",
+    codec: str = codecs.DEFAULT_CODEC,
     level: int | None = None,
     progress: Callable[[int], None] | None = None,
     overwrite: bool = True,
@@ -192,7 +196,7 @@ def write_apack(
     """Write ``adapters`` to ``path`` atomically (``overwrite`` false: OutputExistsError if it exists).
 
     ``codec`` is applied to every blob where it makes the blob smaller (raw otherwise;
-    byteplanes falls back to zstd for 1-byte types); ``level`` None means the codec's default. ``progress`` is called with the
+    byteplanes and pco fall back to zstd for 1-byte types); ``level`` None means the codec's default. ``progress`` is called with the
     decoded bytes of each blob as it is encoded. ``compact`` False writes the 1.2 layout with a plain JSON index
     (what a reader of 1.0–1.2 reads; see :func:`plan_apack`).
     """

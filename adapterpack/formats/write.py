@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adapterpack.adapter import Adapter
+from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.container.writer import write_apack
 from adapterpack.errors import ConversionError, OptionError
 from adapterpack.formats.diffusers import write_diffusers
@@ -142,7 +143,7 @@ def write_adapters(
     if fmt == "apack":
         total = sum(a.decoded_bytes for a in adapters)
         with (progress or _no_progress)(total) as advance:
-            write_apack(dst, adapters, codec=codec or "byteplanes", level=level, progress=advance, overwrite=overwrite)
+            write_apack(dst, adapters, codec=codec or DEFAULT_CODEC, level=level, progress=advance, overwrite=overwrite)
         return []
     if fmt == "gguf":
         adapter, named = llm_module_names(adapters[0], base)

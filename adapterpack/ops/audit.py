@@ -6,10 +6,10 @@ module's ‖ΔW‖²_F, and the exact size of five alternatives, each a whole ``
 
 - ``zstd``, ``byteplanes``: the same tensors losslessly, with that codec at its default level
   (``adapterpack convert SRC out.apack --codec C``);
-- ``bf16``: floats cast to bfloat16, byteplanes (``adapterpack convert SRC out.apack --dtype bf16``);
+- ``bf16``: floats cast to bfloat16, the default codec (``adapterpack convert SRC out.apack --dtype bf16``);
 - ``energy99``, ``energy95``: every module cut to the smallest rank keeping 99% / 95% of its
   ‖ΔW‖²_F, as ``adapterpack rerank SRC out.apack --energy 0.99`` writes it (:func:`adapterpack.ops.rerank.rerank`:
-  svd records in each module's float dtype, DoRA modules kept), byteplanes.
+  svd records in each module's float dtype, DoRA modules kept), the default codec.
 
 Nothing is sampled or estimated: every tensor is encoded with the writer's own
 :func:`~adapterpack.container.writer.encode_blob` and the index is built as the writer builds it, so
@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from adapterpack.adapter import Adapter, Module, as_array, tensor_info
+from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.container.writer import encode_blob, plan_apack
 from adapterpack.encodings.lower import as_svd, main_dtype
 from adapterpack.errors import AdapterpackError
@@ -63,7 +64,7 @@ BlobMemo = dict[tuple[int, str, "int | None"], tuple[np.ndarray, tuple[int, dict
 
 def apack_size(
     adapters: list[Adapter],
-    codec: str = "byteplanes",
+    codec: str = DEFAULT_CODEC,
     level: int | None = None,
     *,
     validate: bool = True,
@@ -233,14 +234,14 @@ def audit_input(path: str | os.PathLike[str], measure: Sequence[str] = VARIANTS)
         if "byteplanes" in measure:
             res.sizes["byteplanes"] = apack_size(adapters, "byteplanes", validate=False, memo=memo)
         if "bf16" in measure:
-            res.sizes["bf16"] = apack_size([cast_adapter(a, "bf16")[0] for a in adapters], "byteplanes", validate=False)
+            res.sizes["bf16"] = apack_size([cast_adapter(a, "bf16")[0] for a in adapters], DEFAULT_CODEC, validate=False)
         if any(v in measure for v in ENERGY_VARIANTS):
             solved = [presolved(a) for a in adapters]
             for v, frac in ENERGY_VARIANTS.items():
                 pairs = [reranked(a, frac, dtype) for a, dtype in solved]
                 res.energy_ranks[v] = [k for _, ks in pairs for k in ks]
                 if v in measure:
-                    res.sizes[v] = apack_size([p[0] for p in pairs], "byteplanes", validate=False, memo=memo)
+                    res.sizes[v] = apack_size([p[0] for p in pairs], DEFAULT_CODEC, validate=False, memo=memo)
         else:
             res.energy_ranks = _energy_ranks(adapters)
         dora = sum(_is_dora(m) for a in adapters for m in a)

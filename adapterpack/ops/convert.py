@@ -22,7 +22,7 @@ import numpy as np
 from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module, TensorLike, as_array, tensor_info
 from adapterpack.atomic import exists_error
-from adapterpack.codecs import get_codec
+from adapterpack.codecs import DEFAULT_CODEC, get_codec
 from adapterpack.encodings.lower import at_rank
 from adapterpack.errors import ConversionError, OptionError
 from adapterpack.formats import Opened, open_adapters
@@ -244,8 +244,8 @@ def convert(
         adapters=[a.name for a in adapters],
         src_bytes=footprint(src),
         dst_bytes=footprint(dst),
-        codec=(codec or "byteplanes") if target in APACK_TARGETS else None,
-        level=effective_level(codec or "byteplanes", level) if target in APACK_TARGETS else None,
+        codec=(codec or DEFAULT_CODEC) if target in APACK_TARGETS else None,
+        level=effective_level(codec or DEFAULT_CODEC, level) if target in APACK_TARGETS else None,
         dtype="keep" if dtype == "keep" else dtypes.by_name(dtype).name,
         casts=casts,
         notes=notes,

@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 
 from adapterpack.adapter import Adapter
+from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.container.writer import WriteResult, write_apack
 from adapterpack.encodings.lower import adapter_at_rank
 from adapterpack.formats import read_any
@@ -37,7 +38,7 @@ def save(
     adapters: Adapter | Sequence[Adapter],
     path: str | os.PathLike[str],
     *,
-    codec: str = "byteplanes",
+    codec: str = DEFAULT_CODEC,
     level: int | None = None,
 ) -> WriteResult:
     """Write one or more adapters to an ``.apack`` file atomically (see :func:`write_apack`)."""

@@ -20,6 +20,7 @@ import numpy as np
 
 from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module
+from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.encodings.lower import lora_from_factors, main_dtype
 from adapterpack.encodings.svd import from_spectrum, s_dtype_for, singular_values
 from adapterpack.errors import ConversionError
@@ -384,7 +385,7 @@ def rerank_file(
     policy: RerankPolicy,
     *,
     to: str | None = None,
-    codec: str = "byteplanes",
+    codec: str = DEFAULT_CODEC,
     level: int | None = None,
     force: bool = False,
     adapter: str | None = None,
@@ -401,7 +402,7 @@ def rerank_file(
     policy.rule()
     if options is None:
         options = WriteOptions(codec=codec, level=level, force=force, drop_tensors=drop_tensors, component=component)
-    options = replace(options, codec=options.codec or "byteplanes")
+    options = replace(options, codec=options.codec or DEFAULT_CODEC)
     target = None
     if dst is not None:
         dst = Path(dst)

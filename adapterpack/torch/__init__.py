@@ -10,7 +10,7 @@ Memory (what a returned tensor shares, and why that is safe):
   and writing to a tensor gives the process its own page, never changing the file. As with
   any mmap, truncating the file while the tensors live crashes the process on access
   (SIGBUS); replacing it atomically (adapterpack's writers do) is safe.
-- compressed blobs (zstd, byteplanes): decoded into a fresh buffer that the tensor owns.
+- compressed blobs (zstd, byteplanes, pco): decoded into a fresh buffer that the tensor owns.
 - a device other than the CPU (or ``zero_copy=False``): all raw blobs of one load in ONE buffer on
   the device, filled through two reused pinned host buffers (a few large copies, not one per
   tensor; :mod:`adapterpack.torch.staging`); tensors are views of it. A dtype change: cast there.

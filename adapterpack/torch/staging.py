@@ -16,7 +16,7 @@ Raw blobs:
   bytes, one large ``copy_(non_blocking=True)`` per chunk, double-buffered so the host fills one
   buffer while the other is in flight (not one synchronous copy per tensor).
 
-Compressed blobs (zstd, byteplanes) decode in a thread pool (zstd releases the GIL) while the raw
+Compressed blobs (zstd, byteplanes, pco) decode in a thread pool (zstd and pcodec release the GIL) while the raw
 blobs are being copied; a decoded CPU tensor is adopted as is, on a GPU it joins the stream.
 
 When the reader verifies, every blob's CRC-32C is checked over the bytes the tensor shows (raw:

@@ -1,30 +1,42 @@
-"""File size of ``.apack`` (raw, zstd, byteplanes) vs PEFT's ``adapter_model.safetensors``, and codec speed.
+"""Codec sizes on real adapters against ZipNN and pcodec, and codec speed on the 7B-shaped adapter.
 
-Inputs, each in float32, float16 and bfloat16 (bf16 rounded to nearest even):
+Installs nothing. ZipNN and pcodec (``pip install zipnn pcodec``; pcodec is also adapterpack's own
+dependency, for the ``pco`` codec) are measured when they import, and reported missing otherwise.
 
-- the bundled real adapter (SmolLM2-135M, r=8, trained in fp32) cast to each dtype;
-- the synthetic 7B-shaped adapter (random Gaussian factors, see :mod:`tools.bench.synthetic`).
+**Sizes** (exact, deterministic). Every real adapter found — the bundled example, the r=64 one
+(``~/.cache/adapterpack/rerank-r64``), the bank LoRAs (``~/.cache/adapterpack/bank-loras/lora*``) —
+cast to fp32, fp16 and bf16 (bf16 rounds to nearest even), then for each codec the ``.apack`` that
+``adapterpack.save(adapterpack.open(peft_folder), codec=...)`` writes at the codec's default level:
 
-Sizes are whole files: the PEFT safetensors file as safetensors writes it for those tensors,
-and the ``.apack`` that ``adapterpack.save(adapterpack.open(peft_folder), codec=...)`` writes
-(the writer stores a blob raw where a codec would not make it smaller). Speeds are decoded
-megabytes (10^6 bytes) per second, median of ``--repeats``, one thread:
+- *whole*: the file's bytes (preamble, index, padding and blobs);
+- *payload*: the blobs' stored bytes alone (the writer keeps a blob raw where a codec would not make it smaller).
 
-- encode / decode: the codec alone on every tensor of the adapter, in memory;
-- load: ``adapterpack.open`` + every tensor decoded + CRC-32C verified + every page touched
-  (page cache warm), i.e. what a reader pays end to end.
+The peers are payload only, headers not counted, each tensor compressed on its own as the
+shared notes measure them: ZipNN ``ZipNN(input_format="byte", bytearray_dtype=...)`` (a fresh
+object per call: one object reused gave wrong bytes; and a copy of the bytes each time: its ``compress``
+regroups the bytes of its input in place, even of a ``bytes`` object, in fp32 and bf16) and pcodec
+``standalone.simple_compress(values, ChunkConfig())`` (bf16 as uint16, the others as floats).
+
+**Speed** on the SYNTHETIC 7B-shaped adapter (:mod:`tools.bench.synthetic`): decoded MB (10^6 bytes)
+per second, median of ``--repeats``, one thread, each codec alone on every tensor in memory; wall
+time and the thread's CPU time (per core: what the codec costs where other processes share the
+cores). ``load`` is ``adapterpack.open`` + decode + CRC-32C + touch, page cache warm. The peers'
+decode is timed the same way (pcodec ``simple_decompress_into``, ZipNN ``decompress``).
 
 Run from the repository root::
 
-    python -m tools.bench.bench_codecs            # the real run (BENCHMARKS.md)
+    python -m tools.bench.bench_codecs            # sizes on every real adapter + speed (32 layers)
     python -m tools.bench.bench_codecs --quick    # 4-layer synthetic, 2 repeats
+    python -m tools.bench.bench_codecs --sizes-only / --speed-only
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +44,159 @@ import numpy as np
 
 import adapterpack
 from adapterpack import codecs, dtypes
+from adapterpack.container import ApackReader
 from adapterpack.ops.convert import effective_level
 
 from . import common, synthetic
 
-CODECS = ("raw", "zstd", "byteplanes")
+CODECS = ("raw", "zstd", "byteplanes", "pco")
 DTYPE_NAMES = ("fp32", "fp16", "bf16")
-ZIPNN_NOTE = (
-    "For context (not measured here): ZipNN (Hershcovitch et al., 2024), which also separates the bytes of "
-    "each float before entropy coding, reports about 1.5× on bf16 model weights; byteplanes is the same idea with zstd."
-)
+CACHE = Path.home() / ".cache" / "adapterpack"
+ZIPNN_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
-def codec_speed(arrs: list[np.ndarray], codec: str, level: int | None, repeats: int) -> tuple[float, float]:
-    """(encode MB/s, decode MB/s) of one codec over all arrays, in memory."""
+# --- inputs ------------------------------------------------------------------------------------------
+
+
+def real_adapters() -> list[tuple[str, Path]]:
+    """(name, PEFT folder) of every real adapter present: bundled, r=64, bank LoRAs (unfinished ``*.tmp`` skipped)."""
+    found = [("bundled r=8", common.example_dir())]
+    r64 = CACHE / "rerank-r64"
+    if (r64 / common.PEFT_WEIGHTS).is_file():
+        found.append(("r=64", r64))
+    bank = CACHE / "bank-loras"
+    if bank.is_dir():
+        found += [(f"bank {p.name}", p) for p in sorted(bank.glob("lora*")) if (p / common.PEFT_WEIGHTS).is_file()]
+    return found
+
+
+# --- peers -------------------------------------------------------------------------------------------
+
+
+def _zipnn() -> Any:
+    try:
+        from zipnn import ZipNN
+    except ImportError:
+        return None
+    return ZipNN
+
+
+def _pcodec() -> Any:
+    try:
+        import pcodec
+    except ImportError:
+        return None
+    return pcodec
+
+
+def _pcodec_values(a: np.ndarray) -> np.ndarray:
+    """What pcodec is given: bf16 as uint16 (it has no bf16 type), other floats as themselves, 1-D."""
+    a = np.ascontiguousarray(a)
+    return (a.view(np.uint16) if dtypes.of_array(a).name == "bfloat16" else a).reshape(-1)
+
+
+def zipnn_compress(a: np.ndarray) -> bytes | None:
+    """ZipNN's stored bytes for one float tensor (fresh object per call); None for a dtype it has no mode for."""
+    ZipNN = _zipnn()
+    mode = ZIPNN_DTYPE.get(dtypes.of_array(a).name)
+    if ZipNN is None or mode is None:
+        return None
+    return bytes(ZipNN(input_format="byte", bytearray_dtype=mode).compress(bytearray(np.ascontiguousarray(a).tobytes())))
+
+
+def pcodec_compress(a: np.ndarray) -> bytes | None:
+    pcodec = _pcodec()
+    if pcodec is None or not dtypes.of_array(a).is_float:
+        return None
+    return bytes(pcodec.standalone.simple_compress(_pcodec_values(a), pcodec.ChunkConfig()))
+
+
+def peer_payload(arrs: list[np.ndarray], peer: str) -> int | None:
+    """Sum of a peer's stored bytes over every tensor (raw bytes where it has no mode or does not shrink it);
+    None when the peer is not installed."""
+    if (_zipnn() if peer == "zipnn" else _pcodec()) is None:
+        return None
+    compress = zipnn_compress if peer == "zipnn" else pcodec_compress
+    total = 0
+    for a in arrs:
+        s = compress(a)
+        total += a.nbytes if s is None else min(len(s), a.nbytes)
+    return total
+
+
+# --- sizes -------------------------------------------------------------------------------------------
+
+
+def apack_sizes(path: Path) -> tuple[int, int]:
+    """(whole file bytes, payload = sum of stored blob bytes)."""
+    r = ApackReader(path)
+    try:
+        return path.stat().st_size, sum(b.stored_length for b in r.blobs)
+    finally:
+        r.close()
+
+
+def measure_sizes(work: Path, level: int | None) -> list[dict[str, Any]]:
+    """One row per (real adapter, dtype): every codec's whole and payload bytes, and both peers' payloads."""
+    rows = []
+    for name, src in real_adapters():
+        for dt in DTYPE_NAMES:
+            folder = common.cast_peft(src, work / f"{src.name}-{dt}", dt)
+            ad = adapterpack.open(folder)
+            arrs = common.decode_all(ad)
+            row: dict[str, Any] = {"adapter": name, "dtype": dt, "tensors": len(arrs), "decoded_bytes": sum(a.nbytes for a in arrs)}
+            for codec in CODECS:
+                path = work / f"{src.name}-{dt}-{codec}.apack"
+                adapterpack.save(ad, path, codec=codec, level=level)
+                row[f"{codec}_whole"], row[f"{codec}_payload"] = apack_sizes(path)
+                path.unlink()
+            row["zipnn_payload"] = peer_payload(arrs, "zipnn")
+            row["pcodec_payload"] = peer_payload(arrs, "pcodec")
+            rows.append(row)
+            print(f"  sizes: {name} {dt} done", flush=True)
+    return rows
+
+
+def render_sizes(rows: list[dict[str, Any]], what: str) -> str:
+    """``what`` = whole or payload: each codec's bytes, the peers' payloads, and pco against the better peer."""
+
+    def n(x: int | None) -> str:
+        return "—" if x is None else f"{x:,}"
+
+    table = []
+    for r in rows:
+        peers = [p for p in (r["zipnn_payload"], r["pcodec_payload"]) if p is not None]
+        best = min(peers) if peers else None
+        vs = "—" if best is None else f"**{r[f'pco_{what}'] / best:.4f}**"
+        table.append([r["adapter"], r["dtype"], r["tensors"], *(n(r[f"{c}_{what}"]) for c in CODECS),
+                      n(r["zipnn_payload"]), n(r["pcodec_payload"]), vs])
+    headers = ["adapter", "dtype", "tensors", *(f"{c} {what}" for c in CODECS), "ZipNN payload", "pcodec payload",
+               f"pco {what} / best peer"]
+    return common.markdown_table(headers, table, "llr" + "r" * len(CODECS) + "rrr")
+
+
+# --- speed -------------------------------------------------------------------------------------------
+
+
+def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(median wall seconds, median thread CPU seconds) of ``fn`` after one warm-up call."""
+    fn()
+    walls, cpus = [], []
+    for _ in range(repeats):
+        gc.collect()
+        gc.disable()
+        try:
+            w, c = time.perf_counter(), time.thread_time()
+            fn()
+            cpus.append(time.thread_time() - c)
+            walls.append(time.perf_counter() - w)
+        finally:
+            gc.enable()
+    return common.median(walls), common.median(cpus)
+
+
+def codec_speed(arrs: list[np.ndarray], codec: str, level: int | None, repeats: int) -> dict[str, float]:
+    """Encode and decode MB/s (wall and CPU) of one codec over all arrays, in memory; checks the round trip."""
     c = codecs.get_codec({"id": codec} if level is None else {"id": codec, "level": level})
     items = [(dtypes.as_bytes(a), dtypes.of_array(a).itemsize) for a in arrs]
     total = sum(len(d) for d, _ in items)
@@ -63,8 +214,60 @@ def codec_speed(arrs: list[np.ndarray], codec: str, level: int | None, repeats: 
     decode()
     if any(bytes(out) != bytes(d) for (d, _), out in zip(items, outs)):
         raise SystemExit(f"{codec} did not round-trip")
-    t = common.interleaved({"encode": encode, "decode": decode}, repeats)
-    return total / common.median(t["encode"]) / common.MB, total / common.median(t["decode"]) / common.MB
+    ew, ec = _timed(encode, max(1, repeats // 2))
+    dw, dc = _timed(decode, repeats)
+    mb = total / common.MB
+    return {"stored": sum(map(len, stored)), "encode_mb_s": mb / ew, "encode_cpu_mb_s": mb / ec,
+            "decode_mb_s": mb / dw, "decode_cpu_mb_s": mb / dc}
+
+
+def peer_speed(arrs: list[np.ndarray], peer: str, repeats: int) -> dict[str, float] | None:
+    """The same for a peer (None if not installed); checks its round trip too."""
+    total = sum(a.nbytes for a in arrs)
+    if peer == "pcodec":
+        pcodec = _pcodec()
+        if pcodec is None:
+            return None
+        vals = [_pcodec_values(a) for a in arrs]
+        stored = [bytes(pcodec.standalone.simple_compress(v, pcodec.ChunkConfig())) for v in vals]
+        outs = [np.empty_like(v) for v in vals]
+
+        def decode() -> None:
+            for s, o in zip(stored, outs):
+                pcodec.standalone.simple_decompress_into(s, o)
+
+        def encode() -> None:
+            for v in vals:
+                pcodec.standalone.simple_compress(v, pcodec.ChunkConfig())
+
+        decode()
+        ok = all(o.tobytes() == v.tobytes() for o, v in zip(outs, vals))
+    else:
+        ZipNN = _zipnn()
+        if ZipNN is None:
+            return None
+        mode = ZIPNN_DTYPE[dtypes.of_array(arrs[0]).name]
+        raw = [np.ascontiguousarray(a).tobytes() for a in arrs]
+        stored = [bytes(ZipNN(input_format="byte", bytearray_dtype=mode).compress(bytearray(b))) for b in raw]
+        got: list[bytes] = []
+
+        def decode() -> None:
+            got.clear()
+            got.extend(bytes(ZipNN(input_format="byte", bytearray_dtype=mode).decompress(s)) for s in stored)
+
+        def encode() -> None:
+            for b in raw:
+                ZipNN(input_format="byte", bytearray_dtype=mode).compress(bytearray(b))
+
+        decode()
+        ok = got == raw
+    if not ok:
+        raise SystemExit(f"{peer} did not round-trip")
+    ew, ec = _timed(encode, max(1, repeats // 2))
+    dw, dc = _timed(decode, repeats)
+    mb = total / common.MB
+    return {"stored": sum(map(len, stored)), "encode_mb_s": mb / ew, "encode_cpu_mb_s": mb / ec,
+            "decode_mb_s": mb / dw, "decode_cpu_mb_s": mb / dc}
 
 
 def load_speed(path: Path, repeats: int) -> float:
@@ -80,104 +283,78 @@ def load_speed(path: Path, repeats: int) -> float:
     return total / common.median(common.interleaved({"load": load}, repeats)["load"]) / common.MB
 
 
-def sources(work: Path, quick: bool) -> list[tuple[str, str, Path]]:
-    """(source name, dtype, PEFT folder) for every input."""
-    out = []
-    ex = common.example_dir()
-    layers = 4 if quick else 32
-    for dt in DTYPE_NAMES:
-        out.append(("bundled example (trained)", dt, common.cast_peft(ex, work / f"example-{dt}", dt)))
-    for dt in DTYPE_NAMES:
-        folder = synthetic.write_peft(synthetic.build_adapter(dt, layers=layers), work / f"synthetic-{dt}")
-        out.append((f"synthetic 7B-shaped ({layers} layers)", dt, folder))
-    return out
-
-
-def run(work: Path, quick: bool, repeats: int, level: int | None) -> list[dict[str, Any]]:
-    """Measure every (source, dtype, codec)."""
+def measure_speed(work: Path, layers: int, repeats: int, level: int | None) -> list[dict[str, Any]]:
+    """One row per (dtype, codec or peer) on the synthetic adapter."""
     rows = []
-    for name, dt, folder in sources(work, quick):
-        st_bytes = (folder / common.PEFT_WEIGHTS).stat().st_size
-        ad = adapterpack.open(folder)
-        arrs = common.decode_all(ad)
+    for dt in DTYPE_NAMES:
+        ad = synthetic.build_adapter(dt, layers=layers)
+        arrs = [np.asarray(t) for m in ad.modules.values() for t in m.tensors.values()]
         decoded = sum(a.nbytes for a in arrs)
         for codec in CODECS:
-            path = work / f"{folder.name}-{codec}.apack"
+            path = work / f"synthetic-{dt}-{codec}.apack"
             adapterpack.save(ad, path, codec=codec, level=level)
-            enc, dec = codec_speed(arrs, codec, level, repeats)
-            rows.append(
-                {
-                    "source": name,
-                    "dtype": dt,
-                    "tensors": len(arrs),
-                    "decoded_bytes": decoded,
-                    "safetensors_bytes": st_bytes,
-                    "codec": codec,
-                    "level": effective_level(codec, level),
-                    "apack_bytes": path.stat().st_size,
-                    "ratio": st_bytes / path.stat().st_size,
-                    "encode_mb_s": enc,
-                    "decode_mb_s": dec,
-                    "load_mb_s": load_speed(path, repeats),
-                }
-            )
+            row = {"dtype": dt, "codec": codec, "level": effective_level(codec, level), "decoded_bytes": decoded}
+            row |= codec_speed(arrs, codec, level, repeats)
+            row["whole"] = path.stat().st_size
+            row["load_mb_s"] = load_speed(path, repeats)
+            path.unlink()
+            rows.append(row)
+        for peer in ("ZipNN", "pcodec"):
+            got = peer_speed(arrs, peer.lower() if peer == "pcodec" else "zipnn", repeats)
+            if got is not None:
+                rows.append({"dtype": dt, "codec": f"{peer} (peer)", "level": None, "decoded_bytes": decoded, "whole": None,
+                             "load_mb_s": None} | got)
+        print(f"  speed: {dt} done", flush=True)
     return rows
 
 
-def render(rows: list[dict[str, Any]]) -> str:
-    """The markdown table."""
+def render_speed(rows: list[dict[str, Any]]) -> str:
+    def f(x: float | None) -> str:
+        return "—" if x is None else f"{x:,.0f}"
 
-    def fmt(x: float) -> str:
-        return f"{x:,.0f}"
-
-    table = [
-        [
-            r["source"],
-            r["dtype"],
-            f"{r['safetensors_bytes']:,}",
-            r["codec"],
-            f"{r['apack_bytes']:,}",
-            f"**{r['ratio']:.2f}×**",
-            fmt(r["encode_mb_s"]),
-            fmt(r["decode_mb_s"]),
-            fmt(r["load_mb_s"]),
-        ]
-        for r in rows
-    ]
-    headers = [
-        "adapter",
-        "dtype",
-        "safetensors bytes",
-        "codec",
-        ".apack bytes",
-        "safetensors / apack",
-        "encode MB/s",
-        "decode MB/s",
-        "load MB/s",
-    ]
-    return common.markdown_table(headers, table, "llrlrrrrr")
+    table = [[r["dtype"], r["codec"], f"{r['stored']:,}", f"{r['decoded_bytes'] / r['stored']:.3f}×", f(r["encode_mb_s"]),
+              f(r["decode_mb_s"]), f(r["decode_cpu_mb_s"]), f(r["load_mb_s"])] for r in rows]
+    headers = ["dtype", "codec", "payload bytes", "ratio", "encode MB/s", "decode MB/s", "decode MB/s (CPU time)", "load MB/s"]
+    return common.markdown_table(headers, table, "llrrrrrr")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4-layer synthetic adapter, 2 repeats")
     ap.add_argument("--repeats", type=int, help="timed repeats (default 7, quick 2)")
-    ap.add_argument("--level", type=int, default=None, help="zstd level (default: each codec's own, 3 and 1)")
+    ap.add_argument("--level", type=int, default=None, help="one level for every codec (default: each codec's own)")
+    ap.add_argument("--sizes-only", action="store_true", help="only the real-adapter size tables")
+    ap.add_argument("--speed-only", action="store_true", help="only the synthetic speed table")
     ap.add_argument("--workdir", type=Path, help="where to write the test files (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 7)
+    layers = 4 if args.quick else 32
+    missing = [p for p, mod in (("zipnn", _zipnn()), ("pcodec", _pcodec())) if mod is None]
+    sizes: list[dict[str, Any]] = []
+    speed: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="apack-codecs-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        rows = run(work, args.quick, repeats, args.level)
+        if not args.speed_only:
+            sizes = measure_sizes(work, args.level)
+        if not args.sizes_only:
+            speed = measure_speed(work, layers, repeats, args.level)
     m = common.machine()
-    print(f"Machine: {common.machine_line(m)}. Median of {repeats}; MB = 10^6 bytes.\n")
-    print(synthetic.description("bf16", layers=4 if args.quick else 32).replace("bfloat16", "each dtype") + "\n")
-    print(render(rows))
-    print("\n" + ZIPNN_NOTE)
+    print(f"\nMachine: {common.machine_line(m)}. MB = 10^6 bytes.")
+    if missing:
+        print(f"Not installed, so not measured: {', '.join(missing)} (pip install {' '.join(missing)}).")
+    if sizes:
+        print("\nWhole .apack files (preamble + index + padding + blobs) against the peers' payloads:\n")
+        print(render_sizes(sizes, "whole"))
+        print("\nPayloads alone (sum of stored blob bytes):\n")
+        print(render_sizes(sizes, "payload"))
+    if speed:
+        print(f"\n{synthetic.description('bf16', layers=layers).replace('bfloat16', 'each dtype')} Median of {repeats}.\n")
+        print(render_speed(speed))
     if args.json:
-        common.write_json(args.json, {"machine": m, "quick": args.quick, "repeats": repeats, "level": args.level, "rows": rows})
+        common.write_json(args.json, {"machine": m, "quick": args.quick, "repeats": repeats, "level": args.level,
+                                      "sizes": sizes, "speed": speed})
 
 
 if __name__ == "__main__":
