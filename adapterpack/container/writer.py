@@ -196,8 +196,8 @@ def write_apack(
     """Write ``adapters`` to ``path`` atomically (``overwrite`` false: OutputExistsError if it exists).
 
     ``codec`` is applied to every blob where it makes the blob smaller (raw otherwise;
-    byteplanes and pco fall back to zstd for 1-byte types); ``level`` None means the codec's default. ``progress`` is called with the
-    decoded bytes of each blob as it is encoded. ``compact`` False writes the 1.2 layout with a plain JSON index
+    byteplanes and pco fall back to zstd for 1-byte types); ``level`` None means the codec's default. ``progress`` is called
+    with the decoded bytes of each blob as it is encoded. ``compact`` False writes the 1.2 layout with a plain JSON index
     (what a reader of 1.0–1.2 reads; see :func:`plan_apack`).
     """
     if isinstance(adapters, Adapter):
