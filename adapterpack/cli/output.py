@@ -58,6 +58,7 @@ class AdapterpackGroup(click.Group):
     escapes click's own usage errors (they can quote the command line)."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        _default_progress(ctx)
         try:
             return super().invoke(ctx)
         except click.ClickException as e:
@@ -76,6 +77,21 @@ class AdapterpackGroup(click.Group):
             raise Failure(one_line(os_message(e))) from None
         except MemoryError as e:
             raise Failure(one_line(f"out of memory ({e or 'an allocation failed'})")) from None
+
+
+def _command_args(ctx: click.Context) -> list[str]:
+    """The arguments after the command name, up to a ``--``."""
+    args = [*getattr(ctx, "_protected_args", []), *ctx.args]  # click 8.2+ keeps the command's own args apart
+    return args[: args.index("--")] if "--" in args else args
+
+
+def _default_progress(ctx: click.Context) -> None:
+    """Progress back to its default for this command: off with ``--json`` (``--progress`` turns it on again)."""
+    from adapterpack import progress
+
+    progress.reset()
+    if "--json" in _command_args(ctx):
+        progress.configure("off")
 
 
 # --- numbers --------------------------------------------------------------------------------------
@@ -164,14 +180,37 @@ def echo_lines(lines: Sequence[str]) -> None:
 # --- progress ------------------------------------------------------------------------------------
 
 
+def progress_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--progress/--no-progress`` for a command that does long work: progress (:mod:`adapterpack.progress`,
+    stderr only) is shown on a terminal by default, always with ``--progress``, never with ``--no-progress``;
+    ``--json`` turns the default off (:meth:`AdapterpackGroup.invoke`). stdout is never written to."""
+
+    def apply(ctx: click.Context, param: click.Parameter, value: bool | None) -> None:
+        if value is not None:
+            from adapterpack import progress
+
+            progress.configure(value)
+
+    return click.option(
+        "--progress/--no-progress",
+        "show_progress",
+        default=None,
+        expose_value=False,
+        callback=apply,
+        help="Report progress on stderr (default: only when stderr is a terminal and --json is not given).",
+    )(f)
+
+
 @contextlib.contextmanager
-def progress_bar(total: int, label: str = "writing") -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(nbytes)``; draws a bar on stderr only when stderr is a terminal."""
-    if total <= 0 or not sys.stderr.isatty():
+def progress_bar(total: int, label: str = "writing", unit: str = "B") -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(nbytes)`` of an :mod:`adapterpack.progress` task (shown as that module decides)."""
+    from adapterpack import progress
+
+    if total <= 0:
         yield lambda n: None
         return
-    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=False, show_percent=True) as bar:
-        yield bar.update
+    with progress.task(label, total, unit) as t:
+        yield t.advance
 
 
 def progress_factory(label: str) -> Callable[[int], contextlib.AbstractContextManager[Callable[[int], None]]]:
