@@ -77,7 +77,10 @@ def test_track_counts_items() -> None:
 def _audit(args: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "adapterpack", "audit", str(EXAMPLE), "--jobs", "1", "--measure", "zstd", *args],
-        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
     )
 
 

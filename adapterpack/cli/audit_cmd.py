@@ -155,7 +155,7 @@ def audit(paths: tuple[str, ...], as_json: bool, as_csv: bool, jobs: int, measur
     with out.progress_bar(len(found.inputs), "auditing", "inputs") as advance:
         report = audit_paths(found, jobs=jobs or default_jobs(), measure=measure, progress=advance)
     if as_json:
-        out.echo_json(report)
+        out.echo_json({"ok": not (report["totals"]["failed"] or report["totals"]["missing"]), **report})
     elif as_csv:
         header, rows = csv_rows(report)
         writer = csv.writer(sys.stdout, lineterminator="\n")

@@ -106,7 +106,7 @@ def build(out_path: Path, adapters: tuple[Path, ...], rank: int | None, target_e
     r = build_bank(out_path, list(adapters), names=list(names) or None, rank=rank or (64 if chosen else 16),
                    target_error=target_error, budget=budget, form=form or "full", weights=weights, dtype=dtype,
                    partial=partial, max_iter=max_iter, scheduler=scheduler).as_dict()
-    out.echo_json(r) if as_json else out.echo_lines(fit_lines(r))
+    out.echo_json(out.written(r, [str(a) for a in adapters])) if as_json else out.echo_lines(fit_lines(r))
 
 
 @bank.command("add")
@@ -123,7 +123,7 @@ def add(bank_path: Path, adapters: tuple[Path, ...], threshold: float, no_grow: 
     """Add ADAPTERs to BANK: project onto its bases, grow them where needed (old members unchanged)."""
     r = add_to_bank(bank_path, list(adapters), names=list(names) or None, threshold=None if no_grow else threshold,
                     partial=partial).as_dict()
-    out.echo_json(r) if as_json else out.echo_lines(add_lines(r))
+    out.echo_json(out.written(r, [str(a) for a in adapters])) if as_json else out.echo_lines(add_lines(r))
 
 
 @bank.command("refit")
@@ -137,7 +137,7 @@ def refit(bank_path: Path, rank: int | None, target_error: float | None, budget:
     """Refit BANK's bases from its members (e.g. after many adds grew them)."""
     r = refit_bank(bank_path, out=out_path, rank=rank, target_error=target_error, budget=budget, form=form, weights=weights,
                    max_iter=max_iter, scheduler=scheduler).as_dict()
-    out.echo_json(r) if as_json else out.echo_lines(fit_lines(r))
+    out.echo_json(out.written(r, str(bank_path))) if as_json else out.echo_lines(fit_lines(r))
 
 
 @bank.command("extract")
@@ -162,7 +162,7 @@ def extract(bank_path: Path, name: str, out_path: Path, to: str | None, drop_ten
     r = {"path": str(path), "adapter": name, "format": target, "modules": len(errs), "max_rel_error": worst, "tensors": kept,
          "dropped_tensors": dropped}
     if as_json:
-        out.echo_json(r)
+        out.echo_json(out.written(r, str(bank_path)))
         return
     lines = [f"{path}: {name} as {target}, {len(errs)} modules (extraction error at most {worst:.2g} of the bank's ΔW)"]
     lines += [f"  pass-through tensors: {_names(kept)}"] if kept else []

@@ -73,7 +73,8 @@ def importance(
             batch=batch, labels=labels, seed=seed, device=device,
         )  # fmt: skip
     imp.save(dst, overwrite=force)
-    summary = {"out": str(dst), "modules": len(imp.fisher), "seconds": time.perf_counter() - start, **imp.info}
+    summary = {"src": str(adapter_path), "dst": str(dst), "modules": len(imp.fisher), "seconds": time.perf_counter() - start,
+               **imp.info}  # fmt: skip
     if as_json:
         out.echo_json(summary)
     else:
