@@ -103,3 +103,66 @@ def test_cli_json_turns_the_default_off(monkeypatch: pytest.MonkeyPatch) -> None
     assert "auditing" not in res.stderr
     res = CliRunner().invoke(main, ["audit", str(EXAMPLE), "--jobs", "1", "--measure", "zstd"])
     assert "auditing: 1/1 inputs" in res.stderr
+
+
+# --- uses: NOLA fits (bounded), rerank, bank build ---------------------------------------------------------
+
+
+def test_nola_target_error_stops_at_the_time_bound() -> None:
+    from adapterpack.encodings.nola_fit import fit_adapter
+    from tests.factories import qv_adapter
+
+    ad = qv_adapter(0, layers=2, rank=4, in_features=32, q_out=32, v_out=16, b_scale=0.05)
+    _, fits = fit_adapter(ad, target_error=1e-9, max_seconds=0)  # unreachable target, no time: one k per module
+    assert all(f.stopped and f.module.params["k_A"] == 16 for f in fits.values())
+    _, fits = fit_adapter(ad, target_error=1e-9, k_max=32)
+    assert not any(f.stopped for f in fits.values()) and {f.module.params["k_A"] for f in fits.values()} == {32}
+
+
+def test_nola_solve_leaks_no_linalg_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scipy warns (LinAlgWarning) when a Gram's condition passes 1/eps, which the ridge allows from k ≈ 4500 on
+    (a 29-minute fit leaked it): the warning is caught and the system solved by least squares instead."""
+    import warnings
+
+    import numpy as np
+    import scipy.linalg
+
+    from adapterpack.encodings import nola_fit
+
+    solve = scipy.linalg.solve
+
+    def warning_solve(*args: object, **kw: object) -> object:
+        warnings.warn("Ill-conditioned matrix (rcond=1e-17): result may not be accurate.", scipy.linalg.LinAlgWarning, stacklevel=2)
+        return solve(*args, **kw)
+
+    monkeypatch.setattr(nola_fit.scipy.linalg, "solve", warning_solve)
+    v = np.linspace(1, 2, 6)
+    gram = np.outer(v, v) + np.diag(np.linspace(1, 2, 6))
+    rhs = gram @ np.arange(6.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = nola_fit._solve(gram, rhs)
+    assert np.allclose(x, np.arange(6.0), rtol=1e-9)
+
+
+def test_cli_nola_bound_note_and_progress(tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        main,
+        ["convert", str(EXAMPLE), str(tmp_path / "n.apack"), "--to", "nola", "--target-error", "0.01", "--max-seconds", "0",
+         "--progress", "--json"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert any("stopped by the time bound (0 s): 120 modules keep the best error reached" in n for n in doc["notes"])
+    assert "nola fit: 120/120 modules (100%)" in res.stderr and "writing" in res.stderr
+
+
+def test_cli_rerank_and_bank_progress(tmp_path: Path) -> None:
+    r4 = tmp_path / "r4.apack"
+    res = CliRunner().invoke(main, ["rerank", str(EXAMPLE), str(r4), "--rank", "4", "--progress"])
+    assert res.exit_code == 0 and "re-ranking: 120/120 modules (100%)" in res.stderr
+    assert "re-ranking" not in res.stdout
+    res = CliRunner().invoke(main, ["bank", "build", str(tmp_path / "b.apack"), str(EXAMPLE), str(r4), "--rank", "2",
+                                    "--max-iter", "3", "--progress"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "bank fit: " in res.stderr and "iterations" in res.stderr

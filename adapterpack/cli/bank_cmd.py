@@ -97,6 +97,7 @@ def bank() -> None:
 @click.option("--name", "names", multiple=True, help="Member name per ADAPTER, in order (default: file or folder name).")
 @click.option("--dtype", type=click.Choice(dtypes.FLOATS), default="float32", show_default=True)
 @click.option("--partial", is_flag=True, help="Bank only the modules every adapter has with the same shape; list the rest.")
+@out.progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def build(out_path: Path, adapters: tuple[Path, ...], rank: int | None, target_error: float | None, budget: int | None,
           form: str | None, weights: str, max_iter: int, scheduler: str | None, names: tuple[str, ...], dtype: str,
@@ -117,6 +118,7 @@ def build(out_path: Path, adapters: tuple[Path, ...], rank: int | None, target_e
 @click.option("--no-grow", is_flag=True, help="Never grow the bases; only project.")
 @click.option("--name", "names", multiple=True, help="Member name per ADAPTER, in order.")
 @click.option("--partial", is_flag=True, help="Leave out modules the bank does not have (listed).")
+@out.progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def add(bank_path: Path, adapters: tuple[Path, ...], threshold: float, no_grow: bool, names: tuple[str, ...], partial: bool,
         as_json: bool) -> None:
@@ -131,6 +133,7 @@ def add(bank_path: Path, adapters: tuple[Path, ...], threshold: float, no_grow: 
 @_fit_options
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the refitted bank here (default: replace BANK atomically).")
+@out.progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def refit(bank_path: Path, rank: int | None, target_error: float | None, budget: int | None, form: str | None, weights: str,
           max_iter: int, scheduler: str | None, out_path: Path | None, as_json: bool) -> None:

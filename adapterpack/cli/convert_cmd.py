@@ -96,7 +96,16 @@ def result_lines(r: dict[str, Any]) -> list[str]:
     type=click.FloatRange(0, 1, max_open=True),
     help="--to nola: smallest k (doubling from 16) whose relative Frobenius error of ΔW is at most E, per module.",
 )
+@click.option(
+    "--k-max", "nola_k_max", type=click.IntRange(min=1), default=1024, show_default=True,
+    help="--target-error: the largest k tried per module.",
+)  # fmt: skip
+@click.option(
+    "--max-seconds", "nola_max_seconds", type=click.FloatRange(min=0), default=600.0, show_default=True,
+    help="--target-error: stop raising k after this long; the modules left keep the best error reached (a note says so).",
+)  # fmt: skip
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists (a PEFT folder keeps its other files).")
+@out.progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(
     src: Path,
@@ -114,6 +123,8 @@ def convert(
     component: str | None,
     nola_k: int | None,
     nola_target_error: float | None,
+    nola_k_max: int,
+    nola_max_seconds: float,
     force: bool,
     as_json: bool,
 ) -> None:
@@ -139,7 +150,9 @@ def convert(
         component=component,
         nola_k=nola_k,
         nola_target_error=nola_target_error,
-        progress=None if as_json else out.progress_factory("writing"),
+        nola_k_max=nola_k_max if nola_target_error is not None else None,
+        nola_max_seconds=nola_max_seconds if nola_target_error is not None else None,
+        progress=out.progress_factory("writing"),
     )
     if as_json:
         out.echo_json(result.as_dict())
