@@ -160,3 +160,20 @@ def test_errors_are_json_for_every_kind(work: Path) -> None:
 def test_without_json_errors_stay_one_line_on_stderr(work: Path) -> None:
     r = run("inspect", work / "missing.apack")
     assert r.exit_code == 1 and r.stdout == "" and r.stderr.startswith("adapterpack: ")
+
+
+BASE = Path.home() / ".cache" / "adapterpack" / "smollm2-135m-instruct-f32"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (BASE / "config.json").is_file(), reason=f"no base model folder {BASE}")
+def test_importance_json(work: Path) -> None:
+    pytest.importorskip("transformers")
+    import pydoc_data.topics as topics
+
+    text = work / "calib.txt"
+    text.write_text("\n".join(topics.topics[k] for k in sorted(topics.topics)[:20]), encoding="utf-8")
+    imp = work / "imp.safetensors"
+    args = ("importance", EXAMPLE, BASE, imp, "--text", text, "--blocks", "2", "--block-tokens", "16", "--json")
+    doc = check_doc("importance", run(*args))
+    assert doc["src"] == str(EXAMPLE) and doc["dst"] == str(imp) and doc["module_count"] == 120
