@@ -200,3 +200,31 @@ def test_cli_merge_json_and_existing_output(base: Path, tmp_path: Path) -> None:
     assert r.exit_code == 0 and "merged   4 modules" in r.stdout
     with pytest.raises(OutputExistsError):
         merge(src, base, out)
+
+
+SMOLLM2 = Path.home() / ".cache" / "adapterpack" / "smollm2-135m-instruct-f32"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SMOLLM2 / "config.json").is_file(), reason=f"no base model folder {SMOLLM2}")
+def test_merged_smollm2_matches_peft(tmp_path: Path) -> None:
+    """The bundled adapter merged into SmolLM2: transformers loads the folder, and its logits equal PEFT's
+    adapted model's (unmerged) to float32 rounding, with the same top-1 tokens."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from adapterpack.examples import example_path
+
+    out = tmp_path / "merged"
+    res = merge(example_path(), SMOLLM2, out)
+    assert len(res.modules) == 120
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1789, 30, 378, 2184, 338, 1212, 282, 4004, 28, 6941, 30]])
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    with torch.no_grad():
+        ours = load(out, local_files_only=True, dtype=torch.float32).eval()(input_ids=ids).logits
+        base = load(SMOLLM2, local_files_only=True, dtype=torch.float32).eval()
+        plain = base(input_ids=ids).logits
+        theirs = peft.PeftModel.from_pretrained(base, example_path()).eval()(input_ids=ids).logits
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    gap = float((ours - theirs).abs().max())
+    assert gap < 1e-3 * float((theirs - plain).abs().max())  # far below what the adapter itself changes
