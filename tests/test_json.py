@@ -18,6 +18,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from adapterpack.cli import COMMANDS, main, schemas
+from adapterpack.cli.output import VERBATIM_KEYS, vocabulary
 from adapterpack.examples import example_path
 
 EXAMPLE = example_path()
@@ -36,6 +37,8 @@ def vocabulary_problems(obj: Any, where: str = "$") -> list[str]:
             out += vocabulary_problems(v, f"{where}[{i}]")
     elif isinstance(obj, dict):
         for k, v in obj.items():
+            if k in VERBATIM_KEYS:
+                continue  # data read from files (metadata, params), printed as it is
             if k in ("totals", "problems", "export_notes", "rows"):
                 out.append(f"{where}.{k}: old key")
             if k == "modules" and not (isinstance(v, list) and all(isinstance(m, dict) and "name" in m for m in v)):
@@ -65,6 +68,21 @@ def check_error(r: Result, error_type: str, code: int = 1) -> dict[str, Any]:
     assert doc["error"]["type"] == error_type, doc
     assert r.stderr.startswith(("adapterpack: ", "Usage:", "Error:")), r.stderr  # the human line stays on stderr
     return doc
+
+
+def test_vocabulary_renames_but_leaves_file_data_alone() -> None:
+    crc = "blob 2: checksum mismatch (decoded bytes are corrupt)"
+    doc = {"totals": {"modules": 3}, "problems": [crc],
+           "adapters": [{"rows": [{"module": "m"}], "metadata": {"error": "x", "modules": "7", "totals": "1"}}],
+           "export_notes": ["e"], "notes": ["n"],
+           "inputs": [{"ok": False, "error": "bad", "error_type": "InputError"}]}  # fmt: skip
+    assert vocabulary(doc) == {
+        "total": {"module_count": 3},
+        "findings": [{"severity": "error", "code": "checksum_mismatch", "message": crc}],
+        "adapters": [{"modules": [{"name": "m"}], "metadata": {"error": "x", "modules": "7", "totals": "1"}}],
+        "notes": ["n", "e"],
+        "inputs": [{"ok": False, "error": {"type": "InputError", "message": "bad"}}],
+    }
 
 
 def test_schemas_are_valid_json_schemas() -> None:

@@ -177,6 +177,9 @@ def _jsonable(obj: Any) -> Any:
 #: Keys renamed to the house JSON vocabulary (README "JSON output"; schemas in :mod:`adapterpack.cli.schemas`).
 RENAMED_KEYS = {"totals": "total", "problems": "findings", "rows": "modules"}
 
+#: Keys whose values are data read from files (metadata, record params, configs): printed as they are.
+VERBATIM_KEYS = frozenset({"metadata", "params", "config", "adapter_config"})
+
 #: A verify problem's code, by the first phrase of its message that names it (else ``invalid``).
 _PROBLEM_CODES = (
     ("prefix_crc32c", "prefix_crc_mismatch"),
@@ -226,6 +229,9 @@ def vocabulary(obj: Any) -> Any:
         return obj
     out: dict[str, Any] = {}
     for key, value in obj.items():
+        if key in VERBATIM_KEYS:
+            out[key] = value
+            continue
         key = RENAMED_KEYS.get(key, key) if isinstance(key, str) else key
         if key == "error_type":
             continue
