@@ -183,7 +183,8 @@ def test_broken_file_among_good_ones(tree: Path) -> None:
     assert set(rows) == {"example", "broken.apack", "bf16.apack", "kohya.safetensors"}
     bad = rows["broken.apack"]
     assert bad["ok"] is False and set(bad) == {"path", "ok", "format", "error"}
-    assert "\n" not in bad["error"] and "5000 bytes" in bad["error"]
+    assert bad["error"]["type"] == "TruncatedFileError"
+    assert "\n" not in bad["error"]["message"] and "5000 bytes" in bad["error"]["message"]
     assert all(x["ok"] for n, x in rows.items() if n != "broken.apack")
     # the bf16 .apack is in bf16 with the default codec already: re-encoding it so gives the same bytes
     h = rows["bf16.apack"]
@@ -192,9 +193,9 @@ def test_broken_file_among_good_ones(tree: Path) -> None:
     k, p = rows["kohya.safetensors"], rows["example"]
     assert k["format"] == "kohya" and k["parameters"] == p["parameters"] and k["rank_99"] == p["rank_99"]
     assert k["bytes"] == (tree / "runs" / "a" / "kohya.safetensors").stat().st_size
-    t = report["totals"]
+    t = report["total"]
     good = [x for x in report["inputs"] if x["ok"]]
-    assert t["inputs"] == 4 and t["failed"] == 1 and t["adapters"] == 3 and t["modules"] == 360
+    assert t["inputs"] == 4 and t["failed"] == 1 and t["adapters"] == 3 and t["module_count"] == 360
     assert t["bytes"] == sum(x["bytes"] for x in good)
     for v in VARIANTS:
         assert t["sizes"][v] == sum(x["sizes"][v] for x in good) and t["saved"][v] == t["bytes"] - t["sizes"][v]
@@ -243,7 +244,7 @@ def test_csv_matches_json(tree: Path) -> None:
             for v in VARIANTS:
                 assert int(row[f"{v}_bytes"]) == want["sizes"][v] and int(row[f"{v}_saved"]) == want["saved"][v]
         else:
-            assert row["error"] == want["error"] and row["bytes"] == ""
+            assert row["error"] == want["error"]["message"] and row["bytes"] == ""
 
 
 def test_globs(tree: Path) -> None:
@@ -251,7 +252,9 @@ def test_globs(tree: Path) -> None:
     assert r.exit_code == 1
     report = json.loads(r.stdout)
     assert [Path(x["path"]).name for x in report["inputs"]] == ["bf16.apack", "broken.apack"]  # sorted matches
-    assert report["missing"] == [{"path": f"{tree}/nothing-*.apack", "error": "no file or folder matches this pattern"}]
+    assert report["missing"] == [
+        {"path": f"{tree}/nothing-*.apack", "error": {"type": "InputError", "message": "no file or folder matches this pattern"}}
+    ]
     ok = run("audit", f"{tree}/runs/a/*", "--json", "-j", "1")
     assert ok.exit_code == 0, ok.output  # all good: exit 0
     assert [Path(x["path"]).name for x in json.loads(ok.stdout)["inputs"]] == ["bf16.apack", "kohya.safetensors"]
@@ -259,7 +262,7 @@ def test_globs(tree: Path) -> None:
 
 def test_missing_path_and_mutually_exclusive_outputs(tmp_path: Path) -> None:
     r = run("audit", tmp_path / "nope", "--json", "-j", "1")
-    assert r.exit_code == 1 and json.loads(r.stdout)["missing"][0]["error"] == "no such file or folder"
+    assert r.exit_code == 1 and json.loads(r.stdout)["missing"][0]["error"]["message"] == "no such file or folder"
     r = CliRunner().invoke(main, ["audit", str(EXAMPLE), "--json", "--csv"])
     assert r.exit_code == 2 and "exclude each other" in r.stderr
 
@@ -296,7 +299,7 @@ def test_measure_picks_the_alternatives() -> None:
     some = json.loads(run("audit", EXAMPLE, "--measure", "bf16,energy95", "--json", "-j", "1").stdout)
     assert some["measured"] == ["bf16", "energy95"]
     assert some["inputs"][0]["sizes"] == {"bf16": full.sizes["bf16"], "energy95": full.sizes["energy95"]}
-    assert set(some["totals"]["saved"]) == {"bf16", "energy95"}
+    assert set(some["total"]["saved"]) == {"bf16", "energy95"}
     r = run("audit", EXAMPLE, "--measure", "zstd", "--csv", "-j", "1")
     assert next(csv.reader(io.StringIO(r.stdout)))[-2:] == ["zstd_bytes", "zstd_saved"]
     bad = CliRunner().invoke(main, ["audit", str(EXAMPLE), "--measure", "zstd,gzip"])
@@ -310,7 +313,7 @@ def test_unreadable_safetensors_in_a_folder_is_reported(tmp_path: Path) -> None:
     assert r.exit_code == 1
     rows = {Path(x["path"]).name: x for x in json.loads(r.stdout)["inputs"]}
     assert rows["ok.apack"]["ok"] and not rows["bad.safetensors"]["ok"]
-    assert rows["bad.safetensors"]["error"] == "not a safetensors file (header length 18446744073709551615)"
+    assert rows["bad.safetensors"]["error"]["message"] == "not a safetensors file (header length 18446744073709551615)"
 
 
 def test_dora_modules_are_kept_by_the_energy_variants(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from click.testing import CliRunner, Result
 import adapterpack
 from adapterpack import Adapter
 from adapterpack.cli import main
+from adapterpack.cli.output import vocabulary
 from adapterpack.container.reader import ApackReader
 from adapterpack.examples import example_path
 from adapterpack.ops.convert import adapter_differences
@@ -76,7 +77,7 @@ def test_inspect_table_lists_every_module_and_true_totals(apack: Path) -> None:
 def test_inspect_json_is_the_report(apack: Path) -> None:
     r = run("inspect", apack, "--json")
     assert r.exit_code == 0
-    assert json.loads(r.stdout) == json.loads(json.dumps(inspect_path(apack)))
+    assert json.loads(r.stdout) == {"ok": True, **vocabulary(json.loads(json.dumps(inspect_path(apack))))}
 
 
 def test_inspect_missing_file_is_one_line(tmp_path: Path) -> None:
@@ -105,7 +106,7 @@ def test_convert_bf16_reports_errors_matching_dense_reference(apack: Path, tmp_p
         d, d2 = 2.0 * b @ a, 2.0 * b2 @ a2
         err2 += np.linalg.norm(d - d2) ** 2
         norm2 += np.linalg.norm(d) ** 2
-        (mc,) = [x for x in cast["modules"] if x["module"] == m.name]
+        (mc,) = [x for x in cast["modules"] if x["name"] == m.name]
         assert mc["delta_rel_error"] == pytest.approx(np.linalg.norm(d - d2) / np.linalg.norm(d), rel=1e-6)
     assert cast["max_abs_error"] == max_err
     assert cast["delta_rel_error"] == pytest.approx(math.sqrt(err2 / norm2), rel=1e-6)
@@ -220,7 +221,9 @@ def test_verify_flipped_byte_names_the_checksum(tmp_path: Path) -> None:
     assert r.exit_code == 1
     assert "1 problem" in r.stdout and "blob 2: checksum mismatch" in r.stdout
     r = run("verify", path, "--json")
-    assert r.exit_code == 1 and json.loads(r.stdout)["problems"] == ["blob 2: checksum mismatch (decoded bytes are corrupt)"]
+    assert r.exit_code == 1 and [f["message"] for f in json.loads(r.stdout)["findings"]] == [
+        "blob 2: checksum mismatch (decoded bytes are corrupt)"
+    ]
 
 
 def test_verify_flipped_byte_in_compressed_blob_fails(apack: Path) -> None:
@@ -254,7 +257,7 @@ def test_python_m_adapterpack_end_to_end(apack: Path, tmp_path: Path) -> None:
         [sys.executable, "-m", "adapterpack", "inspect", str(apack), "--json"], capture_output=True, text=True, cwd=REPO
     )
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["totals"]["modules"] == 4
+    assert json.loads(r.stdout)["total"]["module_count"] == 4
     r = subprocess.run(
         [sys.executable, "-m", "adapterpack", "verify", str(tmp_path / "nope")], capture_output=True, text=True, cwd=REPO
     )

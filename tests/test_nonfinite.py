@@ -292,7 +292,7 @@ def test_audit_reports_the_input_as_failed(tmp_path: Path, measure: tuple[str, .
     assert r.exit_code == 1, r.output
     rows = {Path(row["path"]).name: row for row in json.loads(r.stdout)["inputs"]}
     assert rows["good.apack"]["ok"] and not rows["bad.apack"]["ok"]
-    assert names("default")[1] in rows["bad.apack"]["error"]
+    assert names("default")[1] in rows["bad.apack"]["error"]["message"]
 
 
 # --- importance -------------------------------------------------------------------------------------

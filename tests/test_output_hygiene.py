@@ -192,7 +192,7 @@ def test_json_exact_and_escaped(hostile: Path, args: tuple[str, ...]) -> None:
     report = json.loads(stdout)
     if args[0] == "inspect":
         assert report["path"] == str(hostile)
-        assert [r["module"] for r in report["adapters"][0]["rows"]] == list(HOSTILE)
+        assert [r["name"] for r in report["adapters"][0]["modules"]] == list(HOSTILE)
     else:
         assert [r["path"] for r in report["inputs"]] == [str(hostile)]
 

@@ -140,12 +140,12 @@ def test_inspect_spectrum_json(real: Adapter, sample: list[Module], dense: dict[
     assert r.exit_code == 0, r.output
     report = json.loads(r.stdout)
     (a,) = report["adapters"]
-    assert a["rows"] and len(a["spectrum"]["modules"]) == len(real) == 120
-    by_name = {m["module"]: m for m in a["spectrum"]["modules"]}
+    assert a["modules"] and len(a["spectrum"]["modules"]) == len(real) == 120
+    by_name = {m["name"]: m for m in a["spectrum"]["modules"]}
     for m in sample:
         got, s = by_name[m.name], dense[m.name]
         assert set(got) == {
-            "module", "encoding", "rank", "shape", "dora", "norm", "numerical_rank",
+            "name", "encoding", "rank", "shape", "dora", "norm", "numerical_rank",
             "rank_90", "rank_95", "rank_99", "singular_values", "energy_curve",
         }  # fmt: skip
         assert got["rank"] == 8 and len(got["singular_values"]) == len(got["energy_curve"]) == 8

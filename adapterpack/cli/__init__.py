@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("adapterpack.cli.check_cmd:check", "List what vLLM, PEFT, llama.cpp or kohya would refuse or misread."),
     "audit": ("adapterpack.cli.audit_cmd:audit", "Bytes, ranks and possible savings of many adapters."),
     "bank": ("adapterpack.cli.bank_cmd:bank", "Many adapters in one file on shared bases."),
+    "merge": ("adapterpack.cli.merge_cmd:merge", "Bake an adapter into a base model's safetensors weights."),
+    "diff": ("adapterpack.cli.diff_cmd:diff", "Per-module ΔW error, cosine and norms of two adapters (KL on text with --base)."),
 }
 
 

@@ -143,6 +143,7 @@ def _parse_measure(ctx: click.Context, param: click.Parameter, value: str) -> tu
     metavar="LIST",
     help="Alternatives to size, comma-separated (fewer is faster; ranks are reported anyway).",
 )
+@out.progress_option
 def audit(paths: tuple[str, ...], as_json: bool, as_csv: bool, jobs: int, measure: tuple[str, ...]) -> None:
     """Audit adapters under PATH... (folders are walked for PEFT folders, kohya .safetensors and .apack
     files; globs such as 'runs/**/*.apack' are expanded): per input and in total, bytes, parameters,
@@ -151,10 +152,10 @@ def audit(paths: tuple[str, ...], as_json: bool, as_csv: bool, jobs: int, measur
     if as_json and as_csv:
         raise click.UsageError("--json and --csv exclude each other")
     found = find_inputs(paths)
-    with out.progress_bar(len(found.inputs), "auditing") as advance:
+    with out.progress_bar(len(found.inputs), "auditing", "inputs") as advance:
         report = audit_paths(found, jobs=jobs or default_jobs(), measure=measure, progress=advance)
     if as_json:
-        out.echo_json(report)
+        out.echo_json({"ok": not (report["totals"]["failed"] or report["totals"]["missing"]), **report})
     elif as_csv:
         header, rows = csv_rows(report)
         writer = csv.writer(sys.stdout, lineterminator="\n")

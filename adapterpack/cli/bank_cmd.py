@@ -99,6 +99,7 @@ def bank() -> None:
 @click.option("--name", "names", multiple=True, help="Member name per ADAPTER, in order (default: file or folder name).")
 @click.option("--dtype", type=click.Choice(dtypes.FLOATS), default="float32", show_default=True)
 @click.option("--partial", is_flag=True, help="Bank only the modules every adapter has with the same shape; list the rest.")
+@out.progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def build(out_path: Path, adapters: tuple[Path, ...], rank: int | None, target_error: float | None, budget: int | None,
           form: str | None, weights: str, max_iter: int, scheduler: str | None, names: tuple[str, ...], dtype: str,
@@ -108,7 +109,7 @@ def build(out_path: Path, adapters: tuple[Path, ...], rank: int | None, target_e
     r = build_bank(out_path, list(adapters), names=list(names) or None, rank=rank or (64 if chosen else 16),
                    target_error=target_error, budget=budget, form=form or "full", weights=weights, dtype=dtype,
                    partial=partial, max_iter=max_iter, scheduler=scheduler).as_dict()
-    out.echo_json(r) if as_json else out.echo_lines(fit_lines(r))
+    out.echo_json(out.written(r, [str(a) for a in adapters])) if as_json else out.echo_lines(fit_lines(r))
 
 
 @bank.command("add")
@@ -119,13 +120,14 @@ def build(out_path: Path, adapters: tuple[Path, ...], rank: int | None, target_e
 @click.option("--no-grow", is_flag=True, help="Never grow the bases; only project.")
 @click.option("--name", "names", multiple=True, help="Member name per ADAPTER, in order.")
 @click.option("--partial", is_flag=True, help="Leave out modules the bank does not have (listed).")
+@out.progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def add(bank_path: Path, adapters: tuple[Path, ...], threshold: float, no_grow: bool, names: tuple[str, ...], partial: bool,
         as_json: bool) -> None:
     """Add ADAPTERs to BANK: project onto its bases, grow them where needed (old members unchanged)."""
     r = add_to_bank(bank_path, list(adapters), names=list(names) or None, threshold=None if no_grow else threshold,
                     partial=partial).as_dict()
-    out.echo_json(r) if as_json else out.echo_lines(add_lines(r))
+    out.echo_json(out.written(r, [str(a) for a in adapters])) if as_json else out.echo_lines(add_lines(r))
 
 
 @bank.command("refit")
@@ -133,13 +135,14 @@ def add(bank_path: Path, adapters: tuple[Path, ...], threshold: float, no_grow: 
 @_fit_options
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the refitted bank here (default: replace BANK atomically).")
+@out.progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def refit(bank_path: Path, rank: int | None, target_error: float | None, budget: int | None, form: str | None, weights: str,
           max_iter: int, scheduler: str | None, out_path: Path | None, as_json: bool) -> None:
     """Refit BANK's bases from its members (e.g. after many adds grew them)."""
     r = refit_bank(bank_path, out=out_path, rank=rank, target_error=target_error, budget=budget, form=form, weights=weights,
                    max_iter=max_iter, scheduler=scheduler).as_dict()
-    out.echo_json(r) if as_json else out.echo_lines(fit_lines(r))
+    out.echo_json(out.written(r, str(bank_path))) if as_json else out.echo_lines(fit_lines(r))
 
 
 @bank.command("extract")
@@ -171,7 +174,7 @@ def extract(bank_path: Path, name: str, out_path: Path, opts: WriteOptions, as_j
     r = {"path": str(path), "adapter": name, "format": target, "modules": len(errs), "max_rel_error": worst, "tensors": kept,
          "dropped_tensors": dropped, "notes": notes}
     if as_json:
-        out.echo_json(r)
+        out.echo_json(out.written(r, str(bank_path)))
         return
     lines = [f"{path}: {name} as {target}, {len(errs)} modules (extraction error at most {worst:.2g} of the bank's ΔW)"]
     lines += [f"  pass-through tensors: {_names(kept)}"] if kept else []

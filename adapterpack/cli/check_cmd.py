@@ -43,7 +43,9 @@ def check(
     """Exit status 0 when TARGET would load PATH as it is (notes only), 1 when it would refuse or misread something."""
     findings = [f.as_dict() for f in check_path(path, target, adapter=adapter, max_lora_rank=max_lora_rank, base=base)]
     if as_json:
-        out.echo_json({"path": str(path), "target": target, "findings": findings})
+        bad = any(f["severity"] != "note" for f in findings)
+        coded = [{"code": f"{target.replace('.', '_')}_{f['severity']}", **f} for f in findings]
+        out.echo_json({"ok": not bad, "path": str(path), "target": target, "findings": coded})
     else:
         out.echo_lines(finding_lines(target, path, findings))
     ctx.exit(1 if any(f["severity"] != "note" for f in findings) else 0)

@@ -66,6 +66,15 @@ def result_lines(r: dict[str, Any]) -> list[str]:
     type=click.FloatRange(0, 1, max_open=True),
     help="--to nola: smallest k (doubling from 16) whose relative Frobenius error of ΔW is at most E, per module.",
 )
+@click.option(
+    "--k-max", "nola_k_max", type=click.IntRange(min=1), default=1024, show_default=True,
+    help="--target-error: the largest k tried per module.",
+)  # fmt: skip
+@click.option(
+    "--max-seconds", "nola_max_seconds", type=click.FloatRange(min=0), default=600.0, show_default=True,
+    help="--target-error: stop raising k after this long; the modules left keep the best error reached (a note says so).",
+)  # fmt: skip
+@out.progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def convert(
     src: Path,
@@ -76,6 +85,8 @@ def convert(
     adapter_name: str | None,
     nola_k: int | None,
     nola_target_error: float | None,
+    nola_k_max: int,
+    nola_max_seconds: float,
     as_json: bool,
 ) -> None:
     """Convert SRC (.apack, PEFT folder, kohya or diffusers file) to DST; lossless unless --dtype narrows,
@@ -100,7 +111,9 @@ def convert(
         component=opts.component,
         nola_k=nola_k,
         nola_target_error=nola_target_error,
-        progress=None if as_json else out.progress_factory("writing"),
+        nola_k_max=nola_k_max if nola_target_error is not None else None,
+        nola_max_seconds=nola_max_seconds if nola_target_error is not None else None,
+        progress=out.progress_factory("writing"),
     )
     if as_json:
         out.echo_json(result.as_dict())

@@ -36,6 +36,7 @@ from adapterpack.ops.importance import LABELS
 @click.option("--device", default="cpu", show_default=True, help="torch device for the model.")
 @click.option("--adapter", "adapter_name", metavar="NAME", help="Which adapter of a multi-adapter .apack file.")
 @click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
+@out.progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def importance(
     adapter_path: Path,
@@ -73,7 +74,8 @@ def importance(
             batch=batch, labels=labels, seed=seed, device=device,
         )  # fmt: skip
     imp.save(dst, overwrite=force)
-    summary = {"out": str(dst), "modules": len(imp.fisher), "seconds": time.perf_counter() - start, **imp.info}
+    summary = {"src": str(adapter_path), "dst": str(dst), "modules": len(imp.fisher), "seconds": time.perf_counter() - start,
+               **imp.info}  # fmt: skip
     if as_json:
         out.echo_json(summary)
     else:

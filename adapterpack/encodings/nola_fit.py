@@ -21,12 +21,15 @@ bases (held in memory: ``4·k·r·(in + out)`` bytes).
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import scipy.linalg
 
+from adapterpack import progress
 from adapterpack.adapter import Adapter, Module
 from adapterpack.encodings.nola import decode_many, nola_shape
 from adapterpack.errors import ConversionError
@@ -44,6 +47,8 @@ class NolaFit:
     error: float
     iterations: int
     history: list[float] = field(default_factory=list)
+    #: A target-error search cut short by the time bound (the error is the best reached so far).
+    stopped: bool = False
 
     @property
     def num_params(self) -> int:
@@ -75,8 +80,10 @@ def _solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
         return np.zeros(0)
     ridge = 1e-12 * max(float(np.trace(gram)) / gram.shape[0], 1e-300)
     try:
-        return scipy.linalg.solve(gram + ridge * np.eye(gram.shape[0]), rhs, assume_a="pos")
-    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+        with warnings.catch_warnings():  # an ill-conditioned Gram: solve it properly below instead of warning
+            warnings.simplefilter("error", scipy.linalg.LinAlgWarning)
+            return scipy.linalg.solve(gram + ridge * np.eye(gram.shape[0]), rhs, assume_a="pos")
+    except (np.linalg.LinAlgError, scipy.linalg.LinAlgError, scipy.linalg.LinAlgWarning):
         return np.linalg.lstsq(gram, rhs, rcond=None)[0]
 
 
@@ -199,13 +206,16 @@ def fit_adapter(
     rank: int | None = None,
     iterations: int = 10,
     k_max: int | None = None,
+    max_seconds: float | None = None,
 ) -> tuple[Adapter, dict[str, NolaFit]]:
     """Every 2-D module of ``adapter`` as a ``nola`` record: ``convert --to nola --k N / --target-error E``.
 
     With ``k``: k_A = k_B = k. With ``target_error`` (relative Frobenius, per module): k doubles
     from 16 until the stored record's error is at most ``target_error`` or k reaches ``k_max``
     (default ``r·max(in, out)``, where the bases span every factor); the achieved error is
-    reported either way, never rounded to the target. Streams number the modules 0, 1, …
+    reported either way, never rounded to the target. ``max_seconds`` bounds a target-error search: once
+    that much time has passed, no k is doubled any more (the module being searched keeps its best fit,
+    the modules left are fitted once at the first k) and those fits say ``stopped``. Streams number the modules 0, 1, …
     (independent bases) unless ``shared_basis`` (stream 0 for all: bases generated once per
     matrix size when decoding). Returns the new adapter and each module's fit. Non-finite factors, or a
     ΔW too large for the records' :data:`DTYPE` (in which they decode), are refused before any fit
@@ -219,25 +229,31 @@ def fit_adapter(
         raise ConversionError(f"target_error must be in [0, 1), got {target_error}")
     fits: dict[str, NolaFit] = {}
     modules: dict[str, Module] = {}
-    for index, (mname, m) in enumerate(adapter.modules.items()):
-        if m.params.get("dora", False):
-            raise ConversionError(f"module {mname!r} is DoRA: its magnitude rescaling has no nola form; keep it as lora")
-        f = m.factors()
-        check_product(f.A, f.B, f.scale, where=f"adapter {adapter.name!r} module {mname!r}", dtype=DTYPE)
-        stream = 0 if shared_basis else index
-        r = int(rank or f.rank or 1)
-        kw = {"name": mname, "rank": r, "seed": seed, "stream": stream, "iterations": iterations}
-        if k is not None:
-            fit = fit_nola(f, k_A=k, k_B=k, **kw)
-        else:
-            limit = k_max or r * max(f.A.shape[1], f.B.shape[0])
-            limit = max(1, min(limit, FIT_MEMORY // (8 * r * (f.A.shape[1] + f.B.shape[0]))))  # bases must fit in memory
-            kk = min(16, limit)
-            while True:
-                fit = fit_nola(f, k_A=kk, k_B=kk, **kw)
-                if fit.error <= target_error or kk >= limit:
-                    break
-                kk = min(2 * kk, limit)
-        fits[mname] = fit
-        modules[mname] = fit.module
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    with progress.task("nola fit", total=len(adapter.modules), unit="modules") as bar:
+        for index, (mname, m) in enumerate(adapter.modules.items()):
+            if m.params.get("dora", False):
+                raise ConversionError(f"module {mname!r} is DoRA: its magnitude rescaling has no nola form; keep it as lora")
+            f = m.factors()
+            check_product(f.A, f.B, f.scale, where=f"adapter {adapter.name!r} module {mname!r}", dtype=DTYPE)
+            stream = 0 if shared_basis else index
+            r = int(rank or f.rank or 1)
+            kw = {"name": mname, "rank": r, "seed": seed, "stream": stream, "iterations": iterations}
+            if k is not None:
+                fit = fit_nola(f, k_A=k, k_B=k, **kw)
+            else:
+                limit = k_max or r * max(f.A.shape[1], f.B.shape[0])
+                limit = max(1, min(limit, FIT_MEMORY // (8 * r * (f.A.shape[1] + f.B.shape[0]))))  # bases must fit in memory
+                kk = min(16, limit)
+                while True:
+                    fit = fit_nola(f, k_A=kk, k_B=kk, **kw)
+                    if fit.error <= target_error or kk >= limit:
+                        break
+                    if deadline is not None and time.monotonic() > deadline:
+                        fit.stopped = True
+                        break
+                    kk = min(2 * kk, limit)
+            fits[mname] = fit
+            modules[mname] = fit.module
+            bar.advance(note=f"{mname}: k {fit.module.params['k_A']}, error {fit.error:.3g}")
     return adapter.derived(modules), fits

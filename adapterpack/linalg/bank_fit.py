@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from adapterpack import dtypes
+from adapterpack import dtypes, progress
 from adapterpack.errors import BankError
 from adapterpack.factors import Factors
 from adapterpack.linalg.finite import check_product
@@ -325,13 +325,20 @@ def initial_bases(shapes: Sequence[ModuleShape], ranks: dict[str, int], sources:
 
 
 def iterate(fits: dict[str, ModuleFit], sources: Sequence[Source], executor: Any, opts: FitOptions,
-            max_iter: int | None = None, progress: Callable[[int, float], None] | None = None) -> None:
-    """Run full-form subspace iterations (or diagonal ALS) on every module until each converges."""
+            max_iter: int | None = None, progress_fn: Callable[[int, float], None] | None = None) -> None:
+    """Run full-form subspace iterations (or diagonal ALS) on every module until each converges (``progress_fn(it, least
+    captured)`` after each pass; :mod:`adapterpack.progress` shows them too)."""
     chunks = _chunks(sources, opts.chunk)
     limit = opts.max_iter if max_iter is None else max_iter
     for f in fits.values():
         f.converged = False
     active = set(fits)
+    with progress.task("bank fit", total=limit, unit="iterations") as bar:
+        _iterate(fits, active, chunks, executor, opts, limit, progress_fn, bar)
+
+
+def _iterate(fits: dict[str, ModuleFit], active: set[str], chunks: Any, executor: Any, opts: FitOptions, limit: int,
+             progress_fn: Callable[[int, float], None] | None, bar: progress.Task) -> None:
     for it in range(limit):
         if not active:
             break
@@ -358,8 +365,9 @@ def iterate(fits: dict[str, ModuleFit], sources: Sequence[Source], executor: Any
                 active.discard(k)
                 continue
             f.U, f.V = updates[k]
-        if progress is not None:
-            progress(it + 1, min(fits[k].captured for k in fits))
+        bar.advance(note=f"{len(active)} modules still moving, least captured {min(fits[k].captured for k in fits):.4g}")
+        if progress_fn is not None:
+            progress_fn(it + 1, min(fits[k].captured for k in fits))
 
 
 def _solve_right(num: np.ndarray, gram: np.ndarray) -> np.ndarray:
@@ -533,7 +541,7 @@ def fit_bank(shapes: Sequence[ModuleShape], sources: Sequence[Source], *, rank: 
             raise BankError(f"module {sh.name!r}: rank must be an integer >= 1, got {ranks[sh.name]!r}")
         ranks[sh.name] = int(min(ranks[sh.name], sh.m, sh.n))
     fits = initial_bases(shapes, ranks, sources, executor, opts)
-    iterate(fits, sources, executor, opts, progress=progress)
+    iterate(fits, sources, executor, opts, progress_fn=progress)
     if target_error is not None or budget is not None:
         _, rows = members(fits, sources, executor, opts, "float64", keep_raw=True)
         curves = {sh.name: error_curves(fits[sh.name], rows, opts.form, opts.weights) for sh in shapes}
@@ -543,7 +551,7 @@ def fit_bank(shapes: Sequence[ModuleShape], sources: Sequence[Source], *, rank: 
             k = chosen[sh.name]
             f.U, f.V, f.rank = f.U[:, :k], f.V[:, :k], k
             f.history.append(math.nan)  # marks the truncation in the history
-        iterate(fits, sources, executor, opts, progress=progress)
+        iterate(fits, sources, executor, opts, progress_fn=progress)
     bases, rows = members(fits, sources, executor, opts, dtype)
     return BankFitResult(opts.form, dtype, bases, rows, fits)
 

@@ -154,6 +154,7 @@ class InputAudit:
     path: str
     format: str | None = None
     error: str | None = None
+    error_type: str | None = None
     adapters: list[str] = field(default_factory=list)
     bytes: int = 0
     parameters: int = 0
@@ -176,7 +177,7 @@ class InputAudit:
         """JSON-ready form: rank lists reduced to min/median/max, savings beside sizes."""
         d: dict[str, Any] = {"path": self.path, "ok": self.ok, "format": self.format}
         if not self.ok:
-            return d | {"error": self.error}
+            return d | {"error": self.error, "error_type": self.error_type}
         d |= {
             "adapters": self.adapters,
             "bytes": self.bytes,
@@ -249,6 +250,7 @@ def audit_input(path: str | os.PathLike[str], measure: Sequence[str] = VARIANTS)
             res.notes.append(f"{dora} DoRA module(s) kept at their rank by the energy variants (their SVD needs the base weight)")
     except (AdapterpackError, OSError) as e:
         res.error = _one_line(e).removeprefix(f"{path}: ")  # the row names the path already
+        res.error_type = type(e).__name__
     res.seconds = time.perf_counter() - start
     return res
 
@@ -403,7 +405,7 @@ def audit_paths(
             progress(1)
     return {
         "inputs": [r.as_dict() for r in rows],
-        "missing": [{"path": p, "error": why} for p, why in found.missing],
+        "missing": [{"path": p, "error": why, "error_type": "InputError"} for p, why in found.missing],
         "skipped": [{"path": p, "reason": why} for p, why in found.skipped],
         "totals": totals(rows, len(found.missing), measured),
         "measured": list(measured),

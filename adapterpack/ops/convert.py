@@ -180,6 +180,8 @@ def convert(
     nola_k: int | None = None,
     nola_target_error: float | None = None,
     component: str | None = None,
+    nola_k_max: int | None = None,
+    nola_max_seconds: float | None = None,
 ) -> ConvertResult:
     """Read ``src`` (.apack, PEFT folder, kohya or diffusers file) and write it to ``dst`` as ``to`` (inferred from
     ``dst`` when None), casting float tensors to ``dtype`` unless ``"keep"``. Lossless otherwise;
@@ -187,7 +189,8 @@ def convert(
     caps every module at its best approximation of that rank (svd records: a prefix; others: an
     exact SVD, see :func:`adapterpack.encodings.lower.at_rank`). ``to="nola"`` writes an .apack of
     nola records fitted with ``nola_k`` coefficients per factor or to ``nola_target_error``
-    (:func:`adapterpack.encodings.nola_fit.fit_adapter`; lossy, the achieved errors are in the notes)."""
+    (:func:`adapterpack.encodings.nola_fit.fit_adapter`; lossy, the achieved errors are in the notes); a
+    target-error search is bounded by ``nola_k_max`` coefficients per factor and ``nola_max_seconds``."""
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     target = to or infer_target(dst)
@@ -216,7 +219,7 @@ def convert(
             adapters, casts = [p[0] for p in pairs], [p[1] for p in pairs]
         fitted: list[str] = []
         if target == "nola":
-            adapters, fitted = _fit_nola(adapters, nola_k, nola_target_error)
+            adapters, fitted = _fit_nola(adapters, nola_k, nola_target_error, k_max=nola_k_max, max_seconds=nola_max_seconds)
         export = write_adapters(
             adapters,
             dst,
@@ -254,14 +257,17 @@ def convert(
     )
 
 
-def _fit_nola(adapters: list[Adapter], k: int | None, target_error: float | None) -> tuple[list[Adapter], list[str]]:
+def _fit_nola(
+    adapters: list[Adapter], k: int | None, target_error: float | None, *, k_max: int | None = None,
+    max_seconds: float | None = None,
+) -> tuple[list[Adapter], list[str]]:  # fmt: skip
     """Every adapter fitted as nola records, and the lines that say how well (per adapter: the
     coefficient counts, mean and worst relative Frobenius error of ΔW, the worst module)."""
     from adapterpack.encodings.nola_fit import fit_adapter  # scipy: only --to nola fits
 
     out, lines = [], []
     for a in adapters:
-        fitted, fits = fit_adapter(a, k=k, target_error=target_error)
+        fitted, fits = fit_adapter(a, k=k, target_error=target_error, k_max=k_max, max_seconds=max_seconds)
         out.append(fitted)
         if not fits:
             continue
@@ -277,6 +283,12 @@ def _fit_nola(adapters: list[Adapter], k: int | None, target_error: float | None
         if target_error is not None and errors[worst] > target_error:
             missed = sum(e > target_error for e in errors.values())
             lines.append(f"nola {a.name!r}: {missed} modules miss the target {target_error:g} at the largest k tried")
+        stopped = [n for n, f in fits.items() if f.stopped]
+        if stopped:
+            lines.append(
+                f"nola {a.name!r}: stopped by the time bound ({max_seconds:g} s): {len(stopped)} modules keep the best error "
+                f"reached (from {stopped[0]}); raise --max-seconds or --k-max, or give --k"
+            )
     lines.append("nola: a random basis cannot represent a trained LoRA with few coefficients; the errors above are exact")
     return out, lines
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from adapterpack import dtypes
+from adapterpack import dtypes, progress
 from adapterpack.adapter import Adapter, Module
 from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.encodings.lower import lora_from_factors, main_dtype
@@ -237,7 +237,7 @@ def plan_rerank(adapter: Adapter, policy: RerankPolicy) -> tuple[RerankReport, d
     work: dict[str, _Work] = {}
     plans: list[ModulePlan] = []
     notes: list[str] = []
-    for m in adapter:
+    for m in progress.track(adapter, "re-ranking", total=len(adapter), unit="modules"):
         old = int(m.summary().get("rank", 0))
         selected = pattern is None or pattern.search(m.name) is not None
         if selected and m.params.get("dora", False):

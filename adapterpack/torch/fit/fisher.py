@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from adapterpack import progress
 from adapterpack.adapter import Adapter
 from adapterpack.errors import ConversionError, InputError, MissingDependencyError
 from adapterpack.linalg.finite import check_adapter
@@ -148,8 +149,10 @@ def _measure(
         model.eval()  # no dropout noise in the gradients
         for w in weights:  # outputs need a graph to take gradients; autograd.grad accumulates nothing into .grad
             w.requires_grad_(True)
-        with torch.enable_grad():
+        total = len(batches) if hasattr(batches, "__len__") else None
+        with torch.enable_grad(), progress.task("importance", total=total, unit="batches") as bar:
             for ids in batches:
+                bar.advance()
                 if ids.ndim != 2 or ids.shape[1] < 2:
                     raise ConversionError(f"calibration batches must be [sequences, tokens >= 2], got {list(ids.shape)}")
                 ids = ids.to(device)
