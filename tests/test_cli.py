@@ -65,7 +65,7 @@ def test_inspect_table_lists_every_module_and_true_totals(apack: Path) -> None:
     assert "4 modules" in r.stdout and f"{4 * 8 * 48 + 2 * 64 * 8 + 2 * 32 * 8:,} parameters" in r.stdout
     assert f"{apack.stat().st_size:,} B" in r.stdout
     assert f"compression {decoded / stored:.2f}x" in r.stdout
-    assert "format 1.3" in r.stdout and "byteplanes x8" in r.stdout
+    assert "format 1.3" in r.stdout and "pco x8" in r.stdout
     # index and padding bytes, total and per tensor (1.3: a zstd-compressed index, compressed blobs packed)
     with ApackReader(apack) as reader:
         index, text = reader.preamble.index_length, reader.index_text_length
