@@ -83,7 +83,8 @@ def result_lines(r: dict[str, Any]) -> list[str]:
 @click.option(
     "--base",
     type=click.Path(exists=True, path_type=Path),
-    help="gguf output: the base model's GGUF file or config.json; diffusers output: its pipeline folder (exact kohya names).",
+    help="gguf input/output: the base model's GGUF file or config.json (llama.cpp's q/k row order); "
+    "diffusers output: its pipeline folder (exact kohya names).",
 )
 @click.option(
     "--component",
