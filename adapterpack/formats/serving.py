@@ -35,7 +35,7 @@ from adapterpack.errors import ConversionError
 from adapterpack.formats import read_any
 from adapterpack.formats.export import DROP_HINT, check_key, scaled
 from adapterpack.formats.gguf import _LAYER, GgufBase, _name_map, base_info
-from adapterpack.formats.peft import check_module_path, write_peft
+from adapterpack.formats.peft import check_module_path, model_card, write_peft
 from adapterpack.linalg.cast import delta_error
 from adapterpack.names import check_name
 
@@ -430,6 +430,8 @@ def write_vllm(
     """Write ``adapter`` as a PEFT folder that vLLM loads with the right scale everywhere (atomic, see :func:`to_vllm`;
     ``overwrite``: as :func:`~.peft.write_peft`)."""
     single, plan = to_vllm(adapter, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors)
+    if (card := model_card(adapter)) is not None:  # the model card goes with the folder (its config is rebuilt)
+        single.source["model_card"] = card
     write_peft(single, Path(dst), overwrite=overwrite)
     return plan
 
