@@ -108,6 +108,12 @@ def test_cli_inspect_convert_and_refusal(tmp_path: Path) -> None:
     assert row["rank"] == 3 and row["base_shape"] == [16, 24]
     r = run(main, ["inspect", str(LLAMACPP)])
     assert r.exit_code == 0 and "model.layers.1.self_attn.q_proj" in r.output and "gguf" in r.output
+    r = run(main, ["inspect", str(LLAMACPP), "--spectrum"])  # reads q/k factors: needs the head counts
+    assert r.exit_code == 1 and "--base" in r.output
+    r = run(main, ["inspect", str(LLAMACPP), "--spectrum", "--json", "--base", str(BASE)])
+    assert r.exit_code == 0, r.output
+    want = json.loads(run(main, ["inspect", str(PEFT), "--spectrum", "--json"]).output)["adapters"][0]["spectrum"]
+    assert json.loads(r.output)["adapters"][0]["spectrum"] == want
     # q/k rows need the head counts: a clear refusal, nothing written
     r = run(main, ["convert", str(LLAMACPP), str(tmp_path / "no")])
     assert r.exit_code == 1 and "--base" in r.output and not (tmp_path / "no").exists()

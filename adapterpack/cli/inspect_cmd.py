@@ -193,13 +193,18 @@ def spectrum_report_lines(report: dict[str, Any]) -> list[str]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Draw singular values and energy curves of every module to FILE.png (needs the plot extra: matplotlib).",
 )
-def inspect(path: Path, adapter_name: str | None, as_json: bool, spectrum: bool, plot_path: Path | None) -> None:
-    """Show what PATH holds (.apack file, PEFT folder or kohya file): one row per module, then totals."""
+@click.option(
+    "--base",
+    type=click.Path(exists=True, path_type=Path),
+    help="GGUF input: the base model's GGUF file or config.json (llama.cpp's q/k row order, for --spectrum).",
+)
+def inspect(path: Path, adapter_name: str | None, as_json: bool, spectrum: bool, plot_path: Path | None, base: Path | None) -> None:
+    """Show what PATH holds (.apack file, PEFT folder, kohya, diffusers or GGUF file): one row per module, then totals."""
     if plot_path is not None:
         from adapterpack.ops.spectrum import require_matplotlib  # start-up: plain inspect does not import the spectrum code
 
         require_matplotlib()  # refuse before any work when the extra is missing
-    report = inspect_path(path, adapter=adapter_name, spectrum=spectrum or plot_path is not None)
+    report = inspect_path(path, adapter=adapter_name, spectrum=spectrum or plot_path is not None, base=base)
     if plot_path is not None:
         from adapterpack.ops.spectrum import plot_spectra  # start-up, as above
 

@@ -183,13 +183,20 @@ def _sum_totals(adapters: list[dict[str, Any]]) -> dict[str, Any]:
     return totals
 
 
-def inspect_path(path: str | os.PathLike[str], adapter: str | None = None, *, spectrum: bool = False) -> dict[str, Any]:
+def inspect_path(
+    path: str | os.PathLike[str],
+    adapter: str | None = None,
+    *,
+    spectrum: bool = False,
+    base: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
     """Report on an .apack file (every adapter in it, or the one named), a PEFT folder or a kohya file.
 
     ``spectrum`` adds each adapter's per-module singular values (``"spectrum"``, see
-    :func:`adapterpack.ops.spectrum.spectrum_report`); that reads the tensors (checksums verified).
+    :func:`adapterpack.ops.spectrum.spectrum_report`); that reads the tensors (checksums verified). ``base``
+    (GGUF input): the base model's GGUF file or config.json, for llama.cpp's q/k row order.
     """
-    with open_adapters(path, adapter, verify=spectrum) as opened:
+    with open_adapters(path, adapter, verify=spectrum, base=base) as opened:
         report: dict[str, Any] = {"path": str(path), "format": opened.format}
         report["adapters"] = [adapter_report(a) for a in opened.adapters]
         if spectrum:
