@@ -143,33 +143,56 @@ def agreement(p_logits: np.ndarray, q_logits: np.ndarray) -> dict[str, float]:
     }
 
 
-def measure(work: Path, n_blocks: int = 8, llama_cpp_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Every figure of the module docstring, as a dict (what ``--json`` writes and tests/test_llamacpp.py checks)."""
+def delta_error(gguf_path: Path, model_dir: Path, peft: Adapter) -> float:
+    """Largest relative Frobenius error, over modules, of the ΔW llama.cpp applies from ``gguf_path`` (adapter.lora.alpha
+    / the pair's rank · lora_b · lora_a, rows put back in HF order) against PEFT's."""
+    got = adapterpack.open(gguf_path, base=model_dir)
+    worst = 0.0
+    for m in peft:
+        want = m.delta().astype(np.float64)
+        worst = max(worst, float(np.linalg.norm(got.delta(m.name).astype(np.float64) - want) / np.linalg.norm(want)))
+    return worst
+
+
+def measure(
+    work: Path, n_blocks: int = 8, llama_cpp_dir: str | os.PathLike[str] | None = None, *, logits: bool | None = None
+) -> dict[str, Any]:
+    """Every figure of the module docstring, as a dict (what ``--json`` writes and tests/test_llamacpp.py checks). ΔW
+    errors always; logits (``logits`` None: when llama-cpp-python is importable) only with llama.cpp."""
+    import importlib.util
+
     from tools.fixtures import smollm2
 
     base_gguf, model_dir = smollm2.gguf_path(), smollm2.model_dir()
     blocks = smollm2.pydoc_blocks("heldout")[:n_blocks]
     src = llama_cpp_source(llama_cpp_dir)
+    logits = importlib.util.find_spec("llama_cpp") is not None if logits is None else logits
     out: dict[str, Any] = {
-        "blocks": int(blocks.shape[0]),
+        "blocks": int(blocks.shape[0]) if logits else 0,
         "tokens_per_block": int(blocks.shape[1]),
         "converter": str(src) if src else None,
     }
-    out["base"] = agreement(peft_logits(model_dir, None, blocks), llama_logits(base_gguf, None, blocks))
+    if logits:
+        out["base"] = agreement(peft_logits(model_dir, None, blocks), llama_logits(base_gguf, None, blocks))
     adapters = {"plain": adapterpack.open(example_path())}
     adapters["rslora_patterns"] = rslora_patterns(adapters["plain"])
     for label, ad in adapters.items():
         folder = work / label
         write_peft(ad, folder)
-        ref = peft_logits(model_dir, folder, blocks)
+        peft = adapterpack.open(folder)
         ours = work / f"{label}.ours.gguf"
-        write_gguf(adapterpack.open(folder), ours, base=model_dir)
-        row: dict[str, Any] = {"ours": agreement(ref, llama_logits(base_gguf, ours, blocks))}
+        write_gguf(peft, ours, base=model_dir)
+        row: dict[str, Any] = {"delta_rel_error": {"ours": delta_error(ours, model_dir, peft)}}
+        ref = peft_logits(model_dir, folder, blocks) if logits else None
+        if logits:
+            row["ours"] = agreement(ref, llama_logits(base_gguf, ours, blocks))
         if src is not None:
             theirs = work / f"{label}.llamacpp.gguf"
             run_converter(src, folder, model_dir, theirs)
-            row["llamacpp_converter"] = agreement(ref, llama_logits(base_gguf, theirs, blocks))
+            row["delta_rel_error"]["llamacpp_converter"] = delta_error(theirs, model_dir, peft)
             row["tensors_identical"] = same_tensors(ours, theirs)
+            if logits:
+                row["llamacpp_converter"] = agreement(ref, llama_logits(base_gguf, theirs, blocks))
         out[label] = row
     return out
 
@@ -191,15 +214,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         res = measure(Path(tmp), args.blocks, args.llama_cpp)
-    print(f"{res['blocks']} held-out blocks x {res['tokens_per_block']} tokens; KL(PEFT fp32 || llama.cpp Q4_1)")
     fmt = "{:<34} KL {kl:.4f} (max {kl_max:.3f})  top-1 {top1:.3f}  same top-5 {top5_same:.3f}"
-    print(fmt.format("base model alone", **res["base"]))
+    if "base" in res:
+        print(f"{res['blocks']} held-out blocks x {res['tokens_per_block']} tokens; KL(PEFT fp32 || llama.cpp Q4_1)")
+        print(fmt.format("base model alone", **res["base"]))
+    else:
+        print("llama-cpp-python not importable: ΔW figures only")
     for label in ("plain", "rslora_patterns"):
-        for who, r in res[label].items():
-            if isinstance(r, dict):
-                print(fmt.format(f"{label}: {who}", **r))
-        if "tensors_identical" in res[label]:
-            print(f"{label}: our GGUF tensors identical to llama.cpp's converter's: {res[label]['tensors_identical']}")
+        row = res[label]
+        for who, err in row["delta_rel_error"].items():
+            print(f"{label}: {who:<20} max relative ΔW error (llama.cpp's alpha/rank rule vs PEFT) {err:.3e}")
+        for who in ("ours", "llamacpp_converter"):
+            if who in row:
+                print(fmt.format(f"{label}: {who}", **row[who]))
+        if "tensors_identical" in row:
+            print(f"{label}: our GGUF tensors identical to llama.cpp's converter's: {row['tensors_identical']}")
     if args.json:
         args.json.write_text(json.dumps(res, indent=2) + "\n")
 
