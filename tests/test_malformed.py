@@ -571,7 +571,7 @@ def test_nonzero_padding_is_a_verify_problem(tmp_path: Path) -> None:
     p.data = bytes(data)
     path = write(tmp_path / "pad.apack", p.build())
     load_everything(path)  # reading does not look at padding
-    assert ApackReader(path).verify().problems == ["padding before blob 3 (tensor 'w') is not zero"]
+    assert ApackReader(path).verify().problems == ["padding before blob 3 is not zero (blob holds tensor 'w')"]
 
     index_pad = write(tmp_path / "ipad.apack", valid_parts(tmp_path, "raw").build(pad=None))
     raw = bytearray(index_pad.read_bytes())

@@ -394,10 +394,12 @@ class ApackReader:
         report = VerifyReport(path=str(self.path), blobs=len(self.blobs), version=self.version)
         users = self.blob_users()
 
-        def named(i: int) -> str:
+        def holds(i: int) -> str:
             u = users.get(i, [])
-            more = f" and {len(u) - 2} more" if len(u) > 2 else ""
-            return f"blob {i} ({', '.join(u[:2])}{more})" if u else f"blob {i}"
+            return ", ".join(u[:2]) + (f" and {len(u) - 2} more" if len(u) > 2 else "")
+
+        def named(i: int) -> str:
+            return f"blob {i} ({holds(i)})" if holds(i) else f"blob {i}"
 
         mm = self._mapping()
         pad_start = PREAMBLE_SIZE + self.preamble.index_length
@@ -406,7 +408,8 @@ class ApackReader:
         prev_end = 0
         for i, b in enumerate(self.blobs):
             if any(mm[self.data_start + prev_end : self.data_start + b.offset]):
-                report.problems.append(f"padding before {named(i)} is not zero")
+                # spec vectors quote "padding before blob N is not zero": what the blob holds comes after it
+                report.problems.append(f"padding before blob {i} is not zero" + (f" (blob holds {holds(i)})" if holds(i) else ""))
             prev_end = b.offset + b.stored_length
             if not b.known_codec:
                 report.skipped.append(f"{named(i)}: codec {b.codec_id!r} not understood, not checked")
