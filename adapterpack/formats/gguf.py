@@ -254,12 +254,16 @@ def base_model_fields(base_model: str) -> dict[str, str]:
     """``general.base_model.0.*`` for ``base_model`` as llama.cpp's converter derives them from a model card's
     ``base_model``: for a Hugging Face id its name, organization and version in the gguf package's
     title form and the repo URL; any other string is written as the name."""
-    from gguf.metadata import Metadata  # gguf: optional (the gguf extra)
-
     pre = "general.base_model.0."
-    if not _HF_ID.match(base_model):
+    try:
+        from gguf.metadata import Metadata  # gguf: optional (the gguf extra); its helpers since gguf 0.10
+
+        parts = Metadata.get_model_id_components(base_model) if _HF_ID.match(base_model) else None
+    except (ImportError, AttributeError):
+        parts = None
+    if parts is None:
         return {pre + "name": base_model}
-    name, org, _basename, _finetune, version, _size = Metadata.get_model_id_components(base_model)
+    name, org, _basename, _finetune, version, _size = parts
     out = {}
     if name is not None:
         out[pre + "name"] = Metadata.id_to_title(name)
