@@ -22,6 +22,7 @@ Needs torch, transformers, peft, llama-cpp-python and gguf; ``--llama-cpp DIR`` 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -67,6 +68,22 @@ def llama_cpp_source(given: str | os.PathLike[str] | None = None) -> Path | None
             ]
             tf.extractall(root, members=keep, filter="data")
     return src
+
+
+def llamacpp_problem(base_gguf: Path) -> str | None:
+    """None when llama-cpp-python evaluates the base GGUF; else why not (a broken build can crash the process,
+    so it is tried in a subprocess first)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (an hour's build)"
+    code = (
+        "import sys; from llama_cpp import Llama; "
+        "Llama(model_path=sys.argv[1], n_ctx=64, n_batch=8, verbose=False, n_threads=1).eval([1, 2, 3])"
+    )
+    try:
+        r = subprocess.run([sys.executable, "-c", code, str(base_gguf)], capture_output=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        return "llama-cpp-python did not evaluate 3 tokens in 300 s"
+    return None if r.returncode == 0 else f"llama-cpp-python fails on this machine (exit status {r.returncode} evaluating 3 tokens)"
 
 
 def run_converter(src: Path, lora: Path, base_dir: Path, dst: Path) -> None:
@@ -159,18 +176,22 @@ def measure(
 ) -> dict[str, Any]:
     """Every figure of the module docstring, as a dict (what ``--json`` writes and tests/test_llamacpp.py checks). ΔW
     errors always; logits (``logits`` None: when llama-cpp-python is importable) only with llama.cpp."""
-    import importlib.util
-
     from tools.fixtures import smollm2
 
     base_gguf, model_dir = smollm2.gguf_path(), smollm2.model_dir()
     blocks = smollm2.pydoc_blocks("heldout")[:n_blocks]
     src = llama_cpp_source(llama_cpp_dir)
-    logits = importlib.util.find_spec("llama_cpp") is not None if logits is None else logits
+    if logits is None:
+        problem = llamacpp_problem(base_gguf)
+        logits = problem is None
+        out_problem = problem
+    else:
+        out_problem = None
     out: dict[str, Any] = {
         "blocks": int(blocks.shape[0]) if logits else 0,
         "tokens_per_block": int(blocks.shape[1]),
         "converter": str(src) if src else None,
+        "llamacpp_problem": out_problem,
     }
     if logits:
         out["base"] = agreement(peft_logits(model_dir, None, blocks), llama_logits(base_gguf, None, blocks))
@@ -219,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{res['blocks']} held-out blocks x {res['tokens_per_block']} tokens; KL(PEFT fp32 || llama.cpp Q4_1)")
         print(fmt.format("base model alone", **res["base"]))
     else:
-        print("llama-cpp-python not importable: ΔW figures only")
+        print(f"ΔW figures only: {res['llamacpp_problem']}")
     for label in ("plain", "rslora_patterns"):
         row = res[label]
         for who, err in row["delta_rel_error"].items():
