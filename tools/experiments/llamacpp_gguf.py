@@ -70,17 +70,36 @@ def llama_cpp_source(given: str | os.PathLike[str] | None = None) -> Path | None
     return src
 
 
+def no_extra_buffers() -> None:
+    """Load models without llama.cpp's extra (repacking) buffer types: a native build on a VM that advertises AMX
+    crashes in ggml_backend_amx_mul_mat otherwise (seen here); the plain CPU kernels compute the same products."""
+    import llama_cpp.llama_cpp as api
+
+    if getattr(api.llama_model_default_params, "_adapterpack", False):
+        return
+    default = api.llama_model_default_params
+
+    def params() -> Any:
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    params._adapterpack = True  # type: ignore[attr-defined]
+    api.llama_model_default_params = params
+
+
 def llamacpp_problem(base_gguf: Path) -> str | None:
     """None when llama-cpp-python evaluates the base GGUF; else why not (a broken build can crash the process,
     so it is tried in a subprocess first)."""
     if importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed (an hour's build)"
     code = (
-        "import sys; from llama_cpp import Llama; "
-        "Llama(model_path=sys.argv[1], n_ctx=64, n_batch=8, verbose=False, n_threads=1).eval([1, 2, 3])"
+        "import sys; from llama_cpp import Llama; from tools.experiments.llamacpp_gguf import no_extra_buffers; "
+        "no_extra_buffers(); Llama(model_path=sys.argv[1], n_ctx=64, n_batch=8, verbose=False, n_threads=1).eval([1, 2, 3])"
     )
     try:
-        r = subprocess.run([sys.executable, "-c", code, str(base_gguf)], capture_output=True, timeout=300)
+        root = Path(__file__).resolve().parents[2]
+        r = subprocess.run([sys.executable, "-c", code, str(base_gguf)], capture_output=True, timeout=300, cwd=root)
     except subprocess.TimeoutExpired:
         return "llama-cpp-python did not evaluate 3 tokens in 300 s"
     return None if r.returncode == 0 else f"llama-cpp-python fails on this machine (exit status {r.returncode} evaluating 3 tokens)"
@@ -130,6 +149,7 @@ def llama_logits(base_gguf: Path, lora_gguf: Path | None, blocks: Any) -> np.nda
     """[n, block, vocab] float32 logits of llama.cpp on ``base_gguf`` with ``lora_gguf`` applied (None: the base)."""
     from llama_cpp import Llama
 
+    no_extra_buffers()
     n = int(blocks.shape[1])
     kw = {"lora_path": str(lora_gguf)} if lora_gguf is not None else {}
     llm = Llama(model_path=str(base_gguf), n_ctx=max(n, 256), n_batch=n, logits_all=True, verbose=False, n_threads=2, **kw)
