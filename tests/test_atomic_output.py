@@ -229,7 +229,7 @@ def test_a_reader_whose_folder_was_swapped_out_and_removed_opens_the_new_one(
 
     monkeypatch.setattr(adapterpack.atomic, "_open_regular", swap_first)
     assert which(dst) == (16.0, 2.0)
-    assert len(calls) == 6  # three names in the removed folder (none there), three in the new one
+    assert len(calls) == 8  # four names (config, weights, .bin, README.md) in the removed folder (none there), four in the new one
 
 
 WRITER = """

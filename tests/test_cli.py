@@ -60,7 +60,7 @@ def test_inspect_table_lists_every_module_and_true_totals(apack: Path) -> None:
     lines = r.stdout.splitlines()
     for name, m in toy().modules.items():
         (row,) = [line for line in lines if line.startswith(name + " ")]
-        assert row.split()[1:5] == ["lora", "8", f"{m.base_shape[0]}x48", "float32"]
+        assert row.split()[1:7] == ["lora", "8", "16", "2", f"{m.base_shape[0]}x48", "float32"]  # rank, alpha, scale
     assert f"{stored:,} B" in r.stdout and f"{decoded:,} B" in r.stdout
     assert "4 modules" in r.stdout and f"{4 * 8 * 48 + 2 * 64 * 8 + 2 * 32 * 8:,} parameters" in r.stdout
     assert f"{apack.stat().st_size:,} B" in r.stdout
@@ -219,17 +219,17 @@ def test_verify_flipped_byte_names_the_checksum(tmp_path: Path) -> None:
     corrupt_one_blob_byte(path)
     r = run("verify", path)
     assert r.exit_code == 1
-    assert "1 problem" in r.stdout and "blob 2: checksum mismatch" in r.stdout
+    assert "1 problem" in r.stdout and "blob 2 (module 'model.layers.0.self_attn.v_proj' A): checksum mismatch" in r.stdout
     r = run("verify", path, "--json")
     assert r.exit_code == 1 and [f["message"] for f in json.loads(r.stdout)["findings"]] == [
-        "blob 2: checksum mismatch (decoded bytes are corrupt)"
+        "blob 2 (module 'model.layers.0.self_attn.v_proj' A): checksum mismatch (decoded bytes are corrupt)"
     ]
 
 
 def test_verify_flipped_byte_in_compressed_blob_fails(apack: Path) -> None:
     corrupt_one_blob_byte(apack)
     r = run("verify", apack)
-    assert r.exit_code == 1 and "blob 2:" in r.stdout
+    assert r.exit_code == 1 and "blob 2 (module 'model.layers.0.self_attn.v_proj' A):" in r.stdout
 
 
 def test_verify_unopenable_files(tmp_path: Path) -> None:

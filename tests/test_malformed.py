@@ -491,7 +491,7 @@ def test_unknown_optional_codec_skips_module_and_tensor(valid: Parts, tmp_path: 
     ]
     report = ApackReader(path).verify()
     assert report.ok, report.problems
-    assert "blob 2: codec 'x-future-codec' not understood, not checked" in report.skipped
+    assert "blob 2 (module 'layers.0.v_proj' A): codec 'x-future-codec' not understood, not checked" in report.skipped
     assert "module 'layers.0.v_proj': codec 'x-future-codec' not understood, skipped" in report.skipped
     assert report.bytes_checked == 48 + 32 + 32  # blobs 0, 1 and 3
     with pytest.raises(UnknownCodecError, match="x-future-codec"):
@@ -540,7 +540,7 @@ def test_blob_checksum_mismatch(compressed: dict[str, Parts], tmp_path: Path, co
     assert type(info.value) is ChecksumError
     report = ApackReader(path).verify()
     assert not report.ok
-    assert report.problems == ["blob 3: checksum mismatch (decoded bytes are corrupt)"]
+    assert report.problems == ["blob 3 (module 'layers.0.v_proj' B): checksum mismatch (decoded bytes are corrupt)"]
     # verify=False trusts the bytes: the read succeeds and returns them unchanged
     got = ApackReader(path, verify=False).adapter().module("layers.0.v_proj").array("B")
     assert got.tobytes() == compressible_adapter().modules["layers.0.v_proj"].tensors["B"].tobytes()
@@ -554,7 +554,8 @@ def test_flipped_data_byte_is_a_checksum_error(valid: Parts, tmp_path: Path) -> 
     path = write(tmp_path / "flip.apack", p.build())
     with pytest.raises(ChecksumError, match="blob 2: checksum mismatch"):
         load_everything(path)
-    assert ApackReader(path).verify().problems == ["blob 2: checksum mismatch (decoded bytes are corrupt)"]
+    problems = ApackReader(path).verify().problems
+    assert problems == ["blob 2 (module 'layers.0.v_proj' A): checksum mismatch (decoded bytes are corrupt)"]
 
 
 def _odd_adapter() -> Adapter:
@@ -575,7 +576,7 @@ def test_nonzero_padding_is_a_verify_problem(tmp_path: Path) -> None:
     p.data = bytes(data)
     path = write(tmp_path / "pad.apack", p.build())
     load_everything(path)  # reading does not look at padding
-    assert ApackReader(path).verify().problems == ["padding before blob 3 is not zero"]
+    assert ApackReader(path).verify().problems == ["padding before blob 3 is not zero (blob holds tensor 'w')"]
 
     index_pad = write(tmp_path / "ipad.apack", valid_parts(tmp_path, "raw").build(pad=None))
     raw = bytearray(index_pad.read_bytes())

@@ -215,7 +215,9 @@ def test_a_wrong_checkpoint_crc_is_refused_at_a_rank_and_reported_by_verify(svd_
         ad.delta(NAME)
     with ApackReader(svd_file) as r:
         problems = r.verify().problems
-    assert problems == [f"blob {ut}: prefix_crc32c does not match its rows (index or prefix checkpoints corrupt)"]
+    assert problems == [
+        f"blob {ut} (module {NAME!r} Ut): prefix_crc32c does not match its rows (index or prefix checkpoints corrupt)"
+    ]
 
 
 MALFORMED: dict[str, Callable[[dict[str, Any], dict[str, int]], None]] = {
@@ -278,4 +280,6 @@ def test_checkpoints_on_a_compressed_blob_are_checked_by_verify(tmp_path: Path) 
         np.testing.assert_array_equal(ad.module(NAME).array("Ut"), sparse["Ut"][:RANK])
     _craft(path, lambda index: index["blobs"][ut][KEY].__setitem__(0, good[0] ^ 1), minor=2)
     with ApackReader(path) as r:
-        assert r.verify().problems == [f"blob {ut}: prefix_crc32c does not match its rows (index or prefix checkpoints corrupt)"]
+        assert r.verify().problems == [
+            f"blob {ut} (module {NAME!r} Ut): prefix_crc32c does not match its rows (index or prefix checkpoints corrupt)"
+        ]

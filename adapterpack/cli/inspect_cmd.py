@@ -10,8 +10,10 @@ import click
 from adapterpack.cli import output as out
 from adapterpack.ops.report import inspect_path
 
-HEADERS = ("module", "encoding", "rank", "shape (base)", "dtype", "stored bytes", "share")
-ALIGN = "<<><<>>"
+HEADERS = ("module", "encoding", "rank", "alpha", "scale", "shape (base)", "dtype", "stored bytes", "share")
+ALIGN = "<<>>><<>>"
+#: Characters of a metadata value shown in the text output (``--json`` has all of it).
+META_CHARS = 100
 
 
 def _encoding(row: dict[str, Any]) -> str:
@@ -21,7 +23,11 @@ def _encoding(row: dict[str, Any]) -> str:
     enc = row["encoding"]
     if s.get("layout", "linear") != "linear":
         enc += f"/{s['layout']}"
-    return enc + ("+dora" if s.get("dora") else "")
+    return enc + ("+rslora" if s.get("rslora") else "") + ("+dora" if s.get("dora") else "")
+
+
+def _number(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
 
 
 def module_table(rows: list[dict[str, Any]], limit: int | None = None) -> list[str]:
@@ -32,6 +38,8 @@ def module_table(rows: list[dict[str, Any]], limit: int | None = None) -> list[s
             r["module"],
             _encoding(r),
             r["rank"],
+            _number(r["alpha"]),
+            _number(r["scale"]),
             out.shape(r["base_shape"]),
             r["dtype"],
             out.count(r["stored_bytes"]),
@@ -83,11 +91,25 @@ def adapter_lines(a: dict[str, Any], limit: int | None = None) -> list[str]:
     if a["base_architecture"]:
         base += f" ({a['base_architecture']})"
     origin = f", imported from {a['source_format']}" if a["source_format"] else ""
-    lines = [f"adapter {a['name']!r}: {base}{origin}", ""]
+    lines = [f"adapter {a['name']!r}: {base}{origin}"]
+    tm = a["target_modules"]
+    if tm:
+        lines.append(f"targets  {tm if isinstance(tm, str) else ', '.join(tm)}")
+    lines.append("")
     lines += module_table(a["rows"], limit) if a["rows"] else ["(no modules)"]
     lines += ["", *totals_lines(a["totals"])]
+    lines += metadata_lines(a["file_metadata"])
     lines += [f"skipped  {s}" for s in a["skipped"]]
     lines += [f"note     {n}" for n in a["notes"]]
+    return lines
+
+
+def metadata_lines(meta: dict[str, str]) -> list[str]:
+    """The input file's metadata (kohya ss_* keys, safetensors __metadata__, GGUF keys), one key a line, long values cut."""
+    lines = []
+    for k, v in meta.items():
+        v = " ".join(v.split())
+        lines.append(f"{'metadata' if not lines else '':8} {k} = {v[:META_CHARS]}{'...' if len(v) > META_CHARS else ''}")
     return lines
 
 
@@ -179,13 +201,18 @@ def spectrum_report_lines(report: dict[str, Any]) -> list[str]:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Draw singular values and energy curves of every module to FILE.png (needs the plot extra: matplotlib).",
 )
-def inspect(path: Path, adapter_name: str | None, as_json: bool, spectrum: bool, plot_path: Path | None) -> None:
-    """Show what PATH holds (.apack file, PEFT folder or kohya file): one row per module, then totals."""
+@click.option(
+    "--base",
+    type=click.Path(exists=True, path_type=Path),
+    help="GGUF input: the base model's GGUF file or config.json (llama.cpp's q/k row order, for --spectrum).",
+)
+def inspect(path: Path, adapter_name: str | None, as_json: bool, spectrum: bool, plot_path: Path | None, base: Path | None) -> None:
+    """Show what PATH holds (.apack file, PEFT folder, kohya, diffusers or GGUF file): one row per module, then totals."""
     if plot_path is not None:
         from adapterpack.ops.spectrum import require_matplotlib  # start-up: plain inspect does not import the spectrum code
 
         require_matplotlib()  # refuse before any work when the extra is missing
-    report = inspect_path(path, adapter=adapter_name, spectrum=spectrum or plot_path is not None)
+    report = inspect_path(path, adapter=adapter_name, spectrum=spectrum or plot_path is not None, base=base)
     if plot_path is not None:
         from adapterpack.ops.spectrum import plot_spectra  # start-up, as above
 

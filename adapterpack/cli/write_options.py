@@ -62,7 +62,8 @@ def write_options(formats: Sequence[str], *, to_help: str | None = None) -> Call
         click.option(
             "--base",
             type=click.Path(exists=True, path_type=Path),
-            help="gguf output: the base model's GGUF file or config.json (llama q/k layout); diffusers output: its pipeline "
+            help="gguf input/output: the base model's GGUF file or config.json (llama.cpp's q/k row order); diffusers output: "
+            "its pipeline "
             "folder (exact kohya names).",
         ),
         click.option(

@@ -377,9 +377,33 @@ class ApackReader:
 
     # --- whole-file checks ----------------------------------------------------------------------
 
+    def blob_users(self) -> dict[int, list[str]]:
+        """What each blob holds, by index: ``module 'NAME' A``, ``tensor 'NAME'`` (with the adapter's name in a
+        file of several adapters), for messages that name what is damaged rather than a blob number."""
+        users: dict[int, list[str]] = {}
+        many = len(self.index.records) > 1
+        for rec in self.index.records:
+            where = f"adapter {rec.name!r} " if many else ""
+            for m in rec.modules:
+                for slot, i in m.tensors.items():
+                    users.setdefault(int(i), []).append(f"{where}module {m.name!r} {slot}")
+            for t in rec.tensors or []:
+                users.setdefault(int(t.blob), []).append(f"{where}tensor {t.name!r}")
+        return users
+
     def verify(self) -> VerifyReport:
-        """Decode every blob and check its CRC-32C and prefix CRCs, and check that all padding is zero."""
+        """Decode every blob and check its CRC-32C and prefix CRCs, and check that all padding is zero; each
+        problem names the module / tensor the blob holds."""
         report = VerifyReport(path=str(self.path), blobs=len(self.blobs), version=self.version)
+        users = self.blob_users()
+
+        def holds(i: int) -> str:
+            u = users.get(i, [])
+            return ", ".join(u[:2]) + (f" and {len(u) - 2} more" if len(u) > 2 else "")
+
+        def named(i: int) -> str:
+            return f"blob {i} ({holds(i)})" if holds(i) else f"blob {i}"
+
         mm = self._mapping()
         pad_start = PREAMBLE_SIZE + self.preamble.index_length
         if any(mm[pad_start : self.data_start]):
@@ -387,20 +411,22 @@ class ApackReader:
         prev_end = 0
         for i, b in enumerate(self.blobs):
             if any(mm[self.data_start + prev_end : self.data_start + b.offset]):
-                report.problems.append(f"padding before blob {i} is not zero")
+                # spec vectors quote "padding before blob N is not zero": what the blob holds comes after it
+                report.problems.append(f"padding before blob {i} is not zero" + (f" (blob holds {holds(i)})" if holds(i) else ""))
             prev_end = b.offset + b.stored_length
             if not b.known_codec:
-                report.skipped.append(f"blob {i}: codec {b.codec_id!r} not understood, not checked")
+                report.skipped.append(f"{named(i)}: codec {b.codec_id!r} not understood, not checked")
                 continue
             self._verified.discard(i)
             try:
                 arr = self._read(i, check_crc=True)
                 report.bytes_checked += b.length
             except AdapterpackError as e:
-                report.problems.append(str(e).removeprefix(f"{self.path}: "))
+                msg = str(e).removeprefix(f"{self.path}: ")
+                report.problems.append(named(i) + msg[len(f"blob {i}") :] if msg.startswith(f"blob {i}:") else f"{named(i)}: {msg}")
                 continue
             if b.prefix_crc32c and prefix.prefix_crcs(dtypes.as_bytes(arr), b.shape[0]) != list(b.prefix_crc32c):
-                report.problems.append(f"blob {i}: prefix_crc32c does not match its rows (index or prefix checkpoints corrupt)")
+                report.problems.append(f"{named(i)}: prefix_crc32c does not match its rows (index or prefix checkpoints corrupt)")
         for record in self.index.records:
             try:
                 report.skipped.extend(self._build(record).skipped)

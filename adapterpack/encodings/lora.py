@@ -126,6 +126,7 @@ class Lora(Encoding):
             "rank": p["rank"],
             "alpha": p["alpha"],
             "scale": self.scale(module),
+            "rslora": bool(p.get("rslora", False)),
             "layout": p.get("layout", "linear"),
             "dora": bool(p.get("dora", False)),
         }

@@ -1,4 +1,4 @@
-"""Other people's files ↔ our :class:`~adapterpack.Adapter`: PEFT folders, kohya files.
+"""Other people's files ↔ our :class:`~adapterpack.Adapter`: PEFT folders, kohya and diffusers files, llama.cpp GGUF.
 
 :func:`open_adapters` is the one way any input is opened: :func:`adapterpack.open`,
 :func:`read_any`, ``convert`` and ``inspect`` all go through it, so they accept the same
@@ -42,12 +42,19 @@ class Opened:
         self.close()
 
 
-def open_adapters(path: str | os.PathLike[str], adapter: str | None = None, *, verify: bool = True) -> Opened:
+def open_adapters(
+    path: str | os.PathLike[str],
+    adapter: str | None = None,
+    *,
+    verify: bool = True,
+    base: str | os.PathLike[str] | None = None,
+) -> Opened:
     """Open any input: every adapter of an ``.apack`` file (or the one named ``adapter``), or the
-    single adapter (``"default"``) of a PEFT folder or kohya file, refusing any other name.
+    single adapter (``"default"``) of a PEFT folder, kohya, diffusers or GGUF file, refusing any other name.
 
-    ``verify`` checks each ``.apack`` blob's CRC-32C when it is first read; PEFT and kohya
-    files carry no checksums, so it has nothing to check there.
+    ``verify`` checks each ``.apack`` blob's CRC-32C when it is first read; the other formats
+    carry no checksums, so it has nothing to check there. ``base`` (GGUF input only) is the base
+    model's GGUF file or config.json, whose head counts put llama.cpp's q/k rows back in HF order.
     """
     p = Path(path)
     reader = ApackReader.open_if_apack(p, verify=verify)  # an .apack is opened once: detection reads its preamble
@@ -68,6 +75,10 @@ def open_adapters(path: str | os.PathLike[str], adapter: str | None = None, *, v
         from adapterpack.formats.diffusers import read_diffusers  # start-up, as above (diffusers and sd_names too)
 
         a = read_diffusers(p)
+    elif fmt == "gguf":
+        from adapterpack.formats.gguf import read_gguf  # start-up, as above (and the gguf package)
+
+        a = read_gguf(p, base=base)
     else:
         from adapterpack.formats.kohya import read_kohya  # start-up, as above
 
@@ -78,9 +89,11 @@ def open_adapters(path: str | os.PathLike[str], adapter: str | None = None, *, v
     return Opened(p, fmt, [a], None, a.close)
 
 
-def read_any(path: str | os.PathLike[str], *, adapter: str | None = None, verify: bool = True) -> Adapter:
+def read_any(
+    path: str | os.PathLike[str], *, adapter: str | None = None, verify: bool = True, base: str | os.PathLike[str] | None = None
+) -> Adapter:
     """One adapter from any input: the one named ``adapter``, else the only one (see :func:`open_adapters`)."""
-    opened = open_adapters(path, adapter, verify=verify)
+    opened = open_adapters(path, adapter, verify=verify, base=base)
     if len(opened.adapters) != 1:
         opened.close()
         names = ", ".join(a.name for a in opened.adapters)

@@ -1,4 +1,5 @@
-"""``--to gguf``: a llama.cpp LoRA adapter (``general.type = adapter``, ``adapter.type = lora``), LLaMA family.
+"""llama.cpp LoRA adapters (``general.type = adapter``, ``adapter.type = lora``), LLaMA family: written
+(``--to gguf``, :func:`write_gguf`) and read (:func:`read_gguf`; ours and llama.cpp's converter's).
 
 What llama.cpp expects (its ``convert_lora_to_gguf.py`` and ``llama-adapter.cpp``, read for the
 conventions; nothing copied):
@@ -16,6 +17,17 @@ conventions; nothing copied):
   layout (per head: interleaved halves); a LoRA of those layers must see the same permutation,
   which only touches B's rows. That needs the base model's head counts: pass the base model's
   GGUF file or HF ``config.json`` (``base=``), or the counts.
+
+Header: ``general.name`` and ``general.base_model.count`` / ``general.base_model.0.*`` (name,
+organization, version, repo_url) as llama.cpp's converter derives them from a Hugging Face id (with
+the gguf package's own helpers), and, where q/k rows were permuted, the head counts under
+``adapterpack.attention.*`` so our files read back without the base model.
+
+Reading maps GGUF names back to HF module names for ``llama`` (the inverse of the writer's map),
+one lora record per ``lora_a``/``lora_b`` pair with the rank read from the pair and alpha from
+``adapter.lora.alpha`` (0 or missing: scale 1, as llama.cpp reads it); q/k rows are put back in
+HF order when the head counts are known (``base=`` or our metadata), else reading those B factors
+raises ConversionError (shapes, ranks and scales are still there for ``inspect``).
 
 Refused, with the reason: DoRA (llama.cpp has no magnitude vectors), pass-through tensors
 (``modules_to_save``) unless dropped, conv / fan_in_fan_out layouts, modules with no GGUF name.
@@ -35,10 +47,10 @@ from typing import Any
 import numpy as np
 
 from adapterpack import dtypes
-from adapterpack.adapter import Adapter, Module
+from adapterpack.adapter import Adapter, Module, StoredTensor
 from adapterpack.atomic import atomic_file
 from adapterpack.encodings.lower import as_lora
-from adapterpack.errors import ConversionError, InputError
+from adapterpack.errors import AdapterpackError, ConversionError, InputError, MissingDependencyError
 from adapterpack.formats.export import DROP_HINT, check_module_names, float32_alpha, scaled
 
 #: HF architecture → llama.cpp architecture name (the ones whose converter is LLaMA's, with the q/k permutation).
@@ -232,6 +244,50 @@ def _cast(arr: np.ndarray, out: str, where: str) -> np.ndarray:
     return np.ascontiguousarray(dtypes.cast_array(arr, name, f"module {where!r}")[0])
 
 
+HF_URL = "https://huggingface.co/"
+#: Our head counts (written when q/k rows were permuted): the reader puts the rows back without the base model.
+HEAD_COUNT, HEAD_COUNT_KV = "adapterpack.attention.head_count", "adapterpack.attention.head_count_kv"
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def base_model_fields(base_model: str) -> dict[str, str]:
+    """``general.base_model.0.*`` for ``base_model`` as llama.cpp's converter derives them from a model card's
+    ``base_model``: for a Hugging Face id its name, organization and version in the gguf package's
+    title form and the repo URL; any other string is written as the name."""
+    pre = "general.base_model.0."
+    try:
+        from gguf.metadata import Metadata  # gguf: optional (the gguf extra); its helpers since gguf 0.10
+
+        parts = Metadata.get_model_id_components(base_model) if _HF_ID.match(base_model) else None
+    except (ImportError, AttributeError):
+        parts = None
+    if parts is None:
+        return {pre + "name": base_model}
+    name, org, _basename, _finetune, version, _size = parts
+    out = {}
+    if name is not None:
+        out[pre + "name"] = Metadata.id_to_title(name)
+    if org is not None:
+        out[pre + "organization"] = Metadata.id_to_title(org)
+    if version is not None:
+        out[pre + "version"] = version
+    out[pre + "repo_url"] = HF_URL + base_model
+    return out
+
+
+def header_fields(adapter: Adapter, dst: Path, heads: GgufBase | None) -> dict[str, str | int]:
+    """The metadata written beside the adapter keys: ``general.name`` (the adapter's name, or the output
+    file's stem for an unnamed ``default`` one), the base model, and our head counts when given."""
+    out: dict[str, str | int] = {"general.name": adapter.name if adapter.name != "default" else dst.stem}
+    if adapter.base_model:
+        out["general.base_model.count"] = 1
+        out |= base_model_fields(str(adapter.base_model))
+    if heads is not None and heads.n_head:
+        out[HEAD_COUNT] = int(heads.n_head)
+        out[HEAD_COUNT_KV] = int(heads.n_head_kv or heads.n_head)
+    return out
+
+
 @dataclass
 class GgufResult:
     """What :func:`write_gguf` wrote."""
@@ -269,6 +325,8 @@ def write_gguf(
     import gguf  # gguf: optional (the gguf extra)
 
     info = base if isinstance(base, GgufBase) or base is None else base_info(base)
+    if info is None:
+        info = recorded_heads(adapter)
     plan = gguf_tensors(adapter, info, dtype=dtype, drop_tensors=drop_tensors)
     from gguf.gguf_writer import WriterState  # gguf: optional, as above
 
@@ -277,8 +335,12 @@ def write_gguf(
     w.add_type(gguf.GGUFType.ADAPTER)
     w.add_string(gguf.Keys.Adapter.TYPE, "lora")
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, plan.alpha)
-    if adapter.base_model:
-        w.add_string("general.base_model.0.name", str(adapter.base_model))
+    for key, value in header_fields(adapter, dst, info if plan.permuted else None).items():
+        if isinstance(value, int):
+            w.add_uint32(key, value)
+        else:
+            w.add_string(key, value)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's converter writes it
     for name, arr in plan.tensors.items():
         if arr.dtype == dtypes.by_name("bfloat16").numpy:
             w.add_tensor(name, arr.view(np.uint8), raw_dtype=gguf.GGMLQuantizationType.BF16)
@@ -294,3 +356,268 @@ def write_gguf(
         finally:
             w.fout = None  # atomic_file flushes, fsyncs and closes f (GGUFWriter.close would close it first)
     return GgufResult(dst, plan.alpha, len(plan.tensors), plan.baked, plan.permuted)
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+#: HF module paths of a LLaMA block and of the model around the blocks (mapped through the gguf package's name map).
+_LLAMA_BLOCK = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+)
+_LLAMA_TOP = ("model.embed_tokens", "lm_head", "model.norm")
+_BLK = re.compile(r"^blk\.(\d+)\.")
+_LORA_SUFFIXES = (".lora_a", ".lora_b")
+#: GGML tensor types read as they are (numpy dtype name); quantized types are dequantized with a note.
+_PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def hf_names(arch: str, n_blocks: int) -> dict[str, str]:
+    """GGUF base-tensor name → HF module name for ``arch`` (``llama`` only; ``{}`` otherwise): the inverse of
+    :func:`gguf_name` over LLaMA's modules."""
+    if arch != "llama":
+        return {}
+    hf = [*_LLAMA_TOP, *(f"model.layers.{i}.{m}" for i in range(n_blocks) for m in _LLAMA_BLOCK)]
+    return {g: h for h in hf if (g := gguf_name(h, arch, n_blocks)) is not None}
+
+
+def unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of :func:`permute_rows`: llama.cpp's rotary row order back to HF's."""
+    out = rows.shape[0]
+    if n_head < 1 or out % (2 * n_head):
+        raise ConversionError(f"cannot split {out} output rows into {n_head} heads of two rotary halves")
+    return rows.reshape(n_head, out // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def _value(reader: Any, key: str, path: Path) -> Any:
+    """A scalar or string metadata value (None when absent); InputError for an array or an undecodable string."""
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    if len(f.types) != 1 or not f.data:
+        raise InputError(f"{path}: metadata {key!r} must be a single value, not an array")
+    part = f.parts[f.data[0]]
+    if f.types[0].name == "STRING":
+        try:
+            return bytes(part).decode()
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: metadata {key!r} is not valid UTF-8") from None
+    if f.types[0].name == "BOOL":
+        return bool(part[0])
+    return part[0].item()
+
+
+def _metadata(reader: Any) -> dict[str, str]:
+    """Every scalar / string key-value pair of the file as text (arrays summarised), for ``inspect``."""
+    out = {}
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            if len(f.types) == 1 and f.data:
+                part = f.parts[f.data[0]]
+                out[key] = bytes(part).decode(errors="replace") if f.types[0].name == "STRING" else str(part[0].item())
+            else:
+                out[key] = f"[array of {len(f.data)}]"
+        except (IndexError, ValueError):
+            out[key] = "(unreadable)"
+    return out
+
+
+def _heads_of(reader: Any, path: Path, base: GgufBase | str | os.PathLike[str] | None) -> GgufBase | None:
+    if base is not None:
+        return base if isinstance(base, GgufBase) else base_info(base)
+    n, kv = _value(reader, HEAD_COUNT, path), _value(reader, HEAD_COUNT_KV, path)
+    if n is None:
+        return None
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (n, kv)):
+        raise InputError(f"{path}: {HEAD_COUNT} / {HEAD_COUNT_KV} must be positive integers, got {n!r:.40} / {kv!r:.40}")
+    return GgufBase("llama", n, kv)
+
+
+def _array(t: Any, path: Path, notes: list[str]) -> np.ndarray:
+    """A tensor's data in numpy order: float32/float16/bfloat16 as stored, quantized types dequantized to float32."""
+    import gguf  # gguf: optional (the gguf extra)
+
+    kind = gguf.GGMLQuantizationType(t.tensor_type).name
+    shape = tuple(int(d) for d in reversed([int(x) for x in t.shape]))
+    if kind in _PLAIN:
+        data = np.asarray(t.data)
+        if kind == "BF16":
+            data = data.view(dtypes.by_name("bfloat16").numpy)
+        return np.array(data.reshape(shape))  # a copy: the adapter does not hold the file's memory map
+    try:
+        out = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32).reshape(shape)
+    except Exception as e:  # the gguf package raises NotImplementedError / ValueError for types or sizes it cannot decode
+        raise InputError(f"{path}: tensor {t.name!r} of type {kind} cannot be decoded ({type(e).__name__}: {e})") from None
+    notes.append(f"{kind} tensors dequantized to float32 (llama.cpp's values, not the trained factors bit for bit)")
+    return out
+
+
+def read_gguf(path: str | os.PathLike[str], *, base: GgufBase | str | os.PathLike[str] | None = None) -> Adapter:
+    """Read a llama.cpp LoRA GGUF (ours or llama.cpp's converter's) into an :class:`Adapter`.
+
+    ``base`` (a :class:`GgufBase`, or the base model's GGUF file / config.json) gives the head counts that
+    put q/k rows back in HF order; our own files record them. Anything that is not a readable llama.cpp
+    LoRA adapter is an InputError naming what is wrong.
+    """
+    try:
+        import gguf  # gguf: optional (the gguf extra)
+    except ImportError:
+        raise MissingDependencyError("reading .gguf adapters needs the gguf package: pip install 'adapterpack[gguf]'") from None
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such GGUF file")
+    try:
+        reader = gguf.GGUFReader(str(path))
+        tensors = list(reader.tensors)
+    except Exception as e:  # the gguf package raises ValueError / struct / index errors on damaged files
+        raise InputError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    gtype = _value(reader, "general.type", path)
+    if gtype != "adapter":
+        raise InputError(f"{path}: a GGUF {gtype or 'model'} file, not a llama.cpp adapter (general.type {gtype!r})")
+    atype = _value(reader, "adapter.type", path)
+    if atype != "lora":
+        raise InputError(f"{path}: a llama.cpp {atype!r} adapter, not a LoRA (adapter.type must be 'lora')")
+    arch = _value(reader, "general.architecture", path)
+    if not isinstance(arch, str) or not arch:
+        raise InputError(f"{path}: general.architecture is missing or not a string")
+    alpha = _value(reader, "adapter.lora.alpha", path)
+    alpha = 0.0 if alpha is None else alpha
+    if isinstance(alpha, (bool, str)) or not np.isfinite(alpha) or alpha < 0:
+        raise InputError(f"{path}: adapter.lora.alpha must be a finite number >= 0, got {alpha!r:.40}")
+    heads = _heads_of(reader, path, base) if arch == "llama" else None
+
+    notes: list[str] = []
+    pairs: dict[str, dict[str, Any]] = {}
+    plain: dict[str, Any] = {}
+    for t in tensors:
+        stem, suffix = (t.name[:-7], t.name[-7:]) if t.name.endswith(_LORA_SUFFIXES) else (t.name, "")
+        if not suffix:
+            plain[t.name] = t
+            continue
+        if not stem.endswith(".weight"):
+            raise InputError(f"{path}: LoRA tensor {t.name!r} does not name a base weight (<name>.weight.lora_a / .lora_b)")
+        pairs.setdefault(stem[: -len(".weight")], {})[suffix] = t
+    if not pairs:
+        raise InputError(f"{path}: no LoRA tensors (<name>.weight.lora_a + <name>.weight.lora_b)")
+    n_blocks = 1 + max((int(g.group(1)) for n in [*pairs, *plain] if (g := _BLK.match(n))), default=0)
+    names = hf_names(arch, n_blocks)
+    kept_gguf = []
+    adapter = Adapter(name="default")
+    for gname in sorted(pairs):
+        ab = pairs[gname]
+        if len(ab) != 2:
+            raise InputError(f"{path}: LoRA tensor pair for {gname!r} is missing {'lora_b' if '.lora_a' in ab else 'lora_a'}")
+        a, b = _array(ab[".lora_a"], path, notes), _array(ab[".lora_b"], path, notes)
+        if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype:
+            raise InputError(
+                f"{path}: {gname}: lora_a {list(a.shape)} {a.dtype} and lora_b {list(b.shape)} {b.dtype} "
+                "must be 2-D tensors of one dtype"
+            )
+        name = names.get(gname)
+        if name is None:
+            name = gname
+            kept_gguf.append(gname)
+        embedding = gname == "token_embd"
+        if embedding:
+            a = np.ascontiguousarray(a.T)  # llama.cpp stores token_embd's lora_a transposed
+        rank = int(a.shape[0])
+        if rank < 1 or b.shape[1] != rank:
+            raise InputError(f"{path}: {gname}: lora_a {list(a.shape)} and lora_b {list(b.shape)} disagree on the rank")
+        base_shape = (int(a.shape[1]), int(b.shape[0])) if embedding else (int(b.shape[0]), int(a.shape[1]))
+        B: Any = b
+        n = _heads(name, heads) if heads is not None else None
+        if n is not None:
+            B = unpermute_rows(b, n)
+        elif name.endswith(("q_proj", "k_proj")) and arch == "llama":
+            B = _needs_base(b, name, path)
+        params = {
+            "rank": rank,
+            "alpha": float(alpha) if alpha else float(rank),  # llama.cpp: alpha 0 means scale 1
+            "rslora": False,
+            "layout": "embedding" if embedding else "linear",
+            "fan_in_fan_out": False,
+            "dora": False,
+        }
+        mod = Module(name, "lora", base_shape, params, {"A": a, "B": B})
+        try:
+            mod.implementation.validate(mod)
+        except AdapterpackError as e:
+            raise InputError(f"{path}: {e}") from None
+        if name in adapter.modules:
+            raise InputError(f"{path}: two GGUF tensors map to the module {name!r}")
+        adapter.modules[name] = mod
+    for gname, t in plain.items():
+        stem = gname[: -len(".weight")] if gname.endswith(".weight") else gname
+        hf = names.get(stem)
+        adapter.tensors[f"{hf}.weight" if hf else gname] = _array(t, path, notes)
+    meta = _metadata(reader)
+    adapter.base_model = _base_model(reader, path)
+    if base is not None and not isinstance(base, GgufBase) and not str(base).lower().endswith(".gguf"):
+        archs = _config_archs(base)
+        adapter.base_architecture = archs[0] if archs else None
+    if not alpha:
+        notes.append("adapter.lora.alpha is 0 or missing: llama.cpp then uses scale 1 (alpha = rank per module)")
+    if kept_gguf:
+        why = f"architecture {arch!r}: only llama names map back" if arch != "llama" else "not a LLaMA module"
+        notes.append(f"{len(kept_gguf)} module(s) keep llama.cpp's tensor names ({why}): " + ", ".join(kept_gguf[:3]))
+    if arch == "llama" and heads is None and any(n.endswith(("q_proj", "k_proj")) for n in adapter.modules):
+        notes.append(
+            "q_proj / k_proj rows are in llama.cpp's rotary order and the head counts are unknown: "
+            "give the base model (--base BASE.gguf or its config.json) to read those factors"
+        )
+    adapter.source = {"format": "gguf", "architecture": arch, "gguf_metadata": meta}
+    if heads is not None and heads.n_head:
+        adapter.source["head_counts"] = [int(heads.n_head), int(heads.n_head_kv or heads.n_head)]
+    if notes:
+        adapter.source["notes"] = list(dict.fromkeys(notes))
+    return adapter
+
+
+def recorded_heads(adapter: Adapter) -> GgufBase | None:
+    """The head counts a GGUF import recorded (``source["head_counts"]``), so a GGUF read back writes again
+    without the base model; None when absent or not two positive integers (then ``--base`` is needed)."""
+    src = adapter.source if isinstance(adapter.source, dict) else {}
+    hc = src.get("head_counts") if src.get("format") == "gguf" else None
+    if isinstance(hc, list) and len(hc) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in hc):
+        return GgufBase("llama", hc[0], hc[1])
+    return None
+
+
+def _needs_base(b: np.ndarray, name: str, path: Path) -> StoredTensor:
+    """B of a q/k module whose rotary row order cannot be undone: shape and dtype known, reading it refused."""
+
+    def refuse() -> np.ndarray:
+        raise ConversionError(
+            f"{path}: module {name!r}: llama.cpp permuted its rows per attention head; give the base model "
+            "(--base BASE.gguf or its config.json) so the head counts are known"
+        )
+
+    return StoredTensor(dtypes.of_array(b).name, tuple(b.shape), int(b.nbytes), "raw", refuse)
+
+
+def _base_model(reader: Any, path: Path) -> str | None:
+    """The base model's id: the Hugging Face id of ``general.base_model.0.repo_url``, else its name."""
+    url = _value(reader, "general.base_model.0.repo_url", path)
+    if isinstance(url, str) and url.startswith(HF_URL) and _HF_ID.match(url[len(HF_URL) :]):
+        return url[len(HF_URL) :]
+    name = _value(reader, "general.base_model.0.name", path)
+    return name if isinstance(name, str) and name else None
+
+
+def _config_archs(base: str | os.PathLike[str]) -> list[str]:
+    p = Path(base)
+    p = p / "config.json" if p.is_dir() else p
+    try:
+        archs = json.loads(p.read_text()).get("architectures") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [a for a in archs if isinstance(a, str)]

@@ -45,6 +45,10 @@ from adapterpack.limits import MAX_PEFT_CONFIG
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
+#: The model card PEFT's save_pretrained writes beside the adapter; carried to folder outputs (source["model_card"]).
+CARD_NAME = "README.md"
+#: A larger model card is not carried (it would sit in every .apack index made from the folder).
+MAX_MODEL_CARD = 256 * 1024
 DEFAULT_PREFIX = "base_model.model."
 #: PEFT's LoraConfig defaults for keys an old or hand-written config may lack.
 #: Oldest torch whose ``torch.load(weights_only=True)`` cannot be made to run code (CVE-2025-32434).
@@ -219,8 +223,9 @@ def read_peft(path: str | os.PathLike[str]) -> Adapter:
     come from one version of a folder that a writer replaces meanwhile."""
     folder = _folder(path)
     meta = None
-    with pinned_files(folder, (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME), last=CONFIG_NAME) as files:
+    with pinned_files(folder, (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, CARD_NAME), last=CONFIG_NAME) as files:
         cfg = read_config(folder, files)
+        card, card_note = _model_card(files)
         if SAFETENSORS_NAME in files:
             tensors, meta = read_safetensors(folder / SAFETENSORS_NAME, opened=files.path(SAFETENSORS_NAME))
             weights = SAFETENSORS_NAME
@@ -237,6 +242,8 @@ def read_peft(path: str | os.PathLike[str]) -> Adapter:
     source: dict[str, Any] = {"format": "peft", "config": cfg, "key_prefix": prefix, "weights_file": weights}
     if meta is not None:
         source["safetensors_metadata"] = meta
+    if card is not None:
+        source["model_card"] = card
     overrides: dict[str, dict[str, str]] = {}
     mag_shapes: dict[str, list[int]] = {}
 
@@ -263,10 +270,28 @@ def read_peft(path: str | os.PathLike[str]) -> Adapter:
         source["key_overrides"] = overrides
     if mag_shapes:
         source["magnitude_shapes"] = mag_shapes
-    notes = _notes(cfg, adapter)
+    notes = _notes(cfg, adapter) + ([card_note] if card_note else [])
     if notes:
         source["notes"] = notes
     return adapter
+
+
+def _model_card(files: PinnedFiles) -> tuple[str | None, str | None]:
+    """The folder's README.md text (None when absent), or None and a note saying why it is not carried."""
+    if CARD_NAME not in files:
+        return None, None
+    if os.path.getsize(files.path(CARD_NAME)) > MAX_MODEL_CARD:
+        return None, f"{CARD_NAME} is larger than {MAX_MODEL_CARD:,} B: not carried to outputs"
+    try:
+        return files.read_bytes(CARD_NAME).decode("utf-8"), None
+    except UnicodeDecodeError:
+        return None, f"{CARD_NAME} is not UTF-8 text: not carried to outputs"
+
+
+def model_card(adapter: Adapter) -> str | None:
+    """The model card an import recorded (``source["model_card"]``, any format), or None (also for a non-string value)."""
+    card = adapter.source.get("model_card") if isinstance(adapter.source, dict) else None
+    return card if isinstance(card, str) else None
 
 
 def _prefix(groups: dict[str, Any], where: Path) -> str:
@@ -542,7 +567,8 @@ def write_peft(
     tensors of a non-PEFT origin (a kohya file's unknown keys), which are refused otherwise.
     The folder appears, or replaces an old one, in one step (:func:`~adapterpack.atomic.atomic_dir`):
     readers see the old files or the new ones, never a mix; the old folder's other files (README,
-    tokenizer, checkpoints) are carried over. ``overwrite`` false: OutputExistsError if it exists.
+    tokenizer, checkpoints) are carried over, and the input folder's model card (README.md, recorded
+    on import) is written. ``overwrite`` false: OutputExistsError if it exists.
     A folder that cannot be swapped (a mount point, ``.``) is filled in place, the config renamed in last.
     ``rank``: the config's ``r`` (see :func:`synthesize_config`; default the commonest rank).
     """
@@ -554,7 +580,10 @@ def write_peft(
     data = save(tensors, metadata=dict(meta))
     text = (json.dumps(cfg, indent=2) + "\n").encode("utf-8")
     out = Path(out_dir)
+    card = model_card(adapter)
     with atomic_dir(out, overwrite=overwrite, carry_over=True, last=CONFIG_NAME) as tmp:
         (tmp / SAFETENSORS_NAME).write_bytes(data)
+        if card is not None:
+            (tmp / CARD_NAME).write_text(card, encoding="utf-8")
         (tmp / CONFIG_NAME).write_bytes(text)
     return out

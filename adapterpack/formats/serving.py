@@ -44,7 +44,7 @@ from adapterpack.formats import source as src_
 from adapterpack.formats.export import DROP_HINT, check_key, scaled
 from adapterpack.formats.gguf import _LAYER, GgufBase, _name_map, base_info
 from adapterpack.formats.llm_names import base_modules, impossible_names, is_kohya_name
-from adapterpack.formats.peft import check_module_path, peft_config, write_peft
+from adapterpack.formats.peft import check_module_path, model_card, peft_config, write_peft
 from adapterpack.formats.vllm_models import vllm_lora_support
 from adapterpack.linalg.cast import delta_error
 from adapterpack.names import check_name
@@ -528,6 +528,8 @@ def write_vllm(
     """Write ``adapter`` as a PEFT folder that vLLM loads with the right scale everywhere (atomic, see :func:`to_vllm`;
     ``overwrite``: as :func:`~.peft.write_peft`); its ``r`` is the largest module rank."""
     single, plan = to_vllm(adapter, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors)
+    if (card := model_card(adapter)) is not None:  # the model card goes with the folder (its config is rebuilt)
+        single.source["model_card"] = card
     write_peft(single, Path(dst), overwrite=overwrite, rank=plan.rank)
     return plan
 

@@ -119,10 +119,12 @@ def check_destination(src: Path, dst: Path, target: str, force: bool) -> None:
 Source = Opened
 
 
-def load_source(src: str | os.PathLike[str], adapter: str | None = None, *, verify: bool = True) -> Opened:
+def load_source(
+    src: str | os.PathLike[str], adapter: str | None = None, *, verify: bool = True, base: str | os.PathLike[str] | None = None
+) -> Opened:
     """Open ``src`` (any format): all adapters of an .apack file, or the one named ``adapter``
     (:func:`adapterpack.formats.open_adapters`, the one implementation every reader shares)."""
-    return open_adapters(src, adapter, verify=verify)
+    return open_adapters(src, adapter, verify=verify, base=base)
 
 
 def effective_level(codec: str, level: int | None) -> int | None:
@@ -209,7 +211,7 @@ def convert(
     if dtype not in DTYPE_CHOICES:
         dtypes.by_name(dtype)  # raises UnknownDTypeError naming it
     check_destination(src, dst, target, force)
-    source = load_source(src, adapter)
+    source = load_source(src, adapter, base=base)
     try:
         adapters, casts = source.adapters, []
         if rank is not None:

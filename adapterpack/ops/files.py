@@ -13,18 +13,25 @@ from adapterpack.formats import read_any
 
 
 def open(
-    path: str | os.PathLike[str], *, adapter: str | None = None, verify: bool = True, rank: int | None = None
+    path: str | os.PathLike[str],
+    *,
+    adapter: str | None = None,
+    verify: bool = True,
+    rank: int | None = None,
+    base: str | os.PathLike[str] | None = None,
 ) -> Adapter:
     """Open an adapter lazily: ``.apack`` (mmap; reads only the modules asked for), a PEFT
-    folder or a kohya ``.safetensors`` file. ``adapter`` names one adapter of a multi-adapter
-    file (a PEFT folder or kohya file holds one, ``"default"``; another name is refused);
+    folder, a kohya or diffusers ``.safetensors`` file or a llama.cpp LoRA ``.gguf`` (``base``: the base
+    model's GGUF file or config.json, for llama.cpp's q/k row order; our own GGUF files record it).
+    ``adapter`` names one adapter of a multi-adapter file (the other formats hold one, ``"default"``;
+    another name is refused);
     ``verify`` checks each ``.apack`` blob's CRC-32C the first time it is read.
 
     ``rank`` caps every module's rank at the best approximation of that rank: ``svd`` records
     are cut to a prefix of their tensors (a raw blob is read up to its next prefix checkpoint,
     whose CRC is checked; a blob without checkpoints is read whole), other records by an exact
     SVD of their factors (which reads them)."""
-    opened = read_any(path, adapter=adapter, verify=verify)
+    opened = read_any(path, adapter=adapter, verify=verify, base=base)
     if rank is None:
         return opened
     try:

@@ -14,7 +14,7 @@ from typing import Any
 
 from adapterpack.adapter import Adapter, Module, StoredTensor, TensorLike, decoded_bytes, stored_bytes, tensor_info
 from adapterpack.formats import open_adapters
-from adapterpack.formats.source import notes, source_format
+from adapterpack.formats.source import notes, provenance, source_format
 from adapterpack.names import natural_key
 
 #: Files of a PEFT folder that make up the adapter (what ``footprint`` counts).
@@ -63,6 +63,9 @@ def module_row(m: Module) -> dict[str, Any]:
         "kind": "module",
         "encoding": m.encoding,
         "rank": summary.get("rank"),
+        "alpha": summary.get("alpha"),
+        "scale": summary.get("scale"),
+        "rslora": bool(summary.get("rslora", False)),
         "summary": summary,
         "base_shape": list(m.base_shape),
         "dtype": _join_unique([r["dtype"] for r in tensors.values()]),
@@ -82,6 +85,9 @@ def tensor_row(name: str, t: TensorLike) -> dict[str, Any]:
         "kind": "tensor",
         "encoding": None,
         "rank": None,
+        "alpha": None,
+        "scale": None,
+        "rslora": False,
         "summary": {},
         "base_shape": info["shape"],
         "dtype": info["dtype"],
@@ -100,6 +106,27 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
+def target_modules(adapter: Adapter) -> list[str] | str:
+    """What the adapter targets: a PEFT config's ``target_modules`` as written (a list, or a regex string),
+    else the distinct last name components of its modules (``q_proj``, ...; a name without dots as it is)."""
+    cfg = provenance(adapter, "peft").get("config")
+    tm = cfg.get("target_modules") if isinstance(cfg, dict) else None
+    if isinstance(tm, str) or (isinstance(tm, list) and tm and all(isinstance(x, str) for x in tm)):
+        return sorted(tm) if isinstance(tm, list) else tm
+    return sorted({m.name.rsplit(".", 1)[-1] for m in adapter}, key=natural_key)
+
+
+def file_metadata(adapter: Adapter) -> dict[str, str]:
+    """The input file's own metadata: a safetensors ``__metadata__`` (kohya's ``ss_*`` keys, PEFT's, diffusers')
+    or a GGUF file's key-value pairs, as the importer recorded them (string values only)."""
+    src = adapter.source if isinstance(adapter.source, dict) else {}
+    for key in ("safetensors_metadata", "gguf_metadata"):
+        meta = src.get(key)
+        if isinstance(meta, dict):
+            return {str(k): v for k, v in sorted(meta.items()) if isinstance(v, str)}
+    return {}
+
+
 def adapter_report(adapter: Adapter) -> dict[str, Any]:
     """Rows (modules, then pass-through tensors, each in natural name order), totals, skipped records and importer notes."""
     modules = sorted(adapter, key=lambda m: natural_key(m.name))
@@ -114,6 +141,8 @@ def adapter_report(adapter: Adapter) -> dict[str, Any]:
         "base_model": adapter.base_model,
         "base_architecture": adapter.base_architecture,
         "source_format": source_format(adapter),
+        "target_modules": target_modules(adapter),
+        "file_metadata": file_metadata(adapter),
         "rows": rows,
         "totals": {
             "modules": len(adapter.modules),
@@ -161,13 +190,20 @@ def _sum_totals(adapters: list[dict[str, Any]]) -> dict[str, Any]:
     return totals
 
 
-def inspect_path(path: str | os.PathLike[str], adapter: str | None = None, *, spectrum: bool = False) -> dict[str, Any]:
+def inspect_path(
+    path: str | os.PathLike[str],
+    adapter: str | None = None,
+    *,
+    spectrum: bool = False,
+    base: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
     """Report on an .apack file (every adapter in it, or the one named), a PEFT folder or a kohya file.
 
     ``spectrum`` adds each adapter's per-module singular values (``"spectrum"``, see
-    :func:`adapterpack.ops.spectrum.spectrum_report`); that reads the tensors (checksums verified).
+    :func:`adapterpack.ops.spectrum.spectrum_report`); that reads the tensors (checksums verified). ``base``
+    (GGUF input): the base model's GGUF file or config.json, for llama.cpp's q/k row order.
     """
-    with open_adapters(path, adapter, verify=spectrum) as opened:
+    with open_adapters(path, adapter, verify=spectrum, base=base) as opened:
         report: dict[str, Any] = {"path": str(path), "format": opened.format}
         report["adapters"] = [adapter_report(a) for a in opened.adapters]
         if spectrum:

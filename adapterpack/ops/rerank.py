@@ -29,6 +29,7 @@ from adapterpack.formats.write import WriteOptions, check_write_options
 from adapterpack.linalg import allocate
 from adapterpack.linalg.finite import check_product
 from adapterpack.linalg.lowrank import Spectrum, spectrum_of
+from adapterpack.names import natural_key
 from adapterpack.ops.convert import check_destination, infer_target, load_source, write_adapters
 from adapterpack.ops.importance import Importance
 from adapterpack.ops.report import footprint
@@ -280,6 +281,7 @@ def plan_rerank(adapter: Adapter, policy: RerankPolicy) -> tuple[RerankReport, d
         p.retained = w.spectrum.retained(r) / w.spectrum.energy if w.spectrum.energy else 1.0
         p.rel_error = w.spectrum.rel_error(r)
         p.bytes_after = stored * w.cost
+    plans.sort(key=lambda p: natural_key(p.name))  # layers.2 before layers.10, as inspect lists them
     return RerankReport(rule, policy, plans, notes), work
 
 
