@@ -103,8 +103,8 @@ def test_cli_inspect_convert_and_refusal(tmp_path: Path) -> None:
     r = run(main, ["inspect", str(LLAMACPP), "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.output)
-    assert rep["format"] == "gguf" and len(rep["adapters"][0]["rows"]) == 15
-    row = next(x for x in rep["adapters"][0]["rows"] if x["module"] == "model.layers.0.mlp.down_proj")
+    assert rep["format"] == "gguf" and len(rep["adapters"][0]["modules"]) == 15
+    row = next(x for x in rep["adapters"][0]["modules"] if x["name"] == "model.layers.0.mlp.down_proj")
     assert row["rank"] == 3 and row["base_shape"] == [16, 24]
     r = run(main, ["inspect", str(LLAMACPP)])
     assert r.exit_code == 0 and "model.layers.1.self_attn.q_proj" in r.output and "gguf" in r.output

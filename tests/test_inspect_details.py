@@ -52,7 +52,7 @@ def test_inspect_shows_alpha_scale_rslora_and_targets(tmp_path: Path) -> None:
     assert row.split()[1:5] == ["lora+rslora", "8", "16", f"{16 / math.sqrt(8):.4g}"]
     rep = json.loads(run("inspect", rs, "--json").stdout)["adapters"][0]
     assert rep["target_modules"] == ["k_proj", "o_proj", "q_proj", "v_proj"]
-    q = next(x for x in rep["rows"] if x["module"] == "model.layers.3.self_attn.q_proj")
+    q = next(x for x in rep["modules"] if x["name"] == "model.layers.3.self_attn.q_proj")
     assert q["alpha"] == 16 and q["rslora"] is True and q["scale"] == 16 / math.sqrt(8)
 
 

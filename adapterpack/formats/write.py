@@ -47,6 +47,10 @@ def infer_format(dst: str | os.PathLike[str]) -> str:
     return {".apack": "apack", ".safetensors": "kohya", ".gguf": "gguf"}.get(suffix, "peft")
 
 
+#: Output formats whose writer uses ``--base`` (module names, llama.cpp's layout, diffusers names).
+BASE_FORMATS = ("peft", "gguf", "diffusers")
+
+
 def check_write_options(
     fmt: str,
     dst: str | os.PathLike[str],
@@ -55,15 +59,20 @@ def check_write_options(
     serve_for: str | None = None,
     component: str | None = None,
     base: str | os.PathLike[str] | None = None,
+    src: str | os.PathLike[str] | None = None,
 ) -> None:
     """The rules on which write options go with which format, stated once (OptionError naming the option
-    as the CLI spells it; the CLI reports it as a usage error)."""
+    as the CLI spells it; the CLI reports it as a usage error). ``src``: the input, when known (a .gguf input
+    takes ``base`` for reading, whatever the output)."""
     if fmt not in FORMATS:
         raise OptionError(f"unknown output format {fmt!r} (one of {', '.join(FORMATS)})")
     if component is not None and fmt != "diffusers":
         raise OptionError("--component applies to diffusers output only")
-    if base is not None and fmt not in ("peft", "gguf", "diffusers"):
-        raise OptionError(f"--base applies to PEFT, gguf and diffusers output (module names, llama.cpp's layout), not {fmt}")
+    gguf_input = src is not None and Path(src).suffix.lower() == ".gguf"
+    if base is not None and fmt not in BASE_FORMATS and not gguf_input:
+        raise OptionError(
+            f"--base applies to PEFT, gguf and diffusers output (module names, llama.cpp's layout) and to .gguf input, not {fmt}"
+        )
     if fmt == "apack" and drop_tensors:
         raise OptionError("--drop-tensors applies to PEFT and kohya output only; .apack keeps every tensor")
     if serve_for is not None and (fmt != "peft" or serve_for not in SERVING_STACKS):

@@ -28,6 +28,7 @@ from adapterpack.errors import ConversionError, OptionError
 from adapterpack.formats import Opened, open_adapters
 from adapterpack.formats.source import notes as source_notes
 from adapterpack.formats.write import (
+    BASE_FORMATS,
     FORMATS,
     SAFETENSORS_FORMATS,
     SERVING_STACKS,
@@ -79,6 +80,7 @@ def check_options(
     nola_k: int | None = None,
     nola_target_error: float | None = None,
     base: str | os.PathLike[str] | None = None,
+    src: str | os.PathLike[str] | None = None,
 ) -> None:
     """Every rule on which convert's options go together (OptionError naming the option as the CLI spells
     it): ``adapterpack convert`` reports it as a usage error before reading anything, :func:`convert`
@@ -95,7 +97,7 @@ def check_options(
     if target in APACK_TARGETS and drop_tensors:
         raise OptionError("--drop-tensors applies to PEFT and kohya output only; .apack keeps every tensor")
     fmt = "apack" if target in APACK_TARGETS else target
-    check_write_options(fmt, dst, drop_tensors=drop_tensors, serve_for=serve_for, component=component, base=base)
+    check_write_options(fmt, dst, drop_tensors=drop_tensors, serve_for=serve_for, component=component, base=base, src=src)
 
 
 def check_destination(src: Path, dst: Path, target: str, force: bool) -> None:
@@ -207,6 +209,7 @@ def convert(
         nola_k=nola_k,
         nola_target_error=nola_target_error,
         base=base,
+        src=src,
     )
     if dtype not in DTYPE_CHOICES:
         dtypes.by_name(dtype)  # raises UnknownDTypeError naming it
@@ -232,7 +235,7 @@ def convert(
             drop_tensors=drop_tensors,
             serve_for=serve_for,
             max_lora_rank=max_lora_rank,
-            base=base,
+            base=base if target in BASE_FORMATS else None,  # else it was for reading a .gguf input
             component=component,
             overwrite=force,
         )

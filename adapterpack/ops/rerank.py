@@ -25,7 +25,7 @@ from adapterpack.encodings.lower import lora_from_factors, main_dtype
 from adapterpack.encodings.svd import from_spectrum, s_dtype_for, singular_values
 from adapterpack.errors import ConversionError
 from adapterpack.factors import Factors
-from adapterpack.formats.write import WriteOptions, check_write_options
+from adapterpack.formats.write import BASE_FORMATS, WriteOptions, check_write_options
 from adapterpack.linalg import allocate
 from adapterpack.linalg.finite import check_product
 from adapterpack.linalg.lowrank import Spectrum, spectrum_of
@@ -410,7 +410,9 @@ def rerank_file(
         dst = Path(dst)
         target = to or infer_target(dst)
         o = options
-        check_write_options(target, dst, drop_tensors=o.drop_tensors, serve_for=o.serve_for, component=o.component, base=o.base)
+        check_write_options(
+            target, dst, drop_tensors=o.drop_tensors, serve_for=o.serve_for, component=o.component, base=o.base, src=src
+        )
         check_destination(src, dst, target, options.force)
     source = load_source(src, adapter)
     try:
@@ -420,7 +422,10 @@ def rerank_file(
         out, report = rerank(source.adapters[0], policy)
         notes: list[str] = []
         if dst is not None and target is not None:
-            notes = write_adapters([out], dst, target, **options.writer_kwargs())
+            kwargs = options.writer_kwargs()
+            if target not in BASE_FORMATS:
+                kwargs["base"] = None  # it was for reading a .gguf input
+            notes = write_adapters([out], dst, target, **kwargs)
     finally:
         source.close()
     return RerankResult(
