@@ -243,3 +243,98 @@ def round_rank(rank: int, allowed: tuple[int, ...], mode: str) -> int:
         return above[0] if above else ordered[-1]
     below = [a for a in ordered if a <= rank]
     return below[-1] if below else ordered[0]
+
+
+def choice_dp(costs: list[np.ndarray], values: list[np.ndarray], budget: int, *, max_states: int = MAX_STATES) -> list[int]:
+    """Exact multiple-choice knapsack over arbitrary choices: for each group g pick one index into
+    ``costs[g]`` (int bytes) / ``values[g]`` so that Σ cost ≤ ``budget`` and Σ value is largest.
+
+    Bytes above every group's cheapest choice are counted in units of their gcd (exact) or, beyond
+    ``max_states`` states, in a coarser unit with each increment rounded up (the budget still holds;
+    then the answer of :func:`choice_greedy` is taken instead whenever it is better)."""
+    costs = [np.asarray(c, dtype=np.int64) for c in costs]
+    values = [np.asarray(v, dtype=np.float64) for v in values]
+    if any(c.size == 0 or c.shape != v.shape for c, v in zip(costs, values)):
+        raise ConversionError("every group needs at least one choice, with one value per cost")
+    if not costs:
+        return []
+    base = sum(int(c.min()) for c in costs)
+    if budget < base:
+        raise ConversionError(f"budget {budget:,} B is below {base:,} B, what the smallest choices cost")
+    spare = budget - base
+    incs = [c - c.min() for c in costs]
+    exact_unit = math.gcd(*(int(x) for inc in incs for x in np.unique(inc) if x > 0)) or 1
+    unit = max(exact_unit, -(-spare // max_states))
+    states = spare // unit + 1
+    dp = np.zeros(states)
+    width = np.uint8 if max(c.size for c in costs) <= 255 else np.uint16
+    picks = np.zeros((len(costs), states), dtype=width)
+    units = [-(-inc // unit) for inc in incs]
+    for g in range(len(costs)):
+        new = np.full(states, -np.inf)
+        for c in np.argsort(units[g], kind="stable"):
+            w = int(units[g][c])
+            if w >= states:
+                break
+            cand = dp[: states - w] + values[g][c]
+            better = cand > new[w:]
+            new[w:][better] = cand[better]
+            picks[g, w:][better] = c
+        dp = new
+    b = states - 1
+    if not np.isfinite(dp[b]):
+        raise ConversionError(f"budget {budget:,} B cannot hold the smallest choices at {unit} B granularity")
+    out = [0] * len(costs)
+    for g in range(len(costs) - 1, -1, -1):
+        c = int(picks[g, b])
+        out[g] = c
+        b -= int(units[g][c])
+    if unit != exact_unit:
+        greedy = choice_greedy(costs, values, budget)
+        if sum(v[i] for v, i in zip(values, greedy)) > sum(v[i] for v, i in zip(values, out)):
+            return greedy
+    return out
+
+
+def choice_greedy(costs: list[np.ndarray], values: list[np.ndarray], budget: int) -> list[int]:
+    """Greedy over choices sorted by cost: repeatedly take the move to a costlier choice of one group with
+    the best value gain per byte that fits (optimal up to the last step when each group's choices
+    are a convex hull; a heuristic otherwise)."""
+    costs = [np.asarray(c, dtype=np.int64) for c in costs]
+    values = [np.asarray(v, dtype=np.float64) for v in values]
+    orders = [np.argsort(c, kind="stable") for c in costs]
+    pos = [0] * len(costs)
+    spent = sum(int(c[o[0]]) for c, o in zip(costs, orders))
+    if spent > budget:
+        raise ConversionError(f"budget {budget:,} B is below {spent:,} B, what the smallest choices cost")
+    heap: list[tuple[float, int, int, int]] = []
+    version = [0] * len(costs)  # a group's entries from before its last move are stale
+
+    def push(g: int) -> None:
+        o, c, v = orders[g], costs[g], values[g]
+        cur = o[pos[g]]
+        best = None
+        for n in range(pos[g] + 1, len(o)):  # the best gain per byte among the costlier choices that still fit
+            dx = int(c[o[n]] - c[cur])
+            gain = float(v[o[n]] - v[cur])
+            if gain <= 0 or spent + dx > budget:
+                continue
+            rate = gain / max(dx, 1)
+            if best is None or rate > best[0]:
+                best = (rate, n)
+        if best is not None:
+            heapq.heappush(heap, (-best[0], g, best[1], version[g]))
+
+    for g in range(len(costs)):
+        push(g)
+    while heap:
+        _, g, n, ver = heapq.heappop(heap)
+        if ver != version[g]:
+            continue
+        extra = int(costs[g][orders[g][n]] - costs[g][orders[g][pos[g]]])
+        if spent + extra <= budget:
+            spent += extra
+            pos[g] = n
+        version[g] += 1
+        push(g)  # the next move, or (the budget having shrunk since) one that fits now
+    return [int(o[p]) for o, p in zip(orders, pos)]

@@ -1,0 +1,199 @@
+"""ops/compress: rank × bits under a whole-file budget (hulls and knapsack checked by brute force; files measured)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import adapterpack
+from adapterpack.adapter import Adapter
+from adapterpack.errors import ConversionError
+from adapterpack.linalg import allocate
+from adapterpack.linalg.bitalloc import configuration_cost, lower_hull, module_choices
+from adapterpack.ops import compress as comp
+from adapterpack.ops.budget import apack_file_size, fit_to_file
+from adapterpack.ops.report import footprint
+from tests import fake_qsvd
+from tests.factories import qv_modules
+
+
+@pytest.fixture
+def fake(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ops.compress against the interface's fake until the real qsvd lands on this branch."""
+    monkeypatch.setattr(comp, "_qsvd", lambda: fake_qsvd)
+
+
+def _table(rng: np.random.Generator, k: int, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    nb = np.sort(rng.integers(1, 40, size=(k, c)), axis=1)
+    err = np.sort(rng.random((k, c)), axis=1)[:, ::-1] * np.linspace(3, 1, k)[:, None]
+    cut = np.append(np.cumsum((err[:, 0] * 2)[::-1])[::-1], 0.0)
+    return nb, err, cut
+
+
+def _brute(nb: np.ndarray, err: np.ndarray, cut: np.ndarray, lo: int, hi: int) -> list[tuple[int, float]]:
+    pts = []
+    for j in range(lo, hi + 1):
+        for cols in itertools.product(range(nb.shape[1]), repeat=j):
+            pts.append(configuration_cost(nb, err, cut, cols))
+    return pts
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_module_choices_is_the_lower_hull_of_every_configuration(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    k, c = 4, 3
+    nb, err, cut = _table(rng, k, c)
+    lo = seed % 2
+    ch = module_choices(nb, err, cut, fixed=5, min_rank=lo)
+    pts = [(b + 5, d) for b, d in _brute(nb, err, cut, lo, k)]
+    x = np.array([p[0] for p in pts], float)
+    y = np.array([p[1] for p in pts])
+    ref = lower_hull(x, y)
+    # the same vertices (as points) as the hull of all configurations, each reached by its own columns
+    assert sorted(zip(ch.nbytes.tolist(), np.round(ch.dist, 12).tolist())) == sorted(
+        zip(x[ref].astype(int).tolist(), np.round(y[ref], 12).tolist())
+    )
+    for i, cols in enumerate(ch.columns):
+        b, d = configuration_cost(nb, err, cut, cols, fixed=5)
+        assert (b, d) == pytest.approx((int(ch.nbytes[i]), float(ch.dist[i])))
+        assert len(cols) >= lo
+    assert np.all(np.diff(ch.nbytes) > 0) and np.all(np.diff(ch.dist) < 0)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_choice_dp_matches_brute_force(seed: int) -> None:
+    rng = np.random.default_rng(100 + seed)
+    groups = int(rng.integers(2, 5))
+    costs = [np.sort(rng.integers(0, 30, size=int(rng.integers(1, 5)))) for _ in range(groups)]
+    values = [rng.standard_normal(c.size) for c in costs]
+    base = sum(int(c.min()) for c in costs)
+    for budget in (base, base + 7, base + 25, base + 200):
+        picks = allocate.choice_dp(costs, values, budget)
+        assert sum(int(c[p]) for c, p in zip(costs, picks)) <= budget
+        best = max(
+            sum(v[i] for v, i in zip(values, combo))
+            for combo in itertools.product(*(range(c.size) for c in costs))
+            if sum(int(c[i]) for c, i in zip(costs, combo)) <= budget
+        )
+        assert sum(v[p] for v, p in zip(values, picks)) == pytest.approx(best)
+        g = allocate.choice_greedy(costs, values, budget)
+        assert sum(int(c[p]) for c, p in zip(costs, g)) <= budget
+    with pytest.raises(ConversionError, match="below"):
+        allocate.choice_dp(costs, values, base - 1)
+
+
+def test_choice_dp_coarse_units_keep_the_budget() -> None:
+    rng = np.random.default_rng(7)
+    costs = [np.sort(rng.integers(0, 10**6, size=6)) for _ in range(5)]
+    values = [np.sort(rng.random(6)) for _ in range(5)]
+    budget = sum(int(c.min()) for c in costs) + 1_234_567
+    picks = allocate.choice_dp(costs, values, budget, max_states=1000)
+    assert sum(int(c[p]) for c, p in zip(costs, picks)) <= budget
+
+
+def test_fit_to_file_shrinks_until_it_fits() -> None:
+    # a file costs 100 B of overhead plus 10 B per unit of allocation, allocation = b // 10
+    fitted = fit_to_file(lambda b: b // 10, lambda units: 100 + 10 * units, 1000, floor=0)
+    assert fitted.file_bytes <= 1000 and fitted.file_bytes >= 990
+    with pytest.raises(ConversionError, match="below 150"):
+        fit_to_file(lambda b: max(b // 10, 5), lambda units: 100 + 10 * units, 120, floor=50)
+
+
+def _adapter(seed: int = 0, layers: int = 2) -> Adapter:
+    rng = np.random.default_rng(seed)
+    mods = qv_modules(rng, layers=layers, rank=6, in_features=512, q_out=512, v_out=256, b_scale=0.05)
+    # a steep spectrum, as trained adapters have: scale the rows of A
+    for m in mods.values():
+        m.tensors["A"] = (m.tensors["A"] * np.geomspace(1, 0.05, 6)[:, None]).astype(np.float32)
+    return Adapter("a", "base/model", "LlamaForCausalLM", mods)
+
+
+def _dense_rel_error(src: Adapter, out: Adapter, name: str) -> float:
+    dw, dh = src.module(name).delta().astype(np.float64), out.module(name).delta().astype(np.float64)
+    return float(np.linalg.norm(dw - dh) / np.linalg.norm(dw))
+
+
+@pytest.mark.parametrize("ratio", [1 / 4, 1 / 8])
+def test_compress_whole_file_fits_and_errors_are_exact(fake: None, tmp_path, ratio: float) -> None:
+    ad = _adapter()
+    fp16 = comp.fp16_factor_bytes(ad)
+    budget = int(fp16 * ratio)
+    out, rep = comp.compress(ad, budget)
+    assert rep.file_bytes == apack_file_size([out], "raw") <= budget
+    assert rep.fp16_bytes == fp16
+    dst = tmp_path / "c.apack"
+    adapterpack.save(out, dst, codec="raw")
+    assert footprint(dst) == rep.file_bytes
+    back = adapterpack.open(dst)
+    for m in rep.modules:
+        assert m.rel_error == pytest.approx(_dense_rel_error(ad, back, m.name), rel=1e-6, abs=1e-9)
+        rec = back.module(m.name)
+        assert rec.params["bits"] == m.bits and len(m.bits) == m.rank >= 1
+        assert m.nbytes == rec.decoded_bytes
+    assert rep.total["record_bytes"] < budget
+
+
+def test_more_bytes_less_error(fake: None) -> None:
+    ad = _adapter(1)
+    errs = []
+    for ratio in (1 / 8, 1 / 4, 1 / 2, 1.0):
+        _, rep = comp.compress(ad, budget_ratio=ratio, weighting="absolute")
+        errs.append(rep.total["rel_error"])
+        assert rep.file_bytes <= rep.budget
+    assert errs == sorted(errs, reverse=True) and errs[-1] < errs[0] / 4
+
+
+def test_absolute_objective_is_optimal_over_the_hulls(fake: None) -> None:
+    # against a brute force over a 2-module adapter: no pick of hull choices within the same record bytes has less Σ E
+    ad = _adapter(2, layers=1)
+    works = []
+    _, rep = comp.compress(ad, budget_ratio=0.2, weighting="absolute", bits=(2, 4))
+    got = sum(m.distortion for m in rep.modules)
+    spent = rep.total["record_bytes"]
+    q = fake_qsvd
+    for m in ad:
+        sp, _ = comp.spectrum_with_factors(m)
+        u, vt = sp.vectors(6)
+        t = q.component_table(u, sp.S[:6], vt, (2, 4), q.DEFAULT_GROUP_SIZE)
+        works.append(module_choices(t.nbytes, t.err, np.append(np.cumsum(t.cut_err[::-1])[::-1], 0.0), min_rank=1))
+    best = min(
+        a + b
+        for (ca, a), (cb, b) in itertools.product(zip(works[0].nbytes, works[0].dist), zip(works[1].nbytes, works[1].dist))
+        if ca + cb <= spent
+    )
+    assert got == pytest.approx(best)
+
+
+def test_compress_refusals(fake: None) -> None:
+    ad = _adapter()
+    with pytest.raises(ConversionError, match="whole file"):
+        comp.compress(ad, 300)
+    with pytest.raises(ConversionError, match="exactly one"):
+        comp.compress(ad)
+    with pytest.raises(ConversionError, match="bits must be"):
+        comp.compress(ad, budget_ratio=0.25, bits=(5,))
+    with pytest.raises(ConversionError, match="no module"):
+        comp.compress(ad, budget_ratio=0.25, modules="nothing_like_this")
+
+
+def test_modules_outside_the_regex_are_kept_and_counted(fake: None) -> None:
+    ad = _adapter()
+    kept = sum(m.decoded_bytes for m in ad if "v_proj" in m.name)
+    budget = kept + comp.fp16_factor_bytes(ad, [m.name for m in ad if "q_proj" in m.name]) // 4 + 3000
+    out, rep = comp.compress(ad, budget, modules=r"q_proj")
+    assert out.module("model.layers.0.self_attn.v_proj").encoding == "lora"
+    assert out.module("model.layers.0.self_attn.q_proj").encoding == "fakeq"
+    assert rep.file_bytes == apack_file_size([out], "raw") <= rep.budget
+
+
+def test_compress_file_writes_exactly_the_planned_size(fake: None, tmp_path) -> None:
+    src = tmp_path / "src.apack"
+    adapterpack.save(_adapter(), src)
+    res = comp.compress_file(src, tmp_path / "out.apack", budget_ratio=0.125)
+    assert res.dst_bytes == res.report.file_bytes <= res.report.budget
+    d = res.as_dict()
+    assert d["ok"] and d["modules"][0]["name"] and "total" in d
+    with pytest.raises(ConversionError, match=r"\.apack"):
+        comp.compress_file(src, tmp_path / "out-peft", budget_ratio=0.125)
