@@ -197,3 +197,27 @@ def test_compress_file_writes_exactly_the_planned_size(fake: None, tmp_path) -> 
     assert d["ok"] and d["modules"][0]["name"] and "total" in d
     with pytest.raises(ConversionError, match=r"\.apack"):
         comp.compress_file(src, tmp_path / "out-peft", budget_ratio=0.125)
+
+
+def test_cli_compress_json_and_table(fake: None, tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from adapterpack.cli import main
+
+    src = tmp_path / "src.apack"
+    adapterpack.save(_adapter(), src)
+    dst = tmp_path / "out.apack"
+    r = CliRunner().invoke(main, ["compress", str(src), str(dst), "--budget-ratio", "0.125", "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["ok"] and footprint(dst) == data["dst_bytes"] == data["total"]["file_bytes"] <= data["budget"]
+    assert {"name", "rank", "bits", "bytes", "rel_error"} <= set(data["modules"][0])
+    r = CliRunner().invoke(main, ["compress", str(src), "--budget", "20KB", "--dry-run", "--bits", "2,4"])
+    assert r.exit_code == 0, r.output
+    assert "model.layers.0.self_attn.q_proj" in r.output and "within the budget 20" in r.output
+    r = CliRunner().invoke(main, ["compress", str(src), str(dst), "--budget", "300", "--force"])
+    assert r.exit_code == 1 and "whole file" in r.output
+    r = CliRunner().invoke(main, ["compress", str(src), "--dry-run"])
+    assert r.exit_code == 2 and "exactly one" in r.output
