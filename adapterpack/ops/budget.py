@@ -23,6 +23,8 @@ from adapterpack.errors import ConversionError
 T = TypeVar("T")
 #: Solve-and-measure rounds before giving up (each shrinks the allocation by the last excess).
 MAX_ROUNDS = 12
+#: A fitting plan that leaves less than this fraction of the budget unused is not grown further.
+GROW_SLACK = 0.002
 
 
 def apack_file_size(adapters: list[Adapter], codec: str = "raw", level: int | None = None) -> int:
@@ -50,10 +52,12 @@ def fit_to_file(solve: Callable[[int], T], size: Callable[[T], int], budget: int
     """The plan ``solve(b)`` for the largest allocation budget ``b`` tried whose file (``size(plan)``) fits ``budget``.
 
     Starts at ``b = budget`` and shrinks ``b`` by each round's excess (at least one byte), so the
-    overhead the index and padding add is learnt from the plan itself. ``floor``: the smallest
+    overhead the index and padding add is learnt from the plan itself; a plan that fits with room to
+    spare (a compressing codec) is grown by that room while it still fits. ``floor``: the smallest
     allocation budget ``solve`` accepts; a budget that cannot hold even that file is refused.
     """
     b = budget
+    best: Fitted[T] | None = None
     for rounds in range(1, MAX_ROUNDS + 1):
         if b < floor:
             break
@@ -61,8 +65,19 @@ def fit_to_file(solve: Callable[[int], T], size: Callable[[T], int], budget: int
         n = size(plan)
         # progress: one round of solve + measure
         if n <= budget:
-            return Fitted(plan, n, b, rounds)
-        b -= max(n - budget, 1)
+            if best is None or b > best.allocation_budget:
+                best = Fitted(plan, n, b, rounds)
+            slack = budget - n
+            if slack < GROW_SLACK * budget:  # close enough: what one more round could add is a rounding
+                break
+            b += slack  # a compressing codec can leave room: give the allocation what the file did not use
+        else:
+            if best is not None:  # grown past what fits: keep the last plan that fitted
+                break
+            b -= max(n - budget, 1)
+    if best is not None:
+        best.rounds = rounds
+        return best
     last = solve(floor)
     smallest = size(last)
     if smallest <= budget:
