@@ -11,7 +11,7 @@ import adapterpack
 from adapterpack.adapter import Adapter, Module
 from adapterpack.encodings import qsvd as Q
 from adapterpack.encodings.lower import as_lora, at_rank
-from adapterpack.errors import ConversionError, RankError, RecordError, SizeLimitError
+from adapterpack.errors import ConversionError, RankError, RecordError
 from adapterpack.examples import example_path
 from adapterpack.linalg import quantize as qz
 from adapterpack.linalg.lowrank import spectrum_of
@@ -217,7 +217,7 @@ def test_hostile_records_are_refused(real: Adapter, change, error: type[Exceptio
 def test_huge_shapes_are_refused_before_reading(real: Adapter) -> None:
     r = _rec(real)
     r.base_shape = (1 << 40, 1 << 40)
-    with pytest.raises(SizeLimitError, match="exceed"):
+    with pytest.raises(RankError, match="exceed"):
         r.implementation.validate(r)
     r.base_shape = (1 << 20, 1 << 20)  # within the factor limit, but the codes do not back it
     with pytest.raises(RecordError, match="codes"):

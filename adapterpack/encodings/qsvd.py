@@ -23,7 +23,7 @@ import numpy as np
 
 from adapterpack.adapter import Module, StoredTensor, TensorLike, tensor_info
 from adapterpack.encodings.base import Encoding, check_slots, layout_params, register_encoding
-from adapterpack.errors import ConversionError, RankError, RecordError, SizeLimitError
+from adapterpack.errors import ConversionError, RankError, RecordError
 from adapterpack.factors import Factors
 from adapterpack.limits import MAX_FACTOR_ELEMENTS
 from adapterpack.linalg.quantize import dequantize, float16_vector, n_groups, quantize, unpack_codes
@@ -290,24 +290,62 @@ def relative_error(module: Module, u: Any, s: Any, vt: Any) -> float:
     return math.sqrt(err2 / total)
 
 
-def layout_of(module: Module) -> tuple[str, bool, int, int]:
-    """(layout, fan_in_fan_out, out, n) of a qsvd record, validated from its params and base_shape."""
-    where = f"module {module.name!r}"
-    layout, fifo = layout_params(module.params, where)
-    out, n = matrix_shape(layout, fifo, tuple(module.base_shape), where)
-    return layout, fifo, out, n
-
-
-def record_bits(module: Module) -> list[int]:
-    """The record's per-component widths (validated)."""
-    return [int(b) for b in module.params["bits"]]
-
-
 def check_values(module: Module, name: str, x: np.ndarray) -> None:
     """Refuse non-finite or negative S / scales (spec/qsvd.md §2)."""
     x64 = np.asarray(x).astype(np.float64)
     if x64.size and (not np.all(np.isfinite(x64)) or np.any(x64 < 0)):
         raise RecordError(f"module {module.name!r}: {name} must be finite and >= 0")
+
+
+@dataclass(frozen=True)
+class RecordPlan:
+    """A qsvd record's params, validated from the index alone: widths, group size, layout and ΔW shape."""
+
+    bits: tuple[int, ...]
+    group_size: int
+    layout: str
+    fan_in_fan_out: bool
+    out: int
+    n: int
+
+    @property
+    def rank(self) -> int:
+        return len(self.bits)
+
+    def sizes(self, rank: int | None = None) -> tuple[int, int]:
+        """(codes bytes, scale count) of the first ``rank`` components (all by default)."""
+        return stream_sizes(self.bits[: self.rank if rank is None else rank], self.out, self.n, self.group_size)
+
+    def check_shapes(self, where: str, s: Sequence[int], codes: Sequence[int], scales: Sequence[int]) -> None:
+        """Refuse tensors whose shapes are not those the params need (spec/qsvd.md §1)."""
+        nc, ns = self.sizes()
+        k = self.rank
+        if list(s) != [k] or list(codes) != [nc] or list(scales) != [ns]:
+            raise RecordError(
+                f"{where}: rank {k}, bits and group_size {self.group_size} of a [{self.out}, {self.n}] ΔW need S [{k}], "
+                f"codes [{nc}] and scales [{ns}]; got {list(s)}, {list(codes)}, {list(scales)}"
+            )
+
+
+def record_plan(module: Module) -> RecordPlan:
+    """:class:`RecordPlan` of a qsvd record; RecordError / RankError for bad params."""
+    where = f"module {module.name!r}"
+    p = module.params
+    rank = p.get("rank")
+    if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 0:
+        raise RankError(f"{where}: rank must be an integer >= 0, got {rank!r:.200}")
+    bits = p.get("bits")
+    if not isinstance(bits, list) or len(bits) != rank:
+        raise RecordError(f"{where}: bits must be a list of {rank} widths (one per component), got {bits!r:.200}")
+    widths = tuple(_check_width(b, where, RecordError) for b in bits)
+    g = _check_group_size(p.get("group_size"), where, RecordError)
+    layout, fifo = layout_params(p, where)
+    out, n = matrix_shape(layout, fifo, tuple(module.base_shape), where)
+    if rank > min(out, n):
+        raise RankError(f"{where}: rank {rank} exceeds min(out, in) = {min(out, n)}")
+    if rank * (out + n) > MAX_FACTOR_ELEMENTS:
+        raise RankError(f"{where}: rank {rank} factors of a [{out}, {n}] ΔW exceed {MAX_FACTOR_ELEMENTS} elements")
+    return RecordPlan(widths, g, layout, fifo, out, n)
 
 
 def _prefix(t: TensorLike, rows: int) -> TensorLike:
@@ -324,36 +362,18 @@ class Qsvd(Encoding):
 
     def validate(self, module: Module) -> None:
         where = f"module {module.name!r}"
-        p = module.params
         check_slots(module, self.slots, "qsvd needs tensors S, codes and scales")
-        rank = p.get("rank")
-        if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 0:
-            raise RankError(f"{where}: rank must be an integer >= 0, got {rank!r:.200}")
-        bits = p.get("bits")
-        if not isinstance(bits, list) or len(bits) != rank:
-            raise RecordError(f"{where}: bits must be a list of {rank} widths (one per component), got {bits!r:.200}")
-        widths = [_check_width(b, where, RecordError) for b in bits]
-        g = _check_group_size(p.get("group_size"), where, RecordError)
-        _, _, out, n = layout_of(module)
-        if rank > min(out, n):
-            raise RankError(f"{where}: rank {rank} exceeds min(out, in) = {min(out, n)}")
-        if rank * (out + n) > MAX_FACTOR_ELEMENTS:
-            raise SizeLimitError(f"{where}: rank {rank} factors of a [{out}, {n}] ΔW exceed {MAX_FACTOR_ELEMENTS} elements")
+        plan = record_plan(module)
         (sdt, ssh), (cdt, csh), (gdt, gsh) = (tensor_info(module.tensors[x]) for x in ("S", "codes", "scales"))
         if (sdt, cdt, gdt) != ("float32", "uint8", "float16"):
             raise RecordError(f"{where}: S must be float32, codes uint8 and scales float16; got {sdt}, {cdt}, {gdt}")
-        want_codes, want_scales = stream_sizes(widths, out, n, g)
-        if list(ssh) != [rank] or list(csh) != [want_codes] or list(gsh) != [want_scales]:
-            raise RecordError(
-                f"{where}: rank {rank}, bits and group_size {g} of a [{out}, {n}] ΔW need S [{rank}], codes [{want_codes}] "
-                f"and scales [{want_scales}]; got {list(ssh)}, {list(csh)}, {list(gsh)}"
-            )
+        plan.check_shapes(where, ssh, csh, gsh)
 
     def to_factors(self, module: Module) -> Factors:
         """B[:, j] = û_j·√S_j, A[j] = √S_j·v̂_j in float32, scale 1 (√S_j computed in binary64, rounded to binary32)."""
         self.validate(module)
-        layout, fifo, out, n = layout_of(module)
-        bits, g = record_bits(module), int(module.params["group_size"])
+        plan = record_plan(module)
+        layout, fifo, out, n, bits, g = plan.layout, plan.fan_in_fan_out, plan.out, plan.n, plan.bits, plan.group_size
         s = np.asarray(module.array("S"))
         scales = np.asarray(module.array("scales"))
         codes = np.asarray(module.array("codes"))
@@ -397,10 +417,10 @@ class Qsvd(Encoding):
     def truncate(self, module: Module, rank: int) -> Module:
         """The record cut to its first ``min(rank, k)`` components (prefix views of S, codes and scales; nothing read)."""
         self.validate(module)
-        j = max(0, min(int(rank), int(module.params["rank"])))
-        _, _, out, n = layout_of(module)
-        bits = record_bits(module)[:j]
-        nc, ns = stream_sizes(bits, out, n, int(module.params["group_size"]))
+        plan = record_plan(module)
+        j = max(0, min(int(rank), plan.rank))
+        bits = list(plan.bits[:j])
+        nc, ns = plan.sizes(j)
         tensors = {
             "S": _prefix(module.tensors["S"], j),
             "codes": _prefix(module.tensors["codes"], nc),
