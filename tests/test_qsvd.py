@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -222,3 +223,35 @@ def test_huge_shapes_are_refused_before_reading(real: Adapter) -> None:
     r.base_shape = (1 << 20, 1 << 20)  # within the factor limit, but the codes do not back it
     with pytest.raises(RecordError, match="codes"):
         r.implementation.validate(r)
+
+
+# --- the command line on qsvd files ---------------------------------------------------------------------
+
+
+def _cli(*args: str | Path) -> Any:
+    from click.testing import CliRunner
+
+    from adapterpack.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_inspect_convert_check_on_a_qsvd_file(real: Adapter, tmp_path: Path) -> None:
+    ad = qsvd_adapter(real)
+    p = tmp_path / "q.apack"
+    adapterpack.save(ad, p)
+    r = _cli("inspect", p)
+    assert r.exit_code == 0 and "bits f16,8,6,4,3,2,1,5 g64" in r.output, r.output
+    r = _cli("convert", p, tmp_path / "peft", "--to", "peft")
+    assert r.exit_code == 0, r.output
+    back = adapterpack.open(tmp_path / "peft")
+    for name, m in ad.modules.items():
+        np.testing.assert_allclose(back.module(name).delta(), m.delta(), rtol=0, atol=1e-6 * float(np.abs(m.delta()).max()))
+    r = _cli("convert", p, tmp_path / "r2.apack", "--rank", "2")
+    assert r.exit_code == 0, r.output
+    with adapterpack.open(tmp_path / "r2.apack") as low:
+        for name, m in ad.modules.items():
+            assert low.module(name).encoding == "qsvd" and low.module(name).params["bits"] == m.params["bits"][:2]
+    for target in ("peft", "vllm", "kohya"):
+        r = _cli("check", p, "--target", target)
+        assert r.exit_code == 0 and "qsvd" in r.output, (target, r.output)
