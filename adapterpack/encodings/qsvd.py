@@ -1,0 +1,451 @@
+"""``qsvd``: ΔW as singular triplets with each component's vectors quantized at its own width (spec/qsvd.md).
+
+ΔW (2-D, before the layout maps it onto the base weight) ``= Σ_j S_j · û_j · v̂_jᵀ``, components in
+descending order of the source's singular values. Component j's vectors û_j (``out`` values) and
+v̂_j (``n`` values) are stored at width ``bits[j]``: 1–8 bits with one binary16 scale per group of
+``group_size`` values (:mod:`adapterpack.linalg.quantize`), or :data:`FLOAT` (binary16 values).
+Components lie one after the other in the ``codes`` and ``scales`` streams, so the rank-j
+truncation is a byte prefix of each (read and checked alone, spec/format.md §8.1).
+
+Writers (:func:`encode_qsvd`) quantize U, refit V by least squares so it absorbs U's error, quantize
+V, then refit S; :func:`component_table` gives each component's exact bytes and estimated error at
+every width for an allocator, :func:`relative_error` the exact error of a record without forming ΔW.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from adapterpack.adapter import Module, StoredTensor, TensorLike, tensor_info
+from adapterpack.encodings.base import Encoding, check_slots, layout_params, register_encoding
+from adapterpack.errors import ConversionError, RankError, RecordError
+from adapterpack.factors import Factors
+from adapterpack.limits import MAX_FACTOR_ELEMENTS
+from adapterpack.linalg.quantize import dequantize, float16_vector, n_groups, quantize, unpack_codes
+
+#: Quantized widths the format allows (bits per value, plus one binary16 scale per group).
+BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
+#: The width meaning "stored as float": binary16 (IEEE half) values, no scales.
+FLOAT: int = 16
+#: Values per scale unless a writer says otherwise.
+DEFAULT_GROUP_SIZE: int = 64
+#: Largest group size a record may declare (a group larger than any vector is one scale per vector).
+MAX_GROUP_SIZE: int = 1 << 30
+#: Bytes of one singular value (S is binary32) and of one scale (binary16).
+S_BYTES, SCALE_BYTES = 4, 2
+
+ENCODING_ID = "qsvd"
+
+
+# --- sizes -------------------------------------------------------------------------------------------
+
+
+def code_bytes(width: int, count: int) -> int:
+    """Bytes of one vector of ``count`` values at ``width`` (its codes, byte-padded; FLOAT: 2 per value)."""
+    return 2 * count if width == FLOAT else -(-count * width // 8)
+
+
+def scale_count(width: int, count: int, group_size: int) -> int:
+    """Scales of one vector of ``count`` values at ``width`` (none for FLOAT)."""
+    return 0 if width == FLOAT else n_groups(count, group_size)
+
+
+def stream_sizes(bits: Sequence[int], out: int, n: int, group_size: int) -> tuple[int, int]:
+    """(codes bytes, scale count) of components ``bits`` of an ``[out, n]`` ΔW."""
+    codes = sum(code_bytes(b, out) + code_bytes(b, n) for b in bits)
+    scales = sum(scale_count(b, out, group_size) + scale_count(b, n, group_size) for b in bits)
+    return codes, scales
+
+
+def component_nbytes(width: int, out: int, n: int, group_size: int) -> int:
+    """Stored bytes of one component: its codes, its scales and its singular value."""
+    return (
+        code_bytes(width, out)
+        + code_bytes(width, n)
+        + SCALE_BYTES * (scale_count(width, out, group_size) + scale_count(width, n, group_size))
+        + S_BYTES
+    )
+
+
+def matrix_shape(layout: str, fan_in_fan_out: bool, base: tuple[int, ...], where: str) -> tuple[int, int]:
+    """``(out, n)`` of the 2-D ΔW a record of ``layout`` maps onto ``base`` (spec/qsvd.md §1)."""
+    if layout == "conv":
+        if len(base) < 3:
+            raise RecordError(f"{where}: a conv record needs a base_shape of >= 3 dimensions, got {list(base)}")
+        return int(base[0]), int(math.prod(base[1:]))
+    if len(base) != 2:
+        raise RecordError(f"{where}: a {layout} record needs a 2-D base_shape, got {list(base)}")
+    rows, cols = int(base[0]), int(base[1])
+    return (cols, rows) if layout == "embedding" or fan_in_fan_out else (rows, cols)
+
+
+# --- the allocator's table ---------------------------------------------------------------------------
+
+
+@dataclass
+class ComponentTable:
+    """Per component (rows) and width (columns): exact stored bytes and estimated squared ΔW error."""
+
+    bits: tuple[int, ...]
+    nbytes: np.ndarray  # int64 [k, len(bits)]
+    err: np.ndarray  # float64 [k, len(bits)]
+    cut_err: np.ndarray  # float64 [k]
+    fixed_nbytes: int
+
+
+def _quantized_vector(x: np.ndarray, width: int, group_size: int, search: bool) -> np.ndarray:
+    """What a reader decodes for ``x`` stored at ``width`` (float64)."""
+    if width == FLOAT:
+        return float16_vector(x).astype(np.float64)
+    return quantize(x, width, group_size, search=search).values
+
+
+def _check_width(width: Any, where: str, error: type[Exception]) -> int:
+    if isinstance(width, (bool, np.bool_)) or not isinstance(width, (int, np.integer)) or (width not in BITS and width != FLOAT):
+        raise error(f"{where}: a component width must be one of {list(BITS)} or {FLOAT} (float), got {width!r:.80}")
+    return int(width)
+
+
+def _check_group_size(group_size: Any, where: str, error: type[Exception]) -> int:
+    if (
+        isinstance(group_size, (bool, np.bool_))
+        or not isinstance(group_size, (int, np.integer))
+        or not (1 <= group_size <= MAX_GROUP_SIZE)
+    ):
+        raise error(f"{where}: group_size must be an integer in [1, {MAX_GROUP_SIZE}], got {group_size!r:.80}")
+    return int(group_size)
+
+
+def _svd_inputs(u: Any, s: Any, vt: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    u, s, vt = (np.asarray(x, dtype=np.float64) for x in (u, s, vt))
+    if u.ndim != 2 or s.ndim != 1 or vt.ndim != 2 or not (u.shape[1] == s.size == vt.shape[0]):
+        raise ConversionError(
+            f"qsvd: u [out, k], s [k], vt [k, n] expected, got {list(u.shape)}, {list(s.shape)}, {list(vt.shape)}"
+        )
+    if not (np.all(np.isfinite(u)) and np.all(np.isfinite(s)) and np.all(np.isfinite(vt))):
+        raise ConversionError("qsvd: singular values and vectors must be finite")
+    return u, s, vt
+
+
+def component_table(
+    u: Any, s: Any, vt: Any, bits: Sequence[int] = (*BITS, FLOAT), group_size: int = DEFAULT_GROUP_SIZE, *, search: bool = True
+) -> ComponentTable:
+    """Bytes and estimated squared Frobenius error of every component of ``u·diag(s)·vt`` at every width in ``bits``.
+
+    The error of component j at width b is ``s_j² · (1 − cos²(u_j, û_j) · cos²(v_j, v̂_j))``: its own error
+    once S is refit (:func:`encode_qsvd` refits S), ignoring cross terms between components, which the
+    least-squares refits keep small. ``nbytes`` is exact (codes, scales and S); the record's container
+    overhead (index, blob alignment) is not in it.
+    """
+    u, s, vt = _svd_inputs(u, s, vt)
+    widths = tuple(_check_width(b, "component_table", ConversionError) for b in bits)
+    g = _check_group_size(group_size, "component_table", ConversionError)
+    out, n, k = u.shape[0], vt.shape[1], s.size
+    nbytes = np.array([[component_nbytes(b, out, n, g) for b in widths] for _ in range(k)], dtype=np.int64).reshape(k, len(widths))
+    err = np.zeros((k, len(widths)))
+    for j in range(k):
+        uj, vj = u[:, j], vt[j]
+        nu, nv = float(uj @ uj), float(vj @ vj)
+        for c, b in enumerate(widths):
+            qu, qv = _quantized_vector(uj, b, g, search), _quantized_vector(vj, b, g, search)
+            du, dv = float(qu @ qu), float(qv @ qv)
+            cu = float(uj @ qu) ** 2 / (nu * du) if nu > 0 and du > 0 else 0.0
+            cv = float(vj @ qv) ** 2 / (nv * dv) if nv > 0 and dv > 0 else 0.0
+            err[j, c] = s[j] ** 2 * max(0.0, 1.0 - cu * cv)
+    return ComponentTable(bits=widths, nbytes=nbytes, err=err, cut_err=s**2, fixed_nbytes=0)
+
+
+# --- the writer --------------------------------------------------------------------------------------
+
+
+def _store(x: np.ndarray, width: int, group_size: int, search: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes bytes, scales, decoded values) of one vector at ``width``."""
+    if width == FLOAT:
+        h = float16_vector(x)
+        if not np.all(np.isfinite(h)):
+            raise ConversionError("qsvd: a singular vector overflows binary16")
+        return np.frombuffer(h.astype("<f2").tobytes(), dtype=np.uint8), np.zeros(0, np.float16), h.astype(np.float64)
+    q = quantize(x, width, group_size, search=search)
+    return q.codes, q.scales, q.values
+
+
+def _solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """``gram⁻¹ · rhs`` for a symmetric positive semi-definite ``gram`` (least squares if singular)."""
+    try:
+        if np.linalg.cond(gram) < 1e12:
+            return np.linalg.solve(gram, rhs)
+    except np.linalg.LinAlgError:
+        pass
+    return np.linalg.lstsq(gram, rhs, rcond=None)[0]
+
+
+def encode_qsvd(
+    u: Any,
+    s: Any,
+    vt: Any,
+    bits: Sequence[int],
+    group_size: int = DEFAULT_GROUP_SIZE,
+    *,
+    template: Module,
+    search: bool = True,
+    refit: bool = True,
+) -> Module:
+    """A qsvd record of the first ``len(bits)`` components of ``ΔW = u·diag(s)·vt`` (all of u, s, vt is the target).
+
+    ``template`` gives the name, base_shape and layout params. ``search`` picks each group's scale by
+    minimum squared error (else round-to-nearest from the group max); ``refit`` refits V by least
+    squares after U is quantized and S after both are (else S and V are the source's).
+    """
+    u, s, vt = _svd_inputs(u, s, vt)
+    where = f"module {template.name!r}"
+    widths = [_check_width(b, where, ConversionError) for b in bits]
+    g = _check_group_size(group_size, where, ConversionError)
+    k = len(widths)
+    if k > s.size:
+        raise ConversionError(f"{where}: {k} widths for {s.size} components")
+    layout, fifo = layout_params(template.params, where)
+    out, n = matrix_shape(layout, fifo, tuple(template.base_shape), where)
+    if (u.shape[0], vt.shape[1]) != (out, n):
+        raise ConversionError(
+            f"{where}: vectors of a [{u.shape[0]}, {vt.shape[1]}] ΔW do not fit base_shape {list(template.base_shape)}"
+        )
+    if np.any(np.abs(u[:, :k]) > 1.0 + 1e-6) or np.any(np.abs(vt[:k]) > 1.0 + 1e-6):
+        raise ConversionError(f"{where}: singular vectors must be unit vectors (|entries| <= 1)")
+    uq = [_store(u[:, j], b, g, search) for j, b in enumerate(widths)]
+    uh = np.stack([q[2] for q in uq], axis=1) if k else np.zeros((out, 0))
+    if refit and k:
+        # V absorbing U's error: argmin_M ‖u·diag(s)·vt − Û·Mᵀ‖ = vtᵀ·diag(s)·(uᵀÛ)·(ÛᵀÛ)⁻¹, k×k products only
+        m = vt.T @ (s[:, None] * (u.T @ uh))
+        m = _solve(uh.T @ uh, m.T).T  # [n, k]
+        sig = np.linalg.norm(m, axis=0)
+        v_src = np.where(sig > 0, m / np.where(sig > 0, sig, 1.0), vt[:k].T).T  # [k, n]
+    else:
+        sig, v_src = s[:k].copy(), vt[:k]
+    vq = [_store(v_src[j], b, g, search) for j, b in enumerate(widths)]
+    vh = np.stack([q[2] for q in vq], axis=1) if k else np.zeros((n, 0))
+    if refit and k:
+        gram = (uh.T @ uh) * (vh.T @ vh)
+        rhs = np.einsum("ji,ij->j", uh.T @ u, s[:, None] * (vt @ vh))
+        sig = _solve(gram, rhs)
+    sig = np.where(np.isfinite(sig), sig, 0.0)
+    codes: list[np.ndarray] = []
+    scales: list[np.ndarray] = []
+    for j, b in enumerate(widths):
+        vc = vq[j][0]
+        if sig[j] < 0:  # keep S >= 0: negate v̂_j exactly (code c -> 2^b − 1 − c; FLOAT: the sign bit)
+            vc = _negated(vc, b, n)
+            sig[j] = -sig[j]
+        codes += [uq[j][0], vc]
+        scales += [uq[j][1], vq[j][1]]
+    params: dict[str, Any] = {"rank": k, "bits": widths, "group_size": g}
+    if layout != "linear":
+        params["layout"] = layout
+    if fifo:
+        params["fan_in_fan_out"] = True
+    s32 = sig.astype(np.float32)
+    if not np.all(np.isfinite(s32)):
+        raise ConversionError(f"{where}: a refit singular value overflows binary32")
+    return Module(
+        template.name,
+        ENCODING_ID,
+        tuple(template.base_shape),
+        params,
+        {
+            "S": s32,
+            "codes": np.concatenate(codes) if codes else np.zeros(0, np.uint8),
+            "scales": np.concatenate(scales).astype(np.float16) if scales else np.zeros(0, np.float16),
+        },
+    )
+
+
+def _negated(codes: np.ndarray, width: int, count: int) -> np.ndarray:
+    if width == FLOAT:
+        h = codes.copy().view("<u2")
+        return (h ^ np.uint16(0x8000)).view(np.uint8)
+    from adapterpack.linalg.quantize import pack_codes
+
+    return pack_codes(((1 << width) - 1) - unpack_codes(codes, width, count), width)
+
+
+# --- the reader --------------------------------------------------------------------------------------
+
+
+def relative_error(module: Module, u: Any, s: Any, vt: Any) -> float:
+    """Exact ``‖ΔW − ΔŴ‖_F / ‖ΔW‖_F`` of ``module``'s 2-D ΔŴ against ``u·diag(s)·vt``, from k×k Gram products."""
+    u, s, vt = _svd_inputs(u, s, vt)
+    f = module.factors()
+    a, b = (np.asarray(x, dtype=np.float64) for x in f.matrices())
+    sc = float(f.scale)
+    total = float(s @ s)
+    cross = sc * float(np.sum(s * np.einsum("ij,ji->i", u.T @ b, a @ vt.T)))
+    own = sc * sc * float(np.sum((b.T @ b) * (a @ a.T)))
+    err2 = max(total - 2.0 * cross + own, 0.0)
+    if total == 0.0:
+        return 0.0 if own == 0.0 else math.inf
+    return math.sqrt(err2 / total)
+
+
+def check_values(module: Module, name: str, x: np.ndarray) -> None:
+    """Refuse non-finite or negative S / scales (spec/qsvd.md §2)."""
+    x64 = np.asarray(x).astype(np.float64)
+    if x64.size and (not np.all(np.isfinite(x64)) or np.any(x64 < 0)):
+        raise RecordError(f"module {module.name!r}: {name} must be finite and >= 0")
+
+
+@dataclass(frozen=True)
+class RecordPlan:
+    """A qsvd record's params, validated from the index alone: widths, group size, layout and ΔW shape."""
+
+    bits: tuple[int, ...]
+    group_size: int
+    layout: str
+    fan_in_fan_out: bool
+    out: int
+    n: int
+
+    @property
+    def rank(self) -> int:
+        return len(self.bits)
+
+    def sizes(self, rank: int | None = None) -> tuple[int, int]:
+        """(codes bytes, scale count) of the first ``rank`` components (all by default)."""
+        return stream_sizes(self.bits[: self.rank if rank is None else rank], self.out, self.n, self.group_size)
+
+    def check_shapes(self, where: str, s: Sequence[int], codes: Sequence[int], scales: Sequence[int]) -> None:
+        """Refuse tensors whose shapes are not those the params need (spec/qsvd.md §1)."""
+        nc, ns = self.sizes()
+        k = self.rank
+        if list(s) != [k] or list(codes) != [nc] or list(scales) != [ns]:
+            raise RecordError(
+                f"{where}: rank {k}, bits and group_size {self.group_size} of a [{self.out}, {self.n}] ΔW need S [{k}], "
+                f"codes [{nc}] and scales [{ns}]; got {list(s)}, {list(codes)}, {list(scales)}"
+            )
+
+
+def record_plan(module: Module) -> RecordPlan:
+    """:class:`RecordPlan` of a qsvd record; RecordError / RankError for bad params."""
+    where = f"module {module.name!r}"
+    p = module.params
+    rank = p.get("rank")
+    if not isinstance(rank, (int, np.integer)) or isinstance(rank, bool) or rank < 0:
+        raise RankError(f"{where}: rank must be an integer >= 0, got {rank!r:.200}")
+    bits = p.get("bits")
+    if not isinstance(bits, list) or len(bits) != rank:
+        raise RecordError(f"{where}: bits must be a list of {rank} widths (one per component), got {bits!r:.200}")
+    widths = tuple(_check_width(b, where, RecordError) for b in bits)
+    g = _check_group_size(p.get("group_size"), where, RecordError)
+    layout, fifo = layout_params(p, where)
+    out, n = matrix_shape(layout, fifo, tuple(module.base_shape), where)
+    if rank > min(out, n):
+        raise RankError(f"{where}: rank {rank} exceeds min(out, in) = {min(out, n)}")
+    if rank * (out + n) > MAX_FACTOR_ELEMENTS:
+        raise RankError(f"{where}: rank {rank} factors of a [{out}, {n}] ΔW exceed {MAX_FACTOR_ELEMENTS} elements")
+    return RecordPlan(widths, g, layout, fifo, out, n)
+
+
+def _prefix(t: TensorLike, rows: int) -> TensorLike:
+    return t.prefix(rows) if isinstance(t, StoredTensor) else t[:rows]
+
+
+@register_encoding
+class Qsvd(Encoding):
+    """ΔW = Σ_j S_j·û_j·v̂_jᵀ with û_j, v̂_j at width bits[j]; any rank j ≤ k is a prefix of each tensor."""
+
+    encoding_id = ENCODING_ID
+    slots: ClassVar[dict[str, bool]] = {"S": True, "codes": True, "scales": True}
+    prefix_slots: ClassVar[tuple[str, ...]] = ("codes", "scales")
+
+    def validate(self, module: Module) -> None:
+        where = f"module {module.name!r}"
+        check_slots(module, self.slots, "qsvd needs tensors S, codes and scales")
+        plan = record_plan(module)
+        (sdt, ssh), (cdt, csh), (gdt, gsh) = (tensor_info(module.tensors[x]) for x in ("S", "codes", "scales"))
+        if (sdt, cdt, gdt) != ("float32", "uint8", "float16"):
+            raise RecordError(f"{where}: S must be float32, codes uint8 and scales float16; got {sdt}, {cdt}, {gdt}")
+        plan.check_shapes(where, ssh, csh, gsh)
+
+    def to_factors(self, module: Module) -> Factors:
+        """B[:, j] = û_j·√S_j, A[j] = √S_j·v̂_j in float32, scale 1 (√S_j computed in binary64, rounded to binary32)."""
+        self.validate(module)
+        plan = record_plan(module)
+        layout, fifo, out, n, bits, g = plan.layout, plan.fan_in_fan_out, plan.out, plan.n, plan.bits, plan.group_size
+        s = np.asarray(module.array("S"))
+        scales = np.asarray(module.array("scales"))
+        codes = np.asarray(module.array("codes"))
+        check_values(module, "singular values S", s)
+        check_values(module, "scales", scales)
+        root = np.sqrt(s.astype(np.float64)).astype(np.float32)
+        a = np.zeros((len(bits), n), np.float32)
+        b = np.zeros((out, len(bits)), np.float32)
+        at, st = 0, 0
+        for j, w in enumerate(bits):
+            vecs = []
+            for count in (out, n):
+                nb = code_bytes(w, count)
+                seg = codes[at : at + nb]
+                at += nb
+                if w == FLOAT:
+                    x = np.frombuffer(seg.tobytes(), dtype="<f2").astype(np.float32)
+                    if not np.all(np.isfinite(x)):
+                        raise RecordError(f"module {module.name!r}: component {j} holds non-finite float values")
+                else:
+                    ns = n_groups(count, g)
+                    x = dequantize(unpack_codes(seg, w, count), scales[st : st + ns], w, g)
+                    st += ns
+                vecs.append(x)
+            b[:, j] = vecs[0] * root[j]
+            a[j] = root[j] * vecs[1]
+        return Factors(
+            A=a, B=b, scale=1.0, base_shape=tuple(module.base_shape), transpose=layout == "embedding" or fifo, layout=layout
+        )
+
+    def summary(self, module: Module) -> dict[str, Any]:
+        p = module.params
+        return {
+            "rank": p["rank"],
+            "scale": 1.0,
+            "layout": p.get("layout", "linear"),
+            "bits": list(p.get("bits", [])),
+            "group_size": p.get("group_size"),
+        }
+
+    def truncate(self, module: Module, rank: int) -> Module:
+        """The record cut to its first ``min(rank, k)`` components (prefix views of S, codes and scales; nothing read)."""
+        self.validate(module)
+        plan = record_plan(module)
+        j = max(0, min(int(rank), plan.rank))
+        bits = list(plan.bits[:j])
+        nc, ns = plan.sizes(j)
+        tensors = {
+            "S": _prefix(module.tensors["S"], j),
+            "codes": _prefix(module.tensors["codes"], nc),
+            "scales": _prefix(module.tensors["scales"], ns),
+        }
+        return Module(
+            module.name,
+            self.encoding_id,
+            tuple(module.base_shape),
+            {**module.params, "rank": j, "bits": bits},
+            tensors,
+            module.must_understand,
+        )
+
+
+def from_factors(name: str, factors: Factors, bits: Sequence[int], group_size: int = DEFAULT_GROUP_SIZE, **kw: Any) -> Module:
+    """A qsvd record of ``factors``' ΔW (exact SVD from the factors, then :func:`encode_qsvd` of the first ``len(bits)``)."""
+    from adapterpack.linalg.lowrank import spectrum_of
+
+    spec = spectrum_of(factors, where=f"module {name!r}")
+    u, vt = spec.vectors()
+    params: dict[str, Any] = {}
+    if factors.layout != "linear":
+        params["layout"] = factors.layout
+    if factors.fan_in_fan_out:
+        params["fan_in_fan_out"] = True
+    template = Module(name, ENCODING_ID, tuple(factors.base_shape), params, {})
+    return encode_qsvd(u, spec.S, vt, bits, group_size, template=template, **kw)
