@@ -10,19 +10,19 @@ import pytest
 import adapterpack
 from adapterpack.adapter import Adapter
 from adapterpack.errors import ConversionError
+from adapterpack.examples import example_path
 from adapterpack.linalg import allocate
 from adapterpack.linalg.bitalloc import configuration_cost, lower_hull, module_choices
 from adapterpack.ops import compress as comp
 from adapterpack.ops.budget import apack_file_size, fit_to_file
 from adapterpack.ops.report import footprint
-from tests import fake_qsvd
+from adapterpack.encodings import qsvd
 from tests.factories import qv_modules
 
 
 @pytest.fixture
-def fake(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ops.compress against the interface's fake until the real qsvd lands on this branch."""
-    monkeypatch.setattr(comp, "_qsvd", lambda: fake_qsvd)
+def fake() -> None:
+    """(Named for the interface's stand-in these tests ran against before the qsvd encoding landed.)"""
 
 
 def _table(rng: np.random.Generator, k: int, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -152,7 +152,7 @@ def test_absolute_objective_is_optimal_over_the_hulls(fake: None) -> None:
     _, rep = comp.compress(ad, budget_ratio=0.2, weighting="absolute", bits=(2, 4))
     got = sum(m.distortion for m in rep.modules)
     spent = rep.total["record_bytes"]
-    q = fake_qsvd
+    q = qsvd
     for m in ad:
         sp, _ = comp.spectrum_with_factors(m)
         u, vt = sp.vectors(6)
@@ -173,7 +173,7 @@ def test_compress_refusals(fake: None) -> None:
     with pytest.raises(ConversionError, match="exactly one"):
         comp.compress(ad)
     with pytest.raises(ConversionError, match="bits must be"):
-        comp.compress(ad, budget_ratio=0.25, bits=(5,))
+        comp.compress(ad, budget_ratio=0.25, bits=(9,))
     with pytest.raises(ConversionError, match="no module"):
         comp.compress(ad, budget_ratio=0.25, modules="nothing_like_this")
 
@@ -184,7 +184,7 @@ def test_modules_outside_the_regex_are_kept_and_counted(fake: None) -> None:
     budget = kept + comp.fp16_factor_bytes(ad, [m.name for m in ad if "q_proj" in m.name]) // 4 + 3000
     out, rep = comp.compress(ad, budget, modules=r"q_proj")
     assert out.module("model.layers.0.self_attn.v_proj").encoding == "lora"
-    assert out.module("model.layers.0.self_attn.q_proj").encoding == "fakeq"
+    assert out.module("model.layers.0.self_attn.q_proj").encoding == "qsvd"
     assert rep.file_bytes == apack_file_size([out], "raw") <= rep.budget
 
 
@@ -221,3 +221,41 @@ def test_cli_compress_json_and_table(fake: None, tmp_path) -> None:
     assert r.exit_code == 1 and "whole file" in r.output
     r = CliRunner().invoke(main, ["compress", str(src), "--dry-run"])
     assert r.exit_code == 2 and "exactly one" in r.output
+
+
+# --- the real bundled adapter (SmolLM2-135M, 120 modules of rank 8) ---------------------------------
+
+
+def _bundled(modules: int | None = 8) -> Adapter:
+    ad = adapterpack.open(example_path())
+    names = list(ad.modules)[:modules] if modules else list(ad.modules)
+    return ad.derived({n: ad.module(n) for n in names})
+
+
+def test_bundled_adapter_subset_fits_uses_the_budget_and_beats_rank_only(tmp_path) -> None:
+    from adapterpack.ops.rerank import RerankPolicy, rerank
+
+    ad = _bundled()
+    out, rep = comp.compress(ad, budget_ratio=1 / 4)
+    dst = tmp_path / "c.apack"
+    adapterpack.save(out, dst, codec="raw")
+    assert footprint(dst) == rep.file_bytes <= rep.budget == comp.fp16_factor_bytes(ad) // 4
+    assert rep.file_bytes > 0.97 * rep.budget  # the fit leaves little unused
+    back = adapterpack.open(dst)
+    for m in rep.modules:
+        assert m.rel_error == pytest.approx(_dense_rel_error(ad, back, m.name), rel=1e-5)
+        assert back.module(m.name).params["bits"] == m.bits
+    # rank only, bf16, the same whole-file budget: a larger error
+    _, rr = rerank(ad, RerankPolicy(budget=rep.budget, dtype="bf16"), file_size=lambda a: apack_file_size([a], "raw"))
+    assert rr.file_bytes <= rep.budget
+    assert rep.total["rel_error"] < 0.75 * rr.total["rel_error"]
+
+
+@pytest.mark.slow
+def test_bundled_adapter_at_one_eighth_of_fp16(tmp_path) -> None:
+    src = example_path()
+    res = comp.compress_file(src, tmp_path / "c8.apack", budget_ratio=0.125)
+    assert res.dst_bytes == res.report.file_bytes <= res.report.budget == 1_843_200 // 8
+    ad, back = adapterpack.open(src), adapterpack.open(tmp_path / "c8.apack")
+    for m in res.report.modules[::17]:
+        assert m.rel_error == pytest.approx(_dense_rel_error(ad, back, m.name), rel=1e-5)

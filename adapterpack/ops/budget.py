@@ -48,16 +48,25 @@ class Fitted(Generic[T]):
     rounds: int
 
 
-def fit_to_file(solve: Callable[[int], T], size: Callable[[T], int], budget: int, *, floor: int = 0) -> Fitted[T]:
+def fit_to_file(
+    solve: Callable[[int], T],
+    size: Callable[[T], int],
+    budget: int,
+    *,
+    floor: int = 0,
+    cost: Callable[[T], int] | None = None,
+) -> Fitted[T]:
     """The plan ``solve(b)`` for the largest allocation budget ``b`` tried whose file (``size(plan)``) fits ``budget``.
 
     Starts at ``b = budget`` and shrinks ``b`` by each round's excess (at least one byte), so the
     overhead the index and padding add is learnt from the plan itself; a plan that fits with room to
-    spare (a compressing codec) is grown by that room while it still fits. ``floor``: the smallest
+    spare (a compressing codec) is grown by that room while it still fits. ``cost``: the bytes a plan's
+    allocation actually spent (≤ its b); shrinking starts from there, so coarse choices cannot stall it. ``floor``: the smallest
     allocation budget ``solve`` accepts; a budget that cannot hold even that file is refused.
     """
     b = budget
     best: Fitted[T] | None = None
+    last_size, last_step = -1, 0
     for rounds in range(1, MAX_ROUNDS + 1):
         if b < floor:
             break
@@ -74,7 +83,12 @@ def fit_to_file(solve: Callable[[int], T], size: Callable[[T], int], budget: int
         else:
             if best is not None:  # grown past what fits: keep the last plan that fitted
                 break
-            b -= max(n - budget, 1)
+            spent = min(b, cost(plan)) if cost is not None else b
+            step = max(n - budget, 1)
+            if n == last_size:  # the same file again: shrink faster
+                step = max(step, 2 * last_step)
+            b = spent - step
+            last_size, last_step = n, step
     if best is not None:
         best.rounds = rounds
         return best

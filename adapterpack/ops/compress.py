@@ -337,7 +337,11 @@ def compress(
         return picks, adapter.derived(mods)
 
     smallest = sum(int(w.choices.nbytes[0]) for w in wl)
-    fitted = fit_to_file(plan, lambda p: apack_file_size([p[1]], codec), budget, floor=smallest)
+
+    def spent(p: tuple[list[int], Adapter]) -> int:
+        return sum(int(w.choices.nbytes[i]) for w, i in zip(wl, p[0]))
+
+    fitted = fit_to_file(plan, lambda p: apack_file_size([p[1]], codec), budget, floor=smallest, cost=spent)
     picks, out = fitted.plan
 
     results: list[ModuleResult] = []

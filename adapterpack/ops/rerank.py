@@ -400,7 +400,10 @@ def rerank(
         _assign(policy, plans, work, _choose(policy, rule, work, [], budget=b))
         return plans, _build(adapter, plans, work, policy.encoding)
 
-    fitted = fit_to_file(solve, lambda plan: file_size(plan[1]), budget, floor=allocate.min_cost(items))
+    def spent(plan: tuple[list[ModulePlan], Adapter]) -> int:
+        return sum(p.bytes_after for p in plan[0] if p.selected)
+
+    fitted = fit_to_file(solve, lambda plan: file_size(plan[1]), budget, floor=allocate.min_cost(items), cost=spent)
     plans, out = fitted.plan
     notes.append(
         f"whole file {fitted.file_bytes:,} B within the budget {budget:,} B (index and padding included): "
