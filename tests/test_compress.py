@@ -9,6 +9,7 @@ import pytest
 
 import adapterpack
 from adapterpack.adapter import Adapter
+from adapterpack.encodings import qsvd
 from adapterpack.errors import ConversionError
 from adapterpack.examples import example_path
 from adapterpack.linalg import allocate
@@ -16,7 +17,6 @@ from adapterpack.linalg.bitalloc import configuration_cost, lower_hull, module_c
 from adapterpack.ops import compress as comp
 from adapterpack.ops.budget import apack_file_size, fit_to_file
 from adapterpack.ops.report import footprint
-from adapterpack.encodings import qsvd
 from tests.factories import qv_modules
 
 
