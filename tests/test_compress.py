@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,3 +260,30 @@ def test_bundled_adapter_at_one_eighth_of_fp16(tmp_path) -> None:
     ad, back = adapterpack.open(src), adapterpack.open(tmp_path / "c8.apack")
     for m in res.report.modules[::17]:
         assert m.rel_error == pytest.approx(_dense_rel_error(ad, back, m.name), rel=1e-5)
+
+
+def test_audit_compress8_column(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from adapterpack.cli import main
+    from adapterpack.ops.audit import audit_input
+
+    big, tiny = tmp_path / "big.apack", tmp_path / "tiny.apack"
+    adapterpack.save(_adapter(), big)
+    mods = qv_modules(np.random.default_rng(3), layers=1, rank=2, in_features=16, q_out=16, v_out=8, b_scale=0.1)
+    adapterpack.save(Adapter("t", "base/model", "LlamaForCausalLM", mods), tiny)
+    res = audit_input(big, measure=("compress8",))
+    _, rep = comp.compress(adapterpack.open(big), budget_ratio=1 / 8)
+    assert res.sizes["compress8"] == rep.file_bytes <= comp.fp16_factor_bytes(adapterpack.open(big)) // 8
+    assert res.errors["compress8"] == pytest.approx(rep.total["rel_error"])
+    r = CliRunner().invoke(main, ["audit", str(tmp_path), "--measure", "bf16,compress8", "--json", "-j", "1"])
+    assert r.exit_code == 0, r.output
+    rows = {Path(x["path"]).name: x for x in json.loads(r.output)["inputs"]}
+    assert rows["big.apack"]["sizes"]["compress8"] == rep.file_bytes and "compress8" in rows["big.apack"]["errors"]
+    # 1/8 of one small module's fp16 factors cannot hold its file: nothing saved, and the note says why
+    t = rows["tiny.apack"]
+    assert t["saved"]["compress8"] == 0 and "compress8" not in t["errors"] and "below" in t["notes"][0]
+    r = CliRunner().invoke(main, ["audit", str(big), "--measure", "compress8", "-j", "1"])
+    assert r.exit_code == 0 and "c/8" in r.output and "(err 0." in r.output
