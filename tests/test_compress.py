@@ -287,3 +287,22 @@ def test_audit_compress8_column(tmp_path) -> None:
     assert t["saved"]["compress8"] == 0 and "compress8" not in t["errors"] and "below" in t["notes"][0]
     r = CliRunner().invoke(main, ["audit", str(big), "--measure", "compress8", "-j", "1"])
     assert r.exit_code == 0 and "c/8" in r.output and "(err 0." in r.output
+
+
+def test_importance_moves_bytes_to_the_sensitive_module() -> None:
+    from adapterpack.ops.importance import Importance
+
+    ad = _adapter(4, layers=1)  # q_proj 512x512 and v_proj 256x512, rank 6
+    q, v = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
+    spectra = {m.name: comp.spectrum_with_factors(m)[0].S for m in ad}
+    plain = {m.name: m for m in comp.compress(ad, budget_ratio=1 / 4, weighting="absolute")[1].modules}
+    for hot, cold in ((q, v), (v, q)):
+        imp = Importance({hot: np.full(6, 100.0), cold: np.full(6, 1e-3)}, spectra)
+        _, rep = comp.compress(ad, budget_ratio=1 / 4, importance=imp)
+        got = {m.name: m for m in rep.modules}
+        assert rep.objective == "importance" and rep.weighting == "absolute"
+        assert got[hot].rel_error < plain[hot].rel_error and got[cold].rel_error > plain[cold].rel_error
+        assert got[hot].nbytes > plain[hot].nbytes
+    other = Importance({q: np.ones(6), v: np.ones(6)}, {q: spectra[q] * 2, v: spectra[v]})
+    with pytest.raises(ConversionError, match="other singular values"):
+        comp.compress(ad, budget_ratio=1 / 4, importance=other)
