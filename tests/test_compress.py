@@ -306,3 +306,18 @@ def test_importance_moves_bytes_to_the_sensitive_module() -> None:
     other = Importance({q: np.ones(6), v: np.ones(6)}, {q: spectra[q] * 2, v: spectra[v]})
     with pytest.raises(ConversionError, match="other singular values"):
         comp.compress(ad, budget_ratio=1 / 4, importance=other)
+
+
+def test_cache_reuses_tables_and_records_with_identical_results(monkeypatch: pytest.MonkeyPatch) -> None:
+    ad = _adapter(5)
+    cache: dict = {}
+    _, first = comp.compress(ad, budget_ratio=1 / 4, cache=cache)
+    calls = []
+    real = qsvd.component_table
+    monkeypatch.setattr(qsvd, "component_table", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, again = comp.compress(ad, budget_ratio=1 / 4, cache=cache)
+    assert not calls and again.as_dict() == first.as_dict()
+    _, other = comp.compress(ad, budget_ratio=1 / 8, cache=cache)
+    assert not calls and other.file_bytes <= other.budget < first.budget
+    _, fresh = comp.compress(ad, budget_ratio=1 / 8)
+    assert fresh.as_dict() == other.as_dict() and calls

@@ -25,6 +25,8 @@ report out); :func:`compress_file` reads and writes files.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import re
@@ -257,6 +259,7 @@ def compress(
     max_rank: int | None = None,
     modules: str | None = None,
     codec: str = "raw",
+    cache: dict[Any, Any] | None = None,
 ) -> tuple[Adapter, CompressReport]:
     """``adapter`` as qsvd records whose whole .apack file (written with ``codec``) fits ``budget`` bytes.
 
@@ -264,8 +267,9 @@ def compress(
     compressed modules). ``bits``: the widths offered (default: every qsvd width and float);
     ``importance``: the measured objective (weighting ``absolute`` unless ``balanced`` is asked for);
     ``modules``: a regular expression (``re.search``), others (and DoRA modules) are kept as they are,
-    inside the budget. Returns the new adapter and a :class:`CompressReport` with the exact relative
-    ΔW error of every module.
+    inside the budget. ``cache``: a dict kept between calls (e.g. one adapter at several budgets): component
+    tables and encoded records are reused for modules with the same singular values, widths and group size.
+    Returns the new adapter and a :class:`CompressReport` with the exact relative ΔW error of every module.
     """
     q = _qsvd()
     if (budget is None) == (budget_ratio is None):
@@ -303,7 +307,12 @@ def compress(
         k = int(np.count_nonzero(sp.S > 0))
         u, vt = sp.vectors(k)
         s = np.asarray(sp.S[:k], dtype=np.float64)
-        table = q.component_table(u, s, vt, widths, group)
+        key = (m.name, hashlib.sha256(s.tobytes()).hexdigest(), sp.shape, widths, group)
+        table = cache.get(("table", *key)) if cache is not None else None
+        if table is None:
+            table = q.component_table(u, s, vt, widths, group)
+            if cache is not None:
+                cache[("table", *key)] = table
         err, cut = _distortion(m.name, s, table, importance)
         choices = module_choices(table.nbytes, err, cut, fixed=int(table.fixed_nbytes), min_rank=min_rank, max_rank=max_rank)
         works[m.name] = _Work(
@@ -319,15 +328,14 @@ def compress(
 
     order = list(works)
     wl = [works[n] for n in order]
-    cache: dict[tuple[str, tuple[int, ...]], Module] = {}
+    records: dict[Any, Module] = cache if cache is not None else {}
 
     def record(w: _Work, cols: tuple[int, ...]) -> Module:
-        key = (w.module.name, cols)
-        if key not in cache:
-            j = len(cols)
-            per = [widths[c] for c in cols]
-            cache[key] = q.encode_qsvd(w.u[:, :j], w.s[:j], w.vt[:j], per, group, template=w.module)
-        return cache[key]
+        key = ("record", w.module.name, hashlib.sha256(w.s.tobytes()).hexdigest(), tuple(w.module.base_shape),
+               json.dumps(w.module.params, sort_keys=True, default=str), group, tuple(widths[c] for c in cols))  # fmt: skip
+        if key not in records:
+            records[key] = q.encode_qsvd(w.u, w.s, w.vt, [widths[c] for c in cols], group, template=w.module)
+        return records[key]
 
     def plan(b: int) -> tuple[list[int], Adapter]:
         picks = _solve(wl, b, weighting, method)
