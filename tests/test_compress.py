@@ -41,6 +41,22 @@ def _brute(nb: np.ndarray, err: np.ndarray, cut: np.ndarray, lo: int, hi: int) -
     return pts
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_lower_hull_against_its_definition(seed: int) -> None:
+    rng = np.random.default_rng(50 + seed)
+    x = rng.integers(0, 30, 40).astype(float)
+    y = rng.random(40) + 10.0 / (1 + x)
+    h = lower_hull(x, y)
+    hx, hy = x[h], y[h]
+    assert np.all(np.diff(hx) > 0) and np.all(np.diff(hy) < 0)
+    assert hx[0] == x.min() and hy[0] == y[x == x.min()].min() and hy[-1] == y.min()
+    # every point on or above the chain over its span; the chain strictly convex
+    inside = (x >= hx[0]) & (x <= hx[-1])
+    assert np.all(y[inside] >= np.interp(x[inside], hx, hy) - 1e-12)
+    slopes = np.diff(hy) / np.diff(hx)
+    assert np.all(np.diff(slopes) > 0)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_module_choices_is_the_lower_hull_of_every_configuration(seed: int) -> None:
     rng = np.random.default_rng(seed)

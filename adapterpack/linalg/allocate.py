@@ -245,13 +245,20 @@ def round_rank(rank: int, allowed: tuple[int, ...], mode: str) -> int:
     return below[-1] if below else ordered[0]
 
 
-def choice_dp(costs: list[np.ndarray], values: list[np.ndarray], budget: int, *, max_states: int = MAX_STATES) -> list[int]:
+#: ``choice_dp``: element operations (choices × states) it may spend; more choices mean coarser byte units.
+CHOICE_WORK = 2_000_000_000
+
+
+def choice_dp(
+    costs: list[np.ndarray], values: list[np.ndarray], budget: int, *, max_states: int = MAX_STATES, work: int = CHOICE_WORK
+) -> list[int]:
     """Exact multiple-choice knapsack over arbitrary choices: for each group g pick one index into
     ``costs[g]`` (int bytes) / ``values[g]`` so that Σ cost ≤ ``budget`` and Σ value is largest.
 
     Bytes above every group's cheapest choice are counted in units of their gcd (exact) or, beyond
-    ``max_states`` states, in a coarser unit with each increment rounded up (the budget still holds;
-    then the answer of :func:`choice_greedy` is taken instead whenever it is better)."""
+    ``max_states`` states (or ``work`` element operations over all choices), in a coarser unit with
+    each increment rounded up (the budget still holds; then the answer of :func:`choice_greedy` is
+    taken instead whenever it is better)."""
     costs = [np.asarray(c, dtype=np.int64) for c in costs]
     values = [np.asarray(v, dtype=np.float64) for v in values]
     if any(c.size == 0 or c.shape != v.shape for c, v in zip(costs, values)):
@@ -264,21 +271,24 @@ def choice_dp(costs: list[np.ndarray], values: list[np.ndarray], budget: int, *,
     spare = budget - base
     incs = [c - c.min() for c in costs]
     exact_unit = math.gcd(*(int(x) for inc in incs for x in np.unique(inc) if x > 0)) or 1
-    unit = max(exact_unit, -(-spare // max_states))
+    limit = max(1024, min(max_states, work // max(1, sum(c.size for c in costs))))
+    unit = max(exact_unit, -(-spare // limit))
     states = spare // unit + 1
     dp = np.zeros(states)
     width = np.uint8 if max(c.size for c in costs) <= 255 else np.uint16
     picks = np.zeros((len(costs), states), dtype=width)
     units = [-(-inc // unit) for inc in incs]
+    cand = np.empty(states)
     for g in range(len(costs)):
         new = np.full(states, -np.inf)
         for c in np.argsort(units[g], kind="stable"):
             w = int(units[g][c])
             if w >= states:
                 break
-            cand = dp[: states - w] + values[g][c]
-            better = cand > new[w:]
-            new[w:][better] = cand[better]
+            m = states - w
+            np.add(dp[:m], values[g][c], out=cand[:m])
+            better = cand[:m] > new[w:]
+            new[w:][better] = cand[:m][better]
             picks[g, w:][better] = c
         dp = new
     b = states - 1
@@ -311,19 +321,19 @@ def choice_greedy(costs: list[np.ndarray], values: list[np.ndarray], budget: int
     version = [0] * len(costs)  # a group's entries from before its last move are stale
 
     def push(g: int) -> None:
-        o, c, v = orders[g], costs[g], values[g]
+        o = orders[g]
         cur = o[pos[g]]
-        best = None
-        for n in range(pos[g] + 1, len(o)):  # the best gain per byte among the costlier choices that still fit
-            dx = int(c[o[n]] - c[cur])
-            gain = float(v[o[n]] - v[cur])
-            if gain <= 0 or spent + dx > budget:
-                continue
-            rate = gain / max(dx, 1)
-            if best is None or rate > best[0]:
-                best = (rate, n)
-        if best is not None:
-            heapq.heappush(heap, (-best[0], g, best[1], version[g]))
+        nxt = o[pos[g] + 1 :]  # the best gain per byte among the costlier choices that still fit
+        if nxt.size == 0:
+            return
+        dx = costs[g][nxt] - costs[g][cur]
+        gain = values[g][nxt] - values[g][cur]
+        ok = (gain > 0) & (spent + dx <= budget)
+        if not ok.any():
+            return
+        rate = np.where(ok, gain / np.maximum(dx, 1), -np.inf)
+        n = int(np.argmax(rate))  # first among equals: the cheapest
+        heapq.heappush(heap, (-float(rate[n]), g, pos[g] + 1 + n, version[g]))
 
     for g in range(len(costs)):
         push(g)

@@ -42,6 +42,10 @@ def lower_hull(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     if x.size == 0:
         return np.zeros(0, dtype=np.int64)
     order = np.lexsort((y, x))  # by x, ties by y
+    # only points strictly below every cheaper point can be hull vertices of the decreasing part: drop the rest first
+    ys = y[order]
+    prior = np.concatenate([[np.inf], np.minimum.accumulate(ys)[:-1]])
+    order = order[ys < prior]
     hull: list[int] = []
     for i in order:
         if hull and x[hull[-1]] == x[i]:
@@ -90,7 +94,7 @@ def module_choices(
     lo = min(max(min_rank, 0), hi)
     # each component's own hull: its start column and its segments (dx, dy, column reached)
     starts: list[int] = []
-    segs: list[tuple[float, int, int, int, float, int]] = []  # (slope, l, s, dx, dy, column)
+    segs: list[tuple[float, int, int, int, float, int]] = []  # (slope, component, segment, dx, dy, column)
     start_x = np.zeros(k + 1, dtype=np.int64)
     start_y = np.zeros(k + 1)
     per_comp: list[list[tuple[float, int, int, int, float, int]]] = []
@@ -107,28 +111,42 @@ def module_choices(
         per_comp.append(own)
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
-    keys: list[tuple[int, int]] = []  # (rank j, segments taken t) of each candidate, in order
+    ranks: list[np.ndarray] = []  # rank j of each candidate
     for j in range(lo, hi + 1):
         if j > 0:
             segs.extend(per_comp[j - 1])
-        segs.sort(key=lambda t: (t[0], t[1], t[2]))  # slopes of one component increase: its segments stay in order
-        dx = np.array([0] + [t[3] for t in segs], dtype=np.int64)
-        dy = np.array([0.0] + [t[4] for t in segs])
-        xs.append(fixed + start_x[j] + np.cumsum(dx))
-        ys.append(cut[j] + start_y[j] + np.cumsum(dy))
-        keys.extend((j, t) for t in range(len(segs) + 1))
+        segs.sort(key=_order)  # slopes of one component increase: its segments stay in order
+        dx = np.fromiter((t[3] for t in segs), dtype=np.int64, count=len(segs))
+        dy = np.fromiter((t[4] for t in segs), dtype=np.float64, count=len(segs))
+        xs.append(fixed + start_x[j] + np.concatenate([[0], np.cumsum(dx)]))
+        ys.append(cut[j] + start_y[j] + np.concatenate([[0.0], np.cumsum(dy)]))
+        ranks.append(np.full(len(segs) + 1, j))
     x = np.concatenate(xs)
     y = np.concatenate(ys)
+    rank_of = np.concatenate(ranks)
+    first = np.concatenate([[0], np.cumsum([a.size for a in xs])])  # index of (j, t = 0)
     picked = lower_hull(x, y)
-    columns = []
-    for i in picked:
-        j, t = keys[int(i)]
-        run = sorted((s for own in per_comp[:j] for s in own), key=lambda s: (s[0], s[1], s[2]))[:t]
+    columns: list[tuple[int, ...]] = [()] * len(picked)
+    by_rank: dict[int, list[tuple[int, int]]] = {}
+    for pos, i in enumerate(picked):
+        j = int(rank_of[i])
+        by_rank.setdefault(j, []).append((int(i - first[j - lo]), pos))
+    for j, wanted in by_rank.items():  # replay each needed rank's merged segments once
+        run = sorted((seg for own in per_comp[:j] for seg in own), key=_order)
         cols = list(starts[:j])
-        for s in run:
-            cols[s[1]] = s[5]
-        columns.append(tuple(cols))
+        taken = 0
+        for t, pos in sorted(wanted):
+            while taken < t:
+                seg = run[taken]
+                cols[seg[1]] = seg[5]
+                taken += 1
+            columns[pos] = tuple(cols)
     return Choices(nbytes=x[picked].astype(np.int64), dist=y[picked].astype(np.float64), columns=tuple(columns))
+
+
+def _order(seg: tuple[float, int, int, int, float, int]) -> tuple[float, int, int]:
+    """Merge order of hull segments: steepest descent first, ties by component then segment."""
+    return (seg[0], seg[1], seg[2])
 
 
 def configuration_cost(
