@@ -26,7 +26,7 @@ from adapterpack.encodings.base import Encoding, check_slots, layout_params, reg
 from adapterpack.errors import ConversionError, RankError, RecordError
 from adapterpack.factors import Factors
 from adapterpack.limits import MAX_FACTOR_ELEMENTS
-from adapterpack.linalg.quantize import dequantize, float16_vector, n_groups, quantize, unpack_codes
+from adapterpack.linalg.quantize import dequantize, float16_vector, n_groups, quantize_rows, unpack_codes
 
 #: Quantized widths the format allows (bits per value, plus one binary16 scale per group).
 BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -98,13 +98,6 @@ class ComponentTable:
     fixed_nbytes: int
 
 
-def _quantized_vector(x: np.ndarray, width: int, group_size: int, search: bool) -> np.ndarray:
-    """What a reader decodes for ``x`` stored at ``width`` (float64)."""
-    if width == FLOAT:
-        return float16_vector(x).astype(np.float64)
-    return quantize(x, width, group_size, search=search).values
-
-
 def _check_width(width: Any, where: str, error: type[Exception]) -> int:
     if isinstance(width, (bool, np.bool_)) or not isinstance(width, (int, np.integer)) or (width not in BITS and width != FLOAT):
         raise error(f"{where}: a component width must be one of {list(BITS)} or {FLOAT} (float), got {width!r:.80}")
@@ -132,6 +125,11 @@ def _svd_inputs(u: Any, s: Any, vt: Any) -> tuple[np.ndarray, np.ndarray, np.nda
     return u, s, vt
 
 
+def _cos2(dot: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((a > 0) & (b > 0), dot * dot / np.where((a > 0) & (b > 0), a * b, 1.0), 0.0)
+
+
 def component_table(
     u: Any, s: Any, vt: Any, bits: Sequence[int] = (*BITS, FLOAT), group_size: int = DEFAULT_GROUP_SIZE, *, search: bool = True
 ) -> ComponentTable:
@@ -148,30 +146,43 @@ def component_table(
     out, n, k = u.shape[0], vt.shape[1], s.size
     nbytes = np.array([[component_nbytes(b, out, n, g) for b in widths] for _ in range(k)], dtype=np.int64).reshape(k, len(widths))
     err = np.zeros((k, len(widths)))
-    for j in range(k):
-        uj, vj = u[:, j], vt[j]
-        nu, nv = float(uj @ uj), float(vj @ vj)
-        for c, b in enumerate(widths):
-            qu, qv = _quantized_vector(uj, b, g, search), _quantized_vector(vj, b, g, search)
-            du, dv = float(qu @ qu), float(qv @ qv)
-            cu = float(uj @ qu) ** 2 / (nu * du) if nu > 0 and du > 0 else 0.0
-            cv = float(vj @ qv) ** 2 / (nv * dv) if nv > 0 and dv > 0 else 0.0
-            err[j, c] = s[j] ** 2 * max(0.0, 1.0 - cu * cv)
+    nu, nv = np.sum(u[:, :k] ** 2, axis=0), np.sum(vt[:k] ** 2, axis=1)
+    for c, b in enumerate(widths):
+        qu = _store_rows(u[:, :k].T, [b] * k, g, search)[2]
+        qv = _store_rows(vt[:k], [b] * k, g, search)[2]
+        cu = _cos2(np.sum(u[:, :k].T * qu, axis=1), nu, np.sum(qu * qu, axis=1))
+        cv = _cos2(np.sum(vt[:k] * qv, axis=1), nv, np.sum(qv * qv, axis=1))
+        err[:, c] = s[:k] ** 2 * np.maximum(0.0, 1.0 - cu * cv)
     return ComponentTable(bits=widths, nbytes=nbytes, err=err, cut_err=s**2, fixed_nbytes=0)
 
 
 # --- the writer --------------------------------------------------------------------------------------
 
 
-def _store(x: np.ndarray, width: int, group_size: int, search: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(codes bytes, scales, decoded values) of one vector at ``width``."""
-    if width == FLOAT:
-        h = float16_vector(x)
-        if not np.all(np.isfinite(h)):
-            raise ConversionError("qsvd: a singular vector overflows binary16")
-        return np.frombuffer(h.astype("<f2").tobytes(), dtype=np.uint8), np.zeros(0, np.float16), h.astype(np.float64)
-    q = quantize(x, width, group_size, search=search)
-    return q.codes, q.scales, q.values
+def _store_rows(
+    x: np.ndarray, widths: Sequence[int], group_size: int, search: bool
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Row j of ``x`` [k, N] at ``widths[j]``: (codes bytes per row, scales per row, decoded values [k, N] float64);
+    rows of one width are quantized together."""
+    k, count = x.shape
+    codes: list[np.ndarray] = [np.zeros(0, np.uint8)] * k
+    scales: list[np.ndarray] = [np.zeros(0, np.float16)] * k
+    values = np.zeros((k, count))
+    for w in sorted(set(widths)):
+        rows = [j for j in range(k) if widths[j] == w]
+        if w == FLOAT:
+            h = float16_vector(x[rows])
+            if not np.all(np.isfinite(h)):
+                raise ConversionError("qsvd: a singular vector overflows binary16")
+            values[rows] = h.astype(np.float64)
+            for i, j in enumerate(rows):
+                codes[j] = np.frombuffer(h[i].astype("<f2").tobytes(), dtype=np.uint8)
+            continue
+        q = quantize_rows(x[rows], w, group_size, search=search)
+        values[rows] = q.values
+        for i, j in enumerate(rows):
+            codes[j], scales[j] = q.codes[i], q.scales[i]
+    return codes, scales, values
 
 
 def _solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -216,8 +227,8 @@ def encode_qsvd(
         )
     if np.any(np.abs(u[:, :k]) > 1.0 + 1e-6) or np.any(np.abs(vt[:k]) > 1.0 + 1e-6):
         raise ConversionError(f"{where}: singular vectors must be unit vectors (|entries| <= 1)")
-    uq = [_store(u[:, j], b, g, search) for j, b in enumerate(widths)]
-    uh = np.stack([q[2] for q in uq], axis=1) if k else np.zeros((out, 0))
+    uc, us, uv = _store_rows(u[:, :k].T, widths, g, search)
+    uh = uv.T  # [out, k]
     if refit and k:
         # V absorbing U's error: argmin_M ‖u·diag(s)·vt − Û·Mᵀ‖ = vtᵀ·diag(s)·(uᵀÛ)·(ÛᵀÛ)⁻¹, k×k products only
         m = vt.T @ (s[:, None] * (u.T @ uh))
@@ -226,8 +237,8 @@ def encode_qsvd(
         v_src = np.where(sig > 0, m / np.where(sig > 0, sig, 1.0), vt[:k].T).T  # [k, n]
     else:
         sig, v_src = s[:k].copy(), vt[:k]
-    vq = [_store(v_src[j], b, g, search) for j, b in enumerate(widths)]
-    vh = np.stack([q[2] for q in vq], axis=1) if k else np.zeros((n, 0))
+    vc, vs, vv = _store_rows(np.asarray(v_src).reshape(k, n), widths, g, search)
+    vh = vv.T  # [n, k]
     if refit and k:
         gram = (uh.T @ uh) * (vh.T @ vh)
         rhs = np.einsum("ji,ij->j", uh.T @ u, s[:, None] * (vt @ vh))
@@ -236,12 +247,12 @@ def encode_qsvd(
     codes: list[np.ndarray] = []
     scales: list[np.ndarray] = []
     for j, b in enumerate(widths):
-        vc = vq[j][0]
+        vcj = vc[j]
         if sig[j] < 0:  # keep S >= 0: negate v̂_j exactly (code c -> 2^b − 1 − c; FLOAT: the sign bit)
-            vc = _negated(vc, b, n)
+            vcj = _negated(vcj, b, n)
             sig[j] = -sig[j]
-        codes += [uq[j][0], vc]
-        scales += [uq[j][1], vq[j][1]]
+        codes += [uc[j], vcj]
+        scales += [us[j], vs[j]]
     params: dict[str, Any] = {"rank": k, "bits": widths, "group_size": g}
     if layout != "linear":
         params["layout"] = layout
