@@ -255,3 +255,26 @@ def test_cli_inspect_convert_check_on_a_qsvd_file(real: Adapter, tmp_path: Path)
     for target in ("peft", "vllm", "kohya"):
         r = _cli("check", p, "--target", target)
         assert r.exit_code == 0 and "qsvd" in r.output, (target, r.output)
+
+
+def test_rank_j_read_reads_only_its_prefix(tmp_path: Path) -> None:
+    """Damage past the first components' checkpoint: a rank-1 read never sees it, a whole read refuses it."""
+    import json
+    import struct
+
+    from adapterpack.container.preamble import PREAMBLE_SIZE, align_up
+    from adapterpack.errors import ChecksumError
+    from tools.vectors import qsvd as vectors
+
+    p = tmp_path / "q.apack"
+    adapterpack.save(vectors.adapter(), p, codec="raw")
+    raw = bytearray(p.read_bytes())
+    length = struct.unpack_from("<Q", raw, 16)[0]
+    index = json.loads(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length])
+    blob = index["blobs"][index["adapters"][0]["modules"][0]["tensors"]["codes"]]
+    raw[align_up(PREAMBLE_SIZE + length, 256) + blob["offset"] + blob["length"] - 1] ^= 0x80  # the last component's byte
+    p.write_bytes(bytes(raw))
+    with adapterpack.open(p, rank=1) as low:
+        low.module("model.layers.0.self_attn.q_proj").factors()
+    with pytest.raises(ChecksumError), adapterpack.open(p) as whole:
+        whole.module("model.layers.0.self_attn.q_proj").factors()

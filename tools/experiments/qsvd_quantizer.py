@@ -8,7 +8,9 @@ bytes: ``rtn`` (scale from each group's max, source S and V), ``rtn+refit`` (V r
 U is quantized, S refit after both), ``mse`` (each group's scale chosen for least squared error), and
 ``mse+refit`` (the default). The error is ``sqrt(Σ‖ΔW − ΔŴ‖² / Σ‖ΔW‖²)`` over all modules, each term
 exact (``relative_error``, Gram products). ``--groups`` adds a table of group sizes at the default writer:
-bits per stored value (codes + scales + S) against the error, to choose ``DEFAULT_GROUP_SIZE``.
+bits per stored value (codes + scales + S) against the error; with ``--budgets``, instead, the estimated error
+of the best per-component widths (or cuts) within 1/f of the adapter's fp16 factor bytes, per group size
+(a Lagrangian sweep over ``component_table``): how ``DEFAULT_GROUP_SIZE`` was chosen.
 """
 
 from __future__ import annotations
@@ -57,25 +59,65 @@ def _measure(trip: list, bits: int, group_size: int, **kw: bool) -> tuple[float,
     return float(np.sqrt(num / den)), nbytes, values
 
 
+def _lagrangian(tables: list[Q.ComponentTable], budget: int) -> float:
+    """Least estimated Σ squared error within ``budget`` bytes, each component at a width or cut (a Lagrangian sweep:
+    every component takes argmin err + λ·bytes; the smallest λ whose plan fits). An estimate of what an allocator
+    reaches (it ignores the prefix order and the table's cross terms), enough to compare group sizes."""
+    errs = [np.concatenate([t.err, t.cut_err[:, None]], axis=1) for t in tables]
+    costs = [np.concatenate([t.nbytes, np.zeros((t.nbytes.shape[0], 1), np.int64)], axis=1) for t in tables]
+
+    def plan(lam: float) -> tuple[float, int]:
+        e = b = 0
+        for err, cost in zip(errs, costs, strict=True):
+            pick = np.argmin(err + lam * cost, axis=1)
+            rows = np.arange(err.shape[0])
+            e, b = e + float(err[rows, pick].sum()), b + int(cost[rows, pick].sum())
+        return e, b
+
+    lo, hi = 0.0, 1.0
+    while plan(hi)[1] > budget:
+        hi *= 4
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if plan(mid)[1] > budget else (lo, mid)
+    return plan(hi)[0]
+
+
+def budget_table(trip: list, groups: list[int], fractions: list[int]) -> None:
+    """Estimated relative ΔW error at 1/f of the adapter's fp16 factor bytes, per group size."""
+    fp16 = sum(2 * s.size * (u.shape[0] + vt.shape[1]) for _, u, s, vt in trip)
+    energy = sum(float(s @ s) for _, _, s, _ in trip)
+    print("\n| group size | " + " | ".join(f"fp16/{f}" for f in fractions) + " |")
+    print("|---:|" + "---:|" * len(fractions))
+    for g in groups:
+        tables = [Q.component_table(u, s, vt, group_size=g) for _, u, s, vt in trip]
+        cells = [f"{np.sqrt(_lagrangian(tables, fp16 // f) / energy):.4f}" for f in fractions]
+        print(f"| {g} | " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapters", nargs="*", default=[str(example_path())], help="PEFT folders or .apack files")
     parser.add_argument("--bits", default="1,2,3,4,8", help="uniform widths to compare (default 1,2,3,4,8)")
     parser.add_argument("--group-size", type=int, default=Q.DEFAULT_GROUP_SIZE)
+    parser.add_argument("--budgets", default="", help="fp16 fractions for the allocation table, e.g. 4,8,16,32 (with --groups)")
     parser.add_argument("--groups", default="", help="group sizes to compare at the default writer, e.g. 16,32,64,128,100000")
     args = parser.parse_args(argv)
-    widths = [int(b) for b in args.bits.split(",")]
+    widths = [int(b) for b in args.bits.split(",")] if args.bits else []  # --bits "": no width table
     for path in args.adapters:
         t0 = time.perf_counter()
         trip = _triplets(path)
         print(f"\n{Path(path).name}: {len(trip)} modules, group size {args.group_size}")
-        print("| bits | " + " | ".join(WRITERS) + " | mse+refit vs rtn |")
-        print("|---:|" + "---:|" * (len(WRITERS) + 1))
+        if widths:
+            print("| bits | " + " | ".join(WRITERS) + " | mse+refit vs rtn |")
+            print("|---:|" + "---:|" * (len(WRITERS) + 1))
         for b in widths:
             errs = {name: _measure(trip, b, args.group_size, **kw)[0] for name, kw in WRITERS.items()}
             gain = 1.0 - errs["mse+refit"] / errs["rtn"]
             print(f"| {b} | " + " | ".join(f"{e:.4f}" for e in errs.values()) + f" | −{100 * gain:.1f}% |")
-        if args.groups:
+        if args.groups and args.budgets:
+            budget_table(trip, [int(x) for x in args.groups.split(",")], [int(x) for x in args.budgets.split(",")])
+        elif args.groups:
             print("\n| group size | " + " | ".join(f"{b} bits: bits/value, error" for b in widths) + " |")
             print("|---:|" + "---|" * len(widths))
             for g in (int(x) for x in args.groups.split(",")):
