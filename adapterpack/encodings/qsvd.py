@@ -33,7 +33,7 @@ BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
 #: The width meaning "stored as float": binary16 (IEEE half) values, no scales.
 FLOAT: int = 16
 #: Values per scale unless a writer says otherwise.
-DEFAULT_GROUP_SIZE: int = 64
+DEFAULT_GROUP_SIZE: int = 256
 #: Largest group size a record may declare (a group larger than any vector is one scale per vector).
 MAX_GROUP_SIZE: int = 1 << 30
 #: Bytes of one singular value (S is binary32) and of one scale (binary16).

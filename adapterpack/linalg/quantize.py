@@ -21,6 +21,8 @@ import numpy as np
 
 #: Fractions of the max-based scale tried by the search (1.0 is round-to-nearest from the group's max).
 SEARCH = np.linspace(0.25, 1.0, 31)
+#: Least-squares (Lloyd) refinements of the best grid scale.
+REFINE = 2
 
 
 @dataclass(frozen=True)
@@ -94,10 +96,14 @@ def quantize_rows(x: np.ndarray, bits: int, group_size: int, *, search: bool = T
         cand = np.concatenate([base[:, None] * SEARCH[None, :], _ls_scales(xs, mask, base, top)[:, None]], axis=1)
         cand = cand.astype(np.float16).astype(np.float64)
         err = np.stack([_sse(xs, mask, cand[:, i], top) for i in range(cand.shape[1])], axis=1)
-        best = cand[np.arange(groups), np.argmin(err, axis=1)]
-        # one least-squares refinement of the chosen codes' scale, kept where it lowers the error
-        ref = _ls_scales(xs, mask, best, top).astype(np.float16).astype(np.float64)
-        d = np.where(_sse(xs, mask, ref, top) < _sse(xs, mask, best, top), ref, best)
+        pick = np.argmin(err, axis=1)
+        d, best_err = cand[np.arange(groups), pick], err[np.arange(groups), pick]
+        # Lloyd steps: the least-squares scale of the current codes, new codes, kept where the error drops
+        for _ in range(REFINE):
+            ref = _ls_scales(xs, mask, d, top).astype(np.float16).astype(np.float64)
+            ref_err = _sse(xs, mask, ref, top)
+            better = ref_err < best_err
+            d, best_err = np.where(better, ref, d), np.where(better, ref_err, best_err)
     else:
         d = base.astype(np.float16).astype(np.float64)
     d = np.where(np.isfinite(d), d, 0.0)
