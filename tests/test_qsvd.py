@@ -241,7 +241,7 @@ def test_cli_inspect_convert_check_on_a_qsvd_file(real: Adapter, tmp_path: Path)
     p = tmp_path / "q.apack"
     adapterpack.save(ad, p)
     r = _cli("inspect", p)
-    assert r.exit_code == 0 and "bits f16,8,6,4,3,2,1,5 g256" in r.output, r.output
+    assert r.exit_code == 0 and "bits f16,8,6,4,3,2,1,5 g64" in r.output, r.output
     r = _cli("convert", p, tmp_path / "peft", "--to", "peft")
     assert r.exit_code == 0, r.output
     back = adapterpack.open(tmp_path / "peft")
