@@ -278,3 +278,26 @@ def test_rank_j_read_reads_only_its_prefix(tmp_path: Path) -> None:
         low.module("model.layers.0.self_attn.q_proj").factors()
     with pytest.raises(ChecksumError), adapterpack.open(p) as whole:
         whole.module("model.layers.0.self_attn.q_proj").factors()
+
+
+def test_negation_is_exact_at_every_width() -> None:
+    x = np.random.default_rng(3).standard_normal(37) / 7
+    for w in (*Q.BITS, Q.FLOAT):
+        codes, _, values = Q._store_rows(x[None], [w], 8, True)
+        neg = Q._negated(codes[0], w, 37)
+        if w == Q.FLOAT:
+            back = np.frombuffer(neg.tobytes(), "<f2").astype(np.float64)
+        else:
+            scales = Q._store_rows(x[None], [w], 8, True)[1][0]
+            back = qz.dequantize(qz.unpack_codes(neg, w, 37), scales, w, 8).astype(np.float64)
+        np.testing.assert_array_equal(back, -values[0])
+
+
+def test_a_group_larger_than_any_vector_is_one_scale_per_vector(real: Adapter) -> None:
+    m = real.module("model.layers.2.self_attn.v_proj")
+    u, s, vt = triplets(m)
+    huge = Q.encode_qsvd(u, s, vt, [3] * s.size, Q.MAX_GROUP_SIZE, template=m)
+    whole = Q.encode_qsvd(u, s, vt, [3] * s.size, 576, template=m)
+    assert huge.tensors["scales"].size == 2 * s.size
+    np.testing.assert_array_equal(huge.tensors["codes"], whole.tensors["codes"])
+    np.testing.assert_array_equal(huge.factors().A, whole.factors().A)  # decodes without a 2^30-element repeat

@@ -59,7 +59,8 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, bits: int, group_size: int
     """float32 values ``scale · (2c − (2^b − 1))`` of unpacked ``codes`` (exact in binary32: an at most 9-bit
     odd integer times a binary16 scale)."""
     levels = (2 * np.asarray(codes, dtype=np.int32) - ((1 << bits) - 1)).astype(np.float32)
-    per_value = np.repeat(np.asarray(scales, dtype=np.float16).astype(np.float32), group_size)[: levels.size]
+    # a group larger than the vector is the whole vector: never repeat a scale more times than there are values
+    per_value = np.repeat(np.asarray(scales, dtype=np.float16).astype(np.float32), min(group_size, levels.size))[: levels.size]
     return levels * per_value
 
 

@@ -61,7 +61,7 @@ def decode_qsvd(module: Module, device: torch.device, dtype: torch.dtype | None)
             else:
                 ns = n_groups(count, g)
                 levels = (2 * _unpack(seg, w, count) - ((1 << w) - 1)).to(torch.float32)
-                x = levels * scales32[st : st + ns].repeat_interleave(g)[:count]
+                x = levels * scales32[st : st + ns].repeat_interleave(min(g, count))[:count]
                 st += ns
             vecs.append(x)
         b[:, j] = vecs[0] * root[j]
