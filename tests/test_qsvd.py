@@ -193,6 +193,12 @@ def _rec(real: Adapter) -> Module:
     return Q.encode_qsvd(u, s, vt, [4, 2, 1], 64, template=m)
 
 
+def _poke(r: Module, offset: int, value: np.ndarray) -> None:
+    data = r.tensors["data"].copy()
+    data[offset : offset + value.nbytes] = np.frombuffer(value.tobytes(), np.uint8)
+    r.tensors["data"] = data
+
+
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
@@ -201,10 +207,12 @@ def _rec(real: Adapter) -> Module:
         (lambda r: r.params.update(group_size=0), RecordError, "group_size"),
         (lambda r: r.params.update(group_size=True), RecordError, "group_size"),
         (lambda r: r.params.update(rank=-1), RankError, "rank"),
-        (lambda r: r.tensors.update(codes=r.tensors["codes"][:-1]), RecordError, "codes"),
-        (lambda r: r.tensors.update(scales=r.tensors["scales"].astype(np.float32)), RecordError, "float16"),
-        (lambda r: r.tensors.update(S=-r.tensors["S"]), RecordError, "finite and >= 0"),
-        (lambda r: r.tensors.update(scales=np.full_like(r.tensors["scales"], np.inf)), RecordError, "finite"),
+        (lambda r: r.tensors.update(data=r.tensors["data"][:-1]), RecordError, "data as uint8"),
+        (lambda r: r.tensors.update(data=r.tensors["data"].view(np.int8)), RecordError, "data as uint8"),
+        (lambda r: r.tensors.update(S=r.tensors["data"]), RecordError, "unknown"),
+        (lambda r: _poke(r, 0, np.array([-1.0], "<f4")), RecordError, "singular value must be finite and >= 0"),
+        (lambda r: _poke(r, 4, np.array([np.inf], "<f2")), RecordError, "scales must be finite"),
+        (lambda r: _poke(r, 4, np.array([-1.0], "<f2")), RecordError, "scales must be finite and >= 0"),
     ],
 )
 def test_hostile_records_are_refused(real: Adapter, change, error: type[Exception], match: str) -> None:
@@ -220,8 +228,8 @@ def test_huge_shapes_are_refused_before_reading(real: Adapter) -> None:
     r.base_shape = (1 << 40, 1 << 40)
     with pytest.raises(RankError, match="exceed"):
         r.implementation.validate(r)
-    r.base_shape = (1 << 20, 1 << 20)  # within the factor limit, but the codes do not back it
-    with pytest.raises(RecordError, match="codes"):
+    r.base_shape = (1 << 20, 1 << 20)  # within the factor limit, but the data does not back it
+    with pytest.raises(RecordError, match="data"):
         r.implementation.validate(r)
 
 
@@ -271,7 +279,7 @@ def test_rank_j_read_reads_only_its_prefix(tmp_path: Path) -> None:
     raw = bytearray(p.read_bytes())
     length = struct.unpack_from("<Q", raw, 16)[0]
     index = json.loads(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length])
-    blob = index["blobs"][index["adapters"][0]["modules"][0]["tensors"]["codes"]]
+    blob = index["blobs"][index["adapters"][0]["modules"][0]["tensors"]["data"]]
     raw[align_up(PREAMBLE_SIZE + length, 256) + blob["offset"] + blob["length"] - 1] ^= 0x80  # the last component's byte
     p.write_bytes(bytes(raw))
     with adapterpack.open(p, rank=1) as low:
@@ -298,6 +306,5 @@ def test_a_group_larger_than_any_vector_is_one_scale_per_vector(real: Adapter) -
     u, s, vt = triplets(m)
     huge = Q.encode_qsvd(u, s, vt, [3] * s.size, Q.MAX_GROUP_SIZE, template=m)
     whole = Q.encode_qsvd(u, s, vt, [3] * s.size, 576, template=m)
-    assert huge.tensors["scales"].size == 2 * s.size
-    np.testing.assert_array_equal(huge.tensors["codes"], whole.tensors["codes"])
+    np.testing.assert_array_equal(huge.tensors["data"], whole.tensors["data"])  # one scale per vector either way
     np.testing.assert_array_equal(huge.factors().A, whole.factors().A)  # decodes without a 2^30-element repeat

@@ -54,13 +54,14 @@ def test_in_memory_records_and_rank_prefix(tmp_path: Path) -> None:
 
 def test_decoder_refuses_bad_values() -> None:
     m = qsvd_vectors.adapter().modules["model.layers.0.self_attn.k_proj"]
-    m.tensors["scales"] = m.tensors["scales"].copy()
-    m.tensors["scales"][1] = np.float16(np.nan)
+    data = m.tensors["data"].copy()
+    data[6:8] = np.frombuffer(np.array([np.nan], "<f2").tobytes(), np.uint8)  # component 0's second scale
+    m.tensors["data"] = data
     with pytest.raises(RecordError, match="scales"):
         decoders.decode(m, torch.device("cpu"), None)
     m = qsvd_vectors.adapter().modules["model.layers.0.self_attn.k_proj"]
-    m.tensors["codes"] = m.tensors["codes"][:-1]
-    with pytest.raises(RecordError, match="codes"):
+    m.tensors["data"] = m.tensors["data"][:-1]
+    with pytest.raises(RecordError, match="data"):
         decoders.decode(m, torch.device("cpu"), None)
 
 

