@@ -100,7 +100,11 @@ def test_refit_and_search_lower_the_error_on_the_real_adapter(real: Adapter) -> 
     for m in list(real)[::9]:
         u, s, vt = triplets(m)
         bits = [3] * s.size
-        for key, kw in (("rtn", {"search": False, "refit": False}), ("search", {"refit": False}), ("refit", {})):
+        for key, kw in (
+            ("rtn", {"search": False, "refit": False, "s_fit": "source"}),
+            ("search", {"search": True, "refit": False, "s_fit": "source"}),
+            ("refit", {"search": True, "refit": True, "s_fit": "ls"}),
+        ):
             tot[key] += Q.relative_error(Q.encode_qsvd(u, s, vt, bits, template=m, **kw), u, s, vt) ** 2
     assert tot["refit"] < tot["search"] < tot["rtn"]
 
@@ -308,3 +312,25 @@ def test_a_group_larger_than_any_vector_is_one_scale_per_vector(real: Adapter) -
     whole = Q.encode_qsvd(u, s, vt, [3] * s.size, 576, template=m)
     np.testing.assert_array_equal(huge.tensors["data"], whole.tensors["data"])  # one scale per vector either way
     np.testing.assert_array_equal(huge.factors().A, whole.factors().A)  # decodes without a 2^30-element repeat
+
+
+@pytest.mark.parametrize("s_fit", Q.S_FITS)
+def test_s_fits_do_what_they_say_and_the_table_tracks_each(real: Adapter, s_fit: str) -> None:
+    m = real.module("model.layers.5.self_attn.v_proj")
+    u, s, vt = triplets(m)
+    bits = [4, 3, 3, 2, 2, 2, 1, 1]
+    r = Q.encode_qsvd(u, s, vt, bits, template=m, refit=False, s_fit=s_fit)
+    f = r.factors()
+    b, a = f.B.astype(np.float64), f.A.astype(np.float64)
+    proj = np.einsum("ij,ij->j", u, b) * np.einsum("ji,ji->j", a, vt)  # ⟨u_j v_jᵀ, B[:, j] A[j]⟩
+    if s_fit == "unbiased":
+        np.testing.assert_allclose(proj, s, rtol=1e-5)
+    if s_fit == "ls":  # no other S does better
+        for other in ("unbiased", "source"):
+            o = Q.encode_qsvd(u, s, vt, bits, template=m, refit=False, s_fit=other)
+            assert Q.relative_error(r, u, s, vt) <= Q.relative_error(o, u, s, vt)
+    t = Q.component_table(u, s, vt, group_size=Q.DEFAULT_GROUP_SIZE, s_fit=s_fit)
+    est = sum(float(t.err[j, t.bits.index(w)]) for j, w in enumerate(bits)) / float(s @ s)
+    assert Q.relative_error(r, u, s, vt) ** 2 == pytest.approx(est, rel=0.25)
+    with pytest.raises(ConversionError, match="s_fit"):
+        Q.encode_qsvd(u, s, vt, bits, template=m, s_fit="median")

@@ -37,6 +37,10 @@ FLOAT: int = 16
 DEFAULT_GROUP_SIZE: int = 256
 #: Largest group size a record may declare (a group larger than any vector is one scale per vector).
 MAX_GROUP_SIZE: int = 1 << 30
+#: How :func:`encode_qsvd` sets S after quantizing (see there).
+S_FITS = ("ls", "unbiased", "source")
+#: The writer's defaults (:func:`encode_qsvd`, :func:`component_table`).
+DEFAULT_WRITER: dict[str, Any] = {"search": True, "refit": True, "s_fit": "ls"}
 #: Bytes of one singular value (S is binary32) and of one scale (binary16).
 S_BYTES, SCALE_BYTES = 4, 2
 
@@ -145,15 +149,25 @@ def _cos2(dot: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def component_table(
-    u: Any, s: Any, vt: Any, bits: Sequence[int] = (*BITS, FLOAT), group_size: int = DEFAULT_GROUP_SIZE, *, search: bool = True
+    u: Any,
+    s: Any,
+    vt: Any,
+    bits: Sequence[int] = (*BITS, FLOAT),
+    group_size: int = DEFAULT_GROUP_SIZE,
+    *,
+    search: bool | None = None,
+    s_fit: str | None = None,
 ) -> ComponentTable:
     """Bytes and estimated squared Frobenius error of every component of ``u·diag(s)·vt`` at every width in ``bits``.
 
-    The error of component j at width b is ``s_j² · (1 − cos²(u_j, û_j) · cos²(v_j, v̂_j))``: its own error
-    once S is refit (:func:`encode_qsvd` refits S), ignoring cross terms between components, which the
-    least-squares refits keep small. ``nbytes`` is exact (codes, scales and S); the record's container
-    overhead (index, blob alignment) is not in it.
+    Component j's own error at width b, with ``c = cos²(u_j, û_j) · cos²(v_j, v̂_j)``, for the S that
+    :func:`encode_qsvd` writes with the same ``search`` and ``s_fit`` (default: the writer's defaults):
+    ``s_j²·(1 − c)`` for least squares, ``s_j²·(1/c − 1)`` for unbiased, ``s_j²·‖u_jv_jᵀ − û_jv̂_jᵀ‖²`` for
+    the source's S; cross terms between components are ignored. ``nbytes`` is exact (each component's slice
+    of ``data``); the record's container overhead (index entry, blob alignment) is not in it.
     """
+    search = DEFAULT_WRITER["search"] if search is None else search
+    s_fit = s_fit or DEFAULT_WRITER["s_fit"]
     u, s, vt = _svd_inputs(u, s, vt)
     widths = tuple(_check_width(b, "component_table", ConversionError) for b in bits)
     g = _check_group_size(group_size, "component_table", ConversionError)
@@ -164,9 +178,16 @@ def component_table(
     for c, b in enumerate(widths):
         qu = _store_rows(u[:, :k].T, [b] * k, g, search)[2]
         qv = _store_rows(vt[:k], [b] * k, g, search)[2]
-        cu = _cos2(np.sum(u[:, :k].T * qu, axis=1), nu, np.sum(qu * qu, axis=1))
-        cv = _cos2(np.sum(vt[:k] * qv, axis=1), nv, np.sum(qv * qv, axis=1))
-        err[:, c] = s[:k] ** 2 * np.maximum(0.0, 1.0 - cu * cv)
+        du, dv = np.sum(u[:, :k].T * qu, axis=1), np.sum(vt[:k] * qv, axis=1)
+        nqu, nqv = np.sum(qu * qu, axis=1), np.sum(qv * qv, axis=1)
+        cos2 = _cos2(du, nu, nqu) * _cos2(dv, nv, nqv)
+        if s_fit == "ls":
+            own = 1.0 - cos2
+        elif s_fit == "unbiased":
+            own = 1.0 / np.maximum(cos2, 1e-12) - 1.0
+        else:
+            own = nu * nv - 2.0 * du * dv + nqu * nqv
+        err[:, c] = s[:k] ** 2 * np.maximum(0.0, own)
     return ComponentTable(bits=widths, nbytes=nbytes, err=err, cut_err=s**2, fixed_nbytes=0)
 
 
@@ -217,15 +238,24 @@ def encode_qsvd(
     group_size: int = DEFAULT_GROUP_SIZE,
     *,
     template: Module,
-    search: bool = True,
-    refit: bool = True,
+    search: bool | None = None,
+    refit: bool | None = None,
+    s_fit: str | None = None,
 ) -> Module:
     """A qsvd record of the first ``len(bits)`` components of ``ΔW = u·diag(s)·vt`` (all of u, s, vt is the target).
 
     ``template`` gives the name, base_shape and layout params. ``search`` picks each group's scale by
     minimum squared error (else round-to-nearest from the group max); ``refit`` refits V by least
-    squares after U is quantized and S after both are (else S and V are the source's).
+    squares after U is quantized (else V is the source's). ``s_fit`` sets S once both are quantized:
+    ``"ls"`` least squares (least Frobenius error), ``"unbiased"`` each component's projection on its
+    source direction kept (``S_j = s_j / ((u_jᵀû_j)(v_jᵀv̂_j))``), ``"source"`` the source's S.
+    Unset options take :data:`DEFAULT_WRITER`'s.
     """
+    search = DEFAULT_WRITER["search"] if search is None else search
+    refit = DEFAULT_WRITER["refit"] if refit is None else refit
+    s_fit = s_fit or DEFAULT_WRITER["s_fit"]
+    if s_fit not in S_FITS:
+        raise ConversionError(f"qsvd: s_fit must be one of {S_FITS}, got {s_fit!r}")
     u, s, vt = _svd_inputs(u, s, vt)
     where = f"module {template.name!r}"
     widths = [_check_width(b, where, ConversionError) for b in bits]
@@ -253,10 +283,16 @@ def encode_qsvd(
         sig, v_src = s[:k].copy(), vt[:k]
     vc, vs, vv = _store_rows(np.asarray(v_src).reshape(k, n), widths, g, search)
     vh = vv.T  # [n, k]
-    if refit and k:
+    if s_fit == "ls" and k:
         gram = (uh.T @ uh) * (vh.T @ vh)
         rhs = np.einsum("ji,ij->j", uh.T @ u, s[:, None] * (vt @ vh))
         sig = _solve(gram, rhs)
+    elif s_fit == "unbiased" and k:
+        # ⟨u_j v_jᵀ, S_j û_j v̂_jᵀ⟩ = s_j: the component keeps its own direction's weight (no least-squares shrinkage)
+        proj = np.sum(u[:, :k] * uh, axis=0) * np.sum(vt[:k] * vh.T, axis=1)
+        sig = np.where(np.abs(proj) > 1e-12, s[:k] / np.where(np.abs(proj) > 1e-12, proj, 1.0), 0.0)
+    elif s_fit == "source" and refit and k:
+        sig = s[:k].copy()
     sig = np.where(np.isfinite(sig), sig, 0.0)
     parts: list[np.ndarray] = []
     for j, b in enumerate(widths):

@@ -21,6 +21,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -29,11 +30,14 @@ from adapterpack.encodings import qsvd as Q
 from adapterpack.examples import example_path
 from adapterpack.linalg.lowrank import spectrum_of
 
-WRITERS = {
-    "rtn": {"search": False, "refit": False},
-    "rtn+refit": {"search": False, "refit": True},
-    "mse": {"search": True, "refit": False},
-    "mse+refit": {"search": True, "refit": True},
+WRITERS: dict[str, dict[str, Any]] = {
+    "rtn": {"search": False, "refit": False, "s_fit": "source"},
+    "rtn+unbiased": {"search": False, "refit": False, "s_fit": "unbiased"},
+    "rtn+refit": {"search": False, "refit": True, "s_fit": "ls"},
+    "mse": {"search": True, "refit": False, "s_fit": "source"},
+    "mse+unbiased": {"search": True, "refit": False, "s_fit": "unbiased"},
+    "mse+ls": {"search": True, "refit": False, "s_fit": "ls"},
+    "mse+refit": {"search": True, "refit": True, "s_fit": "ls"},
 }
 
 
@@ -47,7 +51,7 @@ def _triplets(path: str) -> list[tuple[adapterpack.Module, np.ndarray, np.ndarra
     return out
 
 
-def _measure(trip: list, bits: int, group_size: int, **kw: bool) -> tuple[float, int, int]:
+def _measure(trip: list, bits: int, group_size: int, **kw: Any) -> tuple[float, int, int]:
     """(relative ΔW error over the adapter, stored bytes, stored values) with every component at ``bits``."""
     num = den = 0.0
     nbytes = values = 0
@@ -97,7 +101,7 @@ def budget_table(trip: list, groups: list[int], fractions: list[int]) -> None:
         print(f"| {g} | " + " | ".join(cells) + " |")
 
 
-def kl_table(path: str, trip: list, widths: list[int], group_size: int, n_blocks: int) -> None:
+def kl_table(path: str, trip: list, widths: list[int], group_size: int, n_blocks: int, writers: list[str]) -> None:
     """KL(full ‖ qsvd) per token, top-1 agreement and perplexity on ``n_blocks`` held-out pydoc blocks of SmolLM2-135M
     (the bundled example's base model), every writer at every width."""
     from tools.experiments.rerank_quality import Evaluator
@@ -109,7 +113,8 @@ def kl_table(path: str, trip: list, widths: list[int], group_size: int, n_blocks
     print("| bits | writer | KL(full ‖ q) | top-1 agreement | perplexity |")
     print("|---:|---|---:|---:|---:|")
     for b in widths:
-        for name, kw in WRITERS.items():
+        for name in writers:
+            kw = WRITERS[name]
             mods = {m.name: Q.encode_qsvd(u, s, vt, [b] * s.size, group_size, template=m, **kw) for m, u, s, vt in trip}
             r = ev.measure(full.derived(mods))
             print(f"| {b} | {name} | {r['kl']:.3g} | {100 * r['top1']:.2f}% | {r['ppl']:.4f} |", flush=True)
@@ -122,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, default=Q.DEFAULT_GROUP_SIZE)
     parser.add_argument("--kl", type=int, default=0, help="also measure KL/top-1/perplexity on this many held-out blocks")
     parser.add_argument("--kl-bits", default="2,3", help="widths for the KL table (default 2,3)")
+    parser.add_argument("--writers", default=",".join(WRITERS), help=f"writers to compare (default all: {','.join(WRITERS)})")
     parser.add_argument("--budgets", default="", help="fp16 fractions for the allocation table, e.g. 4,8,16,32 (with --groups)")
     parser.add_argument("--groups", default="", help="group sizes to compare at the default writer, e.g. 16,32,64,128,100000")
     args = parser.parse_args(argv)
@@ -131,11 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         trip = _triplets(path)
         print(f"\n{Path(path).name}: {len(trip)} modules, group size {args.group_size}")
         if widths:
-            print("| bits | " + " | ".join(WRITERS) + " | mse+refit vs rtn |")
-            print("|---:|" + "---:|" * (len(WRITERS) + 1))
+            print("| bits | " + " | ".join(args.writers.split(",")) + " | mse+refit vs rtn |")
+            print("|---:|" + "---:|" * (len(args.writers.split(",")) + 1))
         for b in widths:
-            errs = {name: _measure(trip, b, args.group_size, **kw)[0] for name, kw in WRITERS.items()}
-            gain = 1.0 - errs["mse+refit"] / errs["rtn"]
+            errs = {name: _measure(trip, b, args.group_size, **WRITERS[name])[0] for name in args.writers.split(",")}
+            gain = 1.0 - errs["mse+refit"] / errs["rtn"] if {"mse+refit", "rtn"} <= set(errs) else float("nan")
             print(f"| {b} | " + " | ".join(f"{e:.4f}" for e in errs.values()) + f" | −{100 * gain:.1f}% |")
         if args.groups and args.budgets:
             budget_table(trip, [int(x) for x in args.groups.split(",")], [int(x) for x in args.budgets.split(",")])
@@ -149,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                     cells.append(f"{8 * nbytes / values:.3f}, {e:.4f}")
                 print(f"| {g} | " + " | ".join(cells) + " |")
         if args.kl:
-            kl_table(path, trip, [int(b) for b in args.kl_bits.split(",")], args.group_size, args.kl)
+            kl_table(path, trip, [int(b) for b in args.kl_bits.split(",")], args.group_size, args.kl, args.writers.split(","))
         print(f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return 0
 
