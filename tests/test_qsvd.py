@@ -100,7 +100,11 @@ def test_refit_and_search_lower_the_error_on_the_real_adapter(real: Adapter) -> 
     for m in list(real)[::9]:
         u, s, vt = triplets(m)
         bits = [3] * s.size
-        for key, kw in (("rtn", {"search": False, "refit": False}), ("search", {"refit": False}), ("refit", {})):
+        for key, kw in (
+            ("rtn", {"search": False, "refit": False, "s_fit": "source"}),
+            ("search", {"search": True, "refit": False, "s_fit": "source"}),
+            ("refit", {"search": True, "refit": True, "s_fit": "ls"}),
+        ):
             tot[key] += Q.relative_error(Q.encode_qsvd(u, s, vt, bits, template=m, **kw), u, s, vt) ** 2
     assert tot["refit"] < tot["search"] < tot["rtn"]
 
@@ -193,6 +197,12 @@ def _rec(real: Adapter) -> Module:
     return Q.encode_qsvd(u, s, vt, [4, 2, 1], 64, template=m)
 
 
+def _poke(r: Module, offset: int, value: np.ndarray) -> None:
+    data = r.tensors["data"].copy()
+    data[offset : offset + value.nbytes] = np.frombuffer(value.tobytes(), np.uint8)
+    r.tensors["data"] = data
+
+
 @pytest.mark.parametrize(
     ("change", "error", "match"),
     [
@@ -201,10 +211,12 @@ def _rec(real: Adapter) -> Module:
         (lambda r: r.params.update(group_size=0), RecordError, "group_size"),
         (lambda r: r.params.update(group_size=True), RecordError, "group_size"),
         (lambda r: r.params.update(rank=-1), RankError, "rank"),
-        (lambda r: r.tensors.update(codes=r.tensors["codes"][:-1]), RecordError, "codes"),
-        (lambda r: r.tensors.update(scales=r.tensors["scales"].astype(np.float32)), RecordError, "float16"),
-        (lambda r: r.tensors.update(S=-r.tensors["S"]), RecordError, "finite and >= 0"),
-        (lambda r: r.tensors.update(scales=np.full_like(r.tensors["scales"], np.inf)), RecordError, "finite"),
+        (lambda r: r.tensors.update(data=r.tensors["data"][:-1]), RecordError, "data as uint8"),
+        (lambda r: r.tensors.update(data=r.tensors["data"].view(np.int8)), RecordError, "data as uint8"),
+        (lambda r: r.tensors.update(S=r.tensors["data"]), RecordError, "unknown"),
+        (lambda r: _poke(r, 0, np.array([-1.0], "<f4")), RecordError, "singular value must be finite and >= 0"),
+        (lambda r: _poke(r, 4, np.array([np.inf], "<f2")), RecordError, "scales must be finite"),
+        (lambda r: _poke(r, 4, np.array([-1.0], "<f2")), RecordError, "scales must be finite and >= 0"),
     ],
 )
 def test_hostile_records_are_refused(real: Adapter, change, error: type[Exception], match: str) -> None:
@@ -220,8 +232,8 @@ def test_huge_shapes_are_refused_before_reading(real: Adapter) -> None:
     r.base_shape = (1 << 40, 1 << 40)
     with pytest.raises(RankError, match="exceed"):
         r.implementation.validate(r)
-    r.base_shape = (1 << 20, 1 << 20)  # within the factor limit, but the codes do not back it
-    with pytest.raises(RecordError, match="codes"):
+    r.base_shape = (1 << 20, 1 << 20)  # within the factor limit, but the data does not back it
+    with pytest.raises(RecordError, match="data"):
         r.implementation.validate(r)
 
 
@@ -255,3 +267,70 @@ def test_cli_inspect_convert_check_on_a_qsvd_file(real: Adapter, tmp_path: Path)
     for target in ("peft", "vllm", "kohya"):
         r = _cli("check", p, "--target", target)
         assert r.exit_code == 0 and "qsvd" in r.output, (target, r.output)
+
+
+def test_rank_j_read_reads_only_its_prefix(tmp_path: Path) -> None:
+    """Damage past the first components' checkpoint: a rank-1 read never sees it, a whole read refuses it."""
+    import json
+    import struct
+
+    from adapterpack.container.preamble import PREAMBLE_SIZE, align_up
+    from adapterpack.errors import ChecksumError
+    from tools.vectors import qsvd as vectors
+
+    p = tmp_path / "q.apack"
+    adapterpack.save(vectors.adapter(), p, codec="raw")
+    raw = bytearray(p.read_bytes())
+    length = struct.unpack_from("<Q", raw, 16)[0]
+    index = json.loads(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length])
+    blob = index["blobs"][index["adapters"][0]["modules"][0]["tensors"]["data"]]
+    raw[align_up(PREAMBLE_SIZE + length, 256) + blob["offset"] + blob["length"] - 1] ^= 0x80  # the last component's byte
+    p.write_bytes(bytes(raw))
+    with adapterpack.open(p, rank=1) as low:
+        low.module("model.layers.0.self_attn.q_proj").factors()
+    with pytest.raises(ChecksumError), adapterpack.open(p) as whole:
+        whole.module("model.layers.0.self_attn.q_proj").factors()
+
+
+def test_negation_is_exact_at_every_width() -> None:
+    x = np.random.default_rng(3).standard_normal(37) / 7
+    for w in (*Q.BITS, Q.FLOAT):
+        codes, _, values = Q._store_rows(x[None], [w], 8, True)
+        neg = Q._negated(codes[0], w, 37)
+        if w == Q.FLOAT:
+            back = np.frombuffer(neg.tobytes(), "<f2").astype(np.float64)
+        else:
+            scales = Q._store_rows(x[None], [w], 8, True)[1][0]
+            back = qz.dequantize(qz.unpack_codes(neg, w, 37), scales, w, 8).astype(np.float64)
+        np.testing.assert_array_equal(back, -values[0])
+
+
+def test_a_group_larger_than_any_vector_is_one_scale_per_vector(real: Adapter) -> None:
+    m = real.module("model.layers.2.self_attn.v_proj")
+    u, s, vt = triplets(m)
+    huge = Q.encode_qsvd(u, s, vt, [3] * s.size, Q.MAX_GROUP_SIZE, template=m)
+    whole = Q.encode_qsvd(u, s, vt, [3] * s.size, 576, template=m)
+    np.testing.assert_array_equal(huge.tensors["data"], whole.tensors["data"])  # one scale per vector either way
+    np.testing.assert_array_equal(huge.factors().A, whole.factors().A)  # decodes without a 2^30-element repeat
+
+
+@pytest.mark.parametrize("s_fit", Q.S_FITS)
+def test_s_fits_do_what_they_say_and_the_table_tracks_each(real: Adapter, s_fit: str) -> None:
+    m = real.module("model.layers.5.self_attn.v_proj")
+    u, s, vt = triplets(m)
+    bits = [4, 3, 3, 2, 2, 2, 1, 1]
+    r = Q.encode_qsvd(u, s, vt, bits, template=m, refit=False, s_fit=s_fit)
+    f = r.factors()
+    b, a = f.B.astype(np.float64), f.A.astype(np.float64)
+    proj = np.einsum("ij,ij->j", u, b) * np.einsum("ji,ji->j", a, vt)  # ⟨u_j v_jᵀ, B[:, j] A[j]⟩
+    if s_fit == "unbiased":
+        np.testing.assert_allclose(proj, s, rtol=1e-5)
+    if s_fit == "ls":  # no other S does better
+        for other in ("unbiased", "source"):
+            o = Q.encode_qsvd(u, s, vt, bits, template=m, refit=False, s_fit=other)
+            assert Q.relative_error(r, u, s, vt) <= Q.relative_error(o, u, s, vt)
+    t = Q.component_table(u, s, vt, group_size=Q.DEFAULT_GROUP_SIZE, s_fit=s_fit)
+    est = sum(float(t.err[j, t.bits.index(w)]) for j, w in enumerate(bits)) / float(s @ s)
+    assert Q.relative_error(r, u, s, vt) ** 2 == pytest.approx(est, rel=0.25)
+    with pytest.raises(ConversionError, match="s_fit"):
+        Q.encode_qsvd(u, s, vt, bits, template=m, s_fit="median")

@@ -54,13 +54,14 @@ def test_in_memory_records_and_rank_prefix(tmp_path: Path) -> None:
 
 def test_decoder_refuses_bad_values() -> None:
     m = qsvd_vectors.adapter().modules["model.layers.0.self_attn.k_proj"]
-    m.tensors["scales"] = m.tensors["scales"].copy()
-    m.tensors["scales"][1] = np.float16(np.nan)
+    data = m.tensors["data"].copy()
+    data[6:8] = np.frombuffer(np.array([np.nan], "<f2").tobytes(), np.uint8)  # component 0's second scale
+    m.tensors["data"] = data
     with pytest.raises(RecordError, match="scales"):
         decoders.decode(m, torch.device("cpu"), None)
     m = qsvd_vectors.adapter().modules["model.layers.0.self_attn.k_proj"]
-    m.tensors["codes"] = m.tensors["codes"][:-1]
-    with pytest.raises(RecordError, match="codes"):
+    m.tensors["data"] = m.tensors["data"][:-1]
+    with pytest.raises(RecordError, match="data"):
         decoders.decode(m, torch.device("cpu"), None)
 
 
@@ -82,3 +83,14 @@ def test_apply_matches_numpy_delta(tmp_path: Path) -> None:
         got = model.state_dict()[f"{mod_name}.weight"] - before[f"{mod_name}.weight"]
         np.testing.assert_allclose(got.numpy(), lin[n].delta(), rtol=0, atol=1e-6)
     applied.unapply()
+
+
+def test_a_huge_group_size_decodes_without_a_huge_repeat() -> None:
+    from adapterpack.encodings import qsvd as Q
+
+    m = qsvd_vectors.adapter().modules["model.layers.0.self_attn.k_proj"]
+    u = np.linalg.qr(np.random.default_rng(0).standard_normal((33, 3)))[0]
+    vt = np.linalg.qr(np.random.default_rng(1).standard_normal((50, 3)))[0].T
+    rec = Q.encode_qsvd(u, np.array([3.0, 2.0, 1.0]), vt, [2, 5, 1], Q.MAX_GROUP_SIZE, template=m)
+    lt = decoders.decode(rec, torch.device("cpu"), None)
+    assert _bits(lt.A) == rec.factors().A.tobytes() and _bits(lt.B) == rec.factors().B.tobytes()

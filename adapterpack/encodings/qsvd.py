@@ -4,8 +4,9 @@
 descending order of the source's singular values. Component j's vectors û_j (``out`` values) and
 v̂_j (``n`` values) are stored at width ``bits[j]``: 1–8 bits with one binary16 scale per group of
 ``group_size`` values (:mod:`adapterpack.linalg.quantize`), or :data:`FLOAT` (binary16 values).
-Components lie one after the other in the ``codes`` and ``scales`` streams, so the rank-j
-truncation is a byte prefix of each (read and checked alone, spec/format.md §8.1).
+The record is one uint8 tensor, ``data``: component after component, each its singular value, its
+scales and its codes, so the rank-j truncation is a byte prefix (read and checked alone,
+spec/format.md §8.1) and a component's bytes in the file are exactly :func:`component_nbytes`.
 
 Writers (:func:`encode_qsvd`) quantize U, refit V by least squares so it absorbs U's error, quantize
 V, then refit S; :func:`component_table` gives each component's exact bytes and estimated error at
@@ -26,16 +27,20 @@ from adapterpack.encodings.base import Encoding, check_slots, layout_params, reg
 from adapterpack.errors import ConversionError, RankError, RecordError
 from adapterpack.factors import Factors
 from adapterpack.limits import MAX_FACTOR_ELEMENTS
-from adapterpack.linalg.quantize import dequantize, float16_vector, n_groups, quantize, unpack_codes
+from adapterpack.linalg.quantize import dequantize, float16_vector, n_groups, quantize_rows, unpack_codes
 
 #: Quantized widths the format allows (bits per value, plus one binary16 scale per group).
 BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
 #: The width meaning "stored as float": binary16 (IEEE half) values, no scales.
 FLOAT: int = 16
 #: Values per scale unless a writer says otherwise.
-DEFAULT_GROUP_SIZE: int = 64
+DEFAULT_GROUP_SIZE: int = 256
 #: Largest group size a record may declare (a group larger than any vector is one scale per vector).
 MAX_GROUP_SIZE: int = 1 << 30
+#: How :func:`encode_qsvd` sets S after quantizing (see there).
+S_FITS = ("ls", "unbiased", "source")
+#: The writer's defaults (:func:`encode_qsvd`, :func:`component_table`).
+DEFAULT_WRITER: dict[str, Any] = {"search": True, "refit": True, "s_fit": "ls"}
 #: Bytes of one singular value (S is binary32) and of one scale (binary16).
 S_BYTES, SCALE_BYTES = 4, 2
 
@@ -55,21 +60,34 @@ def scale_count(width: int, count: int, group_size: int) -> int:
     return 0 if width == FLOAT else n_groups(count, group_size)
 
 
-def stream_sizes(bits: Sequence[int], out: int, n: int, group_size: int) -> tuple[int, int]:
-    """(codes bytes, scale count) of components ``bits`` of an ``[out, n]`` ΔW."""
-    codes = sum(code_bytes(b, out) + code_bytes(b, n) for b in bits)
-    scales = sum(scale_count(b, out, group_size) + scale_count(b, n, group_size) for b in bits)
-    return codes, scales
-
-
 def component_nbytes(width: int, out: int, n: int, group_size: int) -> int:
-    """Stored bytes of one component: its codes, its scales and its singular value."""
+    """Stored bytes of one component (its slice of the ``data`` stream): its singular value, scales and codes."""
     return (
-        code_bytes(width, out)
-        + code_bytes(width, n)
+        S_BYTES
         + SCALE_BYTES * (scale_count(width, out, group_size) + scale_count(width, n, group_size))
-        + S_BYTES
+        + code_bytes(width, out)
+        + code_bytes(width, n)
     )
+
+
+def stream_bytes(bits: Sequence[int], out: int, n: int, group_size: int) -> int:
+    """Bytes of the ``data`` stream of components ``bits`` of an ``[out, n]`` ΔW."""
+    return sum(component_nbytes(b, out, n, group_size) for b in bits)
+
+
+def component_spans(bits: Sequence[int], out: int, n: int, group_size: int) -> list[tuple[int, int, int, int, int, int]]:
+    """Per component, offsets in ``data`` where its parts start: ``(S, û scales, v̂ scales, û codes, v̂ codes, end)``."""
+    spans = []
+    at = 0
+    for w in bits:
+        su = at + S_BYTES
+        sv = su + SCALE_BYTES * scale_count(w, out, group_size)
+        cu = sv + SCALE_BYTES * scale_count(w, n, group_size)
+        cv = cu + code_bytes(w, out)
+        end = cv + code_bytes(w, n)
+        spans.append((at, su, sv, cu, cv, end))
+        at = end
+    return spans
 
 
 def matrix_shape(layout: str, fan_in_fan_out: bool, base: tuple[int, ...], where: str) -> tuple[int, int]:
@@ -96,13 +114,6 @@ class ComponentTable:
     err: np.ndarray  # float64 [k, len(bits)]
     cut_err: np.ndarray  # float64 [k]
     fixed_nbytes: int
-
-
-def _quantized_vector(x: np.ndarray, width: int, group_size: int, search: bool) -> np.ndarray:
-    """What a reader decodes for ``x`` stored at ``width`` (float64)."""
-    if width == FLOAT:
-        return float16_vector(x).astype(np.float64)
-    return quantize(x, width, group_size, search=search).values
 
 
 def _check_width(width: Any, where: str, error: type[Exception]) -> int:
@@ -132,46 +143,81 @@ def _svd_inputs(u: Any, s: Any, vt: Any) -> tuple[np.ndarray, np.ndarray, np.nda
     return u, s, vt
 
 
+def _cos2(dot: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((a > 0) & (b > 0), dot * dot / np.where((a > 0) & (b > 0), a * b, 1.0), 0.0)
+
+
 def component_table(
-    u: Any, s: Any, vt: Any, bits: Sequence[int] = (*BITS, FLOAT), group_size: int = DEFAULT_GROUP_SIZE, *, search: bool = True
+    u: Any,
+    s: Any,
+    vt: Any,
+    bits: Sequence[int] = (*BITS, FLOAT),
+    group_size: int = DEFAULT_GROUP_SIZE,
+    *,
+    search: bool | None = None,
+    s_fit: str | None = None,
 ) -> ComponentTable:
     """Bytes and estimated squared Frobenius error of every component of ``u·diag(s)·vt`` at every width in ``bits``.
 
-    The error of component j at width b is ``s_j² · (1 − cos²(u_j, û_j) · cos²(v_j, v̂_j))``: its own error
-    once S is refit (:func:`encode_qsvd` refits S), ignoring cross terms between components, which the
-    least-squares refits keep small. ``nbytes`` is exact (codes, scales and S); the record's container
-    overhead (index, blob alignment) is not in it.
+    Component j's own error at width b, with ``c = cos²(u_j, û_j) · cos²(v_j, v̂_j)``, for the S that
+    :func:`encode_qsvd` writes with the same ``search`` and ``s_fit`` (default: the writer's defaults):
+    ``s_j²·(1 − c)`` for least squares, ``s_j²·(1/c − 1)`` for unbiased, ``s_j²·‖u_jv_jᵀ − û_jv̂_jᵀ‖²`` for
+    the source's S; cross terms between components are ignored. ``nbytes`` is exact (each component's slice
+    of ``data``); the record's container overhead (index entry, blob alignment) is not in it.
     """
+    search = DEFAULT_WRITER["search"] if search is None else search
+    s_fit = s_fit or DEFAULT_WRITER["s_fit"]
     u, s, vt = _svd_inputs(u, s, vt)
     widths = tuple(_check_width(b, "component_table", ConversionError) for b in bits)
     g = _check_group_size(group_size, "component_table", ConversionError)
     out, n, k = u.shape[0], vt.shape[1], s.size
     nbytes = np.array([[component_nbytes(b, out, n, g) for b in widths] for _ in range(k)], dtype=np.int64).reshape(k, len(widths))
     err = np.zeros((k, len(widths)))
-    for j in range(k):
-        uj, vj = u[:, j], vt[j]
-        nu, nv = float(uj @ uj), float(vj @ vj)
-        for c, b in enumerate(widths):
-            qu, qv = _quantized_vector(uj, b, g, search), _quantized_vector(vj, b, g, search)
-            du, dv = float(qu @ qu), float(qv @ qv)
-            cu = float(uj @ qu) ** 2 / (nu * du) if nu > 0 and du > 0 else 0.0
-            cv = float(vj @ qv) ** 2 / (nv * dv) if nv > 0 and dv > 0 else 0.0
-            err[j, c] = s[j] ** 2 * max(0.0, 1.0 - cu * cv)
+    nu, nv = np.sum(u[:, :k] ** 2, axis=0), np.sum(vt[:k] ** 2, axis=1)
+    for c, b in enumerate(widths):
+        qu = _store_rows(u[:, :k].T, [b] * k, g, search)[2]
+        qv = _store_rows(vt[:k], [b] * k, g, search)[2]
+        du, dv = np.sum(u[:, :k].T * qu, axis=1), np.sum(vt[:k] * qv, axis=1)
+        nqu, nqv = np.sum(qu * qu, axis=1), np.sum(qv * qv, axis=1)
+        cos2 = _cos2(du, nu, nqu) * _cos2(dv, nv, nqv)
+        if s_fit == "ls":
+            own = 1.0 - cos2
+        elif s_fit == "unbiased":
+            own = 1.0 / np.maximum(cos2, 1e-12) - 1.0
+        else:
+            own = nu * nv - 2.0 * du * dv + nqu * nqv
+        err[:, c] = s[:k] ** 2 * np.maximum(0.0, own)
     return ComponentTable(bits=widths, nbytes=nbytes, err=err, cut_err=s**2, fixed_nbytes=0)
 
 
 # --- the writer --------------------------------------------------------------------------------------
 
 
-def _store(x: np.ndarray, width: int, group_size: int, search: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(codes bytes, scales, decoded values) of one vector at ``width``."""
-    if width == FLOAT:
-        h = float16_vector(x)
-        if not np.all(np.isfinite(h)):
-            raise ConversionError("qsvd: a singular vector overflows binary16")
-        return np.frombuffer(h.astype("<f2").tobytes(), dtype=np.uint8), np.zeros(0, np.float16), h.astype(np.float64)
-    q = quantize(x, width, group_size, search=search)
-    return q.codes, q.scales, q.values
+def _store_rows(
+    x: np.ndarray, widths: Sequence[int], group_size: int, search: bool
+) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Row j of ``x`` [k, N] at ``widths[j]``: (codes bytes per row, scales per row, decoded values [k, N] float64);
+    rows of one width are quantized together."""
+    k, count = x.shape
+    codes: list[np.ndarray] = [np.zeros(0, np.uint8)] * k
+    scales: list[np.ndarray] = [np.zeros(0, np.float16)] * k
+    values = np.zeros((k, count))
+    for w in sorted(set(widths)):
+        rows = [j for j in range(k) if widths[j] == w]
+        if w == FLOAT:
+            h = float16_vector(x[rows])
+            if not np.all(np.isfinite(h)):
+                raise ConversionError("qsvd: a singular vector overflows binary16")
+            values[rows] = h.astype(np.float64)
+            for i, j in enumerate(rows):
+                codes[j] = np.frombuffer(h[i].astype("<f2").tobytes(), dtype=np.uint8)
+            continue
+        q = quantize_rows(x[rows], w, group_size, search=search)
+        values[rows] = q.values
+        for i, j in enumerate(rows):
+            codes[j], scales[j] = q.codes[i], q.scales[i]
+    return codes, scales, values
 
 
 def _solve(gram: np.ndarray, rhs: np.ndarray) -> np.ndarray:
@@ -192,15 +238,24 @@ def encode_qsvd(
     group_size: int = DEFAULT_GROUP_SIZE,
     *,
     template: Module,
-    search: bool = True,
-    refit: bool = True,
+    search: bool | None = None,
+    refit: bool | None = None,
+    s_fit: str | None = None,
 ) -> Module:
     """A qsvd record of the first ``len(bits)`` components of ``ΔW = u·diag(s)·vt`` (all of u, s, vt is the target).
 
     ``template`` gives the name, base_shape and layout params. ``search`` picks each group's scale by
     minimum squared error (else round-to-nearest from the group max); ``refit`` refits V by least
-    squares after U is quantized and S after both are (else S and V are the source's).
+    squares after U is quantized (else V is the source's). ``s_fit`` sets S once both are quantized:
+    ``"ls"`` least squares (least Frobenius error), ``"unbiased"`` each component's projection on its
+    source direction kept (``S_j = s_j / ((u_jᵀû_j)(v_jᵀv̂_j))``), ``"source"`` the source's S.
+    Unset options take :data:`DEFAULT_WRITER`'s.
     """
+    search = DEFAULT_WRITER["search"] if search is None else search
+    refit = DEFAULT_WRITER["refit"] if refit is None else refit
+    s_fit = s_fit or DEFAULT_WRITER["s_fit"]
+    if s_fit not in S_FITS:
+        raise ConversionError(f"qsvd: s_fit must be one of {S_FITS}, got {s_fit!r}")
     u, s, vt = _svd_inputs(u, s, vt)
     where = f"module {template.name!r}"
     widths = [_check_width(b, where, ConversionError) for b in bits]
@@ -216,8 +271,8 @@ def encode_qsvd(
         )
     if np.any(np.abs(u[:, :k]) > 1.0 + 1e-6) or np.any(np.abs(vt[:k]) > 1.0 + 1e-6):
         raise ConversionError(f"{where}: singular vectors must be unit vectors (|entries| <= 1)")
-    uq = [_store(u[:, j], b, g, search) for j, b in enumerate(widths)]
-    uh = np.stack([q[2] for q in uq], axis=1) if k else np.zeros((out, 0))
+    uc, us, uv = _store_rows(u[:, :k].T, widths, g, search)
+    uh = uv.T  # [out, k]
     if refit and k:
         # V absorbing U's error: argmin_M ‖u·diag(s)·vt − Û·Mᵀ‖ = vtᵀ·diag(s)·(uᵀÛ)·(ÛᵀÛ)⁻¹, k×k products only
         m = vt.T @ (s[:, None] * (u.T @ uh))
@@ -226,41 +281,40 @@ def encode_qsvd(
         v_src = np.where(sig > 0, m / np.where(sig > 0, sig, 1.0), vt[:k].T).T  # [k, n]
     else:
         sig, v_src = s[:k].copy(), vt[:k]
-    vq = [_store(v_src[j], b, g, search) for j, b in enumerate(widths)]
-    vh = np.stack([q[2] for q in vq], axis=1) if k else np.zeros((n, 0))
-    if refit and k:
+    vc, vs, vv = _store_rows(np.asarray(v_src).reshape(k, n), widths, g, search)
+    vh = vv.T  # [n, k]
+    if s_fit == "ls" and k:
         gram = (uh.T @ uh) * (vh.T @ vh)
         rhs = np.einsum("ji,ij->j", uh.T @ u, s[:, None] * (vt @ vh))
         sig = _solve(gram, rhs)
+    elif s_fit == "unbiased" and k:
+        # ⟨u_j v_jᵀ, S_j û_j v̂_jᵀ⟩ = s_j: the component keeps its own direction's weight (no least-squares shrinkage)
+        proj = np.sum(u[:, :k] * uh, axis=0) * np.sum(vt[:k] * vh.T, axis=1)
+        sig = np.where(np.abs(proj) > 1e-12, s[:k] / np.where(np.abs(proj) > 1e-12, proj, 1.0), 0.0)
+    elif s_fit == "source" and refit and k:
+        sig = s[:k].copy()
     sig = np.where(np.isfinite(sig), sig, 0.0)
-    codes: list[np.ndarray] = []
-    scales: list[np.ndarray] = []
+    parts: list[np.ndarray] = []
     for j, b in enumerate(widths):
-        vc = vq[j][0]
+        vcj = vc[j]
         if sig[j] < 0:  # keep S >= 0: negate v̂_j exactly (code c -> 2^b − 1 − c; FLOAT: the sign bit)
-            vc = _negated(vc, b, n)
+            vcj = _negated(vcj, b, n)
             sig[j] = -sig[j]
-        codes += [uq[j][0], vc]
-        scales += [uq[j][1], vq[j][1]]
+        sj = np.asarray([sig[j]], dtype="<f4")
+        if not np.all(np.isfinite(sj)):
+            raise ConversionError(f"{where}: a refit singular value overflows binary32")
+        parts += [_bytes(sj), _bytes(us[j].astype("<f2")), _bytes(vs[j].astype("<f2")), uc[j], vcj]
     params: dict[str, Any] = {"rank": k, "bits": widths, "group_size": g}
     if layout != "linear":
         params["layout"] = layout
     if fifo:
         params["fan_in_fan_out"] = True
-    s32 = sig.astype(np.float32)
-    if not np.all(np.isfinite(s32)):
-        raise ConversionError(f"{where}: a refit singular value overflows binary32")
-    return Module(
-        template.name,
-        ENCODING_ID,
-        tuple(template.base_shape),
-        params,
-        {
-            "S": s32,
-            "codes": np.concatenate(codes) if codes else np.zeros(0, np.uint8),
-            "scales": np.concatenate(scales).astype(np.float16) if scales else np.zeros(0, np.float16),
-        },
-    )
+    data = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    return Module(template.name, ENCODING_ID, tuple(template.base_shape), params, {"data": data})
+
+
+def _bytes(x: np.ndarray) -> np.ndarray:
+    return np.frombuffer(np.ascontiguousarray(x).tobytes(), dtype=np.uint8)
 
 
 def _negated(codes: np.ndarray, width: int, count: int) -> np.ndarray:
@@ -291,7 +345,7 @@ def relative_error(module: Module, u: Any, s: Any, vt: Any) -> float:
 
 
 def check_values(module: Module, name: str, x: np.ndarray) -> None:
-    """Refuse non-finite or negative S / scales (spec/qsvd.md §2)."""
+    """Refuse non-finite or negative singular values / scales (spec/qsvd.md §2)."""
     x64 = np.asarray(x).astype(np.float64)
     if x64.size and (not np.all(np.isfinite(x64)) or np.any(x64 < 0)):
         raise RecordError(f"module {module.name!r}: {name} must be finite and >= 0")
@@ -312,18 +366,21 @@ class RecordPlan:
     def rank(self) -> int:
         return len(self.bits)
 
-    def sizes(self, rank: int | None = None) -> tuple[int, int]:
-        """(codes bytes, scale count) of the first ``rank`` components (all by default)."""
-        return stream_sizes(self.bits[: self.rank if rank is None else rank], self.out, self.n, self.group_size)
+    def nbytes(self, rank: int | None = None) -> int:
+        """Bytes of ``data`` holding the first ``rank`` components (all by default)."""
+        return stream_bytes(self.bits[: self.rank if rank is None else rank], self.out, self.n, self.group_size)
 
-    def check_shapes(self, where: str, s: Sequence[int], codes: Sequence[int], scales: Sequence[int]) -> None:
-        """Refuse tensors whose shapes are not those the params need (spec/qsvd.md §1)."""
-        nc, ns = self.sizes()
-        k = self.rank
-        if list(s) != [k] or list(codes) != [nc] or list(scales) != [ns]:
+    def spans(self) -> list[tuple[int, int, int, int, int, int]]:
+        """:func:`component_spans` of the record."""
+        return component_spans(self.bits, self.out, self.n, self.group_size)
+
+    def check_data(self, where: str, dtype: str, shape: Sequence[int]) -> None:
+        """Refuse a ``data`` tensor that is not the uint8 stream the params need (spec/qsvd.md §1)."""
+        want = self.nbytes()
+        if dtype != "uint8" or list(shape) != [want]:
             raise RecordError(
-                f"{where}: rank {k}, bits and group_size {self.group_size} of a [{self.out}, {self.n}] ΔW need S [{k}], "
-                f"codes [{nc}] and scales [{ns}]; got {list(s)}, {list(codes)}, {list(scales)}"
+                f"{where}: rank {self.rank}, bits and group_size {self.group_size} of a [{self.out}, {self.n}] ΔW need "
+                f"data as uint8 [{want}]; got {dtype} {list(shape)}"
             )
 
 
@@ -357,52 +414,42 @@ class Qsvd(Encoding):
     """ΔW = Σ_j S_j·û_j·v̂_jᵀ with û_j, v̂_j at width bits[j]; any rank j ≤ k is a prefix of each tensor."""
 
     encoding_id = ENCODING_ID
-    slots: ClassVar[dict[str, bool]] = {"S": True, "codes": True, "scales": True}
-    prefix_slots: ClassVar[tuple[str, ...]] = ("codes", "scales")
+    slots: ClassVar[dict[str, bool]] = {"data": True}
+    prefix_slots: ClassVar[tuple[str, ...]] = ("data",)
 
     def validate(self, module: Module) -> None:
-        where = f"module {module.name!r}"
-        check_slots(module, self.slots, "qsvd needs tensors S, codes and scales")
+        check_slots(module, self.slots, "qsvd needs one tensor, data")
         plan = record_plan(module)
-        (sdt, ssh), (cdt, csh), (gdt, gsh) = (tensor_info(module.tensors[x]) for x in ("S", "codes", "scales"))
-        if (sdt, cdt, gdt) != ("float32", "uint8", "float16"):
-            raise RecordError(f"{where}: S must be float32, codes uint8 and scales float16; got {sdt}, {cdt}, {gdt}")
-        plan.check_shapes(where, ssh, csh, gsh)
+        plan.check_data(f"module {module.name!r}", *tensor_info(module.tensors["data"]))
 
     def to_factors(self, module: Module) -> Factors:
         """B[:, j] = û_j·√S_j, A[j] = √S_j·v̂_j in float32, scale 1 (√S_j computed in binary64, rounded to binary32)."""
         self.validate(module)
         plan = record_plan(module)
-        layout, fifo, out, n, bits, g = plan.layout, plan.fan_in_fan_out, plan.out, plan.n, plan.bits, plan.group_size
-        s = np.asarray(module.array("S"))
-        scales = np.asarray(module.array("scales"))
-        codes = np.asarray(module.array("codes"))
-        check_values(module, "singular values S", s)
-        check_values(module, "scales", scales)
-        root = np.sqrt(s.astype(np.float64)).astype(np.float32)
-        a = np.zeros((len(bits), n), np.float32)
-        b = np.zeros((out, len(bits)), np.float32)
-        at, st = 0, 0
-        for j, w in enumerate(bits):
+        out, n, g = plan.out, plan.n, plan.group_size
+        data = np.asarray(module.array("data"))
+        a = np.zeros((plan.rank, n), np.float32)
+        b = np.zeros((out, plan.rank), np.float32)
+        for j, (w, (s0, su, sv, cu, cv, end)) in enumerate(zip(plan.bits, plan.spans(), strict=True)):
+            s = np.frombuffer(data[s0:su].tobytes(), dtype="<f4")
+            check_values(module, f"component {j}: singular value", s)
+            scales = np.frombuffer(data[su:cu].tobytes(), dtype="<f2")
+            check_values(module, f"component {j}: scales", scales)
             vecs = []
-            for count in (out, n):
-                nb = code_bytes(w, count)
-                seg = codes[at : at + nb]
-                at += nb
+            for count, (c0, c1), (g0, g1) in ((out, (cu, cv), (su, sv)), (n, (cv, end), (sv, cu))):
                 if w == FLOAT:
-                    x = np.frombuffer(seg.tobytes(), dtype="<f2").astype(np.float32)
+                    x = np.frombuffer(data[c0:c1].tobytes(), dtype="<f2").astype(np.float32)
                     if not np.all(np.isfinite(x)):
                         raise RecordError(f"module {module.name!r}: component {j} holds non-finite float values")
                 else:
-                    ns = n_groups(count, g)
-                    x = dequantize(unpack_codes(seg, w, count), scales[st : st + ns], w, g)
-                    st += ns
+                    sc = scales[(g0 - su) // SCALE_BYTES : (g1 - su) // SCALE_BYTES]
+                    x = dequantize(unpack_codes(data[c0:c1], w, count), sc, w, g)
                 vecs.append(x)
-            b[:, j] = vecs[0] * root[j]
-            a[j] = root[j] * vecs[1]
-        return Factors(
-            A=a, B=b, scale=1.0, base_shape=tuple(module.base_shape), transpose=layout == "embedding" or fifo, layout=layout
-        )
+            root = np.float32(np.sqrt(np.float64(s[0])))
+            b[:, j] = vecs[0] * root
+            a[j] = root * vecs[1]
+        transpose = plan.layout == "embedding" or plan.fan_in_fan_out
+        return Factors(A=a, B=b, scale=1.0, base_shape=tuple(module.base_shape), transpose=transpose, layout=plan.layout)
 
     def summary(self, module: Module) -> dict[str, Any]:
         p = module.params
@@ -415,17 +462,12 @@ class Qsvd(Encoding):
         }
 
     def truncate(self, module: Module, rank: int) -> Module:
-        """The record cut to its first ``min(rank, k)`` components (prefix views of S, codes and scales; nothing read)."""
+        """The record cut to its first ``min(rank, k)`` components (a prefix view of data; nothing read)."""
         self.validate(module)
         plan = record_plan(module)
         j = max(0, min(int(rank), plan.rank))
         bits = list(plan.bits[:j])
-        nc, ns = plan.sizes(j)
-        tensors = {
-            "S": _prefix(module.tensors["S"], j),
-            "codes": _prefix(module.tensors["codes"], nc),
-            "scales": _prefix(module.tensors["scales"], ns),
-        }
+        tensors = {"data": _prefix(module.tensors["data"], plan.nbytes(j))}
         return Module(
             module.name,
             self.encoding_id,

@@ -21,22 +21,26 @@ import numpy as np
 
 #: Fractions of the max-based scale tried by the search (1.0 is round-to-nearest from the group's max).
 SEARCH = np.linspace(0.25, 1.0, 31)
+#: Least-squares (Lloyd) refinements of the best grid scale.
+REFINE = 2
 
 
 @dataclass(frozen=True)
 class Quantized:
-    """One vector quantized: packed codes, per-group binary16 scales, and the values they decode to."""
+    """Vectors quantized (one per row): packed codes, per-group binary16 scales, and the values they decode to."""
 
-    codes: np.ndarray  # uint8 [ceil(N·b/8)]
-    scales: np.ndarray  # float16 [ceil(N/g)]
-    values: np.ndarray  # float64 [N], exactly what a reader decodes (in binary32 arithmetic, exact)
+    codes: np.ndarray  # uint8 [ceil(N·b/8)], or [R, ceil(N·b/8)] for rows: each row byte-padded on its own
+    scales: np.ndarray  # float16 [ceil(N/g)] or [R, ceil(N/g)]
+    values: np.ndarray  # float64 [N] or [R, N], exactly what a reader decodes (in binary32 arithmetic, exact)
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
-    """``codes`` (ints in ``[0, 2^bits)``) packed LSB first into ``ceil(N·bits/8)`` bytes."""
-    c = np.asarray(codes, dtype=np.uint8).reshape(-1)
-    planes = (c[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
-    return np.packbits(planes.reshape(-1), bitorder="little")
+    """``codes`` (ints in ``[0, 2^bits)``) packed LSB first into ``ceil(N·bits/8)`` bytes (per row, for 2-D codes)."""
+    c = np.asarray(codes, dtype=np.uint8)
+    rows = c.reshape(-1, c.shape[-1]) if c.ndim else c.reshape(1, 1)
+    planes = (rows[:, :, None] >> np.arange(bits, dtype=np.uint8)) & 1
+    packed = np.packbits(planes.reshape(rows.shape[0], -1), axis=1, bitorder="little")
+    return packed if c.ndim == 2 else packed.reshape(-1)
 
 
 def unpack_codes(data: np.ndarray, bits: int, count: int) -> np.ndarray:
@@ -55,7 +59,8 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, bits: int, group_size: int
     """float32 values ``scale · (2c − (2^b − 1))`` of unpacked ``codes`` (exact in binary32: an at most 9-bit
     odd integer times a binary16 scale)."""
     levels = (2 * np.asarray(codes, dtype=np.int32) - ((1 << bits) - 1)).astype(np.float32)
-    per_value = np.repeat(np.asarray(scales, dtype=np.float16).astype(np.float32), group_size)[: levels.size]
+    # a group larger than the vector is the whole vector: never repeat a scale more times than there are values
+    per_value = np.repeat(np.asarray(scales, dtype=np.float16).astype(np.float32), min(group_size, levels.size))[: levels.size]
     return levels * per_value
 
 
@@ -71,33 +76,42 @@ def quantize(x: np.ndarray, bits: int, group_size: int, *, search: bool = True) 
 
     ``search=False`` is plain round-to-nearest with the scale from each group's max |x|.
     """
-    x = np.asarray(x, dtype=np.float64).reshape(-1)
-    n, g, top = x.size, int(group_size), (1 << bits) - 1
-    groups = n_groups(n, g)
-    pad = np.zeros(groups * g)
-    pad[:n] = x
-    xs = pad.reshape(groups, g)
-    mask = (np.arange(groups * g) < n).reshape(groups, g)
-    base = np.max(np.abs(xs), axis=1) / top  # [G] round-to-nearest scale
-    if search and bits >= 1:
-        cand = np.concatenate([base[:, None] * SEARCH[None, :]], axis=1)  # [G, C]
-        ls = _ls_scales(xs, mask, base, top)  # least-squares scale for RTN's codes
-        cand = np.concatenate([cand, ls[:, None]], axis=1)
+    q = quantize_rows(np.asarray(x, dtype=np.float64).reshape(1, -1), bits, group_size, search=search)
+    return Quantized(q.codes[0], q.scales[0], q.values[0])
+
+
+def quantize_rows(x: np.ndarray, bits: int, group_size: int, *, search: bool = True) -> Quantized:
+    """Each row of ``x`` [R, N] quantized as :func:`quantize` does (all rows at once)."""
+    x = np.asarray(x, dtype=np.float64)
+    r, n = x.shape
+    g, top = int(group_size), (1 << bits) - 1
+    gcount = n_groups(n, g)
+    width = min(g, n) if gcount == 1 else g  # one group per row: no padding beyond the row
+    pad = np.zeros((r, gcount * width))
+    pad[:, :n] = x
+    xs = pad.reshape(r * gcount, width)
+    mask = np.broadcast_to((np.arange(gcount * width) < n).reshape(gcount, width), (r, gcount, width)).reshape(r * gcount, width)
+    base = np.max(np.abs(xs), axis=1) / top  # round-to-nearest scale
+    if search:
+        groups = xs.shape[0]
+        cand = np.concatenate([base[:, None] * SEARCH[None, :], _ls_scales(xs, mask, base, top)[:, None]], axis=1)
         cand = cand.astype(np.float16).astype(np.float64)
         err = np.stack([_sse(xs, mask, cand[:, i], top) for i in range(cand.shape[1])], axis=1)
-        best = cand[np.arange(groups), np.argmin(err, axis=1)]
-        # one least-squares refinement of the chosen codes' scale, kept where it lowers the error
-        ref = _ls_scales(xs, mask, best, top).astype(np.float16).astype(np.float64)
-        better = _sse(xs, mask, ref, top) < _sse(xs, mask, best, top)
-        d = np.where(better, ref, best)
+        pick = np.argmin(err, axis=1)
+        d, best_err = cand[np.arange(groups), pick], err[np.arange(groups), pick]
+        # Lloyd steps: the least-squares scale of the current codes, new codes, kept where the error drops
+        for _ in range(REFINE):
+            ref = _ls_scales(xs, mask, d, top).astype(np.float16).astype(np.float64)
+            ref_err = _sse(xs, mask, ref, top)
+            better = ref_err < best_err
+            d, best_err = np.where(better, ref, d), np.where(better, ref_err, best_err)
     else:
         d = base.astype(np.float16).astype(np.float64)
     d = np.where(np.isfinite(d), d, 0.0)
-    codes = _codes_for(xs, d[:, None], top).astype(np.uint8)
-    scales = d.astype(np.float16)
-    flat = codes.reshape(-1)[:n]
-    values = dequantize(flat, scales, bits, g).astype(np.float64)
-    return Quantized(pack_codes(flat, bits), scales, values)
+    codes = _codes_for(xs, d[:, None], top).astype(np.uint8).reshape(r, gcount * width)[:, :n]
+    scales = d.astype(np.float16).reshape(r, gcount)
+    values = (2.0 * codes - top) * np.repeat(scales.astype(np.float64), width, axis=1)[:, :n]
+    return Quantized(pack_codes(codes, bits), scales, values)
 
 
 def _sse(xs: np.ndarray, mask: np.ndarray, d: np.ndarray, top: int) -> np.ndarray:

@@ -94,28 +94,31 @@ def qsvd_matrix_shape(m: dict[str, Any]) -> tuple[int, int]:
 
 
 def qsvd_delta(m: dict[str, Any], get: Array = array) -> np.ndarray:
-    """spec/qsvd.md §2: Σ_j S_j·û_j·v̂_jᵀ from the codes and scales streams, in the base weight's layout."""
+    """spec/qsvd.md §2: Σ_j S_j·û_j·v̂_jᵀ from the data stream, in the base weight's layout."""
     p, t = m["params"], m["tensors"]
     out, n = qsvd_matrix_shape(m)
     g = p["group_size"]
-    s, scales = _f64(t["S"], get), _f64(t["scales"], get)
-    data = np.asarray(get(t["codes"])).astype(np.uint8).tobytes()
+    data = np.asarray(get(t["data"])).astype(np.uint8).tobytes()
     d = np.zeros((out, n))
-    at = sc = 0
-    for j, width in enumerate(p["bits"]):
+    at = 0
+
+    def take(nbytes: int) -> bytes:
+        nonlocal at
+        at += nbytes
+        return data[at - nbytes : at]
+
+    for width in p["bits"]:
+        s = float(np.frombuffer(take(4), dtype="<f4")[0])
+        groups = (0, 0) if width == 16 else (-(-out // g), -(-n // g))
+        scales = [np.frombuffer(take(2 * c), dtype="<f2").astype(np.float64) for c in groups]
         vecs = []
-        for count in (out, n):
-            nbytes = 2 * count if width == 16 else -(-count * width // 8)
-            chunk = data[at : at + nbytes]
-            at += nbytes
+        for count, sc in zip((out, n), scales):
             if width == 16:
-                vecs.append(np.frombuffer(chunk, dtype="<f2").astype(np.float64))
+                vecs.append(np.frombuffer(take(2 * count), dtype="<f2").astype(np.float64))
                 continue
-            groups = -(-count // g)
-            stream, mask = int.from_bytes(chunk, "little"), (1 << width) - 1
-            vecs.append(np.array([scales[sc + i // g] * (2 * ((stream >> (i * width)) & mask) - mask) for i in range(count)]))
-            sc += groups
-        d += s[j] * np.outer(vecs[0], vecs[1])
+            stream, mask = int.from_bytes(take(-(-count * width // 8)), "little"), (1 << width) - 1
+            vecs.append(np.array([sc[i // g] * (2 * ((stream >> (i * width)) & mask) - mask) for i in range(count)]))
+        d += s * np.outer(vecs[0], vecs[1])
     return (d.T if _transposed(p) else d).reshape(m["base_shape"])
 
 

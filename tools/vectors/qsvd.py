@@ -62,32 +62,36 @@ def _huge(index: dict[str, Any]) -> None:
 
 
 def _flip_in_first_component(path: Path) -> None:
-    """Flip one bit of q_proj's codes inside its first component (float, 320 bytes): the bytes a rank-1 read returns."""
+    """Flip one bit of q_proj's data inside its first component (float, 324 bytes): the bytes a rank-1 read returns."""
     raw = bytearray(path.read_bytes())
     length = struct.unpack_from("<Q", raw, 16)[0]
     index = json.loads(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length])
-    blob = index["blobs"][_module(index)["tensors"]["codes"]]
+    blob = index["blobs"][_module(index)["tensors"]["data"]]
     assert blob["codec"]["id"] == "raw" and KEY in blob, blob
     raw[align_up(PREAMBLE_SIZE + length, 256) + blob["offset"] + 101] ^= 0x04
     path.write_bytes(bytes(raw))
 
 
-def _with(change: Callable[[Module], None]) -> Adapter:
+def _with_bytes(offset: int, value: bytes) -> Adapter:
+    """The adapter with k_proj's data bytes at ``offset`` replaced by ``value`` (a valid record on open)."""
     a = adapter()
-    change(a.modules["model.layers.0.self_attn.k_proj"])
+    m = a.modules["model.layers.0.self_attn.k_proj"]
+    data = m.tensors["data"].copy()
+    data[offset : offset + len(value)] = np.frombuffer(value, dtype=np.uint8)
+    m.tensors["data"] = data
     return a
 
 
 def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
-    """qsvd_raw (every width, layouts, short last groups, rank 0; raw codes and scales with prefix checkpoints)
-    and the refusals: bad width, bits miscounted, group size 0, codes not matching the params, a huge shape,
+    """qsvd_raw (every width, layouts, short last groups, rank 0; a raw data blob with prefix checkpoints)
+    and the refusals: bad width, bits miscounted, group size 0, data not matching the params, a huge shape,
     negative S, a non-finite scale, a damaged rank-1 prefix."""
     from tools.make_vectors import _craft
 
     readable(
         "qsvd_raw",
         "qsvd records: widths 1-8 and float (16), group sizes 5/7/10/16/64 with short last groups, linear, embedding, "
-        "fan_in_fan_out, conv, rank 0; raw codes and scales blobs with prefix_crc32c",
+        "fan_in_fan_out, conv, rank 0; raw data blobs with prefix_crc32c",
         [adapter()],
         "raw",
     )
@@ -114,7 +118,7 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
     )
     refused(
         "qsvd_codes_short",
-        "a qsvd record whose widths need more code bytes than its codes blob holds (the last width raised 1 -> 2)",
+        "a qsvd record whose widths need more bytes than its data blob holds (the last width raised 1 -> 2)",
         [adapter()],
         "RecordError",
         lambda p: _craft(p, _set_param("bits", [16, 8, 7, 6, 5, 4, 3, 2, 2]), minor=4),
@@ -129,20 +133,20 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
     refused(
         "qsvd_s_negative",
         "a qsvd record with a negative singular value (readers must refuse S when they read it)",
-        [_with(lambda m: m.tensors.update(S=m.tensors["S"] * np.float32(-1)))],
+        [_with_bytes(0, np.array([-0.5], "<f4").tobytes())],  # component 0's singular value
         "RecordError",
         lambda p: None,
     )
     refused(
         "qsvd_scale_not_finite",
         "a qsvd record with an infinite scale (readers must refuse scales when they read them)",
-        [_with(lambda m: m.tensors["scales"].__setitem__(0, np.inf))],
+        [_with_bytes(4, np.array([np.inf], "<f2").tobytes())],  # component 0's first scale
         "RecordError",
         lambda p: None,
     )
     refused(
         "qsvd_prefix_bit_flip",
-        "one bit flipped in the first component of a raw codes blob (prefix_crc32c): refused when opened at rank 1, "
+        "one bit flipped in the first component of a raw data blob (prefix_crc32c): refused when opened at rank 1, "
         "by its first checkpoints, as by a whole read",
         [adapter()],
         "ChecksumError",

@@ -9,11 +9,15 @@ from __future__ import annotations
 import torch
 
 from adapterpack.adapter import Module
-from adapterpack.encodings.qsvd import FLOAT, code_bytes, record_plan
+from adapterpack.encodings.qsvd import FLOAT, record_plan
 from adapterpack.errors import RecordError
 from adapterpack.factors import Factors
-from adapterpack.linalg.quantize import n_groups
 from adapterpack.torch.decoders.base import register_torch_decoder, slot
+
+
+def _view(data: torch.Tensor, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+    """Bytes ``[start, end)`` of ``data`` as little-endian ``dtype`` values (copied: the offset may be unaligned)."""
+    return data[start:end].clone().view(dtype)
 
 
 def _check(module: Module, name: str, x: torch.Tensor) -> None:
@@ -34,45 +38,36 @@ def _unpack(seg: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 def decode_qsvd(module: Module, device: torch.device, dtype: torch.dtype | None) -> Factors:
     """A ``[k, n]`` and B ``[out, k]`` in float32 on ``device`` (cast to ``dtype`` afterwards when one is asked for)."""
     plan = record_plan(module)
-    layout, fifo, out, n, bits, g = plan.layout, plan.fan_in_fan_out, plan.out, plan.n, plan.bits, plan.group_size
-    s = slot(module, "S", device, None)
-    scales = slot(module, "scales", device, None)
-    codes = slot(module, "codes", device, None)
-    if (s.dtype, codes.dtype, scales.dtype) != (torch.float32, torch.uint8, torch.float16):
-        raise RecordError(f"module {module.name!r}: S must be float32, codes uint8 and scales float16")
-    plan.check_shapes(f"module {module.name!r}", s.shape, codes.shape, scales.shape)
-    _check(module, "singular values S", s)
-    _check(module, "scales", scales)
-    root = s.to(torch.float64).sqrt().to(torch.float32)
-    scales32 = scales.to(torch.float32)
-    a = torch.zeros((len(bits), n), dtype=torch.float32, device=device)
-    b = torch.zeros((out, len(bits)), dtype=torch.float32, device=device)
-    at = st = 0
-    for j, w in enumerate(bits):
+    out, n, g = plan.out, plan.n, plan.group_size
+    data = slot(module, "data", device, None)
+    if data.dtype != torch.uint8:
+        raise RecordError(f"module {module.name!r}: qsvd data must be uint8, got {data.dtype}")
+    plan.check_data(f"module {module.name!r}", "uint8", tuple(data.shape))
+    a = torch.zeros((plan.rank, n), dtype=torch.float32, device=device)
+    b = torch.zeros((out, plan.rank), dtype=torch.float32, device=device)
+    for j, (w, (s0, su, sv, cu, cv, end)) in enumerate(zip(plan.bits, plan.spans(), strict=True)):
+        s = _view(data, s0, su, torch.float32)
+        _check(module, f"component {j}: singular value", s)
+        scales = _view(data, su, cu, torch.float16)
+        _check(module, f"component {j}: scales", scales)
+        scales32 = scales.to(torch.float32)
         vecs = []
-        for count in (out, n):
-            nb = code_bytes(w, count)
-            seg = codes[at : at + nb]
-            at += nb
+        for count, (c0, c1), (g0, g1) in ((out, (cu, cv), (su, sv)), (n, (cv, end), (sv, cu))):
             if w == FLOAT:
-                x = seg.clone().view(torch.float16).to(torch.float32)
+                x = _view(data, c0, c1, torch.float16).to(torch.float32)
                 if not bool(torch.isfinite(x).all()):
                     raise RecordError(f"module {module.name!r}: component {j} holds non-finite float values")
             else:
-                ns = n_groups(count, g)
-                levels = (2 * _unpack(seg, w, count) - ((1 << w) - 1)).to(torch.float32)
-                x = levels * scales32[st : st + ns].repeat_interleave(g)[:count]
-                st += ns
+                levels = (2 * _unpack(data[c0:c1], w, count) - ((1 << w) - 1)).to(torch.float32)
+                per_group = scales32[(g0 - su) // 2 : (g1 - su) // 2]
+                x = levels * per_group.repeat_interleave(min(g, count))[:count]
             vecs.append(x)
-        b[:, j] = vecs[0] * root[j]
-        a[j] = root[j] * vecs[1]
+        root = s.to(torch.float64).sqrt().to(torch.float32)
+        b[:, j] = vecs[0] * root
+        a[j] = root * vecs[1]
     if dtype is not None:
         a, b = a.to(dtype), b.to(dtype)
+    transpose = plan.layout == "embedding" or plan.fan_in_fan_out
     return Factors(
-        A=a,
-        B=b,
-        scale=1.0,
-        base_shape=tuple(int(d) for d in module.base_shape),
-        transpose=layout == "embedding" or fifo,
-        layout=layout,
+        A=a, B=b, scale=1.0, base_shape=tuple(int(d) for d in module.base_shape), transpose=transpose, layout=plan.layout
     )
