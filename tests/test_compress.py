@@ -337,3 +337,13 @@ def test_cache_reuses_tables_and_records_with_identical_results(monkeypatch: pyt
     assert not calls and other.file_bytes <= other.budget < first.budget
     _, fresh = comp.compress(ad, budget_ratio=1 / 8)
     assert fresh.as_dict() == other.as_dict() and calls
+
+
+def test_a_budget_above_the_float_file_takes_every_component_in_float(monkeypatch: pytest.MonkeyPatch) -> None:
+    ad = _adapter(6)
+    rounds = []
+    real = comp.fit_to_file
+    monkeypatch.setattr(comp, "fit_to_file", lambda *a, **k: rounds.append(real(*a, **k)) or rounds[-1])
+    _, rep = comp.compress(ad, 10**8)
+    assert all(m.bits == [16] * 6 for m in rep.modules) and rep.file_bytes < 10**8
+    assert rounds[0].rounds <= 3

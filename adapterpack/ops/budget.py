@@ -74,10 +74,11 @@ def fit_to_file(
         n = size(plan)
         # progress: one round of solve + measure
         if n <= budget:
+            same = best is not None and n == best.file_bytes  # more allocation changed nothing: the plan is as large as it gets
             if best is None or b > best.allocation_budget:
                 best = Fitted(plan, n, b, rounds)
             slack = budget - n
-            if slack < GROW_SLACK * budget:  # close enough: what one more round could add is a rounding
+            if same or slack < GROW_SLACK * budget:  # close enough: what one more round could add is a rounding
                 break
             b += slack  # a compressing codec can leave room: give the allocation what the file did not use
         else:
