@@ -72,7 +72,7 @@ def fit_to_file(
             break
         plan = solve(b)
         n = size(plan)
-        # progress: one round of solve + measure
+        # progress: progress.task("fit", unit="rounds"): advance(note=f"{n:,} B") per round
         if n <= budget:
             same = best is not None and n == best.file_bytes  # more allocation changed nothing: the plan is as large as it gets
             if best is None or b > best.allocation_budget:

@@ -296,7 +296,7 @@ def compress(
 
     notes: list[str] = []
     works: dict[str, _Work] = {}
-    for m in adapter:  # progress: one module's SVD and component table
+    for m in adapter:  # progress: progress.task("compress", total=len(adapter.modules), unit="modules"); advance() per module
         if pattern is not None and pattern.search(m.name) is None:
             continue
         if m.params.get("dora", False):
