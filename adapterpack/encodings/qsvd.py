@@ -8,9 +8,11 @@ The record is one uint8 tensor, ``data``: component after component, each its si
 scales and its codes, so the rank-j truncation is a byte prefix (read and checked alone,
 spec/format.md §8.1) and a component's bytes in the file are exactly :func:`component_nbytes`.
 
-Writers (:func:`encode_qsvd`) quantize U, refit V by least squares so it absorbs U's error, quantize
-V, then refit S; :func:`component_table` gives each component's exact bytes and estimated error at
-every width for an allocator, :func:`relative_error` the exact error of a record without forming ΔW.
+The writer (:func:`encode_qsvd`) quantizes U and V with per-group least-squared-error scales and by
+default stores the unbiased S (each component keeps its weight along its source direction: lower KL
+than a least-squares S, which shrinks components; measured); least-squares refits of V and S are
+options. :func:`component_table` gives each component's exact bytes and estimated error at every
+width for an allocator, :func:`relative_error` the exact error of a record without forming ΔW.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ MAX_GROUP_SIZE: int = 1 << 30
 #: How :func:`encode_qsvd` sets S after quantizing (see there).
 S_FITS = ("ls", "unbiased", "source")
 #: The writer's defaults (:func:`encode_qsvd`, :func:`component_table`).
-DEFAULT_WRITER: dict[str, Any] = {"search": True, "refit": True, "s_fit": "ls"}
+DEFAULT_WRITER: dict[str, Any] = {"search": True, "refit": False, "s_fit": "unbiased"}
 #: Bytes of one singular value (S is binary32) and of one scale (binary16).
 S_BYTES, SCALE_BYTES = 4, 2
 

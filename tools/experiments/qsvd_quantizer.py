@@ -3,10 +3,11 @@
     nice -n 5 python -m tools.experiments.qsvd_quantizer                       # bundled example (r=8, 120 modules)
     nice -n 5 python -m tools.experiments.qsvd_quantizer ~/.cache/adapterpack/bank-loras/lora00 --groups 32,64,128
 
-For every adapter and uniform width (all components at 1, 2, 3, 4 or 8 bits), four writers of the same
-bytes: ``rtn`` (scale from each group's max, source S and V), ``rtn+refit`` (V refit by least squares after
-U is quantized, S refit after both), ``mse`` (each group's scale chosen for least squared error), and
-``mse+refit`` (the default). The error is ``sqrt(Σ‖ΔW − ΔŴ‖² / Σ‖ΔW‖²)`` over all modules, each term
+For every adapter and uniform width (all components at 1, 2, 3, 4 or 8 bits), writers of the same bytes
+(:data:`WRITERS`): ``rtn`` (scale from each group's max, source S and V) or ``mse`` (each group's scale
+chosen for least squared error), then S as the source's, ``unbiased`` (the default writer: mse+unbiased)
+or least squares (``ls``), and ``refit`` (V refit by least squares after U is quantized, then S by least
+squares). The error is ``sqrt(Σ‖ΔW − ΔŴ‖² / Σ‖ΔW‖²)`` over all modules, each term
 exact (``relative_error``, Gram products). ``--groups`` adds a table of group sizes at the default writer:
 bits per stored value (codes + scales + S) against the error; with ``--budgets``, instead, the estimated error
 of the best per-component widths (or cuts) within 1/f of the adapter's fp16 factor bytes, per group size
@@ -137,12 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         trip = _triplets(path)
         print(f"\n{Path(path).name}: {len(trip)} modules, group size {args.group_size}")
         if widths:
-            print("| bits | " + " | ".join(args.writers.split(",")) + " | mse+refit vs rtn |")
-            print("|---:|" + "---:|" * (len(args.writers.split(",")) + 1))
+            print("| bits | " + " | ".join(args.writers.split(",")) + " |")
+            print("|---:|" + "---:|" * len(args.writers.split(",")))
         for b in widths:
             errs = {name: _measure(trip, b, args.group_size, **WRITERS[name])[0] for name in args.writers.split(",")}
-            gain = 1.0 - errs["mse+refit"] / errs["rtn"] if {"mse+refit", "rtn"} <= set(errs) else float("nan")
-            print(f"| {b} | " + " | ".join(f"{e:.4f}" for e in errs.values()) + f" | −{100 * gain:.1f}% |")
+            print(f"| {b} | " + " | ".join(f"{e:.4f}" for e in errs.values()) + " |")
         if args.groups and args.budgets:
             budget_table(trip, [int(x) for x in args.groups.split(",")], [int(x) for x in args.budgets.split(",")])
         elif args.groups:
