@@ -347,3 +347,20 @@ def test_a_budget_above_the_float_file_takes_every_component_in_float(monkeypatc
     _, rep = comp.compress(ad, 10**8)
     assert all(m.bits == [16] * 6 for m in rep.modules) and rep.file_bytes < 10**8
     assert rounds[0].rounds <= 3
+
+
+def test_zero_module_and_pass_through_tensors_ride_along(tmp_path) -> None:
+    ad = _adapter(7)
+    name = "model.layers.1.self_attn.v_proj"
+    m = ad.module(name)
+    zero = type(m)(m.name, m.encoding, m.base_shape, m.params, {"A": m.tensors["A"], "B": np.zeros_like(m.tensors["B"])})
+    head = np.ones((8, 4), np.float32)
+    ad = ad.derived({**ad.modules, name: zero}, {"lm_head.weight": head})
+    out, rep = comp.compress(ad, budget_ratio=1 / 4)
+    got = {x.name: x for x in rep.modules}
+    assert got[name].rank == 0 and got[name].rel_error == 0.0 and "zero" in got[name].notes[0]
+    dst = tmp_path / "z.apack"
+    adapterpack.save(out, dst, codec="raw")
+    back = adapterpack.open(dst)
+    assert footprint(dst) == rep.file_bytes <= rep.budget
+    assert np.array_equal(back.tensors["lm_head.weight"].load(), head) and not np.any(back.module(name).delta())
