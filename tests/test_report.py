@@ -15,7 +15,7 @@ import adapterpack
 from adapterpack import Adapter, Module
 from adapterpack.checksum import crc32c
 from adapterpack.container.index import index_text
-from adapterpack.container.preamble import FLAG_INDEX_ZSTD
+from adapterpack.container.preamble import FLAG_INDEX_ZSTD, MINOR
 from adapterpack.container.reader import ApackReader
 from adapterpack.errors import AdapterNotFoundError, UnrecognizedInputError
 from adapterpack.ops.report import footprint, inspect_path
@@ -65,7 +65,7 @@ def test_apack_totals_equal_sums_from_the_file(tmp_path: Path) -> None:
     assert f["index_bytes"] == struct.unpack_from("<Q", path.read_bytes(), 16)[0]
     assert f["padding_bytes"] == size - 32 - f["index_bytes"] - t["stored_bytes"]
     assert f["padding_bytes"] > 0
-    assert f["format_version"] == "1.3"
+    assert f["format_version"] == f"1.{MINOR}"
     assert f["index_compressed"] and f["packed"]
     assert f["index_json_bytes"] == len(reader.index._data) > f["index_bytes"]
     assert f["index_bytes_per_tensor"] == f["index_bytes"] / len(blobs)

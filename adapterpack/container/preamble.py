@@ -10,7 +10,7 @@ from adapterpack.limits import MAX_INDEX_LENGTH
 
 MAGIC = b"\x89APK\r\n\x1a\n"
 MAJOR = 1
-MINOR = 3
+MINOR = 4
 PREAMBLE_SIZE = 32
 MIN_INDEX_LENGTH = 2
 #: Must-understand flag bit 0 (since 1.3): the index is one Zstandard frame holding the JSON text (spec §1.3).
