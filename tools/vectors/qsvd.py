@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,9 +61,10 @@ def _huge(index: dict[str, Any]) -> None:
 
 def _flip_in_first_component(path: Path) -> None:
     """Flip one bit of q_proj's data inside its first component (float, 324 bytes): the bytes a rank-1 read returns."""
+    from tools.make_vectors import _read_index
+
     raw = bytearray(path.read_bytes())
-    length = struct.unpack_from("<Q", raw, 16)[0]
-    index = json.loads(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length])
+    index, _flags, length = _read_index(bytes(raw))
     blob = index["blobs"][_module(index)["tensors"]["data"]]
     assert blob["codec"]["id"] == "raw" and KEY in blob, blob
     raw[align_up(PREAMBLE_SIZE + length, 256) + blob["offset"] + 101] ^= 0x04
