@@ -271,18 +271,15 @@ def test_cli_inspect_convert_check_on_a_qsvd_file(real: Adapter, tmp_path: Path)
 
 def test_rank_j_read_reads_only_its_prefix(tmp_path: Path) -> None:
     """Damage past the first components' checkpoint: a rank-1 read never sees it, a whole read refuses it."""
-    import json
-    import struct
-
     from adapterpack.container.preamble import PREAMBLE_SIZE, align_up
     from adapterpack.errors import ChecksumError
+    from tools.make_vectors import _read_index
     from tools.vectors import qsvd as vectors
 
     p = tmp_path / "q.apack"
     adapterpack.save(vectors.adapter(), p, codec="raw")
     raw = bytearray(p.read_bytes())
-    length = struct.unpack_from("<Q", raw, 16)[0]
-    index = json.loads(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length])
+    index, _flags, length = _read_index(bytes(raw))
     blob = index["blobs"][index["adapters"][0]["modules"][0]["tensors"]["data"]]
     raw[align_up(PREAMBLE_SIZE + length, 256) + blob["offset"] + blob["length"] - 1] ^= 0x80  # the last component's byte
     p.write_bytes(bytes(raw))
