@@ -141,6 +141,13 @@ def test_rerank_and_audit(work: Path) -> None:
     assert doc["inputs"][0]["error"]["type"].endswith("Error")
 
 
+def test_compress(work: Path) -> None:
+    dst = work / "c8.apack"
+    doc = check_doc("compress", run("compress", EXAMPLE, dst, "--budget-ratio", "0.125", "--json"))
+    assert doc["dst"] == str(dst) and doc["total"]["module_count"] == 120 and dst.stat().st_size <= doc["budget"]
+    assert all(len(m["bits"]) == m["rank"] for m in doc["modules"])
+
+
 def test_bank_commands(work: Path) -> None:
     r4 = work / "bank-member.apack"
     check_doc("rerank", run("rerank", EXAMPLE, r4, "--rank", "4", "--json"))

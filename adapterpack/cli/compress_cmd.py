@@ -111,6 +111,7 @@ def report_lines(r: dict[str, Any], per_module: bool) -> list[str]:
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
 @click.option("--dry-run", is_flag=True, help="Print the report only; write nothing (DST may be left out).")
 @click.option("--summary", is_flag=True, help="Totals only, no per-module table.")
+@out.progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def compress(
     src: Path,

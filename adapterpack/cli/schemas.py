@@ -183,6 +183,30 @@ COMMANDS: dict[str, dict[str, Any]] = {
         }
     ),
     "importance": _doc({"src": _STR, "dst": _STR, "module_count": _INT}),
+    "compress": _doc(
+        {
+            "src": _STR,
+            "dst": _NULLABLE_STR,
+            "budget": _INT,
+            "bits": {"type": "array", "items": _INT},
+            "group_size": _INT,
+            "codec": _STR,
+            "total": _obj({"module_count": _INT}),
+            "modules": {
+                "type": "array",
+                "items": _obj(
+                    {
+                        "name": _STR,
+                        "rank": _INT,
+                        "bits": {"type": "array", "items": _INT},
+                        "bytes": _INT,
+                        "rel_error": {"type": ["number", "null"]},
+                    }
+                ),
+            },
+            "notes": _REF["notes"],
+        }
+    ),
     "audit": _doc(
         {
             "inputs": {"type": "array", "items": _AUDIT_ROW},

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from adapterpack import progress
 from adapterpack.adapter import Adapter, Module
 from adapterpack.errors import ConversionError
 from adapterpack.linalg import allocate
@@ -296,7 +297,7 @@ def compress(
 
     notes: list[str] = []
     works: dict[str, _Work] = {}
-    for m in adapter:  # progress: progress.task("compress", total=len(adapter.modules), unit="modules"); advance() per module
+    for m in progress.track(list(adapter), "compress: quantizing components", unit="modules"):
         if pattern is not None and pattern.search(m.name) is None:
             continue
         if m.params.get("dora", False):
