@@ -42,6 +42,50 @@ def sizes(path: Path) -> dict[str, Any]:
                 "index_per_tensor": index / n, "padding_per_tensor": padding / n, "flags": r.preamble.flags}  # fmt: skip
 
 
+def schema_options(path: Path) -> list[list[str]]:
+    """Index bytes, JSON and zstd-compressed (the writer's levels), of the file's index and of shorter schemas derived
+    from it, each step on top of the previous one: what a schema change would add to compression (not written by
+    any writer; measured only)."""
+    import copy
+
+    from adapterpack.container.index import dumps
+    from adapterpack.container.writer import compress_index
+
+    with ApackReader(path) as r:
+        index = r.index.raw
+        n = len(r.blobs)
+    def no_level(i: dict[str, Any]) -> None:
+        for b in i["blobs"]:
+            b["codec"].pop("level", None)
+
+    def no_offset(i: dict[str, Any]) -> None:
+        for b in i["blobs"]:
+            b.pop("offset")
+
+    def no_default_params(i: dict[str, Any]) -> None:
+        for a in i["adapters"]:
+            for m in a["modules"]:
+                m["params"] = {k: v for k, v in m["params"].items() if v not in (False, "linear")}
+
+    def positional(i: dict[str, Any]) -> None:
+        i["blobs"] = [[b["dtype"], b["shape"], b["codec"]["id"], b["stored_length"], b["length"], b["crc32c"]] for b in i["blobs"]]
+
+    steps: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
+        ("the 1.3 index (as written)", lambda i: None),
+        ("codec `level` omitted (informational)", no_level),
+        ("`offset` omitted (the layout rule gives it)", no_offset),
+        ("lora params at their defaults omitted", no_default_params),
+        ("blobs as positional arrays", positional),
+    ]
+    rows, cur = [], copy.deepcopy(index)
+    for label, change in steps:
+        change(cur)
+        text = dumps(cur)
+        z = len(compress_index(text))
+        rows.append([label, f"{len(text):,}", f"{z:,}", f"{z / n:.1f}"])
+    return rows
+
+
 def open_all(path: Path) -> object:
     """``adapterpack.open`` + every tensor decoded and touched (CRC-32C on, the default)."""
     ad = adapterpack.open(path)
@@ -91,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         headers = ["adapter", "codec", "tensors", "file 1.2", "file 1.3", "index 1.2", "index 1.3", "index B/tensor 1.2",
                    "1.3", "padding 1.2", "padding 1.3", "file 1.3 / 1.2"]  # fmt: skip
         print(common.markdown_table(headers, rows, "ll" + "r" * 10))
+        print(f"\nShorter schemas on top of compression ({sources[0][0]}, byteplanes; measured, not written):\n")
+        schemas = schema_options(work / "0-byteplanes-True.apack")
+        print(common.markdown_table(["index", "JSON bytes", "zstd bytes", "zstd B/tensor"], schemas))
         print()
         common.warm_page_cache(work.glob("*.apack"))
         times = common.interleaved(timing, repeats)
