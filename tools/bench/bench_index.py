@@ -12,6 +12,7 @@ Inputs: the bundled example (SmolLM2-135M r=8) cast to bf16 and, as shipped, fp3
 
     python -m tools.bench.bench_index             # BENCHMARKS.md
     python -m tools.bench.bench_index --quick     # 4-layer synthetic, 11 rounds
+    python -m tools.bench.bench_index --real      # bytes only, the real adapters of ~/.cache/adapterpack in 3 dtypes
 """
 
 from __future__ import annotations
@@ -94,11 +95,39 @@ def open_all(path: Path) -> object:
     return arrs
 
 
+REAL = Path.home() / ".cache" / "adapterpack"
+
+
+def real_adapters(work: Path) -> None:
+    """File, index and padding bytes, 1.2 layout vs 1.3, of every real adapter found (byteplanes; bf16, fp16, fp32)."""
+    sources = [("bundled r=8", common.example_dir()), ("rerank r=64", REAL / "rerank-r64")]
+    sources += [(f"bank {p.name}", p) for p in sorted((REAL / "bank-loras").glob("lora*"))]
+    rows = []
+    for label, src in sources:
+        if not (src / common.PEFT_WEIGHTS).is_file():
+            print(f"(skipped {label}: no {src / common.PEFT_WEIGHTS})")
+            continue
+        for dt in ("bf16", "fp16", "fp32"):
+            ad = adapterpack.open(common.cast_peft(src, work / f"{src.name}-{dt}", dt))
+            old = write_apack(work / "old.apack", ad, codec="byteplanes", compact=False)
+            new = write_apack(work / "new.apack", ad, codec="byteplanes")
+            rows.append([label, dt, old.blobs, f"{old.file_size:,}", f"{new.file_size:,}", f"{old.file_size - new.file_size:,}",
+                         f"{old.index_length / old.blobs:.1f}", f"{new.index_length / new.blobs:.1f}", f"{old.padding:,}",
+                         f"{new.padding:,}"])  # fmt: skip
+    headers = ["adapter", "dtype", "tensors", "file 1.2", "file 1.3", "saved", "index B/tensor 1.2", "1.3", "padding 1.2", "1.3"]
+    print(common.markdown_table(headers, rows, "ll" + "r" * 8))
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="4-layer synthetic adapter, 11 rounds")
     ap.add_argument("--repeats", type=int, help="timed rounds (default 61, quick 11)")
+    ap.add_argument("--real", action="store_true", help="only the bytes of the real adapters (byteplanes, 3 dtypes)")
     args = ap.parse_args(argv)
+    if args.real:
+        with tempfile.TemporaryDirectory(prefix="apack-index-") as tmp:
+            real_adapters(Path(tmp))
+        return
     repeats = args.repeats or (11 if args.quick else 61)
     layers = 4 if args.quick else 32
     with tempfile.TemporaryDirectory(prefix="apack-index-") as tmp:
