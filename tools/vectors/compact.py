@@ -1,9 +1,9 @@
 """Golden vectors of format 1.3's container (spec/format.md §1.1 flag bits, §1.2 packed layout, §1.3 compressed index).
 
-Readable: a compressed index over raw blobs (flag bit 0 alone), compressed blobs packed under the packed
-flag, and compressed blobs aligned without it (raw-only files of 1.3, flags 0, are the other vectors). Refused: hostile compressed indexes (a declared
-size over the limit, none, a lie, trailing or skippable frames, a dictionary, a bad checksum, corrupt
-blocks, plain JSON under the flag) and each layout under the other layout's flag.
+Readable: a compressed index over raw blobs (flag bit 0 alone), compressed blobs packed under the packed flag,
+and compressed blobs aligned without it (raw-only 1.3 files, flags 0, are the other vectors). Refused: hostile
+compressed indexes (a declared size over the limit, none, a lie, trailing or skippable frames, a dictionary, a
+bad checksum, corrupt blocks, plain JSON under the flag) and each layout under the other layout's flag.
 """
 
 from __future__ import annotations
