@@ -93,7 +93,7 @@ def _mixed_adapter() -> Adapter:
 @pytest.mark.parametrize("codec", ["raw", "zstd", "byteplanes"])
 def test_layout_alignment_and_padding_accounting(tmp_path: Path, codec: str, compact: bool) -> None:
     """spec §1.2: raw blobs aligned (256, or 8 under 4096 bytes); compressed blobs packed in a compact (1.3) file,
-    aligned like raw ones without ``compact``; the index compressed exactly when the flag says so."""
+    aligned like raw ones without ``compact``; the index compressed where compressed blobs are (never in a raw-only file)."""
     path = tmp_path / "mixed.apack"
     result = write_apack(path, _mixed_adapter(), codec=codec, compact=compact)
     raw = path.read_bytes()
@@ -103,9 +103,9 @@ def test_layout_alignment_and_padding_accounting(tmp_path: Path, codec: str, com
     data_start = align_up(32 + length, DATA_ALIGNMENT)
     blobs = parts.index["blobs"]
     packed = compact and any(b["codec"]["id"] != "raw" for b in blobs)
-    assert flags == (FLAG_INDEX_ZSTD if compact else 0) | (FLAG_PACKED if packed else 0)
-    assert raw[32:36] == (b"\x28\xb5\x2f\xfd" if compact else b'{"wr')
-    assert result.index_text_length == len(index_text(raw[32 : 32 + length], compact))
+    assert flags == (FLAG_INDEX_ZSTD | FLAG_PACKED if packed else 0)  # raw blobs only: plain index, 1.2 layout
+    assert raw[32:36] == (b"\x28\xb5\x2f\xfd" if packed else b'{"wr')
+    assert result.index_text_length == len(index_text(raw[32 : 32 + length], packed))
 
     assert result.file_size == len(raw) == data_start + blobs[-1]["offset"] + blobs[-1]["stored_length"]
     assert result.index_length == length and result.blobs == len(blobs) == 7

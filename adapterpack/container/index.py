@@ -12,7 +12,7 @@ import re
 import threading
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 import numpy as np
@@ -142,8 +142,9 @@ class BlobEntry(Struct, dict=True, omit_defaults=True):
     #: CRC-32Cs of the row-prefix checkpoints (spec §2.1 ``prefix_crc32c``); empty when the blob has none.
     prefix_crc32c: tuple[_Crc, ...] = ()
 
-    if TYPE_CHECKING:
-        known_codec: bool  # whether this reader implements the codec: set by the validation, not a field
+    #: Whether this reader implements the codec: set by the validation beside the fields (only where it is False on
+    #: the fast path, which saves a store per blob), never read from the file.
+    known_codec: ClassVar[bool] = True
 
     @property
     def codec_id(self) -> str:
@@ -735,7 +736,7 @@ def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int, packed: 
         if size is None:
             return False
         shape = b.shape
-        n = prod(shape) * size
+        n = shape[0] * shape[1] * size if len(shape) == 2 else prod(shape) * size  # 2-D factors: most blobs
         length = b.length
         if length != n or (not n and prod(d for d in shape if d) * size >= MAX_INT):
             return False
@@ -744,7 +745,7 @@ def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int, packed: 
         if type(cid) is not str:
             return False
         must = True
-        if len(codec) > 1:
+        if len(codec) > 1 and not (len(codec) == 2 and type(codec.get("level")) is int):  # {"id", "level"}: the usual
             must = codec.get("must_understand", True)
             if type(must) is not bool or (not _CONTAINERS.isdisjoint(map(type, codec.values())) and _too_deep(codec, 4)):
                 return False
@@ -771,7 +772,8 @@ def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int, packed: 
         # omits it, so _no_duplicate_keys has already sent such an index to the checks in Python
         if b.prefix_crc32c and (len(shape) < 1 or shape[0] < 2 or len(b.prefix_crc32c) != prefix.count(shape[0])):
             return False
-        b.known_codec = known
+        if not known:
+            b.known_codec = False
         if packed and cid != "raw":
             start = end
         else:

@@ -128,9 +128,9 @@ def plan_apack(adapters: Sequence[Adapter], encode: BlobEncoder, *, validate: bo
     slot, in file order), every record validated unless ``validate`` is False. Used by the writer
     and by size audits that need the exact file size without writing it.
 
-    ``compact`` (1.3, spec §1.2–§1.3): the index is stored as a zstd frame where that is smaller, and
-    compressed blobs are packed without alignment padding; each sets its must-understand flag bit.
-    Without it the file has the layout and plain index of 1.2."""
+    ``compact`` (1.3, spec §1.2–§1.3): in a file holding a compressed blob, compressed blobs are packed without
+    alignment padding and the index is stored as a zstd frame where that is smaller; each sets its must-understand
+    flag bit. A file of raw blobs only, or any file without ``compact``, has the layout and plain index of 1.2."""
     lengths: list[int] = []
     blob_objs: list[dict[str, Any]] = []
 
@@ -175,7 +175,9 @@ def plan_apack(adapters: Sequence[Adapter], encode: BlobEncoder, *, validate: bo
     text = dumps(index)
     if len(text) > MAX_INDEX_LENGTH:
         raise IndexTooLargeError(f"index would be {len(text)} bytes, over the {MAX_INDEX_LENGTH}-byte limit")
-    stored = compress_index(text) if compact else text
+    # raw blobs only: the index stays plain JSON, so opening a file meant for zero-copy loads decodes no frame
+    # (measured 16 us hot, up to about 80 us cold, on a 0.5-1.1 ms open); such a file has the 1.2 layout and flags 0
+    stored = compress_index(text) if packed else text
     if len(stored) >= len(text):
         stored = text
     flags = (FLAG_INDEX_ZSTD if stored is not text else 0) | (FLAG_PACKED if packed else 0)

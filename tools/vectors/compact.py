@@ -1,9 +1,9 @@
 """Golden vectors of format 1.3's container (spec/format.md §1.1 flag bits, §1.2 packed layout, §1.3 compressed index).
 
-Readable: a file of 1.3 with neither flag (the 1.2 layout and a plain index), compressed blobs packed under
-the packed flag, and compressed blobs aligned without it. Refused: hostile compressed indexes (a declared
-size over the limit, none, a lie, trailing or skippable frames, a dictionary, a bad checksum, corrupt
-blocks, plain JSON under the flag) and each layout under the other layout's flag.
+Readable: a compressed index over raw blobs (flag bit 0 alone), compressed blobs packed under the packed flag,
+and compressed blobs aligned without it (raw-only 1.3 files, flags 0, are the other vectors). Refused: hostile
+compressed indexes (a declared size over the limit, none, a lie, trailing or skippable frames, a dictionary, a
+bad checksum, corrupt blocks, plain JSON under the flag) and each layout under the other layout's flag.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def _two_zstd_blobs(p: Parts) -> None:
 
 def _packed(p: Parts) -> None:
     _two_zstd_blobs(p)
-    p.flags |= FLAG_PACKED
+    p.flags |= FLAG_PACKED | FLAG_INDEX_ZSTD
 
 
 def _packed_without_flag(p: Parts) -> bytes:
@@ -81,11 +81,11 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
         refused(name, what, [small()], error, _edited(edit))
 
     readable(
-        "flags_none_1_3",
-        "version 1.3 with no flag bit: a plain JSON index and the 1.2 layout (what 1.0–1.2 readers read too)",
+        "index_zstd_raw_blobs",
+        "flag bit 0 alone: a compressed index in a file of raw blobs (adapterpack writes such files with a plain index)",
         [small()],
         "raw",
-        craft=_edited(lambda p: setattr(p, "flags", 0)),
+        craft=_edited(lambda p: setattr(p, "flags", FLAG_INDEX_ZSTD)),
     )
     readable(
         "layout_packed_zstd",

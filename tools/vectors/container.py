@@ -275,7 +275,7 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
     no("preamble_major_0", "major version 0", "UnsupportedVersionError", _set(major=0))
     no(
         "preamble_must_understand_flag",
-        "flag bit 2 (must-understand, not defined) is set beside bit 0 (the compressed index)",
+        "flag bit 2 (must-understand, not defined) is set",
         "UnsupportedVersionError",
         lambda p: setattr(p, "flags", p.flags | 4),
     )
@@ -291,7 +291,7 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
     no("index_crc_mismatch", "index_crc32c differs from the index's CRC-32C by one bit", "ChecksumError", _crc_lie)
     readable(
         "preamble_informational_flag",
-        "flag bit 16 (informational) is set beside bit 0 (the compressed index): readers ignore it",
+        "flag bit 16 (informational) is set: readers ignore it",
         [small()],
         "raw",
         craft=_edited(lambda p: setattr(p, "flags", p.flags | 1 << 16)),
