@@ -35,9 +35,15 @@ if TYPE_CHECKING:
     from adapterpack.ops.files import open, save
 
 
+#: Subpackages reachable as attributes of a bare ``import adapterpack`` (imported on first use, not at start-up).
+_SUBPACKAGES = frozenset({"bank", "cli", "codecs", "container", "encodings", "formats", "linalg", "ops", "rng", "torch"})
+
+
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
+        if name in _SUBPACKAGES:  # adapterpack.ops.convert... after a bare `import adapterpack`, imported on first use
+            return importlib.import_module(f"adapterpack.{name}")
         raise AttributeError(f"module 'adapterpack' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

@@ -129,9 +129,11 @@ def read_safetensors(path: Path, *, opened: str | None = None) -> tuple[dict[str
     from safetensors import safe_open  # safetensors: only reading tensors needs it (name checks, headers do not)
 
     try:
-        read_header(opened or path)
+        header = read_header(opened or path)
     except InputError as e:
         raise InputError(f"{path}: cannot read safetensors file ({str(e).removeprefix(f'{opened or path}: ')})") from None
+    if any(t.dtype == "BF16" for t in header.tensors.values()):
+        dtypes.by_name("bfloat16").numpy  # noqa: B018  (imports ml_dtypes, which registers the dtype safetensors asks numpy for)
     try:
         with safe_open(opened or path, framework="np") as f:
             meta = f.metadata()
