@@ -364,3 +364,25 @@ def test_zero_module_and_pass_through_tensors_ride_along(tmp_path) -> None:
     back = adapterpack.open(dst)
     assert footprint(dst) == rep.file_bytes <= rep.budget
     assert np.array_equal(back.tensors["lm_head.weight"].load(), head) and not np.any(back.module(name).delta())
+
+
+def test_qsvd_file_has_a_compressed_index_raw_lora_file_does_not(tmp_path: Path) -> None:
+    """A qsvd file is dequantized on every load, so its raw-only file still stores the index as a zstd frame
+    (flag bit 0 alone, spec §1.3); a raw lora file keeps the plain index meant for zero-copy opens."""
+    from adapterpack.container.preamble import FLAG_INDEX_ZSTD, FLAG_PACKED
+    from adapterpack.container.reader import ApackReader
+    from adapterpack.ops.compress import compress
+
+    src = adapterpack.open(example_path())
+    out, report = compress(src, budget_ratio=0.125)
+    q, plain = tmp_path / "q.apack", tmp_path / "l.apack"
+    adapterpack.save(out, q, codec="raw")
+    adapterpack.save(src, plain, codec="raw")
+    assert q.stat().st_size == report.file_bytes <= report.budget
+    with ApackReader(q) as r:
+        assert r.preamble.flags == FLAG_INDEX_ZSTD and r.preamble.index_length < r.index_text_length / 3
+    with ApackReader(plain) as r:
+        assert r.preamble.flags & (FLAG_INDEX_ZSTD | FLAG_PACKED) == 0
+    with adapterpack.open(q) as back:
+        m = back.module("model.layers.0.self_attn.q_proj")
+        assert np.array_equal(m.factors().B, out.modules["model.layers.0.self_attn.q_proj"].factors().B)

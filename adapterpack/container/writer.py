@@ -123,14 +123,23 @@ class ApackPlan:
         return self.preamble.data_start + (self.offsets[-1] + self.lengths[-1] if self.lengths else 0)
 
 
-def plan_apack(adapters: Sequence[Adapter], encode: BlobEncoder, *, validate: bool = True, compact: bool = True) -> ApackPlan:
+def plan_apack(
+    adapters: Sequence[Adapter],
+    encode: BlobEncoder,
+    *,
+    validate: bool = True,
+    compact: bool = True,
+    zstd_index: bool | None = None,
+) -> ApackPlan:
     """The index ``write_apack`` writes for ``adapters``: every tensor through ``encode`` (once per
     slot, in file order), every record validated unless ``validate`` is False. Used by the writer
     and by size audits that need the exact file size without writing it.
 
     ``compact`` (1.3, spec §1.2–§1.3): in a file holding a compressed blob, compressed blobs are packed without
     alignment padding and the index is stored as a zstd frame where that is smaller; each sets its must-understand
-    flag bit. A file of raw blobs only, or any file without ``compact``, has the layout and plain index of 1.2."""
+    flag bit. A file of raw blobs only, or any file without ``compact``, has the layout and plain index of 1.2.
+    ``zstd_index`` True stores the index as a zstd frame wherever that is smaller, raw blobs only or not; False
+    never; None (default): as above, and also in a file holding a ``qsvd`` record (decoded on every load anyway)."""
     lengths: list[int] = []
     blob_objs: list[dict[str, Any]] = []
 
@@ -177,7 +186,9 @@ def plan_apack(adapters: Sequence[Adapter], encode: BlobEncoder, *, validate: bo
         raise IndexTooLargeError(f"index would be {len(text)} bytes, over the {MAX_INDEX_LENGTH}-byte limit")
     # raw blobs only: the index stays plain JSON, so opening a file meant for zero-copy loads decodes no frame
     # (measured 16 us hot, up to about 80 us cold, on a 0.5-1.1 ms open); such a file has the 1.2 layout and flags 0
-    stored = compress_index(text) if packed else text
+    if zstd_index is None:  # a qsvd record is dequantized on every load: its file gains nothing from a plain index
+        zstd_index = packed or any(m.encoding == "qsvd" for a in adapters for m in a)
+    stored = compress_index(text) if zstd_index and compact else text
     if len(stored) >= len(text):
         stored = text
     flags = (FLAG_INDEX_ZSTD if stored is not text else 0) | (FLAG_PACKED if packed else 0)
@@ -194,13 +205,14 @@ def write_apack(
     progress: Callable[[int], None] | None = None,
     overwrite: bool = True,
     compact: bool = True,
+    zstd_index: bool | None = None,
 ) -> WriteResult:
     """Write ``adapters`` to ``path`` atomically (``overwrite`` false: OutputExistsError if it exists).
 
     ``codec`` is applied to every blob where it makes the blob smaller (raw otherwise;
     byteplanes and pco fall back to zstd for 1-byte types); ``level`` None means the codec's default. ``progress`` is called
     with the decoded bytes of each blob as it is encoded. ``compact`` False writes the 1.2 layout with a plain JSON index
-    (what a reader of 1.0–1.2 reads; see :func:`plan_apack`).
+    (what a reader of 1.0–1.2 reads; see :func:`plan_apack`, also for ``zstd_index``).
     """
     if isinstance(adapters, Adapter):
         adapters = [adapters]
@@ -218,7 +230,7 @@ def write_apack(
             progress(arr.nbytes)
         return len(data), cfg, crc
 
-    plan = plan_apack(adapters, encode, compact=compact)
+    plan = plan_apack(adapters, encode, compact=compact, zstd_index=zstd_index)
     index_bytes, offsets, pre = plan.index_bytes, plan.offsets, plan.preamble
     blob_objs = plan.index["blobs"]
     data_start = pre.data_start

@@ -27,15 +27,17 @@ MAX_ROUNDS = 12
 GROW_SLACK = 0.002
 
 
-def apack_file_size(adapters: list[Adapter], codec: str = "raw", level: int | None = None) -> int:
-    """Bytes :func:`~adapterpack.container.writer.write_apack` writes for ``adapters`` with ``codec``
-    (the writer's own blob encoder and planner; nothing is written)."""
+def apack_file_size(
+    adapters: list[Adapter], codec: str = "raw", level: int | None = None, zstd_index: bool | None = None
+) -> int:
+    """Bytes :func:`~adapterpack.container.writer.write_apack` writes for ``adapters`` with ``codec`` and
+    ``zstd_index`` (the writer's own blob encoder and planner; nothing is written)."""
 
     def encode(arr: np.ndarray) -> tuple[int, dict[str, Any], int]:
         data, cfg, crc = encode_blob(arr, codec, level)
         return len(data), cfg, crc
 
-    return plan_apack(adapters, encode).file_size
+    return plan_apack(adapters, encode, zstd_index=zstd_index).file_size
 
 
 @dataclass
