@@ -386,7 +386,10 @@ def ours(src_path: Path, budget: int, work: Path, imp: Any) -> Variant:
         res = compress_file(src_path, dst, force=True, budget=budget, importance=imp)
     except ConversionError as e:
         note = f"min_rank 0 ({e})"
-        res = compress_file(src_path, dst, force=True, budget=budget, importance=imp, min_rank=0)
+        try:
+            res = compress_file(src_path, dst, force=True, budget=budget, importance=imp, min_rank=0)
+        except ConversionError as e2:
+            return Variant(method, None, 0, f"does not fit: {e2}")
     size = dst.stat().st_size
     ranks = [m.rank for m in res.report.modules]
     bits = [b for m in res.report.modules for b in m.bits]
