@@ -511,32 +511,37 @@ def run_adapter(ev: Any, label: str, path: Path, methods: list[str], divisors: l
 
 
 def markdown(results: dict[str, Any], methods: list[str], divisors: list[int], blocks: int) -> str:
+    """Per adapter: KL(full‖x)×10³ (bytes used) and perplexity change / top-1 agreement, methods × budgets."""
     out = []
     for label, res in results.items():
         if "full" not in res:
             continue
         f16 = res["fp16_bytes"]
         out.append(f"**{label}** ({res['modules']} modules, rank {res['rank']}, fp16 factors {f16:,} B; full adapter "
-                   f"perplexity {res['full']['ppl']:.3f}, base model KL×10³ {res['base']['kl'] * 1e3:.2f}; "
-                   f"{blocks} held-out blocks)\n")
-        out.append("KL(full‖x)×10³ per token (bytes) | perplexity Δ% | top-1 agreement:\n")
-        out.append("| method | " + " | ".join(f"fp16/{d} ({f16 // d:,} B)" for d in divisors) + " |")
-        out.append("|---|" + "---:|" * len(divisors))
+                   f"perplexity {res['full']['ppl']:.3f}; base model KL×10³ {res['base']['kl'] * 1e3:.1f}; "
+                   f"{blocks} held-out blocks). KL(full‖x)×10³ per token (bytes used, k = 1000 B):\n")
+        head = "| method | " + " | ".join(f"fp16/{d} = {f16 // d:,} B" for d in divisors) + " |"
+        sep = "|---|" + "---:|" * len(divisors)
+        second = ["", "Perplexity change against the full adapter · top-1 agreement:\n", head, sep]
+        out += [head, sep]
         for m in methods:
-            cells = []
+            kl, pt = [], []
             for d in divisors:
                 r = res["rows"].get(f"{m}/{d}")
                 if r is None:
-                    cells.append("")
+                    kl.append("")
+                    pt.append("")
                 elif "kl" not in r:
-                    cells.append(f"— ({r['note']})")
+                    kl.append("does not fit")
+                    pt.append("—")
                 else:
-                    dp = (r["ppl"] / res["full"]["ppl"] - 1) * 100
-                    cells.append(f"{r['kl'] * 1e3:.3f} ({r['bytes']:,}) · {dp:+.2f}% · {r['top1'] * 100:.1f}%")
-            best = {}
-            out.append(f"| {m} | " + " | ".join(cells) + " |")
-            del best
-        out.append("")
+                    base = " (= base model)" if r["bytes"] == 0 else ""
+                    kl.append(f"{r['kl'] * 1e3:.3f} ({r['bytes'] / 1e3:.0f}k){base}")
+                    pt.append(f"{(r['ppl'] / res['full']['ppl'] - 1) * 100:+.2f}% · {r['top1'] * 100:.1f}%")
+            name = f"**{m}**" if m in OURS else m
+            out.append(f"| {name} | " + " | ".join(kl) + " |")
+            second.append(f"| {name} | " + " | ".join(pt) + " |")
+        out += [*second, ""]
     return "\n".join(out)
 
 
@@ -592,7 +597,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", help="write the tables here")
     ap.add_argument("--force", action="store_true", help="re-measure rows already in --json")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tables-only", action="store_true", help="print the tables of the --json files (comma list) and exit")
     args = ap.parse_args(argv)
+
+    if args.tables_only:  # no model: the tables of one or more result files (comma list)
+        docs = [json.loads(Path(p).read_text()) for p in args.json.split(",")]
+        merged = {k: v for d in docs for k, v in d["results"].items()}
+        divs = [int(x) for x in args.divisors.split(",") if x]
+        allm = [m for m in METHODS if any(f"{m}/{d}" in r.get("rows", {}) for r in merged.values() for d in divs)]
+        print(markdown(merged, allm, divs, docs[0]["blocks"]) + "\n" + aims(merged, divs))
+        return 0
 
     import torch
 
