@@ -639,7 +639,13 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.tables_only:  # no model: the tables of one or more result files (comma list)
         docs = [json.loads(Path(p).read_text()) for p in args.json.split(",")]
-        merged = {k: v for d in docs for k, v in d["results"].items()}
+        merged: dict[str, Any] = {}
+        for d in docs:  # rows of the same adapter from several files are put together
+            for k, v in d["results"].items():
+                if k in merged:
+                    merged[k]["rows"].update(v["rows"])
+                else:
+                    merged[k] = v
         divs = [int(x) for x in args.divisors.split(",") if x]
         allm = [m for m in METHODS if any(f"{m}/{d}" in r.get("rows", {}) for r in merged.values() for d in divs)]
         print(markdown(merged, allm, divs, docs[0]["blocks"]) + "\n" + aims(merged, divs))
