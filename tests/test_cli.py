@@ -16,6 +16,7 @@ from click.testing import CliRunner, Result
 import adapterpack
 from adapterpack import Adapter
 from adapterpack.cli import main
+from adapterpack.container.preamble import MINOR
 from adapterpack.container.reader import ApackReader
 from adapterpack.examples import example_path
 from adapterpack.ops.convert import adapter_differences
@@ -64,7 +65,7 @@ def test_inspect_table_lists_every_module_and_true_totals(apack: Path) -> None:
     assert "4 modules" in r.stdout and f"{4 * 8 * 48 + 2 * 64 * 8 + 2 * 32 * 8:,} parameters" in r.stdout
     assert f"{apack.stat().st_size:,} B" in r.stdout
     assert f"compression {decoded / stored:.2f}x" in r.stdout
-    assert "format 1.2" in r.stdout and "byteplanes x8" in r.stdout
+    assert f"format 1.{MINOR}" in r.stdout and "byteplanes x8" in r.stdout
 
 
 def test_inspect_json_is_the_report(apack: Path) -> None:
@@ -191,7 +192,7 @@ def test_kohya_notes_are_printed(tmp_path: Path) -> None:
 
 def test_verify_good_file(apack: Path) -> None:
     r = run("verify", apack)
-    assert r.exit_code == 0 and ": ok (format 1.2, 8 blobs" in r.stdout
+    assert r.exit_code == 0 and f": ok (format 1.{MINOR}, 8 blobs" in r.stdout
     r = run("verify", apack, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["ok"] is True
 

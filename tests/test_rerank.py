@@ -160,7 +160,9 @@ def test_cli(tmp_path: Path) -> None:
     r = run(main, ["rerank", str(EXAMPLE), str(tmp_path / "o.apack"), "--budget-ratio", "0.5", "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.output)
-    assert doc["total"]["bytes_after"] <= 0.5 * doc["total"]["bytes_before"] and doc["dst_format"] == "apack"
+    # the budget is the whole file's (byteplanes may let the factors themselves exceed it)
+    assert doc["dst_bytes"] == doc["file_bytes"] <= doc["budget"] == int(0.5 * doc["total"]["bytes_before"])
+    assert doc["dst_format"] == "apack"
     assert adapterpack.open(tmp_path / "o.apack").module("model.layers.0.self_attn.q_proj").encoding == "svd"
 
     r = run(main, ["rerank", str(EXAMPLE), str(tmp_path / "dry.apack"), "--rank", "2", "--dry-run", "--summary"])

@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inspect": ("adapterpack.cli.inspect_cmd:inspect", "Per-module table and totals of an adapter."),
     "convert": ("adapterpack.cli.convert_cmd:convert", "Convert between .apack, PEFT, kohya, diffusers and gguf."),
     "rerank": ("adapterpack.cli.rerank_cmd:rerank", "Re-rank an adapter without retraining (exact SVD)."),
+    "compress": (
+        "adapterpack.cli.compress_cmd:compress",
+        "Choose rank and bits per component under one whole-file byte budget.",
+    ),
     "importance": (
         "adapterpack.cli.importance_cmd:importance",
         "Measure each singular component's Fisher information (for rerank --importance).",

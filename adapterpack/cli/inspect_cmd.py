@@ -24,6 +24,21 @@ def _encoding(row: dict[str, Any]) -> str:
     return enc + ("+dora" if s.get("dora") else "")
 
 
+def _dtype(row: dict[str, Any]) -> str:
+    """The dtype cell; for records with per-component widths (qsvd), the widths run-length encoded: ``8,4x3,1x4 g64``."""
+    bits = row["summary"].get("bits")
+    if not isinstance(bits, list):
+        return str(row["dtype"])
+    runs: list[list[Any]] = []
+    for b in bits:
+        if runs and runs[-1][0] == b:
+            runs[-1][1] += 1
+        else:
+            runs.append([b, 1])
+    cell = ",".join(("f16" if b == 16 else str(b)) + (f"x{n}" if n > 1 else "") for b, n in runs) or "-"
+    return f"bits {cell} g{row['summary'].get('group_size')}"
+
+
 def module_table(rows: list[dict[str, Any]], limit: int | None = None) -> list[str]:
     """The per-module table; with ``limit``, the first rows and a line saying how many were left out."""
     shown = rows if limit is None else rows[:limit]
@@ -33,7 +48,7 @@ def module_table(rows: list[dict[str, Any]], limit: int | None = None) -> list[s
             _encoding(r),
             r["rank"],
             out.shape(r["base_shape"]),
-            r["dtype"],
+            _dtype(r),
             out.count(r["stored_bytes"]),
             f"{r['share']:.2f}%",
         )

@@ -97,10 +97,12 @@ def report_lines(r: dict[str, Any], per_module: bool) -> list[str]:
     "--budget",
     callback=parse_bytes,
     metavar="BYTES",
-    help="Global budget for the factors (e.g. 2MB): ranks where they keep the most energy.",
+    help="Bytes of the whole output file (e.g. 2MB; index, padding and kept tensors included): ranks chosen per module.",
 )
 @click.option(
-    "--budget-ratio", type=click.FloatRange(0, 1, min_open=True), help="Budget as a fraction of the factors' current bytes."
+    "--budget-ratio",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Budget for the whole output file as a fraction of the re-ranked modules' current tensor bytes.",
 )
 @click.option("--max-rank", type=click.IntRange(min=0), help="No module above this rank.")
 @click.option("--min-rank", type=click.IntRange(min=0), help="No module below this rank (default: 1 with a budget, else 0).")

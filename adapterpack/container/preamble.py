@@ -10,7 +10,7 @@ from adapterpack.limits import MAX_INDEX_LENGTH
 
 MAGIC = b"\x89APK\r\n\x1a\n"
 MAJOR = 1
-MINOR = 2
+MINOR = 4
 PREAMBLE_SIZE = 32
 MIN_INDEX_LENGTH = 2
 #: Flag bits 0–15 are must-understand; 1.0 defines none.

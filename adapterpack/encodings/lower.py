@@ -19,9 +19,15 @@ from adapterpack.factors import Factors
 from adapterpack.limits import MAX_FACTOR_ELEMENTS
 from adapterpack.linalg.lowrank import spectrum_of
 
+#: Encodings whose rank-j truncation is a prefix of each tensor (their ``truncate`` reads nothing).
+PREFIX_ENCODINGS = ("svd", "qsvd")
+
 
 def main_dtype(module: Module) -> str:
-    """The dtype of the module's largest float tensor (what an export keeps by default)."""
+    """The dtype of the module's largest float tensor (what an export keeps by default); float32 for qsvd,
+    whose float tensors are scales and singular values, not the values of its factors."""
+    if module.encoding == "qsvd":
+        return "float32"
     best, size = "float32", -1
     for t in module.tensors.values():
         dt, shape = tensor_info(t)
@@ -98,8 +104,8 @@ def at_rank(module: Module, rank: int) -> Module:
     """The best rank-``rank`` version of ``module``: a prefix view for ``svd`` records (reads only
     those bytes), an exact SVD truncation (reading the factors) for others; ranks at or below
     ``rank`` and DoRA records are kept as they are."""
-    if module.encoding == "svd":
-        return module.implementation.truncate(module, rank)
+    if module.encoding in PREFIX_ENCODINGS:
+        return module.implementation.truncate(module, rank)  # type: ignore[attr-defined]
     if module.encoding == "lora" and module.params.get("dora", False):
         return module  # DoRA's magnitude needs the base weight: no SVD of its own (kept, as rerank keeps it)
     current = int(module.summary().get("rank", 0))

@@ -243,3 +243,108 @@ def round_rank(rank: int, allowed: tuple[int, ...], mode: str) -> int:
         return above[0] if above else ordered[-1]
     below = [a for a in ordered if a <= rank]
     return below[-1] if below else ordered[0]
+
+
+#: ``choice_dp``: element operations (choices × states) it may spend; more choices mean coarser byte units.
+CHOICE_WORK = 2_000_000_000
+
+
+def choice_dp(
+    costs: list[np.ndarray], values: list[np.ndarray], budget: int, *, max_states: int = MAX_STATES, work: int = CHOICE_WORK
+) -> list[int]:
+    """Exact multiple-choice knapsack over arbitrary choices: for each group g pick one index into
+    ``costs[g]`` (int bytes) / ``values[g]`` so that Σ cost ≤ ``budget`` and Σ value is largest.
+
+    Bytes above every group's cheapest choice are counted in units of their gcd (exact) or, beyond
+    ``max_states`` states (or ``work`` element operations over all choices), in a coarser unit with
+    each increment rounded up (the budget still holds; then the answer of :func:`choice_greedy` is
+    taken instead whenever it is better)."""
+    costs = [np.asarray(c, dtype=np.int64) for c in costs]
+    values = [np.asarray(v, dtype=np.float64) for v in values]
+    if any(c.size == 0 or c.shape != v.shape for c, v in zip(costs, values)):
+        raise ConversionError("every group needs at least one choice, with one value per cost")
+    if not costs:
+        return []
+    base = sum(int(c.min()) for c in costs)
+    if budget < base:
+        raise ConversionError(f"budget {budget:,} B is below {base:,} B, what the smallest choices cost")
+    spare = budget - base
+    incs = [c - c.min() for c in costs]
+    exact_unit = math.gcd(*(int(x) for inc in incs for x in np.unique(inc) if x > 0)) or 1
+    limit = max(1024, min(max_states, work // max(1, sum(c.size for c in costs))))
+    unit = max(exact_unit, -(-spare // limit))
+    states = spare // unit + 1
+    dp = np.zeros(states)
+    width = np.uint8 if max(c.size for c in costs) <= 255 else np.uint16
+    picks = np.zeros((len(costs), states), dtype=width)
+    units = [-(-inc // unit) for inc in incs]
+    cand = np.empty(states)
+    for g in range(len(costs)):
+        new = np.full(states, -np.inf)
+        for c in np.argsort(units[g], kind="stable"):
+            w = int(units[g][c])
+            if w >= states:
+                break
+            m = states - w
+            np.add(dp[:m], values[g][c], out=cand[:m])
+            better = cand[:m] > new[w:]
+            new[w:][better] = cand[:m][better]
+            picks[g, w:][better] = c
+        dp = new
+    b = states - 1
+    if not np.isfinite(dp[b]):
+        raise ConversionError(f"budget {budget:,} B cannot hold the smallest choices at {unit} B granularity")
+    out = [0] * len(costs)
+    for g in range(len(costs) - 1, -1, -1):
+        c = int(picks[g, b])
+        out[g] = c
+        b -= int(units[g][c])
+    if unit != exact_unit:
+        greedy = choice_greedy(costs, values, budget)
+        if sum(v[i] for v, i in zip(values, greedy)) > sum(v[i] for v, i in zip(values, out)):
+            return greedy
+    return out
+
+
+def choice_greedy(costs: list[np.ndarray], values: list[np.ndarray], budget: int) -> list[int]:
+    """Greedy over choices sorted by cost: repeatedly take the move to a costlier choice of one group with
+    the best value gain per byte that fits (optimal up to the last step when each group's choices
+    are a convex hull; a heuristic otherwise)."""
+    costs = [np.asarray(c, dtype=np.int64) for c in costs]
+    values = [np.asarray(v, dtype=np.float64) for v in values]
+    orders = [np.argsort(c, kind="stable") for c in costs]
+    pos = [0] * len(costs)
+    spent = sum(int(c[o[0]]) for c, o in zip(costs, orders))
+    if spent > budget:
+        raise ConversionError(f"budget {budget:,} B is below {spent:,} B, what the smallest choices cost")
+    heap: list[tuple[float, int, int, int]] = []
+    version = [0] * len(costs)  # a group's entries from before its last move are stale
+
+    def push(g: int) -> None:
+        o = orders[g]
+        cur = o[pos[g]]
+        nxt = o[pos[g] + 1 :]  # the best gain per byte among the costlier choices that still fit
+        if nxt.size == 0:
+            return
+        dx = costs[g][nxt] - costs[g][cur]
+        gain = values[g][nxt] - values[g][cur]
+        ok = (gain > 0) & (spent + dx <= budget)
+        if not ok.any():
+            return
+        rate = np.where(ok, gain / np.maximum(dx, 1), -np.inf)
+        n = int(np.argmax(rate))  # first among equals: the cheapest
+        heapq.heappush(heap, (-float(rate[n]), g, pos[g] + 1 + n, version[g]))
+
+    for g in range(len(costs)):
+        push(g)
+    while heap:
+        _, g, n, ver = heapq.heappop(heap)
+        if ver != version[g]:
+            continue
+        extra = int(costs[g][orders[g][n]] - costs[g][orders[g][pos[g]]])
+        if spent + extra <= budget:
+            spent += extra
+            pos[g] = n
+        version[g] += 1
+        push(g)  # the next move, or (the budget having shrunk since) one that fits now
+    return [int(o[p]) for o, p in zip(orders, pos)]

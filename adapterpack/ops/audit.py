@@ -9,7 +9,10 @@ module's ‖ΔW‖²_F, and the exact size of five alternatives, each a whole ``
 - ``bf16``: floats cast to bfloat16, byteplanes (``adapterpack convert SRC out.apack --dtype bf16``);
 - ``energy99``, ``energy95``: every module cut to the smallest rank keeping 99% / 95% of its
   ‖ΔW‖²_F, as ``adapterpack rerank SRC out.apack --energy 0.99`` writes it (:func:`adapterpack.ops.rerank.rerank`:
-  svd records in each module's float dtype, DoRA modules kept), byteplanes.
+  svd records in each module's float dtype, DoRA modules kept), byteplanes;
+- ``compress8`` (only when asked for: it quantizes every component at every width): the file
+  ``adapterpack compress SRC out.apack --budget-ratio 0.125`` writes (1/8 of the fp16 factors, whole file),
+  with the exact relative Frobenius error of all ΔW stacked in ``errors``.
 
 Nothing is sampled or estimated: every tensor is encoded with the writer's own
 :func:`~adapterpack.container.writer.encode_blob` and the index is built as the writer builds it, so
@@ -46,8 +49,13 @@ from adapterpack.ops.report import footprint
 from adapterpack.ops.rerank import RerankPolicy, rerank
 from adapterpack.ops.spectrum import distribution, module_spectrum
 
-#: The alternatives measured, in table order.
+#: The alternatives measured by default, in table order.
 VARIANTS = ("zstd", "byteplanes", "bf16", "energy99", "energy95")
+#: Alternatives measured only when asked for (slower): ``compress8``, ``adapterpack compress --budget-ratio 0.125``.
+EXTRA_VARIANTS = ("compress8",)
+KNOWN_VARIANTS = VARIANTS + EXTRA_VARIANTS
+#: ``compress8``'s budget, as a fraction of the fp16 factor bytes.
+COMPRESS_RATIO = 1 / 8
 #: Energy fraction of each rerank variant.
 ENERGY_VARIANTS = {"energy99": 0.99, "energy95": 0.95}
 GLOB_CHARS = frozenset("*?[")
@@ -160,6 +168,8 @@ class InputAudit:
     dtypes: dict[str, int] = field(default_factory=dict)
     encodings: dict[str, int] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
+    #: relative Frobenius error of all ΔW stacked, per lossy alternative that reports one (compress8)
+    errors: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     #: per-module stored ranks and energy ranks (for distributions over many inputs)
     ranks: list[int] = field(default_factory=list)
@@ -188,6 +198,7 @@ class InputAudit:
             "rank_95": distribution(self.energy_ranks.get("energy95", [])),
             "sizes": dict(self.sizes),
             "saved": {k: self.bytes - v for k, v in self.sizes.items()},
+            "errors": dict(self.errors),
             "notes": self.notes,
             "seconds": self.seconds,
         }
@@ -243,6 +254,8 @@ def audit_input(path: str | os.PathLike[str], measure: Sequence[str] = VARIANTS)
                     res.sizes[v] = apack_size([p[0] for p in pairs], "byteplanes", validate=False, memo=memo)
         else:
             res.energy_ranks = _energy_ranks(adapters)
+        if "compress8" in measure:
+            _compress8(res, adapters)
         dora = sum(_is_dora(m) for a in adapters for m in a)
         if dora:
             res.notes.append(f"{dora} DoRA module(s) kept at their rank by the energy variants (their SVD needs the base weight)")
@@ -250,6 +263,29 @@ def audit_input(path: str | os.PathLike[str], measure: Sequence[str] = VARIANTS)
         res.error = _one_line(e).removeprefix(f"{path}: ")  # the row names the path already
     res.seconds = time.perf_counter() - start
     return res
+
+
+def _compress8(res: InputAudit, adapters: list[Adapter]) -> None:
+    """Size and error of ``adapterpack compress --budget-ratio 0.125`` (one file per adapter); a budget
+    below the smallest such file saves nothing and says so."""
+    from adapterpack.ops.compress import compress  # qsvd tables: only when asked for
+
+    size, energy, err2 = 0, 0.0, 0.0
+    try:
+        for a in adapters:
+            _, rep = compress(a, budget_ratio=COMPRESS_RATIO)
+            size += rep.file_bytes
+            for m in rep.modules:
+                energy += m.energy
+                err2 += m.energy * m.rel_error**2
+    except AdapterpackError as e:
+        res.sizes["compress8"] = res.bytes
+        res.notes.append(f"compress8: {_one_line(e)}")
+        return
+    res.sizes["compress8"] = size
+    res.errors["compress8"] = float(np.sqrt(err2 / energy)) if energy else 0.0
+    if len(adapters) > 1:
+        res.notes.append("compress8: one file per adapter, sizes summed")
 
 
 def _describe(res: InputAudit, adapters: list[Adapter]) -> None:
@@ -391,10 +427,10 @@ def audit_paths(
     false and an ``error``; paths matching nothing are listed in ``missing``.
     """
     found = paths if isinstance(paths, Found) else find_inputs(paths)
-    unknown = [v for v in measure if v not in VARIANTS]
+    unknown = [v for v in measure if v not in KNOWN_VARIANTS]
     if unknown:
-        raise AdapterpackError(f"cannot measure {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
-    measured = tuple(v for v in VARIANTS if v in measure)
+        raise AdapterpackError(f"cannot measure {', '.join(unknown)} (known: {', '.join(KNOWN_VARIANTS)})")
+    measured = tuple(v for v in KNOWN_VARIANTS if v in measure)
     rows: list[InputAudit] = []
     for res in _results(found.inputs, jobs, measured):
         rows.append(res)

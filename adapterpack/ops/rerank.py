@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from adapterpack.factors import Factors
 from adapterpack.linalg import allocate
 from adapterpack.linalg.finite import check_product
 from adapterpack.linalg.lowrank import Spectrum, spectrum_of
+from adapterpack.ops.budget import apack_file_size, fit_to_file
 from adapterpack.ops.convert import check_destination, infer_target, load_source, write_adapters
 from adapterpack.ops.importance import Importance
 from adapterpack.ops.report import footprint
@@ -152,6 +155,10 @@ class RerankReport:
     policy: RerankPolicy
     modules: list[ModulePlan]
     notes: list[str] = field(default_factory=list)
+    #: With a whole-file budget: the budget, the file's exact bytes and the factor budget that fits it.
+    budget: int | None = None
+    file_bytes: int | None = None
+    allocation_budget: int | None = None
 
     @property
     def total(self) -> dict[str, Any]:
@@ -185,12 +192,13 @@ class RerankReport:
             "total": self.total,
             "modules": [m.__dict__ for m in self.modules],
             "notes": self.notes,
+            "budget": self.budget,
+            "file_bytes": self.file_bytes,
+            "allocation_budget": self.allocation_budget,
         }
 
 
-def spectrum_with_factors(
-    module: Module, *, where: str | None = None, dtype: str | None = None
-) -> tuple[Spectrum, Factors]:
+def spectrum_with_factors(module: Module, *, where: str | None = None, dtype: str | None = None) -> tuple[Spectrum, Factors]:
     """The exact SVD of a module's ΔW (read from an svd record, computed from factors otherwise).
 
     Factors a fit cannot use (non-finite, or too large for binary64 or for ``dtype``, the float dtype
@@ -228,8 +236,8 @@ class _Work:
     cost: int
 
 
-def plan_rerank(adapter: Adapter, policy: RerankPolicy) -> tuple[RerankReport, dict[str, _Work]]:
-    """Choose every module's rank under ``policy`` (reads factors, computes exact spectra)."""
+def _prepare(adapter: Adapter, policy: RerankPolicy) -> tuple[str, list[ModulePlan], dict[str, _Work], list[str]]:
+    """The rule, a plan per module (ranks not chosen yet), the selected modules' exact spectra, notes."""
     rule = policy.rule()
     pattern = re.compile(policy.modules) if policy.modules else None
     work: dict[str, _Work] = {}
@@ -252,11 +260,15 @@ def plan_rerank(adapter: Adapter, policy: RerankPolicy) -> tuple[RerankReport, d
         plans.append(ModulePlan(m.name, old, 0, 0, sp.energy, 1.0, 0.0, m.decoded_bytes, 0))
     if not work:
         raise ConversionError("no module to re-rank" + (f" matches {policy.modules!r}" if pattern else ""))
+    return rule, plans, work, notes
 
-    ranks = _choose(policy, rule, work, notes)
+
+def _assign(policy: RerankPolicy, plans: list[ModulePlan], work: dict[str, _Work], ranks: dict[str, int]) -> None:
+    """Fill every selected plan's ranks, exact retained energy and error, and bytes from ``ranks``."""
     for p in plans:
         if not p.selected:
             continue
+        p.notes = []
         w = work[p.name]
         r = ranks[p.name]
         stored = r
@@ -278,6 +290,14 @@ def plan_rerank(adapter: Adapter, policy: RerankPolicy) -> tuple[RerankReport, d
         p.retained = w.spectrum.retained(r) / w.spectrum.energy if w.spectrum.energy else 1.0
         p.rel_error = w.spectrum.rel_error(r)
         p.bytes_after = stored * w.cost
+
+
+def plan_rerank(adapter: Adapter, policy: RerankPolicy) -> tuple[RerankReport, dict[str, _Work]]:
+    """Choose every module's rank under ``policy`` (reads factors, computes exact spectra); a budget counts
+    the bytes of the re-ranked factors (:func:`rerank` with ``file_size`` fits a whole file instead)."""
+    rule, plans, work, notes = _prepare(adapter, policy)
+    ranks = _choose(policy, rule, work, notes)
+    _assign(policy, plans, work, ranks)
     return RerankReport(rule, policy, plans, notes), work
 
 
@@ -293,26 +313,36 @@ def _values(policy: RerankPolicy, name: str, w: _Work) -> np.ndarray:
     return policy.importance.values(name, w.spectrum.S[: w.k])
 
 
-def _choose(policy: RerankPolicy, rule: str, work: dict[str, _Work], notes: list[str]) -> dict[str, int]:
+def _items(policy: RerankPolicy, work: dict[str, _Work]) -> list[allocate.Item]:
+    allowed = _allowed(policy)
+    return [
+        allocate.Item(
+            name,
+            _values(policy, name, w),
+            w.cost,
+            allocate.choices_for(
+                w.k, min_rank=1 if policy.min_rank is None else policy.min_rank, max_rank=policy.max_rank, allowed=allowed
+            ),
+        )
+        for name, w in work.items()
+    ]
+
+
+def _budget(policy: RerankPolicy, rule: str, work: dict[str, _Work], notes: list[str]) -> int:
+    if rule == "budget":
+        return int(policy.budget)  # type: ignore[arg-type]
+    before = sum(w.module.decoded_bytes for w in work.values())
+    budget = int(before * float(policy.budget_ratio))  # type: ignore[arg-type]
+    notes.append(f"budget {budget:,} B = {policy.budget_ratio} × {before:,} B of the re-ranked modules' tensors")
+    return budget
+
+
+def _choose(policy: RerankPolicy, rule: str, work: dict[str, _Work], notes: list[str], budget: int | None = None) -> dict[str, int]:
     allowed = _allowed(policy)
     if rule in ("budget", "budget_ratio"):
-        items = [
-            allocate.Item(
-                name,
-                _values(policy, name, w),
-                w.cost,
-                allocate.choices_for(
-                    w.k, min_rank=1 if policy.min_rank is None else policy.min_rank, max_rank=policy.max_rank, allowed=allowed
-                ),
-            )
-            for name, w in work.items()
-        ]
-        if rule == "budget":
-            budget = int(policy.budget)  # type: ignore[arg-type]
-        else:
-            before = sum(w.module.decoded_bytes for w in work.values())
-            budget = int(before * float(policy.budget_ratio))  # type: ignore[arg-type]
-            notes.append(f"budget {budget:,} B = {policy.budget_ratio} × {before:,} B of the re-ranked modules' tensors")
+        items = _items(policy, work)
+        if budget is None:
+            budget = _budget(policy, rule, work, notes)
         solve = allocate.budget_dp if policy.method == "dp" else allocate.budget_greedy
         return solve(items, budget, policy.effective_weighting)
     out = {}
@@ -341,13 +371,47 @@ def _record(p: ModulePlan, w: _Work, encoding: str) -> Module:
     return lora_from_factors(p.name, f, dtype=w.dtype)
 
 
-def rerank(adapter: Adapter, policy: RerankPolicy) -> tuple[Adapter, RerankReport]:
-    """``adapter`` re-ranked under ``policy`` (svd or lora records) and the report."""
-    report, work = plan_rerank(adapter, policy)
+def _build(adapter: Adapter, plans: list[ModulePlan], work: dict[str, _Work], encoding: str) -> Adapter:
     modules = {}
-    for p in report.modules:
-        modules[p.name] = _record(p, work[p.name], policy.encoding) if p.selected else adapter.module(p.name)
-    return adapter.derived(modules), report
+    for p in plans:
+        modules[p.name] = _record(p, work[p.name], encoding) if p.selected else adapter.module(p.name)
+    return adapter.derived(modules)
+
+
+def rerank(
+    adapter: Adapter, policy: RerankPolicy, *, file_size: Callable[[Adapter], int] | None = None
+) -> tuple[Adapter, RerankReport]:
+    """``adapter`` re-ranked under ``policy`` (svd or lora records) and the report.
+
+    A budget counts the re-ranked factors' bytes, unless ``file_size`` is given (the exact bytes of
+    the file an adapter would be written as, e.g. :func:`adapterpack.ops.budget.apack_file_size`):
+    then the whole file fits the budget (:func:`adapterpack.ops.budget.fit_to_file`), and the report
+    gives its size and the factor budget that got there."""
+    rule = policy.rule()
+    if file_size is None or rule not in ("budget", "budget_ratio"):
+        report, work = plan_rerank(adapter, policy)
+        return _build(adapter, report.modules, work, policy.encoding), report
+    rule, plans0, work, notes = _prepare(adapter, policy)
+    budget = _budget(policy, rule, work, notes)
+    items = _items(policy, work)
+
+    def solve(b: int) -> tuple[list[ModulePlan], Adapter]:
+        plans = [replace(p, notes=list(p.notes)) for p in plans0]
+        _assign(policy, plans, work, _choose(policy, rule, work, [], budget=b))
+        return plans, _build(adapter, plans, work, policy.encoding)
+
+    def spent(plan: tuple[list[ModulePlan], Adapter]) -> int:
+        return sum(p.bytes_after for p in plan[0] if p.selected)
+
+    fitted = fit_to_file(solve, lambda plan: file_size(plan[1]), budget, floor=allocate.min_cost(items), cost=spent)
+    plans, out = fitted.plan
+    notes.append(
+        f"whole file {fitted.file_bytes:,} B within the budget {budget:,} B (index and padding included): "
+        f"factors within {fitted.allocation_budget:,} B"
+    )
+    report = RerankReport(rule, policy, plans, notes, budget=budget, file_bytes=fitted.file_bytes,
+                          allocation_budget=fitted.allocation_budget)  # fmt: skip
+    return out, report
 
 
 @dataclass
@@ -375,6 +439,23 @@ class RerankResult:
             "export_notes": self.notes,
             **self.report.as_dict(),
         }
+
+
+def _file_size(
+    dst: Path | None, target: str | None, codec: str, level: int | None, drop_tensors: bool, component: str | None
+) -> Callable[[Adapter], int]:
+    """The exact bytes ``dst`` would take: the writer's planner for .apack (and for a plan only), else a
+    trial export into a temporary folder beside ``dst``, measured and removed."""
+    if dst is None or target in (None, "apack"):
+        return lambda a: apack_file_size([a], codec, level)
+
+    def exported(a: Adapter) -> int:
+        with tempfile.TemporaryDirectory(prefix=".rerank-size-", dir=dst.parent if dst.parent.is_dir() else None) as tmp:
+            trial = Path(tmp) / dst.name
+            write_adapters([a], trial, target, codec=codec, level=level, drop_tensors=drop_tensors, component=component)
+            return footprint(trial)
+
+    return exported
 
 
 def rerank_file(
@@ -405,7 +486,7 @@ def rerank_file(
         if len(source.adapters) != 1:
             names = ", ".join(a.name for a in source.adapters)
             raise ConversionError(f"{src} holds {len(source.adapters)} adapters ({names}); pick one with --adapter")
-        out, report = rerank(source.adapters[0], policy)
+        out, report = rerank(source.adapters[0], policy, file_size=_file_size(dst, target, codec, level, drop_tensors, component))
         notes: list[str] = []
         if dst is not None and target is not None:
             notes = write_adapters(

@@ -1,9 +1,10 @@
 """A library with ΔW deliberately wrong must fail the golden vectors (issue 12's auditor experiment).
 
 Each perturbation replaces one encoding's ``delta`` (lora ×1.7, nola ×−3, shared zeroed, svd
-×−1) for the duration of one run of :func:`tools.vectors._check.check` over every vector (numpy
-path; the torch decoders are left alone). A vector holding a module of the perturbed encoding
-must fail; every other vector must still pass. Run from the repository root::
+×−1, qsvd ×(1 + 2⁻⁸): small, still past the vectors' tolerance) for the duration of one run of
+:func:`tools.vectors._check.check` over every vector (numpy path; the torch decoders are left
+alone). A vector holding a module of the perturbed encoding must fail; every other vector must
+still pass. Run from the repository root::
 
     python -m tools.hostile.wrong_delta
 
@@ -29,6 +30,7 @@ PERTURBATIONS: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
     "nola": ("×−3", lambda d: d * -3),
     "shared": ("zeroed", np.zeros_like),
     "svd": ("×−1", lambda d: -d),
+    "qsvd": ("×(1 + 2⁻⁸)", lambda d: d * (1 + 2.0**-8)),
 }
 
 
