@@ -547,13 +547,14 @@ def run_adapter(ev: Any, label: str, path: Path, methods: list[str], divisors: l
     full.close()
 
 
-def markdown(results: dict[str, Any], methods: list[str], divisors: list[int], blocks: int) -> str:
+def markdown(results: dict[str, Any], methods: list[str], all_divisors: list[int], blocks: int) -> str:
     """Per adapter: KL(full‖x)×10³ (bytes used) and perplexity change / top-1 agreement, methods × budgets."""
     out = []
     for label, res in results.items():
         if "full" not in res:
             continue
         f16 = res["fp16_bytes"]
+        divisors = [d for d in all_divisors if any(f"{m}/{d}" in res["rows"] for m in methods)]
         out.append(f"**{label}** ({res['modules']} modules, rank {res['rank']}, fp16 factors {f16:,} B; full adapter "
                    f"perplexity {res['full']['ppl']:.3f}; base model KL×10³ {res['base']['kl'] * 1e3:.1f}; "
                    f"{blocks} held-out blocks). KL(full‖x)×10³ per token (bytes used, k = 1000 B):\n")
@@ -638,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     if args.tables_only:  # no model: the tables of one or more result files (comma list)
-        docs = [json.loads(Path(p).read_text()) for p in args.json.split(",")]
+        docs = [json.loads(Path(p).read_text()) for p in args.json.split(",") if Path(p).is_file()]
         merged: dict[str, Any] = {}
         for d in docs:  # rows of the same adapter from several files are put together
             for k, v in d["results"].items():
