@@ -25,6 +25,7 @@ from adapterpack.container.preamble import (
     FLAG_INDEX_ZSTD,
     FLAG_PACKED,
     MAGIC,
+    MINOR,
     PREAMBLE_SIZE,
     Preamble,
     align_up,
@@ -129,7 +130,7 @@ def test_layout_alignment_and_padding_accounting(tmp_path: Path, codec: str, com
 
     reader = ApackReader(path)
     assert reader.data_start == data_start and reader.file_size == len(raw)
-    assert reader.version == "1.3" and reader.preamble.packed == packed
+    assert reader.version == f"1.{MINOR}" and reader.preamble.packed == packed
     assert reader.verify().ok
     for i, b in enumerate(reader.blobs):
         arr = reader.read_blob(i)

@@ -181,7 +181,8 @@ def test_budget_weighted_by_importance_is_the_dp_on_weighted_energy(tmp_path: Pa
     from adapterpack.ops.rerank import rerank
 
     whole = apack_file_size([rerank(ad, RerankPolicy(budget=budget, encoding="lora", importance=imp))[0]], "byteplanes")
-    args = ["rerank", str(src), "--budget", str(whole), "--importance", str(path), "--encoding", "lora", "--dry-run", "--json"]
+    args = ["rerank", str(src), "--budget", str(whole), "--importance", str(path), "--encoding", "lora", "--codec", "byteplanes"]
+    args += ["--dry-run", "--json"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     import json

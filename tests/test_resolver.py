@@ -46,7 +46,7 @@ def test_decodes_once_and_serves_the_same_tensors(store: Path, tmp_path: Path, m
     req = asyncio.run(res.resolve_lora(BASE, "pydoc"))
     folder = Path(req["lora_path"])
     assert req["lora_name"] == "pydoc" and req["lora_int_id"] > 0 and folder.parent == tmp_path / "cache"
-    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]  # + card
     served, src = adapterpack.open(folder), adapterpack.open(example_path())
     for m in src:
         for slot in ("A", "B"):

@@ -22,6 +22,7 @@ from adapterpack.adapter import Adapter, Module, as_array
 from adapterpack.container import ApackReader
 from adapterpack.errors import AdapterpackError
 from tests.apack_builders import load_everything, lora_module
+from tools.fuzz_open import CODECS as SEED_CODECS
 from tools.fuzz_open import exercise, mutations, seed_files
 
 FLOATS = {"float32": np.uint32, "float16": np.uint16, "bfloat16": np.uint16, "float64": np.uint64}
@@ -37,7 +38,7 @@ NUMPY = {
     "uint8": np.dtype(np.uint8),
     "bool": np.dtype(np.bool_),
 }
-CODECS = ("raw", "zstd", "byteplanes")
+CODECS = ("raw", "zstd", "byteplanes", "pco")
 dims = st.integers(0, 5)
 names = st.text(st.characters(codec="utf-8"), min_size=1, max_size=24)
 
@@ -274,13 +275,13 @@ def test_mutated_file_is_read_or_refused_cleanly(raw: bytes, workdir: Path) -> N
 
 def test_seed_files_are_valid(workdir: Path) -> None:
     seeds = seed_files()
-    assert len(seeds) == 3
+    assert len(seeds) == len(SEED_CODECS) == 4
     for i, raw in enumerate(seeds):
         path = workdir / f"seed{i}.apack"
         path.write_bytes(raw)
         assert exercise(path) == "ok"
         codecs = {b.codec_id for b in ApackReader(path).blobs}
-        assert codecs == ({"raw"} if i == 0 else {"raw", ("zstd", "byteplanes")[i - 1]})
+        assert codecs == ({"raw"} if i == 0 else {"raw", SEED_CODECS[i]})
 
 
 def test_exercise_reports_refusals(workdir: Path) -> None:
