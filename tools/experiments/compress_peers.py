@@ -503,6 +503,7 @@ def run_adapter(ev: Any, label: str, path: Path, methods: list[str], divisors: l
     if not todo and "full" in res:
         return
     t0 = time.perf_counter()
+    ev.apply(None)  # the previous adapter's last variant off: W0 back before its copies are forgotten
     ev.base.clear()
     res["full"] = ev.set_reference(full)
     print(f"   full: ppl {res['full']['ppl']:.4f} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
