@@ -21,10 +21,7 @@ def parse_bits(_ctx: click.Context, _param: click.Parameter, value: str | None) 
     """``2,3,4,16`` → (2, 3, 4, 16); click's error for anything else (the encoding checks the widths)."""
     if value is None:
         return None
-    try:
-        bits = tuple(int(x) for x in value.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of bit widths") from None
+    bits = out.comma_ints(value, "bit widths")
     if not bits:
         raise click.BadParameter(f"{value!r}: give at least one bit width")
     return bits

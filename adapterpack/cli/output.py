@@ -331,3 +331,11 @@ def progress_bar(total: int, label: str = "writing", unit: str = "B") -> Iterato
 def progress_factory(label: str) -> Callable[[int], contextlib.AbstractContextManager[Callable[[int], None]]]:
     """A ``progress(total)`` factory for library functions that report bytes done."""
     return lambda total: progress_bar(total, label)
+
+
+def comma_ints(value: str, what: str) -> tuple[int, ...]:
+    """``"1, 8,16"`` → (1, 8, 16) for an option's comma-separated list; click's error naming ``what`` otherwise."""
+    try:
+        return tuple(int(x) for x in value.replace(" ", "").split(",") if x)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of {what}") from None

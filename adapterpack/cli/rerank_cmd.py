@@ -27,10 +27,7 @@ def parse_ranks(_ctx: click.Context, _param: click.Parameter, value: str | None)
     """``1,8,16,32`` → (1, 8, 16, 32); click's error for anything else."""
     if value is None:
         return None
-    try:
-        ranks = tuple(int(x) for x in value.replace(" ", "").split(",") if x)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of ranks") from None
+    ranks = out.comma_ints(value, "ranks")
     if not ranks or min(ranks) < 1:
         raise click.BadParameter(f"{value!r}: ranks must be integers >= 1")
     return ranks
