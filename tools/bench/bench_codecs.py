@@ -248,16 +248,17 @@ def peer_speed(arrs: list[np.ndarray], peer: str, repeats: int) -> dict[str, flo
             return None
         mode = ZIPNN_DTYPE[dtypes.of_array(arrs[0]).name]
         raw = [np.ascontiguousarray(a).tobytes() for a in arrs]
-        stored = [bytes(ZipNN(input_format="byte", bytearray_dtype=mode).compress(bytearray(b))) for b in raw]
+        # one thread, so that its cost is the calling thread's CPU time (ZipNN's default is every core)
+        stored = [bytes(ZipNN(input_format="byte", bytearray_dtype=mode, threads=1).compress(bytearray(b))) for b in raw]
         got: list[bytes] = []
 
         def decode() -> None:
             got.clear()
-            got.extend(bytes(ZipNN(input_format="byte", bytearray_dtype=mode).decompress(s)) for s in stored)
+            got.extend(bytes(ZipNN(input_format="byte", bytearray_dtype=mode, threads=1).decompress(s)) for s in stored)
 
         def encode() -> None:
             for b in raw:
-                ZipNN(input_format="byte", bytearray_dtype=mode).compress(bytearray(b))
+                ZipNN(input_format="byte", bytearray_dtype=mode, threads=1).compress(bytearray(b))
 
         decode()
         ok = got == raw
@@ -308,6 +309,72 @@ def measure_speed(work: Path, layers: int, repeats: int, level: int | None) -> l
     return rows
 
 
+def pco_breakdown(layers: int, repeats: int) -> list[dict[str, Any]]:
+    """Where pco's decode time goes on the synthetic adapter: thread-CPU MB/s of each step, every tensor in turn.
+
+    ``engine`` is Pco alone (chunk metadata + page decode from ready ``bytes``: the floor for this codec),
+    ``engine + unrotate`` adds the sign un-rotation right after each page (cache-hot, as in the codec),
+    ``pco codec`` is ``Pco.decode_into`` on a memoryview (adds the checks, parsing and the one page copy) and
+    ``pcodec peer`` is ``standalone.simple_decompress_into`` on the unrotated values.
+    """
+    pcodec = _pcodec()
+    if pcodec is None:
+        return []
+    rows = []
+    for dt in DTYPE_NAMES:
+        ad = synthetic.build_adapter(dt, layers=layers)
+        rows.append({"dtype": dt} | _pco_steps([np.asarray(t) for m in ad.modules.values() for t in m.tensors.values()],
+                                               repeats, pcodec))
+        print(f"  pco breakdown: {dt} done", flush=True)
+    return rows
+
+
+def _pco_steps(arrs: list[np.ndarray], repeats: int, pcodec: Any) -> dict[str, float]:
+    """The four timings of :func:`pco_breakdown` for one list of arrays (checks the codec's round trip)."""
+    from adapterpack.codecs import pco as pco_codec
+
+    k = dtypes.of_array(arrs[0]).itemsize
+    kind, npdt = pco_codec._TYPES[k]
+    codec = pco_codec.Pco()
+    raws = [dtypes.as_bytes(a) for a in arrs]
+    stored = [codec.encode(r, k) for r in raws]
+    parts = []
+    for s in stored:
+        fd, pos = pcodec.wrapped.FileDecompressor.new(s)
+        _, used = fd.chunk_decompressor(s[pos:], kind)
+        parts.append((fd, s[pos : pos + used], s[pos + used :]))
+    outs = [bytearray(len(r)) for r in raws]
+    dsts = [np.frombuffer(o, npdt) for o in outs]
+    views = [(memoryview(s), memoryview(o)) for s, o in zip(stored, outs)]
+    vals = [np.ascontiguousarray(_pcodec_values(a)).reshape(-1) for a in arrs]
+    peer = [bytes(pcodec.standalone.simple_compress(v, pcodec.ChunkConfig())) for v in vals]
+    peer_out = [np.empty_like(v) for v in vals]
+
+    def engine(unrotate: bool) -> Callable[[], None]:
+        def run() -> None:
+            for (fd, meta, page), d in zip(parts, dsts):
+                cd, _ = fd.chunk_decompressor(meta, kind)
+                cd.read_page_into(page, len(d), d)
+                if unrotate:
+                    pco_codec.unrotate_inplace(d)
+        return run
+
+    def full() -> None:
+        for s, o in views:
+            codec.decode_into(s, o, k)
+
+    def peer_run() -> None:
+        for s, o in zip(peer, peer_out):
+            pcodec.standalone.simple_decompress_into(s, o)
+
+    full()
+    if any(bytes(o) != bytes(r) for o, r in zip(outs, raws)):
+        raise SystemExit("pco did not round-trip")
+    total = sum(map(len, raws)) / common.MB
+    return {name: total / _timed(fn, repeats)[1] for name, fn in (
+        ("engine", engine(False)), ("engine + unrotate", engine(True)), ("pco codec", full), ("pcodec peer", peer_run))}
+
+
 def render_speed(rows: list[dict[str, Any]]) -> str:
     def f(x: float | None) -> str:
         return "—" if x is None else f"{x:,.0f}"
@@ -325,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--level", type=int, default=None, help="one level for every codec (default: each codec's own)")
     ap.add_argument("--sizes-only", action="store_true", help="only the real-adapter size tables")
     ap.add_argument("--speed-only", action="store_true", help="only the synthetic speed table")
+    ap.add_argument("--pco-breakdown", action="store_true",
+                    help="only: where pco's decode time goes (Pco engine, un-rotation, codec, pcodec), synthetic adapter")
     ap.add_argument("--workdir", type=Path, help="where to write the test files (default: a temporary folder)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args(argv)
@@ -333,6 +402,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     missing = [p for p, mod in (("zipnn", _zipnn()), ("pcodec", _pcodec())) if mod is None]
     sizes: list[dict[str, Any]] = []
     speed: list[dict[str, Any]] = []
+    if args.pco_breakdown:
+        rows = pco_breakdown(layers, repeats)
+        print(f"\nMachine: {common.machine_line(common.machine())}. MB = 10^6 bytes. Decode MB/s by thread CPU time, "
+              f"median of {repeats}, {synthetic.description('bf16', layers=layers).replace('bfloat16', 'each dtype')}\n")
+        names = ["engine", "engine + unrotate", "pco codec", "pcodec peer"]
+        print(common.markdown_table(["dtype", *names], [[r["dtype"], *(f"{r[n]:,.0f}" for n in names)] for r in rows],
+                                    "l" + "r" * len(names)))
+        return
     with tempfile.TemporaryDirectory(prefix="apack-codecs-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
