@@ -104,12 +104,8 @@ def report_lines(r: dict[str, Any], per_module: bool) -> list[str]:
 @click.option(
     "--codec", type=click.Choice(codec_ids()), default="raw", show_default=True, help="Blob codec (the budget counts its bytes)."
 )
-@click.option("--adapter", "adapter_name", metavar="NAME", help="Which adapter of a multi-adapter .apack file.")
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
-@click.option("--dry-run", is_flag=True, help="Print the report only; write nothing (DST may be left out).")
-@click.option("--summary", is_flag=True, help="Totals only, no per-module table.")
-@out.progress_option
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@out.report_options
 def compress(
     src: Path,
     dst: Path | None,

@@ -316,6 +316,20 @@ def progress_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def report_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options of a command that plans a smaller adapter and reports it (rerank, compress): ``--adapter``,
+    ``--dry-run``, ``--summary``, ``--progress`` and ``--json``, declared once."""
+    for option in (
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+        progress_option,
+        click.option("--summary", is_flag=True, help="Totals only, no per-module table."),
+        click.option("--dry-run", is_flag=True, help="Print the report only; write nothing (DST may be left out)."),
+        click.option("--adapter", "adapter_name", metavar="NAME", help="Which adapter of a multi-adapter .apack file."),
+    ):
+        f = option(f)
+    return f
+
+
 @contextlib.contextmanager
 def progress_bar(total: int, label: str = "writing", unit: str = "B") -> Iterator[Callable[[int], None]]:
     """Yield ``advance(nbytes)`` of an :mod:`adapterpack.progress` task (shown as that module decides)."""

@@ -142,11 +142,7 @@ def report_lines(r: dict[str, Any], per_module: bool) -> list[str]:
     help="Record kind in .apack output (PEFT/kohya are always lora).",
 )
 @write_options(TARGETS)
-@click.option("--adapter", "adapter_name", metavar="NAME", help="Which adapter of a multi-adapter .apack file.")
-@click.option("--dry-run", is_flag=True, help="Print the report only; write nothing (DST may be left out).")
-@click.option("--summary", is_flag=True, help="Totals only, no per-module table.")
-@out.progress_option
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@out.report_options
 def rerank(
     src: Path,
     dst: Path | None,

@@ -195,6 +195,16 @@ def _timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     return common.median(walls), common.median(cpus)
 
 
+def _rates(total: int, stored: int, encode: Callable[[], object], decode: Callable[[], object],
+           repeats: int) -> dict[str, float]:
+    """Encode and decode MB/s (wall and thread CPU) of ``total`` decoded bytes stored in ``stored`` bytes."""
+    ew, ec = _timed(encode, max(1, repeats // 2))
+    dw, dc = _timed(decode, repeats)
+    mb = total / common.MB
+    return {"stored": stored, "encode_mb_s": mb / ew, "encode_cpu_mb_s": mb / ec, "decode_mb_s": mb / dw,
+            "decode_cpu_mb_s": mb / dc}
+
+
 def codec_speed(arrs: list[np.ndarray], codec: str, level: int | None, repeats: int) -> dict[str, float]:
     """Encode and decode MB/s (wall and CPU) of one codec over all arrays, in memory; checks the round trip."""
     c = codecs.get_codec({"id": codec} if level is None else {"id": codec, "level": level})
@@ -214,11 +224,7 @@ def codec_speed(arrs: list[np.ndarray], codec: str, level: int | None, repeats: 
     decode()
     if any(bytes(out) != bytes(d) for (d, _), out in zip(items, outs)):
         raise SystemExit(f"{codec} did not round-trip")
-    ew, ec = _timed(encode, max(1, repeats // 2))
-    dw, dc = _timed(decode, repeats)
-    mb = total / common.MB
-    return {"stored": sum(map(len, stored)), "encode_mb_s": mb / ew, "encode_cpu_mb_s": mb / ec,
-            "decode_mb_s": mb / dw, "decode_cpu_mb_s": mb / dc}
+    return _rates(total, sum(map(len, stored)), encode, decode, repeats)
 
 
 def peer_speed(arrs: list[np.ndarray], peer: str, repeats: int) -> dict[str, float] | None:
@@ -264,11 +270,7 @@ def peer_speed(arrs: list[np.ndarray], peer: str, repeats: int) -> dict[str, flo
         ok = got == raw
     if not ok:
         raise SystemExit(f"{peer} did not round-trip")
-    ew, ec = _timed(encode, max(1, repeats // 2))
-    dw, dc = _timed(decode, repeats)
-    mb = total / common.MB
-    return {"stored": sum(map(len, stored)), "encode_mb_s": mb / ew, "encode_cpu_mb_s": mb / ec,
-            "decode_mb_s": mb / dw, "decode_cpu_mb_s": mb / dc}
+    return _rates(total, sum(map(len, stored)), encode, decode, repeats)
 
 
 def load_speed(path: Path, repeats: int) -> float:

@@ -15,9 +15,9 @@ import torch
 
 from adapterpack import progress
 from adapterpack.adapter import Adapter
-from adapterpack.errors import ConversionError, InputError, MissingDependencyError
+from adapterpack.errors import ConversionError
 from adapterpack.torch.apply import apply
-from adapterpack.torch.fit.fisher import text_blocks
+from adapterpack.torch.fit.fisher import load_causal_lm, text_blocks
 
 
 def _logits(model: torch.nn.Module, adapter: Adapter, ids: torch.Tensor) -> torch.Tensor:
@@ -57,25 +57,9 @@ def compare_causal_lm(
 ) -> dict[str, Any]:  # fmt: skip
     """:func:`compare_on_model` on a local Hugging Face causal LM folder (nothing is downloaded) over ``blocks``
     evenly spaced blocks of ``text``."""
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer  # transformers: optional (the peft extra)
-    except ImportError:
-        raise MissingDependencyError("diff on a model needs transformers: pip install 'adapterpack[peft]'") from None
     folder = Path(model_dir)
-    if not (folder / "config.json").is_file():
-        raise InputError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    try:
-        dev = torch.device(device)
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as e:
-        raise ConversionError(f"device {device!r} is not usable here ({e})") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-    except (ValueError, OSError, KeyError, TypeError) as e:
-        raise InputError(f"{folder}: cannot load the model or its tokenizer with transformers ({e})") from None
-    model = model.to(dev).eval()
-    ids = text_blocks(tok(text)["input_ids"], blocks, block_tokens).to(dev)
+    tok, model = load_causal_lm(folder, device, "diff on a model")
+    ids = text_blocks(tok(text)["input_ids"], blocks, block_tokens).to(torch.device(device))
     return compare_on_model(model, a, b, ids, batch=batch) | {"base": str(folder), "block_tokens": block_tokens}
 
 

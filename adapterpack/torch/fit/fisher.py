@@ -219,6 +219,28 @@ def text_blocks(token_ids: list[int], blocks: int, block_tokens: int) -> torch.T
     return ids[torch.from_numpy(picks)]
 
 
+def load_causal_lm(folder: Path, device: str, what: str) -> tuple[Any, nn.Module]:
+    """(tokenizer, float32 model in eval mode on ``device``) of a local Hugging Face causal LM folder, nothing
+    downloaded; ``what`` names the feature in the error when transformers is missing."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # transformers: optional (the peft extra)
+    except ImportError:
+        raise MissingDependencyError(f"{what} needs transformers: pip install 'adapterpack[peft]'") from None
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder}: not a Hugging Face model folder (no config.json)")
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError) as e:
+        raise ConversionError(f"device {device!r} is not usable here ({e})") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise InputError(f"{folder}: cannot load the model or its tokenizer with transformers ({e})") from None
+    return tok, model.to(dev).eval()
+
+
 def causal_lm_importance(
     adapter: Adapter,
     model_dir: str | Path,
@@ -233,27 +255,11 @@ def causal_lm_importance(
 ) -> Importance:
     """:func:`component_fisher` of ``adapter`` on a local Hugging Face causal LM folder (``transformers``;
     nothing is downloaded) over ``blocks`` evenly spaced blocks of ``text``, ``batch`` blocks per pass."""
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer  # transformers: optional (the peft extra)
-    except ImportError:
-        raise MissingDependencyError("importance on a model needs transformers: pip install 'adapterpack[peft]'") from None
     if batch < 1:
         raise ConversionError(f"batch must be >= 1, got {batch}")
     check_adapter(adapter)  # before the model is loaded: unusable factors are refused at once
-    try:
-        dev = torch.device(device)
-        torch.empty(0, device=dev)
-    except (RuntimeError, AssertionError) as e:
-        raise ConversionError(f"device {device!r} is not usable here ({e})") from None
     folder = Path(model_dir)
-    if not (folder / "config.json").is_file():
-        raise InputError(f"{folder}: not a Hugging Face model folder (no config.json)")
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-    except (ValueError, OSError, KeyError, TypeError) as e:
-        raise InputError(f"{folder}: cannot load the model or its tokenizer with transformers ({e})") from None
-    model = model.to(dev).eval()
+    tok, model = load_causal_lm(folder, device, "importance on a model")
     ids = text_blocks(tok(text)["input_ids"], blocks, block_tokens)
     imp = component_fisher(model, adapter, [ids[i : i + batch] for i in range(0, ids.shape[0], batch)], labels=labels, seed=seed)
     imp.info |= {"model": folder.name, "block_tokens": str(block_tokens)}
