@@ -1,7 +1,7 @@
 """CRC-32C (Castagnoli), the spec's checksum (spec/format.md §8).
 
-The ``crc32c`` package uses the CPU's CRC instruction (16 GB/s here, faster than a memcpy;
-zlib's CRC-32 runs at 4 GB/s: ``python -m tools.bench.bench_checksum``), so every blob can be
+The ``crc32c`` package uses the CPU's CRC instruction (faster than a memcpy, and several times
+zlib's CRC-32: ``python -m tools.bench.bench_checksum``, BENCHMARKS.md), so every blob can be
 verified on every read. It is imported on the first call: its package import pulls in
 ``importlib.metadata`` and its CLI, which ``import adapterpack`` should not pay.
 """

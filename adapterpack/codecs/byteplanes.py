@@ -1,7 +1,7 @@
 """``byteplanes``: each byte position of the elements is its own zstd frame (spec §5.2).
 
 Float exponent/sign bytes repeat far more than mantissa bytes; compressing the planes
-apart lets zstd see that (ZipNN reports ≈1.5× on bf16 weights; plain zstd gets ≈1.3× here, BENCHMARKS.md).
+apart lets zstd see that (the idea behind ZipNN; sizes against plain zstd in BENCHMARKS.md).
 """
 
 from __future__ import annotations

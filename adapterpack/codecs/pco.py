@@ -26,7 +26,7 @@ from adapterpack.limits import MAX_ZSTD_RATIO
 #: Elements per Pco chunk (one page each); the last chunk holds the rest. Pco allows up to 2^24.
 CHUNK = 1 << 22
 #: Pco's compression level 0–12 (how many bins it may try); decoding does not depend on it. 8 (Pco's own default)
-#: gets within 0.1% of 12 at a fifth of its encode time (BENCHMARKS.md).
+#: comes close to 12 in size at a fraction of its encode time (BENCHMARKS.md).
 DEFAULT_LEVEL = 8
 #: itemsize -> (Pco number type, numpy unsigned type)
 _TYPES = {2: ("u16", np.dtype("<u2")), 4: ("u32", np.dtype("<u4")), 8: ("u64", np.dtype("<u8"))}

@@ -185,7 +185,7 @@ def plan_apack(
     if len(text) > MAX_INDEX_LENGTH:
         raise IndexTooLargeError(f"index would be {len(text)} bytes, over the {MAX_INDEX_LENGTH}-byte limit")
     # raw blobs only: the index stays plain JSON, so opening a file meant for zero-copy loads decodes no frame
-    # (measured 16 us hot, up to about 80 us cold, on a 0.5-1.1 ms open); such a file has the 1.2 layout and flags 0
+    # (its cost on an open is measured in BENCHMARKS.md); such a file has the 1.2 layout and flags 0
     if zstd_index is None:  # a qsvd record is dequantized on every load: its file gains nothing from a plain index
         zstd_index = packed or any(m.encoding == "qsvd" for a in adapters for m in a)
     stored = compress_index(text) if zstd_index and compact else text

@@ -12,7 +12,7 @@ measures it; this module holds the result, writes and reads it (a safetensors fi
 checks it belongs to the adapter being re-ranked (its singular values are stored beside it).
 
 ``fisher[name]`` is the k×k matrix (a module's components are not independent: the cross terms
-lowered the re-ranked KL by up to 1.9% against the diagonal on SmolLM2, BENCHMARKS.md) or, as version 1 files hold, its
+lowered the re-ranked KL against the diagonal on SmolLM2, BENCHMARKS.md) or, as version 1 files hold, its
 diagonal [k].
 
 File layout: per module ``<name>.fisher`` ([k, k], or [k] in version 1) and ``<name>.S`` ([k], the
