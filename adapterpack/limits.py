@@ -66,6 +66,9 @@ MAX_SAFETENSORS_DESCRIPTION = 4096
 MAX_SAFETENSORS_METADATA = 4096
 #: Longest safetensors tensor name (code points): a module name of :data:`MAX_NAME` plus PEFT's prefixes.
 MAX_SAFETENSORS_NAME = 2 * MAX_NAME
+#: Most decoder layers a base model's config.json may declare when module names are listed from it (the largest
+#: published models have a few hundred).
+MAX_MODEL_LAYERS = 4096
 
 # --- PEFT rank_pattern / alpha_pattern keys -------------------------------------------------------
 

@@ -242,3 +242,57 @@ def test_quantized_and_bf16_tensors(tmp_path: Path) -> None:
     o = ad.modules["model.layers.0.self_attn.o_proj"]
     assert o.array("A").dtype == ml_dtypes.bfloat16 and o.array("A").tobytes() == a16.tobytes()
     assert o.array("B").tobytes() == b16.tobytes() and o.base_shape == (32, 32)
+
+
+def test_a_huge_block_index_is_one_name_lookup(tmp_path: Path) -> None:
+    """The block index of a name is substituted, not enumerated: blk.20000 used to build every block's names
+    (gigabytes for a 500-byte file); a non-canonical index (blk.07) is no llama.cpp block and keeps its name."""
+    import tracemalloc
+
+    path = _write(tmp_path / "far.gguf", LORA, {
+        "blk.20000.attn_v.weight.lora_a": A, "blk.20000.attn_v.weight.lora_b": B,
+        "blk.07.attn_v.weight.lora_a": A, "blk.07.attn_v.weight.lora_b": B,
+    })  # fmt: skip
+    tracemalloc.start()
+    try:
+        ad = read_gguf(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sorted(ad.modules) == ["blk.07.attn_v", "model.layers.20000.self_attn.v_proj"]
+    assert peak < 16 << 20, peak
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"architectures": ["LlamaForCausalLM"], "num_attention_heads": [2]},
+        {"architectures": ["LlamaForCausalLM"], "num_attention_heads": "2"},
+        {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 2.5},
+        {"architectures": ["LlamaForCausalLM"], "num_attention_heads": True},
+        {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 0},
+        {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, "num_key_value_heads": -1},
+        ["LlamaForCausalLM"],
+    ],
+)
+def test_base_config_head_counts_are_checked(tmp_path: Path, config: object) -> None:
+    from adapterpack.formats.gguf import base_info
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError):
+        base_info(tmp_path / "config.json")
+    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "num_attention_heads": 1e400}')
+    with pytest.raises(InputError, match="positive integers"):
+        base_info(tmp_path)
+
+
+@pytest.mark.parametrize("value", ["abc", float("nan"), 2.0])
+def test_base_gguf_head_counts_are_checked(tmp_path: Path, value: object) -> None:
+    from adapterpack.formats.gguf import base_info
+
+    base = _write(tmp_path / "base.gguf", {"llama.attention.head_count": value}, {"x": np.zeros(2, np.float32)})
+    with pytest.raises(InputError, match="positive integers"):
+        base_info(base)
+    good = _write(tmp_path / "good.gguf", {"llama.attention.head_count": 4, "llama.attention.head_count_kv": 2},
+                  {"x": np.zeros(2, np.float32)})  # fmt: skip
+    assert (base_info(good).n_head, base_info(good).n_head_kv) == (4, 2)

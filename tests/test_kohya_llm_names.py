@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 import adapterpack
 from adapterpack.cli import main
+from adapterpack.errors import ConversionError, InputError
 from adapterpack.examples import example_path
 from adapterpack.formats.kohya import META_NAMES, kohya_state, read_kohya
 from adapterpack.formats.peft import write_peft
@@ -119,3 +120,18 @@ def test_kohya_names_resolved_by_the_real_base_folder(tmp_path: Path) -> None:
         assert sorted(got.modules) == sorted(adapterpack.open(example_path()).modules)
     ok = CliRunner().invoke(main, ["check", "--target", "peft", "--base", str(SMOLLM2), str(tmp_path / "out")])
     assert ok.exit_code == 0, ok.output
+
+
+def test_config_layer_count_is_bounded(tmp_path: Path) -> None:
+    """A config.json's num_hidden_layers lists names for every layer: a billion of them is refused, not built."""
+    from adapterpack.formats.llm_names import modules_from_config
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 10**9}))
+    with pytest.raises(InputError, match="layer limit"):
+        modules_from_config(cfg)
+    cfg.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": True}))
+    with pytest.raises(ConversionError):
+        modules_from_config(cfg)
+    cfg.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 2}))
+    assert "model.layers.1.self_attn.q_proj" in modules_from_config(cfg)

@@ -69,12 +69,12 @@ class GgufBase:
     n_head_kv: int | None = None
 
 
-def _field(reader: Any, key: str) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    part = f.parts[f.data[0]]
-    return bytes(part).decode() if part.dtype == np.uint8 else int(part[0])
+def _checked_heads(arch: str, n: Any, kv: Any, where: str) -> GgufBase:
+    """A base's head counts, each absent (None) or a positive integer (not a bool); InputError otherwise."""
+    for x in (n, kv):
+        if x is not None and (not isinstance(x, int) or isinstance(x, bool) or x < 1):
+            raise InputError(f"{where}: attention head counts must be positive integers, got {n!r:.40} / {kv!r:.40}")
+    return GgufBase(arch, n, kv)
 
 
 def base_from_gguf(path: str | os.PathLike[str] | Any) -> GgufBase:
@@ -89,10 +89,12 @@ def base_from_gguf(path: str | os.PathLike[str] | Any) -> GgufBase:
             r = gguf.GGUFReader(str(path))
         except Exception as e:  # the gguf package raises ValueError / struct errors on bad files
             raise InputError(f"{path}: not a readable GGUF file ({e})") from None
-    arch = _field(r, "general.architecture")
+    where = Path("base GGUF") if r is path else Path(path)
+    arch = _value(r, "general.architecture", where)
     if arch != "llama":
-        raise ConversionError(f"{path}: base architecture {arch!r}; the gguf export supports llama-family models only")
-    return GgufBase(arch, _field(r, f"{arch}.attention.head_count"), _field(r, f"{arch}.attention.head_count_kv"))
+        raise ConversionError(f"{where}: base architecture {arch!r:.40}; the gguf export supports llama-family models only")
+    heads = (_value(r, f"{arch}.attention.{k}", where) for k in ("head_count", "head_count_kv"))
+    return _checked_heads(arch, *heads, str(where))
 
 
 def base_from_config(path: str | os.PathLike[str]) -> GgufBase:
@@ -103,12 +105,15 @@ def base_from_config(path: str | os.PathLike[str]) -> GgufBase:
         cfg = json.loads(p.read_text())
     except (OSError, ValueError) as e:
         raise InputError(f"{p}: cannot read the base model's config.json ({e})") from None
-    archs = cfg.get("architectures") or []
+    if not isinstance(cfg, dict):
+        raise InputError(f"{p}: a config.json must hold a JSON object, not {type(cfg).__name__}")
+    archs = cfg.get("architectures")
+    archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
     arch = next((ARCHS[a] for a in archs if a in ARCHS), None)
     if arch is None:
-        raise ConversionError(f"{p}: architectures {archs}; the gguf export supports {', '.join(ARCHS)}")
+        raise ConversionError(f"{p}: architectures {archs!r:.200}; the gguf export supports {', '.join(ARCHS)}")
     n_head = cfg.get("num_attention_heads")
-    return GgufBase(arch, n_head, cfg.get("num_key_value_heads", n_head))
+    return _checked_heads(arch, n_head, cfg.get("num_key_value_heads", n_head), str(p))
 
 
 def base_info(path: str | os.PathLike[str]) -> GgufBase:
@@ -143,16 +148,29 @@ def _heads(name: str, base: GgufBase) -> int | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _name_map(arch: str, n_blocks: int) -> Any:
+def _name_map(arch: str) -> Any:
+    """gguf-py's HF → GGUF name map of ``arch`` for block 0 only: other blocks are named by substituting the index
+    (:func:`gguf_name`), so a hostile block index in a name costs nothing (gguf-py builds every block's names)."""
     import gguf  # gguf: optional (the gguf extra)
 
     arch_id = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
-    return gguf.get_tensor_name_map(arch_id, n_blocks)  # builds every block's names: tens of ms, so built once
+    return gguf.get_tensor_name_map(arch_id, 1)
 
 
-def gguf_name(name: str, arch: str, n_blocks: int) -> str | None:
+def _block(m: re.Match[str]) -> str | None:
+    """The block index a name's match holds, if written the canonical way (``7``, not ``07``)."""
+    i = m.group(1)
+    return i if i == str(int(i)) else None
+
+
+def gguf_name(name: str, arch: str) -> str | None:
     """The GGUF base-tensor name (without ``.weight``) of a HF module name, or None."""
-    return _name_map(arch, n_blocks).get_name(name)
+    m = _LAYER.search(name)
+    if m is None:
+        return _name_map(arch).get_name(name)
+    i = _block(m)
+    g = _name_map(arch).get_name(f"{name[: m.start(1)]}0{name[m.end(1) :]}") if i is not None else None
+    return f"blk.{i}.{g[len('blk.0.') :]}" if g is not None and g.startswith("blk.0.") else None
 
 
 @dataclass
@@ -202,7 +220,6 @@ def gguf_tensors(
     """The llama.cpp tensors of ``adapter`` (numpy, float32/float16/bf16-bits) and the file's alpha."""
     base = base or GgufBase()
     mods = _check(adapter, drop_tensors)
-    n_blocks = 1 + max((int(g.group(1)) for m in mods if (g := _LAYER.search(m.name))), default=0)
     products = {m.name: float(m.implementation.scale(m)) * int(m.params["rank"]) for m in mods}
     common = Counter(products.values()).most_common(1)[0][0]
     first = next(n for n, p in products.items() if p == common)
@@ -210,13 +227,13 @@ def gguf_tensors(
     alpha = float32_alpha(common, where, "llama.cpp")
     if alpha == 0:
         raise ConversionError(f"{where}: alpha 0 (scale 0) cannot be written: llama.cpp reads adapter.lora.alpha 0 as scale 1")
-    missing = [m.name for m in mods if gguf_name(m.name, base.arch, n_blocks) is None]
+    missing = [m.name for m in mods if gguf_name(m.name, base.arch) is None]
     if missing:
         some = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise ConversionError(f"{len(missing)} module(s) have no llama.cpp tensor name in the {base.arch} architecture: {some}")
     plan = GgufPlan(alpha=alpha)
     for m in mods:
-        gname = gguf_name(m.name, base.arch, n_blocks)
+        gname = gguf_name(m.name, base.arch)
         assert gname is not None
         out = _out_dtype(dtype, m)
         a, b = m.array("A"), m.array("B")
@@ -379,13 +396,24 @@ _LORA_SUFFIXES = (".lora_a", ".lora_b")
 _PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 
 
-def hf_names(arch: str, n_blocks: int) -> dict[str, str]:
-    """GGUF base-tensor name → HF module name for ``arch`` (``llama`` only; ``{}`` otherwise): the inverse of
-    :func:`gguf_name` over LLaMA's modules."""
+@functools.lru_cache(maxsize=8)
+def _hf_block0(arch: str) -> dict[str, str]:
+    """GGUF base-tensor name → HF module name for block 0 and the tensors outside blocks (``llama`` only)."""
     if arch != "llama":
         return {}
-    hf = [*_LLAMA_TOP, *(f"model.layers.{i}.{m}" for i in range(n_blocks) for m in _LLAMA_BLOCK)]
-    return {g: h for h in hf if (g := gguf_name(h, arch, n_blocks)) is not None}
+    hf = [*_LLAMA_TOP, *(f"model.layers.0.{m}" for m in _LLAMA_BLOCK)]
+    return {g: h for h in hf if (g := gguf_name(h, arch)) is not None}
+
+
+def hf_name(gname: str, arch: str) -> str | None:
+    """The HF module name of a GGUF base-tensor name (``llama`` only; None if unknown): the inverse of
+    :func:`gguf_name` over LLaMA's modules, one lookup per name whatever its block index."""
+    m = _BLK.match(gname)
+    if m is None:
+        return _hf_block0(arch).get(gname)
+    i = _block(m)
+    h = _hf_block0(arch).get(f"blk.0.{gname[m.end() :]}") if i is not None else None
+    return f"model.layers.{i}.{h[len('model.layers.0.') :]}" if h is not None and h.startswith("model.layers.0.") else None
 
 
 def unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
@@ -437,9 +465,9 @@ def _heads_of(reader: Any, path: Path, base: GgufBase | str | os.PathLike[str] |
     n, kv = _value(reader, HEAD_COUNT, path), _value(reader, HEAD_COUNT_KV, path)
     if n is None:
         return None
-    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in (n, kv)):
-        raise InputError(f"{path}: {HEAD_COUNT} / {HEAD_COUNT_KV} must be positive integers, got {n!r:.40} / {kv!r:.40}")
-    return GgufBase("llama", n, kv)
+    if kv is None:
+        raise InputError(f"{path}: {HEAD_COUNT} / {HEAD_COUNT_KV} must be positive integers, got {n!r:.40} / None")
+    return _checked_heads("llama", n, kv, str(path))
 
 
 def _array(t: Any, path: Path, notes: list[str]) -> np.ndarray:
@@ -508,8 +536,6 @@ def read_gguf(path: str | os.PathLike[str], *, base: GgufBase | str | os.PathLik
         pairs.setdefault(stem[: -len(".weight")], {})[suffix] = t
     if not pairs:
         raise InputError(f"{path}: no LoRA tensors (<name>.weight.lora_a + <name>.weight.lora_b)")
-    n_blocks = 1 + max((int(g.group(1)) for n in [*pairs, *plain] if (g := _BLK.match(n))), default=0)
-    names = hf_names(arch, n_blocks)
     kept_gguf = []
     adapter = Adapter(name="default")
     for gname in sorted(pairs):
@@ -522,7 +548,7 @@ def read_gguf(path: str | os.PathLike[str], *, base: GgufBase | str | os.PathLik
                 f"{path}: {gname}: lora_a {list(a.shape)} {a.dtype} and lora_b {list(b.shape)} {b.dtype} "
                 "must be 2-D tensors of one dtype"
             )
-        name = names.get(gname)
+        name = hf_name(gname, arch)
         if name is None:
             name = gname
             kept_gguf.append(gname)
@@ -557,7 +583,7 @@ def read_gguf(path: str | os.PathLike[str], *, base: GgufBase | str | os.PathLik
         adapter.modules[name] = mod
     for gname, t in plain.items():
         stem = gname[: -len(".weight")] if gname.endswith(".weight") else gname
-        hf = names.get(stem)
+        hf = hf_name(stem, arch)
         adapter.tensors[f"{hf}.weight" if hf else gname] = _array(t, path, notes)
     meta = _metadata(reader)
     adapter.base_model = _base_model(reader, path)

@@ -26,6 +26,7 @@ from adapterpack.adapter import Adapter
 from adapterpack.errors import ConversionError, InputError
 from adapterpack.formats import source as src_
 from adapterpack.formats.safetensors_header import safetensors_keys
+from adapterpack.limits import MAX_MODEL_LAYERS
 
 #: The prefixes kohya-style trainers put before a module path (longest first).
 KOHYA_PREFIXES = ("lora_transformer_", "lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_")
@@ -104,7 +105,9 @@ def modules_from_config(path: Path) -> list[str]:
     archs = [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
     fam = _family(archs)
     layers = cfg.get("num_hidden_layers", cfg.get("n_layer"))
-    if fam is None or not isinstance(layers, int) or layers < 0:
+    if isinstance(layers, int) and not isinstance(layers, bool) and layers > MAX_MODEL_LAYERS:
+        raise InputError(f"{path}: {layers} layers is over the {MAX_MODEL_LAYERS}-layer limit for a base model's config.json")
+    if fam is None or not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
         raise ConversionError(
             f"{path}: architectures {archs} with {layers!r} layers: module names are listed only for LLaMA-like, GPT-2 and "
             "BERT models; pass the model folder (its *.safetensors) instead"

@@ -42,7 +42,7 @@ from adapterpack.errors import AdapterpackError, ConversionError
 from adapterpack.formats import read_any
 from adapterpack.formats import source as src_
 from adapterpack.formats.export import DROP_HINT, check_key, scaled
-from adapterpack.formats.gguf import _LAYER, GgufBase, _name_map, base_info
+from adapterpack.formats.gguf import GgufBase, base_info, gguf_name
 from adapterpack.formats.llm_names import base_modules, impossible_names, is_kohya_name
 from adapterpack.formats.peft import check_module_path, model_card, peft_config, write_peft
 from adapterpack.formats.vllm_models import vllm_lora_support
@@ -257,9 +257,7 @@ def _check_llama_cpp(adapter: Adapter, base: Any) -> list[Finding]:
     if odd:
         out.append(Finding(t, "refuse", "conv / fan_in_fan_out layers do not exist in llama.cpp models", "none", odd))
     info = base if isinstance(base, GgufBase) else GgufBase()
-    n_blocks = 1 + max((int(g.group(1)) for n in facts if (g := _LAYER.search(n))), default=0)
-    names = _name_map(info.arch, n_blocks)
-    unnamed = [n for n in facts if names.get_name(n) is None]
+    unnamed = [n for n in facts if gguf_name(n, info.arch) is None]
     if unnamed:
         out.append(Finding(t, "refuse", f"no llama.cpp tensor name for these modules ({info.arch})", "none", unnamed))
     prods = {n: f[1] * f[0] for n, f in facts.items()}
