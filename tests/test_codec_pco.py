@@ -170,13 +170,21 @@ def test_random_damage_never_escapes_as_another_error() -> None:
 
 
 def test_decode_needs_no_more_memory_than_the_index_states() -> None:
-    """The output is allocated from the index's length before Pco runs; a stream cannot grow it."""
-    stored, x = _stored()
+    """The output is allocated from the index's length before Pco runs: a stream holding more elements is refused
+    while decoding into it, with nothing allocated for its true element count (only the one copy of the page)."""
+    import tracemalloc
+
+    stored, x = _stored(200_000)
     c = codecs.get_codec("pco")
     out = bytearray(x.nbytes // 2)
-    with pytest.raises(CodecError):
-        c.decode(memoryview(stored), memoryview(out), 4)
-    assert len(out) == x.nbytes // 2
+    tracemalloc.start()
+    try:
+        with pytest.raises(CodecError, match=r"holds|page|elements"):
+            c.decode(memoryview(stored), memoryview(out), 4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < len(stored) + (64 << 10) < x.nbytes, (peak, len(stored), x.nbytes)
 
 
 def test_panics_become_codec_errors(monkeypatch: pytest.MonkeyPatch) -> None:

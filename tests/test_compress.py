@@ -21,11 +21,6 @@ from adapterpack.ops.report import footprint
 from tests.factories import qv_modules
 
 
-@pytest.fixture
-def fake() -> None:
-    """(Named for the interface's stand-in these tests ran against before the qsvd encoding landed.)"""
-
-
 def _table(rng: np.random.Generator, k: int, c: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     nb = np.sort(rng.integers(1, 40, size=(k, c)), axis=1)
     err = np.sort(rng.random((k, c)), axis=1)[:, ::-1] * np.linspace(3, 1, k)[:, None]
@@ -133,7 +128,7 @@ def _dense_rel_error(src: Adapter, out: Adapter, name: str) -> float:
 
 
 @pytest.mark.parametrize("ratio", [1 / 4, 1 / 8])
-def test_compress_whole_file_fits_and_errors_are_exact(fake: None, tmp_path, ratio: float) -> None:
+def test_compress_whole_file_fits_and_errors_are_exact(tmp_path, ratio: float) -> None:
     ad = _adapter()
     fp16 = comp.fp16_factor_bytes(ad)
     budget = int(fp16 * ratio)
@@ -152,7 +147,7 @@ def test_compress_whole_file_fits_and_errors_are_exact(fake: None, tmp_path, rat
     assert rep.total["record_bytes"] < budget
 
 
-def test_more_bytes_less_error(fake: None) -> None:
+def test_more_bytes_less_error() -> None:
     ad = _adapter(1)
     errs = []
     for ratio in (1 / 8, 1 / 4, 1 / 2, 1.0):
@@ -162,7 +157,7 @@ def test_more_bytes_less_error(fake: None) -> None:
     assert errs == sorted(errs, reverse=True) and errs[-1] < errs[0] / 4
 
 
-def test_absolute_objective_is_optimal_over_the_hulls(fake: None) -> None:
+def test_absolute_objective_is_optimal_over_the_hulls() -> None:
     # against a brute force over a 2-module adapter: no pick of hull choices within the same record bytes has less Σ E
     ad = _adapter(2, layers=1)
     works = []
@@ -183,7 +178,7 @@ def test_absolute_objective_is_optimal_over_the_hulls(fake: None) -> None:
     assert got == pytest.approx(best)
 
 
-def test_compress_refusals(fake: None) -> None:
+def test_compress_refusals() -> None:
     ad = _adapter()
     with pytest.raises(ConversionError, match="whole file"):
         comp.compress(ad, 300)
@@ -195,7 +190,7 @@ def test_compress_refusals(fake: None) -> None:
         comp.compress(ad, budget_ratio=0.25, modules="nothing_like_this")
 
 
-def test_modules_outside_the_regex_are_kept_and_counted(fake: None) -> None:
+def test_modules_outside_the_regex_are_kept_and_counted() -> None:
     ad = _adapter()
     kept = sum(m.decoded_bytes for m in ad if "v_proj" in m.name)
     budget = kept + comp.fp16_factor_bytes(ad, [m.name for m in ad if "q_proj" in m.name]) // 4 + 3000
@@ -205,7 +200,7 @@ def test_modules_outside_the_regex_are_kept_and_counted(fake: None) -> None:
     assert rep.file_bytes == apack_file_size([out], "raw") <= rep.budget
 
 
-def test_compress_file_writes_exactly_the_planned_size(fake: None, tmp_path) -> None:
+def test_compress_file_writes_exactly_the_planned_size(tmp_path) -> None:
     src = tmp_path / "src.apack"
     adapterpack.save(_adapter(), src)
     res = comp.compress_file(src, tmp_path / "out.apack", budget_ratio=0.125)
@@ -216,7 +211,19 @@ def test_compress_file_writes_exactly_the_planned_size(fake: None, tmp_path) -> 
         comp.compress_file(src, tmp_path / "out-peft", budget_ratio=0.125)
 
 
-def test_cli_compress_json_and_table(fake: None, tmp_path) -> None:
+def test_a_planner_writer_mismatch_writes_nothing(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The size check runs before the file is published: an existing DST (with --force) is left as it was."""
+    src, dst = tmp_path / "src.apack", tmp_path / "out.apack"
+    adapterpack.save(_adapter(), src)
+    dst.write_bytes(b"the user's file")
+    real = comp.apack_file_size
+    monkeypatch.setattr(comp, "apack_file_size", lambda *a, **k: real(*a, **k) - 1)
+    with pytest.raises(ConversionError, match="planned"):
+        comp.compress_file(src, dst, budget_ratio=0.125, force=True)
+    assert dst.read_bytes() == b"the user's file" and sorted(p.name for p in tmp_path.iterdir()) == ["out.apack", "src.apack"]
+
+
+def test_cli_compress_json_and_table(tmp_path) -> None:
     import json
 
     from click.testing import CliRunner

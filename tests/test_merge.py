@@ -228,3 +228,17 @@ def test_merged_smollm2_matches_peft(tmp_path: Path) -> None:
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
     gap = float((ours - theirs).abs().max())
     assert gap < 1e-3 * float((theirs - plain).abs().max())  # far below what the adapter itself changes
+
+
+def test_output_inside_the_base_or_around_it_is_refused(base: Path, tmp_path: Path) -> None:
+    """dst inside base copied its own temporary folder into itself (and grew on every --force run)."""
+    src = tmp_path / "toy.apack"
+    adapterpack.save(toy(), src)
+    before = sorted(p.relative_to(base) for p in base.rglob("*"))
+    for dst in (base / "merged", base / "sub" / "merged", base, base / "." / "x" / ".."):
+        with pytest.raises(ConversionError, match="base model folder"):
+            merge(src, base, dst, force=True)
+    with pytest.raises(ConversionError, match="base model folder"):
+        merge(src, base, tmp_path, force=True)  # dst holding the base would be replaced while it is read
+    assert sorted(p.relative_to(base) for p in base.rglob("*")) == before
+    merge(src, base, tmp_path / "merged")  # a sibling is fine

@@ -29,7 +29,7 @@ from adapterpack.container.preamble import (
 )
 from adapterpack.container.records import build_adapter, check_references
 from adapterpack.encodings import get_encoding, is_known
-from adapterpack.errors import AdapterpackError, CodecError, DuplicateNameError, IndexTooLargeError
+from adapterpack.errors import AdapterpackError, CodecError, ConversionError, DuplicateNameError, IndexTooLargeError
 from adapterpack.version import __version__
 
 #: zstd level of a compressed index up to :data:`INDEX_SMALL` bytes of JSON, and above (a writer's choice, not the spec's:
@@ -206,13 +206,15 @@ def write_apack(
     overwrite: bool = True,
     compact: bool = True,
     zstd_index: bool | None = None,
+    expected_size: int | None = None,
 ) -> WriteResult:
     """Write ``adapters`` to ``path`` atomically (``overwrite`` false: OutputExistsError if it exists).
 
     ``codec`` is applied to every blob where it makes the blob smaller (raw otherwise;
     byteplanes and pco fall back to zstd for 1-byte types); ``level`` None means the codec's default. ``progress`` is called
     with the decoded bytes of each blob as it is encoded. ``compact`` False writes the 1.2 layout with a plain JSON index
-    (what a reader of 1.0–1.2 reads; see :func:`plan_apack`, also for ``zstd_index``).
+    (what a reader of 1.0–1.2 reads; see :func:`plan_apack`, also for ``zstd_index``). ``expected_size``: the file
+    size a caller planned for (a budget); ConversionError, with nothing written, if the file would differ from it.
     """
     if isinstance(adapters, Adapter):
         adapters = [adapters]
@@ -242,6 +244,8 @@ def write_apack(
         check_index(text, data_start, end, pre.packed)
     except AdapterpackError as e:
         raise type(e)(f"cannot write {path}: {e}") from None
+    if expected_size is not None and end != expected_size:
+        raise ConversionError(f"cannot write {path}: the file would be {end:,} B, planned {expected_size:,} B; nothing written")
     padding = data_start - PREAMBLE_SIZE - len(index_bytes)
     with atomic_file(path, overwrite=overwrite) as f:
         f.write(pre.pack())

@@ -430,9 +430,8 @@ def compress_file(
             raise ConversionError(f"{src} holds {len(source.adapters)} adapters ({names}); pick one with --adapter")
         out, report = compress(source.adapters[0], **options)
         if dst is not None:
-            res = write_apack(dst, out, codec=report.codec, overwrite=force)
-            if res.file_size != report.file_bytes:  # the planner is the writer's own: a mismatch is a bug
-                raise ConversionError(f"wrote {res.file_size:,} B, planned {report.file_bytes:,} B")
+            # the planner is the writer's own, so a mismatch is a bug: refused before anything is written
+            write_apack(dst, out, codec=report.codec, overwrite=force, expected_size=report.file_bytes)
     finally:
         source.close()
     return CompressResult(

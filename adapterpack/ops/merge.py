@@ -233,8 +233,13 @@ def merge(
     """
     start = time.perf_counter()
     src, base, dst = Path(src), Path(base), Path(dst)
-    if os.path.abspath(dst) == os.path.abspath(base):
+    real_dst, real_base = Path(os.path.realpath(dst)), Path(os.path.realpath(base))
+    if real_dst == real_base:
         raise ConversionError(f"{dst}: the output folder must not be the base model folder")
+    if real_base in real_dst.parents or real_dst in real_base.parents:
+        # the base's files are copied into dst: one inside the other would copy the output (and its temporary
+        # folder) into itself, or replace the base while it is read
+        raise ConversionError(f"{dst}: the output folder must not be inside the base model folder {base} (or hold it)")
     if dst.exists() and not force:
         from adapterpack.atomic import exists_error
 
