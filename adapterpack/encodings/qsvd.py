@@ -29,7 +29,7 @@ from adapterpack.encodings.base import Encoding, check_slots, layout_params, reg
 from adapterpack.errors import ConversionError, RankError, RecordError
 from adapterpack.factors import Factors
 from adapterpack.limits import MAX_FACTOR_ELEMENTS
-from adapterpack.linalg.quantize import dequantize, float16_vector, n_groups, quantize_rows, unpack_codes
+from adapterpack.linalg.quantize import CODE_BLOCK, dequantize_into, float16_vector, n_groups, quantize_rows, unpack_codes
 
 #: Quantized widths the format allows (bits per value, plus one binary16 scale per group).
 BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8)
@@ -348,9 +348,20 @@ def relative_error(module: Module, u: Any, s: Any, vt: Any) -> float:
 
 def check_values(module: Module, name: str, x: np.ndarray) -> None:
     """Refuse non-finite or negative singular values / scales (spec/qsvd.md §2)."""
-    x64 = np.asarray(x).astype(np.float64)
-    if x64.size and (not np.all(np.isfinite(x64)) or np.any(x64 < 0)):
-        raise RecordError(f"module {module.name!r}: {name} must be finite and >= 0")
+    x = np.asarray(x)
+    for i in range(0, x.size, CODE_BLOCK):  # in blocks: the check's temporaries stay small
+        part = x[i : i + CODE_BLOCK]
+        if not np.all(np.isfinite(part)) or np.any(part < 0):
+            raise RecordError(f"module {module.name!r}: {name} must be finite and >= 0")
+
+
+def _halves_into(module: Module, j: int, dst: np.ndarray, halves: np.ndarray, factor: np.float32) -> None:
+    """``dst = float32(halves) · factor`` in blocks, refusing non-finite values (a FLOAT-width vector)."""
+    for i in range(0, halves.size, CODE_BLOCK):
+        x = halves[i : i + CODE_BLOCK].astype(np.float32)
+        if not np.all(np.isfinite(x)):
+            raise RecordError(f"module {module.name!r}: component {j} holds non-finite float values")
+        np.multiply(x, factor, out=dst[i : i + CODE_BLOCK])
 
 
 @dataclass(frozen=True)
@@ -435,21 +446,16 @@ class Qsvd(Encoding):
         for j, (w, (s0, su, sv, cu, cv, end)) in enumerate(zip(plan.bits, plan.spans(), strict=True)):
             s = np.frombuffer(data[s0:su].tobytes(), dtype="<f4")
             check_values(module, f"component {j}: singular value", s)
-            scales = np.frombuffer(data[su:cu].tobytes(), dtype="<f2")
+            scales = data[su:cu].view("<f2")
             check_values(module, f"component {j}: scales", scales)
-            vecs = []
-            for count, (c0, c1), (g0, g1) in ((out, (cu, cv), (su, sv)), (n, (cv, end), (sv, cu))):
+            root = np.float32(np.sqrt(np.float64(s[0])))
+            # decoded block by block straight into the factors: temporaries bounded whatever the vector's length
+            for dst, (c0, c1), (g0, g1) in ((b[:, j], (cu, cv), (su, sv)), (a[j], (cv, end), (sv, cu))):
                 if w == FLOAT:
-                    x = np.frombuffer(data[c0:c1].tobytes(), dtype="<f2").astype(np.float32)
-                    if not np.all(np.isfinite(x)):
-                        raise RecordError(f"module {module.name!r}: component {j} holds non-finite float values")
+                    _halves_into(module, j, dst, data[c0:c1].view("<f2"), root)
                 else:
                     sc = scales[(g0 - su) // SCALE_BYTES : (g1 - su) // SCALE_BYTES]
-                    x = dequantize(unpack_codes(data[c0:c1], w, count), sc, w, g)
-                vecs.append(x)
-            root = np.float32(np.sqrt(np.float64(s[0])))
-            b[:, j] = vecs[0] * root
-            a[j] = root * vecs[1]
+                    dequantize_into(dst, data[c0:c1], sc, w, g, root)
         transpose = plan.layout == "embedding" or plan.fan_in_fan_out
         return Factors(A=a, B=b, scale=1.0, base_shape=tuple(module.base_shape), transpose=transpose, layout=plan.layout)
 

@@ -23,6 +23,12 @@ import numpy as np
 SEARCH = np.linspace(0.25, 1.0, 31)
 #: Least-squares (Lloyd) refinements of the best grid scale.
 REFINE = 2
+#: Codes unpacked and dequantized at a time by readers (a multiple of 8, so every block starts on a byte):
+#: bounds a reader's temporaries whatever the vector's length.
+CODE_BLOCK = 1 << 16
+#: Blocks up to this many codes are unpacked bit by bit (faster for short vectors, temporaries still small).
+SMALL_BLOCK = 1 << 10
+_WEIGHTS = {b: (1 << np.arange(b)).astype(np.uint8) for b in range(1, 9)}
 
 
 @dataclass(frozen=True)
@@ -45,9 +51,66 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack_codes(data: np.ndarray, bits: int, count: int) -> np.ndarray:
     """The first ``count`` codes of width ``bits`` of packed bytes ``data`` (uint8 -> int32)."""
-    flat = np.unpackbits(np.asarray(data, dtype=np.uint8), bitorder="little", count=count * bits)
-    weights = (1 << np.arange(bits, dtype=np.int32)).astype(np.int32)
-    return flat.reshape(count, bits).astype(np.int32) @ weights
+    return unpack_block(np.asarray(data, dtype=np.uint8), bits, 0, count).astype(np.int32)
+
+
+def unpack_block(data: np.ndarray, bits: int, start: int, stop: int) -> np.ndarray:
+    """Codes ``[start, stop)`` (``start`` a multiple of 8) of width ``bits`` of packed bytes ``data``, as uint8.
+
+    Eight codes fill exactly ``bits`` bytes, so the block is read as rows of ``bits`` bytes and each of the
+    eight code positions is cut from at most two bytes of its row: no per-bit expansion.
+    """
+    if start % 8:
+        raise ValueError(f"block start {start} is not a multiple of 8")
+    if bits == 8:
+        return data[start:stop]
+    first = start * bits // 8
+    if stop - start <= SMALL_BLOCK:  # few codes: one bit per byte is small here, and fewer numpy calls
+        count = stop - start
+        planes = np.unpackbits(data[first : first + -(-count * bits // 8)], bitorder="little", count=count * bits)
+        return planes.reshape(count, bits) @ _WEIGHTS[bits]
+    rows_n = -(-(stop - start) // 8)
+    chunk = data[first : first + rows_n * bits]
+    if chunk.size < rows_n * bits:  # the last block of a vector: its final byte may be partly padding
+        chunk = np.concatenate([chunk, np.zeros(rows_n * bits - chunk.size, np.uint8)])
+    rows = chunk.reshape(rows_n, bits)
+    mask = np.uint8((1 << bits) - 1)
+    codes = np.empty((rows_n, 8), np.uint8)
+    for k in range(8):
+        byte, off = divmod(k * bits, 8)
+        col = rows[:, byte] >> np.uint8(off)
+        if off + bits > 8:
+            col |= rows[:, byte + 1] << np.uint8(8 - off)
+        np.bitwise_and(col, mask, out=codes[:, k])
+    return codes.reshape(-1)[: stop - start]
+
+
+def dequantize_into(out: np.ndarray, data: np.ndarray, scales: np.ndarray, bits: int, group_size: int, factor: np.float32) -> None:
+    """``out[i] = factor · (scale · (2c_i − (2^b − 1)))`` for the ``len(out)`` packed codes of ``data``, in blocks.
+
+    The same float32 bits as ``dequantize(unpack_codes(...)) * factor`` (the level times its scale is exact,
+    times ``factor`` is one rounding), with temporaries bounded by the block instead of the vector.
+    """
+    count, g, top = out.shape[0], int(group_size), (1 << bits) - 1
+    sc16 = np.asarray(scales, dtype=np.float16)
+    for i0 in range(0, count, CODE_BLOCK):
+        i1 = min(i0 + CODE_BLOCK, count)
+        x = unpack_block(data, bits, i0, i1).astype(np.float32)
+        x *= np.float32(2)
+        x -= np.float32(top)
+        x *= _block_scales(sc16, g, i0, i1)
+        np.multiply(x, factor, out=out[i0:i1])
+
+
+def _block_scales(scales: np.ndarray, group_size: int, start: int, stop: int) -> np.ndarray:
+    """float32 scale of each value in ``[start, stop)``: value ``i`` has scale ``scales[i // group_size]``."""
+    g0, g1 = start // group_size, (stop - 1) // group_size + 1
+    sc = scales[g0:g1].astype(np.float32)
+    if group_size < stop - start:  # many groups: repeat each, cut the partial ones at the ends (< 3 blocks)
+        return np.repeat(sc, group_size)[start - g0 * group_size : stop - g0 * group_size]
+    lo = np.maximum(np.arange(g0, g1, dtype=np.int64) * group_size, start)  # one or two groups
+    hi = np.minimum(np.arange(g0 + 1, g1 + 1, dtype=np.int64) * group_size, stop)
+    return np.repeat(sc, hi - lo)
 
 
 def n_groups(n: int, group_size: int) -> int:
