@@ -158,3 +158,72 @@ def test_load_of_a_non_apack_input_still_works(tmp_path: Path) -> None:
     assert set(got) == set(ref.modules)
     name = next(iter(got))
     assert torch.equal(got[name].A, torch.from_numpy(np.array(ref.module(name).array("A"))))
+
+
+def _flip_last_blob_byte(path: Path) -> int:
+    """Flip the last byte of the file's last blob; returns that blob's index."""
+    with ApackReader(path) as r:
+        last = max(range(len(r.blobs)), key=lambda i: r.blobs[i].offset)
+        pos = r.data_start + r.blobs[last].offset + r.blobs[last].length - 1
+    data = bytearray(path.read_bytes())
+    data[pos] ^= 0x01
+    path.write_bytes(bytes(data))
+    return last
+
+
+@pytest.mark.parametrize("populate", [True, False])
+def test_numpy_reads_refuse_a_flipped_byte_in_the_last_blob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, populate: bool
+) -> None:
+    """Verified numpy reads (the blob pages mapped at once on the first CRC, or page by page) still check each blob when
+    it is read: the damaged last blob is a ChecksumError, every other blob reads bit-exact, without verify it reads."""
+    if not populate:
+        monkeypatch.setattr(reader_mod, "_populate_works", False)
+    path = tmp_path / "a.apack"
+    adapterpack.save(_adapter(np.float32), path, codec="raw")
+    with ApackReader(path) as r:
+        want = {i: r.read_blob(i).tobytes() for i in range(len(r.blobs))}
+    last = _flip_last_blob_byte(path)
+    with ApackReader(path) as r:
+        for i in range(len(r.blobs)):
+            if i != last:
+                assert r.read_blob(i).tobytes() == want[i]
+        assert r._populated
+        with pytest.raises(ChecksumError, match=f"blob {last}: checksum mismatch") as info:
+            r.read_blob(last)
+        assert type(info.value) is ChecksumError
+    with ApackReader(path, verify=False) as r:
+        assert r.read_blob(last).tobytes() != want[last]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_torch_load_refuses_a_flipped_byte_in_the_last_blob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """The torch CRC pass (pages mapped first, blobs split between the kept pool's threads) finds a damaged last blob."""
+    monkeypatch.setattr(reader_mod, "PARALLEL_CRC_BYTES", 0)
+    from adapterpack.torch import staging
+
+    monkeypatch.setattr(staging, "CRC_THREADS", threads)
+    path = tmp_path / "a.apack"
+    adapterpack.save(_adapter(np.float32), path, codec="raw")
+    apt.load(path)
+    last = _flip_last_blob_byte(path)
+    with pytest.raises(ChecksumError, match=f"blob {last}"):
+        apt.load(path)
+    apt.load(path, verify=False)
+
+
+def test_populate_steps_aside_where_the_kernel_cannot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MADV_POPULATE_READ refused (a kernel before 5.14): no error, and it is not asked again."""
+    monkeypatch.setattr(reader_mod, "_populate_works", True)
+    calls: list[tuple[int, int, int]] = []
+
+    class Refuses:
+        def madvise(self, option: int, start: int, length: int) -> None:
+            calls.append((option, start, length))
+            raise OSError(22, "Invalid argument")
+
+    reader_mod._populate(Refuses(), 5000, 9000)  # type: ignore[arg-type]
+    assert calls == [(reader_mod.MADV_POPULATE_READ, 4096, 9000 - 4096)]
+    assert reader_mod._populate_works is False
+    reader_mod._populate(Refuses(), 0, 10)  # type: ignore[arg-type]
+    assert len(calls) == 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +58,10 @@ _NUMPY_RAW: dict[str, np.dtype] = {}
 
 #: Below this many bytes :meth:`ApackReader.check_raw_blobs` uses one thread (starting others costs more).
 PARALLEL_CRC_BYTES = 8 << 20
+#: A file whose blobs take at most this many bytes has all their pages mapped at once (one system call, see
+#: :func:`_populate`) on the first read that checks a CRC: reading an adapter usually reads all of it, and its
+#: CRCs read every byte; a larger file maps the pages of each blob as it is read.
+POPULATE_BYTES = 16 << 20
 
 
 def _split_by_bytes(items: list[int], sizes: list[int], parts: int) -> list[list[int]]:
@@ -73,6 +78,41 @@ def _split_by_bytes(items: list[int], sizes: list[int], parts: int) -> list[list
     return out
 
 
+#: ``madvise`` advice that maps every page of a range in one call, reading it in where needed (Linux 5.14+): the
+#: page tables of a pass over every byte are filled in one system call instead of one page fault per few pages.
+#: It only reads: on a copy-on-write mapping the pages stay shared with the page cache (``MAP_POPULATE`` would copy them).
+MADV_POPULATE_READ = 22
+_populate_works = hasattr(mmap.mmap, "madvise") and os.name == "posix"
+
+
+def _populate(mm: mmap.mmap, start: int, stop: int) -> None:
+    """Map the pages of ``mm[start:stop]`` before a pass that reads all of them (a no-op where the kernel cannot)."""
+    global _populate_works
+    if not _populate_works or stop <= start:
+        return
+    page = start - start % mmap.PAGESIZE
+    try:
+        mm.madvise(MADV_POPULATE_READ, page, stop - page)
+    except (OSError, ValueError):  # kernel before 5.14, or not Linux: the pass faults the pages in itself
+        _populate_works = False
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _crc_pool(workers: int) -> ThreadPoolExecutor:
+    """A thread pool of at least ``workers`` threads, kept for the process (no thread started per load)."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix="apack-crc"), workers
+        return _pool
+
+
 class BlobLoader:
     """Reads blob ``index`` of an open file: the ``loader`` of every :class:`StoredTensor` a reader hands out.
 
@@ -87,7 +127,8 @@ class BlobLoader:
         self.index = index
 
     def __call__(self) -> np.ndarray:
-        return self.reader.read_blob(self.index)
+        r, i = self.reader, self.index
+        return r.read_blob(i) if i in r._shared else r._read(i, r.verify_checksums)  # read_blob, one call less
 
     def rows(self, n: int) -> np.ndarray:
         """The first ``n`` rows, as :meth:`ApackReader.read_rows` reads them."""
@@ -149,6 +190,7 @@ class ApackReader:
         #: every shared blob decoded that is still alive somewhere (kept here or held by a caller)
         self._alive: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
         self._mm: mmap.mmap | None = None
+        self._populated = False  # the blob pages mapped for CRC reads (files up to POPULATE_BYTES)
         self._users = 0  # adapters handed out and not yet closed (see adapter())
 
     def _open(self, f: BinaryIO, head: bytes) -> None:
@@ -208,14 +250,19 @@ class ApackReader:
 
     def check_raw_blobs(self, indices: Sequence[int], *, threads: int = 1) -> None:
         """Check the CRC-32C of raw blobs ``indices`` over their bytes in the mapping, in one pass (the first touch
-        of those pages); with ``threads`` > 1 and enough bytes, the blobs are split between that many threads
-        (the CRC runs without the GIL). Blobs already checked are skipped; a mismatch is a ChecksumError."""
+        of those pages); with ``threads`` > 1 and enough bytes, the blobs are split between that many threads of
+        a pool kept for the process (the CRC runs without the GIL). Blobs already checked are skipped; a mismatch
+        is a ChecksumError."""
         blobs = self.index.blobs
         todo = [i for i in indices if i not in self._verified]
         if any(blobs[i].codec["id"] != "raw" for i in todo):
             raise AdapterpackError("check_raw_blobs takes raw blobs only")
-        mv = memoryview(self._mapping())
+        if not todo:
+            return
+        mm = self._mapping()
         start = self.data_start
+        _populate(mm, start + min(blobs[i].offset for i in todo), start + max(blobs[i].offset + blobs[i].length for i in todo))
+        mv = memoryview(mm)
 
         def crcs(part: list[int]) -> list[int]:
             return [crc32c(mv[start + blobs[i].offset : start + blobs[i].offset + blobs[i].length], release=True) for i in part]
@@ -223,11 +270,11 @@ class ApackReader:
         total = sum(blobs[i].length for i in todo)
         if threads > 1 and total >= PARALLEL_CRC_BYTES and len(todo) > 1:
             parts = _split_by_bytes(todo, [blobs[i].length for i in todo], threads)
-            with ThreadPoolExecutor(len(parts) - 1, thread_name_prefix="apack-crc") as pool:
-                later = [pool.submit(crcs, part) for part in parts[1:]]
-                got = crcs(parts[0])
-                for f in later:
-                    got += f.result()
+            pool = _crc_pool(len(parts) - 1)
+            later = [pool.submit(crcs, part) for part in parts[1:]]
+            got = crcs(parts[0])
+            for f in later:
+                got += f.result()
         else:
             got = crcs(todo)
         for i, value in zip(todo, got):
@@ -275,6 +322,10 @@ class ApackReader:
         if self.copy_on_write:
             arr.flags.writeable = False
         if check_crc and i not in self._verified:
+            if not self._populated:
+                self._populated = True
+                if self.file_size - self.data_start <= POPULATE_BYTES:
+                    _populate(mm, self.data_start, self.file_size)
             if crc32c(arr) != b.crc32c:  # the array's own buffer: its bytes, in place
                 raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch (decoded bytes are corrupt)")
             self._verified.add(i)
