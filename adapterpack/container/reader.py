@@ -252,7 +252,12 @@ class ApackReader:
         """Check the CRC-32C of raw blobs ``indices`` over their bytes in the mapping, in one pass (the first touch
         of those pages); with ``threads`` > 1 and enough bytes, the blobs are split between that many threads of
         a pool kept for the process (the CRC runs without the GIL). Blobs already checked are skipped; a mismatch
-        is a ChecksumError."""
+        is a ChecksumError.
+
+        The calling thread maps the pages of its own blobs in one system call (:func:`_populate`) before its pass;
+        the pool's threads fault theirs in as they go, in parallel with it (``madvise`` holds the GIL, so mapping
+        every part first in this thread would make the others wait for it).
+        """
         blobs = self.index.blobs
         todo = [i for i in indices if i not in self._verified]
         if any(blobs[i].codec["id"] != "raw" for i in todo):
@@ -261,22 +266,21 @@ class ApackReader:
             return
         mm = self._mapping()
         start = self.data_start
-        _populate(mm, start + min(blobs[i].offset for i in todo), start + max(blobs[i].offset + blobs[i].length for i in todo))
         mv = memoryview(mm)
 
         def crcs(part: list[int]) -> list[int]:
             return [crc32c(mv[start + blobs[i].offset : start + blobs[i].offset + blobs[i].length], release=True) for i in part]
 
         total = sum(blobs[i].length for i in todo)
+        parts = [todo]
         if threads > 1 and total >= PARALLEL_CRC_BYTES and len(todo) > 1:
             parts = _split_by_bytes(todo, [blobs[i].length for i in todo], threads)
-            pool = _crc_pool(len(parts) - 1)
-            later = [pool.submit(crcs, part) for part in parts[1:]]
-            got = crcs(parts[0])
-            for f in later:
-                got += f.result()
-        else:
-            got = crcs(todo)
+        later = [_crc_pool(len(parts) - 1).submit(crcs, part) for part in parts[1:]] if len(parts) > 1 else []
+        mine = parts[0]
+        _populate(mm, start + min(blobs[i].offset for i in mine), start + max(blobs[i].offset + blobs[i].length for i in mine))
+        got = crcs(mine)
+        for f in later:
+            got += f.result()
         for i, value in zip(todo, got):
             if value != blobs[i].crc32c:
                 raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch (decoded bytes are corrupt)")
