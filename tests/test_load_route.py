@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +228,34 @@ def test_populate_steps_aside_where_the_kernel_cannot(monkeypatch: pytest.Monkey
     assert reader_mod._populate_works is False
     reader_mod._populate(Refuses(), 0, 10)  # type: ignore[arg-type]
     assert len(calls) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_the_kept_crc_pool_works_in_a_forked_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child forked after a threaded CRC pass has none of the pool's threads: it must start its own, not wait forever."""
+    monkeypatch.setattr(reader_mod, "PARALLEL_CRC_BYTES", 0)
+    path = tmp_path / "a.apack"
+    adapterpack.save(_adapter(np.float32), path, codec="raw")
+    with ApackReader(path) as r:
+        r.check_raw_blobs(range(len(r.blobs)), threads=2)
+    assert reader_mod._pool is not None
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the threaded pass completes
+        code = 1
+        try:
+            with ApackReader(path) as r:
+                r.check_raw_blobs(range(len(r.blobs)), threads=2)
+                code = 0 if r._verified == set(range(len(r.blobs))) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's CRC pass hung")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0

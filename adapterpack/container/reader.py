@@ -113,6 +113,16 @@ def _crc_pool(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
+def _forget_pool() -> None:
+    """A forked child has none of its parent's threads: it starts a pool of its own when it needs one."""
+    global _pool, _pool_lock, _pool_size
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 class BlobLoader:
     """Reads blob ``index`` of an open file: the ``loader`` of every :class:`StoredTensor` a reader hands out.
 
