@@ -259,3 +259,90 @@ def test_the_kept_crc_pool_works_in_a_forked_child(tmp_path: Path, monkeypatch: 
             pytest.fail("the forked child's CRC pass hung")
         time.sleep(0.01)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _padded_file(tmp_path: Path) -> tuple[Path, list[int]]:
+    """A raw file whose blobs have zero padding between them; the blobs' indices."""
+    path = tmp_path / "a.apack"
+    rng = np.random.default_rng(3)
+    mods = {  # float16 factors of odd sizes: every blob is followed by padding
+        f"m{k}": Module(f"m{k}", "lora", (5, 7), {"rank": 3, "alpha": 3.0}, {"A": rng.standard_normal((3, 7)).astype(np.float16),
+                                                                             "B": rng.standard_normal((5, 3)).astype(np.float16)})
+        for k in range(4)
+    }
+    adapterpack.save(Adapter(modules=mods), path, codec="raw")
+    with ApackReader(path) as r:
+        ends = [r.blobs[i].offset + r.blobs[i].length for i in range(len(r.blobs) - 1)]
+        assert any(r.blobs[i + 1].offset > e for i, e in enumerate(ends))  # padding somewhere
+        return path, list(range(len(r.blobs)))
+
+
+def test_start_raw_check_one_call_per_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spans of blobs and padding checked by one crc32c call per thread against the blobs' CRCs combined."""
+    monkeypatch.setattr(reader_mod, "PARALLEL_CRC_BYTES", 0)
+    path, every = _padded_file(tmp_path)
+    calls: list[int] = []
+    real = reader_mod.crc32c
+
+    def counting(data: Any, **kw: Any) -> int:
+        calls.append(len(data))
+        return real(data, **kw)
+
+    monkeypatch.setattr(reader_mod, "crc32c", counting)
+    with ApackReader(path) as r:
+        calls.clear()  # the index's CRC
+        check = r.start_raw_check(every[::-1], threads=2)
+        check.wait()
+        assert r._verified == set(every)
+        assert len(calls) == 2 and sum(b.length for b in r.blobs) < sum(calls) <= r.blobs[-1].offset + r.blobs[-1].length
+    last = _flip_last_blob_byte(path)
+    calls.clear()
+    with ApackReader(path) as r:
+        check = r.start_raw_check(every, threads=2)
+        with pytest.raises(ChecksumError, match=f"blob {last}: checksum mismatch") as info:
+            check.wait()
+        assert type(info.value) is ChecksumError and last not in r._verified
+
+
+def test_start_raw_check_damaged_padding_is_not_a_blob_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-zero padding byte fails the span's combined CRC; each blob is then checked alone and all pass (reads do not
+    check padding; verify reports it)."""
+    monkeypatch.setattr(reader_mod, "PARALLEL_CRC_BYTES", 0)
+    path, every = _padded_file(tmp_path)
+    with ApackReader(path) as r:
+        i = next(i for i in range(len(r.blobs) - 1) if r.blobs[i + 1].offset > r.blobs[i].offset + r.blobs[i].length)
+        pos = r.data_start + r.blobs[i].offset + r.blobs[i].length
+    data = bytearray(path.read_bytes())
+    data[pos] = 0x5A
+    path.write_bytes(bytes(data))
+    with ApackReader(path) as r:
+        r.start_raw_check(every, threads=2).wait()
+        assert r._verified == set(every)
+        assert any("padding" in p for p in r.verify().problems)
+
+
+def test_start_raw_check_checks_at_once_what_it_cannot_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blobs that are not one run, one thread, or a small load: checked before start_raw_check returns."""
+    path, every = _padded_file(tmp_path)
+    last = _flip_last_blob_byte(path)
+    with ApackReader(path) as r:
+        with pytest.raises(ChecksumError, match=f"blob {last}"):
+            r.start_raw_check(every, threads=2)  # under PARALLEL_CRC_BYTES
+    monkeypatch.setattr(reader_mod, "PARALLEL_CRC_BYTES", 0)
+    with ApackReader(path) as r:
+        with pytest.raises(ChecksumError, match=f"blob {last}"):
+            r.start_raw_check([0, last], threads=2)  # not one run
+        r.start_raw_check([0, 1], threads=1).wait()
+        assert r._verified == {0, 1}
+
+
+def test_crc32c_combine() -> None:
+    from adapterpack.checksum import crc32c, crc32c_combine, crc32c_of_zeros
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        a = rng.integers(0, 256, int(rng.integers(0, 5000)), dtype=np.uint8).tobytes()
+        b = rng.integers(0, 256, int(rng.integers(0, 5000)), dtype=np.uint8).tobytes()
+        assert crc32c_combine(crc32c(a), crc32c(b), len(b)) == crc32c(a + b)
+    for n in (0, 1, 255, 4096, (1 << 20) + 3, (3 << 20) + 17):
+        assert crc32c_of_zeros(n) == crc32c(bytes(n))

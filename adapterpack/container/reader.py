@@ -13,7 +13,7 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -22,7 +22,7 @@ import numpy as np
 
 from adapterpack import codecs, dtypes
 from adapterpack.adapter import Adapter, StoredTensor
-from adapterpack.checksum import crc32c
+from adapterpack.checksum import crc32c, crc32c_combine, crc32c_of_zeros
 from adapterpack.container import prefix
 from adapterpack.container.index import AdapterRecord, BlobEntry, Index, index_text, read_index
 from adapterpack.container.preamble import MAGIC, PREAMBLE_SIZE, Preamble, parse_preamble
@@ -143,6 +143,42 @@ class BlobLoader:
     def rows(self, n: int) -> np.ndarray:
         """The first ``n`` rows, as :meth:`ApackReader.read_rows` reads them."""
         return self.reader.read_rows(self.index, n)
+
+
+class RawCheck:
+    """CRC-32C checks of raw blobs running in the kept pool (:meth:`ApackReader.start_raw_check`)."""
+
+    def __init__(self, reader: ApackReader, parts: list[tuple[list[int], Future[int]]]) -> None:
+        self._reader = reader
+        self._parts = parts
+
+    def wait(self) -> None:
+        """Wait for the checks; a ChecksumError names the first damaged blob. Every blob checked is marked so."""
+        parts, self._parts = self._parts, []
+        reader = self._reader
+        blobs = reader.index.blobs
+        wants = []
+        for part, _ in parts:  # while the threads run
+            want, end = 0, None
+            for i in part:
+                b = blobs[i]
+                if end is not None and b.offset > end:  # zero padding before the blob
+                    want = crc32c_combine(want, crc32c_of_zeros(b.offset - end), b.offset - end)
+                want = crc32c_combine(want, b.crc32c, b.length)
+                end = b.offset + b.length
+            wants.append(want)
+        for _, f in parts:
+            f.exception()  # every thread done with the mapping before anything is raised
+        for (part, f), want in zip(parts, wants):
+            if f.exception() is not None or f.result() != want:
+                reader.check_raw_blobs(part)  # one blob at a time: names the damaged one
+            reader._verified.update(part)
+
+    def drain(self) -> None:
+        """Wait for the threads to let go of the mapping, checking nothing (the load failed anyway)."""
+        parts, self._parts = self._parts, []
+        for _, f in parts:
+            f.exception()
 
 
 class ApackReader:
@@ -295,6 +331,33 @@ class ApackReader:
             if value != blobs[i].crc32c:
                 raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch (decoded bytes are corrupt)")
             self._verified.add(i)
+
+    def start_raw_check(self, indices: Sequence[int], *, threads: int) -> RawCheck:
+        """Start checking the CRC-32C of raw blobs ``indices`` in the kept thread pool and return at once, so the caller
+        can do its own work meanwhile; :meth:`RawCheck.wait` (before any of those bytes is handed out) raises a
+        ChecksumError naming a damaged blob, as :meth:`check_raw_blobs` does.
+
+        Each of ``threads`` threads takes one contiguous span of the file (blobs and the zero padding between them)
+        in ONE ``crc32c`` call: a thread that went back to Python between blobs would wait for the GIL while the
+        caller runs Python. The span's CRC is compared with the one its blobs' CRCs give combined
+        (:func:`~adapterpack.checksum.crc32c_combine`: CRC-32C is linear), which differs whenever any one blob or the
+        padding differs; on a mismatch every blob of the span is checked on its own to name the damaged one.
+        Blobs that are not one run of raw blobs, or too few bytes to split, are checked here and now."""
+        blobs = self.index.blobs
+        todo = sorted({i for i in indices if i not in self._verified})
+        if any(blobs[i].codec["id"] != "raw" for i in todo):
+            raise AdapterpackError("check_raw_blobs takes raw blobs only")
+        adjacent = bool(todo) and todo[-1] - todo[0] == len(todo) - 1  # one run: blob order is file order (spec §1.2)
+        if threads < 2 or len(todo) < 2 or not adjacent or sum(blobs[i].length for i in todo) < PARALLEL_CRC_BYTES:
+            self.check_raw_blobs(todo, threads=threads)
+            return RawCheck(self, [])
+        mv = memoryview(self._mapping())
+        start = self.data_start
+        parts = _split_by_bytes(todo, [blobs[i].length for i in todo], threads)
+        pool = _crc_pool(len(parts))
+        spans = [(start + blobs[p[0]].offset, start + blobs[p[-1]].offset + blobs[p[-1]].length) for p in parts]
+        futures = [pool.submit(crc32c, mv[a:b], release=True) for a, b in spans]
+        return RawCheck(self, list(zip(parts, futures)))
 
     def _stored(self, b: BlobEntry) -> memoryview:
         start = self.data_start + b.offset
