@@ -67,8 +67,11 @@ _SHIFTS: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
 def _shift_tables(n: int) -> tuple[list[int], list[int], list[int], list[int]]:
     tables = _SHIFTS.get(n)
     if tables is None:
-        op = _x8n(n)
-        basis = [_multmodp(op, 1 << j) for j in range(32)]
+        b = _x8n(n)  # op·x^0: the image of bit 31; each further power of x is one shift and reduce
+        basis = [0] * 32
+        for j in range(31, -1, -1):
+            basis[j] = b
+            b = (b >> 1) ^ _POLY if b & 1 else b >> 1
         made = []
         for k in range(4):
             t = [0] * 256
