@@ -22,3 +22,94 @@ def crc32c(data: bytes | memoryview, *, release: bool = False) -> int:
 
         _impl = impl
     return _impl(data, gil_release_mode=1) if release else _impl(data)
+
+
+# --- combining CRCs: the CRC-32C of A + B from those of A and B (zlib's crc32_combine, for the Castagnoli polynomial) ---
+
+_POLY = 0x82F63B78  # the polynomial, bit-reversed: bit 31 is x^0
+
+
+def _multmodp(a: int, b: int) -> int:
+    """a(x)·b(x) modulo the polynomial, both in the reflected bit order (bit 31 is x^0)."""
+    m = 1 << 31
+    p = 0
+    while True:
+        if a & m:
+            p ^= b
+            if a & (m - 1) == 0:
+                break
+        m >>= 1
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+    return p
+
+
+#: x^(2^k) modulo the polynomial, k = 0..31 (the powers repeat past 31 for any n below 2^64 bytes as used here)
+_X2N = [1 << 30]
+for _ in range(31):
+    _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
+
+
+def _x8n(n: int) -> int:
+    """x^(8n) modulo the polynomial: what appending n bytes does to a CRC register."""
+    p, k = 1 << 31, 3
+    while n:
+        if n & 1:
+            p = _multmodp(_X2N[k & 31], p)
+        n >>= 1
+        k += 1
+    return p
+
+
+#: n -> four 256-entry tables of c·x^(8n), one per byte of c (kept for the few lengths a file repeats)
+_SHIFTS: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
+
+
+def _shift_tables(n: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    tables = _SHIFTS.get(n)
+    if tables is None:
+        b = _x8n(n)  # op·x^0: the image of bit 31; each further power of x is one shift and reduce
+        basis = [0] * 32
+        for j in range(31, -1, -1):
+            basis[j] = b
+            b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+        made = []
+        for k in range(4):
+            t = [0] * 256
+            for b in range(1, 256):
+                low = b & -b
+                t[b] = t[b ^ low] ^ basis[8 * k + low.bit_length() - 1]
+            made.append(t)
+        if len(_SHIFTS) >= 256:
+            _SHIFTS.clear()
+        tables = _SHIFTS[n] = (made[0], made[1], made[2], made[3])
+    return tables
+
+
+def crc32c_combine(crc1: int, crc2: int, length2: int) -> int:
+    """The CRC-32C of ``a + b`` from ``crc1`` = CRC-32C of ``a``, ``crc2`` = CRC-32C of ``b`` and ``length2`` = len(b)."""
+    t0, t1, t2, t3 = _shift_tables(length2)
+    return t0[crc1 & 255] ^ t1[(crc1 >> 8) & 255] ^ t2[(crc1 >> 16) & 255] ^ t3[crc1 >> 24] ^ crc2
+
+
+#: n -> CRC-32C of n zero bytes (padding between blobs)
+_ZEROS: dict[int, int] = {}
+
+
+def crc32c_of_zeros(n: int) -> int:
+    """CRC-32C of ``n`` zero bytes."""
+    c = _ZEROS.get(n)
+    if c is None:
+        c = crc32c(bytes(n)) if n <= 1 << 20 else _zeros_long(n)
+        if len(_ZEROS) < 256:
+            _ZEROS[n] = c
+    return c
+
+
+def _zeros_long(n: int) -> int:
+    """CRC-32C of ``n`` > 1 MiB zero bytes, from 1 MiB pieces."""
+    mib = crc32c_of_zeros(1 << 20)
+    c = 0
+    while n >= 1 << 20:
+        c = crc32c_combine(c, mib, 1 << 20)
+        n -= 1 << 20
+    return crc32c_combine(c, crc32c(bytes(n)), n) if n else c

@@ -244,3 +244,14 @@ def test_random_byte_edits_agree(sound: tuple[dict[str, Any], int, int, Path]) -
             else:
                 del data[at]
         agree(bytes(data), start, size, True)
+
+
+def test_escaped_colon_count_is_bytes_count() -> None:
+    """The vectorised count of ``\\u003a`` / ``\\u003A`` equals two ``bytes.count`` scans on any text, ends included."""
+    rng = np.random.default_rng(13)
+    alphabet = np.frombuffer(b'\\u003aA:"x', np.uint8)
+    texts = [b"", b"\\", b"\\u003", b"\\u003a", b"x\\u003A", b"\\\\u003a\\u003a", b"\\u003a" * 3 + b"\\"]
+    texts += [alphabet[rng.integers(0, alphabet.size, int(rng.integers(0, 80)))].tobytes() for _ in range(2000)]
+    for data in texts:
+        want = data.count(b"\\u003a") + data.count(b"\\u003A")
+        assert idx._escaped_colons(data, np.frombuffer(data, np.uint8)) == want, data

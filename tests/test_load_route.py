@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -158,3 +159,190 @@ def test_load_of_a_non_apack_input_still_works(tmp_path: Path) -> None:
     assert set(got) == set(ref.modules)
     name = next(iter(got))
     assert torch.equal(got[name].A, torch.from_numpy(np.array(ref.module(name).array("A"))))
+
+
+def _flip_last_blob_byte(path: Path) -> int:
+    """Flip the last byte of the file's last blob; returns that blob's index."""
+    with ApackReader(path) as r:
+        last = max(range(len(r.blobs)), key=lambda i: r.blobs[i].offset)
+        pos = r.data_start + r.blobs[last].offset + r.blobs[last].length - 1
+    data = bytearray(path.read_bytes())
+    data[pos] ^= 0x01
+    path.write_bytes(bytes(data))
+    return last
+
+
+@pytest.mark.parametrize("populate", [True, False])
+def test_numpy_reads_refuse_a_flipped_byte_in_the_last_blob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, populate: bool
+) -> None:
+    """Verified numpy reads (the blob pages mapped at once on the first CRC, or page by page) still check each blob when
+    it is read: the damaged last blob is a ChecksumError, every other blob reads bit-exact, without verify it reads."""
+    if not populate:
+        monkeypatch.setattr(reader_mod, "_populate_works", False)
+    path = tmp_path / "a.apack"
+    adapterpack.save(_adapter(np.float32), path, codec="raw")
+    with ApackReader(path) as r:
+        want = {i: r.read_blob(i).tobytes() for i in range(len(r.blobs))}
+    last = _flip_last_blob_byte(path)
+    with ApackReader(path) as r:
+        for i in range(len(r.blobs)):
+            if i != last:
+                assert r.read_blob(i).tobytes() == want[i]
+        assert r._populated
+        with pytest.raises(ChecksumError, match=f"blob {last}: checksum mismatch") as info:
+            r.read_blob(last)
+        assert type(info.value) is ChecksumError
+    with ApackReader(path, verify=False) as r:
+        assert r.read_blob(last).tobytes() != want[last]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_torch_load_refuses_a_flipped_byte_in_the_last_blob(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
+    """The torch CRC pass (pages mapped first, blobs split between the kept pool's threads) finds a damaged last blob."""
+    monkeypatch.setattr(reader_mod, "PARALLEL_CRC_BYTES", 0)
+    from adapterpack.torch import staging
+
+    monkeypatch.setattr(staging, "CRC_THREADS", threads)
+    path = tmp_path / "a.apack"
+    adapterpack.save(_adapter(np.float32), path, codec="raw")
+    apt.load(path)
+    last = _flip_last_blob_byte(path)
+    with pytest.raises(ChecksumError, match=f"blob {last}"):
+        apt.load(path)
+    apt.load(path, verify=False)
+
+
+def test_populate_steps_aside_where_the_kernel_cannot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MADV_POPULATE_READ refused (a kernel before 5.14): no error, and it is not asked again."""
+    monkeypatch.setattr(reader_mod, "_populate_works", True)
+    calls: list[tuple[int, int, int]] = []
+
+    class Refuses:
+        def madvise(self, option: int, start: int, length: int) -> None:
+            calls.append((option, start, length))
+            raise OSError(22, "Invalid argument")
+
+    reader_mod._populate(Refuses(), 5000, 9000)  # type: ignore[arg-type]
+    assert calls == [(reader_mod.MADV_POPULATE_READ, 4096, 9000 - 4096)]
+    assert reader_mod._populate_works is False
+    reader_mod._populate(Refuses(), 0, 10)  # type: ignore[arg-type]
+    assert len(calls) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_the_kept_crc_pool_works_in_a_forked_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child forked after a threaded CRC pass has none of the pool's threads: it must start its own, not wait forever."""
+    monkeypatch.setattr(reader_mod, "PARALLEL_CRC_BYTES", 0)
+    path = tmp_path / "a.apack"
+    adapterpack.save(_adapter(np.float32), path, codec="raw")
+    with ApackReader(path) as r:
+        r.check_raw_blobs(range(len(r.blobs)), threads=2)
+    assert reader_mod._pool is not None
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if the threaded pass completes
+        code = 1
+        try:
+            with ApackReader(path) as r:
+                r.check_raw_blobs(range(len(r.blobs)), threads=2)
+                code = 0 if r._verified == set(range(len(r.blobs))) else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child's CRC pass hung")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _padded_file(tmp_path: Path) -> tuple[Path, list[int]]:
+    """A raw file whose blobs have zero padding between them; the blobs' indices."""
+    path = tmp_path / "a.apack"
+    rng = np.random.default_rng(3)
+    mods = {  # float16 factors of odd sizes: every blob is followed by padding
+        f"m{k}": Module(f"m{k}", "lora", (5, 7), {"rank": 3, "alpha": 3.0}, {"A": rng.standard_normal((3, 7)).astype(np.float16),
+                                                                             "B": rng.standard_normal((5, 3)).astype(np.float16)})
+        for k in range(4)
+    }
+    adapterpack.save(Adapter(modules=mods), path, codec="raw")
+    with ApackReader(path) as r:
+        ends = [r.blobs[i].offset + r.blobs[i].length for i in range(len(r.blobs) - 1)]
+        assert any(r.blobs[i + 1].offset > e for i, e in enumerate(ends))  # padding somewhere
+        return path, list(range(len(r.blobs)))
+
+
+def test_start_raw_check_one_call_per_thread(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Spans of blobs and padding checked by one crc32c call per thread against the blobs' CRCs combined."""
+    monkeypatch.setattr(reader_mod, "PARALLEL_CRC_BYTES", 0)
+    path, every = _padded_file(tmp_path)
+    calls: list[int] = []
+    real = reader_mod.crc32c
+
+    def counting(data: Any, **kw: Any) -> int:
+        calls.append(len(data))
+        return real(data, **kw)
+
+    monkeypatch.setattr(reader_mod, "crc32c", counting)
+    with ApackReader(path) as r:
+        calls.clear()  # the index's CRC
+        check = r.start_raw_check(every[::-1], threads=2)
+        check.wait()
+        assert r._verified == set(every)
+        assert len(calls) == 2 and sum(b.length for b in r.blobs) < sum(calls) <= r.blobs[-1].offset + r.blobs[-1].length
+    last = _flip_last_blob_byte(path)
+    calls.clear()
+    with ApackReader(path) as r:
+        check = r.start_raw_check(every, threads=2)
+        with pytest.raises(ChecksumError, match=f"blob {last}: checksum mismatch") as info:
+            check.wait()
+        assert type(info.value) is ChecksumError and last not in r._verified
+
+
+def test_start_raw_check_damaged_padding_is_not_a_blob_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-zero padding byte fails the span's combined CRC; each blob is then checked alone and all pass (reads do not
+    check padding; verify reports it)."""
+    monkeypatch.setattr(reader_mod, "PARALLEL_CRC_BYTES", 0)
+    path, every = _padded_file(tmp_path)
+    with ApackReader(path) as r:
+        i = next(i for i in range(len(r.blobs) - 1) if r.blobs[i + 1].offset > r.blobs[i].offset + r.blobs[i].length)
+        pos = r.data_start + r.blobs[i].offset + r.blobs[i].length
+    data = bytearray(path.read_bytes())
+    data[pos] = 0x5A
+    path.write_bytes(bytes(data))
+    with ApackReader(path) as r:
+        r.start_raw_check(every, threads=2).wait()
+        assert r._verified == set(every)
+        assert any("padding" in p for p in r.verify().problems)
+
+
+def test_start_raw_check_checks_at_once_what_it_cannot_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blobs that are not one run, one thread, or a small load: checked before start_raw_check returns."""
+    path, every = _padded_file(tmp_path)
+    last = _flip_last_blob_byte(path)
+    with ApackReader(path) as r:
+        with pytest.raises(ChecksumError, match=f"blob {last}"):
+            r.start_raw_check(every, threads=2)  # under PARALLEL_CRC_BYTES
+    monkeypatch.setattr(reader_mod, "PARALLEL_CRC_BYTES", 0)
+    with ApackReader(path) as r:
+        with pytest.raises(ChecksumError, match=f"blob {last}"):
+            r.start_raw_check([0, last], threads=2)  # not one run
+        r.start_raw_check([0, 1], threads=1).wait()
+        assert r._verified == {0, 1}
+
+
+def test_crc32c_combine() -> None:
+    from adapterpack.checksum import crc32c, crc32c_combine, crc32c_of_zeros
+
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        a = rng.integers(0, 256, int(rng.integers(0, 5000)), dtype=np.uint8).tobytes()
+        b = rng.integers(0, 256, int(rng.integers(0, 5000)), dtype=np.uint8).tobytes()
+        assert crc32c_combine(crc32c(a), crc32c(b), len(b)) == crc32c(a + b)
+    for n in (0, 1, 255, 4096, (1 << 20) + 3, (3 << 20) + 17):
+        assert crc32c_of_zeros(n) == crc32c(bytes(n))

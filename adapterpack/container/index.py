@@ -715,12 +715,32 @@ def _no_duplicate_keys(data: bytes, wire: _IndexWire) -> bool:
     before ``u003a`` is counted too) can only make a sound index step aside, never let a duplicate through: a
     dropped member takes its ``:`` with it.
     """
-    escaped = data.count(b"\\u003a") + data.count(b"\\u003A") if b"\\" in data else 0
-    return _colons(_ENCODER.encode(wire)) == _colons(data) + escaped
+    text = np.frombuffer(data, np.uint8)
+    return _colons(np.frombuffer(_ENCODER.encode(wire), np.uint8)) == _colons(text) + _escaped_colons(data, text)
 
 
-def _colons(data: bytes) -> int:
-    return int(np.count_nonzero(np.frombuffer(data, np.uint8) == ord(":")))  # faster than bytes.count
+def _colons(text: np.ndarray) -> int:
+    return int(np.count_nonzero(text == _COLON))  # faster than bytes.count
+
+
+_COLON = ord(":")
+_BACKSLASH = ord("\\")
+#: ``u003a`` / ``u003A`` (what follows the backslash of an escaped colon) as little-endian integers of 5 bytes
+_U003A = tuple(int.from_bytes(t, "little") for t in (b"u003a", b"u003A"))
+
+
+def _escaped_colons(data: bytes, text: np.ndarray) -> int:
+    """How many times ``\\u003a`` or ``\\u003A`` occurs in ``data`` (``text``: its bytes as uint8): the backslashes
+    found at once, then the five bytes after each compared as one integer (two ``bytes.count`` scans cost more)."""
+    if b"\\" not in data:
+        return 0
+    at = np.flatnonzero(text[:-5] == _BACKSLASH) if len(text) > 5 else np.empty(0, np.intp)
+    if not at.size:
+        return 0
+    after = np.zeros(at.size, np.uint64)
+    for k in range(5):
+        after |= text[at + 1 + k].astype(np.uint64) << np.uint64(8 * k)
+    return int(np.count_nonzero((after == _U003A[0]) | (after == _U003A[1])))
 
 
 def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int, packed: bool = False) -> bool:

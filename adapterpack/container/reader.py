@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import mmap
 import os
+import threading
 import weakref
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -21,7 +22,7 @@ import numpy as np
 
 from adapterpack import codecs, dtypes
 from adapterpack.adapter import Adapter, StoredTensor
-from adapterpack.checksum import crc32c
+from adapterpack.checksum import crc32c, crc32c_combine, crc32c_of_zeros
 from adapterpack.container import prefix
 from adapterpack.container.index import AdapterRecord, BlobEntry, Index, index_text, read_index
 from adapterpack.container.preamble import MAGIC, PREAMBLE_SIZE, Preamble, parse_preamble
@@ -57,6 +58,10 @@ _NUMPY_RAW: dict[str, np.dtype] = {}
 
 #: Below this many bytes :meth:`ApackReader.check_raw_blobs` uses one thread (starting others costs more).
 PARALLEL_CRC_BYTES = 8 << 20
+#: A file whose blobs take at most this many bytes has all their pages mapped at once (one system call, see
+#: :func:`_populate`) on the first read that checks a CRC: reading an adapter usually reads all of it, and its
+#: CRCs read every byte; a larger file maps the pages of each blob as it is read.
+POPULATE_BYTES = 16 << 20
 
 
 def _split_by_bytes(items: list[int], sizes: list[int], parts: int) -> list[list[int]]:
@@ -73,6 +78,51 @@ def _split_by_bytes(items: list[int], sizes: list[int], parts: int) -> list[list
     return out
 
 
+#: ``madvise`` advice that maps every page of a range in one call, reading it in where needed (Linux 5.14+): the
+#: page tables of a pass over every byte are filled in one system call instead of one page fault per few pages.
+#: It only reads: on a copy-on-write mapping the pages stay shared with the page cache (``MAP_POPULATE`` would copy them).
+MADV_POPULATE_READ = 22
+_populate_works = hasattr(mmap.mmap, "madvise") and os.name == "posix"
+
+
+def _populate(mm: mmap.mmap, start: int, stop: int) -> None:
+    """Map the pages of ``mm[start:stop]`` before a pass that reads all of them (a no-op where the kernel cannot)."""
+    global _populate_works
+    if not _populate_works or stop <= start:
+        return
+    page = start - start % mmap.PAGESIZE
+    try:
+        mm.madvise(MADV_POPULATE_READ, page, stop - page)
+    except (OSError, ValueError):  # kernel before 5.14, or not Linux: the pass faults the pages in itself
+        _populate_works = False
+
+
+_pool_lock = threading.Lock()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _crc_pool(workers: int) -> ThreadPoolExecutor:
+    """A thread pool of at least ``workers`` threads, kept for the process (no thread started per load)."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)
+            _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix="apack-crc"), workers
+        return _pool
+
+
+def _forget_pool() -> None:
+    """A forked child has none of its parent's threads: it starts a pool of its own when it needs one."""
+    global _pool, _pool_lock, _pool_size
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 class BlobLoader:
     """Reads blob ``index`` of an open file: the ``loader`` of every :class:`StoredTensor` a reader hands out.
 
@@ -87,11 +137,48 @@ class BlobLoader:
         self.index = index
 
     def __call__(self) -> np.ndarray:
-        return self.reader.read_blob(self.index)
+        r, i = self.reader, self.index
+        return r.read_blob(i) if i in r._shared else r._read(i, r.verify_checksums)  # read_blob, one call less
 
     def rows(self, n: int) -> np.ndarray:
         """The first ``n`` rows, as :meth:`ApackReader.read_rows` reads them."""
         return self.reader.read_rows(self.index, n)
+
+
+class RawCheck:
+    """CRC-32C checks of raw blobs running in the kept pool (:meth:`ApackReader.start_raw_check`)."""
+
+    def __init__(self, reader: ApackReader, parts: list[tuple[list[int], Future[int]]]) -> None:
+        self._reader = reader
+        self._parts = parts
+
+    def wait(self) -> None:
+        """Wait for the checks; a ChecksumError names the first damaged blob. Every blob checked is marked so."""
+        parts, self._parts = self._parts, []
+        reader = self._reader
+        blobs = reader.index.blobs
+        wants = []
+        for part, _ in parts:  # while the threads run
+            want, end = 0, None
+            for i in part:
+                b = blobs[i]
+                if end is not None and b.offset > end:  # zero padding before the blob
+                    want = crc32c_combine(want, crc32c_of_zeros(b.offset - end), b.offset - end)
+                want = crc32c_combine(want, b.crc32c, b.length)
+                end = b.offset + b.length
+            wants.append(want)
+        for _, f in parts:
+            f.exception()  # every thread done with the mapping before anything is raised
+        for (part, f), want in zip(parts, wants):
+            if f.exception() is not None or f.result() != want:
+                reader.check_raw_blobs(part)  # one blob at a time: names the damaged one
+            reader._verified.update(part)
+
+    def drain(self) -> None:
+        """Wait for the threads to let go of the mapping, checking nothing (the load failed anyway)."""
+        parts, self._parts = self._parts, []
+        for _, f in parts:
+            f.exception()
 
 
 class ApackReader:
@@ -149,6 +236,7 @@ class ApackReader:
         #: every shared blob decoded that is still alive somewhere (kept here or held by a caller)
         self._alive: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
         self._mm: mmap.mmap | None = None
+        self._populated = False  # the blob pages mapped for CRC reads (files up to POPULATE_BYTES)
         self._users = 0  # adapters handed out and not yet closed (see adapter())
 
     def _open(self, f: BinaryIO, head: bytes) -> None:
@@ -208,32 +296,68 @@ class ApackReader:
 
     def check_raw_blobs(self, indices: Sequence[int], *, threads: int = 1) -> None:
         """Check the CRC-32C of raw blobs ``indices`` over their bytes in the mapping, in one pass (the first touch
-        of those pages); with ``threads`` > 1 and enough bytes, the blobs are split between that many threads
-        (the CRC runs without the GIL). Blobs already checked are skipped; a mismatch is a ChecksumError."""
+        of those pages); with ``threads`` > 1 and enough bytes, the blobs are split between that many threads of
+        a pool kept for the process (the CRC runs without the GIL). Blobs already checked are skipped; a mismatch
+        is a ChecksumError.
+
+        The calling thread maps the pages of its own blobs in one system call (:func:`_populate`) before its pass;
+        the pool's threads fault theirs in as they go, in parallel with it (``madvise`` holds the GIL, so mapping
+        every part first in this thread would make the others wait for it).
+        """
         blobs = self.index.blobs
         todo = [i for i in indices if i not in self._verified]
         if any(blobs[i].codec["id"] != "raw" for i in todo):
             raise AdapterpackError("check_raw_blobs takes raw blobs only")
-        mv = memoryview(self._mapping())
+        if not todo:
+            return
+        mm = self._mapping()
         start = self.data_start
+        mv = memoryview(mm)
 
         def crcs(part: list[int]) -> list[int]:
             return [crc32c(mv[start + blobs[i].offset : start + blobs[i].offset + blobs[i].length], release=True) for i in part]
 
         total = sum(blobs[i].length for i in todo)
+        parts = [todo]
         if threads > 1 and total >= PARALLEL_CRC_BYTES and len(todo) > 1:
             parts = _split_by_bytes(todo, [blobs[i].length for i in todo], threads)
-            with ThreadPoolExecutor(len(parts) - 1, thread_name_prefix="apack-crc") as pool:
-                later = [pool.submit(crcs, part) for part in parts[1:]]
-                got = crcs(parts[0])
-                for f in later:
-                    got += f.result()
-        else:
-            got = crcs(todo)
+        later = [_crc_pool(len(parts) - 1).submit(crcs, part) for part in parts[1:]] if len(parts) > 1 else []
+        mine = parts[0]
+        _populate(mm, start + min(blobs[i].offset for i in mine), start + max(blobs[i].offset + blobs[i].length for i in mine))
+        got = crcs(mine)
+        for f in later:
+            got += f.result()
         for i, value in zip(todo, got):
             if value != blobs[i].crc32c:
                 raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch (decoded bytes are corrupt)")
             self._verified.add(i)
+
+    def start_raw_check(self, indices: Sequence[int], *, threads: int) -> RawCheck:
+        """Start checking the CRC-32C of raw blobs ``indices`` in the kept thread pool and return at once, so the caller
+        can do its own work meanwhile; :meth:`RawCheck.wait` (before any of those bytes is handed out) raises a
+        ChecksumError naming a damaged blob, as :meth:`check_raw_blobs` does.
+
+        Each of ``threads`` threads takes one contiguous span of the file (blobs and the zero padding between them)
+        in ONE ``crc32c`` call: a thread that went back to Python between blobs would wait for the GIL while the
+        caller runs Python. The span's CRC is compared with the one its blobs' CRCs give combined
+        (:func:`~adapterpack.checksum.crc32c_combine`: CRC-32C is linear), which differs whenever any one blob or the
+        padding differs; on a mismatch every blob of the span is checked on its own to name the damaged one.
+        Blobs that are not one run of raw blobs, or too few bytes to split, are checked here and now."""
+        blobs = self.index.blobs
+        todo = sorted({i for i in indices if i not in self._verified})
+        if any(blobs[i].codec["id"] != "raw" for i in todo):
+            raise AdapterpackError("check_raw_blobs takes raw blobs only")
+        adjacent = bool(todo) and todo[-1] - todo[0] == len(todo) - 1  # one run: blob order is file order (spec §1.2)
+        if threads < 2 or len(todo) < 2 or not adjacent or sum(blobs[i].length for i in todo) < PARALLEL_CRC_BYTES:
+            self.check_raw_blobs(todo, threads=threads)
+            return RawCheck(self, [])
+        mv = memoryview(self._mapping())
+        start = self.data_start
+        parts = _split_by_bytes(todo, [blobs[i].length for i in todo], threads)
+        pool = _crc_pool(len(parts))
+        spans = [(start + blobs[p[0]].offset, start + blobs[p[-1]].offset + blobs[p[-1]].length) for p in parts]
+        futures = [pool.submit(crc32c, mv[a:b], release=True) for a, b in spans]
+        return RawCheck(self, list(zip(parts, futures)))
 
     def _stored(self, b: BlobEntry) -> memoryview:
         start = self.data_start + b.offset
@@ -275,6 +399,10 @@ class ApackReader:
         if self.copy_on_write:
             arr.flags.writeable = False
         if check_crc and i not in self._verified:
+            if not self._populated:
+                self._populated = True
+                if self.file_size - self.data_start <= POPULATE_BYTES:
+                    _populate(mm, self.data_start, self.file_size)
             if crc32c(arr) != b.crc32c:  # the array's own buffer: its bytes, in place
                 raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch (decoded bytes are corrupt)")
             self._verified.add(i)

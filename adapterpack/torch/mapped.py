@@ -16,7 +16,7 @@ import os
 import torch
 
 from adapterpack.adapter import Adapter
-from adapterpack.container.reader import ApackReader
+from adapterpack.container.reader import ApackReader, RawCheck
 from adapterpack.errors import ConversionError
 from adapterpack.factors import Factors
 from adapterpack.ops.files import open as open_adapter
@@ -86,8 +86,21 @@ def _load(
 
 
 def _decode(ad: Adapter, dev: torch.device, want: torch.dtype | None, zero_copy: bool, bounce: bool | None) -> dict[str, Factors]:
-    modules = stage_modules(list(ad.modules.values()), dev, zero_copy=zero_copy, bounce=bounce)
-    return {name: stored_shapes(f) for name, f in decode_all(modules, dev, want).items()}
+    pending: list[RawCheck] = []  # CRC passes running while the views are built and decoded; waited for before returning
+    try:
+        modules = stage_modules(list(ad.modules.values()), dev, zero_copy=zero_copy, bounce=bounce, pending=pending)
+        out = {name: stored_shapes(f) for name, f in decode_all(modules, dev, want).items()}
+    except BaseException:
+        for check in pending:
+            check.drain()
+        raise
+    try:
+        for check in pending:
+            check.wait()
+    finally:
+        for check in pending:
+            check.drain()  # the others, when one found a damaged blob (nothing left after a wait)
+    return out
 
 
 def _open(path: str | os.PathLike[str], adapter: str | None, verify: bool, rank: int | None, *, copy_on_write: bool) -> Adapter:

@@ -37,7 +37,7 @@ import torch
 
 from adapterpack.adapter import Module, StoredTensor
 from adapterpack.container.index import BlobEntry
-from adapterpack.container.reader import ApackReader, BlobLoader
+from adapterpack.container.reader import ApackReader, BlobLoader, RawCheck
 from adapterpack.torch.decoders.base import is_staged
 from adapterpack.torch.tensors import TORCH_DTYPES, tensor
 
@@ -199,12 +199,15 @@ def stage(
     zero_copy: bool = True,
     bounce: bool | None = None,
     workers: int = WORKERS,
+    pending: list[RawCheck] | None = None,
 ) -> dict[int, torch.Tensor]:
     """Blobs ``indices`` of ``reader``'s file as tensors on ``device`` in their stored dtype and shape.
 
     Raw blobs are views of the reader's mapping when it is ``copy_on_write``, the target the CPU and
     ``zero_copy`` set; else copied into one buffer. ``bounce`` (default: a non-CPU target) stages
-    through host chunks; tests set it on the CPU. CRC-32Cs are checked when the reader verifies.
+    through host chunks; tests set it on the CPU. CRC-32Cs are checked when the reader verifies; with ``pending``, the
+    CRC pass over the raw blobs viewed in place runs in threads and its :class:`RawCheck` is appended there instead of
+    waited for: the caller must ``wait()`` for it before handing any tensor out (and ``drain()`` it on an error).
     """
     blobs = reader.blobs
     verify = reader.verify_checksums
@@ -220,7 +223,9 @@ def stage(
         if pool is not None:
             futures = {i: pool.submit(reader.read_blob, i) for i in packed}  # decodes while raw blobs copy
         if raw and on_cpu and zero_copy and not bounce and reader.copy_on_write:
-            if verify:  # one pass, the first touch of the very pages the views show, split between threads when large
+            if verify and pending is not None:  # in threads while the caller builds views and decodes (one call each)
+                pending.append(reader.start_raw_check(raw, threads=CRC_THREADS))
+            elif verify:  # one pass, the first touch of the very pages the views show, split between threads when large
                 reader.check_raw_blobs(raw, threads=CRC_THREADS)
             views = _Views(reader)
             for i in raw:
@@ -266,10 +271,15 @@ def _file_blob(t: object) -> BlobLoader | None:
 
 
 def stage_modules(
-    modules: list[Module], device: torch.device, *, zero_copy: bool = True, bounce: bool | None = None
+    modules: list[Module],
+    device: torch.device,
+    *,
+    zero_copy: bool = True,
+    bounce: bool | None = None,
+    pending: list[RawCheck] | None = None,
 ) -> list[Module]:
     """``modules`` with every file-backed slot of a record whose decoder is ``staged`` replaced by a device tensor
-    (see the module docstring); the blobs of each file are read by one :func:`stage` call."""
+    (see the module docstring); the blobs of each file are read by one :func:`stage` call (``pending``: see there)."""
     wanted: dict[ApackReader, list[int]] = {}
     staged: list[bool] = []
     for m in modules:
@@ -282,7 +292,7 @@ def stage_modules(
                     wanted.setdefault(ref.reader, []).append(ref.index)
     if not wanted:
         return modules
-    got = {r: stage(r, idx, device, zero_copy=zero_copy, bounce=bounce) for r, idx in wanted.items()}
+    got = {r: stage(r, idx, device, zero_copy=zero_copy, bounce=bounce, pending=pending) for r, idx in wanted.items()}
     out = []
     for m, on in zip(modules, staged):
         if on:
