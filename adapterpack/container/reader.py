@@ -137,8 +137,7 @@ class BlobLoader:
         self.index = index
 
     def __call__(self) -> np.ndarray:
-        r, i = self.reader, self.index
-        return r.read_blob(i) if i in r._shared else r._read(i, r.verify_checksums)  # read_blob, one call less
+        return self.reader.read_blob(self.index)
 
     def rows(self, n: int) -> np.ndarray:
         """The first ``n`` rows, as :meth:`ApackReader.read_rows` reads them."""
