@@ -65,14 +65,17 @@ _UNROTATE_BLOCK = 1 << 16
 
 
 def unrotate_inplace(r: np.ndarray) -> None:
-    """Inverse of :func:`rotate`, in place: three passes per block, one small temporary."""
-    shift = 8 * r.dtype.itemsize - 1
+    """Inverse of :func:`rotate`, in place: three passes per block, one small temporary.
+
+    The bottom bit goes back to the top by a wrapping multiply by 2^(bits-1) (numpy's integer multiply is
+    vectorised; its left shift is not, and takes about twice as long: BENCHMARKS.md, "pco decode")."""
+    top = r.dtype.type(1 << (8 * r.dtype.itemsize - 1))
     tmp = np.empty(min(len(r), _UNROTATE_BLOCK), r.dtype)
     for s in range(0, len(r), _UNROTATE_BLOCK):
         block = r[s : s + _UNROTATE_BLOCK]
         t = tmp[: len(block)]
-        np.left_shift(block, shift, out=t)
-        block >>= 1
+        np.right_shift(block, 1, out=t)
+        np.multiply(block, top, out=block)
         block |= t
 
 

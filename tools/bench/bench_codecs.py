@@ -316,8 +316,10 @@ def pco_breakdown(layers: int, repeats: int) -> list[dict[str, Any]]:
 
     ``engine`` is Pco alone (chunk metadata + page decode from ready ``bytes``: the floor for this codec),
     ``engine + unrotate`` adds the sign un-rotation right after each page (cache-hot, as in the codec),
-    ``pco codec`` is ``Pco.decode_into`` on a memoryview (adds the checks, parsing and the one page copy) and
-    ``pcodec peer`` is ``standalone.simple_decompress_into`` on the unrotated values.
+    ``pco codec`` is ``Pco.decode_into`` on a memoryview (adds the checks, parsing and the one page copy),
+    ``pcodec peer`` is ``standalone.simple_decompress_into`` on the unrotated values, and ``pcodec peer from a
+    view`` is the same given the stored bytes as a memoryview, as a reader of a mapped file holds them (pcodec reads
+    ``bytes`` objects only, so they are copied first).
     """
     pcodec = _pcodec()
     if pcodec is None:
@@ -332,7 +334,7 @@ def pco_breakdown(layers: int, repeats: int) -> list[dict[str, Any]]:
 
 
 def _pco_steps(arrs: list[np.ndarray], repeats: int, pcodec: Any) -> dict[str, float]:
-    """The four timings of :func:`pco_breakdown` for one list of arrays (checks the codec's round trip)."""
+    """The five timings of :func:`pco_breakdown` for one list of arrays (checks the codec's round trip)."""
     from adapterpack.codecs import pco as pco_codec
 
     k = dtypes.of_array(arrs[0]).itemsize
@@ -351,6 +353,7 @@ def _pco_steps(arrs: list[np.ndarray], repeats: int, pcodec: Any) -> dict[str, f
     vals = [np.ascontiguousarray(_pcodec_values(a)).reshape(-1) for a in arrs]
     peer = [bytes(pcodec.standalone.simple_compress(v, pcodec.ChunkConfig())) for v in vals]
     peer_out = [np.empty_like(v) for v in vals]
+    peer_views = [memoryview(s) for s in peer]
 
     def engine(unrotate: bool) -> Callable[[], None]:
         def run() -> None:
@@ -369,12 +372,17 @@ def _pco_steps(arrs: list[np.ndarray], repeats: int, pcodec: Any) -> dict[str, f
         for s, o in zip(peer, peer_out):
             pcodec.standalone.simple_decompress_into(s, o)
 
+    def peer_from_view() -> None:
+        for s, o in zip(peer_views, peer_out):
+            pcodec.standalone.simple_decompress_into(bytes(s), o)
+
     full()
     if any(bytes(o) != bytes(r) for o, r in zip(outs, raws)):
         raise SystemExit("pco did not round-trip")
     total = sum(map(len, raws)) / common.MB
     return {name: total / _timed(fn, repeats)[1] for name, fn in (
-        ("engine", engine(False)), ("engine + unrotate", engine(True)), ("pco codec", full), ("pcodec peer", peer_run))}
+        ("engine", engine(False)), ("engine + unrotate", engine(True)), ("pco codec", full), ("pcodec peer", peer_run),
+        ("pcodec peer from a view", peer_from_view))}
 
 
 def render_speed(rows: list[dict[str, Any]]) -> str:
@@ -408,7 +416,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         rows = pco_breakdown(layers, repeats)
         print(f"\nMachine: {common.machine_line(common.machine())}. MB = 10^6 bytes. Decode MB/s by thread CPU time, "
               f"median of {repeats}, {synthetic.description('bf16', layers=layers).replace('bfloat16', 'each dtype')}\n")
-        names = ["engine", "engine + unrotate", "pco codec", "pcodec peer"]
+        names = ["engine", "engine + unrotate", "pco codec", "pcodec peer", "pcodec peer from a view"]
         print(common.markdown_table(["dtype", *names], [[r["dtype"], *(f"{r[n]:,.0f}" for n in names)] for r in rows],
                                     "l" + "r" * len(names)))
         return
