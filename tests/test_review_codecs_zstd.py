@@ -133,3 +133,54 @@ def test_check_frame_refuses_without_allocating_the_claimed_size() -> None:
         tracemalloc.stop()
     assert peak < 64 << 10
     assert zstandard.frame_content_size(frame) == 1 << 40
+
+
+# --- a legal blob too large for the process -----------------------------------------------------------
+
+
+def _rle_bomb(blocks: int) -> bytes:
+    """A valid zstd frame of ``blocks`` RLE blocks of 128 KiB of zeros (4 bytes each: the §7 ratio at its limit), not
+    single-segment (a 128 KiB window), declaring its true content size."""
+    content = blocks * (128 << 10)
+    header = ZSTD_MAGIC + bytes([0xC0, 0x38]) + struct.pack("<Q", content)
+    return header + b"".join(_block(1, 128 << 10, k == blocks - 1, b"\0") for k in range(blocks))
+
+
+def test_a_blob_the_process_cannot_allocate_is_a_size_limit_error(tmp_path: Path) -> None:
+    """A 64 KiB frame decodes, legally, to 2 GiB (32768 times): in a process capped below that, decoding it raised
+    a bare MemoryError with an empty message (the CLI printed "out of memory ()"); now a SizeLimitError naming the
+    decoded and stored sizes, through the reader with the file and blob named."""
+    from tests.apack_builders import valid_parts, write
+    from tests.test_memory_bounds import capped
+
+    frame = _rle_bomb(1 << 14)
+    content = (1 << 14) * (128 << 10)
+    parts = valid_parts(tmp_path, "zstd")
+    parts.set_blob(0, frame)
+    parts.index["blobs"][0].update(dtype="float32", shape=[content // 4], length=content, codec={"id": "zstd"})
+    path = write(tmp_path / "big.apack", parts.build())
+    res = capped(
+        """
+        from adapterpack import codecs
+        from adapterpack.container import ApackReader
+        frame = open(sys.argv[2], "rb").read()
+        for what, call in (
+            ("codec", lambda: codecs.get_codec("zstd").decode_new(memoryview(frame), int(sys.argv[3]), 4)),
+            ("reader", lambda: ApackReader(sys.argv[1]).read_blob(0)),
+        ):
+            try:
+                call()
+                print(what, "decoded")
+            except BaseException as e:
+                print(what, type(e).__name__, e)
+        """,
+        str(path),
+        str(tmp_path / "frame.zst") if (tmp_path / "frame.zst").write_bytes(frame) else "",
+        str(content),
+        headroom_mib=512,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines[0].startswith(f"codec SizeLimitError out of memory decoding a zstd blob of {content} bytes"), lines
+    assert lines[0].endswith(f"stored in {len(frame)} bytes)"), lines
+    assert lines[1].startswith(f"reader SizeLimitError {path}: blob 0: out of memory decoding a zstd blob"), lines
