@@ -270,3 +270,20 @@ def test_errors_are_adapterpack_errors_through_the_reader(saved: Path, tmp_path:
         for m in ad.modules.values():
             for t in m.tensors.values():
                 t.load()
+
+
+def test_out_of_memory_while_decoding_is_not_reported_as_corruption(saved: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A MemoryError under pco (the page copy, or pcodec's own allocation) is not 'corrupt': decode_new reports it as
+    a SizeLimitError naming the sizes; the file may be fine."""
+    from adapterpack.errors import SizeLimitError
+
+    stored, decoded, _ = _blob(saved, _largest(saved))
+
+    class Starved:
+        @staticmethod
+        def new(src: bytes) -> None:
+            raise MemoryError
+
+    monkeypatch.setattr(pco._lib().wrapped, "FileDecompressor", Starved)
+    with pytest.raises(SizeLimitError, match=rf"out of memory decoding a pco blob of {len(decoded)} bytes"):
+        codecs.get_codec("pco").decode_new(memoryview(stored), len(decoded), 4)

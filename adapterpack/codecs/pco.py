@@ -100,8 +100,9 @@ def _parse(parse: Callable[[bytes], Any], stored: memoryview, pos: int) -> Any:
 
 def _is_pco_error(e: BaseException) -> bool:
     """pcodec raises RuntimeError/TypeError/ValueError, and a Rust panic surfaces as pyo3's PanicException
-    (a BaseException): all mean the stored bytes are not a valid stream."""
-    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+    (a BaseException): all mean the stored bytes are not a valid stream. A MemoryError does not (the caller
+    reports it as such)."""
+    return (isinstance(e, Exception) and not isinstance(e, MemoryError)) or type(e).__name__ == "PanicException"
 
 
 @register_codec
