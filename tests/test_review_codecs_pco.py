@@ -287,3 +287,10 @@ def test_out_of_memory_while_decoding_is_not_reported_as_corruption(saved: Path,
     monkeypatch.setattr(pco._lib().wrapped, "FileDecompressor", Starved)
     with pytest.raises(SizeLimitError, match=rf"out of memory decoding a pco blob of {len(decoded)} bytes"):
         codecs.get_codec("pco").decode_new(memoryview(stored), len(decoded), 4)
+
+
+@pytest.mark.parametrize("level", [True, False, 13, -1, 2.0, "3"])
+def test_a_level_pco_does_not_have_is_recorded_as_the_default(level: object) -> None:
+    """The index records the level actually used: a bool (an int to Python) was recorded as JSON true/false."""
+    assert codecs.get_codec({"id": "pco", "level": level}).get_config() == {"id": "pco", "level": pco.DEFAULT_LEVEL}
+    assert pco.Pco(level=level).get_config()["level"] == pco.DEFAULT_LEVEL  # type: ignore[arg-type]

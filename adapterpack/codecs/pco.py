@@ -113,7 +113,7 @@ class Pco(Codec):
 
     def __init__(self, level: int = DEFAULT_LEVEL) -> None:
         # Pco's levels are 0-12; any other one encodes at the default, and the index records what was used
-        self.level = level if isinstance(level, int) and 0 <= level <= 12 else DEFAULT_LEVEL
+        self.level = level if isinstance(level, int) and not isinstance(level, bool) and 0 <= level <= 12 else DEFAULT_LEVEL
 
     def encode(self, data: memoryview, itemsize: int) -> bytes:
         if itemsize not in _TYPES:
