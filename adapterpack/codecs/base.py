@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, ClassVar
 
-from adapterpack.errors import IndexFormatError, UnknownCodecError
+from adapterpack.errors import IndexFormatError, SizeLimitError, UnknownCodecError
 from adapterpack.plugins import Registry
 
 _NO_DEFAULT: Any = inspect.Parameter.empty
@@ -91,10 +91,19 @@ class Codec:
         self.decode_into(stored, out, itemsize)
 
     def decode_new(self, stored: memoryview, length: int, itemsize: int) -> bytearray:
-        """Check ``stored`` against ``length`` first, then allocate exactly ``length`` bytes and decode into them."""
+        """Check ``stored`` against ``length`` first, then allocate exactly ``length`` bytes and decode into them.
+
+        A legal blob may decode to up to 32768 times its stored bytes (spec §7): one the process cannot allocate is a
+        SizeLimitError naming both sizes, not a bare MemoryError.
+        """
         self.check(stored, length, itemsize)
-        buf = bytearray(length)
-        self.decode_into(stored, memoryview(buf), itemsize)
+        try:
+            buf = bytearray(length)
+            self.decode_into(stored, memoryview(buf), itemsize)
+        except MemoryError:
+            raise SizeLimitError(
+                f"out of memory decoding a {self.codec_id} blob of {length} bytes (stored in {len(stored)} bytes)"
+            ) from None
         return buf
 
     def max_expansion(self) -> int | None:

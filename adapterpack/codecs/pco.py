@@ -100,8 +100,9 @@ def _parse(parse: Callable[[bytes], Any], stored: memoryview, pos: int) -> Any:
 
 def _is_pco_error(e: BaseException) -> bool:
     """pcodec raises RuntimeError/TypeError/ValueError, and a Rust panic surfaces as pyo3's PanicException
-    (a BaseException): all mean the stored bytes are not a valid stream."""
-    return isinstance(e, Exception) or type(e).__name__ == "PanicException"
+    (a BaseException): all mean the stored bytes are not a valid stream. A MemoryError does not (the caller
+    reports it as such)."""
+    return (isinstance(e, Exception) and not isinstance(e, MemoryError)) or type(e).__name__ == "PanicException"
 
 
 @register_codec
@@ -112,7 +113,7 @@ class Pco(Codec):
 
     def __init__(self, level: int = DEFAULT_LEVEL) -> None:
         # Pco's levels are 0-12; any other one encodes at the default, and the index records what was used
-        self.level = level if isinstance(level, int) and 0 <= level <= 12 else DEFAULT_LEVEL
+        self.level = level if isinstance(level, int) and not isinstance(level, bool) and 0 <= level <= 12 else DEFAULT_LEVEL
 
     def encode(self, data: memoryview, itemsize: int) -> bytes:
         if itemsize not in _TYPES:

@@ -7,23 +7,35 @@ index before any output buffer exists, and decoding streams into that buffer.
 
 from __future__ import annotations
 
+import operator
 import threading
 
 import zstandard
 
 from adapterpack.codecs.base import Codec, register_codec
-from adapterpack.errors import CodecError
+from adapterpack.errors import CodecError, OptionError
 from adapterpack.limits import MAX_ZSTD_RATIO as MAX_RATIO  # Zstandard cannot expand more: an RLE block is 4 bytes for 128 KiB
 from adapterpack.limits import MAX_ZSTD_WINDOW as MAX_WINDOW
 
 DEFAULT_LEVEL = 3
+#: Levels libzstd defines (ZSTD_minCLevel() to ZSTD_maxCLevel()); the level only steers encoding (a file may record any).
+MIN_LEVEL, MAX_LEVEL = -(1 << 17), 22
 
 
 _local = threading.local()
 
 
+def _is_level(level: object) -> bool:
+    try:
+        return not isinstance(level, bool) and MIN_LEVEL <= operator.index(level) <= MAX_LEVEL  # type: ignore[arg-type]
+    except TypeError:
+        return False
+
+
 def _compressor(level: int) -> zstandard.ZstdCompressor:
     """One compressor per level and thread: creating one costs about as much as compressing a small blob."""
+    if not _is_level(level):  # zstandard's ValueError / OverflowError otherwise
+        raise OptionError(f"zstd level must be an integer in [{MIN_LEVEL}, {MAX_LEVEL}], got {level!r:.40}")
     cache = _local.__dict__.setdefault("by_level", {})
     if level not in cache:
         cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
