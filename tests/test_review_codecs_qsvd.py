@@ -138,7 +138,6 @@ def test_bad_params_are_refused_by_both(params: dict, error: type[Exception]) ->
             fn(m)
 
 
-@pytest.mark.xfail(strict=True, reason="torch/decoders/qsvd.py does not check the record's slots (owner: torch); see report")
 def test_an_unknown_slot_is_refused_by_the_torch_decoder_too() -> None:
     """numpy's reader refuses a qsvd record with a slot besides ``data``; the torch decoder ignores it (in-memory
     modules only: a file's records are validated when the reader builds them)."""

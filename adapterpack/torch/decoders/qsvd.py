@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from adapterpack.adapter import Module
-from adapterpack.encodings.qsvd import FLOAT, record_plan
+from adapterpack.encodings.base import check_slots
+from adapterpack.encodings.qsvd import FLOAT, Qsvd, record_plan
 from adapterpack.errors import RecordError
 from adapterpack.factors import Factors
 from adapterpack.linalg.quantize import CODE_BLOCK, SMALL_BLOCK
@@ -89,6 +90,7 @@ def _decode_into(
 @register_torch_decoder("qsvd", staged=True)
 def decode_qsvd(module: Module, device: torch.device, dtype: torch.dtype | None) -> Factors:
     """A ``[k, n]`` and B ``[out, k]`` in float32 on ``device`` (cast to ``dtype`` afterwards when one is asked for)."""
+    check_slots(module, Qsvd.slots, "qsvd needs one tensor, data")  # as numpy's to_factors: in-memory records too
     plan = record_plan(module)
     out, n, g = plan.out, plan.n, plan.group_size
     data = slot(module, "data", device, None)
