@@ -43,9 +43,10 @@ def _multmodp(a: int, b: int) -> int:
     return p
 
 
-#: x^(2^k) modulo the polynomial, k = 0..31 (the powers repeat past 31 for any n below 2^64 bytes as used here)
+#: x^(2^k) modulo the polynomial, k = 0..30. They repeat with period 31, not 32 as zlib's do: CRC-32C's polynomial is
+#: (x+1) times a primitive polynomial of degree 31, so x^(2^31) = x modulo it (zlib's ``k & 31`` is wrong here from 2^29 bytes)
 _X2N = [1 << 30]
-for _ in range(31):
+for _ in range(30):
     _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
 
 
@@ -54,9 +55,9 @@ def _x8n(n: int) -> int:
     p, k = 1 << 31, 3
     while n:
         if n & 1:
-            p = _multmodp(_X2N[k & 31], p)
+            p = _multmodp(_X2N[k], p)
         n >>= 1
-        k += 1
+        k = k + 1 if k < 30 else 0
     return p
 
 
