@@ -27,7 +27,7 @@ from adapterpack.container import prefix
 from adapterpack.container.index import AdapterRecord, BlobEntry, Index, index_text, read_index
 from adapterpack.container.preamble import MAGIC, PREAMBLE_SIZE, Preamble, parse_preamble
 from adapterpack.container.records import build_adapter
-from adapterpack.errors import AdapterNotFoundError, AdapterpackError, ChecksumError, CodecError
+from adapterpack.errors import AdapterNotFoundError, AdapterpackError, ChecksumError, CodecError, TruncatedFileError
 from adapterpack.limits import SHARED_CACHE_BYTES
 
 
@@ -186,6 +186,11 @@ class ApackReader:
     ``copy_on_write`` maps the file privately and writable (``MAP_PRIVATE``): what is written to the mapping
     stays in this process and never reaches the file, so its bytes can back writable tensors (torch has no
     read-only tensors). numpy arrays from :meth:`read_blob` are read-only views either way.
+
+    The file must not be truncated or rewritten in place while it is open (replacing it, a new file renamed over it as
+    ``adapterpack`` writes, is safe: the mapping keeps the old one). A page past the end of a file that has shrunk is
+    SIGBUS, which kills the process: every read that touches the mapping first checks the file's size (one ``fstat``)
+    and raises TruncatedFileError; arrays and tensors already handed out are views of the mapping, and unprotected.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, verify: bool = True, copy_on_write: bool = False) -> None:
@@ -276,6 +281,18 @@ class ApackReader:
         :meth:`blob_offset`. Views taken from it keep the mapping alive after :meth:`close`."""
         return memoryview(self._mapping())
 
+    def _intact(self, mm: mmap.mmap) -> None:
+        """Refuse to touch ``mm`` when its file has shrunk since it was opened (see the class docstring)."""
+        try:
+            size = mm.size()  # fstat of the mapping's own descriptor
+        except (ValueError, OSError):  # closed meanwhile, by another thread
+            raise AdapterpackError(f"{self.path}: file is closed") from None
+        if size < self.file_size:
+            raise TruncatedFileError(
+                f"{self.path}: the file has {size} bytes, {self.file_size} when it was opened: truncated or rewritten in place "
+                "since (reopen it)"
+            )
+
     def blob_offset(self, i: int) -> int:
         """Where blob ``i``'s stored bytes start in the file (for a raw blob a multiple of 8, spec §1.2)."""
         return self.data_start + self.index.blobs[i].offset
@@ -283,7 +300,9 @@ class ApackReader:
     def blob_bytes(self, i: int) -> memoryview:
         """Blob ``i``'s stored bytes, in place (for a ``raw`` blob: its decoded bytes); nothing is checked."""
         start = self.blob_offset(i)
-        return memoryview(self._mapping())[start : start + self.index.blobs[i].stored_length]
+        mm = self._mapping()
+        self._intact(mm)  # its caller reads it: a shrunk file would be SIGBUS
+        return memoryview(mm)[start : start + self.index.blobs[i].stored_length]
 
     def check_blob(self, i: int, data: bytes | memoryview) -> None:
         """Check ``data``, blob ``i``'s decoded bytes, against its CRC-32C (once per blob: later calls return)."""
@@ -310,6 +329,7 @@ class ApackReader:
         if not todo:
             return
         mm = self._mapping()
+        self._intact(mm)
         start = self.data_start
         mv = memoryview(mm)
 
@@ -350,7 +370,9 @@ class ApackReader:
         if threads < 2 or len(todo) < 2 or not adjacent or sum(blobs[i].length for i in todo) < PARALLEL_CRC_BYTES:
             self.check_raw_blobs(todo, threads=threads)
             return RawCheck(self, [])
-        mv = memoryview(self._mapping())
+        mm = self._mapping()
+        self._intact(mm)
+        mv = memoryview(mm)
         start = self.data_start
         parts = _split_by_bytes(todo, [blobs[i].length for i in todo], threads)
         pool = _crc_pool(len(parts))
@@ -398,6 +420,8 @@ class ApackReader:
         if self.copy_on_write:
             arr.flags.writeable = False
         if check_crc and i not in self._verified:
+            if mm.size() < self.file_size:  # the file shrank: touching its pages would be SIGBUS
+                self._intact(mm)
             if not self._populated:
                 self._populated = True
                 if self.file_size - self.data_start <= POPULATE_BYTES:
@@ -410,6 +434,7 @@ class ApackReader:
     def _decode(self, mm: mmap.mmap, i: int, b: BlobEntry, check_crc: bool) -> np.ndarray:
         """:meth:`_read` of any blob (compressed, bool, or the first of its dtype: it learns the numpy dtype)."""
         dt = dtypes.by_name(b.dtype)
+        self._intact(mm)
         try:
             if b.codec["id"] == "raw":
                 if dt.name != "bool":
@@ -450,6 +475,8 @@ class ApackReader:
         if check and (stop == b.shape[0] or not b.prefix_crc32c):
             return self.read_blob(i)[:rows]
         mm = self._mapping()
+        if check:
+            self._intact(mm)
         dt = dtypes.by_name(b.dtype)
         per_row = int(np.prod(b.shape[1:], dtype=np.int64))
         arr = np.frombuffer(mm, dtype=dt.numpy, count=stop * per_row, offset=self.data_start + b.offset)
@@ -532,6 +559,7 @@ class ApackReader:
             return f"blob {i} ({holds(i)})" if holds(i) else f"blob {i}"
 
         mm = self._mapping()
+        self._intact(mm)
         pad_start = PREAMBLE_SIZE + self.preamble.index_length
         if any(mm[pad_start : self.data_start]):
             report.problems.append("padding after the index is not zero")
