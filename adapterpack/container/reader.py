@@ -145,16 +145,23 @@ class BlobLoader:
 
 
 class RawCheck:
-    """CRC-32C checks of raw blobs running in the kept pool (:meth:`ApackReader.start_raw_check`)."""
+    """CRC-32C checks of raw blobs running in the kept pool (:meth:`ApackReader.start_raw_check`).
+
+    Waited for in a child forked meanwhile, which has none of the pool's threads (their futures would never finish there),
+    it checks the blobs itself."""
 
     def __init__(self, reader: ApackReader, parts: list[tuple[list[int], Future[int]]]) -> None:
         self._reader = reader
         self._parts = parts
+        self._pid = os.getpid()
 
     def wait(self) -> None:
         """Wait for the checks; a ChecksumError names the first damaged blob. Every blob checked is marked so."""
         parts, self._parts = self._parts, []
         reader = self._reader
+        if parts and os.getpid() != self._pid:
+            reader.check_raw_blobs([i for part, _ in parts for i in part], threads=len(parts))
+            return
         blobs = reader.index.blobs
         wants = []
         for part, _ in parts:  # while the threads run
@@ -176,6 +183,8 @@ class RawCheck:
     def drain(self) -> None:
         """Wait for the threads to let go of the mapping, checking nothing (the load failed anyway)."""
         parts, self._parts = self._parts, []
+        if os.getpid() != self._pid:  # a forked child: no thread of the pool is here to let go of anything
+            return
         for _, f in parts:
             f.exception()
 
