@@ -107,8 +107,8 @@ def _crc_pool(workers: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     with _pool_lock:
         if _pool is None or _pool_size < workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
+            # the smaller pool is not shut down: another thread may hold it and be about to submit; its threads end once
+            # it is no longer referenced
             _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix="apack-crc"), workers
         return _pool
 
@@ -251,6 +251,7 @@ class ApackReader:
         self._mm: mmap.mmap | None = None
         self._populated = False  # the blob pages mapped for CRC reads (files up to POPULATE_BYTES)
         self._users = 0  # adapters handed out and not yet closed (see adapter())
+        self._lock = threading.Lock()  # the shared-blob cache's bookkeeping, across threads
 
     def _open(self, f: BinaryIO, head: bytes) -> None:
         size = os.fstat(f.fileno()).st_size
@@ -408,10 +409,14 @@ class ApackReader:
             return arr
         arr = self._read(i, self.verify_checksums)
         arr.flags.writeable = False
-        self._alive[i] = arr
-        if self._decoded_bytes + arr.nbytes <= SHARED_CACHE_BYTES:
-            self._decoded[i] = arr
-            self._decoded_bytes += arr.nbytes
+        with self._lock:
+            kept = self._alive.get(i)
+            if kept is not None:  # another thread decoded it meanwhile: one array for all, counted once
+                return kept
+            self._alive[i] = arr
+            if self._decoded_bytes + arr.nbytes <= SHARED_CACHE_BYTES:
+                self._decoded[i] = arr
+                self._decoded_bytes += arr.nbytes
         return arr
 
     def _read(self, i: int, check_crc: bool) -> np.ndarray:
@@ -425,7 +430,10 @@ class ApackReader:
         # the common case (a raw blob of numbers), with no more Python per blob than it needs
         # frombuffer holds the mapping's buffer while the array lives (np.ndarray(buffer=...) lets it go,
         # so close() would leave the array dangling)
-        arr = np.frombuffer(mm, npdt, b.length // npdt.itemsize, self.data_start + b.offset).reshape(b.shape)
+        try:
+            arr = np.frombuffer(mm, npdt, b.length // npdt.itemsize, self.data_start + b.offset).reshape(b.shape)
+        except ValueError:  # another thread's close() closed the mapping since it was taken above
+            raise AdapterpackError(f"{self.path}: file is closed") from None
         if self.copy_on_write:
             arr.flags.writeable = False
         if check_crc and i not in self._verified:
@@ -601,9 +609,10 @@ class ApackReader:
     def close(self) -> None:
         """Release the mmap (views still held keep it alive until they go)."""
         mm, self._mm = self._mm, None
-        self._decoded.clear()
-        self._decoded_bytes = 0
-        self._alive.clear()
+        with self._lock:
+            self._decoded.clear()
+            self._decoded_bytes = 0
+            self._alive.clear()
         if mm is not None:
             try:
                 mm.close()
