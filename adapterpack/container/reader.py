@@ -150,14 +150,18 @@ class RawCheck:
     Waited for in a child forked meanwhile, which has none of the pool's threads (their futures would never finish there),
     it checks the blobs itself."""
 
-    def __init__(self, reader: ApackReader, parts: list[tuple[list[int], Future[int]]]) -> None:
+    def __init__(self, reader: ApackReader, parts: list[tuple[list[int], Future[int]]], mv: memoryview | None = None) -> None:
         self._reader = reader
         self._parts = parts
         self._pid = os.getpid()
+        # the mapping the threads read, held until wait(): a span that does not match is checked blob by blob in it, even
+        # once the reader is closed (a view held keeps a mapping open)
+        self._mv = mv
 
     def wait(self) -> None:
         """Wait for the checks; a ChecksumError names the first damaged blob. Every blob checked is marked so."""
         parts, self._parts = self._parts, []
+        mv, self._mv = self._mv, None
         reader = self._reader
         if parts and os.getpid() != self._pid:
             reader.check_raw_blobs([i for part, _ in parts for i in part], threads=len(parts))
@@ -177,12 +181,26 @@ class RawCheck:
             f.exception()  # every thread done with the mapping before anything is raised
         for (part, f), want in zip(parts, wants):
             if f.exception() is not None or f.result() != want:
-                reader.check_raw_blobs(part)  # one blob at a time: names the damaged one
+                self._each(part, mv)
             reader._verified.update(part)
+
+    def _each(self, part: list[int], mv: memoryview | None) -> None:
+        """Check blobs ``part`` one at a time: a ChecksumError names the damaged one (or the span held damaged padding)."""
+        reader = self._reader
+        if mv is None:
+            reader.check_raw_blobs(part)
+            return
+        reader._intact(mv.obj)  # type: ignore[arg-type]
+        start, blobs = reader.data_start, reader.index.blobs
+        for i in part:
+            b = blobs[i]
+            if crc32c(mv[start + b.offset : start + b.offset + b.length]) != b.crc32c:
+                raise reader._damaged(i)
 
     def drain(self) -> None:
         """Wait for the threads to let go of the mapping, checking nothing (the load failed anyway)."""
         parts, self._parts = self._parts, []
+        self._mv = None
         if os.getpid() != self._pid:  # a forked child: no thread of the pool is here to let go of anything
             return
         for _, f in parts:
@@ -303,6 +321,14 @@ class ApackReader:
                 "since (reopen it)"
             )
 
+    def _holds(self, i: int) -> str:
+        """``; it holds module 'NAME' A``: what blob ``i`` holds, for the end of an error message about it."""
+        u = self.blob_users().get(i, [])
+        return "; it holds " + ", ".join(u[:2]) + (f" and {len(u) - 2} more" if len(u) > 2 else "") if u else ""
+
+    def _damaged(self, i: int, what: str = "checksum mismatch (decoded bytes are corrupt)") -> ChecksumError:
+        return ChecksumError(f"{self.path}: blob {i}: {what}{self._holds(i)}")
+
     def blob_offset(self, i: int) -> int:
         """Where blob ``i``'s stored bytes start in the file (for a raw blob a multiple of 8, spec §1.2)."""
         return self.data_start + self.index.blobs[i].offset
@@ -319,7 +345,7 @@ class ApackReader:
         if i in self._verified:
             return
         if crc32c(data) != self.index.blobs[i].crc32c:
-            raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch (decoded bytes are corrupt)")
+            raise self._damaged(i)
         self._verified.add(i)
 
     def check_raw_blobs(self, indices: Sequence[int], *, threads: int = 1) -> None:
@@ -358,7 +384,7 @@ class ApackReader:
             got += f.result()
         for i, value in zip(todo, got):
             if value != blobs[i].crc32c:
-                raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch (decoded bytes are corrupt)")
+                raise self._damaged(i)
             self._verified.add(i)
 
     def start_raw_check(self, indices: Sequence[int], *, threads: int) -> RawCheck:
@@ -388,7 +414,7 @@ class ApackReader:
         pool = _crc_pool(len(parts))
         spans = [(start + blobs[p[0]].offset, start + blobs[p[-1]].offset + blobs[p[-1]].length) for p in parts]
         futures = [pool.submit(crc32c, mv[a:b], release=True) for a, b in spans]
-        return RawCheck(self, list(zip(parts, futures)))
+        return RawCheck(self, list(zip(parts, futures)), mv)
 
     def _stored(self, b: BlobEntry) -> memoryview:
         start = self.data_start + b.offset
@@ -444,7 +470,7 @@ class ApackReader:
                 if self.file_size - self.data_start <= POPULATE_BYTES:
                     _populate(mm, self.data_start, self.file_size)
             if crc32c(arr) != b.crc32c:  # the array's own buffer: its bytes, in place
-                raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch (decoded bytes are corrupt)")
+                raise self._damaged(i)
             self._verified.add(i)
         return arr
 
@@ -472,7 +498,7 @@ class ApackReader:
             if dt.name == "bool" and b.length and np.frombuffer(data, np.uint8).max() > 1:  # type: ignore[arg-type]
                 raise CodecError("a bool element is neither 0 nor 1")
         except AdapterpackError as e:
-            raise type(e)(f"{self.path}: blob {i}: {e}") from None
+            raise type(e)(f"{self.path}: blob {i}: {e}{self._holds(i)}") from None
         return arr
 
     def read_rows(self, i: int, rows: int) -> np.ndarray:
@@ -501,7 +527,7 @@ class ApackReader:
             arr.flags.writeable = False
         if check and self._verified_rows.get(i, 0) < stop:
             if crc32c(dtypes.as_bytes(arr)) != b.prefix_crc32c[(stop - 1).bit_length()]:
-                raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch in its first {stop} rows (prefix_crc32c)")
+                raise self._damaged(i, f"checksum mismatch in its first {stop} rows (prefix_crc32c)")
             self._verified_rows[i] = stop
         return arr[: rows * per_row].reshape((rows, *b.shape[1:]))
 
@@ -594,7 +620,7 @@ class ApackReader:
                 arr = self._read(i, check_crc=True)
                 report.bytes_checked += b.length
             except AdapterpackError as e:
-                msg = str(e).removeprefix(f"{self.path}: ")
+                msg = str(e).removeprefix(f"{self.path}: ").removesuffix(self._holds(i))  # named here, in its own words
                 report.problems.append(named(i) + msg[len(f"blob {i}") :] if msg.startswith(f"blob {i}:") else f"{named(i)}: {msg}")
                 continue
             if b.prefix_crc32c and prefix.prefix_crcs(dtypes.as_bytes(arr), b.shape[0]) != list(b.prefix_crc32c):
