@@ -225,3 +225,48 @@ def test_threads_loading_one_adapter_into_torch(tmp_path: Path, monkeypatch: pyt
             ad = r.adapter()
             for got in _run(4, lambda k, ad=ad: apt.load(ad)):
                 assert isinstance(got, ChecksumError) and f"blob {bad}" in str(got), got
+
+
+# --- a load from an atexit handler -----------------------------------------------------------------------------
+
+ATEXIT = """
+import atexit, sys
+import numpy as np
+import adapterpack, adapterpack.torch as apt
+from adapterpack.adapter import Adapter, Module
+from adapterpack.container import ApackReader, reader as reader_mod
+from adapterpack.torch import staging
+
+reader_mod.PARALLEL_CRC_BYTES = 0
+staging.CRC_THREADS = 2
+rng = np.random.default_rng(0)
+f32 = np.float32
+mods = {f"m{k}": Module(f"m{k}", "lora", (64, 96), {"rank": 8, "alpha": 8.0},
+        {"A": rng.standard_normal((8, 96)).astype(f32), "B": np.tile(np.arange(8, dtype=f32), (64, 1))}) for k in range(6)}
+paths = {c: f"{sys.argv[1]}/{c}.apack" for c in ("raw", "zstd")}
+for c, p in paths.items():
+    adapterpack.save(Adapter(modules=mods), p, codec=c)
+
+def late():
+    for c, p in paths.items():
+        try:
+            got = apt.load(p)
+            assert all(np.array_equal(got[n].B.numpy(), m.tensors["B"]) for n, m in mods.items())
+            with ApackReader(p) as r:
+                r.check_raw_blobs([i for i, b in enumerate(r.blobs) if b.codec_id == "raw"], threads=2)
+            print(c, "ok", flush=True)
+        except Exception as e:
+            print(c, type(e).__name__, e, flush=True)
+
+atexit.register(late)
+"""
+
+
+def test_a_load_from_an_atexit_handler(tmp_path: Path) -> None:
+    """At interpreter shutdown no thread pool takes work ('cannot schedule new futures after interpreter shutdown', a
+    RuntimeError): the CRC spans and the decodes run in the calling thread instead."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    r = subprocess.run([sys.executable, "-c", ATEXIT, str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.split("\n")[:-1] == ["raw ok", "zstd ok"], (r.stdout, r.stderr[-2000:])

@@ -113,6 +113,20 @@ def _crc_pool(workers: int) -> ThreadPoolExecutor:
         return _pool
 
 
+def _submit(pool: ThreadPoolExecutor, fn: Any, *args: Any, **kw: Any) -> Future[Any]:
+    """``pool.submit(fn, ...)``, or ``fn`` run here and now once the interpreter is shutting down (a load from an ``atexit``
+    handler), when no pool takes work any more."""
+    try:
+        return pool.submit(fn, *args, **kw)
+    except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+        f: Future[Any] = Future()
+        try:
+            f.set_result(fn(*args, **kw))
+        except Exception as e:
+            f.set_exception(e)
+        return f
+
+
 def _forget_pool() -> None:
     """A forked child has none of its parent's threads: it starts a pool of its own when it needs one."""
     global _pool, _pool_lock, _pool_size
@@ -376,7 +390,7 @@ class ApackReader:
         parts = [todo]
         if threads > 1 and total >= PARALLEL_CRC_BYTES and len(todo) > 1:
             parts = _split_by_bytes(todo, [blobs[i].length for i in todo], threads)
-        later = [_crc_pool(len(parts) - 1).submit(crcs, part) for part in parts[1:]] if len(parts) > 1 else []
+        later = [_submit(_crc_pool(len(parts) - 1), crcs, part) for part in parts[1:]] if len(parts) > 1 else []
         mine = parts[0]
         _populate(mm, start + min(blobs[i].offset for i in mine), start + max(blobs[i].offset + blobs[i].length for i in mine))
         got = crcs(mine)
@@ -413,7 +427,7 @@ class ApackReader:
         parts = _split_by_bytes(todo, [blobs[i].length for i in todo], threads)
         pool = _crc_pool(len(parts))
         spans = [(start + blobs[p[0]].offset, start + blobs[p[-1]].offset + blobs[p[-1]].length) for p in parts]
-        futures = [pool.submit(crc32c, mv[a:b], release=True) for a, b in spans]
+        futures = [_submit(pool, crc32c, mv[a:b], release=True) for a, b in spans]
         return RawCheck(self, list(zip(parts, futures)), mv)
 
     def _stored(self, b: BlobEntry) -> memoryview:

@@ -221,7 +221,10 @@ def stage(
     try:
         futures: dict[int, Future[np.ndarray]] = {}
         if pool is not None:
-            futures = {i: pool.submit(reader.read_blob, i) for i in packed}  # decodes while raw blobs copy
+            try:
+                futures = {i: pool.submit(reader.read_blob, i) for i in packed}  # decodes while raw blobs copy
+            except RuntimeError:  # the interpreter is shutting down (a load from an atexit handler): decoded below, here
+                futures = {}
         if raw and on_cpu and zero_copy and not bounce and reader.copy_on_write:
             if verify and pending is not None:  # in threads while the caller builds views and decodes (one call each)
                 pending.append(reader.start_raw_check(raw, threads=CRC_THREADS))
