@@ -167,3 +167,39 @@ def test_sibling_adapters_share_the_reader_until_the_last_closes(tmp_path: Path)
         b.module("layers.0.q").array("A")
         b.close()
         assert r._mm is None
+
+
+@pytest.mark.parametrize("damage", [None, "after_empty"])
+def test_spans_with_zero_length_blobs(tmp_path: Path, threaded: None, damage: str | None) -> None:
+    """Rank-0 modules (A [0, in], B [out, 0]: zero-length blobs) first, last and between others in a threaded span: sound
+    files load bit-exact, a damaged blob right after an empty one is named."""
+    import torch
+
+    rng = np.random.default_rng(4)
+    f32 = np.float32
+    mods = {}
+    for k, r in enumerate([0, 4, 0, 0, 3, 0]):
+        if r == 0:  # an svd record may have rank 0; a lora record may not
+            mods[f"m{k}"] = Module(f"m{k}", "svd", (24, 40), {"rank": 0},
+                                   {"Ut": np.zeros((0, 24), f32), "S": np.zeros(0, f32), "Vt": np.zeros((0, 40), f32)})
+        else:
+            mods[f"m{k}"] = Module(f"m{k}", "lora", (24, 40), {"rank": r, "alpha": 1.0},
+                                   {"A": rng.standard_normal((r, 40)).astype(f32), "B": rng.standard_normal((24, r)).astype(f32)})
+    path = tmp_path / "a.apack"
+    adapterpack.save(Adapter(modules=mods), path, codec="raw")
+    with ApackReader(path) as r:
+        lengths = [b.length for b in r.blobs]
+        assert lengths[0] == 0 and lengths[-1] == 0 and 0 in lengths[1:-1]
+        after = next(i for i in range(1, len(lengths)) if lengths[i - 1] == 0 and lengths[i] > 0)
+    if damage is None:
+        got = apt.load(path)
+        for name, m in mods.items():
+            if m.encoding == "lora":
+                assert torch.equal(got[name].A, torch.from_numpy(m.tensors["A"]))  # type: ignore[arg-type]
+                assert torch.equal(got[name].B, torch.from_numpy(m.tensors["B"]))  # type: ignore[arg-type]
+            else:
+                assert got[name].A.shape == (0, 40) and got[name].B.shape == (24, 0)
+        return
+    _flip(path, after, at=0)
+    with pytest.raises(ChecksumError, match=f"blob {after}:"):
+        apt.load(path)

@@ -270,3 +270,29 @@ def test_a_load_from_an_atexit_handler(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parent.parent
     r = subprocess.run([sys.executable, "-c", ATEXIT, str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.split("\n")[:-1] == ["raw ok", "zstd ok"], (r.stdout, r.stderr[-2000:])
+
+
+def test_an_adapter_closed_by_two_threads_at_once_releases_its_reader_once(tmp_path: Path) -> None:
+    """Adapter.close() called the closer and only then forgot it: a second close() meanwhile (another thread) released
+    the shared reader a second time, closing it under a sibling adapter still in use. Both threads are held inside the
+    release (for half a second at most) so that they overlap."""
+    path = tmp_path / "a.apack"
+    adapterpack.save(_adapter(), path, codec="raw")
+    with ApackReader(path) as r:
+        a, b = r.adapter(), r.adapter()
+        release = a.closer
+        assert release is not None
+        both = threading.Barrier(2)
+
+        def slow_release() -> None:
+            try:
+                both.wait(0.5)
+            except threading.BrokenBarrierError:
+                pass
+            release()
+
+        a.closer = slow_release
+        got = _run(2, lambda k: a.close())
+        assert got == [None, None]
+        assert r._users == 1
+        b.module("m0").array("A")  # the sibling still reads
