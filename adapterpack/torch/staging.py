@@ -114,8 +114,12 @@ class _Stream:
         if self.bounce:
             if self.device.type == "cuda":
                 _staging_lock.acquire()
+                try:
+                    self._bufs = pinned_buffers()
+                except BaseException:  # nobody would release it: the caller's try starts once this returns
+                    _staging_lock.release()
+                    raise
                 self._locked = True
-                self._bufs = pinned_buffers()
             else:  # CPU stand-in so the chunking logic runs in CI
                 self._bufs = [torch.empty(CHUNK, dtype=torch.uint8) for _ in range(2)]
 
