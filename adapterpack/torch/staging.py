@@ -162,7 +162,7 @@ class _Stream:
         self.dest[self._base : self._base + self._fill].copy_(buf[: self._fill], non_blocking=self.device.type == "cuda")
         if self.device.type == "cuda":
             ev = torch.cuda.Event()
-            ev.record()
+            ev.record(torch.cuda.current_stream(self.device))  # the copy's stream: the target's, not the current device's
             self._events[self._cur] = ev
         self._base += self._fill
         self._fill = 0
