@@ -177,8 +177,10 @@ class RawCheck:
         parts, self._parts = self._parts, []
         mv, self._mv = self._mv, None
         reader = self._reader
-        if parts and os.getpid() != self._pid:
-            reader.check_raw_blobs([i for part, _ in parts for i in part], threads=len(parts))
+        if os.getpid() != self._pid:  # a forked child: the threads are not here; each blob is checked in this one
+            for part, _ in parts:
+                self._each(part, mv)
+                reader._verified.update(part)
             return
         blobs = reader.index.blobs
         wants = []
