@@ -296,3 +296,23 @@ def test_an_adapter_closed_by_two_threads_at_once_releases_its_reader_once(tmp_p
         assert got == [None, None]
         assert r._users == 1
         b.module("m0").array("A")  # the sibling still reads
+
+
+def test_threads_reading_every_member_of_a_bank(tmp_path: Path, fast_switching: None) -> None:
+    """Six threads read every member's ΔW of one bank through one reader (its U and V shared, compressed, cached): every
+    result equals the one read alone, and the cache counts each shared blob once."""
+    path = _bank(tmp_path)
+    with ApackReader(path) as r:
+        want = {name: r.adapter(name).delta("q") for name in r.adapter_names}
+    for _ in range(10):
+        with ApackReader(path) as r:
+            names = r.adapter_names
+            adapters = {n: r.adapter(n) for n in names}
+
+            def job(k: int, adapters: dict[str, Adapter] = adapters, names: list[str] = names) -> list[bool]:
+                return [np.array_equal(adapters[n].delta("q"), want[n]) for n in names[k % len(names) :] + names[: k % len(names)]]
+
+            got = _run(6, job)
+            assert all(g == [True] * len(names) for g in got), got
+            assert r._decoded_bytes == sum(a.nbytes for a in r._decoded.values())
+            assert len({id(r.read_blob(i)) for i in r._shared for _ in range(2)}) == len(r._shared)
