@@ -180,11 +180,21 @@ def test_spans_with_zero_length_blobs(tmp_path: Path, threaded: None, damage: st
     mods = {}
     for k, r in enumerate([0, 4, 0, 0, 3, 0]):
         if r == 0:  # an svd record may have rank 0; a lora record may not
-            mods[f"m{k}"] = Module(f"m{k}", "svd", (24, 40), {"rank": 0},
-                                   {"Ut": np.zeros((0, 24), f32), "S": np.zeros(0, f32), "Vt": np.zeros((0, 40), f32)})
+            mods[f"m{k}"] = Module(
+                f"m{k}",
+                "svd",
+                (24, 40),
+                {"rank": 0},
+                {"Ut": np.zeros((0, 24), f32), "S": np.zeros(0, f32), "Vt": np.zeros((0, 40), f32)},
+            )
         else:
-            mods[f"m{k}"] = Module(f"m{k}", "lora", (24, 40), {"rank": r, "alpha": 1.0},
-                                   {"A": rng.standard_normal((r, 40)).astype(f32), "B": rng.standard_normal((24, r)).astype(f32)})
+            mods[f"m{k}"] = Module(
+                f"m{k}",
+                "lora",
+                (24, 40),
+                {"rank": r, "alpha": 1.0},
+                {"A": rng.standard_normal((r, 40)).astype(f32), "B": rng.standard_normal((24, r)).astype(f32)},
+            )
     path = tmp_path / "a.apack"
     adapterpack.save(Adapter(modules=mods), path, codec="raw")
     with ApackReader(path) as r:
