@@ -30,13 +30,14 @@ SCRIPT = textwrap.dedent(
         saved[codec] = os.path.join(tmp, codec + ".apack")
         adapterpack.save(Adapter(modules=mods), saved[codec], codec=codec)
 
-    def case(name, codec, cow, act):
+    def case(name, codec, cow, act, truncate=True):
         path = os.path.join(tmp, name + ".apack")
         with open(saved[codec], "rb") as f, open(path, "wb") as g:
             g.write(f.read())
         r = ApackReader(path, copy_on_write=cow)
         ad = r.adapter()
-        os.truncate(path, r.data_start + 1024)  # the first blob's start survives, the rest is gone
+        if truncate:
+            os.truncate(path, r.data_start + 1024)  # the first blob's start survives, the rest is gone
         try:
             act(r, ad)
             print(name, "no error", flush=True)
@@ -48,6 +49,15 @@ SCRIPT = textwrap.dedent(
     last = lambda r: len(r.blobs) - 1
     case("read_blob", "raw", False, lambda r, ad: r.read_blob(last(r)))
     case("read_blob_cow", "raw", True, lambda r, ad: r.read_blob(last(r)))
+
+    def later(r, ad):  # a reader that has read: truncated after it, the next read past the check interval sees it
+        import time
+        r.read_blob(0)
+        os.truncate(r.path, r.data_start + 1024)
+        time.sleep(2 * reader_mod.SIZE_CHECK_NS / 1e9)
+        r.read_blob(last(r))
+
+    case("read_after_read", "raw", False, later, truncate=False)
     case("read_rows", "raw", False, lambda r, ad: r.read_rows(last(r), 1))
     case("compressed", "zstd", False, lambda r, ad: r.read_blob(last(r)))
     case("check_raw_blobs", "raw", True, lambda r, ad: r.check_raw_blobs(range(len(r.blobs)), threads=2))
@@ -59,7 +69,7 @@ SCRIPT = textwrap.dedent(
     """
 )
 
-CASES = ["read_blob", "read_blob_cow", "read_rows", "compressed", "check_raw_blobs", "start_raw_check", "verify",
+CASES = ["read_blob", "read_blob_cow", "read_after_read", "read_rows", "compressed", "check_raw_blobs", "start_raw_check", "verify",
          "torch_views", "torch_copy", "torch_zstd"]  # fmt: skip
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,6 +63,11 @@ PARALLEL_CRC_BYTES = 8 << 20
 #: :func:`_populate`) on the first read that checks a CRC: reading an adapter usually reads all of it, and its
 #: CRCs read every byte; a larger file maps the pages of each blob as it is read.
 POPULATE_BYTES = 16 << 20
+
+
+#: A verified numpy read checks the file's size (one ``fstat``, against SIGBUS: see :class:`ApackReader`) unless the last
+#: such check was less than this many nanoseconds ago: a few checks per load of hundreds of small blobs, not one each.
+SIZE_CHECK_NS = 1_000_000
 
 
 def _split_by_bytes(items: list[int], sizes: list[int], parts: int) -> list[list[int]]:
@@ -233,7 +239,8 @@ class ApackReader:
     The file must not be truncated or rewritten in place while it is open (replacing it, a new file renamed over it as
     ``adapterpack`` writes, is safe: the mapping keeps the old one). A page past the end of a file that has shrunk is
     SIGBUS, which kills the process: every read that touches the mapping first checks the file's size (one ``fstat``)
-    and raises TruncatedFileError; arrays and tensors already handed out are views of the mapping, and unprotected.
+    and raises TruncatedFileError (a verified numpy read of a raw blob skips the check when the last one was less than
+    :data:`SIZE_CHECK_NS` ago); arrays and tensors already handed out are views of the mapping, and unprotected.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, verify: bool = True, copy_on_write: bool = False) -> None:
@@ -286,6 +293,7 @@ class ApackReader:
         self._populated = False  # the blob pages mapped for CRC reads (files up to POPULATE_BYTES)
         self._users = 0  # adapters handed out and not yet closed (see adapter())
         self._lock = threading.Lock()  # the shared-blob cache's bookkeeping, across threads
+        self._sized = -(1 << 62)  # time.monotonic_ns() of the last size check by a numpy read (see SIZE_CHECK_NS)
 
     def _open(self, f: BinaryIO, head: bytes) -> None:
         size = os.fstat(f.fileno()).st_size
@@ -479,8 +487,10 @@ class ApackReader:
         if self.copy_on_write:
             arr.flags.writeable = False
         if check_crc and i not in self._verified:
-            if mm.size() < self.file_size:  # the file shrank: touching its pages would be SIGBUS
+            now = time.monotonic_ns()
+            if now - self._sized > SIZE_CHECK_NS:  # the file's size, once per run of reads (see the class docstring)
                 self._intact(mm)
+                self._sized = now
             if not self._populated:
                 self._populated = True
                 if self.file_size - self.data_start <= POPULATE_BYTES:
