@@ -234,7 +234,8 @@ class ApackReader:
 
     ``copy_on_write`` maps the file privately and writable (``MAP_PRIVATE``): what is written to the mapping
     stays in this process and never reaches the file, so its bytes can back writable tensors (torch has no
-    read-only tensors). numpy arrays from :meth:`read_blob` are read-only views either way.
+    read-only tensors). numpy arrays from :meth:`read_blob` are read-only views either way. A blob's CRC is checked on
+    its first read only: bytes written through a writable tensor are what later reads of this reader return.
 
     The file must not be truncated or rewritten in place while it is open (replacing it, a new file renamed over it as
     ``adapterpack`` writes, is safe: the mapping keeps the old one). A page past the end of a file that has shrunk is
