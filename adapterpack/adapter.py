@@ -238,9 +238,9 @@ class Adapter:
         Adapters built from one ``ApackReader`` share its file: it is closed when the last
         of them is closed, so closing one never breaks a sibling. Closing twice is harmless.
         """
-        if self.closer is not None:
-            self.closer()
-            self.closer = None
+        closer, self.closer = self.closer, None  # forgotten before it runs: a close() meanwhile (another thread) is a no-op
+        if closer is not None:
+            closer()
 
     def __enter__(self) -> Adapter:
         return self

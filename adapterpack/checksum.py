@@ -43,9 +43,10 @@ def _multmodp(a: int, b: int) -> int:
     return p
 
 
-#: x^(2^k) modulo the polynomial, k = 0..31 (the powers repeat past 31 for any n below 2^64 bytes as used here)
+#: x^(2^k) modulo the polynomial, k = 0..30. They repeat with period 31, not 32 as zlib's do: CRC-32C's polynomial is
+#: (x+1) times a primitive polynomial of degree 31, so x^(2^31) = x modulo it (zlib's ``k & 31`` is wrong here from 2^29 bytes)
 _X2N = [1 << 30]
-for _ in range(31):
+for _ in range(30):
     _X2N.append(_multmodp(_X2N[-1], _X2N[-1]))
 
 
@@ -54,40 +55,52 @@ def _x8n(n: int) -> int:
     p, k = 1 << 31, 3
     while n:
         if n & 1:
-            p = _multmodp(_X2N[k & 31], p)
+            p = _multmodp(_X2N[k], p)
         n >>= 1
-        k += 1
+        k = k + 1 if k < 30 else 0
     return p
 
 
-#: n -> four 256-entry tables of c·x^(8n), one per byte of c (kept for the few lengths a file repeats)
+#: n -> x^(8n) modulo the polynomial, for the lengths combined so far (one int each; at most _X8N_MAX of them)
+_X8N: dict[int, int] = {}
+_X8N_MAX = 1 << 16
+#: n -> four 256-entry tables of c·x^(8n), one per byte of c: built for a length combined a second time, for at most
+#: _SHIFTS_MAX lengths (those first seen twice; they are not evicted, so a file of more lengths does not rebuild them on
+#: every load: building one costs about 30 plain multiplications)
 _SHIFTS: dict[int, tuple[list[int], list[int], list[int], list[int]]] = {}
+_SHIFTS_MAX = 256
 
 
-def _shift_tables(n: int) -> tuple[list[int], list[int], list[int], list[int]]:
-    tables = _SHIFTS.get(n)
-    if tables is None:
-        b = _x8n(n)  # op·x^0: the image of bit 31; each further power of x is one shift and reduce
-        basis = [0] * 32
-        for j in range(31, -1, -1):
-            basis[j] = b
-            b = (b >> 1) ^ _POLY if b & 1 else b >> 1
-        made = []
-        for k in range(4):
-            t = [0] * 256
-            for b in range(1, 256):
-                low = b & -b
-                t[b] = t[b ^ low] ^ basis[8 * k + low.bit_length() - 1]
-            made.append(t)
-        if len(_SHIFTS) >= 256:
-            _SHIFTS.clear()
-        tables = _SHIFTS[n] = (made[0], made[1], made[2], made[3])
-    return tables
+def _shift_tables(b: int) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The four tables of multiplication by ``b`` = x^(8n) (see _SHIFTS)."""
+    basis = [0] * 32  # op·x^0 is the image of bit 31; each further power of x is one shift and reduce
+    for j in range(31, -1, -1):
+        basis[j] = b
+        b = (b >> 1) ^ _POLY if b & 1 else b >> 1
+    made = []
+    for k in range(4):
+        t = [0] * 256
+        for v in range(1, 256):
+            low = v & -v
+            t[v] = t[v ^ low] ^ basis[8 * k + low.bit_length() - 1]
+        made.append(t)
+    return made[0], made[1], made[2], made[3]
 
 
 def crc32c_combine(crc1: int, crc2: int, length2: int) -> int:
     """The CRC-32C of ``a + b`` from ``crc1`` = CRC-32C of ``a``, ``crc2`` = CRC-32C of ``b`` and ``length2`` = len(b)."""
-    t0, t1, t2, t3 = _shift_tables(length2)
+    tables = _SHIFTS.get(length2)
+    if tables is None:
+        op = _X8N.get(length2)
+        if op is None:  # first time: one multiplication
+            op = _x8n(length2)
+            if len(_X8N) < _X8N_MAX:
+                _X8N[length2] = op
+            return _multmodp(op, crc1) ^ crc2
+        if len(_SHIFTS) >= _SHIFTS_MAX:
+            return _multmodp(op, crc1) ^ crc2
+        tables = _SHIFTS[length2] = _shift_tables(op)
+    t0, t1, t2, t3 = tables
     return t0[crc1 & 255] ^ t1[(crc1 >> 8) & 255] ^ t2[(crc1 >> 16) & 255] ^ t3[crc1 >> 24] ^ crc2
 
 

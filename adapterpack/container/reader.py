@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,7 +28,7 @@ from adapterpack.container import prefix
 from adapterpack.container.index import AdapterRecord, BlobEntry, Index, index_text, read_index
 from adapterpack.container.preamble import MAGIC, PREAMBLE_SIZE, Preamble, parse_preamble
 from adapterpack.container.records import build_adapter
-from adapterpack.errors import AdapterNotFoundError, AdapterpackError, ChecksumError, CodecError
+from adapterpack.errors import AdapterNotFoundError, AdapterpackError, ChecksumError, CodecError, TruncatedFileError
 from adapterpack.limits import SHARED_CACHE_BYTES
 
 
@@ -62,6 +63,11 @@ PARALLEL_CRC_BYTES = 8 << 20
 #: :func:`_populate`) on the first read that checks a CRC: reading an adapter usually reads all of it, and its
 #: CRCs read every byte; a larger file maps the pages of each blob as it is read.
 POPULATE_BYTES = 16 << 20
+
+
+#: A verified numpy read checks the file's size (one ``fstat``, against SIGBUS: see :class:`ApackReader`) unless the last
+#: such check was less than this many nanoseconds ago: a few checks per load of hundreds of small blobs, not one each.
+SIZE_CHECK_NS = 1_000_000
 
 
 def _split_by_bytes(items: list[int], sizes: list[int], parts: int) -> list[list[int]]:
@@ -107,10 +113,24 @@ def _crc_pool(workers: int) -> ThreadPoolExecutor:
     global _pool, _pool_size
     with _pool_lock:
         if _pool is None or _pool_size < workers:
-            if _pool is not None:
-                _pool.shutdown(wait=False)
+            # the smaller pool is not shut down: another thread may hold it and be about to submit; its threads end once
+            # it is no longer referenced
             _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix="apack-crc"), workers
         return _pool
+
+
+def _submit(pool: ThreadPoolExecutor, fn: Any, *args: Any, **kw: Any) -> Future[Any]:
+    """``pool.submit(fn, ...)``, or ``fn`` run here and now once the interpreter is shutting down (a load from an ``atexit``
+    handler), when no pool takes work any more."""
+    try:
+        return pool.submit(fn, *args, **kw)
+    except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+        f: Future[Any] = Future()
+        try:
+            f.set_result(fn(*args, **kw))
+        except Exception as e:
+            f.set_exception(e)
+        return f
 
 
 def _forget_pool() -> None:
@@ -145,16 +165,29 @@ class BlobLoader:
 
 
 class RawCheck:
-    """CRC-32C checks of raw blobs running in the kept pool (:meth:`ApackReader.start_raw_check`)."""
+    """CRC-32C checks of raw blobs running in the kept pool (:meth:`ApackReader.start_raw_check`).
 
-    def __init__(self, reader: ApackReader, parts: list[tuple[list[int], Future[int]]]) -> None:
+    Waited for in a child forked meanwhile, which has none of the pool's threads (their futures would never finish there),
+    it checks the blobs itself."""
+
+    def __init__(self, reader: ApackReader, parts: list[tuple[list[int], Future[int]]], mv: memoryview | None = None) -> None:
         self._reader = reader
         self._parts = parts
+        self._pid = os.getpid()
+        # the mapping the threads read, held until wait(): a span that does not match is checked blob by blob in it, even
+        # once the reader is closed (a view held keeps a mapping open)
+        self._mv = mv
 
     def wait(self) -> None:
         """Wait for the checks; a ChecksumError names the first damaged blob. Every blob checked is marked so."""
         parts, self._parts = self._parts, []
+        mv, self._mv = self._mv, None
         reader = self._reader
+        if os.getpid() != self._pid:  # a forked child: the threads are not here; each blob is checked in this one
+            for part, _ in parts:
+                self._each(part, mv)
+                reader._verified.update(part)
+            return
         blobs = reader.index.blobs
         wants = []
         for part, _ in parts:  # while the threads run
@@ -170,12 +203,28 @@ class RawCheck:
             f.exception()  # every thread done with the mapping before anything is raised
         for (part, f), want in zip(parts, wants):
             if f.exception() is not None or f.result() != want:
-                reader.check_raw_blobs(part)  # one blob at a time: names the damaged one
+                self._each(part, mv)
             reader._verified.update(part)
+
+    def _each(self, part: list[int], mv: memoryview | None) -> None:
+        """Check blobs ``part`` one at a time: a ChecksumError names the damaged one (or the span held damaged padding)."""
+        reader = self._reader
+        if mv is None:
+            reader.check_raw_blobs(part)
+            return
+        reader._intact(mv.obj)  # type: ignore[arg-type]
+        start, blobs = reader.data_start, reader.index.blobs
+        for i in part:
+            b = blobs[i]
+            if crc32c(mv[start + b.offset : start + b.offset + b.length]) != b.crc32c:
+                raise reader._damaged(i)
 
     def drain(self) -> None:
         """Wait for the threads to let go of the mapping, checking nothing (the load failed anyway)."""
         parts, self._parts = self._parts, []
+        self._mv = None
+        if os.getpid() != self._pid:  # a forked child: no thread of the pool is here to let go of anything
+            return
         for _, f in parts:
             f.exception()
 
@@ -185,7 +234,14 @@ class ApackReader:
 
     ``copy_on_write`` maps the file privately and writable (``MAP_PRIVATE``): what is written to the mapping
     stays in this process and never reaches the file, so its bytes can back writable tensors (torch has no
-    read-only tensors). numpy arrays from :meth:`read_blob` are read-only views either way.
+    read-only tensors). numpy arrays from :meth:`read_blob` are read-only views either way. A blob's CRC is checked on
+    its first read only: bytes written through a writable tensor are what later reads of this reader return.
+
+    The file must not be truncated or rewritten in place while it is open (replacing it, a new file renamed over it as
+    ``adapterpack`` writes, is safe: the mapping keeps the old one). A page past the end of a file that has shrunk is
+    SIGBUS, which kills the process: every read that touches the mapping first checks the file's size (one ``fstat``)
+    and raises TruncatedFileError (a verified numpy read of a raw blob skips the check when the last one was less than
+    :data:`SIZE_CHECK_NS` ago); arrays and tensors already handed out are views of the mapping, and unprotected.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, verify: bool = True, copy_on_write: bool = False) -> None:
@@ -237,6 +293,8 @@ class ApackReader:
         self._mm: mmap.mmap | None = None
         self._populated = False  # the blob pages mapped for CRC reads (files up to POPULATE_BYTES)
         self._users = 0  # adapters handed out and not yet closed (see adapter())
+        self._lock = threading.Lock()  # the shared-blob cache's bookkeeping, across threads
+        self._sized = -(1 << 62)  # time.monotonic_ns() of the last size check by a numpy read (see SIZE_CHECK_NS)
 
     def _open(self, f: BinaryIO, head: bytes) -> None:
         size = os.fstat(f.fileno()).st_size
@@ -276,6 +334,26 @@ class ApackReader:
         :meth:`blob_offset`. Views taken from it keep the mapping alive after :meth:`close`."""
         return memoryview(self._mapping())
 
+    def _intact(self, mm: mmap.mmap) -> None:
+        """Refuse to touch ``mm`` when its file has shrunk since it was opened (see the class docstring)."""
+        try:
+            size = mm.size()  # fstat of the mapping's own descriptor
+        except (ValueError, OSError):  # closed meanwhile, by another thread
+            raise AdapterpackError(f"{self.path}: file is closed") from None
+        if size < self.file_size:
+            raise TruncatedFileError(
+                f"{self.path}: the file has {size} bytes, {self.file_size} when it was opened: truncated or rewritten in place "
+                "since (reopen it)"
+            )
+
+    def _holds(self, i: int) -> str:
+        """``; it holds module 'NAME' A``: what blob ``i`` holds, for the end of an error message about it."""
+        u = self.blob_users().get(i, [])
+        return "; it holds " + ", ".join(u[:2]) + (f" and {len(u) - 2} more" if len(u) > 2 else "") if u else ""
+
+    def _damaged(self, i: int, what: str = "checksum mismatch (decoded bytes are corrupt)") -> ChecksumError:
+        return ChecksumError(f"{self.path}: blob {i}: {what}{self._holds(i)}")
+
     def blob_offset(self, i: int) -> int:
         """Where blob ``i``'s stored bytes start in the file (for a raw blob a multiple of 8, spec §1.2)."""
         return self.data_start + self.index.blobs[i].offset
@@ -283,14 +361,16 @@ class ApackReader:
     def blob_bytes(self, i: int) -> memoryview:
         """Blob ``i``'s stored bytes, in place (for a ``raw`` blob: its decoded bytes); nothing is checked."""
         start = self.blob_offset(i)
-        return memoryview(self._mapping())[start : start + self.index.blobs[i].stored_length]
+        mm = self._mapping()
+        self._intact(mm)  # its caller reads it: a shrunk file would be SIGBUS
+        return memoryview(mm)[start : start + self.index.blobs[i].stored_length]
 
     def check_blob(self, i: int, data: bytes | memoryview) -> None:
         """Check ``data``, blob ``i``'s decoded bytes, against its CRC-32C (once per blob: later calls return)."""
         if i in self._verified:
             return
         if crc32c(data) != self.index.blobs[i].crc32c:
-            raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch (decoded bytes are corrupt)")
+            raise self._damaged(i)
         self._verified.add(i)
 
     def check_raw_blobs(self, indices: Sequence[int], *, threads: int = 1) -> None:
@@ -310,6 +390,7 @@ class ApackReader:
         if not todo:
             return
         mm = self._mapping()
+        self._intact(mm)
         start = self.data_start
         mv = memoryview(mm)
 
@@ -320,7 +401,7 @@ class ApackReader:
         parts = [todo]
         if threads > 1 and total >= PARALLEL_CRC_BYTES and len(todo) > 1:
             parts = _split_by_bytes(todo, [blobs[i].length for i in todo], threads)
-        later = [_crc_pool(len(parts) - 1).submit(crcs, part) for part in parts[1:]] if len(parts) > 1 else []
+        later = [_submit(_crc_pool(len(parts) - 1), crcs, part) for part in parts[1:]] if len(parts) > 1 else []
         mine = parts[0]
         _populate(mm, start + min(blobs[i].offset for i in mine), start + max(blobs[i].offset + blobs[i].length for i in mine))
         got = crcs(mine)
@@ -328,7 +409,7 @@ class ApackReader:
             got += f.result()
         for i, value in zip(todo, got):
             if value != blobs[i].crc32c:
-                raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch (decoded bytes are corrupt)")
+                raise self._damaged(i)
             self._verified.add(i)
 
     def start_raw_check(self, indices: Sequence[int], *, threads: int) -> RawCheck:
@@ -350,13 +431,15 @@ class ApackReader:
         if threads < 2 or len(todo) < 2 or not adjacent or sum(blobs[i].length for i in todo) < PARALLEL_CRC_BYTES:
             self.check_raw_blobs(todo, threads=threads)
             return RawCheck(self, [])
-        mv = memoryview(self._mapping())
+        mm = self._mapping()
+        self._intact(mm)
+        mv = memoryview(mm)
         start = self.data_start
         parts = _split_by_bytes(todo, [blobs[i].length for i in todo], threads)
         pool = _crc_pool(len(parts))
         spans = [(start + blobs[p[0]].offset, start + blobs[p[-1]].offset + blobs[p[-1]].length) for p in parts]
-        futures = [pool.submit(crc32c, mv[a:b], release=True) for a, b in spans]
-        return RawCheck(self, list(zip(parts, futures)))
+        futures = [_submit(pool, crc32c, mv[a:b], release=True) for a, b in spans]
+        return RawCheck(self, list(zip(parts, futures)), mv)
 
     def _stored(self, b: BlobEntry) -> memoryview:
         start = self.data_start + b.offset
@@ -377,10 +460,14 @@ class ApackReader:
             return arr
         arr = self._read(i, self.verify_checksums)
         arr.flags.writeable = False
-        self._alive[i] = arr
-        if self._decoded_bytes + arr.nbytes <= SHARED_CACHE_BYTES:
-            self._decoded[i] = arr
-            self._decoded_bytes += arr.nbytes
+        with self._lock:
+            kept = self._alive.get(i)
+            if kept is not None:  # another thread decoded it meanwhile: one array for all, counted once
+                return kept
+            self._alive[i] = arr
+            if self._decoded_bytes + arr.nbytes <= SHARED_CACHE_BYTES:
+                self._decoded[i] = arr
+                self._decoded_bytes += arr.nbytes
         return arr
 
     def _read(self, i: int, check_crc: bool) -> np.ndarray:
@@ -394,22 +481,30 @@ class ApackReader:
         # the common case (a raw blob of numbers), with no more Python per blob than it needs
         # frombuffer holds the mapping's buffer while the array lives (np.ndarray(buffer=...) lets it go,
         # so close() would leave the array dangling)
-        arr = np.frombuffer(mm, npdt, b.length // npdt.itemsize, self.data_start + b.offset).reshape(b.shape)
+        try:
+            arr = np.frombuffer(mm, npdt, b.length // npdt.itemsize, self.data_start + b.offset).reshape(b.shape)
+        except ValueError:  # another thread's close() closed the mapping since it was taken above
+            raise AdapterpackError(f"{self.path}: file is closed") from None
         if self.copy_on_write:
             arr.flags.writeable = False
         if check_crc and i not in self._verified:
+            now = time.monotonic_ns()
+            if now - self._sized > SIZE_CHECK_NS:  # the file's size, once per run of reads (see the class docstring)
+                self._intact(mm)
+                self._sized = now
             if not self._populated:
                 self._populated = True
                 if self.file_size - self.data_start <= POPULATE_BYTES:
                     _populate(mm, self.data_start, self.file_size)
             if crc32c(arr) != b.crc32c:  # the array's own buffer: its bytes, in place
-                raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch (decoded bytes are corrupt)")
+                raise self._damaged(i)
             self._verified.add(i)
         return arr
 
     def _decode(self, mm: mmap.mmap, i: int, b: BlobEntry, check_crc: bool) -> np.ndarray:
         """:meth:`_read` of any blob (compressed, bool, or the first of its dtype: it learns the numpy dtype)."""
         dt = dtypes.by_name(b.dtype)
+        self._intact(mm)
         try:
             if b.codec["id"] == "raw":
                 if dt.name != "bool":
@@ -430,7 +525,7 @@ class ApackReader:
             if dt.name == "bool" and b.length and np.frombuffer(data, np.uint8).max() > 1:  # type: ignore[arg-type]
                 raise CodecError("a bool element is neither 0 nor 1")
         except AdapterpackError as e:
-            raise type(e)(f"{self.path}: blob {i}: {e}") from None
+            raise type(e)(f"{self.path}: blob {i}: {e}{self._holds(i)}") from None
         return arr
 
     def read_rows(self, i: int, rows: int) -> np.ndarray:
@@ -450,6 +545,8 @@ class ApackReader:
         if check and (stop == b.shape[0] or not b.prefix_crc32c):
             return self.read_blob(i)[:rows]
         mm = self._mapping()
+        if check:
+            self._intact(mm)
         dt = dtypes.by_name(b.dtype)
         per_row = int(np.prod(b.shape[1:], dtype=np.int64))
         arr = np.frombuffer(mm, dtype=dt.numpy, count=stop * per_row, offset=self.data_start + b.offset)
@@ -457,7 +554,7 @@ class ApackReader:
             arr.flags.writeable = False
         if check and self._verified_rows.get(i, 0) < stop:
             if crc32c(dtypes.as_bytes(arr)) != b.prefix_crc32c[(stop - 1).bit_length()]:
-                raise ChecksumError(f"{self.path}: blob {i}: checksum mismatch in its first {stop} rows (prefix_crc32c)")
+                raise self._damaged(i, f"checksum mismatch in its first {stop} rows (prefix_crc32c)")
             self._verified_rows[i] = stop
         return arr[: rows * per_row].reshape((rows, *b.shape[1:]))
 
@@ -532,6 +629,7 @@ class ApackReader:
             return f"blob {i} ({holds(i)})" if holds(i) else f"blob {i}"
 
         mm = self._mapping()
+        self._intact(mm)
         pad_start = PREAMBLE_SIZE + self.preamble.index_length
         if any(mm[pad_start : self.data_start]):
             report.problems.append("padding after the index is not zero")
@@ -549,7 +647,7 @@ class ApackReader:
                 arr = self._read(i, check_crc=True)
                 report.bytes_checked += b.length
             except AdapterpackError as e:
-                msg = str(e).removeprefix(f"{self.path}: ")
+                msg = str(e).removeprefix(f"{self.path}: ").removesuffix(self._holds(i))  # named here, in its own words
                 report.problems.append(named(i) + msg[len(f"blob {i}") :] if msg.startswith(f"blob {i}:") else f"{named(i)}: {msg}")
                 continue
             if b.prefix_crc32c and prefix.prefix_crcs(dtypes.as_bytes(arr), b.shape[0]) != list(b.prefix_crc32c):
@@ -564,9 +662,10 @@ class ApackReader:
     def close(self) -> None:
         """Release the mmap (views still held keep it alive until they go)."""
         mm, self._mm = self._mm, None
-        self._decoded.clear()
-        self._decoded_bytes = 0
-        self._alive.clear()
+        with self._lock:
+            self._decoded.clear()
+            self._decoded_bytes = 0
+            self._alive.clear()
         if mm is not None:
             try:
                 mm.close()

@@ -17,7 +17,7 @@ import torch
 
 from adapterpack.adapter import Adapter
 from adapterpack.container.reader import ApackReader, RawCheck
-from adapterpack.errors import ConversionError
+from adapterpack.errors import ChecksumError, ConversionError
 from adapterpack.factors import Factors
 from adapterpack.ops.files import open as open_adapter
 from adapterpack.torch.decoders import decode_all
@@ -90,6 +90,16 @@ def _decode(ad: Adapter, dev: torch.device, want: torch.dtype | None, zero_copy:
     try:
         modules = stage_modules(list(ad.modules.values()), dev, zero_copy=zero_copy, bounce=bounce, pending=pending)
         out = {name: stored_shapes(f) for name, f in decode_all(modules, dev, want).items()}
+    except Exception as e:  # a decoder may have looked at bytes still being checked: a damaged blob is the cause to report
+        try:
+            for check in pending:
+                check.wait()
+        except ChecksumError as damaged:
+            raise damaged from e
+        finally:
+            for check in pending:
+                check.drain()
+        raise
     except BaseException:
         for check in pending:
             check.drain()

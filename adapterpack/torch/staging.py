@@ -114,8 +114,12 @@ class _Stream:
         if self.bounce:
             if self.device.type == "cuda":
                 _staging_lock.acquire()
+                try:
+                    self._bufs = pinned_buffers()
+                except BaseException:  # nobody would release it: the caller's try starts once this returns
+                    _staging_lock.release()
+                    raise
                 self._locked = True
-                self._bufs = pinned_buffers()
             else:  # CPU stand-in so the chunking logic runs in CI
                 self._bufs = [torch.empty(CHUNK, dtype=torch.uint8) for _ in range(2)]
 
@@ -158,7 +162,7 @@ class _Stream:
         self.dest[self._base : self._base + self._fill].copy_(buf[: self._fill], non_blocking=self.device.type == "cuda")
         if self.device.type == "cuda":
             ev = torch.cuda.Event()
-            ev.record()
+            ev.record(torch.cuda.current_stream(self.device))  # the copy's stream: the target's, not the current device's
             self._events[self._cur] = ev
         self._base += self._fill
         self._fill = 0
@@ -221,7 +225,10 @@ def stage(
     try:
         futures: dict[int, Future[np.ndarray]] = {}
         if pool is not None:
-            futures = {i: pool.submit(reader.read_blob, i) for i in packed}  # decodes while raw blobs copy
+            try:
+                futures = {i: pool.submit(reader.read_blob, i) for i in packed}  # decodes while raw blobs copy
+            except RuntimeError:  # the interpreter is shutting down (a load from an atexit handler): decoded below, here
+                futures = {}
         if raw and on_cpu and zero_copy and not bounce and reader.copy_on_write:
             if verify and pending is not None:  # in threads while the caller builds views and decodes (one call each)
                 pending.append(reader.start_raw_check(raw, threads=CRC_THREADS))
