@@ -14,6 +14,9 @@ from __future__ import annotations
 
 #: Largest index (bytes), from the preamble alone.
 MAX_INDEX_LENGTH = 64 << 20
+#: Largest JSON text of a compressed index as a multiple of its stored (compressed) bytes: a few KB of frame must not
+#: make the reader parse megabytes of JSON (and build its objects); real indexes compress far less than this.
+MAX_INDEX_RATIO = 256
 #: Most blobs an index may list.
 MAX_BLOBS = 1_000_000
 #: Most dimensions of a blob's shape or of a base_shape.

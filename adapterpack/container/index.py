@@ -39,6 +39,7 @@ from adapterpack.limits import (
     MAX_ADAPTER_NAME,
     MAX_BLOBS,
     MAX_INDEX_LENGTH,
+    MAX_INDEX_RATIO,
     MAX_JSON_CONTAINERS,
     MAX_JSON_DEPTH,
     MAX_JSON_VALUES,
@@ -101,6 +102,10 @@ def index_text(stored: bytes, compressed: bool) -> bytes:
         raise IndexTooLargeError(f"compressed index declares {declared} bytes of JSON, over the {MAX_INDEX_LENGTH}-byte limit")
     if declared < 2:
         raise IndexFormatError(f"compressed index declares {declared} bytes, too few for a JSON object")
+    if declared > MAX_INDEX_RATIO * len(frame):
+        raise IndexTooLargeError(
+            f"compressed index declares {declared} bytes of JSON from {len(frame)} stored bytes, over the {MAX_INDEX_RATIO}x limit"
+        )
     try:
         _zstd.check_frame(frame, declared, "compressed index")
     except CodecError as e:

@@ -30,6 +30,7 @@ from adapterpack.container.preamble import (
 from adapterpack.container.records import build_adapter, check_references
 from adapterpack.encodings import get_encoding, is_known
 from adapterpack.errors import AdapterpackError, CodecError, ConversionError, DuplicateNameError, IndexTooLargeError
+from adapterpack.limits import MAX_INDEX_RATIO
 from adapterpack.version import __version__
 
 #: zstd level of a compressed index up to :data:`INDEX_SMALL` bytes of JSON, and above (a writer's choice, not the spec's:
@@ -189,7 +190,7 @@ def plan_apack(
     if zstd_index is None:  # a qsvd record is dequantized on every load: its file gains nothing from a plain index
         zstd_index = packed or any(m.encoding == "qsvd" for a in adapters for m in a)
     stored = compress_index(text) if zstd_index and compact else text
-    if len(stored) >= len(text):
+    if len(stored) >= len(text) or len(text) > MAX_INDEX_RATIO * len(stored):  # a reader refuses a frame expanding more
         stored = text
     flags = (FLAG_INDEX_ZSTD if stored is not text else 0) | (FLAG_PACKED if packed else 0)
     pre = Preamble(MAJOR, MINOR, flags, len(stored), crc32c(stored))

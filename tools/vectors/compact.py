@@ -130,6 +130,13 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
         _stored_index(lambda text: _lying_frame(MAX_INDEX_LENGTH + 1)),
     )
     no(
+        "index_zstd_expands_too_much",
+        "a 17-byte compressed index declaring 4,353 bytes of JSON text (256 times its size, plus one): refused before "
+        "anything is allocated, as a compressed index may expand at most 256 times (§1.3, §7)",
+        "IndexTooLargeError",
+        _stored_index(lambda text: _lying_frame(256 * len(_lying_frame(0)) + 1)),
+    )
+    no(
         "index_zstd_declares_one_byte",
         "a compressed index declaring 1 byte of JSON text (a JSON object needs 2)",
         "IndexFormatError",
