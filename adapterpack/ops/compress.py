@@ -174,11 +174,30 @@ def fp16_factor_bytes(adapter: Adapter, names: list[str] | None = None) -> int:
     return total
 
 
+def _is_real(x: object) -> bool:
+    """A finite real number (int, float or a numpy scalar of one; not a bool, not a string)."""
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
+
+
+def _whole_bytes(budget: object) -> int:
+    """A budget as whole bytes (a finite float is floored); anything else a ConversionError, not a numpy TypeError."""
+    if not _is_real(budget) or budget < 0:  # type: ignore[operator]
+        raise ConversionError(f"budget must be a finite number of bytes >= 0, got {budget!r}")
+    return int(budget)  # type: ignore[call-overload]
+
+
+def _integer(x: object, what: str) -> int:
+    """An int option (a numpy integer too); a float or a string is refused, not truncated."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        raise ConversionError(f"{what} must be an integer, got {x!r}")
+    return int(x)
+
+
 def _check_bits(q: ModuleType, bits: tuple[int, ...] | None) -> tuple[int, ...]:
     allowed = (*tuple(q.BITS), q.FLOAT)
     if bits is None:
         return allowed
-    bits = tuple(sorted(set(int(b) for b in bits)))
+    bits = tuple(sorted(set(_integer(b, "bits") for b in bits)))
     bad = [b for b in bits if b not in allowed]
     if not bits or bad:
         allowed_text = ", ".join(map(str, allowed))
@@ -275,19 +294,21 @@ def compress(
     q = _qsvd()
     if (budget is None) == (budget_ratio is None):
         raise ConversionError("give exactly one of budget (bytes of the whole file) and budget_ratio (of the fp16 factors)")
-    if budget is not None and budget < 0:
-        raise ConversionError(f"budget must be >= 0 bytes, got {budget}")
-    if budget_ratio is not None and not 0 < budget_ratio <= 1:
-        raise ConversionError(f"budget_ratio must be in (0, 1], got {budget_ratio}")
+    if budget is not None:
+        budget = _whole_bytes(budget)
+    if budget_ratio is not None and not (_is_real(budget_ratio) and 0 < budget_ratio <= 1):
+        raise ConversionError(f"budget_ratio must be a number in (0, 1], got {budget_ratio!r}")
     weighting = weighting or ("absolute" if importance is not None else "balanced")
     if weighting not in WEIGHTINGS:
         raise ConversionError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
     if method not in ("dp", "greedy"):
         raise ConversionError(f"method must be dp or greedy, got {method!r}")
+    min_rank = _integer(min_rank, "min_rank")
+    max_rank = None if max_rank is None else _integer(max_rank, "max_rank")
     if min_rank < 0 or (max_rank is not None and max_rank < min_rank):
         raise ConversionError(f"need 0 <= min_rank <= max_rank, got {min_rank} and {max_rank}")
     widths = _check_bits(q, tuple(bits) if bits is not None else None)
-    group = int(q.DEFAULT_GROUP_SIZE if group_size is None else group_size)
+    group = _integer(q.DEFAULT_GROUP_SIZE if group_size is None else group_size, "group_size")
     if group < 1:
         raise ConversionError(f"group_size must be >= 1, got {group}")
     try:
@@ -338,8 +359,10 @@ def compress(
             records[key] = q.encode_qsvd(w.u, w.s, w.vt, [widths[c] for c in cols], group, template=w.module)
         return records[key]
 
+    largest = sum(int(w.choices.nbytes[-1]) for w in wl)
+
     def plan(b: int) -> tuple[list[int], Adapter]:
-        picks = _solve(wl, b, weighting, method)
+        picks = _solve(wl, min(b, largest), weighting, method)  # more than every largest choice buys nothing more
         mods = dict(adapter.modules)
         for w, i in zip(wl, picks):
             mods[w.module.name] = record(w, w.choices.columns[i])

@@ -1,0 +1,101 @@
+"""Hostile and odd budgets and options of ``adapterpack compress`` (review round): adapterpack errors, nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import adapterpack
+from adapterpack.adapter import Adapter
+from adapterpack.cli import main
+from adapterpack.errors import ConversionError
+from adapterpack.ops import compress as comp
+from adapterpack.ops.budget import apack_file_size
+from tests.factories import qv_modules
+
+
+def _adapter(seed: int = 0) -> Adapter:
+    rng = np.random.default_rng(seed)
+    mods = qv_modules(rng, layers=1, rank=4, in_features=128, q_out=128, v_out=64, b_scale=0.05)
+    return Adapter("a", "base/model", "LlamaForCausalLM", mods)
+
+
+def _float_file(ad: Adapter) -> int:
+    """Size of the file with every component kept in float (the most any budget buys)."""
+    _out, rep = comp.compress(ad, 10**9)
+    return rep.file_bytes
+
+
+@pytest.mark.parametrize("budget", [10**19, 10**30, 2**64 + 5])
+def test_a_budget_beyond_int64_buys_the_float_file(budget: int) -> None:
+    """A budget no file can reach is as good as the largest file (was OverflowError deep in the knapsack)."""
+    ad = _adapter()
+    out, rep = comp.compress(ad, budget)
+    assert rep.file_bytes == _float_file(ad) == apack_file_size([out], "raw")
+    assert rep.budget == budget and all(b == 16 for m in rep.modules for b in m.bits)
+
+
+def test_cli_budget_1e30_is_not_a_traceback(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.apack", tmp_path / "out.apack"
+    adapterpack.save(_adapter(), src)
+    r = CliRunner().invoke(main, ["compress", str(src), str(dst), "--budget", "1e30", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["dst_bytes"] == dst.stat().st_size
+
+
+@pytest.mark.parametrize("budget", [float("nan"), float("inf"), float("-inf"), "5000", None.__class__, [5000]])
+def test_library_budget_that_is_not_a_number_of_bytes(budget: object) -> None:
+    with pytest.raises(ConversionError, match="budget"):
+        comp.compress(_adapter(), budget)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("budget", [5000.7, np.float32(5000), np.int64(5000), 5000])
+def test_library_budget_as_a_finite_float_or_numpy_number(budget: object) -> None:
+    """Whole bytes: a float is floored (was a numpy TypeError from the knapsack)."""
+    ad = _adapter()
+    out, rep = comp.compress(ad, budget)  # type: ignore[arg-type]
+    assert rep.budget == 5000 and rep.file_bytes == apack_file_size([out], "raw") <= 5000
+
+
+@pytest.mark.parametrize("ratio", ["0.1", float("inf")])
+def test_library_budget_ratio_not_a_fraction(ratio: object) -> None:
+    with pytest.raises(ConversionError, match="budget_ratio"):
+        comp.compress(_adapter(), budget_ratio=ratio)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bits", [[2.5], ["x"], [True, 4]])
+def test_library_bits_must_be_integers(bits: list[object]) -> None:
+    """2.5 was truncated to 2 silently, 'x' a ValueError."""
+    with pytest.raises(ConversionError, match="bits"):
+        comp.compress(_adapter(), budget_ratio=0.25, bits=bits)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kw", [{"group_size": 2.5}, {"min_rank": 1.5}, {"max_rank": "3"}])
+def test_library_integer_options_must_be_integers(kw: dict[str, object]) -> None:
+    with pytest.raises(ConversionError):
+        comp.compress(_adapter(), budget_ratio=0.25, **kw)  # type: ignore[arg-type]
+
+
+def test_cli_failures_leave_dst_and_folder_untouched(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.apack", tmp_path / "out.apack"
+    adapterpack.save(_adapter(), src)
+    dst.write_bytes(b"the user's file")
+    cases = [
+        ["--budget", "300", "--force"],  # below the smallest file
+        ["--budget", "5KB"],  # exists, no --force
+        ["--budget", "5KB", "--force", "--modules", "("],  # bad regex
+        ["--budget", "5KB", "--force", "--min-rank", "3", "--max-rank", "1"],
+        ["--budget", "5KB", "--force", "--bits", "9"],
+        ["--budget", "5KB", "--force", "--adapter", "nope"],
+    ]
+    for extra in cases:
+        r = CliRunner().invoke(main, ["compress", str(src), str(dst), *extra])
+        assert r.exit_code == 1, (extra, r.output)
+        assert r.exception is None or isinstance(r.exception, SystemExit), (extra, r.exception)
+        assert "Traceback" not in r.output and r.output.startswith("adapterpack: "), (extra, r.output)
+        assert dst.read_bytes() == b"the user's file"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.apack", "src.apack"], extra
