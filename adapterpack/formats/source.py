@@ -18,6 +18,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from adapterpack import dtypes
 from adapterpack.adapter import Adapter
 from adapterpack.errors import AdapterpackError, ConversionError, InputError
 from adapterpack.limits import MAX_NDIM
@@ -34,6 +37,33 @@ def json_metadata(meta: dict[str, str], key: str, path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise InputError(f"{path}: metadata {key!r} must be a JSON object")
     return obj
+
+
+def common_float(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A module's two factors in one float dtype, exactly: PEFT, kohya and diffusers copy each factor into
+    its layer's dtype, so a file may hold, say, a float16 A and a bfloat16 B; a record holds one dtype.
+
+    Two floats of different dtypes become the narrowest dtype holding both exactly (float32, or float64
+    beside a float64); anything else is returned as is, for the record's check to name."""
+    if a.dtype == b.dtype:
+        return a, b
+    try:
+        da, db = dtypes.of_array(a), dtypes.of_array(b)
+    except AdapterpackError:
+        return a, b
+    if not (da.is_float and db.is_float):
+        return a, b
+    wide = np.float64 if max(a.dtype.itemsize, b.dtype.itemsize) == 8 else np.float32
+    return a.astype(wide), b.astype(wide)
+
+
+def mixed_dtype_note(names: list[str]) -> list[str]:
+    """The note for modules whose factors :func:`common_float` widened (none when ``names`` is empty)."""
+    if not names:
+        return []
+    more = ", ..." if len(names) > 3 else ""
+    return [f"{len(names)} modules have factors of two float dtypes, both held in the wider float dtype (exact): "
+            + ", ".join(names[:3]) + more]  # fmt: skip
 
 
 def is_number(value: Any) -> bool:

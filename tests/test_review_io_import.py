@@ -1,0 +1,107 @@
+"""Odd-but-legal and hostile importer inputs (review round): factor dtypes, safetensors dtypes adapterpack cannot store."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import adapterpack
+from adapterpack.errors import InputError
+
+BF16 = ml_dtypes.bfloat16
+K = "lora_unet_down_blocks_0_attentions_0_proj_in"
+D = "unet.down_blocks.0.attentions.0.proj_in"
+MIXES = [(np.float16, BF16), (BF16, np.float32), (np.float32, np.float16), (np.float64, np.float16)]
+
+
+def _factors(down_dt: object, up_dt: object) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((4, 32)).astype(down_dt), (rng.standard_normal((48, 4)) * 0.1).astype(up_dt)
+
+
+def _ref(down: np.ndarray, up: np.ndarray, scale: float) -> np.ndarray:
+    return scale * (up.astype(np.float64) @ down.astype(np.float64))
+
+
+def _check(ad: adapterpack.Adapter, name: str, down: np.ndarray, up: np.ndarray, scale: float) -> None:
+    m = ad.module(name)
+    f = m.factors()
+    a, b = np.asarray(f.A), np.asarray(f.B)
+    assert a.dtype == b.dtype
+    # the common dtype holds both factors' values exactly
+    assert np.array_equal(a.astype(np.float64), down.astype(np.float64))
+    assert np.array_equal(b.astype(np.float64), up.astype(np.float64))
+    np.testing.assert_allclose(m.delta().astype(np.float64), _ref(down, up, scale), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(("down_dt", "up_dt"), MIXES)
+def test_kohya_factors_of_two_float_dtypes_are_read(tmp_path: Path, down_dt: object, up_dt: object) -> None:
+    """kohya, ComfyUI and diffusers copy each factor into the layer's dtype, so a file may mix them (was InputError)."""
+    down, up = _factors(down_dt, up_dt)
+    path = tmp_path / "k.safetensors"
+    save_file({f"{K}.lora_down.weight": down, f"{K}.lora_up.weight": up, f"{K}.alpha": np.array(2.0, np.float32)}, path)
+    ad = adapterpack.open(path)
+    _check(ad, K, down, up, 0.5)
+    assert any("dtype" in n for n in ad.source.get("notes", []))
+    adapterpack.save(ad, tmp_path / "k.apack")
+    _check(adapterpack.open(tmp_path / "k.apack"), K, down, up, 0.5)
+
+
+@pytest.mark.parametrize(("down_dt", "up_dt"), MIXES)
+def test_peft_factors_of_two_float_dtypes_are_read(tmp_path: Path, down_dt: object, up_dt: object) -> None:
+    """PEFT's load_state_dict copies each tensor into its parameter's dtype: a mixed file loads there (was InputError)."""
+    down, up = _factors(down_dt, up_dt)
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    pre = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{pre}.lora_A.weight": down, f"{pre}.lora_B.weight": up}, folder / "adapter_model.safetensors")
+    ad = adapterpack.open(folder)
+    _check(ad, "model.layers.0.self_attn.q_proj", down, up, 2.0)
+
+
+@pytest.mark.parametrize(("down_dt", "up_dt"), MIXES[:2])
+def test_diffusers_factors_of_two_float_dtypes_are_read(tmp_path: Path, down_dt: object, up_dt: object) -> None:
+    down, up = _factors(down_dt, up_dt)
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file({f"{D}.lora_A.weight": down, f"{D}.lora_B.weight": up}, path)
+    ad = adapterpack.open(path)
+    _check(ad, D, down, up, 1.0)
+
+
+def test_integer_factor_is_still_refused(tmp_path: Path) -> None:
+    down, up = _factors(np.float16, np.float16)
+    path = tmp_path / "k.safetensors"
+    save_file({f"{K}.lora_down.weight": down, f"{K}.lora_up.weight": up.astype(np.int8)}, path)
+    with pytest.raises(InputError, match="float"):
+        adapterpack.open(path)
+
+
+def _raw_safetensors(path: Path, header: dict[str, object], data: bytes) -> None:
+    hb = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(hb)) + hb + data)
+
+
+@pytest.mark.parametrize("code", ["F8_E4M3", "F8_E5M2", "C64", "F4", "U64"])
+def test_a_dtype_adapterpack_cannot_store_is_named(tmp_path: Path, code: str) -> None:
+    """A float8 alpha (or any tensor of a dtype we do not store) is refused naming the tensor and its dtype,
+    not with numpy's "module 'numpy' has no attribute 'float8_e4m3fn'"."""
+    down, up = _factors(np.float16, np.float16)
+    hdr: dict[str, object] = {}
+    data = b""
+    for key, arr in ((f"{K}.lora_down.weight", down), (f"{K}.lora_up.weight", up)):
+        hdr[key] = {"dtype": "F16", "shape": list(arr.shape), "data_offsets": [len(data), len(data) + arr.nbytes]}
+        data += arr.tobytes()
+    size = {"F8_E4M3": 1, "F8_E5M2": 1, "C64": 8, "F4": 1, "U64": 8}[code]
+    hdr[f"{K}.alpha"] = {"dtype": code, "shape": [], "data_offsets": [len(data), len(data) + size]}
+    _raw_safetensors(tmp_path / "k.safetensors", hdr, data + b"\x01" * size)
+    with pytest.raises(InputError, match=rf"{K}\.alpha.*(dtype {code}|uint64)") as e:
+        adapterpack.open(tmp_path / "k.safetensors")
+    assert "numpy" not in str(e.value)
