@@ -105,3 +105,29 @@ def test_a_dtype_adapterpack_cannot_store_is_named(tmp_path: Path, code: str) ->
     with pytest.raises(InputError, match=rf"{K}\.alpha.*(dtype {code}|uint64)") as e:
         adapterpack.open(tmp_path / "k.safetensors")
     assert "numpy" not in str(e.value)
+
+
+def test_gguf_q8_0_lora_a_beside_an_f16_lora_b_is_read(tmp_path: Path) -> None:
+    """llama.cpp's converter with --outtype q8_0 quantizes lora_a but keeps lora_b (rows of rank < 32, not whole
+    Q8_0 blocks) in F16: read as float32 (the Q8_0 values dequantized, B widened exactly); was refused."""
+    import gguf
+
+    rng = np.random.default_rng(2)
+    a, b = rng.standard_normal((4, 64)).astype(np.float32), (rng.standard_normal((32, 4)) * 0.1).astype(np.float16)
+    q8, bf16 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.BF16
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 8.0)
+    w.add_tensor("blk.0.ffn_up.weight.lora_a", gguf.quants.quantize(a, q8), raw_dtype=q8)
+    w.add_tensor("blk.0.ffn_up.weight.lora_b", b)
+    w.add_tensor("blk.0.attn_output.weight.lora_a", a.astype(BF16).view(np.uint8), raw_dtype=bf16)
+    w.add_tensor("blk.0.attn_output.weight.lora_b", b.astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ad = adapterpack.open(tmp_path / "q.gguf")
+    deq = gguf.quants.dequantize(gguf.quants.quantize(a, q8), q8)
+    _check(ad, "model.layers.0.mlp.up_proj", deq, b, 2.0)
+    _check(ad, "model.layers.0.self_attn.o_proj", a.astype(BF16), b, 2.0)

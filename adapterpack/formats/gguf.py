@@ -51,6 +51,7 @@ from adapterpack.adapter import Adapter, Module, StoredTensor
 from adapterpack.atomic import atomic_file
 from adapterpack.encodings.lower import as_lora
 from adapterpack.errors import AdapterpackError, ConversionError, InputError, MissingDependencyError
+from adapterpack.formats import source as src_
 from adapterpack.formats.export import DROP_HINT, check_module_names, float32_alpha, scaled
 
 #: HF architecture → llama.cpp architecture name (the ones whose converter is LLaMA's, with the q/k permutation).
@@ -536,13 +537,17 @@ def read_gguf(path: str | os.PathLike[str], *, base: GgufBase | str | os.PathLik
         pairs.setdefault(stem[: -len(".weight")], {})[suffix] = t
     if not pairs:
         raise InputError(f"{path}: no LoRA tensors (<name>.weight.lora_a + <name>.weight.lora_b)")
-    kept_gguf = []
+    kept_gguf: list[str] = []
+    mixed: list[str] = []
     adapter = Adapter(name="default")
     for gname in sorted(pairs):
         ab = pairs[gname]
         if len(ab) != 2:
             raise InputError(f"{path}: LoRA tensor pair for {gname!r} is missing {'lora_b' if '.lora_a' in ab else 'lora_a'}")
         a, b = _array(ab[".lora_a"], path, notes), _array(ab[".lora_b"], path, notes)
+        if a.dtype != b.dtype:  # llama.cpp's q8_0 output keeps lora_b (rank-wide rows, not whole blocks) in F16
+            mixed.append(gname)
+            a, b = src_.common_float(a, b)
         if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype:
             raise InputError(
                 f"{path}: {gname}: lora_a {list(a.shape)} {a.dtype} and lora_b {list(b.shape)} {b.dtype} "
@@ -592,6 +597,7 @@ def read_gguf(path: str | os.PathLike[str], *, base: GgufBase | str | os.PathLik
         adapter.base_architecture = archs[0] if archs else None
     if not alpha:
         notes.append("adapter.lora.alpha is 0 or missing: llama.cpp then uses scale 1 (alpha = rank per module)")
+    notes += src_.mixed_dtype_note(mixed)
     if kept_gguf:
         why = f"architecture {arch!r}: only llama names map back" if arch != "llama" else "not a LLaMA module"
         notes.append(f"{len(kept_gguf)} module(s) keep llama.cpp's tensor names ({why}): " + ", ".join(kept_gguf[:3]))
