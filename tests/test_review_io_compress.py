@@ -99,3 +99,15 @@ def test_cli_failures_leave_dst_and_folder_untouched(tmp_path: Path) -> None:
         assert "Traceback" not in r.output and r.output.startswith("adapterpack: "), (extra, r.output)
         assert dst.read_bytes() == b"the user's file"
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out.apack", "src.apack"], extra
+
+
+def test_an_all_dora_adapter_says_why_nothing_is_compressed() -> None:
+    ad = _adapter()
+    mods = {}
+    for n, m in ad.modules.items():
+        f = m.factors()
+        out = int(np.asarray(f.B).shape[0])
+        params = {**m.params, "dora": True}
+        mods[n] = type(m)(n, "lora", m.base_shape, params, {"A": f.A, "B": f.B, "magnitude": np.ones(out, np.float32)})
+    with pytest.raises(ConversionError, match=r"no module to compress: 2 DoRA module"):
+        comp.compress(ad.derived(mods), budget_ratio=0.5)

@@ -342,7 +342,9 @@ def compress(
             int(m.summary().get("rank", 0)),
         )  # fmt: skip
     if not works:
-        raise ConversionError("no module to compress" + (f" matches {modules!r}" if pattern else ""))
+        dora = sum(1 for m in adapter if m.params.get("dora", False) and (pattern is None or pattern.search(m.name)))
+        why = f": {dora} DoRA module(s) are kept as they are (the magnitude needs the base weight)" if dora else ""
+        raise ConversionError("no module to compress" + (f" matches {modules!r}" if pattern else "") + why)
     fp16 = sum(w.fp16 for w in works.values())
     if budget is None:
         budget = int(fp16 * float(budget_ratio))  # type: ignore[arg-type]
