@@ -131,3 +131,38 @@ def test_gguf_q8_0_lora_a_beside_an_f16_lora_b_is_read(tmp_path: Path) -> None:
     deq = gguf.quants.dequantize(gguf.quants.quantize(a, q8), q8)
     _check(ad, "model.layers.0.mlp.up_proj", deq, b, 2.0)
     _check(ad, "model.layers.0.self_attn.o_proj", a.astype(BF16), b, 2.0)
+
+
+@pytest.mark.parametrize("flag", ["use_rslora", "use_dora", "fan_in_fan_out"])
+def test_peft_config_flag_null_reads_as_false(tmp_path: Path, flag: str) -> None:
+    """PEFT's LoraConfig takes ``null`` for its boolean flags and tests them for truth (null = off); a config
+    written by hand or another trainer may hold one (was InputError 'must be true or false')."""
+    down, up = _factors(np.float32, np.float32)
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], flag: None}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    pre = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{pre}.lora_A.weight": down, f"{pre}.lora_B.weight": up}, folder / "adapter_model.safetensors")
+    ad = adapterpack.open(folder)
+    m = ad.module("model.layers.0.self_attn.q_proj")
+    assert m.params["rslora"] is False and m.params["dora"] is False and m.params["fan_in_fan_out"] is False
+    _check(ad, "model.layers.0.self_attn.q_proj", down, up, 2.0)
+    # and it converts back to a PEFT folder that reads the same
+    from adapterpack.ops.convert import convert
+
+    adapterpack.save(ad, tmp_path / "a.apack")
+    convert(tmp_path / "a.apack", tmp_path / "back", to="peft")
+    _check(adapterpack.open(tmp_path / "back"), "model.layers.0.self_attn.q_proj", down, up, 2.0)
+
+
+@pytest.mark.parametrize("value", [1, "false", 0.0])
+def test_peft_config_flag_of_another_type_is_still_refused(tmp_path: Path, value: object) -> None:
+    folder = tmp_path / "peft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_rslora": value}))
+    down, up = _factors(np.float32, np.float32)
+    pre = "base_model.model.q_proj"
+    save_file({f"{pre}.lora_A.weight": down, f"{pre}.lora_B.weight": up}, folder / "adapter_model.safetensors")
+    with pytest.raises(InputError, match="use_rslora must be true or false"):
+        adapterpack.open(folder)

@@ -183,8 +183,8 @@ def check_config(cfg: dict[str, Any], where: str, error: type[AdapterpackError] 
                 raise error(f"{where}: rank_pattern[{k!r}] must be a positive integer, got {v!r:.40}")
             if key == "alpha_pattern":
                 _number(v, f"alpha_pattern[{k!r}]", where, error)
-    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
-        if not isinstance(cfg.get(key, False), bool):
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):  # null: off, as PEFT tests the flag for truth
+        if not isinstance(cfg.get(key, False), (bool, type(None))):
             raise error(f"{where}: {key} must be true or false, got {cfg[key]!r:.40}")
     tm = cfg.get("target_modules")
     if not (tm is None or isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(x, str) for x in tm))):
