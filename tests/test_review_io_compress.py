@@ -151,3 +151,35 @@ def test_module_choices_with_min_rank_is_the_hull_of_its_configurations(lo: int)
     assert sorted(zip(ch.nbytes.tolist(), np.round(ch.dist, 12).tolist())) == sorted(
         zip(x[ref].astype(int).tolist(), np.round(y[ref], 12).tolist())
     )
+
+
+def test_cli_compress_reads_a_llamacpp_gguf_given_its_base(tmp_path: Path) -> None:
+    """A llama.cpp LoRA GGUF holds q/k rows in rotary order and no head counts: the error says to give --base,
+    which compress did not accept ('No such option'). With it the file compresses, ΔW within the reported error."""
+    import gguf
+
+    from adapterpack.formats.gguf import permute_rows
+
+    rng = np.random.default_rng(3)
+    a, b = rng.standard_normal((4, 64)).astype(np.float32), (rng.standard_normal((64, 4)) * 0.1).astype(np.float32)
+    w = gguf.GGUFWriter(str(tmp_path / "l.gguf"), "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 4.0)
+    w.add_tensor("blk.0.attn_q.weight.lora_a", a)
+    w.add_tensor("blk.0.attn_q.weight.lora_b", permute_rows(b, 4))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, "num_key_value_heads": 4}))
+    dst = tmp_path / "c.apack"
+    r = CliRunner().invoke(main, ["compress", str(tmp_path / "l.gguf"), str(dst), "--budget", "1MB", "--json"])
+    assert r.exit_code == 1 and "--base" in r.output and not dst.exists()
+    r = CliRunner().invoke(main, ["compress", str(tmp_path / "l.gguf"), str(dst), "--budget", "1MB", "--base", str(cfg), "--json"])
+    assert r.exit_code == 0, r.output
+    rel = json.loads(r.output)["modules"][0]["rel_error"]
+    got = adapterpack.open(dst).module("model.layers.0.self_attn.q_proj").delta().astype(np.float64)
+    ref = b.astype(np.float64) @ a.astype(np.float64)
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) == pytest.approx(rel, rel=1e-3, abs=1e-6) and rel < 1e-3

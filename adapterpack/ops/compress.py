@@ -433,11 +433,14 @@ def compress_file(
     *,
     force: bool = False,
     adapter: str | None = None,
+    base: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> CompressResult:
     """Compress ``src`` (any format :func:`adapterpack.open` reads) into the .apack ``dst`` (``None``: plan only).
 
-    ``options`` are :func:`compress`'s. The file written is exactly the size the report gives."""
+    ``base``: for a GGUF ``src``, the base model's GGUF file or config.json (the head counts that put
+    llama.cpp's q/k rows back in order). ``options`` are :func:`compress`'s. The file written is exactly
+    the size the report gives."""
     from adapterpack.container.writer import write_apack
     from adapterpack.ops.convert import check_destination, infer_target, load_source
 
@@ -448,7 +451,7 @@ def compress_file(
         if infer_target(dst) != "apack":
             raise ConversionError(f"compress writes .apack files ({dst}); convert it to other formats afterwards")
         check_destination(src, dst, "apack", force)
-    source = load_source(src, adapter)
+    source = load_source(src, adapter, base=base)
     try:
         if len(source.adapters) != 1:
             names = ", ".join(a.name for a in source.adapters)
