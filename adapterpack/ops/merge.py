@@ -244,7 +244,9 @@ def merge(
         from adapterpack.atomic import exists_error
 
         raise exists_error(dst)
-    with open_adapter(src, adapter=adapter) as ad:
+    # a GGUF adapter's q/k rows are in llama.cpp's order: the base folder's config.json gives the head counts
+    heads = base if (base / "config.json").is_file() else None
+    with open_adapter(src, adapter=adapter, base=heads) as ad:
         p = plan(ad, base, drop_tensors=drop_tensors)
         by_file: dict[str, list[tuple[str, str]]] = {}
         for name, key in p.modules.items():
