@@ -79,3 +79,12 @@ def test_apack_output_of_qsvd_keeps_its_records(tmp_path: Path) -> None:
     for n, m in a.modules.items():
         assert b.module(n).encoding == "qsvd"
         assert np.array_equal(b.module(n).delta(), m.delta())
+
+
+def test_vllm_refusal_of_a_whole_adapter_finding_has_no_empty_module_list(tmp_path: Path) -> None:
+    from adapterpack.errors import ConversionError
+
+    q = _qsvd_file(tmp_path)
+    with pytest.raises(ConversionError, match=r"--max-lora-rank 2 is not one vLLM accepts \(\([0-9, ]+\)\); fix") as e:
+        convert(q, tmp_path / "v", to="peft", serve_for="vllm", max_lora_rank=2)
+    assert "()" not in str(e.value) and not (tmp_path / "v").exists()

@@ -474,7 +474,8 @@ def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors:
     for f in refusals:
         if "full tensors" in f.problem and drop_tensors:
             continue
-        raise ConversionError(f"vLLM would refuse this adapter: {f.problem} ({_some(f.modules)}); fix: {f.fix}")
+        where = f" ({_some(f.modules)})" if f.modules else ""  # a finding about the whole adapter names no module
+        raise ConversionError(f"vLLM would refuse this adapter: {f.problem}{where}; fix: {f.fix}")
     limit = max_lora_rank or VLLM_RANKS[-1]
     mods = {n: as_lora(m) for n, m in adapter.modules.items()}
     reranked: dict[str, float] = {}
