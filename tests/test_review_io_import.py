@@ -166,3 +166,45 @@ def test_peft_config_flag_of_another_type_is_still_refused(tmp_path: Path, value
     save_file({f"{pre}.lora_A.weight": down, f"{pre}.lora_B.weight": up}, folder / "adapter_model.safetensors")
     with pytest.raises(InputError, match="use_rslora must be true or false"):
         adapterpack.open(folder)
+
+
+def _qwen2_gguf(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import gguf
+
+    rng = np.random.default_rng(4)
+    a, b = rng.standard_normal((4, 64)).astype(np.float32), (rng.standard_normal((64, 4)) * 0.1).astype(np.float32)
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 4.0)
+    for t in ("attn_q", "ffn_up"):
+        w.add_tensor(f"blk.0.{t}.weight.lora_a", a)
+        w.add_tensor(f"blk.0.{t}.weight.lora_b", b)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return a, b
+
+
+def test_a_qwen2_gguf_written_back_keeps_its_architecture(tmp_path: Path) -> None:
+    """llama.cpp refuses a LoRA whose general.architecture differs from the model's: a qwen2 adapter read (its
+    tensor names kept) and written again, directly or after compress, must stay qwen2 (was: written as llama)."""
+    import gguf
+
+    from adapterpack.ops.compress import compress_file
+    from adapterpack.ops.convert import convert
+
+    a, b = _qwen2_gguf(tmp_path / "q.gguf")
+    convert(tmp_path / "q.gguf", tmp_path / "back.gguf")
+    compress_file(tmp_path / "q.gguf", tmp_path / "c.apack", budget=10**6)
+    convert(tmp_path / "c.apack", tmp_path / "c.gguf")
+    for out in ("back.gguf", "c.gguf"):
+        r = gguf.GGUFReader(str(tmp_path / out))
+        arch = r.fields["general.architecture"]
+        assert bytes(arch.parts[arch.data[0]]).decode() == "qwen2", out
+        assert sorted(t.name for t in r.tensors) == sorted(f"blk.0.{t}.weight.lora_{s}" for t in ("attn_q", "ffn_up") for s in "ab")
+        back = adapterpack.open(tmp_path / out)
+        assert sorted(back.modules) == ["blk.0.attn_q", "blk.0.ffn_up"]
+        if out == "back.gguf":  # the compressed one is within its reported error, not exact
+            _check(back, "blk.0.attn_q", a, b, 1.0)

@@ -344,7 +344,7 @@ def write_gguf(
 
     info = base if isinstance(base, GgufBase) or base is None else base_info(base)
     if info is None:
-        info = recorded_heads(adapter)
+        info = recorded_heads(adapter) or recorded_arch(adapter)
     plan = gguf_tensors(adapter, info, dtype=dtype, drop_tensors=drop_tensors)
     from gguf.gguf_writer import WriterState  # gguf: optional, as above
 
@@ -622,6 +622,19 @@ def recorded_heads(adapter: Adapter) -> GgufBase | None:
     if isinstance(hc, list) and len(hc) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in hc):
         return GgufBase("llama", hc[0], hc[1])
     return None
+
+
+def recorded_arch(adapter: Adapter) -> GgufBase | None:
+    """The architecture of a GGUF import of another family than llama (``source["architecture"]``; its modules
+    keep llama.cpp's tensor names), so that it is written back under it: llama.cpp refuses a LoRA whose
+    architecture differs from the model's. None for llama, other sources, or a name the gguf package lacks."""
+    import gguf  # gguf: optional (the gguf extra); write_gguf has imported it
+
+    src = adapter.source if isinstance(adapter.source, dict) else {}
+    arch = src.get("architecture") if src.get("format") == "gguf" else None
+    if not isinstance(arch, str) or arch == "llama" or arch not in gguf.MODEL_ARCH_NAMES.values():
+        return None
+    return GgufBase(arch)
 
 
 def _needs_base(b: np.ndarray, name: str, path: Path) -> StoredTensor:
