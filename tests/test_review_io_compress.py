@@ -183,3 +183,14 @@ def test_cli_compress_reads_a_llamacpp_gguf_given_its_base(tmp_path: Path) -> No
     got = adapterpack.open(dst).module("model.layers.0.self_attn.q_proj").delta().astype(np.float64)
     ref = b.astype(np.float64) @ a.astype(np.float64)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) == pytest.approx(rel, rel=1e-3, abs=1e-6) and rel < 1e-3
+
+
+def test_a_budget_below_the_kept_tensors_says_so() -> None:
+    """modules_to_save / saved embeddings ride along uncompressed: a budget_ratio of the factors alone cannot hold
+    them, and the refusal says how many bytes are kept as they are (was only 'budget X B is below Y B')."""
+    ad = _adapter()
+    big = ad.derived(dict(ad.modules), {"base_model.model.lm_head.weight": np.zeros((256, 128), np.float32)})
+    with pytest.raises(ConversionError, match=r"below .*; 131,072 B of it are kept as they are"):
+        comp.compress(big, budget_ratio=0.25)
+    with pytest.raises(ConversionError, match=r"below [0-9,]+ B, the whole file[^;]*$"):
+        comp.compress(ad, 300)

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from adapterpack import progress
-from adapterpack.adapter import Adapter, Module
+from adapterpack.adapter import Adapter, Module, decoded_bytes
 from adapterpack.errors import ConversionError
 from adapterpack.linalg import allocate
 from adapterpack.linalg.bitalloc import Choices, module_choices
@@ -375,7 +375,15 @@ def compress(
     def spent(p: tuple[list[int], Adapter]) -> int:
         return sum(int(w.choices.nbytes[i]) for w, i in zip(wl, p[0]))
 
-    fitted = fit_to_file(plan, lambda p: apack_file_size([p[1]], codec), budget, floor=smallest, cost=spent)
+    try:
+        fitted = fit_to_file(plan, lambda p: apack_file_size([p[1]], codec), budget, floor=smallest, cost=spent)
+    except ConversionError as e:
+        kept = sum(m.decoded_bytes for m in adapter if m.name not in works) + sum(map(decoded_bytes, adapter.tensors.values()))
+        if not kept:
+            raise
+        raise ConversionError(
+            f"{e}; {kept:,} B of it are kept as they are (pass-through tensors such as modules_to_save, and modules not compressed)"
+        ) from None
     picks, out = fitted.plan
 
     results: list[ModuleResult] = []
