@@ -358,6 +358,9 @@ def write_gguf(
             w.add_uint32(key, value)
         else:
             w.add_string(key, value)
+    alora = src_.adapter_alora_tokens(adapter)
+    if alora is not None:  # as llama.cpp's converter writes PEFT's alora_invocation_tokens
+        w.add_key_value(ALORA_KEY, alora, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's converter writes it
     for name, arr in plan.tensors.items():
         if arr.dtype == dtypes.by_name("bfloat16").numpy:
@@ -395,6 +398,8 @@ _BLK = re.compile(r"^blk\.(\d+)\.")
 _LORA_SUFFIXES = (".lora_a", ".lora_b")
 #: GGML tensor types read as they are (numpy dtype name); quantized types are dequantized with a note.
 _PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+#: llama.cpp's activated-LoRA invocation tokens (gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS).
+ALORA_KEY = "adapter.alora.invocation_tokens"
 
 
 @functools.lru_cache(maxsize=8)
@@ -441,6 +446,16 @@ def _value(reader: Any, key: str, path: Path) -> Any:
     if f.types[0].name == "BOOL":
         return bool(part[0])
     return part[0].item()
+
+
+def _alora_tokens(reader: Any, path: Path) -> list[int] | None:
+    """``adapter.alora.invocation_tokens`` (an array of integers), or None when absent."""
+    f = reader.fields.get(ALORA_KEY)
+    if f is None:
+        return None
+    if len(f.types) != 2 or f.types[0].name != "ARRAY" or not f.types[1].name.startswith(("UINT", "INT")):
+        raise InputError(f"{path}: metadata {ALORA_KEY!r} must be an array of integer token ids")
+    return src_.alora_tokens([int(f.parts[i][0]) for i in f.data], f"{path}: metadata {ALORA_KEY!r}")
 
 
 def _metadata(reader: Any) -> dict[str, str]:
@@ -523,6 +538,7 @@ def read_gguf(path: str | os.PathLike[str], *, base: GgufBase | str | os.PathLik
     if isinstance(alpha, (bool, str)) or not np.isfinite(alpha) or alpha < 0:
         raise InputError(f"{path}: adapter.lora.alpha must be a finite number >= 0, got {alpha!r:.40}")
     heads = _heads_of(reader, path, base) if arch == "llama" else None
+    alora = _alora_tokens(reader, path)
 
     notes: list[str] = []
     pairs: dict[str, dict[str, Any]] = {}
@@ -607,6 +623,12 @@ def read_gguf(path: str | os.PathLike[str], *, base: GgufBase | str | os.PathLik
             "give the base model (--base BASE.gguf or its config.json) to read those factors"
         )
     adapter.source = {"format": "gguf", "architecture": arch, "gguf_metadata": meta}
+    if alora is not None:
+        adapter.source["alora_invocation_tokens"] = alora
+        notes.append(
+            f"activated LoRA (aLoRA): it applies only from its {len(alora)} invocation token(s) on; PEFT and GGUF outputs keep "
+            "them, other outputs and merge are refused"
+        )
     if heads is not None and heads.n_head:
         adapter.source["head_counts"] = [int(heads.n_head), int(heads.n_head_kv or heads.n_head)]
     if notes:

@@ -514,7 +514,13 @@ def peft_config(adapter: Adapter, *, rank: int | None = None) -> dict[str, Any]:
     original = src_.config(adapter, src_.provenance(adapter, "peft"))
     if original is not None and _consistent(original, _module_values(adapter)) and rank in (None, original.get("r")):
         return dict(original)
-    return synthesize_config(adapter, original, rank=rank)
+    cfg = synthesize_config(adapter, original, rank=rank)
+    alora = src_.adapter_alora_tokens(adapter)  # an activated LoRA read from a GGUF file
+    if alora is not None and cfg.get("alora_invocation_tokens") is None:
+        cfg["alora_invocation_tokens"] = alora
+        if cfg.get("task_type") is None:  # llama.cpp adapters are causal LMs, the one task PEFT runs aLoRA for
+            cfg["task_type"] = "CAUSAL_LM"
+    return cfg
 
 
 def peft_tensors(adapter: Adapter, *, dtype: str | None = None, drop_tensors: bool = False) -> dict[str, np.ndarray]:
