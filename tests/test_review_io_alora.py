@@ -112,3 +112,10 @@ def test_peft_alora_tokens_of_the_wrong_kind_are_refused(tmp_path: Path, tokens:
 
     with pytest.raises(InputError, match="alora_invocation_tokens"):
         adapterpack.open(_peft(tmp_path / "p", tokens))  # type: ignore[arg-type]
+
+
+def test_vllm_export_keeps_the_invocation_tokens(tmp_path: Path) -> None:
+    """The vLLM export rebuilds the adapter (scales baked): it stays an activated LoRA."""
+    for name, src in (("v1", _peft(tmp_path / "p", TOKENS)), ("v2", _gguf(tmp_path / "a.gguf", TOKENS))):
+        convert(src, tmp_path / name, to="peft", serve_for="vllm")
+        assert json.loads((tmp_path / name / "adapter_config.json").read_text())["alora_invocation_tokens"] == TOKENS

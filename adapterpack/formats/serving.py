@@ -529,6 +529,8 @@ def write_vllm(
     single, plan = to_vllm(adapter, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors)
     if (card := model_card(adapter)) is not None:  # the model card goes with the folder (its config is rebuilt)
         single.source["model_card"] = card
+    if (alora := src_.adapter_alora_tokens(adapter)) is not None:  # an activated LoRA stays one
+        single.source["alora_invocation_tokens"] = alora
     write_peft(single, Path(dst), overwrite=overwrite, rank=plan.rank)
     return plan
 

@@ -209,8 +209,8 @@ def adapter_alora_tokens(adapter: Adapter) -> list[int] | None:
     """The invocation tokens of an activated LoRA (aLoRA: it applies only from that token sequence on), as its
     PEFT config or its GGUF file gave them; None for a plain LoRA."""
     src = adapter.source if isinstance(adapter.source, dict) else {}
-    if src.get("format") == "gguf":
-        value = src.get("alora_invocation_tokens")
+    if "alora_invocation_tokens" in src:  # a GGUF import, or an export that rebuilt the adapter (vLLM's)
+        value = src["alora_invocation_tokens"]
     else:
         cfg = config(adapter, provenance(adapter, "peft"))
         value = cfg.get("alora_invocation_tokens") if cfg else None
