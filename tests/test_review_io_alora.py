@@ -119,3 +119,11 @@ def test_vllm_export_keeps_the_invocation_tokens(tmp_path: Path) -> None:
     for name, src in (("v1", _peft(tmp_path / "p", TOKENS)), ("v2", _gguf(tmp_path / "a.gguf", TOKENS))):
         convert(src, tmp_path / name, to="peft", serve_for="vllm")
         assert json.loads((tmp_path / name / "adapter_config.json").read_text())["alora_invocation_tokens"] == TOKENS
+
+
+def test_check_kohya_lists_the_alora_refusal(tmp_path: Path) -> None:
+    from adapterpack.formats.serving import check
+
+    ad = adapterpack.open(_peft(tmp_path / "p", TOKENS))
+    assert any(f.severity == "refuse" and "aLoRA" in f.problem for f in check(ad, "kohya"))
+    assert not any("aLoRA" in f.problem for t in ("peft", "vllm", "llama.cpp") for f in check(ad, t))

@@ -417,6 +417,13 @@ def check(adapter: Adapter, target: str, *, max_lora_rank: int | None = None, ba
         found = _names(adapter, target) + found
     if target in ("vllm", "peft"):
         found = _check_saved(adapter, target) + _module_names(adapter, target, base if isinstance(base, list) else None) + found
+    if target == "kohya" and src_.adapter_alora_tokens(adapter) is not None:
+        found.append(
+            Finding(
+                target, "refuse", "an activated LoRA (aLoRA): kohya has no invocation tokens and would apply it to every token",
+                "none: keep it as PEFT or GGUF", [],
+            )
+        )  # fmt: skip
     if not adapter.modules:
         found.insert(0, Finding(target, "refuse", "the adapter has no modules", "none", []))
     return sorted(found, key=lambda f: SEVERITIES.index(f.severity))
