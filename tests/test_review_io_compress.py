@@ -30,7 +30,7 @@ def _float_file(ad: Adapter) -> int:
     return rep.file_bytes
 
 
-@pytest.mark.parametrize("budget", [10**19, 10**30, 2**64 + 5])
+@pytest.mark.parametrize("budget", [10**19, 10**30, 2**64 + 5, 10**400])
 def test_a_budget_beyond_int64_buys_the_float_file(budget: int) -> None:
     """A budget no file can reach is as good as the largest file (was OverflowError deep in the knapsack)."""
     ad = _adapter()

@@ -176,7 +176,8 @@ def fp16_factor_bytes(adapter: Adapter, names: list[str] | None = None) -> int:
 
 def _is_real(x: object) -> bool:
     """A finite real number (int, float or a numpy scalar of one; not a bool, not a string)."""
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
+    ok = isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+    return ok and (isinstance(x, (int, np.integer)) or math.isfinite(x))  # type: ignore[arg-type]
 
 
 def _whole_bytes(budget: object) -> int:
