@@ -127,3 +127,9 @@ def test_check_kohya_lists_the_alora_refusal(tmp_path: Path) -> None:
     ad = adapterpack.open(_peft(tmp_path / "p", TOKENS))
     assert any(f.severity == "refuse" and "aLoRA" in f.problem for f in check(ad, "kohya"))
     assert not any("aLoRA" in f.problem for t in ("peft", "vllm", "llama.cpp") for f in check(ad, t))
+
+
+def test_peft_alora_is_read_with_a_note(tmp_path: Path) -> None:
+    ad = adapterpack.open(_peft(tmp_path / "p", TOKENS))
+    assert any("aLoRA" in n for n in ad.source["notes"])
+    assert not any("aLoRA" in n for n in adapterpack.open(_peft(tmp_path / "q", None)).source.get("notes", []))

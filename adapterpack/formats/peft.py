@@ -403,6 +403,11 @@ def _notes(cfg: dict[str, Any], adapter: Adapter) -> list[str]:
             f"lora_bias: {len(bias)} lora_B.bias tensors are carried untouched (a PEFT export writes them back), but delta() "
             "covers the weight only; PEFT adds scale · lora_B.bias to the base layer's bias"
         )
+    if cfg.get("alora_invocation_tokens") is not None:
+        notes.append(
+            f"activated LoRA (aLoRA): it applies only from its {len(cfg['alora_invocation_tokens'])} invocation token(s) on; "
+            "PEFT and GGUF outputs keep them, other outputs and merge are refused"
+        )
     if cfg.get("fan_in_fan_out") and any(m.params["layout"] == "linear" for m in adapter):
         notes.append("fan_in_fan_out applied to every linear module (PEFT turns it off for nn.Linear layers)")
     return notes
