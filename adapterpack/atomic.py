@@ -112,12 +112,21 @@ def _fsync_dir(path: Path) -> None:
 
 def _about_output(e: OSError, temp: Path | None) -> bool:
     """Whether an OSError from a writer's own code is about its output: it names no file (a write to the
-    output's file object), or one under ``temp`` (the temp folder it fills)."""
+    output's file object), or one under ``temp`` (the temp folder it fills); or a copy into ``temp`` failed
+    the way only a write fails (shutil's copies name the source first and the destination second,
+    whichever side failed: disk full, file too large)."""
     if e.filename is None:
         return True
-    if temp is None or not isinstance(e.filename, (str, bytes, os.PathLike)):
+    return _under(e.filename, temp) or (e.errno in _WRITE_ERRNOS and _under(e.filename2, temp))
+
+
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+
+
+def _under(filename: object, temp: Path | None) -> bool:
+    if temp is None or not isinstance(filename, (str, bytes, os.PathLike)):
         return False
-    name = Path(os.fsdecode(e.filename))
+    name = Path(os.fsdecode(filename))
     return name == temp or temp in name.parents
 
 

@@ -179,7 +179,6 @@ PAIR = {"blk.0.attn_v.weight.lora_a": A, "blk.0.attn_v.weight.lora_b": B}
         ),
         (LORA, {"blk.0.attn_v.lora_a": A, "blk.0.attn_v.lora_b": B}, "does not name a base weight"),
         (LORA, {"blk.0.attn_norm.weight": np.ones(16, np.float32)}, "no LoRA tensors"),
-        (LORA, {"blk.0.attn_v.weight.lora_a": A, "blk.0.attn_v.weight.lora_b": B.astype(np.float16)}, "of one dtype"),
         ({**LORA, "adapterpack.attention.head_count": 0}, PAIR, "positive integers"),
     ],
 )

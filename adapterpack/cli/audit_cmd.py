@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -158,8 +159,13 @@ def _parse_measure(ctx: click.Context, param: click.Parameter, value: str) -> tu
     help="Alternatives to size, comma-separated (fewer is faster; ranks are reported anyway); also compress8: "
     "`compress --budget-ratio 0.125` (1/8 of the fp16 factors), with its relative ΔW error (slower).",
 )
+@click.option(
+    "--base",
+    type=click.Path(exists=True, path_type=Path),
+    help="GGUF inputs: the base model's GGUF file or config.json (llama.cpp's q/k row order).",
+)
 @out.progress_option
-def audit(paths: tuple[str, ...], as_json: bool, as_csv: bool, jobs: int, measure: tuple[str, ...]) -> None:
+def audit(paths: tuple[str, ...], as_json: bool, as_csv: bool, jobs: int, measure: tuple[str, ...], base: Path | None) -> None:
     """Audit adapters under PATH... (folders are walked for PEFT folders, kohya .safetensors and .apack
     files; globs such as 'runs/**/*.apack' are expanded): per input and in total, bytes, parameters,
     dtype, encoding, ranks, ranks keeping 99%/95% energy, and what zstd, byteplanes, bf16 and a re-rank
@@ -168,7 +174,7 @@ def audit(paths: tuple[str, ...], as_json: bool, as_csv: bool, jobs: int, measur
         raise click.UsageError("--json and --csv exclude each other")
     found = find_inputs(paths)
     with out.progress_bar(len(found.inputs), "auditing", "inputs") as advance:
-        report = audit_paths(found, jobs=jobs or default_jobs(), measure=measure, progress=advance)
+        report = audit_paths(found, jobs=jobs or default_jobs(), measure=measure, progress=advance, base=base)
     if as_json:
         out.echo_json({"ok": not (report["totals"]["failed"] or report["totals"]["missing"]), **report})
     elif as_csv:

@@ -104,6 +104,11 @@ def report_lines(r: dict[str, Any], per_module: bool) -> list[str]:
 @click.option(
     "--codec", type=click.Choice(codec_ids()), default="raw", show_default=True, help="Blob codec (the budget counts its bytes)."
 )
+@click.option(
+    "--base",
+    type=click.Path(exists=True, path_type=Path),
+    help="GGUF input: the base model's GGUF file or config.json (llama.cpp's q/k row order).",
+)
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
 @out.report_options
 def compress(
@@ -119,13 +124,14 @@ def compress(
     max_rank: int | None,
     modules: str | None,
     codec: str,
+    base: Path | None,
     adapter_name: str | None,
     force: bool,
     dry_run: bool,
     summary: bool,
     as_json: bool,
 ) -> None:
-    """Compress SRC (.apack, PEFT folder, kohya or diffusers file) into the .apack DST: each module keeps a
+    """Compress SRC (.apack, PEFT folder, kohya, diffusers or GGUF file) into the .apack DST: each module keeps a
     prefix of its exact singular components, each stored at its own bit width (qsvd records), chosen so
     that the whole file fits the budget, index and padding included, with the least error.
 
@@ -140,6 +146,7 @@ def compress(
         None if dry_run else dst,
         force=force,
         adapter=adapter_name,
+        base=base,
         budget=budget,
         budget_ratio=budget_ratio,
         importance=None if importance is None else load_importance(importance),

@@ -68,7 +68,8 @@ def importance(
     except UnicodeDecodeError as e:
         raise InputError(f"{text_file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     start = time.perf_counter()
-    with open_adapter(adapter_path, adapter=adapter_name) as ad:
+    heads = model if (model / "config.json").is_file() else None  # a GGUF adapter's q/k row order, as merge reads it
+    with open_adapter(adapter_path, adapter=adapter_name, base=heads) as ad:
         imp = causal_lm_importance(
             ad, model, text, blocks=blocks, block_tokens=block_tokens,
             batch=batch, labels=labels, seed=seed, device=device,

@@ -203,7 +203,7 @@ def read_diffusers(path: str | os.PathLike[str]) -> Adapter:
     alpha_tensors: dict[str, dict[str, Any]] = {}
     notes: list[str] = []
     raw = [k for k in other if alpha_keys.get(k) is None or alpha_keys[k] in extra]
-    unscaled, conflicts, untargeted = [], [], []
+    unscaled, conflicts, untargeted, mixed = [], [], [], []
     budget = Budget()
     for name, g in groups.items():
         if name in extra:
@@ -229,6 +229,8 @@ def read_diffusers(path: str | os.PathLike[str]) -> Adapter:
         if cfg is not None and not _targeted(cfg, sub, budget):
             untargeted.append(name)
         adapter.modules[name] = mod
+        if tensors[g["A"]].dtype != tensors[g["B"]].dtype:
+            mixed.append(name)
     if not adapter.modules:
         raise InputError(f"{path}: no diffusers LoRA modules (<component>.<module>.lora_A.weight + .lora_B.weight)")
     for key in raw:
@@ -251,6 +253,7 @@ def read_diffusers(path: str | os.PathLike[str]) -> Adapter:
             notes.append(f"{len(cond)} {line}: " + ", ".join(cond[:3]) + (", ..." if len(cond) > 3 else ""))
     if extra:
         notes.append(extra_note + ": " + ", ".join(sorted(extra)[:3]))
+    notes += src_.mixed_dtype_note(mixed)
     leftover = len(raw) - sum(1 for k in raw if any(k.startswith(stems[n] + ".") for n in extra))
     if leftover:
         notes.append(f"{leftover} tensors that are not diffusers LoRA factors are carried untouched")
@@ -264,6 +267,7 @@ def _module(
 ) -> tuple[Module, dict[str, Any] | None]:
     """One module as a lora record, and its alpha tensor's facts (dtype, shape, value) when it has one."""
     where = f"{path}: module {name!r}"
+    down, up = src_.common_float(down, up)
     if down.ndim < 2 or up.ndim < 2 or down.ndim != up.ndim:
         raise InputError(f"{where}: lora_A {list(down.shape)} and lora_B {list(up.shape)} must both be 2-D or both conv")
     rank = int(down.shape[0])

@@ -51,6 +51,7 @@ from adapterpack.adapter import Adapter, Module, StoredTensor
 from adapterpack.atomic import atomic_file
 from adapterpack.encodings.lower import as_lora
 from adapterpack.errors import AdapterpackError, ConversionError, InputError, MissingDependencyError
+from adapterpack.formats import source as src_
 from adapterpack.formats.export import DROP_HINT, check_module_names, float32_alpha, scaled
 
 #: HF architecture → llama.cpp architecture name (the ones whose converter is LLaMA's, with the q/k permutation).
@@ -343,7 +344,7 @@ def write_gguf(
 
     info = base if isinstance(base, GgufBase) or base is None else base_info(base)
     if info is None:
-        info = recorded_heads(adapter)
+        info = recorded_heads(adapter) or recorded_arch(adapter)
     plan = gguf_tensors(adapter, info, dtype=dtype, drop_tensors=drop_tensors)
     from gguf.gguf_writer import WriterState  # gguf: optional, as above
 
@@ -357,6 +358,9 @@ def write_gguf(
             w.add_uint32(key, value)
         else:
             w.add_string(key, value)
+    alora = src_.adapter_alora_tokens(adapter)
+    if alora is not None:  # as llama.cpp's converter writes PEFT's alora_invocation_tokens
+        w.add_key_value(ALORA_KEY, alora, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)  # as llama.cpp's converter writes it
     for name, arr in plan.tensors.items():
         if arr.dtype == dtypes.by_name("bfloat16").numpy:
@@ -394,6 +398,8 @@ _BLK = re.compile(r"^blk\.(\d+)\.")
 _LORA_SUFFIXES = (".lora_a", ".lora_b")
 #: GGML tensor types read as they are (numpy dtype name); quantized types are dequantized with a note.
 _PLAIN = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+#: llama.cpp's activated-LoRA invocation tokens (gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS).
+ALORA_KEY = "adapter.alora.invocation_tokens"
 
 
 @functools.lru_cache(maxsize=8)
@@ -440,6 +446,16 @@ def _value(reader: Any, key: str, path: Path) -> Any:
     if f.types[0].name == "BOOL":
         return bool(part[0])
     return part[0].item()
+
+
+def _alora_tokens(reader: Any, path: Path) -> list[int] | None:
+    """``adapter.alora.invocation_tokens`` (an array of integers), or None when absent."""
+    f = reader.fields.get(ALORA_KEY)
+    if f is None:
+        return None
+    if len(f.types) != 2 or f.types[0].name != "ARRAY" or not f.types[1].name.startswith(("UINT", "INT")):
+        raise InputError(f"{path}: metadata {ALORA_KEY!r} must be an array of integer token ids")
+    return src_.alora_tokens([int(f.parts[i][0]) for i in f.data], f"{path}: metadata {ALORA_KEY!r}")
 
 
 def _metadata(reader: Any) -> dict[str, str]:
@@ -522,6 +538,7 @@ def read_gguf(path: str | os.PathLike[str], *, base: GgufBase | str | os.PathLik
     if isinstance(alpha, (bool, str)) or not np.isfinite(alpha) or alpha < 0:
         raise InputError(f"{path}: adapter.lora.alpha must be a finite number >= 0, got {alpha!r:.40}")
     heads = _heads_of(reader, path, base) if arch == "llama" else None
+    alora = _alora_tokens(reader, path)
 
     notes: list[str] = []
     pairs: dict[str, dict[str, Any]] = {}
@@ -536,13 +553,17 @@ def read_gguf(path: str | os.PathLike[str], *, base: GgufBase | str | os.PathLik
         pairs.setdefault(stem[: -len(".weight")], {})[suffix] = t
     if not pairs:
         raise InputError(f"{path}: no LoRA tensors (<name>.weight.lora_a + <name>.weight.lora_b)")
-    kept_gguf = []
+    kept_gguf: list[str] = []
+    mixed: list[str] = []
     adapter = Adapter(name="default")
     for gname in sorted(pairs):
         ab = pairs[gname]
         if len(ab) != 2:
             raise InputError(f"{path}: LoRA tensor pair for {gname!r} is missing {'lora_b' if '.lora_a' in ab else 'lora_a'}")
         a, b = _array(ab[".lora_a"], path, notes), _array(ab[".lora_b"], path, notes)
+        if a.dtype != b.dtype:  # llama.cpp's q8_0 output keeps lora_b (rank-wide rows, not whole blocks) in F16
+            mixed.append(gname)
+            a, b = src_.common_float(a, b)
         if a.ndim != 2 or b.ndim != 2 or a.dtype != b.dtype:
             raise InputError(
                 f"{path}: {gname}: lora_a {list(a.shape)} {a.dtype} and lora_b {list(b.shape)} {b.dtype} "
@@ -592,6 +613,7 @@ def read_gguf(path: str | os.PathLike[str], *, base: GgufBase | str | os.PathLik
         adapter.base_architecture = archs[0] if archs else None
     if not alpha:
         notes.append("adapter.lora.alpha is 0 or missing: llama.cpp then uses scale 1 (alpha = rank per module)")
+    notes += src_.mixed_dtype_note(mixed)
     if kept_gguf:
         why = f"architecture {arch!r}: only llama names map back" if arch != "llama" else "not a LLaMA module"
         notes.append(f"{len(kept_gguf)} module(s) keep llama.cpp's tensor names ({why}): " + ", ".join(kept_gguf[:3]))
@@ -601,6 +623,12 @@ def read_gguf(path: str | os.PathLike[str], *, base: GgufBase | str | os.PathLik
             "give the base model (--base BASE.gguf or its config.json) to read those factors"
         )
     adapter.source = {"format": "gguf", "architecture": arch, "gguf_metadata": meta}
+    if alora is not None:
+        adapter.source["alora_invocation_tokens"] = alora
+        notes.append(
+            f"activated LoRA (aLoRA): it applies only from its {len(alora)} invocation token(s) on; PEFT and GGUF outputs keep "
+            "them, other outputs and merge are refused"
+        )
     if heads is not None and heads.n_head:
         adapter.source["head_counts"] = [int(heads.n_head), int(heads.n_head_kv or heads.n_head)]
     if notes:
@@ -616,6 +644,19 @@ def recorded_heads(adapter: Adapter) -> GgufBase | None:
     if isinstance(hc, list) and len(hc) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in hc):
         return GgufBase("llama", hc[0], hc[1])
     return None
+
+
+def recorded_arch(adapter: Adapter) -> GgufBase | None:
+    """The architecture of a GGUF import of another family than llama (``source["architecture"]``; its modules
+    keep llama.cpp's tensor names), so that it is written back under it: llama.cpp refuses a LoRA whose
+    architecture differs from the model's. None for llama, other sources, or a name the gguf package lacks."""
+    import gguf  # gguf: optional (the gguf extra); write_gguf has imported it
+
+    src = adapter.source if isinstance(adapter.source, dict) else {}
+    arch = src.get("architecture") if src.get("format") == "gguf" else None
+    if not isinstance(arch, str) or arch == "llama" or arch not in gguf.MODEL_ARCH_NAMES.values():
+        return None
+    return GgufBase(arch)
 
 
 def _needs_base(b: np.ndarray, name: str, path: Path) -> StoredTensor:

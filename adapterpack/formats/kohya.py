@@ -116,6 +116,7 @@ def read_kohya(path: str | os.PathLike[str]) -> Adapter:
     raw_modules: list[str] = []
     notes: list[str] = []
     raw: list[str] = list(loose)
+    mixed: list[str] = []
     for stem, kinds in stems.items():
         if DOWN not in kinds and UP not in kinds:
             raw.extend(kinds.values())
@@ -132,6 +133,8 @@ def read_kohya(path: str | os.PathLike[str]) -> Adapter:
             raise InputError(f"{path}: two kohya modules map to the module name {name!r}")
         mod, info, note = _module(path, stem, name, kinds, tensors, mparams.get(stem))
         adapter.modules[name] = mod
+        if tensors[kinds[DOWN]].dtype != tensors[kinds[UP]].dtype:
+            mixed.append(name)
         if name != stem:
             kohya_names[name] = stem
         if ALPHA not in kinds:
@@ -159,6 +162,7 @@ def read_kohya(path: str | os.PathLike[str]) -> Adapter:
         notes.append(f"{len(zero)} modules have alpha 0, which kohya reads as alpha = rank (scale 1): " + ", ".join(zero[:3]))
     if alpha_tensors:
         source["alpha_tensors"] = alpha_tensors
+    notes += src_.mixed_dtype_note(mixed)
     if raw_modules:
         notes.append(
             f"{len(raw_modules)} modules carry dora_scale, lora_mid or other extra keys and are kept as raw tensors, "
@@ -177,7 +181,7 @@ def _module(
 ) -> tuple[Module, dict[str, Any] | None, str | None]:
     """One kohya module as a lora record; the alpha tensor's facts when non-default; a note."""
     where = f"{path}: module {stem!r}"
-    down, up = tensors[kinds[DOWN]], tensors[kinds[UP]]
+    down, up = src_.common_float(tensors[kinds[DOWN]], tensors[kinds[UP]])
     if down.ndim < 2 or up.ndim < 2:
         raise InputError(f"{where}: lora_down {list(down.shape)} and lora_up {list(up.shape)} must be at least 2-D")
     rank = int(down.shape[0])

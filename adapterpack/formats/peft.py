@@ -132,6 +132,11 @@ def read_safetensors(path: Path, *, opened: str | None = None) -> tuple[dict[str
         header = read_header(opened or path)
     except InputError as e:
         raise InputError(f"{path}: cannot read safetensors file ({str(e).removeprefix(f'{opened or path}: ')})") from None
+    for k, t in header.tensors.items():  # before safetensors maps a dtype numpy lacks (F8_E4M3: "module 'numpy' has no attribute")
+        try:
+            dtypes.by_safetensors(t.dtype)
+        except AdapterpackError:
+            raise InputError(f"{path}: tensor {k!r:.200} has dtype {t.dtype}, which adapterpack cannot store") from None
     if any(t.dtype == "BF16" for t in header.tensors.values()):
         dtypes.by_name("bfloat16").numpy  # noqa: B018  (imports ml_dtypes, which registers the dtype safetensors asks numpy for)
     try:
@@ -248,6 +253,7 @@ def read_peft(path: str | os.PathLike[str]) -> Adapter:
         source["model_card"] = card
     overrides: dict[str, dict[str, str]] = {}
     mag_shapes: dict[str, list[int]] = {}
+    mixed: list[str] = []
 
     adapter = Adapter(
         name="default",
@@ -266,13 +272,15 @@ def read_peft(path: str | os.PathLike[str]) -> Adapter:
             if tuple(raw.shape) != magnitude_shape(mod.params["layout"], int(b.shape[0]), a.ndim):
                 mag_shapes[name] = list(raw.shape)
         adapter.modules[name] = mod
+        if tensors[g["A"][0]].dtype != tensors[g["B"][0]].dtype:
+            mixed.append(name)
     for key in other:
         adapter.tensors[key] = tensors[key]
     if overrides:
         source["key_overrides"] = overrides
     if mag_shapes:
         source["magnitude_shapes"] = mag_shapes
-    notes = _notes(cfg, adapter) + ([card_note] if card_note else [])
+    notes = _notes(cfg, adapter) + ([card_note] if card_note else []) + src_.mixed_dtype_note(mixed)
     if notes:
         source["notes"] = notes
     return adapter
@@ -329,7 +337,7 @@ def _module(name: str, g: dict[str, tuple[str, str]], tensors: dict[str, np.ndar
     kinds = {g["A"][1], g["B"][1]}
     if kinds not in ({"lora_A", "lora_B"}, {"lora_embedding_A", "lora_embedding_B"}):
         raise InputError(f"{where} mixes embedding and linear factor keys: {g['A'][0]!r}, {g['B'][0]!r}")
-    a, b = tensors[g["A"][0]], tensors[g["B"][0]]
+    a, b = src_.common_float(tensors[g["A"][0]], tensors[g["B"][0]])
     if a.ndim < 2 or b.ndim < 2:
         raise InputError(f"{where}: factors must have at least 2 dimensions, got A {list(a.shape)}, B {list(b.shape)}")
     rank = int(a.shape[0])
@@ -394,6 +402,11 @@ def _notes(cfg: dict[str, Any], adapter: Adapter) -> list[str]:
         notes.append(
             f"lora_bias: {len(bias)} lora_B.bias tensors are carried untouched (a PEFT export writes them back), but delta() "
             "covers the weight only; PEFT adds scale · lora_B.bias to the base layer's bias"
+        )
+    if cfg.get("alora_invocation_tokens") is not None:
+        notes.append(
+            f"activated LoRA (aLoRA): it applies only from its {len(cfg['alora_invocation_tokens'])} invocation token(s) on; "
+            "PEFT and GGUF outputs keep them, other outputs and merge are refused"
         )
     if cfg.get("fan_in_fan_out") and any(m.params["layout"] == "linear" for m in adapter):
         notes.append("fan_in_fan_out applied to every linear module (PEFT turns it off for nn.Linear layers)")
@@ -506,7 +519,13 @@ def peft_config(adapter: Adapter, *, rank: int | None = None) -> dict[str, Any]:
     original = src_.config(adapter, src_.provenance(adapter, "peft"))
     if original is not None and _consistent(original, _module_values(adapter)) and rank in (None, original.get("r")):
         return dict(original)
-    return synthesize_config(adapter, original, rank=rank)
+    cfg = synthesize_config(adapter, original, rank=rank)
+    alora = src_.adapter_alora_tokens(adapter)  # an activated LoRA read from a GGUF file
+    if alora is not None and cfg.get("alora_invocation_tokens") is None:
+        cfg["alora_invocation_tokens"] = alora
+        if cfg.get("task_type") is None:  # llama.cpp adapters are causal LMs, the one task PEFT runs aLoRA for
+            cfg["task_type"] = "CAUSAL_LM"
+    return cfg
 
 
 def peft_tensors(adapter: Adapter, *, dtype: str | None = None, drop_tensors: bool = False) -> dict[str, np.ndarray]:

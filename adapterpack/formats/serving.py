@@ -417,6 +417,13 @@ def check(adapter: Adapter, target: str, *, max_lora_rank: int | None = None, ba
         found = _names(adapter, target) + found
     if target in ("vllm", "peft"):
         found = _check_saved(adapter, target) + _module_names(adapter, target, base if isinstance(base, list) else None) + found
+    if target == "kohya" and src_.adapter_alora_tokens(adapter) is not None:
+        found.append(
+            Finding(
+                target, "refuse", "an activated LoRA (aLoRA): kohya has no invocation tokens and would apply it to every token",
+                "none: keep it as PEFT or GGUF", [],
+            )
+        )  # fmt: skip
     if not adapter.modules:
         found.insert(0, Finding(target, "refuse", "the adapter has no modules", "none", []))
     return sorted(found, key=lambda f: SEVERITIES.index(f.severity))
@@ -474,7 +481,8 @@ def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors:
     for f in refusals:
         if "full tensors" in f.problem and drop_tensors:
             continue
-        raise ConversionError(f"vLLM would refuse this adapter: {f.problem} ({_some(f.modules)}); fix: {f.fix}")
+        where = f" ({_some(f.modules)})" if f.modules else ""  # a finding about the whole adapter names no module
+        raise ConversionError(f"vLLM would refuse this adapter: {f.problem}{where}; fix: {f.fix}")
     limit = max_lora_rank or VLLM_RANKS[-1]
     mods = {n: as_lora(m) for n, m in adapter.modules.items()}
     reranked: dict[str, float] = {}
@@ -528,6 +536,8 @@ def write_vllm(
     single, plan = to_vllm(adapter, max_lora_rank=max_lora_rank, drop_tensors=drop_tensors)
     if (card := model_card(adapter)) is not None:  # the model card goes with the folder (its config is rebuilt)
         single.source["model_card"] = card
+    if (alora := src_.adapter_alora_tokens(adapter)) is not None:  # an activated LoRA stays one
+        single.source["alora_invocation_tokens"] = alora
     write_peft(single, Path(dst), overwrite=overwrite, rank=plan.rank)
     return plan
 

@@ -18,9 +18,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from adapterpack import dtypes
 from adapterpack.adapter import Adapter
 from adapterpack.errors import AdapterpackError, ConversionError, InputError
 from adapterpack.limits import MAX_NDIM
+
+#: Invocation tokens an activated LoRA may list (a prompt's worth; the config's own size limit bounds it too).
+MAX_ALORA_TOKENS = 4096
 
 
 def json_metadata(meta: dict[str, str], key: str, path: Path) -> dict[str, Any]:
@@ -34,6 +40,33 @@ def json_metadata(meta: dict[str, str], key: str, path: Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise InputError(f"{path}: metadata {key!r} must be a JSON object")
     return obj
+
+
+def common_float(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A module's two factors in one float dtype, exactly: PEFT, kohya and diffusers copy each factor into
+    its layer's dtype, so a file may hold, say, a float16 A and a bfloat16 B; a record holds one dtype.
+
+    Two floats of different dtypes become the narrowest dtype holding both exactly (float32, or float64
+    beside a float64); anything else is returned as is, for the record's check to name."""
+    if a.dtype == b.dtype:
+        return a, b
+    try:
+        da, db = dtypes.of_array(a), dtypes.of_array(b)
+    except AdapterpackError:
+        return a, b
+    if not (da.is_float and db.is_float):
+        return a, b
+    wide = np.float64 if max(a.dtype.itemsize, b.dtype.itemsize) == 8 else np.float32
+    return a.astype(wide), b.astype(wide)
+
+
+def mixed_dtype_note(names: list[str]) -> list[str]:
+    """The note for modules whose factors :func:`common_float` widened (none when ``names`` is empty)."""
+    if not names:
+        return []
+    more = ", ..." if len(names) > 3 else ""
+    return [f"{len(names)} modules have factors of two float dtypes, both held in the wider float dtype (exact): "
+            + ", ".join(names[:3]) + more]  # fmt: skip
 
 
 def is_number(value: Any) -> bool:
@@ -153,12 +186,47 @@ def check_config(cfg: dict[str, Any], where: str, error: type[AdapterpackError] 
                 raise error(f"{where}: rank_pattern[{k!r}] must be a positive integer, got {v!r:.40}")
             if key == "alpha_pattern":
                 _number(v, f"alpha_pattern[{k!r}]", where, error)
-    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
-        if not isinstance(cfg.get(key, False), bool):
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):  # null: off, as PEFT tests the flag for truth
+        if not isinstance(cfg.get(key, False), (bool, type(None))):
             raise error(f"{where}: {key} must be true or false, got {cfg[key]!r:.40}")
+    if cfg.get("alora_invocation_tokens") is not None:
+        alora_tokens(cfg["alora_invocation_tokens"], f"{where}: alora_invocation_tokens", error)
     tm = cfg.get("target_modules")
     if not (tm is None or isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(x, str) for x in tm))):
         raise error(f"{where}: target_modules must be a string, a list of strings or null, got {tm!r:.80}")
+
+
+def alora_tokens(value: Any, where: str, error: type[AdapterpackError] = InputError) -> list[int]:
+    """An activated LoRA's invocation token ids (PEFT's ``alora_invocation_tokens``, llama.cpp's
+    ``adapter.alora.invocation_tokens``): a non-empty list of integers in [0, 2^32)."""
+    ok = isinstance(value, list) and value and len(value) <= MAX_ALORA_TOKENS
+    if not ok or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 2**32 for t in value):
+        raise error(f"{where} must be a non-empty list of at most {MAX_ALORA_TOKENS} token ids (integers >= 0), got {value!r:.80}")
+    return list(value)
+
+
+def adapter_alora_tokens(adapter: Adapter) -> list[int] | None:
+    """The invocation tokens of an activated LoRA (aLoRA: it applies only from that token sequence on), as its
+    PEFT config or its GGUF file gave them; None for a plain LoRA."""
+    src = adapter.source if isinstance(adapter.source, dict) else {}
+    if "alora_invocation_tokens" in src:  # a GGUF import, or an export that rebuilt the adapter (vLLM's)
+        value = src["alora_invocation_tokens"]
+    else:
+        cfg = config(adapter, provenance(adapter, "peft"))
+        value = cfg.get("alora_invocation_tokens") if cfg else None
+    if value is None:
+        return None
+    return alora_tokens(value, f"adapter {adapter.name!r}: recorded alora_invocation_tokens", ConversionError)
+
+
+def refuse_alora(adapter: Adapter, target: str) -> None:
+    """ConversionError for an activated LoRA going to ``target``, which has no invocation tokens: there it would
+    apply to every token, a different adapter."""
+    if adapter_alora_tokens(adapter) is not None:
+        raise ConversionError(
+            f"adapter {adapter.name!r} is an activated LoRA (aLoRA: it applies only from its invocation tokens on); "
+            f"{target} has no invocation tokens and would apply it to every token (PEFT and GGUF outputs keep them)"
+        )
 
 
 def _number(value: Any, what: str, where: str, error: type[AdapterpackError]) -> None:

@@ -20,6 +20,7 @@ from adapterpack.adapter import Adapter
 from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.container.writer import write_apack
 from adapterpack.errors import ConversionError, OptionError
+from adapterpack.formats import source as src_
 from adapterpack.formats.diffusers import write_diffusers
 from adapterpack.formats.gguf import write_gguf
 from adapterpack.formats.kohya import write_kohya
@@ -165,6 +166,8 @@ def write_adapters(
         notes = export_notes(adapter)
         write_peft(adapter, dst, drop_tensors=drop_tensors, overwrite=overwrite)
         return named + notes
+    if fmt in ("kohya", "diffusers"):
+        src_.refuse_alora(adapters[0], f"a {fmt} file")
     if fmt == "diffusers":
         return write_diffusers(adapters[0], dst, base=base, component=component, drop_tensors=drop_tensors, overwrite=overwrite)
     write_kohya(adapters[0], dst, drop_tensors=drop_tensors, overwrite=overwrite)

@@ -225,13 +225,16 @@ def _energy_ranks(adapters: list[Adapter]) -> dict[str, list[int]]:
     return out
 
 
-def audit_input(path: str | os.PathLike[str], measure: Sequence[str] = VARIANTS) -> InputAudit:
+def audit_input(
+    path: str | os.PathLike[str], measure: Sequence[str] = VARIANTS, base: str | os.PathLike[str] | None = None
+) -> InputAudit:
     """Audit one input, sizing the alternatives in ``measure`` (default all of :data:`VARIANTS`);
-    a file that cannot be read comes back with ``error`` set (one line), not raised."""
+    a file that cannot be read comes back with ``error`` set (one line), not raised. ``base``: for GGUF
+    inputs, the base model's GGUF file or config.json (llama.cpp's q/k row order)."""
     start = time.perf_counter()
     res = InputAudit(path=str(path))
     try:
-        with open_adapters(path, verify=True) as opened:
+        with open_adapters(path, verify=True, base=base) as opened:  # only a GGUF input reads base
             res.format = opened.format
             res.bytes = footprint(path)
             adapters = [loaded(a) for a in opened.adapters]
@@ -395,8 +398,10 @@ def find_inputs(paths: Iterable[str | os.PathLike[str]]) -> Found:
 # --- many inputs ------------------------------------------------------------------------------------
 
 
-def _results(inputs: list[Path], jobs: int, measure: tuple[str, ...]) -> Iterator[InputAudit]:
-    one = functools.partial(audit_input, measure=measure)
+def _results(
+    inputs: list[Path], jobs: int, measure: tuple[str, ...], base: str | os.PathLike[str] | None = None
+) -> Iterator[InputAudit]:
+    one = functools.partial(audit_input, measure=measure, base=base)
     if jobs <= 1 or len(inputs) <= 1:
         yield from map(one, inputs)
         return
@@ -420,12 +425,14 @@ def audit_paths(
     jobs: int = 1,
     measure: Sequence[str] = VARIANTS,
     progress: Callable[[int], Any] | None = None,
+    base: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Audit every input under ``paths`` (or already :func:`find_inputs`' result):
     ``{"inputs": [...], "missing", "skipped", "totals", "measured"}``.
 
     ``measure`` picks the alternatives to size (names from :data:`VARIANTS`; fewer is faster);
     the energy ranks are reported whatever it holds.
+    ``base``: for GGUF inputs, the base model's GGUF file or config.json (see :func:`audit_input`).
     ``progress(n)`` is called with 1 after each input. Unreadable inputs are rows with ``ok``
     false and an ``error``; paths matching nothing are listed in ``missing``.
     """
@@ -435,7 +442,7 @@ def audit_paths(
         raise AdapterpackError(f"cannot measure {', '.join(unknown)} (known: {', '.join(KNOWN_VARIANTS)})")
     measured = tuple(v for v in KNOWN_VARIANTS if v in measure)
     rows: list[InputAudit] = []
-    for res in _results(found.inputs, jobs, measured):
+    for res in _results(found.inputs, jobs, measured, base):
         rows.append(res)
         if progress is not None:
             progress(1)

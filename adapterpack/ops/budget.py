@@ -80,7 +80,8 @@ def fit_to_file(
             if best is None or b > best.allocation_budget:
                 best = Fitted(plan, n, b, rounds)
             slack = budget - n
-            if same or slack < GROW_SLACK * budget:  # close enough: what one more round could add is a rounding
+            # close enough: what one more round could add is a rounding (a ratio: a budget past float's range stays exact)
+            if same or slack <= 0 or slack / budget < GROW_SLACK:
                 break
             b += slack  # a compressing codec can leave room: give the allocation what the file did not use
         else:

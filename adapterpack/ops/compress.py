@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from adapterpack import progress
-from adapterpack.adapter import Adapter, Module
+from adapterpack.adapter import Adapter, Module, decoded_bytes
 from adapterpack.errors import ConversionError
 from adapterpack.linalg import allocate
 from adapterpack.linalg.bitalloc import Choices, module_choices
@@ -174,11 +174,31 @@ def fp16_factor_bytes(adapter: Adapter, names: list[str] | None = None) -> int:
     return total
 
 
+def _is_real(x: object) -> bool:
+    """A finite real number (int, float or a numpy scalar of one; not a bool, not a string)."""
+    ok = isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+    return ok and (isinstance(x, (int, np.integer)) or math.isfinite(x))  # type: ignore[arg-type]
+
+
+def _whole_bytes(budget: object) -> int:
+    """A budget as whole bytes (a finite float is floored); anything else a ConversionError, not a numpy TypeError."""
+    if not _is_real(budget) or budget < 0:  # type: ignore[operator]
+        raise ConversionError(f"budget must be a finite number of bytes >= 0, got {budget!r}")
+    return int(budget)  # type: ignore[call-overload]
+
+
+def _integer(x: object, what: str) -> int:
+    """An int option (a numpy integer too); a float or a string is refused, not truncated."""
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+        raise ConversionError(f"{what} must be an integer, got {x!r}")
+    return int(x)
+
+
 def _check_bits(q: ModuleType, bits: tuple[int, ...] | None) -> tuple[int, ...]:
     allowed = (*tuple(q.BITS), q.FLOAT)
     if bits is None:
         return allowed
-    bits = tuple(sorted(set(int(b) for b in bits)))
+    bits = tuple(sorted(set(_integer(b, "bits") for b in bits)))
     bad = [b for b in bits if b not in allowed]
     if not bits or bad:
         allowed_text = ", ".join(map(str, allowed))
@@ -275,19 +295,21 @@ def compress(
     q = _qsvd()
     if (budget is None) == (budget_ratio is None):
         raise ConversionError("give exactly one of budget (bytes of the whole file) and budget_ratio (of the fp16 factors)")
-    if budget is not None and budget < 0:
-        raise ConversionError(f"budget must be >= 0 bytes, got {budget}")
-    if budget_ratio is not None and not 0 < budget_ratio <= 1:
-        raise ConversionError(f"budget_ratio must be in (0, 1], got {budget_ratio}")
+    if budget is not None:
+        budget = _whole_bytes(budget)
+    if budget_ratio is not None and not (_is_real(budget_ratio) and 0 < budget_ratio <= 1):
+        raise ConversionError(f"budget_ratio must be a number in (0, 1], got {budget_ratio!r}")
     weighting = weighting or ("absolute" if importance is not None else "balanced")
     if weighting not in WEIGHTINGS:
         raise ConversionError(f"weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
     if method not in ("dp", "greedy"):
         raise ConversionError(f"method must be dp or greedy, got {method!r}")
+    min_rank = _integer(min_rank, "min_rank")
+    max_rank = None if max_rank is None else _integer(max_rank, "max_rank")
     if min_rank < 0 or (max_rank is not None and max_rank < min_rank):
         raise ConversionError(f"need 0 <= min_rank <= max_rank, got {min_rank} and {max_rank}")
     widths = _check_bits(q, tuple(bits) if bits is not None else None)
-    group = int(q.DEFAULT_GROUP_SIZE if group_size is None else group_size)
+    group = _integer(q.DEFAULT_GROUP_SIZE if group_size is None else group_size, "group_size")
     if group < 1:
         raise ConversionError(f"group_size must be >= 1, got {group}")
     try:
@@ -321,7 +343,9 @@ def compress(
             int(m.summary().get("rank", 0)),
         )  # fmt: skip
     if not works:
-        raise ConversionError("no module to compress" + (f" matches {modules!r}" if pattern else ""))
+        dora = sum(1 for m in adapter if m.params.get("dora", False) and (pattern is None or pattern.search(m.name)))
+        why = f": {dora} DoRA module(s) are kept as they are (the magnitude needs the base weight)" if dora else ""
+        raise ConversionError("no module to compress" + (f" matches {modules!r}" if pattern else "") + why)
     fp16 = sum(w.fp16 for w in works.values())
     if budget is None:
         budget = int(fp16 * float(budget_ratio))  # type: ignore[arg-type]
@@ -338,8 +362,10 @@ def compress(
             records[key] = q.encode_qsvd(w.u, w.s, w.vt, [widths[c] for c in cols], group, template=w.module)
         return records[key]
 
+    largest = sum(int(w.choices.nbytes[-1]) for w in wl)
+
     def plan(b: int) -> tuple[list[int], Adapter]:
-        picks = _solve(wl, b, weighting, method)
+        picks = _solve(wl, min(b, largest), weighting, method)  # more than every largest choice buys nothing more
         mods = dict(adapter.modules)
         for w, i in zip(wl, picks):
             mods[w.module.name] = record(w, w.choices.columns[i])
@@ -350,7 +376,15 @@ def compress(
     def spent(p: tuple[list[int], Adapter]) -> int:
         return sum(int(w.choices.nbytes[i]) for w, i in zip(wl, p[0]))
 
-    fitted = fit_to_file(plan, lambda p: apack_file_size([p[1]], codec), budget, floor=smallest, cost=spent)
+    try:
+        fitted = fit_to_file(plan, lambda p: apack_file_size([p[1]], codec), budget, floor=smallest, cost=spent)
+    except ConversionError as e:
+        kept = sum(m.decoded_bytes for m in adapter if m.name not in works) + sum(map(decoded_bytes, adapter.tensors.values()))
+        if not kept:
+            raise
+        raise ConversionError(
+            f"{e}; {kept:,} B of it are kept as they are (pass-through tensors such as modules_to_save, and modules not compressed)"
+        ) from None
     picks, out = fitted.plan
 
     results: list[ModuleResult] = []
@@ -408,11 +442,14 @@ def compress_file(
     *,
     force: bool = False,
     adapter: str | None = None,
+    base: str | os.PathLike[str] | None = None,
     **options: Any,
 ) -> CompressResult:
     """Compress ``src`` (any format :func:`adapterpack.open` reads) into the .apack ``dst`` (``None``: plan only).
 
-    ``options`` are :func:`compress`'s. The file written is exactly the size the report gives."""
+    ``base``: for a GGUF ``src``, the base model's GGUF file or config.json (the head counts that put
+    llama.cpp's q/k rows back in order). ``options`` are :func:`compress`'s. The file written is exactly
+    the size the report gives."""
     from adapterpack.container.writer import write_apack
     from adapterpack.ops.convert import check_destination, infer_target, load_source
 
@@ -423,7 +460,7 @@ def compress_file(
         if infer_target(dst) != "apack":
             raise ConversionError(f"compress writes .apack files ({dst}); convert it to other formats afterwards")
         check_destination(src, dst, "apack", force)
-    source = load_source(src, adapter)
+    source = load_source(src, adapter, base=base)
     try:
         if len(source.adapters) != 1:
             names = ", ".join(a.name for a in source.adapters)

@@ -23,7 +23,7 @@ from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module, TensorLike, as_array, tensor_info
 from adapterpack.atomic import exists_error
 from adapterpack.codecs import DEFAULT_CODEC, get_codec
-from adapterpack.encodings.lower import at_rank
+from adapterpack.encodings.lower import as_lora, at_rank
 from adapterpack.errors import ConversionError, OptionError
 from adapterpack.formats import Opened, open_adapters
 from adapterpack.formats.source import notes as source_notes
@@ -220,6 +220,8 @@ def convert(
         if rank is not None:
             adapters = [replace(a, modules={n: at_rank(m, rank) for n, m in a.modules.items()}, closer=None) for a in adapters]
         if dtype != "keep":
+            if target not in APACK_TARGETS:  # the output holds LoRA factors: a qsvd / nola / shared record has none to cast
+                adapters = [replace(a, modules={n: as_lora(m) for n, m in a.modules.items()}, closer=None) for a in adapters]
             pairs = [cast_adapter(a, dtype) for a in adapters]
             adapters, casts = [p[0] for p in pairs], [p[1] for p in pairs]
         fitted: list[str] = []

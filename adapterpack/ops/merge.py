@@ -30,6 +30,7 @@ from adapterpack.adapter import Adapter, Module, as_array, tensor_info
 from adapterpack.atomic import atomic_dir
 from adapterpack.errors import AdapterpackError, ConversionError, InputError
 from adapterpack.formats.safetensors_header import Header, read_header
+from adapterpack.formats.source import refuse_alora
 from adapterpack.ops.files import open as open_adapter
 
 #: Index file of a sharded checkpoint (Hugging Face's name).
@@ -244,7 +245,10 @@ def merge(
         from adapterpack.atomic import exists_error
 
         raise exists_error(dst)
-    with open_adapter(src, adapter=adapter) as ad:
+    # a GGUF adapter's q/k rows are in llama.cpp's order: the base folder's config.json gives the head counts
+    heads = base if (base / "config.json").is_file() else None
+    with open_adapter(src, adapter=adapter, base=heads) as ad:
+        refuse_alora(ad, "a merged model")
         p = plan(ad, base, drop_tensors=drop_tensors)
         by_file: dict[str, list[tuple[str, str]]] = {}
         for name, key in p.modules.items():

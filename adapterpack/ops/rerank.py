@@ -9,6 +9,7 @@ byte budget solved as a multiple-choice knapsack (:mod:`adapterpack.linalg.alloc
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -40,6 +41,17 @@ from adapterpack.ops.report import footprint
 RULES = ("rank", "energy", "sv_ratio", "budget", "budget_ratio")
 ENCODINGS = ("svd", "lora")
 ROUND_MODES = ("up", "down")
+
+
+def _is_int(x: object) -> bool:
+    """An integer (a numpy one too), not a bool."""
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _is_real(x: object) -> bool:
+    """A finite real number (int, float or a numpy scalar of one), not a bool or a string."""
+    ok = isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+    return ok and (isinstance(x, (int, np.integer)) or math.isfinite(x))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,14 @@ class RerankPolicy:
             raise ConversionError(f"give exactly one of {', '.join(RULES)} (got {', '.join(set_) or 'none'})")
         rule = set_[0]
         value = getattr(self, rule)
+        kind_ok = _is_int(value) if rule == "rank" else _is_real(value)
+        if not kind_ok:
+            what = "an integer" if rule == "rank" else "a finite number"
+            raise ConversionError(f"{rule} must be {what}, got {value!r:.40}")
+        for name in ("min_rank", "max_rank"):
+            limit = getattr(self, name)
+            if limit is not None and not _is_int(limit):
+                raise ConversionError(f"{name} must be an integer, got {limit!r:.40}")
         bad = {
             "rank": lambda v: v < 0,
             "energy": lambda v: not 0 < v <= 1,

@@ -1,0 +1,135 @@
+"""Activated LoRA (aLoRA: applies only from its invocation tokens on; PEFT's alora_invocation_tokens, llama.cpp's
+adapter.alora.invocation_tokens): carried between PEFT and GGUF, refused where the target would apply it to every token."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import adapterpack
+from adapterpack.errors import ConversionError
+from adapterpack.ops.convert import convert
+
+TOKENS = [5, 17, 3]
+
+
+def _gguf(path: Path, tokens: list[int] | None) -> Path:
+    import gguf
+
+    rng = np.random.default_rng(0)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", 4.0)
+    if tokens is not None:
+        w.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, tokens, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
+    w.add_tensor("blk.0.attn_v.weight.lora_a", rng.standard_normal((2, 16)).astype(np.float32))
+    w.add_tensor("blk.0.attn_v.weight.lora_b", rng.standard_normal((8, 2)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _gguf_tokens(path: Path) -> tuple[list[int] | None, str | None]:
+    import gguf
+
+    f = gguf.GGUFReader(str(path)).fields.get(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS)
+    if f is None:
+        return None, None
+    return [int(f.parts[i][0]) for i in f.data], f.types[-1].name
+
+
+def _peft(folder: Path, tokens: list[int] | None) -> Path:
+    folder.mkdir()
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["v_proj"], "alora_invocation_tokens": tokens}
+    (folder / "adapter_config.json").write_text(json.dumps(cfg))
+    rng = np.random.default_rng(1)
+    pre = "base_model.model.model.layers.0.self_attn.v_proj"
+    a, b = rng.standard_normal((2, 16)).astype(np.float32), rng.standard_normal((8, 2)).astype(np.float32)
+    save_file({f"{pre}.lora_A.weight": a, f"{pre}.lora_B.weight": b}, folder / "adapter_model.safetensors")
+    return folder
+
+
+def test_gguf_alora_is_read_with_a_note_and_written_back(tmp_path: Path) -> None:
+    src = _gguf(tmp_path / "a.gguf", TOKENS)
+    ad = adapterpack.open(src)
+    assert any("aLoRA" in n for n in ad.source["notes"])
+    convert(src, tmp_path / "b.gguf")
+    assert _gguf_tokens(tmp_path / "b.gguf") == (TOKENS, "UINT32")
+    convert(src, tmp_path / "a.apack")  # through an .apack too
+    convert(tmp_path / "a.apack", tmp_path / "c.gguf")
+    assert _gguf_tokens(tmp_path / "c.gguf") == (TOKENS, "UINT32")
+
+
+def test_gguf_alora_to_peft_sets_alora_invocation_tokens(tmp_path: Path) -> None:
+    from peft import LoraConfig
+
+    convert(_gguf(tmp_path / "a.gguf", TOKENS), tmp_path / "peft", to="peft")
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["alora_invocation_tokens"] == TOKENS
+    assert LoraConfig.from_pretrained(str(tmp_path / "peft")).alora_invocation_tokens == TOKENS
+
+
+def test_peft_alora_to_gguf_writes_the_tokens(tmp_path: Path) -> None:
+    convert(_peft(tmp_path / "p", TOKENS), tmp_path / "a.gguf")
+    assert _gguf_tokens(tmp_path / "a.gguf") == (TOKENS, "UINT32")
+
+
+def test_a_plain_lora_gets_no_alora_key(tmp_path: Path) -> None:
+    convert(_gguf(tmp_path / "a.gguf", None), tmp_path / "b.gguf")
+    convert(_peft(tmp_path / "p", None), tmp_path / "c.gguf")
+    assert _gguf_tokens(tmp_path / "b.gguf") == (None, None) == _gguf_tokens(tmp_path / "c.gguf")
+
+
+@pytest.mark.parametrize(("to", "name"), [("kohya", "k.safetensors"), ("diffusers", "pytorch_lora_weights.safetensors")])
+def test_alora_to_a_format_without_invocation_tokens_is_refused(tmp_path: Path, to: str, name: str) -> None:
+    extra = {"component": "transformer"} if to == "diffusers" else {}
+    for i, src in enumerate((_gguf(tmp_path / "a.gguf", TOKENS), _peft(tmp_path / "p", TOKENS))):
+        with pytest.raises(ConversionError, match="aLoRA"):
+            convert(src, tmp_path / f"{i}{name}", to=to, **extra)  # type: ignore[arg-type]
+        assert not (tmp_path / f"{i}{name}").exists()
+
+
+def test_merging_an_alora_is_refused(tmp_path: Path) -> None:
+    from adapterpack.ops.merge import merge
+
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"model.layers.0.self_attn.v_proj.weight": np.zeros((8, 16), np.float32)}, base / "model.safetensors")
+    with pytest.raises(ConversionError, match="aLoRA"):
+        merge(_peft(tmp_path / "p", TOKENS), base, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tokens", [[], ["x"], [-1], [True], [2**40]])
+def test_peft_alora_tokens_of_the_wrong_kind_are_refused(tmp_path: Path, tokens: list[object]) -> None:
+    from adapterpack.errors import InputError
+
+    with pytest.raises(InputError, match="alora_invocation_tokens"):
+        adapterpack.open(_peft(tmp_path / "p", tokens))  # type: ignore[arg-type]
+
+
+def test_vllm_export_keeps_the_invocation_tokens(tmp_path: Path) -> None:
+    """The vLLM export rebuilds the adapter (scales baked): it stays an activated LoRA."""
+    for name, src in (("v1", _peft(tmp_path / "p", TOKENS)), ("v2", _gguf(tmp_path / "a.gguf", TOKENS))):
+        convert(src, tmp_path / name, to="peft", serve_for="vllm")
+        assert json.loads((tmp_path / name / "adapter_config.json").read_text())["alora_invocation_tokens"] == TOKENS
+
+
+def test_check_kohya_lists_the_alora_refusal(tmp_path: Path) -> None:
+    from adapterpack.formats.serving import check
+
+    ad = adapterpack.open(_peft(tmp_path / "p", TOKENS))
+    assert any(f.severity == "refuse" and "aLoRA" in f.problem for f in check(ad, "kohya"))
+    assert not any("aLoRA" in f.problem for t in ("peft", "vllm", "llama.cpp") for f in check(ad, t))
+
+
+def test_peft_alora_is_read_with_a_note(tmp_path: Path) -> None:
+    ad = adapterpack.open(_peft(tmp_path / "p", TOKENS))
+    assert any("aLoRA" in n for n in ad.source["notes"])
+    assert not any("aLoRA" in n for n in adapterpack.open(_peft(tmp_path / "q", None)).source.get("notes", []))
