@@ -52,12 +52,12 @@ def test_lower_hull_against_its_definition(seed: int) -> None:
     assert np.all(np.diff(slopes) > 0)
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(10))
 def test_module_choices_is_the_lower_hull_of_every_configuration(seed: int) -> None:
     rng = np.random.default_rng(seed)
     k, c = 4, 3
     nb, err, cut = _table(rng, k, c)
-    lo = seed % 2
+    lo = seed % 5  # min_rank 0 .. k: at 2 and more the components below it were left at their cheapest width
     ch = module_choices(nb, err, cut, fixed=5, min_rank=lo)
     pts = [(b + 5, d) for b, d in _brute(nb, err, cut, lo, k)]
     x = np.array([p[0] for p in pts], float)

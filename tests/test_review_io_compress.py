@@ -113,13 +113,8 @@ def test_an_all_dora_adapter_says_why_nothing_is_compressed() -> None:
         comp.compress(ad.derived(mods), budget_ratio=0.5)
 
 
-_BITALLOC_MIN_RANK = (
-    "linalg/bitalloc.module_choices: with min_rank = m >= 2 the hull never adds the width segments of components "
-    "0 .. m-2, so they stay at their cheapest width (fix belongs to the linalg owner: seed `segs` with per_comp[: m - 1])"
-)
 
 
-@pytest.mark.xfail(strict=True, reason=_BITALLOC_MIN_RANK)
 @pytest.mark.parametrize("kw", [{"min_rank": 4}, {"min_rank": 3, "max_rank": 3}])
 def test_min_rank_does_not_pin_the_leading_components_to_their_cheapest_width(kw: dict[str, int]) -> None:
     """A budget far above the all-float file: every kept component in float, whatever the rank bounds
@@ -131,7 +126,6 @@ def test_min_rank_does_not_pin_the_leading_components_to_their_cheapest_width(kw
     assert bound.total["rel_error"] == pytest.approx(free.total["rel_error"], rel=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason=_BITALLOC_MIN_RANK)
 @pytest.mark.parametrize("lo", [2, 3])
 def test_module_choices_with_min_rank_is_the_hull_of_its_configurations(lo: int) -> None:
     """module_choices(min_rank=lo) against brute force over every configuration of rank >= lo."""

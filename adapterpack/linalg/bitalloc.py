@@ -112,6 +112,8 @@ def module_choices(
     xs: list[np.ndarray] = []
     ys: list[np.ndarray] = []
     ranks: list[np.ndarray] = []  # rank j of each candidate
+    for own in per_comp[: max(lo - 1, 0)]:  # components below the first rank offered: the loop adds the rest
+        segs.extend(own)
     for j in range(lo, hi + 1):
         if j > 0:
             segs.extend(per_comp[j - 1])
