@@ -133,3 +133,47 @@ def test_peft_alora_is_read_with_a_note(tmp_path: Path) -> None:
     ad = adapterpack.open(_peft(tmp_path / "p", TOKENS))
     assert any("aLoRA" in n for n in ad.source["notes"])
     assert not any("aLoRA" in n for n in adapterpack.open(_peft(tmp_path / "q", None)).source.get("notes", []))
+
+
+@pytest.mark.parametrize("as_adapter", [False, True])
+def test_torch_apply_refuses_an_alora(tmp_path: Path, as_adapter: bool) -> None:
+    """apply() patches weights or hooks a forward: it has no notion of invocation tokens, so an aLoRA is refused
+    (the model left as it was) rather than applied to every token; the same adapter without tokens applies."""
+    torch = pytest.importorskip("torch")
+    from adapterpack.errors import ApplyError
+    from adapterpack.torch import apply
+
+    class Attn(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.v_proj = torch.nn.Linear(16, 8, bias=False)
+
+    class Layer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.self_attn = Attn()
+
+    class Inner(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Layer()])
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = Inner()
+
+    model = Model()
+    before = model.model.layers[0].self_attn.v_proj.weight.detach().clone()
+    for tokens, folder in ((TOKENS, "alora"), (None, "plain")):
+        src = _peft(tmp_path / folder, tokens)
+        source = adapterpack.open(src) if as_adapter else src
+        if tokens is not None:
+            with pytest.raises(ApplyError, match="activated LoRA"):
+                apply(model, source)
+            assert torch.equal(model.model.layers[0].self_attn.v_proj.weight, before)
+        else:
+            applied = apply(model, source)
+            assert not torch.equal(model.model.layers[0].self_attn.v_proj.weight, before)
+            applied.unapply()
+            assert torch.equal(model.model.layers[0].self_attn.v_proj.weight, before)

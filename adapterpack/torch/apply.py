@@ -244,16 +244,24 @@ def _hook(p: _Patch, scale: float) -> Callable[..., torch.Tensor]:
 
 def _refuse_full_tensors(source: object, adapter: str | None) -> None:
     """apply() patches LoRA modules only: an adapter that also replaces whole tensors (PEFT
-    ``modules_to_save``) would be applied half, so it is refused (opening reads the index only)."""
+    ``modules_to_save``) would be applied half, so it is refused (opening reads the index only); so is an
+    activated LoRA (aLoRA), which a patched weight or a forward hook would apply to every token."""
     if isinstance(source, dict):
         return
+    from adapterpack.formats.source import adapter_alora_tokens
+
     if isinstance(source, Adapter):
-        tensors = list(source.tensors)
+        tensors, alora = list(source.tensors), adapter_alora_tokens(source)
     else:
         from adapterpack.formats import read_any
 
         with read_any(source, adapter=adapter) as ad:  # type: ignore[arg-type]
-            tensors = list(ad.tensors)
+            tensors, alora = list(ad.tensors), adapter_alora_tokens(ad)
+    if alora is not None:
+        raise ApplyError(
+            "the adapter is an activated LoRA (aLoRA: it applies only from its invocation tokens on); apply() has no "
+            "notion of tokens and would apply it to every token"
+        )
     if tensors:
         raise ApplyError(
             f"adapter holds {len(tensors)} full tensors besides LoRA factors (modules_to_save: {', '.join(tensors[:3])}); "
