@@ -230,3 +230,23 @@ def test_metadata_larger_than_the_parse_window_is_read_whole(monkeypatch: pytest
     assert _decode(stored, x.nbytes, 4) == x.tobytes()
     with pytest.raises(CodecError, match="trailing bytes"):
         _decode(stored + b"\0", x.nbytes, 4)
+
+
+def test_a_blob_of_many_chunks_is_copied_a_chunk_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pco reads ``bytes`` only, so each page is copied out of the blob: a page's copy is bounded by its chunk (twice
+    its raw size), not the rest of the blob, or a blob of c chunks would be copied about c/2 times (quadratic)."""
+    import tracemalloc
+
+    monkeypatch.setattr(pco, "CHUNK", 1 << 14)
+    x = np.random.default_rng(3).standard_normal(1 << 20).astype(np.float32)
+    stored = pco.Pco().encode(memoryview(x).cast("B"), 4)
+    out = bytearray(x.nbytes)
+    tracemalloc.start()
+    try:
+        pco.Pco().decode(memoryview(stored), memoryview(out), 4)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert bytes(out) == x.tobytes() and len(pco.chunk_sizes(len(x))) == 64
+    # a chunk's window (132 KiB) and the un-rotation's block (256 KiB), not the rest of the blob (3.4 MB at first)
+    assert peak < len(stored) // 4, (peak, len(stored))

@@ -15,6 +15,7 @@ stored; every byte is accounted for (trailing bytes are refused).
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -83,15 +84,16 @@ def unrotate_inplace(r: np.ndarray) -> None:
 _META_WINDOW = 4096
 
 
-def _parse(parse: Callable[[bytes], Any], stored: memoryview, pos: int) -> Any:
-    """``parse(bytes from pos)`` for a header or chunk metadata.
+def _parse(parse: Callable[[bytes], Any], stored: memoryview, pos: int, window: int = _META_WINDOW) -> Any:
+    """``parse(bytes from pos)`` for a header, chunk metadata or a page.
 
-    Pco reads only ``bytes`` objects, so each one is a copy: these parts (a few bytes to a few KiB)
-    are parsed from a short window first, and from the whole rest only if they do not fit in it.
+    Pco reads only ``bytes`` objects, so each one is a copy: a part is parsed from a window of ``window``
+    bytes first, and from the whole rest only if it does not fit in it (so a blob of many chunks is copied
+    about once, not once per chunk from there to its end).
     """
-    if len(stored) - pos > _META_WINDOW:
+    if len(stored) - pos > window:
         try:
-            return parse(bytes(stored[pos : pos + _META_WINDOW]))
+            return parse(bytes(stored[pos : pos + window]))
         except Exception as e:
             if "InsufficientData" not in str(e):
                 raise
@@ -161,9 +163,10 @@ class Pco(Codec):
                 cd, used = _parse(lambda b: fd.chunk_decompressor(b, kind), stored, pos)
                 pos += used
                 where = f"chunk {i} page"
-                page = bytes(stored[pos:])  # the one copy of the page: Pco reads bytes objects only
-                progress, used = cd.read_page_into(page, n, dst[start : start + n])
-                del page
+                # the one copy of the page (Pco reads bytes objects only); a page the writer made is at most about
+                # the chunk's raw size, so twice that bounds the copy unless the stream is odd (then: the rest)
+                read = partial(cd.read_page_into, page_n=n, dst=dst[start : start + n])
+                progress, used = _parse(read, stored, pos, 2 * n * itemsize + _META_WINDOW)
                 pos += used
                 if progress.n_processed != n or not progress.finished:
                     raise CodecError(f"pco: chunk {i} page holds {progress.n_processed} elements, expected {n}")
