@@ -110,7 +110,8 @@ class OutputExistsError(ConversionError):
 
 
 class SizeLimitError(AdapterpackError):
-    """A result that no bytes of the file back (a dense ΔW) would exceed a limit of spec §7."""
+    """A result that no bytes of the file back (a dense ΔW) would exceed a limit of spec §7, or a blob's decoded
+    size (within §7's expansion limit) is more than this process can allocate; the file itself is valid."""
 
 
 class OutputWriteError(AdapterpackError, OSError):
