@@ -14,7 +14,9 @@ Module names are matched as PEFT does: the file holds base-model names
 prefix (a ``PeftModel``) matches too, and a PEFT LoRA layer is patched through its ``base_layer``.
 Everything is checked before anything changes: a name with no module in the model, a module
 kind that cannot take the update, or a weight whose shape differs from the record's base shape
-is an :class:`~adapterpack.errors.ApplyError` and the model is left as it was.
+is an :class:`~adapterpack.errors.ApplyError` and the model is left as it was; so are two records naming
+one module (``x`` and ``base_model.model.x``) and, merged, a weight tied to another module (an LM head
+sharing the input embedding's weight: merging would change the embedding too; hooks patch the head only).
 
 DoRA (``magnitude``) records are applied exactly, merged or not, for linear layers
 (``nn.Linear`` and GPT-2's ``Conv1D``): ``W' = m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖`` (norm per output
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterpack.adapter import Adapter
-from adapterpack.errors import ApplyError
+from adapterpack.errors import ApplyError, ConversionError
 from adapterpack.factors import Factors
 from adapterpack.torch.tensors import as_2d
 
@@ -140,7 +142,16 @@ def _load(
     return load(source, device, **kw)
 
 
-def _plan(model: nn.Module, loras: dict[str, Factors]) -> list[_Patch]:
+def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """id of every parameter → names of the distinct modules that hold it directly (tied weights: several)."""
+    owners: dict[int, list[str]] = {}
+    for mname, mod in model.named_modules():
+        for _, prm in mod.named_parameters(recurse=False):
+            owners.setdefault(id(prm), []).append(mname)
+    return owners
+
+
+def _plan(model: nn.Module, loras: dict[str, Factors], merge: bool) -> list[_Patch]:
     """Resolve every module and check kinds and shapes; raises before anything is changed."""
     named = dict(model.named_modules())
     missing = [n for n in loras if find_module(named, n) is None]
@@ -148,9 +159,13 @@ def _plan(model: nn.Module, loras: dict[str, Factors]) -> list[_Patch]:
         some = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise ApplyError(f"{len(missing)} module(s) of the adapter are not in the model: {some}")
     plan = []
+    seen: dict[int, str] = {}
     for name, lt in loras.items():
         mod = find_module(named, name)
         assert mod is not None
+        if id(mod) in seen:  # e.g. "x" and "base_model.model.x": merged, the second would silently drop the first
+            raise ApplyError(f"modules {seen[id(mod)]!r} and {name!r} of the adapter are the same module of the model")
+        seen[id(mod)] = name
         kind = _kind(mod)
         if kind not in _expected_kind(lt):
             what = type(mod).__name__
@@ -163,6 +178,15 @@ def _plan(model: nn.Module, loras: dict[str, Factors]) -> list[_Patch]:
         if kind == "conv" and getattr(mod, "groups", 1) != 1:
             raise ApplyError(f"module {name!r}: grouped convolutions (groups={mod.groups}) are not supported")
         plan.append(_Patch(name, mod, kind, lt))
+    if merge:
+        owners = _weight_owners(model)
+        for p in plan:
+            holders = owners.get(id(p.module.weight), [])
+            if len(holders) > 1:  # tied weights (lm_head / embed_tokens): merging into one changes the others too
+                others = ", ".join(repr(h) for h in holders if named.get(h) is not p.module)
+                raise ApplyError(
+                    f"module {p.name!r}: its weight is tied to {others}; merging would change those too (use merge=False)"
+                )
     return plan
 
 
@@ -214,10 +238,8 @@ def _hook(p: _Patch, scale: float) -> Callable[..., torch.Tensor]:
         b_k = lt.B.to(w.device, w.dtype)
 
         def cnv(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-            x = args[0]
-            if m.padding_mode != "zeros":
-                raise ApplyError(f"module {p.name!r}: padding_mode {m.padding_mode!r} is not supported unmerged")
-            return out + conv(conv(x, a_k, None, m.stride, m.padding, m.dilation), b_k) * s
+            # A convolves as the layer does (its stride, padding, dilation and padding mode: reflect, circular too), B is 1x1
+            return out + conv(m._conv_forward(args[0], a_k, None), b_k) * s
 
         return cnv
     if lt.magnitude is None:
@@ -288,11 +310,13 @@ def apply(
     device = first.device if first is not None else torch.device("cpu")
     kw: dict[str, Any] = {} if isinstance(path_or_adapter, (Adapter, dict)) else {"adapter": adapter, "verify": verify}
     if rank is not None:
+        if isinstance(path_or_adapter, dict):
+            raise ConversionError("rank= applies when opening a file; these factors are already loaded (load them with rank=)")
         kw["rank"] = rank
     loras = _load(path_or_adapter, device, **kw)
     if not loras:
         raise ApplyError("the adapter has no modules to apply")
-    plan = _plan(model, loras)
+    plan = _plan(model, loras, merge)
     applied = Applied(model=model, merged=merge, scale=float(scale))
     try:
         if merge:
