@@ -157,3 +157,31 @@ def test_an_error_midway_leaves_nothing_patched(merge: bool, monkeypatch: pytest
     h = apply(model, ad, merge=merge)  # and the model takes the adapter afterwards
     h.unapply()
     assert _bytes(model) == before
+
+
+def test_a_model_cast_after_apply_unapplies_to_the_cast_original_and_hooks_follow_it() -> None:
+    """Before: unapply after ``model.half()`` put the float32 original back into the half model (a mixed model),
+    and hooks kept their float32 factors (torch's dtype RuntimeError on the next forward). A move to another device
+    (``model.to("cuda")``) takes the same path; only the dtype is exercised here (no GPU in CI)."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 4)
+    model = nn.Sequential(emb, nn.Linear(4, 3))
+    x = torch.tensor([[1, 2, 3]])
+    mods = [Module("0", "lora", (10, 4), {"rank": 2, "alpha": 2.0, "layout": "embedding"}, {"A": _f32(2, 10), "B": _f32(4, 2)}),
+            _lora("1", 3, 4)]
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    h = apply(model, _adapter(*mods))
+    model.double()
+    h.unapply()
+    for k, v in model.state_dict().items():
+        assert v.dtype == torch.float64 and torch.equal(v, original[k].double()), k
+    with torch.no_grad():
+        h = apply(model, _adapter(*mods), merge=False)
+        model.float()
+        got = model(x)
+        h.unapply()
+        ref = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
+        ref.load_state_dict(original)
+        ref[0].weight += torch.from_numpy(mods[0].delta())
+        ref[1].weight += torch.from_numpy(mods[1].delta())
+        torch.testing.assert_close(got, ref(x), rtol=1e-5, atol=1e-5)

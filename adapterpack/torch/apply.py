@@ -124,7 +124,10 @@ def _undo(patches: list[_Patch]) -> None:
         if p.hook is not None:
             p.hook.remove()
         if p.original is not None:
-            p.module.weight.data = p.original
+            now = p.module.weight.data
+            # the model was moved or cast since (model.to / .half()): the original, moved and cast the same way
+            same = now.device == p.original.device and now.dtype == p.original.dtype
+            p.module.weight.data = p.original if same else p.original.to(now.device, now.dtype)
 
 
 def unapply(applied: Applied) -> None:
@@ -218,6 +221,22 @@ def _merged_weight(p: _Patch, scale: float) -> torch.Tensor:
     return new.to(w.dtype).contiguous()
 
 
+class _Placed:
+    """Tensors on the weight's device in its dtype, placed again when the model is moved or cast after apply()
+    (``model.to("cuda")``, ``.half()``), so that the hooks keep working."""
+
+    def __init__(self, w: torch.Tensor, *tensors: torch.Tensor) -> None:
+        self._src = tensors
+        self._key = (w.device, w.dtype)
+        self._now = tuple(t.to(w.device, w.dtype) for t in tensors)
+
+    def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if (w.device, w.dtype) != self._key:
+            self._key = (w.device, w.dtype)
+            self._now = tuple(t.to(w.device, w.dtype) for t in self._src)
+        return self._now
+
+
 def _hook(p: _Patch, scale: float) -> Callable[..., torch.Tensor]:
     """The forward hook adding the low-rank update to the module's output."""
     mod, lt = p.module, p.lora
@@ -225,27 +244,30 @@ def _hook(p: _Patch, scale: float) -> Callable[..., torch.Tensor]:
     s = lt.scale * scale
     a, b = as_2d(lt.A.to(w.device, w.dtype), lt.B.to(w.device, w.dtype))
     if p.kind == "embedding":
-        at = a.T.contiguous()
+        emb_factors = _Placed(w, a.T.contiguous(), b)
 
         def emb(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            at, bb = emb_factors(m.weight)
             e = F.embedding(args[0], at, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
-            return out + (e @ b.T) * s
+            return out + (e @ bb.T) * s
 
         return emb
     if p.kind == "conv":
         conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
-        a_k = lt.A.to(w.device, w.dtype)
-        b_k = lt.B.to(w.device, w.dtype)
+        conv_factors = _Placed(w, lt.A, lt.B)
 
         def cnv(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            a_k, b_k = conv_factors(m.weight)
             # A convolves as the layer does (its stride, padding, dilation and padding mode: reflect, circular too), B is 1x1
             return out + conv(m._conv_forward(args[0], a_k, None), b_k) * s
 
         return cnv
+    lin_factors = _Placed(w, a, b)
     if lt.magnitude is None:
 
         def lin(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-            return out + F.linear(F.linear(args[0], a), b) * s
+            aa, bb = lin_factors(m.weight)
+            return out + F.linear(F.linear(args[0], aa), bb) * s
 
         return lin
     # DoRA, unmerged: out' = m/‖W + sBA‖ ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias, the row norms from Gram terms (no ΔW)
@@ -255,10 +277,13 @@ def _hook(p: _Patch, scale: float) -> Callable[..., torch.Tensor]:
     sq = (w_rows * w_rows).sum(1) + 2 * s * ((w_rows @ a_w.T) * b_w).sum(1) + s * s * ((b_w @ (a_w @ a_w.T)) * b_w).sum(1)
     factor = (lt.magnitude.to(w.device, work) / sq.clamp_min(0).sqrt()).to(w.dtype)
     bias = getattr(mod, "bias", None)
+    dora_factor = _Placed(w, factor)
 
     def dora(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        aa, bb = lin_factors(m.weight)
+        (fac,) = dora_factor(m.weight)
         base = out if bias is None else out - bias
-        y = factor * (base + F.linear(F.linear(args[0], a), b) * s)
+        y = fac * (base + F.linear(F.linear(args[0], aa), bb) * s)
         return y if bias is None else y + bias
 
     return dora
