@@ -185,3 +185,42 @@ def test_a_model_cast_after_apply_unapplies_to_the_cast_original_and_hooks_follo
         ref[0].weight += torch.from_numpy(mods[0].delta())
         ref[1].weight += torch.from_numpy(mods[1].delta())
         torch.testing.assert_close(got, ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_factors_that_disagree_are_refused_before_anything_changes() -> None:
+    """Loaded factors edited by hand (or built by a caller) whose A and B do not fit: an ApplyError, not torch's reshape
+    or matmul RuntimeError; 2-D conv factors (a decoder's output) work unmerged too."""
+    model = _One()
+    before = _bytes(model)
+    good = apt.load(_adapter(_lora("lin", 3, 4, r=2)))["lin"]
+    for a, b in ((good.A[:1], good.B), (good.A, good.B[:, :1]), (good.A[:, :3], good.B)):
+        bad = type(good)(a, b, good.scale, good.base_shape, good.transpose, good.layout)
+        for merge in (True, False):
+            with pytest.raises(ApplyError, match="module 'lin'"):
+                apply(model, {"lin": bad}, merge=merge)
+            with pytest.raises(ConversionError):
+                apt.materialize(bad)
+    assert _bytes(model) == before and not model.lin._forward_hooks
+    conv = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1))
+    m = Module("0", "lora", (3, 2, 3), {"rank": 2, "alpha": 2.0, "layout": "conv"}, {"A": _f32(2, 2, 3), "B": _f32(3, 2, 1)})
+    f = apt.load(_adapter(m))["0"]
+    flat = type(f)(f.A.reshape(2, 6), f.B.reshape(3, 2), f.scale, f.base_shape, f.transpose, f.layout)
+    x = torch.randn(1, 2, 7)
+    with torch.no_grad():
+        outs = []
+        for merge in (True, False):
+            h = apply(conv, {"0": flat}, merge=merge)
+            outs.append(conv(x))
+            h.unapply()
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_materialize_refuses_a_delta_over_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Module.delta refuses a ΔW over MAX_DELTA_ELEMENTS before allocating; materialize allocated it (a 512 KiB pair of
+    rank-1 factors on a 65536² weight asks for 16 GiB). The limit is lowered here so the old code does not allocate."""
+    from adapterpack.errors import SizeLimitError
+
+    monkeypatch.setattr("adapterpack.torch.tensors.MAX_DELTA_ELEMENTS", 100, raising=False)
+    f = apt.load(_adapter(_lora("lin", 11, 10, r=1)))["lin"]
+    with pytest.raises(SizeLimitError, match="over the limit"):
+        apt.materialize(f)

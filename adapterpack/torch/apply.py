@@ -38,7 +38,7 @@ from torch import nn
 from adapterpack.adapter import Adapter
 from adapterpack.errors import ApplyError, ConversionError
 from adapterpack.factors import Factors
-from adapterpack.torch.tensors import as_2d
+from adapterpack.torch.tensors import as_2d, check_factors, stored_shapes
 
 #: The prefix PEFT puts before base-model module names (``PeftModel.base_model.model``).
 PEFT_PREFIX = "base_model.model."
@@ -176,6 +176,10 @@ def _plan(model: nn.Module, loras: dict[str, Factors], merge: bool) -> list[_Pat
         shape = tuple(mod.weight.shape)
         if shape != tuple(lt.base_shape):
             raise ApplyError(f"module {name!r}: weight shape {list(shape)} differs from the adapter's {list(lt.base_shape)}")
+        try:
+            check_factors(lt, f"module {name!r}")
+        except ConversionError as e:
+            raise ApplyError(str(e)) from None
         if lt.magnitude is not None and kind not in ("linear", "fifo"):
             raise ApplyError(f"module {name!r}: DoRA is supported on linear layers only, not on a {kind} layer")
         if kind == "conv" and getattr(mod, "groups", 1) != 1:
@@ -254,7 +258,8 @@ def _hook(p: _Patch, scale: float) -> Callable[..., torch.Tensor]:
         return emb
     if p.kind == "conv":
         conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
-        conv_factors = _Placed(w, lt.A, lt.B)
+        kernels = stored_shapes(lt)  # A [r, in, *k], B [out, r, 1, ...] (2-D factors of a decoder reshaped)
+        conv_factors = _Placed(w, kernels.A, kernels.B)
 
         def cnv(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
             a_k, b_k = conv_factors(m.weight)
