@@ -224,3 +224,14 @@ def test_materialize_refuses_a_delta_over_the_limit(monkeypatch: pytest.MonkeyPa
     f = apt.load(_adapter(_lora("lin", 11, 10, r=1)))["lin"]
     with pytest.raises(SizeLimitError, match="over the limit"):
         apt.materialize(f)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), "x"])
+def test_a_scale_that_is_not_a_finite_number_is_refused(scale: object) -> None:
+    """Before: NaN/inf scale merged NaN/inf into every weight silently; a string failed in torch's multiply."""
+    model = _One()
+    before = _bytes(model)
+    for merge in (True, False):
+        with pytest.raises(ApplyError, match="scale must be"):
+            apply(model, _adapter(_lora("lin", 3, 4)), scale=scale, merge=merge)  # type: ignore[arg-type]
+    assert _bytes(model) == before

@@ -26,6 +26,7 @@ DoRA on embeddings or convolutions is refused.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -335,6 +336,12 @@ def apply(
     :func:`adapterpack.torch.load`) to ``model`` by module name; ``scale`` multiplies the adapter's own
     scale. Returns an :class:`Applied`; ``.unapply()`` restores the model exactly. See the module
     docstring for merged vs unmerged, name matching, DoRA and what is refused."""
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise ApplyError(f"scale must be a number, got {scale!r:.100}") from None
+    if not math.isfinite(scale):  # every patched weight would become NaN / inf
+        raise ApplyError(f"scale must be finite, got {scale}")
     _refuse_full_tensors(path_or_adapter, adapter)
     first = next((p for p in model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
