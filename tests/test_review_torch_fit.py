@@ -50,3 +50,13 @@ def test_a_failed_known_answer_check_is_a_generator_error(monkeypatch: pytest.Mo
     monkeypatch.setattr(torch_rng, "KAT", [((0, 0, 0, 0), (0, 0), (1, 2, 3, 4))])
     with pytest.raises(GeneratorError, match="known-answer"):
         torch_rng.verify_device(torch.device("cpu"))
+
+
+def test_compare_on_no_blocks_is_a_conversion_error() -> None:
+    """Before: ZeroDivisionError (KL per token over 0 tokens); the model is never run."""
+    from adapterpack.adapter import Adapter
+    from adapterpack.torch.fit.compare import compare_on_model
+
+    for blocks in (torch.zeros((0, 8), dtype=torch.long), torch.zeros((2, 0), dtype=torch.long)):
+        with pytest.raises(ConversionError, match="blocks must be"):
+            compare_on_model(torch.nn.Linear(1, 1), Adapter(), Adapter(), blocks)
