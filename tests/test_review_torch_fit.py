@@ -4,6 +4,8 @@ bit-exact; the torch Philox known-answer check fails with an adapterpack error."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -60,3 +62,59 @@ def test_compare_on_no_blocks_is_a_conversion_error() -> None:
     for blocks in (torch.zeros((0, 8), dtype=torch.long), torch.zeros((2, 0), dtype=torch.long)):
         with pytest.raises(ConversionError, match="blocks must be"):
             compare_on_model(torch.nn.Linear(1, 1), Adapter(), Adapter(), blocks)
+
+
+class _Two(torch.nn.Module):
+    def __init__(self, second: tuple[int, int] = (6, 6)) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(6, 6)
+        self.b = torch.nn.Linear(second[1], second[0])
+
+
+def _nola_file(tmp_path: Path, **record: object) -> Path:
+    from adapterpack.torch.fit import nola as fit_nola
+
+    model = _Two()
+    fit_nola.inject(model, ["a", "b"], rank=2, k=4, seed=1)
+    with torch.no_grad():
+        for layer in fit_nola._layers(model).values():
+            layer.alpha.uniform_(-1, 1)
+            layer.beta.uniform_(-1, 1)
+    ad = fit_nola.to_adapter(model)
+    ad.modules["b"].params.update(record)
+    path = tmp_path / f"n{len(list(tmp_path.iterdir()))}.apack"
+    adapterpack.save(ad, path)
+    return path
+
+
+def test_nola_load_checks_every_record_before_changing_the_model(tmp_path: Path) -> None:
+    """Before: "a" was already a NolaLinear when "b"'s shape mismatch (or fan_in_fan_out) was refused; a square
+    fan_in_fan_out record was loaded with ΔWᵀ silently."""
+    from adapterpack.errors import ApplyError
+    from adapterpack.torch.fit import nola as fit_nola
+
+    path = _nola_file(tmp_path)
+    model = _Two(second=(6, 5))
+    with pytest.raises(ApplyError, match="'b'"):
+        fit_nola.load(model, path)
+    assert type(model.a) is torch.nn.Linear and type(model.b) is torch.nn.Linear
+    fifo = _nola_file(tmp_path, fan_in_fan_out=True)
+    model = _Two()
+    with pytest.raises(ApplyError, match="fan_in_fan_out"):
+        fit_nola.load(model, fifo)
+    assert type(model.a) is torch.nn.Linear and type(model.b) is torch.nn.Linear
+    assert set(fit_nola.load(model, path)) == {"a", "b"}
+
+
+def test_nola_inject_refuses_bad_sizes_before_freezing_anything() -> None:
+    """Before: rank 0 froze every parameter, then failed with ZeroDivisionError; rank 7 > 6 was injected (and refused
+    only when saving)."""
+    from adapterpack.errors import ApplyError
+    from adapterpack.torch.fit import nola as fit_nola
+
+    for kw, match in (({"rank": 0}, "rank must be"), ({"rank": 7}, "exceeds"), ({"k": -1}, "k must be")):
+        model = _Two()
+        with pytest.raises(ApplyError, match=match):
+            fit_nola.inject(model, ["a", "b"], **kw)
+        assert all(p.requires_grad for p in model.parameters())
+        assert type(model.a) is torch.nn.Linear
