@@ -235,3 +235,25 @@ def test_a_scale_that_is_not_a_finite_number_is_refused(scale: object) -> None:
         with pytest.raises(ApplyError, match="scale must be"):
             apply(model, _adapter(_lora("lin", 3, 4)), scale=scale, merge=merge)  # type: ignore[arg-type]
     assert _bytes(model) == before
+
+
+def test_unapply_order_holds_between_a_submodule_and_the_whole_model() -> None:
+    """Before: the last-in-first-out order was kept per model object, so applying to ``model.block`` and then to
+    ``model`` and undoing the first one first was allowed: the weight ended as W0 + ΔW₁ for good."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.block = _One()
+    before = _bytes(model)
+    first = apply(model.block, _adapter(_lora("lin", 3, 4)))
+    second = apply(model, _adapter(_lora("block.lin", 3, 4, seed=1)))
+    with pytest.raises(ApplyError, match="last in, first out"):
+        first.unapply()
+    second.unapply()
+    first.unapply()
+    assert _bytes(model) == before
+    other = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 4))  # adapters on different modules: any order
+    snap = _bytes(other)
+    h0, h1 = apply(other, _adapter(_lora("0", 3, 4))), apply(other, _adapter(_lora("1", 4, 3)))
+    h0.unapply()
+    h1.unapply()
+    assert _bytes(other) == snap

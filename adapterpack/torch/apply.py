@@ -106,17 +106,19 @@ class Applied:
     def unapply(self) -> None:
         """Put back every original weight tensor (merged) or remove the hooks (unmerged).
 
-        Adapters applied to one model are undone last-in first-out; undoing one that has
-        another applied on top of it is refused (its weights include the later one's).
+        Adapters patching one module are undone last-in first-out; undoing one that has another
+        applied on top of it is refused (its weights include the later one's). The order is kept per
+        patched module, so it also holds between applies to a model and to one of its submodules.
         """
         if not self.active:
             raise ApplyError("this adapter was already unapplied")
-        stack: list[Applied] = getattr(self.model, _STACK, [])
-        if stack and stack[-1] is not self:
+        stacks = [getattr(p.module, _STACK, []) for p in self.patches]
+        if any(st and st[-1] is not self for st in stacks):
             raise ApplyError("another adapter was applied after this one; unapply that one first (last in, first out)")
         _undo(self.patches)
-        if stack:
-            stack.pop()
+        for st in stacks:
+            if st:
+                st.pop()
         self.active = False
 
 
@@ -370,9 +372,10 @@ def apply(
     except BaseException:
         _undo(applied.patches)
         raise
-    stack = getattr(model, _STACK, None)
-    if stack is None:
-        stack = []
-        object.__setattr__(model, _STACK, stack)
-    stack.append(applied)
+    for p in applied.patches:  # per patched module: an apply to a submodule and one to the whole model share it
+        stack = getattr(p.module, _STACK, None)
+        if stack is None:
+            stack = []
+            object.__setattr__(p.module, _STACK, stack)
+        stack.append(applied)
     return applied
