@@ -14,7 +14,9 @@ Module names are matched as PEFT does: the file holds base-model names
 prefix (a ``PeftModel``) matches too, and a PEFT LoRA layer is patched through its ``base_layer``.
 Everything is checked before anything changes: a name with no module in the model, a module
 kind that cannot take the update, or a weight whose shape differs from the record's base shape
-is an :class:`~adapterpack.errors.ApplyError` and the model is left as it was.
+is an :class:`~adapterpack.errors.ApplyError` and the model is left as it was; so are two records naming
+one module (``x`` and ``base_model.model.x``) and, merged, a weight tied to another module (an LM head
+sharing the input embedding's weight: merging would change the embedding too; hooks patch the head only).
 
 DoRA (``magnitude``) records are applied exactly, merged or not, for linear layers
 (``nn.Linear`` and GPT-2's ``Conv1D``): ``W' = m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖`` (norm per output
@@ -24,6 +26,7 @@ DoRA on embeddings or convolutions is refused.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,9 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterpack.adapter import Adapter
-from adapterpack.errors import ApplyError
+from adapterpack.errors import ApplyError, ConversionError
 from adapterpack.factors import Factors
-from adapterpack.torch.tensors import as_2d
+from adapterpack.torch.tensors import as_2d, check_factors, stored_shapes
 
 #: The prefix PEFT puts before base-model module names (``PeftModel.base_model.model``).
 PEFT_PREFIX = "base_model.model."
@@ -103,17 +106,19 @@ class Applied:
     def unapply(self) -> None:
         """Put back every original weight tensor (merged) or remove the hooks (unmerged).
 
-        Adapters applied to one model are undone last-in first-out; undoing one that has
-        another applied on top of it is refused (its weights include the later one's).
+        Adapters patching one module are undone last-in first-out; undoing one that has another
+        applied on top of it is refused (its weights include the later one's). The order is kept per
+        patched module, so it also holds between applies to a model and to one of its submodules.
         """
         if not self.active:
             raise ApplyError("this adapter was already unapplied")
-        stack: list[Applied] = getattr(self.model, _STACK, [])
-        if stack and stack[-1] is not self:
+        stacks = [getattr(p.module, _STACK, []) for p in self.patches]
+        if any(st and st[-1] is not self for st in stacks):
             raise ApplyError("another adapter was applied after this one; unapply that one first (last in, first out)")
         _undo(self.patches)
-        if stack:
-            stack.pop()
+        for st in stacks:
+            if st:
+                st.pop()
         self.active = False
 
 
@@ -122,7 +127,10 @@ def _undo(patches: list[_Patch]) -> None:
         if p.hook is not None:
             p.hook.remove()
         if p.original is not None:
-            p.module.weight.data = p.original
+            now = p.module.weight.data
+            # the model was moved or cast since (model.to / .half()): the original, moved and cast the same way
+            same = now.device == p.original.device and now.dtype == p.original.dtype
+            p.module.weight.data = p.original if same else p.original.to(now.device, now.dtype)
 
 
 def unapply(applied: Applied) -> None:
@@ -140,7 +148,16 @@ def _load(
     return load(source, device, **kw)
 
 
-def _plan(model: nn.Module, loras: dict[str, Factors]) -> list[_Patch]:
+def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
+    """id of every parameter → names of the distinct modules that hold it directly (tied weights: several)."""
+    owners: dict[int, list[str]] = {}
+    for mname, mod in model.named_modules():
+        for _, prm in mod.named_parameters(recurse=False):
+            owners.setdefault(id(prm), []).append(mname)
+    return owners
+
+
+def _plan(model: nn.Module, loras: dict[str, Factors], merge: bool) -> list[_Patch]:
     """Resolve every module and check kinds and shapes; raises before anything is changed."""
     named = dict(model.named_modules())
     missing = [n for n in loras if find_module(named, n) is None]
@@ -148,9 +165,13 @@ def _plan(model: nn.Module, loras: dict[str, Factors]) -> list[_Patch]:
         some = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise ApplyError(f"{len(missing)} module(s) of the adapter are not in the model: {some}")
     plan = []
+    seen: dict[int, str] = {}
     for name, lt in loras.items():
         mod = find_module(named, name)
         assert mod is not None
+        if id(mod) in seen:  # e.g. "x" and "base_model.model.x": merged, the second would silently drop the first
+            raise ApplyError(f"modules {seen[id(mod)]!r} and {name!r} of the adapter are the same module of the model")
+        seen[id(mod)] = name
         kind = _kind(mod)
         if kind not in _expected_kind(lt):
             what = type(mod).__name__
@@ -158,11 +179,24 @@ def _plan(model: nn.Module, loras: dict[str, Factors]) -> list[_Patch]:
         shape = tuple(mod.weight.shape)
         if shape != tuple(lt.base_shape):
             raise ApplyError(f"module {name!r}: weight shape {list(shape)} differs from the adapter's {list(lt.base_shape)}")
+        try:
+            check_factors(lt, f"module {name!r}")
+        except ConversionError as e:
+            raise ApplyError(str(e)) from None
         if lt.magnitude is not None and kind not in ("linear", "fifo"):
             raise ApplyError(f"module {name!r}: DoRA is supported on linear layers only, not on a {kind} layer")
         if kind == "conv" and getattr(mod, "groups", 1) != 1:
             raise ApplyError(f"module {name!r}: grouped convolutions (groups={mod.groups}) are not supported")
         plan.append(_Patch(name, mod, kind, lt))
+    if merge:
+        owners = _weight_owners(model)
+        for p in plan:
+            holders = owners.get(id(p.module.weight), [])
+            if len(holders) > 1:  # tied weights (lm_head / embed_tokens): merging into one changes the others too
+                others = ", ".join(repr(h) for h in holders if named.get(h) is not p.module)
+                raise ApplyError(
+                    f"module {p.name!r}: its weight is tied to {others}; merging would change those too (use merge=False)"
+                )
     return plan
 
 
@@ -194,6 +228,22 @@ def _merged_weight(p: _Patch, scale: float) -> torch.Tensor:
     return new.to(w.dtype).contiguous()
 
 
+class _Placed:
+    """Tensors on the weight's device in its dtype, placed again when the model is moved or cast after apply()
+    (``model.to("cuda")``, ``.half()``), so that the hooks keep working."""
+
+    def __init__(self, w: torch.Tensor, *tensors: torch.Tensor) -> None:
+        self._src = tensors
+        self._key = (w.device, w.dtype)
+        self._now = tuple(t.to(w.device, w.dtype) for t in tensors)
+
+    def __call__(self, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if (w.device, w.dtype) != self._key:
+            self._key = (w.device, w.dtype)
+            self._now = tuple(t.to(w.device, w.dtype) for t in self._src)
+        return self._now
+
+
 def _hook(p: _Patch, scale: float) -> Callable[..., torch.Tensor]:
     """The forward hook adding the low-rank update to the module's output."""
     mod, lt = p.module, p.lora
@@ -201,29 +251,31 @@ def _hook(p: _Patch, scale: float) -> Callable[..., torch.Tensor]:
     s = lt.scale * scale
     a, b = as_2d(lt.A.to(w.device, w.dtype), lt.B.to(w.device, w.dtype))
     if p.kind == "embedding":
-        at = a.T.contiguous()
+        emb_factors = _Placed(w, a.T.contiguous(), b)
 
         def emb(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+            at, bb = emb_factors(m.weight)
             e = F.embedding(args[0], at, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
-            return out + (e @ b.T) * s
+            return out + (e @ bb.T) * s
 
         return emb
     if p.kind == "conv":
         conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[w.dim() - 2]
-        a_k = lt.A.to(w.device, w.dtype)
-        b_k = lt.B.to(w.device, w.dtype)
+        kernels = stored_shapes(lt)  # A [r, in, *k], B [out, r, 1, ...] (2-D factors of a decoder reshaped)
+        conv_factors = _Placed(w, kernels.A, kernels.B)
 
         def cnv(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-            x = args[0]
-            if m.padding_mode != "zeros":
-                raise ApplyError(f"module {p.name!r}: padding_mode {m.padding_mode!r} is not supported unmerged")
-            return out + conv(conv(x, a_k, None, m.stride, m.padding, m.dilation), b_k) * s
+            a_k, b_k = conv_factors(m.weight)
+            # A convolves as the layer does (its stride, padding, dilation and padding mode: reflect, circular too), B is 1x1
+            return out + conv(m._conv_forward(args[0], a_k, None), b_k) * s
 
         return cnv
+    lin_factors = _Placed(w, a, b)
     if lt.magnitude is None:
 
         def lin(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
-            return out + F.linear(F.linear(args[0], a), b) * s
+            aa, bb = lin_factors(m.weight)
+            return out + F.linear(F.linear(args[0], aa), bb) * s
 
         return lin
     # DoRA, unmerged: out' = m/‖W + sBA‖ ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias, the row norms from Gram terms (no ΔW)
@@ -233,10 +285,13 @@ def _hook(p: _Patch, scale: float) -> Callable[..., torch.Tensor]:
     sq = (w_rows * w_rows).sum(1) + 2 * s * ((w_rows @ a_w.T) * b_w).sum(1) + s * s * ((b_w @ (a_w @ a_w.T)) * b_w).sum(1)
     factor = (lt.magnitude.to(w.device, work) / sq.clamp_min(0).sqrt()).to(w.dtype)
     bias = getattr(mod, "bias", None)
+    dora_factor = _Placed(w, factor)
 
     def dora(m: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        aa, bb = lin_factors(m.weight)
+        (fac,) = dora_factor(m.weight)
         base = out if bias is None else out - bias
-        y = factor * (base + F.linear(F.linear(args[0], a), b) * s)
+        y = fac * (base + F.linear(F.linear(args[0], aa), bb) * s)
         return y if bias is None else y + bias
 
     return dora
@@ -283,16 +338,24 @@ def apply(
     :func:`adapterpack.torch.load`) to ``model`` by module name; ``scale`` multiplies the adapter's own
     scale. Returns an :class:`Applied`; ``.unapply()`` restores the model exactly. See the module
     docstring for merged vs unmerged, name matching, DoRA and what is refused."""
+    try:
+        scale = float(scale)
+    except (TypeError, ValueError):
+        raise ApplyError(f"scale must be a number, got {scale!r:.100}") from None
+    if not math.isfinite(scale):  # every patched weight would become NaN / inf
+        raise ApplyError(f"scale must be finite, got {scale}")
     _refuse_full_tensors(path_or_adapter, adapter)
     first = next((p for p in model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     kw: dict[str, Any] = {} if isinstance(path_or_adapter, (Adapter, dict)) else {"adapter": adapter, "verify": verify}
     if rank is not None:
+        if isinstance(path_or_adapter, dict):
+            raise ConversionError("rank= applies when opening a file; these factors are already loaded (load them with rank=)")
         kw["rank"] = rank
     loras = _load(path_or_adapter, device, **kw)
     if not loras:
         raise ApplyError("the adapter has no modules to apply")
-    plan = _plan(model, loras)
+    plan = _plan(model, loras, merge)
     applied = Applied(model=model, merged=merge, scale=float(scale))
     try:
         if merge:
@@ -309,9 +372,10 @@ def apply(
     except BaseException:
         _undo(applied.patches)
         raise
-    stack = getattr(model, _STACK, None)
-    if stack is None:
-        stack = []
-        object.__setattr__(model, _STACK, stack)
-    stack.append(applied)
+    for p in applied.patches:  # per patched module: an apply to a submodule and one to the whole model share it
+        stack = getattr(p.module, _STACK, None)
+        if stack is None:
+            stack = []
+            object.__setattr__(p.module, _STACK, stack)
+        stack.append(applied)
     return applied

@@ -6,9 +6,9 @@ For a module with bases U [out, R], V [in, R] and rows b of a batch using adapte
     y_b = x_b·W₀ᵀ + U·(S_{a(b)}·(Vᵀ·x_b))
 
 computed as three batched products: H = X·V (one GEMM for the whole batch, shared by every
-adapter), Z_b = H_b·S_{a(b)}ᵀ (a batched R×R product on the rows' gathered S; a diagonal bank
-multiplies by σ instead), and Z·Uᵀ (one GEMM). Only the R×R step depends on the adapter, so a
-batch mixing 64 adapters costs about what one adapter costs.
+adapter; an embedding module gathers V's rows of its ids instead), Z_b = H_b·S_{a(b)}ᵀ (a batched
+R×R product on the rows' gathered S; a diagonal bank multiplies by σ instead), and Z·Uᵀ (one GEMM).
+Only the R×R step depends on the adapter, so a batch mixing 64 adapters costs about what one costs.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from adapterpack.container.reader import ApackReader
 from adapterpack.errors import BankError
-from adapterpack.torch.tensors import tensor
+from adapterpack.torch.tensors import tensor, torch_device
 
 
 class TorchBank:
@@ -29,7 +29,7 @@ class TorchBank:
 
     def __init__(self, path: str | os.PathLike[str], device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> None:
         self.path = Path(path)
-        self.device = torch.device(device)
+        self.device = torch_device(device)
         self.dtype = dtype
         self._reader = ApackReader(self.path)
         self.names: list[str] = self._reader.adapter_names
@@ -40,6 +40,7 @@ class TorchBank:
         self.form: dict[str, str] = {}
         self.base_shape: dict[str, tuple[int, ...]] = {}
         self._transposed: dict[str, bool] = {}
+        self._embedding: dict[str, bool] = {}
         try:
             self._load()
         except BaseException:
@@ -70,6 +71,7 @@ class TorchBank:
                     self.form[name] = p["form"]
                     self.base_shape[name] = tuple(m["base_shape"])
                     self._transposed[name] = transposed
+                    self._embedding[name] = p.get("layout", "linear") == "embedding"
                 elif refs[name] != ref:
                     raise BankError(f"{self.path}: adapter {raw['name']!r} module {name!r} does not share the bank's U, V, form "
                                     "and layout")
@@ -110,23 +112,57 @@ class TorchBank:
                     rows.append(tensor(self._reader.read_blob(rec["tensors"]["S"]), self.device, self.dtype).to(U.dtype))
             self._S[mod] = torch.stack(rows) if rows else torch.zeros((0, *shape), dtype=U.dtype, device=self.device)
 
-    def delta(self, module: str, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """U·(S_{a(b)}·(Vᵀ·x_b)) for x ``[B, ..., in]`` and ``rows`` ``[B]`` (indices into :meth:`use`'s names)."""
+    def _check(self, module: str, x: torch.Tensor, rows: torch.Tensor) -> None:
+        """Refuse a request torch would fail on (or, on a GPU, end the process with a device-side assert on)."""
         if module not in self.U:
             raise BankError(f"{self.path}: module {module!r} is not banked")
         if not self.active:
             raise BankError("call use(names) before applying the bank")
+        if not isinstance(rows, torch.Tensor) or rows.dim() != 1 or rows.dtype.is_floating_point or rows.dtype.is_complex \
+                or rows.dtype == torch.bool:
+            raise BankError("rows must be a 1-D integer tensor (one adapter index per row of the batch)")
+        if not isinstance(x, torch.Tensor) or x.dim() < 1 or rows.shape[0] != x.shape[0]:
+            raise BankError(f"{rows.shape[0]} rows for a batch of {list(getattr(x, 'shape', []))[:1]} rows")
+        n = len(self.active)
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):  # one small sync on a GPU
+            raise BankError(f"a row names adapter index {int(rows.min())}..{int(rows.max())}, outside [0, {n}) of use()")
+        inp = self.V[module].shape[0]
+        if self._embedding[module]:
+            if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+                raise BankError(f"module {module!r} is an embedding: x must hold integer ids, got {x.dtype}")
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) >= inp):
+                raise BankError(f"module {module!r}: ids must be in [0, {inp}), got {int(x.min())}..{int(x.max())}")
+        elif x.dim() < 2 or x.shape[-1] != inp:
+            raise BankError(f"module {module!r} takes [batch, ..., {inp}] inputs, got {list(x.shape)}")
+
+    def delta(self, module: str, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """U·(S_{a(b)}·(Vᵀ·x_b)) for x ``[B, ..., in]`` and ``rows`` ``[B]`` (indices into :meth:`use`'s names);
+        an embedding module takes ids ``[B, ...]`` and gathers V's rows (ΔW's rows of those ids)."""
+        self._check(module, x, rows)
         U, V = self.U[module], self.V[module]
-        lead = x.shape[1:-1]
-        h = x.reshape(x.shape[0], -1, x.shape[-1]).to(V.dtype) @ V  # [B, T, R]
+        if self._embedding[module]:
+            lead = x.shape[1:]
+            h = torch.nn.functional.embedding(x.reshape(x.shape[0], -1).to(V.device), V)  # [B, T, R]
+        else:
+            lead = x.shape[1:-1]
+            h = x.reshape(x.shape[0], -1, x.shape[-1]).to(V.dtype) @ V  # [B, T, R]
         S = self._S[module].index_select(0, rows.to(self.device))
         z = h * S[:, None, :] if S.dim() == 2 else torch.bmm(h, S.transpose(1, 2))
         return (z @ U.T).reshape(x.shape[0], *lead, U.shape[0])
 
     def apply(self, module: str, x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor:
-        """y = x·W₀ᵀ (+ bias) + the bank's ΔW of each row's adapter (a linear layer's forward)."""
-        y = torch.nn.functional.linear(x, weight, bias)
+        """y = x·W₀ᵀ (+ bias) + the bank's ΔW of each row's adapter (a linear layer's forward: ``weight`` is
+        ``[out, in]``, a GPT-2 Conv1D's transposed); an embedding module's: ``weight[x]`` + ΔW's rows."""
+        self._check(module, x, rows)
+        out, inp = self.U[module].shape[0], self.V[module].shape[0]
+        want = (inp, out) if self._embedding[module] else (out, inp)
+        if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != want:
+            raise BankError(f"module {module!r}: weight must be {list(want)}, got {list(getattr(weight, 'shape', []))}")
+        if self._embedding[module]:
+            y = torch.nn.functional.embedding(x, weight)
+        else:
+            y = torch.nn.functional.linear(x, weight, bias)
         return y + self.delta(module, x, rows).to(y.dtype)
 
     def materialize(self, name: str, module: str) -> torch.Tensor:

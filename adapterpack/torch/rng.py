@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from adapterpack.errors import RecordError
+from adapterpack.errors import GeneratorError, RecordError
 from adapterpack.rng.basis import KINDS, MAX_ELEMENTS, MAX_U32, seed_key
 from adapterpack.rng.philox import KAT, M0, M1, round_keys
 
@@ -58,7 +58,7 @@ def uniform(words: torch.Tensor) -> torch.Tensor:
 
 def verify_device(device: torch.device) -> None:
     """Check Random123's known answers on ``device`` once per device type (a wrong integer kernel
-    would otherwise decode silently wrong values); raises RuntimeError on a mismatch."""
+    would otherwise decode silently wrong values); raises GeneratorError on a mismatch."""
     tag = torch.device(device).type
     if tag in _VERIFIED:
         return
@@ -66,7 +66,7 @@ def verify_device(device: torch.device) -> None:
         c = [torch.tensor([w], dtype=torch.int64, device=device) for w in ctr]
         got = tuple(int(v) for v in philox4x32_10(*c, key)[0].cpu())
         if got != want:
-            raise RuntimeError(f"Philox4x32-10 known-answer test failed on {device}: {got} != {want}")
+            raise GeneratorError(f"Philox4x32-10 known-answer test failed on {device}: {got} != {want}")
     _VERIFIED.add(tag)
 
 

@@ -15,8 +15,9 @@ import torch
 
 from adapterpack import dtypes
 from adapterpack.adapter import TensorLike, as_array
-from adapterpack.errors import ConversionError
+from adapterpack.errors import ConversionError, SizeLimitError
 from adapterpack.factors import Factors
+from adapterpack.limits import MAX_DELTA_ELEMENTS
 
 #: spec dtype name → torch dtype (from the one dtype table, :data:`adapterpack.dtypes.DTYPES`).
 TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, d.torch) for name, d in dtypes.DTYPES.items()}
@@ -90,6 +91,23 @@ def as_2d(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return a, b
 
 
+def check_factors(lora: Factors, where: str) -> tuple[int, int]:
+    """(m, n) of ``lora``'s 2-D product, refused (ConversionError) unless A ``[r, n]``, B ``[m, r]`` (stored shapes too),
+    ``m·n`` elements fill ``base_shape`` and a DoRA magnitude has m values: torch's reshape or matmul error otherwise."""
+    a, b = lora.A, lora.B
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor) or a.dim() < 2 or b.dim() < 2:
+        raise ConversionError(f"{where}: A and B must be torch tensors of at least 2 dimensions")
+    r, n, m = int(a.shape[0]), math.prod(int(d) for d in a.shape[1:]), int(b.shape[0])
+    if int(b.shape[1]) != r or math.prod(int(d) for d in b.shape[2:]) != 1:
+        raise ConversionError(f"{where}: B {list(b.shape)} does not fit A {list(a.shape)} (B must be [out, r, 1, ...])")
+    if m * n != math.prod(int(d) for d in lora.base_shape):
+        raise ConversionError(f"{where}: B·A is {m}x{n}, which does not fill base_shape {list(lora.base_shape)}")
+    mag = lora.magnitude
+    if mag is not None and (not isinstance(mag, torch.Tensor) or tuple(mag.shape) != (m,)):
+        raise ConversionError(f"{where}: DoRA magnitude must hold B's {m} rows, got {list(getattr(mag, 'shape', []))}")
+    return m, n
+
+
 def stored_shapes(f: Factors) -> Factors:
     """``f`` with a conv record's factors in their stored shapes (``A [r, in, *k]``, ``B [out, r, 1, ...]``, views),
     as :func:`adapterpack.torch.load` returns them; other layouts as they are."""
@@ -109,14 +127,20 @@ def materialize(lora: Factors, *, dtype: torch.dtype | str | None = None, chunk:
     computes ``chunk`` output rows of the m×n product at a time, so the float32 temporary
     stays at chunk×n elements when the result is narrower (e.g. a bf16 ΔW of a large layer).
     For DoRA this is the direction update ``s·B·A`` only (see :meth:`adapterpack.adapter.Module.delta`).
+    A ΔW of more than :data:`~adapterpack.limits.MAX_DELTA_ELEMENTS` elements is refused (SizeLimitError), as
+    ``Module.delta`` refuses it, before anything is allocated.
     """
+    m, n = check_factors(lora, "materialize")
+    if m * n > MAX_DELTA_ELEMENTS:
+        raise SizeLimitError(
+            f"a dense ΔW of shape {list(lora.base_shape)} holds {m * n} elements, over the limit of {MAX_DELTA_ELEMENTS}"
+        )
+    if chunk is not None and chunk < 1:
+        raise ConversionError(f"chunk must be a positive number of rows, got {chunk}")
     work = torch.float64 if torch.float64 in (lora.A.dtype, lora.B.dtype) else torch.float32
     out_dtype = work if dtype is None else torch_dtype(dtype)
     a, b = as_2d(lora.A, lora.B)
     a, b = a.to(work), b.to(work)
-    m, n = int(b.shape[0]), int(a.shape[1])
-    if chunk is not None and chunk < 1:
-        raise ConversionError(f"chunk must be a positive number of rows, got {chunk}")
     if chunk is None or chunk >= m:
         prod = (b @ a).mul_(lora.scale).to(out_dtype)
         if lora.transpose:

@@ -24,14 +24,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
-from adapterpack.adapter import Module
+from adapterpack import dtypes
+from adapterpack.adapter import Module, StoredTensor
 from adapterpack.encodings import get_encoding
-from adapterpack.errors import UnknownEncodingError
+from adapterpack.errors import RecordError, UnknownEncodingError
 from adapterpack.factors import Factors
 from adapterpack.plugins import Registry
-from adapterpack.torch.tensors import as_2d, place, tensor
+from adapterpack.torch.tensors import TORCH_DTYPES, as_2d, place, tensor
 
 #: ``fn(module, device, dtype) -> Factors``.
 TorchDecoder = Callable[[Module, torch.device, "torch.dtype | None"], Factors]
@@ -47,6 +49,7 @@ __all__ = [
     "TorchDecoder",
     "TorchFactors",
     "as_2d",
+    "check_record",
     "decode",
     "decode_all",
     "get_torch_decoder",
@@ -122,12 +125,52 @@ def get_torch_decoder(encoding_id: str) -> TorchDecoder:
     return numpy_fallback
 
 
+_SPEC_NAMES = {t: name for name, t in TORCH_DTYPES.items()}
+
+
+def _host(t: torch.Tensor) -> Callable[[], np.ndarray]:
+    """Loader of a torch tensor's values as numpy (bit-exact; only an encoding whose ``validate`` reads data calls it)."""
+
+    def load() -> np.ndarray:
+        c = t.detach().cpu().contiguous()
+        if c.dtype == torch.bfloat16:
+            return c.view(torch.int16).numpy().view(dtypes.DTYPES["bfloat16"].numpy)
+        return c.numpy()
+
+    return load
+
+
+def _described(module: Module, slot: str, t: object) -> object:
+    """A slot as ``validate`` takes it: torch tensors (staged) as a dtype and shape, numpy / stored ones as they are."""
+    if isinstance(t, torch.Tensor):
+        name = _SPEC_NAMES.get(t.dtype)
+        if name is None:
+            raise RecordError(f"module {module.name!r}: tensor {slot!r} has torch dtype {t.dtype}, which .apack cannot hold")
+        return StoredTensor(name, tuple(int(d) for d in t.shape), 0, "raw", _host(t))
+    if not isinstance(t, (np.ndarray, StoredTensor)):
+        raise RecordError(f"module {module.name!r}: tensor {slot!r} is a {type(t).__name__}, not an array")
+    return t
+
+
+def check_record(module: Module) -> None:
+    """The record's numpy ``validate`` (params, slots, shapes, dtypes; no data read), also for slots already staged
+    as torch tensors: an in-memory record built in Python gets the same adapterpack error a file's would, not a
+    KeyError or a torch shape error from the decoder. Encodings known only to the torch registry are not checked."""
+    try:
+        encoding = get_encoding(module.encoding)
+    except UnknownEncodingError:
+        return
+    slots = {k: _described(module, k, t) for k, t in module.tensors.items()}
+    encoding.validate(Module(module.name, module.encoding, tuple(module.base_shape), module.params, slots, module.must_understand))
+
+
 def decode(module: Module, device: torch.device, dtype: torch.dtype | None) -> Factors:
-    """``module`` as torch :class:`Factors` on ``device`` through its registered decoder."""
+    """``module`` as torch :class:`Factors` on ``device`` through its registered decoder (after :func:`check_record`)."""
     try:
         fn = get_torch_decoder(module.encoding)
     except UnknownEncodingError as e:
         raise UnknownEncodingError(f"module {module.name!r}: {e}") from None
+    check_record(module)
     return fn(module, device, dtype)
 
 
@@ -141,6 +184,8 @@ def decode_all(modules: Iterable[Module], device: torch.device, dtype: torch.dty
             bulk.setdefault(m.encoding, []).append(m)
     done: dict[str, Factors] = {}
     for encoding_id, group in bulk.items():
+        for m in group:
+            check_record(m)
         done.update(_REGISTRY[encoding_id].many(group, device, dtype))  # type: ignore[misc]
     return {m.name: done[m.name] if m.name in done else decode(m, device, dtype) for m in mods}
 

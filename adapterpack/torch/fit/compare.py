@@ -35,6 +35,8 @@ def compare_on_model(
     """Mean KL(A ‖ B) per token (nats), its largest per-block mean, and top-1 agreement, over ``blocks`` ([n, t] ids)."""
     if batch < 1:
         raise ConversionError(f"batch must be >= 1, got {batch}")
+    if not isinstance(blocks, torch.Tensor) or blocks.ndim != 2 or blocks.shape[0] == 0 or blocks.shape[1] == 0:
+        raise ConversionError(f"blocks must be token ids [n >= 1, t >= 1], got {list(getattr(blocks, 'shape', []))}")
     kl_sum, agree, tokens, worst = 0.0, 0, 0, 0.0
     with progress.task("comparing on text", total=int(blocks.shape[0]), unit="blocks") as bar:
         for i in range(0, blocks.shape[0], batch):

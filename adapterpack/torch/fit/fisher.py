@@ -144,6 +144,8 @@ def _measure(
     for p in applied.patches:
         hooks.append(p.module.register_forward_hook(capture(p.name)))
     gen = torch.Generator(device=device).manual_seed(seed)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
     n_seq = n_tok = 0
     try:
         model.eval()  # no dropout noise in the gradients
@@ -153,8 +155,7 @@ def _measure(
         with torch.enable_grad(), progress.task("importance", total=total, unit="batches") as bar:
             for ids in batches:
                 bar.advance()
-                if ids.ndim != 2 or ids.shape[1] < 2:
-                    raise ConversionError(f"calibration batches must be [sequences, tokens >= 2], got {list(ids.shape)}")
+                _check_batch(ids, vocab)
                 ids = ids.to(device)
                 calls.clear()
                 lg = run(model, ids)[:, :-1].float()
@@ -204,6 +205,18 @@ def _measure(
         info["note"] = f"{len(silent)} modules got no gradient (not on the path to the logits): importance 0"
     means = {n: {key: a / (n_seq if key == "sequence" else max(rows[n], 1)) for key, a in st.items()} for n, st in stats.items()}
     return means, dict(spectra), info
+
+
+def _check_batch(ids: object, vocab: int | None) -> None:
+    """A calibration batch: integer token ids ``[sequences, tokens >= 2]`` the model's embedding holds (torch's
+    IndexError or dtype error from inside the model otherwise)."""
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[1] < 2:
+        raise ConversionError(f"calibration batches must be [sequences, tokens >= 2], got {list(getattr(ids, 'shape', []))}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise ConversionError(f"calibration batches must hold integer token ids, got {ids.dtype}")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise ConversionError(f"calibration token ids must be in [0, {vocab}), got {lo}..{hi}")
 
 
 def text_blocks(token_ids: list[int], blocks: int, block_tokens: int) -> torch.Tensor:

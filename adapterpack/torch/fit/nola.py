@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterpack.adapter import Adapter, Module
+from adapterpack.encodings.nola import coefficients
 from adapterpack.errors import ApplyError
 from adapterpack.ops.files import open as open_adapter
 from adapterpack.ops.files import save as save_adapter
@@ -168,27 +169,38 @@ def inject(
     bad = [n for n, m in named if not isinstance(m, nn.Linear)]
     if bad:
         raise ApplyError(f"NOLA layers wrap nn.Linear only; {bad[0]!r} is a {type(dict(named)[bad[0]]).__name__}")
-    for p in model.parameters():
-        p.requires_grad_(False)
+    k_b = k if k_B is None else k_B
+    for what, v, lo in (("rank", rank, 1), ("k", k, 0), ("k_B", k_b, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ApplyError(f"{what} must be an integer >= {lo}, got {v!r:.100}")
+    too_small = [n for n, m in named if rank > min(m.weight.shape)]
+    if too_small:
+        raise ApplyError(f"rank {rank} exceeds min(out, in) of {too_small[0]!r} {list(dict(named)[too_small[0]].weight.shape)}")
     cache = BasisCache() if cache_bases else None
     scale = float(alpha if alpha is not None else rank) / rank
     layers: dict[str, NolaLinear] = {}
-    for stream, (name, mod) in enumerate(named):
-        layer = NolaLinear(
+    for stream, (name, mod) in enumerate(named):  # every layer built (bases generated) before the model changes
+        layers[name] = NolaLinear(
             mod,
             rank=rank,
             k_A=k,
-            k_B=k if k_B is None else k_B,
+            k_B=k_b,
             seed=seed,
             stream=0 if shared_basis else stream,
             scale=scale,
             cache=cache,
             budget=budget,
         )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    _swap_in(model, layers)
+    return layers
+
+
+def _swap_in(model: nn.Module, layers: dict[str, NolaLinear]) -> None:
+    for name, layer in layers.items():
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
-        layers[name] = layer
-    return layers
 
 
 def _layers(model: nn.Module) -> dict[str, NolaLinear]:
@@ -243,13 +255,15 @@ def load(
             m.implementation.validate(m)
             if m.encoding != "nola" or m.params.get("A0", "generated") != "generated" or m.params.get("B0", "zero") != "zero":
                 raise ApplyError(f"module {m.name!r}: load() re-injects nola records with generated A0 and zero B0 only")
+            if m.params.get("fan_in_fan_out", False):  # a NolaLinear is [out, in]: a square weight would take ΔWᵀ silently
+                raise ApplyError(f"module {m.name!r}: load() re-injects into nn.Linear layers; the record is fan_in_fan_out")
         named = dict(model.named_modules())
         missing = [m.name for m in recs if not isinstance(named.get(m.name), nn.Linear)]
         if missing:
             raise ApplyError(f"module {missing[0]!r} of the file is not an nn.Linear of the model")
         cache = BasisCache() if cache_bases else None
         layers = {}
-        for m in recs:
+        for m in recs:  # every record checked, read and built before the model changes (no half-loaded model)
             p = m.params
             base = named[m.name]
             if tuple(base.weight.shape) != tuple(m.base_shape):
@@ -266,13 +280,12 @@ def load(
                 budget=budget,
             )
             with torch.no_grad():
-                layer.alpha.copy_(torch.tensor(np.asarray(m.array("alpha"), np.float32)))
-                layer.beta.copy_(torch.tensor(np.asarray(m.array("beta"), np.float32)))
+                layer.alpha.copy_(torch.tensor(np.asarray(coefficients(m, "alpha"), np.float32)))
+                layer.beta.copy_(torch.tensor(np.asarray(coefficients(m, "beta"), np.float32)))
             layer.alpha.requires_grad_(trainable)
             layer.beta.requires_grad_(trainable)
-            parent_name, _, child = m.name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
             layers[m.name] = layer
+    _swap_in(model, layers)
     return layers
 
 

@@ -1,0 +1,90 @@
+"""Review (round 2): torch decoders on in-memory records that are hostile or odd — the same adapterpack error the
+record's own ``validate`` gives, never a torch KeyError/RuntimeError; ``shared`` factors formed in float32/64 then cast."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import adapterpack.torch as apt  # noqa: E402
+from adapterpack.adapter import Adapter, Module  # noqa: E402
+from adapterpack.errors import RankError, RecordError  # noqa: E402
+from adapterpack.torch.decoders import decode, decode_all  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def _f32(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng([seed, *shape]).standard_normal(shape).astype(np.float32)
+
+
+def _lora(**tensors: object) -> Module:
+    t = {"A": _f32(2, 5), "B": _f32(3, 2)} | tensors
+    return Module("m", "lora", (3, 5), {"rank": 2, "alpha": 4.0}, {k: v for k, v in t.items() if v is not None})
+
+
+def _svd(**tensors: object) -> Module:
+    t = {"S": np.array([3.0, 1.0], np.float32), "Ut": _f32(2, 3), "Vt": _f32(2, 5)} | tensors
+    return Module("m", "svd", (3, 5), {"rank": 2}, {k: v for k, v in t.items() if v is not None})
+
+
+def _shared(form: str = "diagonal", dt: type = np.float32, **tensors: object) -> Module:
+    s = _f32(2, seed=1) if form == "diagonal" else _f32(2, 2, seed=1)
+    t = {"U": _f32(3, 2).astype(dt), "V": _f32(5, 2).astype(dt), "S": s.astype(dt)} | tensors
+    return Module("m", "shared", (3, 5), {"rank": 2, "form": form}, {k: v for k, v in t.items() if v is not None})
+
+
+HOSTILE = [
+    ("lora, no B", _lora(B=None), RecordError, "missing"),
+    ("lora, A rows != rank", _lora(A=_f32(3, 5)), RankError, "rank 2"),
+    ("lora, B cols != A rows", _lora(B=_f32(3, 4)), RankError, "rank 2"),
+    ("lora, A 1-D", _lora(A=_f32(10)), RecordError, "at least 2 dimensions"),
+    ("lora, magnitude without dora", _lora(magnitude=_f32(7)), RecordError, "dora"),
+    ("svd, no S", _svd(S=None), RecordError, "missing"),
+    ("svd, S 2-D", _svd(S=np.ones((2, 2), np.float32)), RecordError, "1-D"),
+    ("svd, S longer than the rank", _svd(S=np.array([3, 2, 1], np.float32)), RankError, "rank 2"),
+    ("svd, Ut of the wrong width", _svd(Ut=_f32(3, 3)), RankError, "rank 2"),
+    ("shared, no S", _shared(S=None), RecordError, "missing"),
+    ("shared, S too long", _shared(S=_f32(3)), RankError, "rank 2"),
+    ("shared, V of the wrong rank", _shared(V=_f32(5, 3)), RankError, "rank 2"),
+    ("shared, S 3-D", _shared(S=np.ones((2, 2, 2), np.float32)), RankError, "rank 2"),
+]
+
+
+@pytest.mark.parametrize(("what", "module", "error", "match"), HOSTILE, ids=[h[0] for h in HOSTILE])
+def test_hostile_in_memory_records_get_the_validate_error(what: str, module: Module, error: type, match: str) -> None:
+    """Before: KeyError ('B'), or torch's RuntimeError from a matmul / reshape / broadcast, or a silent decode."""
+    with pytest.raises(error, match=match):
+        decode(module, CPU, None)
+    with pytest.raises(error, match=match):
+        decode_all([module], CPU, torch.float16)
+    with pytest.raises(error, match=match):
+        apt.load(Adapter(modules={module.name: module}))
+
+
+def test_staged_torch_slots_are_checked_too() -> None:
+    """A record whose slots are already torch tensors (as the loader stages them) goes through the same checks."""
+    m = _lora()
+    m.tensors = {"A": torch.from_numpy(_f32(3, 5)), "B": torch.from_numpy(_f32(3, 2))}
+    with pytest.raises(RankError, match="rank 2"):
+        decode(m, CPU, None)
+    ok = _lora()
+    ok.tensors = {k: torch.from_numpy(v) for k, v in ok.tensors.items()}
+    f = decode(ok, CPU, None)
+    assert torch.equal(f.A, ok.tensors["A"]) and torch.equal(f.B, ok.tensors["B"])
+
+
+@pytest.mark.parametrize("form", ["diagonal", "full"])
+@pytest.mark.parametrize("stored", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("want", [torch.float16, torch.bfloat16, torch.float32])
+def test_shared_dtype_is_applied_after_the_product(form: str, stored: type, want: torch.dtype) -> None:
+    """B = U·S is formed in float32 (float64 for float64 records), then cast, as the docstring says: casting U and S
+    to bf16 first rounded three times (errors ~1e-2, against one rounding of the product)."""
+    m = _shared(form, stored)
+    ref = decode(m, CPU, None)
+    got = decode(m, CPU, want)
+    assert got.B.dtype == want and torch.equal(got.B, ref.B.to(want))
+    assert torch.equal(got.A, ref.A.to(want))
+    np.testing.assert_allclose(ref.B.double().numpy(), m.factors().B, rtol=1e-6, atol=1e-6)
