@@ -3,11 +3,14 @@ record's own ``validate`` gives, never a torch KeyError/RuntimeError; ``shared``
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
 
+import adapterpack  # noqa: E402
 import adapterpack.torch as apt  # noqa: E402
 from adapterpack.adapter import Adapter, Module  # noqa: E402
 from adapterpack.errors import RankError, RecordError  # noqa: E402
@@ -88,3 +91,23 @@ def test_shared_dtype_is_applied_after_the_product(form: str, stored: type, want
     assert got.B.dtype == want and torch.equal(got.B, ref.B.to(want))
     assert torch.equal(got.A, ref.A.to(want))
     np.testing.assert_allclose(ref.B.double().numpy(), m.factors().B, rtol=1e-6, atol=1e-6)
+
+
+def test_records_a_reader_built_are_not_validated_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reader validates a file's records when it builds them; torch.load of the file does not validate them again
+    (it cost ~45 % of a CPU load of the bundled adapter), while an in-memory Adapter's records are checked."""
+    from adapterpack.examples import example_path
+    from adapterpack.torch.decoders import base
+
+    calls: list[str] = []
+    check = base.check_record
+    monkeypatch.setattr(base, "check_record", lambda m: (calls.append(m.name), check(m))[1])
+    path = tmp_path / "ex.apack"
+    adapterpack.save(adapterpack.open(example_path()), path, codec="raw")
+    from_file = apt.load(path)
+    assert calls == []
+    ad = adapterpack.open(path)
+    in_memory = Adapter(ad.name, modules={n: m for n, m in ad.modules.items()})
+    from_memory = apt.load(in_memory)
+    assert len(calls) == len(ad.modules) > 0
+    assert all(torch.equal(from_file[n].A, from_memory[n].A) and torch.equal(from_file[n].B, from_memory[n].B) for n in from_file)

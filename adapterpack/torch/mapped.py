@@ -81,15 +81,19 @@ def _load(
         if rank is not None:
             raise ConversionError("rank= applies when opening a file; truncate an in-memory Adapter before loading it")
         return _decode(path, dev, want, zero_copy, bounce)
-    with _open(path, adapter, verify, rank, copy_on_write=dev.type == "cpu" and zero_copy and not bounce) as src:
-        return _decode(src, dev, want, zero_copy, bounce)
+    src, checked = _open(path, adapter, verify, rank, copy_on_write=dev.type == "cpu" and zero_copy and not bounce)
+    with src:
+        return _decode(src, dev, want, zero_copy, bounce, checked=checked)
 
 
-def _decode(ad: Adapter, dev: torch.device, want: torch.dtype | None, zero_copy: bool, bounce: bool | None) -> dict[str, Factors]:
+def _decode(
+    ad: Adapter, dev: torch.device, want: torch.dtype | None, zero_copy: bool, bounce: bool | None, *, checked: bool = False
+) -> dict[str, Factors]:
+    """``checked``: the records come from a reader, which validated them (the decoders need not again)."""
     pending: list[RawCheck] = []  # CRC passes running while the views are built and decoded; waited for before returning
     try:
         modules = stage_modules(list(ad.modules.values()), dev, zero_copy=zero_copy, bounce=bounce, pending=pending)
-        out = {name: stored_shapes(f) for name, f in decode_all(modules, dev, want).items()}
+        out = {name: stored_shapes(f) for name, f in decode_all(modules, dev, want, checked=checked).items()}
     except Exception as e:  # a decoder may have looked at bytes still being checked: a damaged blob is the cause to report
         try:
             for check in pending:
@@ -113,18 +117,21 @@ def _decode(ad: Adapter, dev: torch.device, want: torch.dtype | None, zero_copy:
     return out
 
 
-def _open(path: str | os.PathLike[str], adapter: str | None, verify: bool, rank: int | None, *, copy_on_write: bool) -> Adapter:
+def _open(
+    path: str | os.PathLike[str], adapter: str | None, verify: bool, rank: int | None, *, copy_on_write: bool
+) -> tuple[Adapter, bool]:
     """The adapter at ``path``: an ``.apack`` opened once by its reader, anything else by ``adapterpack.open``
-    (which also applies ``rank``, refused when ``open`` cannot truncate)."""
+    (which also applies ``rank``, refused when ``open`` cannot truncate); and whether its records were built, and
+    so validated, by the reader itself."""
     if rank is None:
         reader = ApackReader.open_if_apack(path, verify=verify, copy_on_write=copy_on_write)
         if reader is not None:
             try:
-                return reader.adapter(adapter)
+                return reader.adapter(adapter), True
             except BaseException:
                 reader.close()
                 raise
-        return open_adapter(path, adapter=adapter, verify=verify)
+        return open_adapter(path, adapter=adapter, verify=verify), False
     if "rank" not in inspect.signature(open_adapter).parameters:
         raise ConversionError("rank= needs adapterpack.open(path, rank=...) (the svd encoding), which this version lacks")
-    return open_adapter(path, adapter=adapter, verify=verify, rank=rank)
+    return open_adapter(path, adapter=adapter, verify=verify, rank=rank), False

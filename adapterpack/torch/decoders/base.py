@@ -164,17 +164,21 @@ def check_record(module: Module) -> None:
     encoding.validate(Module(module.name, module.encoding, tuple(module.base_shape), module.params, slots, module.must_understand))
 
 
-def decode(module: Module, device: torch.device, dtype: torch.dtype | None) -> Factors:
-    """``module`` as torch :class:`Factors` on ``device`` through its registered decoder (after :func:`check_record`)."""
+def decode(module: Module, device: torch.device, dtype: torch.dtype | None, *, checked: bool = False) -> Factors:
+    """``module`` as torch :class:`Factors` on ``device`` through its registered decoder, after :func:`check_record`
+    unless ``checked`` (records a reader built from a file: it validated them when it built them)."""
     try:
         fn = get_torch_decoder(module.encoding)
     except UnknownEncodingError as e:
         raise UnknownEncodingError(f"module {module.name!r}: {e}") from None
-    check_record(module)
+    if not checked:
+        check_record(module)
     return fn(module, device, dtype)
 
 
-def decode_all(modules: Iterable[Module], device: torch.device, dtype: torch.dtype | None) -> dict[str, Factors]:
+def decode_all(
+    modules: Iterable[Module], device: torch.device, dtype: torch.dtype | None, *, checked: bool = False
+) -> dict[str, Factors]:
     """:func:`decode` of every record, in order; records of an encoding with a bulk decoder go to it together."""
     mods = list(modules)
     bulk: dict[str, list[Module]] = {}
@@ -184,10 +188,11 @@ def decode_all(modules: Iterable[Module], device: torch.device, dtype: torch.dty
             bulk.setdefault(m.encoding, []).append(m)
     done: dict[str, Factors] = {}
     for encoding_id, group in bulk.items():
-        for m in group:
-            check_record(m)
+        if not checked:
+            for m in group:
+                check_record(m)
         done.update(_REGISTRY[encoding_id].many(group, device, dtype))  # type: ignore[misc]
-    return {m.name: done[m.name] if m.name in done else decode(m, device, dtype) for m in mods}
+    return {m.name: done[m.name] if m.name in done else decode(m, device, dtype, checked=checked) for m in mods}
 
 
 def slot(module: Module, name: str, device: torch.device, dtype: torch.dtype | None) -> torch.Tensor:
