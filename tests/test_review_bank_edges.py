@@ -1,0 +1,160 @@
+"""Review of banks at their edges: rank-0 members, bases grown past the module's dimensions, members lacking a
+module (legal, spec/shared.md §2), non-finite banks, outputs that already exist.
+
+Real LoRAs (``tests/data/bank_loras.apack``, as in test_bank.py) where the spectra matter; small random
+modules only where the question is one of dimensions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import adapterpack
+from adapterpack.adapter import Adapter, Module
+from adapterpack.bank import add_to_bank, build_bank, extract_member, read_bank, refit_bank, write_bank
+from adapterpack.cli import main
+from adapterpack.errors import ConversionError
+
+DATA = Path(__file__).resolve().parent / "data" / "bank_loras.apack"
+Q, V = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
+
+
+def _split(tmp: Path, names: list[str]) -> list[Path]:
+    out = []
+    for n in names:
+        with adapterpack.open(DATA, adapter=n) as a:
+            a.name = "default"
+            adapterpack.save(a, tmp / f"{n}.apack")
+        out.append(tmp / f"{n}.apack")
+    return out
+
+
+def _dense_rel(reference: np.ndarray, got: np.ndarray) -> float:
+    d = reference.astype(np.float64)
+    return float(np.sum((d - got.astype(np.float64)) ** 2) / np.sum(d * d))
+
+
+def _rank0(tmp: Path) -> Path:
+    """The fixture's lora02 as rank-0 svd records (what ``rerank --rank 0`` writes, or any zero adapter re-ranked)."""
+    with adapterpack.open(DATA, adapter="lora02") as a:
+        mods = {}
+        for m in a:
+            out, inp = m.base_shape
+            mods[m.name] = Module(m.name, "svd", (out, inp), {"rank": 0},
+                                  {"S": np.zeros(0, np.float32), "Ut": np.zeros((0, out), np.float32), "Vt": np.zeros((0, inp), np.float32)})
+        adapterpack.save(Adapter(name="default", base_model=a.base_model, modules=mods), tmp / "zero.apack")
+    return tmp / "zero.apack"
+
+
+def test_rank0_members_bank_as_zero(tmp_path: Path) -> None:
+    """A rank-0 module (a zero ΔW re-ranked) is an adapter like any other: build and add take it (was a numpy
+    reshape ValueError), its reconstruction is exactly zero and the others' are unaffected."""
+    paths = _split(tmp_path, ["lora00", "lora01"])
+    zero = _rank0(tmp_path)
+    bank = tmp_path / "bank.apack"
+    rep = build_bank(bank, [*paths, zero], rank=4)
+    assert rep.adapters == 3
+    with adapterpack.open(bank, adapter="zero") as z:
+        assert all(not np.any(z.delta(n)) for n in (Q, V))
+    only = tmp_path / "only.apack"
+    build_bank(only, paths, rank=4)
+    rep = add_to_bank(only, [zero])
+    assert rep.added[0]["name"] == "zero" and rep.added[0]["rel_error_max"] == 0.0 and rep.added[0]["grown"] == {}
+    ad, errs = extract_member(only, "zero")
+    assert errs == {Q: 0.0, V: 0.0} and not np.any(ad.delta(Q))
+
+
+def _square(tmp: Path, name: str, seed: int, n: int = 5, r: int = 2) -> Path:
+    rng = np.random.default_rng(seed)
+    m = Module("m", "lora", (n, n), {"rank": r, "alpha": float(r)},
+               {"A": rng.standard_normal((r, n)).astype(np.float32), "B": rng.standard_normal((n, r)).astype(np.float32)})
+    p = tmp / f"{name}.apack"
+    adapterpack.save(Adapter(name=name, base_model="toy", modules={"m": m}), p)
+    return p
+
+
+@pytest.mark.parametrize("form", ["full", "diagonal"])
+def test_growth_stops_at_the_modules_dimensions(tmp_path: Path, form: str) -> None:
+    """Full form: adding adapters with ``threshold=0`` grew U and V past min(out, in) columns (rank 13 on a 5×5
+    module): the extra columns were not orthonormal, the projection double-counted and members were stored with
+    relative squared errors of 236%–4107%. Rank min(out, in) already holds any ΔW, so growth stops there and every
+    added member is exact. Diagonal form (held up): rank-1 terms need up to out·in columns, and stay exact."""
+    bank = tmp_path / "bank.apack"
+    srcs = [_square(tmp_path, f"g{i}", 100 + i) for i in range(7)]
+    build_bank(bank, srcs[:1], rank=1, form=form)
+    for p in srcs[1:]:
+        add_to_bank(bank, [p], threshold=0.0)
+    b = read_bank(bank)
+    assert b.modules["m"].rank <= (5 if form == "full" else 25)
+    for i, p in enumerate(srcs[1:], 1):  # g0 was built at rank 1
+        with adapterpack.open(p) as src, adapterpack.open(bank, adapter=f"g{i}") as got:
+            assert _dense_rel(src.delta("m"), got.delta("m")) < 1e-10, i
+            assert json.loads(got.metadata["bank.rel_error"])["max"] < 1e-10
+
+
+def test_refit_keeps_a_member_that_lacks_a_module(tmp_path: Path) -> None:
+    """spec/shared.md §2: "An adapter MAY lack a module other adapters of the bank have". Refit of such a bank raised
+    KeyError; it now fits each module on the members that have it, and the member still lacks it."""
+    bank = tmp_path / "bank.apack"
+    build_bank(bank, _split(tmp_path, ["lora00", "lora01", "lora02"]), rank=8)
+    b = read_bank(bank)
+    del b.member("lora01").S[Q]
+    write_bank(bank, b)
+    before = {n: {k: adapterpack.open(bank, adapter=n).delta(k) for k in (Q, V) if k in b.member(n).S} for n in ("lora00", "lora01")}
+    rep = refit_bank(bank, rank=8)
+    after = read_bank(bank)
+    assert sorted(after.member("lora01").S) == [V] and sorted(after.member("lora00").S) == [Q, V]
+    assert rep.fit["rel_error"]["max"] < 1e-6  # rank 8 holds every member's rank-8 reconstruction
+    for n, mods in before.items():
+        with adapterpack.open(bank, adapter=n) as a:
+            for k, d in mods.items():
+                assert _dense_rel(d, a.delta(k)) < 1e-6
+
+
+@pytest.mark.parametrize("where", ["U", "S"])
+def test_add_refuses_a_bank_holding_non_finite_values(tmp_path: Path, where: str) -> None:
+    """A bank whose U (or a member's S) holds NaN/inf: add raised numpy's LinAlgError (U) or wrote the inf into the
+    new file (S), which spec/shared.md §2 forbids. Refused with ConversionError naming the module; the file is kept."""
+    paths = _split(tmp_path, ["lora00", "lora01", "lora02"])
+    bank = tmp_path / "bank.apack"
+    build_bank(bank, paths[:2], rank=4)
+    b = read_bank(bank)
+    if where == "U":
+        b.modules[Q].U[0, 0] = np.nan
+    else:
+        b.member("lora00").S[Q][0, 0] = np.inf
+    write_bank(bank, b)
+    before = bank.read_bytes()
+    with pytest.raises(ConversionError, match="q_proj"):
+        add_to_bank(bank, [paths[2]], threshold=0.0)
+    assert bank.read_bytes() == before
+
+
+def test_cli_bank_outputs_are_not_replaced_without_force(tmp_path: Path) -> None:
+    """``bank build`` over an existing file replaced it silently (a bank of many adapters lost to a typo), ``bank extract
+    --to svd`` too, and ``bank refit --out`` the same; the README promises replacement only with ``--force``."""
+    paths = [str(p) for p in _split(tmp_path, ["lora00", "lora01"])]
+    run = CliRunner().invoke
+    bank = tmp_path / "bank.apack"
+    assert run(main, ["bank", "build", str(bank), *paths, "--rank", "2"]).exit_code == 0
+    before = bank.read_bytes()
+    r = run(main, ["bank", "build", str(bank), paths[0], "--rank", "1", "--json"])
+    assert r.exit_code == 1 and json.loads(r.stdout)["error"]["type"] == "OutputExistsError"
+    assert bank.read_bytes() == before
+    other = tmp_path / "other.apack"
+    other.write_bytes(b"keep")
+    for args in (["bank", "extract", str(bank), "lora00", str(other), "--to", "svd"], ["bank", "refit", str(bank), "--out", str(other)]):
+        r = run(main, [*args, "--json"])
+        assert r.exit_code == 1 and json.loads(r.stdout)["error"]["type"] == "OutputExistsError", args
+        assert other.read_bytes() == b"keep" and bank.read_bytes() == before
+    assert run(main, ["bank", "extract", str(bank), "lora00", str(other), "--to", "svd", "--force"]).exit_code == 0
+    with adapterpack.open(other) as x:
+        assert {m.encoding for m in x} == {"svd"}
+    assert run(main, ["bank", "refit", str(bank), "--out", str(other), "--force"]).exit_code == 0
+    assert run(main, ["bank", "build", str(bank), paths[0], "--rank", "1", "--force"]).exit_code == 0
+    assert len(read_bank(bank).members) == 1
