@@ -19,7 +19,7 @@ from adapterpack.bank.store import META_HASH, Bank, BankMember, BankModule, erro
 from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.container.writer import write_apack
 from adapterpack.encodings.lower import as_svd, lora_from_factors
-from adapterpack.errors import BankError
+from adapterpack.errors import BankError, ConversionError
 from adapterpack.factors import Factors
 from adapterpack.formats.peft import write_peft
 from adapterpack.formats.serving import check
@@ -117,6 +117,7 @@ def add_to_bank(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str
     pass-through tensors are read from the old file while the new one is written, one at a time.
     Concurrent adds and refits of one bank run one after the other (:func:`locked`), none lost."""
     with locked(path), open_bank(path) as bank:
+        _check_finite(bank, path)
         members = expand_inputs(inputs, names)
         first = bank.members[0]
         _, keys, left_out = plan_modules(members, partial, reference=_bank_keys(bank), base_model=first.base_model)
@@ -166,6 +167,19 @@ def add_to_bank(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str
             validate_records(bank)
             report.file_size = write_bank(path, bank, codec=codec)
         return report
+
+
+def _check_finite(bank: Bank, path: str | os.PathLike[str]) -> None:
+    """Refuse a bank holding NaN or inf in its bases or any member's S: an add would carry them into the new file
+    (spec/shared.md §2 forbids writing them) or fail inside numpy."""
+    for name, mod in bank.modules.items():
+        for slot, x in (("U", mod.U), ("V", mod.V)):
+            if not np.all(np.isfinite(x)):
+                raise ConversionError(f"{path}: module {name!r}: the shared {slot} holds non-finite values (NaN or inf)")
+    for mem in bank.members:
+        for name, S in mem.S.items():
+            if not np.all(np.isfinite(S)):
+                raise ConversionError(f"{path}: adapter {mem.name!r} module {name!r}: S holds non-finite values (NaN or inf)")
 
 
 def _stored_error(f: Factors, mod: BankModule, S: np.ndarray) -> float:
