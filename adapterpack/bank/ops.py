@@ -19,7 +19,7 @@ from adapterpack.bank.store import META_HASH, Bank, BankMember, BankModule, erro
 from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.container.writer import write_apack
 from adapterpack.encodings.lower import as_svd, lora_from_factors
-from adapterpack.errors import BankError, ConversionError
+from adapterpack.errors import BankError, ConversionError, OutputExistsError
 from adapterpack.factors import Factors
 from adapterpack.formats.peft import write_peft
 from adapterpack.formats.serving import check
@@ -69,9 +69,11 @@ def build_bank(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]]
                rank: int = 16, target_error: float | None = None, budget: int | None = None, form: str = "full",
                weights: str = "norm", dtype: str = "float32", partial: bool = False, max_iter: int = 50, tol: float = 1e-7,
                scheduler: str | None = None, codec: str = DEFAULT_CODEC,
-               progress: Callable[[int, float], None] | None = None) -> BankReport:
-    """Fit a bank on ``inputs`` and write it to ``out`` atomically."""
+               progress: Callable[[int, float], None] | None = None, overwrite: bool = True) -> BankReport:
+    """Fit a bank on ``inputs`` and write it to ``out`` atomically (``overwrite`` false: an existing ``out`` is
+    refused with OutputExistsError before any work, and again if one appears meanwhile)."""
     dtypes.by_name(dtype)
+    _refuse_existing(out, overwrite)
     members = expand_inputs(inputs, names)
     shapes, keys, left_out = plan_modules(members, partial)
     left_out += [s for m in members for s in m.skipped]
@@ -93,8 +95,13 @@ def build_bank(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]]
         [_member_of(m, row, "original adapter") for m, row in zip(members, res.members)],
     )
     validate_records(bank)
-    size = write_bank(out, bank, codec=codec)
+    size = write_bank(out, bank, codec=codec, overwrite=overwrite)
     return BankReport(Path(out), "build", len(members), res.report(), left_out=left_out, file_size=size)
+
+
+def _refuse_existing(out: str | os.PathLike[str], overwrite: bool) -> None:
+    if not overwrite and os.path.lexists(out):
+        raise OutputExistsError(f"{out} already exists (use --force to overwrite)")
 
 
 def _member_of(m: Member, row: dict[str, Any], reference: str) -> BankMember:
@@ -189,11 +196,16 @@ def _stored_error(f: Factors, mod: BankModule, S: np.ndarray) -> float:
 
 def refit_bank(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None, rank: int | None = None,
                target_error: float | None = None, budget: int | None = None, form: str | None = None, weights: str = "norm",
-               max_iter: int = 50, tol: float = 1e-7, scheduler: str | None = None, codec: str = DEFAULT_CODEC) -> BankReport:
+               max_iter: int = 50, tol: float = 1e-7, scheduler: str | None = None, codec: str = DEFAULT_CODEC,
+               overwrite: bool = True) -> BankReport:
     """Refit the bases from the bank's own members (their current reconstructions) and rewrite it
-    (to ``out``, default in place, atomically). Errors are then relative to those reconstructions.
+    (to ``out``, default in place, atomically; ``overwrite`` false refuses an existing ``out`` with
+    OutputExistsError). Errors are then relative to those reconstructions.
     Pass-through tensors are read from the old file while the new one is written, one at a time;
     the bank is locked throughout (:func:`locked`), so a concurrent add is not lost."""
+    keep = overwrite or out is None
+    if out is not None:
+        _refuse_existing(out, keep)
     with locked(path), open_bank(path) as bank:
         first = next(iter(bank.modules.values()))
         dtype = dtypes.of_array(first.U).name
@@ -215,7 +227,7 @@ def refit_bank(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | No
             new.members.append(BankMember(old.name, {k: v["S"] for k, v in row["modules"].items()}, old.base_model,
                                           old.base_architecture, old.source, meta, old.tensors))
         validate_records(new)
-        size = write_bank(out or path, new, codec=codec)
+        size = write_bank(out or path, new, codec=codec, overwrite=keep)
         return BankReport(Path(out or path), "refit", len(new.members), res.report(), file_size=size)
 
 
@@ -267,17 +279,19 @@ def extract_drops(adapter: Adapter, to: str) -> list[str]:
     return [n for f in check(adapter, "peft") if "full tensors" in f.problem for n in f.modules]
 
 
-def write_extracted(adapter: Adapter, out: str | os.PathLike[str], to: str = "apack", *, drop_tensors: bool = False) -> Path:
+def write_extracted(adapter: Adapter, out: str | os.PathLike[str], to: str = "apack", *, drop_tensors: bool = False,
+                    codec: str | None = None, level: int | None = None, overwrite: bool = True) -> Path:
     """Write an extracted member as ``.apack`` of lora records (``to="apack"``), of svd records (``"svd"``,
     exact SVD of each record, so it can be loaded at any lower rank), or a PEFT folder (``"peft"``).
     Pass-through tensors go along; those PEFT cannot carry (:func:`extract_drops`) are refused
-    unless ``drop_tensors``."""
+    unless ``drop_tensors``. ``overwrite`` false: OutputExistsError where ``out`` exists."""
+    _refuse_existing(out, overwrite)
     if to == "svd":
         adapter = adapter.derived({k: as_svd(m) for k, m in adapter.modules.items()})
         to = "apack"
     if to == "peft":
-        return write_peft(adapter, out, drop_tensors=drop_tensors)
-    write_apack(out, adapter)
+        return write_peft(adapter, out, drop_tensors=drop_tensors, overwrite=overwrite)
+    write_apack(out, adapter, codec=codec or DEFAULT_CODEC, level=level, overwrite=overwrite)
     return Path(out)
 
 

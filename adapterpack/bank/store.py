@@ -27,7 +27,7 @@ from adapterpack.container.reader import ApackReader
 from adapterpack.container.writer import check_index, encode_blob
 from adapterpack.encodings import get_encoding
 from adapterpack.encodings.shared import shared_base_shape
-from adapterpack.errors import AdapterpackError, BankError, IndexTooLargeError
+from adapterpack.errors import AdapterpackError, BankError, IndexTooLargeError, OutputExistsError
 
 META_HASH = "bank.sha256"
 META_ERROR = "bank.rel_error"
@@ -101,8 +101,10 @@ def _record(mod: BankModule, refs: dict[str, int]) -> dict[str, Any]:
     return {"name": mod.name, "encoding": "shared", "base_shape": list(mod.base_shape), "params": params, "tensors": refs}
 
 
-def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = DEFAULT_CODEC, level: int | None = None) -> int:
+def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = DEFAULT_CODEC, level: int | None = None,
+               overwrite: bool = True) -> int:
     """Write ``bank`` atomically (an interrupted write leaves any previous file intact); returns the file size.
+    ``overwrite`` false: OutputExistsError where ``path`` exists (checked again as the file is put in place).
 
     Blob order: every module's U then V, then each member's S blobs followed by its pass-through
     tensors in member order, so the shared bases sit together at the front of the data section.
@@ -112,7 +114,9 @@ def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = DEFAULT
     if not bank.members:
         raise BankError("a bank needs at least one adapter")
     dest = Path(path)
-    with atomic_file(dest) as f, tempfile.TemporaryFile(dir=dest.parent) as spool:
+    if not overwrite and os.path.lexists(dest):
+        raise OutputExistsError(f"{dest} already exists (use --force to overwrite)")
+    with atomic_file(dest, overwrite=overwrite) as f, tempfile.TemporaryFile(dir=dest.parent) as spool:
         blobs: list[dict[str, Any]] = []
         end = 0
 
