@@ -18,7 +18,7 @@ import adapterpack
 from adapterpack.adapter import Adapter, Module
 from adapterpack.bank import add_to_bank, build_bank, extract_member, read_bank, refit_bank, write_bank
 from adapterpack.cli import main
-from adapterpack.errors import ConversionError
+from adapterpack.errors import BankError, ConversionError
 
 DATA = Path(__file__).resolve().parent / "data" / "bank_loras.apack"
 Q, V = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
@@ -159,3 +159,25 @@ def test_cli_bank_outputs_are_not_replaced_without_force(tmp_path: Path) -> None
     assert run(main, ["bank", "refit", str(bank), "--out", str(other), "--force"]).exit_code == 0
     assert run(main, ["bank", "build", str(bank), paths[0], "--rank", "1", "--force"]).exit_code == 0
     assert len(read_bank(bank).members) == 1
+
+
+def test_records_of_one_module_must_agree_on_layout(tmp_path: Path) -> None:
+    """spec/shared.md §2: all records of one module agree on rank, form, layout, fan_in_fan_out and base_shape. A bank
+    whose second member reads its square q_proj record as an embedding (ΔW transposed: legal for the record alone) was
+    opened as if every record had the first one's layout, and an add rewrote that member with ΔW transposed, silently.
+    Now such a bank is refused (BankError) and the file stays as it was."""
+    from apack_builders import split, write
+
+    paths = _split(tmp_path, ["lora00", "lora01", "lora02"])
+    bank = tmp_path / "bank.apack"
+    build_bank(bank, paths[:2], rank=4, codec="raw")
+    parts = split(bank.read_bytes())
+    rec = next(m for m in parts.index["adapters"][1]["modules"] if m["name"] == Q)
+    rec["params"]["layout"] = "embedding"
+    write(bank, parts.build())
+    with adapterpack.open(bank, adapter="lora01") as a:
+        assert a.module(Q).params["layout"] == "embedding"  # a legal record on its own
+    before = bank.read_bytes()
+    with pytest.raises(BankError, match="q_proj"):
+        add_to_bank(bank, [paths[2]])
+    assert bank.read_bytes() == before

@@ -180,7 +180,7 @@ def open_bank(path: str | os.PathLike[str]) -> Iterator[Bank]:
         # every record through the reader's own checks before any raw param is used; tensors stay handles
         tensors = {raw["name"]: reader.adapter(raw["name"]).tensors for raw in reader.index.adapters}
         modules: dict[str, BankModule] = {}
-        refs: dict[str, tuple[int, int]] = {}
+        refs: dict[str, tuple[Any, ...]] = {}
         members = []
         for raw in reader.index.adapters:
             S = {}
@@ -190,12 +190,17 @@ def open_bank(path: str | os.PathLike[str]) -> Iterator[Bank]:
                     raise BankError(f"{path}: adapter {raw['name']!r} module {name!r} is {m['encoding']!r}, not a shared record")
                 t = m["tensors"]
                 p = m["params"]
+                # spec/shared.md §2: one module's records agree on U, V, rank, form, layout, fan_in_fan_out, base_shape
+                # (a record read with another's layout would be rewritten with its ΔW transposed)
+                key = (t["U"], t["V"], p["form"], p.get("layout", "linear"), bool(p.get("fan_in_fan_out", False)),
+                       tuple(m["base_shape"]))
                 if name not in modules:
-                    refs[name] = (t["U"], t["V"])
+                    refs[name] = key
                     modules[name] = BankModule(name, np.array(reader.read_blob(t["U"])), np.array(reader.read_blob(t["V"])),
                                                p["form"], p.get("layout", "linear"), bool(p.get("fan_in_fan_out", False)))
-                elif refs[name] != (t["U"], t["V"]) or modules[name].form != p["form"]:
-                    raise BankError(f"{path}: adapter {raw['name']!r} module {name!r} does not share the bank's U, V and form")
+                elif refs[name] != key:
+                    raise BankError(f"{path}: adapter {raw['name']!r} module {name!r} does not share the bank's U, V, form, "
+                                    f"layout and base_shape")
                 S[name] = np.array(reader.read_blob(t["S"]))
             members.append(BankMember(raw["name"], S, raw.get("base_model"), raw.get("base_architecture"),
                                       dict(raw.get("source", {})), dict(raw.get("metadata", {})), dict(tensors[raw["name"]])))
