@@ -181,3 +181,16 @@ def test_records_of_one_module_must_agree_on_layout(tmp_path: Path) -> None:
     with pytest.raises(BankError, match="q_proj"):
         add_to_bank(bank, [paths[2]])
     assert bank.read_bytes() == before
+
+
+@pytest.mark.parametrize("op", ["add", "refit", "list"])
+def test_a_missing_bank_is_an_input_error(tmp_path: Path, op: str) -> None:
+    """The Python API raised FileNotFoundError / IsADirectoryError for a bank path that is not a file; every other
+    reader raises UnrecognizedInputError there."""
+    from adapterpack.bank import bank_listing
+    from adapterpack.errors import UnrecognizedInputError
+
+    run = {"add": lambda p: add_to_bank(p, [str(_split(tmp_path, ["lora00"])[0])]), "refit": refit_bank, "list": bank_listing}[op]
+    for p in (tmp_path / "missing.apack", tmp_path):
+        with pytest.raises(UnrecognizedInputError):
+            run(p)

@@ -15,7 +15,17 @@ from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module, as_array, decoded_bytes
 from adapterpack.bank.lock import locked
 from adapterpack.bank.sources import Member, ModuleKey, PathSource, expand_inputs, plan_modules
-from adapterpack.bank.store import META_HASH, Bank, BankMember, BankModule, error_metadata, open_bank, validate_records, write_bank
+from adapterpack.bank.store import (
+    META_HASH,
+    Bank,
+    BankMember,
+    BankModule,
+    check_bank_path,
+    error_metadata,
+    open_bank,
+    validate_records,
+    write_bank,
+)
 from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.container.writer import write_apack
 from adapterpack.encodings.lower import as_svd, lora_from_factors
@@ -123,6 +133,7 @@ def add_to_bank(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str
     The bank is rewritten atomically: interrupted, the previous file stays as it was. Old members'
     pass-through tensors are read from the old file while the new one is written, one at a time.
     Concurrent adds and refits of one bank run one after the other (:func:`locked`), none lost."""
+    check_bank_path(path)
     with locked(path), open_bank(path) as bank:
         _check_finite(bank, path)
         members = expand_inputs(inputs, names)
@@ -206,6 +217,7 @@ def refit_bank(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | No
     keep = overwrite or out is None
     if out is not None:
         _refuse_existing(out, keep)
+    check_bank_path(path)
     with locked(path), open_bank(path) as bank:
         first = next(iter(bank.modules.values()))
         dtype = dtypes.of_array(first.U).name

@@ -27,7 +27,7 @@ from adapterpack.container.reader import ApackReader
 from adapterpack.container.writer import check_index, encode_blob
 from adapterpack.encodings import get_encoding
 from adapterpack.encodings.shared import shared_base_shape
-from adapterpack.errors import AdapterpackError, BankError, IndexTooLargeError, OutputExistsError
+from adapterpack.errors import AdapterpackError, BankError, IndexTooLargeError, OutputExistsError, UnrecognizedInputError
 
 META_HASH = "bank.sha256"
 META_ERROR = "bank.rel_error"
@@ -170,12 +170,20 @@ def _entries(bank: Bank, add: Callable[[TensorLike], int]) -> list[dict[str, Any
     return adapters
 
 
+def check_bank_path(path: str | os.PathLike[str]) -> None:
+    """Refuse a path that is not a file as the other readers do (UnrecognizedInputError), not with an OSError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UnrecognizedInputError(f"{p}: " + ("a folder, not a bank file" if p.is_dir() else "no such file or folder"))
+
+
 @contextmanager
 def open_bank(path: str | os.PathLike[str]) -> Iterator[Bank]:
     """A bank with its bases and every member's S in memory and its pass-through tensors as handles that
     read each one from the open file when loaded (valid inside the ``with``): a rewrite of the bank
     (add, refit) then holds one member's tensor at a time, not all of them. Refuses a file whose shared
     records do not reference one U and one V blob per module, or that mixes forms."""
+    check_bank_path(path)
     with ApackReader(Path(path)) as reader:
         # every record through the reader's own checks before any raw param is used; tensors stay handles
         tensors = {raw["name"]: reader.adapter(raw["name"]).tensors for raw in reader.index.adapters}
