@@ -309,6 +309,9 @@ def _assign(policy: RerankPolicy, plans: list[ModulePlan], work: dict[str, _Work
                 + (" (written as rank 1 zero factors: LoRA has no rank 0)" if policy.encoding == "lora" else "")
             )
             stored = 1 if policy.encoding == "lora" else 0
+        elif stored == 0 and policy.encoding == "lora":
+            p.notes.append("cut to rank 0: written as rank 1 zero factors (LoRA has no rank 0)")
+            stored = 1
         p.new_rank, p.stored_rank = r, stored
         p.retained = w.spectrum.retained(r) / w.spectrum.energy if w.spectrum.energy else 1.0
         p.rel_error = w.spectrum.rel_error(r)

@@ -1,0 +1,23 @@
+"""Review of rerank/lower at their edges, on the bundled real adapter (spectra matter here)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import adapterpack
+from adapterpack.examples import example_path
+from adapterpack.ops.rerank import RerankPolicy, rerank
+
+
+def test_rank0_lora_output_reports_the_rank1_zero_factors_it_writes() -> None:
+    """LoRA has no rank 0: a module cut to rank 0 is written as rank-1 zero factors, but the report said stored rank 0
+    and 0 bytes for it (a report whose bytes are meant to be exact)."""
+    with adapterpack.open(example_path()) as ad:
+        for policy in (RerankPolicy(rank=0, encoding="lora"), RerankPolicy(energy=0.5, max_rank=0, encoding="lora")):
+            out, report = rerank(ad, policy)
+            for p in report.modules:
+                m = out.module(p.name)
+                assert m.encoding == "lora" and m.params["rank"] == 1 and not np.any(m.delta())
+                assert p.new_rank == 0 and p.stored_rank == 1
+                assert p.bytes_after == sum(np.asarray(m.array(s)).nbytes for s in ("A", "B"))
+            assert report.total["bytes_after"] == sum(m.decoded_bytes for m in out)
