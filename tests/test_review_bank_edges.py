@@ -194,3 +194,32 @@ def test_a_missing_bank_is_an_input_error(tmp_path: Path, op: str) -> None:
     for p in (tmp_path / "missing.apack", tmp_path):
         with pytest.raises(UnrecognizedInputError):
             run(p)
+
+
+def test_diagonal_bank_members_lower_to_lora_to_float_rounding(tmp_path: Path) -> None:
+    """A diagonal-form bank's U and V are not orthogonal (condition numbers up to 1e8 when a target error picks a high
+    rank): ``bank extract`` split U·diag(σ)·Vᵀ through S's SVD alone, and every exporter (``as_lora``: PEFT, kohya,
+    gguf) cast B = U·diag(σ), A = Vᵀ as they were, so the float32 records missed the bank's ΔW by up to 4e-4 (extract)
+    and 3e-5 (export) while extract reported ~1e-7 (its error before the cast). Both now go through ΔW's exact SVD
+    (balanced, orthonormal factors: float32 rounding only, plus extract's documented cut of singular values below
+    R·eps·σ₁), and extract reports the error of what it writes."""
+    from adapterpack.encodings.lower import as_lora
+
+    bank = tmp_path / "bank.apack"
+    build_bank(bank, _split(tmp_path, ["lora00", "lora01", "lora02", "lora03"]), form="diagonal", rank=64, target_error=1e-6,
+               max_iter=10)
+    ad, errs = extract_member(bank, "lora01")
+
+    def dense64(m: Module) -> np.ndarray:
+        f = m.factors()
+        return f.scale * (np.asarray(f.B, np.float64) @ np.asarray(f.A, np.float64))
+
+    with adapterpack.open(bank, adapter="lora01") as b:
+        assert max(b.module(k).params["rank"] for k in (Q, V)) > 8
+        for k in (Q, V):
+            d = dense64(b.module(k))
+            got = _dense_rel(d, dense64(ad.module(k)))
+            assert got < 1e-9, (k, got)  # relative squared; extract drops singular values below R·eps32·σ₁
+            assert errs[k] == pytest.approx(got, rel=1e-3, abs=1e-20)
+            low = as_lora(b.module(k))
+            assert low.tensors["A"].dtype == np.float32 and _dense_rel(d, dense64(low)) < 1e-12

@@ -28,7 +28,7 @@ from adapterpack.bank.store import (
 )
 from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.container.writer import write_apack
-from adapterpack.encodings.lower import as_svd, lora_from_factors
+from adapterpack.encodings.lower import as_svd, lora_from_factors, svd_factors
 from adapterpack.errors import BankError, ConversionError, OutputExistsError
 from adapterpack.factors import Factors
 from adapterpack.formats.peft import write_peft
@@ -36,6 +36,8 @@ from adapterpack.formats.serving import check
 from adapterpack.linalg.bank_fit import DaskExecutor, FitOptions, ModuleShape, SerialExecutor, fit_bank, sq_error, sq_norm
 from adapterpack.linalg.bank_grow import pad, place
 from adapterpack.linalg.finite import check_product
+from adapterpack.linalg.lowrank import spectrum_of
+from adapterpack.ops.diff import module_diff
 from adapterpack.ops.files import open as open_adapter
 
 
@@ -244,27 +246,23 @@ def refit_bank(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | No
 
 
 def lora_module(m: Module, rtol: float | None = None, *, where: str | None = None) -> tuple[Module, float]:
-    """A shared record as a standalone ``lora`` record of the adapter's own rank, and the relative
-    squared error that dropping S's negligible singular values (below ``rtol``·σ₁, default R·eps of
-    S's dtype) costs, computed exactly. Non-finite values are refused first, naming ``where``."""
+    """A shared record as a standalone ``lora`` record of the adapter's own rank, and the exact relative
+    squared error of that record, as written, against the member's ΔW. The record holds ΔW's exact SVD
+    (balanced orthonormal directions, so the cast to S's dtype costs only its rounding even where a diagonal
+    bank's U, V are far from orthogonal), less the singular values below ``rtol``·σ₁ (default R·eps of S's
+    dtype). Non-finite values are refused first, naming ``where``."""
+    where = where or f"module {m.name!r}"
     f = m.factors()
-    check_product(f.A, f.B, f.scale, where=where or f"module {m.name!r}")
-    U = m.array("U").astype(np.float64)
-    V = m.array("V").astype(np.float64)
-    S = m.array("S").astype(np.float64)
-    S2 = np.diag(S) if S.ndim == 1 else S
-    p, sv, qt = np.linalg.svd(S2)
+    check_product(f.A, f.B, f.scale, where=where)
+    sp = spectrum_of(f, where=where)
     dt = dtypes.of_array(m.array("S"))
-    rel = rtol if rtol is not None else S2.shape[0] * float(np.finfo(dt.numpy).eps)
-    tol = rel * (sv[0] if sv.size else 0.0)
-    k = max(int(np.count_nonzero(sv > tol)), 1)
-    root = np.sqrt(sv[:k])
-    B = U @ (p[:, :k] * root[None, :])
-    A = (root[:, None] * qt[:k]) @ V.T
-    g = Factors(A=A, B=B, scale=1.0, base_shape=f.base_shape, transpose=f.transpose, layout=getattr(f, "layout", "linear"))
-    n2 = sq_norm(f)
-    err = sq_error(g, U, V, S2, sq_norm(g)) / n2 if n2 > 0 else 0.0
-    return lora_from_factors(m.name, g, dtype=dt.name), err
+    rel = rtol if rtol is not None else int(m.params["rank"]) * float(np.finfo(dt.numpy).eps)
+    tol = rel * (float(sp.S[0]) if sp.S.size else 0.0)
+    k = max(int(np.count_nonzero(sp.S > tol)), 1)
+    rec = lora_from_factors(m.name, svd_factors(f, where=where, rank=k), dtype=dt.name)
+    d = module_diff(m.name, m, rec)
+    err = (d.diff / d.norm_a) ** 2 if d.norm_a > 0 else 0.0
+    return rec, err
 
 
 def extract_member(path: str | os.PathLike[str], name: str) -> tuple[Adapter, dict[str, float]]:
