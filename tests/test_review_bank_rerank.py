@@ -21,3 +21,16 @@ def test_rank0_lora_output_reports_the_rank1_zero_factors_it_writes() -> None:
                 assert p.new_rank == 0 and p.stored_rank == 1
                 assert p.bytes_after == sum(np.asarray(m.array(s)).nbytes for s in ("A", "B"))
             assert report.total["bytes_after"] == sum(m.decoded_bytes for m in out)
+
+
+def test_a_budget_between_the_compressed_and_raw_floor_is_used() -> None:
+    """With pco the all-rank-1 file of the bundled adapter is 397,171 B, its factors 461,280 B uncompressed. A budget
+    between the two (461,000 B) returned the rank-1 file and left 14% of the budget unused: the allocation started
+    below the floor and never grew into the room compression left. Now it does, and still fits."""
+    from adapterpack.ops.budget import apack_file_size
+
+    with adapterpack.open(example_path()) as ad:
+        out, report = rerank(ad, RerankPolicy(budget=461_000), file_size=lambda a: apack_file_size([a], "pco"))
+        assert 440_000 < report.file_bytes <= 461_000
+        assert apack_file_size([out], "pco") == report.file_bytes
+        assert max(p.new_rank for p in report.modules) >= 2
