@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import adapterpack
 from adapterpack.examples import example_path
@@ -34,3 +35,24 @@ def test_a_budget_between_the_compressed_and_raw_floor_is_used() -> None:
         assert 440_000 < report.file_bytes <= 461_000
         assert apack_file_size([out], "pco") == report.file_bytes
         assert max(p.new_rank for p in report.modules) >= 2
+
+
+def test_round_to_outside_the_rank_limits_is_refused() -> None:
+    """``--max-rank 4 --round-to 8,16`` wrote rank 8 everywhere (above the maximum it was given), ``--min-rank 6
+    --round-to 2,4 --round-mode down`` rank 4: contradictory options are refused (OptionError, a usage error)."""
+    from click.testing import CliRunner
+
+    from adapterpack.cli import main
+    from adapterpack.errors import OptionError
+
+    bad = (RerankPolicy(rank=3, max_rank=4, round_to=(8, 16)), RerankPolicy(rank=3, min_rank=6, round_to=(2, 4), round_mode="down"),
+           RerankPolicy(budget_ratio=0.5, max_rank=4, round_to=(8, 16)))
+    with adapterpack.open(example_path()) as ad:
+        for policy in bad:
+            with pytest.raises(OptionError, match="round_to"):
+                rerank(ad, policy)
+        _, report = rerank(ad, RerankPolicy(rank=3, max_rank=8, round_to=(4, 8, 16)))
+        assert {p.new_rank for p in report.modules} == {4}
+    args = ["rerank", str(example_path()), "--dry-run", "--rank", "3", "--max-rank", "4", "--round-to", "8,16"]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "round_to" in r.output

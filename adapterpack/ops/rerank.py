@@ -26,7 +26,7 @@ from adapterpack.adapter import Adapter, Module
 from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.encodings.lower import lora_from_factors, main_dtype
 from adapterpack.encodings.svd import from_spectrum, s_dtype_for, singular_values
-from adapterpack.errors import ConversionError
+from adapterpack.errors import ConversionError, OptionError
 from adapterpack.factors import Factors
 from adapterpack.formats.write import BASE_FORMATS, WriteOptions, check_write_options
 from adapterpack.linalg import allocate
@@ -129,6 +129,10 @@ class RerankPolicy:
             raise ConversionError(f"need 0 <= min_rank <= max_rank, got {self.min_rank} and {self.max_rank}")
         if self.round_to is not None and (not self.round_to or min(self.round_to) < 1):
             raise ConversionError(f"round_to needs ranks >= 1, got {list(self.round_to)}")
+        if self.round_to and not any(low <= a <= (self.max_rank if self.max_rank is not None else a) for a in self.round_to):
+            # rounding would break the limits (--max-rank 4 --round-to 8,16 wrote rank 8)
+            hi = "" if self.max_rank is None else f", max_rank {self.max_rank}"
+            raise OptionError(f"no rank of round_to {sorted(set(self.round_to))} is within min_rank {low}{hi}")
         for name, value_, allowed in (
             ("round_mode", self.round_mode, ROUND_MODES),
             ("weighting", self.effective_weighting, allocate.WEIGHTINGS),
