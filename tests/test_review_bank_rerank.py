@@ -53,6 +53,11 @@ def test_round_to_outside_the_rank_limits_is_refused() -> None:
                 rerank(ad, policy)
         _, report = rerank(ad, RerankPolicy(rank=3, max_rank=8, round_to=(4, 8, 16)))
         assert {p.new_rank for p in report.modules} == {4}
+        # rounding stays within the limits: up from 8 under max 8 is 4, not 16 (lora output padded to 16 before)
+        _, report = rerank(ad, RerankPolicy(rank=8, max_rank=8, round_to=(4, 16), encoding="lora"))
+        assert {p.stored_rank for p in report.modules} == {4}
+        _, report = rerank(ad, RerankPolicy(rank=1, min_rank=3, round_to=(2, 4), round_mode="down"))
+        assert {p.new_rank for p in report.modules} == {4}
     args = ["rerank", str(example_path()), "--dry-run", "--rank", "3", "--max-rank", "4", "--round-to", "8,16"]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 2 and "round_to" in r.output

@@ -376,6 +376,9 @@ def _choose(policy: RerankPolicy, rule: str, work: dict[str, _Work], notes: list
             budget = _budget(policy, rule, work, notes)
         solve = allocate.budget_dp if policy.method == "dp" else allocate.budget_greedy
         return solve(items, budget, policy.effective_weighting)
+    if allowed:  # round within the limits (rule() made sure some allowed rank is there)
+        low, high = policy.min_rank or 0, policy.max_rank
+        allowed = tuple(a for a in allowed if low <= a and (high is None or a <= high))
     out = {}
     for name, w in work.items():
         r = _rule_rank(policy, rule, w.spectrum)
