@@ -223,3 +223,47 @@ def test_diagonal_bank_members_lower_to_lora_to_float_rounding(tmp_path: Path) -
             assert errs[k] == pytest.approx(got, rel=1e-3, abs=1e-20)
             low = as_lora(b.module(k))
             assert low.tensors["A"].dtype == np.float32 and _dense_rel(d, dense64(low)) < 1e-12
+
+
+def _add_one(bank: str, path: str, barrier: object) -> None:
+    barrier.wait()  # type: ignore[attr-defined]
+    add_to_bank(bank, [path], threshold=0.01)
+
+
+def test_concurrent_adds_and_a_killed_holder_of_the_lock(tmp_path: Path) -> None:
+    """Held up: two processes adding at once both land (the lock serialises them); a process killed while holding the
+    lock leaves no stale lock (flock dies with it) and no temp file, and the next add goes through."""
+    import multiprocessing
+    import os
+    import signal
+
+    from adapterpack.bank.lock import locked
+
+    paths = _split(tmp_path, ["lora00", "lora01", "lora02", "lora03", "example"])
+    bank = tmp_path / "bank.apack"
+    build_bank(bank, paths[:2], rank=4)
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_add_one, args=(str(bank), str(p), barrier)) for p in paths[2:4]]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    assert sorted(m.name for m in read_bank(bank).members) == ["lora00", "lora01", "lora02", "lora03"]
+
+    ready = ctx.Event()
+
+    def hold() -> None:
+        with locked(bank):
+            ready.set()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    holder = ctx.Process(target=hold)
+    holder.start()
+    assert ready.wait(60)
+    holder.join(60)
+    assert holder.exitcode == -signal.SIGKILL
+    add_to_bank(bank, [paths[4]])
+    assert [m.name for m in read_bank(bank).members][-1] == "example"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
