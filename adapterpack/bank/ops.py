@@ -216,7 +216,7 @@ def refit_bank(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | No
     OutputExistsError). Errors are then relative to those reconstructions.
     Pass-through tensors are read from the old file while the new one is written, one at a time;
     the bank is locked throughout (:func:`locked`), so a concurrent add is not lost."""
-    keep = overwrite or out is None
+    keep = overwrite or out is None or Path(out).resolve() == Path(path).resolve()  # --out BANK: in place, as without --out
     if out is not None:
         _refuse_existing(out, keep)
     check_bank_path(path)
