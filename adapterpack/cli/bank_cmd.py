@@ -15,7 +15,8 @@ from adapterpack.formats.write import FORMATS, WriteOptions, check_write_options
 
 _FIT_OPTIONS = [
     click.option("--rank", "-r", type=click.IntRange(min=1), default=None,
-                 help="Shared rank R per module (default 16; with --target-error/--budget the most R may reach, default 64)."),
+                 help="Shared rank R per module (build: default 16; with --target-error/--budget the most R may reach, default 64; "
+                 "refit: default the bank's current ranks, in both roles)."),
     click.option("--target-error", type=click.FloatRange(min=0), default=None,
                  help="Choose R per module: least R whose mean relative squared error is at most this."),
     click.option("--budget", type=click.IntRange(min=1), default=None,
