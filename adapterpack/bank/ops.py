@@ -15,17 +15,29 @@ from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module, as_array, decoded_bytes
 from adapterpack.bank.lock import locked
 from adapterpack.bank.sources import Member, ModuleKey, PathSource, expand_inputs, plan_modules
-from adapterpack.bank.store import META_HASH, Bank, BankMember, BankModule, error_metadata, open_bank, validate_records, write_bank
+from adapterpack.bank.store import (
+    META_HASH,
+    Bank,
+    BankMember,
+    BankModule,
+    check_bank_path,
+    error_metadata,
+    open_bank,
+    validate_records,
+    write_bank,
+)
 from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.container.writer import write_apack
-from adapterpack.encodings.lower import as_svd, lora_from_factors
-from adapterpack.errors import BankError
+from adapterpack.encodings.lower import as_svd, lora_from_factors, svd_factors
+from adapterpack.errors import BankError, ConversionError, OutputExistsError
 from adapterpack.factors import Factors
 from adapterpack.formats.peft import write_peft
 from adapterpack.formats.serving import check
 from adapterpack.linalg.bank_fit import DaskExecutor, FitOptions, ModuleShape, SerialExecutor, fit_bank, sq_error, sq_norm
 from adapterpack.linalg.bank_grow import pad, place
 from adapterpack.linalg.finite import check_product
+from adapterpack.linalg.lowrank import spectrum_of
+from adapterpack.ops.diff import module_diff
 from adapterpack.ops.files import open as open_adapter
 
 
@@ -69,9 +81,11 @@ def build_bank(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]]
                rank: int = 16, target_error: float | None = None, budget: int | None = None, form: str = "full",
                weights: str = "norm", dtype: str = "float32", partial: bool = False, max_iter: int = 50, tol: float = 1e-7,
                scheduler: str | None = None, codec: str = DEFAULT_CODEC,
-               progress: Callable[[int, float], None] | None = None) -> BankReport:
-    """Fit a bank on ``inputs`` and write it to ``out`` atomically."""
+               progress: Callable[[int, float], None] | None = None, overwrite: bool = True) -> BankReport:
+    """Fit a bank on ``inputs`` and write it to ``out`` atomically (``overwrite`` false: an existing ``out`` is
+    refused with OutputExistsError before any work, and again if one appears meanwhile)."""
     dtypes.by_name(dtype)
+    _refuse_existing(out, overwrite)
     members = expand_inputs(inputs, names)
     shapes, keys, left_out = plan_modules(members, partial)
     left_out += [s for m in members for s in m.skipped]
@@ -93,8 +107,13 @@ def build_bank(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]]
         [_member_of(m, row, "original adapter") for m, row in zip(members, res.members)],
     )
     validate_records(bank)
-    size = write_bank(out, bank, codec=codec)
+    size = write_bank(out, bank, codec=codec, overwrite=overwrite)
     return BankReport(Path(out), "build", len(members), res.report(), left_out=left_out, file_size=size)
+
+
+def _refuse_existing(out: str | os.PathLike[str], overwrite: bool) -> None:
+    if not overwrite and os.path.lexists(out):
+        raise OutputExistsError(f"{out} already exists (use --force to overwrite)")
 
 
 def _member_of(m: Member, row: dict[str, Any], reference: str) -> BankMember:
@@ -116,7 +135,9 @@ def add_to_bank(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str
     The bank is rewritten atomically: interrupted, the previous file stays as it was. Old members'
     pass-through tensors are read from the old file while the new one is written, one at a time.
     Concurrent adds and refits of one bank run one after the other (:func:`locked`), none lost."""
+    check_bank_path(path)
     with locked(path), open_bank(path) as bank:
+        _check_finite(bank, path)
         members = expand_inputs(inputs, names)
         first = bank.members[0]
         _, keys, left_out = plan_modules(members, partial, reference=_bank_keys(bank), base_model=first.base_model)
@@ -168,6 +189,19 @@ def add_to_bank(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str
         return report
 
 
+def _check_finite(bank: Bank, path: str | os.PathLike[str]) -> None:
+    """Refuse a bank holding NaN or inf in its bases or any member's S: an add would carry them into the new file
+    (spec/shared.md §2 forbids writing them) or fail inside numpy."""
+    for name, mod in bank.modules.items():
+        for slot, x in (("U", mod.U), ("V", mod.V)):
+            if not np.all(np.isfinite(x)):
+                raise ConversionError(f"{path}: module {name!r}: the shared {slot} holds non-finite values (NaN or inf)")
+    for mem in bank.members:
+        for name, S in mem.S.items():
+            if not np.all(np.isfinite(S)):
+                raise ConversionError(f"{path}: adapter {mem.name!r} module {name!r}: S holds non-finite values (NaN or inf)")
+
+
 def _stored_error(f: Factors, mod: BankModule, S: np.ndarray) -> float:
     n2 = sq_norm(f)
     return sq_error(f, mod.U.astype(np.float64), mod.V.astype(np.float64), S.astype(np.float64), n2) / n2 if n2 > 0 else 0.0
@@ -175,11 +209,17 @@ def _stored_error(f: Factors, mod: BankModule, S: np.ndarray) -> float:
 
 def refit_bank(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | None = None, rank: int | None = None,
                target_error: float | None = None, budget: int | None = None, form: str | None = None, weights: str = "norm",
-               max_iter: int = 50, tol: float = 1e-7, scheduler: str | None = None, codec: str = DEFAULT_CODEC) -> BankReport:
+               max_iter: int = 50, tol: float = 1e-7, scheduler: str | None = None, codec: str = DEFAULT_CODEC,
+               overwrite: bool = True) -> BankReport:
     """Refit the bases from the bank's own members (their current reconstructions) and rewrite it
-    (to ``out``, default in place, atomically). Errors are then relative to those reconstructions.
+    (to ``out``, default in place, atomically; ``overwrite`` false refuses an existing ``out`` with
+    OutputExistsError). Errors are then relative to those reconstructions.
     Pass-through tensors are read from the old file while the new one is written, one at a time;
     the bank is locked throughout (:func:`locked`), so a concurrent add is not lost."""
+    keep = overwrite or out is None or Path(out).resolve() == Path(path).resolve()  # --out BANK: in place, as without --out
+    if out is not None:
+        _refuse_existing(out, keep)
+    check_bank_path(path)
     with locked(path), open_bank(path) as bank:
         first = next(iter(bank.modules.values()))
         dtype = dtypes.of_array(first.U).name
@@ -201,32 +241,28 @@ def refit_bank(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | No
             new.members.append(BankMember(old.name, {k: v["S"] for k, v in row["modules"].items()}, old.base_model,
                                           old.base_architecture, old.source, meta, old.tensors))
         validate_records(new)
-        size = write_bank(out or path, new, codec=codec)
+        size = write_bank(out or path, new, codec=codec, overwrite=keep)
         return BankReport(Path(out or path), "refit", len(new.members), res.report(), file_size=size)
 
 
 def lora_module(m: Module, rtol: float | None = None, *, where: str | None = None) -> tuple[Module, float]:
-    """A shared record as a standalone ``lora`` record of the adapter's own rank, and the relative
-    squared error that dropping S's negligible singular values (below ``rtol``·σ₁, default R·eps of
-    S's dtype) costs, computed exactly. Non-finite values are refused first, naming ``where``."""
+    """A shared record as a standalone ``lora`` record of the adapter's own rank, and the exact relative
+    squared error of that record, as written, against the member's ΔW. The record holds ΔW's exact SVD
+    (balanced orthonormal directions, so the cast to S's dtype costs only its rounding even where a diagonal
+    bank's U, V are far from orthogonal), less the singular values below ``rtol``·σ₁ (default R·eps of S's
+    dtype). Non-finite values are refused first, naming ``where``."""
+    where = where or f"module {m.name!r}"
     f = m.factors()
-    check_product(f.A, f.B, f.scale, where=where or f"module {m.name!r}")
-    U = m.array("U").astype(np.float64)
-    V = m.array("V").astype(np.float64)
-    S = m.array("S").astype(np.float64)
-    S2 = np.diag(S) if S.ndim == 1 else S
-    p, sv, qt = np.linalg.svd(S2)
+    check_product(f.A, f.B, f.scale, where=where)
+    sp = spectrum_of(f, where=where)
     dt = dtypes.of_array(m.array("S"))
-    rel = rtol if rtol is not None else S2.shape[0] * float(np.finfo(dt.numpy).eps)
-    tol = rel * (sv[0] if sv.size else 0.0)
-    k = max(int(np.count_nonzero(sv > tol)), 1)
-    root = np.sqrt(sv[:k])
-    B = U @ (p[:, :k] * root[None, :])
-    A = (root[:, None] * qt[:k]) @ V.T
-    g = Factors(A=A, B=B, scale=1.0, base_shape=f.base_shape, transpose=f.transpose, layout=getattr(f, "layout", "linear"))
-    n2 = sq_norm(f)
-    err = sq_error(g, U, V, S2, sq_norm(g)) / n2 if n2 > 0 else 0.0
-    return lora_from_factors(m.name, g, dtype=dt.name), err
+    rel = rtol if rtol is not None else int(m.params["rank"]) * float(np.finfo(dt.numpy).eps)
+    tol = rel * (float(sp.S[0]) if sp.S.size else 0.0)
+    k = max(int(np.count_nonzero(sp.S > tol)), 1)
+    rec = lora_from_factors(m.name, svd_factors(f, where=where, rank=k), dtype=dt.name)
+    d = module_diff(m.name, m, rec)
+    err = (d.diff / d.norm_a) ** 2 if d.norm_a > 0 else 0.0
+    return rec, err
 
 
 def extract_member(path: str | os.PathLike[str], name: str) -> tuple[Adapter, dict[str, float]]:
@@ -253,17 +289,19 @@ def extract_drops(adapter: Adapter, to: str) -> list[str]:
     return [n for f in check(adapter, "peft") if "full tensors" in f.problem for n in f.modules]
 
 
-def write_extracted(adapter: Adapter, out: str | os.PathLike[str], to: str = "apack", *, drop_tensors: bool = False) -> Path:
+def write_extracted(adapter: Adapter, out: str | os.PathLike[str], to: str = "apack", *, drop_tensors: bool = False,
+                    codec: str | None = None, level: int | None = None, overwrite: bool = True) -> Path:
     """Write an extracted member as ``.apack`` of lora records (``to="apack"``), of svd records (``"svd"``,
     exact SVD of each record, so it can be loaded at any lower rank), or a PEFT folder (``"peft"``).
     Pass-through tensors go along; those PEFT cannot carry (:func:`extract_drops`) are refused
-    unless ``drop_tensors``."""
+    unless ``drop_tensors``. ``overwrite`` false: OutputExistsError where ``out`` exists."""
+    _refuse_existing(out, overwrite)
     if to == "svd":
         adapter = adapter.derived({k: as_svd(m) for k, m in adapter.modules.items()})
         to = "apack"
     if to == "peft":
-        return write_peft(adapter, out, drop_tensors=drop_tensors)
-    write_apack(out, adapter)
+        return write_peft(adapter, out, drop_tensors=drop_tensors, overwrite=overwrite)
+    write_apack(out, adapter, codec=codec or DEFAULT_CODEC, level=level, overwrite=overwrite)
     return Path(out)
 
 

@@ -62,9 +62,8 @@ def _handle(t: TensorLike, loader: Callable[[], np.ndarray]) -> StoredTensor:
 
 
 def _copy(f: Factors) -> Factors:
-    a, b = np.array(f.A), np.array(f.B)
-    return Factors(A=a.reshape(a.shape[0], -1), B=b.reshape(b.shape[0], -1), scale=f.scale, base_shape=f.base_shape,
-                   transpose=f.transpose, layout=getattr(f, "layout", "linear"))
+    a, b = (np.array(x) for x in f.matrices())  # explicit 2-D sizes: a rank-0 record's (0, -1) reshape is ambiguous
+    return Factors(A=a, B=b, scale=f.scale, base_shape=f.base_shape, transpose=f.transpose, layout=getattr(f, "layout", "linear"))
 
 
 def content_hash(factors: dict[str, Factors], tensors: Mapping[str, TensorLike] | None = None) -> str:

@@ -27,7 +27,7 @@ from adapterpack.container.reader import ApackReader
 from adapterpack.container.writer import check_index, encode_blob
 from adapterpack.encodings import get_encoding
 from adapterpack.encodings.shared import shared_base_shape
-from adapterpack.errors import AdapterpackError, BankError, IndexTooLargeError
+from adapterpack.errors import AdapterpackError, BankError, IndexTooLargeError, OutputExistsError, UnrecognizedInputError
 
 META_HASH = "bank.sha256"
 META_ERROR = "bank.rel_error"
@@ -101,8 +101,10 @@ def _record(mod: BankModule, refs: dict[str, int]) -> dict[str, Any]:
     return {"name": mod.name, "encoding": "shared", "base_shape": list(mod.base_shape), "params": params, "tensors": refs}
 
 
-def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = DEFAULT_CODEC, level: int | None = None) -> int:
+def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = DEFAULT_CODEC, level: int | None = None,
+               overwrite: bool = True) -> int:
     """Write ``bank`` atomically (an interrupted write leaves any previous file intact); returns the file size.
+    ``overwrite`` false: OutputExistsError where ``path`` exists (checked again as the file is put in place).
 
     Blob order: every module's U then V, then each member's S blobs followed by its pass-through
     tensors in member order, so the shared bases sit together at the front of the data section.
@@ -112,7 +114,9 @@ def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = DEFAULT
     if not bank.members:
         raise BankError("a bank needs at least one adapter")
     dest = Path(path)
-    with atomic_file(dest) as f, tempfile.TemporaryFile(dir=dest.parent) as spool:
+    if not overwrite and os.path.lexists(dest):
+        raise OutputExistsError(f"{dest} already exists (use --force to overwrite)")
+    with atomic_file(dest, overwrite=overwrite) as f, tempfile.TemporaryFile(dir=dest.parent) as spool:
         blobs: list[dict[str, Any]] = []
         end = 0
 
@@ -166,17 +170,25 @@ def _entries(bank: Bank, add: Callable[[TensorLike], int]) -> list[dict[str, Any
     return adapters
 
 
+def check_bank_path(path: str | os.PathLike[str]) -> None:
+    """Refuse a path that is not a file as the other readers do (UnrecognizedInputError), not with an OSError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UnrecognizedInputError(f"{p}: " + ("a folder, not a bank file" if p.is_dir() else "no such file or folder"))
+
+
 @contextmanager
 def open_bank(path: str | os.PathLike[str]) -> Iterator[Bank]:
     """A bank with its bases and every member's S in memory and its pass-through tensors as handles that
     read each one from the open file when loaded (valid inside the ``with``): a rewrite of the bank
     (add, refit) then holds one member's tensor at a time, not all of them. Refuses a file whose shared
     records do not reference one U and one V blob per module, or that mixes forms."""
+    check_bank_path(path)
     with ApackReader(Path(path)) as reader:
         # every record through the reader's own checks before any raw param is used; tensors stay handles
         tensors = {raw["name"]: reader.adapter(raw["name"]).tensors for raw in reader.index.adapters}
         modules: dict[str, BankModule] = {}
-        refs: dict[str, tuple[int, int]] = {}
+        refs: dict[str, tuple[Any, ...]] = {}
         members = []
         for raw in reader.index.adapters:
             S = {}
@@ -186,12 +198,17 @@ def open_bank(path: str | os.PathLike[str]) -> Iterator[Bank]:
                     raise BankError(f"{path}: adapter {raw['name']!r} module {name!r} is {m['encoding']!r}, not a shared record")
                 t = m["tensors"]
                 p = m["params"]
+                # spec/shared.md §2: one module's records agree on U, V, rank, form, layout, fan_in_fan_out, base_shape
+                # (a record read with another's layout would be rewritten with its ΔW transposed)
+                key = (t["U"], t["V"], p["form"], p.get("layout", "linear"), bool(p.get("fan_in_fan_out", False)),
+                       tuple(m["base_shape"]))
                 if name not in modules:
-                    refs[name] = (t["U"], t["V"])
+                    refs[name] = key
                     modules[name] = BankModule(name, np.array(reader.read_blob(t["U"])), np.array(reader.read_blob(t["V"])),
                                                p["form"], p.get("layout", "linear"), bool(p.get("fan_in_fan_out", False)))
-                elif refs[name] != (t["U"], t["V"]) or modules[name].form != p["form"]:
-                    raise BankError(f"{path}: adapter {raw['name']!r} module {name!r} does not share the bank's U, V and form")
+                elif refs[name] != key:
+                    raise BankError(f"{path}: adapter {raw['name']!r} module {name!r} does not share the bank's U, V, form, "
+                                    f"layout and base_shape")
                 S[name] = np.array(reader.read_blob(t["S"]))
             members.append(BankMember(raw["name"], S, raw.get("base_model"), raw.get("base_architecture"),
                                       dict(raw.get("source", {})), dict(raw.get("metadata", {})), dict(tensors[raw["name"]])))

@@ -15,7 +15,8 @@ from adapterpack.formats.write import FORMATS, WriteOptions, check_write_options
 
 _FIT_OPTIONS = [
     click.option("--rank", "-r", type=click.IntRange(min=1), default=None,
-                 help="Shared rank R per module (default 16; with --target-error/--budget the most R may reach, default 64)."),
+                 help="Shared rank R per module (build: default 16; with --target-error/--budget the most R may reach, default 64; "
+                 "refit: default the bank's current ranks, in both roles)."),
     click.option("--target-error", type=click.FloatRange(min=0), default=None,
                  help="Choose R per module: least R whose mean relative squared error is at most this."),
     click.option("--budget", type=click.IntRange(min=1), default=None,
@@ -99,16 +100,17 @@ def bank() -> None:
 @click.option("--name", "names", multiple=True, help="Member name per ADAPTER, in order (default: file or folder name).")
 @click.option("--dtype", type=click.Choice(dtypes.FLOATS), default="float32", show_default=True)
 @click.option("--partial", is_flag=True, help="Bank only the modules every adapter has with the same shape; list the rest.")
+@click.option("--force", is_flag=True, help="Overwrite OUT if it exists.")
 @out.progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def build(out_path: Path, adapters: tuple[Path, ...], rank: int | None, target_error: float | None, budget: int | None,
           form: str | None, weights: str, max_iter: int, scheduler: str | None, names: tuple[str, ...], dtype: str,
-          partial: bool, as_json: bool) -> None:
+          partial: bool, force: bool, as_json: bool) -> None:
     """Fit shared bases for ADAPTERs and write the bank to OUT."""
     chosen = target_error is not None or budget is not None
     r = build_bank(out_path, list(adapters), names=list(names) or None, rank=rank or (64 if chosen else 16),
                    target_error=target_error, budget=budget, form=form or "full", weights=weights, dtype=dtype,
-                   partial=partial, max_iter=max_iter, scheduler=scheduler).as_dict()
+                   partial=partial, max_iter=max_iter, scheduler=scheduler, overwrite=force).as_dict()
     out.echo_json(out.written(r, [str(a) for a in adapters])) if as_json else out.echo_lines(fit_lines(r))
 
 
@@ -135,13 +137,14 @@ def add(bank_path: Path, adapters: tuple[Path, ...], threshold: float, no_grow: 
 @_fit_options
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the refitted bank here (default: replace BANK atomically).")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @out.progress_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def refit(bank_path: Path, rank: int | None, target_error: float | None, budget: int | None, form: str | None, weights: str,
-          max_iter: int, scheduler: str | None, out_path: Path | None, as_json: bool) -> None:
+          max_iter: int, scheduler: str | None, out_path: Path | None, force: bool, as_json: bool) -> None:
     """Refit BANK's bases from its members (e.g. after many adds grew them)."""
     r = refit_bank(bank_path, out=out_path, rank=rank, target_error=target_error, budget=budget, form=form, weights=weights,
-                   max_iter=max_iter, scheduler=scheduler).as_dict()
+                   max_iter=max_iter, scheduler=scheduler, overwrite=force).as_dict()
     out.echo_json(out.written(r, str(bank_path))) if as_json else out.echo_lines(fit_lines(r))
 
 
@@ -164,7 +167,7 @@ def extract(bank_path: Path, name: str, out_path: Path, opts: WriteOptions, as_j
     adapter, errs = extract_member(bank_path, name)
     dropped = extract_drops(adapter, "peft") if opts.drop_tensors else []
     if target == "svd":
-        write_extracted(adapter, out_path, "svd")
+        write_extracted(adapter, out_path, "svd", codec=o.codec, level=o.level, overwrite=o.force)
         notes: list[str] = []
     else:
         notes = write_adapters([adapter], out_path, target, **opts.writer_kwargs())

@@ -65,11 +65,26 @@ def lora_from_factors(name: str, f: Factors, *, dtype: str) -> Module:
     return Module(name, "lora", tuple(f.base_shape), params, tensors)
 
 
+def svd_factors(f: Factors, *, where: str = "module", rank: int | None = None) -> Factors:
+    """ΔW's exact SVD as factors B = U·√S, A = √S·Vᵀ (scale 1; zero singular values dropped, then at most
+    ``rank``): orthonormal directions of balanced size, so casting them to a narrow float costs only its
+    rounding of ΔW, whatever the conditioning of the factors ``f`` came as."""
+    sp = spectrum_of(f, where=where)
+    k = int(np.count_nonzero(sp.S > 0))
+    k = k if rank is None else min(k, int(rank))
+    u, vt = sp.vectors(k)
+    root = np.sqrt(sp.S[:k])
+    return Factors(A=root[:, None] * vt, B=u * root[None, :], scale=1.0, base_shape=tuple(f.base_shape), transpose=f.transpose,
+                   layout=f.layout)
+
+
 def as_lora(module: Module, *, dtype: str | None = None) -> Module:
     """``module`` as an equivalent ``lora`` record (itself when it already is one).
 
-    For ``svd``: B = Utᵀ·√S, A = √S·Vt, alpha = rank (scale 1). Exact up to the rounding of the
-    output dtype (``dtype``; default the vectors' dtype for svd, float32 for other encodings).
+    For ``svd``: B = Utᵀ·√S, A = √S·Vt, alpha = rank (scale 1). For ``shared`` (bank members): ΔW's exact
+    SVD (:func:`svd_factors`), since U·S and Vᵀ of a diagonal-form bank are far from orthogonal and would
+    lose digits when cast. Exact up to the rounding of the output dtype (``dtype``; default the vectors'
+    dtype for svd, float32 for other encodings).
     """
     if module.encoding == "lora":
         return module
@@ -77,7 +92,10 @@ def as_lora(module: Module, *, dtype: str | None = None) -> Module:
     # svd keeps its vectors' dtype; factors regenerated or rebuilt from bases (nola, shared) are float32,
     # whatever dtype their coefficients were stored in
     default = main_dtype(module) if module.encoding == "svd" else "float32"
-    return lora_from_factors(module.name, module.factors(), dtype=dtype or default)
+    f = module.factors()
+    if module.encoding == "shared":
+        f = svd_factors(f, where=f"module {module.name!r}")
+    return lora_from_factors(module.name, f, dtype=dtype or default)
 
 
 def _no_dora(module: Module) -> None:

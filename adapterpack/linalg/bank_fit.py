@@ -162,6 +162,8 @@ def chunk_pass(sources: Sequence[Source], kind: str, state: dict[str, Any], weig
         facs = src.load()
         part: dict[str, dict[str, Any]] = {}
         for mod, st in state.items():
+            if mod not in facs:  # a bank member may lack a module (spec/shared.md §2): it has no share in its fit
+                continue
             f = facs[mod]
             if kind == "init":  # the first pass: one bad member would poison the shared bases of all
                 check_product(f.A, f.B, f.scale, where=f"adapter {src.name!r} module {mod!r}")
@@ -185,6 +187,8 @@ def chunk_members(sources: Sequence[Source], state: dict[str, Any], form: str, d
         facs = src.load()
         mods = {}
         for mod, (U, V) in state.items():
+            if mod not in facs:
+                continue
             f = facs[mod]
             norm2 = sq_norm(f)
             if form == "full":
@@ -413,6 +417,7 @@ def error_curves(fit: ModuleFit, member_rows: list[dict[str, Any]], form: str, w
     Reorders the bases by weighted energy first. Full form: truncating orthonormal bases gives
     exactly the projected error ‖ΔW‖² − ‖Σ[:k,:k]‖². Diagonal: the truncated σ's exact error.
     """
+    member_rows = [r for r in member_rows if fit.name in r["modules"]]  # members that have the module
     norms = [r["modules"][fit.name]["norm2"] for r in member_rows]
     w = [_weight(n, weights) for n in norms]
     R = fit.rank
@@ -494,11 +499,14 @@ class BankFitResult:
     fits: dict[str, ModuleFit]
 
     def rel_errors(self) -> np.ndarray:
-        """[N, modules] relative squared errors ‖ΔWᵢ − UΣᵢVᵀ‖²/‖ΔWᵢ‖² (0 where ΔWᵢ = 0)."""
+        """[N, modules] relative squared errors ‖ΔWᵢ − UΣᵢVᵀ‖²/‖ΔWᵢ‖² (0 where ΔWᵢ = 0, NaN where adapter i
+        lacks the module, as a bank's member may)."""
         names = list(self.bases)
-        out = np.zeros((len(self.members), len(names)))
+        out = np.full((len(self.members), len(names)), np.nan)
         for i, m in enumerate(self.members):
             for j, k in enumerate(names):
+                if k not in m["modules"]:
+                    continue
                 row = m["modules"][k]
                 out[i, j] = row["sq_error"] / row["norm2"] if row["norm2"] > 0 else 0.0
         return out
@@ -506,6 +514,7 @@ class BankFitResult:
     def report(self) -> dict[str, Any]:
         """Mean, max and quantiles of the relative errors; ranks, iterations and convergence per module."""
         e = self.rel_errors()
+        e = e[~np.isnan(e)]
         flat = e.reshape(-1) if e.size else np.zeros(1)
         return {
             "form": self.form,

@@ -47,7 +47,8 @@ class Placement:
 
 def place(f: Factors, U: np.ndarray, V: np.ndarray, form: str, threshold: float | None) -> Placement:
     """Project ``f`` onto (U, V); when its relative squared error exceeds ``threshold`` (None: never
-    grow), add the fewest residual directions that bring it to ``threshold`` or below."""
+    grow), add the fewest residual directions that bring it to ``threshold`` or below, up to min(out, in)
+    columns in all (full form) or out·in (diagonal: rank-one terms spanning every out×in matrix)."""
     norm2 = sq_norm(f)
 
     def solve(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, float]:
@@ -55,7 +56,10 @@ def place(f: Factors, U: np.ndarray, V: np.ndarray, form: str, threshold: float 
         return S, (sq_error(f, u, v, S, norm2) / norm2 if norm2 > 0 else 0.0)
 
     S, err = solve(U, V)
-    if threshold is None or err <= threshold or norm2 == 0.0:
+    # full form: orthonormal bases have at most min(out, in) columns (past that, new columns cannot be orthonormal
+    # and the projection Uᵀ·ΔW·V double-counts); min(out, in) columns on both sides already hold any ΔW
+    room = min(U.shape[0], V.shape[0]) - U.shape[1] if form == "full" else U.shape[0] * V.shape[0] - U.shape[1]
+    if threshold is None or err <= threshold or norm2 == 0.0 or room <= 0:
         return Placement(S, err, 0, U, V)
     a, b, s = _f64(f)
     if form == "full":
@@ -68,7 +72,7 @@ def place(f: Factors, U: np.ndarray, V: np.ndarray, form: str, threshold: float 
         cand_u, _, vt = _lowrank_svd(bs, as_, 1.0)
         cand_v = vt.T
     best = None
-    for k in range(1, cand_u.shape[1] + 1):
+    for k in range(1, min(cand_u.shape[1], room) + 1):
         if form == "full":
             u2, v2 = _extend(U, cand_u[:, :k]), _extend(V, cand_v[:, :k])
         else:

@@ -66,12 +66,18 @@ def fit_to_file(
     allocation actually spent (≤ its b); shrinking starts from there, so coarse choices cannot stall it. ``floor``: the smallest
     allocation budget ``solve`` accepts; a budget that cannot hold even that file is refused.
     """
-    b = budget
+    # a budget below the floor's allocation can still hold the floor's file when the codec compresses: start (or
+    # land) on the floor once, so that file is measured and the room it leaves is grown into like any other
+    b = max(budget, floor)
     best: Fitted[T] | None = None
     last_size, last_step = -1, 0
+    floor_tried = False
     for rounds in range(1, MAX_ROUNDS + 1):
         if b < floor:
-            break
+            if floor_tried:
+                break
+            b = floor
+        floor_tried = floor_tried or b == floor
         plan = solve(b)
         n = size(plan)
         # progress: progress.task("fit", unit="rounds"): advance(note=f"{n:,} B") per round

@@ -23,14 +23,17 @@ import numpy as np
 from adapterpack import progress
 from adapterpack.adapter import Adapter, Module
 from adapterpack.errors import ConversionError
+from adapterpack.linalg.finite import check_product
 from adapterpack.names import natural_key
 from adapterpack.ops.files import open as open_adapter
 
 
-def base_factors(m: Module) -> tuple[np.ndarray, np.ndarray]:
-    """(L, R) in float64 with ΔW = L·R as the 2-D base-layout matrix (base_shape[0] × the rest)."""
+def base_factors(m: Module, where: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(L, R) in float64 with ΔW = L·R as the 2-D base-layout matrix (base_shape[0] × the rest). Factors
+    holding NaN/inf, or whose product overflows, are refused naming ``where`` (default: the module)."""
     f = m.factors()
     a, b = f.matrices()
+    check_product(a, b, f.scale, where=where or f"module {m.name!r}")
     a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if f.transpose:
         return a64.T, b64.T * f.scale
@@ -89,16 +92,25 @@ class ModuleDiff:
         return d
 
 
+def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """A base shape without trailing 1s: a 1×1 conv [out, in, 1, 1] is the linear [out, in] it acts as, while
+    [out, c, kh, kw] and [out, c·kh·kw] are different weights whose ΔW merely has the same size."""
+    s = tuple(int(x) for x in shape)
+    while len(s) > 2 and s[-1] == 1:
+        s = s[:-1]
+    return s
+
+
 def module_diff(name: str, a: Module | None, b: Module | None) -> ModuleDiff:
     """Norms and difference of one module's ΔW in two adapters (None: the adapter does not have it)."""
     if a is None or b is None:
         m = a if a is not None else b
         assert m is not None
-        n = _norm(*base_factors(m))
+        n = _norm(*base_factors(m, f"module {name!r} of the {'first' if a is not None else 'second'} input"))
         return ModuleDiff(name, n if a else 0.0, n if b else 0.0, n, only_in="a" if a is not None else "b")
-    la, ra = base_factors(a)
-    lb, rb = base_factors(b)
-    if la.shape[0] != lb.shape[0] or ra.shape[1] != rb.shape[1]:
+    la, ra = base_factors(a, f"module {name!r} of the first input")
+    lb, rb = base_factors(b, f"module {name!r} of the second input")
+    if la.shape[0] != lb.shape[0] or ra.shape[1] != rb.shape[1] or _squeezed(a.base_shape) != _squeezed(b.base_shape):
         raise ConversionError(f"module {name!r}: ΔW is {list(a.base_shape)} in one adapter and {list(b.base_shape)} in the other")
     na = _norm(la, ra)
     if np.array_equal(la, lb) and np.array_equal(ra, rb):  # the same factors: exactly no difference

@@ -26,7 +26,7 @@ from adapterpack.adapter import Adapter, Module
 from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.encodings.lower import lora_from_factors, main_dtype
 from adapterpack.encodings.svd import from_spectrum, s_dtype_for, singular_values
-from adapterpack.errors import ConversionError
+from adapterpack.errors import ConversionError, OptionError
 from adapterpack.factors import Factors
 from adapterpack.formats.write import BASE_FORMATS, WriteOptions, check_write_options
 from adapterpack.linalg import allocate
@@ -129,6 +129,10 @@ class RerankPolicy:
             raise ConversionError(f"need 0 <= min_rank <= max_rank, got {self.min_rank} and {self.max_rank}")
         if self.round_to is not None and (not self.round_to or min(self.round_to) < 1):
             raise ConversionError(f"round_to needs ranks >= 1, got {list(self.round_to)}")
+        if self.round_to and not any(low <= a <= (self.max_rank if self.max_rank is not None else a) for a in self.round_to):
+            # rounding would break the limits (--max-rank 4 --round-to 8,16 wrote rank 8)
+            hi = "" if self.max_rank is None else f", max_rank {self.max_rank}"
+            raise OptionError(f"no rank of round_to {sorted(set(self.round_to))} is within min_rank {low}{hi}")
         for name, value_, allowed in (
             ("round_mode", self.round_mode, ROUND_MODES),
             ("weighting", self.effective_weighting, allocate.WEIGHTINGS),
@@ -309,6 +313,9 @@ def _assign(policy: RerankPolicy, plans: list[ModulePlan], work: dict[str, _Work
                 + (" (written as rank 1 zero factors: LoRA has no rank 0)" if policy.encoding == "lora" else "")
             )
             stored = 1 if policy.encoding == "lora" else 0
+        elif stored == 0 and policy.encoding == "lora":
+            p.notes.append("cut to rank 0: written as rank 1 zero factors (LoRA has no rank 0)")
+            stored = 1
         p.new_rank, p.stored_rank = r, stored
         p.retained = w.spectrum.retained(r) / w.spectrum.energy if w.spectrum.energy else 1.0
         p.rel_error = w.spectrum.rel_error(r)
@@ -369,6 +376,9 @@ def _choose(policy: RerankPolicy, rule: str, work: dict[str, _Work], notes: list
             budget = _budget(policy, rule, work, notes)
         solve = allocate.budget_dp if policy.method == "dp" else allocate.budget_greedy
         return solve(items, budget, policy.effective_weighting)
+    if allowed:  # round within the limits (rule() made sure some allowed rank is there)
+        low, high = policy.min_rank or 0, policy.max_rank
+        allowed = tuple(a for a in allowed if low <= a and (high is None or a <= high))
     out = {}
     for name, w in work.items():
         r = _rule_rank(policy, rule, w.spectrum)

@@ -19,7 +19,8 @@ import numpy as np
 from adapterpack.adapter import Adapter, Module, tensor_info
 from adapterpack.atomic import atomic_file
 from adapterpack.encodings.svd import singular_values
-from adapterpack.errors import MissingDependencyError
+from adapterpack.errors import ConversionError, MissingDependencyError
+from adapterpack.linalg.finite import MAX_NORM
 from adapterpack.linalg.lowrank import Spectrum, spectrum_of
 from adapterpack.names import natural_key
 
@@ -40,6 +41,14 @@ def module_spectrum(module: Module) -> Spectrum:
     if module.encoding == "svd":
         module.implementation.validate(module)
         s = singular_values(module)
+        # the rule of every other analysis (linalg.finite): a ΔW whose energy binary64 cannot hold is refused
+        with np.errstate(over="ignore"):
+            norm = math.sqrt(float(s @ s))
+        if norm > MAX_NORM:
+            raise ConversionError(
+                f"module {module.name!r}: ΔW is too large (‖ΔW‖_F = {norm:.6g} from its singular values exceeds {MAX_NORM:.6g}, "
+                "the limit for binary64 fits)"
+            )
         (_, ut), (_, vt) = tensor_info(module.tensors["Ut"]), tensor_info(module.tensors["Vt"])
         return Spectrum.values_only(s, (int(ut[1]), int(vt[1])))
     return spectrum_of(module.factors(), where=f"module {module.name!r}")
