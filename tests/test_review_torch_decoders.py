@@ -83,14 +83,37 @@ def test_staged_torch_slots_are_checked_too() -> None:
 @pytest.mark.parametrize("stored", [np.float16, np.float32, np.float64])
 @pytest.mark.parametrize("want", [torch.float16, torch.bfloat16, torch.float32])
 def test_shared_dtype_is_applied_after_the_product(form: str, stored: type, want: torch.dtype) -> None:
-    """B = U·S is formed in float32 (float64 for float64 records), then cast, as the docstring says: casting U and S
-    to bf16 first rounded three times (errors ~1e-2, against one rounding of the product)."""
+    """The factors are formed in float32/64 (full form: B = U·S; diagonal form: ΔW's exact SVD in float64), then cast,
+    as the docstring says: casting U and S to bf16 first rounded three times (errors ~1e-2, against one rounding of
+    the product)."""
     m = _shared(form, stored)
     ref = decode(m, CPU, None)
     got = decode(m, CPU, want)
     assert got.B.dtype == want and torch.equal(got.B, ref.B.to(want))
     assert torch.equal(got.A, ref.A.to(want))
-    np.testing.assert_allclose(ref.B.double().numpy(), m.factors().B, rtol=1e-6, atol=1e-6)
+    f = m.factors()
+    np.testing.assert_allclose((ref.B.double() @ ref.A.double()).numpy(), np.asarray(f.B, np.float64) @ np.asarray(f.A, np.float64),
+                               rtol=1e-6, atol=1e-6)
+    if form == "full":
+        np.testing.assert_allclose(ref.B.double().numpy(), f.B, rtol=1e-6, atol=1e-6)
+
+
+def test_an_ill_conditioned_diagonal_bank_member_keeps_its_delta_in_bf16() -> None:
+    """A diagonal-form bank fitted to a tight error can hold nearly collinear columns of U with large σ of both signs:
+    B = U·diag(σ) and Vᵀ cast to bf16 as they were lost ΔW to cancellation (relative error 49 on a real bank of
+    four SmolLM2 LoRAs at rank 64); the decoder re-factors ΔW through its exact SVD first, as numpy's lowering does."""
+    rng = np.random.default_rng(7)
+    out, n, k = 24, 20, 6
+    base = rng.standard_normal((out, 1))
+    u = (base + 1e-4 * rng.standard_normal((out, k))).astype(np.float32)  # nearly collinear columns
+    v = (rng.standard_normal((n, 1)) + 1e-4 * rng.standard_normal((n, k))).astype(np.float32)  # σ's signs cancel u·vᵀ
+    s = (np.array([1, -1, 1, -1, 1, -1]) * 1e4).astype(np.float32)
+    m = Module("x", "shared", (out, n), {"form": "diagonal", "rank": k}, {"U": u, "V": v, "S": s})
+    dense = (u.astype(np.float64) * s.astype(np.float64)) @ v.T.astype(np.float64)
+    for want, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        f = decode(m, CPU, want)
+        got = f.scale * (f.B.double() @ f.A.double()).numpy()
+        assert np.linalg.norm(got - dense) / np.linalg.norm(dense) < tol, want
 
 
 def test_records_a_reader_built_are_not_validated_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,12 +15,17 @@ def decode_shared(module: Module, device: torch.device, dtype: torch.dtype | Non
     ``dtype``), then the factors are cast to ``dtype`` (casting U and S first would round three times)."""
     p = module.params
     u, v, s = (slot(module, k, device, None) for k in ("U", "V", "S"))
-    work = torch.float64 if torch.float64 in (u.dtype, dtype) else torch.float32
-    u, v, s = u.to(work), v.to(work), s.to(work)
-    b = u * s[None, :] if s.dim() == 1 else u @ s
-    a = v.T.contiguous()
-    if dtype is not None:
-        a, b = a.to(dtype), b.to(dtype)
+    if s.dim() == 1:  # diagonal form: U and V need not be orthogonal at all (see _balanced)
+        b, a = _balanced(u.to(torch.float64) * s.to(torch.float64)[None, :], v.T.to(torch.float64))
+        out = dtype if dtype is not None else (torch.float64 if u.dtype == torch.float64 else torch.float32)
+        a, b = a.to(out), b.to(out)
+    else:
+        work = torch.float64 if torch.float64 in (u.dtype, dtype) else torch.float32
+        u, v, s = u.to(work), v.to(work), s.to(work)
+        b = u @ s
+        a = v.T.contiguous()
+        if dtype is not None:
+            a, b = a.to(dtype), b.to(dtype)
     layout = p.get("layout", "linear")
     return Factors(
         A=a,
@@ -30,3 +35,15 @@ def decode_shared(module: Module, device: torch.device, dtype: torch.dtype | Non
         transpose=layout == "embedding" or bool(p.get("fan_in_fan_out", False)),
         layout=layout,
     )
+
+
+def _balanced(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``b @ a`` re-factored through its exact SVD, in float64: B = Q_B·u·√s, A = √s·vᵀ·Q_Aᵀ (orthonormal directions of
+    balanced size). A diagonal-form bank's U·diag(σ) and V can be nearly collinear with large σ of both signs
+    (a fit to a tight target error), so casting them as they are loses ΔW to cancellation (in bf16, entirely); as the
+    numpy lowering (``encodings.lower.svd_factors``) does, only the rounding of the output dtype is left."""
+    qb, rb = torch.linalg.qr(b)
+    qa, ra = torch.linalg.qr(a.T)
+    uu, ss, vh = torch.linalg.svd(rb @ ra.T)
+    root = ss.sqrt()
+    return (qb @ uu) * root[None, :], root[:, None] * (vh @ qa.T)
