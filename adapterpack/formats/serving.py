@@ -42,7 +42,7 @@ from adapterpack.errors import AdapterpackError, ConversionError
 from adapterpack.formats import read_any
 from adapterpack.formats import source as src_
 from adapterpack.formats.export import DROP_HINT, check_key, scaled
-from adapterpack.formats.gguf import GgufBase, base_info, gguf_name
+from adapterpack.formats.gguf import GgufBase, base_info, base_tensor_problem, gguf_name
 from adapterpack.formats.llm_names import base_modules, impossible_names, is_kohya_name
 from adapterpack.formats.peft import check_module_path, model_card, peft_config, write_peft
 from adapterpack.formats.vllm_models import vllm_lora_support
@@ -260,6 +260,13 @@ def _check_llama_cpp(adapter: Adapter, base: Any) -> list[Finding]:
     unnamed = [n for n in facts if gguf_name(n, info.arch) is None]
     if unnamed:
         out.append(Finding(t, "refuse", f"no llama.cpp tensor name for these modules ({info.arch})", "none", unnamed))
+    shapes = {m.name: tuple(m.base_shape) for m in adapter}
+    named = [n for n in facts if n not in unnamed]
+    wrong = {n: p for n in named if (p := base_tensor_problem(str(gguf_name(n, info.arch)), shapes[n], info)) is not None}
+    if wrong:
+        first = next(iter(wrong.values()))
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        out.append(Finding(t, "refuse", f"{first}{more}", "none: a LoRA of this base model's tensors only", list(wrong)))
     prods = {n: f[1] * f[0] for n, f in facts.items()}
     if len(set(prods.values())) > 1:
         common = Counter(prods.values()).most_common(1)[0][0]

@@ -1,0 +1,97 @@
+"""Review: a llama.cpp LoRA GGUF checked the way llama.cpp's loader checks it (llama-adapter.cpp): every
+``<name>.lora_a/b`` pair names a tensor of the base model, of the base tensor's shape. A LoRA of a tensor the
+base lacks (``lm_head`` of a model with tied embeddings: its GGUF has no ``output.weight``) is refused by
+llama.cpp at load; given the base, ``check`` predicts it and the export refuses it before writing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from adapterpack.adapter import Adapter, Module
+from adapterpack.errors import ConversionError
+from adapterpack.formats.gguf import write_gguf
+from adapterpack.formats.serving import check_path
+
+gguf = pytest.importorskip("gguf")
+
+
+def _lora(name: str, out: int, inp: int, layout: str = "linear") -> Module:
+    rng = np.random.default_rng(len(name))
+    base = (inp, out) if layout == "embedding" else (out, inp)
+    a = rng.standard_normal((2, inp)).astype(np.float32)
+    b = rng.standard_normal((out, 2)).astype(np.float32)
+    return Module(name, "lora", base, {"rank": 2, "alpha": 4.0, "layout": layout}, {"A": a, "B": b})
+
+
+def _adapter(*mods: Module) -> Adapter:
+    return Adapter(base_model="tiny/llama", base_architecture="LlamaForCausalLM", modules={m.name: m for m in mods})
+
+
+def _base(path: Path) -> Path:
+    """A tiny llama GGUF with tied embeddings: token_embd (vocab 40 × 16) and no output.weight."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint32("llama.attention.head_count", 2)
+    w.add_uint32("llama.attention.head_count_kv", 1)
+    for name, shape in (("token_embd.weight", (40, 16)), ("blk.0.attn_v.weight", (8, 16)), ("blk.0.ffn_up.weight", (24, 16))):
+        w.add_tensor(name, np.zeros(shape, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+GOOD = ("model.layers.0.self_attn.v_proj", 8, 16), ("model.embed_tokens", 16, 40, "embedding")
+
+
+def test_matching_base_writes(tmp_path: Path) -> None:
+    base = _base(tmp_path / "base.gguf")
+    ad = _adapter(*(_lora(*g) for g in GOOD))
+    assert not [f for f in check_path_of(ad, tmp_path, base) if f.severity != "note"]
+    write_gguf(ad, tmp_path / "ok.gguf", base=base)
+    names = {t.name: tuple(reversed([int(x) for x in t.shape])) for t in gguf.GGUFReader(str(tmp_path / "ok.gguf")).tensors}
+    assert names["token_embd.weight.lora_a"] == (40, 2) and names["blk.0.attn_v.weight.lora_b"] == (8, 2)
+
+
+def check_path_of(ad: Adapter, tmp_path: Path, base: Path) -> list:
+    import adapterpack
+
+    src = tmp_path / "ad.apack"
+    adapterpack.save(ad, src)
+    return check_path(src, "llama.cpp", base=base)
+
+
+@pytest.mark.parametrize(
+    ("extra", "what"),
+    [
+        (("lm_head", 40, 16), "output.weight"),  # tied embeddings: the base has no output tensor
+        (("model.layers.0.mlp.up_proj", 20, 16), "blk.0.ffn_up.weight"),  # another shape than the base's (24 × 16)
+        (("model.layers.0.mlp.down_proj", 16, 24), "blk.0.ffn_down.weight"),  # not in the base at all
+    ],
+)
+def test_tensor_the_base_lacks_is_refused_and_predicted(tmp_path: Path, extra: tuple, what: str) -> None:
+    base = _base(tmp_path / "base.gguf")
+    ad = _adapter(*(_lora(*g) for g in GOOD), _lora(*extra))
+    found = [f for f in check_path_of(ad, tmp_path, base) if f.severity == "refuse"]
+    assert len(found) == 1 and found[0].modules == [extra[0]] and what in found[0].problem
+    out = tmp_path / "x.gguf"
+    with pytest.raises(ConversionError, match=what.replace(".", r"\.")):
+        write_gguf(ad, out, base=base)
+    assert not out.exists()
+
+
+def test_tied_config_refuses_lm_head(tmp_path: Path) -> None:
+    cfg = {"architectures": ["LlamaForCausalLM"], "num_attention_heads": 2, "num_key_value_heads": 1, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ad = _adapter(_lora("model.layers.0.self_attn.v_proj", 8, 16), _lora("lm_head", 40, 16))
+    found = [f for f in check_path_of(ad, tmp_path, tmp_path / "config.json") if f.severity == "refuse"]
+    assert len(found) == 1 and found[0].modules == ["lm_head"]
+    with pytest.raises(ConversionError, match=r"output\.weight"):
+        write_gguf(ad, tmp_path / "x.gguf", base=tmp_path / "config.json")
+    cfg["tie_word_embeddings"] = False
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    write_gguf(ad, tmp_path / "x.gguf", base=tmp_path / "config.json")
