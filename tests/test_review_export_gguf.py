@@ -57,7 +57,7 @@ def test_matching_base_writes(tmp_path: Path) -> None:
     assert names["token_embd.weight.lora_a"] == (40, 2) and names["blk.0.attn_v.weight.lora_b"] == (8, 2)
 
 
-def check_path_of(ad: Adapter, tmp_path: Path, base: Path) -> list:
+def check_path_of(ad: Adapter, tmp_path: Path, base: Path | None) -> list:
     import adapterpack
 
     src = tmp_path / "ad.apack"
@@ -95,3 +95,45 @@ def test_tied_config_refuses_lm_head(tmp_path: Path) -> None:
     cfg["tie_word_embeddings"] = False
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     write_gguf(ad, tmp_path / "x.gguf", base=tmp_path / "config.json")
+
+
+def _qwen2_lora_gguf(path: Path) -> Path:
+    """A LoRA GGUF of llama.cpp's ``qwen2`` architecture, as llama.cpp's converter writes one."""
+    w = gguf.GGUFWriter(str(path), "qwen2")
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 4.0)
+    rng = np.random.default_rng(0)
+    w.add_tensor("blk.0.attn_v.weight.lora_a", rng.standard_normal((2, 16)).astype(np.float32))
+    w.add_tensor("blk.0.attn_v.weight.lora_b", rng.standard_normal((8, 2)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_non_llama_base_is_refused_without_base(tmp_path: Path) -> None:
+    """A PEFT adapter of a Qwen2 model (its config's auto_mapping) written as general.architecture 'llama' is a
+    file llama.cpp refuses against its model ("model arch and LoRA arch mismatch"): refused, and predicted."""
+    ad = _adapter(_lora("model.layers.0.self_attn.v_proj", 8, 16))
+    ad.base_architecture = "Qwen2ForCausalLM"
+    found = [f for f in check_path_of(ad, tmp_path, None) if f.severity == "refuse"]
+    assert len(found) == 1 and "Qwen2ForCausalLM" in found[0].problem
+    with pytest.raises(ConversionError, match="Qwen2ForCausalLM"):
+        write_gguf(ad, tmp_path / "q.gguf")
+    assert not (tmp_path / "q.gguf").exists()
+    for cls in ("LlamaForCausalLM", "MistralForCausalLM", "LlamaModel", None):
+        ad.base_architecture = cls
+        assert not [f for f in check_path_of(ad, tmp_path, None) if f.severity == "refuse"]
+        write_gguf(ad, tmp_path / "l.gguf")
+
+
+def test_gguf_of_another_architecture_checks_and_writes_under_it(tmp_path: Path) -> None:
+    import adapterpack
+
+    src = _qwen2_lora_gguf(tmp_path / "in.gguf")
+    assert not [f for f in check_path(src, "llama.cpp") if f.severity == "refuse"]
+    write_gguf(adapterpack.open(src), tmp_path / "out.gguf")
+    f = gguf.GGUFReader(str(tmp_path / "out.gguf")).fields["general.architecture"]
+    assert bytes(f.parts[f.data[0]]).decode() == "qwen2"

@@ -143,6 +143,23 @@ def base_from_config(path: str | os.PathLike[str]) -> GgufBase:
     return out
 
 
+#: HF model class prefixes whose models llama.cpp's converter writes under the ``llama`` architecture.
+_LLAMA_FAMILY = ("Llama", "Mistral", "Mixtral")
+
+
+def architecture_problem(adapter: Adapter) -> str | None:
+    """Why the export cannot write ``adapter`` without ``base=``: the base model class it records (a PEFT config's
+    ``auto_mapping``) is not of the LLaMA family, and llama.cpp refuses a LoRA whose ``general.architecture`` is not
+    its model's ("model arch and LoRA arch mismatch"). None when it is, or nothing is recorded."""
+    cls = adapter.base_architecture
+    if not isinstance(cls, str) or not cls or cls in ARCHS or cls.startswith(_LLAMA_FAMILY):
+        return None
+    return (
+        f"the adapter's base model is a {cls!r:.80}; the gguf export writes LLaMA-family adapters only "
+        "(llama.cpp refuses a LoRA whose architecture is not its model's)"
+    )
+
+
 def base_info(path: str | os.PathLike[str]) -> GgufBase:
     """:func:`base_from_gguf` for a ``.gguf`` file, else :func:`base_from_config`."""
     return base_from_gguf(path) if str(path).lower().endswith(".gguf") else base_from_config(path)
@@ -375,6 +392,8 @@ def write_gguf(
     info = base if isinstance(base, GgufBase) or base is None else base_info(base)
     if info is None:
         info = recorded_heads(adapter) or recorded_arch(adapter)
+    if info is None and (problem := architecture_problem(adapter)) is not None:
+        raise ConversionError(f"{problem}; --base BASE.gguf or config.json names a LLaMA-family base")
     plan = gguf_tensors(adapter, info, dtype=dtype, drop_tensors=drop_tensors)
     from gguf.gguf_writer import WriterState  # gguf: optional, as above
 

@@ -42,7 +42,15 @@ from adapterpack.errors import AdapterpackError, ConversionError
 from adapterpack.formats import read_any
 from adapterpack.formats import source as src_
 from adapterpack.formats.export import DROP_HINT, check_key, scaled
-from adapterpack.formats.gguf import GgufBase, base_info, base_tensor_problem, gguf_name
+from adapterpack.formats.gguf import (
+    GgufBase,
+    architecture_problem,
+    base_info,
+    base_tensor_problem,
+    gguf_name,
+    recorded_arch,
+    recorded_heads,
+)
 from adapterpack.formats.llm_names import base_modules, impossible_names, is_kohya_name
 from adapterpack.formats.peft import check_module_path, model_card, peft_config, write_peft
 from adapterpack.formats.vllm_models import vllm_lora_support
@@ -256,7 +264,10 @@ def _check_llama_cpp(adapter: Adapter, base: Any) -> list[Finding]:
     odd = [n for n, f in facts.items() if f[3] == "conv" or f[4]]
     if odd:
         out.append(Finding(t, "refuse", "conv / fan_in_fan_out layers do not exist in llama.cpp models", "none", odd))
-    info = base if isinstance(base, GgufBase) else GgufBase()
+    info = base if isinstance(base, GgufBase) else (recorded_heads(adapter) or recorded_arch(adapter))
+    if info is None and (problem := architecture_problem(adapter)) is not None:
+        out.append(Finding(t, "refuse", problem, "none: llama.cpp runs this model under another architecture", []))
+    info = info or GgufBase()
     unnamed = [n for n in facts if gguf_name(n, info.arch) is None]
     if unnamed:
         out.append(Finding(t, "refuse", f"no llama.cpp tensor name for these modules ({info.arch})", "none", unnamed))
