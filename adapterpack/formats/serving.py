@@ -41,7 +41,7 @@ from adapterpack.encodings.lower import as_lora, at_rank, main_dtype
 from adapterpack.errors import AdapterpackError, ConversionError
 from adapterpack.formats import read_any
 from adapterpack.formats import source as src_
-from adapterpack.formats.export import DROP_HINT, check_key, scaled
+from adapterpack.formats.export import DROP_HINT, check_key, float32_alpha, scaled
 from adapterpack.formats.gguf import (
     GgufBase,
     architecture_problem,
@@ -51,6 +51,7 @@ from adapterpack.formats.gguf import (
     recorded_arch,
     recorded_heads,
 )
+from adapterpack.formats.kohya import kohya_alpha
 from adapterpack.formats.llm_names import base_modules, impossible_names, is_kohya_name
 from adapterpack.formats.peft import check_module_path, model_card, peft_config, write_peft
 from adapterpack.formats.vllm_models import vllm_lora_support
@@ -249,6 +250,17 @@ def _check_peft(adapter: Adapter) -> list[Finding]:
                 rs,
             )
         )
+    dora = [n for n, f in facts.items() if f[2]]
+    if dora and len(dora) < len(facts):
+        out.append(
+            Finding(
+                t,
+                "refuse",
+                "some modules use DoRA and some do not: PEFT has one use_dora switch per adapter",
+                "none in the PEFT export; merge the adapter into the base weights instead",
+                dora,
+            )
+        )
     if len({f[0] for f in facts.values()}) > 1 or len({f[1] for f in facts.values()}) > 1:
         out.append(
             Finding(t, "note", "per-module ranks or alphas", "written as rank_pattern / alpha_pattern, which PEFT reads", [])
@@ -279,6 +291,12 @@ def _check_llama_cpp(adapter: Adapter, base: Any) -> list[Finding]:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         out.append(Finding(t, "refuse", f"{first}{more}", "none: a LoRA of this base model's tensors only", list(wrong)))
     prods = {n: f[1] * f[0] for n, f in facts.items()}
+    if prods:  # the file's one alpha, as the writer picks it (gguf_tensors)
+        common = Counter(prods.values()).most_common(1)[0][0]
+        first = next(n for n, p in prods.items() if p == common)
+        why = _alpha_problem(common, "llama.cpp", "llama.cpp reads adapter.lora.alpha 0 as scale 1")
+        if why is not None:
+            out.append(Finding(t, "refuse", f"the file's one alpha (scale × rank of most modules): {why}", "none", [first]))
     if len(set(prods.values())) > 1:
         common = Counter(prods.values()).most_common(1)[0][0]
         out.append(
@@ -306,10 +324,33 @@ def _check_llama_cpp(adapter: Adapter, base: Any) -> list[Finding]:
     return out
 
 
+def _alpha_problem(value: float, reader: str, zero: str) -> str | None:
+    """Why an export refuses ``value`` as an alpha ``reader`` reads as float32 (:func:`~.export.float32_alpha`, and
+    0 that it reads as "no alpha": ``zero`` says what it does then), or None."""
+    if value == 0:
+        return f"alpha 0 (scale 0) cannot be written: {zero}"
+    try:
+        float32_alpha(value, "alpha", reader)
+    except ConversionError as e:
+        return str(e).removeprefix("alpha: ")
+    return None
+
+
 def _check_kohya(adapter: Adapter) -> list[Finding]:
     t = "kohya"
     out = _common(adapter, t, own=("kohya",))
     facts = {m.name: _lora_facts(m) for m in adapter}
+    bad: dict[str, str] = {}
+    for m in adapter:
+        if m.encoding == "lora":  # other encodings are lowered to alpha = rank
+            p = m.params
+            value = kohya_alpha(p["alpha"], int(p["rank"]), bool(p.get("rslora", False)))
+            if (why := _alpha_problem(value, "kohya's loaders", "kohya's loaders read alpha 0 as alpha = rank")) is not None:
+                bad[m.name] = why
+    if bad:
+        first = next(iter(bad.values()))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        out.append(Finding(t, "refuse", f"{first}{more}", "none", list(bad)))
     _dora(out, t, facts, "kohya/LyCORIS dora_scale normalises along another axis than PEFT's magnitude", "none")
     rs = [m.name for m in adapter if m.encoding == "lora" and m.params.get("rslora")]
     if rs:
