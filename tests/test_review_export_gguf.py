@@ -137,3 +137,18 @@ def test_gguf_of_another_architecture_checks_and_writes_under_it(tmp_path: Path)
     write_gguf(adapterpack.open(src), tmp_path / "out.gguf")
     f = gguf.GGUFReader(str(tmp_path / "out.gguf")).fields["general.architecture"]
     assert bytes(f.parts[f.data[0]]).decode() == "qwen2"
+
+
+def test_layout_refusal_names_the_layout(tmp_path: Path) -> None:
+    """A fan_in_fan_out module without a layout param was refused as 'None / fan_in_fan_out layers'."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((2, 6)).astype(np.float32), rng.standard_normal((8, 2)).astype(np.float32)
+    params = {"rank": 2, "alpha": 4.0, "fan_in_fan_out": True}
+    fifo = Module("transformer.h.0.attn.c_attn", "lora", (6, 8), params, {"A": a, "B": b})
+    with pytest.raises(ConversionError, match=r"is a fan_in_fan_out \(Conv1D\) layer") as e:
+        write_gguf(_adapter(fifo), tmp_path / "f.gguf")
+    assert "None" not in str(e.value)
+    conv = Module("model.layers.0.mlp.up_proj", "lora", (8, 6, 1, 1), {"rank": 2, "alpha": 4.0, "layout": "conv"},
+                  {"A": a.reshape(2, 6, 1, 1), "B": b.reshape(8, 2, 1, 1)})  # fmt: skip
+    with pytest.raises(ConversionError, match="is a conv layer"):
+        write_gguf(_adapter(conv), tmp_path / "c.gguf")

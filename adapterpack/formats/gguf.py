@@ -254,7 +254,8 @@ def _check(adapter: Adapter, drop_tensors: bool) -> list[Module]:
                 f"module {m.name!r} is DoRA; llama.cpp has no DoRA magnitude vectors (merge it into the model instead)"
             )
         if p.get("layout", "linear") == "conv" or p.get("fan_in_fan_out"):
-            raise ConversionError(f"module {m.name!r}: {p.get('layout')} / fan_in_fan_out layers do not exist in llama.cpp models")
+            what = "a conv layer" if p.get("layout") == "conv" else "a fan_in_fan_out (Conv1D) layer"
+            raise ConversionError(f"module {m.name!r} is {what}; such layers do not exist in llama.cpp models")
     return mods
 
 
