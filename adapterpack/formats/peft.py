@@ -14,9 +14,11 @@ unknown keys) is carried untouched in ``adapter.tensors`` under its full origina
 
 Per-module rank and alpha follow PEFT: ``rank_pattern`` / ``alpha_pattern`` (see
 :mod:`.patterns`), ``use_rslora``, ``fan_in_fan_out``. The rank is read from the tensor shapes
-and must agree with the config. Limitation: PEFT decides ``fan_in_fan_out`` per layer type
-(GPT-2 ``Conv1D`` yes, ``nn.Linear`` no); without the base model we apply the config's flag to
-every linear module.
+and must agree with the config. PEFT decides ``fan_in_fan_out`` per layer type (GPT-2 ``Conv1D`` yes,
+``nn.Linear`` no) whatever the config says, and saves the flag of the last layer it wrapped (a GPT-2
+adapter with ``lm_head`` says false). For a base model known to be of GPT-2's family (the config's
+``auto_mapping`` class or a GPT-2 hub id) we apply PEFT's rule by layer name (``c_attn``, ``q_attn``,
+``c_proj``, ``c_fc`` are Conv1D); otherwise, without the base model, the config's flag to every linear module.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ MIN_SAFE_TORCH = (2, 6)
 _KEY = re.compile(
     r"^(?P<stem>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?P<tail>\.weight)?$"
 )
+#: transformers classes (by name prefix) whose blocks use GPT-2's ``Conv1D`` (weight in × out), and those layers' names.
+CONV1D_CLASSES = ("GPT2", "OpenAIGPT", "ImageGPT", "DecisionTransformer")
+CONV1D_LEAVES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+_CONV1D_IDS = re.compile(r"(?:^|/)(?:(?:distil)?gpt2(?:-(?:medium|large|xl))?|openai-gpt|imagegpt-(?:small|medium|large))$", re.I)
 _SLOT = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B", "lora_magnitude_vector": "magnitude"}
 
 
@@ -327,6 +333,24 @@ def _architecture(cfg: dict[str, Any]) -> str | None:
     return None
 
 
+def conv1d_family(cfg: dict[str, Any]) -> bool:
+    """Whether the config names a base model of GPT-2's family (its ``auto_mapping`` class, or else a GPT-2 hub id),
+    whose ``c_attn`` / ``q_attn`` / ``c_proj`` / ``c_fc`` layers are ``Conv1D``."""
+    cls = _architecture(cfg)
+    if cls is not None:
+        return cls.startswith(CONV1D_CLASSES)
+    name = cfg.get("base_model_name_or_path")
+    return isinstance(name, str) and _CONV1D_IDS.search(name.rstrip("/")) is not None
+
+
+def fan_in_fan_out(cfg: dict[str, Any], name: str) -> bool:
+    """The ``fan_in_fan_out`` PEFT gives linear module ``name``: by layer type in a GPT-2-family model (see
+    :func:`conv1d_family`), else the config's flag."""
+    if conv1d_family(cfg):
+        return name.rsplit(".", 1)[-1] in CONV1D_LEAVES
+    return bool(cfg.get("fan_in_fan_out", False))
+
+
 def _module(name: str, g: dict[str, tuple[str, str]], tensors: dict[str, np.ndarray], cfg: dict[str, Any], folder: Path) -> Module:
     where = f"{folder}: module {name!r}"
     if not name:
@@ -361,7 +385,7 @@ def _module(name: str, g: dict[str, tuple[str, str]], tensors: dict[str, np.ndar
     else:
         layout = "linear"
         base_shape = (int(b.shape[0]), int(a.shape[1]))
-    fifo = layout == "linear" and bool(cfg.get("fan_in_fan_out", False))
+    fifo = layout == "linear" and fan_in_fan_out(cfg, name)
     if fifo:
         base_shape = base_shape[::-1]
     use_dora = bool(cfg.get("use_dora", False))
@@ -408,7 +432,7 @@ def _notes(cfg: dict[str, Any], adapter: Adapter) -> list[str]:
             f"activated LoRA (aLoRA): it applies only from its {len(cfg['alora_invocation_tokens'])} invocation token(s) on; "
             "PEFT and GGUF outputs keep them, other outputs and merge are refused"
         )
-    if cfg.get("fan_in_fan_out") and any(m.params["layout"] == "linear" for m in adapter):
+    if cfg.get("fan_in_fan_out") and not conv1d_family(cfg) and any(m.params["layout"] == "linear" for m in adapter):
         notes.append("fan_in_fan_out applied to every linear module (PEFT turns it off for nn.Linear layers)")
     return notes
 
@@ -441,7 +465,7 @@ def _consistent(cfg: dict[str, Any], values: dict[str, dict[str, Any]]) -> bool:
             return False
         if bool(cfg.get("use_rslora", False)) != v["rslora"] or bool(cfg.get("use_dora", False)) != v["dora"]:
             return False
-        if v["layout"] == "linear" and bool(cfg.get("fan_in_fan_out", False)) != v["fifo"]:
+        if v["layout"] == "linear" and fan_in_fan_out(cfg, name) != v["fifo"]:
             return False
     return True
 

@@ -1,0 +1,86 @@
+"""Review: PEFT decides fan_in_fan_out per layer (GPT-2 Conv1D yes, nn.Linear no) and saves the flag of the last
+layer it wrapped, so a GPT-2 adapter with lm_head is saved with ``fan_in_fan_out: false`` although its c_attn /
+c_proj layers are Conv1D. Reading the flag as every module's gave those modules ΔW transposed: merge refused the
+non-square ones and would have merged a square one (attn.c_proj) transposed. Checked against PEFT itself."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import adapterpack  # noqa: E402
+from adapterpack.formats.peft import read_peft, write_peft  # noqa: E402
+from adapterpack.ops.merge import merge  # noqa: E402
+
+
+def _gpt2() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=50, n_positions=16, bos_token_id=0, eos_token_id=0)
+    cfg.tie_word_embeddings = False  # lm_head is then a tensor of its own in the base folder
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, np.ndarray]]:
+    """(adapter folder, base folder, PEFT's merged state dict) for c_attn + attn/mlp c_proj + lm_head."""
+    d = tmp_path_factory.mktemp("gpt2")
+    _gpt2().save_pretrained(d / "base")
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj", "lm_head"], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PEFT warns as it flips fan_in_fan_out per layer
+        model = peft.get_peft_model(_gpt2(), cfg)
+    model.save_pretrained(d / "ad")
+    merged = {k: v.detach().numpy().copy() for k, v in model.merge_and_unload().state_dict().items()}
+    return d / "ad", d / "base", merged
+
+
+def test_conv1d_modules_read_in_their_layout(saved: tuple[Path, Path, dict[str, np.ndarray]]) -> None:
+    folder, _, merged = saved
+    assert json.loads((folder / "adapter_config.json").read_text())["fan_in_fan_out"] is False  # PEFT's last layer: lm_head
+    base = {k: v.numpy() for k, v in _gpt2().state_dict().items()}
+    ad = read_peft(folder)
+    assert {m.name: m.params["fan_in_fan_out"] for m in ad} == {
+        "lm_head": False,
+        **{f"transformer.h.{i}.{s}": True for i in range(2) for s in ("attn.c_attn", "attn.c_proj", "mlp.c_proj")},
+    }
+    for m in ad:
+        key = m.name + ".weight"
+        ref = merged[key].astype(np.float64) - base[key]
+        np.testing.assert_allclose(m.delta(), ref, rtol=0, atol=1e-6 * np.abs(ref).max())
+
+
+def test_merge_matches_peft_and_round_trip_keeps_config(saved: tuple[Path, Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
+    folder, base_dir, merged = saved
+    merge(folder, base_dir, tmp_path / "merged", drop_tensors=True)  # lm_head's saved base_layer copy left out
+    with adapterpack.open(folder) as ad:
+        write_peft(ad, tmp_path / "back")
+    from safetensors.numpy import load_file
+
+    ours = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    for key in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_proj.weight", "transformer.h.0.mlp.c_proj.weight"):
+        np.testing.assert_allclose(ours[key], merged[key], rtol=0, atol=1e-6)
+    back, orig = (json.loads((f / "adapter_config.json").read_text()) for f in (tmp_path / "back", folder))
+    assert back == orig  # the original config is still consistent: kept as it is
+
+
+def test_hub_id_names_the_family(saved: tuple[Path, Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
+    """No auto_mapping (a hub model): the base model id says GPT-2; another id keeps the config's flag."""
+    folder, _, _ = saved
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.pop("auto_mapping", None)
+    for base_id, conv1d in (("openai-community/gpt2", True), ("distilgpt2", True), ("bigcode/gpt_bigcode-santacoder", False)):
+        cfg["base_model_name_or_path"] = base_id
+        (tmp_path / "ad").mkdir(exist_ok=True)
+        (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(cfg))
+        (tmp_path / "ad" / "adapter_model.safetensors").write_bytes((folder / "adapter_model.safetensors").read_bytes())
+        ad = read_peft(tmp_path / "ad")
+        assert ad.modules["transformer.h.0.attn.c_attn"].params["fan_in_fan_out"] is conv1d
+        assert ad.modules["lm_head"].params["fan_in_fan_out"] is False
