@@ -84,3 +84,39 @@ def test_hub_id_names_the_family(saved: tuple[Path, Path, dict[str, np.ndarray]]
         ad = read_peft(tmp_path / "ad")
         assert ad.modules["transformer.h.0.attn.c_attn"].params["fan_in_fan_out"] is conv1d
         assert ad.modules["lm_head"].params["fan_in_fan_out"] is False
+
+
+def _llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, vocab_size=40, tie_word_embeddings=False)  # fmt: skip
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("edited", [False, True])
+def test_merge_uses_the_saved_base_layer_like_peft(tmp_path: Path, edited: bool) -> None:
+    """PEFT saves an embedding LoRA's layer weight beside its factors (``…embed_tokens.base_layer.weight``) and loads
+    it into the base layer before adding ΔW. merge refused the folder ("no base tensor of that name"); now it merges
+    W_saved + ΔW, as PEFT's merge_and_unload does (checked with a saved W that differs from the base's too)."""
+    from safetensors.numpy import load_file, save_file
+
+    _llama().save_pretrained(tmp_path / "base")
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj", "lm_head"], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.get_peft_model(_llama(), cfg).save_pretrained(tmp_path / "ad")
+    weights = tmp_path / "ad" / "adapter_model.safetensors"
+    state = load_file(str(weights))
+    saved = [k for k in state if k.endswith(".base_layer.weight")]
+    assert sorted(saved) == ["base_model.model.lm_head.base_layer.weight", "base_model.model.model.embed_tokens.base_layer.weight"]
+    if edited:
+        for k in saved:
+            state[k] = state[k] + np.float32(0.25)
+        save_file(state, str(weights), metadata={"format": "pt"})
+    merge(tmp_path / "ad", tmp_path / "base", tmp_path / "merged")
+    ours = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(_llama(), tmp_path / "ad").merge_and_unload().state_dict()
+    for key in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight"):
+        np.testing.assert_allclose(ours[key], theirs[key].numpy(), rtol=0, atol=1e-6, err_msg=key)

@@ -5,7 +5,9 @@ sum is rounded once to the weight's own dtype (bfloat16 rounded directly from fl
 float32: :func:`adapterpack.dtypes.cast_array`), and written at the tensor's own byte range: the
 output files have the base's headers, metadata, tensor order and dtypes, and every tensor the adapter
 does not touch is copied byte for byte. DoRA records rescale ``W + ΔW`` per output by their magnitude
-(spec §6.1). ``modules_to_save`` and other pass-through tensors replace the base tensor they name.
+(spec §6.1). ``modules_to_save`` and other pass-through tensors replace the base tensor they name; the
+copy of an adapted layer's own weight PEFT saves beside its factors (``<module>.base_layer.weight``, written
+for embedding LoRAs) is that module's W, as PEFT loads it into the base layer before adding ΔW.
 
 Everything is planned first: every module and tensor must name exactly one base tensor of the same
 shape and a float dtype, or nothing is written (ConversionError listing each). The output folder is
@@ -40,6 +42,8 @@ SHOWN = 8
 #: PEFT key wrappers around a pass-through tensor's module name.
 _WRAPPERS = (".modules_to_save.default", ".original_module")
 _PREFIXES = ("base_model.model.",)
+#: PEFT's key for the weight of an adapted layer saved beside its factors (``save_embedding_layers``).
+BASE_LAYER = ".base_layer.weight"
 
 
 @dataclass
@@ -51,6 +55,7 @@ class MergePlan:
     files: dict[str, str] = field(default_factory=dict)  # base key -> file name (relative to the base folder)
     headers: dict[str, Header] = field(default_factory=dict)  # file name -> header
     dropped: list[str] = field(default_factory=list)
+    base_layers: dict[str, str] = field(default_factory=dict)  # module name -> adapter tensor holding its base weight
 
 
 @dataclass
@@ -161,7 +166,13 @@ def plan(adapter: Adapter, base: Path, *, drop_tensors: bool = False) -> MergePl
             p.modules[m.name] = hits[0]
     used = dict.fromkeys(p.modules.values())
     for key, t in adapter.tensors.items():
-        hits = _resolve(_tensor_name(key), p.files)
+        name = _tensor_name(key)
+        if name.endswith(BASE_LAYER) and name[: -len(BASE_LAYER)] in p.modules:  # PEFT's copy of the layer's own W
+            module = name[: -len(BASE_LAYER)]
+            if check(f"tensor {key!r}", p.modules[module], tuple(tensor_info(t)[1])):
+                p.base_layers[module] = key
+            continue
+        hits = _resolve(name, p.files)
         if len(hits) != 1 or hits[0] in used:
             if drop_tensors:
                 p.dropped.append(key)
@@ -270,7 +281,11 @@ def merge(
                         if kind == "module":
                             key = p.modules[name]
                             w = _read(base / f, header, key)
-                            new = _rounded(merged_weight(ad.module(name), w), dtypes.of_array(w).name, f"module {name!r}")
+                            own = p.base_layers.get(name)
+                            v = w if own is None else np.asarray(as_array(ad.tensors[own]))
+                            new = _rounded(merged_weight(ad.module(name), v), dtypes.of_array(w).name, f"module {name!r}")
+                            if own is not None:
+                                tensors.append({"name": own, "weight": key, "file": f, "dtype": dtypes.of_array(w).name})
                             modules.append({"name": name, "weight": key, "file": f, "dtype": dtypes.of_array(w).name,
                                             "dora": bool(ad.module(name).params.get("dora"))})  # fmt: skip
                         else:
