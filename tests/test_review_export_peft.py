@@ -120,3 +120,22 @@ def test_merge_uses_the_saved_base_layer_like_peft(tmp_path: Path, edited: bool)
         theirs = peft.PeftModel.from_pretrained(_llama(), tmp_path / "ad").merge_and_unload().state_dict()
     for key in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight"):
         np.testing.assert_allclose(ours[key], theirs[key].numpy(), rtol=0, atol=1e-6, err_msg=key)
+
+
+def test_merge_takes_the_layer_types_from_the_base(saved: tuple[Path, Path, dict[str, np.ndarray]], tmp_path: Path) -> None:
+    """A config naming its base by a local path (no auto_mapping) says nothing of the family: the reader keeps the
+    config's flag (false), and merge takes each layer's type from the base folder's config.json (GPT2LMHeadModel)."""
+    folder, base_dir, merged = saved
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    cfg.pop("auto_mapping", None)
+    cfg["base_model_name_or_path"] = "/models/my-finetune"
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "ad" / "adapter_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "ad" / "adapter_model.safetensors").write_bytes((folder / "adapter_model.safetensors").read_bytes())
+    assert read_peft(tmp_path / "ad").modules["transformer.h.0.attn.c_attn"].params["fan_in_fan_out"] is False
+    merge(tmp_path / "ad", base_dir, tmp_path / "merged", drop_tensors=True)
+    from safetensors.numpy import load_file
+
+    ours = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    for key in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_proj.weight", "lm_head.weight"):
+        np.testing.assert_allclose(ours[key], merged[key], rtol=0, atol=1e-6, err_msg=key)

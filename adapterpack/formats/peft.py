@@ -351,6 +351,28 @@ def fan_in_fan_out(cfg: dict[str, Any], name: str) -> bool:
     return bool(cfg.get("fan_in_fan_out", False))
 
 
+def conv1d_layout(adapter: Adapter, architectures: list[str]) -> Adapter:
+    """``adapter`` with PEFT's per-layer ``fan_in_fan_out`` when its base model is of GPT-2's family by
+    ``architectures`` (a base model's config.json): for a PEFT import whose config did not say so (a local base
+    path), which read the config's flag, saved by PEFT from the last layer it wrapped. Other adapters as they are."""
+    if src_.source_format(adapter) != "peft" or not any(a.startswith(CONV1D_CLASSES) for a in architectures):
+        return adapter
+    flip = [
+        m
+        for m in adapter
+        if m.encoding == "lora"
+        and m.params.get("layout", "linear") == "linear"
+        and bool(m.params.get("fan_in_fan_out")) != (m.name.rsplit(".", 1)[-1] in CONV1D_LEAVES)
+    ]
+    if not flip:
+        return adapter
+    modules = dict(adapter.modules)
+    for m in flip:
+        params = dict(m.params) | {"fan_in_fan_out": not m.params.get("fan_in_fan_out")}
+        modules[m.name] = Module(m.name, m.encoding, tuple(m.base_shape)[::-1], params, dict(m.tensors))
+    return adapter.derived(modules)
+
+
 def _module(name: str, g: dict[str, tuple[str, str]], tensors: dict[str, np.ndarray], cfg: dict[str, Any], folder: Path) -> Module:
     where = f"{folder}: module {name!r}"
     if not name:

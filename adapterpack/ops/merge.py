@@ -31,6 +31,7 @@ from adapterpack import dtypes, progress
 from adapterpack.adapter import Adapter, Module, as_array, tensor_info
 from adapterpack.atomic import atomic_dir
 from adapterpack.errors import AdapterpackError, ConversionError, InputError
+from adapterpack.formats.peft import conv1d_layout
 from adapterpack.formats.safetensors_header import Header, read_header
 from adapterpack.formats.source import refuse_alora
 from adapterpack.ops.files import open as open_adapter
@@ -118,6 +119,15 @@ def _resolve(name: str, keys: dict[str, str]) -> list[str]:
         if hits:
             return hits[:1]
     return [k for k in keys if k.endswith(f".{name}.weight") or k.endswith(f".{name}")]
+
+
+def _architectures(base: Path) -> list[str]:
+    """The model classes a base folder's config.json names (none when it has no readable one)."""
+    try:
+        archs = json.loads((base / "config.json").read_text(encoding="utf-8")).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
 
 
 def _tensor_name(key: str) -> str:
@@ -258,8 +268,9 @@ def merge(
         raise exists_error(dst)
     # a GGUF adapter's q/k rows are in llama.cpp's order: the base folder's config.json gives the head counts
     heads = base if (base / "config.json").is_file() else None
-    with open_adapter(src, adapter=adapter, base=heads) as ad:
-        refuse_alora(ad, "a merged model")
+    with open_adapter(src, adapter=adapter, base=heads) as opened:
+        refuse_alora(opened, "a merged model")
+        ad = conv1d_layout(opened, _architectures(base))  # PEFT's per-layer fan_in_fan_out, by the base's own class
         p = plan(ad, base, drop_tensors=drop_tensors)
         by_file: dict[str, list[tuple[str, str]]] = {}
         for name, key in p.modules.items():
