@@ -139,3 +139,44 @@ def test_merge_takes_the_layer_types_from_the_base(saved: tuple[Path, Path, dict
     ours = load_file(str(tmp_path / "merged" / "model.safetensors"))
     for key in ("transformer.h.0.attn.c_attn.weight", "transformer.h.1.attn.c_proj.weight", "lm_head.weight"):
         np.testing.assert_allclose(ours[key], merged[key], rtol=0, atol=1e-6, err_msg=key)
+
+
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class _Net(torch.nn.Module):
+    """Layers named by their place in a Sequential (``blocks.0.proj.0``), like diffusers' ``to_out.0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = torch.nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_rebuilt_target_modules_do_not_name_a_block_by_its_index(tmp_path: Path) -> None:
+    """A rebuilt config listed each module's last name component: ``0`` and ``2``, which PEFT matches against
+    ``blocks.0`` too and refuses ("Target module Block(...) is not supported"). A numeric component keeps its parent."""
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["proj.0", "proj.2"], init_lora_weights=False)
+    model = peft.get_peft_model(_Net(), cfg)
+    model.save_pretrained(tmp_path / "ad")
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(x)
+    ad = read_peft(tmp_path / "ad")
+    ad.source = {}  # no original config: rebuilt from the modules
+    write_peft(ad, tmp_path / "rebuilt")
+    assert json.loads((tmp_path / "rebuilt" / "adapter_config.json").read_text())["target_modules"] == ["proj.0", "proj.2"]
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(_Net(), tmp_path / "rebuilt")(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -500,9 +500,19 @@ def _one(values: dict[str, dict[str, Any]], key: str, what: str) -> bool:
     return flags.pop()
 
 
+def _target_name(name: str) -> str:
+    """The end of module ``name`` a rebuilt target_modules lists: its last component, with its parents while that is
+    a number (``to_out.0``: a bare ``0`` would also name block ``layers.0``, which PEFT then refuses to wrap)."""
+    parts = name.split(".")
+    i = len(parts) - 1
+    while i > 0 and parts[i].isdigit():
+        i -= 1
+    return ".".join(parts[i:])
+
+
 def _targets(cfg: dict[str, Any], names: list[str]) -> Any:
     """target_modules covering ``names`` as PEFT matches them: kept when it already does, else
-    extended (or replaced) by the last name components of the modules it misses."""
+    extended (or replaced) by the last name components of the modules it misses (:func:`_target_name`)."""
     tm = cfg.get("target_modules")
     if isinstance(tm, str):
         try:
@@ -512,9 +522,9 @@ def _targets(cfg: dict[str, Any], names: list[str]) -> Any:
             pass
         tm = None
     if not isinstance(tm, list):
-        return sorted({n.rsplit(".", 1)[-1] for n in names})
+        return sorted({_target_name(n) for n in names})
     missed = [n for n in names if not any(n == x or n.endswith("." + x) for x in tm)]
-    return tm + sorted({n.rsplit(".", 1)[-1] for n in missed})
+    return tm + sorted({_target_name(n) for n in missed})
 
 
 def synthesize_config(adapter: Adapter, base: dict[str, Any] | None = None, *, rank: int | None = None) -> dict[str, Any]:
