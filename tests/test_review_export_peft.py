@@ -180,3 +180,45 @@ def test_rebuilt_target_modules_do_not_name_a_block_by_its_index(tmp_path: Path)
     with torch.no_grad():
         got = peft.PeftModel.from_pretrained(_Net(), tmp_path / "rebuilt")(x)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_unconverted_pissa_is_refused_where_its_delta_would_be_wrong(tmp_path: Path) -> None:
+    """PEFT replays PiSSA's init on load (W ← W − s·B₀A₀ from W's SVD), so an adapter saved without conversion changes
+    the model by s·(B·A − B₀A₀), not s·B·A: merge, kohya / diffusers / gguf / vLLM outputs applied s·B·A to the
+    original weights. They are refused now (check predicts it); a PEFT export keeps the init and loads like the original."""
+    from adapterpack.errors import ConversionError
+    from adapterpack.formats.serving import check_path
+    from adapterpack.formats.write import write_adapters
+
+    _llama().save_pretrained(tmp_path / "base")
+    cfg = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["v_proj"], init_lora_weights="pissa")
+    model = peft.get_peft_model(_llama(), cfg)
+    with torch.no_grad():  # "training": the factors move away from W's principal components
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.mul_(1.5)
+    model.save_pretrained(tmp_path / "ad")
+    x = torch.tensor([[1, 5, 7, 2]])
+    with torch.no_grad():
+        want = peft.PeftModel.from_pretrained(_llama(), tmp_path / "ad")(x).logits
+        plain = _llama()(x).logits
+    src = tmp_path / "ad"
+    with pytest.raises(ConversionError, match="pissa"):
+        merge(src, tmp_path / "base", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    with adapterpack.open(src) as ad:
+        assert any("pissa" in n for n in ad.source["notes"])
+        for fmt, dst, kw in (("kohya", "k.safetensors", {}), ("gguf", "g.gguf", {"base": tmp_path / "base"}),
+                             ("diffusers", "pytorch_lora_weights.safetensors", {"component": "transformer"}),
+                             ("peft", "v", {"serve_for": "vllm"})):  # fmt: skip
+            with pytest.raises(ConversionError, match="pissa"):
+                write_adapters([ad], tmp_path / dst, fmt, **kw)
+            assert not (tmp_path / dst).exists()
+        write_adapters([ad], tmp_path / "p", "peft")
+    for target in ("vllm", "llama.cpp", "kohya"):
+        assert any("pissa" in f.problem and f.severity == "refuse" for f in check_path(src, target)), target
+    assert not [f for f in check_path(src, "peft") if f.severity == "refuse"]
+    with torch.no_grad():
+        got = peft.PeftModel.from_pretrained(_llama(), tmp_path / "p")(x).logits
+    assert (want - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

@@ -449,6 +449,8 @@ def _notes(cfg: dict[str, Any], adapter: Adapter) -> list[str]:
             f"lora_bias: {len(bias)} lora_B.bias tensors are carried untouched (a PEFT export writes them back), but delta() "
             "covers the weight only; PEFT adds scale · lora_B.bias to the base layer's bias"
         )
+    if (why := src_.base_init_problem(adapter)) is not None:
+        notes.append(f"{why}: merge and outputs other than PEFT are refused")
     if cfg.get("alora_invocation_tokens") is not None:
         notes.append(
             f"activated LoRA (aLoRA): it applies only from its {len(cfg['alora_invocation_tokens'])} invocation token(s) on; "

@@ -483,6 +483,8 @@ def check(adapter: Adapter, target: str, *, max_lora_rank: int | None = None, ba
                 "none: keep it as PEFT or GGUF", [],
             )
         )  # fmt: skip
+    if target != "peft" and (why := src_.base_init_problem(adapter)) is not None:
+        found.append(Finding(target, "refuse", why, "none: convert it with PEFT first", []))
     if not adapter.modules:
         found.insert(0, Finding(target, "refuse", "the adapter has no modules", "none", []))
     return sorted(found, key=lambda f: SEVERITIES.index(f.severity))

@@ -33,7 +33,7 @@ from adapterpack.atomic import atomic_dir
 from adapterpack.errors import AdapterpackError, ConversionError, InputError
 from adapterpack.formats.peft import conv1d_layout
 from adapterpack.formats.safetensors_header import Header, read_header
-from adapterpack.formats.source import refuse_alora
+from adapterpack.formats.source import refuse_alora, refuse_base_init
 from adapterpack.ops.files import open as open_adapter
 
 #: Index file of a sharded checkpoint (Hugging Face's name).
@@ -270,6 +270,7 @@ def merge(
     heads = base if (base / "config.json").is_file() else None
     with open_adapter(src, adapter=adapter, base=heads) as opened:
         refuse_alora(opened, "a merged model")
+        refuse_base_init(opened, "merge")
         ad = conv1d_layout(opened, _architectures(base))  # PEFT's per-layer fan_in_fan_out, by the base's own class
         p = plan(ad, base, drop_tensors=drop_tensors)
         by_file: dict[str, list[tuple[str, str]]] = {}
