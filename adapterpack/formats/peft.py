@@ -611,13 +611,31 @@ def peft_tensors(adapter: Adapter, *, dtype: str | None = None, drop_tensors: bo
     return state.tensors
 
 
+def pipeline_modules(adapter: Adapter) -> list[str]:
+    """Modules of a diffusers / kohya (Stable Diffusion) import named under a pipeline component (``unet.…``,
+    ``text_encoder.…``): a PEFT folder's keys are relative to the one model ``PeftModel`` wraps, so none of them
+    attaches there (PEFT then loads the adapter as a no-op)."""
+    if src_.source_format(adapter) not in ("diffusers", "kohya"):
+        return []
+    from adapterpack.formats.sd_names import COMPONENTS  # only for diffusers / kohya imports
+
+    return [m.name for m in adapter if m.name.split(".", 1)[0] in COMPONENTS and "." in m.name]
+
+
 def export_notes(adapter: Adapter) -> list[str]:
     """What a PEFT export of ``adapter`` cannot do, for the user to read (empty when nothing).
 
     A kohya import without ``adapterpack.module_names`` metadata keeps kohya's names
     (``lora_unet_down_blocks_0_...``), which cannot be turned back into the base model's dotted
-    module names; PEFT matches keys to module names, so such a folder attaches to nothing.
+    module names; PEFT matches keys to module names, so such a folder attaches to nothing. Nor does
+    one whose names carry a diffusers pipeline component (:func:`pipeline_modules`).
     """
+    piped = pipeline_modules(adapter)
+    if piped:
+        return [
+            f"{len(piped)} modules are named under a diffusers pipeline component, e.g. {piped[0]!r}: a PEFT folder's keys "
+            "are relative to the one model PeftModel loads onto, so PEFT attaches none of them (use --to diffusers)"
+        ]
     src = src_.provenance(adapter, "kohya")
     if not src:
         return []

@@ -53,7 +53,7 @@ from adapterpack.formats.gguf import (
 )
 from adapterpack.formats.kohya import kohya_alpha
 from adapterpack.formats.llm_names import base_modules, impossible_names, is_kohya_name
-from adapterpack.formats.peft import check_module_path, model_card, peft_config, write_peft
+from adapterpack.formats.peft import check_module_path, model_card, peft_config, pipeline_modules, write_peft
 from adapterpack.formats.vllm_models import vllm_lora_support
 from adapterpack.linalg.cast import delta_error
 from adapterpack.names import check_name
@@ -248,6 +248,18 @@ def _check_peft(adapter: Adapter) -> list[Finding]:
                 "some modules use rsLoRA and some do not: PEFT has one use_rslora switch per adapter",
                 "none in the PEFT export; --target vllm bakes every module's scale into B instead",
                 rs,
+            )
+        )
+    piped = pipeline_modules(adapter)
+    if piped:
+        out.append(
+            Finding(
+                t,
+                "misread",
+                "module names carry a diffusers pipeline component (unet., text_encoder., ...): PEFT keys are relative to "
+                "the one model PeftModel loads onto, so no key attaches and the adapter loads as a no-op",
+                "none in the PEFT export; --to diffusers writes what pipe.load_lora_weights loads",
+                piped,
             )
         )
     dora = [n for n, f in facts.items() if f[2]]
