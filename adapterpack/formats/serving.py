@@ -380,6 +380,18 @@ def _check_kohya(adapter: Adapter) -> list[Finding]:
                 tr,
             )
         )
+    attn = [n for n in facts if n.startswith(("unet.", "text_encoder")) and n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
+    if attn and len({round(f[1] * f[0], 12) for f in facts.values()}) > 1:
+        out.append(
+            Finding(
+                t,
+                "note",
+                "diffusers' own kohya loader (pipe.load_lora_weights on this file, diffusers 0.42) misnames the alphas of "
+                "attention layers and gives them the commonest alpha when the alphas differ",
+                "kohya's loaders read them right; for diffusers write --to diffusers (every module's scale exact)",
+                attn,
+            )
+        )
     return out
 
 
