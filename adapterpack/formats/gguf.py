@@ -68,6 +68,27 @@ class GgufBase:
     arch: str = "llama"
     n_head: int | None = None
     n_head_kv: int | None = None
+    #: The base GGUF's tensors (name → numpy-order shape), when known: llama.cpp refuses a LoRA pair of any other
+    #: tensor or shape ("does not exist in base model" / "has incorrect shape").
+    tensors: dict[str, tuple[int, ...]] | None = field(default=None, compare=False, repr=False)
+    #: Tensors the base is known to lack (``output.weight`` of a config with tied embeddings).
+    absent: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+
+def base_tensor_problem(gname: str, shape: tuple[int, ...], base: GgufBase | None) -> str | None:
+    """Why llama.cpp's loader would refuse a LoRA of base tensor ``gname`` (without ``.weight``) whose ΔW has
+    ``shape`` (the base weight's numpy-order shape; for ``token_embd`` vocab × embedding), or None (also when
+    the base's tensors are unknown)."""
+    if base is None:
+        return None
+    key = f"{gname}.weight"
+    if key in base.absent or (base.tensors is not None and key not in base.tensors):
+        tied = " (its embeddings are tied: the output layer is token_embd)" if key == "output.weight" else ""
+        return f"the base model has no tensor {key!r}{tied}; llama.cpp refuses a LoRA of it"
+    have = base.tensors.get(key) if base.tensors is not None else None
+    if have is not None and tuple(have) != tuple(shape):
+        return f"{key!r} is {list(have)} in the base model but the LoRA's ΔW is {list(shape)}; llama.cpp refuses it"
+    return None
 
 
 def _checked_heads(arch: str, n: Any, kv: Any, where: str) -> GgufBase:
@@ -95,7 +116,9 @@ def base_from_gguf(path: str | os.PathLike[str] | Any) -> GgufBase:
     if arch != "llama":
         raise ConversionError(f"{where}: base architecture {arch!r:.40}; the gguf export supports llama-family models only")
     heads = (_value(r, f"{arch}.attention.{k}", where) for k in ("head_count", "head_count_kv"))
-    return _checked_heads(arch, *heads, str(where))
+    out = _checked_heads(arch, *heads, str(where))
+    out.tensors = {str(t.name): tuple(int(d) for d in reversed(t.shape)) for t in r.tensors}  # GGUF lists dims reversed
+    return out
 
 
 def base_from_config(path: str | os.PathLike[str]) -> GgufBase:
@@ -114,7 +137,27 @@ def base_from_config(path: str | os.PathLike[str]) -> GgufBase:
     if arch is None:
         raise ConversionError(f"{p}: architectures {archs!r:.200}; the gguf export supports {', '.join(ARCHS)}")
     n_head = cfg.get("num_attention_heads")
-    return _checked_heads(arch, n_head, cfg.get("num_key_value_heads", n_head), str(p))
+    out = _checked_heads(arch, n_head, cfg.get("num_key_value_heads", n_head), str(p))
+    if cfg.get("tie_word_embeddings") is True:  # llama.cpp's converter writes no output.weight then
+        out.absent = frozenset({"output.weight"})
+    return out
+
+
+#: HF model class prefixes whose models llama.cpp's converter writes under the ``llama`` architecture.
+_LLAMA_FAMILY = ("Llama", "Mistral", "Mixtral")
+
+
+def architecture_problem(adapter: Adapter) -> str | None:
+    """Why the export cannot write ``adapter`` without ``base=``: the base model class it records (a PEFT config's
+    ``auto_mapping``) is not of the LLaMA family, and llama.cpp refuses a LoRA whose ``general.architecture`` is not
+    its model's ("model arch and LoRA arch mismatch"). None when it is, or nothing is recorded."""
+    cls = adapter.base_architecture
+    if not isinstance(cls, str) or not cls or cls in ARCHS or cls.startswith(_LLAMA_FAMILY):
+        return None
+    return (
+        f"the adapter's base model is a {cls!r:.80}; the gguf export writes LLaMA-family adapters only "
+        "(llama.cpp refuses a LoRA whose architecture is not its model's)"
+    )
 
 
 def base_info(path: str | os.PathLike[str]) -> GgufBase:
@@ -211,7 +254,8 @@ def _check(adapter: Adapter, drop_tensors: bool) -> list[Module]:
                 f"module {m.name!r} is DoRA; llama.cpp has no DoRA magnitude vectors (merge it into the model instead)"
             )
         if p.get("layout", "linear") == "conv" or p.get("fan_in_fan_out"):
-            raise ConversionError(f"module {m.name!r}: {p.get('layout')} / fan_in_fan_out layers do not exist in llama.cpp models")
+            what = "a conv layer" if p.get("layout") == "conv" else "a fan_in_fan_out (Conv1D) layer"
+            raise ConversionError(f"module {m.name!r} is {what}; such layers do not exist in llama.cpp models")
     return mods
 
 
@@ -232,6 +276,10 @@ def gguf_tensors(
     if missing:
         some = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
         raise ConversionError(f"{len(missing)} module(s) have no llama.cpp tensor name in the {base.arch} architecture: {some}")
+    for m in mods:
+        problem = base_tensor_problem(str(gguf_name(m.name, base.arch)), tuple(m.base_shape), base)
+        if problem is not None:
+            raise ConversionError(f"module {m.name!r}: {problem}")
     plan = GgufPlan(alpha=alpha)
     for m in mods:
         gname = gguf_name(m.name, base.arch)
@@ -345,6 +393,8 @@ def write_gguf(
     info = base if isinstance(base, GgufBase) or base is None else base_info(base)
     if info is None:
         info = recorded_heads(adapter) or recorded_arch(adapter)
+    if info is None and (problem := architecture_problem(adapter)) is not None:
+        raise ConversionError(f"{problem}; --base BASE.gguf or config.json names a LLaMA-family base")
     plan = gguf_tensors(adapter, info, dtype=dtype, drop_tensors=drop_tensors)
     from gguf.gguf_writer import WriterState  # gguf: optional, as above
 

@@ -14,9 +14,11 @@ unknown keys) is carried untouched in ``adapter.tensors`` under its full origina
 
 Per-module rank and alpha follow PEFT: ``rank_pattern`` / ``alpha_pattern`` (see
 :mod:`.patterns`), ``use_rslora``, ``fan_in_fan_out``. The rank is read from the tensor shapes
-and must agree with the config. Limitation: PEFT decides ``fan_in_fan_out`` per layer type
-(GPT-2 ``Conv1D`` yes, ``nn.Linear`` no); without the base model we apply the config's flag to
-every linear module.
+and must agree with the config. PEFT decides ``fan_in_fan_out`` per layer type (GPT-2 ``Conv1D`` yes,
+``nn.Linear`` no) whatever the config says, and saves the flag of the last layer it wrapped (a GPT-2
+adapter with ``lm_head`` says false). For a base model known to be of GPT-2's family (the config's
+``auto_mapping`` class or a GPT-2 hub id) we apply PEFT's rule by layer name (``c_attn``, ``q_attn``,
+``c_proj``, ``c_fc`` are Conv1D); otherwise, without the base model, the config's flag to every linear module.
 """
 
 from __future__ import annotations
@@ -57,6 +59,10 @@ MIN_SAFE_TORCH = (2, 6)
 _KEY = re.compile(
     r"^(?P<stem>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?P<tail>\.weight)?$"
 )
+#: transformers classes (by name prefix) whose blocks use GPT-2's ``Conv1D`` (weight in × out), and those layers' names.
+CONV1D_CLASSES = ("GPT2", "OpenAIGPT", "ImageGPT", "DecisionTransformer")
+CONV1D_LEAVES = frozenset({"c_attn", "q_attn", "c_proj", "c_fc"})
+_CONV1D_IDS = re.compile(r"(?:^|/)(?:(?:distil)?gpt2(?:-(?:medium|large|xl))?|openai-gpt|imagegpt-(?:small|medium|large))$", re.I)
 _SLOT = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B", "lora_magnitude_vector": "magnitude"}
 
 
@@ -327,6 +333,46 @@ def _architecture(cfg: dict[str, Any]) -> str | None:
     return None
 
 
+def conv1d_family(cfg: dict[str, Any]) -> bool:
+    """Whether the config names a base model of GPT-2's family (its ``auto_mapping`` class, or else a GPT-2 hub id),
+    whose ``c_attn`` / ``q_attn`` / ``c_proj`` / ``c_fc`` layers are ``Conv1D``."""
+    cls = _architecture(cfg)
+    if cls is not None:
+        return cls.startswith(CONV1D_CLASSES)
+    name = cfg.get("base_model_name_or_path")
+    return isinstance(name, str) and _CONV1D_IDS.search(name.rstrip("/")) is not None
+
+
+def fan_in_fan_out(cfg: dict[str, Any], name: str) -> bool:
+    """The ``fan_in_fan_out`` PEFT gives linear module ``name``: by layer type in a GPT-2-family model (see
+    :func:`conv1d_family`), else the config's flag."""
+    if conv1d_family(cfg):
+        return name.rsplit(".", 1)[-1] in CONV1D_LEAVES
+    return bool(cfg.get("fan_in_fan_out", False))
+
+
+def conv1d_layout(adapter: Adapter, architectures: list[str]) -> Adapter:
+    """``adapter`` with PEFT's per-layer ``fan_in_fan_out`` when its base model is of GPT-2's family by
+    ``architectures`` (a base model's config.json): for a PEFT import whose config did not say so (a local base
+    path), which read the config's flag, saved by PEFT from the last layer it wrapped. Other adapters as they are."""
+    if src_.source_format(adapter) != "peft" or not any(a.startswith(CONV1D_CLASSES) for a in architectures):
+        return adapter
+    flip = [
+        m
+        for m in adapter
+        if m.encoding == "lora"
+        and m.params.get("layout", "linear") == "linear"
+        and bool(m.params.get("fan_in_fan_out")) != (m.name.rsplit(".", 1)[-1] in CONV1D_LEAVES)
+    ]
+    if not flip:
+        return adapter
+    modules = dict(adapter.modules)
+    for m in flip:
+        params = dict(m.params) | {"fan_in_fan_out": not m.params.get("fan_in_fan_out")}
+        modules[m.name] = Module(m.name, m.encoding, tuple(m.base_shape)[::-1], params, dict(m.tensors))
+    return adapter.derived(modules)
+
+
 def _module(name: str, g: dict[str, tuple[str, str]], tensors: dict[str, np.ndarray], cfg: dict[str, Any], folder: Path) -> Module:
     where = f"{folder}: module {name!r}"
     if not name:
@@ -361,7 +407,7 @@ def _module(name: str, g: dict[str, tuple[str, str]], tensors: dict[str, np.ndar
     else:
         layout = "linear"
         base_shape = (int(b.shape[0]), int(a.shape[1]))
-    fifo = layout == "linear" and bool(cfg.get("fan_in_fan_out", False))
+    fifo = layout == "linear" and fan_in_fan_out(cfg, name)
     if fifo:
         base_shape = base_shape[::-1]
     use_dora = bool(cfg.get("use_dora", False))
@@ -403,12 +449,14 @@ def _notes(cfg: dict[str, Any], adapter: Adapter) -> list[str]:
             f"lora_bias: {len(bias)} lora_B.bias tensors are carried untouched (a PEFT export writes them back), but delta() "
             "covers the weight only; PEFT adds scale · lora_B.bias to the base layer's bias"
         )
+    if (why := src_.base_init_problem(adapter)) is not None:
+        notes.append(f"{why}: merge and outputs other than PEFT are refused")
     if cfg.get("alora_invocation_tokens") is not None:
         notes.append(
             f"activated LoRA (aLoRA): it applies only from its {len(cfg['alora_invocation_tokens'])} invocation token(s) on; "
             "PEFT and GGUF outputs keep them, other outputs and merge are refused"
         )
-    if cfg.get("fan_in_fan_out") and any(m.params["layout"] == "linear" for m in adapter):
+    if cfg.get("fan_in_fan_out") and not conv1d_family(cfg) and any(m.params["layout"] == "linear" for m in adapter):
         notes.append("fan_in_fan_out applied to every linear module (PEFT turns it off for nn.Linear layers)")
     return notes
 
@@ -441,7 +489,7 @@ def _consistent(cfg: dict[str, Any], values: dict[str, dict[str, Any]]) -> bool:
             return False
         if bool(cfg.get("use_rslora", False)) != v["rslora"] or bool(cfg.get("use_dora", False)) != v["dora"]:
             return False
-        if v["layout"] == "linear" and bool(cfg.get("fan_in_fan_out", False)) != v["fifo"]:
+        if v["layout"] == "linear" and fan_in_fan_out(cfg, name) != v["fifo"]:
             return False
     return True
 
@@ -454,9 +502,19 @@ def _one(values: dict[str, dict[str, Any]], key: str, what: str) -> bool:
     return flags.pop()
 
 
+def _target_name(name: str) -> str:
+    """The end of module ``name`` a rebuilt target_modules lists: its last component, with its parents while that is
+    a number (``to_out.0``: a bare ``0`` would also name block ``layers.0``, which PEFT then refuses to wrap)."""
+    parts = name.split(".")
+    i = len(parts) - 1
+    while i > 0 and parts[i].isdigit():
+        i -= 1
+    return ".".join(parts[i:])
+
+
 def _targets(cfg: dict[str, Any], names: list[str]) -> Any:
     """target_modules covering ``names`` as PEFT matches them: kept when it already does, else
-    extended (or replaced) by the last name components of the modules it misses."""
+    extended (or replaced) by the last name components of the modules it misses (:func:`_target_name`)."""
     tm = cfg.get("target_modules")
     if isinstance(tm, str):
         try:
@@ -466,9 +524,9 @@ def _targets(cfg: dict[str, Any], names: list[str]) -> Any:
             pass
         tm = None
     if not isinstance(tm, list):
-        return sorted({n.rsplit(".", 1)[-1] for n in names})
+        return sorted({_target_name(n) for n in names})
     missed = [n for n in names if not any(n == x or n.endswith("." + x) for x in tm)]
-    return tm + sorted({n.rsplit(".", 1)[-1] for n in missed})
+    return tm + sorted({_target_name(n) for n in missed})
 
 
 def synthesize_config(adapter: Adapter, base: dict[str, Any] | None = None, *, rank: int | None = None) -> dict[str, Any]:
@@ -553,13 +611,31 @@ def peft_tensors(adapter: Adapter, *, dtype: str | None = None, drop_tensors: bo
     return state.tensors
 
 
+def pipeline_modules(adapter: Adapter) -> list[str]:
+    """Modules of a diffusers / kohya (Stable Diffusion) import named under a pipeline component (``unet.…``,
+    ``text_encoder.…``): a PEFT folder's keys are relative to the one model ``PeftModel`` wraps, so none of them
+    attaches there (PEFT then loads the adapter as a no-op)."""
+    if src_.source_format(adapter) not in ("diffusers", "kohya"):
+        return []
+    from adapterpack.formats.sd_names import COMPONENTS  # only for diffusers / kohya imports
+
+    return [m.name for m in adapter if m.name.split(".", 1)[0] in COMPONENTS and "." in m.name]
+
+
 def export_notes(adapter: Adapter) -> list[str]:
     """What a PEFT export of ``adapter`` cannot do, for the user to read (empty when nothing).
 
     A kohya import without ``adapterpack.module_names`` metadata keeps kohya's names
     (``lora_unet_down_blocks_0_...``), which cannot be turned back into the base model's dotted
-    module names; PEFT matches keys to module names, so such a folder attaches to nothing.
+    module names; PEFT matches keys to module names, so such a folder attaches to nothing. Nor does
+    one whose names carry a diffusers pipeline component (:func:`pipeline_modules`).
     """
+    piped = pipeline_modules(adapter)
+    if piped:
+        return [
+            f"{len(piped)} modules are named under a diffusers pipeline component, e.g. {piped[0]!r}: a PEFT folder's keys "
+            "are relative to the one model PeftModel loads onto, so PEFT attaches none of them (use --to diffusers)"
+        ]
     src = src_.provenance(adapter, "kohya")
     if not src:
         return []

@@ -41,10 +41,19 @@ from adapterpack.encodings.lower import as_lora, at_rank, main_dtype
 from adapterpack.errors import AdapterpackError, ConversionError
 from adapterpack.formats import read_any
 from adapterpack.formats import source as src_
-from adapterpack.formats.export import DROP_HINT, check_key, scaled
-from adapterpack.formats.gguf import GgufBase, base_info, gguf_name
+from adapterpack.formats.export import DROP_HINT, check_key, float32_alpha, scaled
+from adapterpack.formats.gguf import (
+    GgufBase,
+    architecture_problem,
+    base_info,
+    base_tensor_problem,
+    gguf_name,
+    recorded_arch,
+    recorded_heads,
+)
+from adapterpack.formats.kohya import kohya_alpha
 from adapterpack.formats.llm_names import base_modules, impossible_names, is_kohya_name
-from adapterpack.formats.peft import check_module_path, model_card, peft_config, write_peft
+from adapterpack.formats.peft import check_module_path, model_card, peft_config, pipeline_modules, write_peft
 from adapterpack.formats.vllm_models import vllm_lora_support
 from adapterpack.linalg.cast import delta_error
 from adapterpack.names import check_name
@@ -241,6 +250,29 @@ def _check_peft(adapter: Adapter) -> list[Finding]:
                 rs,
             )
         )
+    piped = pipeline_modules(adapter)
+    if piped:
+        out.append(
+            Finding(
+                t,
+                "misread",
+                "module names carry a diffusers pipeline component (unet., text_encoder., ...): PEFT keys are relative to "
+                "the one model PeftModel loads onto, so no key attaches and the adapter loads as a no-op",
+                "none in the PEFT export; --to diffusers writes what pipe.load_lora_weights loads",
+                piped,
+            )
+        )
+    dora = [n for n, f in facts.items() if f[2]]
+    if dora and len(dora) < len(facts):
+        out.append(
+            Finding(
+                t,
+                "refuse",
+                "some modules use DoRA and some do not: PEFT has one use_dora switch per adapter",
+                "none in the PEFT export; merge the adapter into the base weights instead",
+                dora,
+            )
+        )
     if len({f[0] for f in facts.values()}) > 1 or len({f[1] for f in facts.values()}) > 1:
         out.append(
             Finding(t, "note", "per-module ranks or alphas", "written as rank_pattern / alpha_pattern, which PEFT reads", [])
@@ -256,11 +288,27 @@ def _check_llama_cpp(adapter: Adapter, base: Any) -> list[Finding]:
     odd = [n for n, f in facts.items() if f[3] == "conv" or f[4]]
     if odd:
         out.append(Finding(t, "refuse", "conv / fan_in_fan_out layers do not exist in llama.cpp models", "none", odd))
-    info = base if isinstance(base, GgufBase) else GgufBase()
+    info = base if isinstance(base, GgufBase) else (recorded_heads(adapter) or recorded_arch(adapter))
+    if info is None and (problem := architecture_problem(adapter)) is not None:
+        out.append(Finding(t, "refuse", problem, "none: llama.cpp runs this model under another architecture", []))
+    info = info or GgufBase()
     unnamed = [n for n in facts if gguf_name(n, info.arch) is None]
     if unnamed:
         out.append(Finding(t, "refuse", f"no llama.cpp tensor name for these modules ({info.arch})", "none", unnamed))
+    shapes = {m.name: tuple(m.base_shape) for m in adapter}
+    named = [n for n in facts if n not in unnamed]
+    wrong = {n: p for n in named if (p := base_tensor_problem(str(gguf_name(n, info.arch)), shapes[n], info)) is not None}
+    if wrong:
+        first = next(iter(wrong.values()))
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        out.append(Finding(t, "refuse", f"{first}{more}", "none: a LoRA of this base model's tensors only", list(wrong)))
     prods = {n: f[1] * f[0] for n, f in facts.items()}
+    if prods:  # the file's one alpha, as the writer picks it (gguf_tensors)
+        common = Counter(prods.values()).most_common(1)[0][0]
+        first = next(n for n, p in prods.items() if p == common)
+        why = _alpha_problem(common, "llama.cpp", "llama.cpp reads adapter.lora.alpha 0 as scale 1")
+        if why is not None:
+            out.append(Finding(t, "refuse", f"the file's one alpha (scale × rank of most modules): {why}", "none", [first]))
     if len(set(prods.values())) > 1:
         common = Counter(prods.values()).most_common(1)[0][0]
         out.append(
@@ -288,10 +336,33 @@ def _check_llama_cpp(adapter: Adapter, base: Any) -> list[Finding]:
     return out
 
 
+def _alpha_problem(value: float, reader: str, zero: str) -> str | None:
+    """Why an export refuses ``value`` as an alpha ``reader`` reads as float32 (:func:`~.export.float32_alpha`, and
+    0 that it reads as "no alpha": ``zero`` says what it does then), or None."""
+    if value == 0:
+        return f"alpha 0 (scale 0) cannot be written: {zero}"
+    try:
+        float32_alpha(value, "alpha", reader)
+    except ConversionError as e:
+        return str(e).removeprefix("alpha: ")
+    return None
+
+
 def _check_kohya(adapter: Adapter) -> list[Finding]:
     t = "kohya"
     out = _common(adapter, t, own=("kohya",))
     facts = {m.name: _lora_facts(m) for m in adapter}
+    bad: dict[str, str] = {}
+    for m in adapter:
+        if m.encoding == "lora":  # other encodings are lowered to alpha = rank
+            p = m.params
+            value = kohya_alpha(p["alpha"], int(p["rank"]), bool(p.get("rslora", False)))
+            if (why := _alpha_problem(value, "kohya's loaders", "kohya's loaders read alpha 0 as alpha = rank")) is not None:
+                bad[m.name] = why
+    if bad:
+        first = next(iter(bad.values()))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        out.append(Finding(t, "refuse", f"{first}{more}", "none", list(bad)))
     _dora(out, t, facts, "kohya/LyCORIS dora_scale normalises along another axis than PEFT's magnitude", "none")
     rs = [m.name for m in adapter if m.encoding == "lora" and m.params.get("rslora")]
     if rs:
@@ -307,6 +378,18 @@ def _check_kohya(adapter: Adapter) -> list[Finding]:
                 "embedding / fan_in_fan_out layers: kohya adds lora_up·lora_down in the weight's layout",
                 "lora_up = Aᵀ, lora_down = Bᵀ (exact); metadata records it for the way back",
                 tr,
+            )
+        )
+    attn = [n for n in facts if n.startswith(("unet.", "text_encoder")) and n.endswith((".to_q", ".to_k", ".to_v", ".to_out.0"))]
+    if attn and len({round(f[1] * f[0], 12) for f in facts.values()}) > 1:
+        out.append(
+            Finding(
+                t,
+                "note",
+                "diffusers' own kohya loader (pipe.load_lora_weights on this file, diffusers 0.42) misnames the alphas of "
+                "attention layers and gives them the commonest alpha when the alphas differ",
+                "kohya's loaders read them right; for diffusers write --to diffusers (every module's scale exact)",
+                attn,
             )
         )
     return out
@@ -424,6 +507,8 @@ def check(adapter: Adapter, target: str, *, max_lora_rank: int | None = None, ba
                 "none: keep it as PEFT or GGUF", [],
             )
         )  # fmt: skip
+    if target != "peft" and (why := src_.base_init_problem(adapter)) is not None:
+        found.append(Finding(target, "refuse", why, "none: convert it with PEFT first", []))
     if not adapter.modules:
         found.insert(0, Finding(target, "refuse", "the adapter has no modules", "none", []))
     return sorted(found, key=lambda f: SEVERITIES.index(f.severity))

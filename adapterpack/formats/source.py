@@ -219,6 +219,43 @@ def adapter_alora_tokens(adapter: Adapter) -> list[int] | None:
     return alora_tokens(value, f"adapter {adapter.name!r}: recorded alora_invocation_tokens", ConversionError)
 
 
+#: PEFT ``init_lora_weights`` values whose initialisation rewrites the base weights (W ← W − s·B₀A₀ and the like), which
+#: PEFT replays on every load: for such an adapter saved without conversion, ΔW against the original base is not s·B·A.
+BASE_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+
+def base_init(adapter: Adapter) -> str | None:
+    """The PEFT ``init_lora_weights`` of ``adapter`` when it is one that rewrites the base weights (:data:`BASE_INITS`),
+    else None."""
+    try:
+        cfg = config(adapter, provenance(adapter, "peft"))
+    except ConversionError:
+        return None
+    init = cfg.get("init_lora_weights") if cfg else None
+    if isinstance(init, str) and init.lower().startswith(BASE_INITS):
+        return init
+    return None
+
+
+def base_init_problem(adapter: Adapter) -> str | None:
+    """Why ``adapter``'s factors alone are not its ΔW (:func:`base_init`), or None."""
+    init = base_init(adapter)
+    if init is None:
+        return None
+    return (
+        f"adapter {adapter.name!r} was initialised with init_lora_weights={init!r:.40}, which rewrites the base weights "
+        "(PEFT replays it on load), so its ΔW is not scale·B·A; convert it to a plain LoRA with PEFT first "
+        "(save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+    )
+
+
+def refuse_base_init(adapter: Adapter, target: str) -> None:
+    """ConversionError for an adapter whose ΔW is not its factors' (:func:`base_init_problem`) going to ``target``."""
+    why = base_init_problem(adapter)
+    if why is not None:
+        raise ConversionError(f"{why}; {target} would apply scale·B·A to the original weights instead")
+
+
 def refuse_alora(adapter: Adapter, target: str) -> None:
     """ConversionError for an activated LoRA going to ``target``, which has no invocation tokens: there it would
     apply to every token, a different adapter."""

@@ -155,6 +155,8 @@ def write_adapters(
         with (progress or _no_progress)(total) as advance:
             write_apack(dst, adapters, codec=codec or DEFAULT_CODEC, level=level, progress=advance, overwrite=overwrite)
         return []
+    if fmt != "peft" or serve_for is not None:  # PEFT replays a base-rewriting init; no other reader does
+        src_.refuse_base_init(adapters[0], "vLLM" if serve_for == "vllm" else f"a {fmt} file")
     if fmt == "gguf":
         adapter, named = llm_module_names(adapters[0], base)
         return named + write_gguf(adapter, dst, base=base, drop_tensors=drop_tensors, overwrite=overwrite).notes()

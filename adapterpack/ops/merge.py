@@ -5,7 +5,9 @@ sum is rounded once to the weight's own dtype (bfloat16 rounded directly from fl
 float32: :func:`adapterpack.dtypes.cast_array`), and written at the tensor's own byte range: the
 output files have the base's headers, metadata, tensor order and dtypes, and every tensor the adapter
 does not touch is copied byte for byte. DoRA records rescale ``W + ΔW`` per output by their magnitude
-(spec §6.1). ``modules_to_save`` and other pass-through tensors replace the base tensor they name.
+(spec §6.1). ``modules_to_save`` and other pass-through tensors replace the base tensor they name; the
+copy of an adapted layer's own weight PEFT saves beside its factors (``<module>.base_layer.weight``, written
+for embedding LoRAs) is that module's W, as PEFT loads it into the base layer before adding ΔW.
 
 Everything is planned first: every module and tensor must name exactly one base tensor of the same
 shape and a float dtype, or nothing is written (ConversionError listing each). The output folder is
@@ -29,8 +31,9 @@ from adapterpack import dtypes, progress
 from adapterpack.adapter import Adapter, Module, as_array, tensor_info
 from adapterpack.atomic import atomic_dir
 from adapterpack.errors import AdapterpackError, ConversionError, InputError
+from adapterpack.formats.peft import conv1d_layout
 from adapterpack.formats.safetensors_header import Header, read_header
-from adapterpack.formats.source import refuse_alora
+from adapterpack.formats.source import refuse_alora, refuse_base_init
 from adapterpack.ops.files import open as open_adapter
 
 #: Index file of a sharded checkpoint (Hugging Face's name).
@@ -40,6 +43,8 @@ SHOWN = 8
 #: PEFT key wrappers around a pass-through tensor's module name.
 _WRAPPERS = (".modules_to_save.default", ".original_module")
 _PREFIXES = ("base_model.model.",)
+#: PEFT's key for the weight of an adapted layer saved beside its factors (``save_embedding_layers``).
+BASE_LAYER = ".base_layer.weight"
 
 
 @dataclass
@@ -51,6 +56,7 @@ class MergePlan:
     files: dict[str, str] = field(default_factory=dict)  # base key -> file name (relative to the base folder)
     headers: dict[str, Header] = field(default_factory=dict)  # file name -> header
     dropped: list[str] = field(default_factory=list)
+    base_layers: dict[str, str] = field(default_factory=dict)  # module name -> adapter tensor holding its base weight
 
 
 @dataclass
@@ -115,6 +121,15 @@ def _resolve(name: str, keys: dict[str, str]) -> list[str]:
     return [k for k in keys if k.endswith(f".{name}.weight") or k.endswith(f".{name}")]
 
 
+def _architectures(base: Path) -> list[str]:
+    """The model classes a base folder's config.json names (none when it has no readable one)."""
+    try:
+        archs = json.loads((base / "config.json").read_text(encoding="utf-8")).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []
+
+
 def _tensor_name(key: str) -> str:
     for p in _PREFIXES:
         key = key.removeprefix(p)
@@ -161,7 +176,13 @@ def plan(adapter: Adapter, base: Path, *, drop_tensors: bool = False) -> MergePl
             p.modules[m.name] = hits[0]
     used = dict.fromkeys(p.modules.values())
     for key, t in adapter.tensors.items():
-        hits = _resolve(_tensor_name(key), p.files)
+        name = _tensor_name(key)
+        if name.endswith(BASE_LAYER) and name[: -len(BASE_LAYER)] in p.modules:  # PEFT's copy of the layer's own W
+            module = name[: -len(BASE_LAYER)]
+            if check(f"tensor {key!r}", p.modules[module], tuple(tensor_info(t)[1])):
+                p.base_layers[module] = key
+            continue
+        hits = _resolve(name, p.files)
         if len(hits) != 1 or hits[0] in used:
             if drop_tensors:
                 p.dropped.append(key)
@@ -247,8 +268,10 @@ def merge(
         raise exists_error(dst)
     # a GGUF adapter's q/k rows are in llama.cpp's order: the base folder's config.json gives the head counts
     heads = base if (base / "config.json").is_file() else None
-    with open_adapter(src, adapter=adapter, base=heads) as ad:
-        refuse_alora(ad, "a merged model")
+    with open_adapter(src, adapter=adapter, base=heads) as opened:
+        refuse_alora(opened, "a merged model")
+        refuse_base_init(opened, "merge")
+        ad = conv1d_layout(opened, _architectures(base))  # PEFT's per-layer fan_in_fan_out, by the base's own class
         p = plan(ad, base, drop_tensors=drop_tensors)
         by_file: dict[str, list[tuple[str, str]]] = {}
         for name, key in p.modules.items():
@@ -270,7 +293,11 @@ def merge(
                         if kind == "module":
                             key = p.modules[name]
                             w = _read(base / f, header, key)
-                            new = _rounded(merged_weight(ad.module(name), w), dtypes.of_array(w).name, f"module {name!r}")
+                            own = p.base_layers.get(name)
+                            v = w if own is None else np.asarray(as_array(ad.tensors[own]))
+                            new = _rounded(merged_weight(ad.module(name), v), dtypes.of_array(w).name, f"module {name!r}")
+                            if own is not None:
+                                tensors.append({"name": own, "weight": key, "file": f, "dtype": dtypes.of_array(w).name})
                             modules.append({"name": name, "weight": key, "file": f, "dtype": dtypes.of_array(w).name,
                                             "dora": bool(ad.module(name).params.get("dora"))})  # fmt: skip
                         else:
