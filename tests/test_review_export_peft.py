@@ -222,3 +222,11 @@ def test_unconverted_pissa_is_refused_where_its_delta_would_be_wrong(tmp_path: P
         got = peft.PeftModel.from_pretrained(_llama(), tmp_path / "p")(x).logits
     assert (want - plain).abs().max() > 1e-3
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    from adapterpack.errors import ApplyError
+    from adapterpack.torch import apply
+
+    model = _llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ApplyError, match="pissa"):  # torch.apply would add s·B·A to the original weights as well
+        apply(model, src)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

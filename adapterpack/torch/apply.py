@@ -300,18 +300,21 @@ def _hook(p: _Patch, scale: float) -> Callable[..., torch.Tensor]:
 def _refuse_full_tensors(source: object, adapter: str | None) -> None:
     """apply() patches LoRA modules only: an adapter that also replaces whole tensors (PEFT
     ``modules_to_save``) would be applied half, so it is refused (opening reads the index only); so is an
-    activated LoRA (aLoRA), which a patched weight or a forward hook would apply to every token."""
+    activated LoRA (aLoRA), which a patched weight or a forward hook would apply to every token, and an adapter
+    saved with a base-rewriting init (PiSSA and the like), whose ΔW is not scale·B·A."""
     if isinstance(source, dict):
         return
-    from adapterpack.formats.source import adapter_alora_tokens
+    from adapterpack.formats.source import adapter_alora_tokens, base_init_problem
 
     if isinstance(source, Adapter):
-        tensors, alora = list(source.tensors), adapter_alora_tokens(source)
+        tensors, alora, init = list(source.tensors), adapter_alora_tokens(source), base_init_problem(source)
     else:
         from adapterpack.formats import read_any
 
         with read_any(source, adapter=adapter) as ad:  # type: ignore[arg-type]
-            tensors, alora = list(ad.tensors), adapter_alora_tokens(ad)
+            tensors, alora, init = list(ad.tensors), adapter_alora_tokens(ad), base_init_problem(ad)
+    if init is not None:
+        raise ApplyError(f"{init}; apply() would add scale·B·A to the original weights instead")
     if alora is not None:
         raise ApplyError(
             "the adapter is an activated LoRA (aLoRA: it applies only from its invocation tokens on); apply() has no "
