@@ -50,9 +50,10 @@ WRITERS: dict[str, Callable[[Adapter, Path], object]] = {
 
 @pytest.mark.parametrize("target", list(WRITERS))
 @pytest.mark.parametrize("case", list(CASES))
-def test_check_predicts_the_exports_refusal(tmp_path: Path, case: str, target: str) -> None:
-    if (case, target) == ("tiny_alpha", "vllm"):
-        pytest.skip("vLLM bakes 4 / 1e-300 into a B: whether that overflows depends on B's values, which check does not read")
+def test_check_predicts_the_exports_refusal(tmp_path: Path, case: str, target: str, request: pytest.FixtureRequest) -> None:
+    if (case, target) == ("tiny_alpha", "vllm"):  # a known gap, kept visible: the test fails if check learns to predict it
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "vLLM bakes 4 / 1e-300 into a B: whether that overflows depends on B's values, which check does not read")))
     src = tmp_path / "in.apack"
     adapterpack.save(Adapter(name="x", modules={m.name: m for m in CASES[case]}), src)
     refused = [f for f in check_path(src, target) if f.severity == "refuse"]
