@@ -241,3 +241,27 @@ def edited(tmp: Path, module: Module, base_shape: list[int], **params: Any) -> P
     record["base_shape"] = base_shape
     record["params"].update(params)
     return write(tmp / "bomb.apack", parts.build(minor=parts.minor))
+
+
+def lora_gguf(path: Path, tensors: dict[str, Any], *, arch: str = "llama", alpha: float = 4.0,
+              extra: Any = None) -> Path:
+    """A LoRA GGUF as llama.cpp's converter writes one (``general.type`` adapter, ``adapter.type`` lora, the alpha):
+    ``tensors`` by GGUF name, each an array or ``(raw bytes, GGMLQuantizationType)``; ``extra(writer)`` adds more keys."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_string("general.type", "adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", alpha)
+    if extra is not None:
+        extra(w)
+    for name, t in tensors.items():
+        if isinstance(t, tuple):
+            w.add_tensor(name, t[0], raw_dtype=t[1])
+        else:
+            w.add_tensor(name, t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -15,6 +15,7 @@ from adapterpack.adapter import Adapter, Module
 from adapterpack.errors import ConversionError
 from adapterpack.formats.gguf import write_gguf
 from adapterpack.formats.serving import check_path
+from tests.apack_builders import lora_gguf
 
 gguf = pytest.importorskip("gguf")
 
@@ -99,18 +100,9 @@ def test_tied_config_refuses_lm_head(tmp_path: Path) -> None:
 
 def _qwen2_lora_gguf(path: Path) -> Path:
     """A LoRA GGUF of llama.cpp's ``qwen2`` architecture, as llama.cpp's converter writes one."""
-    w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_type(gguf.GGUFType.ADAPTER)
-    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
-    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, 4.0)
     rng = np.random.default_rng(0)
-    w.add_tensor("blk.0.attn_v.weight.lora_a", rng.standard_normal((2, 16)).astype(np.float32))
-    w.add_tensor("blk.0.attn_v.weight.lora_b", rng.standard_normal((8, 2)).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    a, b = rng.standard_normal((2, 16)).astype(np.float32), rng.standard_normal((8, 2)).astype(np.float32)
+    return lora_gguf(path, {"blk.0.attn_v.weight.lora_a": a, "blk.0.attn_v.weight.lora_b": b}, arch="qwen2")
 
 
 def test_non_llama_base_is_refused_without_base(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 import adapterpack
 from adapterpack.errors import ConversionError
 from adapterpack.ops.convert import convert
+from tests.apack_builders import lora_gguf
 
 TOKENS = [5, 17, 3]
 
@@ -20,20 +21,13 @@ TOKENS = [5, 17, 3]
 def _gguf(path: Path, tokens: list[int] | None) -> Path:
     import gguf
 
+    def alora(w: gguf.GGUFWriter) -> None:
+        if tokens is not None:
+            w.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, tokens, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
+
     rng = np.random.default_rng(0)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_string("general.type", "adapter")
-    w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", 4.0)
-    if tokens is not None:
-        w.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, tokens, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
-    w.add_tensor("blk.0.attn_v.weight.lora_a", rng.standard_normal((2, 16)).astype(np.float32))
-    w.add_tensor("blk.0.attn_v.weight.lora_b", rng.standard_normal((8, 2)).astype(np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    a, b = rng.standard_normal((2, 16)).astype(np.float32), rng.standard_normal((8, 2)).astype(np.float32)
+    return lora_gguf(path, {"blk.0.attn_v.weight.lora_a": a, "blk.0.attn_v.weight.lora_b": b}, extra=alora)
 
 
 def _gguf_tokens(path: Path) -> tuple[list[int] | None, str | None]:

@@ -9,29 +9,18 @@ import numpy as np
 from click.testing import CliRunner
 
 from adapterpack.cli import main
+from tests.apack_builders import lora_gguf
 
 
 def _llamacpp_gguf(tmp_path: Path) -> Path:
-    import gguf
 
     from adapterpack.formats.gguf import permute_rows
 
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((4, 64)).astype(np.float32), (rng.standard_normal((64, 4)) * 0.1).astype(np.float32)
     path = tmp_path / "l.gguf"
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_string("general.type", "adapter")
-    w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", 4.0)
-    w.add_tensor("blk.0.attn_q.weight.lora_a", a)
-    w.add_tensor("blk.0.attn_q.weight.lora_b", permute_rows(b, 4))
-    w.add_tensor("blk.0.attn_v.weight.lora_a", a)
-    w.add_tensor("blk.0.attn_v.weight.lora_b", b)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    q, v = "blk.0.attn_q.weight", "blk.0.attn_v.weight"
+    return lora_gguf(path, {f"{q}.lora_a": a, f"{q}.lora_b": permute_rows(b, 4), f"{v}.lora_a": a, f"{v}.lora_b": b})
 
 
 def test_cli_audit_of_a_llamacpp_gguf_takes_base(tmp_path: Path) -> None:

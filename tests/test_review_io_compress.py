@@ -15,6 +15,7 @@ from adapterpack.cli import main
 from adapterpack.errors import ConversionError
 from adapterpack.ops import compress as comp
 from adapterpack.ops.budget import apack_file_size
+from tests.apack_builders import lora_gguf
 from tests.factories import qv_modules
 
 
@@ -150,22 +151,12 @@ def test_module_choices_with_min_rank_is_the_hull_of_its_configurations(lo: int)
 def test_cli_compress_reads_a_llamacpp_gguf_given_its_base(tmp_path: Path) -> None:
     """A llama.cpp LoRA GGUF holds q/k rows in rotary order and no head counts: the error says to give --base,
     which compress did not accept ('No such option'). With it the file compresses, ΔW within the reported error."""
-    import gguf
 
     from adapterpack.formats.gguf import permute_rows
 
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((4, 64)).astype(np.float32), (rng.standard_normal((64, 4)) * 0.1).astype(np.float32)
-    w = gguf.GGUFWriter(str(tmp_path / "l.gguf"), "llama")
-    w.add_string("general.type", "adapter")
-    w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", 4.0)
-    w.add_tensor("blk.0.attn_q.weight.lora_a", a)
-    w.add_tensor("blk.0.attn_q.weight.lora_b", permute_rows(b, 4))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    lora_gguf(tmp_path / "l.gguf", {"blk.0.attn_q.weight.lora_a": a, "blk.0.attn_q.weight.lora_b": permute_rows(b, 4)})
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4, "num_key_value_heads": 4}))
     dst = tmp_path / "c.apack"

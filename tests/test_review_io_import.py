@@ -13,6 +13,7 @@ from safetensors.numpy import save_file
 
 import adapterpack
 from adapterpack.errors import InputError
+from tests.apack_builders import lora_gguf
 
 BF16 = ml_dtypes.bfloat16
 K = "lora_unet_down_blocks_0_attentions_0_proj_in"
@@ -115,18 +116,12 @@ def test_gguf_q8_0_lora_a_beside_an_f16_lora_b_is_read(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     a, b = rng.standard_normal((4, 64)).astype(np.float32), (rng.standard_normal((32, 4)) * 0.1).astype(np.float16)
     q8, bf16 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.BF16
-    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "llama")
-    w.add_string("general.type", "adapter")
-    w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", 8.0)
-    w.add_tensor("blk.0.ffn_up.weight.lora_a", gguf.quants.quantize(a, q8), raw_dtype=q8)
-    w.add_tensor("blk.0.ffn_up.weight.lora_b", b)
-    w.add_tensor("blk.0.attn_output.weight.lora_a", a.astype(BF16).view(np.uint8), raw_dtype=bf16)
-    w.add_tensor("blk.0.attn_output.weight.lora_b", b.astype(np.float16))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    lora_gguf(tmp_path / "q.gguf", {
+        "blk.0.ffn_up.weight.lora_a": (gguf.quants.quantize(a, q8), q8),
+        "blk.0.ffn_up.weight.lora_b": b,
+        "blk.0.attn_output.weight.lora_a": (a.astype(BF16).view(np.uint8), bf16),
+        "blk.0.attn_output.weight.lora_b": b.astype(np.float16),
+    }, alpha=8.0)
     ad = adapterpack.open(tmp_path / "q.gguf")
     deq = gguf.quants.dequantize(gguf.quants.quantize(a, q8), q8)
     _check(ad, "model.layers.0.mlp.up_proj", deq, b, 2.0)
@@ -169,21 +164,10 @@ def test_peft_config_flag_of_another_type_is_still_refused(tmp_path: Path, value
 
 
 def _qwen2_gguf(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    import gguf
 
     rng = np.random.default_rng(4)
     a, b = rng.standard_normal((4, 64)).astype(np.float32), (rng.standard_normal((64, 4)) * 0.1).astype(np.float32)
-    w = gguf.GGUFWriter(str(path), "qwen2")
-    w.add_string("general.type", "adapter")
-    w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", 4.0)
-    for t in ("attn_q", "ffn_up"):
-        w.add_tensor(f"blk.0.{t}.weight.lora_a", a)
-        w.add_tensor(f"blk.0.{t}.weight.lora_b", b)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    lora_gguf(path, {f"blk.0.{t}.weight.lora_{x}": m for t in ("attn_q", "ffn_up") for x, m in (("a", a), ("b", b))}, arch="qwen2")
     return a, b
 
 

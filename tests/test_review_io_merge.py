@@ -8,27 +8,19 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from tests.apack_builders import lora_gguf
+
 
 def test_merge_of_a_llamacpp_gguf_takes_head_counts_from_the_base_folder(tmp_path: Path) -> None:
     """merge has the base model folder at hand: its config.json gives the head counts that put llama.cpp's q/k rows
     back in order (was: refused, telling the user to give --base, which merge has no use for)."""
-    import gguf
 
     from adapterpack.formats.gguf import permute_rows
     from adapterpack.ops.merge import merge
 
     rng = np.random.default_rng(3)
     a, b = rng.standard_normal((4, 64)).astype(np.float32), (rng.standard_normal((64, 4)) * 0.1).astype(np.float32)
-    w = gguf.GGUFWriter(str(tmp_path / "l.gguf"), "llama")
-    w.add_string("general.type", "adapter")
-    w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", 8.0)
-    w.add_tensor("blk.0.attn_q.weight.lora_a", a)
-    w.add_tensor("blk.0.attn_q.weight.lora_b", permute_rows(b, 4))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    lora_gguf(tmp_path / "l.gguf", {"blk.0.attn_q.weight.lora_a": a, "blk.0.attn_q.weight.lora_b": permute_rows(b, 4)}, alpha=8.0)
     base = tmp_path / "base"
     base.mkdir()
     w0 = rng.standard_normal((64, 64)).astype(np.float32)
@@ -46,7 +38,6 @@ def test_merge_of_a_llamacpp_gguf_takes_head_counts_from_the_base_folder(tmp_pat
 def test_importance_of_a_llamacpp_gguf_takes_head_counts_from_the_model_folder(tmp_path: Path, monkeypatch) -> None:
     """As merge: MODEL's config.json gives the head counts of a llama.cpp LoRA GGUF (was refused, advising --base,
     which importance has no option for). The measurement itself is stubbed: what is checked is the adapter it gets."""
-    import gguf
     from click.testing import CliRunner
 
     import adapterpack.torch.fit.fisher as fisher
@@ -56,16 +47,7 @@ def test_importance_of_a_llamacpp_gguf_takes_head_counts_from_the_model_folder(t
 
     rng = np.random.default_rng(5)
     a, b = rng.standard_normal((4, 64)).astype(np.float32), (rng.standard_normal((64, 4)) * 0.1).astype(np.float32)
-    w = gguf.GGUFWriter(str(tmp_path / "l.gguf"), "llama")
-    w.add_string("general.type", "adapter")
-    w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", 4.0)
-    w.add_tensor("blk.0.attn_q.weight.lora_a", a)
-    w.add_tensor("blk.0.attn_q.weight.lora_b", permute_rows(b, 4))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    lora_gguf(tmp_path / "l.gguf", {"blk.0.attn_q.weight.lora_a": a, "blk.0.attn_q.weight.lora_b": permute_rows(b, 4)})
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_attention_heads": 4}))
