@@ -265,3 +265,15 @@ def lora_gguf(path: Path, tensors: dict[str, Any], *, arch: str = "llama", alpha
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def lora_layers(layers: int = 6, *, seed: int = 0, name: str = "m{k}") -> Adapter:
+    """``layers`` float32 lora records of [96, 128] at rank 8 with random factors, named ``name.format(k=k)``: enough
+    blobs for the threaded CRC spans of the load tests."""
+    rng = np.random.default_rng(seed)
+    mods = {}
+    for k in range(layers):
+        n = name.format(k=k)
+        a, b = rng.standard_normal((8, 128)).astype(np.float32), rng.standard_normal((96, 8)).astype(np.float32)
+        mods[n] = Module(n, "lora", (96, 128), {"rank": 8, "alpha": 8.0}, {"A": a, "B": b})
+    return Adapter(modules=mods)

@@ -19,19 +19,12 @@ from adapterpack.adapter import Adapter, Module
 from adapterpack.bank import add_to_bank, build_bank, extract_member, read_bank, refit_bank, write_bank
 from adapterpack.cli import main
 from adapterpack.errors import BankError, ConversionError
+from tests.test_bank import _split
 
 DATA = Path(__file__).resolve().parent / "data" / "bank_loras.apack"
 Q, V = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
 
 
-def _split(tmp: Path, names: list[str]) -> list[Path]:
-    out = []
-    for n in names:
-        with adapterpack.open(DATA, adapter=n) as a:
-            a.name = "default"
-            adapterpack.save(a, tmp / f"{n}.apack")
-        out.append(tmp / f"{n}.apack")
-    return out
 
 
 def _dense_rel(reference: np.ndarray, got: np.ndarray) -> float:

@@ -16,18 +16,11 @@ from adapterpack.container import ApackReader
 from adapterpack.container import reader as reader_mod
 from adapterpack.errors import ChecksumError, RecordError
 from adapterpack.torch import staging
+from tests.apack_builders import lora_layers
 
 
 def _lora(layers: int = 6) -> Adapter:
-    rng = np.random.default_rng(11)
-    f32 = np.float32
-    return Adapter(
-        modules={
-            f"layers.{k}.q": Module(f"layers.{k}.q", "lora", (96, 128), {"rank": 8, "alpha": 8.0},
-                                    {"A": rng.standard_normal((8, 128)).astype(f32), "B": rng.standard_normal((96, 8)).astype(f32)})
-            for k in range(layers)
-        }
-    )  # fmt: skip
+    return lora_layers(layers, seed=11, name="layers.{k}.q")
 
 
 def _flip(path: Path, blob: int, at: int = 5, bit: int = 0x08) -> None:

@@ -13,22 +13,15 @@ import numpy as np
 import pytest
 
 import adapterpack
-from adapterpack.adapter import Adapter, Module
+from adapterpack.adapter import Adapter
 from adapterpack.container import ApackReader
 from adapterpack.container import reader as reader_mod
 from adapterpack.errors import AdapterpackError, ChecksumError
+from tests.apack_builders import lora_layers
 
 
 def _adapter(layers: int = 6) -> Adapter:
-    rng = np.random.default_rng(7)
-    f32 = np.float32
-    return Adapter(
-        modules={
-            f"m{k}": Module(f"m{k}", "lora", (96, 128), {"rank": 8, "alpha": 8.0},
-                            {"A": rng.standard_normal((8, 128)).astype(f32), "B": rng.standard_normal((96, 8)).astype(f32)})
-            for k in range(layers)
-        }
-    )  # fmt: skip
+    return lora_layers(layers, seed=7)
 
 
 def _run(n: int, job: Callable[[int], Any]) -> list[Any]:
