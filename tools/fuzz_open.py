@@ -5,6 +5,7 @@ json, struct or zstd traceback escaping the reader). Run from the repository roo
 
     python -m tools.fuzz_open --seconds 60          # atheris (coverage-guided), when installed
     python -m tools.fuzz_open --hypothesis 5000     # N random mutations with Hypothesis, no atheris
+    python -m tools.fuzz_open --hypothesis 5000 --torch   # ... and adapterpack.torch.load of each input
 
 Both start from small valid files covering every codec, every encoding (lora with each layout and
 DoRA, svd, nola, shared) and a multi-adapter index. The limits of spec §7 are exercised: a ΔW is
@@ -79,12 +80,19 @@ def _encodings(rng: np.random.Generator) -> Adapter:
     )
     u, v = rng.standard_normal((4, 2)).astype(np.float32), rng.standard_normal((3, 2)).astype(np.float32)
     shared = Module("shared", "shared", (4, 3), {"rank": 2, "form": "full"}, {"U": u, "V": v, "S": np.eye(2, dtype=np.float32)})
-    return Adapter("encodings", modules={m.name: m for m in (svd, nola, shared)})
+    sigma = np.array([1.5, 0.25], np.float32)
+    diag = Module("diag", "shared", (4, 3), {"rank": 2, "form": "diagonal"}, {"U": u, "V": v, "S": sigma})
+    from adapterpack.encodings import qsvd
+    from adapterpack.factors import Factors
+
+    ab = rng.standard_normal((3, 16)).astype(np.float32), rng.standard_normal((12, 3)).astype(np.float32)
+    q = qsvd.from_factors("qsvd", Factors(ab[0], ab[1], 0.5, (12, 16)), [8, 4, 2], group_size=4)
+    return Adapter("encodings", modules={m.name: m for m in (svd, nola, shared, diag, q)})
 
 
 def seed_adapters() -> list[Adapter]:
     """Three adapters: plain linear modules (compressible); conv + embedding + DoRA/rsLoRA + pass-through;
-    one record each of svd, nola and shared."""
+    one record each of svd, nola, shared (full and diagonal) and qsvd."""
     plain = Adapter(
         "plain",
         base_model="tiny/base",
@@ -162,15 +170,32 @@ def load_everything(path: Path, verify: bool = True, delta_limit: int = 0) -> li
     return out
 
 
-def exercise(path: Path) -> str:
-    """Open, build every adapter, decode every tensor and small ΔW, verify; returns "ok" or the error class.
+def load_torch(path: Path) -> None:
+    """``adapterpack.torch.load`` of every adapter (every record through its torch decoder, CRC-32C checked), and ΔW
+    of every module whose base weight has at most :data:`DELTA_LIMIT` elements (``materialize``)."""
+    import adapterpack.torch as apt
+
+    with ApackReader(path) as reader:
+        names = reader.adapter_names
+    for name in names:
+        for f in apt.load(path, adapter=name).values():
+            if math.prod(f.base_shape) <= DELTA_LIMIT:
+                apt.materialize(f)
+
+
+def exercise(path: Path, torch: bool = False) -> str:
+    """Open, build every adapter, decode every tensor and small ΔW, verify (and with ``torch``, :func:`load_torch`);
+    returns "ok" or the error class.
 
     Raises whatever the reader raises that is not an AdapterpackError.
     """
     try:
         load_everything(path, delta_limit=DELTA_LIMIT)
         with ApackReader(path) as reader:
-            return "ok" if reader.verify().ok else "verify-problem"
+            ok = reader.verify().ok
+        if torch:
+            load_torch(path)
+        return "ok" if ok else "verify-problem"
     except AdapterpackError as e:
         return type(e).__name__
 
@@ -319,7 +344,7 @@ def mutations() -> Any:
     return strategy()
 
 
-def run_hypothesis(n: int, crash_dir: Path) -> int:
+def run_hypothesis(n: int, crash_dir: Path, torch: bool = False) -> int:
     """Run ``n`` mutated inputs; print a tally of outcomes. Returns the number of crashes (0 or 1: Hypothesis stops at one)."""
     from hypothesis import HealthCheck, given, settings
 
@@ -333,7 +358,7 @@ def run_hypothesis(n: int, crash_dir: Path) -> int:
         path = work / "input.apack"
         path.write_bytes(raw)
         try:
-            outcome = exercise(path)
+            outcome = exercise(path, torch)
         except Exception as e:
             crashes.append(_save_crash(crash_dir, raw, e))
             raise
@@ -400,11 +425,12 @@ def main(argv: list[str] | None = None) -> int:
     """Command line: atheris when installed (or --atheris), else --hypothesis N."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hypothesis", type=int, metavar="N", help="run N random mutations with Hypothesis (no atheris)")
+    parser.add_argument("--torch", action="store_true", help="also adapterpack.torch.load every intact input (hypothesis mode)")
     parser.add_argument("--seconds", type=int, default=60, help="atheris run time (default 60)")
     parser.add_argument("--crash-dir", type=Path, default=Path("fuzz-crashes"), help="where crashing inputs are written")
     args, rest = parser.parse_known_args(argv)
     if args.hypothesis is not None:
-        return run_hypothesis(args.hypothesis, args.crash_dir)
+        return run_hypothesis(args.hypothesis, args.crash_dir, args.torch)
     try:
         import atheris  # noqa: F401
     except ImportError:
