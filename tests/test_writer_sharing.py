@@ -70,7 +70,7 @@ def test_converted_bank_keeps_one_blob_per_shared_base(bank: Path, tmp_path: Pat
                 assert np.array_equal(m.delta(), b.delta(m.name)) and m.delta().dtype == b.delta(m.name).dtype
 
 
-def test_cast_bank_keeps_its_shared_bases_cast_once_each(bank: Path, tmp_path: Path) -> None:
+def test_cast_bank_keeps_its_shared_bases(bank: Path, tmp_path: Path) -> None:
     out = tmp_path / "bf16.apack"
     res = convert(bank, out, dtype="bf16", codec="raw")
     src_table, src_refs = _table(bank)
