@@ -27,6 +27,7 @@ from adapterpack.container.preamble import (
     Preamble,
     align_up,
 )
+from adapterpack.container.reader import BlobLoader
 from adapterpack.container.records import build_adapter, check_references
 from adapterpack.encodings import get_encoding, is_known
 from adapterpack.errors import AdapterpackError, CodecError, ConversionError, DuplicateNameError, IndexTooLargeError
@@ -124,6 +125,19 @@ class ApackPlan:
         return self.preamble.data_start + (self.offsets[-1] + self.lengths[-1] if self.lengths else 0)
 
 
+def blob_identity(t: Any) -> tuple[Any, ...]:
+    """What makes two tensor slots one blob in the file ``write_apack`` writes: the same blob of the same open
+    ``.apack`` file (a :class:`StoredTensor` whose loader is a :class:`BlobLoader`: one reader, one blob index), or
+    else the same object (a numpy array or stored tensor, by identity; equal values in distinct arrays stay distinct).
+
+    Keys hold ids: they are meaningful while the objects they come from are alive (the caller keeps them)."""
+    if isinstance(t, StoredTensor):
+        loader = t.loader
+        if type(loader) is BlobLoader:
+            return ("blob", id(loader.reader), loader.index)
+    return ("object", id(t))
+
+
 def plan_apack(
     adapters: Sequence[Adapter],
     encode: BlobEncoder,
@@ -132,43 +146,68 @@ def plan_apack(
     compact: bool = True,
     zstd_index: bool | None = None,
 ) -> ApackPlan:
-    """The index ``write_apack`` writes for ``adapters``: every tensor through ``encode`` (once per
-    slot, in file order), every record validated unless ``validate`` is False. Used by the writer
-    and by size audits that need the exact file size without writing it.
+    """The index ``write_apack`` writes for ``adapters``: every distinct tensor through ``encode`` once, in file
+    order, every record validated unless ``validate`` is False. Used by the writer and by size audits that need
+    the exact file size without writing it.
+
+    Slots holding the same tensor (:func:`blob_identity`: a blob of one open source file, or one array object)
+    reference one blob (spec §2.1; a bank's U and V, spec/shared.md §2). File order: blobs referenced more than once
+    first, in the order of their first reference (a bank's bases before its members' own blobs, as spec/shared.md
+    asks), then every other blob in slot order (adapters, their records and slots, then their tensors).
 
     ``compact`` (1.3, spec §1.2–§1.3): in a file holding a compressed blob, compressed blobs are packed without
     alignment padding and the index is stored as a zstd frame where that is smaller; each sets its must-understand
     flag bit. A file of raw blobs only, or any file without ``compact``, has the layout and plain index of 1.2.
     ``zstd_index`` True stores the index as a zstd frame wherever that is smaller, raw blobs only or not; False
     never; None (default): as above, and also in a file holding a ``qsvd`` record (decoded on every load anyway)."""
-    lengths: list[int] = []
-    blob_objs: list[dict[str, Any]] = []
+    # pass 1: every slot's identity, in slot order (records validated before anything is decoded)
+    firsts: dict[tuple[Any, ...], Any] = {}  # identity -> the first tensor holding it (keeps every id alive)
+    refs: dict[tuple[Any, ...], int] = {}
+    checkpointed: set[tuple[Any, ...]] = set()
 
-    def add(t: Any, checkpointed: bool = False) -> int:
-        arr = as_array(t) if isinstance(t, StoredTensor) else np.asarray(t)
-        n, cfg, crc = encode(arr)
-        lengths.append(n)
-        dt = dtypes.of_array(arr)
-        obj = {"dtype": dt.name, "shape": list(arr.shape), "codec": cfg, "stored_length": n, "length": arr.nbytes, "crc32c": crc}
-        if checkpointed and cfg["id"] == "raw" and prefix.count(arr.shape[0] if arr.ndim else 0):
-            obj[prefix.KEY] = prefix.prefix_crcs(dtypes.as_bytes(np.asarray(arr, dtype=dt.numpy)), arr.shape[0])
-        blob_objs.append(obj)
-        return len(lengths) - 1
+    def see(t: Any, by_prefix: bool = False) -> tuple[Any, ...]:
+        key = blob_identity(t)
+        firsts.setdefault(key, t)
+        refs[key] = refs.get(key, 0) + 1
+        if by_prefix:
+            checkpointed.add(key)
+        return key
 
-    index_adapters = []
+    slot_keys = []
     for a in adapters:
         mods = []
         for m in a.modules.values():
             if validate:
                 get_encoding(m.encoding).validate(m)
             by_prefix = get_encoding(m.encoding).prefix_slots if is_known(m.encoding) else ()
-            mods.append(_module_entry(m, {slot: add(t, slot in by_prefix) for slot, t in m.tensors.items()}))
+            mods.append((m, {slot: see(t, slot in by_prefix) for slot, t in m.tensors.items()}))
+        slot_keys.append((a, mods, [(n, see(t)) for n, t in a.tensors.items()]))
+
+    # pass 2: each distinct tensor encoded once, shared ones first
+    order = [k for k in firsts if refs[k] > 1] + [k for k in firsts if refs[k] == 1]
+    number = {k: i for i, k in enumerate(order)}
+    lengths: list[int] = []
+    blob_objs: list[dict[str, Any]] = []
+    for key in order:
+        t = firsts[key]
+        arr = as_array(t) if isinstance(t, StoredTensor) else np.asarray(t)
+        n, cfg, crc = encode(arr)
+        lengths.append(n)
+        dt = dtypes.of_array(arr)
+        obj = {"dtype": dt.name, "shape": list(arr.shape), "codec": cfg, "stored_length": n, "length": arr.nbytes, "crc32c": crc}
+        if key in checkpointed and cfg["id"] == "raw" and prefix.count(arr.shape[0] if arr.ndim else 0):
+            obj[prefix.KEY] = prefix.prefix_crcs(dtypes.as_bytes(np.asarray(arr, dtype=dt.numpy)), arr.shape[0])
+        blob_objs.append(obj)
+        del arr
+
+    index_adapters = []
+    for a, mods, tensors in slot_keys:
         entry: dict[str, Any] = {
             "name": a.name,
             "base_model": a.base_model,
             "base_architecture": a.base_architecture,
-            "modules": mods,
-            "tensors": [{"name": n, "blob": add(t)} for n, t in a.tensors.items()],
+            "modules": [_module_entry(m, {slot: number[k] for slot, k in keys.items()}) for m, keys in mods],
+            "tensors": [{"name": n, "blob": number[k]} for n, k in tensors],
         }
         if a.source:
             entry["source"] = a.source
@@ -236,6 +275,10 @@ def write_apack(
     plan = plan_apack(adapters, encode, compact=compact, zstd_index=zstd_index)
     index_bytes, offsets, pre = plan.index_bytes, plan.offsets, plan.preamble
     blob_objs = plan.index["blobs"]
+    if progress is not None:  # a blob several slots reference was encoded once: the other references are done too
+        repeated = sum(blob_objs[i]["length"] for i in _references(plan.index)) - sum(b["length"] for b in blob_objs)
+        if repeated:
+            progress(repeated)
     data_start = pre.data_start
     end = plan.file_size
     try:
@@ -292,6 +335,16 @@ def check_index(index_bytes: bytes, data_start: int, file_size: int, packed: boo
         build_adapter(raw, blobs, placeholder)
 
 
+def _references(index: dict[str, Any]) -> list[int]:
+    """The blob number of every record slot and tensor entry of ``index`` (a blob as often as it is referenced)."""
+    out = []
+    for a in index["adapters"]:
+        for m in a["modules"]:
+            out.extend(m["tensors"].values())
+        out.extend(t["blob"] for t in a["tensors"])
+    return out
+
+
 def _not_written_yet() -> np.ndarray:
     raise AdapterpackError("the file is not written yet")
 
@@ -301,4 +354,13 @@ def _ordered(b: dict[str, Any]) -> dict[str, Any]:
     return {k: b[k] for k in keys if k in b}
 
 
-__all__ = ["WriteResult", "align_up", "blob_alignment", "check_index", "compress_index", "encode_blob", "write_apack"]
+__all__ = [
+    "WriteResult",
+    "align_up",
+    "blob_alignment",
+    "blob_identity",
+    "check_index",
+    "compress_index",
+    "encode_blob",
+    "write_apack",
+]

@@ -23,6 +23,7 @@ from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module, TensorLike, as_array, tensor_info
 from adapterpack.atomic import exists_error
 from adapterpack.codecs import DEFAULT_CODEC, get_codec
+from adapterpack.container.writer import blob_identity
 from adapterpack.encodings.lower import as_lora, at_rank
 from adapterpack.errors import ConversionError, OptionError
 from adapterpack.formats import Opened, open_adapters
@@ -222,8 +223,7 @@ def convert(
         if dtype != "keep":
             if target not in APACK_TARGETS:  # the output holds LoRA factors: a qsvd / nola / shared record has none to cast
                 adapters = [replace(a, modules={n: as_lora(m) for n, m in a.modules.items()}, closer=None) for a in adapters]
-            pairs = [cast_adapter(a, dtype) for a in adapters]
-            adapters, casts = [p[0] for p in pairs], [p[1] for p in pairs]
+            adapters, casts = _cast_sharing(adapters, dtype)
         fitted: list[str] = []
         if target == "nola":
             adapters, fitted = _fit_nola(adapters, nola_k, nola_target_error, k_max=nola_k_max, max_seconds=nola_max_seconds)
@@ -262,6 +262,30 @@ def convert(
         skipped=skipped,
         seconds=time.perf_counter() - start,
     )
+
+
+def _cast_sharing(adapters: list[Adapter], dtype: str) -> tuple[list[Adapter], list[CastReport]]:
+    """Every adapter cast to ``dtype`` (:func:`cast_adapter`), with the slots that held one blob of the source (a
+    bank's U and V in every member, :func:`~adapterpack.container.writer.blob_identity`) holding one cast array
+    again, so the writer stores it once. A cast is a function of the bits: every cast of one blob has the same bits
+    (compared before they are joined). Each adapter's duplicates are dropped as soon as it is cast."""
+    first: dict[tuple[Any, ...], TensorLike] = {}
+    out, reports = [], []
+
+    def join(key: tuple[Any, ...], arr: TensorLike) -> TensorLike:
+        kept = first.setdefault(key, arr)
+        return kept if kept is not arr and _same_bits(as_array(kept), as_array(arr)) else arr
+
+    for a in adapters:
+        cast, report = cast_adapter(a, dtype)
+        for m in a:
+            tensors = cast.modules[m.name].tensors
+            for slot, t in m.tensors.items():
+                tensors[slot] = join(blob_identity(t), tensors[slot])
+        cast.tensors = {k: join(blob_identity(a.tensors[k]), t) for k, t in cast.tensors.items()}
+        out.append(cast)
+        reports.append(report)
+    return out, reports
 
 
 def _fit_nola(
