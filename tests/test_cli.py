@@ -234,7 +234,7 @@ def test_verify_flipped_byte_in_compressed_blob_fails(apack: Path) -> None:
 
 
 def test_verify_unopenable_files(tmp_path: Path) -> None:
-    assert_one_line_error(run("verify", tmp_path / "missing.apack"), "No such file")
+    assert_one_line_error(run("verify", tmp_path / "missing.apack"), "no such file or folder")
     short = tmp_path / "short.apack"
     short.write_bytes(b"\x89APK\r\n")
     assert_one_line_error(run("verify", short), "short.apack")
@@ -263,7 +263,7 @@ def test_python_m_adapterpack_end_to_end(apack: Path, tmp_path: Path) -> None:
         [sys.executable, "-m", "adapterpack", "verify", str(tmp_path / "nope")], capture_output=True, text=True, cwd=REPO
     )
     assert r.returncode == 1 and r.stdout == ""
-    assert r.stderr.splitlines() == [f"adapterpack: {tmp_path / 'nope'}: No such file or directory"]
+    assert r.stderr.splitlines() == [f"adapterpack: {tmp_path / 'nope'}: no such file or folder"]
 
 
 def test_cli_never_imports_torch(tmp_path: Path) -> None:

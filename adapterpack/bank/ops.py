@@ -33,6 +33,7 @@ from adapterpack.errors import BankError, ConversionError, OutputExistsError
 from adapterpack.factors import Factors
 from adapterpack.formats.peft import write_peft
 from adapterpack.formats.serving import check
+from adapterpack.formats.source import base_init_problem
 from adapterpack.linalg.bank_fit import DaskExecutor, FitOptions, ModuleShape, SerialExecutor, fit_bank, sq_error, sq_norm
 from adapterpack.linalg.bank_grow import pad, place
 from adapterpack.linalg.finite import check_product
@@ -87,6 +88,7 @@ def build_bank(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]]
     dtypes.by_name(dtype)
     _refuse_existing(out, overwrite)
     members = expand_inputs(inputs, names)
+    _refuse_base_inits(members)
     shapes, keys, left_out = plan_modules(members, partial)
     left_out += [s for m in members for s in m.skipped]
     _hash_members(members, [s.name for s in shapes], dtype)
@@ -109,6 +111,15 @@ def build_bank(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]]
     validate_records(bank)
     size = write_bank(out, bank, codec=codec, overwrite=overwrite)
     return BankReport(Path(out), "build", len(members), res.report(), left_out=left_out, file_size=size)
+
+
+def _refuse_base_inits(members: list[Member]) -> None:
+    """ConversionError for a member saved with a base-rewriting init (PiSSA and the like, unconverted): its factors
+    are not its ΔW, so a bank would hold another adapter (as merge and the exporters refuse it)."""
+    for m in members:
+        why = base_init_problem(Adapter(name=m.source.name, source=m.adapter_source))
+        if why is not None:
+            raise ConversionError(f"{why}; a bank would hold scale·B·A, which is not its ΔW")
 
 
 def _refuse_existing(out: str | os.PathLike[str], overwrite: bool) -> None:
@@ -139,6 +150,7 @@ def add_to_bank(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str
     with locked(path), open_bank(path) as bank:
         _check_finite(bank, path)
         members = expand_inputs(inputs, names)
+        _refuse_base_inits(members)
         first = bank.members[0]
         _, keys, left_out = plan_modules(members, partial, reference=_bank_keys(bank), base_model=first.base_model)
         left_out += [s for m in members for s in m.skipped]

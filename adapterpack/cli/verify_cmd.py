@@ -9,6 +9,7 @@ import click
 
 from adapterpack.cli import output as out
 from adapterpack.container.reader import ApackReader
+from adapterpack.errors import UnrecognizedInputError
 
 
 def verify_lines(r: dict[str, Any]) -> list[str]:
@@ -27,6 +28,8 @@ def verify_lines(r: dict[str, Any]) -> list[str]:
 @click.pass_context
 def verify(ctx: click.Context, file: Path, as_json: bool) -> None:
     """Check an .apack FILE end to end; exit status 0 when sound, 1 otherwise."""
+    if not file.exists():  # the error (and wording) every other command gives for a missing input, not an OSError
+        raise UnrecognizedInputError(f"{file}: no such file or folder")
     with ApackReader(file, verify=True) as reader:
         report = reader.verify().as_dict()
     if as_json:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from adapterpack.adapter import StoredTensor
 from adapterpack.errors import RecordError, UnknownEncodingError
 from adapterpack.plugins import ENCODINGS, Registry
 
@@ -40,6 +41,16 @@ class Encoding:
     def summary(self, module: Module) -> dict[str, Any]:
         """Facts for tables: at least ``rank``."""
         return {}
+
+
+def validate_unread(encoding: Encoding, module: Module) -> None:
+    """``encoding.validate(module)`` before ``to_factors`` reads it, unless every slot is a stored tensor: such a record
+    comes from a file reader, which validated it when it built it (as the torch path's ``decode_all(checked=True)``),
+    so file loads pay nothing again; an in-memory record (numpy slots) that is malformed is then an adapterpack error,
+    not a numpy traceback."""
+    slots = module.tensors.values()
+    if not slots or not all(isinstance(t, StoredTensor) for t in slots):
+        encoding.validate(module)
 
 
 #: How a record's 2-D ΔW maps onto the base weight (spec §6.1), shared by every low-rank encoding.

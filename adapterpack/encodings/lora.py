@@ -10,7 +10,7 @@ import numpy as np
 
 from adapterpack import dtypes
 from adapterpack.adapter import tensor_info
-from adapterpack.encodings.base import LAYOUTS, Encoding, check_slots, register_encoding
+from adapterpack.encodings.base import LAYOUTS, Encoding, check_slots, register_encoding, validate_unread
 from adapterpack.errors import RankError, RecordError
 from adapterpack.factors import Factors
 
@@ -106,6 +106,7 @@ class Lora(Encoding):
 
     def to_factors(self, module: Module) -> Factors:
         """A and B as 2-D matrices with the scale and layout (reads the tensors)."""
+        validate_unread(self, module)
         a = module.array("A")
         b = module.array("B")
         p = module.params

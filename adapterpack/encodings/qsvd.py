@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from adapterpack.adapter import Module, StoredTensor, TensorLike, tensor_info
-from adapterpack.encodings.base import Encoding, check_slots, layout_params, register_encoding
+from adapterpack.encodings.base import Encoding, check_slots, layout_params, register_encoding, validate_unread
 from adapterpack.errors import ConversionError, RankError, RecordError
 from adapterpack.factors import Factors
 from adapterpack.limits import MAX_FACTOR_ELEMENTS
@@ -437,7 +437,7 @@ class Qsvd(Encoding):
 
     def to_factors(self, module: Module) -> Factors:
         """B[:, j] = û_j·√S_j, A[j] = √S_j·v̂_j in float32, scale 1 (√S_j computed in binary64, rounded to binary32)."""
-        self.validate(module)
+        validate_unread(self, module)
         plan = record_plan(module)
         out, n, g = plan.out, plan.n, plan.group_size
         data = np.asarray(module.array("data"))

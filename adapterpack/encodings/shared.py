@@ -14,7 +14,7 @@ import numpy as np
 
 from adapterpack import dtypes
 from adapterpack.adapter import tensor_info
-from adapterpack.encodings.base import Encoding, check_slots, layout_params, register_encoding
+from adapterpack.encodings.base import Encoding, check_slots, layout_params, register_encoding, validate_unread
 from adapterpack.errors import RankError, RecordError
 from adapterpack.factors import Factors
 
@@ -67,6 +67,7 @@ class Shared(Encoding):
 
     def to_factors(self, module: Module) -> Factors:
         """B = U·S (float64, so the product is exact to binary64 rounding), A = Vᵀ, scale 1."""
+        validate_unread(self, module)
         u = module.array("U").astype(np.float64)
         v = module.array("V").astype(np.float64)
         s = module.array("S").astype(np.float64)

@@ -15,7 +15,7 @@ import numpy as np
 
 from adapterpack import dtypes
 from adapterpack.adapter import Module, StoredTensor, TensorLike, tensor_info
-from adapterpack.encodings.base import Encoding, check_slots, layout_params, register_encoding
+from adapterpack.encodings.base import Encoding, check_slots, layout_params, register_encoding, validate_unread
 from adapterpack.encodings.lora import FLOATS
 from adapterpack.errors import ConversionError, RankError, RecordError
 from adapterpack.factors import Factors
@@ -89,6 +89,7 @@ class Svd(Encoding):
         Splitting √S evenly keeps both factors of the same magnitude, which keeps them well
         within fp16/bf16 range when they are exported.
         """
+        validate_unread(self, module)
         s64 = singular_values(module)
         ut = np.asarray(module.array("Ut"))
         vt = np.asarray(module.array("Vt"))

@@ -41,6 +41,7 @@ import numpy as np
 from adapterpack import progress
 from adapterpack.adapter import Adapter, Module, decoded_bytes
 from adapterpack.errors import ConversionError
+from adapterpack.formats.source import base_init_problem
 from adapterpack.linalg import allocate
 from adapterpack.linalg.bitalloc import Choices, module_choices
 from adapterpack.ops.budget import apack_file_size, fit_to_file
@@ -316,6 +317,9 @@ def compress(
         pattern = re.compile(modules) if modules else None
     except re.error as e:
         raise ConversionError(f"modules: {modules!r} is not a regular expression ({e})") from None
+
+    if (why := base_init_problem(adapter)) is not None:  # as merge and the exporters refuse it
+        raise ConversionError(f"{why}; compressing would quantize scale·B·A, which is not its ΔW")
 
     notes: list[str] = []
     works: dict[str, _Work] = {}

@@ -28,6 +28,7 @@ from adapterpack.encodings.lower import lora_from_factors, main_dtype
 from adapterpack.encodings.svd import from_spectrum, s_dtype_for, singular_values
 from adapterpack.errors import ConversionError, OptionError
 from adapterpack.factors import Factors
+from adapterpack.formats.source import base_init_problem
 from adapterpack.formats.write import BASE_FORMATS, WriteOptions, check_write_options
 from adapterpack.linalg import allocate
 from adapterpack.linalg.finite import check_product
@@ -266,6 +267,8 @@ class _Work:
 def _prepare(adapter: Adapter, policy: RerankPolicy) -> tuple[str, list[ModulePlan], dict[str, _Work], list[str]]:
     """The rule, a plan per module (ranks not chosen yet), the selected modules' exact spectra, notes."""
     rule = policy.rule()
+    if (why := base_init_problem(adapter)) is not None:  # as merge and the exporters refuse it
+        raise ConversionError(f"{why}; re-ranking would cut scale·B·A, which is not its ΔW")
     pattern = re.compile(policy.modules) if policy.modules else None
     work: dict[str, _Work] = {}
     plans: list[ModulePlan] = []

@@ -18,6 +18,11 @@ is an :class:`~adapterpack.errors.ApplyError` and the model is left as it was; s
 one module (``x`` and ``base_model.model.x``) and, merged, a weight tied to another module (an LM head
 sharing the input embedding's weight: merging would change the embedding too; hooks patch the head only).
 
+A copy of an adapted layer's own weight saved beside its factors (PEFT's ``<module>.base_layer.weight``, written
+for embedding LoRAs) is that layer's W, as PEFT loads it into the base layer (and as merge takes it): merged,
+the weight becomes ``W_saved + scale·s·ΔW``; unmerged, the weight is set to ``W_saved`` (when it differs) and the
+hook adds the update. ``unapply`` puts the original weight tensor back either way.
+
 DoRA (``magnitude``) records are applied exactly, merged or not, for linear layers
 (``nn.Linear`` and GPT-2's ``Conv1D``): ``W' = m ⊙ (W + s·ΔW) / ‖W + s·ΔW‖`` (norm per output
 feature, as PEFT); unmerged, the row norms are computed from W, A and B without forming ΔW.
@@ -36,13 +41,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterpack.adapter import Adapter
+from adapterpack import dtypes
+from adapterpack.adapter import Adapter, as_array, tensor_info
 from adapterpack.errors import ApplyError, ConversionError
 from adapterpack.factors import Factors
-from adapterpack.torch.tensors import as_2d, check_factors, stored_shapes
+from adapterpack.torch.tensors import as_2d, check_factors, stored_shapes, tensor
 
 #: The prefix PEFT puts before base-model module names (``PeftModel.base_model.model``).
 PEFT_PREFIX = "base_model.model."
+#: PEFT's key for the weight of an adapted layer saved beside its factors (``save_embedding_layers``).
+BASE_LAYER = ".base_layer.weight"
 _STACK = "_adapterpack_applied"
 
 
@@ -84,7 +92,8 @@ class _Patch:
     module: nn.Module
     kind: str
     lora: Factors
-    original: torch.Tensor | None = None  # merged: the weight tensor as it was
+    original: torch.Tensor | None = None  # the weight tensor as it was (merged, or replaced by a saved base weight)
+    base: torch.Tensor | None = None  # the layer's W saved beside the factors (PEFT's base_layer.weight), if any
     hook: Any = None  # unmerged: the forward hook's handle
 
 
@@ -157,8 +166,9 @@ def _weight_owners(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def _plan(model: nn.Module, loras: dict[str, Factors], merge: bool) -> list[_Patch]:
-    """Resolve every module and check kinds and shapes; raises before anything is changed."""
+def _plan(model: nn.Module, loras: dict[str, Factors], merge: bool, bases: dict[str, torch.Tensor] | None = None) -> list[_Patch]:
+    """Resolve every module and check kinds and shapes (saved base weights' too: ``bases``, by module name); raises
+    before anything is changed."""
     named = dict(model.named_modules())
     missing = [n for n in loras if find_module(named, n) is None]
     if missing:
@@ -187,16 +197,23 @@ def _plan(model: nn.Module, loras: dict[str, Factors], merge: bool) -> list[_Pat
             raise ApplyError(f"module {name!r}: DoRA is supported on linear layers only, not on a {kind} layer")
         if kind == "conv" and getattr(mod, "groups", 1) != 1:
             raise ApplyError(f"module {name!r}: grouped convolutions (groups={mod.groups}) are not supported")
-        plan.append(_Patch(name, mod, kind, lt))
-    if merge:
-        owners = _weight_owners(model)
-        for p in plan:
-            holders = owners.get(id(p.module.weight), [])
-            if len(holders) > 1:  # tied weights (lm_head / embed_tokens): merging into one changes the others too
-                others = ", ".join(repr(h) for h in holders if named.get(h) is not p.module)
-                raise ApplyError(
-                    f"module {p.name!r}: its weight is tied to {others}; merging would change those too (use merge=False)"
-                )
+        saved = (bases or {}).get(name)
+        if saved is not None and tuple(saved.shape) != shape:
+            raise ApplyError(f"module {name!r}: its saved base weight is {list(saved.shape)}, the model's {list(shape)}")
+        plan.append(_Patch(name, mod, kind, lt, base=saved))
+    for p in plan:  # unmerged, a saved base weight equal to the model's needs no replacing
+        w = p.module.weight.data
+        if p.base is not None and not merge and torch.equal(p.base.to(w.device, w.dtype), w):
+            p.base = None
+    changed = [p for p in plan if merge or p.base is not None]  # patches whose weight itself changes
+    owners = _weight_owners(model) if changed else {}
+    for p in changed:
+        holders = owners.get(id(p.module.weight), [])
+        if len(holders) > 1:  # tied weights (lm_head / embed_tokens): merging into one changes the others too
+            others = ", ".join(repr(h) for h in holders if named.get(h) is not p.module)
+            how = "merging" if merge else "loading its saved base weight (PEFT's base_layer.weight)"
+            hint = " (use merge=False)" if merge and p.base is None else ""
+            raise ApplyError(f"module {p.name!r}: its weight is tied to {others}; {how} would change those too{hint}")
     return plan
 
 
@@ -220,7 +237,7 @@ def _dora_rows(w: torch.Tensor, fifo: bool) -> torch.Tensor:
 def _merged_weight(p: _Patch, scale: float) -> torch.Tensor:
     w = p.module.weight.data
     work = _work(w)
-    new = w.to(work) + _delta(p.lora, w, scale)
+    new = (w.to(work) if p.base is None else p.base.to(w.device, work)) + _delta(p.lora, w, scale)
     if p.lora.magnitude is not None:
         rows = _dora_rows(new, p.kind == "fifo")
         factor = p.lora.magnitude.to(w.device, work) / torch.linalg.norm(rows, dim=1)
@@ -297,22 +314,25 @@ def _hook(p: _Patch, scale: float) -> Callable[..., torch.Tensor]:
     return dora
 
 
-def _refuse_full_tensors(source: object, adapter: str | None) -> None:
-    """apply() patches LoRA modules only: an adapter that also replaces whole tensors (PEFT
-    ``modules_to_save``) would be applied half, so it is refused (opening reads the index only); so is an
-    activated LoRA (aLoRA), which a patched weight or a forward hook would apply to every token, and an adapter
-    saved with a base-rewriting init (PiSSA and the like), whose ΔW is not scale·B·A."""
+def _base_weights(source: object, adapter: str | None) -> dict[str, torch.Tensor]:
+    """The saved base weights of ``source``'s modules (PEFT's ``<module>.base_layer.weight``), by module name, read
+    into CPU tensors. apply() patches LoRA modules only: an adapter that also replaces other whole tensors (PEFT
+    ``modules_to_save``) would be applied half, so it is refused (opening reads the index only); so is an activated
+    LoRA (aLoRA), which a patched weight or a forward hook would apply to every token, and an adapter saved with a
+    base-rewriting init (PiSSA and the like), whose ΔW is not scale·B·A."""
     if isinstance(source, dict):
-        return
+        return {}
     from adapterpack.formats.source import adapter_alora_tokens, base_init_problem
 
     if isinstance(source, Adapter):
-        tensors, alora, init = list(source.tensors), adapter_alora_tokens(source), base_init_problem(source)
-    else:
-        from adapterpack.formats import read_any
+        return _checked_tensors(source, adapter_alora_tokens(source), base_init_problem(source))
+    from adapterpack.formats import read_any
 
-        with read_any(source, adapter=adapter) as ad:  # type: ignore[arg-type]
-            tensors, alora, init = list(ad.tensors), adapter_alora_tokens(ad), base_init_problem(ad)
+    with read_any(source, adapter=adapter) as ad:  # type: ignore[arg-type]
+        return _checked_tensors(ad, adapter_alora_tokens(ad), base_init_problem(ad))
+
+
+def _checked_tensors(ad: Adapter, alora: list[int] | None, init: str | None) -> dict[str, torch.Tensor]:
     if init is not None:
         raise ApplyError(f"{init}; apply() would add scale·B·A to the original weights instead")
     if alora is not None:
@@ -320,11 +340,24 @@ def _refuse_full_tensors(source: object, adapter: str | None) -> None:
             "the adapter is an activated LoRA (aLoRA: it applies only from its invocation tokens on); apply() has no "
             "notion of tokens and would apply it to every token"
         )
+    own: dict[str, str] = {}
+    for key in ad.tensors:
+        name = key.removeprefix(PEFT_PREFIX)
+        if name.endswith(BASE_LAYER) and name[: -len(BASE_LAYER)] in ad.modules:
+            own[name[: -len(BASE_LAYER)]] = key
+    tensors = [k for k in ad.tensors if k not in own.values()]
     if tensors:
         raise ApplyError(
             f"adapter holds {len(tensors)} full tensors besides LoRA factors (modules_to_save: {', '.join(tensors[:3])}); "
             "apply() patches LoRA modules only"
         )
+    out = {}
+    for module, key in own.items():
+        dt = tensor_info(ad.tensors[key])[0]
+        if not dtypes.by_name(dt).is_float:
+            raise ApplyError(f"module {module!r}: its saved base weight {key!r} is {dt}, not a float weight")
+        out[module] = tensor(as_array(ad.tensors[key])).clone()  # a copy: the file may be closed (and unmapped) next
+    return out
 
 
 def apply(
@@ -347,7 +380,7 @@ def apply(
         raise ApplyError(f"scale must be a number, got {scale!r:.100}") from None
     if not math.isfinite(scale):  # every patched weight would become NaN / inf
         raise ApplyError(f"scale must be finite, got {scale}")
-    _refuse_full_tensors(path_or_adapter, adapter)
+    bases = _base_weights(path_or_adapter, adapter)
     first = next((p for p in model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
     kw: dict[str, Any] = {} if isinstance(path_or_adapter, (Adapter, dict)) else {"adapter": adapter, "verify": verify}
@@ -358,7 +391,7 @@ def apply(
     loras = _load(path_or_adapter, device, **kw)
     if not loras:
         raise ApplyError("the adapter has no modules to apply")
-    plan = _plan(model, loras, merge)
+    plan = _plan(model, loras, merge, bases)
     applied = Applied(model=model, merged=merge, scale=float(scale))
     try:
         if merge:
@@ -368,13 +401,23 @@ def apply(
                 p.module.weight.data = w
                 applied.patches.append(p)
         else:
+            # a saved base weight that differs from the model's replaces it first (PEFT loads it into the base layer)
+            saved = [p.base.to(p.module.weight.device, p.module.weight.dtype) if p.base is not None else None for p in plan]
+            for p, w in zip(plan, saved, strict=True):
+                if w is not None:
+                    p.original = p.module.weight.data
+                    p.module.weight.data = w
+                    applied.patches.append(p)
             hooks = [_hook(p, scale) for p in plan]
             for p, h in zip(plan, hooks, strict=True):
                 p.hook = p.module.register_forward_hook(h)
-                applied.patches.append(p)
+                if p.original is None:
+                    applied.patches.append(p)
     except BaseException:
         _undo(applied.patches)
         raise
+    for p in plan:
+        p.base = None  # in the weight now (its copy, or the merged sum): not kept for the life of the Applied
     for p in applied.patches:  # per patched module: an apply to a submodule and one to the whole model share it
         stack = getattr(p.module, _STACK, None)
         if stack is None:
