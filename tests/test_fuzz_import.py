@@ -1,0 +1,32 @@
+"""The importers' fuzzer (tools/fuzz_import.py), a short seeded run: every edited PEFT folder and kohya file is either
+read, saved and converted, or refused with an adapterpack error; nothing else escapes (a numpy, json or safetensors
+traceback fails this test)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tools import fuzz_import
+
+
+@pytest.mark.parametrize("kind", ["peft", "kohya"])
+def test_edited_inputs_are_read_or_refused_with_an_adapterpack_error(tmp_path: Path, kind: str) -> None:
+    seed = fuzz_import.seeds(tmp_path)[kind]
+    rnd = random.Random(20261207)
+    outcomes: dict[str, int] = {}
+    for i in range(120):
+        target = tmp_path / (f"case{i}" if kind == "peft" else f"case{i}.safetensors")
+        out = tmp_path / f"out{i}"
+        out.mkdir()
+        fuzz_import.mutate(kind, seed, target, rnd)
+        outcome = fuzz_import.exercise(target, out)  # raises whatever is not an AdapterpackError
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        shutil.rmtree(out)
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    # the run reaches both ends: inputs that load and convert, and several kinds of refusal
+    assert outcomes.get("ok", 0) >= 5, outcomes
+    assert len(set(outcomes) - {"ok"}) >= 2, outcomes
