@@ -1,4 +1,4 @@
-"""The importers' fuzzer (tools/fuzz_import.py), a short seeded run: every edited PEFT folder and kohya file is either
+"""The importers' fuzzer (tools/fuzz_import.py), a short seeded run: every edited PEFT folder, kohya and GGUF file is either
 read, saved and converted, or refused with an adapterpack error; nothing else escapes (a numpy, json or safetensors
 traceback fails this test)."""
 
@@ -13,13 +13,13 @@ import pytest
 from tools import fuzz_import
 
 
-@pytest.mark.parametrize("kind", ["peft", "kohya"])
+@pytest.mark.parametrize("kind", ["peft", "kohya", "gguf"])
 def test_edited_inputs_are_read_or_refused_with_an_adapterpack_error(tmp_path: Path, kind: str) -> None:
     seed = fuzz_import.seeds(tmp_path)[kind]
     rnd = random.Random(20261207)
     outcomes: dict[str, int] = {}
     for i in range(120):
-        target = tmp_path / (f"case{i}" if kind == "peft" else f"case{i}.safetensors")
+        target = tmp_path / {"peft": f"case{i}", "kohya": f"case{i}.safetensors", "gguf": f"case{i}.gguf"}[kind]
         out = tmp_path / f"out{i}"
         out.mkdir()
         fuzz_import.mutate(kind, seed, target, rnd)

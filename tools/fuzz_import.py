@@ -1,14 +1,16 @@
-"""Fuzz the importers: PEFT folders and kohya files, damaged or edited, through open, ΔW, save and convert.
+"""Fuzz the importers: PEFT folders, kohya and llama.cpp GGUF files, damaged or edited, through open, ΔW, save and convert.
 
-Any exception other than :class:`adapterpack.errors.AdapterpackError` is a crash (a numpy, json, struct or
-safetensors traceback escaping adapterpack). The seeds are two modules of the bundled real adapter, as a PEFT
-folder and as the kohya file ``adapterpack convert`` writes from it. Each input gets one to three edits:
+Any exception other than :class:`adapterpack.errors.AdapterpackError` is a crash (a numpy, json, struct,
+safetensors or gguf traceback escaping adapterpack). The seeds are two modules of the bundled real adapter, as a
+PEFT folder and as the kohya and GGUF files ``adapterpack convert`` writes from it (the GGUF with a ``config.json``
+giving SmolLM2-135M's head counts, passed as ``base`` when it is read). Each input gets one to three edits:
 
 - PEFT ``adapter_config.json``: a known key set to a random JSON value (NaN, huge and negative numbers,
   nested containers, wrong types) or removed;
 - tensors (both formats): renamed, dropped, duplicated under another name, reshaped, cast to another dtype
   (integers, bool, float64, float16), filled with NaN/inf, or an extra DoRA / embedding / bias / alpha tensor;
-- the safetensors file itself: truncated, or a byte of its header or data flipped.
+- the safetensors file itself: truncated, or a byte of its header or data flipped;
+- GGUF (byte edits only): truncated, bytes of its header, metadata and tensor table overwritten or inserted.
 
 Each input is opened, every tensor and every small ΔW computed, then saved as ``.apack`` and converted to PEFT
 and kohya. Crashing inputs are written to ``--crash-dir``. Run from the repository root::
@@ -57,7 +59,19 @@ def seeds(work: Path) -> dict[str, Path]:
     shutil.copy(EXAMPLE / "adapter_config.json", peft / "adapter_config.json")
     kohya = work / "seed-kohya.safetensors"
     convert(peft, kohya, to="kohya", force=True)
-    return {"peft": peft, "kohya": kohya}
+    gguf = work / "seed.gguf"
+    convert(peft, gguf, to="gguf", force=True, base=base_config(work))
+    return {"peft": peft, "kohya": kohya, "gguf": gguf}
+
+
+def base_config(work: Path) -> Path:
+    """The base model's ``config.json`` as far as GGUF export and import need it (SmolLM2-135M's head counts)."""
+    path = work / "config.json"
+    if not path.exists():
+        cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 576, "num_attention_heads": 9,
+               "num_key_value_heads": 3}
+        path.write_text(json.dumps(cfg))
+    return path
 
 
 def random_value(rnd: random.Random, depth: int = 0) -> Any:
@@ -141,8 +155,29 @@ def damage_file(path: Path, rnd: random.Random) -> None:
     path.write_bytes(bytes(raw))
 
 
+def damage_gguf(path: Path, rnd: random.Random) -> None:
+    """Truncated, or bytes overwritten or inserted, mostly in the first 2,000 bytes (header, metadata, tensor table)."""
+    raw = bytearray(path.read_bytes())
+    r = rnd.random()
+    if r < 0.2:
+        del raw[rnd.randrange(len(raw)) :]
+        path.write_bytes(bytes(raw))
+        return
+    at = rnd.randrange(min(len(raw), 2000)) if rnd.random() < 0.8 else rnd.randrange(len(raw))
+    if r < 0.9:
+        raw[at] = rnd.randrange(256)
+    else:
+        raw[at:at] = bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 9)))
+    path.write_bytes(bytes(raw))
+
+
 def mutate(kind: str, seed: Path, dst: Path, rnd: random.Random) -> Path:
     """A copy of ``seed`` at ``dst`` with one to three edits."""
+    if kind == "gguf":
+        shutil.copy(seed, dst)
+        for _ in range(rnd.randrange(1, 4)):
+            damage_gguf(dst, rnd)
+        return dst
     if kind == "peft":
         shutil.copytree(seed, dst)
         weights = dst / "adapter_model.safetensors"
@@ -166,7 +201,7 @@ def mutate(kind: str, seed: Path, dst: Path, rnd: random.Random) -> Path:
 def exercise(path: Path, out: Path) -> str:
     """Open, every tensor and small ΔW, save as .apack, convert to PEFT and kohya; "ok" or the error class."""
     try:
-        ad = adapterpack.open(path)
+        ad = adapterpack.open(path, base=base_config(path.parent) if path.suffix == ".gguf" else None)
         for m in ad:
             for slot in m.tensors:
                 m.array(slot)
@@ -176,7 +211,7 @@ def exercise(path: Path, out: Path) -> str:
         adapterpack.save(ad, out / "x.apack")
         for to in ("peft", "kohya"):
             dst = out / ("peft-out" if to == "peft" else "kohya-out.safetensors")
-            convert(path, dst, to=to, force=True)
+            convert(path, dst, to=to, force=True, base=base_config(path.parent) if path.suffix == ".gguf" else None)
         return "ok"
     except AdapterpackError as e:
         return type(e).__name__
@@ -201,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 for p in (case, out):
                     shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
                 out.mkdir()
-                target = case if kind == "peft" else case.with_suffix(".safetensors")
+                target = case if kind == "peft" else case.with_suffix(".gguf" if kind == "gguf" else ".safetensors")
                 target.unlink(missing_ok=True)
                 mutate(kind, seed, target, rnd)
                 try:
