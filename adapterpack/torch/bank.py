@@ -9,6 +9,11 @@ computed as three batched products: H = X·V (one GEMM for the whole batch, shar
 adapter; an embedding module gathers V's rows of its ids instead), Z_b = H_b·S_{a(b)}ᵀ (a batched
 R×R product on the rows' gathered S; a diagonal bank multiplies by σ instead), and Z·Uᵀ (one GEMM).
 Only the R×R step depends on the adapter, so a batch mixing 64 adapters costs about what one costs.
+
+Bases that are far from orthonormal (a diagonal bank fitted at a high rank holds nearly collinear columns, condition
+numbers of 1e8, with large σ of both signs) would lose ΔW to cancellation in any float dtype: such a module's bases
+are re-factored at load, in float64, U = Q_U·R_U and V = Q_V·R_V, and the device holds Q_U, Q_V and each adapter's
+S' = R_U·S·R_Vᵀ (a full matrix; ΔW = Q_U·S'·Q_Vᵀ is the same ΔW).
 """
 
 from __future__ import annotations
@@ -17,11 +22,30 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from adapterpack.container.reader import ApackReader
 from adapterpack.errors import BankError
 from adapterpack.torch.tensors import tensor, torch_device
+
+#: Bases whose condition numbers multiply to more than this are re-factored at load (see the module docstring);
+#: orthonormal bases (a full-form bank's) have 1.
+REFACTOR_COND = 16.0
+
+
+def _refactored(u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """(Q_U, R_U, Q_V, R_V) in float64 for bases ``u`` [out, R], ``v`` [in, R] too ill-conditioned to use as they are,
+    else None (well-conditioned, empty, or not finite: a bank's values are checked elsewhere)."""
+    u64, v64 = np.asarray(u, np.float64), np.asarray(v, np.float64)
+    if not u64.size or not v64.size or not (np.all(np.isfinite(u64)) and np.all(np.isfinite(v64))):
+        return None
+    su, sv = np.linalg.svd(u64, compute_uv=False), np.linalg.svd(v64, compute_uv=False)
+    if su[-1] * sv[-1] * REFACTOR_COND >= su[0] * sv[0]:
+        return None
+    qu, ru = np.linalg.qr(u64)
+    qv, rv = np.linalg.qr(v64)
+    return qu, ru, qv, rv
 
 
 class TorchBank:
@@ -41,6 +65,8 @@ class TorchBank:
         self.base_shape: dict[str, tuple[int, ...]] = {}
         self._transposed: dict[str, bool] = {}
         self._embedding: dict[str, bool] = {}
+        #: module -> (R_U, R_V) of its re-factored bases (float64), for modules whose S is mixed at load
+        self._mix: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         try:
             self._load()
         except BaseException:
@@ -66,9 +92,18 @@ class TorchBank:
                 ref = (t["U"], t["V"], p["form"], transposed)
                 if name not in refs:
                     refs[name] = ref
-                    self.U[name] = tensor(self._reader.read_blob(t["U"]), self.device, self.dtype)
-                    self.V[name] = tensor(self._reader.read_blob(t["V"]), self.device, self.dtype)
+                    u, v = self._reader.read_blob(t["U"]), self._reader.read_blob(t["V"])
                     self.form[name] = p["form"]
+                    qr = _refactored(u, v)
+                    if qr is not None:
+                        want = self.dtype or tensor(u[:0]).dtype  # the stored dtype unless one was asked for
+                        u, v = qr[0], qr[2]
+                        self._mix[name] = (qr[1], qr[3])
+                        self.form[name] = "full"
+                    else:
+                        want = self.dtype
+                    self.U[name] = tensor(u, self.device, want)
+                    self.V[name] = tensor(v, self.device, want)
                     self.base_shape[name] = tuple(m["base_shape"])
                     self._transposed[name] = transposed
                     self._embedding[name] = p.get("layout", "linear") == "embedding"
@@ -101,16 +136,24 @@ class TorchBank:
         self.active = list(names)
         self._S = {}
         for mod, U in self.U.items():
-            R = U.shape[1]
-            shape = (R, R) if self.form[mod] == "full" else (R,)
+            shape = (U.shape[1], self.V[mod].shape[1]) if self.form[mod] == "full" else (U.shape[1],)
             rows = []
             for n in names:
                 rec = self._records[n].get(mod)
                 if rec is None:
                     rows.append(torch.zeros(shape, dtype=U.dtype, device=self.device))
                 else:
-                    rows.append(tensor(self._reader.read_blob(rec["tensors"]["S"]), self.device, self.dtype).to(U.dtype))
+                    rows.append(self._s(mod, rec["tensors"]["S"]))
             self._S[mod] = torch.stack(rows) if rows else torch.zeros((0, *shape), dtype=U.dtype, device=self.device)
+
+    def _s(self, module: str, blob: int) -> torch.Tensor:
+        """An adapter's S of ``module`` (blob ``blob``) on the device in the bases' dtype; R_U·S·R_Vᵀ for re-factored bases."""
+        s = self._reader.read_blob(blob)
+        mix = self._mix.get(module)
+        if mix is not None:
+            s64 = np.asarray(s, np.float64)
+            s = mix[0] @ (np.diag(s64) if s64.ndim == 1 else s64) @ mix[1].T
+        return tensor(s, self.device, self.U[module].dtype)
 
     def _check(self, module: str, x: torch.Tensor, rows: torch.Tensor) -> None:
         """Refuse a request torch would fail on (or, on a GPU, end the process with a device-side assert on)."""
@@ -171,7 +214,7 @@ class TorchBank:
         if rec is None:
             raise BankError(f"{self.path}: adapter {name!r} has no module {module!r}")
         U, V = self.U[module], self.V[module]
-        S = tensor(self._reader.read_blob(rec["tensors"]["S"]), self.device, self.dtype).to(U.dtype)
+        S = self._s(module, rec["tensors"]["S"])
         d = (U * S[None, :] if S.dim() == 1 else U @ S) @ V.T
         return d.T.contiguous() if self._transposed[module] else d
 
