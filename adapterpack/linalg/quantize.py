@@ -128,10 +128,14 @@ def dequantize(codes: np.ndarray, scales: np.ndarray, bits: int, group_size: int
 
 
 def _codes_for(x: np.ndarray, d: np.ndarray, top: int) -> np.ndarray:
-    """Nearest grid codes of groups ``x`` [G, g] at scales ``d`` [G, ...] (0 where d == 0)."""
+    """Nearest grid codes of groups ``x`` [G, g] at scales ``d`` [G, ...] (a group whose scale is not positive gets the
+    codes of x = 0), as float64; one new array, the other steps in place (the scale search calls this per candidate)."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.where(d > 0, x / np.where(d > 0, d, 1.0), 0.0)
-    return np.clip(np.rint((t + top) / 2.0), 0, top)
+        t = x / np.where(d > 0, d, np.inf)  # x / inf = ±0: the codes of 0, as for d == 0
+    t += top
+    t *= 0.5
+    np.rint(t, out=t)
+    return np.clip(t, 0, top, out=t)
 
 
 def quantize(x: np.ndarray, bits: int, group_size: int, *, search: bool = True) -> Quantized:
@@ -153,7 +157,10 @@ def quantize_rows(x: np.ndarray, bits: int, group_size: int, *, search: bool = T
     pad = np.zeros((r, gcount * width))
     pad[:, :n] = x
     xs = pad.reshape(r * gcount, width)
-    mask = np.broadcast_to((np.arange(gcount * width) < n).reshape(gcount, width), (r, gcount, width)).reshape(r * gcount, width)
+    mask = None  # every value is a value: no padding to leave out of the errors
+    if gcount * width != n:
+        valid = (np.arange(gcount * width) < n).reshape(gcount, width)
+        mask = np.broadcast_to(valid, (r, gcount, width)).reshape(r * gcount, width)
     base = np.max(np.abs(xs), axis=1) / top  # round-to-nearest scale
     if search:
         groups = xs.shape[0]
@@ -177,16 +184,26 @@ def quantize_rows(x: np.ndarray, bits: int, group_size: int, *, search: bool = T
     return Quantized(pack_codes(codes, bits), scales, values)
 
 
-def _sse(xs: np.ndarray, mask: np.ndarray, d: np.ndarray, top: int) -> np.ndarray:
-    c = _codes_for(xs, d[:, None], top)
-    q = d[:, None] * (2 * c - top)
-    return np.sum(np.where(mask, (xs - q) ** 2, 0.0), axis=1)
+def _sse(xs: np.ndarray, mask: np.ndarray | None, d: np.ndarray, top: int) -> np.ndarray:
+    """Per group, the squared error of ``xs`` at scales ``d`` (``mask``: the values that are not padding; None: all)."""
+    e = _codes_for(xs, d[:, None], top)
+    e *= 2
+    e -= top
+    e *= d[:, None]  # the decoded values
+    np.subtract(xs, e, out=e)
+    e *= e
+    if mask is not None:
+        e[~mask] = 0.0
+    return np.sum(e, axis=1)
 
 
-def _ls_scales(xs: np.ndarray, mask: np.ndarray, d: np.ndarray, top: int) -> np.ndarray:
+def _ls_scales(xs: np.ndarray, mask: np.ndarray | None, d: np.ndarray, top: int) -> np.ndarray:
     """Per group, the scale minimising the squared error for the codes ``d`` gives: <x, L> / <L, L>."""
-    c = _codes_for(xs, d[:, None], top)
-    levels = np.where(mask, 2 * c - top, 0.0)
+    levels = _codes_for(xs, d[:, None], top)
+    levels *= 2
+    levels -= top
+    if mask is not None:
+        levels[~mask] = 0.0
     num, den = np.sum(xs * levels, axis=1), np.sum(levels * levels, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0).clip(min=0.0)
