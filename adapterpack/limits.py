@@ -53,8 +53,13 @@ MAX_DELTA_ELEMENTS = 1 << 31
 #: becomes when lowered to lora.
 MAX_FACTOR_ELEMENTS = 1 << 30
 #: Most random values one nola record's decode may generate (``k_A · rank · in + k_B · rank · out``), checked on
-#: open: per record, so a file's total grows with its record count (each record backed by its index bytes).
-MAX_NOLA_GENERATED = 1 << 32
+#: open. NOLA's largest published use (LLaMA-2 70B, rank 16, 512 bases, the 8192 x 28672 MLP weights) needs
+#: 3.0e8 per record; this leaves 3.5 times that (format 1.4 allowed 2^32).
+MAX_NOLA_GENERATED = 1 << 30
+#: Most random values decoding several nola records together may generate (bases shared by records counted once),
+#: checked before generating: that 70B use on all seven linear weights of its 80 layers, each with its own
+#: basis, needs 1.06e11; this leaves 2.6 times that.
+MAX_NOLA_GENERATED_TOTAL = 1 << 38
 
 # --- other people's files: checked before anything per tensor is built ---------------------------
 

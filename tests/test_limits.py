@@ -86,7 +86,7 @@ def bounded(path: Path, action: str = "m.delta()", timeout: float = 60) -> tuple
 def test_nola_size_bomb_is_refused_before_allocating(tmp_path: Path, base_shape: list[int], action: str, words: str) -> None:
     """One rank-1 nola record edited onto a huge weight: the issue's [2^29-1]² file passed every check and delta()
     raised numpy's MemoryError; now its ΔW is refused before anything is generated, and factors past 2^30 on open."""
-    path = edited(tmp_path, nola_module("q", 6, 10), base_shape)
+    path = edited(tmp_path, nola_module("q", 6, 10, k_a=1, k_b=1), base_shape)  # one basis each: within the generator limit
     assert path.stat().st_size < 6000
     outcome, _seconds, growth = bounded(path, action)
     assert outcome.startswith(words.format(path=path)), outcome
@@ -99,7 +99,7 @@ def test_nola_generator_work_is_refused_on_open(tmp_path: Path) -> None:
     assert path.stat().st_size < 1 << 16
     outcome, _seconds, _ = bounded(path)
     assert outcome.startswith(f"RecordError {path}: module 'q': k_A 1048576, k_B 4 at rank 16"), outcome
-    assert f"need {16 * ((1 << 20) + 4) * 4096} random values, over the limit of {1 << 32}" in outcome
+    assert f"need {16 * ((1 << 20) + 4) * 4096} random values, over the limit of {limits.MAX_NOLA_GENERATED}" in outcome
 
 
 def test_rank_zero_record_lowered_to_lora_is_refused(tmp_path: Path) -> None:
@@ -136,21 +136,23 @@ def test_nola_factor_limit_is_exact() -> None:
 
 
 def test_nola_generator_limit_is_exact() -> None:
-    """rank · (k_A · in + k_B · out) == 2^32 is accepted, one more coefficient is refused."""
+    """rank · (k_A · in + k_B · out) == 2^30 is accepted, one more coefficient is refused."""
+    assert limits.MAX_NOLA_GENERATED == 1 << 30
     enc = adapterpack.encodings.get_encoding("nola")
-    enc.validate(nola_module("edge", 4096, 4096, r=8, k_a=1 << 16, k_b=1 << 16))
-    with pytest.raises(errors.RecordError, match=rf"module 'over': .* need {(1 << 32) + 8 * 4096} random values"):
-        enc.validate(nola_module("over", 4096, 4096, r=8, k_a=1 << 16, k_b=(1 << 16) + 1))
+    enc.validate(nola_module("edge", 4096, 4096, r=8, k_a=1 << 14, k_b=1 << 14))
+    with pytest.raises(errors.RecordError, match=rf"module 'over': .* need {(1 << 30) + 8 * 4096} random values"):
+        enc.validate(nola_module("over", 4096, 4096, r=8, k_a=1 << 14, k_b=(1 << 14) + 1))
 
 
 @pytest.mark.parametrize(
     ("out", "inp", "r", "k"),
-    [(4096, 4096, 8, 4096), (28672, 8192, 8, 4096), (128256, 16384, 2048, 1)],
-    ids=["4096-square-k4096", "70b-mlp-k4096", "rank-2048-embedding"],
+    [(4096, 4096, 8, 4096), (28672, 8192, 16, 512), (28672, 8192, 16, 1536), (128256, 16384, 2048, 1)],
+    ids=["4096-square-k4096", "70b-mlp-nola-recipe", "70b-mlp-3x-bases", "rank-2048-embedding"],
 )
 def test_real_nola_sizes_are_within_the_limits(out: int, inp: int, r: int, k: int) -> None:
-    """Honest large adapters open: NOLA's k=4096 at rank 8 (2^28 and 1.2e9 generated values), and rank 2048 on a
-    128256x16384 embedding (3.0e8 factor elements, valid under the 1.1 spec's 2^30)."""
+    """Honest large adapters open: k=4096 at rank 8 on a 4096² weight (2^28 generated values), NOLA's LLaMA-2 70B recipe
+    (rank 16, 512 bases: 3.0e8 on its MLP weights) and three times its bases, and rank 2048 on a 128256x16384
+    embedding (3.0e8 factor elements, valid under the 1.1 spec's 2^30)."""
     adapterpack.encodings.get_encoding("nola").validate(nola_module("m", out, inp, r=r, k_a=k, k_b=k))
 
 

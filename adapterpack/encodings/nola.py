@@ -22,9 +22,9 @@ from adapterpack import dtypes
 from adapterpack.adapter import tensor_info
 from adapterpack.encodings.base import Encoding, register_encoding
 from adapterpack.encodings.lora import _bool, _finite_number
-from adapterpack.errors import GeneratorError, RankError, RecordError
+from adapterpack.errors import GeneratorError, RankError, RecordError, SizeLimitError
 from adapterpack.factors import Factors
-from adapterpack.limits import MAX_FACTOR_ELEMENTS, MAX_NOLA_GENERATED
+from adapterpack.limits import MAX_FACTOR_ELEMENTS, MAX_NOLA_GENERATED, MAX_NOLA_GENERATED_TOTAL
 from adapterpack.rng.basis import (
     DEFAULT_BUDGET,
     GENERATOR_ID,
@@ -183,39 +183,101 @@ def _fixed(module: Module, s: NolaShape, slot: str, work: type) -> np.ndarray | 
     return (u.astype(np.float64) / math.sqrt(cols)).astype(work)
 
 
+@dataclass(frozen=True)
+class Batch:
+    """Records' α (or β) slots decoded together: one basis (seed, stream, kind, ``n`` elements per matrix),
+    bases ``0..k-1`` generated once for ``members`` (``(module name, slot, k)``; ``k`` the largest)."""
+
+    seed: int
+    stream: int
+    kind: int
+    n: int
+    k: int
+    members: tuple[tuple[str, str, int], ...]
+
+
+#: Bytes per stacked coefficient of a batch: the float64 stack and its float32 working copy.
+_STACK_BYTES = 12
+
+
+def plan(shapes: dict[str, NolaShape], budget: int = DEFAULT_BUDGET) -> list[Batch]:
+    """How :func:`decode_many` decodes records of these shapes: slots sharing a basis in batches whose stacked
+    coefficients ``[members, k]`` stay within ``budget`` bytes (a single slot may exceed it: its blob backs it).
+
+    Members are taken largest k first, so a batch generates few bases its smaller members do not use.
+    """
+    groups: dict[tuple[int, int, int, int], list[tuple[str, str, int]]] = {}
+    for name, s in shapes.items():
+        groups.setdefault((s.seed, s.stream, KIND_A, s.rank * s.inp), []).append((name, "alpha", s.k_A))
+        groups.setdefault((s.seed, s.stream, KIND_B, s.rank * s.out), []).append((name, "beta", s.k_B))
+    out = []
+    for (seed, stream, kind, n), members in groups.items():
+        members.sort(key=lambda m: -m[2])
+        i = 0
+        while i < len(members):
+            k = members[i][2]
+            rows = max(1, budget // max(1, _STACK_BYTES * k))
+            out.append(Batch(seed, stream, kind, n, k, tuple(members[i : i + rows])))
+            i += rows
+    return out
+
+
+def generated_values(shapes: dict[str, NolaShape], batches: list[Batch]) -> int:
+    """Random values decoding ``batches`` generates: ``k · n`` per batch, plus every generated A0 and B0."""
+    fixed = sum(s.rank * s.inp * (s.A0 == "generated") + s.out * s.rank * (s.B0 == "generated") for s in shapes.values())
+    return sum(b.k * b.n for b in batches) + fixed
+
+
+def check_total(shapes: dict[str, NolaShape], batches: list[Batch], limit: int | None = None) -> None:
+    """Refuse (SizeLimitError) decoding records together whose generator work exceeds ``limit``
+    (:data:`MAX_NOLA_GENERATED_TOTAL`): each record is within its own limit, but a file may hold many."""
+    limit = MAX_NOLA_GENERATED_TOTAL if limit is None else limit
+    total = generated_values(shapes, batches)
+    if total > limit:
+        worst = max(shapes, key=lambda n: generated_values({n: shapes[n]}, plan({n: shapes[n]})))
+        one = generated_values({worst: shapes[worst]}, plan({worst: shapes[worst]}))
+        raise SizeLimitError(
+            f"decoding {len(shapes)} nola records together would generate {total} random values, over the limit of "
+            f"{limit} (the most of one record: module {worst!r}, {one}); decode fewer records at a time"
+        )
+
+
 def decode_many(modules: Iterable[Module], budget: int = DEFAULT_BUDGET) -> dict[str, Factors]:
     """Factors of several nola records; those sharing a basis (same seed, stream, kind and matrix
     size) are decoded together: each chunk of bases is generated once and multiplied by the
-    stacked coefficients of every sharing record (``[M, k] @ [k, n]``)."""
-    mods = list(modules)
-    shapes = {m.name: nola_shape(m) for m in mods}
-    groups: dict[tuple[int, int, int, int], list[tuple[Module, str]]] = {}
-    for m in mods:
-        s = shapes[m.name]
-        groups.setdefault((s.seed, s.stream, KIND_A, s.rank * s.inp), []).append((m, "alpha"))
-        groups.setdefault((s.seed, s.stream, KIND_B, s.rank * s.out), []).append((m, "beta"))
+    stacked coefficients of every sharing record (``[M, k] @ [k, n]``).
+
+    Coefficients are decoded one batch at a time (:func:`plan`) and dropped after it, so memory is
+    about ``budget`` for the generator, ``budget`` for a batch's coefficients and the factors returned.
+    Refuses (SizeLimitError) records whose total generator work is over :data:`MAX_NOLA_GENERATED_TOTAL`.
+    """
+    mods = {m.name: m for m in modules}
+    shapes = {name: nola_shape(m) for name, m in mods.items()}
+    batches = plan(shapes, budget)
+    check_total(shapes, batches)
     summed: dict[tuple[str, str], np.ndarray] = {}
-    for (seed, stream, kind, n), members in groups.items():
-        coefs = [coefficients(m, slot) for m, slot in members]
+    for b in batches:
+        coefs = [coefficients(mods[name], slot) for name, slot, _k in b.members]
         wide = any(c.dtype == np.float64 for c in coefs)
-        kmax = max(c.shape[0] for c in coefs)
-        stack = np.zeros((len(coefs), kmax), np.float64)
+        stack = np.zeros((len(coefs), b.k), np.float64)
         for row, c in enumerate(coefs):
             if c.shape[0]:
                 stack[row, : c.shape[0]] = c.astype(np.float64) / math.sqrt(c.shape[0])
-        res = combine(seed, stream, kind, stack if wide else stack.astype(np.float32), n, budget)
-        for row, (m, slot) in enumerate(members):
-            summed[(m.name, slot)] = res[row]
+        del coefs
+        res = combine(b.seed, b.stream, b.kind, stack if wide else stack.astype(np.float32), b.n, budget)
+        del stack
+        for row, (name, slot, _k) in enumerate(b.members):
+            summed[(name, slot)] = res[row]
     out: dict[str, Factors] = {}
-    for m in mods:
-        s = shapes[m.name]
-        a = summed[(m.name, "alpha")].reshape(s.rank, s.inp)
-        b = summed[(m.name, "beta")].reshape(s.out, s.rank)
+    for name, m in mods.items():
+        s = shapes[name]
+        a = summed.pop((name, "alpha")).reshape(s.rank, s.inp)
+        b = summed.pop((name, "beta")).reshape(s.out, s.rank)
         for slot, mat in (("A0", a), ("B0", b)):
             fixed = _fixed(m, s, slot, mat.dtype.type)
             if fixed is not None:
                 mat += fixed
-        out[m.name] = Factors(A=a, B=b, scale=s.scale, base_shape=tuple(m.base_shape), transpose=s.transpose)
+        out[name] = Factors(A=a, B=b, scale=s.scale, base_shape=tuple(m.base_shape), transpose=s.transpose)
     return out
 
 

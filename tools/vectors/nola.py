@@ -99,8 +99,16 @@ def _set_param(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
+def _set_base_shape(shape: list[int]) -> Callable[[dict[str, Any]], None]:
+    def edit(index: dict[str, Any]) -> None:
+        index["adapters"][0]["modules"][0]["base_shape"] = shape
+
+    return edit
+
+
 def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
-    """nola_raw and four refusals (unknown generator, unknown version, count mismatch, rank too large)."""
+    """nola_raw and five refusals (unknown generator, unknown version, count mismatch, rank too large, too many
+    generated values)."""
     readable(
         "nola_raw",
         "nola records: shared basis, generated/zero/stored A0 and B0, fp32/fp16/bf16/fp64 coefficients, fan_in_fan_out, "
@@ -118,3 +126,12 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
         ("nola_rank_too_large", "a nola record of rank 2^20 on a small weight", "RankError", "rank", 1 << 20),
     ):
         refused(name, what, [adapter()], error, lambda p, k=key, v=val: _craft(p, _set_param(k, v), minor=1))
+    # rank 2, k_A 5, k_B 7 on a 2^26 x 2^26 weight: 2 · 12 · 2^26 = 1.6e9 generated values, over 2^30 (within the 2^32 of
+    # format 1.4) while the factors, 2^28 elements, are within theirs
+    refused(
+        "nola_generated_over_limit",
+        "a nola record whose decode would generate 1.6e9 random values (rank 2, k_A 5, k_B 7 on a 2^26 x 2^26 weight)",
+        [adapter()],
+        "RecordError",
+        lambda p: _craft(p, _set_base_shape([1 << 26, 1 << 26]), minor=1),
+    )

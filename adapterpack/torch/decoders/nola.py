@@ -11,13 +11,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 
-from adapterpack.adapter import Module
-from adapterpack.encodings.nola import NolaShape, nola_shape
+from adapterpack.adapter import Module, as_array
+from adapterpack.encodings.nola import NolaShape, check_total, nola_shape, plan
 from adapterpack.errors import RecordError
 from adapterpack.factors import Factors
-from adapterpack.rng.basis import DEFAULT_BUDGET, KIND_A, KIND_A0, KIND_B, KIND_B0
+from adapterpack.rng.basis import DEFAULT_BUDGET, KIND_A0, KIND_B0
 from adapterpack.torch import rng as torch_rng
 from adapterpack.torch.decoders.base import register_torch_decoder, slot
 
@@ -43,12 +44,26 @@ def combine(seed: int, stream: int, kind: int, coef: torch.Tensor, n: int, budge
     return out
 
 
-def _coefficients(module: Module, name: str, device: torch.device) -> torch.Tensor:
-    c = slot(module, name, device, None)
-    if not bool(torch.isfinite(c.to(torch.float64)).all()):
-        bad = int((~torch.isfinite(c.to(torch.float64))).sum())
-        raise RecordError(f"module {module.name!r}: {bad} of {c.numel()} {name} coefficients are not finite")
-    return c
+_CHECK = 1 << 16
+
+
+def _coefficients(module: Module, name: str, device: torch.device, into: torch.Tensor) -> torch.dtype:
+    """Slot ``name`` (α or β) copied into the float64 row ``into`` (a clear error for NaN / inf); its stored dtype."""
+    t = module.tensors[name]
+    if into.device.type == "cpu" and not isinstance(t, torch.Tensor):
+        arr = as_array(t)  # straight into the row: no torch copy of the blob per reference to it
+        np.copyto(into.numpy(), arr, casting="unsafe")  # every spec float dtype widens to float64 exactly
+        dt = torch.float64 if arr.dtype == np.float64 else torch.float32
+    else:
+        c = slot(module, name, device, None)
+        into.copy_(c)
+        dt = c.dtype
+    # checked a piece at a time: one bool tensor of the slot's size per record fragments the heap (resident memory grew
+    # by about its size per record decoded)
+    if not all(bool(torch.isfinite(into[i : i + _CHECK]).all()) for i in range(0, into.numel(), _CHECK)):
+        bad = int((~torch.isfinite(into)).sum())
+        raise RecordError(f"module {module.name!r}: {bad} of {into.numel()} {name} coefficients are not finite")
+    return dt
 
 
 def _fixed(module: Module, s: NolaShape, which: str, device: torch.device, work: torch.dtype) -> torch.Tensor | None:
@@ -67,45 +82,59 @@ def decode_many(
 ) -> dict[str, Factors]:
     """:class:`Factors` of nola records on ``device``; shared bases generated once per chunk.
 
-    Sums in float32 (float64 when a record's coefficients are float64; a group sharing a basis sums
+    Sums in float32 (float64 when a record's coefficients are float64; a batch sharing a basis sums
     in float64 if any member needs it, and each record gets its own dtype back), then casts to
-    ``dtype`` when given. Memory: about ``budget`` bytes of generated values plus the factors themselves.
+    ``dtype`` when given. Coefficients are decoded one batch at a time (:func:`adapterpack.encodings.nola.plan`)
+    and dropped after it: memory is about ``budget`` bytes of generated values, ``budget`` of a batch's
+    coefficients, and the factors themselves. Refuses (SizeLimitError) records whose total generator
+    work is over ``MAX_NOLA_GENERATED_TOTAL``, before generating anything.
     """
     dev = torch.device(device)
-    mods = list(modules)
-    shapes = {m.name: nola_shape(m) for m in mods}
-    coefs = {(m.name, s): _coefficients(m, s, dev) for m in mods for s in ("alpha", "beta")}
-    groups: dict[tuple[int, int, int, int], list[tuple[str, str]]] = {}
-    for m in mods:
-        s = shapes[m.name]
-        groups.setdefault((s.seed, s.stream, KIND_A, s.rank * s.inp), []).append((m.name, "alpha"))
-        groups.setdefault((s.seed, s.stream, KIND_B, s.rank * s.out), []).append((m.name, "beta"))
+    mods = {m.name: m for m in modules}
+    shapes = {name: nola_shape(m) for name, m in mods.items()}
+    batches = plan(shapes, budget)
+    check_total(shapes, batches)
     summed: dict[tuple[str, str], torch.Tensor] = {}
-    for (seed, stream, kind, n), members in groups.items():
-        cs = [coefs[key] for key in members]
-        work = torch.float64 if any(c.dtype == torch.float64 for c in cs) else torch.float32
-        kmax = max(int(c.shape[0]) for c in cs)
-        stack = torch.zeros((len(cs), kmax), dtype=torch.float64, device=dev)
-        for row, c in enumerate(cs):
-            if c.shape[0]:
-                stack[row, : c.shape[0]] = c.to(torch.float64) / math.sqrt(c.shape[0])
-        res = combine(seed, stream, kind, stack.to(work), n, budget)
-        for row, key in enumerate(members):
-            summed[key] = res[row]
+    own: dict[tuple[str, str], torch.dtype] = {}
+    # one float64 stack and one working copy for every batch: the process allocator keeps what it has, where
+    # buffers of varying sizes freed per batch leave the heap fragmented (resident memory grew with the batch count)
+    size = max((len(bt.members) * bt.k for bt in batches), default=0)
+    wide_buf = torch.empty(size, dtype=torch.float64, device=dev)
+    work_buf: dict[torch.dtype, torch.Tensor] = {}
+    for bt in batches:
+        stack = wide_buf[: len(bt.members) * bt.k].view(len(bt.members), bt.k).zero_()
+        work = torch.float32
+        for row, (name, which, k) in enumerate(bt.members):
+            stored = _coefficients(mods[name], which, dev, stack[row, :k])
+            own[(name, which)] = torch.float64 if stored == torch.float64 else torch.float32
+            if own[(name, which)] == torch.float64:
+                work = torch.float64
+            if k:
+                stack[row, :k].div_(math.sqrt(k))
+        if work == torch.float64:
+            coef = stack
+        else:
+            if work not in work_buf:
+                work_buf[work] = torch.empty(size, dtype=work, device=dev)
+            buf = work_buf[work]
+            coef = buf[: stack.numel()].view(stack.shape).copy_(stack)
+        res = combine(bt.seed, bt.stream, bt.kind, coef, bt.n, budget)
+        for row, (name, which, _k) in enumerate(bt.members):
+            summed[(name, which)] = res[row]
+    del wide_buf, work_buf
     out: dict[str, Factors] = {}
-    for m in mods:
-        s = shapes[m.name]
-        # a record sums in float64 only when its own coefficients are float64, whatever its group used
-        own = {k: torch.float64 if coefs[(m.name, k)].dtype == torch.float64 else torch.float32 for k in ("alpha", "beta")}
-        a = summed[(m.name, "alpha")].reshape(s.rank, s.inp).to(own["alpha"])
-        b = summed[(m.name, "beta")].reshape(s.out, s.rank).to(own["beta"])
+    for name, m in mods.items():
+        s = shapes[name]
+        # a record sums in float64 only when its own coefficients are float64, whatever its batch used
+        a = summed.pop((name, "alpha")).reshape(s.rank, s.inp).to(own[(name, "alpha")])
+        b = summed.pop((name, "beta")).reshape(s.out, s.rank).to(own[(name, "beta")])
         for which, mat in (("A0", a), ("B0", b)):
             fixed = _fixed(m, s, which, dev, mat.dtype)
             if fixed is not None:
                 mat += fixed
         if dtype is not None:
             a, b = a.to(dtype), b.to(dtype)
-        out[m.name] = Factors(A=a, B=b, scale=s.scale, base_shape=tuple(int(d) for d in m.base_shape), transpose=s.transpose)
+        out[name] = Factors(A=a, B=b, scale=s.scale, base_shape=tuple(int(d) for d in m.base_shape), transpose=s.transpose)
     return out
 
 
