@@ -74,3 +74,21 @@ def test_check_vllm_refuses_modules_to_save_and_the_export_leaves_it_out(folders
     assert json.loads((out / "adapter_config.json").read_text()).get("modules_to_save") is None
     again = runner.invoke(main, ["check", "--target", "vllm", str(out)])
     assert again.exit_code == 0, again.output
+
+
+@pytest.mark.parametrize("value", [9223372036854775808, {"norm": 1}, ["norm", 3], True])
+def test_a_modules_to_save_of_the_wrong_type_is_refused_on_read(folders: tuple[_Tiny, Path, Path], value: object) -> None:
+    """modules_to_save that is not a string, a list of strings or null is an InputError naming it when the folder is
+    read (check --target vllm, which lists it, ended in a TypeError on an integer; found by tools/fuzz_import --cli)."""
+    import adapterpack
+    from adapterpack.errors import InputError
+
+    _, full, _ = folders
+    cfg = json.loads((full / "adapter_config.json").read_text())
+    cfg["modules_to_save"] = value
+    (full / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="modules_to_save must be a string, a list of strings or null"):
+        adapterpack.open(full)
+    result = CliRunner().invoke(main, ["check", "--target", "vllm", str(full)])
+    assert result.exit_code == 1 and not isinstance(result.exception, TypeError), result.output
+    assert "modules_to_save must be" in result.output

@@ -1,6 +1,6 @@
 """The importers' fuzzer (tools/fuzz_import.py), a short seeded run: every edited PEFT folder, kohya and GGUF file is either
 read, saved and converted, or refused with an adapterpack error; nothing else escapes (a numpy, json or safetensors
-traceback fails this test)."""
+traceback fails this test). Every sixth input also goes through inspect, audit, check, rerank and compress."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ def test_edited_inputs_are_read_or_refused_with_an_adapterpack_error(tmp_path: P
     seed = fuzz_import.seeds(tmp_path)[kind]
     rnd = random.Random(20261207)
     outcomes: dict[str, int] = {}
+    cli: dict[str, int] = {}
     for i in range(120):
         target = tmp_path / {"peft": f"case{i}", "kohya": f"case{i}.safetensors", "gguf": f"case{i}.gguf"}[kind]
         out = tmp_path / f"out{i}"
@@ -25,8 +26,12 @@ def test_edited_inputs_are_read_or_refused_with_an_adapterpack_error(tmp_path: P
         fuzz_import.mutate(kind, seed, target, rnd)
         outcome = fuzz_import.exercise(target, out)  # raises whatever is not an AdapterpackError
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if i % 6 == 0:  # the CLI commands too: an exception they do not turn into a message escapes here
+            for result in fuzz_import.exercise_cli(target, out):
+                cli[result] = cli.get(result, 0) + 1
         shutil.rmtree(out)
         shutil.rmtree(target) if target.is_dir() else target.unlink()
     # the run reaches both ends: inputs that load and convert, and several kinds of refusal
     assert outcomes.get("ok", 0) >= 5, outcomes
     assert len(set(outcomes) - {"ok"}) >= 2, outcomes
+    assert cli.get("ok", 0) >= 5 and cli.get("exit 1", 0) >= 5, cli

@@ -13,9 +13,12 @@ giving SmolLM2-135M's head counts, passed as ``base`` when it is read). Each inp
 - GGUF (byte edits only): truncated, bytes of its header, metadata and tensor table overwritten or inserted.
 
 Each input is opened, every tensor and every small ΔW computed, then saved as ``.apack`` and converted to PEFT
-and kohya. Crashing inputs are written to ``--crash-dir``. Run from the repository root::
+and kohya; with ``--cli``, the commands ``inspect`` (table and ``--json``), ``audit``, ``check``, ``rerank`` and
+``compress`` also run on it, where an unhandled exception (not a clean refusal) is a crash. Crashing inputs are
+written to ``--crash-dir``. Run from the repository root::
 
     python -m tools.fuzz_import --n 3000
+    python -m tools.fuzz_import --n 500 --cli
 """
 
 from __future__ import annotations
@@ -217,11 +220,46 @@ def exercise(path: Path, out: Path) -> str:
         return type(e).__name__
 
 
+def _base_args(path: Path) -> list[str]:
+    return ["--base", str(base_config(path.parent))] if path.suffix == ".gguf" else []
+
+
+def cli_commands(path: Path, out: Path) -> list[list[str]]:
+    """The command lines :func:`exercise_cli` runs on ``path`` (outputs under ``out``)."""
+    p, base = str(path), _base_args(path)
+    return [
+        ["inspect", p, *base],
+        ["inspect", p, "--json", *base],
+        ["audit", p],
+        ["check", p, "--target", "vllm"],
+        ["rerank", p, str(out / "rerank.apack"), "--energy", "0.9", "--force", *base],
+        ["compress", p, str(out / "compress.apack"), "--budget-ratio", "0.25", "--force", *base],
+    ]
+
+
+def exercise_cli(path: Path, out: Path) -> list[str]:
+    """Each of :func:`cli_commands`, in process; its outcome (``ok`` or ``exit N``) per command. A command that ends
+    in an exception the CLI did not turn into a message and an exit status raises it (a crash)."""
+    from click.testing import CliRunner
+
+    from adapterpack.cli import main as cli
+
+    runner = CliRunner()
+    outcomes = []
+    for args in cli_commands(path, out):
+        result = runner.invoke(cli, args, catch_exceptions=True)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        outcomes.append("ok" if result.exit_code == 0 else f"exit {result.exit_code}")
+    return outcomes
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=2000, help="inputs per format (default 2000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--crash-dir", type=Path, default=Path("fuzz-crashes"))
+    ap.add_argument("--cli", action="store_true", help="also run inspect, audit, check, rerank and compress on each input")
     args = ap.parse_args(argv)
     rnd = random.Random(args.seed)
     crashes = 0
@@ -241,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                 mutate(kind, seed, target, rnd)
                 try:
                     outcome = exercise(target, out)
+                    if args.cli:
+                        outcome += " / cli " + ",".join(sorted(set(exercise_cli(target, out))))
                 except Exception as e:  # a crash: keep the input
                     crashes += 1
                     args.crash_dir.mkdir(parents=True, exist_ok=True)

@@ -191,9 +191,10 @@ def check_config(cfg: dict[str, Any], where: str, error: type[AdapterpackError] 
             raise error(f"{where}: {key} must be true or false, got {cfg[key]!r:.40}")
     if cfg.get("alora_invocation_tokens") is not None:
         alora_tokens(cfg["alora_invocation_tokens"], f"{where}: alora_invocation_tokens", error)
-    tm = cfg.get("target_modules")
-    if not (tm is None or isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(x, str) for x in tm))):
-        raise error(f"{where}: target_modules must be a string, a list of strings or null, got {tm!r:.80}")
+    for key in ("target_modules", "modules_to_save"):
+        tm = cfg.get(key)
+        if not (tm is None or isinstance(tm, str) or (isinstance(tm, list) and all(isinstance(x, str) for x in tm))):
+            raise error(f"{where}: {key} must be a string, a list of strings or null, got {tm!r:.80}")
 
 
 def alora_tokens(value: Any, where: str, error: type[AdapterpackError] = InputError) -> list[int]:
