@@ -30,8 +30,8 @@ MAX_NORM = 2.0**480
 
 
 def _sum_squares(x: np.ndarray) -> float:
-    flat = np.asarray(x, dtype=np.float64).ravel()
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):  # a NaN widened (bf16's cast warns) or squares past binary64
+        flat = np.asarray(x, dtype=np.float64).ravel()
         return float(flat @ flat)
 
 
