@@ -235,3 +235,30 @@ def test_cli_check(tmp_path: Path) -> None:
     )
     based = runner.invoke(main, ["check", "--target", "llama.cpp", "--base", str(tmp_path / "config.json"), str(example_path())])
     assert based.exit_code == 0 and "permuted" in based.output
+
+
+@pytest.mark.parametrize("drop", [("r",), ("lora_alpha",), ("target_modules",), ("r", "lora_alpha")])
+def test_a_config_without_the_keys_vllm_requires_is_reported_and_the_export_writes_them(tmp_path: Path, drop: tuple) -> None:
+    """vLLM's PEFTHelper refuses an adapter_config.json without r, lora_alpha or target_modules (PEFT uses defaults).
+    check --target vllm says so (it ended in a KeyError on a missing r or lora_alpha; found by tools/fuzz_import
+    --cli), and the vLLM export, which rebuilds the config, writes all three and loads as is."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(example_path(), src)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    for key in drop:
+        cfg.pop(key)
+    (src / "adapter_config.json").write_text(json.dumps(cfg))
+    with adapterpack.open(src) as ad:
+        findings = check(ad, "vllm")
+    lacks = [f for f in findings if f.problem.startswith("adapter_config.json lacks")]
+    assert len(lacks) == 1 and lacks[0].severity == "refuse" and all(k in lacks[0].problem for k in drop), findings
+    runner = CliRunner()
+    result = runner.invoke(main, ["check", "--target", "vllm", str(src)])
+    assert result.exit_code == 1 and (result.exception is None or isinstance(result.exception, SystemExit)), result.output
+    out = tmp_path / "vllm"
+    assert runner.invoke(main, ["convert", str(src), str(out), "--to", "peft", "--target", "vllm"]).exit_code == 0
+    written = json.loads((out / "adapter_config.json").read_text())
+    assert all(k in written for k in ("r", "lora_alpha", "target_modules"))
+    assert runner.invoke(main, ["check", "--target", "vllm", str(out)]).exit_code == 0

@@ -147,6 +147,12 @@ def _dora(out: list[Finding], target: str, facts: dict[str, tuple[Any, ...]], wh
         out.append(Finding(target, "refuse", f"DoRA: {why}", fix, dora))
 
 
+#: The adapter_config.json keys vLLM's PEFTHelper refuses a folder without.
+VLLM_REQUIRED = ("r", "lora_alpha", "target_modules")
+#: The problem line of a finding about those keys starts so (to_vllm rebuilds the config: it writes them).
+LACKS = "adapter_config.json lacks"
+
+
 def _check_vllm(adapter: Adapter, max_lora_rank: int | None) -> list[Finding]:
     t = "vllm"
     out = _common(adapter, t, own=())
@@ -161,6 +167,21 @@ def _check_vllm(adapter: Adapter, max_lora_rank: int | None) -> list[Finding]:
     conv = [n for n, f in facts.items() if f[3] == "conv"]
     if conv:
         out.append(Finding(t, "refuse", "convolution layers: vLLM has no conv LoRA", "none", conv))
+    try:
+        own = src_.config(adapter, src_.provenance(adapter, "peft"))
+    except AdapterpackError:
+        own = None
+    lacks = [k for k in VLLM_REQUIRED if own is not None and k not in own]
+    if lacks:
+        out.append(
+            Finding(
+                t,
+                "refuse",
+                f"{LACKS} {', '.join(lacks)}: vLLM's PEFTHelper requires {', '.join(VLLM_REQUIRED)}",
+                "adapterpack convert SRC DST --to peft --target vllm (the config is rebuilt with every field)",
+                [],
+            )
+        )
     ranks = {n: f[0] for n, f in facts.items()}
     limit = max_lora_rank or VLLM_RANKS[-1]
     if max_lora_rank is not None and max_lora_rank not in VLLM_RANKS:
@@ -561,7 +582,7 @@ def to_vllm(adapter: Adapter, *, max_lora_rank: int | None = None, drop_tensors:
     refusals = [
         f
         for f in check(adapter, "vllm", max_lora_rank=max_lora_rank)
-        if f.severity == "refuse" and "rank above" not in f.problem and not f.problem.startswith(SAVED)
+        if f.severity == "refuse" and "rank above" not in f.problem and not f.problem.startswith((SAVED, LACKS))
     ]
     for f in refusals:
         if "full tensors" in f.problem and drop_tensors:
@@ -628,8 +649,9 @@ def write_vllm(
 
 
 def vllm_scale(config: dict[str, Any]) -> float:
-    """The scale vLLM applies to every module of a PEFT folder with this adapter_config.json (its PEFTHelper rule)."""
-    r, alpha = config["r"], config["lora_alpha"]
+    """The scale vLLM applies to every module of a PEFT folder with this adapter_config.json (its PEFTHelper rule; a
+    config lacking ``r`` or ``lora_alpha``, which vLLM refuses, with PEFT's defaults)."""
+    r, alpha = config.get("r", src_.DEFAULT_R), config.get("lora_alpha", src_.DEFAULT_ALPHA)
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
 
