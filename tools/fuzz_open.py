@@ -6,6 +6,7 @@ json, struct or zstd traceback escaping the reader). Run from the repository roo
     python -m tools.fuzz_open --seconds 60          # atheris (coverage-guided), when installed
     python -m tools.fuzz_open --hypothesis 5000     # N random mutations with Hypothesis, no atheris
     python -m tools.fuzz_open --hypothesis 5000 --torch   # ... and adapterpack.torch.load of each input
+    python -m tools.fuzz_open --hypothesis 2000 --cli     # ... and inspect, audit, check, rerank, compress
 
 Both start from small valid files covering every codec, every encoding (lora with each layout and
 DoRA, svd, nola, shared) and a multi-adapter index. The limits of spec §7 are exercised: a ΔW is
@@ -24,6 +25,7 @@ import json
 import math
 import os
 import random
+import shutil
 import struct
 import sys
 import tempfile
@@ -344,7 +346,7 @@ def mutations() -> Any:
     return strategy()
 
 
-def run_hypothesis(n: int, crash_dir: Path, torch: bool = False) -> int:
+def run_hypothesis(n: int, crash_dir: Path, torch: bool = False, cli: bool = False) -> int:
     """Run ``n`` mutated inputs; print a tally of outcomes. Returns the number of crashes (0 or 1: Hypothesis stops at one)."""
     from hypothesis import HealthCheck, given, settings
 
@@ -359,6 +361,12 @@ def run_hypothesis(n: int, crash_dir: Path, torch: bool = False) -> int:
         path.write_bytes(raw)
         try:
             outcome = exercise(path, torch)
+            if cli:  # the commands a user runs on the file: a clean refusal is an exit status, anything else escapes
+                from tools.fuzz_import import exercise_cli
+
+                out = work / "out"
+                out.mkdir(exist_ok=True)
+                outcome += " / cli " + ",".join(sorted(set(exercise_cli(path, out))))
         except Exception as e:
             crashes.append(_save_crash(crash_dir, raw, e))
             raise
@@ -370,9 +378,7 @@ def run_hypothesis(n: int, crash_dir: Path, torch: bool = False) -> int:
     except Exception as e:
         print(f"CRASH: {type(e).__name__}: {e}\n  input saved to {crashes[-1] if crashes else '?'}", file=sys.stderr)
     finally:
-        for p in work.iterdir():
-            p.unlink()
-        work.rmdir()
+        shutil.rmtree(work, ignore_errors=True)
     total = sum(tally.values())
     print(f"hypothesis: {total} inputs in {time.perf_counter() - start:.1f} s, {len(crashes) and 1} crash(es)")
     for outcome, count in sorted(tally.items(), key=lambda kv: -kv[1]):
@@ -426,11 +432,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hypothesis", type=int, metavar="N", help="run N random mutations with Hypothesis (no atheris)")
     parser.add_argument("--torch", action="store_true", help="also adapterpack.torch.load every intact input (hypothesis mode)")
+    parser.add_argument("--cli", action="store_true", help="also run inspect, audit, check, rerank and compress (hypothesis mode)")
     parser.add_argument("--seconds", type=int, default=60, help="atheris run time (default 60)")
     parser.add_argument("--crash-dir", type=Path, default=Path("fuzz-crashes"), help="where crashing inputs are written")
     args, rest = parser.parse_known_args(argv)
     if args.hypothesis is not None:
-        return run_hypothesis(args.hypothesis, args.crash_dir, args.torch)
+        return run_hypothesis(args.hypothesis, args.crash_dir, args.torch, args.cli)
     try:
         import atheris  # noqa: F401
     except ImportError:
