@@ -108,6 +108,11 @@ def edit_config(folder: Path, rnd: random.Random) -> None:
 
 
 def edit_tensors(path: Path, rnd: random.Random) -> None:
+    with np.errstate(all="ignore"):  # the edits cast NaN, inf and 1e38 into any dtype: whatever value results will do
+        _edit_tensors(path, rnd)
+
+
+def _edit_tensors(path: Path, rnd: random.Random) -> None:
     tensors = dict(load_file(str(path)))
     names = sorted(tensors)
     name = rnd.choice(names)
@@ -126,8 +131,7 @@ def edit_tensors(path: Path, rnd: random.Random) -> None:
         shape = rnd.choice([t.shape[::-1], (*t.shape, 1), (t.size,), (0, *t.shape[1:]), (1, 1, *t.shape), ()])
         tensors[name] = np.resize(t, shape) if math.prod(shape) else np.zeros(shape, t.dtype)
     elif op == 4:
-        with np.errstate(all="ignore"):  # NaN/inf cast to integers: any value will do
-            tensors[name] = t.astype(rnd.choice(DTYPES))
+        tensors[name] = t.astype(rnd.choice(DTYPES))
     elif op == 5 and t.dtype.kind == "f" and t.size:
         t = t.copy()
         t.flat[rnd.randrange(t.size)] = rnd.choice([np.nan, np.inf, -np.inf, 1e38])
