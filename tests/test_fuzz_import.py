@@ -35,3 +35,19 @@ def test_edited_inputs_are_read_or_refused_with_an_adapterpack_error(tmp_path: P
     assert outcomes.get("ok", 0) >= 5, outcomes
     assert len(set(outcomes) - {"ok"}) >= 2, outcomes
     assert cli.get("ok", 0) >= 5 and cli.get("exit 1", 0) >= 5, cli
+
+
+def test_merge_diff_and_check_with_edited_adapters_or_base_models_refuse_cleanly(tmp_path: Path) -> None:
+    """merge, diff and check --base with an edited PEFT folder or an edited or damaged base model: each ends with a
+    message and an exit status, never an unhandled exception."""
+    seed = fuzz_import.seeds(tmp_path)["peft"]
+    model = fuzz_import.base_model(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    rnd = random.Random(7)
+    tally: dict[str, int] = {}
+    for _ in range(60):
+        adapter, base = fuzz_import.mutate_merge(seed, model, tmp_path, rnd)
+        for outcome in fuzz_import.exercise_merge(adapter, base, seed, out):
+            tally[outcome] = tally.get(outcome, 0) + 1
+    assert all(tally.get(f"{c} ok", 0) >= 3 and tally.get(f"{c} exit 1", 0) >= 3 for c in ("merge", "check")), tally

@@ -14,11 +14,14 @@ giving SmolLM2-135M's head counts, passed as ``base`` when it is read). Each inp
 
 Each input is opened, every tensor and every small ΔW computed, then saved as ``.apack`` and converted to PEFT
 and kohya; with ``--cli``, the commands ``inspect`` (table and ``--json``), ``audit``, ``check``, ``rerank`` and
-``compress`` also run on it, where an unhandled exception (not a clean refusal) is a crash. Crashing inputs are
-written to ``--crash-dir``. Run from the repository root::
+``compress`` also run on it, where an unhandled exception (not a clean refusal) is a crash. ``--merge`` runs
+``merge``, ``diff`` and ``check --base`` with a small base model folder (the two adapted weights and a norm), where
+either the PEFT folder or the base's safetensors file is edited or damaged. Crashing inputs are written to
+``--crash-dir``. Run from the repository root::
 
     python -m tools.fuzz_import --n 3000
     python -m tools.fuzz_import --n 500 --cli
+    python -m tools.fuzz_import --n 1500 --merge
 """
 
 from __future__ import annotations
@@ -258,18 +261,76 @@ def exercise_cli(path: Path, out: Path) -> list[str]:
     return outcomes
 
 
+def base_model(work: Path) -> Path:
+    """A base model folder for the seed PEFT folder: its two adapted weights (float32 and float16) and a norm."""
+    base = work / "base-model"
+    if not base.exists():
+        base.mkdir()
+        rng = np.random.default_rng(0)
+        save_file(
+            {
+                "model.layers.0.self_attn.q_proj.weight": rng.standard_normal((576, 576)).astype(np.float32),
+                "model.layers.1.self_attn.v_proj.weight": rng.standard_normal((192, 576)).astype(np.float16),
+                "model.norm.weight": np.ones(576, np.float32),
+            },
+            str(base / "model.safetensors"),
+        )
+        (base / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}))
+    return base
+
+
+def exercise_merge(adapter: Path, base: Path, reference: Path, out: Path) -> list[str]:
+    """``merge ADAPTER BASE``, ``diff ADAPTER REFERENCE`` and ``check ADAPTER --target peft --base BASE``; the outcome of
+    each (``ok`` or ``exit N``); an exception the CLI did not turn into a message escapes (a crash)."""
+    from click.testing import CliRunner
+
+    from adapterpack.cli import main as cli
+
+    runner = CliRunner()
+    outcomes = []
+    for args in (["merge", str(adapter), str(base), str(out / "merged"), "--force"], ["diff", str(adapter), str(reference)],
+                 ["check", str(adapter), "--target", "peft", "--base", str(base)]):
+        result = runner.invoke(cli, args, catch_exceptions=True)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        outcomes.append(f"{args[0]} " + ("ok" if result.exit_code == 0 else f"exit {result.exit_code}"))
+    return outcomes
+
+
+def mutate_merge(seed: Path, base: Path, work: Path, rnd: random.Random) -> tuple[Path, Path]:
+    """(adapter, base) for :func:`exercise_merge`: the seed folder and an edited or damaged copy of ``base``, or an
+    edited copy of the seed folder and ``base`` itself."""
+    adapter, b = work / "merge-adapter", work / "merge-base"
+    for p in (adapter, b):
+        shutil.rmtree(p, ignore_errors=True)
+    if rnd.random() < 0.3:
+        return mutate("peft", seed, adapter, rnd), base
+    shutil.copytree(base, b)
+    for _ in range(rnd.randrange(1, 3)):
+        try:
+            edit_tensors(b / "model.safetensors", rnd)
+        except Exception:  # a file an earlier edit damaged: safetensors cannot reread it to edit
+            damage_file(b / "model.safetensors", rnd)
+    if rnd.random() < 0.3:
+        damage_file(b / "model.safetensors", rnd)
+    return seed, b
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=2000, help="inputs per format (default 2000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--crash-dir", type=Path, default=Path("fuzz-crashes"))
     ap.add_argument("--cli", action="store_true", help="also run inspect, audit, check, rerank and compress on each input")
+    ap.add_argument("--merge", action="store_true", help="only: merge, diff and check --base with edited adapters or base models")
     args = ap.parse_args(argv)
     rnd = random.Random(args.seed)
     crashes = 0
     with tempfile.TemporaryDirectory(prefix="apack-fuzz-import-") as tmp:
         work = Path(tmp)
         base = seeds(work)
+        if args.merge:
+            return _merge_sweep(work, base["peft"], args, rnd)
         for kind, seed in base.items():
             tally: dict[str, int] = {}
             for i in range(args.n):
@@ -297,6 +358,33 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{kind}: {args.n} inputs")
             for outcome, count in sorted(tally.items(), key=lambda kv: -kv[1]):
                 print(f"  {count:6d}  {outcome}")
+    print(f"{crashes} crash(es)")
+    return 1 if crashes else 0
+
+
+def _merge_sweep(work: Path, seed: Path, args: argparse.Namespace, rnd: random.Random) -> int:
+    model = base_model(work)
+    tally: dict[str, int] = {}
+    crashes = 0
+    out = work / "out"
+    out.mkdir(exist_ok=True)
+    for i in range(args.n):
+        adapter, b = mutate_merge(seed, model, work, rnd)
+        try:
+            outcomes = exercise_merge(adapter, b, seed, out)
+        except Exception as e:
+            crashes += 1
+            keep = args.crash_dir / f"merge-{args.seed}-{i}"
+            shutil.copytree(adapter, keep / "adapter", dirs_exist_ok=True)
+            shutil.copytree(b, keep / "base", dirs_exist_ok=True)
+            print(f"CRASH merge #{i}: {type(e).__name__}: {str(e)[:300]}\n  inputs saved to {keep}", file=sys.stderr)
+            traceback.print_exc(limit=4)
+            outcomes = [f"CRASH {type(e).__name__}"]
+        for o in outcomes:
+            tally[o] = tally.get(o, 0) + 1
+    print(f"merge: {args.n} inputs")
+    for outcome, count in sorted(tally.items()):
+        print(f"  {count:6d}  {outcome}")
     print(f"{crashes} crash(es)")
     return 1 if crashes else 0
 
