@@ -16,7 +16,6 @@ import argparse
 import random
 import sys
 import tempfile
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from click.testing import CliRunner
 import adapterpack
 from adapterpack.adapter import Module
 from adapterpack.cli import main as cli
-from tools.fuzz_import import seeds
+from tools.fuzz_import import crash_note, run_commands, seeds, tally_report
 from tools.fuzz_open import fix_index_crc, json_edit, random_value
 
 
@@ -79,18 +78,10 @@ def commands(bank: Path, work: Path, new_member: Path) -> list[list[str]]:
 
 
 def exercise(raw: bytes, work: Path, new_member: Path) -> list[str]:
-    """Every command on the bank ``raw``: ``ok`` or ``exit N`` each; an unhandled exception escapes (a crash)."""
+    """Every command on the bank ``raw`` (:func:`tools.fuzz_import.run_commands`): ``NAME ok`` or ``NAME exit N`` each."""
     bank = work / "input.apack"
     bank.write_bytes(raw)
-    runner = CliRunner()
-    outcomes = []
-    for args in commands(bank, work, new_member):
-        result = runner.invoke(cli, args, catch_exceptions=True)
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise result.exception
-        name = args[1] if args[0] == "bank" else args[0]
-        outcomes.append(f"{name} " + ("ok" if result.exit_code == 0 else f"exit {result.exit_code}"))
-    return outcomes
+    return run_commands(commands(bank, work, new_member))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,16 +105,11 @@ def main(argv: list[str] | None = None) -> int:
                 args.crash_dir.mkdir(parents=True, exist_ok=True)
                 keep = args.crash_dir / f"bank-{args.seed}-{i}.apack"
                 keep.write_bytes(raw)
-                print(f"CRASH #{i}: {type(e).__name__}: {str(e)[:300]}\n  input saved to {keep}", file=sys.stderr)
-                traceback.print_exc(limit=4)
+                crash_note(f"bank #{i}", e, keep)
                 outcomes = [f"CRASH {type(e).__name__}"]
             for o in outcomes:
                 tally[o] = tally.get(o, 0) + 1
-    print(f"bank: {args.n} inputs, {len(commands(Path('x'), Path('.'), Path('y')))} commands each")
-    for outcome, count in sorted(tally.items()):
-        print(f"  {count:6d}  {outcome}")
-    print(f"{crashes} crash(es)")
-    return 1 if crashes else 0
+    return tally_report(f"bank: {args.n} inputs, {len(commands(Path('x'), Path('.'), Path('y')))} commands each", tally, crashes)
 
 
 if __name__ == "__main__":

@@ -244,21 +244,43 @@ def cli_commands(path: Path, out: Path) -> list[list[str]]:
     ]
 
 
-def exercise_cli(path: Path, out: Path) -> list[str]:
-    """Each of :func:`cli_commands`, in process; its outcome (``ok`` or ``exit N``) per command. A command that ends
-    in an exception the CLI did not turn into a message and an exit status raises it (a crash)."""
+def run_commands(commands: list[list[str]], *, named: bool = True) -> list[str]:
+    """Each command line, in process (click's runner); its outcome per command, ``NAME ok`` or ``NAME exit N`` (NAME:
+    the command, ``bank`` subcommands by their own name; without ``named``, just ``ok`` / ``exit N``). A command that
+    ends in an exception the CLI did not turn into a message and an exit status raises it (a crash)."""
     from click.testing import CliRunner
 
     from adapterpack.cli import main as cli
 
     runner = CliRunner()
     outcomes = []
-    for args in cli_commands(path, out):
+    for args in commands:
         result = runner.invoke(cli, args, catch_exceptions=True)
         if result.exception is not None and not isinstance(result.exception, SystemExit):
             raise result.exception
-        outcomes.append("ok" if result.exit_code == 0 else f"exit {result.exit_code}")
+        status = "ok" if result.exit_code == 0 else f"exit {result.exit_code}"
+        outcomes.append(f"{args[1] if args[0] == 'bank' else args[0]} {status}" if named else status)
     return outcomes
+
+
+def tally_report(title: str, tally: dict[str, int], crashes: int) -> int:
+    """Print a sweep's outcomes, most frequent first, and its crash count; the exit status (1 if any crash)."""
+    print(title)
+    for outcome, count in sorted(tally.items(), key=lambda kv: (-kv[1], kv[0])):
+        print(f"  {count:6d}  {outcome}")
+    print(f"{crashes} crash(es)")
+    return 1 if crashes else 0
+
+
+def crash_note(what: str, e: BaseException, saved: Path) -> None:
+    """Tell stderr about a crash and where its input was saved."""
+    print(f"CRASH {what}: {type(e).__name__}: {str(e)[:300]}\n  input saved to {saved}", file=sys.stderr)
+    traceback.print_exc(limit=4)
+
+
+def exercise_cli(path: Path, out: Path) -> list[str]:
+    """Each of :func:`cli_commands` (:func:`run_commands`): ``ok`` or ``exit N`` per command."""
+    return run_commands(cli_commands(path, out), named=False)
 
 
 def base_model(work: Path) -> Path:
@@ -280,21 +302,13 @@ def base_model(work: Path) -> Path:
 
 
 def exercise_merge(adapter: Path, base: Path, reference: Path, out: Path) -> list[str]:
-    """``merge ADAPTER BASE``, ``diff ADAPTER REFERENCE`` and ``check ADAPTER --target peft --base BASE``; the outcome of
-    each (``ok`` or ``exit N``); an exception the CLI did not turn into a message escapes (a crash)."""
-    from click.testing import CliRunner
-
-    from adapterpack.cli import main as cli
-
-    runner = CliRunner()
-    outcomes = []
-    for args in (["merge", str(adapter), str(base), str(out / "merged"), "--force"], ["diff", str(adapter), str(reference)],
-                 ["check", str(adapter), "--target", "peft", "--base", str(base)]):
-        result = runner.invoke(cli, args, catch_exceptions=True)
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise result.exception
-        outcomes.append(f"{args[0]} " + ("ok" if result.exit_code == 0 else f"exit {result.exit_code}"))
-    return outcomes
+    """``merge ADAPTER BASE``, ``diff ADAPTER REFERENCE`` and ``check ADAPTER --target peft --base BASE``
+    (:func:`run_commands`)."""
+    return run_commands([
+        ["merge", str(adapter), str(base), str(out / "merged"), "--force"],
+        ["diff", str(adapter), str(reference)],
+        ["check", str(adapter), "--target", "peft", "--base", str(base)],
+    ])
 
 
 def mutate_merge(seed: Path, base: Path, work: Path, rnd: random.Random) -> tuple[Path, Path]:
@@ -326,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rnd = random.Random(args.seed)
     crashes = 0
+    status = 0
     with tempfile.TemporaryDirectory(prefix="apack-fuzz-import-") as tmp:
         work = Path(tmp)
         base = seeds(work)
@@ -351,15 +366,12 @@ def main(argv: list[str] | None = None) -> int:
                     args.crash_dir.mkdir(parents=True, exist_ok=True)
                     keep = args.crash_dir / f"{kind}-{args.seed}-{i}"
                     shutil.copytree(target, keep, dirs_exist_ok=True) if target.is_dir() else shutil.copy(target, keep)
-                    print(f"CRASH {kind} #{i}: {type(e).__name__}: {str(e)[:300]}\n  input saved to {keep}", file=sys.stderr)
-                    traceback.print_exc(limit=4)
+                    crash_note(f"{kind} #{i}", e, keep)
                     outcome = "CRASH " + type(e).__name__
                 tally[outcome] = tally.get(outcome, 0) + 1
-            print(f"{kind}: {args.n} inputs")
-            for outcome, count in sorted(tally.items(), key=lambda kv: -kv[1]):
-                print(f"  {count:6d}  {outcome}")
-    print(f"{crashes} crash(es)")
-    return 1 if crashes else 0
+            status |= tally_report(f"{kind}: {args.n} inputs", tally, crashes)
+            crashes = 0
+    return status
 
 
 def _merge_sweep(work: Path, seed: Path, args: argparse.Namespace, rnd: random.Random) -> int:
@@ -377,16 +389,11 @@ def _merge_sweep(work: Path, seed: Path, args: argparse.Namespace, rnd: random.R
             keep = args.crash_dir / f"merge-{args.seed}-{i}"
             shutil.copytree(adapter, keep / "adapter", dirs_exist_ok=True)
             shutil.copytree(b, keep / "base", dirs_exist_ok=True)
-            print(f"CRASH merge #{i}: {type(e).__name__}: {str(e)[:300]}\n  inputs saved to {keep}", file=sys.stderr)
-            traceback.print_exc(limit=4)
+            crash_note(f"merge #{i}", e, keep)
             outcomes = [f"CRASH {type(e).__name__}"]
         for o in outcomes:
             tally[o] = tally.get(o, 0) + 1
-    print(f"merge: {args.n} inputs")
-    for outcome, count in sorted(tally.items()):
-        print(f"  {count:6d}  {outcome}")
-    print(f"{crashes} crash(es)")
-    return 1 if crashes else 0
+    return tally_report(f"merge: {args.n} inputs", tally, crashes)
 
 
 if __name__ == "__main__":
