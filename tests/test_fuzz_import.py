@@ -1,5 +1,5 @@
-"""The importers' fuzzer (tools/fuzz_import.py), a short seeded run: every edited PEFT folder, kohya and GGUF file is either
-read, saved and converted, or refused with an adapterpack error; nothing else escapes (a numpy, json or safetensors
+"""The importers' fuzzer (tools/fuzz_import.py), a short seeded run: every edited PEFT folder, kohya, GGUF and diffusers
+file is either read, saved and converted, or refused with an adapterpack error; nothing else escapes (a numpy, json or safetensors
 traceback fails this test). Every sixth input also goes through inspect, audit, check, rerank and compress."""
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ import pytest
 from tools import fuzz_import
 
 
-@pytest.mark.parametrize("kind", ["peft", "kohya", "gguf"])
+@pytest.mark.parametrize("kind", ["peft", "kohya", "gguf", "diffusers"])
 def test_edited_inputs_are_read_or_refused_with_an_adapterpack_error(tmp_path: Path, kind: str) -> None:
     seed = fuzz_import.seeds(tmp_path)[kind]
     rnd = random.Random(20261207)
     outcomes: dict[str, int] = {}
     cli: dict[str, int] = {}
     for i in range(120):
-        target = tmp_path / {"peft": f"case{i}", "kohya": f"case{i}.safetensors", "gguf": f"case{i}.gguf"}[kind]
+        target = tmp_path / (f"case{i}" if kind == "peft" else f"case{i}.gguf" if kind == "gguf" else f"case{i}.safetensors")
         out = tmp_path / f"out{i}"
         out.mkdir()
         fuzz_import.mutate(kind, seed, target, rnd)

@@ -10,7 +10,9 @@ giving SmolLM2-135M's head counts, passed as ``base`` when it is read). Each inp
 - tensors (both formats): renamed, dropped, duplicated under another name, reshaped, cast to another dtype
   (integers, bool, float64, float16), filled with NaN/inf, or an extra DoRA / embedding / bias / alpha tensor;
 - the safetensors file itself: truncated, or a byte of its header or data flipped;
-- GGUF (byte edits only): truncated, bytes of its header, metadata and tensor table overwritten or inserted.
+- GGUF (byte edits only): truncated, bytes of its header, metadata and tensor table overwritten or inserted;
+- a diffusers file (the seed's modules under ``unet.`` and ``text_encoder.`` pipeline keys, with ``alpha`` tensors):
+  the tensor and file edits of kohya files.
 
 Each input is opened, every tensor and every small ΔW computed, then saved as ``.apack`` and converted to PEFT
 and kohya; with ``--cli``, the commands ``inspect`` (table and ``--json``), ``audit``, ``check``, ``rerank`` and
@@ -67,7 +69,29 @@ def seeds(work: Path) -> dict[str, Path]:
     convert(peft, kohya, to="kohya", force=True)
     gguf = work / "seed.gguf"
     convert(peft, gguf, to="gguf", force=True, base=base_config(work))
-    return {"peft": peft, "kohya": kohya, "gguf": gguf}
+    diffusers = work / "seed-diffusers.safetensors"
+    save_file(diffusers_tensors(load_file(str(peft / "adapter_model.safetensors"))), str(diffusers))
+    return {"peft": peft, "kohya": kohya, "gguf": gguf, "diffusers": diffusers}
+
+
+#: Where the seed's two modules go in the diffusers seed: a UNet attention projection and a text encoder one.
+DIFFUSERS_NAMES = {
+    "model.layers.0.self_attn.q_proj": "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+    "model.layers.1.self_attn.v_proj": "text_encoder.text_model.encoder.layers.0.self_attn.v_proj",
+}
+
+
+def diffusers_tensors(peft: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The seed PEFT folder's factors under diffusers pipeline keys (``unet.….lora_A.weight``), each module with an
+    ``alpha`` tensor (the older kohya-style scale key diffusers files carry too)."""
+    out: dict[str, np.ndarray] = {}
+    for key, t in peft.items():
+        path = key.removeprefix("base_model.model.")
+        for src, dst in DIFFUSERS_NAMES.items():
+            if path.startswith(src + "."):
+                out[dst + path[len(src) :]] = t
+                out[f"{dst}.alpha"] = np.array(16.0, np.float32)
+    return out
 
 
 def base_config(work: Path) -> Path:
