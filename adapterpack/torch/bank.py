@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from adapterpack import dtypes
 from adapterpack.container.reader import ApackReader
 from adapterpack.errors import BankError
-from adapterpack.torch.tensors import tensor, torch_device
+from adapterpack.torch.tensors import tensor, torch_device, torch_dtype
 
 #: Bases whose condition numbers multiply to more than this are re-factored at load (see the module docstring);
 #: orthonormal bases (a full-form bank's) have 1.
@@ -96,7 +97,7 @@ class TorchBank:
                     self.form[name] = p["form"]
                     qr = _refactored(u, v)
                     if qr is not None:
-                        want = self.dtype or tensor(u[:0]).dtype  # the stored dtype unless one was asked for
+                        want = self.dtype or torch_dtype(dtypes.of_array(u).name)  # the stored dtype unless one was asked for
                         u, v = qr[0], qr[2]
                         self._mix[name] = (qr[1], qr[3])
                         self.form[name] = "full"
