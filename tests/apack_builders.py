@@ -20,8 +20,8 @@ import zstandard
 
 from adapterpack.adapter import Adapter, Module
 from adapterpack.checksum import crc32c
-from adapterpack.container.index import index_text, plan_offsets
-from adapterpack.container.preamble import FLAG_INDEX_ZSTD, FLAG_PACKED, MAGIC, PREAMBLE_SIZE, align_up
+from adapterpack.container.index import fill_implied, index_text, plan_offsets
+from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, MAGIC, PREAMBLE_SIZE, align_up
 from adapterpack.container.writer import write_apack
 from tools import fuzz_open
 
@@ -96,9 +96,30 @@ class Parts:
         return replace(self, index=copy.deepcopy(self.index), extra=dict(self.extra))
 
     def build(self, **overrides: Any) -> bytes:
-        """The file's bytes (CRC and padding recomputed unless ``overrides`` say otherwise)."""
+        """The file's bytes (CRC and padding recomputed unless ``overrides`` say otherwise).
+
+        Under the implied flag (1.5) a BLOB ``offset`` or ``length`` equal to the value a reader derives is left out,
+        as the writer leaves it out; one a test changed stays, so the reader checks it."""
         kw = {"major": self.major, "minor": self.minor, "flags": self.flags, "reserved": self.reserved} | self.extra | overrides
-        return assemble(self.index, self.data, **kw)
+        flags = kw["flags"]
+        return assemble(self._implied_left_out(flags) if flags & FLAG_IMPLIED else self.index, self.data, **kw)
+
+    def _implied_left_out(self, flags: int) -> dict[str, Any]:
+        blobs = self.index.get("blobs")
+        if type(blobs) is not list or not all(type(b) is dict for b in blobs):
+            return self.index
+        derived = [dict(b) for b in blobs]
+        try:
+            for b in derived:
+                b.pop("offset", None)
+                b.pop("length", None)
+            fill_implied(derived, bool(flags & FLAG_PACKED))
+        except Exception:  # a blob table a test broke: written as it is
+            return self.index
+        out = []
+        for b, want in zip(blobs, derived, strict=True):
+            out.append({k: v for k, v in b.items() if k not in ("offset", "length") or v != want[k] or type(v) is not int})
+        return self.index | {"blobs": out}
 
     def blob(self, i: int) -> bytes:
         """Stored bytes of blob ``i``."""
@@ -131,6 +152,8 @@ def split(raw: bytes) -> Parts:
     """Take a well-formed file apart."""
     _, major, minor, flags, length, _, reserved = PREAMBLE.unpack_from(raw)
     index = json.loads(index_text(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length], bool(flags & FLAG_INDEX_ZSTD)))
+    if flags & FLAG_IMPLIED:  # offsets and lengths written out again (still valid under the flag), so tests can edit them
+        fill_implied(index["blobs"], bool(flags & FLAG_PACKED))
     start = align_up(PREAMBLE_SIZE + length, 256)
     return Parts(index=index, data=raw[start:], major=major, minor=minor, flags=flags, reserved=reserved)
 

@@ -18,7 +18,7 @@ import pytest
 from adapterpack.checksum import crc32c
 from adapterpack.container import ApackReader
 from adapterpack.container.index import blob_alignment, index_text
-from adapterpack.container.preamble import FLAG_INDEX_ZSTD, FLAG_PACKED, MAX_INDEX_LENGTH
+from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, MAX_INDEX_LENGTH
 from adapterpack.container.writer import compress_index, write_apack
 from adapterpack.errors import (
     AdapterpackError,
@@ -118,17 +118,19 @@ def test_index_crc_covers_the_stored_frame(raw_parts: Parts, tmp_path: Path) -> 
         ApackReader(path)
 
 
-def test_a_1_2_reader_refuses_1_3_files_by_their_flags(tmp_path: Path) -> None:
-    """Both 1.3 features are must-understand flag bits: a reader without them refuses with UnsupportedVersionError."""
+@pytest.mark.parametrize(("known", "unknown"), [(0, "0x0007"), (FLAG_INDEX_ZSTD | FLAG_PACKED, "0x0004")], ids=["1.2", "1.4"])
+def test_older_readers_refuse_compact_files_by_their_flags(tmp_path: Path, known: int, unknown: str) -> None:
+    """The 1.3 features and 1.5's implied offsets are must-understand flag bits: a reader without them (1.0–1.2: none;
+    1.3–1.4: bits 0 and 1) refuses with UnsupportedVersionError rather than misreading the index."""
     from adapterpack.container import preamble
 
     path = tmp_path / "z.apack"
     write_apack(path, compressible_adapter(), codec="byteplanes")
-    assert struct.unpack_from("<I", path.read_bytes(), 12)[0] == FLAG_INDEX_ZSTD | FLAG_PACKED
+    assert struct.unpack_from("<I", path.read_bytes(), 12)[0] == FLAG_INDEX_ZSTD | FLAG_PACKED | FLAG_IMPLIED
     saved = preamble.KNOWN_MUST_UNDERSTAND_FLAGS
-    preamble.KNOWN_MUST_UNDERSTAND_FLAGS = 0
+    preamble.KNOWN_MUST_UNDERSTAND_FLAGS = known
     try:
-        with pytest.raises(UnsupportedVersionError, match="must-understand flag bits 0x0003"):
+        with pytest.raises(UnsupportedVersionError, match=f"must-understand flag bits {unknown}"):
             ApackReader(path)
     finally:
         preamble.KNOWN_MUST_UNDERSTAND_FLAGS = saved
@@ -140,7 +142,7 @@ def test_layout_follows_the_packed_flag(codec: str, tmp_path: Path) -> None:
     path = tmp_path / "p.apack"
     write_apack(path, compressible_adapter(), codec=codec)
     packed = split(path.read_bytes())
-    assert packed.flags == FLAG_INDEX_ZSTD | FLAG_PACKED
+    assert packed.flags == FLAG_INDEX_ZSTD | FLAG_PACKED | FLAG_IMPLIED
     offsets = [b["offset"] for b in packed.index["blobs"]]
     assert any(o % 8 for o in offsets), offsets  # some compressed blob sits where the 1.2 rule would not put it
     load_everything(write(tmp_path / "ok.apack", packed.build()))

@@ -376,7 +376,7 @@ def test_zero_module_and_pass_through_tensors_ride_along(tmp_path) -> None:
 def test_qsvd_file_has_a_compressed_index_raw_lora_file_does_not(tmp_path: Path) -> None:
     """A qsvd file is dequantized on every load, so its raw-only file still stores the index as a zstd frame
     (flag bit 0 alone, spec §1.3); a raw lora file keeps the plain index meant for zero-copy opens."""
-    from adapterpack.container.preamble import FLAG_INDEX_ZSTD, FLAG_PACKED
+    from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED
     from adapterpack.container.reader import ApackReader
     from adapterpack.ops.compress import compress
 
@@ -387,7 +387,7 @@ def test_qsvd_file_has_a_compressed_index_raw_lora_file_does_not(tmp_path: Path)
     adapterpack.save(src, plain, codec="raw")
     assert q.stat().st_size == report.file_bytes <= report.budget
     with ApackReader(q) as r:
-        assert r.preamble.flags == FLAG_INDEX_ZSTD and r.preamble.index_length < r.index_text_length / 3
+        assert r.preamble.flags == FLAG_INDEX_ZSTD | FLAG_IMPLIED and r.preamble.index_length < r.index_text_length / 3
     with ApackReader(plain) as r:
         assert r.preamble.flags & (FLAG_INDEX_ZSTD | FLAG_PACKED) == 0
     with adapterpack.open(q) as back:

@@ -22,6 +22,7 @@ from adapterpack.container.index import blob_alignment, index_text, plan_offsets
 from adapterpack.container.index import dumps as index_dumps
 from adapterpack.container.preamble import (
     DATA_ALIGNMENT,
+    FLAG_IMPLIED,
     FLAG_INDEX_ZSTD,
     FLAG_PACKED,
     MAGIC,
@@ -104,7 +105,7 @@ def test_layout_alignment_and_padding_accounting(tmp_path: Path, codec: str, com
     data_start = align_up(32 + length, DATA_ALIGNMENT)
     blobs = parts.index["blobs"]
     packed = compact and any(b["codec"]["id"] != "raw" for b in blobs)
-    assert flags == (FLAG_INDEX_ZSTD | FLAG_PACKED if packed else 0)  # raw blobs only: plain index, 1.2 layout
+    assert flags == (FLAG_INDEX_ZSTD | FLAG_PACKED | FLAG_IMPLIED if packed else 0)  # raw blobs only: plain index, 1.2 layout
     assert raw[32:36] == (b"\x28\xb5\x2f\xfd" if packed else b'{"wr')
     assert result.index_text_length == len(index_text(raw[32 : 32 + length], packed))
 

@@ -23,7 +23,7 @@ import adapterpack
 from adapterpack.adapter import Adapter, Module
 from adapterpack.container import ApackReader
 from adapterpack.container import index as idx
-from adapterpack.container.preamble import FLAG_INDEX_ZSTD, FLAG_PACKED, PREAMBLE_SIZE
+from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, PREAMBLE_SIZE
 from adapterpack.errors import AdapterpackError, DuplicateNameError, IndexFormatError
 from adapterpack.limits import MAX_JSON_DEPTH
 
@@ -36,9 +36,9 @@ def _index_of(path: Path) -> tuple[bytes, int, int]:
         return r.index._data, r.data_start, r.file_size
 
 
-def _slow(data: bytes, start: int, size: int, packed: bool = False) -> idx.Index | AdapterpackError:
+def _slow(data: bytes, start: int, size: int, packed: bool = False, implied: bool = False) -> idx.Index | AdapterpackError:
     try:
-        index = idx.parse_index(idx.loads(data), start, size, packed)
+        index = idx.parse_index(idx.loads(data), start, size, packed, implied)
         idx.check_references(index)
         return index
     except AdapterpackError as e:
@@ -53,11 +53,12 @@ def _same(fast: idx.Index, slow: idx.Index) -> None:
     assert fast.raw == slow.raw
 
 
-def agree(data: bytes, start: int, size: int, packed: bool = False) -> bool:
+def agree(data: bytes, start: int, size: int, packed: bool = False, implied: bool = False) -> bool:
     """Both paths on one index: the fast one never accepts what the slow one refuses; returns whether it accepted.
-    ``packed``: the file's preamble has the packed-layout flag (the sound file below does: it holds zstd blobs)."""
-    fast = idx._fast_index(data, start, size, packed)
-    slow = _slow(data, start, size, packed)
+    ``packed`` / ``implied``: the file's preamble has that flag (the sound file below has both: it holds zstd blobs, so
+    its index is compressed and leaves BLOB offsets and lengths out)."""
+    fast = idx._fast_index(data, start, size, packed, implied)
+    slow = _slow(data, start, size, packed, implied)
     if fast is not None:
         assert not isinstance(slow, AdapterpackError), f"fast path accepted an index refused with {slow!r}"
         _same(fast, slow)
@@ -86,7 +87,7 @@ def sound(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], int
     b = Adapter(name="two", modules={"m": lora(8, 6, 2)})
     adapterpack.save([a, b], path, codec="zstd")
     data, start, size = _index_of(path)
-    assert ApackReader(path).preamble.packed
+    assert ApackReader(path).preamble.packed and ApackReader(path).preamble.implied
     return json.loads(data), start, size, path
 
 
@@ -104,15 +105,15 @@ def test_every_vector_agrees() -> None:
         except AdapterpackError:
             continue  # a hostile compressed index: refused before any JSON is parsed
         start = -(-(PREAMBLE_SIZE + length) // 256) * 256
-        accepted += agree(data, start, len(raw), bool(flags & FLAG_PACKED))
+        accepted += agree(data, start, len(raw), bool(flags & FLAG_PACKED), bool(flags & FLAG_IMPLIED))
     assert accepted > 10
 
 
 def test_sound_files_take_the_fast_path(sound: tuple[dict[str, Any], int, int, Path]) -> None:
     _, start, size, path = sound
     data, _, _ = _index_of(path)
-    assert agree(data, start, size, True)
-    assert idx.read_index(data, start, size, True)._raw is None  # the JSON object is not built unless asked for
+    assert agree(data, start, size, True, True)
+    assert idx.read_index(data, start, size, True, True)._raw is None  # the JSON object is not built unless asked for
 
 
 def _paths(obj: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
@@ -169,7 +170,7 @@ def test_every_single_field_change_agrees(sound: tuple[dict[str, Any], int, int,
     n = accepted = 0
     for obj in _mutations(raw):
         data = json.dumps(obj, separators=(",", ":")).encode()
-        accepted += agree(data, start, size, True)
+        accepted += agree(data, start, size, True, True)
         n += 1
     assert n > 500 and 0 < accepted < n
 
@@ -186,18 +187,18 @@ def test_duplicate_keys_are_never_accepted(sound: tuple[dict[str, Any], int, int
     for value in ['"x"', "1", '"a\\u003ab"', "[]", "{}"]:  # escaped colons must not hide the dropped member
         dup = text[:at] + f"{key}:{value}," + text[at:]
         data = dup.encode()
-        assert not agree(data, start, size, True)
+        assert not agree(data, start, size, True, True)
         with pytest.raises(DuplicateNameError):
-            idx.read_index(data, start, size, True)
+            idx.read_index(data, start, size, True, True)
 
 
 def test_escaped_colons_and_backslashes_are_accepted(sound: tuple[dict[str, Any], int, int, Path]) -> None:
     raw, start, size, _ = sound
     text = json.dumps(raw, separators=(",", ":")).replace('"v:w"', '"v\\u003aw"')
-    assert agree(text.encode(), start, size, True)
+    assert agree(text.encode(), start, size, True, True)
     text = json.dumps(raw, separators=(",", ":")).replace('"v:w"', '"v\\\\u003aw\\\\"')  # literal backslashes
-    assert not agree(text.encode(), start, size, True)  # counted as escapes: steps aside, the slow path accepts
-    assert not isinstance(_slow(text.encode(), start, size, True), AdapterpackError)
+    assert not agree(text.encode(), start, size, True, True)  # counted as escapes: steps aside, the slow path accepts
+    assert not isinstance(_slow(text.encode(), start, size, True, True), AdapterpackError)
 
 
 @pytest.mark.parametrize("field", ["params", "source", "codec", "writer"])
@@ -218,12 +219,12 @@ def test_depth_limit_in_free_form_values(sound: tuple[dict[str, Any], int, int, 
             obj["writer"] = deep
         data = json.dumps(obj, separators=(",", ":")).encode()
         assert idx.json_depth(data) == MAX_JSON_DEPTH + extra
-        agree(data, start, size, True)
+        agree(data, start, size, True, True)
         if extra:
             with pytest.raises(IndexFormatError, match="nested too deeply"):
-                idx.read_index(data, start, size, True)
+                idx.read_index(data, start, size, True, True)
         else:
-            idx.read_index(data, start, size, True)
+            idx.read_index(data, start, size, True, True)
 
 
 def test_random_byte_edits_agree(sound: tuple[dict[str, Any], int, int, Path]) -> None:
@@ -243,7 +244,7 @@ def test_random_byte_edits_agree(sound: tuple[dict[str, Any], int, int, Path]) -
                 data.insert(at, ch)
             else:
                 del data[at]
-        agree(bytes(data), start, size, True)
+        agree(bytes(data), start, size, True, True)
 
 
 def test_escaped_colon_count_is_bytes_count() -> None:

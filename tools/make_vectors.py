@@ -33,8 +33,8 @@ from adapterpack import dtypes
 from adapterpack.adapter import Adapter, Module
 from adapterpack.checksum import crc32c
 from adapterpack.container import writer
-from adapterpack.container.index import dumps, index_text
-from adapterpack.container.preamble import FLAG_INDEX_ZSTD, FLAG_PACKED, PREAMBLE_SIZE, Preamble, align_up
+from adapterpack.container.index import dumps, fill_implied, index_text
+from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, PREAMBLE_SIZE, Preamble, align_up
 from tools.vectors import _reference as reference
 from tools.vectors import modules as vector_modules
 
@@ -146,9 +146,13 @@ def _write(path: Path, adapters: Adapter | list[Adapter], codec: str) -> None:
 
 
 def _read_index(raw: bytes) -> tuple[dict[str, Any], int, int]:
-    """(index as a JSON object, preamble flags, stored index length) of a file's bytes."""
+    """(index as a JSON object, preamble flags, stored index length) of a file's bytes; BLOB offsets and lengths a
+    1.5 index left out (the implied flag) are written in, so the object reads under any flags."""
     flags, length = struct.unpack_from("<IQ", raw, 12)
-    return json.loads(index_text(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length], bool(flags & FLAG_INDEX_ZSTD))), flags, length
+    index = json.loads(index_text(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length], bool(flags & FLAG_INDEX_ZSTD)))
+    if flags & FLAG_IMPLIED:
+        fill_implied(index["blobs"], bool(flags & FLAG_PACKED))
+    return index, flags, length
 
 
 def _craft(path: Path, edit: Callable[[dict[str, Any]], None], major: int = 1, minor: int = 0) -> None:

@@ -78,6 +78,15 @@ def plan_offsets(stored_lengths: list[int], raw: list[bool] | None = None) -> li
     return offsets
 
 
+def fill_implied(blobs: list[dict[str, Any]], packed: bool) -> None:
+    """Set the ``offset`` and ``length`` a 1.5 index left out (the implied flag, spec §2.1) in BLOB objects of a file
+    whose index is otherwise sound, in place: for tools that edit an index as JSON. Values present are kept."""
+    raw = [b["codec"]["id"] == "raw" for b in blobs] if packed else None
+    for b, off in zip(blobs, plan_offsets([b["stored_length"] for b in blobs], raw), strict=True):
+        b.setdefault("offset", off)
+        b.setdefault("length", math.prod(b["shape"]) * dtypes.by_name(b["dtype"]).itemsize)
+
+
 _local = threading.local()
 
 
@@ -140,10 +149,13 @@ class BlobEntry(Struct, dict=True, omit_defaults=True):
     dtype: str
     shape: _Shape
     codec: dict[str, Any]
-    offset: _Int
     stored_length: _Int
-    length: _Int
     crc32c: _Crc
+    #: Start relative to the data section. Left out of the index of a file with the implied flag (1.5, spec §2.1); the
+    #: validation sets it to the planned offset, so a validated entry always holds an int.
+    offset: _Int | UnsetType = UNSET
+    #: Decoded bytes; left out under the implied flag like ``offset``, set by the validation to ``prod(shape) * itemsize``.
+    length: _Int | UnsetType = UNSET
     #: CRC-32Cs of the row-prefix checkpoints (spec §2.1 ``prefix_crc32c``); empty when the blob has none.
     prefix_crc32c: tuple[_Crc, ...] = ()
 
@@ -181,7 +193,7 @@ def _blob_entry(
     known: bool,
     checkpoints: tuple[int, ...],
 ) -> BlobEntry:
-    b = BlobEntry(dtype, shape, codec, offset, stored_length, length, crc, checkpoints)
+    b = BlobEntry(dtype, shape, codec, stored_length, crc, offset, length, checkpoints)
     b.known_codec = known
     return b
 
@@ -522,14 +534,18 @@ def get_shape(obj: dict[str, Any], key: str, where: str) -> tuple[int, ...]:
 
 
 _BLOB_INTS = ("offset", "stored_length", "length", "crc32c")
+#: The BLOB keys a file with the implied flag may leave out (spec §2.1): a reader derives both.
+IMPLIED_KEYS = ("offset", "length")
 
 
-def parse_blob(i: int, obj: Any, bounds: dict[str, int | None] | None = None) -> BlobEntry:
+def parse_blob(i: int, obj: Any, bounds: dict[str, int | None] | None = None, implied: bool = False) -> BlobEntry:
     """Validate one BLOB object (spec §2.1).
 
     Written for speed (it runs once per tensor on every open): exact type checks, no
     per-field helper calls on the good path. ``bounds`` caches each codec's expansion
-    bound across the blobs of one index.
+    bound across the blobs of one index. ``implied`` (the file's flag bit 2, since 1.5): ``offset`` and
+    ``length`` may be absent; an absent ``length`` is the shape's, an absent ``offset`` is left UNSET for
+    :func:`check_layout` to set to the planned one.
     """
     where = f"blob {i}"
     if type(obj) is not dict:
@@ -546,10 +562,12 @@ def parse_blob(i: int, obj: Any, bounds: dict[str, int | None] | None = None) ->
     codec_id = codec.get("id") if type(codec) is dict else None
     if type(codec_id) is not str:
         codec_id = get(get(obj, "codec", dict, where), "id", str, f"{where} codec")
-    ints = [obj.get(k) for k in _BLOB_INTS]
+    keys = [k for k in _BLOB_INTS if k in obj or k not in IMPLIED_KEYS] if implied else _BLOB_INTS
+    ints = [obj.get(k) for k in keys]
     if not all(type(v) is int and 0 <= v < MAX_INT for v in ints):
-        ints = [get_int(obj, k, where) for k in _BLOB_INTS]
-    offset, stored_length, length, crc = ints
+        ints = [get_int(obj, k, where) for k in keys]
+    got = dict(zip(keys, ints, strict=True))
+    offset, stored_length, crc = got.get("offset", UNSET), got["stored_length"], got["crc32c"]
     known = codecs.base.is_known(codec_id)
     must = codec.get("must_understand", True)
     if type(must) is not bool:
@@ -558,6 +576,7 @@ def parse_blob(i: int, obj: Any, bounds: dict[str, int | None] | None = None) ->
         raise UnknownCodecError(f"{where}: unknown codec {codec_id!r} marked must_understand")
     itemsize = dtype.itemsize
     expected = math.prod(shape) * itemsize
+    length = got.get("length", expected)
     if length != expected:
         raise LengthMismatchError(f"{where}: length {length} != {expected} (shape {list(shape)} × {itemsize}-byte {dtype.name})")
     if not expected and math.prod(d for d in shape if d) * itemsize >= MAX_INT:  # numpy refuses such shapes even when empty
@@ -595,11 +614,15 @@ def _prefix_crcs(value: Any, shape: tuple[int, ...], where: str) -> tuple[int, .
 
 
 def check_layout(blobs: list[BlobEntry], data_start: int, file_size: int, packed: bool = False) -> None:
-    """Offsets exactly as the alignment rule places them (the packed rule with ``packed``), and the file ending at the last blob."""
+    """Offsets exactly as the alignment rule places them (the packed rule with ``packed``), and the file ending at the last blob.
+
+    A blob whose index left its offset out (the implied flag, spec §2.1) is given the planned one."""
     raw = [b.codec.get("id") == "raw" for b in blobs] if packed else [True] * len(blobs)
     expected = plan_offsets([b.stored_length for b in blobs], raw)
     for i, (b, off) in enumerate(zip(blobs, expected, strict=True)):
-        if b.offset != off:
+        if b.offset is UNSET:
+            b.offset = off
+        elif b.offset != off:
             what = "overlaps the previous blob" if b.offset < off else "leaves a gap beyond padding or is misaligned"
             align = blob_alignment(b.stored_length, raw[i])
             if b.offset % align:
@@ -612,13 +635,14 @@ def check_layout(blobs: list[BlobEntry], data_start: int, file_size: int, packed
         raise LayoutError(f"file has {file_size - end} bytes after the last blob")
 
 
-def parse_index(raw: dict[str, Any], data_start: int, file_size: int, packed: bool = False) -> Index:
-    """Validate the top level, blobs and layout (the packed layout with ``packed``); adapters are checked by the reader."""
+def parse_index(raw: dict[str, Any], data_start: int, file_size: int, packed: bool = False, implied: bool = False) -> Index:
+    """Validate the top level, blobs and layout (the packed layout with ``packed``; BLOB offsets and lengths optional
+    with ``implied``); adapters are checked by the reader."""
     blobs_raw = get(raw, "blobs", list, "index")
     if len(blobs_raw) > MAX_BLOBS:
         raise IndexFormatError(f"index lists {len(blobs_raw)} blobs, over the limit of {MAX_BLOBS}")
     bounds: dict[str, int | None] = {}
-    blobs = [parse_blob(i, b, bounds) for i, b in enumerate(blobs_raw)]
+    blobs = [parse_blob(i, b, bounds, implied) for i, b in enumerate(blobs_raw)]
     check_layout(blobs, data_start, file_size, packed)
     adapters = get(raw, "adapters", list, "index")
     if not adapters:
@@ -748,8 +772,9 @@ def _escaped_colons(data: bytes, text: np.ndarray) -> int:
     return int(np.count_nonzero((after == _U003A[0]) | (after == _U003A[1])))
 
 
-def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int, packed: bool = False) -> bool:
-    """Stage 4 (what msgspec left: dtype, length, codec, prefix CRCs) and stage 5 (layout) on decoded blobs."""
+def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int, packed: bool = False, implied: bool = False) -> bool:
+    """Stage 4 (what msgspec left: dtype, length, codec, prefix CRCs) and stage 5 (layout) on decoded blobs; with
+    ``implied``, an offset or length the index left out is set to the planned one."""
     itemsizes = _ITEMSIZES
     prod = math.prod
     #: codec id -> (known, expansion bound): looked up once per id, on its first blob's codec object, as the loop in
@@ -763,6 +788,8 @@ def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int, packed: 
         shape = b.shape
         n = shape[0] * shape[1] * size if len(shape) == 2 else prod(shape) * size  # 2-D factors: most blobs
         length = b.length
+        if length is UNSET and implied:
+            length = b.length = n
         if length != n or (not n and prod(d for d in shape if d) * size >= MAX_INT):
             return False
         codec = b.codec
@@ -805,7 +832,9 @@ def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int, packed: 
             align = LARGE_ALIGNMENT if stored >= SMALL_BLOB else SMALL_ALIGNMENT
             start = -(-end // align) * align
         if b.offset != start:
-            return False
+            if b.offset is not UNSET or not implied:
+                return False
+            b.offset = start
         end = start + stored
     return data_start + end == file_size
 
@@ -841,7 +870,7 @@ def _references_fit(adapters: list[AdapterRecord], n_blobs: int) -> list[int] | 
     return None if 0 in used else used
 
 
-def _fast_index(data: bytes, data_start: int, file_size: int, packed: bool) -> Index | None:
+def _fast_index(data: bytes, data_start: int, file_size: int, packed: bool, implied: bool) -> Index | None:
     if len(data) > _COUNTS_UNREACHABLE:
         try:
             _check_shape(data)
@@ -853,7 +882,7 @@ def _fast_index(data: bytes, data_start: int, file_size: int, packed: bool) -> I
         return None
     if not _no_duplicate_keys(data, wire) or _too_deep(wire.writer, 2):
         return None
-    if not _blobs_fit(wire.blobs, data_start, file_size, packed):
+    if not _blobs_fit(wire.blobs, data_start, file_size, packed, implied):
         return None
     refs = _references_fit(wire.adapters, len(wire.blobs))
     if refs is None:
@@ -861,16 +890,17 @@ def _fast_index(data: bytes, data_start: int, file_size: int, packed: bool) -> I
     return Index(None, wire.blobs, data=data, records=wire.adapters, refs=refs)
 
 
-def read_index(data: bytes, data_start: int, file_size: int, packed: bool = False) -> Index:
+def read_index(data: bytes, data_start: int, file_size: int, packed: bool = False, implied: bool = False) -> Index:
     """Validate index bytes (the JSON text) through stage 6 of spec §10.2 (JSON, blob table, layout, adapters and
-    references); ``packed``: the file's preamble sets the packed-layout flag (spec §1.2).
+    references); ``packed``: the file's preamble sets the packed-layout flag (spec §1.2); ``implied``: it sets the
+    implied flag (BLOB offsets and lengths may be left out, spec §2.1).
 
     The fast path (msgspec, above) accepts a sound index; anything else goes through :func:`loads`,
     :func:`parse_index` and :func:`check_references`, which raise the error spec §10.2 names.
     """
-    index = _fast_index(data, data_start, file_size, packed)
+    index = _fast_index(data, data_start, file_size, packed, implied)
     if index is None:
-        index = parse_index(loads(data), data_start, file_size, packed)
+        index = parse_index(loads(data), data_start, file_size, packed, implied)
         check_references(index)
         if index._data is None:
             index._data = data

@@ -10,15 +10,18 @@ from adapterpack.limits import MAX_INDEX_LENGTH
 
 MAGIC = b"\x89APK\r\n\x1a\n"
 MAJOR = 1
-MINOR = 4
+MINOR = 5
 PREAMBLE_SIZE = 32
 MIN_INDEX_LENGTH = 2
 #: Must-understand flag bit 0 (since 1.3): the index is one Zstandard frame holding the JSON text (spec §1.3).
 FLAG_INDEX_ZSTD = 0x1
 #: Must-understand flag bit 1 (since 1.3): only raw blobs are aligned, compressed ones are packed (spec §1.2).
 FLAG_PACKED = 0x2
-#: Flag bits 0–15 are must-understand; 1.0–1.2 define none, 1.3 bits 0 and 1.
-KNOWN_MUST_UNDERSTAND_FLAGS = FLAG_INDEX_ZSTD | FLAG_PACKED
+#: Must-understand flag bit 2 (since 1.5): BLOB ``offset`` and ``length`` may be left out of the index; absent, they are
+#: the planned offset and ``prod(shape) * itemsize`` (spec §2.1), values a reader computes anyway to check them.
+FLAG_IMPLIED = 0x4
+#: Flag bits 0–15 are must-understand; 1.0–1.2 define none, 1.3 bits 0 and 1, 1.5 bit 2.
+KNOWN_MUST_UNDERSTAND_FLAGS = FLAG_INDEX_ZSTD | FLAG_PACKED | FLAG_IMPLIED
 DATA_ALIGNMENT = 256
 
 _STRUCT = struct.Struct("<8sHHIQII")
@@ -47,6 +50,11 @@ class Preamble:
     def packed(self) -> bool:
         """Whether the file uses the 1.3 layout: compressed blobs unaligned (flag bit 1)."""
         return bool(self.flags & FLAG_PACKED)
+
+    @property
+    def implied(self) -> bool:
+        """Whether BLOB ``offset`` and ``length`` may be absent from the index (flag bit 2, since 1.5)."""
+        return bool(self.flags & FLAG_IMPLIED)
 
     @property
     def data_start(self) -> int:

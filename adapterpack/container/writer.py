@@ -16,8 +16,9 @@ from adapterpack.atomic import atomic_file
 from adapterpack.checksum import crc32c
 from adapterpack.codecs import zstd as _zstd
 from adapterpack.container import prefix
-from adapterpack.container.index import blob_alignment, dumps, index_text, loads, parse_index, plan_offsets
+from adapterpack.container.index import IMPLIED_KEYS, blob_alignment, dumps, index_text, loads, parse_index, plan_offsets
 from adapterpack.container.preamble import (
+    FLAG_IMPLIED,
     FLAG_INDEX_ZSTD,
     FLAG_PACKED,
     MAJOR,
@@ -228,10 +229,19 @@ def plan_apack(
     # (its cost on an open is measured in BENCHMARKS.md); such a file has the 1.2 layout and flags 0
     if zstd_index is None:  # a qsvd record is dequantized on every load: its file gains nothing from a plain index
         zstd_index = packed or any(m.encoding == "qsvd" for a in adapters for m in a)
-    stored = compress_index(text) if zstd_index and compact else text
-    if len(stored) >= len(text) or len(text) > MAX_INDEX_RATIO * len(stored):  # a reader refuses a frame expanding more
+    implied = False
+    if zstd_index and compact:
+        # a compressed index leaves out every BLOB offset and length (1.5, the implied flag): a reader derives both,
+        # and they are what is left to compress in it (cumulative offsets are new digits for every blob; BENCHMARKS.md)
+        short = dumps(index | {"blobs": [{k: v for k, v in b.items() if k not in IMPLIED_KEYS} for b in index["blobs"]]})
+        stored = compress_index(short)
+        if len(stored) < len(text) and len(short) <= MAX_INDEX_RATIO * len(stored):  # a reader refuses a frame expanding more
+            text, implied = short, True
+        else:
+            stored = text
+    else:
         stored = text
-    flags = (FLAG_INDEX_ZSTD if stored is not text else 0) | (FLAG_PACKED if packed else 0)
+    flags = (FLAG_INDEX_ZSTD | FLAG_IMPLIED if implied else 0) | (FLAG_PACKED if packed else 0)
     pre = Preamble(MAJOR, MINOR, flags, len(stored), crc32c(stored))
     return ApackPlan(index, stored, pre, offsets, lengths, text)
 
@@ -285,7 +295,7 @@ def write_apack(
         text = index_text(index_bytes, pre.compressed_index)  # what a reader will parse, through the reader's own decoder
         if text != plan.index_text:
             raise AdapterpackError("the compressed index does not decode to its JSON text")
-        check_index(text, data_start, end, pre.packed)
+        check_index(text, data_start, end, pre.packed, pre.implied)
     except AdapterpackError as e:
         raise type(e)(f"cannot write {path}: {e}") from None
     if expected_size is not None and end != expected_size:
@@ -315,15 +325,15 @@ def write_apack(
     )
 
 
-def check_index(index_bytes: bytes, data_start: int, file_size: int, packed: bool = False) -> None:
-    """Refuse an index (its JSON text; ``packed``: of a file with the packed-layout flag) the reader would refuse,
+def check_index(index_bytes: bytes, data_start: int, file_size: int, packed: bool = False, implied: bool = False) -> None:
+    """Refuse an index (its JSON text; ``packed``/``implied``: of a file with that flag) the reader would refuse,
     with the reader's own checks and error classes.
 
     Runs on the bytes about to be written (so it sees exactly what JSON kept): the index
     schema, blob table and layout, references and names, and every record of every
     adapter (encodings validate from dtypes and shapes; no tensor is read).
     """
-    index = parse_index(loads(index_bytes), data_start, file_size, packed)
+    index = parse_index(loads(index_bytes), data_start, file_size, packed, implied)
     check_references(index)
     blobs = index.blobs
 

@@ -5,7 +5,9 @@ dependency, for the ``pco`` codec) are measured when they import, and reported m
 
 **Sizes** (exact, deterministic). Every real adapter found — the bundled example, the r=64 one
 (``~/.cache/adapterpack/rerank-r64``), the bank LoRAs (``~/.cache/adapterpack/bank-loras/lora*``) —
-cast to fp32, fp16 and bf16 (bf16 rounds to nearest even), then for each codec the ``.apack`` that
+and the bundled example truncated by its exact SVD to ranks 1, 2 and 4 (``--ranks``: small adapters, where the
+index and per-tensor headers weigh most) — cast to fp32, fp16 and bf16 (bf16 rounds to nearest even), then for
+each codec the ``.apack`` that
 ``adapterpack.save(adapterpack.open(peft_folder), codec=...)`` writes at the codec's default level:
 
 - *whole*: the file's bytes (preamble, index, padding and blobs);
@@ -136,10 +138,23 @@ def apack_sizes(path: Path) -> tuple[int, int]:
         r.close()
 
 
-def measure_sizes(work: Path, level: int | None) -> list[dict[str, Any]]:
+def truncated_adapters(work: Path, ranks: Sequence[int]) -> list[tuple[str, Path]]:
+    """(name, PEFT folder) of the bundled example re-ranked to each rank by its exact SVD (``adapterpack rerank --rank
+    K --to peft``: the lora factors of the trained ΔW's best rank-K approximation), written under ``work``."""
+    from adapterpack.ops.rerank import RerankPolicy, rerank_file
+
+    out = []
+    for k in ranks:
+        folder = work / f"bundled-rank{k}"
+        rerank_file(common.example_dir(), folder, RerankPolicy(rank=k), to="peft", force=True)
+        out.append((f"bundled r=8 → rank {k} (SVD)", folder))
+    return out
+
+
+def measure_sizes(work: Path, level: int | None, ranks: Sequence[int] = (1, 2, 4)) -> list[dict[str, Any]]:
     """One row per (real adapter, dtype): every codec's whole and payload bytes, and both peers' payloads."""
     rows = []
-    for name, src in real_adapters():
+    for name, src in real_adapters() + truncated_adapters(work, ranks):
         for dt in DTYPE_NAMES:
             folder = common.cast_peft(src, work / f"{src.name}-{dt}", dt)
             ad = adapterpack.open(folder)
@@ -405,6 +420,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--pco-breakdown", action="store_true",
                     help="only: where pco's decode time goes (Pco engine, un-rotation, codec, pcodec), synthetic adapter")
     ap.add_argument("--workdir", type=Path, help="where to write the test files (default: a temporary folder)")
+    ap.add_argument("--ranks", default="1,2,4",
+                    help="ranks the bundled example is also truncated to for the size tables (comma-separated; '' for none)")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     args = ap.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 7)
@@ -424,7 +441,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if not args.speed_only:
-            sizes = measure_sizes(work, args.level)
+            sizes = measure_sizes(work, args.level, [int(k) for k in args.ranks.split(",") if k.strip()])
         if not args.sizes_only:
             speed = measure_speed(work, layers, repeats, args.level)
     m = common.machine()

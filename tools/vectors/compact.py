@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from adapterpack.container.index import dumps
-from adapterpack.container.preamble import FLAG_INDEX_ZSTD, FLAG_PACKED, MAX_INDEX_LENGTH
+from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, MAX_INDEX_LENGTH
 from tools.vectors.container import Edit, Parts, _bad_checksum, _edited, _frame, _skippable, _with_dict_id
 
 
@@ -68,6 +68,34 @@ def _aligned_with_flag(p: Parts) -> bytes:
     return p.pack(data)
 
 
+def _implied(keep: tuple[str, ...] = (), change: Callable[[list[dict[str, Any]]], None] | None = None,
+             flags: int = FLAG_INDEX_ZSTD | FLAG_PACKED | FLAG_IMPLIED) -> Edit:
+    """The packed file of two zstd blobs with ``flags``; every BLOB ``offset`` and ``length`` left out but those named
+    in ``keep``, then ``change`` applied to the blob table (1.5, §2.1)."""
+
+    def edit(p: Parts) -> bytes:
+        _two_zstd_blobs(p)
+        p.flags |= FLAG_PACKED
+        data = p.lay_out()
+        p.flags = flags
+        for b in p.index["blobs"]:
+            for k in ("offset", "length"):
+                if k not in keep:
+                    del b[k]
+        if change is not None:
+            change(p.index["blobs"])
+        return p.pack(data)
+
+    return edit
+
+
+def _bump(key: str, by: int) -> Callable[[list[dict[str, Any]]], None]:
+    def change(blobs: list[dict[str, Any]]) -> None:
+        blobs[1][key] += by
+
+    return change
+
+
 def _aligned(p: Parts) -> None:
     _two_zstd_blobs(p)
     p.flags = 0
@@ -100,6 +128,41 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
         [small()],
         "raw",
         craft=_edited(_aligned),
+    )
+    # 1.5: the implied flag (bit 2) lets a BLOB leave out offset and length, which a reader derives (§2.1)
+    readable(
+        "implied_keys_left_out",
+        "flag bits 0, 1 and 2: two packed zstd blobs whose BLOB objects leave out offset and length (as adapterpack's "
+        "writer writes a compressed index since 1.5)",
+        [small()],
+        "raw",
+        craft=_edited(_implied()),
+    )
+    readable(
+        "implied_keys_present",
+        "flag bits 0, 1 and 2 with every BLOB offset and length still written: under the flag they are optional, and "
+        "checked where present",
+        [small()],
+        "raw",
+        craft=_edited(_implied(keep=("offset", "length"))),
+    )
+    no(
+        "implied_offset_wrong",
+        "implied flag: blob 1 keeps its offset, one byte past the planned one (present, it must equal the plan)",
+        "LayoutError",
+        _implied(keep=("offset",), change=_bump("offset", 1)),
+    )
+    no(
+        "implied_length_wrong",
+        "implied flag: blob 1 keeps its length, 4 more than its shape and dtype give",
+        "LengthMismatchError",
+        _implied(keep=("length",), change=_bump("length", 4)),
+    )
+    no(
+        "offset_missing_without_flag",
+        "blob offsets and lengths left out of a file without the implied flag (flags 0 and 1 only: a 1.3–1.4 file)",
+        "IndexFormatError",
+        _implied(flags=FLAG_INDEX_ZSTD | FLAG_PACKED),
     )
     no("layout_packed_without_flag", "zstd blobs packed in a file without the packed flag", "LayoutError", _packed_without_flag)
     no("layout_aligned_with_flag", "zstd blobs padded to 8 bytes in a file with the packed flag", "LayoutError", _aligned_with_flag)

@@ -22,8 +22,16 @@ import zstandard
 
 from adapterpack.adapter import Adapter
 from adapterpack.checksum import crc32c
-from adapterpack.container.index import dumps, index_text, plan_offsets
-from adapterpack.container.preamble import FLAG_INDEX_ZSTD, FLAG_PACKED, MAGIC, MAX_INDEX_LENGTH, PREAMBLE_SIZE, align_up
+from adapterpack.container.index import dumps, fill_implied, index_text, plan_offsets
+from adapterpack.container.preamble import (
+    FLAG_IMPLIED,
+    FLAG_INDEX_ZSTD,
+    FLAG_PACKED,
+    MAGIC,
+    MAX_INDEX_LENGTH,
+    PREAMBLE_SIZE,
+    align_up,
+)
 from adapterpack.container.writer import compress_index
 from adapterpack.limits import MAX_JSON_DEPTH
 
@@ -55,6 +63,8 @@ class Parts:
         raw = path.read_bytes()
         _, major, minor, flags, length, _, reserved = _PREAMBLE.unpack_from(raw)
         index = json.loads(index_text(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length], bool(flags & FLAG_INDEX_ZSTD)))
+        if flags & FLAG_IMPLIED:  # written in: the vectors are edited as plain JSON indexes
+            fill_implied(index["blobs"], bool(flags & FLAG_PACKED))
         data = align_up(PREAMBLE_SIZE + length, 256)
         blobs = [raw[data + b["offset"] : data + b["offset"] + b["stored_length"]] for b in index["blobs"]]
         return cls(index, blobs, major=major, minor=minor, flags=flags, reserved=reserved)
@@ -275,9 +285,9 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
     no("preamble_major_0", "major version 0", "UnsupportedVersionError", _set(major=0))
     no(
         "preamble_must_understand_flag",
-        "flag bit 2 (must-understand, not defined) is set",
+        "flag bit 3 (must-understand, not defined) is set",
         "UnsupportedVersionError",
-        lambda p: setattr(p, "flags", p.flags | 4),
+        lambda p: setattr(p, "flags", p.flags | 8),
     )
     no("preamble_reserved_nonzero", "the reserved preamble field is 1", "IndexFormatError", _set(reserved=1))
     no(
