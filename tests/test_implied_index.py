@@ -124,3 +124,32 @@ def test_a_small_real_adapter_is_below_pcodecs_payload(rank1_fp16: Path, tmp_pat
     assert {a.dtype for a in arrs} == {np.dtype(np.float16)}
     peer = sum(len(pcodec.standalone.simple_compress(a.reshape(-1), pcodec.ChunkConfig())) for a in arrs)
     assert path.stat().st_size < peer, (path.stat().st_size, peer)
+
+
+def test_the_bank_writer_writes_the_compact_layout_too(tmp_path: Path) -> None:
+    """``write_bank`` (bank build/add/refit) packs compressed blobs and stores the 1.5 index as ``write_apack`` does; the
+    bank reads back the same and each shared base is stored once."""
+    from adapterpack.bank.store import Bank, BankMember, BankModule, open_bank, write_bank
+
+    rng = np.random.default_rng(3)
+    u, v = np.tile([0.5, 1.0, -2.0], (200, 1)), np.tile([0.25, 3.0, 1.5], (150, 1))
+    members = [BankMember(f"m{j}", {"q": rng.standard_normal(3)}, tensors={"head": np.arange(40.0).reshape(8, 5)})
+               for j in range(3)]
+    bank_path = tmp_path / "bank.apack"
+    write_bank(bank_path, Bank({"q": BankModule("q", u, v, "diagonal")}, members), codec="zstd")
+    flags, index = _index(bank_path)
+    assert flags == FLAG_INDEX_ZSTD | FLAG_PACKED | FLAG_IMPLIED
+    assert all("offset" not in b and "length" not in b for b in index["blobs"])
+    with open_bank(bank_path) as bank:  # the sharing checks pass: U and V once, every member referencing them
+        assert [m.name for m in bank.members] == ["m0", "m1", "m2"]
+        assert np.array_equal(bank.modules["q"].U, u) and np.array_equal(bank.members[2].S["q"], members[2].S["q"])
+    with adapterpack.open(bank_path, adapter="m1") as ad:
+        again = tmp_path / "again.apack"
+        write_apack(again, ad, codec="zstd")  # one member through the general writer: the same layout rules
+        assert _index(again)[0] == flags
+    with ApackReader(bank_path) as r:
+        assert r.verify().problems == []
+        assert r.index.refs[:2] == [3, 3]  # U and V first, each referenced by the three members
+    raw_bank = tmp_path / "raw-bank.apack"
+    write_bank(raw_bank, Bank({"q": BankModule("q", u, v, "diagonal")}, members), codec="raw")
+    assert _index(raw_bank)[0] == 0  # raw blobs only: the plain index and 1.2 layout, as write_apack writes them

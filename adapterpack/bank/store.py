@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -21,13 +20,13 @@ from adapterpack.atomic import atomic_file
 from adapterpack.checksum import crc32c
 from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.container import writer as _writer
-from adapterpack.container.index import blob_alignment, dumps
-from adapterpack.container.preamble import MAJOR, MAX_INDEX_LENGTH, MINOR, Preamble, align_up
+from adapterpack.container.index import plan_offsets
+from adapterpack.container.preamble import FLAG_PACKED, MAJOR, MINOR, Preamble
 from adapterpack.container.reader import ApackReader
-from adapterpack.container.writer import check_index, encode_blob
+from adapterpack.container.writer import check_index, encode_blob, store_index
 from adapterpack.encodings import get_encoding
 from adapterpack.encodings.shared import shared_base_shape
-from adapterpack.errors import AdapterpackError, BankError, IndexTooLargeError, OutputExistsError, UnrecognizedInputError
+from adapterpack.errors import AdapterpackError, BankError, OutputExistsError, UnrecognizedInputError
 
 META_HASH = "bank.sha256"
 META_ERROR = "bank.rel_error"
@@ -110,6 +109,8 @@ def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = DEFAULT
     tensors in member order, so the shared bases sit together at the front of the data section.
     Each blob is encoded into an unnamed spool file beside ``path`` as it comes and copied after the
     index, so one tensor at a time is in memory: pass-through tensors given as handles are read here.
+    The layout and index are those :func:`~adapterpack.container.writer.write_apack` writes: with a compressed
+    blob, compressed blobs packed and the index a zstd frame without blob offsets and lengths (spec §1.2–§1.3).
     """
     if not bank.members:
         raise BankError("a bank needs at least one adapter")
@@ -118,34 +119,50 @@ def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = DEFAULT
         raise OutputExistsError(f"{dest} already exists (use --force to overwrite)")
     with atomic_file(dest, overwrite=overwrite) as f, tempfile.TemporaryFile(dir=dest.parent) as spool:
         blobs: list[dict[str, Any]] = []
-        end = 0
 
         def add(t: TensorLike) -> int:
-            nonlocal end
             arr = as_array(t)
             data, cfg, crc = encode_blob(arr, codec, level)
-            off = align_up(end, blob_alignment(len(data)))  # the layout of container.index.plan_offsets
-            spool.write(b"\0" * (off - end))
-            spool.write(data)
-            end = off + len(data)
-            blobs.append({"dtype": dtypes.of_array(arr).name, "shape": list(arr.shape), "codec": cfg, "offset": off,
+            spool.write(data)  # back to back: the padding the layout asks for is added when copied
+            blobs.append({"dtype": dtypes.of_array(arr).name, "shape": list(arr.shape), "codec": cfg,
                           "stored_length": len(data), "length": arr.nbytes, "crc32c": crc})
             return len(blobs) - 1
 
-        index_bytes = dumps({"writer": _writer._writer_id(), "adapters": _entries(bank, add), "blobs": blobs})
-        if len(index_bytes) > MAX_INDEX_LENGTH:
-            raise IndexTooLargeError(f"bank index would be {len(index_bytes)} bytes, over the {MAX_INDEX_LENGTH}-byte limit")
-        pre = Preamble(MAJOR, MINOR, 0, len(index_bytes), crc32c(index_bytes))
+        adapters = _entries(bank, add)
+        raw = [b["codec"]["id"] == "raw" for b in blobs]
+        packed = not all(raw)  # with raw blobs only, both layouts are the same: no flag needed
+        lengths = [b["stored_length"] for b in blobs]
+        offsets = plan_offsets(lengths, raw if packed else None)
+        # the key order write_apack writes (offset after codec)
+        blobs = [{"dtype": b["dtype"], "shape": b["shape"], "codec": b["codec"], "offset": off} | b
+                 for b, off in zip(blobs, offsets, strict=True)]
+        stored, text, flags = store_index({"writer": _writer._writer_id(), "adapters": adapters, "blobs": blobs}, packed)
+        pre = Preamble(MAJOR, MINOR, flags | (FLAG_PACKED if packed else 0), len(stored), crc32c(stored))
+        end = offsets[-1] + lengths[-1] if blobs else 0
         try:
-            check_index(index_bytes, pre.data_start, pre.data_start + end)
+            check_index(text, pre.data_start, pre.data_start + end, pre.packed, pre.implied)
         except AdapterpackError as e:
             raise type(e)(f"cannot write {path}: {e}") from None
         f.write(pre.pack())
-        f.write(index_bytes)
-        f.write(b"\0" * (pre.data_start - len(pre.pack()) - len(index_bytes)))
+        f.write(stored)
+        f.write(b"\0" * (pre.data_start - len(pre.pack()) - len(stored)))
         spool.seek(0)
-        shutil.copyfileobj(spool, f)
+        pos = 0
+        for off, n in zip(offsets, lengths, strict=True):
+            f.write(b"\0" * (off - pos))
+            _copy(spool, f, n)
+            pos = off + n
     return pre.data_start + end
+
+
+def _copy(src: BinaryIO, dst: BinaryIO, n: int, chunk: int = 1 << 20) -> None:
+    """``n`` bytes from ``src`` to ``dst``, a chunk at a time."""
+    while n:
+        got = src.read(min(chunk, n))
+        if not got:
+            raise BankError("the bank's spool file ended early")
+        dst.write(got)
+        n -= len(got)
 
 
 def _entries(bank: Bank, add: Callable[[TensorLike], int]) -> list[dict[str, Any]]:

@@ -222,28 +222,32 @@ def plan_apack(
     for obj, off in zip(blob_objs, offsets, strict=True):
         obj["offset"] = off
     index = {"writer": _writer_id(), "adapters": index_adapters, "blobs": [_ordered(b) for b in blob_objs]}
-    text = dumps(index)
-    if len(text) > MAX_INDEX_LENGTH:
-        raise IndexTooLargeError(f"index would be {len(text)} bytes, over the {MAX_INDEX_LENGTH}-byte limit")
     # raw blobs only: the index stays plain JSON, so opening a file meant for zero-copy loads decodes no frame
     # (its cost on an open is measured in BENCHMARKS.md); such a file has the 1.2 layout and flags 0
     if zstd_index is None:  # a qsvd record is dequantized on every load: its file gains nothing from a plain index
         zstd_index = packed or any(m.encoding == "qsvd" for a in adapters for m in a)
-    implied = False
-    if zstd_index and compact:
-        # a compressed index leaves out every BLOB offset and length (1.5, the implied flag): a reader derives both,
-        # and they are what is left to compress in it (cumulative offsets are new digits for every blob; BENCHMARKS.md)
+    stored, text, flags = store_index(index, zstd_index and compact)
+    pre = Preamble(MAJOR, MINOR, flags | (FLAG_PACKED if packed else 0), len(stored), crc32c(stored))
+    return ApackPlan(index, stored, pre, offsets, lengths, text)
+
+
+def store_index(index: dict[str, Any], compress: bool) -> tuple[bytes, bytes, int]:
+    """(the index bytes to store after the preamble, the JSON text a reader will parse, their flag bits) for ``index``,
+    whose BLOB objects hold every key (spec §1.3, §2.1).
+
+    ``compress``: a zstd frame of the index with every BLOB ``offset`` and ``length`` left out (flag bits 0 and 2: a
+    reader derives both, and cumulative offsets are what is left to compress in it; BENCHMARKS.md), where the frame
+    is smaller than the plain text and expands at most :data:`MAX_INDEX_RATIO` times; else the plain text, flags 0.
+    """
+    text = dumps(index)
+    if len(text) > MAX_INDEX_LENGTH:
+        raise IndexTooLargeError(f"index would be {len(text)} bytes, over the {MAX_INDEX_LENGTH}-byte limit")
+    if compress:
         short = dumps(index | {"blobs": [{k: v for k, v in b.items() if k not in IMPLIED_KEYS} for b in index["blobs"]]})
         stored = compress_index(short)
         if len(stored) < len(text) and len(short) <= MAX_INDEX_RATIO * len(stored):  # a reader refuses a frame expanding more
-            text, implied = short, True
-        else:
-            stored = text
-    else:
-        stored = text
-    flags = (FLAG_INDEX_ZSTD | FLAG_IMPLIED if implied else 0) | (FLAG_PACKED if packed else 0)
-    pre = Preamble(MAJOR, MINOR, flags, len(stored), crc32c(stored))
-    return ApackPlan(index, stored, pre, offsets, lengths, text)
+            return stored, short, FLAG_INDEX_ZSTD | FLAG_IMPLIED
+    return text, text, 0
 
 
 def write_apack(
@@ -372,5 +376,6 @@ __all__ = [
     "check_index",
     "compress_index",
     "encode_blob",
+    "store_index",
     "write_apack",
 ]
