@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from adapterpack.adapter import Adapter, Module, as_array, decoded_bytes
 from adapterpack.bank.lock import locked
 from adapterpack.bank.sources import Member, ModuleKey, PathSource, expand_inputs, plan_modules
 from adapterpack.bank.store import (
+    META_ERROR,
     META_HASH,
     Bank,
     BankMember,
@@ -317,6 +319,18 @@ def write_extracted(adapter: Adapter, out: str | os.PathLike[str], to: str = "ap
     return Path(out)
 
 
+def _error_stats(text: Any) -> dict[str, float]:
+    """The mean and max a member's error metadata holds (:func:`~adapterpack.bank.store.error_metadata`'s JSON); metadata
+    is free-form (spec §2), so a value that is not such an object (another writer's, or damaged) gives none."""
+    try:
+        err = json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return {}
+    if not isinstance(err, dict):
+        return {}
+    return {k: float(v) for k in ("mean", "max") if type(v := err.get(k)) in (int, float) and math.isfinite(v)}
+
+
 def bank_listing(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Members (name, error metadata, hash, pass-through tensors) and modules (shape, rank, form) of a bank,
     bytes shared vs own (pass-through tensors counted from the index, not read)."""
@@ -325,7 +339,7 @@ def bank_listing(path: str | os.PathLike[str]) -> dict[str, Any]:
         shared_bytes = sum(m.U.nbytes + m.V.nbytes for m in bank.modules.values())
         members = []
         for mem in bank.members:
-            err = json.loads(mem.metadata.get("bank.rel_error", "{}") or "{}")
+            err = _error_stats(mem.metadata.get(META_ERROR))
             own = sum(s.nbytes for s in mem.S.values()) + sum(decoded_bytes(t) for t in mem.tensors.values())
             members.append({"name": mem.name, "sha256": mem.sha256[:12], "own_bytes": own, "tensors": list(mem.tensors)}
                            | {"rel_error_mean": err.get("mean"), "rel_error_max": err.get("max"),

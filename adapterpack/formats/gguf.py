@@ -737,4 +737,4 @@ def _config_archs(base: str | os.PathLike[str]) -> list[str]:
         archs = json.loads(p.read_text()).get("architectures") or []
     except (OSError, ValueError, AttributeError):
         return []
-    return [a for a in archs if isinstance(a, str)]
+    return [a for a in archs if isinstance(a, str)] if isinstance(archs, list) else []

@@ -134,7 +134,7 @@ def base_modules(base: str | os.PathLike[str]) -> list[str]:
                 archs = json.loads(cfg.read_text()).get("architectures") or []
             except (OSError, ValueError, AttributeError):
                 archs = []
-            if any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+            if isinstance(archs, list) and any(isinstance(a, str) and a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
                 names += HEADS
         return names
     cfg = p / "config.json" if p.is_dir() else p
