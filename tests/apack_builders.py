@@ -21,7 +21,7 @@ import zstandard
 from adapterpack.adapter import Adapter, Module
 from adapterpack.checksum import crc32c
 from adapterpack.container.index import fill_implied, index_text, plan_offsets
-from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, MAGIC, PREAMBLE_SIZE, align_up
+from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, MAGIC, PREAMBLE_SIZE, data_start
 from adapterpack.container.writer import write_apack
 from tools import fuzz_open
 
@@ -75,7 +75,7 @@ def assemble(
     length = len(ib) if index_length is None else index_length
     crc = crc32c(ib) if index_crc is None else index_crc
     if pad is None:
-        pad = b"\0" * (align_up(PREAMBLE_SIZE + len(ib), 256) - PREAMBLE_SIZE - len(ib))
+        pad = b"\0" * (data_start(len(ib), fields.get("flags", 0)) - PREAMBLE_SIZE - len(ib))
     return preamble(length, crc, **fields) + ib + pad + data
 
 
@@ -154,7 +154,7 @@ def split(raw: bytes) -> Parts:
     index = json.loads(index_text(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length], bool(flags & FLAG_INDEX_ZSTD)))
     if flags & FLAG_IMPLIED:  # offsets and lengths written out again (still valid under the flag), so tests can edit them
         fill_implied(index["blobs"], bool(flags & FLAG_PACKED))
-    start = align_up(PREAMBLE_SIZE + length, 256)
+    start = data_start(length, flags)
     return Parts(index=index, data=raw[start:], major=major, minor=minor, flags=flags, reserved=reserved)
 
 

@@ -18,7 +18,7 @@ import pytest
 from adapterpack.checksum import crc32c
 from adapterpack.container import ApackReader
 from adapterpack.container.index import blob_alignment, index_text
-from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, MAX_INDEX_LENGTH
+from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, FLAG_UNALIGNED, MAX_INDEX_LENGTH
 from adapterpack.container.writer import compress_index, write_apack
 from adapterpack.errors import (
     AdapterpackError,
@@ -118,15 +118,15 @@ def test_index_crc_covers_the_stored_frame(raw_parts: Parts, tmp_path: Path) -> 
         ApackReader(path)
 
 
-@pytest.mark.parametrize(("known", "unknown"), [(0, "0x0007"), (FLAG_INDEX_ZSTD | FLAG_PACKED, "0x0004")], ids=["1.2", "1.4"])
+@pytest.mark.parametrize(("known", "unknown"), [(0, "0x000f"), (FLAG_INDEX_ZSTD | FLAG_PACKED, "0x000c")], ids=["1.2", "1.4"])
 def test_older_readers_refuse_compact_files_by_their_flags(tmp_path: Path, known: int, unknown: str) -> None:
-    """The 1.3 features and 1.5's implied offsets are must-understand flag bits: a reader without them (1.0–1.2: none;
-    1.3–1.4: bits 0 and 1) refuses with UnsupportedVersionError rather than misreading the index."""
+    """The 1.3 features and 1.5's implied offsets and unaligned data section are must-understand flag bits: a reader
+    without them (1.0–1.2: none; 1.3–1.4: bits 0 and 1) refuses with UnsupportedVersionError rather than misreading."""
     from adapterpack.container import preamble
 
     path = tmp_path / "z.apack"
     write_apack(path, compressible_adapter(), codec="byteplanes")
-    assert struct.unpack_from("<I", path.read_bytes(), 12)[0] == FLAG_INDEX_ZSTD | FLAG_PACKED | FLAG_IMPLIED
+    assert struct.unpack_from("<I", path.read_bytes(), 12)[0] == FLAG_INDEX_ZSTD | FLAG_PACKED | FLAG_IMPLIED | FLAG_UNALIGNED
     saved = preamble.KNOWN_MUST_UNDERSTAND_FLAGS
     preamble.KNOWN_MUST_UNDERSTAND_FLAGS = known
     try:
@@ -142,7 +142,7 @@ def test_layout_follows_the_packed_flag(codec: str, tmp_path: Path) -> None:
     path = tmp_path / "p.apack"
     write_apack(path, compressible_adapter(), codec=codec)
     packed = split(path.read_bytes())
-    assert packed.flags == FLAG_INDEX_ZSTD | FLAG_PACKED | FLAG_IMPLIED
+    assert packed.flags == FLAG_INDEX_ZSTD | FLAG_PACKED | FLAG_IMPLIED | FLAG_UNALIGNED
     offsets = [b["offset"] for b in packed.index["blobs"]]
     assert any(o % 8 for o in offsets), offsets  # some compressed blob sits where the 1.2 rule would not put it
     load_everything(write(tmp_path / "ok.apack", packed.build()))
@@ -168,6 +168,7 @@ def test_raw_blobs_stay_aligned_in_a_packed_file(tmp_path: Path) -> None:
     blobs[1]["crc32c"] = crc32c(stored[1])
     if len(stored[0]) % 8 == 0:
         stored[0] += b"\0"  # trailing data after blob 0's frame does not matter here: only the layout is read
+    p.flags &= ~FLAG_UNALIGNED  # a file holding a raw blob has an aligned data section
     p.set_blobs(stored)
     align = blob_alignment(len(stored[1]))
     assert blobs[1]["offset"] % align == 0 and blobs[1]["offset"] > blobs[0]["offset"] + blobs[0]["stored_length"]

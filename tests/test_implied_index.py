@@ -1,8 +1,11 @@
-"""Format 1.5's implied flag (spec/format.md §1.3, §2.1): a compressed index leaves out every BLOB offset and length.
+"""Format 1.5 (spec/format.md §1.2, §1.3, §2.1): a compressed index leaves out every BLOB offset and length (the
+implied flag, bit 2), and a file with no raw blob starts its data section right after the index (the unaligned flag,
+bit 3).
 
-The writer sets the flag exactly where it compresses the index; readers derive both values (the planned offset,
-``prod(shape) * itemsize``) and still check any that are present. The point is size: on small real adapters the
-cumulative offsets were the margin between the whole file and the best float compressor's payload.
+The writer sets the implied flag exactly where it compresses the index; readers derive both values (the planned
+offset, ``prod(shape) * itemsize``) and still check any that are present. The point is size: on small real adapters
+the cumulative offsets, and the padding that aligned a data section nothing maps, were the margin between the whole
+file and the best float compressor's payload.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import adapterpack
 from adapterpack.adapter import as_array
 from adapterpack.container import ApackReader
 from adapterpack.container.index import fill_implied, index_text
-from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, PREAMBLE_SIZE
+from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, FLAG_UNALIGNED, PREAMBLE_SIZE
 from adapterpack.container.writer import compress_index, write_apack
 from adapterpack.errors import IndexFormatError, LayoutError, LengthMismatchError
 from adapterpack.ops.convert import convert
@@ -46,7 +49,7 @@ def test_a_compressed_index_leaves_offsets_and_lengths_out(tmp_path: Path, codec
     path = tmp_path / "c.apack"
     write_apack(path, src, codec=codec)
     flags, index = _index(path)
-    assert flags == FLAG_INDEX_ZSTD | FLAG_PACKED | FLAG_IMPLIED
+    assert flags == FLAG_INDEX_ZSTD | FLAG_PACKED | FLAG_IMPLIED | FLAG_UNALIGNED  # no blob stayed raw
     assert index["blobs"] and all("offset" not in b and "length" not in b for b in index["blobs"])
     with adapterpack.open(path) as back:
         got = _arrays(back)
@@ -153,3 +156,27 @@ def test_the_bank_writer_writes_the_compact_layout_too(tmp_path: Path) -> None:
     raw_bank = tmp_path / "raw-bank.apack"
     write_bank(raw_bank, Bank({"q": BankModule("q", u, v, "diagonal")}, members), codec="raw")
     assert _index(raw_bank)[0] == 0  # raw blobs only: the plain index and 1.2 layout, as write_apack writes them
+
+
+def test_a_file_of_compressed_blobs_has_no_padding_after_its_index(tmp_path: Path) -> None:
+    path = tmp_path / "c.apack"
+    res = write_apack(path, compressible_adapter(), codec="zstd")
+    with ApackReader(path) as r:
+        assert r.preamble.unaligned and r.data_start == PREAMBLE_SIZE + res.index_length
+        assert all(b.codec_id != "raw" for b in r.blobs) and r.verify().problems == []
+    assert res.padding == 0  # packed blobs, and no pad after the index
+
+
+def test_a_raw_blob_keeps_the_data_section_aligned(tmp_path: Path) -> None:
+    """One blob that compression does not shrink stays raw, and mapped: the data section stays aligned, and so does it."""
+    ad = compressible_adapter()
+    ad.tensors["noise"] = np.frombuffer(np.random.default_rng(0).bytes(4096), np.uint8).reshape(64, 64)
+    path = tmp_path / "m.apack"
+    write_apack(path, ad, codec="zstd")
+    with ApackReader(path) as r:
+        flags = r.preamble.flags
+        raw = [i for i, b in enumerate(r.blobs) if b.codec_id == "raw"]
+        assert raw and not r.preamble.unaligned and flags & FLAG_PACKED and r.data_start % 256 == 0
+        assert all(r.blob_offset(i) % 8 == 0 for i in raw)
+    with adapterpack.open(path) as back:
+        assert np.array_equal(as_array(back.tensors["noise"]), ad.tensors["noise"])

@@ -23,7 +23,7 @@ import adapterpack
 from adapterpack.adapter import Adapter, Module
 from adapterpack.container import ApackReader
 from adapterpack.container import index as idx
-from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, PREAMBLE_SIZE
+from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, FLAG_UNALIGNED, PREAMBLE_SIZE, data_start
 from adapterpack.errors import AdapterpackError, DuplicateNameError, IndexFormatError
 from adapterpack.limits import MAX_JSON_DEPTH
 
@@ -36,9 +36,11 @@ def _index_of(path: Path) -> tuple[bytes, int, int]:
         return r.index._data, r.data_start, r.file_size
 
 
-def _slow(data: bytes, start: int, size: int, packed: bool = False, implied: bool = False) -> idx.Index | AdapterpackError:
+def _slow(
+    data: bytes, start: int, size: int, packed: bool = False, implied: bool = False, unaligned: bool = False
+) -> idx.Index | AdapterpackError:
     try:
-        index = idx.parse_index(idx.loads(data), start, size, packed, implied)
+        index = idx.parse_index(idx.loads(data), start, size, packed, implied, unaligned)
         idx.check_references(index)
         return index
     except AdapterpackError as e:
@@ -53,12 +55,12 @@ def _same(fast: idx.Index, slow: idx.Index) -> None:
     assert fast.raw == slow.raw
 
 
-def agree(data: bytes, start: int, size: int, packed: bool = False, implied: bool = False) -> bool:
+def agree(data: bytes, start: int, size: int, packed: bool = False, implied: bool = False, unaligned: bool = False) -> bool:
     """Both paths on one index: the fast one never accepts what the slow one refuses; returns whether it accepted.
     ``packed`` / ``implied``: the file's preamble has that flag (the sound file below has both: it holds zstd blobs, so
     its index is compressed and leaves BLOB offsets and lengths out)."""
-    fast = idx._fast_index(data, start, size, packed, implied)
-    slow = _slow(data, start, size, packed, implied)
+    fast = idx._fast_index(data, start, size, packed, implied, unaligned)
+    slow = _slow(data, start, size, packed, implied, unaligned)
     if fast is not None:
         assert not isinstance(slow, AdapterpackError), f"fast path accepted an index refused with {slow!r}"
         _same(fast, slow)
@@ -104,8 +106,9 @@ def test_every_vector_agrees() -> None:
             data = idx.index_text(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length], bool(flags & FLAG_INDEX_ZSTD))
         except AdapterpackError:
             continue  # a hostile compressed index: refused before any JSON is parsed
-        start = -(-(PREAMBLE_SIZE + length) // 256) * 256
-        accepted += agree(data, start, len(raw), bool(flags & FLAG_PACKED), bool(flags & FLAG_IMPLIED))
+        start = data_start(length, flags)
+        layout = (bool(flags & FLAG_PACKED), bool(flags & FLAG_IMPLIED), bool(flags & FLAG_UNALIGNED))
+        accepted += agree(data, start, len(raw), *layout)
     assert accepted > 10
 
 

@@ -236,7 +236,7 @@ CASES = [
     Case("short-garbage", lambda p: b"hello", BadMagicError, r"not an \.apack file"),
     Case("future-major", lambda p: p.build(major=2), UnsupportedVersionError, r"version 2\.\d+: written by a newer adapterpack"),
     Case("major-zero", lambda p: p.build(major=0), UnsupportedVersionError, r"version 0\.\d+"),
-    Case("must-understand-flag", lambda p: p.build(flags=0x0008), UnsupportedVersionError, r"must-understand flag bits 0x0008"),
+    Case("must-understand-flag", lambda p: p.build(flags=0x0010), UnsupportedVersionError, r"must-understand flag bits 0x0010"),
     Case("must-understand-flag-15", lambda p: p.build(flags=0x8000), UnsupportedVersionError, r"flag bits 0x8000"),
     Case("nonzero-reserved", lambda p: p.build(reserved=7), IndexFormatError, r"reserved preamble field is 7"),
     Case("index-length-1", lambda p: p.build(index_length=1), IndexFormatError, r"index length 1 is too small"),

@@ -15,7 +15,7 @@ import adapterpack
 from adapterpack import Adapter, Module
 from adapterpack.checksum import crc32c
 from adapterpack.container.index import index_text
-from adapterpack.container.preamble import FLAG_INDEX_ZSTD, MINOR
+from adapterpack.container.preamble import FLAG_INDEX_ZSTD, MINOR, data_start
 from adapterpack.container.reader import ApackReader
 from adapterpack.errors import AdapterNotFoundError, UnrecognizedInputError
 from adapterpack.ops.report import footprint, inspect_path
@@ -64,7 +64,10 @@ def test_apack_totals_equal_sums_from_the_file(tmp_path: Path) -> None:
     assert f["file_size"] == size
     assert f["index_bytes"] == struct.unpack_from("<Q", path.read_bytes(), 16)[0]
     assert f["padding_bytes"] == size - 32 - f["index_bytes"] - t["stored_bytes"]
-    assert f["padding_bytes"] > 0
+    ends = [0] + [b.offset + b.stored_length for b in blobs[:-1]]
+    gaps = sum(b.offset - end for b, end in zip(blobs, ends))  # padding between blobs (raw ones are aligned)
+    assert f["padding_bytes"] == reader.data_start - 32 - f["index_bytes"] + gaps
+    assert reader.preamble.unaligned == all(b.codec_id != "raw" for b in blobs)
     assert f["format_version"] == f"1.{MINOR}"
     assert f["index_compressed"] and f["packed"]
     assert f["index_json_bytes"] == len(reader.index._data) > f["index_bytes"]
@@ -105,13 +108,13 @@ def rewrite_index(path: Path, edit: Any) -> None:
     """Rewrite an .apack's index through ``edit(dict)`` and re-lay the file per the spec."""
     data = path.read_bytes()
     n = struct.unpack_from("<Q", data, 16)[0]
-    old_start = -(-(32 + n) // 256) * 256
     flags = struct.unpack_from("<I", data, 12)[0]
+    old_start = data_start(n, flags)
     index = json.loads(index_text(data[32 : 32 + n], bool(flags & FLAG_INDEX_ZSTD)))
     edit(index)
     new = json.dumps(index, separators=(",", ":")).encode()  # written as plain JSON: the compressed-index flag cleared
     head = data[:12] + struct.pack("<IQII", flags & ~FLAG_INDEX_ZSTD, len(new), crc32c(new), 0)
-    start = -(-(32 + len(new)) // 256) * 256
+    start = data_start(len(new), flags)
     path.write_bytes(head + new + b"\0" * (start - 32 - len(new)) + data[old_start:])
 
 

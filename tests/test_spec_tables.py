@@ -99,11 +99,11 @@ def test_preamble_table() -> None:
     low, high = re.fullmatch(r"(\d+) <= L <= (\d+) \(64 MiB\)", by["index_length"]["value"]).groups()  # type: ignore[union-attr]
     assert (int(low), int(high)) == (preamble.MIN_INDEX_LENGTH, preamble.MAX_INDEX_LENGTH) == (2, 64 << 20)
     assert "bits 0–15 must-understand" in by["flags"]["value"] and "bits 0 and 1 defined" in by["flags"]["value"]
-    assert "and bit 2 (since 1.5)" in by["flags"]["value"]
+    assert "and bits 2 and 3 (since 1.5)" in by["flags"]["value"]
     # the flag table (since 1.3) lists exactly the bits the code knows, with the code's masks
     text = "\n".join(_sections()["1.1 Preamble *(checked)*"])
     bits = {int(b): int(m, 16) for b, m in re.findall(r"^\| (\d+) +\| `(0x[0-9a-f]{4})` \|", text, re.M)}
-    assert bits == {0: preamble.FLAG_INDEX_ZSTD, 1: preamble.FLAG_PACKED, 2: preamble.FLAG_IMPLIED}
+    assert bits == {0: preamble.FLAG_INDEX_ZSTD, 1: preamble.FLAG_PACKED, 2: preamble.FLAG_IMPLIED, 3: preamble.FLAG_UNALIGNED}
     assert all(m == 1 << b for b, m in bits.items())
     assert sum(bits.values()) == preamble.KNOWN_MUST_UNDERSTAND_FLAGS
 
@@ -297,13 +297,13 @@ def test_json_rules_match_the_code() -> None:
         index.loads(b'{"a":[' + deepest + b"]}")
     flags = "\n".join(_sections()["1.1 Preamble *(checked)*"])
     assert (
-        "must-understand flag bit it does not know (bits 3–15; a 1.0–1.2 reader knows none, a 1.3–1.4 reader bits 0 and 1): "
+        "must-understand flag bit it does not know (bits 4–15; a 1.0–1.2 reader knows none, a 1.3–1.4 reader bits 0 and 1): "
         "`UnsupportedVersionError`" in flags
     )
-    for bit in range(3, 16):
+    for bit in range(4, 16):
         with pytest.raises(errors.UnsupportedVersionError):
             preamble.parse_preamble(preamble.Preamble(1, 1, 1 << bit, 2, 0).pack(), 64)
-    for known in range(1, 8):
+    for known in range(1, 16):
         assert preamble.parse_preamble(preamble.Preamble(1, 3, known, 2, 0).pack(), 64).flags == known
     preamble.parse_preamble(preamble.Preamble(1, 1, 1 << 16, 2, 0).pack(), 64)  # informational bits are ignored
 

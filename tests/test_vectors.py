@@ -34,7 +34,7 @@ OLD_CASES = [(version, name) for version, names in OLD.items() for name in names
 #: a 1.3 reader takes the plain JSON after it for a zstd frame (the 1.3 vector of an unknown flag sets bit 2).
 SUPERSEDED = {("v1.2", "preamble_must_understand_flag"): "IndexFormatError"}
 #: 1.4's vector of an unknown must-understand flag sets bit 2, which 1.5 defines (implied offsets and lengths: optional
-#: keys), so a 1.5 reader reads that file, whose plain index still holds both keys (the 1.5 vector sets bit 3).
+#: keys), so a 1.5 reader reads that file, whose plain index still holds both keys (the 1.5 vector sets bit 4).
 NOW_READABLE = {("v1.4", "preamble_must_understand_flag")}
 ZSTD_VERSION = ".".join(map(str, zstandard.ZSTD_VERSION))
 

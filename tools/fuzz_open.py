@@ -43,7 +43,7 @@ from adapterpack.adapter import Adapter, Module, as_array
 from adapterpack.checksum import crc32c
 from adapterpack.container import ApackReader
 from adapterpack.container.index import index_text
-from adapterpack.container.preamble import FLAG_INDEX_ZSTD
+from adapterpack.container.preamble import FLAG_INDEX_ZSTD, PREAMBLE_SIZE, data_start
 from adapterpack.errors import AdapterpackError, SizeLimitError
 from adapterpack.limits import MAX_DELTA_ELEMENTS
 
@@ -230,10 +230,10 @@ def _paths(obj: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 def rebuild(raw: bytes, index: Any) -> bytes:
     """``raw`` (a valid file) with its index replaced by ``index`` and the preamble made consistent."""
     flags, length = struct.unpack_from("<IQ", raw, 12)
-    data = raw[-(-(32 + length) // 256) * 256 :]
+    data = raw[data_start(length, flags) :]
     text = json.dumps(index, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass")
-    pad = -(32 + len(text)) % 256
-    flags &= ~FLAG_INDEX_ZSTD  # written back as plain JSON text (the layout, and so the packed flag, unchanged)
+    flags &= ~FLAG_INDEX_ZSTD  # written back as plain JSON text (the layout, and so the layout flags, unchanged)
+    pad = data_start(len(text), flags) - PREAMBLE_SIZE - len(text)
     return raw[:12] + struct.pack("<IQI", flags, len(text), crc32c(text)) + raw[28:32] + text + b"\0" * pad + data
 
 

@@ -34,7 +34,7 @@ from adapterpack.adapter import Adapter, Module
 from adapterpack.checksum import crc32c
 from adapterpack.container import writer
 from adapterpack.container.index import dumps, fill_implied, index_text
-from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, PREAMBLE_SIZE, Preamble, align_up
+from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, PREAMBLE_SIZE, Preamble, data_start
 from tools.vectors import _reference as reference
 from tools.vectors import modules as vector_modules
 
@@ -160,7 +160,7 @@ def _craft(path: Path, edit: Callable[[dict[str, Any]], None], major: int = 1, m
     (the packed flag stays as written); the new index is plain JSON text."""
     raw = path.read_bytes()
     index, flags, length = _read_index(raw)
-    data = raw[align_up(PREAMBLE_SIZE + length, 256) :]
+    data = raw[data_start(length, flags) :]
     edit(index)
     text = dumps(index)
     pre = Preamble(major, minor, flags & FLAG_PACKED, len(text), crc32c(text))

@@ -21,9 +21,9 @@ from adapterpack.checksum import crc32c
 from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.container import writer as _writer
 from adapterpack.container.index import plan_offsets
-from adapterpack.container.preamble import FLAG_PACKED, MAJOR, MINOR, Preamble
+from adapterpack.container.preamble import MAJOR, MINOR, Preamble
 from adapterpack.container.reader import ApackReader
-from adapterpack.container.writer import check_index, encode_blob, store_index
+from adapterpack.container.writer import check_index, encode_blob, layout_flags, store_index
 from adapterpack.encodings import get_encoding
 from adapterpack.encodings.shared import shared_base_shape
 from adapterpack.errors import AdapterpackError, BankError, OutputExistsError, UnrecognizedInputError
@@ -137,10 +137,10 @@ def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = DEFAULT
         blobs = [{"dtype": b["dtype"], "shape": b["shape"], "codec": b["codec"], "offset": off} | b
                  for b, off in zip(blobs, offsets, strict=True)]
         stored, text, flags = store_index({"writer": _writer._writer_id(), "adapters": adapters, "blobs": blobs}, packed)
-        pre = Preamble(MAJOR, MINOR, flags | (FLAG_PACKED if packed else 0), len(stored), crc32c(stored))
+        pre = Preamble(MAJOR, MINOR, flags | layout_flags(raw), len(stored), crc32c(stored))
         end = offsets[-1] + lengths[-1] if blobs else 0
         try:
-            check_index(text, pre.data_start, pre.data_start + end, pre.packed, pre.implied)
+            check_index(text, pre.data_start, pre.data_start + end, pre.packed, pre.implied, pre.unaligned)
         except AdapterpackError as e:
             raise type(e)(f"cannot write {path}: {e}") from None
         f.write(pre.pack())

@@ -613,13 +613,16 @@ def _prefix_crcs(value: Any, shape: tuple[int, ...], where: str) -> tuple[int, .
     return tuple(value)
 
 
-def check_layout(blobs: list[BlobEntry], data_start: int, file_size: int, packed: bool = False) -> None:
-    """Offsets exactly as the alignment rule places them (the packed rule with ``packed``), and the file ending at the last blob.
+def check_layout(blobs: list[BlobEntry], data_start: int, file_size: int, packed: bool = False, unaligned: bool = False) -> None:
+    """Offsets exactly as the alignment rule places them (the packed rule with ``packed``), and the file ending at the last blob;
+    with ``unaligned`` (the data section right after the index, spec §1.2), no raw blob.
 
     A blob whose index left its offset out (the implied flag, spec §2.1) is given the planned one."""
     raw = [b.codec.get("id") == "raw" for b in blobs] if packed else [True] * len(blobs)
     expected = plan_offsets([b.stored_length for b in blobs], raw)
     for i, (b, off) in enumerate(zip(blobs, expected, strict=True)):
+        if unaligned and b.codec.get("id") == "raw":
+            raise LayoutError(f"blob {i}: a raw blob in a file whose data section is not aligned (flag bit 3): it cannot be mapped")
         if b.offset is UNSET:
             b.offset = off
         elif b.offset != off:
@@ -635,15 +638,17 @@ def check_layout(blobs: list[BlobEntry], data_start: int, file_size: int, packed
         raise LayoutError(f"file has {file_size - end} bytes after the last blob")
 
 
-def parse_index(raw: dict[str, Any], data_start: int, file_size: int, packed: bool = False, implied: bool = False) -> Index:
+def parse_index(
+    raw: dict[str, Any], data_start: int, file_size: int, packed: bool = False, implied: bool = False, unaligned: bool = False
+) -> Index:
     """Validate the top level, blobs and layout (the packed layout with ``packed``; BLOB offsets and lengths optional
-    with ``implied``); adapters are checked by the reader."""
+    with ``implied``; no raw blob with ``unaligned``); adapters are checked by the reader."""
     blobs_raw = get(raw, "blobs", list, "index")
     if len(blobs_raw) > MAX_BLOBS:
         raise IndexFormatError(f"index lists {len(blobs_raw)} blobs, over the limit of {MAX_BLOBS}")
     bounds: dict[str, int | None] = {}
     blobs = [parse_blob(i, b, bounds, implied) for i, b in enumerate(blobs_raw)]
-    check_layout(blobs, data_start, file_size, packed)
+    check_layout(blobs, data_start, file_size, packed, unaligned)
     adapters = get(raw, "adapters", list, "index")
     if not adapters:
         raise IndexFormatError("index lists no adapters")
@@ -772,9 +777,11 @@ def _escaped_colons(data: bytes, text: np.ndarray) -> int:
     return int(np.count_nonzero((after == _U003A[0]) | (after == _U003A[1])))
 
 
-def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int, packed: bool = False, implied: bool = False) -> bool:
+def _blobs_fit(
+    blobs: list[BlobEntry], data_start: int, file_size: int, packed: bool = False, implied: bool = False, unaligned: bool = False
+) -> bool:
     """Stage 4 (what msgspec left: dtype, length, codec, prefix CRCs) and stage 5 (layout) on decoded blobs; with
-    ``implied``, an offset or length the index left out is set to the planned one."""
+    ``implied``, an offset or length the index left out is set to the planned one; with ``unaligned``, no raw blob."""
     itemsizes = _ITEMSIZES
     prod = math.prod
     #: codec id -> (known, expansion bound): looked up once per id, on its first blob's codec object, as the loop in
@@ -826,6 +833,8 @@ def _blobs_fit(blobs: list[BlobEntry], data_start: int, file_size: int, packed: 
             return False
         if not known:
             b.known_codec = False
+        if unaligned and cid == "raw":
+            return False
         if packed and cid != "raw":
             start = end
         else:
@@ -870,7 +879,7 @@ def _references_fit(adapters: list[AdapterRecord], n_blobs: int) -> list[int] | 
     return None if 0 in used else used
 
 
-def _fast_index(data: bytes, data_start: int, file_size: int, packed: bool, implied: bool) -> Index | None:
+def _fast_index(data: bytes, data_start: int, file_size: int, packed: bool, implied: bool, unaligned: bool = False) -> Index | None:
     if len(data) > _COUNTS_UNREACHABLE:
         try:
             _check_shape(data)
@@ -882,7 +891,7 @@ def _fast_index(data: bytes, data_start: int, file_size: int, packed: bool, impl
         return None
     if not _no_duplicate_keys(data, wire) or _too_deep(wire.writer, 2):
         return None
-    if not _blobs_fit(wire.blobs, data_start, file_size, packed, implied):
+    if not _blobs_fit(wire.blobs, data_start, file_size, packed, implied, unaligned):
         return None
     refs = _references_fit(wire.adapters, len(wire.blobs))
     if refs is None:
@@ -890,17 +899,19 @@ def _fast_index(data: bytes, data_start: int, file_size: int, packed: bool, impl
     return Index(None, wire.blobs, data=data, records=wire.adapters, refs=refs)
 
 
-def read_index(data: bytes, data_start: int, file_size: int, packed: bool = False, implied: bool = False) -> Index:
+def read_index(
+    data: bytes, data_start: int, file_size: int, packed: bool = False, implied: bool = False, unaligned: bool = False
+) -> Index:
     """Validate index bytes (the JSON text) through stage 6 of spec §10.2 (JSON, blob table, layout, adapters and
     references); ``packed``: the file's preamble sets the packed-layout flag (spec §1.2); ``implied``: it sets the
-    implied flag (BLOB offsets and lengths may be left out, spec §2.1).
+    implied flag (BLOB offsets and lengths may be left out, spec §2.1); ``unaligned``: the unaligned flag (§1.2).
 
     The fast path (msgspec, above) accepts a sound index; anything else goes through :func:`loads`,
     :func:`parse_index` and :func:`check_references`, which raise the error spec §10.2 names.
     """
-    index = _fast_index(data, data_start, file_size, packed, implied)
+    index = _fast_index(data, data_start, file_size, packed, implied, unaligned)
     if index is None:
-        index = parse_index(loads(data), data_start, file_size, packed, implied)
+        index = parse_index(loads(data), data_start, file_size, packed, implied, unaligned)
         check_references(index)
         if index._data is None:
             index._data = data

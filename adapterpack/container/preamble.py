@@ -20,8 +20,11 @@ FLAG_PACKED = 0x2
 #: Must-understand flag bit 2 (since 1.5): BLOB ``offset`` and ``length`` may be left out of the index; absent, they are
 #: the planned offset and ``prod(shape) * itemsize`` (spec §2.1), values a reader computes anyway to check them.
 FLAG_IMPLIED = 0x4
-#: Flag bits 0–15 are must-understand; 1.0–1.2 define none, 1.3 bits 0 and 1, 1.5 bit 2.
-KNOWN_MUST_UNDERSTAND_FLAGS = FLAG_INDEX_ZSTD | FLAG_PACKED | FLAG_IMPLIED
+#: Must-understand flag bit 3 (since 1.5): the data section starts right after the index (D = 32 + L, not aligned);
+#: no blob is raw (spec §1.2): a file of compressed blobs maps none, so aligning D would only add padding.
+FLAG_UNALIGNED = 0x8
+#: Flag bits 0–15 are must-understand; 1.0–1.2 define none, 1.3 bits 0 and 1, 1.5 bits 2 and 3.
+KNOWN_MUST_UNDERSTAND_FLAGS = FLAG_INDEX_ZSTD | FLAG_PACKED | FLAG_IMPLIED | FLAG_UNALIGNED
 DATA_ALIGNMENT = 256
 
 _STRUCT = struct.Struct("<8sHHIQII")
@@ -57,14 +60,26 @@ class Preamble:
         return bool(self.flags & FLAG_IMPLIED)
 
     @property
+    def unaligned(self) -> bool:
+        """Whether the data section starts right after the index and holds no raw blob (flag bit 3, since 1.5)."""
+        return bool(self.flags & FLAG_UNALIGNED)
+
+    @property
     def data_start(self) -> int:
-        """Absolute offset of the data section: align_up(32 + L, 256)."""
-        return align_up(PREAMBLE_SIZE + self.index_length, DATA_ALIGNMENT)
+        """Absolute offset of the data section (see :func:`data_start`)."""
+        return data_start(self.index_length, self.flags)
 
 
 def align_up(x: int, a: int) -> int:
     """Least multiple of ``a`` that is >= ``x``."""
     return -(-x // a) * a
+
+
+def data_start(index_length: int, flags: int) -> int:
+    """Where the data section of a file with this index length and these flags starts (spec §1.2): ``align_up(32 + L,
+    256)``, or ``32 + L`` with the unaligned flag (bit 3)."""
+    end = PREAMBLE_SIZE + index_length
+    return end if flags & FLAG_UNALIGNED else align_up(end, DATA_ALIGNMENT)
 
 
 def parse_preamble(head: bytes, file_size: int) -> Preamble:

@@ -310,7 +310,7 @@ class ApackReader:
         text = index_text(index_bytes, pre.compressed_index)  # the CRC covers the stored bytes, checked first (spec §10.2)
         #: Bytes of the index's JSON text (``preamble.index_length`` is what the file stores: fewer when compressed).
         self.index_text_length = len(text)
-        self.index: Index = read_index(text, pre.data_start, size, pre.packed, pre.implied)
+        self.index: Index = read_index(text, pre.data_start, size, pre.packed, pre.implied, pre.unaligned)
         self.version = f"{pre.major}.{pre.minor}"
         blobs = self.index.blobs
         # compressed blobs that several records reference (a bank's U and V) are decoded once and kept

@@ -21,6 +21,7 @@ from adapterpack.container.preamble import (
     FLAG_IMPLIED,
     FLAG_INDEX_ZSTD,
     FLAG_PACKED,
+    FLAG_UNALIGNED,
     MAJOR,
     MAX_INDEX_LENGTH,
     MINOR,
@@ -227,8 +228,17 @@ def plan_apack(
     if zstd_index is None:  # a qsvd record is dequantized on every load: its file gains nothing from a plain index
         zstd_index = packed or any(m.encoding == "qsvd" for a in adapters for m in a)
     stored, text, flags = store_index(index, zstd_index and compact)
-    pre = Preamble(MAJOR, MINOR, flags | (FLAG_PACKED if packed else 0), len(stored), crc32c(stored))
+    pre = Preamble(MAJOR, MINOR, flags | layout_flags(raw, compact), len(stored), crc32c(stored))
     return ApackPlan(index, stored, pre, offsets, lengths, text)
+
+
+def layout_flags(raw: list[bool], compact: bool = True) -> int:
+    """The layout flag bits of a file whose blobs are raw or not as ``raw`` says (spec §1.1–§1.2): with ``compact`` and a
+    compressed blob, packed (bit 1); with blobs none of which is raw, also the data section unaligned (bit 3, since 1.5:
+    nothing in the file is mapped). Raw blobs only, or not ``compact``: none (the 1.2 layout)."""
+    if not compact or all(raw):
+        return 0
+    return FLAG_PACKED | (FLAG_UNALIGNED if not any(raw) else 0)
 
 
 def store_index(index: dict[str, Any], compress: bool) -> tuple[bytes, bytes, int]:
@@ -299,7 +309,7 @@ def write_apack(
         text = index_text(index_bytes, pre.compressed_index)  # what a reader will parse, through the reader's own decoder
         if text != plan.index_text:
             raise AdapterpackError("the compressed index does not decode to its JSON text")
-        check_index(text, data_start, end, pre.packed, pre.implied)
+        check_index(text, data_start, end, pre.packed, pre.implied, pre.unaligned)
     except AdapterpackError as e:
         raise type(e)(f"cannot write {path}: {e}") from None
     if expected_size is not None and end != expected_size:
@@ -329,15 +339,17 @@ def write_apack(
     )
 
 
-def check_index(index_bytes: bytes, data_start: int, file_size: int, packed: bool = False, implied: bool = False) -> None:
-    """Refuse an index (its JSON text; ``packed``/``implied``: of a file with that flag) the reader would refuse,
+def check_index(
+    index_bytes: bytes, data_start: int, file_size: int, packed: bool = False, implied: bool = False, unaligned: bool = False
+) -> None:
+    """Refuse an index (its JSON text; ``packed``/``implied``/``unaligned``: of a file with that flag) the reader would refuse,
     with the reader's own checks and error classes.
 
     Runs on the bytes about to be written (so it sees exactly what JSON kept): the index
     schema, blob table and layout, references and names, and every record of every
     adapter (encodings validate from dtypes and shapes; no tensor is read).
     """
-    index = parse_index(loads(index_bytes), data_start, file_size, packed, implied)
+    index = parse_index(loads(index_bytes), data_start, file_size, packed, implied, unaligned)
     check_references(index)
     blobs = index.blobs
 
@@ -376,6 +388,7 @@ __all__ = [
     "check_index",
     "compress_index",
     "encode_blob",
+    "layout_flags",
     "store_index",
     "write_apack",
 ]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from adapterpack.container.index import dumps
-from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, MAX_INDEX_LENGTH
+from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, FLAG_UNALIGNED, MAX_INDEX_LENGTH
 from tools.vectors.container import Edit, Parts, _bad_checksum, _edited, _frame, _skippable, _with_dict_id
 
 
@@ -163,6 +163,22 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
         "blob offsets and lengths left out of a file without the implied flag (flags 0 and 1 only: a 1.3–1.4 file)",
         "IndexFormatError",
         _implied(flags=FLAG_INDEX_ZSTD | FLAG_PACKED),
+    )
+    # 1.5: the unaligned flag (bit 3): the data section right after the index, and no raw blob (§1.2)
+    readable(
+        "unaligned_data_start",
+        "flag bits 0–3: two packed zstd blobs whose data section starts right after the index (no zero pad; as "
+        "adapterpack's writers write files with no raw blob since 1.5)",
+        [small()],
+        "raw",
+        craft=_edited(_implied(flags=FLAG_INDEX_ZSTD | FLAG_PACKED | FLAG_IMPLIED | FLAG_UNALIGNED)),
+    )
+    no(
+        "unaligned_raw_blob",
+        "the unaligned flag on a file of raw blobs (their data section right after the index): a raw blob there could "
+        "not be mapped aligned",
+        "LayoutError",
+        lambda p: setattr(p, "flags", p.flags | FLAG_UNALIGNED),
     )
     no("layout_packed_without_flag", "zstd blobs packed in a file without the packed flag", "LayoutError", _packed_without_flag)
     no("layout_aligned_with_flag", "zstd blobs padded to 8 bytes in a file with the packed flag", "LayoutError", _aligned_with_flag)

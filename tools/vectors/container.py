@@ -30,7 +30,7 @@ from adapterpack.container.preamble import (
     MAGIC,
     MAX_INDEX_LENGTH,
     PREAMBLE_SIZE,
-    align_up,
+    data_start,
 )
 from adapterpack.container.writer import compress_index
 from adapterpack.limits import MAX_JSON_DEPTH
@@ -65,7 +65,7 @@ class Parts:
         index = json.loads(index_text(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length], bool(flags & FLAG_INDEX_ZSTD)))
         if flags & FLAG_IMPLIED:  # written in: the vectors are edited as plain JSON indexes
             fill_implied(index["blobs"], bool(flags & FLAG_PACKED))
-        data = align_up(PREAMBLE_SIZE + length, 256)
+        data = data_start(length, flags)
         blobs = [raw[data + b["offset"] : data + b["offset"] + b["stored_length"]] for b in index["blobs"]]
         return cls(index, blobs, major=major, minor=minor, flags=flags, reserved=reserved)
 
@@ -100,7 +100,7 @@ class Parts:
         crc = crc32c(text) if self.index_crc is None else self.index_crc
         pad = self.index_pad
         if pad is None:
-            pad = b"\0" * (align_up(PREAMBLE_SIZE + len(text), 256) - PREAMBLE_SIZE - len(text))
+            pad = b"\0" * (data_start(len(text), self.flags) - PREAMBLE_SIZE - len(text))
         pre = _PREAMBLE.pack(self.magic, self.major, self.minor, self.flags, length, crc, self.reserved)
         return pre + text + pad + data + self.tail
 
@@ -204,7 +204,7 @@ def _deep_key(levels: int) -> Edit:
 
 def _padding_after_index(p: Parts) -> None:
     text = p.stored_index()
-    pad = align_up(PREAMBLE_SIZE + len(text), 256) - PREAMBLE_SIZE - len(text)
+    pad = data_start(len(text), p.flags) - PREAMBLE_SIZE - len(text)
     assert pad > 0
     p.index_pad = b"\0" * (pad - 1) + b"\x01"
 
@@ -285,9 +285,9 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
     no("preamble_major_0", "major version 0", "UnsupportedVersionError", _set(major=0))
     no(
         "preamble_must_understand_flag",
-        "flag bit 3 (must-understand, not defined) is set",
+        "flag bit 4 (must-understand, not defined) is set",
         "UnsupportedVersionError",
-        lambda p: setattr(p, "flags", p.flags | 8),
+        lambda p: setattr(p, "flags", p.flags | 16),
     )
     no("preamble_reserved_nonzero", "the reserved preamble field is 1", "IndexFormatError", _set(reserved=1))
     no(
