@@ -260,3 +260,23 @@ def test_concurrent_adds_and_a_killed_holder_of_the_lock(tmp_path: Path) -> None
     add_to_bank(bank, [paths[4]])
     assert [m.name for m in read_bank(bank).members][-1] == "example"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_bank_list_says_when_a_members_error_predates_a_cast(tmp_path: Path) -> None:
+    """The error metadata records the dtype of the bank it was measured on: after ``convert --dtype bf16`` the listed
+    error is the float32 fit's, and ``bank list`` says so (it showed it as current before); a member added to the cast
+    bank is measured on the cast bank, so its error carries no such note."""
+    from adapterpack.bank import bank_listing
+
+    paths = _split(tmp_path, ["lora00", "lora01", "lora02"])
+    bank = tmp_path / "bank.apack"
+    build_bank(bank, paths[:2], rank=4)
+    assert {m["error_reference"] for m in bank_listing(bank)["members"]} == {"original adapter"}
+    cast = tmp_path / "bf16.apack"
+    result = CliRunner().invoke(main, ["convert", str(bank), str(cast), "--dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    add_to_bank(cast, [paths[2]])
+    listed = {m["name"]: m for m in bank_listing(cast)["members"]}
+    assert listed["lora00"]["error_reference"] == "original adapter (measured on the float32 bank, cast to bfloat16 since)"
+    assert listed["lora02"]["error_reference"] == "original adapter"
+    assert listed["lora00"]["rel_error_mean"] == {m["name"]: m for m in bank_listing(bank)["members"]}["lora00"]["rel_error_mean"]

@@ -108,7 +108,7 @@ def build_bank(out: str | os.PathLike[str], inputs: list[str | os.PathLike[str]]
         executor.close()
     bank = Bank(
         {s.name: BankModule(s.name, *res.bases[s.name], form, keys[s.name].layout, keys[s.name].fan_in_fan_out) for s in shapes},
-        [_member_of(m, row, "original adapter") for m, row in zip(members, res.members)],
+        [_member_of(m, row, "original adapter", dtype) for m, row in zip(members, res.members)],
     )
     validate_records(bank)
     size = write_bank(out, bank, codec=codec, overwrite=overwrite)
@@ -129,9 +129,9 @@ def _refuse_existing(out: str | os.PathLike[str], overwrite: bool) -> None:
         raise OutputExistsError(f"{out} already exists (use --force to overwrite)")
 
 
-def _member_of(m: Member, row: dict[str, Any], reference: str) -> BankMember:
+def _member_of(m: Member, row: dict[str, Any], reference: str, dtype: str) -> BankMember:
     rel = {k: (v["sq_error"] / v["norm2"] if v["norm2"] > 0 else 0.0) for k, v in row["modules"].items()}
-    meta = {META_HASH: m.sha256} | error_metadata(rel, reference)
+    meta = {META_HASH: m.sha256} | error_metadata(rel, reference, dtype)
     return BankMember(m.source.name, {k: v["S"] for k, v in row["modules"].items()}, m.base_model, m.base_architecture,
                       m.adapter_source, meta, m.tensors)
 
@@ -189,9 +189,10 @@ def add_to_bank(path: str | os.PathLike[str], inputs: list[str | os.PathLike[str
                     pl = place(facs[name], mod.U.astype(np.float64), mod.V.astype(np.float64), mod.form, None)
                 S_new[name] = pl.S.astype(itemsize_dt)
                 rel[name] = _stored_error(facs[name], mod, S_new[name])
-            bank.members.append(_member_of(mem, {"modules": {}}, "original adapter"))
+            dtype = dtypes.of_array(next(iter(bank.modules.values())).U).name
+            bank.members.append(_member_of(mem, {"modules": {}}, "original adapter", dtype))
             bank.members[-1].S = S_new
-            bank.members[-1].metadata |= error_metadata(rel, "original adapter")
+            bank.members[-1].metadata |= error_metadata(rel, "original adapter", dtype)
             known[mem.sha256] = mem.source.name
             names_in.add(mem.source.name)
             report.added.append({"name": mem.source.name, "rel_error_mean": float(np.mean(list(rel.values()))),
@@ -251,7 +252,7 @@ def refit_bank(path: str | os.PathLike[str], *, out: str | os.PathLike[str] | No
                                        bank.modules[s.name].fan_in_fan_out) for s in shapes}, [])
         for old, row in zip(bank.members, res.members):
             rel = {k: (v["sq_error"] / v["norm2"] if v["norm2"] > 0 else 0.0) for k, v in row["modules"].items()}
-            meta = dict(old.metadata) | error_metadata(rel, "bank reconstruction before refit")
+            meta = dict(old.metadata) | error_metadata(rel, "bank reconstruction before refit", dtype)
             new.members.append(BankMember(old.name, {k: v["S"] for k, v in row["modules"].items()}, old.base_model,
                                           old.base_architecture, old.source, meta, old.tensors))
         validate_records(new)
@@ -319,16 +320,20 @@ def write_extracted(adapter: Adapter, out: str | os.PathLike[str], to: str = "ap
     return Path(out)
 
 
-def _error_stats(text: Any) -> dict[str, float]:
-    """The mean and max a member's error metadata holds (:func:`~adapterpack.bank.store.error_metadata`'s JSON); metadata
-    is free-form (spec §2), so a value that is not such an object (another writer's, or damaged) gives none."""
+def _error_stats(text: Any) -> dict[str, Any]:
+    """The mean, max and dtype a member's error metadata holds (:func:`~adapterpack.bank.store.error_metadata`'s JSON;
+    banks written before the dtype was recorded hold none); metadata is free-form (spec §2), so a value that is not
+    such an object (another writer's, or damaged) gives none."""
     try:
         err = json.loads(text) if isinstance(text, str) else None
     except ValueError:
         return {}
     if not isinstance(err, dict):
         return {}
-    return {k: float(v) for k in ("mean", "max") if type(v := err.get(k)) in (int, float) and math.isfinite(v)}
+    out: dict[str, Any] = {k: float(v) for k in ("mean", "max") if type(v := err.get(k)) in (int, float) and math.isfinite(v)}
+    if isinstance(err.get("dtype"), str):
+        out["dtype"] = err["dtype"]
+    return out
 
 
 def bank_listing(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -337,12 +342,15 @@ def bank_listing(path: str | os.PathLike[str]) -> dict[str, Any]:
     with open_bank(path) as bank:
         mods = [{"name": n, "m": m.U.shape[0], "n": m.V.shape[0], "rank": m.rank, "form": m.form} for n, m in bank.modules.items()]
         shared_bytes = sum(m.U.nbytes + m.V.nbytes for m in bank.modules.values())
+        now = dtypes.of_array(next(iter(bank.modules.values())).U).name if bank.modules else None
         members = []
         for mem in bank.members:
             err = _error_stats(mem.metadata.get(META_ERROR))
+            reference = mem.metadata.get("bank.error_reference")
+            if reference is not None and err.get("dtype") not in (None, now):  # cast since (convert --dtype): stale
+                reference = f"{reference} (measured on the {err['dtype']} bank, cast to {now} since)"
             own = sum(s.nbytes for s in mem.S.values()) + sum(decoded_bytes(t) for t in mem.tensors.values())
             members.append({"name": mem.name, "sha256": mem.sha256[:12], "own_bytes": own, "tensors": list(mem.tensors)}
-                           | {"rel_error_mean": err.get("mean"), "rel_error_max": err.get("max"),
-                              "error_reference": mem.metadata.get("bank.error_reference")})
+                           | {"rel_error_mean": err.get("mean"), "rel_error_max": err.get("max"), "error_reference": reference})
     return {"path": str(path), "form": bank.form, "adapters": len(bank.members), "modules": mods, "members": members,
             "shared_bytes": shared_bytes, "file_size": Path(path).stat().st_size}

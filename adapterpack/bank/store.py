@@ -244,10 +244,12 @@ def read_bank(path: str | os.PathLike[str]) -> Bank:
         return bank
 
 
-def error_metadata(rel: dict[str, float], reference: str) -> dict[str, str]:
-    """Per-member metadata: mean and max relative squared error over its modules, and what it is measured against."""
+def error_metadata(rel: dict[str, float], reference: str, dtype: str) -> dict[str, str]:
+    """Per-member metadata: mean and max relative squared error over its modules, what it is measured against, and the
+    dtype of the bank it was measured on (a later cast, ``convert --dtype``, changes the error; ``bank list`` says so)."""
     vals = list(rel.values()) or [0.0]
-    return {META_ERROR: json.dumps({"mean": float(np.mean(vals)), "max": float(np.max(vals))}), META_REFERENCE: reference}
+    err = {"mean": float(np.mean(vals)), "max": float(np.max(vals)), "dtype": dtype}
+    return {META_ERROR: json.dumps(err), META_REFERENCE: reference}
 
 
 def validate_records(bank: Bank) -> None:
