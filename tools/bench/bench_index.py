@@ -1,4 +1,5 @@
-"""What format 1.3's compact container changes: index and padding bytes per tensor, and the cost of opening a raw file.
+"""What the compact container (format 1.3; 1.5's leaner index and data start) changes: index and padding bytes per
+tensor, and the cost of opening a raw file.
 
 For each adapter and codec, the same tensors are written twice by this tree's writer: ``compact=False`` (the 1.2
 layout: plain JSON index, every blob aligned) and the default 1.3 file (with compressed blobs: the index one zstd
@@ -46,16 +47,18 @@ def sizes(path: Path) -> dict[str, Any]:
 
 def schema_options(path: Path) -> list[list[str]]:
     """Index bytes, JSON and zstd-compressed (the writer's levels), of the file's index and of shorter schemas derived
-    from it, each step on top of the previous one: what a schema change would add to compression (not written by
-    any writer; measured only)."""
+    from it, each step on top of the previous one: what a schema change would add to compression (measured only; the
+    writer writes the third step since 1.5)."""
     import copy
 
-    from adapterpack.container.index import dumps
+    from adapterpack.container.index import dumps, fill_implied
     from adapterpack.container.writer import compress_index
 
     with ApackReader(path) as r:
-        index = r.index.raw
+        index = copy.deepcopy(r.index.raw)
+        fill_implied(index["blobs"], r.preamble.packed)  # every key, as a 1.3–1.4 index holds them
         n = len(r.blobs)
+
     def no_level(i: dict[str, Any]) -> None:
         for b in i["blobs"]:
             b["codec"].pop("level", None)
@@ -63,6 +66,7 @@ def schema_options(path: Path) -> list[list[str]]:
     def no_offset(i: dict[str, Any]) -> None:
         for b in i["blobs"]:
             b.pop("offset")
+            b.pop("length")
 
     def no_default_params(i: dict[str, Any]) -> None:
         for a in i["adapters"]:
@@ -70,12 +74,12 @@ def schema_options(path: Path) -> list[list[str]]:
                 m["params"] = {k: v for k, v in m["params"].items() if v not in (False, "linear")}
 
     def positional(i: dict[str, Any]) -> None:
-        i["blobs"] = [[b["dtype"], b["shape"], b["codec"]["id"], b["stored_length"], b["length"], b["crc32c"]] for b in i["blobs"]]
+        i["blobs"] = [[b["dtype"], b["shape"], b["codec"]["id"], b["stored_length"], b["crc32c"]] for b in i["blobs"]]
 
     steps: list[tuple[str, Callable[[dict[str, Any]], None]]] = [
-        ("the 1.3 index (as written)", lambda i: None),
+        ("the 1.3–1.4 index (every BLOB key)", lambda i: None),
         ("codec `level` omitted (informational)", no_level),
-        ("`offset` omitted (the layout rule gives it)", no_offset),
+        ("`offset` and `length` omitted (the layout rule and the shape give them; 1.5 writes this, with `level`)", no_offset),
         ("lora params at their defaults omitted", no_default_params),
         ("blobs as positional arrays", positional),
     ]
