@@ -19,6 +19,7 @@ from adapterpack.bank.sources import Member, ModuleKey, PathSource, expand_input
 from adapterpack.bank.store import (
     META_ERROR,
     META_HASH,
+    META_REFERENCE,
     Bank,
     BankMember,
     BankModule,
@@ -346,7 +347,7 @@ def bank_listing(path: str | os.PathLike[str]) -> dict[str, Any]:
         members = []
         for mem in bank.members:
             err = _error_stats(mem.metadata.get(META_ERROR))
-            reference = mem.metadata.get("bank.error_reference")
+            reference = mem.metadata.get(META_REFERENCE)
             if reference is not None and err.get("dtype") not in (None, now):  # cast since (convert --dtype): stale
                 reference = f"{reference} (measured on the {err['dtype']} bank, cast to {now} since)"
             own = sum(s.nbytes for s in mem.S.values()) + sum(decoded_bytes(t) for t in mem.tensors.values())
