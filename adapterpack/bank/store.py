@@ -20,10 +20,9 @@ from adapterpack.atomic import atomic_file
 from adapterpack.checksum import crc32c
 from adapterpack.codecs import DEFAULT_CODEC
 from adapterpack.container import writer as _writer
-from adapterpack.container.index import plan_offsets
 from adapterpack.container.preamble import MAJOR, MINOR, Preamble
 from adapterpack.container.reader import ApackReader
-from adapterpack.container.writer import check_index, encode_blob, layout_flags, store_index
+from adapterpack.container.writer import check_index, encode_blob, plan_layout, store_index
 from adapterpack.encodings import get_encoding
 from adapterpack.encodings.shared import shared_base_shape
 from adapterpack.errors import AdapterpackError, BankError, OutputExistsError, UnrecognizedInputError
@@ -129,15 +128,13 @@ def write_bank(path: str | os.PathLike[str], bank: Bank, *, codec: str = DEFAULT
             return len(blobs) - 1
 
         adapters = _entries(bank, add)
-        raw = [b["codec"]["id"] == "raw" for b in blobs]
-        packed = not all(raw)  # with raw blobs only, both layouts are the same: no flag needed
+        offsets, layout = plan_layout(blobs)
         lengths = [b["stored_length"] for b in blobs]
-        offsets = plan_offsets(lengths, raw if packed else None)
         # the key order write_apack writes (offset after codec)
         blobs = [{"dtype": b["dtype"], "shape": b["shape"], "codec": b["codec"], "offset": off} | b
                  for b, off in zip(blobs, offsets, strict=True)]
-        stored, text, flags = store_index({"writer": _writer._writer_id(), "adapters": adapters, "blobs": blobs}, packed)
-        pre = Preamble(MAJOR, MINOR, flags | layout_flags(raw), len(stored), crc32c(stored))
+        stored, text, flags = store_index({"writer": _writer._writer_id(), "adapters": adapters, "blobs": blobs}, layout != 0)
+        pre = Preamble(MAJOR, MINOR, flags | layout, len(stored), crc32c(stored))
         end = offsets[-1] + lengths[-1] if blobs else 0
         try:
             check_index(text, pre.data_start, pre.data_start + end, pre.packed, pre.implied, pre.unaligned)

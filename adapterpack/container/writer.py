@@ -217,9 +217,8 @@ def plan_apack(
             entry["metadata"] = {str(k): str(v) for k, v in a.metadata.items()}
         index_adapters.append(entry)
 
-    raw = [b["codec"]["id"] == "raw" for b in blob_objs]
-    packed = compact and not all(raw)  # with raw blobs only, both layouts are the same: no flag needed
-    offsets = plan_offsets(lengths, raw if packed else None)
+    offsets, layout = plan_layout(blob_objs, compact)
+    packed = bool(layout & FLAG_PACKED)
     for obj, off in zip(blob_objs, offsets, strict=True):
         obj["offset"] = off
     index = {"writer": _writer_id(), "adapters": index_adapters, "blobs": [_ordered(b) for b in blob_objs]}
@@ -228,17 +227,18 @@ def plan_apack(
     if zstd_index is None:  # a qsvd record is dequantized on every load: its file gains nothing from a plain index
         zstd_index = packed or any(m.encoding == "qsvd" for a in adapters for m in a)
     stored, text, flags = store_index(index, zstd_index and compact)
-    pre = Preamble(MAJOR, MINOR, flags | layout_flags(raw, compact), len(stored), crc32c(stored))
+    pre = Preamble(MAJOR, MINOR, flags | layout, len(stored), crc32c(stored))
     return ApackPlan(index, stored, pre, offsets, lengths, text)
 
 
-def layout_flags(raw: list[bool], compact: bool = True) -> int:
-    """The layout flag bits of a file whose blobs are raw or not as ``raw`` says (spec §1.1–§1.2): with ``compact`` and a
-    compressed blob, packed (bit 1); with blobs none of which is raw, also the data section unaligned (bit 3, since 1.5:
-    nothing in the file is mapped). Raw blobs only, or not ``compact``: none (the 1.2 layout)."""
-    if not compact or all(raw):
-        return 0
-    return FLAG_PACKED | (FLAG_UNALIGNED if not any(raw) else 0)
+def plan_layout(blobs: list[dict[str, Any]], compact: bool = True) -> tuple[list[int], int]:
+    """(offsets, layout flag bits) of BLOB objects (``codec``, ``stored_length``) in file order (spec §1.1–§1.2): with
+    ``compact`` and a compressed blob, compressed blobs packed (bit 1), and with no raw blob at all, the data section
+    unaligned too (bit 3, since 1.5: nothing in the file is mapped); raw blobs only, or not ``compact``: the 1.2 layout,
+    flags 0 (with raw blobs only, both layouts are the same, so no flag is needed)."""
+    raw = [b["codec"]["id"] == "raw" for b in blobs]
+    flags = 0 if not compact or all(raw) else FLAG_PACKED | (0 if any(raw) else FLAG_UNALIGNED)
+    return plan_offsets([b["stored_length"] for b in blobs], raw if flags else None), flags
 
 
 def store_index(index: dict[str, Any], compress: bool) -> tuple[bytes, bytes, int]:
@@ -388,7 +388,7 @@ __all__ = [
     "check_index",
     "compress_index",
     "encode_blob",
-    "layout_flags",
+    "plan_layout",
     "store_index",
     "write_apack",
 ]
