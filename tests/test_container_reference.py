@@ -93,6 +93,7 @@ def test_vector(case: str) -> None:
         assert (got.base_model, got.base_architecture) == (want["base_model"], want["base_architecture"])
         assert (got.metadata, got.source) == (want["metadata"], want["source"])
         assert got.skipped_modules == want["skipped_modules"]
+        assert got.skipped_tensors == want.get("skipped_tensors", [])
         assert [m.name for m in got.modules] == [m["name"] for m in want["modules"]]
         for m, wm in zip(got.modules, want["modules"]):
             assert (m.encoding, m.base_shape, m.params) == (wm["encoding"], wm["base_shape"], wm["params"]), m.name

@@ -259,3 +259,42 @@ def test_escaped_colon_count_is_bytes_count() -> None:
     for data in texts:
         want = data.count(b"\\u003a") + data.count(b"\\u003A")
         assert idx._escaped_colons(data, np.frombuffer(data, np.uint8)) == want, data
+
+
+#: 2^1024 overflows binary64; the largest 309-digit literal that rounds to a finite binary64 (its largest number)
+_OVERFLOWING = 2**1024
+_LARGEST = int("17976931348623158" + "0" * 292)
+
+
+@pytest.mark.parametrize("field", ["params", "source", "codec", "writer"])
+def test_integers_past_binary64_in_free_form_values(sound: tuple[dict[str, Any], int, int, Path], field: str) -> None:
+    """msgspec decodes a huge integer literal in a free-form value to a Python int; the fast path must step aside for
+    one wherever its digits fall against the blocks it scans (every padding below moves them by one byte), and both
+    paths refuse one that overflows binary64 (spec §2) and accept binary64's largest number written out."""
+    raw, start, size, _ = sound
+    for value, ok in ((_OVERFLOWING, False), (-_OVERFLOWING, False), (_LARGEST, True), (10**308, True)):
+        for pad in range(0, 160, 1 if not ok else 31):
+            obj = copy.deepcopy(raw)
+            obj["x-pad"] = "a" * pad
+            holder = {"params": obj["adapters"][0]["modules"][0]["params"], "source": obj["adapters"][0]["source"],
+                      "codec": obj["blobs"][0]["codec"], "writer": obj}[field]  # fmt: skip
+            holder["writer" if field == "writer" else "x-big"] = value
+            data = json.dumps(obj, separators=(",", ":")).encode()
+            assert idx._may_overflow(data)
+            agree(data, start, size, True, True)
+            if ok:
+                idx.read_index(data, start, size, True, True)
+            else:
+                with pytest.raises(IndexFormatError, match=r"\(309 digits\) overflows a binary64"):
+                    idx.read_index(data, start, size, True, True)
+
+
+def test_digit_runs_the_fast_path_scans_for() -> None:
+    """A run of 309 digits anywhere (also reaching the last bytes) is found; runs below 154 digits never step aside."""
+    for n in range(300, 800, 37):
+        for at in [*range(0, n - 309 + 1, 13), n - 309]:
+            text = bytearray(b"a" * n)
+            text[at : at + 309] = b"7" * 309
+            assert idx._may_overflow(bytes(text)), (n, at)
+    assert not idx._may_overflow((b"1" * 153 + b",") * 50)
+    assert not idx._may_overflow(b"")

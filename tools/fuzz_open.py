@@ -42,8 +42,8 @@ import adapterpack
 from adapterpack.adapter import Adapter, Module, as_array
 from adapterpack.checksum import crc32c
 from adapterpack.container import ApackReader
-from adapterpack.container.index import index_text
-from adapterpack.container.preamble import FLAG_INDEX_ZSTD, PREAMBLE_SIZE, data_start
+from adapterpack.container.index import fill_implied, index_text
+from adapterpack.container.preamble import FLAG_IMPLIED, FLAG_INDEX_ZSTD, FLAG_PACKED, PREAMBLE_SIZE, data_start
 from adapterpack.errors import AdapterpackError, SizeLimitError
 from adapterpack.limits import MAX_DELTA_ELEMENTS
 
@@ -256,6 +256,12 @@ def json_edit(raw: bytes, pick: Callable[[Sequence[Any]], Any], value: Callable[
         index = json.loads(index_text(raw[32 : 32 + length], bool(flags & FLAG_INDEX_ZSTD)))
     except (struct.error, ValueError, RecursionError, AdapterpackError):
         return raw
+    if flags & FLAG_IMPLIED and isinstance(index, dict) and pick([False, True]):
+        # the offsets and lengths a 1.5 index leaves out, written in (present, they are checked), so they can be edited
+        try:
+            fill_implied(index["blobs"], bool(flags & FLAG_PACKED))
+        except (KeyError, TypeError, AdapterpackError):
+            pass
     for _ in range(pick([1, 2])):
         paths = _paths(index)[1:]
         if not paths:

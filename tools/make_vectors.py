@@ -188,6 +188,12 @@ def _future_codec(required: bool) -> Callable[[dict[str, Any]], None]:
     return edit
 
 
+def _future_codec_tensor(index: dict[str, Any]) -> None:
+    """The pass-through tensor's blob in an unknown codec a reader may skip (§4: the tensor is skipped and reported)."""
+    blob = index["adapters"][0]["tensors"][0]["blob"]
+    index["blobs"][blob]["codec"] = {"id": "x-future-codec", "must_understand": False}
+
+
 def _with_future_module(adapter: Adapter) -> Adapter:
     m = _lora("model.layers.0.self_attn.o_proj", np.random.default_rng(9), np.float32, 4, 6)
     adapter.modules[m.name] = m
@@ -229,12 +235,18 @@ def delta_json(delta: np.ndarray) -> Any:
     return word(delta).tolist()
 
 
-def describe_file(path: Path, adapters: list[Adapter], skipped: dict[str, list[str]] | None = None) -> dict[str, Any]:
+def describe_file(
+    path: Path,
+    adapters: list[Adapter],
+    skipped: dict[str, list[str]] | None = None,
+    skipped_tensors: dict[str, list[str]] | None = None,
+) -> dict[str, Any]:
     """The JSON for a readable vector: what each adapter must decode to."""
     codec_of = _codecs_by_tensor(path)
     out_adapters = []
     for a in adapters:
         gone = (skipped or {}).get(a.name, [])
+        gone_tensors = (skipped_tensors or {}).get(a.name, [])
         modules = []
         for m in a.modules.values():
             if m.name in gone:
@@ -243,9 +255,15 @@ def describe_file(path: Path, adapters: list[Adapter], skipped: dict[str, list[s
             entry = {"name": m.name, "encoding": m.encoding, "base_shape": list(m.base_shape), "params": m.params, "tensors": slots}
             entry["delta"] = delta_json(reference.delta(entry))  # from the JSON just written, by the spec's formulas
             modules.append(entry)
-        tensors = [{"name": n} | describe_tensor(np.asarray(t), codec_of[(a.name, None, n)]) for n, t in a.tensors.items()]
+        tensors = [
+            {"name": n} | describe_tensor(np.asarray(t), codec_of[(a.name, None, n)])
+            for n, t in a.tensors.items()
+            if n not in gone_tensors
+        ]
         entry = {"name": a.name, "base_model": a.base_model, "base_architecture": a.base_architecture, "metadata": a.metadata}
         entry |= {"source": a.source, "modules": modules, "tensors": tensors, "skipped_modules": gone}
+        if gone_tensors:
+            entry["skipped_tensors"] = gone_tensors
         out_adapters.append(entry)
     version = _version(path)
     doc: dict[str, Any] = {"file": path.name, "sha256": _sha(path), "version": version, "adapters": out_adapters}
@@ -313,7 +331,7 @@ def build(out: Path) -> list[str]:
         _write(path, adapters, codec)
         if craft is not None:
             craft(path)
-        doc = describe_file(path, adapters, kw.get("skipped"))
+        doc = describe_file(path, adapters, kw.get("skipped"), kw.get("skipped_tensors"))
         if kw.get("verify_problems"):
             doc["verify_problems"] = kw["verify_problems"]  # open accepts the file; verify reports these
         docs[name] = (what, doc)
@@ -366,6 +384,15 @@ def build(out: Path) -> list[str]:
         "raw",
         craft=lambda p: _craft(p, _future_codec(required=False), minor=FUTURE_MINOR),
         skipped={"default": [future]},
+    )
+    readable(
+        "future_minor_optional_codec_tensor",
+        "version 1.65535, a pass-through tensor whose blob is of an unknown codec marked must_understand: false; the "
+        "tensor skipped",
+        [small(tensor=True)],
+        "raw",
+        craft=lambda p: _craft(p, _future_codec_tensor, minor=FUTURE_MINOR),
+        skipped_tensors={"default": ["mask"]},
     )
     refused(
         "required_unknown_encoding",

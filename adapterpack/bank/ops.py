@@ -331,7 +331,16 @@ def _error_stats(text: Any) -> dict[str, Any]:
         return {}
     if not isinstance(err, dict):
         return {}
-    out: dict[str, Any] = {k: float(v) for k in ("mean", "max") if type(v := err.get(k)) in (int, float) and math.isfinite(v)}
+    out: dict[str, Any] = {}
+    for k in ("mean", "max"):
+        v = err.get(k)
+        if type(v) in (int, float):
+            try:
+                f = float(v)
+            except OverflowError:  # an integer of hundreds of digits
+                continue
+            if math.isfinite(f):
+                out[k] = f
     if isinstance(err.get("dtype"), str):
         out["dtype"] = err["dtype"]
     return out

@@ -326,6 +326,28 @@ def _finite(text: str) -> float:
     return value
 
 
+#: Digits of the smallest integer literal that overflows binary64 (it rounds to infinity from 2^1024 − 2^970,
+#: about 1.8e308); every shorter one is a binary64 number, however long a reader's integers are.
+_OVERFLOW_DIGITS = 309
+
+
+def _exact_int(text: str) -> int:
+    """An integer literal of the index, refused where it overflows binary64 like ``1e999`` (spec §2): every reader
+    can hold every number of a valid index, free-form values included."""
+    digits = len(text) - (text[0] == "-")
+    if digits > _OVERFLOW_DIGITS or (digits == _OVERFLOW_DIGITS and _overflows(int(text))):
+        raise IndexFormatError(f"index number {text:.40}... ({digits} digits) overflows a binary64")
+    return int(text)  # below Python's int-string limit (4300 digits) here
+
+
+def _overflows(value: int) -> bool:
+    try:
+        float(value)
+    except OverflowError:
+        return True
+    return False
+
+
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{},')
 _STEP = np.zeros(256, np.int8)
@@ -416,7 +438,9 @@ def loads(data: bytes) -> dict[str, Any]:
         raise IndexFormatError(f"index is not UTF-8 ({e.reason} at byte {e.start})") from None
     _check_shape(data)
     try:
-        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant, parse_float=_finite)
+        obj = json.loads(
+            text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant, parse_float=_finite, parse_int=_exact_int
+        )
     except AdapterpackError:
         raise
     except RecursionError:
@@ -579,6 +603,8 @@ def parse_blob(i: int, obj: Any, bounds: dict[str, int | None] | None = None, im
     length = got.get("length", expected)
     if length != expected:
         raise LengthMismatchError(f"{where}: length {length} != {expected} (shape {list(shape)} × {itemsize}-byte {dtype.name})")
+    if expected >= MAX_INT:  # only a left-out length gets here (a written one is < 2^53): no length can be that large
+        raise LengthMismatchError(f"{where}: shape {list(shape)} × {itemsize}-byte {dtype.name} is {expected} bytes, past 2^53")
     if not expected and math.prod(d for d in shape if d) * itemsize >= MAX_INT:  # numpy refuses such shapes even when empty
         raise IndexFormatError(f"{where}: shape {list(shape)} is too large")
     if crc >= 2**32:
@@ -797,7 +823,7 @@ def _blobs_fit(
         length = b.length
         if length is UNSET and implied:
             length = b.length = n
-        if length != n or (not n and prod(d for d in shape if d) * size >= MAX_INT):
+        if length != n or n >= MAX_INT or (not n and prod(d for d in shape if d) * size >= MAX_INT):
             return False
         codec = b.codec
         cid = codec.get("id")
@@ -879,12 +905,32 @@ def _references_fit(adapters: list[AdapterRecord], n_blobs: int) -> list[int] | 
     return None if 0 in used else used
 
 
+#: Every run of :data:`_OVERFLOW_DIGITS` bytes holds a whole block of this many aligned to it (2 · 154 − 1 <= 309).
+_DIGIT_BLOCK = 154
+_LONG_DIGITS = re.compile(rb"[0-9]{%d}" % _OVERFLOW_DIGITS)
+_ZERO = ord("0")
+
+
+def _may_overflow(data: bytes) -> bool:
+    """Whether ``data`` holds :data:`_OVERFLOW_DIGITS` digits in a row, which an integer literal that overflows binary64
+    needs (msgspec decodes one in a free-form value to a Python int and would let it through; the fast path steps aside,
+    and :func:`_exact_int` judges it). Blocks of digits only, then the tail a run may reach past the last whole block:
+    a regular expression over the whole index would cost 25 times as much."""
+    text = np.frombuffer(data, np.uint8)
+    n = len(text) // _DIGIT_BLOCK * _DIGIT_BLOCK
+    if n and bool(((text[:n] - _ZERO) < 10).reshape(-1, _DIGIT_BLOCK).all(axis=1).any()):
+        return True
+    return _LONG_DIGITS.search(data, max(0, n - _OVERFLOW_DIGITS)) is not None
+
+
 def _fast_index(data: bytes, data_start: int, file_size: int, packed: bool, implied: bool, unaligned: bool = False) -> Index | None:
     if len(data) > _COUNTS_UNREACHABLE:
         try:
             _check_shape(data)
         except IndexFormatError:
             return None
+    if _may_overflow(data):
+        return None
     try:
         wire = _DECODER.decode(data)
     except (msgspec.DecodeError, RecursionError):

@@ -250,13 +250,14 @@ def store_index(index: dict[str, Any], compress: bool) -> tuple[bytes, bytes, in
     is smaller than the plain text and expands at most :data:`MAX_INDEX_RATIO` times; else the plain text, flags 0.
     """
     text = dumps(index)
-    if len(text) > MAX_INDEX_LENGTH:
-        raise IndexTooLargeError(f"index would be {len(text)} bytes, over the {MAX_INDEX_LENGTH}-byte limit")
     if compress:
         short = dumps(index | {"blobs": [{k: v for k, v in b.items() if k not in IMPLIED_KEYS} for b in index["blobs"]]})
-        stored = compress_index(short)
+        # the limit is on the text a reader parses (spec §7): the short one here, however long the full one
+        stored = compress_index(short) if len(short) <= MAX_INDEX_LENGTH else text
         if len(stored) < len(text) and len(short) <= MAX_INDEX_RATIO * len(stored):  # a reader refuses a frame expanding more
             return stored, short, FLAG_INDEX_ZSTD | FLAG_IMPLIED
+    if len(text) > MAX_INDEX_LENGTH:
+        raise IndexTooLargeError(f"index would be {len(text)} bytes, over the {MAX_INDEX_LENGTH}-byte limit")
     return text, text, 0
 
 

@@ -169,7 +169,8 @@ def open_breakdown(path: Path, calls: int = 60) -> dict[str, float]:
     ad = reader.adapter()
 
     def python_checks() -> object:
-        index = idx.parse_index(idx.loads(index_bytes), reader.data_start, reader.file_size, reader.preamble.packed)
+        pre = reader.preamble
+        index = idx.parse_index(idx.loads(index_bytes), reader.data_start, reader.file_size, pre.packed, pre.implied, pre.unaligned)
         return idx.check_references(index)
 
     steps: dict[str, Callable[[], object]] = {
@@ -177,7 +178,8 @@ def open_breakdown(path: Path, calls: int = 60) -> dict[str, float]:
         "json.loads of the index, plain (no checks)": lambda: json.loads(index_bytes),
         "index checked in Python (duplicate keys, blob table, layout, references): the fallback": python_checks,
         "index checked by read_index (msgspec fast path)": lambda: idx.read_index(
-            index_bytes, reader.data_start, reader.file_size, reader.preamble.packed
+            index_bytes, reader.data_start, reader.file_size, reader.preamble.packed, reader.preamble.implied,
+            reader.preamble.unaligned
         ),
         "ApackReader() (open, map, preamble, index CRC, read_index)": lambda: ApackReader(path),
         "building the Adapter (records, lora validation)": lambda: reader._build(record),

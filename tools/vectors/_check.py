@@ -134,10 +134,14 @@ def check(name: str, folder: Path = VECTORS, torch: bool = HAS_TORCH) -> None:
         assert list(got.tensors) == [t["name"] for t in want["tensors"]], aw
         for t in want["tensors"]:
             check_tensor(got.tensors[t["name"]], t, f"{aw} tensor {t['name']!r}")
-        assert len(got.skipped) == len(want["skipped_modules"]), got.skipped
+        skipped_tensors = want.get("skipped_tensors", [])
+        assert len(got.skipped) == len(want["skipped_modules"]) + len(skipped_tensors), got.skipped
         for skipped in want["skipped_modules"]:
             assert skipped not in got.modules
-            assert sum(f"'{skipped}'" in msg for msg in got.skipped) == 1, got.skipped
+            assert sum(f"module '{skipped}'" in msg for msg in got.skipped) == 1, got.skipped
+        for skipped in skipped_tensors:
+            assert skipped not in got.tensors
+            assert sum(f"tensor '{skipped}'" in msg for msg in got.skipped) == 1, got.skipped
     report = reader.verify()
     want_problems = d.get("verify_problems", [])
     assert len(report.problems) == len(want_problems), f"{name}: verify found {report.problems}, vector says {want_problems}"

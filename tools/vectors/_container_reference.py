@@ -569,6 +569,8 @@ def _blob(b: Any, flags: int) -> _Blob:
     length = b.get("length", product)
     if length != product:
         raise LengthMismatchError(f"length {length} != prod(shape) * itemsize = {product}")
+    if product >= INT_LIMIT:  # only a left-out length gets here: it would not be an int of the index (§2.1)
+        raise LengthMismatchError(f"prod(shape) * itemsize = {product} is not below 2^53")
     if product == 0 and math.prod(d for d in shape if d) * itemsize >= INT_LIMIT:
         raise IndexFormatError("zero-size shape whose other dimensions overflow")
     if b["crc32c"] >= 2**32:

@@ -96,6 +96,18 @@ def _bump(key: str, by: int) -> Callable[[list[dict[str, Any]]], None]:
     return change
 
 
+def _huge_implied_length(blobs: list[dict[str, Any]]) -> None:
+    """Blob 1 of a codec a reader may skip (so no expansion bound applies), its shape 2^27 × 2^27: a left-out length
+    would be 2^56 bytes, past every integer of the index (§2.1)."""
+    blobs[1]["shape"] = [2**27, 2**27]
+    blobs[1]["codec"] = {"id": "x-future", "must_understand": False}
+
+
+def _huge_first_stored_length(blobs: list[dict[str, Any]]) -> None:
+    """Blob 0 claims 2^53 − 1 stored bytes, so blob 1's planned (left-out) offset and the end lie far past the file."""
+    blobs[0]["stored_length"] = 2**53 - 1
+
+
 def _aligned(p: Parts) -> None:
     _two_zstd_blobs(p)
     p.flags = 0
@@ -157,6 +169,20 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
         "implied flag: blob 1 keeps its length, 4 more than its shape and dtype give",
         "LengthMismatchError",
         _implied(keep=("length",), change=_bump("length", 4)),
+    )
+    no(
+        "implied_length_past_2_53",
+        "implied flag: blob 1 (a codec a reader may skip) leaves out its length, and its shape gives 2^56 bytes: no "
+        "length can be that large (a written one could not be either)",
+        "LengthMismatchError",
+        _implied(change=_huge_implied_length),
+    )
+    no(
+        "implied_offsets_past_file",
+        "implied flag: blob 0 claims 2^53 − 1 stored bytes; blob 1's offset is left out, so no written offset differs "
+        "from the plan and the blobs end far past the end of the file",
+        "TruncatedFileError",
+        _implied(change=_huge_first_stored_length),
     )
     no(
         "offset_missing_without_flag",

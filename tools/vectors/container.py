@@ -316,6 +316,22 @@ def build(readable: Callable[..., Any], refused: Callable[..., Any]) -> None:
     )
     no("json_nan", "a module's alpha is NaN", "IndexFormatError", _text(b'"alpha":4.0', b'"alpha":NaN'))
     no("json_overflow", "a module's alpha is 1e999, beyond binary64", "IndexFormatError", _text(b'"alpha":4.0', b'"alpha":1e999'))
+    # an integer literal overflows too once it rounds to infinity (from 2^1024 - 2^970), wherever it stands
+    largest = b"17976931348623158" + b"0" * 292  # 309 digits, just below the rounding threshold: binary64's largest
+    no(
+        "json_integer_overflow",
+        "an unknown top-level key holds 2^1024 written as a 309-digit integer: it overflows binary64 like 1e999",
+        "IndexFormatError",
+        _text(b"{", b'{"x-big":%d,' % 2**1024),
+    )
+    readable(
+        "json_integer_largest",
+        "an unknown top-level key holds a 309-digit integer that rounds to binary64's largest finite number: readers "
+        "ignore the key, but must parse the number",
+        [small()],
+        "raw",
+        craft=_edited(_text(b"{", b'{"x-big":' + largest + b",")),
+    )
     no(
         "json_too_deep",
         f"an unknown top-level key nests the index {MAX_JSON_DEPTH + 1} levels deep",

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from adapterpack.adapter import Adapter, Module
-from adapterpack.container.preamble import PREAMBLE_SIZE, align_up
+from adapterpack.container.preamble import data_start
 from adapterpack.container.prefix import KEY
 from adapterpack.encodings.qsvd import encode_qsvd
 
@@ -64,10 +64,10 @@ def _flip_in_first_component(path: Path) -> None:
     from tools.make_vectors import _read_index
 
     raw = bytearray(path.read_bytes())
-    index, _flags, length = _read_index(bytes(raw))
+    index, flags, length = _read_index(bytes(raw))
     blob = index["blobs"][_module(index)["tensors"]["data"]]
     assert blob["codec"]["id"] == "raw" and KEY in blob, blob
-    raw[align_up(PREAMBLE_SIZE + length, 256) + blob["offset"] + 101] ^= 0x04
+    raw[data_start(length, flags) + blob["offset"] + 101] ^= 0x04
     path.write_bytes(bytes(raw))
 
 

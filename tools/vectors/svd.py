@@ -12,8 +12,8 @@ import ml_dtypes
 import numpy as np
 
 from adapterpack.adapter import Adapter, Module
-from adapterpack.container.index import index_text
-from adapterpack.container.preamble import FLAG_INDEX_ZSTD, PREAMBLE_SIZE, align_up
+from adapterpack.container.index import fill_implied, index_text
+from adapterpack.container.preamble import FLAG_INDEX_ZSTD, FLAG_PACKED, PREAMBLE_SIZE, data_start
 from adapterpack.container.prefix import KEY
 
 ENCODING = "svd"
@@ -57,10 +57,12 @@ def _q_blob(index: dict[str, Any], slot: str) -> dict[str, Any]:
 def _flip_in_first_row(path: Path) -> None:
     """Flip one bit of q_proj's Vt inside its first row: the bytes a rank-1 read returns."""
     raw = bytearray(path.read_bytes())
-    length = struct.unpack_from("<Q", raw, 16)[0]
-    vt = _q_blob(json.loads(index_text(bytes(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length]), bool(raw[12] & FLAG_INDEX_ZSTD))), "Vt")
+    flags, length = struct.unpack_from("<IQ", raw, 12)
+    index = json.loads(index_text(bytes(raw[PREAMBLE_SIZE : PREAMBLE_SIZE + length]), bool(flags & FLAG_INDEX_ZSTD)))
+    fill_implied(index["blobs"], bool(flags & FLAG_PACKED))
+    vt = _q_blob(index, "Vt")
     assert vt["codec"]["id"] == "raw" and len(vt[KEY]) == 2, vt  # checkpoints at rows 1 and 2 of 4
-    raw[align_up(PREAMBLE_SIZE + length, 256) + vt["offset"] + 41] ^= 0x10
+    raw[data_start(length, flags) + vt["offset"] + 41] ^= 0x10
     path.write_bytes(bytes(raw))
 
 
