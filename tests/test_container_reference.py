@@ -1,15 +1,11 @@
-"""tools/vectors/_container_reference.py, a reader of `.apack` bytes written from spec/format.md alone, against the
-golden vectors (spec/vectors/ and its version folders) and against files adapterpack itself writes.
+"""tools/vectors/_container_reference.py, a reader of `.apack` bytes written from spec/format.md and the encoding pages
+(svd.md, shared.md, nola.md, qsvd.md) alone, against the golden vectors (spec/vectors/ and its version folders) and
+against files adapterpack itself writes.
 
-What the container reader does not do, and so what these tests skip:
-- the rules of the encodings specified outside format.md (svd.md, shared.md, nola.md, qsvd.md: ranks, params,
-  generator ids, ordered or finite S, coefficients, scales, code lengths). The refusal vectors of those rules
-  (``ENCODING_RULES`` below) must read cleanly as containers: their defect is in what the records mean, which
-  tools/vectors/_reference.py and the library check, not in the container;
-- ΔW (``delta``): the reader decodes tensors, which are checked bit for bit against the JSON's ``values``; ΔW is then
-  _reference.py's maths on those same values, which tests/test_vectors.py already checks;
-- reads at a rank (``"rank": j``, format.md §8.1): the reader reads every blob whole, so it checks ``crc32c``
-  (which such a vector also breaks: its ``error`` holds for a whole read) and never needs a prefix checkpoint.
+Every vector is checked fully: a refusal vector is refused with exactly its ``error``, also when opened at its
+``rank`` (format.md §8.1); a readable one decodes bit for bit to its JSON's tensors, whole and at every rank. What the
+reader does not do is compute ΔW (``delta``): it decodes the tensors, checked bit for bit against the JSON's
+``values``; ΔW is then _reference.py's maths on those same values, which tests/test_vectors.py already checks.
 """
 
 from __future__ import annotations
@@ -33,19 +29,12 @@ REPO = Path(__file__).resolve().parents[1]
 VECTORS = REPO / "spec" / "vectors"
 CASES = sorted(p.relative_to(VECTORS).with_suffix("").as_posix() for p in VECTORS.rglob("*.json"))
 
-#: Refusal vectors whose defect is a rule of an encoding's own spec (svd.md, shared.md, nola.md, qsvd.md).
-ENCODING_RULES = {
-    "nola_coefficient_not_finite", "nola_count_mismatch", "nola_generated_over_limit", "nola_rank_too_large",
-    "nola_unknown_generator", "nola_unknown_generator_version", "qsvd_bits_count", "qsvd_bits_invalid",
-    "qsvd_codes_short", "qsvd_group_size_zero", "qsvd_huge_shape", "qsvd_s_negative", "qsvd_scale_not_finite",
-    "shared_rank_mismatch", "svd_rank_mismatch", "svd_s_increasing", "svd_s_not_finite",
-}  # fmt: skip
 #: Old vectors whose defect a later version defines (format.md §9): their JSON keeps the error of their own version.
 SUPERSEDED = {"v1.2/preamble_must_understand_flag": "IndexFormatError"}  # bit 0: now the compressed-index flag
 NOW_READABLE = {"v1.4/preamble_must_understand_flag"}  # bit 2: now the implied flag, and both keys are present
 
 ALLOWED_IMPORTS = {
-    "__future__", "json", "math", "struct", "dataclasses", "typing",
+    "__future__", "json", "math", "struct", "dataclasses", "typing", "collections.abc",
     "numpy", "ml_dtypes", "zstandard", "pcodec.wrapped", "crc32c",
 }  # fmt: skip
 
@@ -67,19 +56,15 @@ def test_vector(case: str) -> None:
     d = _doc(case)
     data = (VECTORS / f"{case}.apack").read_bytes()
     assert hashlib.sha256(data).hexdigest() == d["sha256"]
-    name = case.rsplit("/", 1)[-1]
     error = SUPERSEDED.get(case, d.get("error"))
     if case in NOW_READABLE:
         error = None
-    if name in ENCODING_RULES:
-        assert error and name.split("_")[0] in ("nola", "qsvd", "shared", "svd")
-        ref.read(data)  # a valid container: its defect is in an encoding's own rules
-        return
     if error:
-        with pytest.raises(ref.AdapterpackError) as caught:
-            ref.read(data)
-        assert type(caught.value).__name__ == error, (caught.value, error)
-        assert type(caught.value) is getattr(ref, error)
+        for rank in (None, d["rank"]) if "rank" in d else (None,):  # whole, then opened at rank j (vectors.md §1)
+            with pytest.raises(ref.AdapterpackError) as caught:
+                ref.read(data, rank=rank)
+            assert type(caught.value).__name__ == error, (rank, caught.value, error)
+            assert type(caught.value) is getattr(ref, error)
         return
     apack = ref.read(data)
     assert "{}.{}".format(*apack.version) == d["version"]
@@ -103,6 +88,73 @@ def test_vector(case: str) -> None:
         assert list(got.tensors) == [t["name"] for t in want["tensors"]]
         for t in want["tensors"]:
             _check_array(got.tensors[t["name"]], t, f"{got.name} {t['name']}")
+
+
+READABLE = [c for c in CASES if "error" not in _doc(c)]
+
+
+@pytest.mark.parametrize("case", READABLE)
+def test_a_rank_read_is_the_truncation(case: str) -> None:
+    """Opened at rank j (format.md §8.1), every svd and qsvd record is its rank-min(j, k) truncation (svd.md §3,
+    qsvd.md §3): S, Ut, Vt cut to j rows, ``data`` to its first j components' bytes; every other record reads whole."""
+    if case in NOW_READABLE:
+        return
+    data = (VECTORS / f"{case}.apack").read_bytes()
+    whole = ref.read(data)
+    ranks = [m.params["rank"] for a in whole.adapters for m in a.modules if m.encoding in ("svd", "qsvd")]
+    for j in range(max(ranks, default=0) + 2) if ranks else (1,):
+        got = ref.read(data, rank=j)
+        for a, wa in zip(got.adapters, whole.adapters, strict=True):
+            assert a.tensors.keys() == wa.tensors.keys()
+            for m, wm in zip(a.modules, wa.modules, strict=True):
+                k = wm.params["rank"]
+                if m.encoding not in ("svd", "qsvd"):
+                    assert m.params == wm.params and all(m.tensors[s].tobytes() == wm.tensors[s].tobytes() for s in wm.tensors)
+                    continue
+                cut = {"rank": min(j, k)} | ({"bits": wm.params["bits"][:j]} if "bits" in wm.params else {})
+                assert m.params == wm.params | cut
+                for slot, arr in m.tensors.items():
+                    if slot == "data":  # the first components' bytes: a prefix, whole at j >= k
+                        assert wm.tensors[slot].tobytes().startswith(arr.tobytes()) and (j < k or arr.size == wm.tensors[slot].size)
+                    else:
+                        assert arr.shape[0] == min(j, k) and arr.tobytes() == wm.tensors[slot][: min(j, k)].tobytes(), slot
+
+
+def _blob_start(data: bytes, module: str, slot: str) -> tuple[int, int]:
+    """Where a module's raw blob starts in the file, and its stored length (the reader's own stages 1-5)."""
+    _, _, flags, length, crc = ref._preamble(data)
+    doc = ref._parse_json(ref._index_text(data[32 : 32 + length], flags, crc))
+    blobs = [ref._blob(b, flags) for b in doc["blobs"]]
+    start = 32 + length if flags & ref.FLAG_UNALIGNED else ref.align_up(32 + length, 256)
+    ref._layout(blobs, flags, start, len(data))
+    (i,) = (m["tensors"][slot] for m in doc["adapters"][0]["modules"] if m["name"] == module)
+    return start + blobs[i].offset, blobs[i].stored_length
+
+
+@pytest.mark.parametrize(
+    ("case", "slot", "reads"),
+    [
+        # Vt [4, 96], checkpoints 1, 2: ranks 0-2 read at most 2 rows; rank 3 needs c = 4 >= R, the whole blob
+        ("svd_raw", "Vt", {0, 1, 2}),
+        # data [1236], components of 324, 184, 164, 144, 124, 104, 84, 64, 44 bytes: rank 5's prefix (940 bytes) is
+        # checked by the 1024-byte checkpoint, rank 6's (1044) would need 2048 >= R, the whole blob
+        ("qsvd_raw", "data", {0, 1, 2, 3, 4, 5}),
+    ],
+)  # fmt: skip
+def test_a_rank_read_checks_only_what_it_reads(case: str, slot: str, reads: set[int]) -> None:
+    """§8.1: a rank-j read of a raw blob reads and checks only the rows up to its checkpoint, so a flipped bit in the
+    blob's last byte is not met below the rank whose checkpoint covers it; a whole read meets it (``crc32c``)."""
+    module = "model.layers.0.self_attn.q_proj"
+    data = bytearray((VECTORS / f"{case}.apack").read_bytes())
+    start, length = _blob_start(bytes(data), module, slot)
+    data[start + length - 1] ^= 1
+    (k,) = (m["params"]["rank"] for m in _doc(case)["adapters"][0]["modules"] if m["name"] == module)
+    for j in [*range(k + 2), None]:
+        if j in reads:
+            ref.read(bytes(data), rank=j)
+        else:
+            with pytest.raises(ref.ChecksumError):
+                ref.read(bytes(data), rank=j)
 
 
 def test_every_error_class_is_the_spec_hierarchy() -> None:

@@ -1,14 +1,15 @@
-"""A reader of `.apack` bytes written from spec/format.md alone: the container's second implementation.
+"""A reader of `.apack` bytes written from spec/format.md and the encoding pages alone: the second implementation.
 
 It must not share code with the library it checks, so it imports only the standard library, numpy, ml_dtypes,
 zstandard, pcodec and crc32c (``tests/test_container_reference.py`` checks that, statically and in a fresh
 interpreter). It is a reference, not a fast path: it reads the whole file into memory, checks the stages of
 spec/format.md §10.2 in their order and raises the §10.1 class of the first defect it meets.
 
-Scope: the container (§1, §2, §3, §4, §5, §7, §8) and the generic record checks of stage 7 (encoding id,
-``must_understand``, slot names); of the encodings' own rules only ``lora``'s (§6.1), which this page defines.
-The rules of svd.md, shared.md, nola.md and qsvd.md (ranks, params, value checks such as ordered S) and ΔW are
-not implemented: ``tools/vectors/_reference.py`` computes ΔW from the decoded tensors.
+Scope: the container (§1, §2, §3, §4, §5, §7, §8), the generic record checks of stage 7 (encoding id,
+``must_understand``, slot names), every encoding's own record rules (stage 7: format.md §6.1 ``lora``, svd.md §1–2,
+shared.md §1, nola.md §1, qsvd.md §1) and the value checks of stage 8 (svd S, nola coefficients, qsvd S, scales and
+binary16 vectors), and reads at a rank (format.md §8.1, svd.md §3, qsvd.md §3). ΔW is not computed:
+``tools/vectors/_reference.py`` computes it from the decoded tensors.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,6 +197,7 @@ class _Blob:
     stored_length: int
     length: int
     crc: int
+    prefix: list[int] | None  # prefix_crc32c (§8.1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -584,7 +587,7 @@ def _blob(b: Any, flags: int) -> _Blob:
         raise LengthMismatchError("decoded size beyond the codec's expansion limit")
     if cid == "byteplanes" and itemsize == 1:
         raise IndexFormatError("byteplanes for 1-byte elements")
-    return _Blob(dtype, tuple(shape), cid, known, b.get("offset", -1), stored, length, b["crc32c"])
+    return _Blob(dtype, tuple(shape), cid, known, b.get("offset", -1), stored, length, b["crc32c"], b.get("prefix_crc32c"))
 
 
 def _prefix(p: Any, shape: list[int]) -> None:
@@ -734,8 +737,7 @@ def _record(m: dict[str, Any], blobs: list[_Blob]) -> bool:
     for slot, required in slots.items():
         if required and slot not in m["tensors"]:
             raise RecordError(f"{enc} record without slot {slot!r}")
-    if enc == "lora":
-        _lora(m, blobs)
+    RULES[enc](m, blobs)
     return True
 
 
@@ -782,6 +784,149 @@ def _lora(m: dict[str, Any], blobs: list[_Blob]) -> None:
             raise RecordError("lora magnitude is not a floating [out] vector")
 
 
+def _number(v: Any) -> bool:
+    """A JSON number (never ``true``/``false``)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _layout_of(enc: str, p: dict[str, Any], layouts: tuple[str, ...]) -> tuple[str, bool]:
+    """``layout`` (default ``linear``) and ``fan_in_fan_out`` (a bool, default false, only with ``linear``)."""
+    layout = p.get("layout", "linear")
+    if not isinstance(layout, str) or layout not in layouts:
+        raise RecordError(f"{enc} layout {layout!r}")
+    fifo = p.get("fan_in_fan_out", False)
+    if not isinstance(fifo, bool):
+        raise RecordError(f"{enc} fan_in_fan_out is not a bool")
+    if fifo and layout != "linear":
+        raise RecordError(f"{enc} fan_in_fan_out with layout {layout}")
+    return layout, fifo
+
+
+def _matrix(enc: str, base: list[int], layout: str, fifo: bool, conv_ndim: int) -> tuple[int, int]:
+    """(out, n) of the 2-D product from ``base_shape`` (svd.md §2, qsvd.md §1): ``linear`` ``[out, n]`` (``[n, out]``
+    with ``fan_in_fan_out``), ``embedding`` ``[n, out]``, ``conv`` ``[out, in, *kernel]`` with ``n = in·Πkernel``."""
+    if layout == "conv":
+        if len(base) < conv_ndim:
+            raise RecordError(f"{enc} conv base_shape {base} has fewer than {conv_ndim} dimensions")
+        return base[0], math.prod(base[1:])
+    if len(base) != 2:
+        raise RecordError(f"{enc} {layout} base_shape {base} is not 2-D")
+    return (base[1], base[0]) if fifo or layout == "embedding" else (base[0], base[1])
+
+
+def _svd(m: dict[str, Any], blobs: list[_Blob]) -> None:
+    """svd.md §1 (params, slots' dtypes and shapes) and §2 (``base_shape``), from params and shapes alone."""
+    p, t = m["params"], m["tensors"]
+    k = p.get("rank")
+    if not is_int(k):  # k >= 0 (format.md §2: a missing rank is a RankError)
+        raise RankError("svd rank missing or not an int")
+    layout, fifo = _layout_of("svd", p, ("linear", "embedding", "conv"))
+    s, ut, vt = blobs[t["S"]], blobs[t["Ut"]], blobs[t["Vt"]]
+    if not {s.dtype, ut.dtype, vt.dtype} <= FLOAT_DTYPES or ut.dtype != vt.dtype:
+        raise RecordError("svd S, Ut, Vt not floating, or Ut and Vt dtypes differ")
+    if len(s.shape) != 1 or len(ut.shape) != 2 or len(vt.shape) != 2:
+        raise RecordError("svd S is not [k], or Ut, Vt are not [k, out], [k, n]")
+    if not s.shape[0] == ut.shape[0] == vt.shape[0] == k:
+        raise RankError(f"svd rank {k} does not match S {list(s.shape)}, Ut {list(ut.shape)}, Vt {list(vt.shape)}")
+    out, n = ut.shape[1], vt.shape[1]
+    if _matrix("svd", m["base_shape"], layout, fifo, 2) != (out, n):
+        raise RecordError(f"svd base_shape {m['base_shape']} does not fit Ut and Vt ({layout})")
+    if k > min(out, n):
+        raise RankError(f"svd rank {k} above min(out, n) = {min(out, n)}")
+
+
+def _shared(m: dict[str, Any], blobs: list[_Blob]) -> None:
+    """shared.md §1: rank, form, layout; U, V, S of one floating dtype fitting them and ``base_shape``."""
+    p, t = m["params"], m["tensors"]
+    r = p.get("rank")
+    if not is_int(r) or r < 1:
+        raise RankError("shared rank missing or not an int >= 1")
+    form = p.get("form")
+    if form not in ("full", "diagonal"):
+        raise RecordError(f"shared form {form!r} (required: full or diagonal)")
+    layout, fifo = _layout_of("shared", p, ("linear", "embedding"))
+    u, v, s = blobs[t["U"]], blobs[t["V"]], blobs[t["S"]]
+    if u.dtype not in FLOAT_DTYPES or not u.dtype == v.dtype == s.dtype:
+        raise RecordError("shared U, V, S not of one floating dtype")
+    if len(u.shape) != 2 or len(v.shape) != 2 or len(s.shape) != (2 if form == "full" else 1):
+        raise RecordError(f"shared U, V not 2-D, or S {list(s.shape)} does not match form {form}")
+    if {u.shape[1], v.shape[1], *s.shape} != {r}:
+        raise RankError(f"shared rank {r} does not fit U {list(u.shape)}, V {list(v.shape)}, S {list(s.shape)}")
+    out, n = u.shape[0], v.shape[0]
+    if list(m["base_shape"]) != ([n, out] if fifo or layout == "embedding" else [out, n]):
+        raise RecordError(f"shared base_shape {m['base_shape']} does not fit U and V ({layout})")
+
+
+def _nola(m: dict[str, Any], blobs: list[_Blob]) -> None:
+    """nola.md §1: params (in its table's order), ``base_shape``, the limits of format.md §7, then the slots."""
+    p, t = m["params"], m["tensors"]
+    if p.get("generator") != "philox4x32-10":
+        raise GeneratorError(f"nola generator {p.get('generator')!r}")
+    if not is_int(p.get("generator_version")) or p["generator_version"] != 1:
+        raise GeneratorError(f"nola generator philox4x32-10 version {p.get('generator_version')!r}")
+    for key, bound in (("seed", INT_LIMIT), ("stream", 2**32)):
+        if not is_int(p.get(key)) or p[key] >= bound:
+            raise RecordError(f"nola {key} missing or not an int below {bound}")
+    r = p.get("rank")
+    if not is_int(r) or r < 1:
+        raise RankError("nola rank missing or not an int >= 1")
+    for key in ("k_A", "k_B"):
+        if not is_int(p.get(key)) or p[key] >= 2**32:
+            raise RecordError(f"nola {key} missing or not an int below 2^32")
+    if not _number(p.get("scale")) or not math.isfinite(p["scale"]):
+        raise RecordError("nola scale missing or not a finite number")
+    for key, default in (("A0", "generated"), ("B0", "zero")):
+        if p.get(key, default) not in ("generated", "zero", "stored"):
+            raise RecordError(f"nola {key} {p[key]!r}")
+    if not isinstance(p.get("fan_in_fan_out", False), bool):
+        raise RecordError("nola fan_in_fan_out is not a bool")
+    base = m["base_shape"]
+    if len(base) != 2:
+        raise RecordError(f"nola base_shape {base} is not 2-D")
+    out, n = (base[1], base[0]) if p.get("fan_in_fan_out", False) else (base[0], base[1])
+    # Limits, before generating anything (nola.md §1, format.md §7). They imply nola.md §1's `r·in, r·out <= 2^34`.
+    if r > min(out, n) or r * (out + n) > 2**30:
+        raise RankError(f"nola rank {r} above min(out, in) or its factors over 2^30 elements")
+    if r * (p["k_A"] * n + p["k_B"] * out) > 2**30:
+        raise RecordError("nola decode would generate more than 2^30 random values")
+    want = {"alpha": (p["k_A"],), "beta": (p["k_B"],), "A0": (r, n), "B0": (out, r)}
+    for slot, i in t.items():
+        if blobs[i].dtype not in FLOAT_DTYPES or blobs[i].shape != want[slot]:
+            raise RecordError(f"nola {slot} is {blobs[i].dtype} {list(blobs[i].shape)}, not floating {list(want[slot])}")
+
+
+def _qsvd_bytes(w: int, out: int, n: int, g: int) -> int:
+    """qsvd.md §1: ``b(w)``, the bytes of one component."""
+    if w == 16:
+        return 4 + 2 * out + 2 * n
+    return 4 + 2 * (-(-out // g) + -(-n // g)) + -(-out * w // 8) + -(-n * w // 8)
+
+
+def _qsvd(m: dict[str, Any], blobs: list[_Blob]) -> None:
+    """qsvd.md §1: layout and ``base_shape``, rank and the factors limit (RankError), bits, group_size, then ``data``."""
+    p = m["params"]
+    layout, fifo = _layout_of("qsvd", p, ("linear", "embedding", "conv"))
+    out, n = _matrix("qsvd", m["base_shape"], layout, fifo, 3)
+    k = p.get("rank")
+    if not is_int(k) or k > min(out, n):
+        raise RankError(f"qsvd rank {k!r} not an int in [0, min(out, n) = {min(out, n)}]")
+    if k * (out + n) > 2**30:  # format.md §7; checked before `data`'s length, which such a shape cannot match
+        raise RankError(f"qsvd factors rank·(out + n) = {k * (out + n)} over 2^30")
+    bits = p.get("bits")
+    if not isinstance(bits, list) or len(bits) != k or not all(is_int(w) and (1 <= w <= 8 or w == 16) for w in bits):
+        raise RecordError(f"qsvd bits {bits!r} is not {k} widths of 1-8 or 16")
+    g = p.get("group_size")
+    if not is_int(g) or not 1 <= g <= 2**30:
+        raise RecordError(f"qsvd group_size {g!r} not an int in [1, 2^30]")
+    data, total = blobs[m["tensors"]["data"]], sum(_qsvd_bytes(w, out, n, g) for w in bits)
+    if data.dtype != "uint8" or data.shape != (total,):
+        raise RecordError(f"qsvd data is {data.dtype} {list(data.shape)}, not uint8 [{total}]")
+
+
+#: encoding id → its stage-7 rules, from params and shapes alone.
+RULES = {"lora": _lora, "svd": _svd, "shared": _shared, "nola": _nola, "qsvd": _qsvd}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Stage 8: blob contents (§5, §8, §3)
 
@@ -801,20 +946,75 @@ def _decode(data: bytes, data_start: int, b: _Blob) -> np.ndarray:
         raw = _pco_blob(stored, n, k)
     if crc32c(raw) != b.crc:
         raise ChecksumError("blob CRC-32C differs")
-    arr = np.frombuffer(raw, DTYPES[b.dtype]).reshape(b.shape)
-    if b.dtype == "bool":
+    return _array(raw, b.dtype, b.shape)
+
+
+def _array(raw: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Decoded bytes as an array; bool bytes other than 0 and 1 refused (§3)."""
+    arr = np.frombuffer(raw, DTYPES[dtype]).reshape(shape)
+    if dtype == "bool":
         if arr.size and arr.max() > 1:
             raise CodecError("bool element other than 0 or 1")
         arr = arr.view(np.bool_)
     return arr
 
 
+def _rows(data: bytes, data_start: int, b: _Blob, j: int) -> np.ndarray:
+    """The first ``j`` rows of a blob (§8.1): none for ``j = 0`` (nothing checked); from a raw blob's rows up to the
+    least checkpoint ``c >= j``, checked against ``prefix_crc32c[log2 c]``; else the whole blob, checked, then cut."""
+    if j == 0:
+        return np.empty((0, *b.shape[1:]), DTYPES[b.dtype])
+    m = (j - 1).bit_length()  # c = 2^m = 2^ceil(log2 j)
+    if b.codec != "raw" or b.prefix is None or 1 << m >= b.shape[0]:
+        return _decode(data, data_start, b)[:j]
+    row = b.length // b.shape[0]
+    raw = data[data_start + b.offset : data_start + b.offset + (row << m)]
+    if crc32c(raw) != b.prefix[m]:
+        raise ChecksumError(f"CRC-32C of the first {1 << m} rows differs from prefix_crc32c[{m}]")
+    return _array(raw[: j * row], b.dtype, (j, *b.shape[1:]))
+
+
+def _values(enc: str, slot: str, arr: np.ndarray, m: dict[str, Any], p: dict[str, Any]) -> None:
+    """Stage 8's value checks, when ΔW or factors are computed (§3, §10.1): ``svd`` S (svd.md §2), ``nola``
+    coefficients (nola.md §1), ``qsvd`` S, scales and binary16 vectors (qsvd.md §2). ``p``: the params read."""
+    if enc == "svd" and slot == "S":
+        s = arr.astype(np.float64)
+        if not np.isfinite(s).all() or (s < 0).any() or (s[1:] > s[:-1]).any():  # -0.0 == 0.0 (IEEE comparison)
+            raise RecordError("svd S not finite, negative or increasing")
+    elif enc == "nola" and slot in ("alpha", "beta"):
+        if not np.isfinite(arr.astype(np.float64)).all():
+            raise RecordError(f"nola coefficients {slot} not finite")
+    elif enc == "qsvd":
+        layout, fifo = _layout_of("qsvd", p, ("linear", "embedding", "conv"))
+        _qsvd_values(arr.tobytes(), p["bits"], *_matrix("qsvd", m["base_shape"], layout, fifo, 3), p["group_size"])
+
+
+def _qsvd_values(data: bytes, bits: list[int], out: int, n: int, g: int) -> None:
+    """qsvd.md §2: each component's S_j and scales finite and not negative, its binary16 vectors finite."""
+    at = 0
+    for j, w in enumerate(bits):
+        (s,) = struct.unpack_from("<f", data, at)
+        if not math.isfinite(s) or s < 0:
+            raise RecordError(f"qsvd S_{j} = {s} not finite or negative")
+        count = out + n if w == 16 else -(-out // g) + -(-n // g)  # binary16 vector values, or scales
+        f16 = np.frombuffer(data, "<f2", count, at + 4).astype(np.float64)
+        if not np.isfinite(f16).all() or (w != 16 and (f16 < 0).any()):
+            what = "a binary16 vector value not finite" if w == 16 else "a scale not finite or negative"
+            raise RecordError(f"qsvd component {j}: {what}")
+        at += _qsvd_bytes(w, out, n, g)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Entry point
 
 
-def read(data: bytes) -> Apack:
-    """Read a whole `.apack` file from its bytes: stages 1-6 (open), then 7 and 8 per adapter (§10.2)."""
+def read(data: bytes, rank: int | None = None) -> Apack:
+    """Read a whole `.apack` file from its bytes: stages 1-6 (open), then 7 and 8 per adapter (§10.2).
+
+    With ``rank`` j, open it at rank j (format.md §8.1): every ``svd`` and ``qsvd`` record is read as its rank-min(j, k)
+    truncation (svd.md §3, qsvd.md §3), its params' ``rank`` (and ``bits``) cut to it, reading only the rows a
+    checkpoint covers; records of the other encodings have no truncation and are read whole.
+    """
     major, minor, flags, length, crc = _preamble(data)
     doc = _parse_json(_index_text(data[32 : 32 + length], flags, crc))
     raw_blobs = doc.get("blobs")
@@ -825,12 +1025,14 @@ def read(data: bytes) -> Apack:
     data_start = index_end if flags & FLAG_UNALIGNED else align_up(index_end, 256)
     _layout(blobs, flags, data_start, len(data))
     adapters = _references(doc, len(blobs))
-    decoded: dict[int, np.ndarray] = {}
+    decoded: dict[tuple[int, int | None], np.ndarray] = {}
 
-    def get(i: int) -> np.ndarray:
-        if i not in decoded:
-            decoded[i] = _decode(data, data_start, blobs[i])
-        return decoded[i]
+    def get(i: int, rows: int | None = None) -> np.ndarray:
+        """Blob ``i`` whole, or its first ``rows`` rows; each decoded once (§7: a bank's U and V)."""
+        if (i, rows) not in decoded:
+            b = blobs[i]
+            decoded[i, rows] = _decode(data, data_start, b) if rows is None else _rows(data, data_start, b, rows)
+        return decoded[i, rows]
 
     out = []
     for a in adapters:
@@ -843,8 +1045,7 @@ def read(data: bytes) -> Apack:
             else:
                 ad.skipped_modules.append(m["name"])
         for m in kept:
-            tensors = {slot: get(i) for slot, i in m["tensors"].items()}
-            ad.modules.append(Module(m["name"], m["encoding"], m["base_shape"], m["params"], tensors))
+            ad.modules.append(_module(m, rank, get))
         for t in a.get("tensors", []):
             if blobs[t["blob"]].known:
                 ad.tensors[t["name"]] = get(t["blob"])
@@ -852,3 +1053,27 @@ def read(data: bytes) -> Apack:
                 ad.skipped_tensors.append(t["name"])
         out.append(ad)
     return Apack((major, minor), flags, out, _padding_problems(data, index_end, data_start, blobs))
+
+
+def _module(m: dict[str, Any], rank: int | None, get: Callable[[int, int | None], np.ndarray]) -> Module:
+    """Stage 8 for one record: its slots in the order its ``tensors`` lists them, each decoded, checked, then its values.
+
+    At rank j an ``svd`` record's S is read whole and cut, its Ut and Vt read as their first j rows (svd.md §3); a
+    ``qsvd`` record's ``data`` as its first ``Σ_{i<j} b(w_i)`` bytes, its rows (qsvd.md §3)."""
+    enc, p = m["encoding"], dict(m["params"])
+    rows: int | None = None
+    if rank is not None and enc in ("svd", "qsvd"):
+        p["rank"] = rows = min(rank, p["rank"])
+        if enc == "qsvd":
+            p["bits"] = p["bits"][:rows]
+            layout, fifo = _layout_of("qsvd", p, ("linear", "embedding", "conv"))
+            out, n = _matrix("qsvd", m["base_shape"], layout, fifo, 3)
+            rows = sum(_qsvd_bytes(w, out, n, p["group_size"]) for w in p["bits"])
+    tensors = {}
+    for slot, i in m["tensors"].items():
+        arr = get(i, None if slot == "S" else rows)
+        if slot == "S" and rows is not None:
+            arr = arr[:rows]
+        _values(enc, slot, arr, m, p)
+        tensors[slot] = arr
+    return Module(m["name"], enc, m["base_shape"], p if rank is not None else m["params"], tensors)
