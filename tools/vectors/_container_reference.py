@@ -727,22 +727,24 @@ def _record(m: dict[str, Any], blobs: list[_Blob]) -> bool:
         raise IndexFormatError("module base_shape missing or not an int array of at most 8 dimensions")
     if not isinstance(m.get("params"), dict):
         raise IndexFormatError("module params missing or not an object")
-    slots = dict(SLOTS[enc])
-    if enc == "nola":
-        for key, default in (("A0", "generated"), ("B0", "zero")):
-            slots[key] = m["params"].get(key, default) == "stored"
+    if enc != "nola":  # the encoding's first check (§6.1, svd.md §1, shared.md §1, qsvd.md §1); nola's comes after its params
+        _slots(enc, m, SLOTS[enc])
+    RULES[enc](m, blobs)
+    return True
+
+
+def _slots(enc: str, m: dict[str, Any], slots: dict[str, bool]) -> None:
+    """A required slot missing, or a slot the encoding does not have (RecordError)."""
     for slot in m["tensors"]:
         if slot not in slots:
             raise RecordError(f"{enc} record with unknown slot {slot!r}")
     for slot, required in slots.items():
         if required and slot not in m["tensors"]:
             raise RecordError(f"{enc} record without slot {slot!r}")
-    RULES[enc](m, blobs)
-    return True
 
 
 def _lora(m: dict[str, Any], blobs: list[_Blob]) -> None:
-    """§6.1's rules, from params and shapes alone."""
+    """§6.1's rules, from params and shapes alone, in §6.1's order (the slots checked before)."""
     p, t, base = m["params"], m["tensors"], m["base_shape"]
     if "rank" not in p or not is_int(p["rank"]) or p["rank"] < 1:
         raise RankError("lora rank missing or not an int >= 1")
@@ -750,26 +752,25 @@ def _lora(m: dict[str, Any], blobs: list[_Blob]) -> None:
     alpha = p.get("alpha")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise RecordError("lora alpha missing or not a finite number")
-    for key in ("rslora", "fan_in_fan_out", "dora"):
-        if not isinstance(p.get(key, False), bool):
-            raise RecordError(f"lora {key} is not a bool")
     layout = p.get("layout", "linear")
     if layout not in ("linear", "embedding", "conv"):
         raise RecordError(f"lora layout {layout!r}")
-    if p.get("fan_in_fan_out", False) and layout != "linear":
-        raise RecordError("fan_in_fan_out with a layout other than linear")
-    if p.get("dora", False) != ("magnitude" in t):
-        raise RecordError("dora must be true exactly when magnitude is present")
+    for key in ("fan_in_fan_out", "rslora", "dora"):
+        if not isinstance(p.get(key, False), bool):
+            raise RecordError(f"lora {key} is not a bool")
     a, b = blobs[t["A"]], blobs[t["B"]]
     if a.dtype != b.dtype or a.dtype not in FLOAT_DTYPES:
         raise RecordError("lora A and B dtypes differ or are not floating")
-    conv = layout == "conv"
-    if len(a.shape) < 2 or (not conv and len(a.shape) != 2) or len(b.shape) != len(a.shape) or len(b.shape) < 2:
-        raise RecordError("lora A/B dimensions do not fit the layout")
-    if any(d != 1 for d in b.shape[2:]):
-        raise RecordError("conv B is not [out, r, 1, ..]")
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        raise RecordError("lora A or B has fewer than 2 dimensions")
     if a.shape[0] != r or b.shape[1] != r:
         raise RankError(f"lora rank {r} does not match A {list(a.shape)} and B {list(b.shape)}")
+    if p.get("fan_in_fan_out", False) and layout != "linear":
+        raise RecordError("fan_in_fan_out with a layout other than linear")
+    if layout != "conv" and (len(a.shape) != 2 or len(b.shape) != 2):
+        raise RecordError(f"{layout} lora needs 2-D A and B")
+    if layout == "conv" and (len(b.shape) != len(a.shape) or any(d != 1 for d in b.shape[2:])):
+        raise RecordError("conv B is not [out, r, 1, ..] with as many dimensions as A")
     out, n = b.shape[0], a.shape[1]
     want = {
         "linear": [n, out] if p.get("fan_in_fan_out", False) else [out, n],
@@ -778,6 +779,8 @@ def _lora(m: dict[str, Any], blobs: list[_Blob]) -> None:
     }[layout]
     if list(base) != want:
         raise RecordError(f"lora base_shape {base} does not fit A and B (expected {want})")
+    if p.get("dora", False) != ("magnitude" in t):
+        raise RecordError("dora must be true exactly when magnitude is present")
     if "magnitude" in t:
         mag = blobs[t["magnitude"]]
         if mag.dtype not in FLOAT_DTYPES or mag.shape != (out,):
@@ -815,7 +818,7 @@ def _matrix(enc: str, base: list[int], layout: str, fifo: bool, conv_ndim: int) 
 
 
 def _svd(m: dict[str, Any], blobs: list[_Blob]) -> None:
-    """svd.md §1 (params, slots' dtypes and shapes) and §2 (``base_shape``), from params and shapes alone."""
+    """svd.md §1 (params, slots' dtypes and shapes) and §2 (``base_shape``), from params and shapes alone, in §1's order."""
     p, t = m["params"], m["tensors"]
     k = p.get("rank")
     if not is_int(k):  # k >= 0 (format.md §2: a missing rank is a RankError)
@@ -829,10 +832,10 @@ def _svd(m: dict[str, Any], blobs: list[_Blob]) -> None:
     if not s.shape[0] == ut.shape[0] == vt.shape[0] == k:
         raise RankError(f"svd rank {k} does not match S {list(s.shape)}, Ut {list(ut.shape)}, Vt {list(vt.shape)}")
     out, n = ut.shape[1], vt.shape[1]
-    if _matrix("svd", m["base_shape"], layout, fifo, 2) != (out, n):
-        raise RecordError(f"svd base_shape {m['base_shape']} does not fit Ut and Vt ({layout})")
     if k > min(out, n):
         raise RankError(f"svd rank {k} above min(out, n) = {min(out, n)}")
+    if _matrix("svd", m["base_shape"], layout, fifo, 3) != (out, n):
+        raise RecordError(f"svd base_shape {m['base_shape']} does not fit Ut and Vt ({layout})")
 
 
 def _shared(m: dict[str, Any], blobs: list[_Blob]) -> None:
@@ -848,17 +851,18 @@ def _shared(m: dict[str, Any], blobs: list[_Blob]) -> None:
     u, v, s = blobs[t["U"]], blobs[t["V"]], blobs[t["S"]]
     if u.dtype not in FLOAT_DTYPES or not u.dtype == v.dtype == s.dtype:
         raise RecordError("shared U, V, S not of one floating dtype")
-    if len(u.shape) != 2 or len(v.shape) != 2 or len(s.shape) != (2 if form == "full" else 1):
-        raise RecordError(f"shared U, V not 2-D, or S {list(s.shape)} does not match form {form}")
-    if {u.shape[1], v.shape[1], *s.shape} != {r}:
-        raise RankError(f"shared rank {r} does not fit U {list(u.shape)}, V {list(v.shape)}, S {list(s.shape)}")
+    if len(u.shape) != 2 or len(v.shape) != 2:
+        raise RecordError("shared U, V not 2-D")
+    if u.shape[1] != r or v.shape[1] != r or s.shape != ((r, r) if form == "full" else (r,)):
+        raise RankError(f"shared rank {r} does not fit U {list(u.shape)}, V {list(v.shape)}, S {list(s.shape)} ({form})")
     out, n = u.shape[0], v.shape[0]
     if list(m["base_shape"]) != ([n, out] if fifo or layout == "embedding" else [out, n]):
         raise RecordError(f"shared base_shape {m['base_shape']} does not fit U and V ({layout})")
 
 
 def _nola(m: dict[str, Any], blobs: list[_Blob]) -> None:
-    """nola.md §1: params (in its table's order), ``base_shape``, the limits of format.md §7, then the slots."""
+    """nola.md §1's order: params (in its table's order), the slots, ``base_shape``, the limits of format.md §7, then the
+    slots' dtypes and shapes."""
     p, t = m["params"], m["tensors"]
     if p.get("generator") != "philox4x32-10":
         raise GeneratorError(f"nola generator {p.get('generator')!r}")
@@ -880,6 +884,8 @@ def _nola(m: dict[str, Any], blobs: list[_Blob]) -> None:
             raise RecordError(f"nola {key} {p[key]!r}")
     if not isinstance(p.get("fan_in_fan_out", False), bool):
         raise RecordError("nola fan_in_fan_out is not a bool")
+    stored = {key: p.get(key, default) == "stored" for key, default in (("A0", "generated"), ("B0", "zero"))}
+    _slots("nola", m, {"alpha": True, "beta": True} | stored)
     base = m["base_shape"]
     if len(base) != 2:
         raise RecordError(f"nola base_shape {base} is not 2-D")
@@ -890,9 +896,10 @@ def _nola(m: dict[str, Any], blobs: list[_Blob]) -> None:
     if r * (p["k_A"] * n + p["k_B"] * out) > 2**30:
         raise RecordError("nola decode would generate more than 2^30 random values")
     want = {"alpha": (p["k_A"],), "beta": (p["k_B"],), "A0": (r, n), "B0": (out, r)}
-    for slot, i in t.items():
-        if blobs[i].dtype not in FLOAT_DTYPES or blobs[i].shape != want[slot]:
-            raise RecordError(f"nola {slot} is {blobs[i].dtype} {list(blobs[i].shape)}, not floating {list(want[slot])}")
+    for slot in ("alpha", "beta", "A0", "B0"):
+        b = blobs[t[slot]] if slot in t else None
+        if b is not None and (b.dtype not in FLOAT_DTYPES or b.shape != want[slot]):
+            raise RecordError(f"nola {slot} is {b.dtype} {list(b.shape)}, not floating {list(want[slot])}")
 
 
 def _qsvd_bytes(w: int, out: int, n: int, g: int) -> int:
@@ -903,21 +910,24 @@ def _qsvd_bytes(w: int, out: int, n: int, g: int) -> int:
 
 
 def _qsvd(m: dict[str, Any], blobs: list[_Blob]) -> None:
-    """qsvd.md §1: layout and ``base_shape``, rank and the factors limit (RankError), bits, group_size, then ``data``."""
+    """qsvd.md §1's order: rank, bits, group_size, layout and ``base_shape``, rank against the shape and the factors
+    limit (RankError), then ``data`` (the slots checked before)."""
     p = m["params"]
-    layout, fifo = _layout_of("qsvd", p, ("linear", "embedding", "conv"))
-    out, n = _matrix("qsvd", m["base_shape"], layout, fifo, 3)
     k = p.get("rank")
-    if not is_int(k) or k > min(out, n):
-        raise RankError(f"qsvd rank {k!r} not an int in [0, min(out, n) = {min(out, n)}]")
-    if k * (out + n) > 2**30:  # format.md §7; checked before `data`'s length, which such a shape cannot match
-        raise RankError(f"qsvd factors rank·(out + n) = {k * (out + n)} over 2^30")
+    if not is_int(k):
+        raise RankError(f"qsvd rank {k!r} not an int >= 0")
     bits = p.get("bits")
     if not isinstance(bits, list) or len(bits) != k or not all(is_int(w) and (1 <= w <= 8 or w == 16) for w in bits):
         raise RecordError(f"qsvd bits {bits!r} is not {k} widths of 1-8 or 16")
     g = p.get("group_size")
     if not is_int(g) or not 1 <= g <= 2**30:
         raise RecordError(f"qsvd group_size {g!r} not an int in [1, 2^30]")
+    layout, fifo = _layout_of("qsvd", p, ("linear", "embedding", "conv"))
+    out, n = _matrix("qsvd", m["base_shape"], layout, fifo, 3)
+    if k > min(out, n):
+        raise RankError(f"qsvd rank {k} above min(out, n) = {min(out, n)}")
+    if k * (out + n) > 2**30:  # format.md §7; checked before `data`'s length, which such a shape cannot match
+        raise RankError(f"qsvd factors rank·(out + n) = {k * (out + n)} over 2^30")
     data, total = blobs[m["tensors"]["data"]], sum(_qsvd_bytes(w, out, n, g) for w in bits)
     if data.dtype != "uint8" or data.shape != (total,):
         raise RecordError(f"qsvd data is {data.dtype} {list(data.shape)}, not uint8 [{total}]")
@@ -972,6 +982,10 @@ def _rows(data: bytes, data_start: int, b: _Blob, j: int) -> np.ndarray:
     if crc32c(raw) != b.prefix[m]:
         raise ChecksumError(f"CRC-32C of the first {1 << m} rows differs from prefix_crc32c[{m}]")
     return _array(raw[: j * row], b.dtype, (j, *b.shape[1:]))
+
+
+#: per encoding, the slots whose values stage 8 checks when ΔW is computed, in the order it checks them.
+VALUE_SLOTS = {"svd": ("S",), "nola": ("alpha", "beta"), "qsvd": ("data",)}
 
 
 def _values(enc: str, slot: str, arr: np.ndarray, m: dict[str, Any], p: dict[str, Any]) -> None:
@@ -1056,10 +1070,12 @@ def read(data: bytes, rank: int | None = None) -> Apack:
 
 
 def _module(m: dict[str, Any], rank: int | None, get: Callable[[int, int | None], np.ndarray]) -> Module:
-    """Stage 8 for one record: its slots in the order its ``tensors`` lists them, each decoded, checked, then its values.
+    """Stage 8 for one record: its slots in the order its ``tensors`` lists them, each decoded and checked, then (as
+    computing its ΔW does) the values its encoding refuses: ``svd`` S, ``nola`` α then β, ``qsvd`` ``data``.
 
-    At rank j an ``svd`` record's S is read whole and cut, its Ut and Vt read as their first j rows (svd.md §3); a
-    ``qsvd`` record's ``data`` as its first ``Σ_{i<j} b(w_i)`` bytes, its rows (qsvd.md §3)."""
+    At rank j an ``svd`` record's S, Ut and Vt are read as their first j rows (svd.md §3: S, without checkpoints, whole
+    and cut; nothing at j = 0); a ``qsvd`` record's ``data`` as its first ``Σ_{i<j} b(w_i)`` bytes, its rows (qsvd.md
+    §3)."""
     enc, p = m["encoding"], dict(m["params"])
     rows: int | None = None
     if rank is not None and enc in ("svd", "qsvd"):
@@ -1069,11 +1085,7 @@ def _module(m: dict[str, Any], rank: int | None, get: Callable[[int, int | None]
             layout, fifo = _layout_of("qsvd", p, ("linear", "embedding", "conv"))
             out, n = _matrix("qsvd", m["base_shape"], layout, fifo, 3)
             rows = sum(_qsvd_bytes(w, out, n, p["group_size"]) for w in p["bits"])
-    tensors = {}
-    for slot, i in m["tensors"].items():
-        arr = get(i, None if slot == "S" else rows)
-        if slot == "S" and rows is not None:
-            arr = arr[:rows]
-        _values(enc, slot, arr, m, p)
-        tensors[slot] = arr
+    tensors = {slot: get(i, rows) for slot, i in m["tensors"].items()}
+    for slot in VALUE_SLOTS.get(enc, ()):
+        _values(enc, slot, tensors[slot], m, p)
     return Module(m["name"], enc, m["base_shape"], p if rank is not None else m["params"], tensors)
