@@ -44,6 +44,19 @@ class Factors:
         return self.transpose and self.layout == "linear"
 
     @property
+    def record_params(self) -> dict[str, Any]:
+        """The layout params (``layout``, ``fan_in_fan_out``) of an svd or qsvd record of this ΔW; none for ``linear``.
+
+        A conv without kernel dimensions (lora allows it, spec/format.md §6.1) is written ``linear``: its ΔW is the
+        2-D product itself, and svd and qsvd records need a kernel dimension for ``conv`` (svd.md §2, qsvd.md §1)."""
+        params: dict[str, Any] = {}
+        if self.layout != "linear" and not (self.layout == "conv" and len(self.base_shape) < 3):
+            params["layout"] = self.layout
+        if self.fan_in_fan_out:
+            params["fan_in_fan_out"] = True
+        return params
+
+    @property
     def rank(self) -> int:
         """Inner dimension r."""
         return int(self.A.shape[0])

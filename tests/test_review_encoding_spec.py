@@ -3,7 +3,7 @@ encoding's stage-7 checks in the order its page gives, value checks when ΔW is 
 
 Each record here has two defects whose classes differ, so only the order the page gives names the error; adapterpack
 and the clean-room reader (tools/vectors/_container_reference.py, from the spec alone) must both raise it. The last
-tests are library defects found while doing so (see their docstrings).
+tests pin two library defects found while doing so, now fixed (each failed on the code before the fix).
 """
 
 from __future__ import annotations
@@ -163,15 +163,15 @@ def test_crc_defects_of_a_record_before_its_value_defects(tmp_path: Path) -> Non
     assert (_library(path), _reference(data)) == ("ChecksumError", "ChecksumError")
 
 
-# --- library defects -------------------------------------------------------------------------------------------------
+# --- library defects, fixed --------------------------------------------------------------------------------------------
 
 
-def test_defect_lora_conv_without_kernel_dims_opens_at_a_lower_rank(tmp_path: Path) -> None:
-    """DEFECT: format.md §6.1 allows a `conv` lora record without kernel dimensions (A [r, in], B [out, r]), and
+def test_lora_conv_without_kernel_dims_opens_at_a_lower_rank(tmp_path: Path) -> None:
+    """Was a defect: format.md §6.1 allows a `conv` lora record without kernel dimensions (A [r, in], B [out, r]), and
     adapterpack reads it whole; opened at a rank below r, `at_rank` turns it into an `svd` record with that 2-D conv
     base_shape, which svd.md §2 (and `svd_base_shape`) refuse: a valid file raises RecordError when opened at a rank.
-    Suggested fix: in `lower.at_rank` / `as_svd`, map a conv record without kernel dimensions to layout `linear`
-    (its ΔW is the same [out, in] matrix), or leave such records as they are, like DoRA ones."""
+    Fixed: an svd or qsvd record of such factors is written `linear` (`Factors.record_params`): its ΔW is the same
+    [out, in] matrix."""
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((3, 5)).astype(F32), rng.standard_normal((6, 3)).astype(F32)
     module = Module("c", "lora", (6, 5), {"rank": 3, "alpha": 3.0, "layout": "conv"}, {"A": a, "B": b})
@@ -179,14 +179,20 @@ def test_defect_lora_conv_without_kernel_dims_opens_at_a_lower_rank(tmp_path: Pa
     adapterpack.save(Adapter(name="default", modules={"c": module}), path, codec="raw")
     assert _at_rank(path, 3) is None
     assert _at_rank(path, 1) is None
+    from adapterpack.encodings import lower, qsvd
+
+    for record in (lower.as_svd(module), qsvd.from_factors("c", module.factors(), [16, 16, 16])):  # convert --to svd/qsvd
+        record.implementation.validate(record)
+        assert "layout" not in record.params
+        np.testing.assert_allclose(record.delta(), module.delta(), atol=2e-3 * np.abs(module.delta()).max())
 
 
-def test_defect_rank_zero_reads_nothing_of_a_compressed_blob(tmp_path: Path) -> None:
-    """DEFECT: format.md §8.1 (and svd.md §3): "`j = 0` returns no bytes and checks nothing". adapterpack's
+def test_rank_zero_reads_nothing_of_a_compressed_blob(tmp_path: Path) -> None:
+    """Was a defect: format.md §8.1 (and svd.md §3): "`j = 0` returns no bytes and checks nothing". adapterpack's
     `ApackReader.read_rows` returns nothing of a raw blob at 0 rows, but decodes and checks a compressed blob whole
     (`read_blob(i)[:0]`), so a rank-0 read of an svd record with a damaged zstd Ut raises CodecError, where the
-    reference reader (and the spec) read it. Suggested fix: `if rows == 0: return` an empty array of shape
-    `(0, *shape[1:])` before the codec test in `read_rows`."""
+    reference reader (and the spec) read it. Fixed: `read_rows` returns an empty `(0, *shape[1:])` array before the
+    codec test."""
     eye = np.eye(4, 256, dtype=F32)
     module = Module("s", "svd", (256, 256), {"rank": 4}, {"S": np.array([4, 3, 2, 1], F32), "Ut": eye, "Vt": eye})
     path = tmp_path / "z.apack"

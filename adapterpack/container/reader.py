@@ -533,11 +533,15 @@ class ApackReader:
 
         A raw blob with prefix CRCs is viewed in place up to the least checkpoint at or past ``rows``,
         whose CRC-32C is checked: only those bytes are touched. Any other blob (compressed, or without
-        prefix CRCs) is read whole, its CRC checked as usual, and sliced. Without ``verify`` a raw blob
+        prefix CRCs) is read whole, its CRC checked as usual, and sliced; zero rows read nothing. Without ``verify`` a raw blob
         is viewed up to ``rows`` and nothing is checked.
         """
         b = self.index.blobs[i]
         rows = max(rows, 0)
+        if not rows and b.shape and b.shape[0]:  # nothing to read, so nothing to check, whatever the codec (spec §8.1)
+            empty = np.empty((0, *b.shape[1:]), dtypes.by_name(b.dtype).numpy)
+            empty.flags.writeable = False
+            return empty
         if b.codec_id != "raw" or not b.shape or rows >= b.shape[0]:
             return self.read_blob(i)[:rows]
         check = self.verify_checksums and rows > 0 and i not in self._verified

@@ -492,10 +492,5 @@ def from_factors(name: str, factors: Factors, bits: Sequence[int], group_size: i
 
     spec = spectrum_of(factors, where=f"module {name!r}")
     u, vt = spec.vectors()
-    params: dict[str, Any] = {}
-    if factors.layout != "linear":
-        params["layout"] = factors.layout
-    if factors.fan_in_fan_out:
-        params["fan_in_fan_out"] = True
-    template = Module(name, ENCODING_ID, tuple(factors.base_shape), params, {})
+    template = Module(name, ENCODING_ID, tuple(factors.base_shape), factors.record_params, {})
     return encode_qsvd(u, spec.S, vt, bits, group_size, template=template, **kw)

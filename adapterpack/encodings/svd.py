@@ -139,11 +139,7 @@ def from_spectrum(
     s_dtype = s_dtype or s_dtype_for(row.name)
     np_dt, s_dt = row.numpy, dtypes.by_name(s_dtype).numpy
     u, vt = spectrum.vectors(k)
-    params: dict[str, Any] = {"rank": k}
-    if factors.layout != "linear":
-        params["layout"] = factors.layout
-    if factors.fan_in_fan_out:
-        params["fan_in_fan_out"] = True
+    params: dict[str, Any] = {"rank": k, **factors.record_params}
     return Module(
         name,
         "svd",
