@@ -175,7 +175,7 @@ def test_a_budget_below_the_kept_tensors_says_so() -> None:
     them, and the refusal says how many bytes are kept as they are (was only 'budget X B is below Y B')."""
     ad = _adapter()
     big = ad.derived(dict(ad.modules), {"base_model.model.lm_head.weight": np.zeros((256, 128), np.float32)})
-    with pytest.raises(ConversionError, match=r"below .*; 131,072 B of it are kept as they are"):
+    with pytest.raises(ConversionError, match=r"below .*; 131,072 B of tensors \(decoded, before the codec\) are kept as they are"):
         comp.compress(big, budget_ratio=0.25)
     with pytest.raises(ConversionError, match=r"below [0-9,]+ B, the whole file[^;]*$"):
         comp.compress(ad, 300)

@@ -387,7 +387,8 @@ def compress(
         if not kept:
             raise
         raise ConversionError(
-            f"{e}; {kept:,} B of it are kept as they are (pass-through tensors such as modules_to_save, and modules not compressed)"
+            f"{e}; {kept:,} B of tensors (decoded, before the codec) are kept as they are (pass-through tensors such as "
+            "modules_to_save, and modules not compressed)"
         ) from None
     picks, out = fitted.plan
 
