@@ -86,13 +86,14 @@ def unrotate_inplace(r: np.ndarray) -> None:
 _META_WINDOW = 512
 
 
-def _parse(parse: Callable[[bytes], Any], stored: memoryview, pos: int, window: int = _META_WINDOW) -> Any:
+def _parse(parse: Callable[[bytes], Any], stored: memoryview, pos: int, window: int | None = None) -> Any:
     """``parse(bytes from pos)`` for a header, chunk metadata or a page.
 
     Pco reads only ``bytes`` objects, so each one is a copy: a part is parsed from a window of ``window``
     bytes first, and from the whole rest only if it does not fit in it (so a blob of many chunks is copied
     about once, not once per chunk from there to its end).
     """
+    window = _META_WINDOW if window is None else window  # looked up here, so a test can shrink it
     if len(stored) - pos > window:
         try:
             return parse(bytes(stored[pos : pos + window]))
