@@ -60,6 +60,16 @@ ZIPNN_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16
 # --- inputs ------------------------------------------------------------------------------------------
 
 
+def missing_adapters() -> list[str]:
+    """The real adapters :func:`real_adapters` looks for and does not find, with the fixture that trains them."""
+    out = []
+    if not (CACHE / "rerank-r64" / common.PEFT_WEIGHTS).is_file():
+        out.append("r=64 (python -m tools.experiments.rerank_fixture)")
+    if not any((p / common.PEFT_WEIGHTS).is_file() for p in (CACHE / "bank-loras").glob("lora*")):
+        out.append("the bank LoRAs (python -m tools.fixtures.train_bank --n 5)")
+    return out
+
+
 def real_adapters() -> list[tuple[str, Path]]:
     """(name, PEFT folder) of every real adapter present: bundled, r=64, bank LoRAs (unfinished ``*.tmp`` skipped)."""
     found = [("bundled r=8", common.example_dir())]
@@ -449,6 +459,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if missing:
         print(f"Not installed, so not measured: {', '.join(missing)} (pip install {' '.join(missing)}).")
     if sizes:
+        if gone := missing_adapters():
+            print(f"Not found in {CACHE}, so not measured: {'; '.join(gone)}.")
         print("\nWhole .apack files (preamble + index + padding + blobs) against the peers' payloads:\n")
         print(render_sizes(sizes, "whole"))
         print("\nPayloads alone (sum of stored blob bytes):\n")
