@@ -80,9 +80,9 @@ def unrotate_inplace(r: np.ndarray) -> None:
         block |= t
 
 
-#: Bytes handed to Pco to parse a header or chunk metadata before trying the whole rest (saves copying the page). Chunk
-#: metadata of the real and synthetic adapters takes 21-113 bytes; a smaller copy per blob decodes 16-bit tensors
-#: measurably faster than 4 KiB did (BENCHMARKS.md, "pco decode"); longer metadata takes the fallback, a copy of the rest.
+#: Bytes handed to Pco to parse a header or chunk metadata before trying the whole rest (saves copying the page). The
+#: metadata of real adapters' tensors fits well inside, and a small copy per blob decodes measurably faster than a 4 KiB
+#: one (BENCHMARKS.md, "pco decode"); longer metadata takes the fallback, a copy of the rest.
 _META_WINDOW = 512
 
 

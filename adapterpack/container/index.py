@@ -915,7 +915,7 @@ def _may_overflow(data: bytes) -> bool:
     """Whether ``data`` holds :data:`_OVERFLOW_DIGITS` digits in a row, which an integer literal that overflows binary64
     needs (msgspec decodes one in a free-form value to a Python int and would let it through; the fast path steps aside,
     and :func:`_exact_int` judges it). Blocks of digits only, then the tail a run may reach past the last whole block:
-    a regular expression over the whole index would cost 25 times as much."""
+    a regular expression over the whole index costs many times more."""
     text = np.frombuffer(data, np.uint8)
     n = len(text) // _DIGIT_BLOCK * _DIGIT_BLOCK
     if n and bool(((text[:n] - _ZERO) < 10).reshape(-1, _DIGIT_BLOCK).all(axis=1).any()):
