@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -644,17 +644,24 @@ def _padding_problems(data: bytes, index_end: int, data_start: int, blobs: list[
 # Stage 6: adapters and references (§2.2, §2.3)
 
 
+def _named(items: list[Any], limit: int, what: str) -> Iterator[dict[str, Any]]:
+    """Each of ``items`` in turn, once it is checked to be an object with a unique name of 1 to ``limit`` code points."""
+    seen: set[str] = set()
+    for item in items:
+        if not isinstance(item, dict) or not is_name(item.get("name"), limit):
+            raise IndexFormatError(f"{what} is not an object with a name of 1-{limit} code points")
+        if item["name"] in seen:
+            raise DuplicateNameError(f"two {what}s named {item['name']!r}")
+        seen.add(item["name"])
+        yield item
+
+
 def _references(doc: dict[str, Any], n_blobs: int) -> list[dict[str, Any]]:
     adapters = doc.get("adapters")
     if not isinstance(adapters, list) or not adapters:
         raise IndexFormatError("adapters missing, not an array, or empty")
-    names: set[str] = set()
-    for a in adapters:
-        if not isinstance(a, dict) or not is_name(a.get("name"), MAX_ADAPTER_NAME):
-            raise IndexFormatError("adapter is not an object with a name of 1-256 code points")
-        if a["name"] in names:
-            raise DuplicateNameError(f"two adapters named {a['name']!r}")
-        names.add(a["name"])
+    for _ in _named(adapters, MAX_ADAPTER_NAME, "adapter"):
+        pass  # every adapter's name first, then each adapter's contents (§10.2 stage 6)
     referenced = set()
 
     def ref(v: Any) -> int:
@@ -667,13 +674,7 @@ def _references(doc: dict[str, Any], n_blobs: int) -> list[dict[str, Any]]:
         modules = a.get("modules")
         if not isinstance(modules, list):
             raise IndexFormatError("adapter modules missing or not an array")
-        seen: set[str] = set()
-        for m in modules:
-            if not isinstance(m, dict) or not is_name(m.get("name"), MAX_NAME):
-                raise IndexFormatError("module is not an object with a name of 1-1024 code points")
-            if m["name"] in seen:
-                raise DuplicateNameError(f"two modules named {m['name']!r}")
-            seen.add(m["name"])
+        for m in _named(modules, MAX_NAME, "module"):
             if not isinstance(m.get("tensors"), dict):
                 raise IndexFormatError("module tensors missing or not an object")
             for v in m["tensors"].values():
@@ -681,13 +682,7 @@ def _references(doc: dict[str, Any], n_blobs: int) -> list[dict[str, Any]]:
         tensors = a.get("tensors", [])
         if not isinstance(tensors, list):
             raise IndexFormatError("adapter tensors is not an array")
-        seen = set()
-        for t in tensors:
-            if not isinstance(t, dict) or not is_name(t.get("name"), MAX_NAME):
-                raise IndexFormatError("tensor entry is not an object with a name of 1-1024 code points")
-            if t["name"] in seen:
-                raise DuplicateNameError(f"two tensors named {t['name']!r}")
-            seen.add(t["name"])
+        for t in _named(tensors, MAX_NAME, "tensor"):
             ref(t.get("blob"))
     if len(referenced) != n_blobs:
         raise IndexFormatError(f"blob {min(set(range(n_blobs)) - referenced)} referenced by nothing")
